@@ -1,0 +1,3 @@
+from dynft.cli import main
+
+main(prog_name="dynft")

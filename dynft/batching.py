@@ -1,0 +1,106 @@
+"""Turning events into tensors: the growing label map and the collator (dynamic padding).
+
+Tokenization happens here, on the loop's batching thread, so the training step only sees
+ready tensors.
+
+>>> labels = LabelMap()
+>>> labels.ids(["b", "a", "b"]), labels.labels
+([0, 1, 0], ['b', 'a'])
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from dynft.events import Event
+
+
+class LabelMap:
+    """Label names by id; ids are handed out in order of first appearance and never change."""
+
+    def __init__(self, labels: Sequence[str] = ()) -> None:
+        self._labels: list[str] = []
+        self._ids: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.ids(labels)
+
+    @property
+    def labels(self) -> list[str]:
+        with self._lock:
+            return list(self._labels)
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def get(self, label: str) -> int | None:
+        return self._ids.get(label)
+
+    def ids(self, labels: Sequence[str]) -> list[int]:
+        """The id of each label, adding unseen labels at the end."""
+        out = []
+        with self._lock:
+            for label in labels:
+                index = self._ids.get(label)
+                if index is None:
+                    index = self._ids[label] = len(self._labels)
+                    self._labels.append(label)
+                out.append(index)
+        return out
+
+
+@dataclass
+class Batch:
+    """A training batch; the first ``n_fresh`` rows are new events, the rest replayed ones."""
+
+    events: list[Event]
+    n_fresh: int
+    num_labels: int  # size of the label map when the batch was made
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B,)
+    weights: torch.Tensor  # (B,)
+
+    def to(self, device: torch.device) -> Batch:
+        non_blocking = device.type == "cuda"
+        return Batch(
+            self.events,
+            self.n_fresh,
+            self.num_labels,
+            self.input_ids.to(device, non_blocking=non_blocking),
+            self.attention_mask.to(device, non_blocking=non_blocking),
+            self.labels.to(device, non_blocking=non_blocking),
+            self.weights.to(device, non_blocking=non_blocking),
+        )
+
+
+class Collator:
+    """Tokenizes events with padding to the longest text of the batch (dynamic padding)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, label_map: LabelMap, pin: bool = False):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.label_map = label_map
+        self.pin = pin
+
+    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if self.pin:
+            out = {k: v.pin_memory() for k, v in out.items()}
+        return out
+
+    def __call__(self, events: Sequence[Event], n_fresh: int) -> Batch:
+        enc = self.encode([e.text for e in events])
+        ids = self.label_map.ids([e.label for e in events])
+        labels = torch.tensor(ids, dtype=torch.long)
+        weights = torch.tensor([float(e.weight) for e in events], dtype=torch.float32)
+        return Batch(
+            list(events), n_fresh, len(self.label_map), enc["input_ids"], enc["attention_mask"], labels, weights
+        )

@@ -1,0 +1,168 @@
+"""The bounded replay buffer: what the trainer rehearses so that it does not forget.
+
+The buffer is bounded by event count and by bytes. Its ``strategy`` decides both what it
+keeps when full and how it samples:
+
+- ``reservoir``: a uniform sample of everything seen (Vitter's algorithm R); uniform sampling.
+- ``class_balanced``: evicts from the largest class; samples a class uniformly, then an event.
+- ``recency``: evicts the oldest; samples with weight halving every ``recency_half_life`` events.
+
+``sample(n, recent_since=s, recent_share=p)`` draws a share ``p`` of the sample from events
+that arrived at or after sequence number ``s`` (used to up-weight post-drift data).
+
+>>> from dynft.events import Event
+>>> buf = ReplayBuffer(max_events=3, max_bytes=1 << 20, strategy="recency", seed=0)
+>>> buf.add_many(Event(id=str(i), text=f"text {i}", label="a" if i % 2 else "b") for i in range(5))
+5
+>>> len(buf), sorted(e.id for e in buf.events())
+(3, ['2', '3', '4'])
+>>> len(buf.sample(8))
+8
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from dynft.events import Event
+
+Strategy = Literal["reservoir", "class_balanced", "recency"]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    seq: int
+    event: Event
+
+
+class ReplayBuffer:
+    """A bounded, thread-safe store of past events with three sampling strategies."""
+
+    def __init__(
+        self,
+        max_events: int,
+        max_bytes: int,
+        strategy: Strategy = "class_balanced",
+        recency_half_life: int = 2000,
+        seed: int = 0,
+    ) -> None:
+        if max_events < 1 or max_bytes < 1:
+            raise ValueError(f"buffer bounds must be positive, got {max_events} events, {max_bytes} bytes")
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.strategy = strategy
+        self.recency_half_life = recency_half_life
+        self._rng = random.Random(seed)
+        self._by_label: dict[str, list[_Entry]] = {}  # each list in arrival order
+        self._count = 0
+        self._bytes = 0
+        self._seen = 0  # events offered, kept or not: the reservoir's n and the sequence clock
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    @property
+    def seen(self) -> int:
+        """Events offered so far; the sequence number the next event gets."""
+        return self._seen
+
+    def label_counts(self) -> Counter[str]:
+        with self._lock:
+            return Counter({label: len(entries) for label, entries in self._by_label.items() if entries})
+
+    def events(self) -> list[Event]:
+        """Every buffered event, oldest first."""
+        with self._lock:
+            entries = sorted((e for es in self._by_label.values() for e in es), key=lambda e: e.seq)
+        return [e.event for e in entries]
+
+    def add(self, event: Event) -> bool:
+        """Offer an event; returns whether it was kept."""
+        with self._lock:
+            seq = self._seen
+            self._seen += 1
+            if event.nbytes > self.max_bytes:
+                return False
+            if self.strategy == "reservoir" and self._count >= self.max_events:
+                slot = self._rng.randrange(self._seen)  # keep with probability max_events / seen
+                if slot >= self.max_events:
+                    return False
+                self._evict_random()
+            self._by_label.setdefault(event.label, []).append(_Entry(seq, event))
+            self._count += 1
+            self._bytes += event.nbytes
+            while self._count > self.max_events or self._bytes > self.max_bytes:
+                self._evict()
+            return True
+
+    def add_many(self, events: Iterable[Event]) -> int:
+        return sum(self.add(e) for e in events)
+
+    def _evict(self) -> None:
+        if self.strategy == "recency":
+            oldest = min((es for es in self._by_label.values() if es), key=lambda es: es[0].seq)
+            self._remove(oldest, 0)
+        elif self.strategy == "class_balanced":
+            largest = max(self._by_label.values(), key=len)
+            self._remove(largest, self._rng.randrange(len(largest)))
+        else:
+            self._evict_random()
+
+    def _evict_random(self) -> None:
+        index = self._rng.randrange(self._count)
+        for entries in self._by_label.values():
+            if index < len(entries):
+                self._remove(entries, index)
+                return
+            index -= len(entries)
+
+    def _remove(self, entries: list[_Entry], index: int) -> None:
+        entry = entries.pop(index)
+        self._count -= 1
+        self._bytes -= entry.event.nbytes
+
+    def sample(self, n: int, recent_since: int | None = None, recent_share: float = 0.0) -> list[Event]:
+        """``n`` events drawn with replacement by the buffer's strategy (fewer only if it is empty).
+
+        With ``recent_since``, a share ``recent_share`` of the draws comes from events whose
+        sequence number is at least ``recent_since`` (when there are any).
+        """
+        with self._lock:
+            if n <= 0 or self._count == 0:
+                return []
+            out: list[Event] = []
+            if recent_since is not None and recent_share > 0:
+                recent = [e for es in self._by_label.values() for e in es if e.seq >= recent_since]
+                if recent:
+                    out = [self._rng.choice(recent).event for _ in range(round(n * recent_share))]
+            out.extend(self._draw(n - len(out)))
+            return out
+
+    def _draw(self, n: int) -> list[Event]:
+        if n <= 0:
+            return []
+        groups = [es for es in self._by_label.values() if es]
+        if self.strategy == "class_balanced":
+            return [self._rng.choice(self._rng.choice(groups)).event for _ in range(n)]
+        entries = [e for es in groups for e in es]
+        if self.strategy == "recency":
+            newest = self._seen - 1
+            weights = [0.5 ** ((newest - e.seq) / self.recency_half_life) for e in entries]
+            return [e.event for e in self._rng.choices(entries, weights=weights, k=n)]
+        return [self._rng.choice(entries).event for _ in range(n)]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._by_label.clear()
+            self._count = 0
+            self._bytes = 0

@@ -1,0 +1,255 @@
+"""The ``dynft`` command line. The one place where errors become messages and exit codes.
+
+Exit codes: 0 done, 1 runtime failure, 2 invalid configuration or arguments.
+Heavy modules (torch, transformers) are imported inside the commands that need them, so
+``dynft config`` and ``dynft adapters`` answer quickly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import signal
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from dynft.errors import ConfigError, DynftError, ModelError, SourceError
+from dynft.settings import Settings, load_settings, parse_assignment
+
+F = TypeVar("F", bound=Callable[..., Any])
+USAGE_ERRORS = (ConfigError, SourceError, ModelError)
+
+
+def settings_options(func: F) -> F:
+    """Flags shared by every command that reads the configuration."""
+    options = [
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(path_type=Path),
+            envvar="DYNFT_CONFIG",
+            help="TOML, YAML or JSON config file (also $DYNFT_CONFIG).",
+        ),
+        click.option("--state-dir", type=click.Path(path_type=Path), help="Registry, dead letters and run files."),
+        click.option("--source", help="demo | file:PATH | file:- (stdin)."),
+        click.option("--model", help="Hugging Face model directory (default: packaged all-MiniLM-L6-v2)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs."),
+        click.option("--host", help="Server address."),
+        click.option("--port", type=int, help="Server port."),
+        click.option(
+            "--set",
+            "assignments",
+            multiple=True,
+            metavar="SECTION.FIELD=VALUE",
+            help="Any setting, e.g. --set trainer.lr=5e-4 (repeatable).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def settings_from(kwargs: dict[str, Any]) -> Settings:
+    overrides: dict[str, Any] = dict(parse_assignment(a) for a in kwargs.pop("assignments", ()) or ())
+    flags = {
+        "state_dir": "state_dir",
+        "source": "source.uri",
+        "model": "model.path",
+        "device": "model.device",
+        "host": "server.host",
+        "port": "server.port",
+    }
+    for flag, key in flags.items():
+        value = kwargs.pop(flag, None)
+        if value is not None:
+            overrides[key] = str(value) if isinstance(value, Path) else value
+    return load_settings(kwargs.pop("config_file", None), overrides)
+
+
+def reports_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except USAGE_ERRORS as exc:
+            click.echo(f"dynft: {exc}" if not str(exc).startswith("config error") else str(exc), err=True)
+            sys.exit(2)
+        except DynftError as exc:
+            click.echo(f"dynft: error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def setup_logging(level: str, role: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s %(levelname)-5s [{role}] %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def quiet_libraries() -> None:
+    """Silence load reports and progress bars of transformers; dynft logs what matters itself."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="peft")
+
+
+@click.group()
+@click.version_option(package_name="dynft")
+def main() -> None:
+    """dynft: a text classifier that keeps learning from a stream of labeled events."""
+
+
+@main.command()
+@settings_options
+@reports_errors
+def config(**kwargs: Any) -> None:
+    """Print the effective configuration (secrets masked)."""
+    click.echo(json.dumps(settings_from(kwargs).public_dump(), indent=2))
+
+
+@main.command()
+@settings_options
+@reports_errors
+def run(**kwargs: Any) -> None:
+    """Run the trainer and the inference server, and keep both running."""
+    settings = settings_from(kwargs)
+    setup_logging(settings.log_level, "dynft")
+    preflight(settings)
+    from dynft.supervisor import Supervisor
+
+    sys.exit(Supervisor(settings).run())
+
+
+def preflight(settings: Settings) -> None:
+    """Checks that would otherwise fail in every child process, each restart again."""
+    from dynft.drift import make_detector
+    from dynft.model import resolve_model_path
+    from dynft.sources import open_source
+
+    resolve_model_path(settings.model.path)
+    open_source(settings.source)
+    make_detector(settings.drift.error_detector, settings.drift.error_params)
+    make_detector(settings.drift.loss_detector, settings.drift.loss_params)
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
+
+
+@main.command()
+@settings_options
+@click.option("--colocated", is_flag=True, hidden=True, help="Leave CPU threads to a server on this host.")
+@reports_errors
+def train(colocated: bool, **kwargs: Any) -> None:
+    """Run the trainer alone: stream -> buffer -> trainer -> registry."""
+    settings = settings_from(kwargs)
+    setup_logging(settings.log_level, "trainer")
+    quiet_libraries()
+    from dynft.loop import TrainingLoop
+
+    loop = TrainingLoop(settings, colocated=colocated)
+
+    def stop(signum: int, frame: Any) -> None:
+        logging.getLogger("dynft").info("received %s; finishing the step and publishing", signal.Signals(signum).name)
+        loop.should_exit.set()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        loop.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@main.command()
+@settings_options
+@reports_errors
+def serve(**kwargs: Any) -> None:
+    """Run the inference server alone, following the registry's serving version."""
+    settings = settings_from(kwargs)
+    setup_logging(settings.log_level, "server")
+    quiet_libraries()
+    from dynft.serving.server import Server
+
+    Server(settings).run()
+
+
+@main.group()
+def adapters() -> None:
+    """List, inspect, promote and roll back adapter versions (works on the registry directly)."""
+
+
+def _registry(kwargs: dict[str, Any]) -> Any:
+    from dynft.registry import AdapterRegistry
+
+    s = settings_from(kwargs)
+    return AdapterRegistry(s.registry_dir, s.registry.keep_last, s.registry.keep_serving_history)
+
+
+@adapters.command("list")
+@settings_options
+@reports_errors
+def adapters_list(**kwargs: Any) -> None:
+    """One line per version: number, gate decision, accuracy, labels, serving marker."""
+    registry = _registry(kwargs)
+    pointer = registry.serving()
+    for version in registry.versions():
+        meta = registry.meta(version)
+        gate = meta.get("gate", {})
+        acc = meta.get("metrics", {}).get("prequential_accuracy")
+        mark = "*" if version == pointer.version else " "
+        pin = " (pinned)" if mark == "*" and pointer.pinned else ""
+        click.echo(
+            f"{mark} v{version:<5} {gate.get('decision', '-'):<9} step {meta.get('step', 0):<7} "
+            f"acc {acc if acc is None else round(acc, 3)!s:<6} labels {meta.get('labels', '-'):<4} "
+            f"lineage {meta.get('lineage', '-')} {meta.get('created_at', '')}{pin}"
+        )
+
+
+@adapters.command("show")
+@click.argument("version", type=int)
+@settings_options
+@reports_errors
+def adapters_show(version: int, **kwargs: Any) -> None:
+    """The metadata of one version, as JSON."""
+    click.echo(json.dumps(_registry(kwargs).meta(version), indent=2))
+
+
+@adapters.command("promote")
+@click.argument("version", type=int)
+@settings_options
+@reports_errors
+def adapters_promote(version: int, **kwargs: Any) -> None:
+    """Serve VERSION now, pinned (the gate will not replace it until `dynft adapters unpin`)."""
+    _registry(kwargs).promote(version, reason="promoted from the command line", pin=True)
+    click.echo(f"serving v{version} (pinned)")
+
+
+@adapters.command("rollback")
+@settings_options
+@reports_errors
+def adapters_rollback(**kwargs: Any) -> None:
+    """Serve the previous serving version again, pinned."""
+    version = _registry(kwargs).rollback("rolled back from the command line")
+    click.echo(f"serving v{version} (pinned)")
+
+
+@adapters.command("unpin")
+@settings_options
+@reports_errors
+def adapters_unpin(**kwargs: Any) -> None:
+    """Let the promotion gate replace the serving version again."""
+    _registry(kwargs).unpin()
+    click.echo("unpinned")

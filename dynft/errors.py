@@ -1,0 +1,31 @@
+"""The exceptions dynft raises.
+
+Library code raises these where the problem happens, with enough context to act on;
+only the CLI turns them into a message and an exit code.
+"""
+
+from __future__ import annotations
+
+
+class DynftError(Exception):
+    """Base class of every error dynft raises on purpose."""
+
+
+class ConfigError(DynftError):
+    """The configuration is invalid (a bad value, an unreadable config file)."""
+
+
+class SourceError(DynftError):
+    """A source cannot be opened or read (bad URI, missing file)."""
+
+
+class ModelError(DynftError):
+    """The base model cannot be loaded or does not support what was asked."""
+
+
+class RegistryError(DynftError):
+    """An adapter version is missing, incomplete or cannot be written."""
+
+
+class AdapterMismatchError(RegistryError):
+    """An adapter version does not fit the model it should be loaded into."""

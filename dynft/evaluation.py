@@ -1,0 +1,96 @@
+"""Prequential (test-then-train) metrics and the held-out window the promotion gate scores on.
+
+Every fresh event is predicted before it is trained on; ``Prequential`` keeps rolling accuracy,
+macro-F1 and loss over the last ``window`` events, plus the majority-class rate of the same
+window as the baseline a classifier must beat.
+
+A deterministic share of events (by a hash of their id, so a redelivered event goes the same
+way) is never trained on: those go to the ``HoldoutWindow``.
+
+>>> pq = Prequential(window=4)
+>>> for truth, pred in [("a", "a"), ("a", "b"), ("b", "b"), ("a", "a")]:
+...     pq.update(truth, pred, loss=0.5)
+>>> pq.accuracy, pq.majority_rate
+(0.75, 0.75)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import Counter, deque
+
+from river import metrics, stats, utils
+
+from dynft.events import Event
+
+
+class Prequential:
+    """Rolling prequential accuracy, macro-F1, loss and majority-class rate."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self._accuracy = utils.Rolling(metrics.Accuracy, window_size=window)
+        self._f1 = utils.Rolling(metrics.MacroF1, window_size=window)
+        self._loss = utils.Rolling(stats.Mean, window_size=window)
+        self._truths: deque[str] = deque(maxlen=window)
+        self._truth_counts: Counter[str] = Counter()
+        self.seen = 0
+
+    def update(self, truth: str, prediction: str | None, loss: float) -> None:
+        self._accuracy.update(truth, prediction)
+        self._f1.update(truth, prediction)
+        self._loss.update(loss)
+        if len(self._truths) == self.window:
+            self._truth_counts[self._truths[0]] -= 1
+        self._truths.append(truth)
+        self._truth_counts[truth] += 1
+        self.seen += 1
+
+    @property
+    def accuracy(self) -> float:
+        return float(self._accuracy.get())
+
+    @property
+    def macro_f1(self) -> float:
+        return float(self._f1.get())
+
+    @property
+    def loss(self) -> float:
+        return float(self._loss.get())
+
+    @property
+    def majority_rate(self) -> float:
+        """Accuracy of always answering the window's most frequent label."""
+        if not self._truths:
+            return 0.0
+        return max(self._truth_counts.values()) / len(self._truths)
+
+
+def is_held_out(event_id: str, fraction: float) -> bool:
+    """Whether an event belongs to the held-out share; stable for a given id."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+class HoldoutWindow:
+    """The most recent held-out events (thread-safe); none of them is ever trained on."""
+
+    def __init__(self, size: int) -> None:
+        self._events: deque[Event] = deque(maxlen=size)
+        self._lock = threading.Lock()
+        self.revision = 0  # changes whenever the window does
+
+    def add(self, event: Event) -> None:
+        with self._lock:
+            self._events.append(event)
+            self.revision += 1
+
+    def snapshot(self) -> list[Event]:
+        with self._lock:
+            return list(self._events)
+
+    def __len__(self) -> int:
+        return len(self._events)

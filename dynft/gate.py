@@ -1,0 +1,61 @@
+"""The promotion gate: a candidate serves only if it is not worse than what serves now.
+
+Both are scored on the same window of recent held-out events, which the candidate never
+trained on. The candidate is promoted when its accuracy is at least the serving version's
+minus ``tolerance``. The very first version is promoted without a comparison (there is
+nothing to compare with); while the serving version is pinned by an operator, nothing is.
+
+>>> from dynft.settings import GateSettings
+>>> judge(0.80, 0.82, holdout=100, serving_version=3, pinned=False, settings=GateSettings(tolerance=0.01)).promote
+False
+>>> judge(0.81, 0.82, holdout=100, serving_version=3, pinned=False, settings=GateSettings(tolerance=0.01)).promote
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from dynft.settings import GateSettings
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    candidate_accuracy: float | None
+    serving_accuracy: float | None
+    serving_version: int | None
+    holdout_events: int
+
+    @property
+    def label(self) -> str:
+        return "promoted" if self.promote else "rejected"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"decision": self.label, **asdict(self)}
+
+
+def judge(
+    candidate: float | None,
+    serving: float | None,
+    holdout: int,
+    serving_version: int | None,
+    pinned: bool,
+    settings: GateSettings,
+) -> Decision:
+    """Decide on a candidate given both accuracies on the same held-out window."""
+
+    def decide(promote: bool, reason: str) -> Decision:
+        return Decision(promote, reason, candidate, serving, serving_version, holdout)
+
+    if serving_version is None:
+        return decide(True, "first version: nothing serves yet")
+    if pinned:
+        return decide(False, f"serving version {serving_version} is pinned by an operator")
+    if candidate is None or serving is None or holdout < settings.min_holdout:
+        return decide(False, f"only {holdout} held-out events, the gate needs {settings.min_holdout}")
+    if candidate >= serving - settings.tolerance:
+        return decide(True, f"accuracy {candidate:.3f} >= serving {serving:.3f} - {settings.tolerance}")
+    return decide(False, f"accuracy {candidate:.3f} < serving {serving:.3f} - {settings.tolerance}")

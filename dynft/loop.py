@@ -1,0 +1,299 @@
+"""The training service: source -> buffer -> trainer -> registry, with a uvicorn-like lifecycle.
+
+Two threads do the work. The *batching* thread takes raw records from the intake, decodes
+them (bad ones go to the dead-letter sink), routes the held-out share aside, draws replay
+from the buffer, tokenizes, and queues ready batches. The *main* thread trains on them, feeds
+the prequential metrics and the drift monitor, reacts to drift, and publishes versions
+through the promotion gate. ``startup`` / ``main_loop`` / ``shutdown`` mirror uvicorn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from dynft.batching import Batch
+from dynft.deadletter import JsonlDeadLetterSink
+from dynft.drift import Detection, DriftMonitor
+from dynft.evaluation import HoldoutWindow, Prequential, is_held_out
+from dynft.events import Event, Rejection, decode
+from dynft.metrics import TrainerMetrics
+from dynft.publisher import Publisher
+from dynft.registry import AdapterRegistry
+from dynft.settings import Settings
+from dynft.sources import Intake, Record, open_source
+from dynft.trainer import OnlineTrainer, StepResult, build_trainer
+
+log = logging.getLogger(__name__)
+
+
+class TrainingLoop:
+    """Runs the trainer until ``should_exit`` is set (by a signal, or at the end of a finite source)."""
+
+    def __init__(self, settings: Settings, metrics_registry: CollectorRegistry | None = None, colocated: bool = False):
+        self.settings = settings
+        self.colocated = colocated
+        self.metrics = TrainerMetrics(metrics_registry or CollectorRegistry())
+        self.should_exit = threading.Event()
+        self.trainer: OnlineTrainer
+        self.publisher: Publisher
+        self.prequential = Prequential(settings.evaluation.window)
+        self.holdout = HoldoutWindow(settings.evaluation.holdout_window)
+        b = settings.buffer
+        from dynft.buffer import ReplayBuffer  # local: keeps module import light for the CLI
+
+        self.buffer = ReplayBuffer(b.max_events, b.max_bytes, b.strategy, b.recency_half_life, settings.trainer.seed)
+        d = settings.drift
+        self.drift = DriftMonitor(d.error_detector, d.error_params, d.loss_detector, d.loss_params)
+        self._batches: queue.Queue[Batch] = queue.Queue(maxsize=2)
+        self._batcher = threading.Thread(target=self._batching, name="dynft-batcher", daemon=True)
+        self._batcher_done = threading.Event()
+        self._boost_until = -1
+        self._recent_since: int | None = None
+        self._last_reaction = -(10**9)
+        self._batcher_error: BaseException | None = None
+        self._status_at = 0.0
+        self._status_events = 0
+        self.intake: Intake | None = None
+        self.sink: JsonlDeadLetterSink | None = None
+        self.started = threading.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def startup(self) -> None:
+        s = self.settings
+        threads = s.trainer.threads or max(1, (os.cpu_count() or 1) - (s.server.threads if self.colocated else 0))
+        torch.set_num_threads(threads)
+        registry = AdapterRegistry(s.registry_dir, s.registry.keep_last, s.registry.keep_serving_history)
+        removed = registry.clean_staging()
+        if removed:
+            log.warning("removed %d half-written version(s) from an earlier crash", len(removed))
+        self.trainer = build_trainer(s.model, s.adapter, s.trainer)
+        self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics)
+        self.publisher.resume()
+        self.sink = JsonlDeadLetterSink(s.dead_letter_path)
+        self.intake = intake = Intake(open_source(s.source), s.source.queue_size)
+        intake.start()
+        self._batcher.start()
+        log.info(
+            "training %s on %s from %s (%d threads); registry %s",
+            self.trainer.base_model_path,
+            self.trainer.device,
+            s.source.uri,
+            threads,
+            registry.root,
+        )
+        self.started.set()
+
+    def run(self) -> None:
+        self.startup()
+        try:
+            self.main_loop()
+        finally:
+            self.shutdown()
+
+    def main_loop(self) -> None:
+        while not self.should_exit.is_set():
+            try:
+                batch = self._batches.get(timeout=0.2)
+            except queue.Empty:
+                batch = None
+            if batch is not None:
+                self._train(batch)
+            elif self._batcher_done.is_set() and self._batches.empty():
+                failure = self._batcher_error or (self.intake.error if self.intake else None)
+                if failure is not None:
+                    raise failure
+                if self.settings.source.exit_at_end:
+                    log.info("source %s is exhausted; stopping", self.settings.source.uri)
+                    break
+            self.publisher.maybe_publish(self._publish_meta())
+            self._maybe_status()
+
+    def shutdown(self) -> None:
+        """Stop taking input, train what was already taken, publish, close."""
+        self.should_exit.set()
+        if self.intake is not None:
+            self.intake.stop()
+        if self._batcher.is_alive():
+            self._batcher.join(10.0)
+        if self.started.is_set():
+            while not self._batches.empty():
+                self._train(self._batches.get_nowait())
+            self.publisher.maybe_publish(self._publish_meta(), force=True)
+            self._maybe_status(force=True)
+            log.info("trainer stopped after %d steps", self.trainer.steps)
+        if self.sink is not None:
+            self.sink.close()
+
+    # -- batching thread -----------------------------------------------------------------
+
+    def _batching(self) -> None:
+        try:
+            while not self.should_exit.is_set() and not self._intake().finished:
+                batch = self._next_batch()
+                if batch is None:
+                    continue
+                while not self.should_exit.is_set():
+                    try:
+                        self._batches.put(batch, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                else:  # stopping: shutdown trains it rather than lose it
+                    self._batches.put(batch)
+        except BaseException as exc:  # re-raised on the main thread
+            log.exception("the batching thread failed")
+            self._batcher_error = exc
+        finally:
+            self._batcher_done.set()
+
+    def _intake(self) -> Intake:
+        if self.intake is None:
+            raise RuntimeError("the intake is used before startup")
+        return self.intake
+
+    def _next_batch(self) -> Batch | None:
+        size = self.settings.trainer.batch_size
+        replay = min(round(size * self.settings.buffer.replay_ratio), len(self.buffer))
+        intake = self._intake()
+        records = intake.take(size - replay, self.settings.trainer.fresh_wait_s)
+        self.metrics.intake_queue.set(intake.queued)
+        fresh = self._route(records)
+        if not fresh:
+            return None
+        share = self.settings.drift.upweight_share if self._recent_since is not None else 0.0
+        replayed = self.buffer.sample(size - len(fresh), self._recent_since, share)
+        self.buffer.add_many(fresh)
+        return self.trainer.collator(fresh + replayed, n_fresh=len(fresh))
+
+    def _route(self, records: list[Record]) -> list[Event]:
+        """Decode records; dead-letter the bad ones, hold out a share, return the ones to train on."""
+        fresh = []
+        for record in records:
+            event = decode(record.raw, self.settings.events)
+            if isinstance(event, Rejection):
+                if self.sink is None:
+                    raise RuntimeError("the dead-letter sink is used before startup")
+                self.sink.write(event, self.settings.source.uri, record.position)
+                self.metrics.rejected.labels(event.reason).inc()
+                self.metrics.events.labels("dead_lettered").inc()
+            elif is_held_out(event.id, self.settings.evaluation.holdout_fraction):
+                self.holdout.add(event)
+                self.metrics.events.labels("held_out").inc()
+            else:
+                fresh.append(event)
+        return fresh
+
+    # -- main thread ---------------------------------------------------------------------
+
+    def _train(self, batch: Batch) -> None:
+        result = self.trainer.step(batch)
+        self._record_step(result, len(batch.events))
+        fresh = batch.events[: batch.n_fresh]
+        if result.skipped:
+            self.metrics.events.labels("skipped").inc(len(fresh))
+            return
+        self.metrics.events.labels("trained").inc(len(fresh))
+        for event, prediction, loss in zip(fresh, result.predictions, result.losses, strict=True):
+            self.prequential.update(event.label, prediction, loss)
+            for detection in self.drift.update(prediction != event.label, loss):
+                self._on_drift(detection)
+        self._update_gauges()
+        if self.trainer.steps < self._boost_until:
+            for _ in range(self.settings.drift.boost_extra_steps):
+                self._replay_step()
+        elif self._boost_until >= 0:
+            log.info("drift reaction over after step %d", self.trainer.steps)
+            self.trainer.lr_scale, self._boost_until, self._recent_since = 1.0, -1, None
+
+    def _replay_step(self) -> None:
+        share = self.settings.drift.upweight_share if self._recent_since is not None else 0.0
+        events = self.buffer.sample(self.settings.trainer.batch_size, self._recent_since, share)
+        if events:
+            self._record_step(self.trainer.step(self.trainer.collator(events, n_fresh=0)), len(events))
+
+    def _record_step(self, result: StepResult, rows: int) -> None:
+        m = self.metrics
+        if result.skipped:
+            m.train_skipped.labels(result.skipped).inc()
+            log.warning("skipped a training step: %s (loss %s)", result.skipped, result.loss)
+            return
+        m.train_steps.inc()
+        m.train_samples.inc(rows)
+        m.step_seconds.observe(result.seconds)
+        m.loss.set(result.loss)
+        m.lr.set(result.lr)
+
+    def _update_gauges(self) -> None:
+        m, pq = self.metrics, self.prequential
+        m.accuracy.set(pq.accuracy)
+        m.macro_f1.set(pq.macro_f1)
+        m.preq_loss.set(pq.loss)
+        m.majority.set(pq.majority_rate)
+        m.buffer_events.set(len(self.buffer))
+        m.buffer_bytes.set(self.buffer.nbytes)
+        m.labels.set(len(self.trainer.label_map))
+
+    def _on_drift(self, detection: Detection) -> None:
+        self.metrics.drift.labels(detection.detector, detection.stream).inc()
+        log.warning(
+            "drift detected by %s on the %s stream at event %d", detection.detector, detection.stream, detection.index
+        )
+        d = self.settings.drift
+        if detection.index - self._last_reaction < d.cooldown_events:
+            return
+        self._last_reaction = detection.index
+        for reaction in d.reactions:
+            self.metrics.reactions.labels(reaction).inc()
+            if reaction == "boost":
+                self.trainer.lr_scale = d.boost_lr_factor
+            elif reaction == "upweight":
+                self._recent_since = self.buffer.seen
+            elif reaction == "new_lineage":
+                self.trainer.reset_adapter()
+                self.publisher.new_lineage()
+        self._boost_until = self.trainer.steps + d.boost_steps
+        log.info("reacting to drift with %s for %d steps", ", ".join(d.reactions) or "nothing", d.boost_steps)
+
+    def _publish_meta(self) -> dict[str, Any]:
+        pq = self.prequential
+        return {
+            "events_seen": pq.seen,
+            "metrics": {
+                "prequential_accuracy": pq.accuracy,
+                "prequential_macro_f1": pq.macro_f1,
+                "prequential_loss": pq.loss,
+                "majority_rate": pq.majority_rate,
+            },
+        }
+
+    def _maybe_status(self, force: bool = False) -> None:
+        """The compact status line: events/s, steps, accuracy, serving version."""
+        now = time.monotonic()
+        if not force and now - self._status_at < self.settings.run.status_interval_s:
+            return
+        pq, pub = self.prequential, self.publisher
+        rate = (pq.seen - self._status_events) / (now - self._status_at) if self._status_at else 0.0
+        self._status_at, self._status_events = now, pq.seen
+        log.info(
+            "events %d (%.1f/s) | steps %d | acc %.3f (majority %.3f) | labels %d | buffer %d "
+            "| serving v%s, latest v%s | drift %d",
+            pq.seen,
+            rate,
+            self.trainer.steps,
+            pq.accuracy,
+            pq.majority_rate,
+            len(self.trainer.label_map),
+            len(self.buffer),
+            pub.serving_version,
+            pub.latest_version,
+            self.drift.detections,
+        )

@@ -1,0 +1,124 @@
+"""Prometheus metrics, created per process in an object that takes its ``CollectorRegistry``.
+
+Nothing is registered at import time, so tests give each component a fresh registry. Under
+``dynft run`` the trainer and server processes write to a shared multiprocess directory and
+the server's ``/metrics`` exposes both (prometheus_client's multiprocess mode); every gauge
+here has a single writer, so they use the ``livemostrecent`` mode.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
+from prometheus_client import multiprocess as mp
+
+MP_ENV = "PROMETHEUS_MULTIPROC_DIR"
+FAST = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 1.0)
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STEP = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def enable_multiprocess(directory: Path) -> None:
+    """Make metrics created from now on in this process write to ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.environ[MP_ENV] = str(directory)
+    # prometheus_client picks its value class when first imported; pick again now.
+    values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+def multiprocess_dir() -> Path | None:
+    value = os.environ.get(MP_ENV)
+    return Path(value) if value else None
+
+
+def exposition(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The text exposition of this process's metrics, or of every process in multiprocess mode."""
+    directory = multiprocess_dir()
+    if directory is not None:
+        registry = CollectorRegistry()
+        mp.MultiProcessCollector(registry, path=str(directory))  # type: ignore[no-untyped-call]
+    return prometheus_client.generate_latest(registry), prometheus_client.CONTENT_TYPE_LATEST
+
+
+def mark_dead(pid: int) -> None:
+    """Drop a dead process's live gauges (multiprocess mode only)."""
+    directory = multiprocess_dir()
+    if directory is not None:
+        mp.mark_process_dead(pid, str(directory))  # type: ignore[no-untyped-call]
+
+
+def _gauge(name: str, doc: str, registry: CollectorRegistry, labels: tuple[str, ...] = ()) -> Gauge:
+    return Gauge(name, doc, labels, registry=registry, multiprocess_mode="livemostrecent")
+
+
+class TrainerMetrics:
+    """What the training loop reports."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.events = Counter(
+            "dynft_events", "Events by outcome (trained, held_out, dead_lettered)", ["outcome"], registry=r
+        )
+        self.rejected = Counter("dynft_events_rejected", "Events dead-lettered, by reason", ["reason"], registry=r)
+        self.intake_queue = _gauge("dynft_intake_queue_events", "Records waiting between source and trainer", r)
+        self.buffer_events = _gauge("dynft_buffer_events", "Events in the replay buffer", r)
+        self.buffer_bytes = _gauge("dynft_buffer_bytes", "Approximate bytes held by the replay buffer", r)
+        self.labels = _gauge("dynft_labels", "Labels known to the trainer", r)
+        self.train_steps = Counter("dynft_train_steps", "Training steps applied", registry=r)
+        self.train_skipped = Counter(
+            "dynft_train_steps_skipped", "Training steps skipped, by reason", ["reason"], registry=r
+        )
+        self.train_samples = Counter("dynft_train_samples", "Rows trained on, fresh and replayed", registry=r)
+        self.step_seconds = Histogram(
+            "dynft_train_step_seconds", "Duration of a training step", registry=r, buckets=STEP
+        )
+        self.loss = _gauge("dynft_train_loss", "Loss of the last training step", r)
+        self.lr = _gauge("dynft_train_learning_rate", "Learning rate of the adapter weights", r)
+        self.accuracy = _gauge("dynft_prequential_accuracy", "Rolling test-then-train accuracy", r)
+        self.macro_f1 = _gauge("dynft_prequential_macro_f1", "Rolling test-then-train macro-F1", r)
+        self.preq_loss = _gauge("dynft_prequential_loss", "Rolling test-then-train loss", r)
+        self.majority = _gauge("dynft_prequential_majority_rate", "Share of the most frequent label in the window", r)
+        self.drift = Counter("dynft_drift_detections", "Drift detections", ["detector", "stream"], registry=r)
+        self.reactions = Counter("dynft_drift_reactions", "Reactions to drift", ["reaction"], registry=r)
+        self.versions = Counter(
+            "dynft_adapter_versions", "Published versions by gate decision", ["decision"], registry=r
+        )
+        self.publish_errors = Counter("dynft_publish_errors", "Versions that could not be published", registry=r)
+        self.gate_accuracy = _gauge("dynft_gate_accuracy", "Held-out accuracy at the last gate", r, ("adapter",))
+        self.latest_version = _gauge("dynft_latest_version", "Newest published adapter version", r)
+
+
+class ServerMetrics:
+    """What the inference server reports."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.requests = Counter("dynft_requests", "HTTP requests by status code", ["status"], registry=r)
+        self.predict_seconds = Histogram(
+            "dynft_predict_seconds", "Predict request latency", registry=r, buckets=LATENCY
+        )
+        self.batch_size = Histogram(
+            "dynft_predict_batch_texts", "Texts per micro-batch", registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128)
+        )
+        self.serving_version = _gauge("dynft_serving_version", "Adapter version the server answers with", r)
+        self.swaps = Counter("dynft_swaps", "Adapter versions swapped in", registry=r)
+        self.swap_seconds = Histogram(
+            "dynft_swap_seconds", "Time to flip to a loaded version", registry=r, buckets=FAST
+        )
+        self.swap_load_seconds = Histogram(
+            "dynft_swap_load_seconds",
+            "Time to read, check and stage a version (off the request path)",
+            registry=r,
+            buckets=LATENCY,
+        )
+        self.swap_failures = Counter(
+            "dynft_swap_failures", "Versions refused by the server, by reason", ["reason"], registry=r
+        )
+
+
+class SupervisorMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.restarts = Counter("dynft_process_restarts", "Child processes restarted", ["process"], registry=registry)

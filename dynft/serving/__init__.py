@@ -1,0 +1,1 @@
+"""The inference server: engine (micro-batching, hot swap), HTTP app, and server process."""

@@ -1,0 +1,281 @@
+"""The inference engine: micro-batched predictions and hot swaps that never block a request.
+
+One *worker* thread runs every forward pass. Requests queue up whole (a request's texts always
+share a batch, so they always share a version) and are grouped into micro-batches of up to
+``max_batch`` texts, waiting at most ``max_wait_ms`` for company.
+
+A *watcher* thread follows the registry's serving pointer. When it moves, the watcher loads
+the version off the request path: reads and hash-checks the files, checks every tensor's
+shape and finiteness against the model, and stages device-resident copies. The worker then
+installs the staged version between two batches by swapping parameter references (a few
+dictionary writes). A batch runs entirely on the version it started with; no request waits
+for a load, and a version that fails a check is never installed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from dynft.errors import AdapterMismatchError, DynftError
+from dynft.metrics import ServerMetrics
+from dynft.model import (
+    AdapterSlots,
+    AdapterState,
+    build_model,
+    load_tokenizer,
+    model_fingerprint,
+    peft_config_from_dict,
+    pick_device,
+    resolve_model_path,
+    structure_key,
+)
+from dynft.registry import AdapterRegistry
+from dynft.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(DynftError):
+    """Too many texts are waiting; the client should retry later."""
+
+
+class NotReady(DynftError):
+    """No adapter version has been loaded yet."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Answer:
+    predictions: list[Prediction]
+    version: int
+
+
+@dataclass(frozen=True)
+class LoadedVersion:
+    """A version ready to install: checked, device-resident parameters for one model."""
+
+    version: int
+    labels: list[str]
+    params: dict[str, nn.Parameter]
+    model: PeftModel
+    slots: AdapterSlots
+    loaded_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class _Pending:
+    texts: list[str]
+    future: Future[Answer]
+
+
+class InferenceEngine:
+    def __init__(self, settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.model_path = resolve_model_path(settings.model.path)
+        self.fingerprint = model_fingerprint(self.model_path)
+        self.device = pick_device(settings.model.device)
+        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.model_path)
+        self.active: LoadedVersion | None = None
+        self._staged: LoadedVersion | None = None
+        self._queue: deque[_Pending] = deque()
+        self._queued_texts = 0
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._failed: dict[int, float] = {}  # version -> when it failed (not retried for a while)
+        self._worker = threading.Thread(target=self._work, name="dynft-infer", daemon=True)
+        self._watcher = threading.Thread(target=self._watch, name="dynft-watch", daemon=True)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._worker.start()
+        self._watcher.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        for thread in (self._watcher, self._worker):
+            if thread.is_alive():
+                thread.join(timeout_s)
+        with self._cond:
+            while self._queue:
+                self._queue.popleft().future.set_exception(NotReady("the server is shutting down"))
+
+    @property
+    def ready(self) -> bool:
+        return self.active is not None and self._worker.is_alive()
+
+    # -- requests ------------------------------------------------------------------------
+
+    def submit(self, texts: list[str]) -> Future[Answer]:
+        """Queue a request; the future resolves with every text predicted by one version."""
+        future: Future[Answer] = Future()
+        if self.active is None and self._staged is None:
+            raise NotReady("no adapter version is serving yet")
+        with self._cond:
+            if self._queued_texts + len(texts) > self.settings.server.max_queue:
+                raise Overloaded(f"{self._queued_texts} texts are already waiting")
+            self._queue.append(_Pending(texts, future))
+            self._queued_texts += len(texts)
+            self._cond.notify()
+        return future
+
+    def _collect(self) -> list[_Pending]:
+        """Whole requests for one micro-batch (empty when woken for a swap or a stop)."""
+        s = self.settings.server
+        with self._cond:
+            if not self._queue:
+                self._cond.wait(timeout=0.5)
+            if not self._queue:
+                return []
+            deadline = time.monotonic() + s.max_wait_ms / 1000
+            batch = [self._queue.popleft()]
+            size = len(batch[0].texts)
+            while size < s.max_batch:
+                if self._queue:
+                    if size + len(self._queue[0].texts) > s.max_batch:
+                        break
+                    batch.append(self._queue.popleft())
+                    size += len(batch[-1].texts)
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._staged is not None:
+                    break
+                self._cond.wait(timeout=remaining)
+            self._queued_texts -= size
+            return batch
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            batch = self._collect()
+            staged = self._staged
+            if staged is not None:
+                self._install(staged)
+            if not batch:
+                continue
+            active = self.active
+            if active is None:
+                for pending in batch:
+                    pending.future.set_exception(NotReady("no adapter version is serving yet"))
+                continue
+            try:
+                answers = self._forward(active, [t for p in batch for t in p.texts])
+            except Exception as exc:  # a failed batch fails its requests, not the server
+                log.exception("inference failed")
+                for pending in batch:
+                    pending.future.set_exception(exc)
+                continue
+            start = 0
+            for pending in batch:
+                end = start + len(pending.texts)
+                pending.future.set_result(Answer(answers[start:end], active.version))
+                start = end
+
+    @torch.no_grad()
+    def _forward(self, active: LoadedVersion, texts: list[str]) -> list[Prediction]:
+        self.metrics.batch_size.observe(len(texts))
+        enc = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=self.settings.model.max_length, return_tensors="pt"
+        )
+        ids = enc["input_ids"].to(self.device)
+        mask = enc["attention_mask"].to(self.device)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits = active.model(input_ids=ids, attention_mask=mask).logits
+        else:
+            logits = active.model(input_ids=ids, attention_mask=mask).logits
+        probs = torch.softmax(logits.float()[:, : len(active.labels)], dim=-1).cpu()  # (B, C)
+        labels = active.labels
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append(Prediction(labels[best], dict(zip(labels, row, strict=True))))
+        return out
+
+    # -- swaps ---------------------------------------------------------------------------
+
+    def _install(self, staged: LoadedVersion) -> None:
+        """Runs on the worker thread between batches: the flip itself."""
+        started = time.perf_counter()
+        staged.slots.install(staged.params)
+        staged.model.eval()
+        self.active = staged
+        self._staged = None
+        self.metrics.swap_seconds.observe(time.perf_counter() - started)
+        self.metrics.swaps.inc()
+        self.metrics.serving_version.set(staged.version)
+        log.info("now serving version %d", staged.version)
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll_registry()
+            except Exception:  # the watcher must outlive any one bad version or read
+                log.exception("watching the registry failed")
+            self._stop.wait(self.settings.server.poll_interval_s)
+
+    def poll_registry(self) -> None:
+        """Stage the serving version if it changed (called by the watcher thread)."""
+        target = self.registry.serving().version
+        current = self._staged or self.active
+        if target is None or (current is not None and current.version == target):
+            return
+        if time.monotonic() - self._failed.get(target, -1e9) < 30.0:
+            return
+        started = time.perf_counter()
+        try:
+            staged = self.load(target)
+        except DynftError as exc:
+            self._failed[target] = time.monotonic()
+            reason = "mismatch" if isinstance(exc, AdapterMismatchError) else "unreadable"
+            self.metrics.swap_failures.labels(reason).inc()
+            log.error(
+                "not swapping to version %d: %s; still serving %s", target, exc, self.active and self.active.version
+            )
+            return
+        self.metrics.swap_load_seconds.observe(time.perf_counter() - started)
+        with self._cond:
+            self._staged = staged
+            self._cond.notify_all()
+
+    def load(self, version: int) -> LoadedVersion:
+        """Read, check and stage ``version`` (never touches what serves)."""
+        state, meta = self.registry.load(version)
+        if meta.get("base_model") not in (None, self.fingerprint):
+            raise AdapterMismatchError(f"version {version} was trained on another base model")
+        current = self._staged or self.active
+        if current is not None and structure_key(state.peft_config) == structure_key(current.slots.peft_config):
+            model, slots = current.model, current.slots
+        else:
+            model, slots = self._build(state)
+        non_blocking = self.device.type == "cuda"
+        params = slots.prepare(state, non_blocking=non_blocking)
+        if non_blocking:
+            torch.cuda.synchronize(self.device)
+        return LoadedVersion(version, list(state.labels), params, model, slots)
+
+    def _build(self, state: AdapterState) -> tuple[PeftModel, AdapterSlots]:
+        config = peft_config_from_dict(state.peft_config)
+        model = build_model(self.model_path, config, len(state.labels), self.device, self.tokenizer.pad_token_id)
+        model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return model, AdapterSlots(model)

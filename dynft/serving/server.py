@@ -1,0 +1,83 @@
+"""The server process: the inference engine behind uvicorn, with uvicorn's own lifecycle.
+
+uvicorn installs the SIGINT/SIGTERM handlers, stops accepting connections, lets in-flight
+requests finish (``timeout_graceful_shutdown``) and returns; the engine stops after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from pathlib import Path
+
+import torch
+import uvicorn
+from prometheus_client import CollectorRegistry
+
+from dynft.metrics import ServerMetrics
+from dynft.registry import AdapterRegistry
+from dynft.serving.app import create_app
+from dynft.serving.engine import InferenceEngine
+from dynft.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def admin_token(settings: Settings) -> str:
+    """The configured admin token, or one generated once and kept in ``<state_dir>/admin-token`` (mode 0600)."""
+    if settings.server.admin_token is not None:
+        return settings.server.admin_token.get_secret_value()
+    path = settings.state_dir / "admin-token"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    log.info("generated an admin token in %s", path)
+    return token
+
+
+class Server:
+    """Builds the engine and the app; ``run`` blocks until a signal (or ``should_exit``) stops it."""
+
+    def __init__(self, settings: Settings, metrics_registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.metrics_registry = metrics_registry or CollectorRegistry()
+        self.metrics = ServerMetrics(self.metrics_registry)
+        registry_dir: Path = settings.registry_dir
+        self.registry = AdapterRegistry(
+            registry_dir, settings.registry.keep_last, settings.registry.keep_serving_history
+        )
+        self.engine = InferenceEngine(settings, self.registry, self.metrics)
+        self.app = create_app(
+            settings, self.engine, self.registry, self.metrics, self.metrics_registry, admin_token(settings)
+        )
+        config = uvicorn.Config(
+            self.app,
+            host=settings.server.host,
+            port=settings.server.port,
+            log_level=settings.log_level.lower(),
+            access_log=False,
+            timeout_graceful_shutdown=10,
+            lifespan="off",
+        )
+        self.uvicorn = uvicorn.Server(config)
+
+    def run(self, sock: socket.socket | None = None) -> None:
+        torch.set_num_threads(self.settings.server.threads)
+        self.engine.start()
+        try:
+            self.uvicorn.run(sockets=[sock] if sock is not None else None)
+        finally:
+            self.engine.stop()
+
+    def stop(self) -> None:
+        self.uvicorn.should_exit = True
+
+    @property
+    def started(self) -> bool:
+        return bool(self.uvicorn.started)

@@ -1,0 +1,312 @@
+"""dynft's configuration: one pydantic-settings tree whose sections mirror the modules.
+
+Values come, from lowest to highest precedence, from the defaults below, an optional
+config file (TOML, YAML or JSON), environment variables ``DYNFT_<SECTION>__<FIELD>``
+(``DYNFT_STATE_DIR`` for top-level fields) and CLI flags. Only this module reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from dynft.errors import ConfigError
+
+
+class Section(BaseModel):
+    """A configuration section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceSettings(Section):
+    """Where labeled events come from (see ``dynft.sources``)."""
+
+    uri: str = Field("demo", description="demo | file:PATH | file:- (stdin)")
+    follow: bool = Field(False, description="file sources: keep reading appended lines, like tail -f")
+    poll_interval_s: float = Field(0.2, gt=0, description="follow mode: how often to look for new data")
+    queue_size: int = Field(2048, ge=1, description="bound of the intake queue between source and trainer")
+    demo_rate: float = Field(0.0, ge=0, description="demo: events per second, 0 = as fast as the trainer takes them")
+    demo_loop: bool = Field(True, description="demo: start the drift schedule again after its last phase")
+    demo_seed: int = 0
+    exit_at_end: bool = Field(False, description="finite sources: stop the trainer after the last event")
+    dead_letter_path: Path | None = Field(
+        None, description="JSONL file for rejected events; default <state_dir>/dead-letter.jsonl"
+    )
+
+
+class EventSettings(Section):
+    """Limits applied to every incoming event (see ``dynft.events``)."""
+
+    max_text_chars: int = Field(8192, ge=1, description="longer texts are rejected, never cut")
+    max_label_chars: int = Field(128, ge=1)
+    max_id_chars: int = Field(256, ge=1)
+    max_record_bytes: int = Field(1 << 20, ge=64, description="raw records larger than this are rejected unparsed")
+
+
+class BufferSettings(Section):
+    """The bounded replay buffer (see ``dynft.buffer``)."""
+
+    max_events: int = Field(10_000, ge=1)
+    max_bytes: int = Field(64 << 20, ge=1024)
+    strategy: Literal["reservoir", "class_balanced", "recency"] = "class_balanced"
+    replay_ratio: float = Field(0.5, ge=0, lt=1, description="share of each batch replayed from the buffer")
+    recency_half_life: int = Field(2_000, ge=1, description="recency sampling: age in events at which weight halves")
+
+
+class ModelSettings(Section):
+    """The base model (see ``dynft.model``)."""
+
+    path: str | None = Field(None, description="Hugging Face model directory; default: packaged all-MiniLM-L6-v2")
+    max_length: int = Field(64, ge=8, le=8192, description="tokens per text; longer inputs are truncated for the model")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class AdapterSettings(Section):
+    """The PEFT method trained on top of the frozen base model."""
+
+    method: Literal["lora", "ia3", "prefix"] = "lora"
+    r: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="default: peft's choice for the architecture")
+    use_dora: bool = False
+    use_rslora: bool = False
+    num_virtual_tokens: int = Field(16, ge=1, description="prefix tuning only")
+
+
+class TrainerSettings(Section):
+    """The online trainer (see ``dynft.trainer``)."""
+
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1.0, description="learning rate of the adapter weights")
+    head_lr: float = Field(3e-3, gt=0, le=1.0, description="learning rate of the classification head")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = the cores left after the server's")
+    seed: int = 0
+    fresh_wait_s: float = Field(0.5, gt=0, description="how long a step waits to fill its fresh share")
+
+
+class EvaluationSettings(Section):
+    """Prequential metrics and the held-out window (see ``dynft.evaluation``)."""
+
+    window: int = Field(500, ge=10, description="events in the rolling prequential window")
+    holdout_fraction: float = Field(0.1, ge=0, lt=1, description="share of events kept out of training")
+    holdout_window: int = Field(256, ge=8, description="most recent held-out events the gate scores on")
+
+
+class DriftSettings(Section):
+    """Drift detection on the prequential streams (see ``dynft.drift``)."""
+
+    error_detector: str = "ADWIN"
+    error_params: dict[str, Any] = Field(default_factory=dict)
+    loss_detector: str = "PageHinkley"
+    loss_params: dict[str, Any] = Field(
+        default_factory=lambda: {"min_instances": 100, "delta": 0.25, "threshold": 60.0, "mode": "up"}
+    )
+    reactions: list[Literal["boost", "upweight", "new_lineage"]] = Field(
+        default_factory=lambda: ["boost", "upweight"]  # type: ignore[arg-type]
+    )
+    boost_lr_factor: float = Field(3.0, ge=1)
+    boost_steps: int = Field(100, ge=1, description="how long a reaction lasts, in training steps")
+    boost_extra_steps: int = Field(1, ge=0, description="extra replay steps per fresh step while boosted")
+    upweight_share: float = Field(0.5, ge=0, le=1, description="share of replay drawn from post-drift events")
+    cooldown_events: int = Field(200, ge=0, description="events after a reaction before the next one")
+
+
+class RegistrySettings(Section):
+    """Publishing adapter versions (see ``dynft.registry``)."""
+
+    publish_every_steps: int = Field(50, ge=1)
+    publish_interval_s: float = Field(20.0, gt=0)
+    keep_last: int = Field(10, ge=1, description="versions kept besides the serving one and its history")
+    keep_serving_history: int = Field(5, ge=0, description="earlier serving versions kept for rollback")
+
+
+class GateSettings(Section):
+    """The promotion gate (see ``dynft.gate``)."""
+
+    tolerance: float = Field(0.01, ge=0, le=1, description="accuracy a candidate may lose and still be promoted")
+    min_holdout: int = Field(32, ge=1, description="held-out events needed before a candidate can be judged")
+
+
+class ServerSettings(Section):
+    """The inference server (see ``dynft.serving``)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    admin_token: SecretStr | None = Field(None, description="bearer token of the admin API; default: generated")
+    max_batch: int = Field(32, ge=1, description="texts per micro-batch")
+    max_wait_ms: float = Field(2.0, ge=0, description="how long a micro-batch waits for more requests")
+    max_texts: int = Field(32, ge=1, description="texts per request (at most max_batch)")
+    max_queue: int = Field(4096, ge=1, description="texts waiting before requests are refused with 503")
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    request_timeout_s: float = Field(30.0, gt=0)
+    poll_interval_s: float = Field(0.2, gt=0, description="how often the server looks for a new serving version")
+    threads: int = Field(1, ge=1, description="torch CPU threads of the server")
+
+    @field_validator("max_texts")
+    @classmethod
+    def _texts_fit_a_batch(cls, v: int, info: Any) -> int:
+        batch = info.data.get("max_batch", v)
+        if v > batch:
+            raise ValueError(f"must be at most server.max_batch ({batch}), got {v}")
+        return v
+
+
+class RunSettings(Section):
+    """The supervisor of ``dynft run`` (see ``dynft.supervisor``)."""
+
+    status_interval_s: float = Field(5.0, gt=0, description="how often the status line is printed")
+    shutdown_timeout_s: float = Field(60.0, gt=0, description="grace period before children are killed")
+    restart_backoff_s: float = Field(1.0, gt=0)
+    restart_backoff_max_s: float = Field(30.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """The whole configuration of a dynft process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DYNFT_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
+    )
+
+    state_dir: Path = Field(Path("dynft-state"), description="registry, dead letters and run files live here")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    source: SourceSettings = Field(default_factory=SourceSettings)  # type: ignore[arg-type]
+    events: EventSettings = Field(default_factory=EventSettings)  # type: ignore[arg-type]
+    buffer: BufferSettings = Field(default_factory=BufferSettings)  # type: ignore[arg-type]
+    model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
+    adapter: AdapterSettings = Field(default_factory=AdapterSettings)  # type: ignore[arg-type]
+    trainer: TrainerSettings = Field(default_factory=TrainerSettings)  # type: ignore[arg-type]
+    evaluation: EvaluationSettings = Field(default_factory=EvaluationSettings)  # type: ignore[arg-type]
+    drift: DriftSettings = Field(default_factory=DriftSettings)  # type: ignore[arg-type]
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)  # type: ignore[arg-type]
+    gate: GateSettings = Field(default_factory=GateSettings)  # type: ignore[arg-type]
+    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    run: RunSettings = Field(default_factory=RunSettings)  # type: ignore[arg-type]
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.state_dir / "registry"
+
+    @property
+    def dead_letter_path(self) -> Path:
+        return self.source.dead_letter_path or self.state_dir / "dead-letter.jsonl"
+
+    def public_dump(self) -> dict[str, Any]:
+        """The configuration as plain data, with secrets masked."""
+        data: dict[str, Any] = self.model_dump(mode="json")
+        if self.server.admin_token is not None:
+            data["server"]["admin_token"] = "**********"
+        return data
+
+    def secret_dump(self) -> dict[str, Any]:
+        """The configuration as plain data, secrets included (for child processes only)."""
+        data: dict[str, Any] = self.model_dump(mode="json")
+        if self.server.admin_token is not None:
+            data["server"]["admin_token"] = self.server.admin_token.get_secret_value()
+        return data
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML, YAML or JSON config file into a dict; errors name the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot be read ({exc.strerror or exc})") from exc
+    try:
+        if path.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path}: unknown format {path.suffix!r} (use .toml, .yaml or .json)")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"config file {path}: not valid {path.suffix[1:].upper()}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a table of sections")
+    return data
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """Parse a ``section.field=value`` CLI assignment; the value is JSON when it parses as JSON."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected SECTION.FIELD=VALUE")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Turn ``{"trainer.lr": 1}`` into ``{"trainer": {"lr": 1}}`` (values that are None are dropped)."""
+    out: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        if value is None:
+            continue
+        node = out
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per bad field: its dotted name, the reason and the value given."""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"config error: {field}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build the effective settings: defaults < config file < environment < overrides.
+
+    ``overrides`` uses dotted keys (``{"server.port": 9000}``), as CLI flags do.
+    Raises ``ConfigError`` with one line per invalid field.
+    """
+    file_data = read_config_file(config_file) if config_file is not None else {}
+    cli_data = nest(overrides or {})
+
+    class _Layered(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (
+                InitSettingsSource(settings_cls, cli_data),
+                env_settings,
+                InitSettingsSource(settings_cls, file_data),
+            )
+
+    try:
+        return _Layered()
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from exc

@@ -1,0 +1,214 @@
+"""The online trainer: test-then-train LoRA (or IA3, prefix) updates, one batch at a time.
+
+``step`` is the whole training step and reads top to bottom: forward, per-event losses,
+prequential predictions for the fresh rows (made before the update that learns from them),
+a finiteness check, backward, clipping, AdamW. A non-finite loss or gradient skips the step
+and is counted; the weights never see it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import nn
+
+from dynft.batching import Batch, Collator, LabelMap
+from dynft.events import Event
+from dynft.model import (
+    AdapterSlots,
+    AdapterState,
+    build_model,
+    grow_head,
+    head_linear,
+    load_tokenizer,
+    peft_config_from_settings,
+    pick_device,
+    resolve_model_path,
+)
+from dynft.settings import AdapterSettings, ModelSettings, TrainerSettings
+
+
+@dataclass
+class StepResult:
+    """What one step did. ``predictions``/``losses`` cover the fresh rows only."""
+
+    loss: float
+    skipped: str | None  # None, "non_finite_loss" or "non_finite_grad"
+    predictions: list[str] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    lr: float = 0.0
+    seconds: float = 0.0
+
+
+class OnlineTrainer:
+    """Owns the peft model, its optimizer and its label map."""
+
+    def __init__(self, model: PeftModel, collator: Collator, settings: TrainerSettings, device: torch.device):
+        self.model = model
+        self.collator = collator
+        self.settings = settings
+        self.device = device
+        self.slots = AdapterSlots(model)
+        self.steps = 0
+        self.skipped = 0
+        self.lr_scale = 1.0  # raised temporarily by drift reactions
+        self.base_model_path: Path | None = None
+        self._init_state = {k: p.detach().clone() for k, p in self.slots.capture().items()}
+        self.optimizer = self._make_optimizer()
+
+    @property
+    def label_map(self) -> LabelMap:
+        return self.collator.label_map
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        head = head_linear(self.model)
+        head_params = [p for p in head.parameters() if p.requires_grad]
+        head_ids = {id(p) for p in head_params}
+        adapter_params = [p for p in self.model.parameters() if p.requires_grad and id(p) not in head_ids]
+        groups = [
+            {"params": adapter_params, "lr": self.settings.lr, "base_lr": self.settings.lr},
+            {"params": head_params, "lr": self.settings.head_lr, "base_lr": self.settings.head_lr, "weight_decay": 0.0},
+        ]
+        fused = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, weight_decay=self.settings.weight_decay, fused=fused)
+
+    def _set_lr(self) -> float:
+        warmup = min(1.0, (self.steps + 1) / self.settings.warmup_steps) if self.settings.warmup_steps else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * warmup * self.lr_scale
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def _autocast(self) -> contextlib.AbstractContextManager[None]:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, batch: Batch) -> StepResult:
+        """One test-then-train update on ``batch``."""
+        started = time.perf_counter()
+        grow_head(self.model, batch.num_labels, self.optimizer)
+        batch = batch.to(self.device)
+        lr = self._set_lr()
+        self.model.train()
+        with self._autocast():
+            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, C)
+        losses = F.cross_entropy(logits.float(), batch.labels, reduction="none")  # (B,)
+        loss = (losses * batch.weights).sum() / batch.weights.sum().clamp_min(1e-8)
+
+        # Test before train: these predictions come from the weights before this update.
+        fresh_pred = logits[: batch.n_fresh].argmax(dim=-1).tolist()
+        labels = self.label_map.labels
+        result = StepResult(
+            loss=float(loss.detach()),
+            skipped=None,
+            predictions=[labels[i] for i in fresh_pred],
+            losses=losses[: batch.n_fresh].detach().tolist(),
+            lr=lr,
+        )
+        if not math.isfinite(result.loss):
+            result.skipped = "non_finite_loss"
+        else:
+            loss.backward()  # type: ignore[no-untyped-call]
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            grad_norm = nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
+            if torch.isfinite(grad_norm):
+                self.optimizer.step()
+            else:
+                result.skipped = "non_finite_grad"
+        self.optimizer.zero_grad(set_to_none=True)
+        if result.skipped:
+            self.skipped += 1
+        else:
+            self.steps += 1
+        result.seconds = time.perf_counter() - started
+        return result
+
+    @torch.no_grad()
+    def predict(self, events: Sequence[Event], labels: Sequence[str], batch_size: int = 64) -> list[str]:
+        """Label predictions for ``events`` by the installed weights (eval mode, no training)."""
+        self.model.eval()
+        out: list[str] = []
+        for i in range(0, len(events), batch_size):
+            enc = self.collator.encode([e.text for e in events[i : i + batch_size]])
+            with self._autocast():
+                logits = self.model(
+                    input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device)
+                ).logits[:, : len(labels)]
+            out.extend(labels[j] for j in logits.argmax(dim=-1).tolist())
+        return out
+
+    def accuracy(self, events: Sequence[Event], state: AdapterState | None = None) -> float:
+        """Accuracy on ``events`` of the live weights, or of ``state`` swapped in for the call."""
+        if not events:
+            return 0.0
+        if state is None:
+            predictions = self.predict(events, self.exported_labels())
+        else:
+            with self.swapped(state):
+                predictions = self.predict(events, state.labels)
+        return sum(p == e.label for p, e in zip(predictions, events, strict=True)) / len(events)
+
+    @contextlib.contextmanager
+    def swapped(self, state: AdapterState) -> Iterator[None]:
+        """Temporarily install ``state`` (checked first); the training weights come back afterwards."""
+        prepared = self.slots.prepare(state)
+        saved = self.slots.capture()
+        self.slots.install(prepared)
+        try:
+            yield
+        finally:
+            self.slots.install(saved)
+
+    def exported_labels(self) -> list[str]:
+        """Labels that have a head row (the label map may be ahead of the model by one batch)."""
+        return self.label_map.labels[: head_linear(self.model).out_features]
+
+    def export(self) -> AdapterState:
+        return self.slots.export(self.exported_labels())
+
+    def all_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.slots.capture().values())
+
+    def load(self, state: AdapterState) -> None:
+        """Continue from a published adapter: its labels first, then its weights copied in."""
+        self.label_map.ids(state.labels)
+        grow_head(self.model, len(state.labels), self.optimizer)
+        self.slots.check(state)
+        with torch.no_grad():
+            for key, param in self.slots.capture().items():
+                param.copy_(state.tensors[key].to(param.device, param.dtype))
+
+    def reset_adapter(self) -> None:
+        """Start a new lineage: adapter and head back to their initial weights, optimizer state dropped."""
+        with torch.no_grad():
+            for key, param in self.slots.capture().items():
+                if key not in self.slots.head_keys:
+                    param.copy_(self._init_state[key])
+                elif param.dim() > 1:
+                    nn.init.normal_(param, std=0.02)
+                else:
+                    param.zero_()
+        self.optimizer.state.clear()
+
+
+def build_trainer(
+    model_settings: ModelSettings, adapter_settings: AdapterSettings, trainer_settings: TrainerSettings
+) -> OnlineTrainer:
+    """Load the base model and tokenizer offline and wrap them in a fresh trainer."""
+    path = resolve_model_path(model_settings.path)
+    device = pick_device(model_settings.device)
+    torch.manual_seed(trainer_settings.seed)
+    tokenizer = load_tokenizer(path)
+    model = build_model(path, peft_config_from_settings(adapter_settings), 1, device, tokenizer.pad_token_id)
+    collator = Collator(tokenizer, model_settings.max_length, LabelMap(), pin=device.type == "cuda")
+    trainer = OnlineTrainer(model, collator, trainer_settings, device)
+    trainer.base_model_path = path
+    return trainer
