@@ -106,6 +106,7 @@ def quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", module="peft")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
 @click.group()

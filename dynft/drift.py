@@ -22,6 +22,7 @@ ignored here, by comparing ADWIN's estimate before and after it cuts its window.
 from __future__ import annotations
 
 import inspect
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -84,6 +85,7 @@ class DriftMonitor:
             raise ConfigError(f"drift.loss_detector {loss_detector} only takes 0/1 input; the loss is continuous")
         self.seen = 0
         self.detections = 0
+        self.history: deque[Detection] = deque(maxlen=100)  # the most recent detections
 
     def update(self, error: bool, loss: float) -> list[Detection]:
         found = []
@@ -94,6 +96,7 @@ class DriftMonitor:
             found.append(Detection("loss", self.loss_name, self.seen))
         self.seen += 1
         self.detections += len(found)
+        self.history.extend(found)
         return found
 
     def _update_error(self, error: bool) -> bool:

@@ -55,6 +55,7 @@ class TrainingLoop:
         self._batches: queue.Queue[Batch] = queue.Queue(maxsize=2)
         self._batcher = threading.Thread(target=self._batching, name="dynft-batcher", daemon=True)
         self._batcher_done = threading.Event()
+        self._leftover: list[Batch] = []  # batches made after the main loop stopped taking them
         self._boost_until = -1
         self._recent_since: int | None = None
         self._last_reaction = -(10**9)
@@ -127,6 +128,8 @@ class TrainingLoop:
         if self.started.is_set():
             while not self._batches.empty():
                 self._train(self._batches.get_nowait())
+            for batch in self._leftover:
+                self._train(batch)
             self.publisher.maybe_publish(self._publish_meta(), force=True)
             self._maybe_status(force=True)
             log.info("trainer stopped after %d steps", self.trainer.steps)
@@ -139,16 +142,14 @@ class TrainingLoop:
         try:
             while not self.should_exit.is_set() and not self._intake().finished:
                 batch = self._next_batch()
-                if batch is None:
-                    continue
-                while not self.should_exit.is_set():
+                while batch is not None:
                     try:
                         self._batches.put(batch, timeout=0.2)
                         break
                     except queue.Full:
-                        continue
-                else:  # stopping: shutdown trains it rather than lose it
-                    self._batches.put(batch)
+                        if self.should_exit.is_set():  # the main loop stopped taking: shutdown trains it
+                            self._leftover.append(batch)
+                            break
         except BaseException as exc:  # re-raised on the main thread
             log.exception("the batching thread failed")
             self._batcher_error = exc

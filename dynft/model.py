@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import IA3Config, LoraConfig, PeftConfig, PeftModel, PrefixTuningConfig, get_peft_model
+from peft import (
+    IA3Config,
+    LoraConfig,
+    PeftConfig,
+    PeftModel,
+    PeftType,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    get_peft_model,
+)
 from peft.utils import ModulesToSaveWrapper
 from peft.utils.save_and_load import get_peft_model_state_dict
 from torch import nn
@@ -99,6 +108,8 @@ def peft_config_from_settings(settings: AdapterSettings) -> PeftConfig:
         )
     if settings.method == "ia3":
         return IA3Config(task_type="SEQ_CLS", target_modules=settings.target_modules)
+    if settings.method == "prompt":
+        return PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=settings.num_virtual_tokens)
     return PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=settings.num_virtual_tokens)
 
 
@@ -154,7 +165,24 @@ def build_model(
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
+    if peft_config.peft_type == PeftType.PREFIX_TUNING:
+        _probe(model, path)
     return model.to(device)  # type: ignore[no-any-return]
+
+
+def _probe(model: PeftModel, path: Path) -> None:
+    """Prefix tuning injects past key values, which not every model (or transformers release) accepts."""
+    import peft
+    import transformers
+
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.ones(1, 2, dtype=torch.long), attention_mask=torch.ones(1, 2, dtype=torch.long))
+    except (ValueError, TypeError) as exc:
+        raise ModelError(
+            f"prefix tuning cannot run on {path} with transformers {transformers.__version__} and peft "
+            f"{peft.__version__} ({exc}); choose adapter.method = prompt, lora or ia3"
+        ) from exc
 
 
 def head_linear(model: PeftModel) -> nn.Linear:

@@ -15,6 +15,7 @@ from typing import Any
 from dynft.batching import Collator, LabelMap
 from dynft.errors import AdapterMismatchError, DynftError, RegistryError
 from dynft.evaluation import HoldoutWindow
+from dynft.events import Event
 from dynft.gate import Decision, judge
 from dynft.metrics import TrainerMetrics
 from dynft.model import AdapterState, build_model, model_fingerprint, peft_config_from_dict
@@ -46,7 +47,8 @@ class Publisher:
         self.serving_version: int | None = None
         self._published_at_step = 0
         self._published_at = time.monotonic()
-        self._serving_cache: tuple[int, AdapterState] | None = None
+        self._serving_cache: tuple[int | None, dict[str, str]] = (None, {})  # serving predictions by event id
+        self._candidate_predictions: dict[str, str] = {}
 
     def resume(self) -> None:
         """Continue from the newest published version, if it fits this model and adapter configuration."""
@@ -117,6 +119,7 @@ class Publisher:
         if decision.promote:
             self.registry.promote(info.version, reason=f"gate: {decision.reason}")
             self.serving_version = info.version
+            self._serving_cache = (info.version, self._candidate_predictions)  # same weights, same answers
         else:
             self.registry.prune()
         log.info("version %d %s: %s", info.version, decision.label, decision.reason)
@@ -127,37 +130,47 @@ class Publisher:
         self.serving_version = pointer.version
         holdout = self.holdout.snapshot()
         candidate = serving = None
+        self._candidate_predictions = {}
         if pointer.version is not None and len(holdout) >= self.settings.gate.min_holdout:
-            candidate = self.trainer.accuracy(holdout)
-            serving = self._serving_accuracy(pointer.version, holdout)
+            predicted = self.trainer.predictions(holdout)
+            self._candidate_predictions = {e.id: p for e, p in zip(holdout, predicted, strict=True)}
+            candidate = accuracy(holdout, self._candidate_predictions)
+            serving = accuracy(holdout, self._serving_predictions(pointer.version, holdout))
             self.metrics.gate_accuracy.labels("candidate").set(candidate)
             self.metrics.gate_accuracy.labels("serving").set(serving)
         return judge(candidate, serving, len(holdout), pointer.version, pointer.pinned, self.settings.gate)
 
-    def _serving_accuracy(self, version: int, holdout: list[Any]) -> float:
-        if self._serving_cache is None or self._serving_cache[0] != version:
+    def _serving_predictions(self, version: int, holdout: list[Event]) -> dict[str, str]:
+        """The serving version's predictions on the window; only events new since the last gate are run."""
+        cached_version, cached = self._serving_cache
+        if cached_version != version:
+            cached = {}
+        todo = [e for e in holdout if e.id not in cached]
+        if todo:
             state, _ = self.registry.load(version)
-            self._serving_cache = (version, state)
-        state = self._serving_cache[1]
-        try:
-            return self.trainer.accuracy(holdout, state)
-        except AdapterMismatchError:
-            # The serving version was trained with another adapter configuration: score it
-            # with a model of its own shape (slow, but only until a new version serves).
-            return self._foreign_accuracy(state, holdout)
+            try:
+                predicted = self.trainer.predictions(todo, state)
+            except AdapterMismatchError:
+                # Trained with another adapter configuration: score it with a model of its own
+                # shape (slow, but only until a version of the current configuration serves).
+                predicted = self._foreign_predictions(state, todo)
+            cached.update(zip((e.id for e in todo), predicted, strict=True))
+        window = {e.id for e in holdout}
+        self._serving_cache = (version, {k: v for k, v in cached.items() if k in window})
+        return self._serving_cache[1]
 
-    def _foreign_accuracy(self, state: AdapterState, holdout: list[Any]) -> float:
+    def _foreign_predictions(self, state: AdapterState, events: list[Event]) -> list[str]:
         path = self.trainer.base_model_path
         if path is None:
             raise RegistryError("cannot score the serving version: base model path unknown")
         config = peft_config_from_dict(state.peft_config)
         tokenizer = self.trainer.collator.tokenizer
         model = build_model(path, config, len(state.labels), self.trainer.device, tokenizer.pad_token_id)
-        other = OnlineTrainer(
-            model,
-            Collator(tokenizer, self.trainer.collator.max_length, LabelMap()),
-            self.settings.trainer,
-            self.trainer.device,
-        )
+        collator = Collator(tokenizer, self.trainer.collator.max_length, LabelMap())
+        other = OnlineTrainer(model, collator, self.settings.trainer, self.trainer.device)
         other.load(state)
-        return other.accuracy(holdout)
+        return other.predictions(events)
+
+
+def accuracy(events: list[Event], predictions: dict[str, str]) -> float:
+    return sum(predictions.get(e.id) == e.label for e in events) / max(1, len(events))

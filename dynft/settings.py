@@ -77,14 +77,16 @@ class ModelSettings(Section):
 class AdapterSettings(Section):
     """The PEFT method trained on top of the frozen base model."""
 
-    method: Literal["lora", "ia3", "prefix"] = "lora"
+    method: Literal["lora", "ia3", "prefix", "prompt"] = Field(
+        "lora", description="lora (with use_dora/use_rslora), ia3, prefix tuning, or prompt (soft prompt) tuning"
+    )
     r: int = Field(8, ge=1, le=1024)
     alpha: float = Field(16.0, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, description="default: peft's choice for the architecture")
     use_dora: bool = False
     use_rslora: bool = False
-    num_virtual_tokens: int = Field(16, ge=1, description="prefix tuning only")
+    num_virtual_tokens: int = Field(16, ge=1, description="prefix and prompt tuning only")
 
 
 class TrainerSettings(Section):

@@ -145,16 +145,12 @@ class OnlineTrainer:
             out.extend(labels[j] for j in logits.argmax(dim=-1).tolist())
         return out
 
-    def accuracy(self, events: Sequence[Event], state: AdapterState | None = None) -> float:
-        """Accuracy on ``events`` of the live weights, or of ``state`` swapped in for the call."""
-        if not events:
-            return 0.0
+    def predictions(self, events: Sequence[Event], state: AdapterState | None = None) -> list[str]:
+        """Predictions for ``events`` by the live weights, or by ``state`` swapped in for the call."""
         if state is None:
-            predictions = self.predict(events, self.exported_labels())
-        else:
-            with self.swapped(state):
-                predictions = self.predict(events, state.labels)
-        return sum(p == e.label for p, e in zip(predictions, events, strict=True)) / len(events)
+            return self.predict(events, self.exported_labels())
+        with self.swapped(state):
+            return self.predict(events, state.labels)
 
     @contextlib.contextmanager
     def swapped(self, state: AdapterState) -> Iterator[None]:

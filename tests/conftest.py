@@ -20,3 +20,31 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture
+def tiny_settings(tiny_model_dir: Path, tmp_path: Path) -> Settings:
+    """Settings for a fast run on the tiny model: high learning rates, small windows."""
+    from dynft.settings import load_settings
+
+    return load_settings(
+        overrides={
+            "state_dir": str(tmp_path / "state"),
+            "model.path": str(tiny_model_dir),
+            "model.max_length": 32,
+            "trainer.lr": 1e-2,
+            "trainer.head_lr": 3e-2,
+            "trainer.warmup_steps": 5,
+            "trainer.threads": 1,
+            "trainer.fresh_wait_s": 0.05,
+            "registry.publish_every_steps": 20,
+            "run.status_interval_s": 1.0,
+        }
+    )
+
+
+@pytest.fixture
+def tiny_trainer(tiny_settings: Settings) -> OnlineTrainer:
+    from dynft.trainer import build_trainer
+
+    return build_trainer(tiny_settings.model, tiny_settings.adapter, tiny_settings.trainer)

@@ -62,7 +62,9 @@ class FileSource(Source):
                 continue
             if chunk == b"":
                 self._at_end_of_file()
-                if out or self.exhausted or time.monotonic() >= deadline:
+                if self._eof:
+                    continue  # split off a last line that had no newline, then stop
+                if out or time.monotonic() >= deadline:
                     break
                 time.sleep(min(self._poll_interval_s, max(0.0, deadline - time.monotonic())))
                 continue

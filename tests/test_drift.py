@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import math
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from dynft.drift import DriftMonitor, available_detectors, make_detector
+from dynft.errors import ConfigError
+from dynft.loop import TrainingLoop
+from dynft.settings import Settings, load_settings
+from helpers import keyword_events, write_jsonl
+
+
+def default_monitor() -> DriftMonitor:
+    d = load_settings().drift
+    return DriftMonitor(d.error_detector, d.error_params, d.loss_detector, d.loss_params)
+
+
+def learner_stream(rng: random.Random, n: int, error_rate: float) -> list[tuple[bool, float]]:
+    """0/1 errors and cross-entropy-like losses: small when right, large when wrong."""
+    out = []
+    for _ in range(n):
+        wrong = rng.random() < error_rate
+        p_true = rng.uniform(0.02, 0.45) if wrong else rng.uniform(0.6, 0.999)
+        out.append((wrong, -math.log(p_true)))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_default_detectors_stay_quiet_on_a_stationary_stream(seed: int) -> None:
+    monitor = default_monitor()
+    for error, loss in learner_stream(random.Random(seed), 5000, error_rate=0.15):
+        assert not monitor.update(error, loss)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_default_detectors_fire_soon_after_a_label_flip(seed: int) -> None:
+    rng = random.Random(seed)
+    monitor = default_monitor()
+    stream = learner_stream(rng, 3000, 0.15) + learner_stream(rng, 300, 0.85)
+    hits = [i for i, (error, loss) in enumerate(stream) if monitor.update(error, loss)]
+    assert hits and 3000 <= hits[0] < 3300
+
+
+def test_any_river_detector_by_name() -> None:
+    assert {"ADWIN", "PageHinkley", "KSWIN", "DDM", "HDDMA"} <= set(available_detectors())
+    assert make_detector("KSWIN", {"window_size": 50, "stat_size": 20, "seed": 1}) is not None
+    with pytest.raises(ConfigError, match="'Nope' is not in river.drift"):
+        make_detector("Nope", {})
+    with pytest.raises(ConfigError, match="rejects parameters"):
+        make_detector("ADWIN", {"bogus": 1})
+    with pytest.raises(ConfigError, match="only takes 0/1 input"):
+        DriftMonitor("ADWIN", {}, "DDM", {})
+
+
+def run_stream(settings: Settings, rows: list[dict[str, object]], tmp_path: Path) -> TrainingLoop:
+    settings.source.uri = f"file:{write_jsonl(tmp_path / 'stream.jsonl', rows)}"
+    settings.source.exit_at_end = True
+    settings.evaluation.holdout_fraction = 0.0  # every event is prequential: indices match the stream
+    settings.drift.reactions = []  # observe detection only
+    loop = TrainingLoop(settings)
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    thread.join(timeout=240)
+    assert not thread.is_alive(), "the loop did not finish the stream"
+    assert loop.prequential.seen == len(rows)
+    return loop
+
+
+@pytest.mark.slow
+def test_real_trainer_stationary_stream_of_5000_events_raises_no_drift(tiny_settings: Settings, tmp_path: Path) -> None:
+    """The daemon's own error and loss streams, from the real (tiny) model learning a stationary task."""
+    loop = run_stream(tiny_settings, keyword_events(5000, ["alpha", "beta", "gamma"], seed=3), tmp_path)
+    assert loop.prequential.accuracy > 0.8, "the model did not learn: the test would prove nothing"
+    assert list(loop.drift.history) == []
+
+
+@pytest.mark.slow
+def test_real_trainer_label_flip_is_detected_within_300_events(tiny_settings: Settings, tmp_path: Path) -> None:
+    labels = ["alpha", "beta", "gamma"]
+    before = keyword_events(2500, labels, seed=4)
+    flipped = keyword_events(1000, labels, seed=5, start=2500, relabel={"alpha": "beta", "beta": "gamma", "gamma": "alpha"})
+    loop = run_stream(tiny_settings, before + flipped, tmp_path)
+    indices = [d.index for d in loop.drift.history]
+    assert indices, "no drift detected after the label flip"
+    assert 2500 <= indices[0] < 2800, indices

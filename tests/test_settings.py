@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dynft.errors import ConfigError
+from dynft.settings import load_settings
+
+
+def test_defaults_are_the_embedded_demo() -> None:
+    s = load_settings()
+    assert s.source.uri == "demo"
+    assert s.model.path is None
+    assert (s.server.host, s.server.port) == ("127.0.0.1", 8000)
+
+
+def test_precedence_file_then_env_then_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "dynft.toml"
+    config.write_text('[trainer]\nlr = 0.1\nbatch_size = 4\n[server]\nport = 9001\nmax_batch = 8\nmax_texts = 8\n')
+    monkeypatch.setenv("DYNFT_TRAINER__LR", "0.2")
+    monkeypatch.setenv("DYNFT_STATE_DIR", str(tmp_path / "from-env"))
+    s = load_settings(config, {"server.port": 9002})
+    assert s.trainer.lr == 0.2  # env beats file
+    assert s.trainer.batch_size == 4  # file beats default
+    assert s.server.port == 9002  # CLI beats file
+    assert s.server.max_batch == 8
+    assert s.state_dir == tmp_path / "from-env"
+
+
+@pytest.mark.parametrize("suffix,text", [(".yaml", "buffer:\n  max_events: 7\n"), (".json", '{"buffer": {"max_events": 7}}')])
+def test_yaml_and_json_config_files(tmp_path: Path, suffix: str, text: str) -> None:
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    assert load_settings(path).buffer.max_events == 7
+
+
+def test_invalid_values_name_the_field_and_the_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYNFT_BUFFER__REPLAY_RATIO", "1.5")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert str(err.value) == "config error: buffer.replay_ratio: Input should be less than 1 (got '1.5')"
+
+
+def test_unknown_keys_are_errors(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[trainer]\nlearning_rate = 1\n")
+    with pytest.raises(ConfigError, match="trainer.learning_rate: Extra inputs are not permitted"):
+        load_settings(path)
+
+
+def test_bad_config_files_are_reported_with_their_name(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[trainer\n")
+    with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
+        load_settings(broken)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_settings(tmp_path / "missing.toml")
+    ini = tmp_path / "c.ini"
+    ini.write_text("[trainer]\n")
+    with pytest.raises(ConfigError, match="unknown format"):
+        load_settings(ini)
+
+
+def test_secrets_are_masked_in_the_public_dump() -> None:
+    s = load_settings(overrides={"server.admin_token": "hunter2"})
+    assert s.public_dump()["server"]["admin_token"] == "**********"
+    assert s.secret_dump()["server"]["admin_token"] == "hunter2"
+    assert "hunter2" not in json.dumps(s.public_dump())
+
+
+def test_max_texts_cannot_exceed_a_batch() -> None:
+    with pytest.raises(ConfigError, match="server.max_texts: Value error, must be at most server.max_batch"):
+        load_settings(overrides={"server.max_batch": 4, "server.max_texts": 8})
