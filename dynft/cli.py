@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import click
 
 from dynft.errors import ConfigError, DynftError, ModelError, SourceError
-from dynft.settings import Settings, load_settings, parse_assignment
+from dynft.settings import Settings, load_settings, parse_assignment, reference_table
 
 F = TypeVar("F", bound=Callable[..., Any])
 USAGE_ERRORS = (ConfigError, SourceError, ModelError)
@@ -117,9 +117,13 @@ def main() -> None:
 
 @main.command()
 @settings_options
+@click.option("--reference", is_flag=True, help="Print every setting as a Markdown table instead.")
 @reports_errors
-def config(**kwargs: Any) -> None:
+def config(reference: bool, **kwargs: Any) -> None:
     """Print the effective configuration (secrets masked)."""
+    if reference:
+        click.echo(reference_table())
+        return
     click.echo(json.dumps(settings_from(kwargs).public_dump(), indent=2))
 
 

@@ -23,7 +23,7 @@ from dynft.batching import Batch
 from dynft.deadletter import JsonlDeadLetterSink
 from dynft.drift import Detection, DriftMonitor
 from dynft.evaluation import HoldoutWindow, Prequential, is_held_out
-from dynft.events import Event, Rejection, decode
+from dynft.events import REASONS, Event, Rejection, decode
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
 from dynft.registry import AdapterRegistry
@@ -52,6 +52,8 @@ class TrainingLoop:
         self.buffer = ReplayBuffer(b.max_events, b.max_bytes, b.strategy, b.recency_half_life, settings.trainer.seed)
         d = settings.drift
         self.drift = DriftMonitor(d.error_detector, d.error_params, d.loss_detector, d.loss_params)
+        detectors = {"error": d.error_detector, "loss": d.loss_detector}
+        self.metrics.declare(detectors, REASONS, list(d.reactions))
         self._batches: queue.Queue[Batch] = queue.Queue(maxsize=2)
         self._batcher = threading.Thread(target=self._batching, name="dynft-batcher", daemon=True)
         self._batcher_done = threading.Event()

@@ -90,6 +90,21 @@ class TrainerMetrics:
         self.gate_accuracy = _gauge("dynft_gate_accuracy", "Held-out accuracy at the last gate", r, ("adapter",))
         self.latest_version = _gauge("dynft_latest_version", "Newest published adapter version", r)
 
+    def declare(self, detectors: dict[str, str], reasons: tuple[str, ...], reactions: list[str]) -> None:
+        """Create the known label values at 0, so dashboards see a series before its first event."""
+        for outcome in ("trained", "held_out", "dead_lettered", "skipped"):
+            self.events.labels(outcome)
+        for reason in reasons:
+            self.rejected.labels(reason)
+        for reason in ("non_finite_loss", "non_finite_grad"):
+            self.train_skipped.labels(reason)
+        for stream, detector in detectors.items():
+            self.drift.labels(detector, stream)
+        for reaction in reactions:
+            self.reactions.labels(reaction)
+        for decision in ("promoted", "rejected"):
+            self.versions.labels(decision)
+
 
 class ServerMetrics:
     """What the inference server reports."""
@@ -117,8 +132,12 @@ class ServerMetrics:
         self.swap_failures = Counter(
             "dynft_swap_failures", "Versions refused by the server, by reason", ["reason"], registry=r
         )
+        for reason in ("mismatch", "unreadable"):
+            self.swap_failures.labels(reason)
 
 
 class SupervisorMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.restarts = Counter("dynft_process_restarts", "Child processes restarted", ["process"], registry=registry)
+        for process in ("trainer", "server"):
+            self.restarts.labels(process)

@@ -34,13 +34,13 @@ class Section(BaseModel):
 class SourceSettings(Section):
     """Where labeled events come from (see ``dynft.sources``)."""
 
-    uri: str = Field("demo", description="demo | file:PATH | file:- (stdin)")
+    uri: str = Field("demo", description="demo, file:PATH, or file:- for stdin")
     follow: bool = Field(False, description="file sources: keep reading appended lines, like tail -f")
     poll_interval_s: float = Field(0.2, gt=0, description="follow mode: how often to look for new data")
     queue_size: int = Field(2048, ge=1, description="bound of the intake queue between source and trainer")
     demo_rate: float = Field(0.0, ge=0, description="demo: events per second, 0 = as fast as the trainer takes them")
     demo_loop: bool = Field(True, description="demo: start the drift schedule again after its last phase")
-    demo_seed: int = 0
+    demo_seed: int = Field(0, description="demo: seed of the shuffles in the drift schedule")
     exit_at_end: bool = Field(False, description="finite sources: stop the trainer after the last event")
     dead_letter_path: Path | None = Field(
         None, description="JSONL file for rejected events; default <state_dir>/dead-letter.jsonl"
@@ -51,17 +51,19 @@ class EventSettings(Section):
     """Limits applied to every incoming event (see ``dynft.events``)."""
 
     max_text_chars: int = Field(8192, ge=1, description="longer texts are rejected, never cut")
-    max_label_chars: int = Field(128, ge=1)
-    max_id_chars: int = Field(256, ge=1)
+    max_label_chars: int = Field(128, ge=1, description="longer labels are rejected")
+    max_id_chars: int = Field(256, ge=1, description="longer event ids are rejected")
     max_record_bytes: int = Field(1 << 20, ge=64, description="raw records larger than this are rejected unparsed")
 
 
 class BufferSettings(Section):
     """The bounded replay buffer (see ``dynft.buffer``)."""
 
-    max_events: int = Field(10_000, ge=1)
-    max_bytes: int = Field(64 << 20, ge=1024)
-    strategy: Literal["reservoir", "class_balanced", "recency"] = "class_balanced"
+    max_events: int = Field(10_000, ge=1, description="events kept for replay")
+    max_bytes: int = Field(64 << 20, ge=1024, description="approximate bytes kept for replay")
+    strategy: Literal["reservoir", "class_balanced", "recency"] = Field(
+        "class_balanced", description="what is kept when full and how replay is drawn"
+    )
     replay_ratio: float = Field(0.5, ge=0, lt=1, description="share of each batch replayed from the buffer")
     recency_half_life: int = Field(2_000, ge=1, description="recency sampling: age in events at which weight halves")
 
@@ -71,7 +73,7 @@ class ModelSettings(Section):
 
     path: str | None = Field(None, description="Hugging Face model directory; default: packaged all-MiniLM-L6-v2")
     max_length: int = Field(64, ge=8, le=8192, description="tokens per text; longer inputs are truncated for the model")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
 
 
 class AdapterSettings(Section):
@@ -80,26 +82,26 @@ class AdapterSettings(Section):
     method: Literal["lora", "ia3", "prefix", "prompt"] = Field(
         "lora", description="lora (with use_dora/use_rslora), ia3, prefix tuning, or prompt (soft prompt) tuning"
     )
-    r: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
     target_modules: list[str] | None = Field(None, description="default: peft's choice for the architecture")
-    use_dora: bool = False
-    use_rslora: bool = False
+    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA)")
+    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha / sqrt(r)")
     num_virtual_tokens: int = Field(16, ge=1, description="prefix and prompt tuning only")
 
 
 class TrainerSettings(Section):
     """The online trainer (see ``dynft.trainer``)."""
 
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="rows per step, fresh and replayed")
     lr: float = Field(1e-3, gt=0, le=1.0, description="learning rate of the adapter weights")
     head_lr: float = Field(3e-3, gt=0, le=1.0, description="learning rate of the classification head")
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_steps: int = Field(20, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of the adapter weights")
+    warmup_steps: int = Field(20, ge=0, description="linear learning-rate warm-up")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = the cores left after the server's")
-    seed: int = 0
+    seed: int = Field(0, description="seed of weights initialisation and replay sampling")
     fresh_wait_s: float = Field(0.5, gt=0, description="how long a step waits to fill its fresh share")
 
 
@@ -114,16 +116,18 @@ class EvaluationSettings(Section):
 class DriftSettings(Section):
     """Drift detection on the prequential streams (see ``dynft.drift``)."""
 
-    error_detector: str = "ADWIN"
-    error_params: dict[str, Any] = Field(default_factory=dict)
-    loss_detector: str = "PageHinkley"
+    error_detector: str = Field("ADWIN", description="river.drift detector on the 0/1 prequential error")
+    error_params: dict[str, Any] = Field(default_factory=dict, description="its constructor parameters")
+    loss_detector: str = Field("PageHinkley", description="river.drift detector on the prequential loss")
     loss_params: dict[str, Any] = Field(
-        default_factory=lambda: {"min_instances": 100, "delta": 0.25, "threshold": 60.0, "mode": "up"}
+        default_factory=lambda: {"min_instances": 100, "delta": 0.25, "threshold": 60.0, "mode": "up"},
+        description="its constructor parameters",
     )
     reactions: list[Literal["boost", "upweight", "new_lineage"]] = Field(
-        default_factory=lambda: ["boost", "upweight"]  # type: ignore[arg-type]
+        default_factory=lambda: ["boost", "upweight"],  # type: ignore[arg-type]
+        description="what a detection triggers: boost (learning rate and steps), upweight (recent events), new_lineage",
     )
-    boost_lr_factor: float = Field(3.0, ge=1)
+    boost_lr_factor: float = Field(3.0, ge=1, description="learning-rate multiplier while boosted")
     boost_steps: int = Field(100, ge=1, description="how long a reaction lasts, in training steps")
     boost_extra_steps: int = Field(1, ge=0, description="extra replay steps per fresh step while boosted")
     upweight_share: float = Field(0.5, ge=0, le=1, description="share of replay drawn from post-drift events")
@@ -133,8 +137,8 @@ class DriftSettings(Section):
 class RegistrySettings(Section):
     """Publishing adapter versions (see ``dynft.registry``)."""
 
-    publish_every_steps: int = Field(50, ge=1)
-    publish_interval_s: float = Field(20.0, gt=0)
+    publish_every_steps: int = Field(50, ge=1, description="publish a candidate after this many steps...")
+    publish_interval_s: float = Field(20.0, gt=0, description="...or this many seconds, whichever comes first")
     keep_last: int = Field(10, ge=1, description="versions kept besides the serving one and its history")
     keep_serving_history: int = Field(5, ge=0, description="earlier serving versions kept for rollback")
 
@@ -149,8 +153,8 @@ class GateSettings(Section):
 class ServerSettings(Section):
     """The inference server (see ``dynft.serving``)."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="address the HTTP API listens on")
+    port: int = Field(8000, ge=0, le=65535, description="port of the HTTP API (and /metrics)")
     admin_token: SecretStr | None = Field(None, description="bearer token of the admin API; default: generated")
     max_batch: int = Field(32, ge=1, description="texts per micro-batch")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a micro-batch waits for more requests")
@@ -175,8 +179,8 @@ class RunSettings(Section):
 
     status_interval_s: float = Field(5.0, gt=0, description="how often the status line is printed")
     shutdown_timeout_s: float = Field(60.0, gt=0, description="grace period before children are killed")
-    restart_backoff_s: float = Field(1.0, gt=0)
-    restart_backoff_max_s: float = Field(30.0, gt=0)
+    restart_backoff_s: float = Field(1.0, gt=0, description="first delay before restarting a crashed child")
+    restart_backoff_max_s: float = Field(30.0, gt=0, description="the delay doubles up to this")
 
 
 class Settings(BaseSettings):
@@ -187,7 +191,7 @@ class Settings(BaseSettings):
     )
 
     state_dir: Path = Field(Path("dynft-state"), description="registry, dead letters and run files live here")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="logging threshold")
     source: SourceSettings = Field(default_factory=SourceSettings)  # type: ignore[arg-type]
     events: EventSettings = Field(default_factory=EventSettings)  # type: ignore[arg-type]
     buffer: BufferSettings = Field(default_factory=BufferSettings)  # type: ignore[arg-type]
@@ -312,3 +316,23 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         return _Layered()
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc)) from exc
+
+
+def reference_table() -> str:
+    """Every setting as a Markdown table (setting, environment variable, default, meaning)."""
+    rows = ["| setting | environment variable | default | meaning |", "|---|---|---|---|"]
+    defaults = Settings.model_construct()
+    for name, field in Settings.model_fields.items():
+        value = getattr(defaults, name, field.default)
+        if isinstance(value, BaseModel):
+            for sub, subfield in type(value).model_fields.items():
+                env = f"DYNFT_{name.upper()}__{sub.upper()}"
+                rows.append(_row(f"{name}.{sub}", env, getattr(value, sub), subfield))
+        else:
+            rows.append(_row(name, f"DYNFT_{name.upper()}", value, field))
+    return "\n".join(rows)
+
+
+def _row(key: str, env: str, default: Any, field: Any) -> str:
+    shown = "generated" if key == "server.admin_token" else json.dumps(default, default=str)
+    return f"| `{key}` | `{env}` | `{shown}` | {field.description or ''} |"

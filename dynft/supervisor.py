@@ -11,6 +11,7 @@ supervisor, which then stops them once and in order.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from dynft import metrics
 from dynft.settings import Settings
 
 log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 CONFIG_ERROR_EXIT = 2  # a child that exits with this code will fail again: do not restart it
 
 
@@ -42,6 +44,15 @@ class Child:
     restart_at: float | None = None
     finished: bool = False  # exited 0 on its own: nothing to restart
     restarts: int = field(default=0)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux for SIGTERM when the supervisor dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:  # not Linux: children then outlive a killed supervisor
+        pass
 
 
 class Supervisor:
@@ -81,7 +92,7 @@ class Supervisor:
         # Children read the resolved config file only: DYNFT_* variables were already applied
         # here, and applying them again would undo CLI flags that overrode them.
         env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFT_")}
-        child.process = subprocess.Popen(child.argv, env=env, start_new_session=True)
+        child.process = subprocess.Popen(child.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
         child.started_at = time.monotonic()
         child.restart_at = None
         log.info("started %s (pid %d)", child.name, child.process.pid)

@@ -10,6 +10,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from dynft.settings import Settings
+from dynft.trainer import OnlineTrainer
+
 from helpers import build_tiny_model
 
 

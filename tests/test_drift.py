@@ -11,6 +11,7 @@ from dynft.drift import DriftMonitor, available_detectors, make_detector
 from dynft.errors import ConfigError
 from dynft.loop import TrainingLoop
 from dynft.settings import Settings, load_settings
+
 from helpers import keyword_events, write_jsonl
 
 
@@ -48,7 +49,7 @@ def test_default_detectors_fire_soon_after_a_label_flip(seed: int) -> None:
 def test_any_river_detector_by_name() -> None:
     assert {"ADWIN", "PageHinkley", "KSWIN", "DDM", "HDDMA"} <= set(available_detectors())
     assert make_detector("KSWIN", {"window_size": 50, "stat_size": 20, "seed": 1}) is not None
-    with pytest.raises(ConfigError, match="'Nope' is not in river.drift"):
+    with pytest.raises(ConfigError, match=r"'Nope' is not in river\.drift"):
         make_detector("Nope", {})
     with pytest.raises(ConfigError, match="rejects parameters"):
         make_detector("ADWIN", {"bogus": 1})
@@ -82,7 +83,9 @@ def test_real_trainer_stationary_stream_of_5000_events_raises_no_drift(tiny_sett
 def test_real_trainer_label_flip_is_detected_within_300_events(tiny_settings: Settings, tmp_path: Path) -> None:
     labels = ["alpha", "beta", "gamma"]
     before = keyword_events(2500, labels, seed=4)
-    flipped = keyword_events(1000, labels, seed=5, start=2500, relabel={"alpha": "beta", "beta": "gamma", "gamma": "alpha"})
+    flipped = keyword_events(
+        1000, labels, seed=5, start=2500, relabel={"alpha": "beta", "beta": "gamma", "gamma": "alpha"}
+    )
     loop = run_stream(tiny_settings, before + flipped, tmp_path)
     indices = [d.index for d in loop.drift.history]
     assert indices, "no drift detected after the label flip"

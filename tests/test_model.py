@@ -19,6 +19,7 @@ from dynft.model import (
 )
 from dynft.settings import AdapterSettings
 from dynft.trainer import OnlineTrainer
+
 from helpers import keyword_events
 
 
@@ -42,7 +43,7 @@ def test_the_packaged_model_is_found_offline() -> None:
 
 
 def test_missing_model_directory_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ModelError, match="no config.json"):
+    with pytest.raises(ModelError, match=r"no config\.json"):
         resolve_model_path(str(tmp_path))
 
 
@@ -95,7 +96,9 @@ def test_check_refuses_bad_states_without_touching_the_model(tiny_trainer: Onlin
     def variant(**changes: object) -> AdapterState:
         tensors = dict(good.tensors)
         tensors.update(changes.pop("tensors", {}))  # type: ignore[arg-type]
-        return AdapterState(tensors, list(changes.pop("labels", good.labels)), dict(changes.pop("config", good.peft_config)))  # type: ignore[arg-type]
+        return AdapterState(
+            tensors, list(changes.pop("labels", good.labels)), dict(changes.pop("config", good.peft_config))
+        )  # type: ignore[arg-type]
 
     nan = good.tensors[key].clone()
     nan.view(-1)[0] = float("nan")
@@ -143,5 +146,5 @@ def test_prefix_tuning_fails_at_start_with_a_clear_error_where_the_model_cannot_
     """transformers 5 renamed past_key_values to cache; peft 0.21 prefix tuning cannot inject into it."""
     from dynft.trainer import build_trainer
 
-    with pytest.raises(ModelError, match="prefix tuning cannot run on .*choose adapter.method = prompt"):
+    with pytest.raises(ModelError, match=r"prefix tuning cannot run on .*choose adapter\.method = prompt"):
         build_trainer(tiny_settings.model, AdapterSettings(method="prefix"), tiny_settings.trainer)

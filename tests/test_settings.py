@@ -18,7 +18,7 @@ def test_defaults_are_the_embedded_demo() -> None:
 
 def test_precedence_file_then_env_then_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "dynft.toml"
-    config.write_text('[trainer]\nlr = 0.1\nbatch_size = 4\n[server]\nport = 9001\nmax_batch = 8\nmax_texts = 8\n')
+    config.write_text("[trainer]\nlr = 0.1\nbatch_size = 4\n[server]\nport = 9001\nmax_batch = 8\nmax_texts = 8\n")
     monkeypatch.setenv("DYNFT_TRAINER__LR", "0.2")
     monkeypatch.setenv("DYNFT_STATE_DIR", str(tmp_path / "from-env"))
     s = load_settings(config, {"server.port": 9002})
@@ -29,7 +29,9 @@ def test_precedence_file_then_env_then_cli(tmp_path: Path, monkeypatch: pytest.M
     assert s.state_dir == tmp_path / "from-env"
 
 
-@pytest.mark.parametrize("suffix,text", [(".yaml", "buffer:\n  max_events: 7\n"), (".json", '{"buffer": {"max_events": 7}}')])
+@pytest.mark.parametrize(
+    "suffix,text", [(".yaml", "buffer:\n  max_events: 7\n"), (".json", '{"buffer": {"max_events": 7}}')]
+)
 def test_yaml_and_json_config_files(tmp_path: Path, suffix: str, text: str) -> None:
     path = tmp_path / f"c{suffix}"
     path.write_text(text)
@@ -46,14 +48,14 @@ def test_invalid_values_name_the_field_and_the_value(monkeypatch: pytest.MonkeyP
 def test_unknown_keys_are_errors(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[trainer]\nlearning_rate = 1\n")
-    with pytest.raises(ConfigError, match="trainer.learning_rate: Extra inputs are not permitted"):
+    with pytest.raises(ConfigError, match=r"trainer\.learning_rate: Extra inputs are not permitted"):
         load_settings(path)
 
 
 def test_bad_config_files_are_reported_with_their_name(tmp_path: Path) -> None:
     broken = tmp_path / "broken.toml"
     broken.write_text("[trainer\n")
-    with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
+    with pytest.raises(ConfigError, match=r"broken\.toml: not valid TOML"):
         load_settings(broken)
     with pytest.raises(ConfigError, match="cannot be read"):
         load_settings(tmp_path / "missing.toml")
@@ -71,5 +73,5 @@ def test_secrets_are_masked_in_the_public_dump() -> None:
 
 
 def test_max_texts_cannot_exceed_a_batch() -> None:
-    with pytest.raises(ConfigError, match="server.max_texts: Value error, must be at most server.max_batch"):
+    with pytest.raises(ConfigError, match=r"server\.max_texts: Value error, must be at most server\.max_batch"):
         load_settings(overrides={"server.max_batch": 4, "server.max_texts": 8})

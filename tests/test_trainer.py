@@ -4,6 +4,7 @@ import torch
 
 from dynft.events import Event
 from dynft.trainer import OnlineTrainer
+
 from helpers import keyword_events
 
 
@@ -67,14 +68,18 @@ def test_new_labels_grow_the_head_mid_stream_and_old_ones_keep_working(tiny_trai
         tiny_trainer.step(tiny_trainer.collator(events(16, ["alpha", "beta"], seed=start), n_fresh=16))
     assert old_accuracy() > 0.85
     for start in range(0, 480, 16):
-        tiny_trainer.step(tiny_trainer.collator(events(16, ["alpha", "beta", "gamma"], seed=10_000 + start), n_fresh=16))
+        tiny_trainer.step(
+            tiny_trainer.collator(events(16, ["alpha", "beta", "gamma"], seed=10_000 + start), n_fresh=16)
+        )
     labels = tiny_trainer.exported_labels()
     assert sorted(labels) == ["alpha", "beta", "gamma"] and labels.index("gamma") == 2  # appended, ids stable
     assert old_accuracy() > 0.85
 
 
 def test_reset_adapter_starts_a_fresh_lineage(tiny_trainer: OnlineTrainer) -> None:
-    initial = {k: p.detach().clone() for k, p in tiny_trainer.slots.capture().items() if k not in tiny_trainer.slots.head_keys}
+    initial = {
+        k: p.detach().clone() for k, p in tiny_trainer.slots.capture().items() if k not in tiny_trainer.slots.head_keys
+    }
     for i in range(0, 160, 16):
         tiny_trainer.step(tiny_trainer.collator(events(16, ["alpha", "beta"], seed=i), n_fresh=16))
     tiny_trainer.reset_adapter()

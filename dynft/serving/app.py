@@ -11,7 +11,7 @@ import asyncio
 import hmac
 import time
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -136,7 +136,7 @@ def create_app(
         if not hmac.compare_digest(token.encode(), admin_token.encode()):
             raise ApiError(403, "forbidden", "the bearer token is not the admin token")
 
-    Admin = Annotated[None, Depends(admin)]
+    admin_only = [Depends(admin)]
 
     @app.post("/v1/predict", response_model=PredictResponse)
     async def predict(body: PredictRequest) -> dict[str, Any]:
@@ -205,24 +205,24 @@ def create_app(
             "versions": versions,
         }
 
-    @app.post("/v1/adapters/{version}/promote")
-    async def promote(version: int, _: Admin) -> dict[str, Any]:
+    @app.post("/v1/adapters/{version}/promote", dependencies=admin_only)
+    async def promote(version: int) -> dict[str, Any]:
         try:
             await asyncio.to_thread(registry.promote, version, "promoted through the admin API", True)
         except RegistryError as exc:
             raise ApiError(404 if "does not exist" in str(exc) else 409, "bad_version", str(exc)) from exc
         return {"serving": version, "pinned": True}
 
-    @app.post("/v1/adapters/rollback")
-    async def rollback(_: Admin) -> dict[str, Any]:
+    @app.post("/v1/adapters/rollback", dependencies=admin_only)
+    async def rollback() -> dict[str, Any]:
         try:
             version = await asyncio.to_thread(registry.rollback, "rolled back through the admin API")
         except RegistryError as exc:
             raise ApiError(409, "no_rollback", str(exc)) from exc
         return {"serving": version, "pinned": True}
 
-    @app.post("/v1/adapters/unpin")
-    async def unpin(_: Admin) -> dict[str, Any]:
+    @app.post("/v1/adapters/unpin", dependencies=admin_only)
+    async def unpin() -> dict[str, Any]:
         await asyncio.to_thread(registry.unpin)
         return {"serving": registry.serving().version, "pinned": False}
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from dynft.sources import DemoSource, FileSource, Source
+
 from helpers import write_jsonl
 
 Factory = Callable[[Path], tuple[Source, int | None]]  # the source, and its length when finite

@@ -12,6 +12,7 @@ import pytest
 from dynft.errors import SourceError
 from dynft.settings import SourceSettings
 from dynft.sources import FileSource, Intake, open_source
+
 from helpers import write_jsonl
 
 
@@ -51,15 +52,15 @@ def test_stdin_is_read_as_it_arrives(tmp_path: Path) -> None:
         "    got += [json.loads(r.raw)['n'] for r in s.poll(10, 0.1)]\n"
         "print(got)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert proc.stdin is not None
-    proc.stdin.write(b'{"n": 1}\n')
-    proc.stdin.flush()
-    time.sleep(0.3)
-    proc.stdin.write(b'{"n": 2}\n')
-    proc.stdin.close()
-    assert proc.wait(timeout=30) == 0
-    assert proc.stdout is not None and proc.stdout.read().strip() == b"[1, 2]"
+    with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(b'{"n": 1}\n')
+        proc.stdin.flush()
+        time.sleep(0.3)
+        proc.stdin.write(b'{"n": 2}\n')
+        proc.stdin.close()
+        assert proc.stdout.read().strip() == b"[1, 2]"
+        assert proc.wait(timeout=30) == 0
 
 
 def test_open_errors_name_the_source(tmp_path: Path) -> None:

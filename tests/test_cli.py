@@ -1,0 +1,147 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from dynft.cli import main
+from dynft.registry import AdapterRegistry
+from dynft.settings import Settings
+
+from helpers import free_port, keyword_events, write_jsonl
+
+
+def test_config_prints_the_effective_configuration_with_secrets_masked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DYNFT_SERVER__ADMIN_TOKEN", "s3cret")
+    result = CliRunner().invoke(main, ["config", "--port", "9100", "--set", "trainer.lr=0.002", "--source", "file:x"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["server"]["port"] == 9100 and data["trainer"]["lr"] == 0.002 and data["source"]["uri"] == "file:x"
+    assert data["server"]["admin_token"] == "**********" and "s3cret" not in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["--set", "buffer.max_events=0"],
+            "config error: buffer.max_events: Input should be greater than or equal to 1",
+        ),
+        (["--port", "70000"], "config error: server.port: Input should be less than or equal to 65535 (got 70000)"),
+        (["--set", "nonsense"], "dynft: --set 'nonsense': expected SECTION.FIELD=VALUE"),
+    ],
+)
+def test_invalid_configuration_fails_fast_with_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["config", *args])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [message] or result.output.strip().startswith(message)
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_run_refuses_a_bad_source_before_starting_anything(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["run", "--source", "kafka-ish://x", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown source" in result.output
+
+
+def test_adapters_commands_work_on_the_registry(tmp_path: Path) -> None:
+    import torch
+
+    from dynft.model import AdapterState
+
+    registry = AdapterRegistry(tmp_path / "registry")
+    for i in range(3):
+        registry.publish(AdapterState({"w": torch.full((2,), float(i))}, ["a"], {"peft_type": "LORA"}), {"step": i})
+    registry.promote(1, "first")
+    registry.promote(3, "gate")
+    runner = CliRunner()
+    base = ["--state-dir", str(tmp_path)]
+    listed = runner.invoke(main, ["adapters", "list", *base]).output.splitlines()
+    assert [line[:4] for line in listed] == ["  v1", "  v2", "* v3"]
+    assert json.loads(runner.invoke(main, ["adapters", "show", "2", *base]).output)["step"] == 1
+    assert runner.invoke(main, ["adapters", "rollback", *base]).output.strip() == "serving v1 (pinned)"
+    assert runner.invoke(main, ["adapters", "promote", "2", *base]).output.strip() == "serving v2 (pinned)"
+    assert registry.serving().version == 2 and registry.serving().pinned
+    assert runner.invoke(main, ["adapters", "unpin", *base]).exit_code == 0
+    assert not registry.serving().pinned
+    missing = runner.invoke(main, ["adapters", "promote", "9", *base])
+    assert missing.exit_code == 1 and "adapter version 9 does not exist" in missing.output
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return -1.0
+
+
+@pytest.mark.slow
+def test_dynft_run_trains_serves_swaps_and_stops_cleanly(tiny_settings: Settings, tmp_path: Path) -> None:
+    """The whole daemon as users run it: two child processes, one metrics endpoint, SIGTERM exits 0."""
+    stream = write_jsonl(tmp_path / "stream.jsonl", keyword_events(3000, ["alpha", "beta", "gamma"], seed=11))
+    port = free_port()
+    config = tmp_path / "dynft.toml"
+    config.write_text(
+        "[trainer]\nlr = 0.01\nhead_lr = 0.03\nwarmup_steps = 5\n"
+        "[registry]\npublish_every_steps = 25\npublish_interval_s = 3\n"
+        "[source]\nfollow = true\n"  # a live file: the trainer keeps waiting for more
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "dynft",
+        "run",
+        "--config",
+        str(config),
+        "--model",
+        str(tiny_settings.model.path),
+        "--source",
+        f"file:{stream}",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--port",
+        str(port),
+    ]
+    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "DYNFT_SERVER__PORT": "1"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 150
+        swaps = 0.0
+        with httpx.Client(base_url=base, timeout=10) as client:
+            while time.monotonic() < deadline:
+                assert proc.poll() is None, (tmp_path / "run.log").read_text()
+                try:
+                    swaps = metric(client.get("/metrics").text, "dynft_swaps_total")
+                except httpx.HTTPError:
+                    swaps = 0
+                if swaps >= 2:
+                    break
+                time.sleep(0.5)
+            assert swaps >= 2, (tmp_path / "run.log").read_text()[-3000:]
+            answer = client.post("/v1/predict", json={"texts": ["w3 beta2 w5"]}).json()
+            assert answer["predictions"][0]["label"] in ("alpha", "beta", "gamma")
+            text = client.get("/metrics").text
+            # Trainer and server metrics come out of the same endpoint.
+            assert metric(text, 'dynft_events_total{outcome="trained"}') > 100
+            assert metric(text, "dynft_train_steps_total") > 10
+            assert 0 < metric(text, "dynft_prequential_accuracy") <= 1
+            assert metric(text, 'dynft_adapter_versions_total{decision="promoted"}') >= 2
+            assert metric(text, "dynft_serving_version") == answer["adapter_version"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    output = (tmp_path / "run.log").read_text()
+    assert "received SIGTERM; finishing the step and publishing" in output
+    assert "dynft stopped" in output
+    assert "| steps" in output and "acc" in output  # the status line
