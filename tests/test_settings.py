@@ -75,3 +75,15 @@ def test_secrets_are_masked_in_the_public_dump() -> None:
 def test_max_texts_cannot_exceed_a_batch() -> None:
     with pytest.raises(ConfigError, match=r"server\.max_texts: Value error, must be at most server\.max_batch"):
         load_settings(overrides={"server.max_batch": 4, "server.max_texts": 8})
+
+
+def test_the_shipped_example_config_is_valid() -> None:
+    s = load_settings(Path(__file__).parent.parent / "deploy" / "dynft.example.toml")
+    assert s.source.follow and s.server.host == "0.0.0.0"
+
+
+def test_the_readme_documents_every_setting() -> None:
+    from dynft.settings import reference_table
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert reference_table() in readme, "regenerate the README table with `dynft config --reference`"
