@@ -1,7 +1,8 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,20 +95,20 @@ def test_retention_keeps_the_last_n_the_serving_one_and_its_history(tmp_path: Pa
     assert reg.versions() == [5, 10, 11, 12]
 
 
-def _publish_many(root: str, n: int) -> None:
-    reg = AdapterRegistry(Path(root))
-    for i in range(n):
-        reg.publish(state(float(i)), {})
+PUBLISHER = """
+import sys, torch
+from pathlib import Path
+from dynft.model import AdapterState
+from dynft.registry import AdapterRegistry
+reg = AdapterRegistry(Path(sys.argv[1]))
+for i in range(10):
+    reg.publish(AdapterState({"w": torch.full((2,), float(i))}, ["a"], {"peft_type": "LORA"}), {})
+"""
 
 
 def test_concurrent_publishers_get_distinct_versions(tmp_path: Path) -> None:
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_publish_many, args=(str(tmp_path), 10)) for _ in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+    procs = [subprocess.Popen([sys.executable, "-c", PUBLISHER, str(tmp_path)]) for _ in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
     reg = AdapterRegistry(tmp_path)
     assert reg.versions() == list(range(1, 31))
     for v in reg.versions():
