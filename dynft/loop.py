@@ -261,7 +261,10 @@ class TrainingLoop:
             elif reaction == "upweight":
                 self._recent_since = self.buffer.seen
             elif reaction == "new_lineage":
+                # A fresh adapter that learns the new concept from events after the drift only:
+                # replaying the old concept would contradict it. Old lineages stay in the registry.
                 self.trainer.reset_adapter()
+                self.buffer.clear()
                 self.publisher.new_lineage()
         self._boost_until = self.trainer.steps + d.boost_steps
         log.info("reacting to drift with %s for %d steps", ", ".join(d.reactions) or "nothing", d.boost_steps)

@@ -125,7 +125,8 @@ class DriftSettings(Section):
     )
     reactions: list[Literal["boost", "upweight", "new_lineage"]] = Field(
         default_factory=lambda: ["boost", "upweight"],  # type: ignore[arg-type]
-        description="what a detection triggers: boost (learning rate and steps), upweight (recent events), new_lineage",
+        description="what a detection triggers: boost (learning rate and steps), upweight (recent events), "
+        "new_lineage (fresh adapter and replay memory)",
     )
     boost_lr_factor: float = Field(3.0, ge=1, description="learning-rate multiplier while boosted")
     boost_steps: int = Field(100, ge=1, description="how long a reaction lasts, in training steps")

@@ -6,10 +6,12 @@ import threading
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from dynft.drift import DriftMonitor, available_detectors, make_detector
 from dynft.errors import ConfigError
 from dynft.loop import TrainingLoop
+from dynft.registry import AdapterRegistry
 from dynft.settings import Settings, load_settings
 
 from helpers import keyword_events, write_jsonl
@@ -57,12 +59,13 @@ def test_any_river_detector_by_name() -> None:
         DriftMonitor("ADWIN", {}, "DDM", {})
 
 
-def run_stream(settings: Settings, rows: list[dict[str, object]], tmp_path: Path) -> TrainingLoop:
+def run_stream(
+    settings: Settings, rows: list[dict[str, object]], tmp_path: Path, metrics: CollectorRegistry | None = None
+) -> TrainingLoop:
     settings.source.uri = f"file:{write_jsonl(tmp_path / 'stream.jsonl', rows)}"
     settings.source.exit_at_end = True
     settings.evaluation.holdout_fraction = 0.0  # every event is prequential: indices match the stream
-    settings.drift.reactions = []  # observe detection only
-    loop = TrainingLoop(settings)
+    loop = TrainingLoop(settings, metrics)
     thread = threading.Thread(target=loop.run)
     thread.start()
     thread.join(timeout=240)
@@ -74,6 +77,7 @@ def run_stream(settings: Settings, rows: list[dict[str, object]], tmp_path: Path
 @pytest.mark.slow
 def test_real_trainer_stationary_stream_of_5000_events_raises_no_drift(tiny_settings: Settings, tmp_path: Path) -> None:
     """The daemon's own error and loss streams, from the real (tiny) model learning a stationary task."""
+    tiny_settings.drift.reactions = []
     loop = run_stream(tiny_settings, keyword_events(5000, ["alpha", "beta", "gamma"], seed=3), tmp_path)
     assert loop.prequential.accuracy > 0.8, "the model did not learn: the test would prove nothing"
     assert list(loop.drift.history) == []
@@ -86,7 +90,16 @@ def test_real_trainer_label_flip_is_detected_within_300_events(tiny_settings: Se
     flipped = keyword_events(
         1000, labels, seed=5, start=2500, relabel={"alpha": "beta", "beta": "gamma", "gamma": "alpha"}
     )
-    loop = run_stream(tiny_settings, before + flipped, tmp_path)
+    tiny_settings.drift.reactions = ["boost", "upweight", "new_lineage"]
+    metrics = CollectorRegistry()
+    loop = run_stream(tiny_settings, before + flipped, tmp_path, metrics)
     indices = [d.index for d in loop.drift.history]
     assert indices, "no drift detected after the label flip"
     assert 2500 <= indices[0] < 2800, indices
+    # The reactions ran: a new lineage was started, and later versions carry it.
+    for reaction in ("boost", "upweight", "new_lineage"):
+        assert metrics.get_sample_value("dynft_drift_reactions_total", {"reaction": reaction}) >= 1
+    registry = AdapterRegistry(tiny_settings.registry_dir, keep_last=1000)
+    lineages = [registry.meta(v)["lineage"] for v in registry.versions()]
+    assert lineages[0] == 1 and lineages[-1] >= 2 and lineages == sorted(lineages)
+    assert loop.prequential.accuracy > 0.7, "after the reset the new lineage learned the flipped concept"
