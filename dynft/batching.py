@@ -86,11 +86,15 @@ class Collator:
         self.max_length = max_length
         self.label_map = label_map
         self.pin = pin
+        # Fast tokenizers set padding/truncation on a shared Rust object at every call; two
+        # threads tokenizing at once (batching thread, gate) can fail with "Already borrowed".
+        self._lock = threading.Lock()
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
+        with self._lock:
+            enc = self.tokenizer(
+                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
         out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if self.pin:
             out = {k: v.pin_memory() for k, v in out.items()}

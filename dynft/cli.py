@@ -156,15 +156,21 @@ def preflight(settings: Settings) -> None:
 @main.command()
 @settings_options
 @click.option("--colocated", is_flag=True, hidden=True, help="Leave CPU threads to a server on this host.")
+@click.option("--metrics-port", type=int, help="Expose this trainer's metrics on 127.0.0.1:PORT/metrics.")
 @reports_errors
-def train(colocated: bool, **kwargs: Any) -> None:
+def train(colocated: bool, metrics_port: int | None, **kwargs: Any) -> None:
     """Run the trainer alone: stream -> buffer -> trainer -> registry."""
     settings = settings_from(kwargs)
     setup_logging(settings.log_level, "trainer")
     quiet_libraries()
+    from prometheus_client import CollectorRegistry, start_http_server
+
     from dynft.loop import TrainingLoop
 
-    loop = TrainingLoop(settings, colocated=colocated)
+    registry = CollectorRegistry()
+    if metrics_port is not None:  # under `dynft run` the server's /metrics covers the trainer instead
+        start_http_server(metrics_port, addr="127.0.0.1", registry=registry)
+    loop = TrainingLoop(settings, registry, colocated=colocated)
 
     def stop(signum: int, frame: Any) -> None:
         logging.getLogger("dynft").info("received %s; finishing the step and publishing", signal.Signals(signum).name)

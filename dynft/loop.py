@@ -20,6 +20,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from dynft.batching import Batch
+from dynft.buffer import ReplayBuffer
 from dynft.deadletter import JsonlDeadLetterSink
 from dynft.drift import Detection, DriftMonitor
 from dynft.evaluation import HoldoutWindow, Prequential, is_held_out
@@ -47,8 +48,6 @@ class TrainingLoop:
         self.prequential = Prequential(settings.evaluation.window)
         self.holdout = HoldoutWindow(settings.evaluation.holdout_window)
         b = settings.buffer
-        from dynft.buffer import ReplayBuffer  # local: keeps module import light for the CLI
-
         self.buffer = ReplayBuffer(b.max_events, b.max_bytes, b.strategy, b.recency_half_life, settings.trainer.seed)
         d = settings.drift
         self.drift = DriftMonitor(d.error_detector, d.error_params, d.loss_detector, d.loss_params)

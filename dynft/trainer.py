@@ -51,8 +51,16 @@ class StepResult:
 class OnlineTrainer:
     """Owns the peft model, its optimizer and its label map."""
 
-    def __init__(self, model: PeftModel, collator: Collator, settings: TrainerSettings, device: torch.device):
+    def __init__(
+        self,
+        model: PeftModel,
+        collator: Collator,
+        settings: TrainerSettings,
+        device: torch.device,
+        base_model_path: Path | None = None,
+    ):
         self.model = model
+        self.base_model_path = base_model_path  # recorded with every published version
         self.collator = collator
         self.settings = settings
         self.device = device
@@ -60,7 +68,6 @@ class OnlineTrainer:
         self.steps = 0
         self.skipped = 0
         self.lr_scale = 1.0  # raised temporarily by drift reactions
-        self.base_model_path: Path | None = None
         self._init_state = {k: p.detach().clone() for k, p in self.slots.capture().items()}
         self.optimizer = self._make_optimizer()
 
@@ -205,6 +212,4 @@ def build_trainer(
     tokenizer = load_tokenizer(path)
     model = build_model(path, peft_config_from_settings(adapter_settings), 1, device, tokenizer.pad_token_id)
     collator = Collator(tokenizer, model_settings.max_length, LabelMap(), pin=device.type == "cuda")
-    trainer = OnlineTrainer(model, collator, trainer_settings, device)
-    trainer.base_model_path = path
-    return trainer
+    return OnlineTrainer(model, collator, trainer_settings, device, base_model_path=path)

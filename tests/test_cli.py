@@ -145,3 +145,43 @@ def test_dynft_run_trains_serves_swaps_and_stops_cleanly(tiny_settings: Settings
     assert "received SIGTERM; finishing the step and publishing" in output
     assert "dynft stopped" in output
     assert "| steps" in output and "acc" in output  # the status line
+
+
+@pytest.mark.slow
+def test_dynft_train_alone_exposes_its_metrics_and_stops_on_sigterm(tiny_settings: Settings, tmp_path: Path) -> None:
+    stream = write_jsonl(tmp_path / "stream.jsonl", keyword_events(400, ["alpha", "beta"], seed=12))
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "dynft",
+        "train",
+        "--model",
+        str(tiny_settings.model.path),
+        "--source",
+        f"file:{stream}",
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--metrics-port",
+        str(port),
+        "--set",
+        "source.follow=true",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, trained = time.monotonic() + 90, -1.0
+        while time.monotonic() < deadline and trained < 300:
+            time.sleep(0.5)
+            try:
+                trained = metric(
+                    httpx.get(f"http://127.0.0.1:{port}/metrics").text, 'dynft_events_total{outcome="trained"}'
+                )
+            except httpx.HTTPError:
+                continue
+        assert trained >= 300
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert AdapterRegistry(tmp_path / "state" / "registry").versions(), "publishes at shutdown"
