@@ -27,7 +27,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from dynft.events import Event
 
@@ -160,6 +160,25 @@ class ReplayBuffer:
             weights = [0.5 ** ((newest - e.seq) / self.recency_half_life) for e in entries]
             return [e.event for e in self._rng.choices(entries, weights=weights, k=n)]
         return [self._rng.choice(entries).event for _ in range(n)]
+
+    def snapshot(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The buffered events (oldest first, with their sequence numbers) and the sampler's state."""
+        with self._lock:
+            entries = sorted((e for es in self._by_label.values() for e in es), key=lambda e: e.seq)
+            version, internal, gauss = self._rng.getstate()
+            state = {"seen": self._seen, "rng": [version, list(internal), gauss]}
+        return [{"seq": e.seq, "event": e.event.model_dump(mode="json")} for e in entries], state
+
+    def restore(self, records: list[dict[str, Any]], state: dict[str, Any]) -> None:
+        """Refill from a ``snapshot``; the current bounds apply (they may have changed)."""
+        self.clear()
+        for record in records:
+            self._seen = record["seq"]
+            self.add(Event.model_validate(record["event"], strict=False))
+        version, internal, gauss = state["rng"]
+        with self._lock:
+            self._seen = state["seen"]
+            self._rng.setstate((version, tuple(internal), gauss))
 
     def clear(self) -> None:
         with self._lock:

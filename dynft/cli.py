@@ -147,7 +147,7 @@ def preflight(settings: Settings) -> None:
     from dynft.sources import open_source
 
     resolve_model_path(settings.model.path)
-    open_source(settings.source)
+    open_source(settings.source, settings.kafka)
     make_detector(settings.drift.error_detector, settings.drift.error_params)
     make_detector(settings.drift.loss_detector, settings.drift.loss_params)
     settings.state_dir.mkdir(parents=True, exist_ok=True)

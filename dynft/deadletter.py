@@ -1,64 +1,128 @@
 """Dead-letter sinks: where rejected records go, byte for byte, with the reason.
 
-The JSONL sink writes one object per rejected record::
+The JSONL sink (file sources, the demo) writes one object per rejected record::
 
     {"reason": "empty_text", "detail": "text is empty", "raw_b64": "...", "raw": "...",
-     "origin": {"file": "in.jsonl", "line": 3}, "source": "file:in.jsonl", "at": "2026-..."}
+     "origin": {"stream": "file:in.jsonl", "line": 3, ...}, "source": "file:in.jsonl", "at": "2026-..."}
 
 ``raw_b64`` is the exact bytes; ``raw`` is the same bytes as text when they are valid UTF-8.
+
+The Kafka sink (Kafka sources) produces the original bytes, with the original key, to
+``<topic><suffix>`` (default ``<topic>.dlq``) with headers ``dynft.reason``, ``dynft.detail``,
+``dynft.source.topic``, ``dynft.source.partition`` and ``dynft.source.offset``.
+
+Both are durable after ``flush``, which the training loop calls before each checkpoint.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import threading
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from dynft.errors import SourceError
 from dynft.events import Rejection
+from dynft.settings import KafkaSettings
+from dynft.sources.base import Record, Source
+
+log = logging.getLogger(__name__)
 
 
 class DeadLetterSink(Protocol):
-    def write(self, rejection: Rejection, source: str, origin: dict[str, Any]) -> None: ...
+    def write(self, rejection: Rejection, record: Record) -> None: ...
+
+    def flush(self) -> None: ...
 
     def close(self) -> None: ...
 
 
 class JsonlDeadLetterSink:
-    """Appends rejected records to a JSON Lines file, flushed after every write."""
+    """Appends rejected records to a JSON Lines file."""
 
-    def __init__(self, path: Path, on_write: Callable[[Rejection], None] | None = None) -> None:
+    def __init__(self, path: Path, source: str) -> None:
         self.path = path
+        self.source = source
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the sink's life
         self._lock = threading.Lock()
-        self._on_write = on_write
 
-    def write(self, rejection: Rejection, source: str, origin: dict[str, Any]) -> None:
+    def write(self, rejection: Rejection, record: Record) -> None:
         entry: dict[str, Any] = {
             "reason": rejection.reason,
             "detail": rejection.detail,
             "raw_b64": base64.b64encode(rejection.raw).decode("ascii"),
             "raw": _as_text(rejection.raw),
-            "source": source,
-            "origin": origin,
+            "source": self.source,
+            "origin": record.position,
             "at": datetime.now(UTC).isoformat(),
         }
-        line = json.dumps(entry, ensure_ascii=False) + "\n"
         with self._lock:
-            self._file.write(line)
+            self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
             self._file.flush()
+
+    def flush(self) -> None:
+        with self._lock:
             os.fsync(self._file.fileno())
-        if self._on_write is not None:
-            self._on_write(rejection)
 
     def close(self) -> None:
         with self._lock:
+            self._file.flush()
+            os.fsync(self._file.fileno())
             self._file.close()
+
+
+class KafkaDeadLetterSink:
+    """Produces rejected records to ``<topic><suffix>``, creating that topic if it is missing."""
+
+    def __init__(self, servers: list[str], topics: list[str], suffix: str, client: dict[str, Any]) -> None:
+        from kafka import KafkaAdminClient, KafkaProducer
+        from kafka.errors import KafkaError
+
+        self.suffix = suffix
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=servers, **client)
+            try:
+                wanted = {f"{t}{suffix}": {"num_partitions": 1, "replication_factor": -1} for t in topics}
+                admin.create_topics(wanted, raise_errors=False)
+            finally:
+                admin.close()
+            self._producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5, **client)
+        except KafkaError as exc:
+            raise SourceError(f"cannot set up the dead-letter topics on {','.join(servers)}: {exc}") from exc
+
+    def write(self, rejection: Rejection, record: Record) -> None:
+        pos = record.position
+        headers = [
+            ("dynft.reason", rejection.reason.encode()),
+            ("dynft.detail", rejection.detail.encode()),
+            ("dynft.source.topic", str(pos.get("topic", "")).encode()),
+            ("dynft.source.partition", str(pos.get("partition", "")).encode()),
+            ("dynft.source.offset", str(pos.get("offset", "")).encode()),
+        ]
+        self._producer.send(
+            f"{pos.get('topic', 'dynft')}{self.suffix}", value=rejection.raw, key=record.key, headers=headers
+        )
+
+    def flush(self) -> None:
+        self._producer.flush()
+
+    def close(self) -> None:
+        self._producer.flush()
+        self._producer.close()
+
+
+def open_dead_letter_sink(source: Source, kafka: KafkaSettings, path: Path) -> DeadLetterSink:
+    """Kafka sources dead-letter to topics; every other source to a JSON Lines file."""
+    from dynft.sources.kafka import KafkaSource, client_config
+
+    if isinstance(source, KafkaSource):
+        return KafkaDeadLetterSink(source.servers, source.topics, kafka.dlq_suffix, client_config(kafka))
+    return JsonlDeadLetterSink(path, source.uri)
 
 
 def _as_text(raw: bytes) -> str | None:

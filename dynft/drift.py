@@ -76,18 +76,40 @@ class DriftMonitor:
     """Feeds the error and loss streams to their detectors; ``update`` returns the detections it caused."""
 
     def __init__(
-        self, error_detector: str, error_params: dict[str, Any], loss_detector: str, loss_params: dict[str, Any]
+        self,
+        error_detector: str,
+        error_params: dict[str, Any],
+        loss_detector: str,
+        loss_params: dict[str, Any],
+        keep: int = 2000,
     ):
         self.error_name, self.loss_name = error_detector, loss_detector
+        self._specs = (error_detector, error_params, loss_detector, loss_params)
         self._error = make_detector(error_detector, error_params)
         self._loss = make_detector(loss_detector, loss_params)
+        self._recent: deque[tuple[bool, float]] = deque(maxlen=keep)  # to rebuild detectors after a restart
         if isinstance(self._loss, BinaryDriftDetector):
             raise ConfigError(f"drift.loss_detector {loss_detector} only takes 0/1 input; the loss is continuous")
         self.seen = 0
         self.detections = 0
         self.history: deque[Detection] = deque(maxlen=100)  # the most recent detections
 
+    def snapshot(self) -> dict[str, Any]:
+        return {"seen": self.seen, "detections": self.detections, "recent": list(self._recent)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Warm fresh detectors on the recent streams (river detectors have no pickle-free state)."""
+        error_name, error_params, loss_name, loss_params = self._specs
+        self._error = make_detector(error_name, error_params)
+        self._loss = make_detector(loss_name, loss_params)
+        for error, loss in state["recent"]:
+            self._update_error(error)
+            self._loss.update(loss)
+            self._recent.append((error, loss))
+        self.seen, self.detections = state["seen"], state["detections"]
+
     def update(self, error: bool, loss: float) -> list[Detection]:
+        self._recent.append((error, loss))
         found = []
         if self._update_error(error):
             found.append(Detection("error", self.error_name, self.seen))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import Counter, deque
+from typing import Any
 
 from river import metrics, stats, utils
 
@@ -35,7 +36,17 @@ class Prequential:
         self._loss = utils.Rolling(stats.Mean, window_size=window)
         self._truths: deque[str] = deque(maxlen=window)
         self._truth_counts: Counter[str] = Counter()
+        self._recent: deque[tuple[str, str | None, float]] = deque(maxlen=window)
         self.seen = 0
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"seen": self.seen, "recent": list(self._recent)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Rebuild the rolling window from a ``snapshot`` (the metrics are exact again)."""
+        for truth, prediction, loss in state["recent"]:
+            self.update(truth, prediction, loss)
+        self.seen = state["seen"]
 
     def update(self, truth: str, prediction: str | None, loss: float) -> None:
         self._accuracy.update(truth, prediction)
@@ -45,6 +56,7 @@ class Prequential:
             self._truth_counts[self._truths[0]] -= 1
         self._truths.append(truth)
         self._truth_counts[truth] += 1
+        self._recent.append((truth, prediction, loss))
         self.seen += 1
 
     @property
@@ -91,6 +103,11 @@ class HoldoutWindow:
     def snapshot(self) -> list[Event]:
         with self._lock:
             return list(self._events)
+
+    def restore(self, events: list[Event]) -> None:
+        with self._lock:
+            self._events.extend(events)
+            self.revision += 1
 
     def __len__(self) -> int:
         return len(self._events)

@@ -1,10 +1,13 @@
 """The training service: source -> buffer -> trainer -> registry, with a uvicorn-like lifecycle.
 
 Two threads do the work. The *batching* thread takes raw records from the intake, decodes
-them (bad ones go to the dead-letter sink), routes the held-out share aside, draws replay
-from the buffer, tokenizes, and queues ready batches. The *main* thread trains on them, feeds
-the prequential metrics and the drift monitor, reacts to drift, and publishes versions
-through the promotion gate. ``startup`` / ``main_loop`` / ``shutdown`` mirror uvicorn.
+them (bad ones go to the dead-letter sink), sets the held-out share aside, draws replay from
+the buffer and tokenizes: each result is a ``Work`` item. The *main* thread completes Work in
+order: trains, adds the fresh events to the buffer and the held-out ones to their window,
+feeds the prequential metrics and drift monitor, records outcomes in the ledger and the
+records' positions as processed; it publishes versions through the gate and writes
+checkpoints, after which the source may commit the positions they cover (at-least-once).
+``startup`` / ``main_loop`` / ``shutdown`` mirror uvicorn.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import queue
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,18 +25,30 @@ from prometheus_client import CollectorRegistry
 
 from dynft.batching import Batch
 from dynft.buffer import ReplayBuffer
-from dynft.deadletter import JsonlDeadLetterSink
+from dynft.checkpoint import Checkpoint, CheckpointError, CheckpointStore
+from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
 from dynft.drift import Detection, DriftMonitor
 from dynft.evaluation import HoldoutWindow, Prequential, is_held_out
 from dynft.events import REASONS, Event, Rejection, decode
+from dynft.ledger import Ledger
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
 from dynft.registry import AdapterRegistry
 from dynft.settings import Settings
-from dynft.sources import Intake, Record, open_source
+from dynft.sources import Intake, Positions, Record, furthest, open_source
 from dynft.trainer import OnlineTrainer, StepResult, build_trainer
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Work:
+    """What the batching thread made of one take from the intake."""
+
+    batch: Batch | None  # None when every record was held out or dead-lettered
+    held_out: list[Event] = field(default_factory=list)
+    dead: list[str] = field(default_factory=list)  # ledger keys of dead-lettered records
+    positions: list[dict[str, Any]] = field(default_factory=list)  # of every record taken
 
 
 class TrainingLoop:
@@ -41,7 +57,8 @@ class TrainingLoop:
     def __init__(self, settings: Settings, metrics_registry: CollectorRegistry | None = None, colocated: bool = False):
         self.settings = settings
         self.colocated = colocated
-        self.metrics = TrainerMetrics(metrics_registry or CollectorRegistry())
+        self.metrics_registry = metrics_registry or CollectorRegistry()
+        self.metrics = TrainerMetrics(self.metrics_registry)
         self.should_exit = threading.Event()
         self.trainer: OnlineTrainer
         self.publisher: Publisher
@@ -50,21 +67,27 @@ class TrainingLoop:
         b = settings.buffer
         self.buffer = ReplayBuffer(b.max_events, b.max_bytes, b.strategy, b.recency_half_life, settings.trainer.seed)
         d = settings.drift
-        self.drift = DriftMonitor(d.error_detector, d.error_params, d.loss_detector, d.loss_params)
-        detectors = {"error": d.error_detector, "loss": d.loss_detector}
-        self.metrics.declare(detectors, REASONS, list(d.reactions))
-        self._batches: queue.Queue[Batch] = queue.Queue(maxsize=2)
+        self.drift = DriftMonitor(
+            d.error_detector, d.error_params, d.loss_detector, d.loss_params, settings.checkpoint.drift_history
+        )
+        self.metrics.declare({"error": d.error_detector, "loss": d.loss_detector}, REASONS, list(d.reactions))
+        self.checkpoints = CheckpointStore(settings.state_dir / "checkpoints", settings.checkpoint.keep)
+        self.ledger = Ledger(settings.state_dir / "ledger.db")
+        self.positions: Positions = {}  # furthest processed position per stream
+        self._uncommitted = False
+        self._checkpoint_at = (0, time.monotonic())  # (step, time) of the last checkpoint
+        self._work: queue.Queue[Work] = queue.Queue(maxsize=2)
         self._batcher = threading.Thread(target=self._batching, name="dynft-batcher", daemon=True)
         self._batcher_done = threading.Event()
-        self._leftover: list[Batch] = []  # batches made after the main loop stopped taking them
+        self._batcher_error: BaseException | None = None
+        self._leftover: list[Work] = []  # made after the main loop stopped taking work
         self._boost_until = -1
         self._recent_since: int | None = None
         self._last_reaction = -(10**9)
-        self._batcher_error: BaseException | None = None
         self._status_at = 0.0
         self._status_events = 0
         self.intake: Intake | None = None
-        self.sink: JsonlDeadLetterSink | None = None
+        self.sink: DeadLetterSink | None = None
         self.started = threading.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -79,10 +102,16 @@ class TrainingLoop:
             log.warning("removed %d half-written version(s) from an earlier crash", len(removed))
         self.trainer = build_trainer(s.model, s.adapter, s.trainer)
         self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics)
-        self.publisher.resume()
-        self.sink = JsonlDeadLetterSink(s.dead_letter_path)
-        self.intake = intake = Intake(open_source(s.source), s.source.queue_size)
+        source = open_source(s.source, s.kafka, self.metrics_registry)
+        checkpoint = self.checkpoints.latest()
+        if checkpoint is not None:
+            self._restore(checkpoint)
+            source.resume_from(self.positions)
+        else:
+            self.publisher.resume()
+        self.intake = intake = Intake(source, s.source.queue_size)
         intake.start()
+        self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path)
         self._batcher.start()
         log.info(
             "training %s on %s from %s (%d threads); registry %s",
@@ -95,8 +124,8 @@ class TrainingLoop:
         self.started.set()
 
     def run(self) -> None:
-        self.startup()
         try:
+            self.startup()
             self.main_loop()
         finally:
             self.shutdown()
@@ -104,12 +133,12 @@ class TrainingLoop:
     def main_loop(self) -> None:
         while not self.should_exit.is_set():
             try:
-                batch = self._batches.get(timeout=0.2)
+                work = self._work.get(timeout=0.2)
             except queue.Empty:
-                batch = None
-            if batch is not None:
-                self._train(batch)
-            elif self._batcher_done.is_set() and self._batches.empty():
+                work = None
+            if work is not None:
+                self._complete(work)
+            elif self._batcher_done.is_set() and self._work.empty():
                 failure = self._batcher_error or (self.intake.error if self.intake else None)
                 if failure is not None:
                     raise failure
@@ -117,39 +146,42 @@ class TrainingLoop:
                     log.info("source %s is exhausted; stopping", self.settings.source.uri)
                     break
             self.publisher.maybe_publish(self._publish_meta())
+            self._maybe_checkpoint()
             self._maybe_status()
 
     def shutdown(self) -> None:
-        """Stop taking input, train what was already taken, publish, close."""
+        """Stop taking input, finish what was already taken, publish, checkpoint, commit, close."""
         self.should_exit.set()
-        if self.intake is not None:
-            self.intake.stop()
         if self._batcher.is_alive():
             self._batcher.join(10.0)
         if self.started.is_set():
-            while not self._batches.empty():
-                self._train(self._batches.get_nowait())
-            for batch in self._leftover:
-                self._train(batch)
+            while not self._work.empty():
+                self._complete(self._work.get_nowait())
+            for work in self._leftover:
+                self._complete(work)
             self.publisher.maybe_publish(self._publish_meta(), force=True)
+            self._maybe_checkpoint(force=True)
             self._maybe_status(force=True)
             log.info("trainer stopped after %d steps", self.trainer.steps)
+        if self.intake is not None:
+            self.intake.stop()  # after the last checkpoint: the source makes its final commit
         if self.sink is not None:
             self.sink.close()
+        self.ledger.close()
 
     # -- batching thread -----------------------------------------------------------------
 
     def _batching(self) -> None:
         try:
             while not self.should_exit.is_set() and not self._intake().finished:
-                batch = self._next_batch()
-                while batch is not None:
+                work = self._next_work()
+                while work is not None:
                     try:
-                        self._batches.put(batch, timeout=0.2)
+                        self._work.put(work, timeout=0.2)
                         break
                     except queue.Full:
-                        if self.should_exit.is_set():  # the main loop stopped taking: shutdown trains it
-                            self._leftover.append(batch)
+                        if self.should_exit.is_set():  # the main loop stopped taking: shutdown completes it
+                            self._leftover.append(work)
                             break
         except BaseException as exc:  # re-raised on the main thread
             log.exception("the batching thread failed")
@@ -162,21 +194,23 @@ class TrainingLoop:
             raise RuntimeError("the intake is used before startup")
         return self.intake
 
-    def _next_batch(self) -> Batch | None:
+    def _next_work(self) -> Work | None:
         size = self.settings.trainer.batch_size
         replay = min(round(size * self.settings.buffer.replay_ratio), len(self.buffer))
         intake = self._intake()
         records = intake.take(size - replay, self.settings.trainer.fresh_wait_s)
         self.metrics.intake_queue.set(intake.queued)
-        fresh = self._route(records)
-        if not fresh:
+        if not records:
             return None
-        share = self.settings.drift.upweight_share if self._recent_since is not None else 0.0
-        replayed = self.buffer.sample(size - len(fresh), self._recent_since, share)
-        self.buffer.add_many(fresh)
-        return self.trainer.collator(fresh + replayed, n_fresh=len(fresh))
+        work = Work(None, positions=[r.position for r in records])
+        fresh = self._route(records, work)
+        if fresh:
+            share = self.settings.drift.upweight_share if self._recent_since is not None else 0.0
+            replayed = self.buffer.sample(size - len(fresh), self._recent_since, share)
+            work.batch = self.trainer.collator(fresh + replayed, n_fresh=len(fresh))
+        return work
 
-    def _route(self, records: list[Record]) -> list[Event]:
+    def _route(self, records: list[Record], work: Work) -> list[Event]:
         """Decode records; dead-letter the bad ones, hold out a share, return the ones to train on."""
         fresh = []
         for record in records:
@@ -184,26 +218,41 @@ class TrainingLoop:
             if isinstance(event, Rejection):
                 if self.sink is None:
                     raise RuntimeError("the dead-letter sink is used before startup")
-                self.sink.write(event, self.settings.source.uri, record.position)
+                self.sink.write(event, record)
                 self.metrics.rejected.labels(event.reason).inc()
-                self.metrics.events.labels("dead_lettered").inc()
+                work.dead.append(f"@{record.stream}:{record.position.get('next', '?')}")
             elif is_held_out(event.id, self.settings.evaluation.holdout_fraction):
-                self.holdout.add(event)
-                self.metrics.events.labels("held_out").inc()
+                work.held_out.append(event)
             else:
                 fresh.append(event)
         return fresh
 
     # -- main thread ---------------------------------------------------------------------
 
-    def _train(self, batch: Batch) -> None:
+    def _complete(self, work: Work) -> None:
+        outcomes: list[tuple[str, str]] = [(key, "dead_lettered") for key in work.dead]
+        if work.batch is not None:
+            fresh = work.batch.events[: work.batch.n_fresh]
+            status = "skipped" if self._train(work.batch) else "trained"
+            self.buffer.add_many(fresh)
+            outcomes += [(e.id, status) for e in fresh]
+            self.metrics.events.labels(status).inc(len(fresh))
+        for event in work.held_out:
+            self.holdout.add(event)
+        outcomes += [(e.id, "held_out") for e in work.held_out]
+        self.metrics.events.labels("held_out").inc(len(work.held_out))
+        self.metrics.events.labels("dead_lettered").inc(len(work.dead))
+        self.ledger.record(outcomes)
+        self.positions = furthest(work.positions, self.positions)
+        self._uncommitted = True
+
+    def _train(self, batch: Batch) -> bool:
+        """One step on ``batch`` and what follows from it; returns whether the step was skipped."""
         result = self.trainer.step(batch)
         self._record_step(result, len(batch.events))
-        fresh = batch.events[: batch.n_fresh]
         if result.skipped:
-            self.metrics.events.labels("skipped").inc(len(fresh))
-            return
-        self.metrics.events.labels("trained").inc(len(fresh))
+            return True
+        fresh = batch.events[: batch.n_fresh]
         for event, prediction, loss in zip(fresh, result.predictions, result.losses, strict=True):
             self.prequential.update(event.label, prediction, loss)
             for detection in self.drift.update(prediction != event.label, loss):
@@ -215,6 +264,7 @@ class TrainingLoop:
         elif self._boost_until >= 0:
             log.info("drift reaction over after step %d", self.trainer.steps)
             self.trainer.lr_scale, self._boost_until, self._recent_since = 1.0, -1, None
+        return False
 
     def _replay_step(self) -> None:
         share = self.settings.drift.upweight_share if self._recent_since is not None else 0.0
@@ -279,6 +329,72 @@ class TrainingLoop:
                 "majority_rate": pq.majority_rate,
             },
         }
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def _maybe_checkpoint(self, force: bool = False) -> None:
+        """Write a checkpoint when one is due; then make the ledger durable and commit positions."""
+        if not self._uncommitted:
+            return
+        step, at = self._checkpoint_at
+        c = self.settings.checkpoint
+        due = self.trainer.steps - step >= c.every_steps or time.monotonic() - at >= c.interval_s
+        if not (due or force):
+            return
+        self._checkpoint_at = (self.trainer.steps, time.monotonic())
+        try:
+            if self.sink is not None:
+                self.sink.flush()  # dead letters are durable before their positions are committed
+            self.checkpoints.save(self._capture())
+        except (CheckpointError, OSError) as exc:
+            self.metrics.checkpoint_errors.inc()
+            log.error("checkpoint failed, offsets stay uncommitted: %s", exc)
+            return
+        self.ledger.commit()
+        self._intake().source.commit(dict(self.positions))
+        self._uncommitted = False
+        self.metrics.checkpoints.inc()
+
+    def _capture(self) -> Checkpoint:
+        tensors, trainer_state = self.trainer.snapshot()
+        buffered, buffer_state = self.buffer.snapshot()
+        state = {
+            "trainer": trainer_state,
+            "buffer": buffer_state,
+            "prequential": self.prequential.snapshot(),
+            "drift": self.drift.snapshot(),
+            "publisher": self.publisher.snapshot(),
+            "positions": self.positions,
+            "reaction": {
+                "boost_until": self._boost_until,
+                "recent_since": self._recent_since,
+                "last": self._last_reaction,
+            },
+        }
+        holdout = [e.model_dump(mode="json") for e in self.holdout.snapshot()]
+        return Checkpoint(tensors, state, {"buffer.jsonl": buffered, "holdout.jsonl": holdout})
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        state = checkpoint.state
+        self.trainer.restore(checkpoint.tensors, state["trainer"])
+        self.buffer.restore(checkpoint.records.get("buffer.jsonl", []), state["buffer"])
+        self.holdout.restore(
+            [Event.model_validate(r, strict=False) for r in checkpoint.records.get("holdout.jsonl", [])]
+        )
+        self.prequential.restore(state["prequential"])
+        self.drift.restore(state["drift"])
+        self.publisher.restore(state["publisher"])
+        self.positions = dict(state["positions"])
+        reaction = state["reaction"]
+        self._boost_until, self._recent_since, self._last_reaction = (
+            reaction["boost_until"],
+            reaction["recent_since"],
+            reaction["last"],
+        )
+        self._checkpoint_at = (self.trainer.steps, time.monotonic())
+        log.info("resumed from %s: step %d, %d buffered events", checkpoint.path, self.trainer.steps, len(self.buffer))
+
+    # -- status --------------------------------------------------------------------------
 
     def _maybe_status(self, force: bool = False) -> None:
         """The compact status line: events/s, steps, accuracy, serving version."""

@@ -89,6 +89,8 @@ class TrainerMetrics:
         self.publish_errors = Counter("dynft_publish_errors", "Versions that could not be published", registry=r)
         self.gate_accuracy = _gauge("dynft_gate_accuracy", "Held-out accuracy at the last gate", r, ("adapter",))
         self.latest_version = _gauge("dynft_latest_version", "Newest published adapter version", r)
+        self.checkpoints = Counter("dynft_checkpoints", "Checkpoints written", registry=r)
+        self.checkpoint_errors = Counter("dynft_checkpoint_errors", "Checkpoints that could not be written", registry=r)
 
     def declare(self, detectors: dict[str, str], reasons: tuple[str, ...], reactions: list[str]) -> None:
         """Create the known label values at 0, so dashboards see a series before its first event."""
@@ -134,6 +136,20 @@ class ServerMetrics:
         )
         for reason in ("mismatch", "unreadable"):
             self.swap_failures.labels(reason)
+
+
+class KafkaMetrics:
+    """What the Kafka source reports."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.lag = _gauge("dynft_kafka_lag", "Log end offset minus committed offset", r, ("topic", "partition"))
+        self.records = Counter("dynft_kafka_records", "Records fetched from Kafka", ["topic"], registry=r)
+        self.commit_seconds = Histogram(
+            "dynft_kafka_commit_seconds", "Offset commit latency", registry=r, buckets=LATENCY
+        )
+        self.rebalances = Counter("dynft_kafka_rebalances", "Partition revocations seen by this consumer", registry=r)
+        self.paused = _gauge("dynft_kafka_paused_partitions", "Partitions paused for backpressure", r)
 
 
 class SupervisorMetrics:

@@ -79,6 +79,18 @@ class Publisher:
     def new_lineage(self) -> None:
         self.lineage += 1
 
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "lineage": self.lineage,
+            "latest_version": self.latest_version,
+            "published_at_step": self._published_at_step,
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.lineage, self._published_at_step = state["lineage"], state["published_at_step"]
+        self.latest_version = max(state["latest_version"] or 0, max(self.registry.versions(), default=0)) or None
+        self.serving_version = self.registry.serving().version
+
     def maybe_publish(self, extra_meta: dict[str, Any], force: bool = False) -> int | None:
         """Publish (and perhaps promote) a version when one is due; returns its number."""
         steps = self.trainer.steps

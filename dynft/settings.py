@@ -34,7 +34,7 @@ class Section(BaseModel):
 class SourceSettings(Section):
     """Where labeled events come from (see ``dynft.sources``)."""
 
-    uri: str = Field("demo", description="demo, file:PATH, or file:- for stdin")
+    uri: str = Field("demo", description="demo, file:PATH, file:- (stdin), or kafka://HOST:PORT/TOPIC[,TOPIC]?group=G")
     follow: bool = Field(False, description="file sources: keep reading appended lines, like tail -f")
     poll_interval_s: float = Field(0.2, gt=0, description="follow mode: how often to look for new data")
     queue_size: int = Field(2048, ge=1, description="bound of the intake queue between source and trainer")
@@ -45,6 +45,37 @@ class SourceSettings(Section):
     dead_letter_path: Path | None = Field(
         None, description="JSONL file for rejected events; default <state_dir>/dead-letter.jsonl"
     )
+
+
+class KafkaSettings(Section):
+    """The Kafka source and dead-letter topic (see ``dynft.sources.kafka``); kafka-python's names."""
+
+    client_id: str = Field("dynft", description="client id shown in broker logs and quotas")
+    group: str = Field("dynft", description="consumer group when the URI names none")
+    auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="where a new group starts")
+    max_poll_records: int = Field(2000, ge=1, description="records per poll")
+    max_poll_interval_ms: int = Field(300_000, ge=1000, description="longest gap between polls before a rebalance")
+    session_timeout_ms: int = Field(10_000, ge=1000, description="heartbeat session timeout")
+    fetch_max_bytes: int = Field(50 << 20, ge=1024, description="bytes per fetch response")
+    max_partition_fetch_bytes: int = Field(1 << 20, ge=1024, description="bytes per partition per fetch")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    dlq_suffix: str = Field(".dlq", min_length=1, description="dead letters go to <topic><suffix>")
+    lag_interval_s: float = Field(5.0, gt=0, description="how often consumer lag is measured")
+
+
+class CheckpointSettings(Section):
+    """Durable trainer state (see ``dynft.checkpoint``); source offsets are committed after each."""
+
+    every_steps: int = Field(200, ge=1, description="checkpoint after this many steps...")
+    interval_s: float = Field(30.0, gt=0, description="...or this many seconds, whichever comes first")
+    keep: int = Field(2, ge=1, description="complete checkpoints kept")
+    drift_history: int = Field(2000, ge=0, description="recent error/loss values kept to rebuild the detectors")
 
 
 class EventSettings(Section):
@@ -184,6 +215,9 @@ class RunSettings(Section):
     restart_backoff_max_s: float = Field(30.0, gt=0, description="the delay doubles up to this")
 
 
+SECRETS = (("server", "admin_token"), ("kafka", "sasl_password"))
+
+
 class Settings(BaseSettings):
     """The whole configuration of a dynft process."""
 
@@ -194,6 +228,8 @@ class Settings(BaseSettings):
     state_dir: Path = Field(Path("dynft-state"), description="registry, dead letters and run files live here")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="logging threshold")
     source: SourceSettings = Field(default_factory=SourceSettings)  # type: ignore[arg-type]
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
+    checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)  # type: ignore[arg-type]
     events: EventSettings = Field(default_factory=EventSettings)  # type: ignore[arg-type]
     buffer: BufferSettings = Field(default_factory=BufferSettings)  # type: ignore[arg-type]
     model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]
@@ -216,16 +252,18 @@ class Settings(BaseSettings):
 
     def public_dump(self) -> dict[str, Any]:
         """The configuration as plain data, with secrets masked."""
-        data: dict[str, Any] = self.model_dump(mode="json")
-        if self.server.admin_token is not None:
-            data["server"]["admin_token"] = "**********"
-        return data
+        return self._dump(reveal=False)
 
     def secret_dump(self) -> dict[str, Any]:
         """The configuration as plain data, secrets included (for child processes only)."""
+        return self._dump(reveal=True)
+
+    def _dump(self, reveal: bool) -> dict[str, Any]:
         data: dict[str, Any] = self.model_dump(mode="json")
-        if self.server.admin_token is not None:
-            data["server"]["admin_token"] = self.server.admin_token.get_secret_value()
+        for section, key in SECRETS:
+            secret = getattr(getattr(self, section), key)
+            if secret is not None:
+                data[section][key] = secret.get_secret_value() if reveal else "**********"
         return data
 
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ from peft import PeftModel
 from torch import nn
 
 from dynft.batching import Batch, Collator, LabelMap
+from dynft.errors import AdapterMismatchError
 from dynft.events import Event
 from dynft.model import (
     AdapterSlots,
@@ -188,6 +190,45 @@ class OnlineTrainer:
         with torch.no_grad():
             for key, param in self.slots.capture().items():
                 param.copy_(state.tensors[key].to(param.device, param.dtype))
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything needed to continue exactly: weights, optimizer, labels, counters, RNG."""
+        tensors = {f"param.{k}": p.detach() for k, p in self.slots.capture().items()}
+        optim = self.optimizer.state_dict()
+        for index, values in optim["state"].items():
+            for name, value in values.items():
+                tensors[f"optim.{index}.{name}"] = value
+        tensors["rng.torch"] = torch.get_rng_state()
+        groups = [{k: v for k, v in g.items()} for g in optim["param_groups"]]
+        state = {
+            "labels": self.label_map.labels,
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "lr_scale": self.lr_scale,
+            "param_groups": groups,
+        }
+        return tensors, state
+
+    def restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Load a ``snapshot``: the label map and head size first, then weights and optimizer state."""
+        self.label_map.ids(state["labels"])
+        grow_head(self.model, max(1, len(state["labels"])), self.optimizer)
+        with torch.no_grad():
+            for key, param in self.slots.capture().items():
+                saved = tensors[f"param.{key}"]
+                if saved.shape != param.shape:
+                    raise AdapterMismatchError(
+                        f"checkpoint {key}: shape {list(saved.shape)}, model {list(param.shape)}"
+                    )
+                param.copy_(saved.to(param.device, param.dtype))
+        optim_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                optim_state.setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict({"state": optim_state, "param_groups": state["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.steps, self.skipped, self.lr_scale = state["steps"], state["skipped"], state["lr_scale"]
 
     def reset_adapter(self) -> None:
         """Start a new lineage: adapter and head back to their initial weights, optimizer state dropped."""

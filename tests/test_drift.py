@@ -88,7 +88,7 @@ def test_real_trainer_label_flip_is_detected_within_300_events(tiny_settings: Se
     labels = ["alpha", "beta", "gamma"]
     before = keyword_events(2500, labels, seed=4)
     flipped = keyword_events(
-        1000, labels, seed=5, start=2500, relabel={"alpha": "beta", "beta": "gamma", "gamma": "alpha"}
+        2000, labels, seed=5, start=2500, relabel={"alpha": "beta", "beta": "gamma", "gamma": "alpha"}
     )
     tiny_settings.drift.reactions = ["boost", "upweight", "new_lineage"]
     metrics = CollectorRegistry()

@@ -1,17 +1,19 @@
-"""Event sources: where raw labeled records come from (``demo``, ``file:PATH``, ``file:-``)."""
+"""Event sources: where raw labeled records come from (``demo``, ``file:PATH``, ``file:-``, ``kafka://``)."""
 
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry
+
 from dynft.errors import SourceError
-from dynft.settings import SourceSettings
-from dynft.sources.base import Intake, Record, Source
+from dynft.settings import KafkaSettings, SourceSettings
+from dynft.sources.base import Intake, Positions, Record, Source, furthest
 from dynft.sources.demo import DemoSource
 from dynft.sources.file import FileSource
 
-__all__ = ["DemoSource", "FileSource", "Intake", "Record", "Source", "open_source"]
+__all__ = ["DemoSource", "FileSource", "Intake", "Positions", "Record", "Source", "furthest", "open_source"]
 
 
-def open_source(settings: SourceSettings) -> Source:
+def open_source(settings: SourceSettings, kafka: KafkaSettings, metrics: CollectorRegistry | None = None) -> Source:
     """The source named by ``settings.uri`` (not yet opened)."""
     uri = settings.uri
     if uri == "demo":
@@ -21,4 +23,9 @@ def open_source(settings: SourceSettings) -> Source:
         if not path:
             raise SourceError("source file: needs a path, e.g. file:events.jsonl or file:- for stdin")
         return FileSource(path, follow=settings.follow, poll_interval_s=settings.poll_interval_s)
-    raise SourceError(f"unknown source {uri!r}: expected demo, file:PATH or file:-")
+    if uri.startswith("kafka://"):
+        from dynft.metrics import KafkaMetrics
+        from dynft.sources.kafka import KafkaSource
+
+        return KafkaSource(uri, kafka, KafkaMetrics(metrics or CollectorRegistry()))
+    raise SourceError(f"unknown source {uri!r}: expected demo, file:PATH, file:- or kafka://HOST:PORT/TOPIC")

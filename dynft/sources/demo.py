@@ -91,11 +91,22 @@ class DemoSource(Source):
                 self._next = 0
             row = self._order[self._next]
             event: dict[str, Any] = {"id": f"demo-{self._cycle}-{self._next}", **row}
-            out.append(Record(json.dumps(event).encode(), {"cycle": self._cycle, "index": self._next}))
             self._next += 1
+            position = {"stream": "demo", "next": self._cycle * len(self._order) + self._next, "cycle": self._cycle}
+            out.append(Record(json.dumps(event).encode(), position))
         self._emitted += len(out)
         return out
 
     @property
     def exhausted(self) -> bool:
         return not self._loop and self._next == len(self._order)
+
+    def resume_from(self, positions: dict[str, int]) -> None:
+        """Continue the schedule after the last event of a checkpoint."""
+        done = positions.get("demo", 0)
+        cycle, self._next = divmod(done, len(self._order))
+        if cycle and not self._loop:
+            cycle, self._next = 0, len(self._order)
+        if cycle != self._cycle:
+            self._cycle = cycle
+            self._order, _ = schedule(self._rows, self._seed + cycle)

@@ -33,6 +33,11 @@ class FileSource(Source):
         self._offset = 0  # bytes consumed into complete lines
         self._line = 0
         self._eof = False
+        self._start = 0  # byte offset to begin at (after a checkpoint)
+
+    def resume_from(self, positions: dict[str, int]) -> None:
+        if self._path != "-":
+            self._start = positions.get(self.uri, 0)
 
     def open(self) -> None:
         if self._path == "-":
@@ -45,6 +50,12 @@ class FileSource(Source):
             self._fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
             raise SourceError(f"{self.uri}: cannot open ({exc.strerror})") from exc
+        if self._start:
+            if self._start > os.fstat(self._fd).st_size:
+                log.warning("%s is shorter than its checkpoint position; reading it from the start", self.uri)
+            else:
+                os.lseek(self._fd, self._start, os.SEEK_SET)
+                self._offset = self._start
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         if self._fd < 0:
@@ -103,7 +114,8 @@ class FileSource(Source):
             self._line += 1
             line = line.rstrip(b"\r")
             if line.strip():
-                out.append(Record(line, {"file": self._path, "line": self._line, "offset": start}))
+                position = {"stream": self.uri, "next": self._offset, "line": self._line, "offset": start}
+                out.append(Record(line, position))
         return out
 
     @property

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dynft.errors import SourceError
-from dynft.settings import SourceSettings
+from dynft.settings import KafkaSettings, SourceSettings
 from dynft.sources import FileSource, Intake, open_source
 
 from helpers import write_jsonl
@@ -69,9 +69,9 @@ def test_open_errors_name_the_source(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="is a directory"):
         FileSource(str(tmp_path)).open()
     with pytest.raises(SourceError, match="unknown source"):
-        open_source(SourceSettings(uri="ftp://x"))
+        open_source(SourceSettings(uri="ftp://x"), KafkaSettings())
     with pytest.raises(SourceError, match="needs a path"):
-        open_source(SourceSettings(uri="file:"))
+        open_source(SourceSettings(uri="file:"), KafkaSettings())
 
 
 def test_intake_applies_backpressure_and_delivers_everything(tmp_path: Path) -> None:

@@ -1,0 +1,95 @@
+"""The event ledger: what became of every event id (trained, held out, dead-lettered, skipped).
+
+Outcomes are recorded as the training loop finishes with each event and made durable in the
+same breath as a checkpoint (``commit``), so after a crash the ledger and the trainer agree:
+what the checkpoint lost, the ledger forgot too, and the source delivers it again. ``seen``
+counts deliveries, so duplicates (at-least-once) are visible. Stored in SQLite (WAL mode),
+readable by ``dynft ledger`` while the trainer writes.
+
+>>> import tempfile
+>>> ledger = Ledger(Path(tempfile.mkdtemp()) / "ledger.db")
+>>> ledger.record([("a", "trained"), ("b", "dead_lettered"), ("a", "trained")])
+>>> ledger.commit()
+>>> ledger.lookup(["a", "b", "c"])
+{'a': ('trained', 2), 'b': ('dead_lettered', 1), 'c': ('unseen', 0)}
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+STATUSES = ("trained", "held_out", "dead_lettered", "skipped")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    seen INTEGER NOT NULL,
+    first_at REAL NOT NULL,
+    last_at REAL NOT NULL
+)
+"""
+_UPSERT = """
+INSERT INTO events (id, status, seen, first_at, last_at) VALUES (?, ?, 1, ?, ?)
+ON CONFLICT(id) DO UPDATE SET status = excluded.status, seen = seen + 1, last_at = excluded.last_at
+"""
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(_SCHEMA)
+        self._pending: list[tuple[str, str, float, float]] = []
+        self._lock = threading.Lock()
+
+    def record(self, outcomes: Iterable[tuple[str, str]]) -> None:
+        """Note outcomes ``(event_id, status)``; durable after the next ``commit``."""
+        now = time.time()
+        with self._lock:
+            self._pending.extend((event_id, status, now, now) for event_id, status in outcomes)
+
+    def commit(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not pending:
+            return
+        self._db.execute("BEGIN")
+        self._db.executemany(_UPSERT, pending)
+        self._db.execute("COMMIT")
+
+    def discard(self) -> None:
+        """Forget outcomes not yet committed (the state they describe was not checkpointed)."""
+        with self._lock:
+            self._pending = []
+
+    def lookup(self, ids: Iterable[str]) -> dict[str, tuple[str, int]]:
+        """``(status, times seen)`` for each id; ``("unseen", 0)`` for ids never recorded."""
+        wanted = list(ids)
+        found: dict[str, tuple[str, int]] = {}
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for event_id, status, seen in self._db.execute(
+                f"SELECT id, status, seen FROM events WHERE id IN ({marks})", chunk
+            ):
+                found[event_id] = (status, seen)
+        return {i: found.get(i, ("unseen", 0)) for i in wanted}
+
+    def counts(self) -> dict[str, int]:
+        """Events per status, and ``duplicates``: deliveries beyond the first."""
+        out = {status: 0 for status in STATUSES}
+        for status, n in self._db.execute("SELECT status, COUNT(*) FROM events GROUP BY status"):
+            out[status] = n
+        out["duplicates"] = int(self._db.execute("SELECT COALESCE(SUM(seen - 1), 0) FROM events").fetchone()[0])
+        return out
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,281 @@
+"""The Kafka source: a well-mannered consumer-group member with at-least-once commits.
+
+``kafka://HOST:PORT[,HOST:PORT]/TOPIC[,TOPIC]?group=GROUP`` (other settings: ``[kafka]``).
+
+- Offsets are committed only through ``commit``, which the training loop calls after a durable
+  checkpoint with the furthest processed position per partition; the commit itself runs on
+  the polling thread (kafka-python's consumer is not thread-safe).
+- Backpressure pauses every assigned partition and keeps polling, so a slow training step
+  never costs the group membership; ``resume`` restarts fetching.
+- On a rebalance the listener (which runs on kafka-python's IO thread, where a blocking
+  commit would raise) commits what is already checkpointed for the revoked partitions with
+  ``commit_async`` and reports them, so the intake drops their queued records for the new
+  owner to read again.
+- After a restart, positions from the checkpoint that are ahead of the group's committed
+  offsets (a crash between checkpoint and commit) are committed before joining.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
+from kafka.errors import KafkaError
+
+from dynft.errors import SourceError
+from dynft.metrics import KafkaMetrics
+from dynft.settings import KafkaSettings
+from dynft.sources.base import Positions, Record, Source
+
+log = logging.getLogger(__name__)
+
+
+def parse_kafka_uri(uri: str, default_group: str) -> tuple[list[str], list[str], str]:
+    """``kafka://h1:9092,h2:9092/t1,t2?group=g`` -> (bootstrap servers, topics, group)."""
+    parts = urlsplit(uri)
+    servers = [s for s in parts.netloc.split(",") if s]
+    topics = [t for t in parts.path.lstrip("/").split(",") if t]
+    if parts.scheme != "kafka" or not servers or not topics:
+        raise SourceError(f"bad Kafka source {uri!r}: expected kafka://HOST:PORT/TOPIC[,TOPIC]?group=GROUP")
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        if not host or not port.isdigit():
+            raise SourceError(f"bad Kafka source {uri!r}: {server!r} is not HOST:PORT")
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"group"}
+    if unknown:
+        raise SourceError(f"bad Kafka source {uri!r}: unknown parameter(s) {sorted(unknown)}; only group")
+    group = query.get("group", [default_group])[0]
+    return servers, topics, group
+
+
+def stream_of(tp: TopicPartition) -> str:
+    return f"{tp.topic}/{tp.partition}"
+
+
+def partition_of(stream: str) -> TopicPartition:
+    topic, _, partition = stream.rpartition("/")
+    return TopicPartition(topic, int(partition))
+
+
+def client_config(settings: KafkaSettings) -> dict[str, Any]:
+    """Security and identity options shared by consumer, producer and admin client."""
+    config: dict[str, Any] = {"client_id": settings.client_id, "security_protocol": settings.security_protocol}
+    if settings.sasl_mechanism:
+        config["sasl_mechanism"] = settings.sasl_mechanism
+        config["sasl_plain_username"] = settings.sasl_username
+        if settings.sasl_password is not None:
+            config["sasl_plain_password"] = settings.sasl_password.get_secret_value()
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        value = getattr(settings, key)
+        if value is not None:
+            config[key] = str(value)
+    return config
+
+
+class KafkaSource(Source):
+    def __init__(self, uri: str, settings: KafkaSettings, metrics: KafkaMetrics) -> None:
+        self.uri = uri
+        self.servers, self.topics, self.group = parse_kafka_uri(uri, settings.group)
+        self.settings = settings
+        self.metrics = metrics
+        self._consumer: KafkaConsumer | None = None
+        self._commits: queue.Queue[Positions] = queue.Queue()
+        self._committed: dict[TopicPartition, int] = {}
+        self._checkpointed: dict[TopicPartition, int] = {}  # durable, maybe not yet committed
+        self._revoked: set[str] = set()
+        self._revoked_lock = threading.Lock()
+        self._resume: Positions = {}
+        self._lag_at = 0.0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def resume_from(self, positions: Positions) -> None:
+        self._resume = {k: v for k, v in positions.items() if k.rpartition("/")[0] in self.topics}
+
+    def open(self) -> None:
+        s = self.settings
+        try:
+            consumer = KafkaConsumer(
+                bootstrap_servers=self.servers,
+                group_id=self.group,
+                enable_auto_commit=False,
+                auto_offset_reset=s.auto_offset_reset,
+                max_poll_records=s.max_poll_records,
+                max_poll_interval_ms=s.max_poll_interval_ms,
+                session_timeout_ms=s.session_timeout_ms,
+                fetch_max_bytes=s.fetch_max_bytes,
+                max_partition_fetch_bytes=s.max_partition_fetch_bytes,
+                **client_config(s),
+            )
+        except KafkaError as exc:
+            raise SourceError(f"{self.uri}: cannot reach the brokers ({exc})") from exc
+        self._consumer = consumer
+        self._commit_checkpoint_ahead()
+        consumer.subscribe(self.topics, listener=_Listener(self))
+        log.info("consuming %s as group %s from %s", ",".join(self.topics), self.group, ",".join(self.servers))
+
+    def _commit_checkpoint_ahead(self) -> None:
+        """Commit checkpointed positions the group has not committed (a crash came in between)."""
+        consumer = self._require()
+        ahead = {}
+        for stream, offset in self._resume.items():
+            tp = partition_of(stream)
+            try:
+                committed = consumer.committed(tp)
+            except KafkaError as exc:
+                log.warning("cannot read the committed offset of %s: %s", stream, exc)
+                continue
+            if committed is None or committed < offset:
+                ahead[tp] = OffsetAndMetadata(offset, "", -1)
+        if not ahead:
+            return
+        try:
+            consumer.commit(ahead)
+            log.info("committed %d checkpointed position(s) the group was missing", len(ahead))
+        except KafkaError as exc:  # the group is active elsewhere: its members own those partitions now
+            log.warning("could not commit checkpointed positions before joining: %s", exc)
+
+    def close(self) -> None:
+        if self._consumer is None:
+            return
+        try:
+            self._run_commits()
+        except KafkaError as exc:
+            log.warning("final commit failed: %s", exc)
+        self._consumer.close(autocommit=False)
+        self._consumer = None
+
+    def _require(self) -> KafkaConsumer:
+        if self._consumer is None:
+            raise SourceError(f"{self.uri}: used before open")
+        return self._consumer
+
+    # -- polling thread ------------------------------------------------------------------
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        consumer = self._require()
+        self._run_commits()
+        self._measure_lag()
+        # With every partition paused, poll only keeps the membership alive and returns nothing.
+        batches = consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max(1, max_records))
+        out: list[Record] = []
+        for tp, messages in batches.items():
+            stream = stream_of(tp)
+            for m in messages:
+                position = {
+                    "stream": stream,
+                    "next": m.offset + 1,
+                    "topic": tp.topic,
+                    "partition": tp.partition,
+                    "offset": m.offset,
+                }
+                out.append(Record(m.value if m.value is not None else b"", position, key=m.key))
+            self.metrics.records.labels(tp.topic).inc(len(messages))
+        return out
+
+    def pause(self) -> None:
+        consumer = self._require()
+        consumer.pause(*consumer.assignment())
+        self.metrics.paused.set(len(consumer.paused()))
+
+    def resume(self) -> None:
+        consumer = self._require()
+        consumer.resume(*consumer.paused())
+        self.metrics.paused.set(0)
+
+    def commit(self, positions: Positions) -> None:
+        """Queue a commit; it runs on the polling thread at its next poll."""
+        self._commits.put(dict(positions))
+
+    def _run_commits(self) -> None:
+        merged: dict[TopicPartition, int] = {}
+        while True:
+            try:
+                positions = self._commits.get_nowait()
+            except queue.Empty:
+                break
+            for stream, offset in positions.items():
+                tp = partition_of(stream)
+                merged[tp] = max(offset, merged.get(tp, -1))
+        if not merged:
+            return
+        consumer = self._require()
+        self._checkpointed.update(merged)
+        owned = consumer.assignment()
+        offsets = {
+            tp: OffsetAndMetadata(o, "", -1)
+            for tp, o in merged.items()
+            if tp in owned and o > self._committed.get(tp, -1)
+        }
+        if not offsets:
+            return
+        started = time.perf_counter()
+        consumer.commit(offsets)
+        self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        self._committed.update({tp: om.offset for tp, om in offsets.items()})
+
+    def _measure_lag(self) -> None:
+        if time.monotonic() - self._lag_at < self.settings.lag_interval_s:
+            return
+        self._lag_at = time.monotonic()
+        consumer = self._require()
+        assigned = list(consumer.assignment())
+        if not assigned:
+            return
+        try:
+            ends = consumer.end_offsets(assigned)
+            for tp in assigned:
+                if tp not in self._committed:
+                    self._committed[tp] = consumer.committed(tp) or 0
+                lag = max(0, ends[tp] - self._committed[tp])
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+        except KafkaError as exc:
+            log.warning("cannot measure consumer lag: %s", exc)
+
+    def take_revoked(self) -> set[str]:
+        with self._revoked_lock:
+            revoked, self._revoked = self._revoked, set()
+        return revoked
+
+    # -- rebalance listener (kafka-python's IO thread) -------------------------------------
+
+    def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        consumer = self._require()
+        offsets = {
+            tp: OffsetAndMetadata(self._checkpointed[tp], "", -1)
+            for tp in revoked
+            if self._checkpointed.get(tp, -1) > self._committed.get(tp, -1)
+        }
+        if offsets:
+            consumer.commit_async(offsets)  # a blocking commit is not allowed here
+        for tp in revoked:
+            self._committed.pop(tp, None)
+            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(0)
+        with self._revoked_lock:
+            self._revoked.update(stream_of(tp) for tp in revoked)
+        self.metrics.rebalances.inc()
+        log.info("partitions revoked: %s", ", ".join(sorted(stream_of(tp) for tp in revoked)) or "none")
+
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        with self._revoked_lock:
+            self._revoked.difference_update(stream_of(tp) for tp in assigned)
+        if self._consumer is not None and self._consumer.paused():
+            self._consumer.pause(*assigned)  # still under backpressure: new partitions wait too
+        log.info("partitions assigned: %s", ", ".join(sorted(stream_of(tp) for tp in assigned)) or "none")
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaSource) -> None:
+        self.source = source
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self.source._on_revoked(set(revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self.source._on_assigned(set(assigned))
