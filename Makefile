@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+KAFKA_JARS := deploy/kafka/libs/.fetched
 
 .PHONY: install run test lint bench clean
 
@@ -13,6 +14,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# The Kafka broker the tests start: its jars from Maven Central, once (deploy/kafka/libs is git-ignored).
+$(KAFKA_JARS): deploy/kafka/pom.xml
+	mvn -q -B -f deploy/kafka/pom.xml package
+	touch $(KAFKA_JARS)
 
 install: $(STAMP)
 
@@ -24,11 +30,11 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check dynft tests benchmarks
 	$(BIN)/mypy
 
-test: lint
+test: lint $(KAFKA_JARS)
 	$(BIN)/pytest
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --suite quick
 
 clean:
-	rm -rf $(VENV) dynft-state .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) dynft-state dynft-kafka deploy/kafka/libs deploy/kafka/target .pytest_cache .mypy_cache .ruff_cache

@@ -264,3 +264,97 @@ def adapters_unpin(**kwargs: Any) -> None:
     """Let the promotion gate replace the serving version again."""
     _registry(kwargs).unpin()
     click.echo("unpinned")
+
+
+@main.group()
+def kafka() -> None:
+    """A local single-node Kafka broker for development (jars from Maven Central)."""
+
+
+@kafka.command("up")
+@click.option("--port", type=int, default=0, help="Broker port (default: a free one).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("dynft-kafka"), show_default=True)
+@click.option("--libs", type=click.Path(path_type=Path), help="Directory of broker jars (default: fetched with Maven).")
+@reports_errors
+def kafka_up(port: int, data_dir: Path, libs: Path | None) -> None:
+    """Start the broker, wait until it answers, print its bootstrap address."""
+    from dynft import devbroker
+
+    click.echo(devbroker.start(data_dir, port, libs).bootstrap)
+
+
+@kafka.command("down")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path("dynft-kafka"), show_default=True)
+@reports_errors
+def kafka_down(data_dir: Path) -> None:
+    """Stop the broker started from DATA_DIR."""
+    from dynft import devbroker
+
+    click.echo("stopped" if devbroker.stop(data_dir) else f"no broker running from {data_dir}")
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--topic", required=True, help="Topic to publish to (created if missing).")
+@click.option("--bootstrap", default="127.0.0.1:9092", show_default=True, help="HOST:PORT[,HOST:PORT].")
+@click.option("--rate", type=float, default=0.0, help="Records per second (default: as fast as possible).")
+@click.option("--partitions", type=int, default=1, show_default=True, help="Partitions of a topic created here.")
+@click.option(
+    "--key",
+    "key_field",
+    type=click.Choice(["label", "task", "id"]),
+    help="Key records by this event field, so it lands on a stable partition.",
+)
+@settings_options
+@reports_errors
+def produce(
+    path: Path, topic: str, bootstrap: str, rate: float, partitions: int, key_field: str | None, **kwargs: Any
+) -> None:
+    """Publish a JSON Lines dataset (PATH, or - for stdin) to a Kafka topic, one line per record."""
+    from dynft.produce import ensure_topic
+    from dynft.produce import produce as send
+    from dynft.sources.kafka import client_config
+
+    settings = settings_from(kwargs)
+    servers = [s for s in bootstrap.split(",") if s]
+    client = client_config(settings.kafka)
+    have = ensure_topic(servers, topic, partitions, client)
+    if have != partitions:
+        click.echo(f"note: topic {topic} has {have} partition(s)", err=True)
+    total = None if str(path) == "-" else count_lines(path)
+    with click.progressbar(length=total or 0, label=f"producing to {topic}", file=sys.stderr) as bar:
+        sent = send(path, servers, topic, client, rate, key_field, bar.update)
+    click.echo(f"produced {sent} records to {topic}")
+
+
+def count_lines(path: Path) -> int:
+    try:
+        with open(path, "rb") as fh:
+            return sum(1 for line in fh if line.strip())
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+@main.command()
+@click.argument("ids", nargs=-1)
+@click.option("--from-file", type=click.Path(path_type=Path), help="Look up the ids of this JSON Lines file.")
+@settings_options
+@reports_errors
+def ledger(ids: tuple[str, ...], from_file: Path | None, **kwargs: Any) -> None:
+    """What became of events: one JSON line per id, or the counts per status without ids."""
+    from dynft.ledger import Ledger
+
+    settings = settings_from(kwargs)
+    path = settings.state_dir / "ledger.db"
+    if not path.exists():
+        raise ConfigError(f"no ledger at {path} (has the trainer run with this --state-dir?)")
+    book = Ledger(path)
+    wanted = list(ids)
+    if from_file is not None:
+        with open(from_file, "rb") as fh:
+            wanted += [json.loads(line)["id"] for line in fh if line.strip()]
+    if not wanted:
+        click.echo(json.dumps(book.counts()))
+        return
+    for event_id, (status, seen) in book.lookup(wanted).items():
+        click.echo(json.dumps({"id": event_id, "status": status, "seen": seen}))

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from dynft.devbroker import Broker
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
 
@@ -51,3 +53,15 @@ def tiny_trainer(tiny_settings: Settings) -> OnlineTrainer:
     from dynft.trainer import build_trainer
 
     return build_trainer(tiny_settings.model, tiny_settings.adapter, tiny_settings.trainer)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A real single-node Kafka broker (KRaft, loopback, free port) for the whole test session."""
+    from dynft import devbroker
+
+    broker = devbroker.start(tmp_path_factory.mktemp("kafka"))
+    try:
+        yield broker
+    finally:
+        devbroker.stop(broker.data_dir)

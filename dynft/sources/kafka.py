@@ -246,6 +246,8 @@ class KafkaSource(Source):
     # -- rebalance listener (kafka-python's IO thread) -------------------------------------
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        if not revoked:  # the eager protocol revokes nothing before the first join
+            return
         consumer = self._require()
         offsets = {
             tp: OffsetAndMetadata(self._checkpointed[tp], "", -1)
@@ -260,7 +262,7 @@ class KafkaSource(Source):
         with self._revoked_lock:
             self._revoked.update(stream_of(tp) for tp in revoked)
         self.metrics.rebalances.inc()
-        log.info("partitions revoked: %s", ", ".join(sorted(stream_of(tp) for tp in revoked)) or "none")
+        log.info("partitions revoked: %s", ", ".join(sorted(stream_of(tp) for tp in revoked)))
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         with self._revoked_lock:

@@ -1,87 +1,148 @@
 """One contract every source passes (river's checks style): records are raw bytes in order,
-positions identify them, a finite source ends, and close is safe."""
+positions name a stream and where to resume, finite sources end, close is safe, and a source
+resumed from positions continues right after them."""
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from dynft.sources import DemoSource, FileSource, Source
+from dynft.devbroker import Broker
+from dynft.metrics import KafkaMetrics
+from dynft.produce import ensure_topic, produce
+from dynft.settings import KafkaSettings
+from dynft.sources import DemoSource, FileSource, Source, furthest
+from dynft.sources.kafka import KafkaSource
 
 from helpers import write_jsonl
 
-Factory = Callable[[Path], tuple[Source, int | None]]  # the source, and its length when finite
+
+@dataclass
+class Made:
+    make: Callable[[], Source]  # a new source over the same data
+    count: int | None  # records it holds, when known
+    finite: bool
 
 
-def file_source(tmp_path: Path) -> tuple[Source, int | None]:
-    rows = [{"id": f"f{i}", "text": f"text {i}", "label": "ab"[i % 2]} for i in range(25)]
-    return FileSource(str(write_jsonl(tmp_path / "in.jsonl", rows))), 25
+def rows(n: int) -> list[dict[str, object]]:
+    return [{"id": f"r{i}", "text": f"text {i}", "label": "ab"[i % 2]} for i in range(n)]
 
 
-def demo_source(tmp_path: Path) -> tuple[Source, int | None]:
-    return DemoSource(loop=False), None
+def file_made(tmp_path: Path, request: pytest.FixtureRequest) -> Made:
+    path = write_jsonl(tmp_path / "in.jsonl", rows(25))
+    return Made(lambda: FileSource(str(path)), 25, True)
 
 
-def demo_looping(tmp_path: Path) -> tuple[Source, int | None]:
-    return DemoSource(loop=True), None
+def demo_made(tmp_path: Path, request: pytest.FixtureRequest) -> Made:
+    return Made(lambda: DemoSource(loop=False), None, True)
 
 
-SOURCES = {"file": file_source, "demo": demo_source, "demo-loop": demo_looping}
+def demo_loop_made(tmp_path: Path, request: pytest.FixtureRequest) -> Made:
+    return Made(lambda: DemoSource(loop=True), None, False)
 
 
-def drain(source: Source, limit: int) -> list[bytes]:
-    out: list[bytes] = []
-    for _ in range(10_000):
-        records = source.poll(7, timeout_s=0.05)
-        out.extend(r.raw for r in records)
-        if len(out) >= limit or (not records and source.exhausted):
+def kafka_made(tmp_path: Path, request: pytest.FixtureRequest) -> Made:
+    broker: Broker = request.getfixturevalue("kafka_broker")
+    topic = f"contract-{uuid.uuid4().hex[:8]}"
+    ensure_topic([broker.bootstrap], topic, 3, {})
+    produce(write_jsonl(tmp_path / "in.jsonl", rows(25)), [broker.bootstrap], topic, {})
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    uri = f"kafka://{broker.bootstrap}/{topic}?group={group}"
+    return Made(lambda: KafkaSource(uri, KafkaSettings(), KafkaMetrics(_registry())), 25, False)
+
+
+def _registry():  # type: ignore[no-untyped-def]
+    from prometheus_client import CollectorRegistry
+
+    return CollectorRegistry()
+
+
+SOURCES = {"file": file_made, "demo": demo_made, "demo-loop": demo_loop_made, "kafka": kafka_made}
+
+
+@pytest.fixture(params=sorted(SOURCES))
+def made(request: pytest.FixtureRequest, tmp_path: Path) -> Made:
+    return SOURCES[request.param](tmp_path, request)
+
+
+def drain(source: Source, limit: int, patience_s: float = 20.0) -> list[tuple[bytes, dict[str, object]]]:
+    import time
+
+    out: list[tuple[bytes, dict[str, object]]] = []
+    deadline = time.monotonic() + patience_s
+    while len(out) < limit and time.monotonic() < deadline:
+        records = source.poll(7, timeout_s=0.1)
+        out.extend((r.raw, r.position) for r in records)
+        if not records and source.exhausted:
             break
     return out
 
 
-@pytest.fixture(params=sorted(SOURCES))
-def made(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Source, int | None]:
-    return SOURCES[request.param](tmp_path)
-
-
-def test_poll_returns_json_records_with_distinct_positions(made: tuple[Source, int | None]) -> None:
-    source, _ = made
+def test_records_are_json_with_distinct_positions(made: Made) -> None:
+    source = made.make()
     source.open()
     try:
-        records = []
-        while len(records) < 30 and not source.exhausted:
-            records.extend(source.poll(7, timeout_s=0.05))
-        assert all(len(source.poll(7, 0.01)) <= 7 for _ in range(3))
-        assert records, "the source gave nothing"
-        positions = [json.dumps(r.position, sort_keys=True) for r in records]
+        got = drain(source, made.count or 30)
+        assert got, "the source gave nothing"
+        assert all(isinstance(p["stream"], str) and isinstance(p["next"], int) for _, p in got)
+        positions = [json.dumps(p, sort_keys=True) for _, p in got]
         assert len(set(positions)) == len(positions)
-        ids = [json.loads(r.raw)["id"] for r in records]
+        ids = [json.loads(raw)["id"] for raw, _ in got]
         assert len(set(ids)) == len(ids), "ids repeat within a stream"
+        if made.count is not None:
+            assert len(got) == made.count
     finally:
         source.close()
 
 
-def test_finite_sources_end_and_say_so(made: tuple[Source, int | None]) -> None:
-    source, length = made
+def test_finite_sources_end_and_infinite_ones_wait(made: Made) -> None:
+    source = made.make()
     source.open()
     try:
-        got = drain(source, limit=5_000)
-        if length is not None:
-            assert len(got) == length
-            assert source.exhausted
-            assert source.poll(5, 0.01) == []
-        elif isinstance(source, DemoSource) and not source.exhausted:
-            assert len(got) >= 5_000  # a looping source keeps giving
+        got = drain(source, 5_000 if made.count is None else made.count)
+        if made.finite:
+            assert source.exhausted and source.poll(5, 0.01) == []
+            if made.count is not None:
+                assert len(got) == made.count
+        else:
+            assert not source.exhausted
+            if made.count is not None:
+                assert source.poll(5, 0.5) == []  # nothing beyond what was produced
     finally:
         source.close()
 
 
-def test_commit_and_close_are_safe_to_call(made: tuple[Source, int | None]) -> None:
-    source, _ = made
+def test_resuming_after_positions_continues_right_after_them(made: Made) -> None:
+    first = made.make()
+    first.open()
+    try:
+        head = drain(first, 10)[:10]
+    finally:
+        first.close()
+    assert len(head) == 10
+    resumed = made.make()
+    resumed.resume_from(furthest([p for _, p in head]))
+    resumed.open()
+    try:
+        rest = drain(resumed, 5)
+    finally:
+        resumed.close()
+    seen = {json.loads(raw)["id"] for raw, _ in head}
+    assert rest and not seen & {json.loads(raw)["id"] for raw, _ in rest}
+
+
+def test_pause_resume_commit_and_close_are_safe(made: Made) -> None:
+    source = made.make()
     source.open()
-    records = source.poll(3, 0.05)
-    source.commit([r.position for r in records])
+    records = drain(source, 3)
+    source.pause()
+    source.poll(0, 0.05)
+    source.resume()
+    source.commit(furthest([p for _, p in records]))
+    source.poll(1, 0.05)
     source.close()

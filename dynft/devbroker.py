@@ -1,0 +1,228 @@
+"""A single-node Apache Kafka broker (KRaft) for development, tests and CI.
+
+The jars come from Maven Central through ``deploy/kafka/pom.xml`` into ``deploy/kafka/libs``
+(git-ignored, fetched once). The broker runs as a plain ``java -cp 'libs/*' kafka.Kafka``
+with broker and controller in one process, on loopback, with a small heap and replication
+factor 1. Its data directory holds the config, the logs, ``broker.log`` and ``broker.json``
+(pid and ports), so ``stop`` needs nothing but the directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from dynft.errors import DynftError
+
+KAFKA_DIR = Path(__file__).resolve().parents[1] / "deploy" / "kafka"
+LOG4J = """status = error
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = WARN
+rootLogger.appenderRef.file.ref = FILE
+"""
+
+
+# Brokers started by this process, kept so that stop() can reap them (and Python does not
+# warn about a Popen object collected while its process still runs).
+_started: dict[int, subprocess.Popen[bytes]] = {}
+
+
+class BrokerError(DynftError):
+    """The development broker cannot be provisioned, started or stopped."""
+
+
+@dataclass(frozen=True)
+class Broker:
+    port: int
+    controller_port: int
+    data_dir: Path
+    pid: int
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ensure_jars(libs: Path | None = None) -> Path:
+    """The directory of broker jars, fetched with Maven on first use."""
+    libs = libs or KAFKA_DIR / "libs"
+    if any(libs.glob("kafka_2.13-*.jar")):
+        return libs
+    pom = KAFKA_DIR / "pom.xml"
+    if not pom.is_file():
+        raise BrokerError(f"no broker jars in {libs} and no {pom} to fetch them with (pass --libs DIR)")
+    if shutil.which("mvn") is None:
+        raise BrokerError("Maven (mvn) is needed once to fetch the Kafka broker jars; install it or pass --libs DIR")
+    result = subprocess.run(
+        ["mvn", "-q", "-B", "-f", str(pom), "package", f"-Dlibs.dir={libs}"], capture_output=True, text=True
+    )
+    if result.returncode != 0 or not any(libs.glob("kafka_2.13-*.jar")):
+        raise BrokerError(f"fetching the Kafka jars failed:\n{(result.stdout + result.stderr)[-2000:]}")
+    return libs
+
+
+def _properties(port: int, controller: int, logs: Path) -> str:
+    return "\n".join(
+        [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.bootstrap.servers=127.0.0.1:{controller}",
+            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            "controller.listener.names=CONTROLLER",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name=PLAINTEXT",
+            f"log.dirs={logs}",
+            "num.partitions=1",
+            "offsets.topic.replication.factor=1",
+            "offsets.topic.num.partitions=3",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "auto.create.topics.enable=true",
+            "",
+        ]
+    )
+
+
+def _java(libs: Path, data_dir: Path, *args: str) -> list[str]:
+    return [
+        "java",
+        "-Xmx512m",
+        "-Xms128m",
+        "-XX:+UseSerialGC",
+        "-cp",
+        f"{libs}/*",
+        f"-Dlog4j2.configurationFile={data_dir / 'log4j2.properties'}",
+        *args,
+    ]
+
+
+def running(data_dir: Path) -> Broker | None:
+    """The broker started from ``data_dir``, if its process is alive."""
+    try:
+        info = json.loads((data_dir / "broker.json").read_text())
+        os.kill(info["pid"], 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return Broker(info["port"], info["controller_port"], data_dir, info["pid"])
+
+
+def start(data_dir: Path, port: int = 0, libs: Path | None = None, timeout_s: float = 90.0) -> Broker:
+    """Start a broker (formatting ``data_dir`` on first use) and wait until it answers."""
+    current = running(data_dir)
+    if current is not None:
+        return current
+    libs = ensure_jars(libs)
+    if shutil.which("java") is None:
+        raise BrokerError("java is needed to run the Kafka broker")
+    data_dir = data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port, controller = port or free_port(), free_port()
+    logs = data_dir / "logs"
+    (data_dir / "server.properties").write_text(_properties(port, controller, logs))
+    (data_dir / "log4j2.properties").write_text(LOG4J.format(log=data_dir / "broker.log"))
+    if not (logs / "meta.properties").exists():
+        cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        fmt = _java(
+            libs,
+            data_dir,
+            "kafka.tools.StorageTool",
+            "format",
+            "--standalone",
+            "-t",
+            cluster,
+            "-c",
+            str(data_dir / "server.properties"),
+        )
+        result = subprocess.run(fmt, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BrokerError(f"formatting {logs} failed: {(result.stdout + result.stderr)[-1500:]}")
+    with open(data_dir / "broker.out", "ab") as out:
+        process = subprocess.Popen(
+            _java(libs, data_dir, "kafka.Kafka", str(data_dir / "server.properties")),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    _started[process.pid] = process
+    broker = Broker(port, controller, data_dir, process.pid)
+    (data_dir / "broker.json").write_text(json.dumps({"pid": process.pid, "port": port, "controller_port": controller}))
+    try:
+        wait_ready(broker, timeout_s, process)
+    except BrokerError:
+        stop(data_dir)
+        raise
+    return broker
+
+
+def wait_ready(broker: Broker, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Until the broker serves metadata requests."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise BrokerError(f"the broker exited with code {process.returncode}; see {broker.data_dir}/broker.out")
+        try:  # a plain connect first: kafka-python leaks sockets on refused connections
+            socket.create_connection(("127.0.0.1", broker.port), timeout=1).close()
+        except OSError:
+            time.sleep(0.3)
+            continue
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=3000)
+            admin.list_topics()
+            admin.close()
+            return
+        except KafkaError:
+            time.sleep(0.5)
+    raise BrokerError(f"the broker on {broker.bootstrap} did not answer within {timeout_s:.0f} s")
+
+
+def stop(data_dir: Path, timeout_s: float = 30.0) -> bool:
+    """Stop the broker of ``data_dir``; returns whether one was running."""
+    broker = running(data_dir)
+    if broker is None:
+        return False
+    os.kill(broker.pid, signal.SIGTERM)
+    process = _started.pop(broker.pid, None)
+    if process is not None:
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    else:  # started by another process (`dynft kafka up`): wait for it by pid
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                os.kill(broker.pid, 0)
+            except OSError:
+                break
+            time.sleep(0.2)
+        else:
+            os.kill(broker.pid, signal.SIGKILL)
+    (data_dir / "broker.json").unlink(missing_ok=True)
+    return True
