@@ -26,18 +26,17 @@ import random
 import threading
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from dynft.events import Event
 
 Strategy = Literal["reservoir", "class_balanced", "recency"]
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):
     seq: int
     event: Event
+    nbytes: int
 
 
 class ReplayBuffer:
@@ -89,24 +88,32 @@ class ReplayBuffer:
     def add(self, event: Event) -> bool:
         """Offer an event; returns whether it was kept."""
         with self._lock:
-            seq = self._seen
-            self._seen += 1
-            if event.nbytes > self.max_bytes:
-                return False
-            if self.strategy == "reservoir" and self._count >= self.max_events:
-                slot = self._rng.randrange(self._seen)  # keep with probability max_events / seen
-                if slot >= self.max_events:
-                    return False
-                self._evict_random()
-            self._by_label.setdefault(event.label, []).append(_Entry(seq, event))
-            self._count += 1
-            self._bytes += event.nbytes
-            while self._count > self.max_events or self._bytes > self.max_bytes:
-                self._evict()
-            return True
+            return self._add(event)
 
     def add_many(self, events: Iterable[Event]) -> int:
-        return sum(self.add(e) for e in events)
+        """Offer several events under one lock; returns how many were kept."""
+        with self._lock:
+            return sum(self._add(e) for e in events)
+
+    def _add(self, event: Event) -> bool:
+        seq = self._seen
+        self._seen += 1
+        size = event.nbytes
+        if size > self.max_bytes:
+            return False
+        if self.strategy == "reservoir" and self._count >= self.max_events:
+            if self._rng.randrange(self._seen) >= self.max_events:  # keep with probability max_events / seen
+                return False
+            self._evict_random()
+        entries = self._by_label.get(event.label)
+        if entries is None:
+            entries = self._by_label[event.label] = []
+        entries.append(_Entry(seq, event, size))
+        self._count += 1
+        self._bytes += size
+        while self._count > self.max_events or self._bytes > self.max_bytes:
+            self._evict()
+        return True
 
     def _evict(self) -> None:
         if self.strategy == "recency":
@@ -114,7 +121,7 @@ class ReplayBuffer:
             self._remove(oldest, 0)
         elif self.strategy == "class_balanced":
             largest = max(self._by_label.values(), key=len)
-            self._remove(largest, self._rng.randrange(len(largest)))
+            self._remove(largest, int(self._rng.random() * len(largest)))
         else:
             self._evict_random()
 
@@ -127,9 +134,14 @@ class ReplayBuffer:
             index -= len(entries)
 
     def _remove(self, entries: list[_Entry], index: int) -> None:
-        entry = entries.pop(index)
+        if self.strategy == "recency":
+            entry = entries.pop(index)  # recency needs each label's entries in arrival order
+        else:  # order does not matter: swap with the last, O(1)
+            entry = entries[index]
+            entries[index] = entries[-1]
+            entries.pop()
         self._count -= 1
-        self._bytes -= entry.event.nbytes
+        self._bytes -= entry.nbytes
 
     def sample(self, n: int, recent_since: int | None = None, recent_share: float = 0.0) -> list[Event]:
         """``n`` events drawn with replacement by the buffer's strategy (fewer only if it is empty).

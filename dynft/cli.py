@@ -95,7 +95,7 @@ def setup_logging(level: str, role: str) -> None:
         stream=sys.stderr,
         force=True,
     )
-    for noisy in ("httpx", "urllib3", "filelock"):
+    for noisy in ("httpx", "urllib3", "filelock", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -96,17 +96,15 @@ class KafkaDeadLetterSink:
             raise SourceError(f"cannot set up the dead-letter topics on {','.join(servers)}: {exc}") from exc
 
     def write(self, rejection: Rejection, record: Record) -> None:
-        pos = record.position
+        topic, _, partition = record.stream.rpartition("/")
         headers = [
             ("dynft.reason", rejection.reason.encode()),
             ("dynft.detail", rejection.detail.encode()),
-            ("dynft.source.topic", str(pos.get("topic", "")).encode()),
-            ("dynft.source.partition", str(pos.get("partition", "")).encode()),
-            ("dynft.source.offset", str(pos.get("offset", "")).encode()),
+            ("dynft.source.topic", topic.encode()),
+            ("dynft.source.partition", partition.encode()),
+            ("dynft.source.offset", str(record.next - 1).encode()),
         ]
-        self._producer.send(
-            f"{pos.get('topic', 'dynft')}{self.suffix}", value=rejection.raw, key=record.key, headers=headers
-        )
+        self._producer.send(f"{topic}{self.suffix}", value=rejection.raw, key=record.key, headers=headers)
 
     def flush(self) -> None:
         self._producer.flush()

@@ -144,7 +144,9 @@ def start(data_dir: Path, port: int = 0, libs: Path | None = None, timeout_s: fl
     (data_dir / "server.properties").write_text(_properties(port, controller, logs))
     (data_dir / "log4j2.properties").write_text(LOG4J.format(log=data_dir / "broker.log"))
     if not (logs / "meta.properties").exists():
-        cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster = "-"
+        while cluster.startswith("-"):  # as Kafka's own ids: a leading dash would read as an option
+            cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         fmt = _java(
             libs,
             data_dir,

@@ -34,6 +34,7 @@ from dynft.ledger import Ledger
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
 from dynft.registry import AdapterRegistry
+from dynft.runtime import tune_gc
 from dynft.settings import Settings
 from dynft.sources import Intake, Positions, Record, furthest, open_source
 from dynft.trainer import OnlineTrainer, StepResult, build_trainer
@@ -48,7 +49,7 @@ class Work:
     batch: Batch | None  # None when every record was held out or dead-lettered
     held_out: list[Event] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)  # ledger keys of dead-lettered records
-    positions: list[dict[str, Any]] = field(default_factory=list)  # of every record taken
+    records: list[Record] = field(default_factory=list)  # every record taken (their positions)
 
 
 class TrainingLoop:
@@ -112,6 +113,7 @@ class TrainingLoop:
         self.intake = intake = Intake(source, s.source.queue_size)
         intake.start()
         self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path)
+        tune_gc()
         self._batcher.start()
         log.info(
             "training %s on %s from %s (%d threads); registry %s",
@@ -202,7 +204,7 @@ class TrainingLoop:
         self.metrics.intake_queue.set(intake.queued)
         if not records:
             return None
-        work = Work(None, positions=[r.position for r in records])
+        work = Work(None, records=records)
         fresh = self._route(records, work)
         if fresh:
             share = self.settings.drift.upweight_share if self._recent_since is not None else 0.0
@@ -220,7 +222,7 @@ class TrainingLoop:
                     raise RuntimeError("the dead-letter sink is used before startup")
                 self.sink.write(event, record)
                 self.metrics.rejected.labels(event.reason).inc()
-                work.dead.append(f"@{record.stream}:{record.position.get('next', '?')}")
+                work.dead.append(f"@{record.stream}:{record.next}")
             elif is_held_out(event.id, self.settings.evaluation.holdout_fraction):
                 work.held_out.append(event)
             else:
@@ -243,7 +245,7 @@ class TrainingLoop:
         self.metrics.events.labels("held_out").inc(len(work.held_out))
         self.metrics.events.labels("dead_lettered").inc(len(work.dead))
         self.ledger.record(outcomes)
-        self.positions = furthest(work.positions, self.positions)
+        self.positions = furthest(work.records, self.positions)
         self._uncommitted = True
 
     def _train(self, batch: Batch) -> bool:

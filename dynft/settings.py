@@ -37,7 +37,7 @@ class SourceSettings(Section):
     uri: str = Field("demo", description="demo, file:PATH, file:- (stdin), or kafka://HOST:PORT/TOPIC[,TOPIC]?group=G")
     follow: bool = Field(False, description="file sources: keep reading appended lines, like tail -f")
     poll_interval_s: float = Field(0.2, gt=0, description="follow mode: how often to look for new data")
-    queue_size: int = Field(2048, ge=1, description="bound of the intake queue between source and trainer")
+    queue_size: int = Field(8192, ge=1, description="bound of the intake queue between source and trainer")
     demo_rate: float = Field(0.0, ge=0, description="demo: events per second, 0 = as fast as the trainer takes them")
     demo_loop: bool = Field(True, description="demo: start the drift schedule again after its last phase")
     demo_seed: int = Field(0, description="demo: seed of the shuffles in the drift schedule")

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from dynft.metrics import ServerMetrics
 from dynft.registry import AdapterRegistry
+from dynft.runtime import tune_gc
 from dynft.serving.app import create_app
 from dynft.serving.engine import InferenceEngine
 from dynft.settings import Settings
@@ -69,6 +70,7 @@ class Server:
 
     def run(self, sock: socket.socket | None = None) -> None:
         torch.set_num_threads(self.settings.server.threads)
+        tune_gc()
         self.engine.start()
         try:
             self.uvicorn.run(sockets=[sock] if sock is not None else None)

@@ -13,11 +13,9 @@ the same summary from the checkpoint. That is the at-least-once contract.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -25,26 +23,34 @@ log = logging.getLogger(__name__)
 Positions = dict[str, int]  # stream -> next position to read
 
 
-@dataclass(frozen=True)
 class Record:
-    """One raw record as it arrived, and its position (``stream`` and ``next`` at least)."""
+    """One raw record as it arrived: its bytes, its stream, the position after it, and its key.
 
-    raw: bytes
-    position: dict[str, Any] = field(default_factory=dict)
-    key: bytes | None = None  # the message key, where the source has one
+    A plain slotted class: a record is made for every event on the ingest hot path.
+    """
+
+    __slots__ = ("key", "next", "raw", "stream", "where")
+
+    def __init__(
+        self, raw: bytes, stream: str, next: int, key: bytes | None = None, where: dict[str, Any] | None = None
+    ) -> None:
+        self.raw = raw
+        self.stream = stream  # a Kafka partition ("topic/2"), a file ("file:x.jsonl"), "demo"
+        self.next = next  # where to resume after this record
+        self.key = key  # the message key, where the source has one
+        self.where = where  # extra description for dead letters (line, offset, ...)
 
     @property
-    def stream(self) -> str:
-        return str(self.position.get("stream", ""))
+    def position(self) -> dict[str, Any]:
+        return {"stream": self.stream, "next": self.next, **(self.where or {})}
 
 
-def furthest(positions: list[dict[str, Any]], into: Positions | None = None) -> Positions:
-    """The largest ``next`` per stream among ``positions`` (merged into ``into``)."""
+def furthest(records: list[Record], into: Positions | None = None) -> Positions:
+    """The largest ``next`` per stream among ``records`` (merged into ``into``)."""
     out: Positions = dict(into or {})
-    for pos in positions:
-        stream, nxt = pos.get("stream"), pos.get("next")
-        if isinstance(stream, str) and isinstance(nxt, int) and nxt > out.get(stream, -1):
-            out[stream] = nxt
+    for record in records:
+        if record.next > out.get(record.stream, -1):
+            out[record.stream] = record.next
     return out
 
 
@@ -91,6 +97,56 @@ class Source(ABC):
         """Release resources; called once, also after errors."""
 
 
+class RecordQueue:
+    """A bounded FIFO of records, moved in chunks: one lock round per poll, not per record."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._chunks: deque[list[Record]] = deque()
+        self._size = 0
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        return self._size
+
+    def offer(self, records: list[Record]) -> int:
+        """Queue as many of ``records`` as fit, in order; returns how many."""
+        with self._cond:
+            room = self.capacity - self._size
+            accepted = records[:room]  # a copy: the caller goes on to trim its own list
+            if accepted:
+                self._chunks.append(accepted)
+                self._size += len(accepted)
+                self._cond.notify()
+            return len(accepted)
+
+    def take(self, max_records: int, timeout_s: float) -> list[Record]:
+        """Up to ``max_records`` records, waiting up to ``timeout_s`` for the first."""
+        with self._cond:
+            if not self._size and not self._cond.wait_for(lambda: self._size > 0, timeout_s):
+                return []
+            out: list[Record] = []
+            while self._chunks and len(out) < max_records:
+                chunk = self._chunks[0]
+                want = max_records - len(out)
+                if len(chunk) <= want:
+                    out.extend(self._chunks.popleft())
+                else:
+                    out.extend(chunk[:want])
+                    self._chunks[0] = chunk[want:]
+            self._size -= len(out)
+            return out
+
+    def drop(self, streams: set[str]) -> int:
+        """Remove the records of ``streams``; returns how many."""
+        with self._cond:
+            before = self._size
+            kept = [r for chunk in self._chunks for r in chunk if r.stream not in streams]
+            self._chunks = deque([kept]) if kept else deque()
+            self._size = len(kept)
+            return before - self._size
+
+
 class Intake:
     """Drains a source on its own thread into a bounded queue.
 
@@ -99,11 +155,11 @@ class Intake:
     the queue has room again the source is resumed. ``take`` returns what is queued.
     """
 
-    def __init__(self, source: Source, max_queued: int, poll_batch: int = 512) -> None:
+    def __init__(self, source: Source, max_queued: int, poll_batch: int = 2048) -> None:
         self.source = source
-        self._queue: queue.Queue[Record] = queue.Queue(maxsize=max_queued)
+        self._queue = RecordQueue(max_queued)
         self._poll_batch = min(poll_batch, max_queued)
-        self._pending: deque[Record] = deque()
+        self._pending: list[Record] = []
         self.paused = False
         self._stop = threading.Event()
         self._done = threading.Event()
@@ -117,16 +173,20 @@ class Intake:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                records = self.source.poll(0 if self.paused else self._poll_batch, timeout_s=0.1)
+                full = self.paused or len(self._pending) >= self._poll_batch
+                records = self.source.poll(0 if full else self._poll_batch, timeout_s=0.1)
                 self._pending.extend(records)
                 revoked = self.source.take_revoked()
                 if revoked:
                     self._drop(revoked)
-                self._deliver()
-                if self._pending and not self.paused:
+                if self._pending:
+                    del self._pending[: self._queue.offer(self._pending)]
+                # Hysteresis: pausing makes a Kafka consumer drop what it prefetched, so pause only
+                # with a full poll waiting, and resume once the queue is half empty.
+                if len(self._pending) >= self._poll_batch and not self.paused:
                     self.source.pause()
                     self.paused = True
-                elif not self._pending and self.paused:
+                elif self.paused and not self._pending and len(self._queue) <= self._queue.capacity // 2:
                     self.source.resume()
                     self.paused = False
                 if self.paused:
@@ -139,48 +199,25 @@ class Intake:
         finally:
             self._done.set()
 
-    def _deliver(self) -> None:
-        while self._pending:
-            try:
-                self._queue.put_nowait(self._pending[0])
-            except queue.Full:
-                return
-            self._pending.popleft()
-
     def _drop(self, streams: set[str]) -> None:
         """Forget queued records of streams this consumer no longer owns: their new owner re-reads them."""
         kept = [r for r in self._pending if r.stream not in streams]
-        dropped = len(self._pending) - len(kept)
-        self._pending = deque(kept)
-        with self._queue.mutex:
-            before = len(self._queue.queue)
-            self._queue.queue = deque(r for r in self._queue.queue if r.stream not in streams)
-            dropped += before - len(self._queue.queue)
-            self._queue.not_full.notify_all()
+        dropped = len(self._pending) - len(kept) + self._queue.drop(streams)
+        self._pending = kept
         log.info("dropped %d queued record(s) of revoked %s", dropped, ", ".join(sorted(streams)))
 
     def take(self, max_records: int, timeout_s: float) -> list[Record]:
         """Up to ``max_records`` queued records; waits up to ``timeout_s`` for the first."""
-        out: list[Record] = []
-        try:
-            out.append(self._queue.get(timeout=timeout_s))
-        except queue.Empty:
-            return out
-        while len(out) < max_records:
-            try:
-                out.append(self._queue.get_nowait())
-            except queue.Empty:
-                break
-        return out
+        return self._queue.take(max_records, timeout_s)
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
 
     @property
     def finished(self) -> bool:
         """The source is exhausted (or failed) and everything it gave has been taken."""
-        return self._done.is_set() and self._queue.empty()
+        return self._done.is_set() and not len(self._queue)
 
     @property
     def error(self) -> BaseException | None:

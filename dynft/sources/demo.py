@@ -92,8 +92,7 @@ class DemoSource(Source):
             row = self._order[self._next]
             event: dict[str, Any] = {"id": f"demo-{self._cycle}-{self._next}", **row}
             self._next += 1
-            position = {"stream": "demo", "next": self._cycle * len(self._order) + self._next, "cycle": self._cycle}
-            out.append(Record(json.dumps(event).encode(), position))
+            out.append(Record(json.dumps(event).encode(), "demo", self._cycle * len(self._order) + self._next))
         self._emitted += len(out)
         return out
 

@@ -114,8 +114,7 @@ class FileSource(Source):
             self._line += 1
             line = line.rstrip(b"\r")
             if line.strip():
-                position = {"stream": self.uri, "next": self._offset, "line": self._line, "offset": start}
-                out.append(Record(line, position))
+                out.append(Record(line, self.uri, self._offset, where={"line": self._line, "offset": start}))
         return out
 
     @property

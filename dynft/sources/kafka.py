@@ -88,6 +88,7 @@ class KafkaSource(Source):
         self._commits: queue.Queue[Positions] = queue.Queue()
         self._committed: dict[TopicPartition, int] = {}
         self._checkpointed: dict[TopicPartition, int] = {}  # durable, maybe not yet committed
+        self._inflight: dict[TopicPartition, int] = {}  # asynchronous commits under way
         self._revoked: set[str] = set()
         self._revoked_lock = threading.Lock()
         self._resume: Positions = {}
@@ -117,6 +118,11 @@ class KafkaSource(Source):
             raise SourceError(f"{self.uri}: cannot reach the brokers ({exc})") from exc
         self._consumer = consumer
         self._commit_checkpoint_ahead()
+        # Join with the topics' metadata at hand: a first join without it assigns nothing and
+        # forces an immediate rejoin, a path on which kafka-python 3.0 was seen to stall.
+        for topic in self.topics:
+            if not consumer.partitions_for_topic(topic):
+                log.warning("topic %s does not exist (yet); waiting for it to appear", topic)
         consumer.subscribe(self.topics, listener=_Listener(self))
         log.info("consuming %s as group %s from %s", ",".join(self.topics), self.group, ",".join(self.servers))
 
@@ -144,10 +150,7 @@ class KafkaSource(Source):
     def close(self) -> None:
         if self._consumer is None:
             return
-        try:
-            self._run_commits()
-        except KafkaError as exc:
-            log.warning("final commit failed: %s", exc)
+        self._run_commits(final=True)
         self._consumer.close(autocommit=False)
         self._consumer = None
 
@@ -167,15 +170,7 @@ class KafkaSource(Source):
         out: list[Record] = []
         for tp, messages in batches.items():
             stream = stream_of(tp)
-            for m in messages:
-                position = {
-                    "stream": stream,
-                    "next": m.offset + 1,
-                    "topic": tp.topic,
-                    "partition": tp.partition,
-                    "offset": m.offset,
-                }
-                out.append(Record(m.value if m.value is not None else b"", position, key=m.key))
+            out.extend(Record(m.value or b"", stream, m.offset + 1, m.key) for m in messages)
             self.metrics.records.labels(tp.topic).inc(len(messages))
         return out
 
@@ -193,8 +188,12 @@ class KafkaSource(Source):
         """Queue a commit; it runs on the polling thread at its next poll."""
         self._commits.put(dict(positions))
 
-    def _run_commits(self) -> None:
-        merged: dict[TopicPartition, int] = {}
+    def _run_commits(self, final: bool = False) -> None:
+        """Commit checkpointed positions not yet committed, for the partitions this member owns.
+
+        Asynchronous: a synchronous commit that meets a rebalance waits for the rejoin, and the
+        rejoin waits for the next poll, which this thread would never make.
+        """
         while True:
             try:
                 positions = self._commits.get_nowait()
@@ -202,23 +201,38 @@ class KafkaSource(Source):
                 break
             for stream, offset in positions.items():
                 tp = partition_of(stream)
-                merged[tp] = max(offset, merged.get(tp, -1))
-        if not merged:
-            return
+                self._checkpointed[tp] = max(offset, self._checkpointed.get(tp, -1))
         consumer = self._require()
-        self._checkpointed.update(merged)
         owned = consumer.assignment()
         offsets = {
             tp: OffsetAndMetadata(o, "", -1)
-            for tp, o in merged.items()
-            if tp in owned and o > self._committed.get(tp, -1)
+            for tp, o in self._checkpointed.items()
+            if tp in owned and o > max(self._committed.get(tp, -1), self._inflight.get(tp, -1))
         }
         if not offsets:
             return
+        if final:
+            try:
+                consumer.commit(offsets, timeout_ms=10_000)
+                self._committed.update({tp: om.offset for tp, om in offsets.items()})
+            except KafkaError as exc:
+                log.warning("final commit failed (the next owner re-reads from the last commit): %s", exc)
+            return
+        self._inflight.update({tp: om.offset for tp, om in offsets.items()})
         started = time.perf_counter()
-        consumer.commit(offsets)
-        self.metrics.commit_seconds.observe(time.perf_counter() - started)
-        self._committed.update({tp: om.offset for tp, om in offsets.items()})
+
+        def done(committed: Any, response: Any) -> None:  # on kafka-python's IO thread
+            for tp, om in committed.items():
+                if self._inflight.get(tp) == om.offset:
+                    del self._inflight[tp]
+            if isinstance(response, Exception):
+                log.warning("offset commit failed, retried after the next checkpoint: %s", response)
+                return
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            for tp, om in committed.items():
+                self._committed[tp] = max(om.offset, self._committed.get(tp, -1))
+
+        consumer.commit_async(offsets, callback=done)
 
     def _measure_lag(self) -> None:
         if time.monotonic() - self._lag_at < self.settings.lag_interval_s:

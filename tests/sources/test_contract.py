@@ -5,6 +5,7 @@ resumed from positions continues right after them."""
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from dynft.devbroker import Broker
 from dynft.metrics import KafkaMetrics
 from dynft.produce import ensure_topic, produce
 from dynft.settings import KafkaSettings
-from dynft.sources import DemoSource, FileSource, Source, furthest
+from dynft.sources import DemoSource, FileSource, Record, Source, furthest
 from dynft.sources.kafka import KafkaSource
 
 from helpers import write_jsonl
@@ -70,14 +71,12 @@ def made(request: pytest.FixtureRequest, tmp_path: Path) -> Made:
     return SOURCES[request.param](tmp_path, request)
 
 
-def drain(source: Source, limit: int, patience_s: float = 20.0) -> list[tuple[bytes, dict[str, object]]]:
-    import time
-
-    out: list[tuple[bytes, dict[str, object]]] = []
+def drain(source: Source, limit: int, patience_s: float = 20.0) -> list[Record]:
+    out: list[Record] = []
     deadline = time.monotonic() + patience_s
     while len(out) < limit and time.monotonic() < deadline:
         records = source.poll(7, timeout_s=0.1)
-        out.extend((r.raw, r.position) for r in records)
+        out.extend(records)
         if not records and source.exhausted:
             break
     return out
@@ -89,10 +88,10 @@ def test_records_are_json_with_distinct_positions(made: Made) -> None:
     try:
         got = drain(source, made.count or 30)
         assert got, "the source gave nothing"
-        assert all(isinstance(p["stream"], str) and isinstance(p["next"], int) for _, p in got)
-        positions = [json.dumps(p, sort_keys=True) for _, p in got]
+        assert all(isinstance(r.stream, str) and isinstance(r.next, int) for r in got)
+        positions = [(r.stream, r.next) for r in got]
         assert len(set(positions)) == len(positions)
-        ids = [json.loads(raw)["id"] for raw, _ in got]
+        ids = [json.loads(r.raw)["id"] for r in got]
         assert len(set(ids)) == len(ids), "ids repeat within a stream"
         if made.count is not None:
             assert len(got) == made.count
@@ -126,14 +125,14 @@ def test_resuming_after_positions_continues_right_after_them(made: Made) -> None
         first.close()
     assert len(head) == 10
     resumed = made.make()
-    resumed.resume_from(furthest([p for _, p in head]))
+    resumed.resume_from(furthest(head))
     resumed.open()
     try:
         rest = drain(resumed, 5)
     finally:
         resumed.close()
-    seen = {json.loads(raw)["id"] for raw, _ in head}
-    assert rest and not seen & {json.loads(raw)["id"] for raw, _ in rest}
+    seen = {json.loads(r.raw)["id"] for r in head}
+    assert rest and not seen & {json.loads(r.raw)["id"] for r in rest}
 
 
 def test_pause_resume_commit_and_close_are_safe(made: Made) -> None:
@@ -143,6 +142,6 @@ def test_pause_resume_commit_and_close_are_safe(made: Made) -> None:
     source.pause()
     source.poll(0, 0.05)
     source.resume()
-    source.commit(furthest([p for _, p in records]))
+    source.commit(furthest(records))
     source.poll(1, 0.05)
     source.close()

@@ -1,0 +1,149 @@
+"""Kafka ingest: events/s from a topic into the replay buffer with training paused.
+
+dynft's path is the one the daemon runs: ``KafkaSource`` polled by the ``Intake`` thread into
+its bounded queue, then, on a second thread as in the daemon, decoding and validation of every
+record, held-out routing, and ``ReplayBuffer.add``. The baseline is kafka-python's bare
+consumer loop over the same topic (poll and count, nothing else), in the same run. Both read
+all partitions from the beginning with a fresh group; the clock starts at the first record.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from kafka import KafkaConsumer, KafkaProducer
+from prometheus_client import CollectorRegistry
+
+from benchmarks.common import Result
+from dynft import devbroker
+from dynft.buffer import ReplayBuffer
+from dynft.evaluation import is_held_out
+from dynft.events import Rejection, decode
+from dynft.metrics import KafkaMetrics
+from dynft.produce import ensure_topic
+from dynft.runtime import tune_gc
+from dynft.settings import EventSettings, KafkaSettings, SourceSettings
+from dynft.sources import Intake
+from dynft.sources.demo import load_demo_rows
+from dynft.sources.kafka import KafkaSource
+
+
+def fill_topic(bootstrap: str, topic: str, n: int) -> None:
+    ensure_topic([bootstrap], topic, 3, {})
+    rows = load_demo_rows()
+    producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, batch_size=512 * 1024)
+    for i in range(n):
+        row = rows[i % len(rows)]
+        producer.send(topic, json.dumps({"id": f"b{i}", "text": row["text"], "label": row["label"]}).encode())
+    producer.flush()
+    producer.close()
+
+
+def bare_consumer(bootstrap: str, topic: str, n: int) -> float:
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        group_id=f"bare-{uuid.uuid4().hex[:6]}",
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=2000,
+    )
+    seen, started = 0, 0.0
+    try:
+        while seen < n:
+            for records in consumer.poll(timeout_ms=1000).values():
+                if not started:
+                    started = time.perf_counter()
+                seen += len(records)
+        return n / (time.perf_counter() - started)
+    finally:
+        consumer.close()
+
+
+def dynft_ingest(bootstrap: str, topic: str, n: int) -> tuple[float, int]:
+    settings = KafkaSettings()
+    uri = f"kafka://{bootstrap}/{topic}?group=dynft-{uuid.uuid4().hex[:6]}"
+    intake = Intake(KafkaSource(uri, settings, KafkaMetrics(CollectorRegistry())), SourceSettings().queue_size)
+    buffer = ReplayBuffer(10_000, 64 << 20, "class_balanced")
+    limits = EventSettings()
+    done = threading.Event()
+    counts = {"seen": 0, "rejected": 0}
+    started = [0.0]
+
+    def consume() -> None:  # the batching thread's work, without tokenization (training is paused)
+        while counts["seen"] < n:
+            records = intake.take(512, 0.5)
+            if records and not started[0]:
+                started[0] = time.perf_counter()
+            fresh = []
+            for record in records:
+                event = decode(record.raw, limits)
+                if isinstance(event, Rejection):
+                    counts["rejected"] += 1
+                elif not is_held_out(event.id, 0.1):
+                    fresh.append(event)
+            buffer.add_many(fresh)
+            counts["seen"] += len(records)
+        done.set()
+
+    intake.start()
+    tune_gc()  # as the daemon does after start-up
+    worker = threading.Thread(target=consume)
+    worker.start()
+    try:
+        worker.join(600)
+        elapsed = time.perf_counter() - started[0]
+    finally:
+        intake.stop()
+    return n / elapsed, counts["rejected"]
+
+
+def _in_fresh_process(target: str, *args: object) -> object:
+    """Each contender measures in a new interpreter, so neither inherits the other's heap or GC state."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(globals()[target], args)
+
+
+def run(suite: str, device: str, bootstrap: str | None = None) -> list[Result]:
+    n = 100_000 if suite == "quick" else 300_000
+    with tempfile.TemporaryDirectory() as tmp:
+        broker = None if bootstrap else devbroker.start(Path(tmp) / "kafka")
+        address = bootstrap or (broker.bootstrap if broker else "")
+        try:
+            topic = f"ingest-{uuid.uuid4().hex[:8]}"
+            fill_topic(address, topic, n)
+            bare, ours = [], []
+            for _ in range(2):  # interleaved, so drift in the machine's load hits both
+                bare.append(float(_in_fresh_process("bare_consumer", address, topic, n)))  # type: ignore[arg-type]
+                ours.append(_in_fresh_process("dynft_ingest", address, topic, n))  # type: ignore[arg-type]
+        finally:
+            if broker is not None:
+                devbroker.stop(broker.data_dir)
+    best_bare, (best_ours, rejected) = max(bare), max(ours)
+    ratio = best_ours / best_bare
+    return [
+        Result(
+            name="kafka ingest",
+            metric="events/s into the buffer (training paused)",
+            dynft=best_ours,
+            baseline=best_bare,
+            baseline_name="kafka-python bare poll loop",
+            goal="ratio >= 0.8 and >= 20,000 events/s",
+            met=ratio >= 0.8 and best_ours >= 20_000,
+            details={
+                "events": n,
+                "partitions": 3,
+                "runs": "best of 2",
+                "rejected": rejected,
+                "all runs dynft": [round(x) for x, _ in ours],
+                "all runs bare": [round(x) for x in bare],
+            },
+        )
+    ]
