@@ -20,6 +20,13 @@ $(KAFKA_JARS): deploy/kafka/pom.xml
 	mvn -q -B -f deploy/kafka/pom.xml package
 	touch $(KAFKA_JARS)
 
+# Prometheus and promtool for tests/deploy, from Debian's `prometheus` package when missing.
+.PHONY: deploy-tools
+deploy-tools: $(VENV)/.deploy-tools
+$(VENV)/.deploy-tools: deploy/install-tools.sh
+	sh deploy/install-tools.sh
+	mkdir -p $(VENV) && touch $@
+
 install: $(STAMP)
 
 run: $(STAMP)
@@ -30,7 +37,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check dynft tests benchmarks
 	$(BIN)/mypy
 
-test: lint $(KAFKA_JARS)
+test: lint $(KAFKA_JARS) deploy-tools
 	$(BIN)/pytest
 
 bench: $(STAMP)

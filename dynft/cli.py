@@ -7,10 +7,14 @@ Heavy modules (torch, transformers) are imported inside the commands that need t
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import json
 import logging
+import os
 import signal
+import sqlite3
 import sys
 import warnings
 from collections.abc import Callable
@@ -83,6 +87,10 @@ def reports_errors(func: F) -> F:
         except DynftError as exc:
             click.echo(f"dynft: error: {exc}", err=True)
             sys.exit(1)
+        except (OSError, sqlite3.Error) as exc:  # a disk problem that no check above foresaw: still one line
+            where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+            click.echo(f"dynft: error: {where}{getattr(exc, 'strerror', None) or exc}", err=True)
+            sys.exit(1)
 
     return wrapper  # type: ignore[return-value]
 
@@ -150,7 +158,33 @@ def preflight(settings: Settings) -> None:
     open_source(settings.source, settings.kafka)
     make_detector(settings.drift.error_detector, settings.drift.error_params)
     make_detector(settings.drift.loss_detector, settings.drift.loss_params)
-    settings.state_dir.mkdir(parents=True, exist_ok=True)
+    check_state_dir(settings.state_dir)
+
+
+def check_state_dir(path: Path) -> None:
+    """Create the state directory if needed and prove it takes a durable write.
+
+    A directory that can never be written (read-only, no permission, not a directory) is a
+    configuration error: exit 2, which ``dynft run`` does not retry. A full disk may clear up,
+    so it is a runtime error (exit 1) that the supervisor retries with backoff.
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"state directory {path}: exists and is not a directory")
+    probe = path / f".write-probe-{os.getpid()}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as fh:
+            fh.write(b"dynft")
+            fh.flush()
+            os.fsync(fh.fileno())
+        probe.unlink()
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # the directory may not even be readable; the error below says why
+            probe.unlink(missing_ok=True)
+        message = f"state directory {path}: cannot write there ({exc.strerror or exc}: {exc.filename or path})"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DynftError(f"{message}; free some space and start again") from exc
+        raise ConfigError(message) from exc
 
 
 @main.command()
@@ -170,6 +204,7 @@ def train(colocated: bool, metrics_port: int | None, **kwargs: Any) -> None:
     registry = CollectorRegistry()
     if metrics_port is not None:  # under `dynft run` the server's /metrics covers the trainer instead
         start_http_server(metrics_port, addr="127.0.0.1", registry=registry)
+    check_state_dir(settings.state_dir)
     loop = TrainingLoop(settings, registry, colocated=colocated)
 
     def stop(signum: int, frame: Any) -> None:
@@ -351,10 +386,26 @@ def ledger(ids: tuple[str, ...], from_file: Path | None, **kwargs: Any) -> None:
     book = Ledger(path)
     wanted = list(ids)
     if from_file is not None:
-        with open(from_file, "rb") as fh:
-            wanted += [json.loads(line)["id"] for line in fh if line.strip()]
+        wanted += ids_of(from_file)
     if not wanted:
         click.echo(json.dumps(book.counts()))
         return
     for event_id, (status, seen) in book.lookup(wanted).items():
         click.echo(json.dumps({"id": event_id, "status": status, "seen": seen}))
+
+
+def ids_of(path: Path) -> list[str]:
+    """The ``id`` of every line of a JSON Lines file; a line without one is a clear error."""
+    out = []
+    try:
+        with open(path, "rb") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    out.append(str(json.loads(line)["id"]))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise ConfigError(f"{path}:{n}: not a JSON object with an id ({exc!r})") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+    return out

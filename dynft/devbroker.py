@@ -129,8 +129,14 @@ def running(data_dir: Path) -> Broker | None:
     return Broker(info["port"], info["controller_port"], data_dir, info["pid"])
 
 
-def start(data_dir: Path, port: int = 0, libs: Path | None = None, timeout_s: float = 90.0) -> Broker:
-    """Start a broker (formatting ``data_dir`` on first use) and wait until it answers."""
+def start(
+    data_dir: Path, port: int = 0, libs: Path | None = None, timeout_s: float = 90.0, controller_port: int = 0
+) -> Broker:
+    """Start a broker (formatting ``data_dir`` on first use) and wait until it answers.
+
+    To restart a stopped broker on its old data, pass its old ports: the KRaft quorum recorded
+    its controller's address when the directory was formatted.
+    """
     current = running(data_dir)
     if current is not None:
         return current
@@ -139,7 +145,7 @@ def start(data_dir: Path, port: int = 0, libs: Path | None = None, timeout_s: fl
         raise BrokerError("java is needed to run the Kafka broker")
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    port, controller = port or free_port(), free_port()
+    port, controller = port or free_port(), controller_port or free_port()
     logs = data_dir / "logs"
     (data_dir / "server.properties").write_text(_properties(port, controller, logs))
     (data_dir / "log4j2.properties").write_text(LOG4J.format(log=data_dir / "broker.log"))

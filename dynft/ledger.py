@@ -1,10 +1,11 @@
 """The event ledger: what became of every event id (trained, held out, dead-lettered, skipped).
 
-Outcomes are recorded as the training loop finishes with each event and made durable in the
-same breath as a checkpoint (``commit``), so after a crash the ledger and the trainer agree:
-what the checkpoint lost, the ledger forgot too, and the source delivers it again. ``seen``
-counts deliveries, so duplicates (at-least-once) are visible. Stored in SQLite (WAL mode),
-readable by ``dynft ledger`` while the trainer writes.
+Outcomes are recorded as the training loop finishes with each event and made durable just
+before each checkpoint is written (``commit``). After a crash the ledger therefore knows at
+least what the restored checkpoint covers; what it knows beyond that, the source delivers again
+and ``seen`` (deliveries) counts the duplicate, so at-least-once is visible. An event the
+checkpoint holds is never missing from the ledger. Stored in SQLite (WAL mode), readable by
+``dynft ledger`` while the trainer writes.
 
 >>> import tempfile
 >>> ledger = Ledger(Path(tempfile.mkdtemp()) / "ledger.db")
@@ -61,9 +62,18 @@ class Ledger:
             pending, self._pending = self._pending, []
         if not pending:
             return
-        self._db.execute("BEGIN")
-        self._db.executemany(_UPSERT, pending)
-        self._db.execute("COMMIT")
+        try:
+            self._db.execute("BEGIN")
+            self._db.executemany(_UPSERT, pending)
+            self._db.execute("COMMIT")
+        except sqlite3.Error:
+            # A full or read-only disk: keep the outcomes for the next commit, and leave no
+            # transaction open (the next BEGIN would fail on it forever).
+            with self._lock:
+                self._pending[:0] = pending
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     def discard(self) -> None:
         """Forget outcomes not yet committed (the state they describe was not checkpointed)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -335,7 +336,12 @@ class TrainingLoop:
     # -- checkpoints ---------------------------------------------------------------------
 
     def _maybe_checkpoint(self, force: bool = False) -> None:
-        """Write a checkpoint when one is due; then make the ledger durable and commit positions."""
+        """Write a checkpoint when one is due, then commit the positions it covers.
+
+        The ledger is made durable first: a crash between the two then shows as a duplicate
+        delivery (the source re-reads what the older checkpoint lacks), never as an event the
+        checkpoint holds but the ledger forgot.
+        """
         if not self._uncommitted:
             return
         step, at = self._checkpoint_at
@@ -347,12 +353,17 @@ class TrainingLoop:
         try:
             if self.sink is not None:
                 self.sink.flush()  # dead letters are durable before their positions are committed
+            self.ledger.commit()
             self.checkpoints.save(self._capture())
-        except (CheckpointError, OSError) as exc:
+        except (CheckpointError, OSError, sqlite3.Error) as exc:  # a full or read-only disk: keep going
             self.metrics.checkpoint_errors.inc()
-            log.error("checkpoint failed, offsets stay uncommitted: %s", exc)
+            log.error(
+                "checkpoint failed: %s; training goes on, offsets stay uncommitted, next try in %d steps or %.0f s",
+                f"ledger {self.ledger.path}: {exc}" if isinstance(exc, sqlite3.Error) else exc,
+                c.every_steps,
+                c.interval_s,
+            )
             return
-        self.ledger.commit()
         self._intake().source.commit(dict(self.positions))
         self._uncommitted = False
         self.metrics.checkpoints.inc()

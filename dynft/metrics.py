@@ -150,6 +150,7 @@ class KafkaMetrics:
         )
         self.rebalances = Counter("dynft_kafka_rebalances", "Partition revocations seen by this consumer", registry=r)
         self.paused = _gauge("dynft_kafka_paused_partitions", "Partitions paused for backpressure", r)
+        self.up = _gauge("dynft_kafka_up", "1 while the brokers answer, 0 during an outage", r)
 
 
 class SupervisorMetrics:

@@ -7,6 +7,11 @@ publishes; SIGKILL after ``run.shutdown_timeout_s``).
 
 The children run in their own session, so a Ctrl-C in the terminal reaches only the
 supervisor, which then stops them once and in order.
+
+Children are forked from a fork server that imported torch, transformers, peft and dynft once
+(multiprocessing's ``forkserver`` with a preload): importing those costs about 10 s of CPU on a
+small machine, so a crashed server is back in the time it takes to load the model, not to
+import the world again.
 """
 
 from __future__ import annotations
@@ -14,14 +19,14 @@ from __future__ import annotations
 import ctypes
 import json
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from multiprocessing.process import BaseProcess
 from types import FrameType
 
 from prometheus_client import CollectorRegistry
@@ -32,13 +37,14 @@ from dynft.settings import Settings
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 CONFIG_ERROR_EXIT = 2  # a child that exits with this code will fail again: do not restart it
+PRELOAD = ["dynft.cli", "dynft.loop", "dynft.serving.server"]  # imported once, in the fork server
 
 
 @dataclass
 class Child:
     name: str
-    argv: list[str]
-    process: subprocess.Popen[bytes] | None = None
+    argv: list[str]  # arguments of the dynft command line
+    process: BaseProcess | None = None
     started_at: float = 0.0
     backoff_s: float = 0.0
     restart_at: float | None = None
@@ -47,12 +53,29 @@ class Child:
 
 
 def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux for SIGTERM when the supervisor dies, even by SIGKILL."""
+    """Ask Linux for SIGTERM when the parent dies, even by SIGKILL."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:  # not Linux: children then outlive a killed supervisor
         pass
+
+
+def _child_main(argv: list[str]) -> None:
+    """Body of a child, forked from the fork server: run ``dynft <argv>`` and exit with its code.
+
+    The fork server exits when the supervisor does (it watches a pipe to it), and the child
+    follows its parent, the fork server, through PDEATHSIG.
+    """
+    _die_with_parent()
+    os.setsid()
+    # Children read the resolved config file only: DYNFT_* variables were already applied by
+    # the supervisor, and applying them again would undo CLI flags that overrode them.
+    for key in [k for k in os.environ if k.startswith("DYNFT_")]:
+        del os.environ[key]
+    from dynft.cli import main
+
+    main.main(args=argv, prog_name="dynft")  # raises SystemExit with the command's exit code
 
 
 class Supervisor:
@@ -62,6 +85,7 @@ class Supervisor:
         self.should_exit = threading.Event()
         self.exit_code = 0
         self.children: list[Child] = []
+        self.context = multiprocessing.get_context("forkserver")
 
     def startup(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -73,10 +97,11 @@ class Supervisor:
         fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:  # holds the admin token, hence 0600
             json.dump(self.settings.secret_dump(), fh, indent=1)
-        base = [sys.executable, "-m", "dynft"]
+        # After enable_multiprocess: the fork server inherits the metrics directory variable.
+        self.context.set_forkserver_preload(PRELOAD)
         self.children = [
-            Child("trainer", [*base, "train", "--config", str(config_path), "--colocated"]),
-            Child("server", [*base, "serve", "--config", str(config_path)]),
+            Child("trainer", ["train", "--config", str(config_path), "--colocated"]),
+            Child("server", ["serve", "--config", str(config_path)]),
         ]
         for child in self.children:
             self._spawn(child)
@@ -89,10 +114,11 @@ class Supervisor:
         )
 
     def _spawn(self, child: Child) -> None:
-        # Children read the resolved config file only: DYNFT_* variables were already applied
-        # here, and applying them again would undo CLI flags that overrode them.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFT_")}
-        child.process = subprocess.Popen(child.argv, env=env, start_new_session=True, preexec_fn=_die_with_parent)
+        if child.process is not None:
+            child.process.close()  # the dead one's handles
+        process = self.context.Process(target=_child_main, args=(child.argv,), name=f"dynft-{child.name}")
+        process.start()
+        child.process = process
         child.started_at = time.monotonic()
         child.restart_at = None
         log.info("started %s (pid %d)", child.name, child.process.pid)
@@ -111,12 +137,12 @@ class Supervisor:
             if now >= child.restart_at:
                 self._spawn(child)
             return
-        code = child.process.poll()
+        code = child.process.exitcode
         if code is None:
             if now - child.started_at > 60:
                 child.backoff_s = 0.0  # healthy for a minute: the next crash restarts quickly again
             return
-        metrics.mark_dead(child.process.pid)
+        metrics.mark_dead(child.process.pid or 0)
         if code == 0:
             log.info("%s finished", child.name)
             child.finished = True
@@ -141,16 +167,15 @@ class Supervisor:
 
     def shutdown(self) -> None:
         deadline = time.monotonic() + self.settings.run.shutdown_timeout_s
-        live = [c.process for c in self.children if c.process is not None and c.process.poll() is None]
+        live = [c.process for c in self.children if c.process is not None and c.process.exitcode is None]
         for process in live:
-            process.send_signal(signal.SIGTERM)
+            process.terminate()  # SIGTERM
         for process in live:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+            process.join(timeout=max(0.1, deadline - time.monotonic()))
+            if process.exitcode is None:
                 log.error("pid %d did not stop in time; killing it", process.pid)
                 process.kill()
-                process.wait()
+                process.join()
         log.info("dynft stopped")
 
     def run(self) -> int:

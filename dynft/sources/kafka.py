@@ -93,6 +93,7 @@ class KafkaSource(Source):
         self._revoked_lock = threading.Lock()
         self._resume: Positions = {}
         self._lag_at = 0.0
+        self._down_since: float | None = None  # monotonic time the brokers stopped answering
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -117,6 +118,7 @@ class KafkaSource(Source):
         except KafkaError as exc:
             raise SourceError(f"{self.uri}: cannot reach the brokers ({exc})") from exc
         self._consumer = consumer
+        self.metrics.up.set(1)
         self._commit_checkpoint_ahead()
         # Join with the topics' metadata at hand: a first join without it assigns nothing and
         # forces an immediate rejoin, a path on which kafka-python 3.0 was seen to stall.
@@ -242,15 +244,26 @@ class KafkaSource(Source):
         assigned = list(consumer.assignment())
         if not assigned:
             return
+        # The lag query doubles as the outage probe: kafka-python reconnects by itself and says
+        # little, so the outage and the recovery are logged here, once each.
+        timeout_ms = int(min(self.settings.lag_interval_s, 5.0) * 1000)
         try:
-            ends = consumer.end_offsets(assigned)
+            ends = consumer.end_offsets(assigned, timeout_ms=timeout_ms)
             for tp in assigned:
                 if tp not in self._committed:
-                    self._committed[tp] = consumer.committed(tp) or 0
+                    self._committed[tp] = consumer.committed(tp, timeout_ms=timeout_ms) or 0
                 lag = max(0, ends[tp] - self._committed[tp])
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
         except KafkaError as exc:
-            log.warning("cannot measure consumer lag: %s", exc)
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                self.metrics.up.set(0)
+                log.warning("kafka outage: the brokers do not answer (%s); serving goes on, reconnecting", exc)
+            return
+        if self._down_since is not None:
+            log.warning("kafka is back after %.0f s; consuming again", time.monotonic() - self._down_since)
+            self._down_since = None
+        self.metrics.up.set(1)
 
     def take_revoked(self) -> set[str]:
         with self._revoked_lock:

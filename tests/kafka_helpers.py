@@ -1,0 +1,105 @@
+"""Helpers for tests against the real Kafka broker: topics, publishing, offsets, trainer processes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from kafka import KafkaConsumer, TopicPartition
+
+from dynft.devbroker import Broker
+from dynft.ledger import Ledger
+from dynft.produce import ensure_topic, produce
+from dynft.settings import Settings
+
+from helpers import write_jsonl
+
+
+def new_topic(broker: Broker, partitions: int = 3) -> str:
+    topic = f"events-{uuid.uuid4().hex[:8]}"
+    ensure_topic([broker.bootstrap], topic, partitions, {})
+    return topic
+
+
+def publish(broker: Broker, topic: str, rows: list[object], tmp_path: Path) -> None:
+    produce(write_jsonl(tmp_path / f"{uuid.uuid4().hex}.jsonl", rows), [broker.bootstrap], topic, {})
+
+
+def end_offsets(broker: Broker, topic: str, group: str) -> tuple[dict[int, int], dict[int, int]]:
+    """(log end, committed) offset per partition."""
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
+        ends = consumer.end_offsets(parts)
+        return {tp.partition: ends[tp] for tp in parts}, {tp.partition: consumer.committed(tp) or 0 for tp in parts}
+    finally:
+        consumer.close()
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def kafka_settings(settings: Settings, broker: Broker, topic: str, group: str) -> Settings:
+    settings.source.uri = f"kafka://{broker.bootstrap}/{topic}?group={group}"
+    settings.checkpoint.interval_s = 1.0
+    settings.kafka.lag_interval_s = 0.5
+    return settings
+
+
+def ledger_of(state_dir: Path) -> Ledger:
+    return Ledger(state_dir / "ledger.db")
+
+
+def trainer_process(settings: Settings, state_dir: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "dynft",
+        "train",
+        "--model",
+        str(settings.model.path),
+        "--source",
+        settings.source.uri,
+        "--state-dir",
+        str(state_dir),
+        "--set",
+        "trainer.lr=0.01",
+        "--set",
+        "checkpoint.interval_s=1",
+        "--set",
+        "kafka.session_timeout_ms=6000",
+        *extra,
+    ]
+    with open(log, "ab") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def accounted(state_dirs: list[Path], ids: list[str]) -> dict[str, tuple[str, int]]:
+    """Each id's status across the given ledgers (trained or held out anywhere wins), and total deliveries."""
+    out: dict[str, tuple[str, int]] = {i: ("unseen", 0) for i in ids}
+    for state_dir in state_dirs:
+        if not (state_dir / "ledger.db").exists():
+            continue
+        for event_id, (status, seen) in ledger_of(state_dir).lookup(ids).items():
+            old_status, old_seen = out[event_id]
+            out[event_id] = (status if status != "unseen" else old_status, old_seen + seen)
+    return out
