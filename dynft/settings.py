@@ -56,6 +56,11 @@ class KafkaSettings(Section):
     max_poll_records: int = Field(2000, ge=1, description="records per poll")
     max_poll_interval_ms: int = Field(300_000, ge=1000, description="longest gap between polls before a rebalance")
     session_timeout_ms: int = Field(10_000, ge=1000, description="heartbeat session timeout")
+    group_instance_id: str | None = Field(
+        None,
+        min_length=1,
+        description="static membership: a restarted daemon with the same id takes its partitions back at once",
+    )
     fetch_max_bytes: int = Field(50 << 20, ge=1024, description="bytes per fetch response")
     max_partition_fetch_bytes: int = Field(1 << 20, ge=1024, description="bytes per partition per fetch")
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -134,6 +139,12 @@ class TrainerSettings(Section):
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = the cores left after the server's")
     seed: int = Field(0, description="seed of weights initialisation and replay sampling")
     fresh_wait_s: float = Field(0.5, gt=0, description="how long a step waits to fill its fresh share")
+    anchor_weight: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="L2 pull of the adapter toward the serving version, against forgetting; 0 = off",
+    )
 
 
 class EvaluationSettings(Section):

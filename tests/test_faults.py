@@ -28,7 +28,7 @@ from dynft.registry import AdapterRegistry
 from dynft.settings import Settings
 
 from helpers import free_port, keyword_events, write_jsonl
-from kafka_helpers import accounted, end_offsets, ledger_of, new_topic, publish, stop, wait_until
+from kafka_helpers import accounted, end_offsets, ledger_of, new_topic, publish, wait_until
 
 pytestmark = pytest.mark.slow
 LABELS = ["alpha", "beta", "gamma"]
@@ -97,13 +97,17 @@ def wait_ready(base: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: f
     raise AssertionError(f"not ready in {timeout_s} s: {log.read_text()[-3000:]}")
 
 
+def started_pids(log: Path, role: str) -> list[int]:
+    return [int(p) for p in re.findall(rf"started {role} \(pid (\d+)\)", log.read_text())]
+
+
 def test_kill_9_at_20_random_moments_loses_no_event(
     kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path
 ) -> None:
-    """Proves at-least-once under crashes: the trainer is SIGKILLed at 20 random moments while a
-    5,000-event stream (with malformed records) arrives, and restarted each time; afterwards every
-    id is trained, held out or dead-lettered, none is missing, and the duplicates stay within one
-    checkpoint interval's worth of events per crash."""
+    """Proves at-least-once under crashes: under `dynft run`, the trainer process is SIGKILLed at
+    20 random moments while a 5,000-event stream (with malformed records) arrives, and the
+    supervisor restarts it each time; afterwards every id is trained, held out or dead-lettered,
+    none is missing, and the duplicates stay within one checkpoint interval per crash."""
     topic = new_topic(kafka_broker)
     rate = 50.0  # events/s, so that the stream is still arriving during the kills
     events = keyword_events(5000, LABELS, seed=31)
@@ -115,41 +119,58 @@ def test_kill_9_at_20_random_moments_loses_no_event(
     producer = threading.Thread(
         target=produce, args=(stream, [kafka_broker.bootstrap], topic, {}), kwargs={"rate": rate}, daemon=True
     )
-    producer.start()
-    state = tmp_path / "state"
-    args = ["train", "--model", str(tiny_settings.model.path), "--state-dir", str(state)]
-    args += ["--source", f"kafka://{kafka_broker.bootstrap}/{topic}?group=crashy"]
+    state, log, port = tmp_path / "state", tmp_path / "run.log", free_port()
     every_steps, batch = 5, 16  # one checkpoint interval trains at most every_steps * batch events
-    args += ["--set", f"checkpoint.every_steps={every_steps}", "--set", f"trainer.batch_size={batch}"]
-    args += ["--set", "checkpoint.interval_s=1", "--set", "kafka.session_timeout_ms=6000", "--set", "trainer.lr=0.01"]
+    args = ["run", "--model", str(tiny_settings.model.path), "--state-dir", str(state), "--port", str(port)]
+    args += ["--source", f"kafka://{kafka_broker.bootstrap}/{topic}?group=crashy"]
+    for setting in (
+        f"checkpoint.every_steps={every_steps}",
+        f"trainer.batch_size={batch}",
+        "checkpoint.interval_s=1",
+        "kafka.session_timeout_ms=6000",
+        "run.restart_backoff_s=0.5",
+        "run.restart_backoff_max_s=1",
+        "kafka.group_instance_id=crashy-1",  # a restart takes its partitions back without a rebalance
+    ):
+        args += ["--set", setting]
+    proc = dynft(*args, log=log)
     rng = random.Random(7)
-    kills, progress = 0, []
-    for run in range(20):
-        log = tmp_path / f"run{run}.log"
-        proc = dynft(*args, log=log)
-        # A random moment: anywhere from model loading to mid-stream training.
-        time.sleep(rng.uniform(2.0, 12.0))
-        kill9(proc)
-        kills += 1
-        if (state / "ledger.db").exists():
-            progress.append(ledger_of(state).counts()["trained"])
-    assert kills == 20
-    assert progress and progress[-1] > 0, "the killed trainers never trained anything: the test proved nothing"
-    producer.join(240)
-    assert not producer.is_alive()
-    final = dynft(*args, log=tmp_path / "final.log")
-    ids = [e["id"] for e in events]
+    killed: list[int] = []
+    lives_that_trained = 0
     try:
+        wait_until(lambda: len(started_pids(log, "trainer")) == 1, 120, "the trainer to start")
+        producer.start()
+        while len(killed) < 20:
+            wait_until(lambda: len(started_pids(log, "trainer")) == len(killed) + 1, 60, "the restart")
+            pid = started_pids(log, "trainer")[-1]
+            trained_before = ledger_of(state).counts()["trained"] if (state / "ledger.db").exists() else 0
+            time.sleep(rng.uniform(0.5, 8.0))  # anywhere from loading the model to mid-stream training
+            assert proc.poll() is None, log.read_text()[-3000:]
+            kill9(pid)
+            killed.append(pid)
+            if (state / "ledger.db").exists() and ledger_of(state).counts()["trained"] > trained_before:
+                lives_that_trained += 1
+        # The kills were real: each killed pid was followed by a restart that the log reports.
+        wait_until(lambda: len(started_pids(log, "trainer")) == 21, 60, "the last restart")
+        assert len(set(started_pids(log, "trainer"))) == 21
+        assert lives_that_trained >= 5, f"only {lives_that_trained} of 20 killed trainers had trained anything"
+        producer.join(240)
+        assert not producer.is_alive()
+        ids = [e["id"] for e in events]
         wait_until(lambda: all(s != "unseen" for s, _ in accounted([state], ids).values()), 240, "every id")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0
     finally:
-        assert stop(final) == 0
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert len(re.findall(r"trainer exited with code -9", log.read_text())) == 20
     result = accounted([state], ids)
     missing = [i for i, (s, _) in result.items() if s not in ("trained", "held_out")]
     assert missing == [], f"{len(missing)} events lost, e.g. {missing[:5]}"
-    counts = ledger_of(state).counts()
-    assert counts["dead_lettered"] >= len(bad)  # each malformed record, maybe again after a crash
+    assert ledger_of(state).counts()["dead_lettered"] >= len(bad)  # each malformed record, maybe again
     duplicates = sum(seen - 1 for _, seen in result.values())
-    assert duplicates <= kills * every_steps * batch, f"{duplicates} duplicates after {kills} crashes"
+    assert duplicates <= len(killed) * every_steps * batch, f"{duplicates} duplicates after {len(killed)} crashes"
     ends, committed = end_offsets(kafka_broker, topic, "crashy")
     assert committed == ends
 

@@ -113,6 +113,7 @@ class KafkaSource(Source):
                 session_timeout_ms=s.session_timeout_ms,
                 fetch_max_bytes=s.fetch_max_bytes,
                 max_partition_fetch_bytes=s.max_partition_fetch_bytes,
+                group_instance_id=s.group_instance_id,
                 **client_config(s),
             )
         except KafkaError as exc:
