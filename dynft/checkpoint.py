@@ -76,11 +76,11 @@ class CheckpointStore:
 
     def save(self, checkpoint: Checkpoint) -> Path:
         """Write ``checkpoint`` as the newest one; older ones beyond ``keep`` are removed."""
-        existing = self._complete()
-        seq = int(existing[-1].name.split("-")[1]) + 1 if existing else 1
         stage = self.staging / uuid.uuid4().hex
-        target = self.root / f"ckpt-{seq:09d}"
         try:
+            existing = self._complete()
+            seq = int(existing[-1].name.split("-")[1]) + 1 if existing else 1
+            target = self.root / f"ckpt-{seq:09d}"
             stage.mkdir(parents=True)
             tensors = {k: t.detach().to("cpu").contiguous() for k, t in checkpoint.tensors.items()}
             _write(stage / TENSORS, save_safetensors(tensors))
@@ -91,8 +91,10 @@ class CheckpointStore:
             os.rename(stage, target)
             _fsync_dir(self.root)
         except OSError as exc:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise CheckpointError(f"cannot write a checkpoint in {self.root}: {exc.strerror or exc}") from exc
+            shutil.rmtree(stage, ignore_errors=True)  # frees what the torn attempt took
+            raise CheckpointError(
+                f"cannot write a checkpoint in {self.root} ({exc.strerror or exc}: {exc.filename or self.root})"
+            ) from exc
         for old in self._complete()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return target

@@ -27,5 +27,12 @@ class RegistryError(DynftError):
     """An adapter version is missing, incomplete or cannot be written."""
 
 
+class RegistryWriteError(RegistryError):
+    """The registry cannot be written (disk full, read-only or unwritable state directory).
+
+    Nothing that was already published or serving is affected; the same write may work later.
+    """
+
+
 class AdapterMismatchError(RegistryError):
     """An adapter version does not fit the model it should be loaded into."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -42,9 +43,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from dynft.errors import RegistryError
+from dynft.errors import RegistryError, RegistryWriteError
 from dynft.model import AdapterState
 
+log = logging.getLogger(__name__)
 WEIGHTS, CONFIG, LABELS, META = "adapter_model.safetensors", "adapter_config.json", "labels.json", "meta.json"
 HASHED = (WEIGHTS, CONFIG, LABELS)
 
@@ -80,11 +82,15 @@ def _fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk should not also fill up with half-written temporaries
+        raise
     _fsync_dir(path.parent)
 
 
@@ -107,6 +113,15 @@ class AdapterRegistry:
             self.staging_dir.mkdir(exist_ok=True)
         except OSError as exc:
             raise RegistryError(f"registry {root}: cannot create it ({exc.strerror})") from exc
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        """Report a failed write (disk full, read-only, permissions) as one error naming the file and why."""
+        try:
+            yield
+        except OSError as exc:
+            where = exc.filename or self.root
+            raise RegistryWriteError(f"registry {self.root}: cannot {what} ({exc.strerror or exc}: {where})") from exc
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -161,7 +176,9 @@ class AdapterRegistry:
                 _fsync_dir(self.versions_dir)
         except OSError as exc:
             shutil.rmtree(stage, ignore_errors=True)
-            raise RegistryError(f"registry {self.root}: cannot write a version ({exc.strerror or exc})") from exc
+            raise RegistryWriteError(
+                f"registry {self.root}: cannot write a version ({exc.strerror or exc}: {exc.filename or stage})"
+            ) from exc
         return VersionInfo(version, self.path(version), full_meta)
 
     def meta(self, version: int) -> dict[str, Any]:
@@ -212,13 +229,13 @@ class AdapterRegistry:
     def promote(self, version: int, reason: str, pin: bool = False) -> None:
         """Make ``version`` the serving one (checking it loads cleanly first)."""
         self.load(version)
-        with self._locked():
+        with self._writing("write serving.json"), self._locked():
             self._set_serving(version, reason, pin)
         self.prune()
 
     def rollback(self, reason: str = "rollback") -> int:
         """Serve the previous serving version again (pinned, so the gate will not replace it)."""
-        with self._locked():
+        with self._writing("write serving.json"), self._locked():
             current = self.serving()
             existing = set(self.versions())
             earlier = [
@@ -234,24 +251,32 @@ class AdapterRegistry:
         return int(target)
 
     def unpin(self) -> None:
-        with self._locked():
+        with self._writing("write serving.json"), self._locked():
             current = self.serving()
             if current.version is not None and current.pinned:
                 current.pinned = False
                 write_atomic(self.pointer_path, _json_bytes(current.__dict__))
 
     def prune(self) -> list[int]:
-        """Apply retention: the last ``keep_last`` versions, the serving one and its recent history stay."""
-        with self._locked():
-            versions = self.versions()
-            pointer = self.serving()
-            keep = set(versions[-self.keep_last :])
-            if pointer.version is not None:
-                keep.add(pointer.version)
-            keep.update(h["version"] for h in pointer.history[: self.keep_serving_history])
-            removed = [v for v in versions if v not in keep]
-            for version in removed:
-                trash = self.staging_dir / f"pruned-{version}-{uuid.uuid4().hex[:6]}"
-                os.rename(self.path(version), trash)  # one atomic step out of versions/
-                shutil.rmtree(trash, ignore_errors=True)
+        """Apply retention: the last ``keep_last`` versions, the serving one and its recent history stay.
+
+        Retention is housekeeping: if the registry cannot be written, the versions stay, a warning
+        says why, and the next prune tries again.
+        """
+        removed: list[int] = []
+        try:
+            with self._writing("remove old versions"), self._locked():
+                versions = self.versions()
+                pointer = self.serving()
+                keep = set(versions[-self.keep_last :])
+                if pointer.version is not None:
+                    keep.add(pointer.version)
+                keep.update(h["version"] for h in pointer.history[: self.keep_serving_history])
+                for version in (v for v in versions if v not in keep):
+                    trash = self.staging_dir / f"pruned-{version}-{uuid.uuid4().hex[:6]}"
+                    os.rename(self.path(version), trash)  # one atomic step out of versions/
+                    shutil.rmtree(trash, ignore_errors=True)
+                    removed.append(version)
+        except RegistryWriteError as exc:
+            log.warning("%s; old versions stay until the next prune", exc)
         return removed

@@ -2,7 +2,9 @@
 
 Every error is a JSON body ``{"error": {"code": ..., "message": ...}}`` with a 4xx or 503/504
 status; admin endpoints need ``Authorization: Bearer <server.admin_token>`` (401 without a
-token, 403 with a wrong one).
+token, 403 with a wrong one). The OpenAPI schema at ``/openapi.json`` declares all of it (error
+bodies, the bearer scheme, the request limits), so a schema-driven fuzzer can hold the server
+to it (``tests/serving/test_fuzz.py``).
 """
 
 from __future__ import annotations
@@ -11,16 +13,18 @@ import asyncio
 import hmac
 import time
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dynft.errors import RegistryError
+from dynft.errors import RegistryError, RegistryWriteError
 from dynft.metrics import ServerMetrics, exposition
 from dynft.registry import AdapterRegistry
 from dynft.serving.engine import InferenceEngine, NotReady, Overloaded
@@ -39,7 +43,41 @@ def error_response(status: int, code: str, message: str, headers: Mapping[str, s
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable reason, e.g. invalid_request, text_too_long, not_ready")
+    message: str = Field(description="what was wrong, for a person")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for error statuses: they all share the ``ErrorBody`` shape."""
+    return {status: {"model": ErrorBody, "description": HTTPStatus(status).phrase} for status in statuses}
+
+
+# A character that is not whitespace as ``str.strip`` sees it, spelled out: regex engines disagree
+# on what ``\s`` covers (Python's includes U+001C-U+001F, ECMA's and Rust's do not), and the
+# schema's pattern must accept exactly the texts the server does not reject as empty.
+NOT_BLANK = "[^\\u0009-\\u000d\\u001c-\\u0020\\u0085\\u00a0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` has no character matching ``NOT_BLANK``, i.e. ``not text.strip()``.
+
+    >>> import re, sys
+    >>> all((re.fullmatch(NOT_BLANK, chr(c)) is None) == chr(c).isspace() for c in range(sys.maxunicode + 1))
+    True
+    >>> is_blank(" \\x1c\\u3000"), is_blank(" a ")
+    (True, False)
+    """
+    return not text.strip()
+
+
 class PredictRequest(BaseModel):
+    # The per-text limits (length, not blank, valid Unicode) are checked in the endpoint, for
+    # errors that name the text; ``openapi`` below publishes them in the schema as well.
     model_config = ConfigDict(extra="forbid")
     texts: list[StrictStr] = Field(min_length=1, description="texts to classify")
     top_k: int | None = Field(None, ge=1, description="return only the k most probable labels per text")
@@ -53,6 +91,23 @@ class ScoredLabel(BaseModel):
 class PredictResponse(BaseModel):
     predictions: list[ScoredLabel]
     adapter_version: int
+
+
+class Ready(BaseModel):
+    status: str
+    adapter_version: int
+
+
+def _parse_failure(exc: StarletteHTTPException) -> str | None:
+    """Why FastAPI could not parse a body it reports as a bare 400, or None for any other error."""
+    if exc.status_code != 400 or exc.detail != "There was an error parsing the body":
+        return None
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return "the body is not valid UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the body's JSON is nested too deeply"
+    return f"the body could not be parsed ({type(cause).__name__})"
 
 
 class BodyLimit:
@@ -115,36 +170,54 @@ def create_app(
         return error_response(500, "internal", f"internal error: {type(exc).__name__}")
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}" for e in exc.errors()]
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in exc.errors():
+            if e["type"] == "json_invalid":  # loc is ("body", character offset)
+                parts.append(f"malformed JSON at character {e['loc'][-1]}: {e.get('ctx', {}).get('error', e['msg'])}")
+            else:
+                parts.append(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}")
+        content_type = request.headers.get("content-type", "")
+        if "json" not in content_type and any(e["loc"][:1] == ("body",) for e in exc.errors()):
+            # FastAPI does not parse a body sent without a JSON content type: say so, not just "invalid".
+            parts.insert(0, f"send the body as JSON with 'Content-Type: application/json' (got {content_type!r})")
         return error_response(422, "invalid_request", "; ".join(parts[:5]))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, "http_error", str(exc.detail), getattr(exc, "headers", None))
+        unparsable = _parse_failure(exc)
+        if unparsable is not None:  # malformed bodies are 422 whichever way they are malformed
+            return error_response(422, "invalid_request", unparsable)
+        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
-    def admin(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+    # auto_error=False: the scheme is declared in the OpenAPI schema, the errors are dynft's own.
+    bearer = HTTPBearer(auto_error=False, description="server.admin_token")
+
+    def admin(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if credentials is None:  # no header, another scheme, or an empty token
             raise ApiError(
                 401,
                 "unauthorized",
                 "admin endpoints need 'Authorization: Bearer <token>'",
                 {"WWW-Authenticate": "Bearer"},
             )
-        if not hmac.compare_digest(token.encode(), admin_token.encode()):
+        if not hmac.compare_digest(credentials.credentials.encode(), admin_token.encode()):
             raise ApiError(403, "forbidden", "the bearer token is not the admin token")
 
     admin_only = [Depends(admin)]
 
-    @app.post("/v1/predict", response_model=PredictResponse)
+    def registry_failed(exc: RegistryWriteError) -> ApiError:
+        # The disk, not the request, is at fault: a 503 the client may retry; serving is unaffected.
+        return ApiError(503, "registry_unwritable", str(exc), {"Retry-After": "10"})
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses=error_responses(413, 422, 503, 504))
     async def predict(body: PredictRequest) -> dict[str, Any]:
         started = time.perf_counter()
         if len(body.texts) > s.max_texts:
             raise ApiError(422, "too_many_texts", f"at most {s.max_texts} texts per request, got {len(body.texts)}")
         for i, text in enumerate(body.texts):
-            if not text.strip():
+            if is_blank(text):
                 raise ApiError(422, "empty_text", f"texts[{i}] is empty")
             if len(text) > settings.events.max_text_chars:
                 raise ApiError(
@@ -152,6 +225,12 @@ def create_app(
                     "text_too_long",
                     f"texts[{i}] has {len(text)} chars, the limit is {settings.events.max_text_chars}",
                 )
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # JSON's \ud800 escapes decode to unpaired surrogates
+                raise ApiError(
+                    422, "invalid_text", f"texts[{i}] is not valid Unicode: unpaired surrogate at index {exc.start}"
+                ) from exc
         try:
             future = engine.submit(list(body.texts))
             answer = await asyncio.wait_for(asyncio.wrap_future(future), timeout=s.request_timeout_s)
@@ -170,9 +249,12 @@ def create_app(
         metrics.predict_seconds.observe(time.perf_counter() - started)
         return {"predictions": predictions, "adapter_version": answer.version}
 
-    @app.get("/v1/adapters")
+    @app.get("/v1/adapters", responses=error_responses(503))
     async def adapters() -> dict[str, Any]:
-        pointer = registry.serving()
+        try:
+            pointer = registry.serving()
+        except RegistryError as exc:
+            raise ApiError(503, "registry_unreadable", str(exc), {"Retry-After": "10"}) from exc
         versions = []
         for version in registry.versions():
             try:
@@ -205,41 +287,67 @@ def create_app(
             "versions": versions,
         }
 
-    @app.post("/v1/adapters/{version}/promote", dependencies=admin_only)
+    @app.post(
+        "/v1/adapters/{version}/promote",
+        dependencies=admin_only,
+        responses=error_responses(401, 403, 404, 409, 422, 503),
+    )
     async def promote(version: int) -> dict[str, Any]:
         try:
             await asyncio.to_thread(registry.promote, version, "promoted through the admin API", True)
+        except RegistryWriteError as exc:
+            raise registry_failed(exc) from exc
         except RegistryError as exc:
             raise ApiError(404 if "does not exist" in str(exc) else 409, "bad_version", str(exc)) from exc
         return {"serving": version, "pinned": True}
 
-    @app.post("/v1/adapters/rollback", dependencies=admin_only)
+    @app.post("/v1/adapters/rollback", dependencies=admin_only, responses=error_responses(401, 403, 409, 503))
     async def rollback() -> dict[str, Any]:
         try:
             version = await asyncio.to_thread(registry.rollback, "rolled back through the admin API")
+        except RegistryWriteError as exc:
+            raise registry_failed(exc) from exc
         except RegistryError as exc:
             raise ApiError(409, "no_rollback", str(exc)) from exc
         return {"serving": version, "pinned": True}
 
-    @app.post("/v1/adapters/unpin", dependencies=admin_only)
+    @app.post("/v1/adapters/unpin", dependencies=admin_only, responses=error_responses(401, 403, 503))
     async def unpin() -> dict[str, Any]:
-        await asyncio.to_thread(registry.unpin)
+        try:
+            await asyncio.to_thread(registry.unpin)
+        except RegistryWriteError as exc:
+            raise registry_failed(exc) from exc
         return {"serving": registry.serving().version, "pinned": False}
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=Ready, responses=error_responses(503))
     async def readyz() -> JSONResponse:
         active = engine.active
         if not engine.ready or active is None:
             return error_response(503, "not_ready", "no adapter version is loaded yet")
         return JSONResponse({"status": "ready", "adapter_version": active.version})
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus"}},
+    )
     async def metrics_endpoint() -> Response:
         body, content_type = exposition(metrics_registry)
         return Response(body, media_type=content_type)
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema, plus the per-text limits that the endpoint (not pydantic) enforces."""
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = FastAPI.openapi(app)  # builds and caches it in app.openapi_schema
+        texts = schema["components"]["schemas"]["PredictRequest"]["properties"]["texts"]
+        texts["maxItems"] = s.max_texts
+        texts["items"].update(minLength=1, maxLength=settings.events.max_text_chars, pattern=NOT_BLANK)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
     return app

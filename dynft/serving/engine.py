@@ -14,6 +14,7 @@ for a load, and a version that fails a check is never installed.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -117,7 +118,9 @@ class InferenceEngine:
                 thread.join(timeout_s)
         with self._cond:
             while self._queue:
-                self._queue.popleft().future.set_exception(NotReady("the server is shutting down"))
+                future = self._queue.popleft().future
+                if future.set_running_or_notify_cancel():
+                    future.set_exception(NotReady("the server is shutting down"))
 
     @property
     def ready(self) -> bool:
@@ -165,7 +168,9 @@ class InferenceEngine:
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            batch = self._collect()
+            # A request whose client gave up (timeout) was cancelled: skip it. Marking the rest
+            # running means they can no longer be cancelled, so setting their result cannot fail.
+            batch = [p for p in self._collect() if p.future.set_running_or_notify_cancel()]
             staged = self._staged
             if staged is not None:
                 self._install(staged)
@@ -176,18 +181,24 @@ class InferenceEngine:
                 for pending in batch:
                     pending.future.set_exception(NotReady("no adapter version is serving yet"))
                 continue
-            try:
-                answers = self._forward(active, [t for p in batch for t in p.texts])
-            except Exception as exc:  # a failed batch fails its requests, not the server
-                log.exception("inference failed")
+            self._answer(active, batch)
+
+    def _answer(self, active: LoadedVersion, batch: list[_Pending]) -> None:
+        try:
+            answers = self._forward(active, [t for p in batch for t in p.texts])
+        except Exception as exc:  # a failed batch fails its requests, not the server
+            if len(batch) > 1:  # and one bad request must not fail the others that shared its batch
                 for pending in batch:
-                    pending.future.set_exception(exc)
-                continue
-            start = 0
-            for pending in batch:
-                end = start + len(pending.texts)
-                pending.future.set_result(Answer(answers[start:end], active.version))
-                start = end
+                    self._answer(active, [pending])
+                return
+            log.exception("inference failed on a request of %d texts", len(batch[0].texts))
+            batch[0].future.set_exception(exc)
+            return
+        start = 0
+        for pending in batch:
+            end = start + len(pending.texts)
+            pending.future.set_result(Answer(answers[start:end], active.version))
+            start = end
 
     @torch.no_grad()
     def _forward(self, active: LoadedVersion, texts: list[str]) -> list[Prediction]:
@@ -273,9 +284,16 @@ class InferenceEngine:
         return LoadedVersion(version, list(state.labels), params, model, slots)
 
     def _build(self, state: AdapterState) -> tuple[PeftModel, AdapterSlots]:
-        config = peft_config_from_dict(state.peft_config)
+        # A copy: peft appends its default head modules to the config's modules_to_save list
+        # in place, which would otherwise change the version's own config.
+        config = peft_config_from_dict(copy.deepcopy(state.peft_config))
         model = build_model(self.model_path, config, len(state.labels), self.device, self.tokenizer.pad_token_id)
         model.eval()
         for param in model.parameters():
             param.requires_grad_(False)
-        return model, AdapterSlots(model)
+        slots = AdapterSlots(model)
+        # The model is built for this configuration, but reads it back with the head modules
+        # listed twice; keep the version's, so that later versions of the same configuration
+        # reuse this model (a flip of references) instead of building a new one per swap.
+        slots.peft_config = dict(state.peft_config)
+        return model, slots

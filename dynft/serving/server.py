@@ -6,6 +6,7 @@ requests finish (``timeout_graceful_shutdown``) and returns; the engine stops af
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -16,6 +17,7 @@ import torch
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from dynft.errors import ConfigError
 from dynft.metrics import ServerMetrics
 from dynft.registry import AdapterRegistry
 from dynft.runtime import tune_gc
@@ -33,11 +35,22 @@ def admin_token(settings: Settings) -> str:
     path = settings.state_dir / "admin-token"
     if path.exists():
         return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(24)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
+    created = False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        created = True
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+    except OSError as exc:
+        if created:  # an empty token file (disk full) would lock the admin API out on every later start
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise ConfigError(
+            f"cannot create the admin token file {path} ({exc.strerror or exc}); "
+            "make the state directory writable or set server.admin_token"
+        ) from exc
     log.info("generated an admin token in %s", path)
     return token
 
