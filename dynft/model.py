@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +34,11 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from dynft.errors import AdapterMismatchError, ModelError
+from dynft.registry import AdapterState as AdapterState  # the registry's unit, re-exported
 from dynft.settings import AdapterSettings
 
 log = logging.getLogger(__name__)
 ADAPTER_NAME = "default"
-
-
-@dataclass
-class AdapterState:
-    """A self-contained adapter: weights by peft state-dict key (CPU), labels by head row, peft config."""
-
-    tensors: dict[str, torch.Tensor]
-    labels: list[str]
-    peft_config: dict[str, Any]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
 def resolve_model_path(path: str | None) -> Path:

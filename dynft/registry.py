@@ -44,11 +44,23 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from dynft.errors import RegistryError, RegistryWriteError
-from dynft.model import AdapterState
 
 log = logging.getLogger(__name__)
 WEIGHTS, CONFIG, LABELS, META = "adapter_model.safetensors", "adapter_config.json", "labels.json", "meta.json"
 HASHED = (WEIGHTS, CONFIG, LABELS)
+
+
+@dataclass
+class AdapterState:
+    """A self-contained adapter: weights by peft state-dict key (CPU), labels by head row, peft config."""
+
+    tensors: dict[str, torch.Tensor]
+    labels: list[str]
+    peft_config: dict[str, Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
 @dataclass(frozen=True)
