@@ -21,6 +21,7 @@ import json
 import logging
 import multiprocessing
 import os
+import select
 import shutil
 import signal
 import threading
@@ -61,13 +62,33 @@ def _die_with_parent() -> None:
         pass
 
 
-def _child_main(argv: list[str]) -> None:
-    """Body of a child, forked from the fork server: run ``dynft <argv>`` and exit with its code.
+def _follow(supervisor: int) -> None:
+    """SIGTERM this process when the supervisor dies, even by SIGKILL.
 
-    The fork server exits when the supervisor does (it watches a pipe to it), and the child
-    follows its parent, the fork server, through PDEATHSIG.
+    The fork server, not the supervisor, is a child's parent, and it outlives the supervisor as
+    long as a child lives (it holds its own liveness pipe open through them), so PDEATHSIG alone
+    would leave both running forever. A thread waits on a pidfd of the supervisor instead.
     """
+    try:
+        fd = os.pidfd_open(supervisor)
+    except ProcessLookupError:  # gone already
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    except (AttributeError, OSError):  # no pidfds (not Linux >= 5.3): PDEATHSIG has to do
+        return
+
+    def wait() -> None:
+        select.select([fd], [], [])
+        log.warning("the supervisor (pid %d) is gone; stopping", supervisor)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait, name="dynft-follow-supervisor", daemon=True).start()
+
+
+def _child_main(argv: list[str], supervisor: int) -> None:
+    """Body of a child, forked from the fork server: run ``dynft <argv>`` and exit with its code."""
     _die_with_parent()
+    _follow(supervisor)
     os.setsid()
     # Children read the resolved config file only: DYNFT_* variables were already applied by
     # the supervisor, and applying them again would undo CLI flags that overrode them.
@@ -116,7 +137,7 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         if child.process is not None:
             child.process.close()  # the dead one's handles
-        process = self.context.Process(target=_child_main, args=(child.argv,), name=f"dynft-{child.name}")
+        process = self.context.Process(target=_child_main, args=(child.argv, os.getpid()), name=f"dynft-{child.name}")
         process.start()
         child.process = process
         child.started_at = time.monotonic()

@@ -405,3 +405,35 @@ def test_a_poison_stream_never_publishes_or_serves_a_non_finite_adapter(
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead too: its parent, the fork server, may not have reaped it yet.
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+
+
+def test_children_stop_when_the_supervisor_is_killed(tiny_settings: Settings, tmp_path: Path) -> None:
+    """Proves no orphans: `dynft run` is SIGKILLed (no chance to stop its children); the trainer
+    and the server notice and stop by themselves, and the port is released."""
+    stream = write_jsonl(tmp_path / "stream.jsonl", keyword_events(300, LABELS, seed=71))
+    port, log = free_port(), tmp_path / "run.log"
+    args = ["run", "--model", str(tiny_settings.model.path), "--state-dir", str(tmp_path / "state")]
+    args += ["--source", f"file:{stream}", "--port", str(port)]
+    proc = dynft(*args, log=log)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", proc, log)
+        children = started_pids(log, "trainer") + started_pids(log, "server")
+        assert len(children) == 2 and all(alive(pid) for pid in children)
+        kill9(proc)
+        wait_until(lambda: not any(alive(pid) for pid in children), 60, "the children to stop")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert "the supervisor" in log.read_text() and "is gone; stopping" in log.read_text()
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
