@@ -1,7 +1,8 @@
-"""``python -m benchmarks --suite quick|full [--device cpu|cuda] [--only NAME ...]``.
+"""``python -m benchmarks --suite smoke|quick|full [--device cpu|cuda] [--only NAME ...] [--compile] [--out DIR]``.
 
-Runs each benchmark beside its baseline, prints a table as results come in, and writes
-``benchmarks/results/<suite>-<device>.json`` and ``.md``.
+Runs each benchmark beside its baseline, prints progress and each result as it comes in, then
+the table, and writes ``<out>/<suite>-<device>.json`` and ``.md`` (default out:
+``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -10,18 +11,24 @@ import argparse
 import importlib
 import os
 import sys
+import tempfile
 import time
+import traceback
+from pathlib import Path
 
-from benchmarks.common import Result, markdown, write
+from benchmarks.common import RESULTS, Result, fmt, markdown, progress, skipped, write
 
-BENCHMARKS = ["ingest"]  # module names under benchmarks/, each with run(suite, device) -> list[Result]
+# Module names under benchmarks/, each with run(plan) -> list[Result], in the order they run.
+BENCHMARKS = ["training", "swap", "serving", "ingest"]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("--suite", choices=["quick", "full"], default="quick")
+    parser.add_argument("--suite", choices=["smoke", "quick", "full"], default="quick")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     parser.add_argument("--only", nargs="*", choices=BENCHMARKS, help="run only these benchmarks")
+    parser.add_argument("--compile", action="store_true", help="also time the bare peft loop under torch.compile")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON and Markdown results go")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -29,34 +36,51 @@ def main() -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA device is available")
-    started = time.time()
-    results: list[Result] = []
-    for name in args.only or BENCHMARKS:
-        print(f"[{time.time() - started:6.1f}s] running {name} ...", file=sys.stderr, flush=True)
-        module = importlib.import_module(f"benchmarks.{name}")
-        for result in module.run(args.suite, device):
-            results.append(result)
-            print(
-                f"[{time.time() - started:6.1f}s]   {result.name}: dynft {result.dynft:.4g} vs "
-                f"{result.baseline_name} {result.baseline:.4g} {result.metric} -> ratio {result.ratio:.2f}",
-                file=sys.stderr,
-                flush=True,
-            )
-    json_path, md_path = write(args.suite, device, results, started)
-    print(
-        markdown(
-            {
-                "suite": args.suite,
-                "machine": __import__("benchmarks.common").common.machine(device),
-                "finished_at": "now",
-                "seconds": round(time.time() - started, 1),
-                "results": [{**r.__dict__, "ratio": r.ratio} for r in results],
-            }
+        parser.error(
+            f"--device cuda, but torch {torch.__version__} sees no CUDA device "
+            f"(torch.version.cuda = {torch.version.cuda}); run with --device cpu or on a GPU machine"
         )
-    )
-    print(f"\nwrote {json_path} and {md_path}", file=sys.stderr)
-    return 0
+    from benchmarks.common import quiet
+    from benchmarks.plans import make_plan
+
+    quiet()
+    started = time.time()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    results: list[Result] = []
+    failed: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="dynft-bench-") as workdir:
+        plan = make_plan(args.suite, device, Path(workdir), args.compile)
+        progress(f"suite {plan.suite} on {device}: serving model {plan.model}")
+        for name in args.only or BENCHMARKS:
+            progress(f"running {name} ...")
+            try:
+                module_results = importlib.import_module(f"benchmarks.{name}").run(plan)
+            except Exception as exc:  # one broken benchmark must not cost the others' results
+                traceback.print_exc()
+                failed.append(name)
+                module_results = [skipped(name, f"error: {type(exc).__name__}: {str(exc)[-300:]}")]
+            for result in module_results:
+                results.append(result)
+                progress(f"  {_line(result)}")
+    notes = {
+        "suite": f"{plan.suite}; serving model {plan.model}; torch threads per contender {plan.threads}",
+        "contenders": "each in a fresh spawned process" if plan.isolate else "in the harness process (smoke)",
+        "load average at the start (1, 5, 15 min)": load_at_start,
+        "cores": os.cpu_count(),
+    }
+    json_path, md_path, data = write(args.out, args.suite, device, results, started, notes)
+    print(markdown(data))
+    progress(f"wrote {json_path} and {md_path}")
+    if failed:
+        progress(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def _line(r: Result) -> str:
+    if r.skipped:
+        return f"{r.name}: skipped ({r.skipped})"
+    ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
+    return f"{r.name}: dynft {fmt(r.dynft)} vs {r.baseline_name} {fmt(r.baseline)} {r.unit} -> ratio {ratio}"
 
 
 if __name__ == "__main__":

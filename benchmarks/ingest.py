@@ -10,7 +10,7 @@ all partitions from the beginning with a fresh group; the clock starts at the fi
 from __future__ import annotations
 
 import json
-import multiprocessing
+import shutil
 import tempfile
 import threading
 import time
@@ -20,7 +20,8 @@ from pathlib import Path
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import CollectorRegistry
 
-from benchmarks.common import Result
+from benchmarks.common import Result, in_fresh_process, progress, skipped
+from benchmarks.plans import Plan
 from dynft import devbroker
 from dynft.buffer import ReplayBuffer
 from dynft.evaluation import is_held_out
@@ -104,15 +105,26 @@ def dynft_ingest(bootstrap: str, topic: str, n: int) -> tuple[float, int]:
     return n / elapsed, counts["rejected"]
 
 
-def _in_fresh_process(target: str, *args: object) -> object:
-    """Each contender measures in a new interpreter, so neither inherits the other's heap or GC state."""
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(globals()[target], args)
+NAME = "kafka ingest"
 
 
-def run(suite: str, device: str, bootstrap: str | None = None) -> list[Result]:
-    n = 100_000 if suite == "quick" else 300_000
+def missing_broker() -> str | None:
+    """Why the development broker cannot start here, or None."""
+    if shutil.which("java") is None:
+        return "no java on PATH for the Kafka broker"
+    libs = devbroker.KAFKA_DIR / "libs"
+    if not any(libs.glob("kafka_2.13-*.jar")):
+        return f"no Kafka broker jars in {libs} (make deploy/kafka/libs/.fetched)"
+    return None
+
+
+def run(plan: Plan, bootstrap: str | None = None) -> list[Result]:
+    n = plan.ingest_events
+    if not n:
+        return [skipped(NAME, f"not part of the {plan.suite} suite")]
+    reason = None if bootstrap else missing_broker()
+    if reason:
+        return [skipped(NAME, reason)]
     with tempfile.TemporaryDirectory() as tmp:
         broker = None if bootstrap else devbroker.start(Path(tmp) / "kafka")
         address = bootstrap or (broker.bootstrap if broker else "")
@@ -120,9 +132,10 @@ def run(suite: str, device: str, bootstrap: str | None = None) -> list[Result]:
             topic = f"ingest-{uuid.uuid4().hex[:8]}"
             fill_topic(address, topic, n)
             bare, ours = [], []
+            progress(f"  ingest: {n} events in the topic; bare consumer and dynft intake, interleaved twice ...")
             for _ in range(2):  # interleaved, so drift in the machine's load hits both
-                bare.append(float(_in_fresh_process("bare_consumer", address, topic, n)))  # type: ignore[arg-type]
-                ours.append(_in_fresh_process("dynft_ingest", address, topic, n))  # type: ignore[arg-type]
+                bare.append(in_fresh_process(plan.isolate, bare_consumer, address, topic, n))
+                ours.append(in_fresh_process(plan.isolate, dynft_ingest, address, topic, n))
         finally:
             if broker is not None:
                 devbroker.stop(broker.data_dir)
@@ -130,8 +143,9 @@ def run(suite: str, device: str, bootstrap: str | None = None) -> list[Result]:
     ratio = best_ours / best_bare
     return [
         Result(
-            name="kafka ingest",
-            metric="events/s into the buffer (training paused)",
+            name=NAME,
+            metric="events into the buffer (training paused)",
+            unit="events/s",
             dynft=best_ours,
             baseline=best_bare,
             baseline_name="kafka-python bare poll loop",

@@ -131,6 +131,7 @@ class Publisher:
         if decision.promote:
             self.registry.promote(info.version, reason=f"gate: {decision.reason}")
             self.serving_version = info.version
+            self.trainer.anchor_to(state)  # the regulariser (trainer.anchor_weight) pulls toward what serves
             self._serving_cache = (info.version, self._candidate_predictions)  # same weights, same answers
         else:
             self.registry.prune()

@@ -3,7 +3,8 @@
 ``step`` is the whole training step and reads top to bottom: forward, per-event losses,
 prequential predictions for the fresh rows (made before the update that learns from them),
 a finiteness check, backward, clipping, AdamW. A non-finite loss or gradient skips the step
-and is counted; the weights never see it.
+and is counted; the weights never see it. With ``trainer.anchor_weight`` > 0 the backward pass
+also carries an L2 pull toward the serving version (``anchor_to``), against forgetting.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class OnlineTrainer:
         self.steps = 0
         self.skipped = 0
         self.lr_scale = 1.0  # raised temporarily by drift reactions
+        self._anchor: dict[str, torch.Tensor] | None = None  # the serving version's weights (see anchor_to)
         self._init_state = {k: p.detach().clone() for k, p in self.slots.capture().items()}
         self.optimizer = self._make_optimizer()
 
@@ -103,10 +105,12 @@ class OnlineTrainer:
     def step(self, batch: Batch) -> StepResult:
         """One test-then-train update on ``batch``."""
         started = time.perf_counter()
-        grow_head(self.model, batch.num_labels, self.optimizer)
+        if batch.num_labels > self.slots.head.out_features:  # both checks skip a walk over every module
+            grow_head(self.model, batch.num_labels, self.optimizer)
         batch = batch.to(self.device)
         lr = self._set_lr()
-        self.model.train()
+        if not self.model.training:  # only ``predict`` switches to eval
+            self.model.train()
         with self._autocast():
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, C)
         losses = F.cross_entropy(logits.float(), batch.labels, reduction="none")  # (B,)
@@ -125,7 +129,8 @@ class OnlineTrainer:
         if not math.isfinite(result.loss):
             result.skipped = "non_finite_loss"
         else:
-            loss.backward()  # type: ignore[no-untyped-call]
+            penalty = self._anchor_penalty()
+            (loss if penalty is None else loss + penalty).backward()  # type: ignore[no-untyped-call]
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             grad_norm = nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
             if torch.isfinite(grad_norm):
@@ -140,18 +145,46 @@ class OnlineTrainer:
         result.seconds = time.perf_counter() - started
         return result
 
+    def anchor_to(self, state: AdapterState | None) -> None:
+        """Pull later steps toward ``state`` (the version now serving) with ``trainer.anchor_weight``.
+
+        The penalty is ``anchor_weight / 2 * ||w - w_anchor||^2`` over the adapter weights and the
+        head rows of the anchor's labels (rows of labels that appear later are free). ``None``
+        removes the anchor. The state is checked against the model before anything changes.
+        """
+        if state is None:
+            self._anchor = None
+            return
+        self.slots.check(state)
+        self._anchor = {k: t.to(self.device, torch.float32, copy=True) for k, t in state.tensors.items()}
+
+    def _anchor_penalty(self) -> torch.Tensor | None:
+        weight = self.settings.anchor_weight
+        if not weight or self._anchor is None:
+            return None
+        params = self.slots.capture()
+        total = torch.zeros((), device=self.device)
+        for key, anchor in self._anchor.items():
+            param = params[key][: anchor.shape[0]] if key in self.slots.head_keys else params[key]
+            total = total + (param.float() - anchor).pow(2).sum()
+        return 0.5 * weight * total
+
     @torch.no_grad()
     def predict(self, events: Sequence[Event], labels: Sequence[str], batch_size: int = 64) -> list[str]:
         """Label predictions for ``events`` by the installed weights (eval mode, no training)."""
         self.model.eval()
-        out: list[str] = []
-        for i in range(0, len(events), batch_size):
-            enc = self.collator.encode([e.text for e in events[i : i + batch_size]])
+        out: list[str] = [""] * len(events)
+        # Texts of similar length share a batch, so little is padded (the gate's cost is this loop).
+        order = sorted(range(len(events)), key=lambda k: len(events[k].text))
+        for i in range(0, len(order), batch_size):
+            rows = order[i : i + batch_size]
+            enc = self.collator.encode([events[k].text for k in rows])
             with self._autocast():
                 logits = self.model(
                     input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device)
                 ).logits[:, : len(labels)]
-            out.extend(labels[j] for j in logits.argmax(dim=-1).tolist())
+            for k, j in zip(rows, logits.argmax(dim=-1).tolist(), strict=True):
+                out[k] = labels[j]
         return out
 
     def predictions(self, events: Sequence[Event], state: AdapterState | None = None) -> list[str]:
@@ -174,7 +207,7 @@ class OnlineTrainer:
 
     def exported_labels(self) -> list[str]:
         """Labels that have a head row (the label map may be ahead of the model by one batch)."""
-        return self.label_map.labels[: head_linear(self.model).out_features]
+        return self.label_map.labels[: self.slots.head.out_features]
 
     def export(self) -> AdapterState:
         return self.slots.export(self.exported_labels())
@@ -232,6 +265,7 @@ class OnlineTrainer:
 
     def reset_adapter(self) -> None:
         """Start a new lineage: adapter and head back to their initial weights, optimizer state dropped."""
+        self._anchor = None  # a new lineage is not pulled toward the old one
         with torch.no_grad():
             for key, param in self.slots.capture().items():
                 if key not in self.slots.head_keys:

@@ -1,0 +1,120 @@
+"""The suites: which models, shapes, durations and counts each benchmark uses.
+
+``smoke`` checks that the harness runs (a tiny random model, seconds per benchmark, nothing
+isolated in its own process); ``quick`` fits in about five minutes on a 2-core CPU with the
+packaged all-MiniLM-L6-v2; ``full`` is sized for one H100/H200 (a second, larger model and
+longer phases) and takes about eight minutes there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+
+
+@dataclass(frozen=True)
+class TrainCase:
+    """One throughput comparison: a model and the batch shape both contenders train on."""
+
+    model: str  # shown in the results
+    path: str  # Hugging Face model directory
+    batch: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    suite: str
+    device: str
+    isolate: bool  # each contender in a fresh process
+    threads: int  # torch threads of a training contender (as `dynft run` gives its trainer)
+    model: str  # the serving model (hot swap, serving under training, freshness)
+    model_path: str
+    compile: bool  # also time the bare loop under torch.compile
+    train_cases: tuple[TrainCase, ...]
+    train_warmup_steps: int
+    train_window_s: float  # measuring window of a throughput contender (at least)
+    train_max_s: float  # a contender stops by then, window complete or not
+    train_publish_interval_s: float
+    train_holdout: int  # held-out window the gate scores (dynft's default: 256)
+    swaps: int
+    swap_repeats: int  # timed repetitions of each in-memory swap
+    swap_clients: int
+    swap_quiet_s: float  # the load phase without swaps
+    serve_clients: int
+    serve_busy_s: float
+    serve_idle_s: float
+    serve_event_rate: float  # events/s appended to the trainer's source
+    serve_publish_interval_s: float
+    ingest_events: int
+
+
+def packaged_model() -> str:
+    from dynft.model import resolve_model_path
+
+    return str(resolve_model_path(None))
+
+
+def random_model(directory: Path, hidden: int, layers: int, heads: int, intermediate: int) -> str:
+    """A random-initialised BERT that uses the packaged model's tokenizer (nothing is downloaded)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    if (directory / "config.json").is_file():
+        return str(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    source = Path(packaged_model())
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, directory / name)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=512,
+    )
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(str(directory))
+    return str(directory)
+
+
+def make_plan(suite: str, device: str, workdir: Path, compile: bool = False) -> Plan:
+    # The trainer's threads under `dynft run`: the cores the co-located server (1 thread) leaves.
+    trainer_threads = max(1, (os.cpu_count() or 1) - 1)
+    if suite == "smoke":
+        tiny = random_model(workdir / "tiny-bert", hidden=32, layers=2, heads=2, intermediate=64)
+        return Plan(
+            suite, device, False, 1, "tiny random BERT (2 layers, hidden 32)", tiny, compile,
+            (TrainCase("tiny random BERT", tiny, 8, 32),),
+            train_warmup_steps=2, train_window_s=2, train_max_s=20, train_publish_interval_s=1, train_holdout=32,
+            swaps=10, swap_repeats=10, swap_clients=2, swap_quiet_s=0.5,
+            serve_clients=2, serve_busy_s=5, serve_idle_s=1, serve_event_rate=10, serve_publish_interval_s=0.5,
+            ingest_events=0,
+        )  # fmt: skip
+    minilm = packaged_model()
+    if suite == "quick":
+        return Plan(
+            suite, device, True, trainer_threads, "all-MiniLM-L6-v2 (packaged)", minilm, compile,
+            (TrainCase("all-MiniLM-L6-v2", minilm, 16, 64),),
+            train_warmup_steps=3, train_window_s=12, train_max_s=100, train_publish_interval_s=20,
+            train_holdout=256,
+            swaps=100, swap_repeats=40, swap_clients=4, swap_quiet_s=3,
+            serve_clients=4, serve_busy_s=35, serve_idle_s=6, serve_event_rate=2, serve_publish_interval_s=8,
+            ingest_events=100_000,
+        )  # fmt: skip
+    base = random_model(workdir / "bert-base", hidden=768, layers=12, heads=12, intermediate=3072)
+    return Plan(
+        suite, device, True, trainer_threads, "all-MiniLM-L6-v2 (packaged)", minilm, compile,
+        (TrainCase("all-MiniLM-L6-v2", minilm, 16, 64), TrainCase("BERT-base (random init)", base, 64, 128)),
+        train_warmup_steps=20, train_window_s=20, train_max_s=60, train_publish_interval_s=20,
+        train_holdout=256,
+        swaps=1000, swap_repeats=200, swap_clients=8, swap_quiet_s=10,
+        serve_clients=8, serve_busy_s=60, serve_idle_s=20, serve_event_rate=50, serve_publish_interval_s=10,
+        ingest_events=300_000,
+    )  # fmt: skip

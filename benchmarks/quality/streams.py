@@ -1,0 +1,176 @@
+"""The four drifting streams of the quality benchmark, built from the files in ``data/``.
+
+Each stream is a list of labeled texts in arrival order, cut into phases; a drift point is
+where a phase starts. Every phase has a test slice of texts that are never streamed, labeled
+by the concept of that phase, to measure what a model still knows at the end (forgetting).
+
+- ``domain``: sentiment on SST-2 movie reviews, then MR movie-review sentences, then airline
+  tweets (negative vs positive): one binary stream whose domain shifts twice.
+- ``airline``: airline tweets in real time order (negative/neutral/positive); the label mix
+  moves from day to day (the negative share goes from about 0.56 to 0.74 and back).
+- ``banking``: BANKING77's 77 intents arriving 11 at a time in 7 phases (class-incremental).
+- ``concept``: AG News topics; half-way the labels are permuted (real concept drift).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DATA = Path(__file__).parent / "data"
+AIRLINE_PHASES = (  # (name, first day, last day), by the tweets' `ts`
+    ("Feb 16-20", "2015-02-16", "2015-02-20"),
+    ("Feb 21", "2015-02-21", "2015-02-21"),
+    ("Feb 22", "2015-02-22", "2015-02-22"),
+    ("Feb 23-24", "2015-02-23", "2015-02-24"),
+)
+PERMUTATION = {"World": "Sports", "Sports": "Business", "Business": "Sci/Tech", "Sci/Tech": "World"}
+BANKING_PHASES = 7
+SEED = 7
+
+Example = tuple[str, str]  # (text, label)
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much of each stream a suite uses (events streamed, test rows per phase)."""
+
+    domain_per_phase: int
+    domain_test: int
+    airline_events: int
+    airline_test: int
+    banking_per_intent: int
+    banking_test_per_intent: int
+    concept_events: int
+    concept_test: int
+
+
+@dataclass
+class Phase:
+    name: str
+    start: int  # stream index of its first event
+    test: list[Example]
+
+
+@dataclass
+class Stream:
+    name: str
+    kind: str
+    events: list[Example]
+    phases: list[Phase]
+
+    @property
+    def drift_points(self) -> list[int]:
+        return [p.start for p in self.phases[1:]]
+
+    def phase_end(self, i: int) -> int:
+        """Stream index one past the last event of phase ``i``."""
+        return self.phases[i + 1].start if i + 1 < len(self.phases) else len(self.events)
+
+    def event_id(self, index: int) -> str:
+        return f"{self.name}-{index:06d}"
+
+
+def index_of(event_id: str) -> int:
+    return int(event_id.rsplit("-", 1)[1])
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def pairs(rows: list[dict[str, Any]]) -> list[Example]:
+    return [(r["text"], r["label"]) for r in rows]
+
+
+def assemble(name: str, kind: str, parts: list[tuple[str, list[Example], list[Example]]]) -> Stream:
+    """A stream from consecutive phases given as (name, events, test slice)."""
+    events: list[Example] = []
+    phases = []
+    for phase_name, phase_events, test in parts:
+        phases.append(Phase(phase_name, len(events), test))
+        events.extend(phase_events)
+    return Stream(name, kind, events, phases)
+
+
+def domain(sizes: Sizes, data: Path = DATA) -> Stream:
+    n, t = sizes.domain_per_phase, sizes.domain_test
+    parts = [
+        ("SST-2", pairs(read(data / "sst2" / "train.jsonl")[:n]), pairs(read(data / "sst2" / "test.jsonl")[:t])),
+        ("MR", pairs(read(data / "mr" / "train.jsonl")[:n]), pairs(read(data / "mr" / "test.jsonl")[:t])),
+        (
+            "airline tweets",
+            pairs(read(data / "airline" / "posneg-train.jsonl")[:n]),
+            pairs(read(data / "airline" / "posneg-test.jsonl")[:t]),
+        ),
+    ]
+    return assemble("domain", "domain shift", parts)
+
+
+def airline(sizes: Sizes, data: Path = DATA) -> Stream:
+    rows = read(data / "airline" / "stream.jsonl")
+    rows = evenly(rows, sizes.airline_events)  # time order kept
+    tests = read(data / "airline" / "test.jsonl")
+    parts = []
+    for name, first, last in AIRLINE_PHASES:
+        phase = [r for r in rows if first <= r["ts"][:10] <= last]
+        test = [r for r in tests if first <= r["ts"][:10] <= last][: sizes.airline_test]
+        parts.append((name, pairs(phase), pairs(test)))
+    return assemble("airline", "label-mix drift (time order)", parts)
+
+
+def banking(sizes: Sizes, data: Path = DATA) -> Stream:
+    train, test = read(data / "banking77" / "train.jsonl"), read(data / "banking77" / "test.jsonl")
+    intents = sorted({r["label"] for r in train})
+    rng = random.Random(SEED)
+    rng.shuffle(intents)
+    per_phase = len(intents) // BANKING_PHASES
+    parts = []
+    for i in range(BANKING_PHASES):
+        group = set(intents[i * per_phase : (i + 1) * per_phase if i < BANKING_PHASES - 1 else None])
+        phase = first_per_label([r for r in train if r["label"] in group], sizes.banking_per_intent)
+        rng.shuffle(phase)
+        slice_ = first_per_label([r for r in test if r["label"] in group], sizes.banking_test_per_intent)
+        parts.append((f"intents {i + 1}", pairs(phase), pairs(slice_)))
+    return assemble("banking", "class-incremental", parts)
+
+
+def evenly(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """``n`` rows evenly spaced over ``rows``, in order."""
+    n = min(n, len(rows))
+    return [rows[i * len(rows) // n] for i in range(n)]
+
+
+def first_per_label(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    taken: dict[str, int] = {}
+    out = []
+    for row in rows:
+        if taken.get(row["label"], 0) < n:
+            taken[row["label"]] = taken.get(row["label"], 0) + 1
+            out.append(row)
+    return out
+
+
+def concept(sizes: Sizes, data: Path = DATA) -> Stream:
+    n, t = sizes.concept_events, sizes.concept_test
+    train, test = pairs(read(data / "ag_news" / "train.jsonl")[:n]), pairs(read(data / "ag_news" / "test.jsonl"))
+    half = n // 2
+
+    def permuted(rows: list[Example]) -> list[Example]:
+        return [(text, PERMUTATION[label]) for text, label in rows]
+
+    parts = [
+        ("topics", train[:half], test[:t]),
+        ("topics, labels permuted", permuted(train[half:]), permuted(test[t : 2 * t])),
+    ]
+    return assemble("concept", "concept drift (label permutation)", parts)
+
+
+BUILDERS = {"domain": domain, "airline": airline, "banking": banking, "concept": concept}
+
+
+def build(name: str, sizes: Sizes, data: Path = DATA) -> Stream:
+    return BUILDERS[name](sizes, data)

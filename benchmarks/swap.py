@@ -1,0 +1,267 @@
+"""Hot swap: how long a swap blocks requests, beside peft's ways of changing adapter weights.
+
+Two published versions of one adapter (same shapes, different weights) are swapped back and
+forth. dynft's swap has two parts: ``InferenceEngine.load`` reads, hash-checks, validates and
+stages a version off the request path; the flip (``_install``, on the inference thread between
+two batches) swaps parameter references. peft's functions copy into the live weights in place,
+so a server has to hold inference for all of it:
+
+- ``set_peft_model_state_dict`` with the state dict already on the device, against dynft's flip
+  (what blocks requests in each case);
+- ``peft.utils.hotswap.hotswap_adapter`` from a version directory, against dynft's load + flip
+  from the same directory. peft's hotswap supports LoRA weights only (it fails with a KeyError
+  on the classification head's ``modules_to_save`` keys), so it reads a LoRA-only copy of the
+  version and swaps less than dynft does.
+
+Then N swaps through the registry (promote, watcher, flip) under a closed-loop predict load,
+against the same load without swaps: failed requests and throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Result, in_fresh_process, percentile, progress, quiet, rounded, sync
+from benchmarks.loadgen import LoadGenerator
+from benchmarks.plans import Plan
+from benchmarks.streams import demo_events
+
+
+def _timed(fn: Any, repeats: int, device: str) -> list[float]:
+    for i in range(3):
+        fn(i)
+    out = []
+    for i in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        fn(i)
+        sync(device)
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def _publish_two(settings: Any, registry: Any) -> list[Any]:
+    """Versions 1 and 2: a briefly trained adapter that knows every demo label, and a perturbed copy."""
+    import torch
+
+    from dynft.events import Event
+    from dynft.model import AdapterState
+    from dynft.trainer import build_trainer
+
+    trainer = build_trainer(settings.model, settings.adapter, settings.trainer)
+    events = [Event(**e) for e in demo_events(64, seed=3)]
+    for i in range(0, 64, 16):
+        trainer.step(trainer.collator(events[i : i + 16], n_fresh=16))
+    first = trainer.export()
+    torch.manual_seed(1)
+    second = AdapterState(
+        {k: t + 0.01 * torch.randn_like(t) for k, t in first.tensors.items()}, first.labels, first.peft_config
+    )
+    for state in (first, second):
+        registry.publish(state, {"step": 0})
+    return [first, second]
+
+
+def _lora_only_dirs(registry: Any, root: Path) -> list[str]:
+    """peft-format copies of versions 1 and 2 without the head, which peft's hotswap cannot swap."""
+    from safetensors.torch import load_file, save_file
+
+    out = []
+    for version in (1, 2):
+        src, dst = registry.path(version), root / f"lora-only-{version}"
+        dst.mkdir()
+        tensors = load_file(str(src / "adapter_model.safetensors"))
+        save_file({k: t for k, t in tensors.items() if "lora_" in k}, str(dst / "adapter_model.safetensors"))
+        config = json.loads((src / "adapter_config.json").read_text())
+        config["modules_to_save"] = None
+        (dst / "adapter_config.json").write_text(json.dumps(config))
+        out.append(str(dst))
+    return out
+
+
+def _named(key: str) -> str:
+    """A saved peft key with the adapter name put back (``...lora_A.weight`` -> ``...lora_A.default.weight``)."""
+    stem, _, leaf = key.rpartition(".")
+    return f"{stem}.default.{leaf}"
+
+
+def _peft_model(settings: Any, labels: int, device: str) -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from benchmarks.training import LORA
+
+    base = AutoModelForSequenceClassification.from_pretrained(
+        settings.model.path,
+        num_labels=labels,
+        dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+        local_files_only=True,
+        ignore_mismatched_sizes=True,
+    )
+    model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", **LORA))  # type: ignore[arg-type]
+    return model.to(device).eval()
+
+
+def measure(plan: Plan) -> dict[str, Any]:
+    """Everything, in one process (the engine, peft's model, the load)."""
+    quiet()
+    import torch
+    from peft import set_peft_model_state_dict
+    from peft.utils.hotswap import hotswap_adapter, hotswap_adapter_from_state_dict
+    from prometheus_client import CollectorRegistry
+
+    from dynft.metrics import ServerMetrics
+    from dynft.model import peft_config_from_dict
+    from dynft.registry import AdapterRegistry
+    from dynft.serving.engine import InferenceEngine
+    from dynft.settings import load_settings
+
+    device = plan.device
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = load_settings(
+            overrides={
+                "state_dir": tmp,
+                "model.path": plan.model_path,
+                "model.device": device,
+                "server.poll_interval_s": 0.01,
+            }
+        )
+        torch.set_num_threads(settings.server.threads)
+        registry = AdapterRegistry(settings.registry_dir)
+        states = _publish_two(settings, registry)
+        engine = InferenceEngine(settings, registry, ServerMetrics(CollectorRegistry()))
+        engine._install(engine.load(1))  # later loads reuse this model
+        staged = [engine.load(1), engine.load(2)]
+        flip = _timed(lambda i: engine._install(staged[i % 2]), plan.swap_repeats, device)
+        from_disk = _timed(lambda i: engine._install(engine.load(1 + i % 2)), plan.swap_repeats, device)
+
+        model = _peft_model(settings, len(states[0].labels), device)
+        on_device = [{k: t.to(device) for k, t in s.tensors.items()} for s in states]
+        set_sd = _timed(lambda i: set_peft_model_state_dict(model, on_device[i % 2]), plan.swap_repeats, device)
+        dirs = _lora_only_dirs(registry, Path(tmp))
+        hotswap = _timed(lambda i: hotswap_adapter(model, dirs[i % 2], "default", device), plan.swap_repeats, device)
+        config = peft_config_from_dict(states[0].peft_config)
+        lora = [{_named(k): t for k, t in sd.items() if "lora_" in k} for sd in on_device]
+        hotswap_sd = _timed(
+            lambda i: hotswap_adapter_from_state_dict(model, lora[i % 2], "default", config),  # type: ignore[arg-type]
+            plan.swap_repeats,
+            device,
+        )
+        adapter_kb = states[0].nbytes / 1024
+
+        registry.promote(1, "benchmark")
+        engine.start()
+        while not engine.ready:
+            time.sleep(0.01)
+        texts = [e["text"] for e in demo_events(500, seed=4)]
+        load = LoadGenerator(engine, texts, plan.swap_clients)
+        load.run_for(min(2.0, plan.swap_quiet_s))  # warm-up
+        before = load.run_for(plan.swap_quiet_s)
+        swap_seconds: list[float] = []
+        timeouts = 0
+        load.start()
+        for i in range(plan.swaps):
+            target = 2 if i % 2 == 0 else 1
+            started = time.perf_counter()
+            registry.promote(target, "benchmark")
+            while engine.active is None or engine.active.version != target:
+                if time.perf_counter() - started > 30:
+                    timeouts += 1
+                    break
+                time.sleep(0.002)
+            swap_seconds.append(time.perf_counter() - started)
+        swapping = load.stop()
+        after = load.run_for(plan.swap_quiet_s)
+        engine.stop()
+    return {
+        "flip": flip,
+        "from_disk": from_disk,
+        "set_peft_model_state_dict": set_sd,
+        "hotswap_adapter": hotswap,
+        "hotswap_adapter_from_state_dict": hotswap_sd,
+        "adapter_kb": adapter_kb,
+        "quiet": {
+            "answers": len(before.answers) + len(after.answers),
+            "seconds": before.seconds + after.seconds,
+            "failures": before.failures + after.failures,
+        },
+        "swapping": {"answers": len(swapping.answers), "seconds": swapping.seconds, "failures": swapping.failures},
+        "swap_seconds": swap_seconds,
+        "swap_timeouts": timeouts,
+        "swap_versions_seen": sorted({a.version for a in swapping.answers}),
+        "latency_p99": [percentile(before.latencies() + after.latencies(), 99), percentile(swapping.latencies(), 99)],
+    }
+
+
+def _ms(values: list[float], q: float) -> float:
+    return 1000 * percentile(values, q)
+
+
+def run(plan: Plan) -> list[Result]:
+    progress(f"  hot swap: {plan.swap_repeats} timed swaps per method, then {plan.swaps} swaps under load ...")
+    m = in_fresh_process(plan.isolate, measure, plan)
+    where = "device-resident" if plan.device == "cuda" else "in memory"
+    q, s = m["quiet"], m["swapping"]
+    failed = len(s["failures"])
+    return [
+        Result(
+            "hot swap, the part that blocks requests",
+            f"p99 of dynft's flip vs set_peft_model_state_dict with the state dict {where}",
+            "ms",
+            _ms(m["flip"], 99),
+            _ms(m["set_peft_model_state_dict"], 99),
+            "peft set_peft_model_state_dict",
+            higher_is_better=False,
+            details={
+                "p50 dynft flip ms": rounded(_ms(m["flip"], 50)),
+                "p50 set_peft_model_state_dict ms": rounded(_ms(m["set_peft_model_state_dict"], 50)),
+                "p50/p99 hotswap_adapter_from_state_dict ms (LoRA only)": [
+                    rounded(_ms(m["hotswap_adapter_from_state_dict"], q)) for q in (50, 99)
+                ],
+                "adapter KB (LoRA + head)": rounded(m["adapter_kb"]),
+                "swaps timed": len(m["flip"]),
+            },
+        ),
+        Result(
+            "hot swap from the version directory",
+            "p99 of dynft's load (read, hash, check, stage) + flip vs peft hotswap_adapter(dir)",
+            "ms",
+            _ms(m["from_disk"], 99),
+            _ms(m["hotswap_adapter"], 99),
+            "peft hotswap_adapter (LoRA weights only)",
+            higher_is_better=False,
+            details={
+                "p50 dynft load + flip ms": rounded(_ms(m["from_disk"], 50)),
+                "p50 hotswap_adapter ms": rounded(_ms(m["hotswap_adapter"], 50)),
+                "note": "peft's hotswap cannot swap the head (modules_to_save): it reads a LoRA-only copy and does "
+                "less work; dynft's load runs off the request path, peft's swap in place blocks inference",
+            },
+        ),
+        Result(
+            f"predict throughput across {len(m['swap_seconds'])} hot swaps",
+            f"requests/s of {plan.swap_clients} closed-loop clients while swapping vs without swaps",
+            "requests/s",
+            s["answers"] / s["seconds"],
+            q["answers"] / q["seconds"],
+            "same load without swaps, before and after",
+            goal="0 failed requests",
+            met=failed == 0 and not m["swap_timeouts"],
+            details={
+                "failed requests": failed,
+                "failed requests without swaps": len(q["failures"]),
+                "failures (first 3)": s["failures"][:3],
+                "requests answered while swapping": s["answers"],
+                "swaps": len(m["swap_seconds"]),
+                "swaps not served within 30 s": m["swap_timeouts"],
+                "promote -> serving p50/p99 ms": [rounded(_ms(m["swap_seconds"], q)) for q in (50, 99)],
+                "predict p99 ms without/with swaps": [rounded(1000 * x) for x in m["latency_p99"]],
+                "versions answering": m["swap_versions_seen"],
+                "server.poll_interval_s": 0.01,
+            },
+        ),
+    ]
