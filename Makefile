@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 test: lint $(KAFKA_JARS) deploy-tools
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2  # two workers: most slow tests wait on processes and brokers
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --suite quick

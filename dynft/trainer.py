@@ -170,11 +170,12 @@ class OnlineTrainer:
         return 0.5 * weight * total
 
     @torch.no_grad()
-    def predict(self, events: Sequence[Event], labels: Sequence[str], batch_size: int = 64) -> list[str]:
+    def predict(self, events: Sequence[Event], labels: Sequence[str], batch_size: int = 32) -> list[str]:
         """Label predictions for ``events`` by the installed weights (eval mode, no training)."""
         self.model.eval()
         out: list[str] = [""] * len(events)
-        # Texts of similar length share a batch, so little is padded (the gate's cost is this loop).
+        # Texts of similar length share a batch, and batches are small, so little is padded (the
+        # gate costs this loop: with 64 texts in one batch, most of its tokens were padding).
         order = sorted(range(len(events)), key=lambda k: len(events[k].text))
         for i in range(0, len(order), batch_size):
             rows = order[i : i + batch_size]

@@ -157,7 +157,7 @@ def test_kill_9_at_20_random_moments_loses_no_event(
         producer.join(240)
         assert not producer.is_alive()
         ids = [e["id"] for e in events]
-        wait_until(lambda: all(s != "unseen" for s, _ in accounted([state], ids).values()), 240, "every id")
+        wait_until(lambda: all(s != "unseen" for s, _ in accounted([state], ids).values()), 480, "every id")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0
     finally:
@@ -282,7 +282,7 @@ def test_a_30_second_broker_outage_is_survived(private_broker: Broker, tiny_sett
             assert time.monotonic() - down_at >= 30
             publish(private_broker, topic, second, tmp_path)
             ids = [e["id"] for e in first + second]
-            wait_until(lambda: all(s != "unseen" for s, _ in accounted([state], ids).values()), 180, "every id")
+            wait_until(lambda: all(s != "unseen" for s, _ in accounted([state], ids).values()), 360, "every id")
         assert len(during) > 100, "the server was hardly asked during the outage"
         assert all(status == 200 for status, _ in prober.answers), {s for s, _ in prober.answers}
         proc.send_signal(signal.SIGTERM)

@@ -117,7 +117,7 @@ def test_sigterm_and_restart_resume_from_committed_offsets(
     proc = trainer_process(settings, state, tmp_path / "a.log")
     wait_until(
         lambda: (state / "ledger.db").exists() and ledger_of(state).counts()["trained"] > 800,
-        180,
+        360,
         "the first run to train",
     )
     assert stop(proc) == 0
@@ -126,7 +126,7 @@ def test_sigterm_and_restart_resume_from_committed_offsets(
     try:
         wait_until(
             lambda: all(s != "unseen" for s, _ in accounted([state], ids).values()),
-            240,
+            480,
             "every event to be accounted for",
         )
     finally:
@@ -155,7 +155,7 @@ def test_two_daemons_split_the_partitions_and_one_takes_over(
         publish(kafka_broker, topic, first, tmp_path)
         wait_until(
             lambda: all(s != "unseen" for s, _ in accounted([state_a, state_b], [e["id"] for e in first]).values()),
-            240,
+            480,
             "the pair to consume the first batch",
         )
         share_a, share_b = (ledger_of(s).counts()["trained"] for s in (state_a, state_b))
@@ -164,7 +164,7 @@ def test_two_daemons_split_the_partitions_and_one_takes_over(
         publish(kafka_broker, topic, second, tmp_path)
         wait_until(
             lambda: all(s != "unseen" for s, _ in accounted([state_a, state_b], ids).values()),
-            240,
+            480,
             "the survivor to consume everything",
         )
     finally:
@@ -210,7 +210,7 @@ def test_a_step_slower_than_max_poll_interval_keeps_the_group_membership(
     loop.trainer.step = slow_step  # type: ignore[method-assign]
     wait_until(
         lambda: end_offsets(kafka_broker, topic, group)[1] == end_offsets(kafka_broker, topic, group)[0],
-        240,
+        480,
         "everything to be consumed",
     )
     assert slow_steps[0] == 2
