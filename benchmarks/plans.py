@@ -37,7 +37,8 @@ class Plan:
     compile: bool  # also time the bare loop under torch.compile
     train_cases: tuple[TrainCase, ...]
     train_warmup_steps: int
-    train_window_s: float  # measuring window of a throughput contender (at least)
+    train_window_s: float  # dynft's measuring window (at least; whole publish periods)
+    train_bare_s: float  # measuring window of each of the bare loop's two runs
     train_max_s: float  # a contender stops by then, window complete or not
     train_publish_interval_s: float
     train_holdout: int  # held-out window the gate scores (dynft's default: 256)
@@ -92,7 +93,8 @@ def make_plan(suite: str, device: str, workdir: Path, compile: bool = False) -> 
         return Plan(
             suite, device, False, 1, "tiny random BERT (2 layers, hidden 32)", tiny, compile,
             (TrainCase("tiny random BERT", tiny, 8, 32),),
-            train_warmup_steps=2, train_window_s=2, train_max_s=20, train_publish_interval_s=1, train_holdout=32,
+            train_warmup_steps=2, train_window_s=2, train_bare_s=1, train_max_s=20, train_publish_interval_s=1,
+            train_holdout=32,
             swaps=10, swap_repeats=10, swap_clients=2, swap_quiet_s=0.5,
             serve_clients=2, serve_busy_s=5, serve_idle_s=1, serve_event_rate=10, serve_publish_interval_s=0.5,
             ingest_events=0,
@@ -102,17 +104,17 @@ def make_plan(suite: str, device: str, workdir: Path, compile: bool = False) -> 
         return Plan(
             suite, device, True, trainer_threads, "all-MiniLM-L6-v2 (packaged)", minilm, compile,
             (TrainCase("all-MiniLM-L6-v2", minilm, 16, 64),),
-            train_warmup_steps=3, train_window_s=12, train_max_s=100, train_publish_interval_s=20,
+            train_warmup_steps=2, train_window_s=12, train_bare_s=8, train_max_s=100, train_publish_interval_s=20,
             train_holdout=256,
-            swaps=100, swap_repeats=40, swap_clients=4, swap_quiet_s=3,
-            serve_clients=4, serve_busy_s=35, serve_idle_s=6, serve_event_rate=2, serve_publish_interval_s=8,
+            swaps=100, swap_repeats=30, swap_clients=4, swap_quiet_s=2,
+            serve_clients=4, serve_busy_s=32, serve_idle_s=6, serve_event_rate=2, serve_publish_interval_s=8,
             ingest_events=100_000,
         )  # fmt: skip
     base = random_model(workdir / "bert-base", hidden=768, layers=12, heads=12, intermediate=3072)
     return Plan(
         suite, device, True, trainer_threads, "all-MiniLM-L6-v2 (packaged)", minilm, compile,
         (TrainCase("all-MiniLM-L6-v2", minilm, 16, 64), TrainCase("BERT-base (random init)", base, 64, 128)),
-        train_warmup_steps=20, train_window_s=20, train_max_s=60, train_publish_interval_s=20,
+        train_warmup_steps=20, train_window_s=20, train_bare_s=10, train_max_s=60, train_publish_interval_s=20,
         train_holdout=256,
         swaps=1000, swap_repeats=200, swap_clients=8, swap_quiet_s=10,
         serve_clients=8, serve_busy_s=60, serve_idle_s=20, serve_event_rate=50, serve_publish_interval_s=10,
