@@ -11,6 +11,7 @@ Three things live here:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -115,14 +116,18 @@ def peft_config_to_dict(config: PeftConfig) -> dict[str, Any]:
         return value
 
     data: dict[str, Any] = plain(config.to_dict())
+    if data.get("modules_to_save"):
+        # peft appends the task's head modules on every wrap, so a config rebuilt from a saved
+        # one lists them twice; keep one of each, and configs of the same adapter stay equal.
+        data["modules_to_save"] = list(dict.fromkeys(data["modules_to_save"]))
     data.pop("base_model_name_or_path", None)  # recorded separately, as the fingerprint
     data["inference_mode"] = False
     return data
 
 
 def peft_config_from_dict(data: dict[str, Any]) -> PeftConfig:
-    try:
-        return PeftConfig.from_peft_type(**data)
+    try:  # a copy: peft extends the config's lists in place when it wraps a model
+        return PeftConfig.from_peft_type(**copy.deepcopy(data))
     except (TypeError, ValueError, KeyError) as exc:
         raise AdapterMismatchError(f"cannot rebuild the peft config {data.get('peft_type')!r}: {exc}") from exc
 

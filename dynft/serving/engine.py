@@ -14,7 +14,6 @@ for a load, and a version that fails a check is never installed.
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
@@ -284,16 +283,9 @@ class InferenceEngine:
         return LoadedVersion(version, list(state.labels), params, model, slots)
 
     def _build(self, state: AdapterState) -> tuple[PeftModel, AdapterSlots]:
-        # A copy: peft appends its default head modules to the config's modules_to_save list
-        # in place, which would otherwise change the version's own config.
-        config = peft_config_from_dict(copy.deepcopy(state.peft_config))
+        config = peft_config_from_dict(state.peft_config)
         model = build_model(self.model_path, config, len(state.labels), self.device, self.tokenizer.pad_token_id)
         model.eval()
         for param in model.parameters():
             param.requires_grad_(False)
-        slots = AdapterSlots(model)
-        # The model is built for this configuration, but reads it back with the head modules
-        # listed twice; keep the version's, so that later versions of the same configuration
-        # reuse this model (a flip of references) instead of building a new one per swap.
-        slots.peft_config = dict(state.peft_config)
-        return model, slots
+        return model, AdapterSlots(model)
