@@ -103,3 +103,15 @@ def accounted(state_dirs: list[Path], ids: list[str]) -> dict[str, tuple[str, in
             old_status, old_seen = out[event_id]
             out[event_id] = (status if status != "unseen" else old_status, old_seen + seen)
     return out
+
+
+def all_accounted(state_dirs: list[Path], ids: list[str]) -> Callable[[], bool]:
+    """A ``wait_until`` condition: every id has an outcome in one of the ledgers."""
+    return lambda: all(status != "unseen" for status, _ in accounted(state_dirs, ids).values())
+
+
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """For ``finally``: kill a process a failed test left running, and collect it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()

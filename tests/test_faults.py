@@ -28,7 +28,7 @@ from dynft.registry import AdapterRegistry
 from dynft.settings import Settings
 
 from helpers import free_port, keyword_events, write_jsonl
-from kafka_helpers import accounted, end_offsets, ledger_of, new_topic, publish, wait_until
+from kafka_helpers import accounted, all_accounted, end_offsets, ledger_of, new_topic, publish, reap, wait_until
 
 pytestmark = pytest.mark.slow
 LABELS = ["alpha", "beta", "gamma"]
@@ -157,13 +157,11 @@ def test_kill_9_at_20_random_moments_loses_no_event(
         producer.join(240)
         assert not producer.is_alive()
         ids = [e["id"] for e in events]
-        wait_until(lambda: all(s != "unseen" for s, _ in accounted([state], ids).values()), 480, "every id")
+        wait_until(all_accounted([state], ids), 480, "every id")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        reap(proc)
     assert len(re.findall(r"trainer exited with code -9", log.read_text())) == 20
     result = accounted([state], ids)
     missing = [i for i, (s, _) in result.items() if s not in ("trained", "held_out")]
@@ -229,9 +227,7 @@ def test_kill_9_during_an_adapter_write_leaves_no_partial_version(tmp_path: Path
                     kill9(proc)
                     break
         finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            reap(proc)
             proc.stdout.close()
         left_behind = half_written(root)
         torn += bool(left_behind)
@@ -282,15 +278,13 @@ def test_a_30_second_broker_outage_is_survived(private_broker: Broker, tiny_sett
             assert time.monotonic() - down_at >= 30
             publish(private_broker, topic, second, tmp_path)
             ids = [e["id"] for e in first + second]
-            wait_until(lambda: all(s != "unseen" for s, _ in accounted([state], ids).values()), 360, "every id")
+            wait_until(all_accounted([state], ids), 360, "every id")
         assert len(during) > 100, "the server was hardly asked during the outage"
         assert all(status == 200 for status, _ in prober.answers), {s for s, _ in prober.answers}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        reap(proc)
     output = log.read_text()
     assert "kafka outage: the brokers do not answer" in output
     assert re.search(r"kafka is back after \d+ s", output), output[-3000:]
@@ -339,9 +333,7 @@ def test_a_killed_server_is_back_with_the_current_version_within_10_seconds(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        reap(proc)
 
 
 def test_a_poison_stream_never_publishes_or_serves_a_non_finite_adapter(
@@ -402,9 +394,7 @@ def test_a_poison_stream_never_publishes_or_serves_a_non_finite_adapter(
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        reap(proc)
 
 
 def alive(pid: int) -> bool:
@@ -431,9 +421,7 @@ def test_children_stop_when_the_supervisor_is_killed(tiny_settings: Settings, tm
         kill9(proc)
         wait_until(lambda: not any(alive(pid) for pid in children), 60, "the children to stop")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+        reap(proc)
     assert "the supervisor" in log.read_text() and "is gone; stopping" in log.read_text()
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)

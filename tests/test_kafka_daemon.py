@@ -22,6 +22,7 @@ from dynft.settings import Settings
 from helpers import keyword_events, write_jsonl
 from kafka_helpers import (
     accounted,
+    all_accounted,
     end_offsets,
     kafka_settings,
     ledger_of,
@@ -125,7 +126,7 @@ def test_sigterm_and_restart_resume_from_committed_offsets(
     proc = trainer_process(settings, state, tmp_path / "b.log")
     try:
         wait_until(
-            lambda: all(s != "unseen" for s, _ in accounted([state], ids).values()),
+            all_accounted([state], ids),
             480,
             "every event to be accounted for",
         )
@@ -154,7 +155,7 @@ def test_two_daemons_split_the_partitions_and_one_takes_over(
         time.sleep(15)  # both join before data flows
         publish(kafka_broker, topic, first, tmp_path)
         wait_until(
-            lambda: all(s != "unseen" for s, _ in accounted([state_a, state_b], [e["id"] for e in first]).values()),
+            all_accounted([state_a, state_b], [e["id"] for e in first]),
             480,
             "the pair to consume the first batch",
         )
@@ -163,7 +164,7 @@ def test_two_daemons_split_the_partitions_and_one_takes_over(
         assert stop(a) == 0
         publish(kafka_broker, topic, second, tmp_path)
         wait_until(
-            lambda: all(s != "unseen" for s, _ in accounted([state_a, state_b], ids).values()),
+            all_accounted([state_a, state_b], ids),
             480,
             "the survivor to consume everything",
         )
