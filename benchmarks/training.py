@@ -263,7 +263,8 @@ def _seed_version(settings: Any, events_path: str) -> None:
     rows = [e for e in read_jsonl(Path(events_path)) if e["id"].startswith("t")][: settings.trainer.batch_size]
     trainer.step(trainer.collator([Event(**e) for e in rows], n_fresh=len(rows)))
     registry = AdapterRegistry(settings.registry_dir)
-    meta = {"step": 0, "base_model": model_fingerprint(Path(settings.model.path)), "note": "benchmark seed"}
+    fingerprint = model_fingerprint(Path(settings.model.path), trainer.pooling)
+    meta = {"step": 0, "base_model": fingerprint, "note": "benchmark seed"}
     version = registry.publish(trainer.export(), meta).version
     registry.promote(version, reason="benchmark seed")
 

@@ -17,6 +17,7 @@ Both are durable after ``flush``, which the training loop calls before each chec
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -42,13 +43,22 @@ class DeadLetterSink(Protocol):
 
 
 class JsonlDeadLetterSink:
-    """Appends rejected records to a JSON Lines file."""
+    """Appends rejected records to a JSON Lines file.
+
+    A write the disk refuses (full, read-only) is kept in memory and tried again at the next
+    write and at ``flush``, and a line it left half-written is cut off, so the file only ever
+    holds whole lines. ``flush`` raises while any entry is still unwritten: the checkpoint that
+    would commit those records' positions fails instead, and the trainer keeps going. Nothing is
+    lost: if the process ends first, the positions were never committed and the records are
+    read (and rejected) again.
+    """
 
     def __init__(self, path: Path, source: str) -> None:
         self.path = path
         self.source = source
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - held open for the sink's life
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._pending: list[bytes] = []  # whole lines the disk has not taken yet
         self._lock = threading.Lock()
 
     def write(self, rejection: Rejection, record: Record) -> None:
@@ -61,19 +71,56 @@ class JsonlDeadLetterSink:
             "origin": record.position,
             "at": datetime.now(UTC).isoformat(),
         }
+        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
-            self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            self._file.flush()
+            self._pending.append(line)
+            try:
+                self._drain()
+            except OSError as exc:
+                if len(self._pending) == 1:  # once per outage, not once per record
+                    log.error(
+                        "dead-letter file %s: %s; keeping rejected records in memory until it takes them",
+                        self.path,
+                        exc,
+                    )
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._append(self._pending[0])
+            self._pending.pop(0)
+
+    def _append(self, line: bytes) -> None:
+        end = os.lseek(self._fd, 0, os.SEEK_END)
+        view = memoryview(line)
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, end)  # no half line: the retry writes it whole
+            raise
 
     def flush(self) -> None:
+        """Make every entry durable; raises ``OSError`` while the disk refuses some."""
         with self._lock:
-            os.fsync(self._file.fileno())
+            self._drain()
+            os.fsync(self._fd)
 
     def close(self) -> None:
         with self._lock:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            try:
+                self._drain()
+                os.fsync(self._fd)
+            except OSError as exc:
+                log.error(
+                    "dead-letter file %s: %d rejected records not written (%s); their positions were not "
+                    "committed, so they are read again at the next start",
+                    self.path,
+                    len(self._pending),
+                    exc,
+                )
+            finally:
+                os.close(self._fd)
 
 
 class KafkaDeadLetterSink:

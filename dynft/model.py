@@ -15,8 +15,9 @@ import copy
 import hashlib
 import json
 import logging
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from peft import (
@@ -57,9 +58,36 @@ def resolve_model_path(path: str | None) -> Path:
     return resolved
 
 
-def model_fingerprint(path: Path) -> str:
-    """A short hash of the base model's config, recorded with every adapter built on it."""
-    return hashlib.sha256((path / "config.json").read_bytes()).hexdigest()[:16]
+Pooling = Literal["cls", "mean"]
+
+
+def model_fingerprint(path: Path, pooling: Pooling = "cls") -> str:
+    """A short hash of the base model's config and pooling, recorded with every adapter built on it.
+
+    The pooling is part of it because a head trained on mean-pooled features means nothing on
+    [CLS] features: a server that pools otherwise refuses the version instead of serving noise.
+    """
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    if pooling != "cls":  # "cls" keeps the fingerprints of versions published before pooling existed
+        digest.update(f"pooling={pooling}".encode())
+    return digest.hexdigest()[:16]
+
+
+# Architectures whose sequence classifier reads a [CLS] pooler that MaskedMeanPooler can replace.
+_POOLER_MODEL_TYPES = frozenset({"bert", "albert"})
+
+
+def resolve_pooling(path: Path, setting: str) -> Pooling:
+    """``model.pooling``: auto picks mean for a sentence-transformers BERT trained with mean pooling."""
+    if setting in ("cls", "mean"):
+        return setting  # type: ignore[return-value]
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        pooling = path / "1_Pooling" / "config.json"
+        mean = pooling.is_file() and bool(json.loads(pooling.read_text()).get("pooling_mode_mean_tokens"))
+    except (OSError, ValueError, AttributeError):
+        return "cls"  # unreadable configs: keep the architecture's own pooling (loading reports them)
+    return "mean" if mean and model_type in _POOLER_MODEL_TYPES else "cls"
 
 
 def pick_device(setting: str) -> torch.device:
@@ -137,8 +165,53 @@ def structure_key(peft_config: dict[str, Any]) -> str:
     return json.dumps(peft_config, sort_keys=True)
 
 
+class MaskedMeanPooler(nn.Module):
+    """Stands in for a BERT-style [CLS] pooler: the attention-masked mean of the last hidden states.
+
+    Sentence encoders such as all-MiniLM-L6-v2 were trained for mean pooling; their [CLS] output
+    (through the untrained pooler's dense + tanh) is a poor feature, and a head on it learns
+    11 to 14 points slower on short streams (see benchmarks/results/quality/README.md). The
+    pooler itself is only handed the hidden states, so a pre-hook on the encoder keeps the
+    attention mask, per thread (the server and the gate may run forwards on other threads).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._local = threading.local()
+
+    def keep_mask(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._local.mask = kwargs.get("attention_mask")
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, H)
+        mask = getattr(self._local, "mask", None)
+        self._local.mask = None
+        if mask is None:
+            return hidden.mean(dim=1)  # type: ignore[no-any-return]
+        mask = mask[:, -hidden.shape[1] :]  # prefix tuning extends the mask by its virtual tokens
+        weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+        pooled: torch.Tensor = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+        return pooled
+
+
+def _pool_by_mean(base: nn.Module, path: Path) -> None:
+    encoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    if encoder is None or getattr(encoder, "pooler", None) is None:
+        raise ModelError(
+            f"model.pooling = mean needs an encoder with a [CLS] pooler to replace; {type(base).__name__} "
+            f"from {path} has none (set model.pooling = cls)"
+        )
+    pooler = MaskedMeanPooler()
+    encoder.pooler = pooler
+    encoder.register_forward_pre_hook(pooler.keep_mask, with_kwargs=True)
+
+
 def build_model(
-    path: Path, peft_config: PeftConfig, num_labels: int, device: torch.device, pad_token_id: int | None
+    path: Path,
+    peft_config: PeftConfig,
+    num_labels: int,
+    device: torch.device,
+    pad_token_id: int | None,
+    pooling: Pooling = "cls",
 ) -> PeftModel:
     """Load the frozen base model and wrap it with a fresh adapter; trainable weights in fp32."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -150,6 +223,8 @@ def build_model(
         raise ModelError(f"model directory {path}: cannot load it for sequence classification ({exc})") from exc
     if base.config.pad_token_id is None:
         base.config.pad_token_id = pad_token_id
+    if pooling == "mean":
+        _pool_by_mean(base, path)
     try:
         model = get_peft_model(base, peft_config, adapter_name=ADAPTER_NAME)
     except ValueError as exc:

@@ -41,7 +41,7 @@ class Publisher:
         self.settings = settings
         self.metrics = metrics
         path = trainer.base_model_path
-        self.fingerprint = model_fingerprint(path) if path is not None else "unknown"
+        self.fingerprint = model_fingerprint(path, trainer.pooling) if path is not None else "unknown"
         self.lineage = 1
         self.latest_version: int | None = None
         self.serving_version: int | None = None
@@ -178,9 +178,10 @@ class Publisher:
             raise RegistryError("cannot score the serving version: base model path unknown")
         config = peft_config_from_dict(state.peft_config)
         tokenizer = self.trainer.collator.tokenizer
-        model = build_model(path, config, len(state.labels), self.trainer.device, tokenizer.pad_token_id)
+        pooling = self.trainer.pooling
+        model = build_model(path, config, len(state.labels), self.trainer.device, tokenizer.pad_token_id, pooling)
         collator = Collator(tokenizer, self.trainer.collator.max_length, LabelMap())
-        other = OnlineTrainer(model, collator, self.settings.trainer, self.trainer.device)
+        other = OnlineTrainer(model, collator, self.settings.trainer, self.trainer.device, pooling=pooling)
         other.load(state)
         return other.predictions(events)
 

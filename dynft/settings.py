@@ -110,6 +110,11 @@ class ModelSettings(Section):
     path: str | None = Field(None, description="Hugging Face model directory; default: packaged all-MiniLM-L6-v2")
     max_length: int = Field(64, ge=8, le=8192, description="tokens per text; longer inputs are truncated for the model")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    pooling: Literal["auto", "cls", "mean"] = Field(
+        "auto",
+        description="what the head reads: the [CLS] pooler or the masked token mean; auto: mean for "
+        "sentence-transformers BERT models trained with it (the default model)",
+    )
 
 
 class AdapterSettings(Section):
@@ -131,14 +136,19 @@ class TrainerSettings(Section):
     """The online trainer (see ``dynft.trainer``)."""
 
     batch_size: int = Field(16, ge=1, description="rows per step, fresh and replayed")
-    lr: float = Field(1e-3, gt=0, le=1.0, description="learning rate of the adapter weights")
-    head_lr: float = Field(3e-3, gt=0, le=1.0, description="learning rate of the classification head")
+    lr: float = Field(2e-3, gt=0, le=1.0, description="learning rate of the adapter weights")
+    head_lr: float = Field(6e-3, gt=0, le=1.0, description="learning rate of the classification head")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of the adapter weights")
     warmup_steps: int = Field(20, ge=0, description="linear learning-rate warm-up")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = the cores left after the server's")
     seed: int = Field(0, description="seed of weights initialisation and replay sampling")
     fresh_wait_s: float = Field(0.5, gt=0, description="how long a step waits to fill its fresh share")
+    imprint_new_labels: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="start a new label's head row at its first examples' mean feature (weight imprinting); "
+        "auto: on when the model pools by mean (a sentence encoder, whose features already separate texts)",
+    )
     anchor_weight: float = Field(
         0.0,
         ge=0,

@@ -28,6 +28,7 @@ from dynft.events import Event
 from dynft.model import (
     AdapterSlots,
     AdapterState,
+    Pooling,
     build_model,
     grow_head,
     head_linear,
@@ -35,8 +36,15 @@ from dynft.model import (
     peft_config_from_settings,
     pick_device,
     resolve_model_path,
+    resolve_pooling,
 )
 from dynft.settings import AdapterSettings, ModelSettings, TrainerSettings
+
+# Logit scale of the first imprinted rows (logit = scale x cosine). Kept small: a row imprinted
+# from one or two examples is a rough guess that training must be able to overrule. Measured
+# with MiniLM on the quality streams: 10 cost the domain-shift stream 7 points, 3 about 1, and
+# both gave the class-incremental stream +50 (benchmarks/results/quality/README.md).
+IMPRINT_LOGIT_SCALE = 3.0
 
 
 @dataclass
@@ -61,9 +69,11 @@ class OnlineTrainer:
         settings: TrainerSettings,
         device: torch.device,
         base_model_path: Path | None = None,
+        pooling: Pooling = "cls",
     ):
         self.model = model
         self.base_model_path = base_model_path  # recorded with every published version
+        self.pooling = pooling  # how ``model`` pools (see dynft.model.resolve_pooling), recorded likewise
         self.collator = collator
         self.settings = settings
         self.device = device
@@ -71,6 +81,10 @@ class OnlineTrainer:
         self.steps = 0
         self.skipped = 0
         self.lr_scale = 1.0  # raised temporarily by drift reactions
+        self.imprinted = 0  # head rows below this index have been imprinted or trained (see _imprint)
+        self.imprints = settings.imprint_new_labels == "on" or (
+            settings.imprint_new_labels == "auto" and pooling == "mean"
+        )
         self._anchor: dict[str, torch.Tensor] | None = None  # the serving version's weights (see anchor_to)
         self._init_state = {k: p.detach().clone() for k, p in self.slots.capture().items()}
         self.optimizer = self._make_optimizer()
@@ -108,6 +122,8 @@ class OnlineTrainer:
         if batch.num_labels > self.slots.head.out_features:  # both checks skip a walk over every module
             grow_head(self.model, batch.num_labels, self.optimizer)
         batch = batch.to(self.device)
+        if batch.num_labels > self.imprinted:
+            self._imprint(batch)
         lr = self._set_lr()
         if not self.model.training:  # only ``predict`` switches to eval
             self.model.train()
@@ -144,6 +160,59 @@ class OnlineTrainer:
             self.steps += 1
         result.seconds = time.perf_counter() - started
         return result
+
+    @torch.no_grad()
+    def _imprint(self, batch: Batch) -> None:
+        """Start the head rows of labels new in ``batch`` at their examples' mean feature.
+
+        A row that starts as noise needs many steps before its label can win an argmax; a row
+        imprinted from the label's first examples (Qi et al., "Low-shot learning with imprinted
+        weights", 2018) predicts it from the next event on. That is most of the prequential
+        accuracy of a class-incremental stream, where a label may have only a few examples.
+        A row gets the mean norm (and bias) of the rows already established, so a new label
+        neither dominates nor vanishes; the first rows get a norm that puts logits near
+        ``IMPRINT_LOGIT_SCALE`` times a cosine. Off by default unless the model pools by mean:
+        prototypes of random or [CLS] features slowed learning down in tests (tests/test_pooling.py).
+        """
+        first_new = self.imprinted
+        self.imprinted = batch.num_labels
+        if not self.imprints:
+            return
+        new_rows = batch.labels >= first_new
+        if not bool(new_rows.any()):
+            return
+        features = self._head_inputs(batch.input_ids, batch.attention_mask).float()  # (B, H)
+        # What every text shares says nothing about its label, and would make the new row win
+        # everywhere: the row points from the batch's mean feature to the label's, and its bias
+        # cancels the mean, so its logit is measured from there.
+        centre = features.mean(dim=0)
+        head = self.slots.head
+        if first_new:
+            norm = head.weight[:first_new].norm(dim=1).mean()
+            bias = head.bias[:first_new].mean() if head.bias is not None else None
+        else:
+            norm = IMPRINT_LOGIT_SCALE / (features - centre).norm(dim=1).mean().clamp_min(1e-6)
+            bias = torch.zeros((), device=self.device) if head.bias is not None else None
+        for label in sorted(set(batch.labels[new_rows].tolist())):
+            direction = features[batch.labels == label].mean(dim=0) - centre
+            row = direction / direction.norm().clamp_min(1e-6) * norm
+            head.weight[label] = row.to(head.weight.dtype)
+            if bias is not None and head.bias is not None:
+                head.bias[label] = bias - row @ centre
+
+    def _head_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The features the head reads for these rows (eval mode: no dropout)."""
+        captured: list[torch.Tensor] = []
+        hook = self.slots.head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._autocast():
+                self.model(input_ids=input_ids, attention_mask=attention_mask)
+        finally:
+            hook.remove()
+            self.model.train(was_training)
+        return captured[-1]
 
     def anchor_to(self, state: AdapterState | None) -> None:
         """Pull later steps toward ``state`` (the version now serving) with ``trainer.anchor_weight``.
@@ -221,6 +290,7 @@ class OnlineTrainer:
         self.label_map.ids(state.labels)
         grow_head(self.model, len(state.labels), self.optimizer)
         self.slots.check(state)
+        self.imprinted = len(state.labels)
         with torch.no_grad():
             for key, param in self.slots.capture().items():
                 param.copy_(state.tensors[key].to(param.device, param.dtype))
@@ -263,10 +333,12 @@ class OnlineTrainer:
         self.optimizer.load_state_dict({"state": optim_state, "param_groups": state["param_groups"]})
         torch.set_rng_state(tensors["rng.torch"])
         self.steps, self.skipped, self.lr_scale = state["steps"], state["skipped"], state["lr_scale"]
+        self.imprinted = len(state["labels"])
 
     def reset_adapter(self) -> None:
         """Start a new lineage: adapter and head back to their initial weights, optimizer state dropped."""
         self._anchor = None  # a new lineage is not pulled toward the old one
+        self.imprinted = 0
         with torch.no_grad():
             for key, param in self.slots.capture().items():
                 if key not in self.slots.head_keys:
@@ -286,6 +358,8 @@ def build_trainer(
     device = pick_device(model_settings.device)
     torch.manual_seed(trainer_settings.seed)
     tokenizer = load_tokenizer(path)
-    model = build_model(path, peft_config_from_settings(adapter_settings), 1, device, tokenizer.pad_token_id)
+    pooling = resolve_pooling(path, model_settings.pooling)
+    config = peft_config_from_settings(adapter_settings)
+    model = build_model(path, config, 1, device, tokenizer.pad_token_id, pooling)
     collator = Collator(tokenizer, model_settings.max_length, LabelMap(), pin=device.type == "cuda")
-    return OnlineTrainer(model, collator, trainer_settings, device, base_model_path=path)
+    return OnlineTrainer(model, collator, trainer_settings, device, base_model_path=path, pooling=pooling)

@@ -7,9 +7,12 @@ of a dataset, one pass in file order, then scored on ``paradigm_test`` test rows
 is trainable differs:
 
 - LoRA r: peft LoRA on peft's default target modules, ``alpha = 2 r`` (dynft's default
-  ratio, 16 / 8), adapter learning rate 1e-3, head 3e-3 (dynft's defaults);
-- full fine-tuning: every weight of the encoder at 1e-4 (LoRA weights frozen at zero), head 3e-3;
-- head only: the encoder frozen (LoRA weights frozen at zero), head 3e-3.
+  ratio, 16 / 8), adapter learning rate 2e-3, head 6e-3 (dynft's defaults);
+- full fine-tuning: every weight of the encoder at 1e-4 (LoRA weights frozen at zero), head 6e-3;
+- head only: the encoder frozen (LoRA weights frozen at zero), head 6e-3.
+
+Every configuration reads the mean-pooled features and imprints new labels' head rows, as
+dynft does by default for this model (``model.pooling``, ``trainer.imprint_new_labels``).
 
 The size on disk is what a version would have to carry: the LoRA tensors and the head, the
 head alone, or every weight for full fine-tuning (safetensors, float32).

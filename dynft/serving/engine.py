@@ -37,6 +37,7 @@ from dynft.model import (
     peft_config_from_dict,
     pick_device,
     resolve_model_path,
+    resolve_pooling,
     structure_key,
 )
 from dynft.registry import AdapterRegistry
@@ -89,7 +90,8 @@ class InferenceEngine:
         self.registry = registry
         self.metrics = metrics
         self.model_path = resolve_model_path(settings.model.path)
-        self.fingerprint = model_fingerprint(self.model_path)
+        self.pooling = resolve_pooling(self.model_path, settings.model.pooling)
+        self.fingerprint = model_fingerprint(self.model_path, self.pooling)
         self.device = pick_device(settings.model.device)
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.model_path)
         self.active: LoadedVersion | None = None
@@ -284,7 +286,8 @@ class InferenceEngine:
 
     def _build(self, state: AdapterState) -> tuple[PeftModel, AdapterSlots]:
         config = peft_config_from_dict(state.peft_config)
-        model = build_model(self.model_path, config, len(state.labels), self.device, self.tokenizer.pad_token_id)
+        pad = self.tokenizer.pad_token_id
+        model = build_model(self.model_path, config, len(state.labels), self.device, pad, self.pooling)
         model.eval()
         for param in model.parameters():
             param.requires_grad_(False)
