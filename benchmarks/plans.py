@@ -55,9 +55,16 @@ class Plan:
 
 
 def packaged_model() -> str:
+    """The packaged all-MiniLM-L6-v2, or ``$DYNFT_BENCH_MODEL``: a model directory of the same
+    shape for a GPU host that lacks the package (random weights time the same as trained ones)."""
     from dynft.model import resolve_model_path
 
-    return str(resolve_model_path(None))
+    return str(resolve_model_path(os.environ.get("DYNFT_BENCH_MODEL") or None))
+
+
+def minilm_label() -> str:
+    override = os.environ.get("DYNFT_BENCH_MODEL")
+    return f"all-MiniLM-L6-v2 shape ({Path(override).name})" if override else "all-MiniLM-L6-v2 (packaged)"
 
 
 def random_model(directory: Path, hidden: int, layers: int, heads: int, intermediate: int) -> str:
@@ -99,7 +106,7 @@ def make_plan(suite: str, device: str, workdir: Path, compile: bool = False) -> 
             serve_clients=2, serve_busy_s=5, serve_idle_s=1, serve_event_rate=10, serve_publish_interval_s=0.5,
             ingest_events=0,
         )  # fmt: skip
-    minilm = packaged_model()
+    minilm, label = packaged_model(), minilm_label()
     if suite == "quick":
         return Plan(
             suite, device, True, trainer_threads, "all-MiniLM-L6-v2 (packaged)", minilm, compile,
@@ -112,7 +119,7 @@ def make_plan(suite: str, device: str, workdir: Path, compile: bool = False) -> 
         )  # fmt: skip
     base = random_model(workdir / "bert-base", hidden=768, layers=12, heads=12, intermediate=3072)
     return Plan(
-        suite, device, True, trainer_threads, "all-MiniLM-L6-v2 (packaged)", minilm, compile,
+        suite, device, True, trainer_threads, label, minilm, compile,
         (TrainCase("all-MiniLM-L6-v2", minilm, 16, 64), TrainCase("BERT-base (random init)", base, 64, 128)),
         train_warmup_steps=20, train_window_s=20, train_bare_s=10, train_max_s=60, train_publish_interval_s=20,
         train_holdout=256,
