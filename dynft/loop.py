@@ -111,10 +111,12 @@ class TrainingLoop:
             source.resume_from(self.positions)
         else:
             self.publisher.resume()
+        self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path)
+        # Before the consumer joins its group: the full collection holds the GIL for about half a
+        # second, and a kafka-python 3.0 consumer stalled like that mid-join was seen never to rejoin.
+        tune_gc()
         self.intake = intake = Intake(source, s.source.queue_size)
         intake.start()
-        self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path)
-        tune_gc()
         self._batcher.start()
         log.info(
             "training %s on %s from %s (%d threads); registry %s",

@@ -15,7 +15,7 @@ import gc
 
 
 def tune_gc(young_threshold: int = 10_000) -> None:
-    """Call once start-up is done (model loaded, clients connected)."""
+    """Call once the model is loaded, before the source starts (see ``TrainingLoop.startup``)."""
     gc.collect()
     gc.freeze()
     _, middle, old = gc.get_threshold()

@@ -77,6 +77,8 @@ def trainer_process(settings: Settings, state_dir: Path, log: Path, *extra: str)
         "checkpoint.interval_s=1",
         "--set",
         "kafka.session_timeout_ms=6000",
+        "--set",  # a stuck rejoin is abandoned after this + the session + 10 s (see KafkaSource)
+        "kafka.max_poll_interval_ms=20000",
         *extra,
     ]
     with open(log, "ab") as out:  # the child keeps its own descriptor

@@ -33,6 +33,8 @@ from dynft.settings import KafkaSettings
 from dynft.sources.base import Positions, Record, Source
 
 log = logging.getLogger(__name__)
+COMMIT_RETRY_S = 1.0  # pause after a failed offset commit (seen: hundreds a second during a rebalance)
+REJOIN_MARGIN_S = 10.0  # beyond the longest legitimate rebalance before a join counts as stuck
 
 
 def parse_kafka_uri(uri: str, default_group: str) -> tuple[list[str], list[str], str]:
@@ -89,6 +91,8 @@ class KafkaSource(Source):
         self._committed: dict[TopicPartition, int] = {}
         self._checkpointed: dict[TopicPartition, int] = {}  # durable, maybe not yet committed
         self._inflight: dict[TopicPartition, int] = {}  # asynchronous commits under way
+        self._commit_retry_at = 0.0  # after a failed commit, the next waits until then
+        self._revoked_at: float | None = None  # a rebalance took partitions and none came back yet
         self._revoked: set[str] = set()
         self._revoked_lock = threading.Lock()
         self._resume: Positions = {}
@@ -165,6 +169,7 @@ class KafkaSource(Source):
     # -- polling thread ------------------------------------------------------------------
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        self._rejoin_if_stalled()
         consumer = self._require()
         self._run_commits()
         self._measure_lag()
@@ -176,6 +181,32 @@ class KafkaSource(Source):
             out.extend(Record(m.value or b"", stream, m.offset + 1, m.key) for m in messages)
             self.metrics.records.labels(tp.topic).inc(len(messages))
         return out
+
+    def _rejoin_if_stalled(self) -> None:
+        """Start a fresh consumer when a rebalance took this member's partitions and never ended.
+
+        kafka-python 3.0 was seen (tests/test_kafka_daemon.py, several runs) to revoke a member's
+        partitions at a rebalance and then never rejoin: no assignment for minutes while polled,
+        until the group dropped it. A rebalance waits at most max_poll_interval_ms for the
+        slowest member, so past that (and a session) the join is stuck; a new consumer joins
+        afresh from the committed offsets, which is at-least-once like any rebalance.
+        """
+        s = self.settings
+        limit = (s.max_poll_interval_ms + s.session_timeout_ms) / 1000 + REJOIN_MARGIN_S
+        if self._revoked_at is None or time.monotonic() - self._revoked_at < limit:
+            return
+        log.warning(
+            "group %s: no partitions %.0f s after a rebalance; rejoining with a new consumer", self.group, limit
+        )
+        self._revoked_at = None
+        consumer, self._consumer = self._require(), None
+        try:
+            consumer.close(autocommit=False)
+        except KafkaError as exc:
+            log.warning("closing the stalled consumer: %s", exc)
+        self._committed.clear()
+        self._inflight.clear()
+        self.open()
 
     def pause(self) -> None:
         consumer = self._require()
@@ -205,6 +236,8 @@ class KafkaSource(Source):
             for stream, offset in positions.items():
                 tp = partition_of(stream)
                 self._checkpointed[tp] = max(offset, self._checkpointed.get(tp, -1))
+        if not final and time.monotonic() < self._commit_retry_at:
+            return  # a commit just failed (a rebalance, an outage): retrying at every poll only floods the group
         consumer = self._require()
         owned = consumer.assignment()
         offsets = {
@@ -229,7 +262,8 @@ class KafkaSource(Source):
                 if self._inflight.get(tp) == om.offset:
                     del self._inflight[tp]
             if isinstance(response, Exception):
-                log.warning("offset commit failed, retried after the next checkpoint: %s", response)
+                self._commit_retry_at = time.monotonic() + COMMIT_RETRY_S
+                log.warning("offset commit failed, retried in %.0f s: %s", COMMIT_RETRY_S, response)
                 return
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
             for tp, om in committed.items():
@@ -289,10 +323,12 @@ class KafkaSource(Source):
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(0)
         with self._revoked_lock:
             self._revoked.update(stream_of(tp) for tp in revoked)
+        self._revoked_at = time.monotonic()
         self.metrics.rebalances.inc()
         log.info("partitions revoked: %s", ", ".join(sorted(stream_of(tp) for tp in revoked)))
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._revoked_at = None
         with self._revoked_lock:
             self._revoked.difference_update(stream_of(tp) for tp in assigned)
         if self._consumer is not None and self._consumer.paused():
