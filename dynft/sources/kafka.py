@@ -198,15 +198,20 @@ class KafkaSource(Source):
         log.warning(
             "group %s: no partitions %.0f s after a rebalance; rejoining with a new consumer", self.group, limit
         )
-        self._revoked_at = None
-        consumer, self._consumer = self._require(), None
+        stuck = self._require()
         try:
-            consumer.close(autocommit=False)
-        except KafkaError as exc:
-            log.warning("closing the stalled consumer: %s", exc)
+            self.open()  # the new member first: if the brokers are away, the stuck one stays until the next try
+        except SourceError as exc:
+            self._revoked_at = time.monotonic()
+            log.warning("cannot start a new consumer (%s); next try in %.0f s", exc, limit)
+            return
+        self._revoked_at = None
         self._committed.clear()
         self._inflight.clear()
-        self.open()
+        try:
+            stuck.close(autocommit=False)
+        except KafkaError as exc:
+            log.warning("closing the stalled consumer: %s", exc)
 
     def pause(self) -> None:
         consumer = self._require()
