@@ -35,6 +35,7 @@ from dynft.sources.base import Positions, Record, Source
 log = logging.getLogger(__name__)
 COMMIT_RETRY_S = 1.0  # pause after a failed offset commit (seen: hundreds a second during a rebalance)
 REJOIN_MARGIN_S = 10.0  # beyond the longest legitimate rebalance before a join counts as stuck
+FETCH_STALL_S = 30.0  # an assigned, unpaused partition behind its log end and not fetched for this long is stuck
 
 
 def parse_kafka_uri(uri: str, default_group: str) -> tuple[list[str], list[str], str]:
@@ -93,6 +94,7 @@ class KafkaSource(Source):
         self._inflight: dict[TopicPartition, int] = {}  # asynchronous commits under way
         self._commit_retry_at = 0.0  # after a failed commit, the next waits until then
         self._revoked_at: float | None = None  # a rebalance took partitions and none came back yet
+        self._fetched_at: dict[TopicPartition, float] = {}  # when each partition last gave records (or was idle)
         self._revoked: set[str] = set()
         self._revoked_lock = threading.Lock()
         self._resume: Positions = {}
@@ -176,7 +178,9 @@ class KafkaSource(Source):
         # With every partition paused, poll only keeps the membership alive and returns nothing.
         batches = consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max(1, max_records))
         out: list[Record] = []
+        now = time.monotonic()
         for tp, messages in batches.items():
+            self._fetched_at[tp] = now
             stream = stream_of(tp)
             out.extend(Record(m.value or b"", stream, m.offset + 1, m.key) for m in messages)
             self.metrics.records.labels(tp.topic).inc(len(messages))
@@ -294,6 +298,7 @@ class KafkaSource(Source):
                     self._committed[tp] = consumer.committed(tp, timeout_ms=timeout_ms) or 0
                 lag = max(0, ends[tp] - self._committed[tp])
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+            self._restart_stalled_fetches(consumer, assigned, ends, timeout_ms)
         except KafkaError as exc:
             if self._down_since is None:
                 self._down_since = time.monotonic()
@@ -304,6 +309,39 @@ class KafkaSource(Source):
             log.warning("kafka is back after %.0f s; consuming again", time.monotonic() - self._down_since)
             self._down_since = None
         self.metrics.up.set(1)
+
+    def _restart_stalled_fetches(
+        self, consumer: KafkaConsumer, assigned: list[TopicPartition], ends: dict[TopicPartition, int], timeout_ms: int
+    ) -> None:
+        """Seek an assigned partition that stopped fetching, which restarts its fetch.
+
+        Seen with kafka-python 3.0 after a rebalance: a member holds partitions, not paused,
+        records waiting, and fetches nothing for minutes. A partition counts as stuck only when
+        it is behind its log end (or has no position at all) and gave nothing for
+        ``FETCH_STALL_S``; it is sought to where it stands, or to its committed offset when it
+        has no position, so nothing is skipped and nothing already fetched is read twice.
+        """
+        now = time.monotonic()
+        paused = consumer.paused()
+        for tp in assigned:
+            since = self._fetched_at.setdefault(tp, now)
+            if tp in paused or now - since < FETCH_STALL_S:
+                if tp in paused:
+                    self._fetched_at[tp] = now  # backpressure, not a stall
+                continue
+            position = consumer.position(tp, timeout_ms=timeout_ms)
+            if position is not None and position >= ends[tp]:
+                self._fetched_at[tp] = now  # caught up: nothing to fetch
+                continue
+            target = position if position is not None else self._committed.get(tp, 0)
+            log.warning(
+                "%s: assigned, behind its log end and not fetched for %.0f s; seeking to %d",
+                stream_of(tp),
+                now - since,
+                target,
+            )
+            consumer.seek(tp, target)
+            self._fetched_at[tp] = now
 
     def take_revoked(self) -> set[str]:
         with self._revoked_lock:
@@ -334,6 +372,8 @@ class KafkaSource(Source):
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._revoked_at = None
+        now = time.monotonic()
+        self._fetched_at.update({tp: now for tp in assigned})
         with self._revoked_lock:
             self._revoked.difference_update(stream_of(tp) for tp in assigned)
         if self._consumer is not None and self._consumer.paused():
