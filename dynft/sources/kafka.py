@@ -329,7 +329,10 @@ class KafkaSource(Source):
                 if tp in paused:
                     self._fetched_at[tp] = now  # backpressure, not a stall
                 continue
-            position = consumer.position(tp, timeout_ms=timeout_ms)
+            try:
+                position = consumer.position(tp, timeout_ms=timeout_ms)
+            except KafkaError:  # a position stuck in its reset is what this restarts: not an outage
+                position = None
             if position is not None and position >= ends[tp]:
                 self._fetched_at[tp] = now  # caught up: nothing to fetch
                 continue
