@@ -298,6 +298,8 @@ class KafkaSource(Source):
                     self._committed[tp] = consumer.committed(tp, timeout_ms=timeout_ms) or 0
                 lag = max(0, ends[tp] - self._committed[tp])
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
+            if self._down_since is not None:  # the outage explains the silence: start the watch afresh
+                self._fetched_at.update({tp: time.monotonic() for tp in assigned})
             self._restart_stalled_fetches(consumer, assigned, ends, timeout_ms)
         except KafkaError as exc:
             if self._down_since is None:
