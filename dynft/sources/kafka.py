@@ -9,8 +9,10 @@
   never costs the group membership; ``resume`` restarts fetching.
 - On a rebalance the listener (which runs on kafka-python's IO thread, where a blocking
   commit would raise) commits what is already checkpointed for the revoked partitions with
-  ``commit_async`` and reports them, so the intake drops their queued records for the new
-  owner to read again.
+  ``commit_async``. Once the new assignment is known it reports the partitions that went to
+  other members, so the intake drops their queued records for the new owner to read again.
+  A partition that comes back keeps its fetch position in kafka-python 3.0, so its queued
+  records stay: dropping them would skip them for good.
 - After a restart, positions from the checkpoint that are ahead of the group's committed
   offsets (a crash between checkpoint and commit) are committed before joining.
 """
@@ -31,11 +33,11 @@ from dynft.errors import SourceError
 from dynft.metrics import KafkaMetrics
 from dynft.settings import KafkaSettings
 from dynft.sources.base import Positions, Record, Source
+from dynft.sources.kafka_compat import fix_metadata_rejoin
 
 log = logging.getLogger(__name__)
 COMMIT_RETRY_S = 1.0  # pause after a failed offset commit (seen: hundreds a second during a rebalance)
 REJOIN_MARGIN_S = 10.0  # beyond the longest legitimate rebalance before a join counts as stuck
-FETCH_STALL_S = 30.0  # an assigned, unpaused partition behind its log end and not fetched for this long is stuck
 
 
 def parse_kafka_uri(uri: str, default_group: str) -> tuple[list[str], list[str], str]:
@@ -94,8 +96,8 @@ class KafkaSource(Source):
         self._inflight: dict[TopicPartition, int] = {}  # asynchronous commits under way
         self._commit_retry_at = 0.0  # after a failed commit, the next waits until then
         self._revoked_at: float | None = None  # a rebalance took partitions and none came back yet
-        self._fetched_at: dict[TopicPartition, float] = {}  # when each partition last gave records (or was idle)
-        self._revoked: set[str] = set()
+        self._revoking: set[TopicPartition] = set()  # revoked by a rebalance that has not assigned yet
+        self._revoked: set[str] = set()  # went to other members: the intake drops their queued records
         self._revoked_lock = threading.Lock()
         self._resume: Positions = {}
         self._lag_at = 0.0
@@ -107,6 +109,7 @@ class KafkaSource(Source):
         self._resume = {k: v for k, v in positions.items() if k.rpartition("/")[0] in self.topics}
 
     def open(self) -> None:
+        fix_metadata_rejoin()
         s = self.settings
         try:
             consumer = KafkaConsumer(
@@ -178,9 +181,7 @@ class KafkaSource(Source):
         # With every partition paused, poll only keeps the membership alive and returns nothing.
         batches = consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max(1, max_records))
         out: list[Record] = []
-        now = time.monotonic()
         for tp, messages in batches.items():
-            self._fetched_at[tp] = now
             stream = stream_of(tp)
             out.extend(Record(m.value or b"", stream, m.offset + 1, m.key) for m in messages)
             self.metrics.records.labels(tp.topic).inc(len(messages))
@@ -189,11 +190,11 @@ class KafkaSource(Source):
     def _rejoin_if_stalled(self) -> None:
         """Start a fresh consumer when a rebalance took this member's partitions and never ended.
 
-        kafka-python 3.0 was seen (tests/test_kafka_daemon.py, several runs) to revoke a member's
-        partitions at a rebalance and then never rejoin: no assignment for minutes while polled,
-        until the group dropped it. A rebalance waits at most max_poll_interval_ms for the
-        slowest member, so past that (and a session) the join is stuck; a new consumer joins
-        afresh from the committed offsets, which is at-least-once like any rebalance.
+        The known cause, a kafka-python 3.0 bug, is fixed in ``kafka_compat``; this is the last
+        resort for any other way a join never ends. A rebalance waits at most
+        max_poll_interval_ms for the slowest member, so past that (and a session) the join is
+        stuck; a new consumer joins afresh from the committed offsets, which is at-least-once
+        like any rebalance.
         """
         s = self.settings
         limit = (s.max_poll_interval_ms + s.session_timeout_ms) / 1000 + REJOIN_MARGIN_S
@@ -249,10 +250,17 @@ class KafkaSource(Source):
             return  # a commit just failed (a rebalance, an outage): retrying at every poll only floods the group
         consumer = self._require()
         owned = consumer.assignment()
+        for tp in owned & self._checkpointed.keys() - self._committed.keys():
+            # Newly owned: another member may have committed past our old checkpoint meanwhile,
+            # and a commit must never move the group back.
+            try:
+                self._committed[tp] = consumer.committed(tp, timeout_ms=5_000) or 0
+            except KafkaError as exc:
+                log.warning("cannot read the committed offset of %s (%s); its commit waits", stream_of(tp), exc)
         offsets = {
             tp: OffsetAndMetadata(o, "", -1)
             for tp, o in self._checkpointed.items()
-            if tp in owned and o > max(self._committed.get(tp, -1), self._inflight.get(tp, -1))
+            if tp in owned and tp in self._committed and o > max(self._committed[tp], self._inflight.get(tp, -1))
         }
         if not offsets:
             return
@@ -298,9 +306,6 @@ class KafkaSource(Source):
                     self._committed[tp] = consumer.committed(tp, timeout_ms=timeout_ms) or 0
                 lag = max(0, ends[tp] - self._committed[tp])
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
-            if self._down_since is not None:  # the outage explains the silence: start the watch afresh
-                self._fetched_at.update({tp: time.monotonic() for tp in assigned})
-            self._restart_stalled_fetches(consumer, assigned, ends, timeout_ms)
         except KafkaError as exc:
             if self._down_since is None:
                 self._down_since = time.monotonic()
@@ -311,42 +316,6 @@ class KafkaSource(Source):
             log.warning("kafka is back after %.0f s; consuming again", time.monotonic() - self._down_since)
             self._down_since = None
         self.metrics.up.set(1)
-
-    def _restart_stalled_fetches(
-        self, consumer: KafkaConsumer, assigned: list[TopicPartition], ends: dict[TopicPartition, int], timeout_ms: int
-    ) -> None:
-        """Seek an assigned partition that stopped fetching, which restarts its fetch.
-
-        Seen with kafka-python 3.0 after a rebalance: a member holds partitions, not paused,
-        records waiting, and fetches nothing for minutes. A partition counts as stuck only when
-        it is behind its log end (or has no position at all) and gave nothing for
-        ``FETCH_STALL_S``; it is sought to where it stands, or to its committed offset when it
-        has no position, so nothing is skipped and nothing already fetched is read twice.
-        """
-        now = time.monotonic()
-        paused = consumer.paused()
-        for tp in assigned:
-            since = self._fetched_at.setdefault(tp, now)
-            if tp in paused or now - since < FETCH_STALL_S:
-                if tp in paused:
-                    self._fetched_at[tp] = now  # backpressure, not a stall
-                continue
-            try:
-                position = consumer.position(tp, timeout_ms=timeout_ms)
-            except KafkaError:  # a position stuck in its reset is what this restarts: not an outage
-                position = None
-            if position is not None and position >= ends[tp]:
-                self._fetched_at[tp] = now  # caught up: nothing to fetch
-                continue
-            target = position if position is not None else self._committed.get(tp, 0)
-            log.warning(
-                "%s: assigned, behind its log end and not fetched for %.0f s; seeking to %d",
-                stream_of(tp),
-                now - since,
-                target,
-            )
-            consumer.seek(tp, target)
-            self._fetched_at[tp] = now
 
     def take_revoked(self) -> set[str]:
         with self._revoked_lock:
@@ -370,16 +339,17 @@ class KafkaSource(Source):
             self._committed.pop(tp, None)
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(0)
         with self._revoked_lock:
-            self._revoked.update(stream_of(tp) for tp in revoked)
+            self._revoking.update(revoked)  # which of them are really gone shows at the assignment
         self._revoked_at = time.monotonic()
         self.metrics.rebalances.inc()
         log.info("partitions revoked: %s", ", ".join(sorted(stream_of(tp) for tp in revoked)))
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._revoked_at = None
-        now = time.monotonic()
-        self._fetched_at.update({tp: now for tp in assigned})
         with self._revoked_lock:
+            gone = self._revoking - assigned
+            self._revoking.clear()
+            self._revoked.update(stream_of(tp) for tp in gone)
             self._revoked.difference_update(stream_of(tp) for tp in assigned)
         if self._consumer is not None and self._consumer.paused():
             self._consumer.pause(*assigned)  # still under backpressure: new partitions wait too
