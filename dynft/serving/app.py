@@ -20,7 +20,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -81,6 +81,14 @@ class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     texts: list[StrictStr] = Field(min_length=1, description="texts to classify")
     top_k: int | None = Field(None, ge=1, description="return only the k most probable labels per text")
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _json_integer(cls, value: object) -> object:
+        """A JSON integer (2 or 2.0), not what lax parsing turns into one (``true``, ``"2"``)."""
+        if value is None or type(value) is int or (type(value) is float and value.is_integer()):
+            return value
+        raise ValueError("top_k must be an integer")
 
 
 class ScoredLabel(BaseModel):
