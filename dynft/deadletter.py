@@ -157,8 +157,10 @@ class KafkaDeadLetterSink:
         self._producer.flush()
 
     def close(self) -> None:
-        self._producer.flush()
-        self._producer.close()
+        try:
+            self._producer.flush()
+        finally:  # a failed flush still releases the producer's sockets
+            self._producer.close()
 
 
 def open_dead_letter_sink(source: Source, kafka: KafkaSettings, path: Path) -> DeadLetterSink:

@@ -162,9 +162,11 @@ class KafkaSource(Source):
     def close(self) -> None:
         if self._consumer is None:
             return
-        self._run_commits(final=True)
-        self._consumer.close(autocommit=False)
-        self._consumer = None
+        try:
+            self._run_commits(final=True)
+        finally:  # whatever the last commit did, the sockets are released
+            self._consumer.close(autocommit=False)
+            self._consumer = None
 
     def _require(self) -> KafkaConsumer:
         if self._consumer is None:
