@@ -201,11 +201,16 @@ def wait_ready(broker: Broker, timeout_s: float, process: subprocess.Popen[bytes
             continue
         try:
             admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=3000)
+        except KafkaError:
+            time.sleep(0.5)
+            continue
+        try:  # close even when the broker is not ready yet: an abandoned client leaks its socket
             admin.list_topics()
-            admin.close()
             return
         except KafkaError:
             time.sleep(0.5)
+        finally:
+            admin.close()
     raise BrokerError(f"the broker on {broker.bootstrap} did not answer within {timeout_s:.0f} s")
 
 

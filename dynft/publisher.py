@@ -69,6 +69,7 @@ class Publisher:
             return
         self.lineage = int(meta.get("lineage", 1))
         log.info("resumed from version %d (lineage %d, %d labels)", newest, self.lineage, len(state.labels))
+        self.reanchor()
 
     def _meta_of(self, version: int) -> dict[str, Any]:
         try:
@@ -90,6 +91,31 @@ class Publisher:
         self.lineage, self._published_at_step = state["lineage"], state["published_at_step"]
         self.latest_version = max(state["latest_version"] or 0, max(self.registry.versions(), default=0)) or None
         self.serving_version = self.registry.serving().version
+        self.reanchor()
+
+    def reanchor(self) -> None:
+        """After a restart, pull toward the serving version again: the anchor is not checkpointed.
+
+        Only a serving version of this lineage and base model whose labels are a prefix of the
+        trainer's can anchor (head rows are matched by position); otherwise the regulariser waits
+        for the next promotion, as on a first start.
+        """
+        version = self.serving_version
+        if not self.settings.trainer.anchor_weight or version is None:
+            return
+        try:
+            state, meta = self.registry.load(version)
+            if meta.get("lineage") != self.lineage or meta.get("base_model") != self.fingerprint:
+                raise AdapterMismatchError("it belongs to another lineage or base model")
+            if state.labels != self.trainer.exported_labels()[: len(state.labels)]:
+                raise AdapterMismatchError("its labels are not a prefix of the trainer's")
+            self.trainer.anchor_to(state)
+        except (RegistryError, AdapterMismatchError) as exc:
+            log.warning(
+                "no regulariser anchor until the next promotion: serving version %d does not fit (%s)", version, exc
+            )
+            return
+        log.info("regulariser anchored to serving version %d", version)
 
     def maybe_publish(self, extra_meta: dict[str, Any], force: bool = False) -> int | None:
         """Publish (and perhaps promote) a version when one is due; returns its number."""

@@ -96,8 +96,10 @@ def test_10000_events_from_3_partitions_are_all_accounted_for(
     dlq = KafkaConsumer(
         f"{topic}.dlq", bootstrap_servers=kafka_broker.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000
     )
-    letters = list(dlq)
-    dlq.close()
+    try:
+        letters = list(dlq)
+    finally:
+        dlq.close()
     assert sorted(m.value for m in letters) == sorted(MALFORMED)
     for m in letters:
         headers = dict(m.headers)
@@ -244,7 +246,9 @@ def test_produce_keys_records_so_a_label_lands_on_one_partition(kafka_broker: Br
         topic, bootstrap_servers=kafka_broker.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000
     )
     partitions: dict[str, set[int]] = {}
-    for m in consumer:
-        partitions.setdefault(json.loads(m.value)["label"], set()).add(m.partition)
-    consumer.close()
+    try:
+        for m in consumer:
+            partitions.setdefault(json.loads(m.value)["label"], set()).add(m.partition)
+    finally:
+        consumer.close()
     assert set(partitions) == set(LABELS) and all(len(p) == 1 for p in partitions.values())

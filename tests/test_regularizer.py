@@ -101,3 +101,59 @@ def test_a_promoted_version_becomes_the_anchor(tiny_settings: Settings, tiny_tra
     assert tiny_trainer._anchor is not None
     for key, tensor in served.tensors.items():
         assert torch.equal(tiny_trainer._anchor[key].cpu(), tensor)
+
+
+def anchored_settings(settings: Settings, weight: float) -> Settings:
+    return settings.model_copy(update={"trainer": settings.trainer.model_copy(update={"anchor_weight": weight})})
+
+
+def publisher_for(registry: AdapterRegistry, trainer: OnlineTrainer, settings: Settings) -> Publisher:
+    return Publisher(registry, trainer, HoldoutWindow(64), settings, TrainerMetrics(CollectorRegistry()))
+
+
+def first_version(settings: Settings, seed: int) -> tuple[AdapterRegistry, OnlineTrainer, Publisher, int]:
+    """A trainer with anchor weight 1 that published (and so promoted) its first version."""
+    registry = AdapterRegistry(settings.registry_dir)
+    trainer = trainer_with(settings, 1.0)
+    publisher = publisher_for(registry, trainer, settings)
+    train(trainer, events(32, ["alpha", "beta"], seed=seed))
+    version = publisher.maybe_publish({}, force=True)
+    assert version is not None and publisher.serving_version == version
+    return registry, trainer, publisher, version
+
+
+def test_a_restart_anchors_to_the_serving_version_again(tiny_settings: Settings) -> None:
+    """The anchor is not checkpointed: resume (from the registry) and restore (from a checkpoint) reload it."""
+    settings = anchored_settings(tiny_settings, 1.0)
+    registry, first, publisher, version = first_version(settings, seed=8)
+    served, _ = registry.load(version)
+    train(first, events(32, ["alpha", "beta", "gamma"], seed=9))  # moves on past what serves
+
+    for how in ("resume", "restore"):
+        trainer = trainer_with(settings, 1.0)
+        again = publisher_for(registry, trainer, settings)
+        if how == "resume":
+            again.resume()  # loads the newest version, the serving one here
+        else:
+            trainer.load(first.export())  # a checkpoint's weights: a label ahead of the serving version
+            again.restore(publisher.snapshot())
+        assert trainer._anchor is not None, how
+        assert trainer._anchor.keys() == served.tensors.keys()
+        for key, tensor in served.tensors.items():
+            assert torch.equal(trainer._anchor[key].cpu(), tensor), (how, key)
+
+
+def test_a_restart_does_not_anchor_to_another_lineage_or_when_off(tiny_settings: Settings) -> None:
+    settings = anchored_settings(tiny_settings, 1.0)
+    registry, first, publisher, _ = first_version(settings, seed=10)
+    snapshot = publisher.snapshot()
+
+    off = trainer_with(tiny_settings, 0.0)
+    publisher_for(registry, off, tiny_settings).resume()
+    assert off._anchor is None  # anchor_weight 0: nothing is loaded
+
+    other = trainer_with(settings, 1.0)
+    other.load(first.export())
+    later = publisher_for(registry, other, settings)
+    later.restore({**snapshot, "lineage": snapshot["lineage"] + 1})  # a drift reset started a new lineage
+    assert other._anchor is None

@@ -252,13 +252,10 @@ class KafkaSource(Source):
             return  # a commit just failed (a rebalance, an outage): retrying at every poll only floods the group
         consumer = self._require()
         owned = consumer.assignment()
-        for tp in owned & self._checkpointed.keys() - self._committed.keys():
-            # Newly owned: another member may have committed past our old checkpoint meanwhile,
-            # and a commit must never move the group back.
-            try:
-                self._committed[tp] = consumer.committed(tp, timeout_ms=5_000) or 0
-            except KafkaError as exc:
-                log.warning("cannot read the committed offset of %s (%s); its commit waits", stream_of(tp), exc)
+        try:
+            self._read_committed(owned & self._checkpointed.keys(), timeout_ms=5_000)
+        except KafkaError as exc:
+            log.warning("cannot read the group's committed offsets (%s); their commits wait", exc)
         offsets = {
             tp: OffsetAndMetadata(o, "", -1)
             for tp, o in self._checkpointed.items()
@@ -290,6 +287,17 @@ class KafkaSource(Source):
 
         consumer.commit_async(offsets, callback=done)
 
+    def _read_committed(self, partitions: set[TopicPartition] | list[TopicPartition], timeout_ms: int) -> None:
+        """Learn the group's committed offset of partitions new to this member; KafkaError on failure.
+
+        Another member may have committed past our old checkpoint while it owned one, and a
+        commit must never move the group back.
+        """
+        consumer = self._require()
+        for tp in partitions:
+            if tp not in self._committed:
+                self._committed[tp] = consumer.committed(tp, timeout_ms=timeout_ms) or 0
+
     def _measure_lag(self) -> None:
         if time.monotonic() - self._lag_at < self.settings.lag_interval_s:
             return
@@ -303,9 +311,8 @@ class KafkaSource(Source):
         timeout_ms = int(min(self.settings.lag_interval_s, 5.0) * 1000)
         try:
             ends = consumer.end_offsets(assigned, timeout_ms=timeout_ms)
+            self._read_committed(assigned, timeout_ms)
             for tp in assigned:
-                if tp not in self._committed:
-                    self._committed[tp] = consumer.committed(tp, timeout_ms=timeout_ms) or 0
                 lag = max(0, ends[tp] - self._committed[tp])
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
         except KafkaError as exc:
