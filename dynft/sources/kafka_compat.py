@@ -1,26 +1,30 @@
-"""A fix for a kafka-python 3.0 rebalance bug that leaves a group leader without partitions.
+"""Fixes for two kafka-python 3.0 join bugs that leave a member without its partitions.
 
-The bug (kafka-python 3.0.12, the eager protocol):
+Both concern a join that outlasts one ``consumer.poll(timeout_ms=...)``: the poll gives up,
+and the JoinGroup/SyncGroup round trip finishes in the background (kafka-python 3.0.12, the
+eager protocol).
 
-1. A rebalance starts because the leader's metadata changed (a topic's partitions appeared
-   or changed). ``ConsumerCoordinator.need_rejoin`` reports it from the metadata snapshot,
-   but the ``rejoin_needed`` flag stays false.
-2. The leader revokes its partitions and sends JoinGroup. ``consumer.poll(timeout_ms=100)``
-   gives up before the join ends and leaves the join running in the background.
-3. The background join runs the assignment, which updates the snapshot, and gets the
-   SyncGroup answer. At the next poll, ``need_rejoin`` is false (snapshot equal, flag false),
-   so the loop that would hand the answer to ``_on_join_complete`` never runs.
+1. **The flag.** A rebalance that starts because the leader's metadata changed (a topic's
+   partitions appeared or changed) is reported by ``ConsumerCoordinator.need_rejoin`` from
+   the metadata snapshot, but the ``rejoin_needed`` flag stays false. The background join
+   runs the assignment, which updates the snapshot, so at the next poll ``need_rejoin`` is
+   false and the loop that would hand the answer to ``_on_join_complete`` never runs. The
+   member keeps its revoked partitions as "pending revocation" for as long as it lives:
+   ``assignment()`` lists them, but nothing fetches them and no rebalance listener runs.
+   The same holds for a subscription change, which ``need_rejoin`` also reads from a
+   snapshot. The Java client closed this gap in KAFKA-9815: a rebalance the snapshot asks
+   for also sets the flag. Here ``need_rejoin`` is wrapped so that a true answer sets it.
 
-After that, the member keeps its revoked partitions as "pending revocation": they are still
-listed in ``assignment()``, but nothing fetches them and no rebalance listener runs again,
-for as long as the process lives. ``tests/sources/test_kafka_rebalance.py`` produces this on
-demand with the real broker. Before this fix, it was the cause of the flaky two-daemon and
-slow-step tests in ``tests/test_kafka_daemon.py``.
+2. **The finished join.** With the flag held, the next poll does enter the join loop, but
+   the loop starts a new JoinGroup whenever the cached join is done, even when it is done
+   because it succeeded. The assignment is thrown away and the whole group rebalances
+   again, which needs every member to rejoin, and is again likely to finish between two
+   polls. The Java client hands a finished join future to ``onJoinComplete`` and only then
+   drops it; ``join_group_async`` is wrapped to do the same.
 
-The Java client fixed the same gap in KAFKA-9815: a rebalance that the metadata snapshot
-asks for also sets the flag. This module does the same in kafka-python: it wraps
-``need_rejoin`` so that a true answer sets ``rejoin_needed``. The join loop then waits for
-the background join, and only a finished join clears the flag.
+``tests/sources/test_kafka_rebalance.py`` produces each bug on demand with the real broker.
+Before these fixes they were the cause of the flaky two-daemon and slow-step tests in
+``tests/test_kafka_daemon.py``. Both fixes are applied only on kafka-python 3.0.x.
 """
 
 from __future__ import annotations
@@ -29,22 +33,29 @@ import logging
 from typing import Any
 
 import kafka
+from kafka.coordinator.base import BaseCoordinator, MemberState
 from kafka.coordinator.consumer import ConsumerCoordinator
 
 log = logging.getLogger(__name__)
-_MARK = "_dynft_sets_rejoin_needed"
+_MARK = "_dynft_fixed"
 
 
 def fix_metadata_rejoin() -> bool:
-    """Patch ``ConsumerCoordinator.need_rejoin`` once; returns whether the patch is in place."""
-    original = ConsumerCoordinator.need_rejoin
-    if getattr(original, _MARK, False):
+    """Patch the join loop once (both fixes); returns whether the patches are in place."""
+    if getattr(ConsumerCoordinator.need_rejoin, _MARK, False):
         return True
     if not kafka.__version__.startswith("3.0."):
         # Another line of kafka-python may have changed the join loop: leave it as it is.
         # tests/sources/test_kafka_rebalance.py shows whether that version needs a fix.
-        log.warning("kafka-python %s: the 3.0 rebalance fix is not applied", kafka.__version__)
+        log.warning("kafka-python %s: the 3.0 rebalance fixes are not applied", kafka.__version__)
         return False
+    _hold_rejoin_flag()
+    _consume_finished_join()
+    return True
+
+
+def _hold_rejoin_flag() -> None:
+    original = ConsumerCoordinator.need_rejoin
 
     def need_rejoin(self: Any) -> bool:
         needed = bool(original(self))
@@ -55,4 +66,29 @@ def fix_metadata_rejoin() -> bool:
     setattr(need_rejoin, _MARK, True)
     need_rejoin.__doc__ = original.__doc__
     ConsumerCoordinator.need_rejoin = need_rejoin  # type: ignore[method-assign]
-    return True
+
+
+def _consume_finished_join() -> None:
+    original = BaseCoordinator.join_group_async
+
+    async def join_group_async(self: Any, timeout_ms: Any = None) -> bool:
+        task = self._join_task
+        # A join that succeeded in the background, for a generation nothing has reset since
+        # (a reset leaves REBALANCING): apply it as the loop does when it waits the join out.
+        finished = task is not None and task.succeeded()
+        if finished and self.state is MemberState.REBALANCING and not self._generation.is_lost():
+            self._join_task = None
+            with self._lock:
+                self.rejoining = False
+                self.rejoin_needed = False
+                self.state = MemberState.STABLE
+                self._enable_heartbeat()
+            generation = self._generation
+            await self._on_join_complete_async(
+                generation.generation_id, generation.member_id, generation.protocol, task.value
+            )
+            return True
+        return bool(await original(self, timeout_ms))
+
+    join_group_async.__doc__ = original.__doc__
+    BaseCoordinator.join_group_async = join_group_async  # type: ignore[method-assign]
