@@ -69,7 +69,7 @@ class Publisher:
             return
         self.lineage = int(meta.get("lineage", 1))
         log.info("resumed from version %d (lineage %d, %d labels)", newest, self.lineage, len(state.labels))
-        self.reanchor()
+        self.reanchor((state, meta) if newest == self.serving_version else None)
 
     def _meta_of(self, version: int) -> dict[str, Any]:
         try:
@@ -93,18 +93,19 @@ class Publisher:
         self.serving_version = self.registry.serving().version
         self.reanchor()
 
-    def reanchor(self) -> None:
+    def reanchor(self, loaded: tuple[AdapterState, dict[str, Any]] | None = None) -> None:
         """After a restart, pull toward the serving version again: the anchor is not checkpointed.
 
         Only a serving version of this lineage and base model whose labels are a prefix of the
         trainer's can anchor (head rows are matched by position); otherwise the regulariser waits
-        for the next promotion, as on a first start.
+        for the next promotion, as on a first start. ``loaded``: the serving version's state and
+        metadata, when the caller has just read them.
         """
         version = self.serving_version
         if not self.settings.trainer.anchor_weight or version is None:
             return
         try:
-            state, meta = self.registry.load(version)
+            state, meta = loaded or self.registry.load(version)
             if meta.get("lineage") != self.lineage or meta.get("base_model") != self.fingerprint:
                 raise AdapterMismatchError("it belongs to another lineage or base model")
             if state.labels != self.trainer.exported_labels()[: len(state.labels)]:

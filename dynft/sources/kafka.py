@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -33,7 +34,7 @@ from dynft.errors import SourceError
 from dynft.metrics import KafkaMetrics
 from dynft.settings import KafkaSettings
 from dynft.sources.base import Positions, Record, Source
-from dynft.sources.kafka_compat import fix_metadata_rejoin
+from dynft.sources.kafka_compat import apply_join_fixes
 
 log = logging.getLogger(__name__)
 COMMIT_RETRY_S = 1.0  # pause after a failed offset commit (seen: hundreds a second during a rebalance)
@@ -109,7 +110,7 @@ class KafkaSource(Source):
         self._resume = {k: v for k, v in positions.items() if k.rpartition("/")[0] in self.topics}
 
     def open(self) -> None:
-        fix_metadata_rejoin()
+        apply_join_fixes()
         s = self.settings
         try:
             consumer = KafkaConsumer(
@@ -287,7 +288,7 @@ class KafkaSource(Source):
 
         consumer.commit_async(offsets, callback=done)
 
-    def _read_committed(self, partitions: set[TopicPartition] | list[TopicPartition], timeout_ms: int) -> None:
+    def _read_committed(self, partitions: Iterable[TopicPartition], timeout_ms: int) -> None:
         """Learn the group's committed offset of partitions new to this member; KafkaError on failure.
 
         Another member may have committed past our old checkpoint while it owned one, and a

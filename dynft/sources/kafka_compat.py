@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 _MARK = "_dynft_fixed"
 
 
-def fix_metadata_rejoin() -> bool:
+def apply_join_fixes() -> bool:
     """Patch the join loop once (both fixes); returns whether the patches are in place."""
     if getattr(ConsumerCoordinator.need_rejoin, _MARK, False):
         return True

@@ -22,7 +22,7 @@ from dynft.metrics import KafkaMetrics
 from dynft.settings import KafkaSettings
 from dynft.sources.base import Intake
 from dynft.sources.kafka import KafkaSource
-from dynft.sources.kafka_compat import fix_metadata_rejoin
+from dynft.sources.kafka_compat import apply_join_fixes
 
 from kafka_helpers import new_topic, publish, wait_until
 
@@ -103,7 +103,7 @@ def settle(
 
 def test_a_join_that_finishes_between_two_polls_is_applied_not_started_again(kafka_broker: Broker) -> None:
     """kafka-python 3.0 threw away a join that finished between polls; a leader's rejoin then rebalanced again."""
-    assert fix_metadata_rejoin()
+    assert apply_join_fixes()
     many, one = new_topic(kafka_broker, partitions=2), new_topic(kafka_broker, partitions=1)
     group = f"slow-{many}"
 
