@@ -22,13 +22,14 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from dynft.errors import SourceError
 from dynft.events import Rejection
-from dynft.settings import KafkaSettings
+from dynft.settings import KafkaSettings, SourceSettings
 from dynft.sources.base import Record, Source
 
 log = logging.getLogger(__name__)
@@ -43,23 +44,44 @@ class DeadLetterSink(Protocol):
 
 
 class JsonlDeadLetterSink:
-    """Appends rejected records to a JSON Lines file.
+    """Appends rejected records to a JSON Lines file, rotated by size like logrotate.
+
+    Before a line would take the file past ``max_bytes`` the file is fsynced and rotated:
+    ``dead-letter.jsonl`` becomes ``.1``, ``.1`` becomes ``.2`` and so on; ``.<max_files>`` is
+    deleted. A line larger than ``max_bytes`` gets a file of its own. So at most ``max_files + 1``
+    files of about ``max_bytes`` each, and the newest entries are always kept.
 
     A write the disk refuses (full, read-only) is kept in memory and tried again at the next
     write and at ``flush``, and a line it left half-written is cut off, so the file only ever
-    holds whole lines. ``flush`` raises while any entry is still unwritten: the checkpoint that
-    would commit those records' positions fails instead, and the trainer keeps going. Nothing is
-    lost: if the process ends first, the positions were never committed and the records are
-    read (and rejected) again.
+    holds whole lines; ``on_refused`` is told, so that the training loop stops taking input
+    until the disk takes writes again (the memory held stays bounded). ``flush`` raises while
+    any entry is still unwritten: the checkpoint that would commit those records' positions
+    fails instead. Nothing is lost: if the process ends first, the positions were never
+    committed and the records are read (and rejected) again.
     """
 
-    def __init__(self, path: Path, source: str) -> None:
+    def __init__(
+        self,
+        path: Path,
+        source: str,
+        max_bytes: int = 64 << 20,
+        max_files: int = 4,
+        on_refused: Callable[[OSError], None] | None = None,
+    ) -> None:
         self.path = path
         self.source = source
+        self.max_bytes = max_bytes
+        self.max_files = max_files
+        self._on_refused = on_refused
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = self._open()
         self._pending: list[bytes] = []  # whole lines the disk has not taken yet
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # write (batching thread) and flush/close (main thread)
+
+    def _open(self) -> int:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._size = os.fstat(fd).st_size
+        return fd
 
     def write(self, rejection: Rejection, record: Record) -> None:
         entry: dict[str, Any] = {
@@ -83,10 +105,20 @@ class JsonlDeadLetterSink:
                         self.path,
                         exc,
                     )
+                if self._on_refused is not None:
+                    self._on_refused(exc)
+
+    @property
+    def backlog(self) -> int:
+        """Entries the disk has not taken yet."""
+        return len(self._pending)
 
     def _drain(self) -> None:
         while self._pending:
-            self._append(self._pending[0])
+            line = self._pending[0]
+            if self._size and self._size + len(line) > self.max_bytes:
+                self._rotate()
+            self._append(line)
             self._pending.pop(0)
 
     def _append(self, line: bytes) -> None:
@@ -99,6 +131,26 @@ class JsonlDeadLetterSink:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, end)  # no half line: the retry writes it whole
             raise
+        self._size = end + len(line)
+
+    def _rotate(self) -> None:
+        """``path`` -> ``path.1`` -> ... -> ``path.<max_files>`` (deleted); a new empty ``path``.
+
+        The full file is fsynced first: its entries stay as durable as ``flush`` made them.
+        """
+        os.fsync(self._fd)
+        rotated = [self.path.with_name(f"{self.path.name}.{n}") for n in range(self.max_files + 1)]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(rotated[self.max_files])
+        for n in range(self.max_files - 1, 0, -1):
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(rotated[n], rotated[n + 1])
+        with contextlib.suppress(FileNotFoundError):  # gone already when a retry follows a failed _open
+            os.rename(self.path, rotated[1])
+        fd = self._open()  # before closing the old one: a failure leaves the sink writing the old file
+        os.close(self._fd)
+        self._fd = fd
+        _fsync_dir(self.path.parent)
 
     def flush(self) -> None:
         """Make every entry durable; raises ``OSError`` while the disk refuses some."""
@@ -163,13 +215,28 @@ class KafkaDeadLetterSink:
             self._producer.close()
 
 
-def open_dead_letter_sink(source: Source, kafka: KafkaSettings, path: Path) -> DeadLetterSink:
+def open_dead_letter_sink(
+    source: Source,
+    kafka: KafkaSettings,
+    path: Path,
+    settings: SourceSettings | None = None,
+    on_refused: Callable[[OSError], None] | None = None,
+) -> DeadLetterSink:
     """Kafka sources dead-letter to topics; every other source to a JSON Lines file."""
     from dynft.sources.kafka import KafkaSource, client_config
 
     if isinstance(source, KafkaSource):
         return KafkaDeadLetterSink(source.servers, source.topics, kafka.dlq_suffix, client_config(kafka))
-    return JsonlDeadLetterSink(path, source.uri)
+    s = settings or SourceSettings()
+    return JsonlDeadLetterSink(path, source.uri, s.dead_letter_max_bytes, s.dead_letter_max_files, on_refused)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _as_text(raw: bytes) -> str | None:
@@ -177,6 +244,16 @@ def _as_text(raw: bytes) -> str | None:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def dead_letter_files(path: Path) -> list[Path]:
+    """The dead-letter file and its rotated predecessors that exist, oldest first."""
+    rotated = sorted(
+        (p for p in path.parent.glob(f"{path.name}.*") if p.name[len(path.name) + 1 :].isdigit()),
+        key=lambda p: int(p.name[len(path.name) + 1 :]),
+        reverse=True,
+    )
+    return rotated + ([path] if path.exists() else [])
 
 
 def read_dead_letters(path: Path) -> list[dict[str, Any]]:

@@ -4,8 +4,11 @@ Outcomes are recorded as the training loop finishes with each event and made dur
 before each checkpoint is written (``commit``). After a crash the ledger therefore knows at
 least what the restored checkpoint covers; what it knows beyond that, the source delivers again
 and ``seen`` (deliveries) counts the duplicate, so at-least-once is visible. An event the
-checkpoint holds is never missing from the ledger. Stored in SQLite (WAL mode), readable by
-``dynft ledger`` while the trainer writes.
+checkpoint holds is never missing from the ledger (until retention prunes it). Stored in SQLite
+(WAL mode), readable by ``dynft ledger`` while the trainer writes.
+
+Growth is bounded by ``LedgerPruner``: a background thread with its own connection deletes the
+ids not seen for ``retention_days`` and, beyond ``max_rows``, the least recently seen ones.
 
 >>> import tempfile
 >>> ledger = Ledger(Path(tempfile.mkdtemp()) / "ledger.db")
@@ -17,11 +20,14 @@ checkpoint holds is never missing from the ledger. Stored in SQLite (WAL mode), 
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("trained", "held_out", "dead_lettered", "skipped")
 
@@ -34,6 +40,7 @@ CREATE TABLE IF NOT EXISTS events (
     last_at REAL NOT NULL
 )
 """
+_INDEX = "CREATE INDEX IF NOT EXISTS events_last_at ON events (last_at)"  # what pruning deletes by
 _UPSERT = """
 INSERT INTO events (id, status, seen, first_at, last_at) VALUES (?, ?, 1, ?, ?)
 ON CONFLICT(id) DO UPDATE SET status = excluded.status, seen = seen + 1, last_at = excluded.last_at
@@ -48,6 +55,7 @@ class Ledger:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(_SCHEMA)
+        self._db.execute(_INDEX)
         self._pending: list[tuple[str, str, float, float]] = []
         self._lock = threading.Lock()
 
@@ -74,6 +82,11 @@ class Ledger:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
             raise
+
+    @property
+    def pending(self) -> int:
+        """Outcomes recorded but not yet committed (held in memory)."""
+        return len(self._pending)
 
     def discard(self) -> None:
         """Forget outcomes not yet committed (the state they describe was not checkpointed)."""
@@ -103,3 +116,80 @@ class Ledger:
 
     def close(self) -> None:
         self._db.close()
+
+
+def prune(db: sqlite3.Connection, before: float | None, max_rows: int | None, chunk: int = 5000) -> int:
+    """Delete ids last seen before ``before`` and, beyond ``max_rows``, the least recently seen.
+
+    Deletes in transactions of ``chunk`` rows, so the trainer's commit never waits long for the
+    write lock. Returns how many rows were deleted.
+    """
+    deleted = 0
+    if before is not None:
+        while True:
+            n = db.execute(
+                "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events WHERE last_at < ? LIMIT ?)",
+                (before, chunk),
+            ).rowcount
+            deleted += n
+            if n < chunk:
+                break
+    if max_rows is not None:
+        excess = int(db.execute("SELECT COUNT(*) FROM events").fetchone()[0]) - max_rows
+        while excess > 0:
+            n = db.execute(
+                "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events ORDER BY last_at LIMIT ?)",
+                (min(chunk, excess),),
+            ).rowcount
+            deleted, excess = deleted + n, excess - n
+            if n == 0:
+                break
+    return deleted
+
+
+class LedgerPruner:
+    """Prunes the ledger every ``interval_s`` on its own thread, which owns its own connection.
+
+    SQLite connections belong to one thread, so the pruner never touches the trainer's. WAL mode
+    lets both write in turn: the pruner's short transactions and the trainer's commit wait for
+    each other through the busy timeout, never fail on each other. A prune that fails (a full
+    disk: a DELETE needs room in the WAL) is logged and tried again at the next interval.
+    ``retention_days`` 0 and ``max_rows`` 0 switch their rule off.
+    """
+
+    def __init__(self, path: Path, retention_days: float, max_rows: int, interval_s: float) -> None:
+        self.path = path
+        self.retention_s = retention_days * 86400.0 if retention_days > 0 else None
+        self.max_rows = max_rows or None
+        self.interval_s = interval_s
+        self.pruned = 0  # rows deleted so far (read by tests and the log)
+        self.runs = 0  # completed prunes
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dynft-ledger-pruner", daemon=True)
+
+    def start(self) -> None:
+        if self.retention_s is not None or self.max_rows is not None:
+            self._thread.start()
+
+    def _run(self) -> None:
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+        try:
+            while not self._stop.is_set():
+                before = time.time() - self.retention_s if self.retention_s is not None else None
+                try:
+                    n = prune(db, before, self.max_rows)
+                except sqlite3.Error as exc:
+                    log.warning("ledger %s: pruning failed (%s); next try in %.0f s", self.path, exc, self.interval_s)
+                else:
+                    self.pruned += n
+                    self.runs += 1
+                    if n:
+                        log.info("ledger %s: pruned %d event id(s)", self.path, n)
+                self._stop.wait(self.interval_s)
+        finally:
+            db.close()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)

@@ -31,13 +31,14 @@ from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
 from dynft.drift import Detection, DriftMonitor
 from dynft.evaluation import HoldoutWindow, Prequential, is_held_out
 from dynft.events import REASONS, Event, Rejection, decode
-from dynft.ledger import Ledger
+from dynft.ledger import Ledger, LedgerPruner
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
 from dynft.registry import AdapterRegistry
 from dynft.runtime import tune_gc
 from dynft.settings import Settings
 from dynft.sources import Intake, Positions, Record, furthest, open_source
+from dynft.statedisk import StateDisk, free_bytes, is_disk_full
 from dynft.trainer import OnlineTrainer, StepResult, build_trainer
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,9 @@ class TrainingLoop:
         self.metrics.declare({"error": d.error_detector, "loss": d.loss_detector}, REASONS, list(d.reactions))
         self.checkpoints = CheckpointStore(settings.state_dir / "checkpoints", settings.checkpoint.keep)
         self.ledger = Ledger(settings.state_dir / "ledger.db")
+        lg = settings.ledger
+        self.pruner = LedgerPruner(self.ledger.path, lg.retention_days, lg.max_rows, lg.prune_interval_s)
+        self.disk = StateDisk(max_delay_s=settings.checkpoint.disk_full_retry_max_s)  # see _backpressure
         self.positions: Positions = {}  # furthest processed position per stream
         self._uncommitted = False
         self._checkpoint_at = (0, time.monotonic())  # (step, time) of the last checkpoint
@@ -88,6 +92,7 @@ class TrainingLoop:
         self._last_reaction = -(10**9)
         self._status_at = 0.0
         self._status_events = 0
+        self._held = False  # the batching thread takes nothing from the intake (see _backpressure)
         self.intake: Intake | None = None
         self.sink: DeadLetterSink | None = None
         self.started = threading.Event()
@@ -104,19 +109,20 @@ class TrainingLoop:
             log.warning("removed %d half-written version(s) from an earlier crash", len(removed))
         self.trainer = build_trainer(s.model, s.adapter, s.trainer)
         self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics)
-        source = open_source(s.source, s.kafka, self.metrics_registry)
+        source = open_source(s.source, s.kafka, self.metrics_registry, s.events.max_record_bytes)
         checkpoint = self.checkpoints.latest()
         if checkpoint is not None:
             self._restore(checkpoint)
             source.resume_from(self.positions)
         else:
             self.publisher.resume()
-        self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path)
+        self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path, s.source, self._dead_letter_refused)
         # Before the consumer joins its group: the full collection holds the GIL for about half a
         # second, and a kafka-python 3.0 consumer stalled like that mid-join was seen never to rejoin.
         tune_gc()
-        self.intake = intake = Intake(source, s.source.queue_size)
+        self.intake = intake = Intake(source, s.source.queue_size, max_bytes=s.source.queue_max_bytes)
         intake.start()
+        self.pruner.start()
         self._batcher.start()
         log.info(
             "training %s on %s from %s (%d threads); registry %s",
@@ -172,6 +178,7 @@ class TrainingLoop:
             self.intake.stop()  # after the last checkpoint: the source makes its final commit
         if self.sink is not None:
             self.sink.close()
+        self.pruner.stop()
         self.ledger.close()
 
     # -- batching thread -----------------------------------------------------------------
@@ -200,11 +207,15 @@ class TrainingLoop:
         return self.intake
 
     def _next_work(self) -> Work | None:
+        if self._backpressure():
+            self.should_exit.wait(0.1)
+            return None
         size = self.settings.trainer.batch_size
         replay = min(round(size * self.settings.buffer.replay_ratio), len(self.buffer))
         intake = self._intake()
         records = intake.take(size - replay, self.settings.trainer.fresh_wait_s)
         self.metrics.intake_queue.set(intake.queued)
+        self.metrics.intake_queue_bytes.set(intake.queued_bytes)
         if not records:
             return None
         work = Work(None, records=records)
@@ -214,6 +225,30 @@ class TrainingLoop:
             replayed = self.buffer.sample(size - len(fresh), self._recent_since, share)
             work.batch = self.trainer.collator(fresh + replayed, n_fresh=len(fresh))
         return work
+
+    def _backpressure(self) -> bool:
+        """Whether the batching thread must take nothing from the intake now (which then fills and
+        pauses its source): the state disk refuses writes (a full disk is no record's fault, so
+        nothing is dead-lettered for it; ``_maybe_checkpoint`` retries), or the outcomes waiting
+        in memory for a ledger commit reached their bound."""
+        if self.disk.refusing:
+            why = "the state disk refuses writes"
+        elif self.ledger.pending >= self.settings.ledger.max_pending_rows:
+            why = f"{self.ledger.pending} outcomes wait for a ledger commit"
+        else:
+            why = ""
+        held = bool(why)
+        if held != self._held:  # _held: the batching thread's own
+            log.warning("intake %s", f"paused: {why}" if held else "resumed")
+            self.metrics.intake_paused.set(int(held))
+            self._held = held
+        if held:
+            self.metrics.intake_queue.set(self._intake().queued)
+        return held
+
+    def _dead_letter_refused(self, exc: OSError) -> None:
+        """The dead-letter file refused a write (batching thread): hold intake; the sink keeps the entry."""
+        self.disk.refused()
 
     def _route(self, records: list[Record], work: Work) -> list[Event]:
         """Decode records; dead-letter the bad ones, hold out a share, return the ones to train on."""
@@ -349,6 +384,8 @@ class TrainingLoop:
         step, at = self._checkpoint_at
         c = self.settings.checkpoint
         due = self.trainer.steps - step >= c.every_steps or time.monotonic() - at >= c.interval_s
+        if self.disk.refusing:  # intake waits on this retry: the backoff's schedule, not the checkpoint's
+            due = self.disk.due()
         if not (due or force):
             return
         self._checkpoint_at = (self.trainer.steps, time.monotonic())
@@ -359,13 +396,19 @@ class TrainingLoop:
             self.checkpoints.save(self._capture())
         except (CheckpointError, OSError, sqlite3.Error) as exc:  # a full or read-only disk: keep going
             self.metrics.checkpoint_errors.inc()
+            what = f"ledger {self.ledger.path}: {exc}" if isinstance(exc, sqlite3.Error) else exc
+            if is_disk_full(exc) or self.disk.refusing:  # intake is held: retry with backoff
+                log.error("checkpoint failed: %s; intake paused, next try in %.0f s", what, self.disk.refused())
+                return
             log.error(
                 "checkpoint failed: %s; training goes on, offsets stay uncommitted, next try in %d steps or %.0f s",
-                f"ledger {self.ledger.path}: {exc}" if isinstance(exc, sqlite3.Error) else exc,
+                what,
                 c.every_steps,
                 c.interval_s,
             )
             return
+        if self.disk.accepted():
+            log.info("the state disk takes writes again")
         self._intake().source.commit(dict(self.positions))
         self._uncommitted = False
         self.metrics.checkpoints.inc()
@@ -419,6 +462,7 @@ class TrainingLoop:
         pq, pub = self.prequential, self.publisher
         rate = (pq.seen - self._status_events) / (now - self._status_at) if self._status_at else 0.0
         self._status_at, self._status_events = now, pq.seen
+        self.metrics.disk_free.set(free_bytes(self.settings.state_dir))
         log.info(
             "events %d (%.1f/s) | steps %d | acc %.3f (majority %.3f) | labels %d | buffer %d "
             "| serving v%s, latest v%s | drift %d",

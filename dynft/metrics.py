@@ -64,6 +64,11 @@ class TrainerMetrics:
         )
         self.rejected = Counter("dynft_events_rejected", "Events dead-lettered, by reason", ["reason"], registry=r)
         self.intake_queue = _gauge("dynft_intake_queue_events", "Records waiting between source and trainer", r)
+        self.intake_queue_bytes = _gauge("dynft_intake_queue_bytes", "Raw bytes waiting between source and trainer", r)
+        self.intake_paused = _gauge(
+            "dynft_intake_paused", "1 while intake is paused because the state disk refuses writes or outcomes wait", r
+        )
+        self.disk_free = _gauge("dynft_state_disk_free_bytes", "Free bytes on the state directory's file system", r)
         self.buffer_events = _gauge("dynft_buffer_events", "Events in the replay buffer", r)
         self.buffer_bytes = _gauge("dynft_buffer_bytes", "Approximate bytes held by the replay buffer", r)
         self.labels = _gauge("dynft_labels", "Labels known to the trainer", r)

@@ -38,12 +38,23 @@ class SourceSettings(Section):
     follow: bool = Field(False, description="file sources: keep reading appended lines, like tail -f")
     poll_interval_s: float = Field(0.2, gt=0, description="follow mode: how often to look for new data")
     queue_size: int = Field(8192, ge=1, description="bound of the intake queue between source and trainer")
+    queue_max_bytes: int = Field(
+        64 << 20, ge=1024, description="bound of the intake queue in raw bytes (a record larger alone still passes)"
+    )
     demo_rate: float = Field(0.0, ge=0, description="demo: events per second, 0 = as fast as the trainer takes them")
     demo_loop: bool = Field(True, description="demo: start the drift schedule again after its last phase")
     demo_seed: int = Field(0, description="demo: seed of the shuffles in the drift schedule")
     exit_at_end: bool = Field(False, description="finite sources: stop the trainer after the last event")
     dead_letter_path: Path | None = Field(
         None, description="JSONL file for rejected events; default <state_dir>/dead-letter.jsonl"
+    )
+    dead_letter_max_bytes: int = Field(
+        64 << 20,
+        ge=4096,
+        description="the dead-letter file is rotated (to .1, .2, ...) before it would grow past this",
+    )
+    dead_letter_max_files: int = Field(
+        4, ge=1, description="rotated dead-letter files kept besides the current one; the oldest is deleted"
     )
 
 
@@ -81,6 +92,27 @@ class CheckpointSettings(Section):
     interval_s: float = Field(30.0, gt=0, description="...or this many seconds, whichever comes first")
     keep: int = Field(2, ge=1, description="complete checkpoints kept")
     drift_history: int = Field(2000, ge=0, description="recent error/loss values kept to rebuild the detectors")
+    disk_full_retry_max_s: float = Field(
+        30.0,
+        gt=0,
+        description="while the state disk is full, intake pauses and writes are retried after 1 s, "
+        "the delay doubling up to this",
+    )
+
+
+class LedgerSettings(Section):
+    """Retention of the event ledger (see ``dynft.ledger``); pruned in the background."""
+
+    retention_days: float = Field(
+        30.0, ge=0, description="outcomes not seen for this long are pruned; 0 = kept until max_rows"
+    )
+    max_rows: int = Field(
+        10_000_000, ge=0, description="most event ids kept (about 1 GB); the least recently seen go first; 0 = no cap"
+    )
+    prune_interval_s: float = Field(300.0, gt=0, description="how often the background pruner runs")
+    max_pending_rows: int = Field(
+        100_000, ge=1, description="outcomes held in memory while commits fail; at this bound intake pauses"
+    )
 
 
 class EventSettings(Section):
@@ -251,6 +283,7 @@ class Settings(BaseSettings):
     source: SourceSettings = Field(default_factory=SourceSettings)  # type: ignore[arg-type]
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)  # type: ignore[arg-type]
+    ledger: LedgerSettings = Field(default_factory=LedgerSettings)  # type: ignore[arg-type]
     events: EventSettings = Field(default_factory=EventSettings)  # type: ignore[arg-type]
     buffer: BufferSettings = Field(default_factory=BufferSettings)  # type: ignore[arg-type]
     model: ModelSettings = Field(default_factory=ModelSettings)  # type: ignore[arg-type]

@@ -13,8 +13,13 @@ from dynft.sources.file import FileSource
 __all__ = ["DemoSource", "FileSource", "Intake", "Positions", "Record", "Source", "furthest", "open_source"]
 
 
-def open_source(settings: SourceSettings, kafka: KafkaSettings, metrics: CollectorRegistry | None = None) -> Source:
-    """The source named by ``settings.uri`` (not yet opened)."""
+def open_source(
+    settings: SourceSettings,
+    kafka: KafkaSettings,
+    metrics: CollectorRegistry | None = None,
+    max_record_bytes: int = 1 << 20,
+) -> Source:
+    """The source named by ``settings.uri`` (not yet opened); lines past ``max_record_bytes`` are cut."""
     uri = settings.uri
     if uri == "demo":
         return DemoSource(rate=settings.demo_rate, loop=settings.demo_loop, seed=settings.demo_seed)
@@ -22,7 +27,9 @@ def open_source(settings: SourceSettings, kafka: KafkaSettings, metrics: Collect
         path = uri[len("file:") :]
         if not path:
             raise SourceError("source file: needs a path, e.g. file:events.jsonl or file:- for stdin")
-        return FileSource(path, follow=settings.follow, poll_interval_s=settings.poll_interval_s)
+        return FileSource(
+            path, follow=settings.follow, poll_interval_s=settings.poll_interval_s, max_record_bytes=max_record_bytes
+        )
     if uri.startswith("kafka://"):
         from dynft.metrics import KafkaMetrics
         from dynft.sources.kafka import KafkaSource

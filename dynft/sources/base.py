@@ -98,25 +98,49 @@ class Source(ABC):
 
 
 class RecordQueue:
-    """A bounded FIFO of records, moved in chunks: one lock round per poll, not per record."""
+    """A FIFO of records bounded by count and by raw bytes, moved in chunks: one lock round per poll.
 
-    def __init__(self, capacity: int) -> None:
+    A record larger than ``max_bytes`` alone is still accepted into an empty queue, so that it
+    can reach the decoder and be dead-lettered instead of blocking its stream.
+
+    >>> q = RecordQueue(capacity=10, max_bytes=8)
+    >>> q.offer([Record(b"abc", "s", 1), Record(b"defg", "s", 2), Record(b"hi", "s", 3)])
+    2
+    >>> q.nbytes, [r.raw for r in q.take(10, 0)], q.nbytes
+    (7, [b'abc', b'defg'], 0)
+    """
+
+    def __init__(self, capacity: int, max_bytes: int = 1 << 62) -> None:
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._chunks: deque[list[Record]] = deque()
         self._size = 0
+        self._bytes = 0
         self._cond = threading.Condition()
 
     def __len__(self) -> int:
         return self._size
 
+    @property
+    def nbytes(self) -> int:
+        """Raw bytes of the queued records."""
+        return self._bytes
+
     def offer(self, records: list[Record]) -> int:
         """Queue as many of ``records`` as fit, in order; returns how many."""
         with self._cond:
-            room = self.capacity - self._size
+            room, nbytes = min(self.capacity - self._size, len(records)), 0
+            for n in range(room):
+                size = len(records[n].raw)
+                if self._bytes + nbytes + size > self.max_bytes and (n or self._size):
+                    room = n
+                    break
+                nbytes += size
             accepted = records[:room]  # a copy: the caller goes on to trim its own list
             if accepted:
                 self._chunks.append(accepted)
                 self._size += len(accepted)
+                self._bytes += nbytes
                 self._cond.notify()
             return len(accepted)
 
@@ -135,6 +159,7 @@ class RecordQueue:
                     out.extend(chunk[:want])
                     self._chunks[0] = chunk[want:]
             self._size -= len(out)
+            self._bytes -= sum(len(r.raw) for r in out)
             return out
 
     def drop(self, streams: set[str]) -> int:
@@ -144,22 +169,26 @@ class RecordQueue:
             kept = [r for chunk in self._chunks for r in chunk if r.stream not in streams]
             self._chunks = deque([kept]) if kept else deque()
             self._size = len(kept)
+            self._bytes = sum(len(r.raw) for r in kept)
             return before - self._size
 
 
 class Intake:
-    """Drains a source on its own thread into a bounded queue.
+    """Drains a source on its own thread into a queue bounded by records and by bytes.
 
     The thread never blocks on a full queue: it keeps what does not fit, pauses the source,
     and keeps polling (a Kafka consumer that stops polling loses its group membership). When
-    the queue has room again the source is resumed. ``take`` returns what is queued.
+    the queue has room again the source is resumed. ``take`` returns what is queued. What the
+    thread keeps is bounded too: it pauses once it holds a poll's worth of records or a quarter
+    of ``max_bytes``, so memory stays under about 1.25 x ``max_bytes`` plus one poll.
     """
 
-    def __init__(self, source: Source, max_queued: int, poll_batch: int = 2048) -> None:
+    def __init__(self, source: Source, max_queued: int, poll_batch: int = 2048, max_bytes: int = 64 << 20) -> None:
         self.source = source
-        self._queue = RecordQueue(max_queued)
+        self._queue = RecordQueue(max_queued, max_bytes)
         self._poll_batch = min(poll_batch, max_queued)
-        self._pending: list[Record] = []
+        self._pending_max_bytes = max(1, max_bytes // 4)
+        self._pending: list[Record] = []  # polled, not yet queued; owned by the intake thread
         self.paused = False
         self._stop = threading.Event()
         self._done = threading.Event()
@@ -173,7 +202,7 @@ class Intake:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                full = self.paused or len(self._pending) >= self._poll_batch
+                full = self.paused or self._holding_enough()
                 records = self.source.poll(0 if full else self._poll_batch, timeout_s=0.1)
                 self._pending.extend(records)
                 revoked = self.source.take_revoked()
@@ -183,10 +212,10 @@ class Intake:
                     del self._pending[: self._queue.offer(self._pending)]
                 # Hysteresis: pausing makes a Kafka consumer drop what it prefetched, so pause only
                 # with a full poll waiting, and resume once the queue is half empty.
-                if len(self._pending) >= self._poll_batch and not self.paused:
+                if self._holding_enough() and not self.paused:
                     self.source.pause()
                     self.paused = True
-                elif self.paused and not self._pending and len(self._queue) <= self._queue.capacity // 2:
+                elif self.paused and not self._pending and self._queue_half_empty():
                     self.source.resume()
                     self.paused = False
                 if self.paused:
@@ -198,6 +227,16 @@ class Intake:
             self._error = exc
         finally:
             self._done.set()
+
+    def _holding_enough(self) -> bool:
+        """A full poll (by records or bytes) waits for room in the queue."""
+        if len(self._pending) >= self._poll_batch:
+            return True
+        return sum(len(r.raw) for r in self._pending) >= self._pending_max_bytes
+
+    def _queue_half_empty(self) -> bool:
+        q = self._queue
+        return len(q) <= q.capacity // 2 and q.nbytes <= q.max_bytes // 2
 
     def _drop(self, streams: set[str]) -> None:
         """Forget queued records of streams this consumer no longer owns: their new owner re-reads them."""
@@ -213,6 +252,10 @@ class Intake:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queue.nbytes
 
     @property
     def finished(self) -> bool:

@@ -21,15 +21,33 @@ class FileSource(Source):
 
     Without ``follow`` the source is exhausted at end of file. With ``follow`` it keeps
     waiting for appended lines, and starts again from the top if the file is truncated.
+
+    Memory stays bounded whatever the input: a line longer than ``max_record_bytes`` is cut,
+    its first ``max_record_bytes + 1`` bytes become its record (which the decoder rejects as
+    ``record_too_large``; ``where["bytes"]`` gives the line's real length) and the rest is
+    dropped as it is read, up to the next newline. Bytes are appended to one ``bytearray`` and
+    searched for newlines once each, so a long line costs linear time, not quadratic. A poll
+    returns once it holds ``max_poll_bytes``.
     """
 
-    def __init__(self, path: str, follow: bool = False, poll_interval_s: float = 0.2) -> None:
+    def __init__(
+        self,
+        path: str,
+        follow: bool = False,
+        poll_interval_s: float = 0.2,
+        max_record_bytes: int = 1 << 20,
+        max_poll_bytes: int = 16 << 20,
+    ) -> None:
         self.uri = f"file:{path}"
         self._path = path
         self._follow = follow
         self._poll_interval_s = poll_interval_s
+        self._max_record_bytes = max_record_bytes
+        self._max_poll_bytes = max_poll_bytes
         self._fd = -1  # not open
-        self._pending = b""
+        self._buf = bytearray()  # bytes read after the last complete line
+        self._scanned = 0  # _buf[:_scanned] holds no newline (searched already)
+        self._cut = 0  # bytes of the first line in _buf dropped because it is over-long
         self._offset = 0  # bytes consumed into complete lines
         self._line = 0
         self._eof = False
@@ -61,10 +79,13 @@ class FileSource(Source):
         if self._fd < 0:
             raise SourceError(f"{self.uri}: poll before open")
         out: list[Record] = []
+        nbytes = 0
         deadline = time.monotonic() + timeout_s
         while len(out) < max_records:
-            out.extend(self._split_lines(max_records - len(out)))
-            if len(out) >= max_records or self.exhausted:
+            lines = self._split_lines(max_records - len(out))
+            out.extend(lines)
+            nbytes += sum(len(r.raw) for r in lines)
+            if len(out) >= max_records or nbytes >= self._max_poll_bytes or self.exhausted:
                 break
             chunk = self._read(max(0.0, deadline - time.monotonic()))
             if chunk is None:  # nothing now
@@ -79,8 +100,27 @@ class FileSource(Source):
                     break
                 time.sleep(min(self._poll_interval_s, max(0.0, deadline - time.monotonic())))
                 continue
-            self._pending += chunk
+            self._feed(chunk)
         return out
+
+    def _feed(self, chunk: bytes) -> None:
+        """Append bytes read; of a line longer than ``max_record_bytes`` keep only a prefix.
+
+        Called only once every complete line has been split off, so ``_buf`` holds part of one line.
+        """
+        if self._cut:  # inside an over-long line: drop its bytes up to the newline that ends it
+            end = chunk.find(b"\n")
+            if end < 0:
+                self._cut += len(chunk)
+                return
+            self._cut += end
+            chunk = chunk[end:]
+        self._buf += chunk
+        keep = self._max_record_bytes + 1  # one byte more than allowed: the decoder rejects the record
+        if not self._cut and len(self._buf) > keep and self._buf.find(b"\n", self._scanned) < 0:
+            self._cut = len(self._buf) - keep
+            del self._buf[keep:]
+            self._scanned = keep
 
     def _read(self, timeout_s: float) -> bytes | None:
         """Bytes from the file, b"" at end of file, None when a pipe has nothing yet."""
@@ -92,34 +132,47 @@ class FileSource(Source):
 
     def _at_end_of_file(self) -> None:
         if not self._follow or self._path == "-":
-            if self._pending.strip():  # a last line without a newline is still a record
-                self._pending += b"\n"
+            if self._cut or (self._buf and not self._buf.isspace()):  # a last line without a newline counts
+                self._buf += b"\n"
             self._eof = True
             return
         size = os.fstat(self._fd).st_size
-        if size < self._offset + len(self._pending):
+        if size < self._offset + len(self._buf) + self._cut:
             log.warning("%s was truncated; reading it again from the start", self.uri)
             os.lseek(self._fd, 0, os.SEEK_SET)
-            self._pending, self._offset = b"", 0
+            self._buf, self._scanned, self._cut, self._offset = bytearray(), 0, 0, 0
 
     def _split_lines(self, limit: int) -> list[Record]:
         out: list[Record] = []
-        while len(out) < limit:
-            end = self._pending.find(b"\n")
-            if end < 0:
-                break
-            line, self._pending = self._pending[:end], self._pending[end + 1 :]
-            start = self._offset
-            self._offset += end + 1
-            self._line += 1
-            line = line.rstrip(b"\r")
-            if line.strip():
-                out.append(Record(line, self.uri, self._offset, where={"line": self._line, "offset": start}))
+        buf, pos = self._buf, 0
+        view = memoryview(buf)  # slices without copying; released before _buf is resized
+        try:
+            while len(out) < limit:
+                end = buf.find(b"\n", max(pos, self._scanned))
+                if end < 0:
+                    self._scanned = len(buf)
+                    break
+                start = self._offset
+                self._offset += end + 1 - pos + self._cut
+                self._line += 1
+                where = {"line": self._line, "offset": start}
+                if self._cut:
+                    where["bytes"], self._cut = self._offset - start - 1, 0
+                stop = end - 1 if end > pos and buf[end - 1] == 13 else end  # without a trailing \r
+                line = bytes(view[pos:stop])
+                if line and not line.isspace():
+                    out.append(Record(line, self.uri, self._offset, where=where))
+                pos = end + 1
+        finally:
+            view.release()
+        if pos:
+            del buf[:pos]
+            self._scanned = max(0, self._scanned - pos)
         return out
 
     @property
     def exhausted(self) -> bool:
-        return self._eof and b"\n" not in self._pending
+        return self._eof and self._buf.find(b"\n", self._scanned) < 0
 
     def close(self) -> None:
         if self._fd >= 0 and self._path != "-":
