@@ -1,10 +1,12 @@
-"""The JSON Lines dead-letter sink on a real full disk (a tmpfs filled to the last byte)."""
+"""The JSON Lines dead-letter sink: on a real full disk (a tmpfs filled to the last byte), and its rotation."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from dynft.deadletter import JsonlDeadLetterSink, read_dead_letters
+from dynft.deadletter import JsonlDeadLetterSink, dead_letter_files, read_dead_letters
 from dynft.events import Rejection
 from dynft.sources.base import Record
 
@@ -35,3 +37,56 @@ def test_a_full_disk_keeps_dead_letters_in_memory_and_writes_them_whole_once_it_
         assert [e["origin"]["line"] for e in entries] == [0, 1, 2, 3]
         assert entries[3]["raw_bytes"] == rejected(3)[0].raw
         sink.close()
+
+
+def small(n: int, pad: int = 200) -> tuple[Rejection, Record]:
+    raw = f'{{"text": "", "label": "x", "n": {n}, "pad": "{"y" * pad}"}}'.encode()
+    return Rejection("empty_text", "text is empty", raw), Record(raw, "file:in.jsonl", n + 1, None, {"line": n})
+
+
+def test_rotation_bounds_sizes_and_files_and_keeps_the_newest_entries(tmp_path: Path) -> None:
+    path = tmp_path / "dead-letter.jsonl"
+    sink = JsonlDeadLetterSink(path, "file:in.jsonl", max_bytes=4096, max_files=3)
+    rotated_out = 0  # the oldest entry still in some file
+    for n in range(300):
+        sink.write(*small(n))
+        sink.flush()
+        files = dead_letter_files(path)
+        lines = [e["origin"]["line"] for f in files for e in read_dead_letters(f)]
+        assert lines[-1] == n, "the newest entry is in the current file"
+        assert lines == list(range(lines[0], n + 1)), "every entry since the oldest kept is in some file, in order"
+        assert lines[0] >= rotated_out, "entries leave only by rotation, oldest first"
+        rotated_out = lines[0]
+        assert len(files) <= 4 and all(f.stat().st_size <= 4096 for f in files)
+    assert [f.name for f in dead_letter_files(path)] == [
+        "dead-letter.jsonl.3",
+        "dead-letter.jsonl.2",
+        "dead-letter.jsonl.1",
+        "dead-letter.jsonl",
+    ]
+    assert rotated_out > 0, "rotation deleted the oldest file"
+    assert not (tmp_path / "dead-letter.jsonl.4").exists()
+    sink.close()
+
+
+def test_an_entry_larger_than_max_bytes_gets_a_file_of_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "dead-letter.jsonl"
+    sink = JsonlDeadLetterSink(path, "file:in.jsonl", max_bytes=4096, max_files=2)
+    sink.write(*small(0))
+    sink.write(*small(1, pad=6000))
+    sink.write(*small(2))
+    sink.flush()
+    sink.close()
+    by_file = [[e["origin"]["line"] for e in read_dead_letters(f)] for f in dead_letter_files(path)]
+    assert by_file == [[0], [1], [2]]
+    assert read_dead_letters(path.with_name("dead-letter.jsonl.1"))[0]["raw_bytes"] == small(1, pad=6000)[1].raw
+
+
+def test_a_reopened_sink_rotates_a_file_already_at_its_size(tmp_path: Path) -> None:
+    path = tmp_path / "dead-letter.jsonl"
+    path.write_bytes(b"{}\n" * 1500)  # 4500 bytes from an earlier run
+    sink = JsonlDeadLetterSink(path, "file:in.jsonl", max_bytes=4096, max_files=2)
+    sink.write(*small(0))
+    sink.close()
+    assert path.with_name("dead-letter.jsonl.1").read_bytes() == b"{}\n" * 1500
+    assert [e["origin"]["line"] for e in read_dead_letters(path)] == [0]

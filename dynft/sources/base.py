@@ -179,8 +179,9 @@ class Intake:
     The thread never blocks on a full queue: it keeps what does not fit, pauses the source,
     and keeps polling (a Kafka consumer that stops polling loses its group membership). When
     the queue has room again the source is resumed. ``take`` returns what is queued. What the
-    thread keeps is bounded too: it pauses once it holds a poll's worth of records or a quarter
-    of ``max_bytes``, so memory stays under about 1.25 x ``max_bytes`` plus one poll.
+    thread keeps is bounded too: it asks for no more records than a quarter of ``max_bytes``
+    holds at the recent record size, and pauses once it holds a poll's worth of records or that
+    quarter, so memory stays under about 1.5 x ``max_bytes``.
     """
 
     def __init__(self, source: Source, max_queued: int, poll_batch: int = 2048, max_bytes: int = 64 << 20) -> None:
@@ -189,6 +190,7 @@ class Intake:
         self._poll_batch = min(poll_batch, max_queued)
         self._pending_max_bytes = max(1, max_bytes // 4)
         self._pending: list[Record] = []  # polled, not yet queued; owned by the intake thread
+        self._record_bytes = 256  # mean size of the last poll's records: sizes the next poll
         self.paused = False
         self._stop = threading.Event()
         self._done = threading.Event()
@@ -203,7 +205,9 @@ class Intake:
         try:
             while not self._stop.is_set():
                 full = self.paused or self._holding_enough()
-                records = self.source.poll(0 if full else self._poll_batch, timeout_s=0.1)
+                records = self.source.poll(0 if full else self._poll_size(), timeout_s=0.1)
+                if records:
+                    self._record_bytes = max(1, sum(len(r.raw) for r in records) // len(records))
                 self._pending.extend(records)
                 revoked = self.source.take_revoked()
                 if revoked:
@@ -227,6 +231,10 @@ class Intake:
             self._error = exc
         finally:
             self._done.set()
+
+    def _poll_size(self) -> int:
+        """A poll's worth of records, but no more bytes than the pending bound at the recent record size."""
+        return max(1, min(self._poll_batch, self._pending_max_bytes // self._record_bytes))
 
     def _holding_enough(self) -> bool:
         """A full poll (by records or bytes) waits for room in the queue."""

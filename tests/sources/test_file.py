@@ -5,12 +5,14 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from dynft.errors import SourceError
-from dynft.settings import KafkaSettings, SourceSettings
+from dynft.events import Rejection, decode
+from dynft.settings import EventSettings, KafkaSettings, SourceSettings
 from dynft.sources import FileSource, Intake, open_source
 
 from helpers import write_jsonl
@@ -104,3 +106,73 @@ def test_intake_reports_a_failing_source() -> None:
         threading.Event().wait(0.02)
     assert isinstance(intake.error, OSError)
     intake.stop()
+
+
+def test_an_over_long_line_is_cut_in_bounded_memory_and_the_next_line_is_read(tmp_path: Path) -> None:
+    """A 20 MB line without a newline until its end, with records limited to 1 MiB: reading it
+    never holds much more than the limit (tracemalloc's peak), the line becomes one record of
+    ``limit + 1`` bytes (so the decoder dead-letters it as record_too_large), its real length is
+    reported, and the line after it is read as usual."""
+    limit = 1 << 20
+    long_line = b'{"id": "x", "text": "' + b"a" * 20_000_000 + b'", "label": "y"}'
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'{"n": 0}\n' + long_line + b'\n{"n": 2}\n' + b"b" * (3 * limit))  # and a last one, cut too
+    source = FileSource(str(path), max_record_bytes=limit)
+    source.open()
+    got = []
+    tracemalloc.start()
+    try:
+        while not source.exhausted:
+            got += source.poll(10, 0.1)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * limit, f"reading a 20 MB line held {peak} bytes at once"
+    assert [r.position["line"] for r in got] == [1, 2, 3, 4]
+    assert got[0].raw == b'{"n": 0}' and got[2].raw == b'{"n": 2}'
+    assert got[1].raw == long_line[: limit + 1] and got[1].position["bytes"] == len(long_line)
+    assert got[3].raw == b"b" * (limit + 1) and got[3].position["bytes"] == 3 * limit
+    assert got[2].next == len(b'{"n": 0}\n') + len(long_line) + 1 + len(b'{"n": 2}\n'), "offsets count every byte"
+    rejection = decode(got[1].raw, EventSettings(max_record_bytes=limit))
+    assert isinstance(rejection, Rejection) and rejection.reason == "record_too_large"
+
+
+def test_lines_split_across_reads_keep_their_bytes_and_offsets(tmp_path: Path) -> None:
+    """Lines of every length around the read size, with and without \\r: the same records as a plain split."""
+    rows = [b"x" * n for n in (1, 100, 65535, 65536, 65537, 3, 200_000)] + [b'{"a": 1}\r', b"  ", b"z"]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    source = FileSource(str(path))
+    source.open()
+    got = []
+    while not source.exhausted:
+        got += source.poll(3, 0.1)
+    assert [r.raw for r in got] == [r.rstrip(b"\r") for r in rows if r.strip()]
+    ends, at = [], 0
+    for r in rows:
+        at += len(r) + 1
+        if r.strip():
+            ends.append(at)
+    assert [r.next for r in got] == ends
+
+
+def test_the_intake_queue_is_bounded_by_bytes(tmp_path: Path) -> None:
+    """Records of 1 KiB, a queue of 1000 records but 64 KiB: the queue holds at most 64 KiB and
+    the records the intake thread keeps besides it (a poll beyond a quarter of that) at most half
+    of it; once taken, everything arrives in order."""
+    rows = [{"n": i, "pad": "p" * 1000} for i in range(2000)]
+    intake = Intake(FileSource(str(write_jsonl(tmp_path / "in.jsonl", rows))), max_queued=1000, max_bytes=64 << 10)
+    intake.start()
+    deadline = time.monotonic() + 20
+    while not intake.paused:
+        assert time.monotonic() < deadline, "the intake never paused its source"
+        time.sleep(0.01)
+    record = len(json.dumps(rows[0]))
+    assert (64 << 10) - record < intake.queued_bytes <= 64 << 10
+    assert intake.queued < 1000
+    assert sum(len(r.raw) for r in intake._pending) < (32 << 10) + record
+    got = []
+    while not intake.finished and time.monotonic() < deadline:
+        got += [json.loads(r.raw)["n"] for r in intake.take(50, 0.1)]
+    intake.stop()
+    assert got == list(range(2000))
