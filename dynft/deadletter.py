@@ -155,8 +155,11 @@ class JsonlDeadLetterSink:
     def flush(self) -> None:
         """Make every entry durable; raises ``OSError`` while the disk refuses some."""
         with self._lock:
-            self._drain()
-            os.fsync(self._fd)
+            try:
+                self._drain()
+                os.fsync(self._fd)
+            except OSError as exc:  # the same error, naming the file (the checkpoint's log line shows it)
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
 
     def close(self) -> None:
         with self._lock:
