@@ -31,6 +31,7 @@ from dynft.errors import SourceError
 from dynft.events import Rejection
 from dynft.settings import KafkaSettings, SourceSettings
 from dynft.sources.base import Record, Source
+from dynft.statedisk import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ class JsonlDeadLetterSink:
         fd = self._open()  # before closing the old one: a failure leaves the sink writing the old file
         os.close(self._fd)
         self._fd = fd
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def flush(self) -> None:
         """Make every entry durable; raises ``OSError`` while the disk refuses some."""
@@ -232,14 +233,6 @@ def open_dead_letter_sink(
         return KafkaDeadLetterSink(source.servers, source.topics, kafka.dlq_suffix, client_config(kafka))
     s = settings or SourceSettings()
     return JsonlDeadLetterSink(path, source.uri, s.dead_letter_max_bytes, s.dead_letter_max_files, on_refused)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _as_text(raw: bytes) -> str | None:

@@ -116,7 +116,7 @@ class TrainingLoop:
             source.resume_from(self.positions)
         else:
             self.publisher.resume()
-        self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path, s.source, self._dead_letter_refused)
+        self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path, s.source, self.disk.write_refused)
         # Before the consumer joins its group: the full collection holds the GIL for about half a
         # second, and a kafka-python 3.0 consumer stalled like that mid-join was seen never to rejoin.
         tune_gc()
@@ -245,10 +245,6 @@ class TrainingLoop:
         if held:
             self.metrics.intake_queue.set(self._intake().queued)
         return held
-
-    def _dead_letter_refused(self, exc: OSError) -> None:
-        """The dead-letter file refused a write (batching thread): hold intake; the sink keeps the entry."""
-        self.disk.refused()
 
     def _route(self, records: list[Record], work: Work) -> list[Event]:
         """Decode records; dead-letter the bad ones, hold out a share, return the ones to train on."""

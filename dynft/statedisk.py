@@ -59,6 +59,15 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the names in directory ``path`` durable (after a create or rename there)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class StateDisk:
     """Whether writes to the state directory are being refused, and when to try them again.
 
@@ -91,6 +100,10 @@ class StateDisk:
                 self._delay = min(self._delay * 2, self.max_delay_s)
             self._retry_at = now + self._delay
             return self._delay
+
+    def write_refused(self, exc: OSError) -> None:
+        """``on_refused`` of the dead-letter file (batching thread): hold intake; the sink keeps the entry."""
+        self.refused()
 
     def due(self, now: float | None = None) -> bool:
         """Whether the refused writes should be tried again now."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from pathlib import Path
 
@@ -24,13 +23,21 @@ from prometheus_client import CollectorRegistry
 from dynft.deadletter import read_dead_letters
 from dynft.events import REASONS
 from dynft.ledger import Ledger
-from dynft.loop import TrainingLoop
 from dynft.registry import AdapterRegistry
 from dynft.settings import Settings
 
 from helpers import keyword_events
 from serving.conftest import PROBE, TOKEN, running_server
-from test_state_faults import LABELS, fill, mounted, processed, sample, wait_until
+from test_state_faults import (
+    LABELS,
+    fill,
+    follow_with_frequent_writes,
+    mounted,
+    processed,
+    sample,
+    start_trainer,
+    wait_until,
+)
 
 HOSTILE_EVERY = 10  # of the events fed while the disk is full, every 10th has an empty text
 
@@ -50,12 +57,9 @@ def test_a_full_disk_pauses_intake_dead_letters_nothing_for_it_and_everything_pr
         s.state_dir = state
         stream = tmp_path / "stream.jsonl"  # the input is not on the full disk
         stream.touch()
-        s.source.uri, s.source.follow, s.source.poll_interval_s = f"file:{stream}", True, 0.05
+        follow_with_frequent_writes(s, stream)
         s.source.queue_size = 64
-        s.registry.publish_every_steps, s.registry.publish_interval_s = 15, 600
-        s.checkpoint.every_steps, s.checkpoint.interval_s = 15, 600
         s.checkpoint.disk_full_retry_max_s = 1.0
-        s.gate.tolerance, s.gate.min_holdout = 1.0, 8  # every version is promoted: the test is about the disk
         rows = keyword_events(1000, LABELS, seed=3)
         hostile = {i for i in range(400, 1000) if i % HOSTILE_EVERY == 0}
         for i in hostile:
@@ -66,9 +70,7 @@ def test_a_full_disk_pauses_intake_dead_letters_nothing_for_it_and_everything_pr
                 fh.writelines(json.dumps(r) + "\n" for r in rows[start:stop])
 
         metrics = CollectorRegistry()
-        loop = TrainingLoop(s, metrics)
-        thread = threading.Thread(target=loop.run, name="trainer")
-        thread.start()
+        loop, thread = start_trainer(s, metrics)
         registry = AdapterRegistry(s.registry_dir)
         try:
             feed(0, 400)

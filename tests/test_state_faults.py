@@ -90,6 +90,21 @@ def processed(metrics: CollectorRegistry) -> float:
     return sum(metrics.get_sample_value("dynft_events_total", {"outcome": o}) or 0.0 for o in outcomes)
 
 
+def follow_with_frequent_writes(s: Settings, stream: Path) -> None:
+    """The running-trainer tests: follow ``stream``; publish and checkpoint every 15 steps; promote every version."""
+    s.source.uri, s.source.follow, s.source.poll_interval_s = f"file:{stream}", True, 0.05
+    s.registry.publish_every_steps, s.registry.publish_interval_s = 15, 600
+    s.checkpoint.every_steps, s.checkpoint.interval_s = 15, 600
+    s.gate.tolerance, s.gate.min_holdout = 1.0, 8  # every version is promoted: these tests are about the disk
+
+
+def start_trainer(s: Settings, metrics: CollectorRegistry) -> tuple[TrainingLoop, threading.Thread]:
+    loop = TrainingLoop(s, metrics)
+    thread = threading.Thread(target=loop.run, name="trainer")
+    thread.start()
+    return loop, thread
+
+
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -202,14 +217,9 @@ def test_a_read_only_registry_costs_versions_not_checkpoints_or_serving(
     stream = tmp_path / "stream.jsonl"
     rows = keyword_events(2400, LABELS, seed=5)
     stream.write_text("".join(json.dumps(r) + "\n" for r in rows[:400]))
-    s.source.uri, s.source.follow, s.source.poll_interval_s = f"file:{stream}", True, 0.05
-    s.registry.publish_every_steps, s.registry.publish_interval_s = 15, 600
-    s.checkpoint.every_steps, s.checkpoint.interval_s = 15, 600
-    s.gate.tolerance, s.gate.min_holdout = 1.0, 8
+    follow_with_frequent_writes(s, stream)
     metrics = CollectorRegistry()
-    loop = TrainingLoop(s, metrics)
-    thread = threading.Thread(target=loop.run, name="trainer")
-    thread.start()
+    loop, thread = start_trainer(s, metrics)
     registry = AdapterRegistry(s.registry_dir)
     try:
         wait_until(lambda: processed(metrics) == 400, "the first 400 events are processed")
