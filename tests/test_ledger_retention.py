@@ -12,7 +12,13 @@ import threading
 import time
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from dynft.ledger import Ledger, LedgerPruner, prune
+from dynft.loop import TrainingLoop
+from dynft.settings import Settings
+
+from helpers import keyword_events, write_jsonl
 
 DAY = 86400.0
 
@@ -102,3 +108,26 @@ def test_no_rule_no_thread(tmp_path: Path) -> None:
     assert not pruner._thread.is_alive()
     pruner.stop()
     ledger.close()
+
+
+def test_the_training_loop_prunes_its_ledger_to_the_row_cap(tiny_settings: Settings, tmp_path: Path) -> None:
+    """``ledger.max_rows`` reaches the daemon: its pruner thread deletes the least recently seen ids."""
+    s = tiny_settings
+    rows = keyword_events(600, ["alpha", "beta"], seed=4)
+    s.source.uri, s.source.exit_at_end = f"file:{write_jsonl(tmp_path / 'in.jsonl', rows)}", True
+    s.checkpoint.every_steps = 5
+    s.ledger.max_rows, s.ledger.prune_interval_s = 100, 0.05
+    loop = TrainingLoop(s, CollectorRegistry())
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    thread.join(180)
+    assert not thread.is_alive()
+    assert loop.pruner.pruned > 0 and not loop.pruner._thread.is_alive()
+    ledger = Ledger(s.state_dir / "ledger.db")
+    try:
+        found = ledger.lookup(r["id"] for r in rows)
+        kept = sum(ledger.counts()[status] for status in ("trained", "held_out", "skipped", "dead_lettered"))
+    finally:
+        ledger.close()
+    assert found[rows[0]["id"]] == ("unseen", 0), "the first ids were pruned"
+    assert kept < 600 and kept == sum(1 for status, _ in found.values() if status != "unseen")
