@@ -140,13 +140,13 @@ class JsonlDeadLetterSink:
         The full file is fsynced first: its entries stay as durable as ``flush`` made them.
         """
         os.fsync(self._fd)
-        rotated = [self.path.with_name(f"{self.path.name}.{n}") for n in range(self.max_files + 1)]
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(rotated[self.max_files])
-        for n in range(self.max_files - 1, 0, -1):
+        if self.path.exists():  # else the files were shifted already, by a try whose _open failed
+            rotated = [self.path.with_name(f"{self.path.name}.{n}") for n in range(self.max_files + 1)]
             with contextlib.suppress(FileNotFoundError):
-                os.rename(rotated[n], rotated[n + 1])
-        with contextlib.suppress(FileNotFoundError):  # gone already when a retry follows a failed _open
+                os.unlink(rotated[self.max_files])
+            for n in range(self.max_files - 1, 0, -1):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(rotated[n], rotated[n + 1])
             os.rename(self.path, rotated[1])
         fd = self._open()  # before closing the old one: a failure leaves the sink writing the old file
         os.close(self._fd)
