@@ -380,6 +380,7 @@ class TrainingLoop:
         step, at = self._checkpoint_at
         c = self.settings.checkpoint
         due = self.trainer.steps - step >= c.every_steps or time.monotonic() - at >= c.interval_s
+        due = due or self.ledger.pending >= self.settings.ledger.max_pending_rows  # intake waits on it
         if self.disk.refusing:  # intake waits on this retry: the backoff's schedule, not the checkpoint's
             due = self.disk.due()
         if not (due or force):
