@@ -110,7 +110,9 @@ class Snapshot(BaseModel):
     tasks: list[str] = Field(default_factory=lambda: ["default"])
     window: int = Field(0, description="events in the prequential window the label counts cover")
     labels: list[LabelStat] = Field(default_factory=list)
-    dead_letter_counts: dict[str, int] = Field(default_factory=dict, description="since the trainer started")
+    dead_letter_counts: dict[str, int] = Field(
+        default_factory=dict, description="since the history began, restarts included (a redelivered record again)"
+    )
     dead_letters: list[DeadLetter] = Field(default_factory=list, description="the latest few, newest first")
     drift: list[DriftMark] = Field(default_factory=list, description="recent detections, oldest first")
     kafka_lag: list[PartitionLag] = Field(default_factory=list)
@@ -269,6 +271,9 @@ class HistoryRecorder:
         if not self.show_texts:  # texts an earlier run kept while it was allowed to
             self.snapshot.dead_letters = [d.model_copy(update={"text": None}) for d in self.snapshot.dead_letters]
         self._last = (time.monotonic(), 0.0, 0.0)  # (when, records in, events trained) at the last point
+        self._earlier_dead = Counter(
+            self.snapshot.dead_letter_counts
+        )  # earlier lives' counts; the metric restarts at 0
 
     def dead_letter(self, rejection: Rejection, record: Record) -> None:
         """Batching thread: note a rejected record (dropped when the main thread is behind)."""
@@ -323,7 +328,8 @@ class HistoryRecorder:
         snap.t, snap.window = now, loop.settings.evaluation.window
         snap.labels = self._labels(loop, now)
         counts = _samples(loop.metrics_registry, "dynft_events_rejected_total")
-        snap.dead_letter_counts = {labels["reason"]: int(v) for labels, v in counts if v > 0}
+        dead = self._earlier_dead + Counter({labels["reason"]: int(v) for labels, v in counts})
+        snap.dead_letter_counts = dict(sorted(dead.items()))
         fresh = []
         while not self._dead_in.empty():
             fresh.append(self._dead_in.get_nowait())

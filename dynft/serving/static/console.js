@@ -5,6 +5,7 @@
 
 const POLL_MS = 2000;
 const KEEP_S = 24 * 3600;
+const LEFT = 54; // room for the y labels, the same in every chart so that their time axes line up
 const COLORS = {
   accuracy: "#2563eb", majority: "#9ca3af", rateIn: "#059669", rateTrained: "#d97706", buffer: "#7c3aed",
   drift: "#d97706", promote: "#059669", promoted: "#059669", rejected: "#dc2626", rollback: "#d97706",
@@ -93,7 +94,7 @@ function markers(ctx, x, t0, t1, top, bottom) {
 // A line chart of several series over the shared time axis, with drift and serving markers.
 function lineChart(canvas, series, fixedMax) {
   const { ctx, w, h } = surface(canvas);
-  const left = 40, right = w - 8, top = 8, bottom = h - 18;
+  const left = LEFT, right = w - 8, top = 8, bottom = h - 18;
   const [t0, t1] = timeRange();
   const shown = state.points.filter((p) => p.t >= t0);
   let max = fixedMax;
@@ -142,7 +143,7 @@ function shortNumber(v) {
 function timeline(canvas) {
   const { ctx, w, h } = surface(canvas);
   const s = state.status;
-  const left = 40, right = w - 8;
+  const left = LEFT, right = w - 8;
   const [t0, t1] = timeRange();
   const x = (t) => left + ((t - t0) / (t1 - t0)) * (right - left);
   xAxis(ctx, x, t0, t1, 0, h - 18, left, right);
@@ -189,6 +190,16 @@ function timeline(canvas) {
 
 function fill(tableId, rows, cells, rowClass) {
   const body = $(tableId).querySelector("tbody");
+  if (!rows.length) {
+    const td = document.createElement("td");
+    td.colSpan = $(tableId).querySelectorAll("th").length;
+    td.className = "muted";
+    td.textContent = "none so far";
+    const tr = document.createElement("tr");
+    tr.append(td);
+    body.replaceChildren(tr);
+    return;
+  }
   body.replaceChildren(
     ...rows.map((r) => {
       const tr = document.createElement("tr");
