@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import threading
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import httpx
 import jsonschema
+import pytest
 
 from dynft.events import Rejection
 from dynft.history import (
@@ -155,3 +157,27 @@ def test_the_page_and_its_files_are_served_and_nothing_else(tiny_settings: Setti
         assert client.get("/console/static/console.css").headers["content-type"].startswith("text/css")
         for name in ("console.html", "..%2F..%2Fsettings.py", "history.py"):
             assert client.get(f"/console/static/{name}").status_code == 404
+
+
+def test_console_show_texts_is_on_for_the_demo_only_unless_set() -> None:
+    from dynft.settings import load_settings
+
+    assert load_settings().console_show_texts  # the demo stream's texts are a public dataset
+    assert not load_settings(overrides={"source.uri": "file:x.jsonl"}).console_show_texts
+    assert load_settings(overrides={"source.uri": "file:x.jsonl", "server.console_show_texts": True}).console_show_texts
+    assert not load_settings(overrides={"server.console_show_texts": False}).console_show_texts
+
+
+def test_a_history_the_disk_refuses_costs_the_console_not_the_training(
+    tiny_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tiny_settings.state_dir / CONSOLE_DIR
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("a file where the console directory should be")  # every write below it fails
+    events = keyword_events(160, ["alpha", "beta"], seed=5)
+    with caplog.at_level(logging.WARNING, logger="dynft.history"):
+        loop = run_loop(tiny_settings, write_jsonl(tmp_path / "events.jsonl", events))
+    assert loop.trainer.steps > 0 and loop.prequential.seen > 100
+    refusals = [r for r in caplog.records if "console history cannot be written" in r.getMessage()]
+    assert len(refusals) == 1  # once, not at every status interval
+    assert blocked.read_text() == "a file where the console directory should be"
