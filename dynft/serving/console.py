@@ -13,6 +13,7 @@ exception texts or settings, and dead letters' texts are dropped unless
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from importlib import resources
 from typing import Any, Literal
@@ -142,7 +143,7 @@ def console_router(
     files = resources.files("dynft.serving").joinpath("static")
 
     @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-    @router.get("/console", response_class=HTMLResponse, summary="The live console (read-only)")
+    @router.get("/console", response_class=HTMLResponse, include_in_schema=False)  # a page, not an API
     def page() -> HTMLResponse:
         return HTMLResponse(files.joinpath("console.html").read_text(encoding="utf-8"))
 
@@ -172,7 +173,7 @@ def console_router(
         }
         return StatusResponse(
             role="colocated" if colocated else "replica",
-            now=datetime.now().timestamp(),
+            now=time.time(),
             points=history.points(since) if colocated else [],
             snapshot=snapshot,
             serving=serving,

@@ -64,7 +64,7 @@ def wait_for_promotion(client: httpx.Client, proc: subprocess.Popen[bytes], log:
         except httpx.HTTPError:
             continue
         promoted = [v for v in adapters["versions"] if (v["gate"] or {}).get("decision") == "promoted"]
-        if promoted and adapters["loaded"] is not None and len(points) >= 5:
+        if promoted and adapters["loaded"] is not None and len(points) >= 3:
             return
     raise AssertionError(f"no promoted version within 150 s\n{log.read_text()[-3000:]}")
 
@@ -112,7 +112,7 @@ def test_the_console_shows_a_demo_run_in_headless_chromium(tiny_model_dir: Path,
     assert found["body"]["data-role"] == "colocated"
     last_t = float(str(found["body"]["data-last-t"]))
     shown = len([p for p in status["points"] if p["t"] <= last_t])  # what the page had when it was read
-    assert shown >= 5
+    assert shown >= 3
     for chart in ("chart-accuracy", "chart-rate", "chart-buffer"):
         assert found[chart]["data-points"] == str(shown), chart
     assert int(str(found["timeline"]["data-promoted-count"])) >= 1
