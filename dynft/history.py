@@ -271,9 +271,8 @@ class HistoryRecorder:
         if not self.show_texts:  # texts an earlier run kept while it was allowed to
             self.snapshot.dead_letters = [d.model_copy(update={"text": None}) for d in self.snapshot.dead_letters]
         self._last = (time.monotonic(), 0.0, 0.0)  # (when, records in, events trained) at the last point
-        self._earlier_dead = Counter(
-            self.snapshot.dead_letter_counts
-        )  # earlier lives' counts; the metric restarts at 0
+        # The rejection counter restarts at 0 with the process; the console's counts go on.
+        self._earlier_dead = Counter(self.snapshot.dead_letter_counts)
 
     def dead_letter(self, rejection: Rejection, record: Record) -> None:
         """Batching thread: note a rejected record (dropped when the main thread is behind)."""
