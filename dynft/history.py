@@ -56,7 +56,6 @@ MAX_POINTS = 20_000  # 24 h at the default 5 s interval is 17,280
 LATEST_DEAD = 5  # dead letters shown
 MAX_DRIFT = 100  # drift markers kept
 TEXT_CHARS = 120  # dead letters' texts are cut to this
-NEW_LABEL_S = 900.0  # a label first seen less than this ago is "new"
 
 
 class Point(BaseModel):
@@ -80,7 +79,10 @@ class LabelStat(BaseModel):
     count: int = Field(description="events with this label in the prequential window")
     accuracy: float | None = Field(description="prequential accuracy on them; null when none in the window")
     buffered: int = Field(description="events with this label in the replay buffer")
-    new: bool = Field(description=f"first seen less than {NEW_LABEL_S:.0f} s ago, after the run began")
+    new: bool = Field(
+        description="first seen within the last `window` events, and not in the history's first window "
+        "(those are where the run began)"
+    )
 
 
 class DeadLetter(BaseModel):
@@ -116,8 +118,10 @@ class Snapshot(BaseModel):
     dead_letters: list[DeadLetter] = Field(default_factory=list, description="the latest few, newest first")
     drift: list[DriftMark] = Field(default_factory=list, description="recent detections, oldest first")
     kafka_lag: list[PartitionLag] = Field(default_factory=list)
-    first_seen: dict[str, float] = Field(default_factory=dict, description="when each label was first seen")
-    started_at: float = Field(0.0, description="when this history began")
+    first_seen: dict[str, int] = Field(
+        default_factory=dict, description="the prequential event count when each label was first seen"
+    )
+    started_events: int | None = Field(None, description="the prequential event count when this history began")
 
 
 # -- the time series -----------------------------------------------------------------------
@@ -267,7 +271,7 @@ class HistoryRecorder:
         self._failed = False
         self._file: HistoryFile | None = None
         now = clock()
-        self.snapshot = read_snapshot(self.directory / SNAPSHOT_FILE) or Snapshot(t=now, started_at=now)
+        self.snapshot = read_snapshot(self.directory / SNAPSHOT_FILE) or Snapshot(t=now)
         if not self.show_texts:  # texts an earlier run kept while it was allowed to
             self.snapshot.dead_letters = [d.model_copy(update={"text": None}) for d in self.snapshot.dead_letters]
         self._last = (time.monotonic(), 0.0, 0.0)  # (when, records in, events trained) at the last point
@@ -325,7 +329,7 @@ class HistoryRecorder:
     def _update_snapshot(self, loop: TrainingLoop, now: float) -> None:
         snap = self.snapshot
         snap.t, snap.window = now, loop.settings.evaluation.window
-        snap.labels = self._labels(loop, now)
+        snap.labels = self._labels(loop)
         counts = _samples(loop.metrics_registry, "dynft_events_rejected_total")
         dead = self._earlier_dead + Counter({labels["reason"]: int(v) for labels, v in counts})
         snap.dead_letter_counts = dict(sorted(dead.items()))
@@ -336,26 +340,27 @@ class HistoryRecorder:
         lag = _samples(loop.metrics_registry, "dynft_kafka_lag")
         snap.kafka_lag = [PartitionLag(topic=k["topic"], partition=int(k["partition"]), lag=int(v)) for k, v in lag]
 
-    def _labels(self, loop: TrainingLoop, now: float) -> list[LabelStat]:
+    def _labels(self, loop: TrainingLoop) -> list[LabelStat]:
+        """Per-label counts and accuracy over the prequential window; "new" is measured in events too."""
         seen: Counter[str] = Counter()
         right: Counter[str] = Counter()
         for truth, prediction, _ in loop.prequential.snapshot()["recent"]:
             seen[truth] += 1
             right[truth] += prediction == truth
         buffered = loop.buffer.label_counts()
-        first = self.snapshot.first_seen
+        snap, window, now = self.snapshot, loop.settings.evaluation.window, loop.prequential.seen
+        if snap.started_events is None:
+            snap.started_events = now
         labels = list(loop.trainer.label_map.labels)
-        # Labels known at the first sample of a history are where the run began, not new ones.
-        began = not first
         for label in labels:
-            first.setdefault(label, self.snapshot.started_at if began else now)
+            snap.first_seen.setdefault(label, now)
         return [
             LabelStat(
                 label=label,
                 count=seen[label],
                 accuracy=right[label] / seen[label] if seen[label] else None,
                 buffered=buffered[label],
-                new=first[label] > self.snapshot.started_at and now - first[label] < NEW_LABEL_S,
+                new=snap.first_seen[label] >= snap.started_events + window and now - snap.first_seen[label] < window,
             )
             for label in labels
         ]

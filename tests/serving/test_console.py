@@ -13,6 +13,7 @@ import httpx
 import jsonschema
 import pytest
 
+from dynft.drift import Detection
 from dynft.events import Rejection
 from dynft.history import (
     CONSOLE_DIR,
@@ -102,12 +103,18 @@ def test_dead_letters_keep_their_text_only_when_allowed() -> None:
 def test_status_is_incremental_survives_a_restart_and_follows_its_schema(
     tiny_settings: Settings, tmp_path: Path
 ) -> None:
-    events = keyword_events(320, ["alpha", "beta"], seed=3)
+    tiny_settings.evaluation.window = 50  # also what makes a label "new": first seen in the last 50 events
+    events = keyword_events(290, ["alpha", "beta"], seed=3)
+    events += keyword_events(30, ["gamma"], seed=4, prefix="g")  # a label that appears at the end
     first = write_jsonl(tmp_path / "first.jsonl", [*events[:160], *BAD_ROWS])
-    run_loop(tiny_settings, first)
+    loop = run_loop(tiny_settings, first)
+    # A drift detection cannot be caused in a few hundred events: this one is handed to the
+    # recorder directly, to prove its marker reaches the page and outlives the restart.
+    loop.history.drift(Detection(stream="error", detector="ADWIN", index=77))
+    loop.history.record(loop)
     history = tiny_settings.state_dir / CONSOLE_DIR / HISTORY_FILE
     before = read_points(history)
-    assert len(before) >= 2  # the first status and the one at shutdown
+    assert len(before) >= 3  # the first status, the one at shutdown, the one above
     run_loop(tiny_settings, write_jsonl(tmp_path / "second.jsonl", events[160:]))  # a restart
     after = read_points(history)
     assert after[: len(before)] == before and len(after) > len(before)
@@ -131,7 +138,9 @@ def test_status_is_incremental_survives_a_restart_and_follows_its_schema(
         assert [v["version"] for v in body["versions"]] == registry.versions()
         assert any(v["decision"] == "promoted" for v in body["versions"])
         snapshot = body["snapshot"]
-        assert {label["label"] for label in snapshot["labels"]} == {"alpha", "beta"}
+        new = {label["label"]: label["new"] for label in snapshot["labels"]}
+        assert new == {"alpha": False, "beta": False, "gamma": True}
+        assert [(d["detector"], d["stream"], d["index"]) for d in snapshot["drift"]] == [("ADWIN", "error", 77)]
         assert snapshot["dead_letter_counts"] == {"malformed_json": 1, "empty_label": 1}
         assert {d["reason"] for d in snapshot["dead_letters"]} == {"malformed_json", "empty_label"}
         assert all(d["text"] is None for d in snapshot["dead_letters"])  # a file source: texts are off
