@@ -54,6 +54,7 @@ function timeRange() {
     const version = s ? s.versions.find((v) => v.t !== null) : undefined;
     if (version) firsts.push(version.t);
     start = firsts.length ? Math.min(...firsts) : now - 60;
+    start -= 0.02 * (now - start); // a margin, so that the first marker is not on the axis
   }
   return [start, Math.max(now, start + 1)];
 }
