@@ -31,6 +31,7 @@ from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
 from dynft.drift import Detection, DriftMonitor
 from dynft.evaluation import HoldoutWindow, Prequential, is_held_out
 from dynft.events import REASONS, Event, Rejection, decode
+from dynft.history import HistoryRecorder
 from dynft.ledger import Ledger, LedgerPruner
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
@@ -96,6 +97,7 @@ class TrainingLoop:
         self.intake: Intake | None = None
         self.sink: DeadLetterSink | None = None
         self.started = threading.Event()
+        self.history = HistoryRecorder(settings.state_dir, settings.console_show_texts)  # the console's curves
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -256,6 +258,7 @@ class TrainingLoop:
                     raise RuntimeError("the dead-letter sink is used before startup")
                 self.sink.write(event, record)
                 self.metrics.rejected.labels(event.reason).inc()
+                self.history.dead_letter(event, record)
                 work.dead.append(f"@{record.stream}:{record.next}")
             elif is_held_out(event.id, self.settings.evaluation.holdout_fraction):
                 work.held_out.append(event)
@@ -332,6 +335,7 @@ class TrainingLoop:
 
     def _on_drift(self, detection: Detection) -> None:
         self.metrics.drift.labels(detection.detector, detection.stream).inc()
+        self.history.drift(detection)
         log.warning(
             "drift detected by %s on the %s stream at event %d", detection.detector, detection.stream, detection.index
         )
@@ -460,6 +464,7 @@ class TrainingLoop:
         rate = (pq.seen - self._status_events) / (now - self._status_at) if self._status_at else 0.0
         self._status_at, self._status_events = now, pq.seen
         self.metrics.disk_free.set(free_bytes(self.settings.state_dir))
+        self.history.record(self)
         log.info(
             "events %d (%.1f/s) | steps %d | acc %.3f (majority %.3f) | labels %d | buffer %d "
             "| serving v%s, latest v%s | drift %d",

@@ -249,6 +249,11 @@ class ServerSettings(Section):
     request_timeout_s: float = Field(30.0, gt=0)
     poll_interval_s: float = Field(0.2, gt=0, description="how often the server looks for a new serving version")
     threads: int = Field(1, ge=1, description="torch CPU threads of the server")
+    console_show_texts: bool | None = Field(
+        None,
+        description="show dead letters' texts (cut to 120 chars) on the console at /; "
+        "default: on for the demo source, off otherwise",
+    )
 
     @field_validator("max_texts")
     @classmethod
@@ -303,6 +308,12 @@ class Settings(BaseSettings):
     @property
     def dead_letter_path(self) -> Path:
         return self.source.dead_letter_path or self.state_dir / "dead-letter.jsonl"
+
+    @property
+    def console_show_texts(self) -> bool:
+        """``server.console_show_texts`` resolved: unset means on for the demo stream only (its texts are public)."""
+        show = self.server.console_show_texts
+        return self.source.uri == "demo" if show is None else show
 
     def public_dump(self) -> dict[str, Any]:
         """The configuration as plain data, with secrets masked."""

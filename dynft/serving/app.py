@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dynft.errors import RegistryError, RegistryWriteError
 from dynft.metrics import ServerMetrics, exposition
 from dynft.registry import AdapterRegistry
+from dynft.serving.console import console_router
 from dynft.serving.engine import InferenceEngine, NotReady, Overloaded
 from dynft.settings import Settings
 
@@ -158,6 +159,7 @@ def create_app(
     app = FastAPI(title="dynft", version="1", summary="Continually fine-tuned text classification")
     s = settings.server
     app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # added first: runs inside the request counter
+    app.include_router(console_router(settings, engine, registry, metrics))  # the page at / and /v1/status
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:

@@ -1,0 +1,366 @@
+"""The console's record of a training run: a bounded time series and a snapshot, in the state directory.
+
+The trainer writes two files under ``<state_dir>/run/console/``; the server reads them for the
+page at ``/`` (``dynft.serving.console``):
+
+* ``history.jsonl``: one ``Point`` per status interval, appended. It keeps the last 24 hours
+  (at most ``MAX_POINTS`` points) and survives restarts, so the curves show where a run came
+  from. A crash can leave a half-written last line: readers skip it and the next writer cuts
+  it off before appending.
+* ``snapshot.json``: what is not a time series (labels, dead letters, drift detections, Kafka
+  lag), replaced atomically at each status interval.
+
+Writing is best-effort: a full or read-only disk costs the console its history, never the
+trainer its progress.
+
+>>> import tempfile
+>>> directory = Path(tempfile.mkdtemp())
+>>> log = HistoryFile(directory / HISTORY_FILE)
+>>> for t in (1.0, 2.0, 3.0):
+...     log.append(Point(t=t, events=int(t) * 10))
+>>> [p.events for p in read_points(directory / HISTORY_FILE, since=1.0)]
+[20, 30]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from pydantic import BaseModel, Field, ValidationError
+
+from dynft.drift import Detection
+from dynft.events import Rejection
+from dynft.registry import write_atomic
+from dynft.sources import Record
+
+if TYPE_CHECKING:
+    from dynft.loop import TrainingLoop
+
+log = logging.getLogger(__name__)
+
+CONSOLE_DIR = Path("run") / "console"  # under the state directory
+HISTORY_FILE, SNAPSHOT_FILE = "history.jsonl", "snapshot.json"
+SPAN_S = 24 * 3600.0  # history kept
+MAX_POINTS = 20_000  # 24 h at the default 5 s interval is 17,280
+LATEST_DEAD = 5  # dead letters shown
+MAX_DRIFT = 100  # drift markers kept
+TEXT_CHARS = 120  # dead letters' texts are cut to this
+
+
+class Point(BaseModel):
+    """One sample of the training run, taken at each status interval."""
+
+    t: float = Field(description="Unix time, seconds")
+    events: int = Field(0, description="events the trainer has tested and trained on (prequential count)")
+    steps: int = Field(0, description="training steps")
+    rate_in: float = Field(0.0, description="records taken from the source per second")
+    rate_trained: float = Field(0.0, description="events trained on per second")
+    accuracy: float = Field(0.0, description="rolling prequential (test-then-train) accuracy")
+    majority: float = Field(0.0, description="share of the most frequent label in the same window")
+    buffer_fill: float = Field(0.0, description="replay buffer fill, 0-1 (events or bytes, the fuller)")
+    serving: int | None = Field(None, description="serving adapter version")
+    latest: int | None = Field(None, description="newest published adapter version")
+    drift: int = Field(0, description="drift detections so far")
+
+
+class LabelStat(BaseModel):
+    label: str
+    count: int = Field(description="events with this label in the prequential window")
+    accuracy: float | None = Field(description="prequential accuracy on them; null when none in the window")
+    buffered: int = Field(description="events with this label in the replay buffer")
+    new: bool = Field(
+        description="first seen within the last `window` events, and not in the history's first window "
+        "(those are where the run began)"
+    )
+
+
+class DeadLetter(BaseModel):
+    t: float
+    id: str = Field(description="the event's id where it could be read, else its position in the stream")
+    reason: str
+    text: str | None = Field(None, description=f"first {TEXT_CHARS} chars; only with server.console_show_texts")
+
+
+class DriftMark(BaseModel):
+    t: float
+    detector: str
+    stream: str = Field(description="error or loss")
+    index: int = Field(description="position of the triggering event in the prequential stream")
+
+
+class PartitionLag(BaseModel):
+    topic: str
+    partition: int
+    lag: int
+
+
+class Snapshot(BaseModel):
+    """The trainer's current state that is not a time series."""
+
+    t: float
+    tasks: list[str] = Field(default_factory=lambda: ["default"])
+    window: int = Field(0, description="events in the prequential window the label counts cover")
+    labels: list[LabelStat] = Field(default_factory=list)
+    dead_letter_counts: dict[str, int] = Field(
+        default_factory=dict, description="since the history began, restarts included (a redelivered record again)"
+    )
+    dead_letters: list[DeadLetter] = Field(default_factory=list, description="the latest few, newest first")
+    drift: list[DriftMark] = Field(default_factory=list, description="recent detections, oldest first")
+    kafka_lag: list[PartitionLag] = Field(default_factory=list)
+    first_seen: dict[str, int] = Field(
+        default_factory=dict, description="the prequential event count when each label was first seen"
+    )
+    started_events: int | None = Field(None, description="the prequential event count when this history began")
+
+
+# -- the time series -----------------------------------------------------------------------
+
+
+def _parse(lines: list[bytes]) -> list[Point]:
+    points = []
+    for line in lines:
+        try:
+            points.append(Point.model_validate_json(line))
+        except ValidationError:  # a line torn by a crash: skipped, as the module promises
+            continue
+    return points
+
+
+def read_points(path: Path, since: float | None = None) -> list[Point]:
+    """The points in ``path`` newer than ``since``; torn or corrupt lines are skipped."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    points = _parse(data.split(b"\n")[:-1])  # the part after the last newline is unfinished
+    return [p for p in points if since is None or p.t > since]
+
+
+class HistoryFile:
+    """The append side of ``history.jsonl``: repaired on open, compacted when over its bounds."""
+
+    def __init__(self, path: Path, span_s: float = SPAN_S, max_points: int = MAX_POINTS) -> None:
+        self.path, self.span_s, self.max_points = path, span_s, max_points
+        path.parent.mkdir(parents=True, exist_ok=True)
+        points = read_points(path)
+        self._count = len(points)
+        self._oldest = points[0].t if points else None
+        self._repair()
+
+    def _repair(self) -> None:
+        """Cut a torn last line off, so the next append starts on a line of its own."""
+        with contextlib.suppress(FileNotFoundError), open(self.path, "rb+") as fh:
+            data = fh.read()
+            if data and not data.endswith(b"\n"):
+                fh.truncate(data.rfind(b"\n") + 1)
+
+    def append(self, point: Point) -> None:
+        with open(self.path, "ab") as fh:
+            fh.write(point.model_dump_json().encode() + b"\n")
+        self._count += 1
+        self._oldest = point.t if self._oldest is None else self._oldest
+        # Compaction rewrites the file: only now and then, when a quarter over a bound.
+        too_old = self._oldest < point.t - self.span_s * 1.25
+        if too_old or self._count > self.max_points * 1.25:
+            self.compact(point.t)
+
+    def compact(self, now: float) -> None:
+        """Keep the last ``span_s`` seconds, at most ``max_points``; replaced atomically."""
+        kept = [p for p in read_points(self.path) if p.t >= now - self.span_s][-self.max_points :]
+        write_atomic(self.path, b"".join(p.model_dump_json().encode() + b"\n" for p in kept))
+        self._count, self._oldest = len(kept), kept[0].t if kept else None
+
+
+class HistoryReader:
+    """The read side for the server: parses only what was appended since the last call.
+
+    Called from the server's worker threads, hence the lock. A compaction replaces the file (a
+    new inode): then it is read again from the start.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._inode: int | None = None
+        self._offset = 0
+        self._points: list[Point] = []
+
+    def points(self, since: float | None = None) -> list[Point]:
+        with self._lock:
+            self._refresh()
+            if since is None:
+                return list(self._points)
+            return [p for p in self._points if p.t > since]
+
+    @property
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def _refresh(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                stat = os.fstat(fh.fileno())
+                if stat.st_ino != self._inode or stat.st_size < self._offset:
+                    self._inode, self._offset, self._points = stat.st_ino, 0, []
+                fh.seek(self._offset)
+                data = fh.read()
+        except FileNotFoundError:
+            self._inode, self._offset, self._points = None, 0, []
+            return
+        end = data.rfind(b"\n") + 1  # whole lines only; the rest is read again next time
+        self._points += _parse(data[:end].split(b"\n")[:-1])
+        self._offset += end
+        if len(self._points) > MAX_POINTS * 2:  # a writer that never compacts must not grow this forever
+            del self._points[: len(self._points) - MAX_POINTS]
+
+
+def read_snapshot(path: Path) -> Snapshot | None:
+    """The snapshot in ``path``, or None when there is none or it is unreadable."""
+    try:
+        return Snapshot.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError):
+        return None
+
+
+# -- the recorder in the trainer -----------------------------------------------------------
+
+
+def _samples(registry: CollectorRegistry, name: str) -> list[tuple[dict[str, str], float]]:
+    """The values of one metric family in ``registry``, with their labels."""
+    return [(s.labels, s.value) for m in registry.collect() for s in m.samples if s.name == name]
+
+
+def dead_letter_of(rejection: Rejection, record: Record, show_text: bool, now: float) -> DeadLetter:
+    """What the console shows of a rejected record: never a path, the text only when allowed."""
+    event_id, text = f"position {record.next}", None
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
+        obj = json.loads(rejection.raw)
+        if isinstance(obj, dict):
+            if isinstance(obj.get("id"), str) and obj["id"].strip():
+                event_id = obj["id"][:64]
+            if isinstance(obj.get("text"), str):
+                text = obj["text"]
+    if text is None:
+        text = rejection.raw.decode("utf-8", errors="replace")
+    return DeadLetter(t=now, id=event_id, reason=rejection.reason, text=text[:TEXT_CHARS] if show_text else None)
+
+
+class HistoryRecorder:
+    """Samples the training loop into the console files.
+
+    Owned by the loop's main thread (``record``, ``drift``); dead letters come from the batching
+    thread and are handed over through a bounded queue (``dead_letter``).
+    """
+
+    def __init__(self, state_dir: Path, show_texts: bool, clock: Callable[[], float] = time.time) -> None:
+        self.directory = state_dir / CONSOLE_DIR
+        self.show_texts = show_texts
+        self.clock = clock
+        self._dead_in: queue.Queue[DeadLetter] = queue.Queue(maxsize=4 * LATEST_DEAD)
+        self._failed = False
+        self._file: HistoryFile | None = None
+        now = clock()
+        self.snapshot = read_snapshot(self.directory / SNAPSHOT_FILE) or Snapshot(t=now)
+        if not self.show_texts:  # texts an earlier run kept while it was allowed to
+            self.snapshot.dead_letters = [d.model_copy(update={"text": None}) for d in self.snapshot.dead_letters]
+        self._last = (time.monotonic(), 0.0, 0.0)  # (when, records in, events trained) at the last point
+        # The rejection counter restarts at 0 with the process; the console's counts go on.
+        self._earlier_dead = Counter(self.snapshot.dead_letter_counts)
+
+    def dead_letter(self, rejection: Rejection, record: Record) -> None:
+        """Batching thread: note a rejected record (dropped when the main thread is behind)."""
+        with contextlib.suppress(queue.Full):
+            self._dead_in.put_nowait(dead_letter_of(rejection, record, self.show_texts, self.clock()))
+
+    def drift(self, detection: Detection) -> None:
+        mark = DriftMark(t=self.clock(), detector=detection.detector, stream=detection.stream, index=detection.index)
+        self.snapshot.drift = [*self.snapshot.drift, mark][-MAX_DRIFT:]
+
+    def record(self, loop: TrainingLoop) -> None:
+        """Append a point and replace the snapshot; a disk that refuses is logged once, not raised."""
+        point = self._point(loop)
+        self._update_snapshot(loop, point.t)
+        try:
+            if self._file is None:
+                self._file = HistoryFile(self.directory / HISTORY_FILE)
+            self._file.append(point)
+            write_atomic(self.directory / SNAPSHOT_FILE, self.snapshot.model_dump_json().encode())
+        except OSError as exc:
+            if not self._failed:
+                log.warning("the console history cannot be written (%s); training goes on", exc)
+            self._failed = True
+            return
+        self._failed = False
+
+    def _point(self, loop: TrainingLoop) -> Point:
+        events = _samples(loop.metrics_registry, "dynft_events_total")
+        taken = sum(v for _, v in events)
+        trained = sum(v for labels, v in events if labels.get("outcome") == "trained")
+        now = time.monotonic()
+        at, taken_before, trained_before = self._last
+        self._last = (now, taken, trained)
+        elapsed = max(now - at, 1e-6)
+        buffer, b = loop.buffer, loop.settings.buffer
+        return Point(
+            t=self.clock(),
+            events=loop.prequential.seen,
+            steps=loop.trainer.steps,
+            rate_in=(taken - taken_before) / elapsed,
+            rate_trained=(trained - trained_before) / elapsed,
+            accuracy=loop.prequential.accuracy,
+            majority=loop.prequential.majority_rate,
+            buffer_fill=min(1.0, max(len(buffer) / b.max_events, buffer.nbytes / b.max_bytes)),
+            serving=loop.publisher.serving_version,
+            latest=loop.publisher.latest_version,
+            drift=loop.drift.detections,
+        )
+
+    def _update_snapshot(self, loop: TrainingLoop, now: float) -> None:
+        snap = self.snapshot
+        snap.t, snap.window = now, loop.settings.evaluation.window
+        snap.labels = self._labels(loop)
+        counts = _samples(loop.metrics_registry, "dynft_events_rejected_total")
+        dead = self._earlier_dead + Counter({labels["reason"]: int(v) for labels, v in counts})
+        snap.dead_letter_counts = dict(sorted(dead.items()))
+        fresh = []
+        while not self._dead_in.empty():
+            fresh.append(self._dead_in.get_nowait())
+        snap.dead_letters = ([*reversed(fresh), *snap.dead_letters])[:LATEST_DEAD]
+        lag = _samples(loop.metrics_registry, "dynft_kafka_lag")
+        snap.kafka_lag = [PartitionLag(topic=k["topic"], partition=int(k["partition"]), lag=int(v)) for k, v in lag]
+
+    def _labels(self, loop: TrainingLoop) -> list[LabelStat]:
+        """Per-label counts and accuracy over the prequential window; "new" is measured in events too."""
+        seen: Counter[str] = Counter()
+        right: Counter[str] = Counter()
+        for truth, prediction, _ in loop.prequential.snapshot()["recent"]:
+            seen[truth] += 1
+            right[truth] += prediction == truth
+        buffered = loop.buffer.label_counts()
+        snap, window, now = self.snapshot, loop.settings.evaluation.window, loop.prequential.seen
+        if snap.started_events is None:
+            snap.started_events = now
+        labels = list(loop.trainer.label_map.labels)
+        for label in labels:
+            snap.first_seen.setdefault(label, now)
+        return [
+            LabelStat(
+                label=label,
+                count=seen[label],
+                accuracy=right[label] / seen[label] if seen[label] else None,
+                buffered=buffered[label],
+                new=snap.first_seen[label] >= snap.started_events + window and now - snap.first_seen[label] < window,
+            )
+            for label in labels
+        ]
