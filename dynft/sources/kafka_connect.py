@@ -1,4 +1,11 @@
-"""One blocking look at the brokers before any kafka-python client is built: down, or refusing?
+"""Connecting to Kafka: the source URI, the client options, the security warnings, and telling down from refused.
+
+``client_config`` turns the ``[kafka]`` settings into kafka-python's security options, shared
+by the consumer, the dead-letter producer, the admin client and ``dynft produce``.
+``security_warnings`` names what is weaker than it looks (credentials that are not used, a
+PLAIN password sent in the clear).
+
+``probe`` takes one blocking look at the brokers before any kafka-python client is built.
 
 kafka-python 3.0 reports a broker that refuses the credentials or the client certificate the
 same way as one that is down: its bootstrap retries until it times out ("Unable to bootstrap")
@@ -18,11 +25,104 @@ from __future__ import annotations
 
 import socket
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
-from dynft.errors import BrokersUnavailableError, KafkaRefusedError
+from dynft.errors import BrokersUnavailableError, ConfigError, KafkaRefusedError, SourceError
+from dynft.settings import KafkaSettings
+
+if TYPE_CHECKING:
+    from kafka import TopicPartition
 
 PROBE_TIMEOUT_S = 10.0
+
+
+def parse_kafka_uri(uri: str, default_group: str) -> tuple[list[str], list[str], str]:
+    """``kafka://h1:9092,h2:9092/t1,t2?group=g`` -> (bootstrap servers, topics, group)."""
+    parts = urlsplit(uri)
+    servers = [s for s in parts.netloc.split(",") if s]
+    topics = [t for t in parts.path.lstrip("/").split(",") if t]
+    if parts.scheme != "kafka" or not servers or not topics:
+        raise SourceError(f"bad Kafka source {uri!r}: expected kafka://HOST:PORT/TOPIC[,TOPIC]?group=GROUP")
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        if not host or not port.isdigit():
+            raise SourceError(f"bad Kafka source {uri!r}: {server!r} is not HOST:PORT")
+    query = parse_qs(parts.query)
+    unknown = set(query) - {"group"}
+    if unknown:
+        raise SourceError(f"bad Kafka source {uri!r}: unknown parameter(s) {sorted(unknown)}; only group")
+    group = query.get("group", [default_group])[0]
+    return servers, topics, group
+
+
+def stream_of(tp: TopicPartition) -> str:
+    return f"{tp.topic}/{tp.partition}"
+
+
+def partition_of(stream: str) -> TopicPartition:
+    from kafka import TopicPartition
+
+    topic, _, partition = stream.rpartition("/")
+    return TopicPartition(topic, int(partition))
+
+
+def client_config(settings: KafkaSettings) -> dict[str, Any]:
+    """Security and identity options shared by consumer, producer and admin client."""
+    config: dict[str, Any] = {
+        "client_id": settings.client_id,
+        "security_protocol": settings.security_protocol,
+        "ssl_check_hostname": settings.ssl_check_hostname,
+    }
+    if settings.sasl_mechanism:
+        config["sasl_mechanism"] = settings.sasl_mechanism
+        config["sasl_plain_username"] = settings.sasl_username
+        if settings.sasl_password is not None:
+            config["sasl_plain_password"] = settings.sasl_password.get_secret_value()
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+        value = getattr(settings, key)
+        if value is not None:
+            config[key] = str(value)
+    if settings.ssl_password is not None:
+        config["ssl_password"] = settings.ssl_password.get_secret_value()
+    return config
+
+
+def security_warnings(settings: KafkaSettings) -> list[str]:
+    """What in the security settings is weaker than it looks; logged once at startup."""
+    sasl = settings.security_protocol.startswith("SASL_")
+    warnings = []
+    if not sasl and (settings.sasl_mechanism or settings.sasl_username or settings.sasl_password):
+        warnings.append(
+            f"kafka SASL settings are ignored with security_protocol {settings.security_protocol}: "
+            "the brokers are reached without authentication (use SASL_SSL)"
+        )
+    if settings.security_protocol == "SASL_PLAINTEXT" and settings.sasl_mechanism == "PLAIN":
+        warnings.append("kafka SASL PLAIN over SASL_PLAINTEXT sends the password in the clear (use SASL_SSL)")
+    return warnings
+
+
+def is_refusal(exc: Exception) -> bool:
+    """Whether a kafka-python error is a broker refusing this client (not an outage)."""
+    import kafka.errors as errors
+
+    refusals = (
+        errors.AuthorizationError,
+        errors.SaslAuthenticationFailedError,
+        errors.UnsupportedSaslMechanismError,
+        errors.IllegalSaslStateError,
+        errors.KafkaConfigurationError,  # not the brokers: this client's options; just as final
+    )
+    return isinstance(exc, refusals)
+
+
+def refused(what: str, exc: Exception) -> ConfigError:
+    """The configuration error for an error ``is_refusal`` accepts."""
+    import kafka.errors as errors
+
+    if isinstance(exc, errors.KafkaConfigurationError):
+        return ConfigError(f"{what}: invalid Kafka client options ({exc})")
+    return KafkaRefusedError(f"{what}: the brokers refuse this client ({type(exc).__name__}: {exc})")
 
 
 def probe(servers: list[str], config: dict[str, Any], timeout_s: float = PROBE_TIMEOUT_S) -> None:
@@ -95,7 +195,9 @@ def _sasl(conn: socket.socket, protocol: Any, host: str, config: dict[str, Any])
         answer = _round_trip(conn, protocol, SaslAuthenticateRequest(auth_bytes=mechanism.auth_bytes(), version=1))
         if answer.error_code:
             error = errors.for_code(answer.error_code).__name__
-            raise KafkaRefusedError(f"{host}: SASL {mechanism_name} authentication refused ({error}: {answer.error_message})")
+            raise KafkaRefusedError(
+                f"{host}: SASL {mechanism_name} authentication refused ({error}: {answer.error_message})"
+            )
         mechanism.receive(answer.auth_bytes)
     if not mechanism.is_authenticated():
         raise KafkaRefusedError(f"{host}: SASL {mechanism_name} authentication failed")
