@@ -165,6 +165,11 @@ class KafkaDeadLetterSink:
             self._letters = [letter for letter, _ in failed]
             for letter, _ in failed:
                 letter.future = None  # sent again at the next flush (or write)
+            if self._producer is not None and any(error is not None for _, error in failed):
+                # kafka-python's idempotent producer can stay in a fatal state after one refused
+                # batch, failing every later send: the next flush starts from a new producer.
+                self._producer.close(timeout=5)
+                self._producer, self._setup_at = None, 0.0
         if failed:
             letter, error = failed[0]
             reason = f"{type(error).__name__}: {error}" if error is not None else "not sent: the brokers do not answer"
