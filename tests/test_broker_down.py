@@ -7,8 +7,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from kafka import KafkaConsumer
 
 from dynft import devbroker
 from dynft.settings import Settings
@@ -20,12 +22,23 @@ pytestmark = pytest.mark.slow
 LABELS = ["alpha", "beta", "gamma"]
 
 
+def read_all(broker: devbroker.Broker, topic: str) -> list[Any]:
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000
+    )
+    try:
+        return list(consumer)
+    finally:
+        consumer.close()
+
+
 def test_dynft_run_started_30_s_before_its_broker_waits_and_consumes_everything(
     tiny_settings: Settings, tmp_path: Path
 ) -> None:
     """Before: `dynft run` against a broker that is not up yet exited 2 ("trainer exited with a
     configuration error; stopping"). Now the trainer waits (logged once), and once a broker
-    starts on that address it consumes every event, without a restart of the trainer."""
+    starts on that address it consumes every event, without a restart of the trainer, and the
+    dead-letter topic it could not create at startup is created and receives its dead letter."""
     broker_port, topic, group = free_port(), "late-events", "late"
     state, log = tmp_path / "state", tmp_path / "run.log"
     cmd = [sys.executable, "-m", "dynft", "run", "--model", str(tiny_settings.model.path)]
@@ -42,7 +55,7 @@ def test_dynft_run_started_30_s_before_its_broker_waits_and_consumes_everything(
         assert proc.poll() is None, log.read_text()[-3000:]
         broker = devbroker.start(tmp_path / "kafka", port=broker_port)
         events = keyword_events(300, LABELS, seed=61)
-        publish(broker, topic, list(events), tmp_path)
+        publish(broker, topic, [*events[:150], b"{not json", *events[150:]], tmp_path)
         ids = [e["id"] for e in events]
         wait_until(all_accounted([state], ids), 120, "every event trained or held out")
         ends, committed = {}, {0: -1}
@@ -51,6 +64,8 @@ def test_dynft_run_started_30_s_before_its_broker_waits_and_consumes_everything(
             ends, committed = end_offsets(broker, topic, group)
             time.sleep(0.5)
         assert committed == ends
+        # The dead-letter topic could not be created at startup: it was, once the broker answered.
+        assert [m.value for m in read_all(broker, f"{topic}.dlq")] == [b"{not json"]
         assert proc.poll() is None, log.read_text()[-3000:]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(90) == 0

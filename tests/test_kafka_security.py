@@ -119,7 +119,7 @@ def test_events_are_consumed_and_dead_letters_delivered_over_a_secured_listener(
     bootstrap, options = secured(secure_broker, tls, listener)
     topic, group = f"secure-{uuid.uuid4().hex[:8]}", f"g-{listener}"
     events = keyword_events(200, LABELS, seed=81)
-    path = write_jsonl(tmp_path / "events.jsonl", [*events[:100], "{not json", *events[100:], "[1, 2]"])
+    path = write_jsonl(tmp_path / "events.jsonl", [*events[:100], b"{not json", *events[100:], b"[1, 2]"])
     code, output = dynft_produce(bootstrap, topic, path, options)
     assert code == 0, output
     settings = tiny_settings.model_copy(deep=True)
