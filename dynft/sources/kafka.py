@@ -44,6 +44,7 @@ from dynft.sources.base import Positions, Record, Source
 from dynft.sources.kafka_compat import apply_join_fixes
 from dynft.sources.kafka_connect import (
     client_config,
+    commit_checkpoint_ahead,
     is_refusal,
     parse_kafka_uri,
     partition_of,
@@ -150,7 +151,7 @@ class KafkaSource(Source):
         self._consumer = consumer
         self._events = queue.SimpleQueue()  # news from an abandoned consumer's listener is not ours
         self.metrics.up.set(1)
-        self._commit_checkpoint_ahead()
+        commit_checkpoint_ahead(consumer, self._resume)
         # Join with the topics' metadata at hand: a first join without it assigns nothing and
         # forces an immediate rejoin, a path on which kafka-python 3.0 was seen to stall.
         for topic in self.topics:
@@ -158,27 +159,6 @@ class KafkaSource(Source):
                 log.warning("topic %s does not exist (yet); waiting for it to appear", topic)
         consumer.subscribe(self.topics, listener=_Listener(self, self._events))
         log.info("consuming %s as group %s from %s", ",".join(self.topics), self.group, ",".join(self.servers))
-
-    def _commit_checkpoint_ahead(self) -> None:
-        """Commit checkpointed positions the group has not committed (a crash came in between)."""
-        consumer = self._require()
-        ahead = {}
-        for stream, offset in self._resume.items():
-            tp = partition_of(stream)
-            try:
-                committed = consumer.committed(tp)
-            except KafkaError as exc:
-                log.warning("cannot read the committed offset of %s: %s", stream, exc)
-                continue
-            if committed is None or committed < offset:
-                ahead[tp] = OffsetAndMetadata(offset, "", -1)
-        if not ahead:
-            return
-        try:
-            consumer.commit(ahead)
-            log.info("committed %d checkpointed position(s) the group was missing", len(ahead))
-        except KafkaError as exc:  # the group is active elsewhere: its members own those partitions now
-            log.warning("could not commit checkpointed positions before joining: %s", exc)
 
     def close(self) -> None:
         if self._consumer is None:

@@ -1,4 +1,5 @@
-"""Connecting to Kafka: the source URI, the client options, the security warnings, and telling down from refused.
+"""Connecting to Kafka: the source URI, the client options, the security warnings, telling down from
+refused, and the commit a consumer makes before it joins.
 
 ``client_config`` turns the ``[kafka]`` settings into kafka-python's security options, shared
 by the consumer, the dead-letter producer, the admin client and ``dynft produce``.
@@ -23,6 +24,7 @@ code the broker sends back.
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 from typing import TYPE_CHECKING, Any
@@ -34,6 +36,7 @@ from dynft.settings import KafkaSettings
 if TYPE_CHECKING:
     from kafka import TopicPartition
 
+log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 10.0
 
 
@@ -86,6 +89,30 @@ def client_config(settings: KafkaSettings) -> dict[str, Any]:
     if settings.ssl_password is not None:
         config["ssl_password"] = settings.ssl_password.get_secret_value()
     return config
+
+
+def commit_checkpoint_ahead(consumer: Any, resume: dict[str, int]) -> None:
+    """Before joining: commit checkpointed positions the group lacks (a crash came between the two)."""
+    from kafka import OffsetAndMetadata
+    from kafka.errors import KafkaError
+
+    ahead = {}
+    for stream, offset in resume.items():
+        tp = partition_of(stream)
+        try:
+            committed = consumer.committed(tp)
+        except KafkaError as exc:
+            log.warning("cannot read the committed offset of %s: %s", stream, exc)
+            continue
+        if committed is None or committed < offset:
+            ahead[tp] = OffsetAndMetadata(offset, "", -1)
+    if not ahead:
+        return
+    try:
+        consumer.commit(ahead)
+        log.info("committed %d checkpointed position(s) the group was missing", len(ahead))
+    except KafkaError as exc:  # the group is active elsewhere: its members own those partitions now
+        log.warning("could not commit checkpointed positions before joining: %s", exc)
 
 
 def security_warnings(settings: KafkaSettings) -> list[str]:
@@ -172,11 +199,12 @@ def _authenticate(sock: socket.socket, host: str, context: ssl.SSLContext | None
     from kafka.protocol.parser import KafkaProtocol
 
     conn: socket.socket = context.wrap_socket(sock, server_hostname=host) if context else sock
-    protocol = KafkaProtocol(client_id=config.get("client_id", "dynft"))
-    if config.get("security_protocol", "").startswith("SASL_"):
-        _sasl(conn, protocol, host, config)
-    request = ApiVersionsRequest(version=0)  # proves the connection is usable (TLS 1.3 checks the cert late)
-    _round_trip(conn, protocol, request)
+    with conn:  # the TLS socket owns the descriptor now: closing ``sock`` would not release it
+        protocol = KafkaProtocol(client_id=config.get("client_id", "dynft"))
+        if config.get("security_protocol", "").startswith("SASL_"):
+            _sasl(conn, protocol, host, config)
+        request = ApiVersionsRequest(version=0)  # proves the connection is usable (TLS 1.3 checks the cert late)
+        _round_trip(conn, protocol, request)
 
 
 def _sasl(conn: socket.socket, protocol: Any, host: str, config: dict[str, Any]) -> None:
