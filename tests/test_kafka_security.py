@@ -54,7 +54,7 @@ def make_certificates(d: Path) -> Tls:
             "-subj", "/CN=dynft-test-ca", "-days", "2", cwd=d)  # fmt: skip
     (d / "san.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "broker.key", "-out", "broker.csr",
-            "-subj", "/CN=localhost", cwd=d)  # fmt: skip
+            "-subj", "/CN=dynft-test-broker", cwd=d)  # fmt: skip
     openssl("x509", "-req", "-in", "broker.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
             "-out", "broker.pem", "-days", "2", "-extfile", "san.cnf", cwd=d)  # fmt: skip
     openssl("pkcs12", "-export", "-in", "broker.pem", "-inkey", "broker.key", "-out", "broker.p12",
