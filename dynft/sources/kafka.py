@@ -382,7 +382,8 @@ class KafkaSource(Source):
             log.warning("offset commit failed, retried in %.0f s: %s", COMMIT_RETRY_S, failed)
             return
         for tp, offset in committed.items():
-            self._committed[tp] = max(offset, self._committed.get(tp, -1))
+            if tp not in self._revoking:  # revoked meanwhile: its next owner's commits are read afresh
+                self._committed[tp] = max(offset, self._committed.get(tp, -1))
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -58,3 +58,17 @@ def test_the_revocation_commit_reads_the_snapshot_the_polling_thread_published()
     source._committed[tp] = 40
     source._publish_uncommitted()
     assert source._uncommitted == {}
+
+
+def test_a_commit_that_lands_after_its_partition_was_revoked_is_not_remembered() -> None:
+    """The next owner may commit further; what the group committed is read afresh on reassignment."""
+    source = KafkaSource("kafka://127.0.0.1:1/t", KafkaSettings(), KafkaMetrics(CollectorRegistry()))
+    revoked, kept = TopicPartition("t", 0), TopicPartition("t", 1)
+    source._committed = {revoked: 10, kept: 10}
+    source._inflight = {revoked: 20, kept: 20}
+    listener = _Listener(source, source._events)
+    on_io_thread(lambda: listener.on_partitions_revoked([revoked]))
+    on_io_thread(lambda: source._events.put(("committed", ({revoked: 20, kept: 20}, None))))
+    source._apply_events()
+    assert source._committed == {kept: 20}
+    assert source._inflight == {}
