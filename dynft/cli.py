@@ -348,11 +348,13 @@ def produce(
     """Publish a JSON Lines dataset (PATH, or - for stdin) to a Kafka topic, one line per record."""
     from dynft.produce import ensure_topic
     from dynft.produce import produce as send
-    from dynft.sources.kafka import client_config
+    from dynft.sources.kafka_connect import client_config, security_warnings
 
     settings = settings_from(kwargs)
     servers = [s for s in bootstrap.split(",") if s]
     client = client_config(settings.kafka)
+    for warning in security_warnings(settings.kafka):
+        click.echo(f"warning: {warning}", err=True)
     have = ensure_topic(servers, topic, partitions, client)
     if have != partitions:
         click.echo(f"note: topic {topic} has {have} partition(s)", err=True)

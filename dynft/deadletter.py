@@ -9,7 +9,8 @@ The JSONL sink (file sources, the demo) writes one object per rejected record::
 
 The Kafka sink (Kafka sources) produces the original bytes, with the original key, to
 ``<topic><suffix>`` (default ``<topic>.dlq``) with headers ``dynft.reason``, ``dynft.detail``,
-``dynft.source.topic``, ``dynft.source.partition`` and ``dynft.source.offset``.
+``dynft.source.topic``, ``dynft.source.partition`` and ``dynft.source.offset`` (see
+``dynft.sources.kafka_deadletter``).
 
 Both are durable after ``flush``, which the training loop calls before each checkpoint.
 """
@@ -27,7 +28,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
-from dynft.errors import SourceError
 from dynft.events import Rejection
 from dynft.settings import KafkaSettings, SourceSettings
 from dynft.sources.base import Record, Source
@@ -179,46 +179,6 @@ class JsonlDeadLetterSink:
                 os.close(self._fd)
 
 
-class KafkaDeadLetterSink:
-    """Produces rejected records to ``<topic><suffix>``, creating that topic if it is missing."""
-
-    def __init__(self, servers: list[str], topics: list[str], suffix: str, client: dict[str, Any]) -> None:
-        from kafka import KafkaAdminClient, KafkaProducer
-        from kafka.errors import KafkaError
-
-        self.suffix = suffix
-        try:
-            admin = KafkaAdminClient(bootstrap_servers=servers, **client)
-            try:
-                wanted = {f"{t}{suffix}": {"num_partitions": 1, "replication_factor": -1} for t in topics}
-                admin.create_topics(wanted, raise_errors=False)
-            finally:
-                admin.close()
-            self._producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=5, **client)
-        except KafkaError as exc:
-            raise SourceError(f"cannot set up the dead-letter topics on {','.join(servers)}: {exc}") from exc
-
-    def write(self, rejection: Rejection, record: Record) -> None:
-        topic, _, partition = record.stream.rpartition("/")
-        headers = [
-            ("dynft.reason", rejection.reason.encode()),
-            ("dynft.detail", rejection.detail.encode()),
-            ("dynft.source.topic", topic.encode()),
-            ("dynft.source.partition", partition.encode()),
-            ("dynft.source.offset", str(record.next - 1).encode()),
-        ]
-        self._producer.send(f"{topic}{self.suffix}", value=rejection.raw, key=record.key, headers=headers)
-
-    def flush(self) -> None:
-        self._producer.flush()
-
-    def close(self) -> None:
-        try:
-            self._producer.flush()
-        finally:  # a failed flush still releases the producer's sockets
-            self._producer.close()
-
-
 def open_dead_letter_sink(
     source: Source,
     kafka: KafkaSettings,
@@ -227,10 +187,11 @@ def open_dead_letter_sink(
     on_refused: Callable[[OSError], None] | None = None,
 ) -> DeadLetterSink:
     """Kafka sources dead-letter to topics; every other source to a JSON Lines file."""
-    from dynft.sources.kafka import KafkaSource, client_config
+    from dynft.sources.kafka import KafkaSource
+    from dynft.sources.kafka_deadletter import KafkaDeadLetterSink
 
     if isinstance(source, KafkaSource):
-        return KafkaDeadLetterSink(source.servers, source.topics, kafka.dlq_suffix, client_config(kafka))
+        return KafkaDeadLetterSink(source.servers, source.topics, kafka)
     s = settings or SourceSettings()
     return JsonlDeadLetterSink(path, source.uri, s.dead_letter_max_bytes, s.dead_letter_max_files, on_refused)
 

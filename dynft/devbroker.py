@@ -5,6 +5,10 @@ The jars come from Maven Central through ``deploy/kafka/pom.xml`` into ``deploy/
 with broker and controller in one process, on loopback, with a small heap and replication
 factor 1. Its data directory holds the config, the logs, ``broker.log`` and ``broker.json``
 (pid and ports), so ``stop`` needs nothing but the directory.
+
+With ``SecureListeners`` the broker also listens with SASL_SSL (PLAIN and SCRAM-SHA-512, TLS
+with a required client certificate) and SASL_PLAINTEXT (SCRAM-SHA-512), for the security
+tests; the controller and the readiness probe keep using the PLAINTEXT listener.
 """
 
 from __future__ import annotations
@@ -45,11 +49,28 @@ class BrokerError(DynftError):
 
 
 @dataclass(frozen=True)
+class SecureListeners:
+    """TLS material and SASL users for the broker's secured listeners.
+
+    ``keystore`` is a PKCS12 file with the broker's key and certificate (valid for 127.0.0.1);
+    ``truststore`` a PEM file of the CA certificates that client certificates must chain to.
+    Each user in ``users`` may log in with PLAIN (SASL_SSL only) or SCRAM-SHA-512 (both).
+    """
+
+    keystore: Path
+    keystore_password: str
+    truststore: Path
+    users: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Broker:
     port: int
     controller_port: int
     data_dir: Path
     pid: int
+    sasl_ssl_port: int | None = None  # with SecureListeners: SASL_SSL, PLAIN and SCRAM-SHA-512
+    scram_port: int | None = None  # with SecureListeners: SASL_PLAINTEXT, SCRAM-SHA-512
 
     @property
     def bootstrap(self) -> str:
@@ -80,16 +101,17 @@ def ensure_jars(libs: Path | None = None) -> Path:
     return libs
 
 
-def _properties(port: int, controller: int, logs: Path) -> str:
+def _properties(port: int, controller: int, logs: Path, secure: dict[str, int] | None = None) -> str:
+    extra = "".join(f",{name}://127.0.0.1:{p}" for name, p in (secure or {}).items())
     return "\n".join(
         [
             "process.roles=broker,controller",
             "node.id=1",
             f"controller.quorum.bootstrap.servers=127.0.0.1:{controller}",
-            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}",
+            f"listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}{extra}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{port}{extra}",
             "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_SSL:SASL_SSL,SCRAM:SASL_PLAINTEXT",
             "inter.broker.listener.name=PLAINTEXT",
             f"log.dirs={logs}",
             "num.partitions=1",
@@ -101,6 +123,31 @@ def _properties(port: int, controller: int, logs: Path) -> str:
             "share.coordinator.state.topic.min.isr=1",
             "group.initial.rebalance.delay.ms=0",
             "auto.create.topics.enable=true",
+            "",
+        ]
+    )
+
+
+def _secure_properties(security: SecureListeners) -> str:
+    """The SASL and TLS settings of the SASL_SSL and SCRAM listeners."""
+    scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    plain_users = " ".join(f'user_{name}="{password}"' for name, password in security.users.items())
+    tls = "listener.name.sasl_ssl.ssl"
+    return "\n".join(
+        [
+            "listener.name.sasl_ssl.sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-512",
+            f"listener.name.sasl_ssl.plain.sasl.jaas.config="
+            f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain_users};",
+            f"listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={scram}",
+            "listener.name.scram.sasl.enabled.mechanisms=SCRAM-SHA-512",
+            f"listener.name.scram.scram-sha-512.sasl.jaas.config={scram}",
+            f"{tls}.keystore.type=PKCS12",
+            f"{tls}.keystore.location={security.keystore}",
+            f"{tls}.keystore.password={security.keystore_password}",
+            f"{tls}.key.password={security.keystore_password}",
+            f"{tls}.truststore.type=PEM",
+            f"{tls}.truststore.location={security.truststore}",
+            f"{tls}.client.auth=required",
             "",
         ]
     )
@@ -126,16 +173,24 @@ def running(data_dir: Path) -> Broker | None:
         os.kill(info["pid"], 0)
     except (OSError, ValueError, KeyError):
         return None
-    return Broker(info["port"], info["controller_port"], data_dir, info["pid"])
+    return Broker(
+        info["port"], info["controller_port"], data_dir, info["pid"], info.get("sasl_ssl_port"), info.get("scram_port")
+    )
 
 
 def start(
-    data_dir: Path, port: int = 0, libs: Path | None = None, timeout_s: float = 90.0, controller_port: int = 0
+    data_dir: Path,
+    port: int = 0,
+    libs: Path | None = None,
+    timeout_s: float = 90.0,
+    controller_port: int = 0,
+    security: SecureListeners | None = None,
 ) -> Broker:
     """Start a broker (formatting ``data_dir`` on first use) and wait until it answers.
 
     To restart a stopped broker on its old data, pass its old ports: the KRaft quorum recorded
-    its controller's address when the directory was formatted.
+    its controller's address when the directory was formatted. ``security`` adds the SASL_SSL
+    and SCRAM listeners (on free ports) and creates its SCRAM users at format time.
     """
     current = running(data_dir)
     if current is not None:
@@ -147,7 +202,9 @@ def start(
     data_dir.mkdir(parents=True, exist_ok=True)
     port, controller = port or free_port(), controller_port or free_port()
     logs = data_dir / "logs"
-    (data_dir / "server.properties").write_text(_properties(port, controller, logs))
+    secure = {"SASL_SSL": free_port(), "SCRAM": free_port()} if security else None
+    properties = _properties(port, controller, logs, secure) + (_secure_properties(security) if security else "")
+    (data_dir / "server.properties").write_text(properties)
     (data_dir / "log4j2.properties").write_text(LOG4J.format(log=data_dir / "broker.log"))
     if not (logs / "meta.properties").exists():
         cluster = "-"
@@ -164,6 +221,8 @@ def start(
             "-c",
             str(data_dir / "server.properties"),
         )
+        for name, password in (security.users if security else {}).items():
+            fmt.extend(["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"])
         result = subprocess.run(fmt, capture_output=True, text=True)
         if result.returncode != 0:
             raise BrokerError(f"formatting {logs} failed: {(result.stdout + result.stderr)[-1500:]}")
@@ -175,8 +234,10 @@ def start(
             start_new_session=True,
         )
     _started[process.pid] = process
-    broker = Broker(port, controller, data_dir, process.pid)
-    (data_dir / "broker.json").write_text(json.dumps({"pid": process.pid, "port": port, "controller_port": controller}))
+    ports = {"sasl_ssl_port": secure["SASL_SSL"], "scram_port": secure["SCRAM"]} if secure else {}
+    broker = Broker(port, controller, data_dir, process.pid, **ports)
+    info = {"pid": process.pid, "port": port, "controller_port": controller, **ports}
+    (data_dir / "broker.json").write_text(json.dumps(info))
     try:
         wait_ready(broker, timeout_s, process)
     except BrokerError:

@@ -36,3 +36,18 @@ class RegistryWriteError(RegistryError):
 
 class AdapterMismatchError(RegistryError):
     """An adapter version does not fit the model it should be loaded into."""
+
+
+class BrokersUnavailableError(DynftError):
+    """No Kafka broker answers (down, unreachable, restarting): transient, waited for and retried."""
+
+
+class KafkaRefusedError(ConfigError):
+    """A Kafka broker answered and refused: credentials, SASL mechanism, TLS certificate or authorization.
+
+    The same configuration will be refused again, so it is a configuration error (exit 2).
+    """
+
+
+class DeadLetterError(DynftError):
+    """Dead letters are not durable yet (not delivered, or refused): their positions must not be committed."""

@@ -29,6 +29,7 @@ from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
 from dynft.drift import Detection, DriftMonitor
+from dynft.errors import DeadLetterError
 from dynft.evaluation import HoldoutWindow, Prequential, is_held_out
 from dynft.events import REASONS, Event, Rejection, decode
 from dynft.history import HistoryRecorder
@@ -395,7 +396,7 @@ class TrainingLoop:
                 self.sink.flush()  # dead letters are durable before their positions are committed
             self.ledger.commit()
             self.checkpoints.save(self._capture())
-        except (CheckpointError, OSError, sqlite3.Error) as exc:  # a full or read-only disk: keep going
+        except (CheckpointError, OSError, sqlite3.Error, DeadLetterError) as exc:  # disk full, DLQ down: keep going
             self.metrics.checkpoint_errors.inc()
             what = f"ledger {self.ledger.path}: {exc}" if isinstance(exc, sqlite3.Error) else exc
             if is_disk_full(exc) or self.disk.refusing:  # intake is held: retry with backoff

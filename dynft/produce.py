@@ -2,7 +2,8 @@
 
 Each line goes out unchanged as one record's value. With ``key_field`` the record key is that
 field of the event (``label``, ``task``, ``id``), so every event with the same label or task
-lands on the same partition.
+lands on the same partition. Brokers that refuse the client (credentials, certificate) are a
+``KafkaRefusedError`` (exit 2), told from brokers that do not answer by ``kafka_connect.probe``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dynft.errors import SourceError
+from dynft.errors import BrokersUnavailableError, SourceError
+from dynft.sources.kafka_connect import is_refusal, probe, refused
 
 
 def ensure_topic(servers: list[str], topic: str, partitions: int, client: dict[str, Any]) -> int:
@@ -21,6 +23,10 @@ def ensure_topic(servers: list[str], topic: str, partitions: int, client: dict[s
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
+    try:
+        probe(servers, client)
+    except BrokersUnavailableError as exc:
+        raise SourceError(f"cannot create or describe topic {topic}: {exc}") from exc
     try:
         admin = KafkaAdminClient(bootstrap_servers=servers, **client)
         try:
@@ -34,6 +40,8 @@ def ensure_topic(servers: list[str], topic: str, partitions: int, client: dict[s
         finally:
             admin.close()
     except KafkaError as exc:
+        if is_refusal(exc):
+            raise refused(f"topic {topic}", exc) from exc
         raise SourceError(f"cannot create or describe topic {topic} on {','.join(servers)}: {exc}") from exc
     return len(described[0]["partitions"])
 
@@ -76,8 +84,13 @@ def produce(
     from kafka.errors import KafkaError
 
     try:
+        probe(servers, client)
         producer = KafkaProducer(bootstrap_servers=servers, acks="all", linger_ms=10, batch_size=256 * 1024, **client)
+    except BrokersUnavailableError as exc:
+        raise SourceError(f"cannot reach {','.join(servers)}: {exc}") from exc
     except KafkaError as exc:
+        if is_refusal(exc):
+            raise refused(f"producing to {topic}", exc) from exc
         raise SourceError(f"cannot reach {','.join(servers)}: {exc}") from exc
     started, sent = time.monotonic(), 0
     try:

@@ -74,15 +74,45 @@ class KafkaSettings(Section):
     )
     fetch_max_bytes: int = Field(50 << 20, ge=1024, description="bytes per fetch response")
     max_partition_fetch_bytes: int = Field(1 << 20, ge=1024, description="bytes per partition per fetch")
-    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
-    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
-    sasl_username: str | None = None
-    sasl_password: SecretStr | None = None
-    ssl_cafile: Path | None = None
-    ssl_certfile: Path | None = None
-    ssl_keyfile: Path | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", description="SASL_SSL for SASL over TLS; SASL credentials without SASL_ are ignored (warned)"
+    )
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = Field(
+        None, description="PLAIN (only over TLS: warned otherwise) or SCRAM-*; OAUTHBEARER is not supported"
+    )
+    sasl_username: str | None = Field(None, description="SASL user (PLAIN and SCRAM)")
+    sasl_password: SecretStr | None = Field(None, description="SASL password (secret: masked in output)")
+    ssl_cafile: Path | None = Field(None, description="PEM CA certificates that sign the brokers' certificates")
+    ssl_certfile: Path | None = Field(None, description="PEM client certificate, for brokers that require one")
+    ssl_keyfile: Path | None = Field(None, description="PEM private key of the client certificate")
+    ssl_password: SecretStr | None = Field(
+        None, description="password of an encrypted ssl_keyfile (secret: masked in output)"
+    )
+    ssl_check_hostname: bool = Field(True, description="the broker's certificate must name the host connected to")
     dlq_suffix: str = Field(".dlq", min_length=1, description="dead letters go to <topic><suffix>")
+    dlq_max_request_bytes: int = Field(
+        1 << 20,
+        ge=4096,
+        description="dead-letter producer's request limit; a larger dead letter is sent as its sha256, size "
+        "and first bytes",
+    )
+    dlq_flush_timeout_s: float = Field(
+        30.0, gt=0, description="longest wait for dead letters at a checkpoint; undelivered ones keep it uncommitted"
+    )
+    reconnect_max_s: float = Field(
+        10.0, gt=0, description="brokers that do not answer are tried again after 0.5 s, doubling up to this"
+    )
     lag_interval_s: float = Field(5.0, gt=0, description="how often consumer lag is measured")
+
+    @field_validator("sasl_mechanism")
+    @classmethod
+    def _no_oauthbearer(cls, v: str | None) -> str | None:
+        if v == "OAUTHBEARER":
+            raise ValueError(
+                "OAUTHBEARER needs a token provider, which dynft does not wire; "
+                "use PLAIN (over SASL_SSL) or SCRAM-SHA-512"
+            )
+        return v
 
 
 class CheckpointSettings(Section):
@@ -273,7 +303,7 @@ class RunSettings(Section):
     restart_backoff_max_s: float = Field(30.0, gt=0, description="the delay doubles up to this")
 
 
-SECRETS = (("server", "admin_token"), ("kafka", "sasl_password"))
+SECRETS = (("server", "admin_token"), ("kafka", "sasl_password"), ("kafka", "ssl_password"))
 
 
 class Settings(BaseSettings):

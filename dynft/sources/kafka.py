@@ -15,73 +15,55 @@
   records stay: dropping them would skip them for good.
 - After a restart, positions from the checkpoint that are ahead of the group's committed
   offsets (a crash between checkpoint and commit) are committed before joining.
+- Brokers that do not answer at ``open`` are waited for: ``poll`` tries again with backoff
+  and returns nothing meanwhile (``dynft_kafka_up`` 0). A broker that answers and refuses
+  (credentials, certificate) is a ``KafkaRefusedError``, a configuration error.
+
+Threads: the *polling* thread (the intake's) owns the consumer and every field below; the
+rebalance listener and the commit callbacks run on kafka-python's IO thread and only put
+their news on ``_events``, which the polling thread applies at its next poll. The one thing
+the IO thread reads is ``_uncommitted``, an immutable snapshot the polling thread replaces
+whole (never mutates), so a read sees one consistent version.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
 from kafka.errors import KafkaError
 
-from dynft.errors import SourceError
+from dynft.errors import BrokersUnavailableError, SourceError
 from dynft.metrics import KafkaMetrics
 from dynft.settings import KafkaSettings
 from dynft.sources.base import Positions, Record, Source
 from dynft.sources.kafka_compat import apply_join_fixes
+from dynft.sources.kafka_connect import (
+    client_config,
+    commit_checkpoint_ahead,
+    is_refusal,
+    parse_kafka_uri,
+    partition_of,
+    probe,
+    refused,
+    security_warnings,
+    stream_of,
+)
+
+__all__ = ["KafkaSource", "client_config", "parse_kafka_uri", "partition_of", "stream_of"]
 
 log = logging.getLogger(__name__)
 COMMIT_RETRY_S = 1.0  # pause after a failed offset commit (seen: hundreds a second during a rebalance)
 REJOIN_MARGIN_S = 10.0  # beyond the longest legitimate rebalance before a join counts as stuck
+RECONNECT_FIRST_S = 0.5  # first wait before trying unanswering brokers again; doubles per try
 
-
-def parse_kafka_uri(uri: str, default_group: str) -> tuple[list[str], list[str], str]:
-    """``kafka://h1:9092,h2:9092/t1,t2?group=g`` -> (bootstrap servers, topics, group)."""
-    parts = urlsplit(uri)
-    servers = [s for s in parts.netloc.split(",") if s]
-    topics = [t for t in parts.path.lstrip("/").split(",") if t]
-    if parts.scheme != "kafka" or not servers or not topics:
-        raise SourceError(f"bad Kafka source {uri!r}: expected kafka://HOST:PORT/TOPIC[,TOPIC]?group=GROUP")
-    for server in servers:
-        host, _, port = server.rpartition(":")
-        if not host or not port.isdigit():
-            raise SourceError(f"bad Kafka source {uri!r}: {server!r} is not HOST:PORT")
-    query = parse_qs(parts.query)
-    unknown = set(query) - {"group"}
-    if unknown:
-        raise SourceError(f"bad Kafka source {uri!r}: unknown parameter(s) {sorted(unknown)}; only group")
-    group = query.get("group", [default_group])[0]
-    return servers, topics, group
-
-
-def stream_of(tp: TopicPartition) -> str:
-    return f"{tp.topic}/{tp.partition}"
-
-
-def partition_of(stream: str) -> TopicPartition:
-    topic, _, partition = stream.rpartition("/")
-    return TopicPartition(topic, int(partition))
-
-
-def client_config(settings: KafkaSettings) -> dict[str, Any]:
-    """Security and identity options shared by consumer, producer and admin client."""
-    config: dict[str, Any] = {"client_id": settings.client_id, "security_protocol": settings.security_protocol}
-    if settings.sasl_mechanism:
-        config["sasl_mechanism"] = settings.sasl_mechanism
-        config["sasl_plain_username"] = settings.sasl_username
-        if settings.sasl_password is not None:
-            config["sasl_plain_password"] = settings.sasl_password.get_secret_value()
-    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
-        value = getattr(settings, key)
-        if value is not None:
-            config[key] = str(value)
-    return config
+# What the IO thread hands the polling thread: ("revoked" | "assigned", partitions) from the
+# rebalance listener, ("committed", offsets) from a successful asynchronous commit.
+Event = tuple[str, Any]
 
 
 class KafkaSource(Source):
@@ -91,7 +73,9 @@ class KafkaSource(Source):
         self.settings = settings
         self.metrics = metrics
         self._consumer: KafkaConsumer | None = None
-        self._commits: queue.Queue[Positions] = queue.Queue()
+        self._commits: queue.Queue[Positions] = queue.Queue()  # from the training loop's thread
+        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()  # from kafka-python's IO thread
+        # Owned by the polling thread:
         self._committed: dict[TopicPartition, int] = {}
         self._checkpointed: dict[TopicPartition, int] = {}  # durable, maybe not yet committed
         self._inflight: dict[TopicPartition, int] = {}  # asynchronous commits under way
@@ -99,10 +83,16 @@ class KafkaSource(Source):
         self._revoked_at: float | None = None  # a rebalance took partitions and none came back yet
         self._revoking: set[TopicPartition] = set()  # revoked by a rebalance that has not assigned yet
         self._revoked: set[str] = set()  # went to other members: the intake drops their queued records
-        self._revoked_lock = threading.Lock()
+        self._paused = False
         self._resume: Positions = {}
         self._lag_at = 0.0
         self._down_since: float | None = None  # monotonic time the brokers stopped answering
+        self._reconnect_at = 0.0  # while not connected: the next try
+        self._reconnect_in = RECONNECT_FIRST_S
+        # Written by the polling thread, read by the IO thread: replaced whole, never mutated.
+        self._uncommitted: dict[TopicPartition, int] = {}
+        for warning in security_warnings(settings):
+            log.warning(warning)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -110,8 +100,36 @@ class KafkaSource(Source):
         self._resume = {k: v for k, v in positions.items() if k.rpartition("/")[0] in self.topics}
 
     def open(self) -> None:
+        """Join the group; brokers that do not answer are waited for by ``poll``.
+
+        Raises ``KafkaRefusedError`` (a configuration error) when a broker answers and refuses.
+        """
         apply_join_fixes()
+        self._try_connect()
+
+    def _try_connect(self) -> bool:
+        """Connect, or schedule the next try (with backoff) when no broker answers."""
+        try:
+            self._connect()
+        except BrokersUnavailableError as exc:
+            if self._down_since is None:  # once per outage, not once per try
+                self._down_since = time.monotonic()
+                log.warning("%s: %s; waiting for the brokers", self.uri, exc)
+            self.metrics.up.set(0)
+            self._reconnect_at = time.monotonic() + self._reconnect_in
+            self._reconnect_in = min(self._reconnect_in * 2, self.settings.reconnect_max_s)
+            return False
+        if self._down_since is not None:
+            log.warning("%s: the brokers answer after %.0f s", self.uri, time.monotonic() - self._down_since)
+            self._down_since = None
+        self._reconnect_in = RECONNECT_FIRST_S
+        return True
+
+    def _connect(self) -> None:
+        """A new consumer, subscribed; ``BrokersUnavailableError`` or ``KafkaRefusedError`` if not."""
         s = self.settings
+        config = client_config(s)
+        probe(self.servers, config)  # a refusal is told from an outage here, before kafka-python retries it
         try:
             consumer = KafkaConsumer(
                 bootstrap_servers=self.servers,
@@ -124,41 +142,23 @@ class KafkaSource(Source):
                 fetch_max_bytes=s.fetch_max_bytes,
                 max_partition_fetch_bytes=s.max_partition_fetch_bytes,
                 group_instance_id=s.group_instance_id,
-                **client_config(s),
+                **config,
             )
         except KafkaError as exc:
-            raise SourceError(f"{self.uri}: cannot reach the brokers ({exc})") from exc
+            if is_refusal(exc):
+                raise refused(self.uri, exc) from exc
+            raise BrokersUnavailableError(f"{self.uri}: the brokers stopped answering ({exc})") from exc
         self._consumer = consumer
+        self._events = queue.SimpleQueue()  # news from an abandoned consumer's listener is not ours
         self.metrics.up.set(1)
-        self._commit_checkpoint_ahead()
+        commit_checkpoint_ahead(consumer, self._resume)
         # Join with the topics' metadata at hand: a first join without it assigns nothing and
         # forces an immediate rejoin, a path on which kafka-python 3.0 was seen to stall.
         for topic in self.topics:
             if not consumer.partitions_for_topic(topic):
                 log.warning("topic %s does not exist (yet); waiting for it to appear", topic)
-        consumer.subscribe(self.topics, listener=_Listener(self))
+        consumer.subscribe(self.topics, listener=_Listener(self, self._events))
         log.info("consuming %s as group %s from %s", ",".join(self.topics), self.group, ",".join(self.servers))
-
-    def _commit_checkpoint_ahead(self) -> None:
-        """Commit checkpointed positions the group has not committed (a crash came in between)."""
-        consumer = self._require()
-        ahead = {}
-        for stream, offset in self._resume.items():
-            tp = partition_of(stream)
-            try:
-                committed = consumer.committed(tp)
-            except KafkaError as exc:
-                log.warning("cannot read the committed offset of %s: %s", stream, exc)
-                continue
-            if committed is None or committed < offset:
-                ahead[tp] = OffsetAndMetadata(offset, "", -1)
-        if not ahead:
-            return
-        try:
-            consumer.commit(ahead)
-            log.info("committed %d checkpointed position(s) the group was missing", len(ahead))
-        except KafkaError as exc:  # the group is active elsewhere: its members own those partitions now
-            log.warning("could not commit checkpointed positions before joining: %s", exc)
 
     def close(self) -> None:
         if self._consumer is None:
@@ -177,12 +177,17 @@ class KafkaSource(Source):
     # -- polling thread ------------------------------------------------------------------
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        if self._consumer is None and not (time.monotonic() >= self._reconnect_at and self._try_connect()):
+            time.sleep(timeout_s)  # waiting for the brokers: nothing to hand out
+            return []
+        self._apply_events()
         self._rejoin_if_stalled()
         consumer = self._require()
         self._run_commits()
         self._measure_lag()
         # With every partition paused, poll only keeps the membership alive and returns nothing.
         batches = consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max(1, max_records))
+        self._apply_events()  # the listener runs during poll: its news is applied before the caller asks
         out: list[Record] = []
         for tp, messages in batches.items():
             stream = stream_of(tp)
@@ -208,8 +213,8 @@ class KafkaSource(Source):
         )
         stuck = self._require()
         try:
-            self.open()  # the new member first: if the brokers are away, the stuck one stays until the next try
-        except SourceError as exc:
+            self._connect()  # the new member first: if the brokers are away, the stuck one stays until the next try
+        except BrokersUnavailableError as exc:
             self._revoked_at = time.monotonic()
             log.warning("cannot start a new consumer (%s); next try in %.0f s", exc, limit)
             return
@@ -222,13 +227,15 @@ class KafkaSource(Source):
             log.warning("closing the stalled consumer: %s", exc)
 
     def pause(self) -> None:
-        consumer = self._require()
-        consumer.pause(*consumer.assignment())
-        self.metrics.paused.set(len(consumer.paused()))
+        self._paused = True
+        if self._consumer is not None:  # else nothing fetches yet; the first assignment is paused
+            self._consumer.pause(*self._consumer.assignment())
+            self.metrics.paused.set(len(self._consumer.paused()))
 
     def resume(self) -> None:
-        consumer = self._require()
-        consumer.resume(*consumer.paused())
+        self._paused = False
+        if self._consumer is not None:
+            self._consumer.resume(*self._consumer.paused())
         self.metrics.paused.set(0)
 
     def commit(self, positions: Positions) -> None:
@@ -249,6 +256,7 @@ class KafkaSource(Source):
             for stream, offset in positions.items():
                 tp = partition_of(stream)
                 self._checkpointed[tp] = max(offset, self._checkpointed.get(tp, -1))
+        self._publish_uncommitted()
         if not final and time.monotonic() < self._commit_retry_at:
             return  # a commit just failed (a rebalance, an outage): retrying at every poll only floods the group
         consumer = self._require()
@@ -274,19 +282,19 @@ class KafkaSource(Source):
         self._inflight.update({tp: om.offset for tp, om in offsets.items()})
         started = time.perf_counter()
 
-        def done(committed: Any, response: Any) -> None:  # on kafka-python's IO thread
-            for tp, om in committed.items():
-                if self._inflight.get(tp) == om.offset:
-                    del self._inflight[tp]
-            if isinstance(response, Exception):
-                self._commit_retry_at = time.monotonic() + COMMIT_RETRY_S
-                log.warning("offset commit failed, retried in %.0f s: %s", COMMIT_RETRY_S, response)
-                return
-            self.metrics.commit_seconds.observe(time.perf_counter() - started)
-            for tp, om in committed.items():
-                self._committed[tp] = max(om.offset, self._committed.get(tp, -1))
+        events = self._events
+
+        def done(committed: Any, response: Any) -> None:  # on kafka-python's IO thread: news only
+            failed = response if isinstance(response, Exception) else None
+            if failed is None:
+                self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            events.put(("committed", ({tp: om.offset for tp, om in committed.items()}, failed)))
 
         consumer.commit_async(offsets, callback=done)
+
+    def _publish_uncommitted(self) -> None:
+        """Hand the IO thread's revocation commit a fresh snapshot of what awaits a commit."""
+        self._uncommitted = {tp: o for tp, o in self._checkpointed.items() if o > self._committed.get(tp, -1)}
 
     def _read_committed(self, partitions: Iterable[TopicPartition], timeout_ms: int) -> None:
         """Learn the group's committed offset of partitions new to this member; KafkaError on failure.
@@ -328,50 +336,74 @@ class KafkaSource(Source):
         self.metrics.up.set(1)
 
     def take_revoked(self) -> set[str]:
-        with self._revoked_lock:
-            revoked, self._revoked = self._revoked, set()
+        """Streams gone to other members since the last call (the intake calls it after ``poll``)."""
+        revoked, self._revoked = self._revoked, set()
         return revoked
 
-    # -- rebalance listener (kafka-python's IO thread) -------------------------------------
+    def _apply_events(self) -> None:
+        """Apply what the IO thread reported since the last poll, in the order it happened."""
+        while True:
+            try:
+                kind, data = self._events.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "revoked":
+                self._on_revoked(data)
+            elif kind == "assigned":
+                self._on_assigned(data)
+            else:
+                self._on_committed(*data)
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        if not revoked:  # the eager protocol revokes nothing before the first join
-            return
-        consumer = self._require()
-        offsets = {
-            tp: OffsetAndMetadata(self._checkpointed[tp], "", -1)
-            for tp in revoked
-            if self._checkpointed.get(tp, -1) > self._committed.get(tp, -1)
-        }
-        if offsets:
-            consumer.commit_async(offsets)  # a blocking commit is not allowed here
         for tp in revoked:
             self._committed.pop(tp, None)
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(0)
-        with self._revoked_lock:
-            self._revoking.update(revoked)  # which of them are really gone shows at the assignment
+        self._revoking.update(revoked)  # which of them are really gone shows at the assignment
         self._revoked_at = time.monotonic()
         self.metrics.rebalances.inc()
         log.info("partitions revoked: %s", ", ".join(sorted(stream_of(tp) for tp in revoked)))
 
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         self._revoked_at = None
-        with self._revoked_lock:
-            gone = self._revoking - assigned
-            self._revoking.clear()
-            self._revoked.update(stream_of(tp) for tp in gone)
-            self._revoked.difference_update(stream_of(tp) for tp in assigned)
-        if self._consumer is not None and self._consumer.paused():
+        gone = self._revoking - assigned
+        self._revoking.clear()
+        self._revoked.update(stream_of(tp) for tp in gone)
+        self._revoked.difference_update(stream_of(tp) for tp in assigned)
+        if self._paused and self._consumer is not None:
             self._consumer.pause(*assigned)  # still under backpressure: new partitions wait too
         log.info("partitions assigned: %s", ", ".join(sorted(stream_of(tp) for tp in assigned)) or "none")
 
+    def _on_committed(self, committed: dict[TopicPartition, int], failed: Exception | None) -> None:
+        for tp, offset in committed.items():
+            if self._inflight.get(tp) == offset:
+                del self._inflight[tp]
+        if failed is not None:
+            self._commit_retry_at = time.monotonic() + COMMIT_RETRY_S
+            log.warning("offset commit failed, retried in %.0f s: %s", COMMIT_RETRY_S, failed)
+            return
+        for tp, offset in committed.items():
+            if tp not in self._revoking:  # revoked meanwhile: its next owner's commits are read afresh
+                self._committed[tp] = max(offset, self._committed.get(tp, -1))
+
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, source: KafkaSource) -> None:
+    """Runs on kafka-python's IO thread: commits what is checkpointed for revoked partitions
+    (a blocking commit is not allowed there) and queues the change for the polling thread."""
+
+    def __init__(self, source: KafkaSource, events: queue.SimpleQueue[Event]) -> None:
         self.source = source
+        self.events = events
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        self.source._on_revoked(set(revoked))
+        revoked = set(revoked)
+        if not revoked:  # the eager protocol revokes nothing before the first join
+            return
+        uncommitted = self.source._uncommitted  # an immutable snapshot: see the module docstring
+        offsets = {tp: OffsetAndMetadata(uncommitted[tp], "", -1) for tp in revoked if tp in uncommitted}
+        consumer = self.source._consumer
+        if offsets and consumer is not None:
+            consumer.commit_async(offsets)
+        self.events.put(("revoked", revoked))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        self.source._on_assigned(set(assigned))
+        self.events.put(("assigned", set(assigned)))

@@ -1,0 +1,185 @@
+"""The Kafka dead-letter sink: rejected records go to ``<topic><suffix>``, delivered or not committed.
+
+Each dead letter is the original bytes with the original key and the headers ``dynft.reason``,
+``dynft.detail``, ``dynft.source.topic``, ``dynft.source.partition`` and
+``dynft.source.offset``. One larger than the producer's request limit
+(``kafka.dlq_max_request_bytes``) cannot be sent whole: it goes out as its first bytes, with
+``dynft.truncated`` set to ``sha256=<hex> size=<bytes>`` of the original.
+
+Delivery is checked at ``flush`` (the training loop flushes before each checkpoint): a dead
+letter the brokers did not take (down, refused, too large for the topic) is kept, sent again
+at the next flush, and makes ``flush`` raise ``DeadLetterError`` until it is delivered. The
+checkpoint that would commit its position then fails and training goes on; nothing is lost,
+because an uncommitted record is read (and rejected) again after a restart.
+
+Brokers that do not answer at startup are waited for like any broker call: the topic and the
+producer are set up at the first write or flush that finds the brokers answering. A broker
+that answers and refuses (credentials, certificate, not authorised to create the topic) is a
+``KafkaRefusedError``, a configuration error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from dynft.errors import BrokersUnavailableError, DeadLetterError
+from dynft.events import Rejection
+from dynft.settings import KafkaSettings
+from dynft.sources.base import Record
+from dynft.sources.kafka_connect import client_config, is_refusal, probe, refused
+
+log = logging.getLogger(__name__)
+HEADROOM = 1024  # bytes of the request limit kept for the batch and record framing
+PREFIX_MAX = 64 << 10  # at most this much of a too-large dead letter is kept
+SETUP_RETRY_S = 5.0  # while the brokers do not answer, setting up is tried again after this
+
+
+@dataclass
+class _Letter:
+    topic: str
+    value: bytes
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+    future: Any = None  # kafka-python's FutureRecordMetadata once handed to the producer
+
+
+class KafkaDeadLetterSink:
+    """Produces rejected records to ``<topic><suffix>``, creating that topic if it is missing.
+
+    ``write`` runs on the batching thread, ``flush`` and ``close`` on the main thread; the
+    letters not yet known to be delivered are shared between them under ``_lock``.
+    """
+
+    def __init__(self, servers: list[str], topics: list[str], settings: KafkaSettings) -> None:
+        self.servers = servers
+        self.topics = topics
+        self.settings = settings
+        self._producer: Any = None
+        self._letters: list[_Letter] = []  # written, not yet known to be delivered
+        self._lock = threading.Lock()
+        self._setup_at = 0.0  # the next try to set up, while the brokers do not answer
+        try:
+            self._setup()
+        except BrokersUnavailableError as exc:
+            log.warning("dead-letter topics: %s; set up once the brokers answer", exc)
+
+    def _setup(self) -> None:
+        """Create the dead-letter topics and the producer; raises while the brokers do not answer."""
+        from kafka import KafkaAdminClient, KafkaProducer
+        from kafka.errors import KafkaError, for_code
+
+        self._setup_at = time.monotonic() + SETUP_RETRY_S
+        config = client_config(self.settings)
+        probe(self.servers, config)
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=self.servers, **config)
+            try:
+                suffix = self.settings.dlq_suffix
+                wanted = {f"{t}{suffix}": {"num_partitions": 1, "replication_factor": -1} for t in self.topics}
+                result = admin.create_topics(wanted, raise_errors=False)
+            finally:
+                admin.close()
+            for topic in result.get("topics", []):
+                error = for_code(topic.get("error_code", 0))
+                if is_refusal(error()):  # not authorised: a configuration to fix, not an outage
+                    raise refused(f"creating dead-letter topic {topic.get('name')}", error())
+            self._producer = KafkaProducer(
+                bootstrap_servers=self.servers,
+                acks="all",
+                linger_ms=5,
+                max_request_size=self.settings.dlq_max_request_bytes,
+                max_block_ms=5_000,  # a send never holds the batching thread long: flush checks delivery
+                **config,
+            )
+        except KafkaError as exc:
+            if is_refusal(exc):
+                raise refused("dead-letter topics", exc) from exc
+            raise BrokersUnavailableError(f"dead-letter topics on {','.join(self.servers)}: {exc}") from exc
+
+    def write(self, rejection: Rejection, record: Record) -> None:
+        topic, _, partition = record.stream.rpartition("/")
+        headers = [
+            ("dynft.reason", rejection.reason.encode()),
+            ("dynft.detail", rejection.detail.encode()),
+            ("dynft.source.topic", topic.encode()),
+            ("dynft.source.partition", partition.encode()),
+            ("dynft.source.offset", str(record.next - 1).encode()),
+        ]
+        letter = self._fitted(_Letter(f"{topic}{self.settings.dlq_suffix}", rejection.raw, record.key, headers))
+        with self._lock:
+            self._letters.append(letter)
+            self._send([letter])
+
+    def _fitted(self, letter: _Letter) -> _Letter:
+        """The letter itself, or its first bytes with the original's hash and size when it is too large."""
+        overhead = HEADROOM + len(letter.key or b"") + sum(len(k) + len(v) for k, v in letter.headers)
+        room = self.settings.dlq_max_request_bytes - overhead
+        if len(letter.value) <= room:
+            return letter
+        digest = hashlib.sha256(letter.value).hexdigest()
+        note = f"sha256={digest} size={len(letter.value)}".encode()
+        prefix = letter.value[: max(0, min(PREFIX_MAX, room - len(note) - 32))]
+        headers = [*letter.headers, ("dynft.truncated", note)]
+        return _Letter(letter.topic, prefix, letter.key, headers)
+
+    def _send(self, letters: list[_Letter]) -> None:
+        """Hand letters to the producer (setting it up if due); a failure leaves them for the next flush."""
+        from kafka.errors import KafkaError
+
+        if self._producer is None:
+            if time.monotonic() < self._setup_at:
+                return
+            try:
+                self._setup()
+            except BrokersUnavailableError as exc:
+                log.warning("dead letters wait for the brokers: %s", exc)
+                return
+        for letter in letters:
+            try:
+                letter.future = self._producer.send(
+                    letter.topic, value=letter.value, key=letter.key, headers=letter.headers
+                )
+            except KafkaError as exc:  # no metadata within max_block_ms: the brokers went away
+                letter.future = None
+                log.warning("dead letter for %s not sent yet: %s", letter.topic, exc)
+
+    def flush(self) -> None:
+        """Wait for every dead letter; raises ``DeadLetterError`` while any is undelivered."""
+        with self._lock:
+            self._send([letter for letter in self._letters if letter.future is None])
+            if self._producer is not None:
+                try:
+                    self._producer.flush(timeout=self.settings.dlq_flush_timeout_s)
+                except Exception as exc:  # kafka-python's timeout: the futures below say which failed
+                    log.warning("dead-letter flush: %s", exc)
+            failed: list[tuple[_Letter, BaseException | None]] = []
+            for letter in self._letters:
+                future = letter.future
+                if future is None or not future.is_done or future.failed():
+                    failed.append((letter, None if future is None or not future.is_done else future.exception))
+            self._letters = [letter for letter, _ in failed]
+            for letter, _ in failed:
+                letter.future = None  # sent again at the next flush (or write)
+            if self._producer is not None and any(error is not None for _, error in failed):
+                # kafka-python's idempotent producer can stay in a fatal state after one refused
+                # batch, failing every later send: the next flush starts from a new producer.
+                self._producer.close(timeout=5)
+                self._producer, self._setup_at = None, 0.0
+        if failed:
+            letter, error = failed[0]
+            reason = f"{type(error).__name__}: {error}" if error is not None else "not sent: the brokers do not answer"
+            raise DeadLetterError(f"{len(failed)} dead letter(s) not delivered, e.g. to {letter.topic} ({reason})")
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        except DeadLetterError as exc:  # their positions were not committed: read and rejected again later
+            log.error("closing the dead-letter producer: %s", exc)
+        finally:  # a failed flush still releases the producer's sockets
+            if self._producer is not None:
+                self._producer.close()

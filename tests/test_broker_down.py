@@ -1,0 +1,80 @@
+"""A daemon started before its brokers waits for them instead of exiting (issue #12, item 4)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaConsumer
+
+from dynft import devbroker
+from dynft.settings import Settings
+
+from helpers import free_port, keyword_events
+from kafka_helpers import accounted, all_accounted, end_offsets, publish, reap, wait_until
+
+pytestmark = pytest.mark.slow
+LABELS = ["alpha", "beta", "gamma"]
+
+
+def read_all(broker: devbroker.Broker, topic: str) -> list[Any]:
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=broker.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000
+    )
+    try:
+        return list(consumer)
+    finally:
+        consumer.close()
+
+
+def test_dynft_run_started_30_s_before_its_broker_waits_and_consumes_everything(
+    tiny_settings: Settings, tmp_path: Path
+) -> None:
+    """Before: `dynft run` against a broker that is not up yet exited 2 ("trainer exited with a
+    configuration error; stopping"). Now the trainer waits (logged once), and once a broker
+    starts on that address it consumes every event, without a restart of the trainer, and the
+    dead-letter topic it could not create at startup is created and receives its dead letter."""
+    broker_port, topic, group = free_port(), "late-events", "late"
+    state, log = tmp_path / "state", tmp_path / "run.log"
+    cmd = [sys.executable, "-m", "dynft", "run", "--model", str(tiny_settings.model.path)]
+    cmd += ["--state-dir", str(state), "--port", str(free_port())]
+    cmd += ["--source", f"kafka://127.0.0.1:{broker_port}/{topic}?group={group}"]
+    cmd += ["--set", "checkpoint.interval_s=1", "--set", "trainer.lr=0.01", "--set", "kafka.reconnect_max_s=2"]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    broker = None
+    try:
+        # From the moment the trainer says it waits (loading the model first can take a while).
+        wait_until(lambda: "waiting for the brokers" in log.read_text() or proc.poll() is not None, 240, "the wait")
+        time.sleep(30)
+        assert proc.poll() is None, log.read_text()[-3000:]
+        broker = devbroker.start(tmp_path / "kafka", port=broker_port)
+        events = keyword_events(300, LABELS, seed=61)
+        publish(broker, topic, [*events[:150], b"{not json", *events[150:]], tmp_path)
+        ids = [e["id"] for e in events]
+        wait_until(all_accounted([state], ids), 120, "every event trained or held out")
+        ends, committed = {}, {0: -1}
+        deadline = time.monotonic() + 30
+        while committed != ends and time.monotonic() < deadline:  # the commit follows the next checkpoint
+            ends, committed = end_offsets(broker, topic, group)
+            time.sleep(0.5)
+        assert committed == ends
+        # The dead-letter topic could not be created at startup: it was, once the broker answered.
+        assert [m.value for m in read_all(broker, f"{topic}.dlq")] == [b"{not json"]
+        assert proc.poll() is None, log.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0
+    finally:
+        reap(proc)
+        if broker is not None:
+            devbroker.stop(broker.data_dir)
+    output = log.read_text()
+    assert output.count("waiting for the brokers") == 1, output[-3000:]  # once, not once per try
+    assert "configuration error" not in output
+    assert "restarting in" not in output, output[-3000:]  # the trainer never died and came back
+    assert {status for status, _ in accounted([state], ids).values()} <= {"trained", "held_out"}

@@ -1,0 +1,140 @@
+"""Dead letters on Kafka are delivered, or the offsets they cover are not committed (issue #12, item 3)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from prometheus_client import CollectorRegistry
+
+from dynft.devbroker import Broker
+from dynft.loop import TrainingLoop
+from dynft.settings import Settings
+
+from helpers import keyword_events
+from kafka_helpers import end_offsets, kafka_settings, ledger_of, wait_until
+
+pytestmark = pytest.mark.slow
+LABELS = ["alpha", "beta", "gamma"]
+StartLoop = Callable[[Settings, CollectorRegistry], TrainingLoop]
+
+
+@pytest.fixture
+def start_loop() -> Iterator[StartLoop]:
+    """Starts loops in threads; each is stopped (writing its last checkpoint) when the test ends."""
+    loops: list[tuple[TrainingLoop, threading.Thread]] = []
+
+    def start(settings: Settings, metrics: CollectorRegistry) -> TrainingLoop:
+        loop = TrainingLoop(settings, metrics)
+        thread = threading.Thread(target=loop.run, daemon=True)
+        thread.start()
+        loops.append((loop, thread))
+        return loop
+
+    yield start
+    for loop, thread in loops:
+        loop.should_exit.set()
+        thread.join(120)
+
+
+def create_topic(broker: Broker, topic: str, max_message_bytes: int) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    try:
+        config = {"max.message.bytes": str(max_message_bytes)}
+        admin.create_topics({topic: {"num_partitions": 1, "replication_factor": -1, "configs": config}})
+    finally:
+        admin.close()
+
+
+def send(broker: Broker, topic: str, values: list[bytes]) -> None:
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=8 << 20, acks="all")
+    try:
+        for value in values:
+            producer.send(topic, value=value)
+        producer.flush()
+    finally:
+        producer.close()
+
+
+def dead_letters(broker: Broker, topic: str) -> list[Any]:
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=broker.bootstrap,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+        max_partition_fetch_bytes=4 << 20,
+    )
+    try:
+        return list(consumer)
+    finally:
+        consumer.close()
+
+
+def test_a_2_mib_record_is_dead_lettered_as_its_hash_size_and_prefix_and_its_offset_committed(
+    kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path, start_loop: StartLoop
+) -> None:
+    """The dead-letter producer's request limit is 1 MiB; the source topic takes 3 MiB records. The
+    2 MiB record (over events.max_record_bytes) cannot go to the dead-letter topic whole: it goes as
+    its first bytes with its sha256 and size in a header, and the partition is committed past it."""
+    topic, group = f"big-{uuid.uuid4().hex[:8]}", "big"
+    create_topic(kafka_broker, topic, 3 << 20)
+    events = keyword_events(150, LABELS, seed=71)
+    huge = b'{"id": "huge", "label": "alpha", "text": "' + b"x" * (2 << 20) + b'"}'
+    rows = [json.dumps(e).encode() for e in events]
+    send(kafka_broker, topic, [*rows[:75], huge, *rows[75:]])
+    settings = kafka_settings(tiny_settings, kafka_broker, topic, group)
+    settings.kafka.dlq_max_request_bytes = 1 << 20
+    settings.kafka.max_partition_fetch_bytes = 4 << 20
+    start_loop(settings, CollectorRegistry())
+
+    def drained() -> bool:
+        ends, committed = end_offsets(kafka_broker, topic, group)
+        return committed == ends
+
+    wait_until(drained, 180, "the committed offset to pass the 2 MiB record")
+    letters = dead_letters(kafka_broker, f"{topic}.dlq")
+    assert len(letters) == 1
+    headers = dict(letters[0].headers)
+    assert headers["dynft.truncated"].decode() == f"sha256={hashlib.sha256(huge).hexdigest()} size={len(huge)}"
+    assert headers["dynft.source.offset"] == b"75"
+    assert headers["dynft.reason"] == b"record_too_large"
+    assert 0 < len(letters[0].value) <= 64 << 10 and huge.startswith(letters[0].value)
+    statuses = ledger_of(settings.state_dir).lookup(e["id"] for e in events)
+    assert {s for s, _ in statuses.values()} <= {"trained", "held_out"}
+
+
+def test_a_dead_letter_the_broker_refuses_keeps_its_offset_uncommitted(
+    kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path, start_loop: StartLoop
+) -> None:
+    """Produced for real: the dead-letter topic exists with max.message.bytes=1024, so the broker
+    refuses the 4 KiB hostile record's dead letter. Training goes on (every valid event is trained),
+    checkpoints fail, and the partition's committed offset stays before the hostile record (at 0)."""
+    topic, group = f"refused-{uuid.uuid4().hex[:8]}", "refused"
+    create_topic(kafka_broker, topic, 1 << 20)
+    create_topic(kafka_broker, f"{topic}.dlq", 1024)
+    events = keyword_events(150, LABELS, seed=72)
+    hostile = b"{not json " + b"y" * 4096
+    send(kafka_broker, topic, [hostile, *(json.dumps(e).encode() for e in events)])
+    settings = kafka_settings(tiny_settings, kafka_broker, topic, group)
+    metrics = CollectorRegistry()
+    loop = start_loop(settings, metrics)
+
+    def failed_checkpoints() -> float:
+        return metrics.get_sample_value("dynft_checkpoint_errors_total") or 0.0
+
+    # The ledger is made durable with the checkpoint, which fails: the loop's processed positions say it.
+    wait_until(lambda: loop.positions.get(f"{topic}/0") == len(events) + 1, 180, "every record processed")
+    failed_before = failed_checkpoints()
+    wait_until(lambda: failed_checkpoints() >= failed_before + 2, 60, "checkpoints to fail on the dead letter")
+    assert loop.trainer.steps > 0
+    ends, committed = end_offsets(kafka_broker, topic, group)
+    assert ends == {0: len(events) + 1}
+    assert committed == {0: 0}, "the offset of an undelivered dead letter was committed"
+    assert dead_letters(kafka_broker, f"{topic}.dlq") == []
