@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
 from dynft import routing
 from dynft.batching import Collator, LabelMap
+from dynft.cli import main
 from dynft.deadletter import JsonlDeadLetterSink, read_dead_letters
 from dynft.evaluation import is_held_out
 from dynft.events import Event, Rejection
@@ -153,6 +155,18 @@ def test_the_ledger_stores_and_finds_ids_with_lone_surrogates(tmp_path: Path) ->
         "@file:caf\udce9.jsonl:3": ("dead_lettered", 1),
         "plain": ("trained", 1),
     }
+
+
+def test_dynft_ledger_finds_an_id_with_a_lone_surrogate_as_it_was_recorded(tmp_path: Path) -> None:
+    key = "@file:caf\udce9.jsonl:3"  # how Python hands over a name that is not UTF-8 (surrogateescape)
+    ledger = Ledger(tmp_path / "ledger.db")
+    ledger.record([(key, "dead_lettered")])
+    ledger.commit()
+    ledger.close()
+    result = CliRunner().invoke(main, ["ledger", "--state-dir", str(tmp_path), key, "other"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines()]
+    assert lines == [{"id": key, "status": "dead_lettered", "seen": 1}, {"id": "other", "status": "unseen", "seen": 0}]
 
 
 class Unstorable(str):
