@@ -226,9 +226,11 @@ class TrainingLoop:
 
     def _route(self, records: list[Record], work: Work) -> list[tuple[Record, Event]]:
         """Decode records; dead-letter the bad ones, hold out a share, return the ones to train on."""
-        routed = self._router().route(records)
-        work.held_out += [event for _, event in routed.held_out]
-        work.dead += [key for _, key in routed.dead]
+        router = self._router()
+        routed = router.route(records)
+        held_out, dead = router.screen(self.trainer.collator, routed.held_out)
+        work.held_out += held_out
+        work.dead += [key for _, key in routed.dead + dead]
         return routed.fresh
 
     # -- main thread ---------------------------------------------------------------------

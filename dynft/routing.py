@@ -4,9 +4,10 @@ Each record taken from the intake ends in exactly one of three places: the event
 the held-out window, or the dead-letter sink with a reason. The rules come first (``decode``'s,
 then the label cap ``trainer.max_labels``), so a record that breaks one gets that rule's reason.
 An exception that no rule foresaw, raised for one record while it is decoded, hashed for the
-hold-out or tokenized, dead-letters that record as ``internal``, with the exception's type in the
-detail, and the others go on: one record never stops the trainer. Failures of the sink itself (a
-full disk, unreachable brokers) are the environment's, not the record's, and are raised.
+hold-out or tokenized (to train on, or for the gate to score a held-out event), dead-letters
+that record as ``internal``, with the exception's type in the detail, and the others go on: one
+record never stops the trainer. Failures of the sink itself (a full disk, unreachable brokers)
+are the environment's, not the record's, and are raised.
 
 >>> import tempfile
 >>> from pathlib import Path
@@ -25,7 +26,7 @@ full disk, unreachable brokers) are the environment's, not the record's, and are
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from dynft.batching import Batch, Collator, LabelMap
@@ -111,20 +112,45 @@ class Router:
             return collator(events + replayed, n_fresh=len(events)), []
         except Exception:
             log.warning("tokenizing a batch failed; looking for the record(s) that caused it", exc_info=True)
-        kept, dead = [], []
-        for record, event in fresh:
-            try:
-                collator([event], n_fresh=1)
-            except Exception as exc:
-                dead.append((record, self.reject(internal(exc, record.raw, event.id), record)))
-            else:
-                kept.append(event)
+        kept, dead = self._each(fresh, lambda event: collator([event], n_fresh=1))
         if not kept:
             return None, dead
         try:
             return collator(kept + replayed, n_fresh=len(kept)), dead
         except Exception:  # no single fresh event fails: the replayed ones are left out of this step
             return collator(kept, n_fresh=len(kept)), dead
+
+    def screen(
+        self, collator: Collator, held_out: Sequence[tuple[Record, Event]]
+    ) -> tuple[list[Event], list[tuple[Record, str]]]:
+        """The held-out events that tokenize, and the records dead-lettered for failing to.
+
+        The gate tokenizes the held-out window at every candidate; one event there that fails
+        would fail every gate for as long as the window (and the checkpoints) kept it.
+        """
+        events = [event for _, event in held_out]
+        if not events:
+            return [], []
+        try:
+            collator.encode([event.text for event in events])
+            return events, []
+        except Exception:
+            log.warning("tokenizing held-out events failed; looking for the record(s) that caused it", exc_info=True)
+        return self._each(held_out, lambda event: collator.encode([event.text]))
+
+    def _each(
+        self, pairs: Sequence[tuple[Record, Event]], attempt: Callable[[Event], object]
+    ) -> tuple[list[Event], list[tuple[Record, str]]]:
+        """``attempt`` on each event alone: those that fail are dead-lettered as ``internal``."""
+        kept, dead = [], []
+        for record, event in pairs:
+            try:
+                attempt(event)
+            except Exception as exc:
+                dead.append((record, self.reject(internal(exc, record.raw, event.id), record)))
+            else:
+                kept.append(event)
+        return kept, dead
 
     def reject(self, rejection: Rejection, record: Record) -> str:
         """Write ``rejection`` to the dead-letter sink, count it; returns its ledger key."""

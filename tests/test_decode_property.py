@@ -110,7 +110,9 @@ def route_all(router: Router, collator: Collator, raws: list[bytes]) -> tuple[Ro
     records = [Record(raw, "property", next(_next)) for raw in raws]
     routed = router.route(records)
     batch, dead = router.collate(collator, routed.fresh, [])
-    assert dead == [], "tokenizing failed for a record decode accepted"
+    held_out, unscreened = router.screen(collator, routed.held_out)
+    assert dead == unscreened == [], "tokenizing failed for a record decode accepted"
+    assert len(held_out) == len(routed.held_out)
     trained = batch.events if batch is not None else []
     assert len(trained) == len(routed.fresh)
     places = [r for r, _ in routed.fresh] + [r for r, _ in routed.held_out] + [r for r, _ in routed.dead]

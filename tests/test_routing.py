@@ -131,6 +131,18 @@ def test_a_batch_that_fails_to_tokenize_dead_letters_only_the_culprit(tmp_path: 
     assert (letter["reason"], letter["detail"]) == ("internal", "RuntimeError: tokenizer failed")
 
 
+def test_a_held_out_event_that_fails_to_tokenize_is_dead_lettered_before_the_gate_sees_it(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    router = make_router(tmp_path, holdout=0.5)
+    collator = PoisonedCollator(load_tokenizer(tiny_model_dir), 16, router.labels)
+    held = ids_where(True, 0.5, 2)
+    routed = router.route(records([raw(held[0], text="poison w1"), raw(held[1])]))
+    kept, dead = router.screen(collator, routed.held_out)
+    assert [e.id for e in kept] == [held[1]] and [key for _, key in dead] == [held[0]]
+    assert read_dead_letters(tmp_path / "dead.jsonl")[0]["reason"] == "internal"
+
+
 def test_a_batch_of_culprits_only_is_no_batch(tmp_path: Path, tiny_model_dir: Path) -> None:
     router = make_router(tmp_path)
     collator = PoisonedCollator(load_tokenizer(tiny_model_dir), 16, router.labels)
