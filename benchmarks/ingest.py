@@ -87,7 +87,7 @@ def dynft_ingest(bootstrap: str, topic: str, n: int) -> tuple[float, int]:
                 event = decode(record.raw, limits)
                 if isinstance(event, Rejection):
                     counts["rejected"] += 1
-                elif not is_held_out(event.id, 0.1):
+                elif not is_held_out(event.id, event.text, 0.1):
                     fresh.append(event)
             buffer.add_many(fresh)
             counts["seen"] += len(records)

@@ -94,6 +94,7 @@ class Writer(threading.Thread):
         super().__init__(daemon=True)
         self.path, self.rate = path, rate
         self.arrivals: list[tuple[str, float]] = []
+        self.texts: dict[str, str] = {}  # by id: the hold-out hash covers the text
         self.halt = threading.Event()
 
     def run(self) -> None:
@@ -107,6 +108,7 @@ class Writer(threading.Thread):
                     fh.write(json.dumps(event) + "\n")
                     fh.flush()
                     self.arrivals.append((event["id"], time.time()))
+                    self.texts[event["id"]] = event["text"]
                 self.halt.wait(min(0.05, 1 / self.rate))
 
 
@@ -124,7 +126,8 @@ def measure(plan: Plan) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as tmp:
         events_path = Path(tmp) / "events.jsonl"
-        held = with_ids(demo_events(HOLDOUT, seed=6), held_out_ids(HOLDOUT, 0.1))
+        held = demo_events(HOLDOUT, seed=6)
+        held = with_ids(held, held_out_ids(held, 0.1))
         write_jsonl(events_path, held)
         overrides = {
             "state_dir": str(Path(tmp) / "state"),
@@ -185,7 +188,8 @@ def measure(plan: Plan) -> dict[str, Any]:
         timings = json.loads(Path(steps_path).read_text())
         steps = [tuple(s) for s in timings["steps"]]
         seen = {v: int(registry.meta(v).get("events_seen", 0)) for v in registry.versions()}
-        trained_ids = [i for i, _ in writer.arrivals if not is_held_out(i, settings.evaluation.holdout_fraction)]
+        fraction = settings.evaluation.holdout_fraction
+        trained_ids = [i for i, _ in writer.arrivals if not is_held_out(i, writer.texts[i], fraction)]
     return {
         "busy": _summary(busy, batches_busy, steps, timings["publishes"]),
         "idle": _summary(idle, batches_idle, steps, timings["publishes"]),

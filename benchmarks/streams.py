@@ -11,13 +11,14 @@ from dynft.evaluation import is_held_out
 from dynft.sources.demo import load_demo_rows
 
 
-def held_out_ids(n: int, fraction: float, prefix: str = "h") -> list[str]:
-    """``n`` event ids that dynft routes to its held-out window (never trained on)."""
+def held_out_ids(events: list[dict[str, Any]], fraction: float, prefix: str = "h") -> list[str]:
+    """An id for each of ``events`` with which dynft routes it to its held-out window (never trained on)."""
     out: list[str] = []
     i = 0
-    while len(out) < n:
-        if is_held_out(f"{prefix}{i}", fraction):
-            out.append(f"{prefix}{i}")
+    for event in events:
+        while not is_held_out(f"{prefix}{i}", event["text"], fraction):
+            i += 1
+        out.append(f"{prefix}{i}")
         i += 1
     return out
 

@@ -273,7 +273,8 @@ def _events_file(directory: Path, case: TrainCase, plan: Plan) -> Path:
     """A held-out window of held-out events, then enough long training events for the longest run."""
     per_s = 150 if plan.device == "cuda" else 10  # generous steps per second
     n = int(plan.train_max_s * per_s * case.batch)
-    held = with_ids(long_events(plan.train_holdout, case.seq, seed=1), held_out_ids(plan.train_holdout, 0.1))
+    held = long_events(plan.train_holdout, case.seq, seed=1)
+    held = with_ids(held, held_out_ids(held, 0.1))
     return write_jsonl(directory / "events.jsonl", held + long_events(n, case.seq, seed=2))
 
 

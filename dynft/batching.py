@@ -3,9 +3,11 @@
 Tokenization happens here, on the loop's batching thread, so the training step only sees
 ready tensors.
 
->>> labels = LabelMap()
+>>> labels = LabelMap(capacity=3)
 >>> labels.ids(["b", "a", "b"]), labels.labels
 ([0, 1, 0], ['b', 'a'])
+>>> labels.admit("c"), labels.fits("d"), labels.admit("d"), labels.admit("a")
+(True, False, False, True)
 """
 
 from __future__ import annotations
@@ -21,12 +23,18 @@ from dynft.events import Event
 
 
 class LabelMap:
-    """Label names by id; ids are handed out in order of first appearance and never change."""
+    """Label names by id; ids are handed out in order of first appearance and never change.
 
-    def __init__(self, labels: Sequence[str] = ()) -> None:
+    ``capacity`` bounds the labels that ``admit`` adds (``trainer.max_labels``), so that a
+    producer sending ids as labels cannot grow the head without bound; ``ids`` is not bounded,
+    because a checkpoint or a published version restores the labels it was trained with.
+    """
+
+    def __init__(self, labels: Sequence[str] = (), capacity: int | None = None) -> None:
         self._labels: list[str] = []
         self._ids: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.capacity = capacity
         self.ids(labels)
 
     @property
@@ -39,6 +47,22 @@ class LabelMap:
 
     def get(self, label: str) -> int | None:
         return self._ids.get(label)
+
+    def fits(self, label: str) -> bool:
+        """Whether ``label`` has an id or could get one within the capacity (the map is not changed)."""
+        with self._lock:
+            return label in self._ids or self.capacity is None or len(self._labels) < self.capacity
+
+    def admit(self, label: str) -> bool:
+        """Whether ``label`` has an id, adding it if the capacity allows; ``False``: the map is full."""
+        with self._lock:
+            if label in self._ids:
+                return True
+            if self.capacity is not None and len(self._labels) >= self.capacity:
+                return False
+            self._ids[label] = len(self._labels)
+            self._labels.append(label)
+            return True
 
     def ids(self, labels: Sequence[str]) -> list[int]:
         """The id of each label, adding unseen labels at the end."""

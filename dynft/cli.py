@@ -406,7 +406,7 @@ def ids_of(path: Path) -> list[str]:
                     continue
                 try:
                     out.append(str(json.loads(line)["id"]))
-                except (ValueError, KeyError, TypeError) as exc:
+                except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: nested too deeply
                     raise ConfigError(f"{path}:{n}: not a JSON object with an id ({exc!r})") from exc
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc

@@ -94,7 +94,9 @@ class JsonlDeadLetterSink:
             "origin": record.position,
             "at": datetime.now(UTC).isoformat(),
         }
-        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
+        # "backslashreplace": a lone surrogate (a file name that is not UTF-8, say) can only sit
+        # inside a JSON string here, where its escape reads back as the same character.
+        line = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
         with self._lock:
             self._pending.append(line)
             try:

@@ -4,8 +4,9 @@ Every fresh event is predicted before it is trained on; ``Prequential`` keeps ro
 macro-F1 and loss over the last ``window`` events, plus the majority-class rate of the same
 window as the baseline a classifier must beat.
 
-A deterministic share of events (by a hash of their id, so a redelivered event goes the same
-way) is never trained on: those go to the ``HoldoutWindow``.
+A deterministic share of events (by a hash of their id and text, so a redelivered event goes the
+same way, and a producer that reuses one id for every event still has a share held out) is never
+trained on: those go to the ``HoldoutWindow``.
 
 >>> pq = Prequential(window=4)
 >>> for truth, pred in [("a", "a"), ("a", "b"), ("b", "b"), ("a", "a")]:
@@ -79,11 +80,18 @@ class Prequential:
         return max(self._truth_counts.values()) / len(self._truths)
 
 
-def is_held_out(event_id: str, fraction: float) -> bool:
-    """Whether an event belongs to the held-out share; stable for a given id."""
+def is_held_out(event_id: str, text: str, fraction: float) -> bool:
+    """Whether an event belongs to the held-out share; stable for a given id and text.
+
+    >>> is_held_out("e1", "some text", 0.0), is_held_out("e1", "some text", 0.999999)
+    (False, True)
+    """
     if fraction <= 0:
         return False
-    return zlib.crc32(event_id.encode()) / 2**32 < fraction  # stable across processes, unlike hash()
+    # crc32 is stable across processes, unlike hash(). "surrogatepass": hashing never raises,
+    # whatever the strings hold (decode refuses lone surrogates, but this must not depend on it).
+    digest = zlib.crc32(text.encode("utf-8", "surrogatepass"), zlib.crc32(event_id.encode("utf-8", "surrogatepass")))
+    return digest / 2**32 < fraction
 
 
 class HoldoutWindow:

@@ -38,6 +38,10 @@ Reason = Literal[
     "label_too_long",
     "invalid_ts",
     "invalid_weight",
+    "nested_too_deep",
+    "invalid_string",
+    "too_many_labels",  # given by routing (dynft.routing), not by decode
+    "internal",  # an exception no rule foresaw; the detail names its type
 ]
 REASONS: tuple[Reason, ...] = Reason.__args__  # type: ignore[attr-defined]
 
@@ -63,11 +67,21 @@ class Event(BaseModel):
 
 @dataclass(frozen=True)
 class Rejection:
-    """A record that could not become an event, with the reason and the bytes as they arrived."""
+    """A record that could not become an event, with the reason and the bytes as they arrived.
+
+    ``event_id`` is the record's id where it had a usable one (a non-empty string within the
+    limits), so that the ledger can answer for it by id. ``detail`` is always encodable as
+    UTF-8: lone surrogates in it are written as ``\\udXXX`` escapes, so every sink can store it.
+    """
 
     reason: Reason
     detail: str
     raw: bytes
+    event_id: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.detail.isascii():
+            object.__setattr__(self, "detail", _encodable(self.detail))
 
 
 def decode(raw: bytes, limits: EventSettings) -> Event | Rejection:
@@ -86,32 +100,52 @@ def _diagnose(raw: bytes, limits: EventSettings) -> Event | Rejection:
     except UnicodeDecodeError as exc:
         return Rejection("not_utf8", f"invalid UTF-8 at byte {exc.start}", raw)
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         return Rejection("malformed_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}", raw)
+    except RecursionError:  # valid JSON, but deeper than the parser's stack (pydantic's stops at 200)
+        return Rejection("nested_too_deep", "JSON nested too deeply to parse", raw)
     if not isinstance(obj, dict):
         return Rejection("not_an_object", f"expected a JSON object, got {type(obj).__name__}", raw)
     return _validate(obj, raw, limits)
 
 
+def _parse_int(digits: str) -> int | float:
+    """A JSON integer; one longer than Python converts (``sys.get_int_max_str_digits``) is an infinity.
+
+    Such a number is no valid weight (rejected as ``invalid_weight``) and is ignored in an unknown field.
+    """
+    try:
+        return int(digits)
+    except ValueError:
+        return -math.inf if digits.startswith("-") else math.inf
+
+
 def _validate(obj: dict[str, Any], raw: bytes, limits: EventSettings) -> Event | Rejection:
+    id_ = _usable_id(obj.get("id"), limits)
     ts = obj.get("ts")
     if ts is not None and not isinstance(ts, str):
-        return Rejection("invalid_ts", f"ts must be an ISO-8601 string, got {type(ts).__name__}", raw)
+        return Rejection("invalid_ts", f"ts must be an ISO-8601 string, got {type(ts).__name__}", raw, id_)
     try:
         event = Event.model_validate({**obj, "ts": None})
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
         reason: Reason = "missing_field" if err["type"] == "missing" else "wrong_type"
-        return Rejection(reason, f"{field}: {err['msg']}", raw)
+        return Rejection(reason, f"{field}: {err['msg']}", raw, id_)
+    # Only this slow path can see lone surrogates (pydantic's JSON parser refuses them), and no
+    # tokenizer, database or UTF-8 sink takes them: the record is refused here, naming the field.
+    for name in ("id", "text", "label", "task"):
+        value = getattr(event, name)
+        if value is not None and not value.isascii() and _encodable(value) != value:
+            return Rejection("invalid_string", f"{name}: contains a lone surrogate (not encodable as UTF-8)", raw, id_)
     checked = _check(event, raw, limits)
     if isinstance(checked, Rejection) or ts is None:
         return checked
     try:
         parsed = datetime.fromisoformat(ts)
     except ValueError:
-        return Rejection("invalid_ts", f"ts is not ISO-8601: {ts[:64]!r}", raw)
+        return Rejection("invalid_ts", f"ts is not ISO-8601: {ts[:64]!r}", raw, id_)
     return event.model_copy(update={"ts": parsed})
 
 
@@ -120,17 +154,39 @@ def _check(event: Event, raw: bytes, limits: EventSettings) -> Event | Rejection
     id_, text, label = event.id, event.text, event.label
     if not id_ or id_.isspace():
         return Rejection("empty_id", "id is empty", raw)
-    if not text or text.isspace():
-        return Rejection("empty_text", "text is empty", raw)
-    if not label or label.isspace():
-        return Rejection("empty_label", "label is empty", raw)
     if len(id_) > limits.max_id_chars:
         return Rejection("id_too_long", f"{len(id_)} chars > {limits.max_id_chars}", raw)
+    if not text or text.isspace():
+        return Rejection("empty_text", "text is empty", raw, id_)
+    if not label or label.isspace():
+        return Rejection("empty_label", "label is empty", raw, id_)
     if len(text) > limits.max_text_chars:
-        return Rejection("text_too_long", f"{len(text)} chars > {limits.max_text_chars}", raw)
+        return Rejection("text_too_long", f"{len(text)} chars > {limits.max_text_chars}", raw, id_)
     if len(label) > limits.max_label_chars:
-        return Rejection("label_too_long", f"{len(label)} chars > {limits.max_label_chars}", raw)
+        return Rejection("label_too_long", f"{len(label)} chars > {limits.max_label_chars}", raw, id_)
     weight = event.weight
-    if weight != 1.0 and (not math.isfinite(weight) or weight < 0):
-        return Rejection("invalid_weight", f"weight must be finite and >= 0, got {weight}", raw)
+    # Comparisons, not float(): NaN fails both, and an integer of any size compares exactly.
+    if weight != 1.0 and not 0 <= weight <= limits.max_weight:
+        return Rejection(
+            "invalid_weight", f"weight must be between 0 and {limits.max_weight:g}, got {_shown(weight)}", raw, id_
+        )
     return event
+
+
+def _usable_id(value: object, limits: EventSettings) -> str | None:
+    """``value`` if it could key the ledger: a non-blank string within the limit, encodable as UTF-8."""
+    if not isinstance(value, str) or not value or value.isspace() or len(value) > limits.max_id_chars:
+        return None
+    return value if value.isascii() or _encodable(value) == value else None
+
+
+def _shown(number: float) -> str:
+    """A number for a message; ``str`` of an integer beyond 4300 digits raises, so those are summarised."""
+    if isinstance(number, int) and abs(number) >= 10**18:
+        return f"an integer of {number.bit_length()} bits"
+    return repr(number)
+
+
+def _encodable(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udXXX`` escapes (so it encodes as UTF-8)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

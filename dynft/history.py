@@ -242,18 +242,27 @@ def _samples(registry: CollectorRegistry, name: str) -> list[tuple[dict[str, str
 
 
 def dead_letter_of(rejection: Rejection, record: Record, show_text: bool, now: float) -> DeadLetter:
-    """What the console shows of a rejected record: never a path, the text only when allowed."""
-    event_id, text = f"position {record.next}", None
-    with contextlib.suppress(ValueError, UnicodeDecodeError):
-        obj = json.loads(rejection.raw)
-        if isinstance(obj, dict):
-            if isinstance(obj.get("id"), str) and obj["id"].strip():
-                event_id = obj["id"][:64]
-            if isinstance(obj.get("text"), str):
+    """What the console shows of a rejected record: never a path, the text only when allowed.
+
+    A rejected record can be anything (deep nesting, lone surrogates, huge numbers): nothing
+    here may raise for it, so parsing is best-effort and every string is made encodable.
+    """
+    event_id = _safe(rejection.event_id[:64]) if rejection.event_id else f"position {record.next}"
+    text = None
+    if show_text:
+        with contextlib.suppress(Exception):
+            obj = json.loads(rejection.raw)
+            if isinstance(obj, dict) and isinstance(obj.get("text"), str):
                 text = obj["text"]
-    if text is None:
-        text = rejection.raw.decode("utf-8", errors="replace")
-    return DeadLetter(t=now, id=event_id, reason=rejection.reason, text=text[:TEXT_CHARS] if show_text else None)
+        if text is None:
+            text = rejection.raw[: TEXT_CHARS * 4].decode("utf-8", errors="replace")
+        text = _safe(text[:TEXT_CHARS])
+    return DeadLetter(t=now, id=event_id, reason=rejection.reason, text=text)
+
+
+def _safe(value: str) -> str:
+    """``value`` with lone surrogates written as escapes, so it can always be encoded as UTF-8."""
+    return value if value.isascii() else value.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class HistoryRecorder:

@@ -16,6 +16,14 @@ ids not seen for ``retention_days`` and, beyond ``max_rows``, the least recently
 >>> ledger.commit()
 >>> ledger.lookup(["a", "b", "c"])
 {'a': ('trained', 2), 'b': ('dead_lettered', 1), 'c': ('unseen', 0)}
+
+SQLite stores UTF-8 only, so an id with a lone surrogate (from a file name that is not UTF-8,
+say) is stored with it written as a ``\\udXXX`` escape; ``lookup`` applies the same escape.
+
+>>> ledger.record([("file:\\udcff:3", "dead_lettered")])
+>>> ledger.commit()
+>>> ledger.lookup(["file:\\udcff:3"])
+{'file:\\udcff:3': ('dead_lettered', 1)}
 """
 
 from __future__ import annotations
@@ -63,7 +71,7 @@ class Ledger:
         """Note outcomes ``(event_id, status)``; durable after the next ``commit``."""
         now = time.time()
         with self._lock:
-            self._pending.extend((event_id, status, now, now) for event_id, status in outcomes)
+            self._pending.extend((_key(event_id), status, now, now) for event_id, status in outcomes)
 
     def commit(self) -> None:
         with self._lock:
@@ -74,9 +82,9 @@ class Ledger:
             self._db.execute("BEGIN")
             self._db.executemany(_UPSERT, pending)
             self._db.execute("COMMIT")
-        except sqlite3.Error:
-            # A full or read-only disk: keep the outcomes for the next commit, and leave no
-            # transaction open (the next BEGIN would fail on it forever).
+        except BaseException:
+            # A full or read-only disk, or anything else: keep the outcomes for the next commit,
+            # and leave no transaction open (the next BEGIN would fail on it forever).
             with self._lock:
                 self._pending[:0] = pending
             if self._db.in_transaction:
@@ -98,13 +106,13 @@ class Ledger:
         wanted = list(ids)
         found: dict[str, tuple[str, int]] = {}
         for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
+            chunk = [_key(i) for i in wanted[start : start + 500]]
             marks = ",".join("?" * len(chunk))
             for event_id, status, seen in self._db.execute(
                 f"SELECT id, status, seen FROM events WHERE id IN ({marks})", chunk
             ):
                 found[event_id] = (status, seen)
-        return {i: found.get(i, ("unseen", 0)) for i in wanted}
+        return {i: found.get(_key(i), ("unseen", 0)) for i in wanted}
 
     def counts(self) -> dict[str, int]:
         """Events per status, and ``duplicates``: deliveries beyond the first."""
@@ -193,3 +201,8 @@ class LedgerPruner:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+
+
+def _key(event_id: str) -> str:
+    """The stored form of an id: lone surrogates (not encodable as UTF-8) written as escapes."""
+    return event_id if event_id.isascii() else event_id.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -30,13 +30,14 @@ from dynft.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
 from dynft.drift import Detection, DriftMonitor
 from dynft.errors import DeadLetterError
-from dynft.evaluation import HoldoutWindow, Prequential, is_held_out
-from dynft.events import REASONS, Event, Rejection, decode
+from dynft.evaluation import HoldoutWindow, Prequential
+from dynft.events import REASONS, Event
 from dynft.history import HistoryRecorder
 from dynft.ledger import Ledger, LedgerPruner
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
 from dynft.registry import AdapterRegistry
+from dynft.routing import Router
 from dynft.runtime import tune_gc
 from dynft.settings import Settings
 from dynft.sources import Intake, Positions, Record, furthest, open_source
@@ -97,6 +98,7 @@ class TrainingLoop:
         self._held = False  # the batching thread takes nothing from the intake (see _backpressure)
         self.intake: Intake | None = None
         self.sink: DeadLetterSink | None = None
+        self.router: Router | None = None  # used by the batching thread only
         self.started = threading.Event()
         self.history = HistoryRecorder(settings.state_dir, settings.console_show_texts)  # the console's curves
 
@@ -120,6 +122,7 @@ class TrainingLoop:
         else:
             self.publisher.resume()
         self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path, s.source, self.disk.write_refused)
+        self.router = Router(s, self.trainer.label_map, self.sink, self.metrics, self.history.dead_letter)
         # Before the consumer joins its group: the full collection holds the GIL for about half a
         # second, and a kafka-python 3.0 consumer stalled like that mid-join was seen never to rejoin.
         tune_gc()
@@ -226,7 +229,8 @@ class TrainingLoop:
         if fresh:
             share = self.settings.drift.upweight_share if self._recent_since is not None else 0.0
             replayed = self.buffer.sample(size - len(fresh), self._recent_since, share)
-            work.batch = self.trainer.collator(fresh + replayed, n_fresh=len(fresh))
+            work.batch, dead = self._router().collate(self.trainer.collator, fresh, replayed)
+            work.dead += [key for _, key in dead]
         return work
 
     def _backpressure(self) -> bool:
@@ -249,23 +253,19 @@ class TrainingLoop:
             self.metrics.intake_queue.set(self._intake().queued)
         return held
 
-    def _route(self, records: list[Record], work: Work) -> list[Event]:
+    def _router(self) -> Router:
+        if self.router is None:
+            raise RuntimeError("the router is used before startup")
+        return self.router
+
+    def _route(self, records: list[Record], work: Work) -> list[tuple[Record, Event]]:
         """Decode records; dead-letter the bad ones, hold out a share, return the ones to train on."""
-        fresh = []
-        for record in records:
-            event = decode(record.raw, self.settings.events)
-            if isinstance(event, Rejection):
-                if self.sink is None:
-                    raise RuntimeError("the dead-letter sink is used before startup")
-                self.sink.write(event, record)
-                self.metrics.rejected.labels(event.reason).inc()
-                self.history.dead_letter(event, record)
-                work.dead.append(f"@{record.stream}:{record.next}")
-            elif is_held_out(event.id, self.settings.evaluation.holdout_fraction):
-                work.held_out.append(event)
-            else:
-                fresh.append(event)
-        return fresh
+        router = self._router()
+        routed = router.route(records)
+        held_out, dead = router.screen(self.trainer.collator, routed.held_out)
+        work.held_out += held_out
+        work.dead += [key for _, key in routed.dead + dead]
+        return routed.fresh
 
     # -- main thread ---------------------------------------------------------------------
 
@@ -273,8 +273,10 @@ class TrainingLoop:
         outcomes: list[tuple[str, str]] = [(key, "dead_lettered") for key in work.dead]
         if work.batch is not None:
             fresh = work.batch.events[: work.batch.n_fresh]
-            status = "skipped" if self._train(work.batch) else "trained"
-            self.buffer.add_many(fresh)
+            skipped = self._train(work.batch)
+            status = "skipped" if skipped else "trained"
+            if not skipped:  # a non-finite step may be these events' fault: replayed, they would skip later steps too
+                self.buffer.add_many(fresh)
             outcomes += [(e.id, status) for e in fresh]
             self.metrics.events.labels(status).inc(len(fresh))
         for event in work.held_out:

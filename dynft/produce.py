@@ -65,7 +65,7 @@ def key_of(line: bytes, field: str | None) -> bytes | None:
         return None
     try:
         value = json.loads(line).get(field)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: nested deeper than json parses
         return None  # a malformed line still goes out, unkeyed
     return None if value is None else str(value).encode()
 

@@ -152,6 +152,12 @@ class EventSettings(Section):
     max_label_chars: int = Field(128, ge=1, description="longer labels are rejected")
     max_id_chars: int = Field(256, ge=1, description="longer event ids are rejected")
     max_record_bytes: int = Field(1 << 20, ge=64, description="raw records larger than this are rejected unparsed")
+    max_weight: float = Field(
+        1000.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="events weighted above this are rejected (invalid_weight), so one cannot outweigh a whole batch",
+    )
 
 
 class BufferSettings(Section):
@@ -216,6 +222,11 @@ class TrainerSettings(Section):
         ge=0,
         allow_inf_nan=False,
         description="L2 pull of the adapter toward the serving version, against forgetting; 0 = off",
+    )
+    max_labels: int = Field(
+        1000,
+        ge=1,
+        description="labels the head may grow to; an event with a new label beyond it is rejected (too_many_labels)",
     )
 
 

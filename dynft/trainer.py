@@ -361,5 +361,6 @@ def build_trainer(
     pooling = resolve_pooling(path, model_settings.pooling)
     config = peft_config_from_settings(adapter_settings)
     model = build_model(path, config, 1, device, tokenizer.pad_token_id, pooling)
-    collator = Collator(tokenizer, model_settings.max_length, LabelMap(), pin=device.type == "cuda")
+    label_map = LabelMap(capacity=trainer_settings.max_labels)
+    collator = Collator(tokenizer, model_settings.max_length, label_map, pin=device.type == "cuda")
     return OnlineTrainer(model, collator, trainer_settings, device, base_model_path=path, pooling=pooling)

@@ -1,15 +1,19 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from dynft.events import REASONS, Event, Rejection, decode
 from dynft.settings import EventSettings
 
-LIMITS = EventSettings(max_text_chars=20, max_label_chars=8, max_id_chars=10, max_record_bytes=200)
+LIMITS = EventSettings(max_text_chars=20, max_label_chars=8, max_id_chars=10, max_record_bytes=4096, max_weight=100)
+ROUTING_REASONS = {"too_many_labels", "internal"}  # given by dynft.routing, never by decode
+ROOMY = EventSettings(max_weight=100)  # records of any size up to 1 MiB
 
-# One record for every reason a record can be refused, and the reason it must get.
+# One record for every reason decode can refuse a record, and the reason it must get.
 BAD = {
-    "record_too_large": b'{"id": "1", "text": "' + b"x" * 300 + b'", "label": "a"}',
+    "record_too_large": b'{"id": "1", "text": "' + b"x" * 4100 + b'", "label": "a"}',
     "not_utf8": b'{"id": "1", "text": "caf\xe9", "label": "a"}',
     "malformed_json": b'{"id": "1", "text": "hi", "label": ',
     "not_an_object": b'["id", "text", "label"]',
@@ -23,11 +27,79 @@ BAD = {
     "label_too_long": b'{"id": "1", "text": "hi", "label": "abcdefghi"}',
     "invalid_ts": b'{"id": "1", "text": "hi", "label": "a", "ts": "yesterday"}',
     "invalid_weight": b'{"id": "1", "text": "hi", "label": "a", "weight": -1}',
+    "nested_too_deep": b'{"id": "1", "text": "hi", "label": "a", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}",
+    "invalid_string": b'{"id": "1", "text": "hi", "label": "a\\ud800"}',
 }
 
 
 def test_every_reason_has_a_sample() -> None:
-    assert set(BAD) == set(REASONS)
+    assert set(BAD) == set(REASONS) - ROUTING_REASONS
+
+
+# The two records of issue #12 that crash-looped the trainer, and more of their kind: each gets
+# the reason of the rule it breaks, and the id where it had a usable one (the ledger's key).
+HOSTILE = [
+    (b'{"id": "w1", "text": "hi", "label": "a", "weight": 1' + b"0" * 400 + b"}", "invalid_weight", "w1"),
+    (b'{"id": "x\\ud800", "text": "hi", "label": "a"}', "invalid_string", None),
+    (b'{"id": "w2", "text": "hi", "label": "a", "weight": 1' + b"0" * 5000 + b"}", "invalid_weight", "w2"),
+    (b'{"id": "w3", "text": "hi", "label": "a", "weight": -1' + b"0" * 5000 + b"}", "invalid_weight", "w3"),
+    (b'{"id": "w4", "text": "hi", "label": "a", "weight": 1e400}', "invalid_weight", "w4"),
+    (b'{"id": "w5", "text": "hi", "label": "a", "weight": NaN}', "invalid_weight", "w5"),
+    (b'{"id": "w6", "text": "hi", "label": "a", "weight": -Infinity}', "invalid_weight", "w6"),
+    (b'{"id": "w7", "text": "hi", "label": "a", "weight": 100.5}', "invalid_weight", "w7"),
+    (b'{"id": "s1", "text": "\\udfff", "label": "a"}', "invalid_string", "s1"),
+    (b'{"id": "s2", "text": "hi", "label": "a", "task": "\\udc80"}', "invalid_string", "s2"),
+    (b'{"id": "s3", "text": "hi", "label": "a", "ts": "\\ud800"}', "invalid_ts", "s3"),
+    (b'{"id": "d1", "text": "hi", "label": "a", "x": ' + b"{" * 3000, "malformed_json", None),
+    (b"[" * 3000 + b"]" * 3000, "nested_too_deep", None),
+    (b'{"id": "", "text": "hi", "label": "a", "weight": NaN}', "empty_id", None),
+    (b'{"id": "t1", "text": "hi", "label": 1' + b"0" * 5000 + b"}", "wrong_type", "t1"),
+    (b'{"id": ["t2"], "text": "hi", "label": "a"}', "wrong_type", None),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "event_id"), HOSTILE, ids=[f"{r}-{i}" for i, (_, r, _) in enumerate(HOSTILE)]
+)
+def test_hostile_records_get_the_reason_of_the_rule_they_break(raw: bytes, reason: str, event_id: str | None) -> None:
+    result = decode(raw, ROOMY)
+    assert isinstance(result, Rejection)
+    assert (result.reason, result.event_id) == (reason, event_id)
+    result.detail.encode("utf-8")  # every sink can store the detail (raises if not)
+
+
+def test_the_issue_records_are_rejected_under_the_default_settings() -> None:
+    big = b'{"id": "big", "text": "hi", "label": "a", "weight": 1' + b"0" * 400 + b"}"
+    surrogate = b'{"id": "\\ud800", "text": "hi", "label": "a"}'
+    assert [decode(r, EventSettings()).reason for r in (big, surrogate)] == ["invalid_weight", "invalid_string"]  # type: ignore[union-attr]
+
+
+def test_weights_up_to_max_weight_are_kept_whole() -> None:
+    for weight in (0, 0.5, 100, 100.0):
+        event = decode(json.dumps({"id": "1", "text": "hi", "label": "a", "weight": weight}).encode(), LIMITS)
+        assert isinstance(event, Event) and event.weight == weight
+    assert (
+        decode(b'{"id": "1", "text": "hi", "label": "a", "weight": 1001}', EventSettings()).reason == "invalid_weight"
+    )  # type: ignore[union-attr]
+    assert EventSettings().max_weight == 1000
+
+
+def test_strange_but_valid_records_are_events() -> None:
+    """Control characters, duplicate keys (the last wins, as in every JSON parser here), nesting
+    deeper than pydantic's parser takes but within Python's, huge numbers in unknown fields."""
+    control = decode(b'{"id": "c\\u0000", "text": "\\u0007 \\u001b[31m", "label": "\\u0001"}', LIMITS)
+    assert isinstance(control, Event) and (control.id, control.label) == ("c\x00", "\x01")
+    duplicate = decode(b'{"id": "a", "id": "b", "text": "hi", "label": "x"}', LIMITS)
+    assert isinstance(duplicate, Event) and duplicate.id == "b"
+    nested = decode(b'{"id": "n", "text": "hi", "label": "x", "x": ' + b"[" * 500 + b"]" * 500 + b"}", LIMITS)
+    assert isinstance(nested, Event) and nested.id == "n"
+    huge = decode(b'{"id": "h", "text": "hi", "label": "x", "x": 1' + b"0" * 5000 + b', "y": NaN}', ROOMY)
+    assert isinstance(huge, Event) and huge.id == "h"
+
+
+def test_a_rejection_detail_with_a_lone_surrogate_is_stored_escaped() -> None:
+    rejection = Rejection("internal", "ValueError: \ud800 here", b"")
+    assert rejection.detail == "ValueError: \\ud800 here"
 
 
 @pytest.mark.parametrize("reason", sorted(BAD))

@@ -360,6 +360,8 @@ def test_a_poison_stream_never_publishes_or_serves_a_non_finite_adapter(
         "trainer.head_lr=1",
         "--set",
         "trainer.warmup_steps=1",
+        "--set",  # events.max_weight (default 1000) would dead-letter the poison before it reaches the trainer
+        "events.max_weight=1e308",
     ]  # the most allowed
     proc = dynft(*args, log=log)
     base = f"http://127.0.0.1:{port}"

@@ -13,7 +13,7 @@ from dynft.registry import AdapterRegistry
 from dynft.settings import Settings
 
 from helpers import keyword_events, write_jsonl
-from test_events import BAD
+from test_events import BAD, LIMITS
 
 
 def run(settings: Settings, path: Path, registry: CollectorRegistry | None = None) -> TrainingLoop:
@@ -43,10 +43,7 @@ def test_every_kind_of_bad_event_is_dead_lettered_counted_and_training_goes_on(
         if i % 80 == 0 and bad:
             rows.append(bad.pop()[1])
     rows.extend(raw for _, raw in bad)
-    tiny_settings.events.max_text_chars = 20
-    tiny_settings.events.max_label_chars = 8
-    tiny_settings.events.max_id_chars = 10
-    tiny_settings.events.max_record_bytes = 200
+    tiny_settings.events = LIMITS.model_copy()  # the limits the BAD records were made for
     metrics = CollectorRegistry()
     loop = run(tiny_settings, write_jsonl(tmp_path / "mixed.jsonl", rows), metrics)
 

@@ -90,7 +90,9 @@ def learned_indices(stream: Stream, holdout_fraction: float) -> list[int]:
     """Stream indices every method learns from: those dynft does not hold out."""
     from dynft.evaluation import is_held_out
 
-    return [i for i in range(len(stream.events)) if not is_held_out(stream.event_id(i), holdout_fraction)]
+    return [
+        i for i, (text, _) in enumerate(stream.events) if not is_held_out(stream.event_id(i), text, holdout_fraction)
+    ]
 
 
 # -- dynft: the real loop --------------------------------------------------------------------
