@@ -94,7 +94,7 @@ def test_the_reader_parses_only_what_was_appended_and_follows_a_compaction(tmp_p
 def test_dead_letters_keep_their_text_only_when_allowed() -> None:
     record = Record(b"", "file:/home/someone/stream.jsonl", 7)
     raw = json.dumps({"id": "x-1", "text": BAD_TEXT, "label": ""}).encode()
-    shown = dead_letter_of(Rejection("empty_label", "label is empty", raw), record, True, 0.0)
+    shown = dead_letter_of(Rejection("empty_label", "label is empty", raw, "x-1"), record, True, 0.0)
     assert (shown.id, shown.reason, shown.text) == ("x-1", "empty_label", BAD_TEXT[:TEXT_CHARS])
     hidden = dead_letter_of(Rejection("malformed_json", "bad", b"{oops /home/x"), record, False, 0.0)
     assert (hidden.id, hidden.text) == ("position 7", None)  # the stream's name (a path) is not shown
