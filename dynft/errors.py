@@ -36,3 +36,11 @@ class RegistryWriteError(RegistryError):
 
 class AdapterMismatchError(RegistryError):
     """An adapter version does not fit the model it should be loaded into."""
+
+
+class VersionUnloadableError(RegistryError):
+    """An adapter version exists but cannot be loaded: files missing or corrupt, non-finite weights."""
+
+
+class BaseModelMismatchError(AdapterMismatchError):
+    """An adapter version or checkpoint was trained on another base model than the one in use."""
