@@ -20,6 +20,7 @@ from dynft.fingerprint import BaseModelId
 from dynft.gate import Decision, judge
 from dynft.metrics import TrainerMetrics
 from dynft.model import AdapterState, build_model, peft_config_from_dict
+from dynft.rank import convert_lora_rank
 from dynft.registry import AdapterRegistry
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
@@ -129,7 +130,11 @@ class Publisher:
             return None
         try:
             state, _ = self._fitting(version)
-            self.trainer.load(state)
+            try:
+                self.trainer.load(state)
+            except AdapterMismatchError:  # another LoRA rank: carried over (exactly, or its best approximation)
+                state = convert_lora_rank(state, self.trainer.slots)
+                self.trainer.load(state)
         except RegistryError as exc:
             log.info("serving version %d cannot start the new lineage (%s)", version, exc)
             return None
