@@ -259,9 +259,11 @@ class Publisher:
         )
 
     def _why_unloadable(self, version: int) -> str | None:
-        """Why the serving version cannot be scored (it cannot be loaded), or None if it can."""
-        if self._serving_cache[0] == version:
-            return None  # scored before: its predictions are cached
+        """Why the serving version cannot be scored (it cannot be loaded), or None if it can.
+
+        Checked at every gate, even when its predictions are cached: the files may have gone bad
+        since, and then the server cannot load it either (reading an adapter costs milliseconds).
+        """
         try:
             self._fitting(version)
         except AdapterMismatchError as exc:
