@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from dynft.registry import AdapterRegistry
+from dynft.settings import Settings
 
 from helpers import keyword_events, write_jsonl
 
@@ -25,22 +26,18 @@ pytestmark = pytest.mark.slow
 LABELS = ["alpha", "beta", "gamma"]
 
 
-def train(state: Path, model: Path, stream: Path, rank: int) -> list[str]:
+# The tiny model's fast settings, taken from the ``tiny_settings`` fixture.
+FAST = ("model.max_length", "trainer.lr", "trainer.head_lr", "trainer.warmup_steps", "trainer.threads")
+
+
+def train(state: Path, settings: Settings, stream: Path, rank: int) -> list[str]:
     """One ``dynft train`` to the end of ``stream``; its log lines."""
-    settings = {
-        "adapter.r": rank,
-        "source.exit_at_end": "true",
-        "model.max_length": 32,
-        "trainer.lr": 1e-2,
-        "trainer.head_lr": 3e-2,
-        "trainer.warmup_steps": 5,
-        "trainer.threads": 1,
-        "trainer.fresh_wait_s": 0.05,
-        "registry.publish_every_steps": 10,
-        "checkpoint.every_steps": 10,
-    }
-    assignments = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
-    command = ["train", "--state-dir", str(state), "--model", str(model), "--source", f"file:{stream}"]
+    values: dict[str, object] = {key: getattr(getattr(settings, key.split(".")[0]), key.split(".")[1]) for key in FAST}
+    values.update({"adapter.r": rank, "source.exit_at_end": "true", "trainer.fresh_wait_s": 0.05})
+    values.update({"registry.publish_every_steps": 10, "checkpoint.every_steps": 10})
+    assignments = [arg for key, value in values.items() for arg in ("--set", f"{key}={value}")]
+    model = str(settings.model.path)
+    command = ["train", "--state-dir", str(state), "--model", model, "--source", f"file:{stream}"]
     done = subprocess.run(
         [sys.executable, "-m", "dynft", *command, *assignments], capture_output=True, text=True, timeout=240
     )
@@ -53,12 +50,12 @@ def mismatch_warnings(lines: list[str]) -> list[str]:
 
 
 def test_a_changed_adapter_rank_warns_once_and_resumes_from_the_serving_version(
-    tiny_model_dir: Path, tmp_path: Path
+    tiny_settings: Settings, tmp_path: Path
 ) -> None:
     state, stream = tmp_path / "state", tmp_path / "events.jsonl"
     rows = keyword_events(240, LABELS, seed=1)
     write_jsonl(stream, rows)
-    first = train(state, tiny_model_dir, stream, rank=8)
+    first = train(state, tiny_settings, stream, rank=8)
     assert mismatch_warnings(first) == []
     registry = AdapterRegistry(state / "registry")
     serving = registry.serving().version
@@ -68,7 +65,7 @@ def test_a_changed_adapter_rank_warns_once_and_resumes_from_the_serving_version(
 
     more = keyword_events(96, LABELS, seed=2, prefix="m")
     write_jsonl(stream, rows + more)
-    second = train(state, tiny_model_dir, stream, rank=4)
+    second = train(state, tiny_settings, stream, rank=4)
     warnings = mismatch_warnings(second)
     assert len(warnings) == 1, second
     assert "r 8 -> 4" in warnings[0]  # names what changed
@@ -89,6 +86,6 @@ def test_a_changed_adapter_rank_warns_once_and_resumes_from_the_serving_version(
     assert set(seen.values()) == {1}
 
     write_jsonl(stream, rows + more + keyword_events(16, LABELS, seed=3, prefix="n"))
-    third = train(state, tiny_model_dir, stream, rank=4)
+    third = train(state, tiny_settings, stream, rank=4)
     assert mismatch_warnings(third) == []  # the checkpoint of the second run fits
     assert not any("starts from" in line for line in third)
