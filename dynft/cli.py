@@ -279,7 +279,13 @@ def adapters_show(version: int, **kwargs: Any) -> None:
 @reports_errors
 def adapters_promote(version: int, **kwargs: Any) -> None:
     """Serve VERSION now, pinned (the gate will not replace it until `dynft adapters unpin`)."""
-    _registry(kwargs).promote(version, reason="promoted from the command line", pin=True)
+    from dynft.fingerprint import BaseModelId
+    from dynft.model import resolve_model_path, resolve_pooling
+
+    settings = settings_from(dict(kwargs))
+    path = resolve_model_path(settings.model.path)  # a version of another base model is refused
+    base_model = BaseModelId.of(path, resolve_pooling(path, settings.model.pooling))
+    _registry(kwargs).promote(version, reason="promoted from the command line", pin=True, base_model=base_model)
     click.echo(f"serving v{version} (pinned)")
 
 

@@ -51,3 +51,11 @@ class KafkaRefusedError(ConfigError):
 
 class DeadLetterError(DynftError):
     """Dead letters are not durable yet (not delivered, or refused): their positions must not be committed."""
+
+
+class VersionUnloadableError(RegistryError):
+    """An adapter version exists but cannot be loaded: files missing or corrupt, non-finite weights."""
+
+
+class BaseModelMismatchError(AdapterMismatchError):
+    """An adapter version or checkpoint was trained on another base model than the one in use."""

@@ -3,13 +3,17 @@
 Both are scored on the same window of recent held-out events, which the candidate never
 trained on. The candidate is promoted when its accuracy is at least the serving version's
 minus ``tolerance``. The very first version is promoted without a comparison (there is
-nothing to compare with); while the serving version is pinned by an operator, nothing is.
+nothing to compare with), and so is every candidate when the serving version cannot be loaded
+or nothing is held out (``evaluation.holdout_fraction = 0``: the gate is off); while the
+serving version is pinned by an operator, nothing is.
 
 >>> from dynft.settings import GateSettings
 >>> judge(0.80, 0.82, holdout=100, serving_version=3, pinned=False, settings=GateSettings(tolerance=0.01)).promote
 False
 >>> judge(0.81, 0.82, holdout=100, serving_version=3, pinned=False, settings=GateSettings(tolerance=0.01)).promote
 True
+>>> judge(None, None, holdout=0, serving_version=3, pinned=False, settings=GateSettings(), unloadable="corrupt").reason
+'serving version 3 cannot be loaded (corrupt)'
 """
 
 from __future__ import annotations
@@ -44,8 +48,15 @@ def judge(
     serving_version: int | None,
     pinned: bool,
     settings: GateSettings,
+    unloadable: str | None = None,
+    gate_off: bool = False,
 ) -> Decision:
-    """Decide on a candidate given both accuracies on the same held-out window."""
+    """Decide on a candidate given both accuracies on the same held-out window.
+
+    ``unloadable``: why the serving version cannot be loaded (so cannot be scored); such a version
+    is replaced, as nothing can serve it. ``gate_off``: nothing is held out
+    (``evaluation.holdout_fraction = 0``), so every candidate is promoted. A pin beats both.
+    """
 
     def decide(promote: bool, reason: str) -> Decision:
         return Decision(promote, reason, candidate, serving, serving_version, holdout)
@@ -53,7 +64,12 @@ def judge(
     if serving_version is None:
         return decide(True, "first version: nothing serves yet")
     if pinned:
-        return decide(False, f"serving version {serving_version} is pinned by an operator")
+        why = f" (it cannot be loaded: {unloadable})" if unloadable else ""
+        return decide(False, f"serving version {serving_version} is pinned by an operator{why}")
+    if gate_off:
+        return decide(True, "the gate is off (evaluation.holdout_fraction = 0)")
+    if unloadable is not None:
+        return decide(True, f"serving version {serving_version} cannot be loaded ({unloadable})")
     if candidate is None or serving is None or holdout < settings.min_holdout:
         return decide(False, f"only {holdout} held-out events, the gate needs {settings.min_holdout}")
     if candidate >= serving - settings.tolerance:

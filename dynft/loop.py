@@ -29,7 +29,7 @@ from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
 from dynft.drift import Detection, DriftMonitor
-from dynft.errors import DeadLetterError
+from dynft.errors import AdapterMismatchError, DeadLetterError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import REASONS, Event
 from dynft.history import HistoryRecorder
@@ -437,22 +437,43 @@ class TrainingLoop:
         return Checkpoint(tensors, state, {"buffer.jsonl": buffered, "holdout.jsonl": holdout})
 
     def _restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint``; if its trainer part no longer fits, keep the rest and start a new lineage.
+
+        A checkpoint written with another adapter configuration or base model is reported in one
+        warning line naming what changed, instead of failing every restart. Kept then: the label
+        map, the buffer and the held-out window (plain events), the prequential metrics and the
+        positions: the events before them were learned by the old lineage and are replayed from
+        the buffer, and re-reading the stream from older positions would train them twice
+        (delivery stays at-least-once: nothing after the positions is skipped). The drift state
+        and the drift reaction describe the old adapter's errors, so they start afresh.
+        """
         state = checkpoint.state
-        self.trainer.restore(checkpoint.tensors, state["trainer"])
+        try:
+            self.publisher.check_checkpoint(state["publisher"])
+            self.trainer.restore(checkpoint.tensors, state["trainer"])
+        except AdapterMismatchError as exc:
+            log.warning(
+                "checkpoint %s does not fit this configuration: %s; starting a new lineage", checkpoint.path, exc
+            )
+            labels = state["trainer"].get("labels", [])
+            self.publisher.start_lineage(
+                [label for label in labels if isinstance(label, str)], state["publisher"]["lineage"]
+            )
+        else:
+            self.drift.restore(state["drift"])
+            self.publisher.restore(state["publisher"])
+            reaction = state["reaction"]
+            self._boost_until, self._recent_since, self._last_reaction = (
+                reaction["boost_until"],
+                reaction["recent_since"],
+                reaction["last"],
+            )
         self.buffer.restore(checkpoint.records.get("buffer.jsonl", []), state["buffer"])
         self.holdout.restore(
             [Event.model_validate(r, strict=False) for r in checkpoint.records.get("holdout.jsonl", [])]
         )
         self.prequential.restore(state["prequential"])
-        self.drift.restore(state["drift"])
-        self.publisher.restore(state["publisher"])
         self.positions = dict(state["positions"])
-        reaction = state["reaction"]
-        self._boost_until, self._recent_since, self._last_reaction = (
-            reaction["boost_until"],
-            reaction["recent_since"],
-            reaction["last"],
-        )
         self._checkpoint_at = (self.trainer.steps, time.monotonic())
         log.info("resumed from %s: step %d, %d buffered events", checkpoint.path, self.trainer.steps, len(self.buffer))
 

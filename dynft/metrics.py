@@ -141,6 +141,11 @@ class ServerMetrics:
         )
         for reason in ("mismatch", "unreadable"):
             self.swap_failures.labels(reason)
+        self.serving_fallback = _gauge(
+            "dynft_serving_fallback",
+            "1 while the server answers with an earlier version because the serving one cannot be loaded",
+            r,
+        )
 
 
 class KafkaMetrics:

@@ -14,12 +14,11 @@ Four things live here:
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from peft import (
@@ -38,6 +37,8 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from dynft.errors import AdapterMismatchError, ModelError
+from dynft.fingerprint import Pooling as Pooling
+from dynft.fingerprint import model_fingerprint as model_fingerprint  # where it used to live
 from dynft.registry import AdapterState as AdapterState  # the registry's unit, re-exported
 from dynft.settings import AdapterSettings
 
@@ -58,21 +59,6 @@ def resolve_model_path(path: str | None) -> Path:
     if not (resolved / "config.json").is_file():
         raise ModelError(f"model directory {resolved}: no config.json (expected a Hugging Face model directory)")
     return resolved
-
-
-Pooling = Literal["cls", "mean"]
-
-
-def model_fingerprint(path: Path, pooling: Pooling = "cls") -> str:
-    """A short hash of the base model's config and pooling, recorded with every adapter built on it.
-
-    The pooling is part of it because a head trained on mean-pooled features means nothing on
-    [CLS] features: a server that pools otherwise refuses the version instead of serving noise.
-    """
-    digest = hashlib.sha256((path / "config.json").read_bytes())
-    if pooling != "cls":  # "cls" keeps the fingerprints of versions published before pooling existed
-        digest.update(f"pooling={pooling}".encode())
-    return digest.hexdigest()[:16]
 
 
 # Architectures whose sequence classifier reads a [CLS] pooler that MaskedMeanPooler can replace.

@@ -13,12 +13,14 @@ import time
 from typing import Any
 
 from dynft.batching import Collator, LabelMap
-from dynft.errors import AdapterMismatchError, DynftError, RegistryError
+from dynft.errors import AdapterMismatchError, BaseModelMismatchError, DynftError, RegistryError
 from dynft.evaluation import HoldoutWindow
 from dynft.events import Event
+from dynft.fingerprint import BaseModelId
 from dynft.gate import Decision, judge
 from dynft.metrics import TrainerMetrics
-from dynft.model import AdapterState, build_model, model_fingerprint, peft_config_from_dict
+from dynft.model import AdapterState, build_model, peft_config_from_dict
+from dynft.rank import convert_lora_rank
 from dynft.registry import AdapterRegistry
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
@@ -41,7 +43,14 @@ class Publisher:
         self.settings = settings
         self.metrics = metrics
         path = trainer.base_model_path
-        self.fingerprint = model_fingerprint(path, trainer.pooling) if path is not None else "unknown"
+        self.base = BaseModelId.of(path, trainer.pooling) if path is not None else None
+        self.fingerprint = self.base.fingerprint if self.base is not None else "unknown"
+        self.gate_off = settings.evaluation.holdout_fraction == 0
+        if self.gate_off:
+            log.warning(
+                "evaluation.holdout_fraction = 0: nothing is held out, so the promotion gate is off and every "
+                "finite candidate is promoted (unless an operator pinned the serving version)"
+            )
         self.lineage = 1
         self.latest_version: int | None = None
         self.serving_version: int | None = None
@@ -51,7 +60,11 @@ class Publisher:
         self._candidate_predictions: dict[str, str] = {}
 
     def resume(self) -> None:
-        """Continue from the newest published version, if it fits this model and adapter configuration."""
+        """Continue from the newest published version if it fits this model and adapter configuration.
+
+        If it does not, a new lineage starts (``start_lineage``): from the serving version if that
+        fits, else from the base model.
+        """
         versions = self.registry.versions()
         self.serving_version = self.registry.serving().version
         if not versions:
@@ -59,32 +72,82 @@ class Publisher:
         newest = versions[-1]
         self.latest_version = newest
         try:
-            state, meta = self.registry.load(newest)
-            if meta.get("base_model") != self.fingerprint:
-                raise AdapterMismatchError("it was trained on another base model")
+            state, meta = self._fitting(newest)
             self.trainer.load(state)
-        except (RegistryError, AdapterMismatchError) as exc:
-            self.lineage = int(self._meta_of(newest).get("lineage", 0)) + 1
-            log.warning("not resuming from version %d (%s); starting lineage %d", newest, exc, self.lineage)
+        except RegistryError as exc:  # AdapterMismatchError included
+            log.warning("not resuming from version %d (%s); starting a new lineage", newest, exc)
+            self.start_lineage([])
             return
         self.lineage = int(meta.get("lineage", 1))
         log.info("resumed from version %d (lineage %d, %d labels)", newest, self.lineage, len(state.labels))
         self.reanchor((state, meta) if newest == self.serving_version else None)
 
-    def _meta_of(self, version: int) -> dict[str, Any]:
+    def _fitting(self, version: int) -> tuple[AdapterState, dict[str, Any]]:
+        """``version``'s state and metadata, if it loads and was trained on this base model."""
+        state, meta = self.registry.load(version)
+        if self.base is not None and not self.base.accepts(meta.get("base_model")):
+            raise BaseModelMismatchError(f"version {version} was trained on another base model")
+        return state, meta
+
+    def _meta_of(self, version: int | None) -> dict[str, Any]:
         try:
-            return self.registry.meta(version)
+            return self.registry.meta(version) if version is not None else {}
         except RegistryError:
             return {}
 
     def new_lineage(self) -> None:
         self.lineage += 1
 
+    def check_checkpoint(self, state: dict[str, Any]) -> None:
+        """Raise ``BaseModelMismatchError`` if a checkpoint's publisher state was written for another base model."""
+        recorded = state.get("base_model")
+        if self.base is not None and not self.base.accepts(recorded):
+            raise BaseModelMismatchError(f"the base model changed: {recorded} -> {self.fingerprint}")
+
+    def start_lineage(self, labels: list[str], previous_lineage: int = 0) -> None:
+        """Start a new lineage when the checkpoint or newest version no longer fits the configuration.
+
+        The trainer (unchanged since it was built) starts from the serving version if that fits
+        the model, else from the base model; ``labels`` (the checkpoint's label map) are kept,
+        after the serving version's. Versions are numbered on from the registry's newest.
+        """
+        self.serving_version = self.registry.serving().version
+        self.latest_version = max(self.registry.versions(), default=0) or None
+        self.lineage = max(previous_lineage, int(self._meta_of(self.latest_version).get("lineage", 0))) + 1
+        self._published_at_step = self.trainer.steps
+        origin = self._start_from_serving()
+        self.trainer.label_map.ids(labels)
+        log.info(
+            "lineage %d starts from %s with %d labels",
+            self.lineage,
+            "the base model" if origin is None else f"serving version {origin}",
+            len(self.trainer.label_map),
+        )
+
+    def _start_from_serving(self) -> int | None:
+        version = self.serving_version
+        if version is None:
+            return None
+        try:
+            state, _ = self._fitting(version)
+            try:
+                self.trainer.load(state)
+            except AdapterMismatchError:  # another LoRA rank: carried over (exactly, or its best approximation)
+                state = convert_lora_rank(state, self.trainer.slots)
+                self.trainer.load(state)
+        except RegistryError as exc:
+            log.info("serving version %d cannot start the new lineage (%s)", version, exc)
+            return None
+        if self.settings.trainer.anchor_weight:
+            self.trainer.anchor_to(state)  # what serves is where the new lineage starts; stay close to it
+        return version
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "lineage": self.lineage,
             "latest_version": self.latest_version,
             "published_at_step": self._published_at_step,
+            "base_model": self.fingerprint,  # a restart on another base model starts a new lineage
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -106,7 +169,9 @@ class Publisher:
             return
         try:
             state, meta = loaded or self.registry.load(version)
-            if meta.get("lineage") != self.lineage or meta.get("base_model") != self.fingerprint:
+            if meta.get("lineage") != self.lineage or (
+                self.base is not None and not self.base.accepts(meta.get("base_model"))
+            ):
                 raise AdapterMismatchError("it belongs to another lineage or base model")
             if state.labels != self.trainer.exported_labels()[: len(state.labels)]:
                 raise AdapterMismatchError("its labels are not a prefix of the trainer's")
@@ -171,14 +236,41 @@ class Publisher:
         holdout = self.holdout.snapshot()
         candidate = serving = None
         self._candidate_predictions = {}
-        if pointer.version is not None and len(holdout) >= self.settings.gate.min_holdout:
+        unloadable = None if pointer.version is None or self.gate_off else self._why_unloadable(pointer.version)
+        if unloadable is not None and pointer.pinned:
+            log.warning("serving version %d cannot be loaded (%s) but is pinned: waiting", pointer.version, unloadable)
+        version = pointer.version if unloadable is None and not self.gate_off else None
+        if version is not None and len(holdout) >= self.settings.gate.min_holdout:
             predicted = self.trainer.predictions(holdout)
             self._candidate_predictions = {e.id: p for e, p in zip(holdout, predicted, strict=True)}
             candidate = accuracy(holdout, self._candidate_predictions)
-            serving = accuracy(holdout, self._serving_predictions(pointer.version, holdout))
+            serving = accuracy(holdout, self._serving_predictions(version, holdout))
             self.metrics.gate_accuracy.labels("candidate").set(candidate)
             self.metrics.gate_accuracy.labels("serving").set(serving)
-        return judge(candidate, serving, len(holdout), pointer.version, pointer.pinned, self.settings.gate)
+        return judge(
+            candidate,
+            serving,
+            len(holdout),
+            pointer.version,
+            pointer.pinned,
+            self.settings.gate,
+            unloadable=unloadable,
+            gate_off=self.gate_off,
+        )
+
+    def _why_unloadable(self, version: int) -> str | None:
+        """Why the serving version cannot be scored (it cannot be loaded), or None if it can.
+
+        Checked at every gate, even when its predictions are cached: the files may have gone bad
+        since, and then the server cannot load it either (reading an adapter costs milliseconds).
+        """
+        try:
+            self._fitting(version)
+        except AdapterMismatchError as exc:
+            return str(exc) if isinstance(exc, BaseModelMismatchError) else None  # another shape: scored apart
+        except RegistryError as exc:
+            return str(exc)
+        return None
 
     def _serving_predictions(self, version: int, holdout: list[Event]) -> dict[str, str]:
         """The serving version's predictions on the window; only events new since the last gate are run."""

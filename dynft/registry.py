@@ -43,7 +43,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from dynft.errors import RegistryError, RegistryWriteError
+from dynft.errors import BaseModelMismatchError, RegistryError, RegistryWriteError, VersionUnloadableError
+from dynft.fingerprint import BaseModelId
 
 log = logging.getLogger(__name__)
 WEIGHTS, CONFIG, LABELS, META = "adapter_model.safetensors", "adapter_config.json", "labels.json", "meta.json"
@@ -200,24 +201,29 @@ class AdapterRegistry:
         except FileNotFoundError as exc:
             raise RegistryError(f"adapter version {version} does not exist") from exc
         except (OSError, json.JSONDecodeError) as exc:
-            raise RegistryError(f"adapter version {version}: unreadable meta.json ({exc})") from exc
+            raise VersionUnloadableError(f"adapter version {version}: unreadable meta.json ({exc})") from exc
 
     def load(self, version: int) -> tuple[AdapterState, dict[str, Any]]:
-        """The adapter of ``version`` on CPU, after checking its content hash."""
+        """The adapter of ``version`` on CPU, after checking its content hash and that its weights are finite."""
         meta = self.meta(version)
         path = self.path(version)
         try:
             files = {name: (path / name).read_bytes() for name in HASHED}
         except OSError as exc:
-            raise RegistryError(f"adapter version {version}: incomplete ({exc.strerror}: {exc.filename})") from exc
+            raise VersionUnloadableError(
+                f"adapter version {version}: incomplete ({exc.strerror}: {exc.filename})"
+            ) from exc
         digest = hashlib.sha256(b"".join(files[name] for name in HASHED)).hexdigest()
         if digest != meta.get("content_hash"):
-            raise RegistryError(f"adapter version {version}: content hash mismatch (corrupt files)")
+            raise VersionUnloadableError(f"adapter version {version}: content hash mismatch (corrupt files)")
         try:
             tensors = load_safetensors(files[WEIGHTS])
             state = AdapterState(tensors, json.loads(files[LABELS]), json.loads(files[CONFIG]))
         except (SafetensorError, json.JSONDecodeError) as exc:
-            raise RegistryError(f"adapter version {version}: unreadable files ({exc})") from exc
+            raise VersionUnloadableError(f"adapter version {version}: unreadable files ({exc})") from exc
+        bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:  # publish refuses these; a version written by other means must not serve them either
+            raise VersionUnloadableError(f"adapter version {version}: non-finite weights ({bad[0]})")
         return state, meta
 
     def serving(self) -> ServingPointer:
@@ -238,10 +244,20 @@ class AdapterRegistry:
         pointer = ServingPointer(version, pinned, reason, now(), history)
         write_atomic(self.pointer_path, _json_bytes(pointer.__dict__))
 
-    def promote(self, version: int, reason: str, pin: bool = False) -> None:
-        """Make ``version`` the serving one (checking it loads cleanly first)."""
-        self.load(version)
+    def promote(self, version: int, reason: str, pin: bool = False, base_model: BaseModelId | None = None) -> None:
+        """Make ``version`` the serving one, after checking under the lock that it exists and loads.
+
+        With ``base_model``, a version trained on another base model is refused as well
+        (``BaseModelMismatchError``). The check and the pointer write hold the registry lock
+        together, so retention cannot remove the version between them.
+        """
         with self._writing("write serving.json"), self._locked():
+            _, meta = self.load(version)
+            if base_model is not None and not base_model.accepts(meta.get("base_model")):
+                raise BaseModelMismatchError(
+                    f"adapter version {version} was trained on another base model "
+                    f"({meta.get('base_model')}, this one is {base_model.fingerprint})"
+                )
             self._set_serving(version, reason, pin)
         self.prune()
 

@@ -39,6 +39,7 @@ from dynft.model import (
     resolve_pooling,
 )
 from dynft.settings import AdapterSettings, ModelSettings, TrainerSettings
+from dynft.snapshot import check_snapshot
 
 # Logit scale of the first imprinted rows (logit = scale x cosine). Kept small: a row imprinted
 # from one or two examples is a rough guess that training must be able to overrule. Measured
@@ -286,10 +287,17 @@ class OnlineTrainer:
         return all(bool(torch.isfinite(p).all()) for p in self.slots.capture().values())
 
     def load(self, state: AdapterState) -> None:
-        """Continue from a published adapter: its labels first, then its weights copied in."""
+        """Continue from a published adapter: everything is checked first, then its labels and weights go in.
+
+        Raises ``AdapterMismatchError`` and changes nothing when the adapter does not fit the model,
+        or when its labels do not extend the trainer's label map (head rows are matched by position).
+        """
+        live = self.label_map.labels
+        if state.labels[: len(live)] != live or self.slots.head.out_features > max(1, len(state.labels)):
+            raise AdapterMismatchError("the adapter's labels do not extend the trainer's label map")
+        self.slots.check(state)
         self.label_map.ids(state.labels)
         grow_head(self.model, len(state.labels), self.optimizer)
-        self.slots.check(state)
         self.imprinted = len(state.labels)
         with torch.no_grad():
             for key, param in self.slots.capture().items():
@@ -310,30 +318,26 @@ class OnlineTrainer:
             "skipped": self.skipped,
             "lr_scale": self.lr_scale,
             "param_groups": groups,
+            "peft_config": self.slots.peft_config,  # so a restart with another adapter can say what changed
         }
         return tensors, state
 
     def restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        """Load a ``snapshot``: the label map and head size first, then weights and optimizer state."""
-        self.label_map.ids(state["labels"])
-        grow_head(self.model, max(1, len(state["labels"])), self.optimizer)
+        """Load a ``snapshot``: all of it is checked first, then labels, head, weights, optimizer and RNG go in.
+
+        A checkpoint that does not fit this model raises ``AdapterMismatchError`` naming what
+        differs, and the trainer is left exactly as it was.
+        """
+        checked = check_snapshot(self.slots, self.optimizer, self.label_map.labels, tensors, state)
+        self.label_map.ids(checked.labels)
+        grow_head(self.model, checked.head_rows, self.optimizer)
         with torch.no_grad():
             for key, param in self.slots.capture().items():
-                saved = tensors[f"param.{key}"]
-                if saved.shape != param.shape:
-                    raise AdapterMismatchError(
-                        f"checkpoint {key}: shape {list(saved.shape)}, model {list(param.shape)}"
-                    )
-                param.copy_(saved.to(param.device, param.dtype))
-        optim_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                optim_state.setdefault(int(index), {})[name] = value
-        self.optimizer.load_state_dict({"state": optim_state, "param_groups": state["param_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
-        self.steps, self.skipped, self.lr_scale = state["steps"], state["skipped"], state["lr_scale"]
-        self.imprinted = len(state["labels"])
+                param.copy_(checked.params[key].to(param.device, param.dtype))
+        self.optimizer.load_state_dict({"state": checked.optim_state, "param_groups": checked.param_groups})
+        torch.set_rng_state(checked.rng)
+        self.steps, self.skipped, self.lr_scale = checked.counters
+        self.imprinted = min(checked.head_rows, len(checked.labels))
 
     def reset_adapter(self) -> None:
         """Start a new lineage: adapter and head back to their initial weights, optimizer state dropped."""

@@ -1,14 +1,19 @@
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save as save_safetensors
 
-from dynft.errors import RegistryError
+from dynft.errors import BaseModelMismatchError, RegistryError, VersionUnloadableError
+from dynft.fingerprint import BaseModelId
 from dynft.model import AdapterState
 from dynft.registry import HASHED, AdapterRegistry
 
@@ -120,3 +125,75 @@ def test_serving_pointer_is_plain_json(tmp_path: Path) -> None:
     reg.promote(reg.publish(state(), {}).version, "first")
     data = json.loads((tmp_path / "serving.json").read_text())
     assert data["version"] == 1 and data["pinned"] is False
+
+
+# -- promote checks -----------------------------------------------------------------------
+
+BASE = BaseModelId("w2-thisbasemodel0", "legacy0000000000")
+
+
+def corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_promote_refuses_a_missing_corrupt_or_foreign_version_and_keeps_the_pointer(tmp_path: Path) -> None:
+    reg = AdapterRegistry(tmp_path)
+    good = reg.publish(state(1.0), {"base_model": BASE.fingerprint}).version
+    broken = reg.publish(state(2.0), {"base_model": BASE.fingerprint})
+    corrupt(broken.path / "adapter_model.safetensors")
+    foreign = reg.publish(state(3.0), {"base_model": "w2-anotherbasemod"}).version
+    legacy = reg.publish(state(4.0), {"base_model": BASE.legacy}).version  # published before scheme 2
+    reg.promote(good, "start", base_model=BASE)
+    refusals: list[tuple[int, type[Exception]]] = [
+        (99, RegistryError),  # does not exist
+        (broken.version, VersionUnloadableError),
+        (foreign, BaseModelMismatchError),
+    ]
+    for version, error in refusals:
+        with pytest.raises(error):
+            reg.promote(version, "operator", pin=True, base_model=BASE)
+        pointer = reg.serving()
+        assert (pointer.version, pointer.pinned, pointer.reason) == (good, False, "start")
+    reg.promote(legacy, "old scheme", base_model=BASE)  # an old-scheme fingerprint is checked the old way
+    assert reg.serving().version == legacy
+
+
+def test_promote_refuses_non_finite_weights_written_by_other_means(tmp_path: Path) -> None:
+    reg = AdapterRegistry(tmp_path)
+    info = reg.publish(state(1.0), {})
+    bad = {"lora.w": torch.full((2, 3), float("nan")), "head.w": torch.ones(2, 3)}
+    (info.path / "adapter_model.safetensors").write_bytes(save_safetensors(bad))
+    files = b"".join((info.path / name).read_bytes() for name in HASHED)
+    meta = json.loads((info.path / "meta.json").read_text())
+    meta["content_hash"] = hashlib.sha256(files).hexdigest()  # consistent files, only the values are bad
+    (info.path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(VersionUnloadableError, match="non-finite"):
+        reg.promote(info.version, "operator")
+    assert reg.serving().version is None
+
+
+def test_promote_checks_the_version_under_the_registry_lock(tmp_path: Path) -> None:
+    """The version is corrupted while another process holds the lock and promote waits for it:
+    a check made before taking the lock would pass and promote the corrupt version."""
+    reg = AdapterRegistry(tmp_path)
+    info = reg.publish(state(1.0), {})
+    errors: list[BaseException] = []
+
+    def promote() -> None:
+        try:
+            reg.promote(info.version, "operator")
+        except RegistryError as exc:
+            errors.append(exc)
+
+    with open(tmp_path / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        waiting = threading.Thread(target=promote)
+        waiting.start()
+        waiting.join(0.5)  # promote is now waiting for the lock (or checking already: then the test is weaker)
+        corrupt(info.path / "adapter_model.safetensors")
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    waiting.join(30)
+    assert [type(e) for e in errors] == [VersionUnloadableError]
+    assert reg.serving().version is None

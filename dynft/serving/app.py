@@ -304,7 +304,9 @@ def create_app(
     )
     async def promote(version: int) -> dict[str, Any]:
         try:
-            await asyncio.to_thread(registry.promote, version, "promoted through the admin API", True)
+            await asyncio.to_thread(
+                registry.promote, version, "promoted through the admin API", True, engine.base_model
+            )
         except RegistryWriteError as exc:
             raise registry_failed(exc) from exc
         except RegistryError as exc:

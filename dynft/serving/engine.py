@@ -6,7 +6,8 @@ share a batch, so they always share a version) and are grouped into micro-batche
 
 A *watcher* thread follows the registry's serving pointer. When it moves, the watcher loads
 the version off the request path: reads and hash-checks the files, checks every tensor's
-shape and finiteness against the model, and stages device-resident copies. The worker then
+shape and finiteness against the model, and stages device-resident copies. A serving version
+that cannot be loaded is stood in for by the newest loadable one of the pointer's history. The worker then
 installs the staged version between two batches by swapping parameter references (a few
 dictionary writes). A batch runs entirely on the version it started with; no request waits
 for a load, and a version that fails a check is never installed.
@@ -26,14 +27,14 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dynft.errors import AdapterMismatchError, DynftError
+from dynft.errors import AdapterMismatchError, BaseModelMismatchError, DynftError
+from dynft.fingerprint import BaseModelId
 from dynft.metrics import ServerMetrics
 from dynft.model import (
     AdapterSlots,
     AdapterState,
     build_model,
     load_tokenizer,
-    model_fingerprint,
     peft_config_from_dict,
     pick_device,
     resolve_model_path,
@@ -91,7 +92,8 @@ class InferenceEngine:
         self.metrics = metrics
         self.model_path = resolve_model_path(settings.model.path)
         self.pooling = resolve_pooling(self.model_path, settings.model.pooling)
-        self.fingerprint = model_fingerprint(self.model_path, self.pooling)
+        self.base_model = BaseModelId.of(self.model_path, self.pooling)
+        self.fingerprint = self.base_model.fingerprint
         self.device = pick_device(settings.model.device)
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.model_path)
         self.active: LoadedVersion | None = None
@@ -101,6 +103,7 @@ class InferenceEngine:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._failed: dict[int, float] = {}  # version -> when it failed (not retried for a while)
+        self.fallback_from: int | None = None  # the unloadable serving version; written by the watcher only
         self._worker = threading.Thread(target=self._work, name="dynft-infer", daemon=True)
         self._watcher = threading.Thread(target=self._watch, name="dynft-watch", daemon=True)
 
@@ -245,34 +248,61 @@ class InferenceEngine:
             self._stop.wait(self.settings.server.poll_interval_s)
 
     def poll_registry(self) -> None:
-        """Stage the serving version if it changed (called by the watcher thread)."""
-        target = self.registry.serving().version
+        """Stage the serving version if it changed (called by the watcher thread).
+
+        If the serving version cannot be loaded (files missing or corrupt, another shape or base
+        model), the newest loadable version of the pointer's history serves instead, with a
+        warning and ``dynft_serving_fallback`` at 1; the serving version is tried again every 30 s.
+        """
+        pointer = self.registry.serving()
+        if pointer.version is None:
+            return
         current = self._staged or self.active
-        if target is None or (current is not None and current.version == target):
-            return
-        if time.monotonic() - self._failed.get(target, -1e9) < 30.0:
-            return
+        history = [h.get("version") for h in pointer.history]
+        for version in dict.fromkeys([pointer.version, *history]):  # newest first, each once
+            if not isinstance(version, int):
+                continue
+            if current is not None and current.version == version:
+                self._note_fallback(pointer.version, version)
+                return
+            if time.monotonic() - self._failed.get(version, -1e9) < 30.0:
+                continue
+            staged = self._try_load(version)
+            if staged is not None:
+                with self._cond:
+                    self._staged = staged
+                    self._cond.notify_all()
+                self._note_fallback(pointer.version, version)
+                return
+
+    def _try_load(self, version: int) -> LoadedVersion | None:
         started = time.perf_counter()
         try:
-            staged = self.load(target)
+            staged = self.load(version)
         except DynftError as exc:
-            self._failed[target] = time.monotonic()
+            self._failed[version] = time.monotonic()
             reason = "mismatch" if isinstance(exc, AdapterMismatchError) else "unreadable"
             self.metrics.swap_failures.labels(reason).inc()
-            log.error(
-                "not swapping to version %d: %s; still serving %s", target, exc, self.active and self.active.version
-            )
-            return
+            log.error("cannot load version %d: %s", version, exc)
+            return None
         self.metrics.swap_load_seconds.observe(time.perf_counter() - started)
-        with self._cond:
-            self._staged = staged
-            self._cond.notify_all()
+        return staged
+
+    def _note_fallback(self, target: int, version: int) -> None:
+        """Record whether ``version``, now serving or staged, stands in for an unloadable ``target``."""
+        fallback = target if version != target else None
+        if fallback is not None and self.fallback_from != fallback:
+            log.warning("serving version %d cannot be loaded; answering with version %d instead", target, version)
+        elif fallback is None and self.fallback_from is not None:
+            log.info("serving version %d loaded; the fallback is over", target)
+        self.fallback_from = fallback
+        self.metrics.serving_fallback.set(0 if fallback is None else 1)
 
     def load(self, version: int) -> LoadedVersion:
         """Read, check and stage ``version`` (never touches what serves)."""
         state, meta = self.registry.load(version)
-        if meta.get("base_model") not in (None, self.fingerprint):
-            raise AdapterMismatchError(f"version {version} was trained on another base model")
+        if not self.base_model.accepts(meta.get("base_model")):
+            raise BaseModelMismatchError(f"version {version} was trained on another base model")
         current = self._staged or self.active
         if current is not None and structure_key(state.peft_config) == structure_key(current.slots.peft_config):
             model, slots = current.model, current.slots

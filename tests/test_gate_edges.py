@@ -1,0 +1,83 @@
+"""The gate's edge cases: a serving version that cannot be loaded, and nothing held out."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+from test_loop import run
+
+from dynft.evaluation import HoldoutWindow
+from dynft.events import Event
+from dynft.metrics import TrainerMetrics
+from dynft.publisher import Publisher
+from dynft.registry import AdapterRegistry
+from dynft.settings import Settings
+from dynft.trainer import OnlineTrainer
+
+from helpers import keyword_events, write_jsonl
+
+LABELS = ["alpha", "beta", "gamma"]
+
+
+def events(n: int, seed: int, prefix: str = "e") -> list[Event]:
+    return [Event(**r) for r in keyword_events(n, LABELS, seed=seed, prefix=prefix)]  # type: ignore[arg-type]
+
+
+def train(trainer: OnlineTrainer, stream: list[Event]) -> None:
+    for i in range(0, len(stream), 16):
+        trainer.step(trainer.collator(stream[i : i + 16], n_fresh=16))
+
+
+def corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_serving_version_that_cannot_be_loaded_is_replaced_unless_pinned(
+    tiny_settings: Settings, tiny_trainer: OnlineTrainer, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = AdapterRegistry(tiny_settings.registry_dir)
+    holdout = HoldoutWindow(64)
+    publisher = Publisher(registry, tiny_trainer, holdout, tiny_settings, TrainerMetrics(CollectorRegistry()))
+    train(tiny_trainer, events(32, seed=1))
+    first = publisher.maybe_publish({}, force=True)
+    assert first is not None and registry.serving().version == first
+    for event in events(64, seed=2, prefix="h"):  # enough held-out events for a real comparison
+        holdout.add(event)
+    registry.promote(first, "operator", pin=True)  # pinned by an operator (promote checks it loads)
+    corrupt(registry.path(first) / "adapter_model.safetensors")  # then the disk lies
+    train(tiny_trainer, events(16, seed=3))
+    with caplog.at_level(logging.WARNING, logger="dynft.publisher"):
+        pinned = publisher.maybe_publish({}, force=True)
+    assert pinned is not None and registry.meta(pinned)["gate"]["decision"] == "rejected"
+    assert registry.serving().version == first  # the pin wins: it logs and waits
+    assert any("is pinned: waiting" in r.getMessage() for r in caplog.records)
+
+    registry.unpin()
+    train(tiny_trainer, events(16, seed=4))
+    replaced = publisher.maybe_publish({}, force=True)
+    gate = registry.meta(replaced or 0)["gate"]
+    assert gate["decision"] == "promoted" and "cannot be loaded" in gate["reason"]
+    assert registry.serving().version == replaced
+
+
+def test_holdout_fraction_zero_turns_the_gate_off_with_a_warning(
+    tiny_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tiny_settings.evaluation.holdout_fraction = 0.0
+    tiny_settings.registry.publish_every_steps = 4
+    stream = write_jsonl(tmp_path / "events.jsonl", keyword_events(320, LABELS, seed=5))
+    with caplog.at_level(logging.WARNING, logger="dynft.publisher"):
+        run(tiny_settings, stream)
+    warnings = [r.getMessage() for r in caplog.records if "holdout_fraction = 0" in r.getMessage()]
+    assert len(warnings) == 1 and "every finite candidate is promoted" in warnings[0]
+    registry = AdapterRegistry(tiny_settings.registry_dir)
+    versions = registry.versions()
+    assert len(versions) >= 3  # more than the first: before, serving froze at v1
+    decisions = [registry.meta(v)["gate"]["decision"] for v in versions]
+    assert decisions == ["promoted"] * len(versions)
+    assert registry.serving().version == versions[-1]
