@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from dynft.errors import RegistryError, RegistryWriteError
+from dynft.errors import RegistryError, RegistryWriteError, VersionNotFoundError
 
 log = logging.getLogger(__name__)
 WEIGHTS, CONFIG, LABELS, META = "adapter_model.safetensors", "adapter_config.json", "labels.json", "meta.json"
@@ -198,7 +198,7 @@ class AdapterRegistry:
             data: dict[str, Any] = json.loads((self.path(version) / META).read_text())
             return data
         except FileNotFoundError as exc:
-            raise RegistryError(f"adapter version {version} does not exist") from exc
+            raise VersionNotFoundError(version) from exc
         except (OSError, json.JSONDecodeError) as exc:
             raise RegistryError(f"adapter version {version}: unreadable meta.json ({exc})") from exc
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 from collections.abc import Mapping
 from http import HTTPStatus
@@ -24,11 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dynft.errors import RegistryError, RegistryWriteError
+from dynft.errors import RegistryError, RegistryWriteError, VersionNotFoundError
 from dynft.metrics import ServerMetrics, exposition
 from dynft.registry import AdapterRegistry
 from dynft.serving.engine import InferenceEngine, NotReady, Overloaded
 from dynft.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(HTTPException):
@@ -147,6 +150,43 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+class BodyDeadline:
+    """Answers 408 and closes the connection when a request body is not complete ``timeout_s`` after its headers.
+
+    uvicorn has no deadline of its own for a body: a client that sends headers and then
+    trickles or stalls its body would hold a connection, a task and a file descriptor forever.
+    """
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app, self.timeout_s = app, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        complete = False
+
+        async def timed() -> Message:
+            nonlocal complete
+            if complete:  # after the body, receive() waits for a disconnect: not a body read
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise ApiError(
+                    408,
+                    "body_timeout",
+                    f"the request body did not arrive within {self.timeout_s} s",
+                    {"Connection": "close"},  # the rest of the body may still come: this connection is done
+                ) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed, send)
+
+
 def create_app(
     settings: Settings,
     engine: InferenceEngine,
@@ -158,6 +198,7 @@ def create_app(
     app = FastAPI(title="dynft", version="1", summary="Continually fine-tuned text classification")
     s = settings.server
     app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # added first: runs inside the request counter
+    app.add_middleware(BodyDeadline, timeout_s=s.body_timeout_s)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:
@@ -217,7 +258,11 @@ def create_app(
 
     def registry_failed(exc: RegistryWriteError) -> ApiError:
         # The disk, not the request, is at fault: a 503 the client may retry; serving is unaffected.
-        return ApiError(503, "registry_unwritable", str(exc), {"Retry-After": "10"})
+        # The body stays short: paths and OS errors describe the host, so they go to the log only.
+        log.error("admin request failed: %s", exc)
+        return ApiError(
+            503, "registry_unwritable", "the registry cannot be written now; see the server log", {"Retry-After": "10"}
+        )
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=error_responses(413, 422, 503, 504))
     async def predict(body: PredictRequest) -> dict[str, Any]:
@@ -262,7 +307,10 @@ def create_app(
         try:
             pointer = registry.serving()
         except RegistryError as exc:
-            raise ApiError(503, "registry_unreadable", str(exc), {"Retry-After": "10"}) from exc
+            log.error("cannot list adapter versions: %s", exc)
+            raise ApiError(
+                503, "registry_unreadable", "the registry cannot be read now; see the server log", {"Retry-After": "10"}
+            ) from exc
         versions = []
         for version in registry.versions():
             try:
@@ -305,8 +353,10 @@ def create_app(
             await asyncio.to_thread(registry.promote, version, "promoted through the admin API", True)
         except RegistryWriteError as exc:
             raise registry_failed(exc) from exc
+        except VersionNotFoundError as exc:
+            raise ApiError(404, "bad_version", str(exc)) from exc
         except RegistryError as exc:
-            raise ApiError(404 if "does not exist" in str(exc) else 409, "bad_version", str(exc)) from exc
+            raise ApiError(409, "bad_version", str(exc)) from exc
         return {"serving": version, "pinned": True}
 
     @app.post("/v1/adapters/rollback", dependencies=admin_only, responses=error_responses(401, 403, 409, 503))
