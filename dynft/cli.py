@@ -22,7 +22,14 @@ import click
 
 from dynft.errors import EXIT_CONFIG, ConfigError, DynftError, InvalidSettingsError, SourceError, exit_code
 from dynft.settings import Settings, load_settings, parse_assignment, reference_table
-from dynft.statedir import StateLock, admin_token, check_state_dir, private_files, refuse_symlinks
+from dynft.statedir import (
+    StateLock,
+    admin_token,
+    check_state_dir,
+    private_files,
+    refuse_symlinks,
+    wait_for_state_dir,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -165,7 +172,7 @@ def preflight(settings: Settings) -> None:
     open_source(settings.source, settings.kafka)
     make_detector(settings.drift.error_detector, settings.drift.error_params)
     make_detector(settings.drift.loss_detector, settings.drift.loss_params)
-    check_state_dir(settings.state_dir)
+    wait_for_state_dir(settings.state_dir, settings.run.restart_backoff_s, settings.run.restart_backoff_max_s)
     refuse_symlinks(settings)
 
 

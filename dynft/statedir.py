@@ -23,9 +23,17 @@ import logging
 import os
 import secrets
 import stat
+import time
 from pathlib import Path
 
-from dynft.errors import ConfigError, DynftError, StateDirLockedError, UnsafeStateFileError
+from dynft.errors import (
+    EXIT_CONFIG,
+    ConfigError,
+    DynftError,
+    StateDirLockedError,
+    UnsafeStateFileError,
+    exit_code,
+)
 from dynft.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,6 +96,26 @@ def check_state_dir(path: Path) -> None:
         # Not refused: a volume mounted by Kubernetes (fsGroup) or Compose may be group-writable by
         # design. The files in it are still 0600, and refuse_symlinks checks what is there now.
         log.warning("state directory %s is writable by others (mode %o); chmod 700 it if you can", path, mode)
+
+
+def wait_for_state_dir(path: Path, first_delay_s: float, max_delay_s: float) -> None:
+    """``check_state_dir``, tried again with doubling delays while it fails in a way that may clear up.
+
+    For ``dynft run``, which must not stop on a full disk at startup any more than later: only a
+    configuration error (exit 2) is raised. A standalone ``dynft train`` exits 1 instead and
+    leaves the retry to its process manager.
+    """
+    delay = first_delay_s
+    while True:
+        try:
+            check_state_dir(path)
+            return
+        except DynftError as exc:
+            if exit_code(exc) == EXIT_CONFIG:
+                raise
+            log.warning("%s (trying again in %.1f s)", exc, delay)
+        time.sleep(delay)
+        delay = min(max_delay_s, delay * 2)
 
 
 def refuse_symlinks(settings: Settings) -> None:

@@ -7,9 +7,11 @@ exit 1; a state directory without a ledger: a usage error, exit 2).
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,9 +22,11 @@ from dynft import errors
 from dynft.errors import exit_code
 from dynft.metrics import SupervisorMetrics
 from dynft.settings import Settings, load_settings
+from dynft.statedir import wait_for_state_dir
 from dynft.supervisor import Child, Supervisor
 
 from helpers import keyword_events, write_jsonl
+from test_state_faults import fill, mounted
 
 
 @pytest.mark.parametrize(
@@ -165,3 +169,28 @@ def test_secrets_are_masked_in_configuration_errors_of_the_real_cli(tmp_path: Pa
     ]
     for secret in ("123456", "hunter2", "letmein"):
         assert secret not in run.stderr + run.stdout
+
+
+def test_dynft_run_waits_out_a_full_state_disk_instead_of_stopping(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The startup check of ``dynft run`` on a disk filled for real (a 1 MiB tmpfs, skipped where
+    mounting is refused): it retries with backoff, and returns once space is freed."""
+    caplog.set_level(logging.WARNING)
+    with mounted(tmp_path / "full", "-t", "tmpfs", "-o", "size=1m", "tmpfs") as full:
+        filler = fill(full)
+        waiting = threading.Thread(target=wait_for_state_dir, args=(full / "state", 0.05, 0.2))
+        waiting.start()
+        try:
+            deadline = time.monotonic() + 30
+            while sum("No space left on device" in r.getMessage() for r in caplog.records) < 3:
+                assert waiting.is_alive() and time.monotonic() < deadline, "it stopped instead of retrying"
+                time.sleep(0.05)
+        finally:
+            filler.unlink()
+        waiting.join(30)
+        assert not waiting.is_alive(), "it did not notice the freed space"
+    retries = [r.getMessage() for r in caplog.records if "No space left on device" in r.getMessage()]
+    assert all(
+        m.endswith(("(trying again in 0.1 s)", "(trying again in 0.2 s)", "(trying again in 0.05 s)")) for m in retries
+    ), retries
