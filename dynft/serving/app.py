@@ -97,10 +97,14 @@ class Ready(BaseModel):
 
 
 def _parse_failure(exc: StarletteHTTPException) -> str | None:
-    """Why FastAPI could not parse a body it reports as a bare 400, or None for any other error."""
-    if exc.status_code != 400 or exc.detail != "There was an error parsing the body":
-        return None
+    """Why FastAPI could not parse a body it reports as a bare 400, or None for any other error.
+
+    Told by the error's cause, not its text: FastAPI raises that 400 ``from`` the exception that
+    parsing met (an HTTPException of its own passes through unchained).
+    """
     cause = exc.__cause__
+    if exc.status_code != 400 or cause is None or isinstance(cause, StarletteHTTPException):
+        return None
     if isinstance(cause, UnicodeDecodeError):
         return "the body is not valid UTF-8"
     if isinstance(cause, RecursionError):
