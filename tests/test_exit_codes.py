@@ -133,7 +133,7 @@ def test_dynft_run_stops_with_exit_2_when_a_child_meets_a_configuration_error(
     )
     assert run.returncode == 2, run.stderr[-3000:]
     assert "exited with a configuration error; stopping" in run.stderr
-    assert "cannot load its tokenizer" in run.stderr
+    assert f"dynft: model directory {broken}: cannot load" in run.stderr, run.stderr[-3000:]
     assert "restarting in" not in run.stderr, "a configuration error is never retried"
 
 
