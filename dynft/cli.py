@@ -1,6 +1,7 @@
 """The ``dynft`` command line. The one place where errors become messages and exit codes.
 
-Exit codes: 0 done, 1 runtime failure, 2 invalid configuration or arguments.
+Exit codes: 0 done, 1 runtime failure, 2 invalid configuration or arguments; which error gets
+which is decided by its type, in one place (``dynft.errors.exit_code``).
 Heavy modules (torch, transformers) are imported inside the commands that need them, so
 ``dynft config`` and ``dynft adapters`` answer quickly.
 """

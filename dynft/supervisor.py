@@ -1,7 +1,8 @@
 """``dynft run``: starts the trainer and the server as child processes and keeps them running.
 
 Lifecycle, as in uvicorn: ``startup`` (write the resolved config, start both children),
-``main_loop`` (restart a child that died, with exponential backoff, until a signal arrives)
+``main_loop`` (restart a child that died, with exponential backoff, until a signal arrives;
+a child that exits 2, a configuration error, would fail again: it stops the run with exit 2)
 and ``shutdown`` (SIGTERM to the trainer and the server, so the trainer finishes its step and
 publishes; SIGKILL after ``run.shutdown_timeout_s``).
 
