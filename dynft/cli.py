@@ -1,18 +1,16 @@
 """The ``dynft`` command line. The one place where errors become messages and exit codes.
 
-Exit codes: 0 done, 1 runtime failure, 2 invalid configuration or arguments.
+Exit codes: 0 done, 1 runtime failure, 2 invalid configuration or arguments; which error gets
+which is decided by its type, in one place (``dynft.errors.exit_code``).
 Heavy modules (torch, transformers) are imported inside the commands that need them, so
 ``dynft config`` and ``dynft adapters`` answer quickly.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import functools
 import json
 import logging
-import os
 import signal
 import sqlite3
 import sys
@@ -23,11 +21,18 @@ from typing import Any, TypeVar
 
 import click
 
-from dynft.errors import ConfigError, DynftError, ModelError, SourceError
+from dynft.errors import EXIT_CONFIG, ConfigError, DynftError, InvalidSettingsError, SourceError, exit_code
 from dynft.settings import Settings, load_settings, parse_assignment, reference_table
+from dynft.statedir import (
+    StateLock,
+    admin_token,
+    check_state_dir,
+    private_files,
+    refuse_symlinks,
+    wait_for_state_dir,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
-USAGE_ERRORS = (ConfigError, SourceError, ModelError)
 
 
 def settings_options(func: F) -> F:
@@ -77,20 +82,23 @@ def settings_from(kwargs: dict[str, Any]) -> Settings:
 
 
 def reports_errors(func: F) -> F:
+    """Turn an error that ends a command into one line on stderr and its exit code (``errors.exit_code``)."""
+
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except USAGE_ERRORS as exc:
-            click.echo(f"dynft: {exc}" if not str(exc).startswith("config error") else str(exc), err=True)
-            sys.exit(2)
+        except InvalidSettingsError as exc:  # already one "config error: ..." line per field
+            click.echo(str(exc), err=True)
+            sys.exit(exit_code(exc))
         except DynftError as exc:
-            click.echo(f"dynft: error: {exc}", err=True)
-            sys.exit(1)
+            prefix = "dynft: " if exit_code(exc) == EXIT_CONFIG else "dynft: error: "
+            click.echo(f"{prefix}{exc}", err=True)
+            sys.exit(exit_code(exc))
         except (OSError, sqlite3.Error) as exc:  # a disk problem that no check above foresaw: still one line
             where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
             click.echo(f"dynft: error: {where}{getattr(exc, 'strerror', None) or exc}", err=True)
-            sys.exit(1)
+            sys.exit(exit_code(exc))
 
     return wrapper  # type: ignore[return-value]
 
@@ -142,10 +150,17 @@ def run(**kwargs: Any) -> None:
     """Run the trainer and the inference server, and keep both running."""
     settings = settings_from(kwargs)
     setup_logging(settings.log_level, "dynft")
+    private_files()
     preflight(settings)
+    lock = StateLock.acquire(settings.state_dir)  # held for the whole run; the trainer child checks it
+    admin_token(settings)  # a generated token exists (0600) and an existing one is trusted, before any child
     from dynft.supervisor import Supervisor
 
-    sys.exit(Supervisor(settings).run())
+    try:
+        code = Supervisor(settings).run()
+    finally:
+        lock.release()
+    sys.exit(code)
 
 
 def preflight(settings: Settings) -> None:
@@ -158,44 +173,27 @@ def preflight(settings: Settings) -> None:
     open_source(settings.source, settings.kafka)
     make_detector(settings.drift.error_detector, settings.drift.error_params)
     make_detector(settings.drift.loss_detector, settings.drift.loss_params)
-    check_state_dir(settings.state_dir)
-
-
-def check_state_dir(path: Path) -> None:
-    """Create the state directory if needed and prove it takes a durable write.
-
-    A directory that can never be written (read-only, no permission, not a directory) is a
-    configuration error: exit 2, which ``dynft run`` does not retry. A full disk may clear up,
-    so it is a runtime error (exit 1) that the supervisor retries with backoff.
-    """
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"state directory {path}: exists and is not a directory")
-    probe = path / f".write-probe-{os.getpid()}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as fh:
-            fh.write(b"dynft")
-            fh.flush()
-            os.fsync(fh.fileno())
-        probe.unlink()
-    except OSError as exc:
-        with contextlib.suppress(OSError):  # the directory may not even be readable; the error below says why
-            probe.unlink(missing_ok=True)
-        message = f"state directory {path}: cannot write there ({exc.strerror or exc}: {exc.filename or path})"
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DynftError(f"{message}; free some space and start again") from exc
-        raise ConfigError(message) from exc
+    wait_for_state_dir(settings.state_dir, settings.run.restart_backoff_s, settings.run.restart_backoff_max_s)
+    refuse_symlinks(settings)
 
 
 @main.command()
 @settings_options
 @click.option("--colocated", is_flag=True, hidden=True, help="Leave CPU threads to a server on this host.")
 @click.option("--metrics-port", type=int, help="Expose this trainer's metrics on 127.0.0.1:PORT/metrics.")
+@click.option("--supervisor-pid", type=int, hidden=True, help="Under `dynft run`: the pid that holds the state lock.")
 @reports_errors
-def train(colocated: bool, metrics_port: int | None, **kwargs: Any) -> None:
+def train(colocated: bool, metrics_port: int | None, supervisor_pid: int | None, **kwargs: Any) -> None:
     """Run the trainer alone: stream -> buffer -> trainer -> registry."""
     settings = settings_from(kwargs)
     setup_logging(settings.log_level, "trainer")
+    private_files()
+    check_state_dir(settings.state_dir)
+    refuse_symlinks(settings)
+    if supervisor_pid is None:
+        StateLock.acquire(settings.state_dir)  # never released: the lock goes when this process does
+    else:
+        StateLock.held_by(settings.state_dir, supervisor_pid)
     quiet_libraries()
     from prometheus_client import CollectorRegistry, start_http_server
 
@@ -204,7 +202,6 @@ def train(colocated: bool, metrics_port: int | None, **kwargs: Any) -> None:
     registry = CollectorRegistry()
     if metrics_port is not None:  # under `dynft run` the server's /metrics covers the trainer instead
         start_http_server(metrics_port, addr="127.0.0.1", registry=registry)
-    check_state_dir(settings.state_dir)
     loop = TrainingLoop(settings, registry, colocated=colocated)
 
     def stop(signum: int, frame: Any) -> None:
@@ -226,6 +223,10 @@ def serve(**kwargs: Any) -> None:
     """Run the inference server alone, following the registry's serving version."""
     settings = settings_from(kwargs)
     setup_logging(settings.log_level, "server")
+    # No state lock: a server only reads what the trainer writes (its admin writes go through the
+    # registry's own lock), and one trainer with any number of servers on a shared state volume
+    # is the way to scale serving. Its files are private all the same.
+    private_files()
     quiet_libraries()
     from dynft.serving.server import Server
 

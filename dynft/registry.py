@@ -43,7 +43,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from dynft.errors import BaseModelMismatchError, RegistryError, RegistryWriteError, VersionUnloadableError
+from dynft.errors import (
+    BaseModelMismatchError,
+    RegistryError,
+    RegistryWriteError,
+    VersionNotFoundError,
+    VersionUnloadableError,
+)
 from dynft.fingerprint import BaseModelId
 
 log = logging.getLogger(__name__)
@@ -199,7 +205,7 @@ class AdapterRegistry:
             data: dict[str, Any] = json.loads((self.path(version) / META).read_text())
             return data
         except FileNotFoundError as exc:
-            raise RegistryError(f"adapter version {version} does not exist") from exc
+            raise VersionNotFoundError(version) from exc
         except (OSError, json.JSONDecodeError) as exc:
             raise VersionUnloadableError(f"adapter version {version}: unreadable meta.json ({exc})") from exc
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -22,7 +22,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from dynft.errors import ConfigError
+from dynft.errors import ConfigError, InvalidSettingsError
 
 
 class Section(BaseModel):
@@ -286,8 +286,14 @@ class ServerSettings(Section):
     max_wait_ms: float = Field(2.0, ge=0, description="how long a micro-batch waits for more requests")
     max_texts: int = Field(32, ge=1, description="texts per request (at most max_batch)")
     max_queue: int = Field(4096, ge=1, description="texts waiting before requests are refused with 503")
-    max_body_bytes: int = Field(1 << 20, ge=1024)
-    request_timeout_s: float = Field(30.0, gt=0)
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies are refused with 413")
+    request_timeout_s: float = Field(30.0, gt=0, description="a prediction not answered by then gets 504")
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="a request body not fully received by then gets 408 and the connection is closed"
+    )
+    limit_concurrency: int = Field(
+        256, ge=1, description="open connections and requests at most; beyond it new requests get 503 at once"
+    )
     poll_interval_s: float = Field(0.2, gt=0, description="how often the server looks for a new serving version")
     threads: int = Field(1, ge=1, description="torch CPU threads of the server")
     console_show_texts: bool | None = Field(
@@ -421,13 +427,42 @@ def nest(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+SECRET_WORDS = ("token", "pas", "pwd", "secret", "cred")  # an unknown field named like this may be a misspelt secret
+
+
+def is_secret_field(loc: tuple[int | str, ...]) -> bool:
+    """True when ``loc`` names a ``SecretStr`` setting, or an unknown one whose name suggests a secret.
+
+    Decided by the field's type, so a secret added later (any ``SecretStr``) is masked too.
+
+    >>> is_secret_field(("server", "admin_token")), is_secret_field(("server", "port"))
+    (True, False)
+    >>> is_secret_field(("kafka", "sasl_pasword"))  # a typo is an unknown field: still masked
+    True
+    """
+    model: type[BaseModel] = Settings
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return any(word in str(part).lower() for word in SECRET_WORDS)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+            continue
+        return annotation is SecretStr or SecretStr in get_args(annotation)
+    return False
+
+
 def format_validation_error(exc: ValidationError) -> str:
-    """One line per bad field: its dotted name, the reason and the value given."""
+    """One line per bad field: its dotted name, the reason and the value given (``***`` for a secret)."""
     lines = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         value = err.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        if isinstance(value, dict):
+            shown = ""
+        else:
+            shown = " (got ***)" if is_secret_field(tuple(err["loc"])) else f" (got {value!r})"
         lines.append(f"config error: {field}: {err['msg']}{shown}")
     return "\n".join(lines)
 
@@ -460,7 +495,9 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
     try:
         return _Layered()
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from exc
+        # ``from None``: pydantic's own message repeats every input value, secrets included, and a
+        # chained traceback would print it wherever this error is ever logged.
+        raise InvalidSettingsError(format_validation_error(exc)) from None
 
 
 def reference_table() -> str:

@@ -1,7 +1,8 @@
 """``dynft run``: starts the trainer and the server as child processes and keeps them running.
 
 Lifecycle, as in uvicorn: ``startup`` (write the resolved config, start both children),
-``main_loop`` (restart a child that died, with exponential backoff, until a signal arrives)
+``main_loop`` (restart a child that died, with exponential backoff, until a signal arrives;
+a child that exits 2, a configuration error, would fail again: it stops the run with exit 2)
 and ``shutdown`` (SIGTERM to the trainer and the server, so the trainer finishes its step and
 publishes; SIGKILL after ``run.shutdown_timeout_s``).
 
@@ -33,11 +34,11 @@ from types import FrameType
 from prometheus_client import CollectorRegistry
 
 from dynft import metrics
+from dynft.errors import EXIT_CONFIG
 from dynft.settings import Settings
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-CONFIG_ERROR_EXIT = 2  # a child that exits with this code will fail again: do not restart it
 PRELOAD = ["dynft.cli", "dynft.loop", "dynft.serving.server"]  # imported once, in the fork server
 
 
@@ -115,13 +116,15 @@ class Supervisor:
         metrics.enable_multiprocess(metrics_dir)  # before any metric exists in this process
         self.metrics = metrics.SupervisorMetrics(CollectorRegistry())
         config_path = self.run_dir / "config.json"
-        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as fh:  # holds the admin token, hence 0600
             json.dump(self.settings.secret_dump(), fh, indent=1)
         # After enable_multiprocess: the fork server inherits the metrics directory variable.
         self.context.set_forkserver_preload(PRELOAD)
+        # This process holds the state directory's lock for the whole run; the trainer checks that.
+        trainer = ["train", "--config", str(config_path), "--colocated", "--supervisor-pid", str(os.getpid())]
         self.children = [
-            Child("trainer", ["train", "--config", str(config_path), "--colocated"]),
+            Child("trainer", trainer),
             Child("server", ["serve", "--config", str(config_path)]),
         ]
         for child in self.children:
@@ -168,9 +171,9 @@ class Supervisor:
             log.info("%s finished", child.name)
             child.finished = True
             return
-        if code == CONFIG_ERROR_EXIT:
+        if code == EXIT_CONFIG:  # it will fail again the same way: do not restart it
             log.error("%s exited with a configuration error; stopping", child.name)
-            self.exit_code = CONFIG_ERROR_EXIT
+            self.exit_code = EXIT_CONFIG
             self.should_exit.set()
             return
         r = self.settings.run

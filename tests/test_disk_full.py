@@ -106,6 +106,7 @@ def test_a_full_disk_pauses_intake_dead_letters_nothing_for_it_and_everything_pr
                 assert r.status_code == 200 and r.json()["adapter_version"] == serving
                 r = http.post(f"/v1/adapters/{serving}/promote", headers={"Authorization": f"Bearer {TOKEN}"})
                 assert r.status_code == 503 and r.json()["error"]["code"] == "registry_unwritable", r.text
+                assert "No space left on device" not in r.json()["error"]["message"]  # the details are logged
                 errors_logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
                 checkpoint_lines = [m for m in errors_logged if m.startswith("checkpoint failed")]
                 assert checkpoint_lines, errors_logged

@@ -11,37 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
-from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dynft.errors import RegistryError, RegistryWriteError
+from dynft.errors import RegistryError, RegistryWriteError, VersionNotFoundError
 from dynft.metrics import ServerMetrics, exposition
 from dynft.registry import AdapterRegistry
 from dynft.serving.console import console_router
 from dynft.serving.engine import InferenceEngine, NotReady, Overloaded
+from dynft.serving.limits import ApiError, BodyDeadline, BodyLimit, error_response
 from dynft.settings import Settings
 
-
-class ApiError(HTTPException):
-    """An HTTP error with a machine-readable code; FastAPI lets it through body parsing untouched."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status, message, headers)
-        self.code, self.message = code, message
-
-
-def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+log = logging.getLogger(__name__)
 
 
 class ErrorDetail(BaseModel):
@@ -108,44 +98,19 @@ class Ready(BaseModel):
 
 
 def _parse_failure(exc: StarletteHTTPException) -> str | None:
-    """Why FastAPI could not parse a body it reports as a bare 400, or None for any other error."""
-    if exc.status_code != 400 or exc.detail != "There was an error parsing the body":
-        return None
+    """Why FastAPI could not parse a body it reports as a bare 400, or None for any other error.
+
+    Told by the error's cause, not its text: FastAPI raises that 400 ``from`` the exception that
+    parsing met (an HTTPException of its own passes through unchained).
+    """
     cause = exc.__cause__
+    if exc.status_code != 400 or cause is None or isinstance(cause, StarletteHTTPException):
+        return None
     if isinstance(cause, UnicodeDecodeError):
         return "the body is not valid UTF-8"
     if isinstance(cause, RecursionError):
         return "the body's JSON is nested too deeply"
     return f"the body could not be parsed ({type(cause).__name__})"
-
-
-class BodyLimit:
-    """Refuses request bodies over ``limit`` bytes with 413, by header or while streaming."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await error_response(413, "body_too_large", f"request bodies are limited to {self.limit} bytes")(
-                scope, receive, send
-            )
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise ApiError(413, "body_too_large", f"request bodies are limited to {self.limit} bytes")
-            return message
-
-        await self.app(scope, limited, send)
 
 
 def create_app(
@@ -159,6 +124,7 @@ def create_app(
     app = FastAPI(title="dynft", version="1", summary="Continually fine-tuned text classification")
     s = settings.server
     app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # added first: runs inside the request counter
+    app.add_middleware(BodyDeadline, timeout_s=s.body_timeout_s)
     app.include_router(console_router(settings, engine, registry, metrics))  # the page at / and /v1/status
 
     @app.middleware("http")
@@ -219,7 +185,11 @@ def create_app(
 
     def registry_failed(exc: RegistryWriteError) -> ApiError:
         # The disk, not the request, is at fault: a 503 the client may retry; serving is unaffected.
-        return ApiError(503, "registry_unwritable", str(exc), {"Retry-After": "10"})
+        # The body stays short: paths and OS errors describe the host, so they go to the log only.
+        log.error("admin request failed: %s", exc)
+        return ApiError(
+            503, "registry_unwritable", "the registry cannot be written now; see the server log", {"Retry-After": "10"}
+        )
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=error_responses(413, 422, 503, 504))
     async def predict(body: PredictRequest) -> dict[str, Any]:
@@ -264,7 +234,10 @@ def create_app(
         try:
             pointer = registry.serving()
         except RegistryError as exc:
-            raise ApiError(503, "registry_unreadable", str(exc), {"Retry-After": "10"}) from exc
+            log.error("cannot list adapter versions: %s", exc)
+            raise ApiError(
+                503, "registry_unreadable", "the registry cannot be read now; see the server log", {"Retry-After": "10"}
+            ) from exc
         versions = []
         for version in registry.versions():
             try:
@@ -309,8 +282,10 @@ def create_app(
             )
         except RegistryWriteError as exc:
             raise registry_failed(exc) from exc
+        except VersionNotFoundError as exc:
+            raise ApiError(404, "bad_version", str(exc)) from exc
         except RegistryError as exc:
-            raise ApiError(404 if "does not exist" in str(exc) else 409, "bad_version", str(exc)) from exc
+            raise ApiError(409, "bad_version", str(exc)) from exc
         return {"serving": version, "pinned": True}
 
     @app.post("/v1/adapters/rollback", dependencies=admin_only, responses=error_responses(401, 403, 409, 503))

@@ -6,10 +6,7 @@ requests finish (``timeout_graceful_shutdown``) and returns; the engine stops af
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import secrets
 import socket
 from pathlib import Path
 
@@ -17,42 +14,15 @@ import torch
 import uvicorn
 from prometheus_client import CollectorRegistry
 
-from dynft.errors import ConfigError
 from dynft.metrics import ServerMetrics
 from dynft.registry import AdapterRegistry
 from dynft.runtime import tune_gc
 from dynft.serving.app import create_app
 from dynft.serving.engine import InferenceEngine
 from dynft.settings import Settings
+from dynft.statedir import admin_token
 
 log = logging.getLogger(__name__)
-
-
-def admin_token(settings: Settings) -> str:
-    """The configured admin token, or one generated once and kept in ``<state_dir>/admin-token`` (mode 0600)."""
-    if settings.server.admin_token is not None:
-        return settings.server.admin_token.get_secret_value()
-    path = settings.state_dir / "admin-token"
-    if path.exists():
-        return path.read_text().strip()
-    token = secrets.token_urlsafe(24)
-    created = False
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        created = True
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
-    except OSError as exc:
-        if created:  # an empty token file (disk full) would lock the admin API out on every later start
-            with contextlib.suppress(OSError):
-                path.unlink()
-        raise ConfigError(
-            f"cannot create the admin token file {path} ({exc.strerror or exc}); "
-            "make the state directory writable or set server.admin_token"
-        ) from exc
-    log.info("generated an admin token in %s", path)
-    return token
 
 
 class Server:
@@ -78,6 +48,9 @@ class Server:
             access_log=False,
             timeout_graceful_shutdown=10,
             lifespan="off",
+            # Past this many open connections uvicorn answers 503 at once instead of taking on
+            # more, so a crowd of slow clients cannot exhaust the process's file descriptors.
+            limit_concurrency=settings.server.limit_concurrency,
         )
         self.uvicorn = uvicorn.Server(config)
 

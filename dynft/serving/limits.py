@@ -1,0 +1,94 @@
+"""Request limits as ASGI middleware, and the API's error type they answer with.
+
+``BodyLimit`` refuses bodies over ``server.max_body_bytes`` (413); ``BodyDeadline`` answers 408
+and closes the connection when a body is not complete ``server.body_timeout_s`` after its
+headers. Together with uvicorn's ``limit_concurrency`` they keep slow or greedy clients from
+exhausting memory, tasks or file descriptors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from fastapi import HTTPException
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class ApiError(HTTPException):
+    """An HTTP error with a machine-readable code; FastAPI lets it through body parsing untouched."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, message, headers)
+        self.code, self.message = code, message
+
+
+def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """Refuses request bodies over ``limit`` bytes with 413, by header or while streaming."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await error_response(413, "body_too_large", f"request bodies are limited to {self.limit} bytes")(
+                scope, receive, send
+            )
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise ApiError(413, "body_too_large", f"request bodies are limited to {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class BodyDeadline:
+    """Answers 408 and closes the connection when a request body is not complete ``timeout_s`` after its headers.
+
+    uvicorn has no deadline of its own for a body: a client that sends headers and then
+    trickles or stalls its body would hold a connection, a task and a file descriptor forever.
+    """
+
+    def __init__(self, app: ASGIApp, timeout_s: float) -> None:
+        self.app, self.timeout_s = app, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        complete = False
+
+        async def timed() -> Message:
+            nonlocal complete
+            if complete:  # after the body, receive() waits for a disconnect: not a body read
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise ApiError(
+                    408,
+                    "body_timeout",
+                    f"the request body did not arrive within {self.timeout_s} s",
+                    {"Connection": "close"},  # the rest of the body may still come: this connection is done
+                ) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed, send)

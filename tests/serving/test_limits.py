@@ -1,0 +1,138 @@
+"""Slow clients and broken state cannot take the server down or make it talk too much.
+
+Over real sockets against a real server: a body that stalls or trickles gets 408 and a closed
+connection at ``server.body_timeout_s`` while other requests are served; past
+``server.limit_concurrency`` open connections new requests get 503 at once; the 503 bodies
+of ``/v1/adapters`` carry no path or OS error (those go to the server log).
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from dynft.model import AdapterState
+from dynft.registry import AdapterRegistry
+from dynft.settings import Settings
+
+from serving.conftest import TOKEN, running_server
+
+STALLED = (
+    b"POST /v1/predict HTTP/1.1\r\nHost: dynft\r\nContent-Type: application/json\r\n"
+    b"Content-Length: 100\r\n\r\n"
+    b'{"texts": ["w'
+)
+
+
+@pytest.fixture
+def server(tiny_settings: Settings) -> Iterator[str]:
+    tiny_settings.server.body_timeout_s = 1.0
+    tiny_settings.server.limit_concurrency = 4
+    with running_server(tiny_settings) as (base, _):
+        yield base
+
+
+def connect(base: str) -> socket.socket:
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)))
+    sock.settimeout(30)  # only a guard against hanging the suite: the server must answer long before
+    return sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(4096):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "trickling"])
+def test_a_slow_body_gets_408_and_a_closed_connection_while_others_are_served(server: str, trickle: bool) -> None:
+    with connect(server) as slow, httpx.Client(base_url=server, timeout=30) as client:
+        slow.sendall(STALLED)
+        if trickle:  # one byte every 0.2 s, each well inside the deadline: the deadline is for the whole body
+            for _ in range(150):  # 30 s: a guard only, the server answers after 1 s
+                assert client.get("/healthz").json() == {"status": "ok"}  # others are served meanwhile
+                if select.select([slow], [], [], 0.2)[0]:  # the answer is there: stop sending
+                    break
+                slow.sendall(b"1")
+        else:
+            assert client.get("/healthz").json() == {"status": "ok"}
+        answer = read_until_closed(slow)  # returns only once the server closes the connection
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer
+    assert b'"code":"body_timeout"' in body and b"within 1.0 s" in body
+
+
+def test_past_limit_concurrency_new_requests_get_503_at_once(server: str) -> None:
+    idle = [connect(server) for _ in range(4)]  # open connections that send nothing
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # the server accepts them in its own time; then the next request is refused
+            with httpx.Client(base_url=server, timeout=30) as client:
+                status = client.get("/healthz").status_code
+            if status == 503:
+                break
+            assert status == 200 and time.monotonic() < deadline, "never refused past limit_concurrency"
+            time.sleep(0.05)
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while True:  # freed again: served again
+        with httpx.Client(base_url=server, timeout=30) as client:
+            if client.get("/healthz").status_code == 200:
+                break
+        assert time.monotonic() < deadline, "still refusing after the idle connections closed"
+        time.sleep(0.05)
+
+
+def test_registry_503_bodies_carry_no_paths_or_os_errors(
+    tiny_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from test_state_faults import mounted
+
+    caplog.set_level(logging.ERROR)
+    registry = AdapterRegistry(tiny_settings.registry_dir)
+    registry.publish(AdapterState({"w": torch.ones(2)}, ["a"], {"peft_type": "LORA"}), {"step": 1})
+    with running_server(tiny_settings) as (base, _), httpx.Client(base_url=base, timeout=30) as client:
+        registry.pointer_path.write_text("{ not json")  # a corrupt pointer: the registry cannot be read
+        r = client.get("/v1/adapters")
+        assert r.status_code == 503 and r.headers["retry-after"] == "10"
+        assert r.json() == {
+            "error": {"code": "registry_unreadable", "message": "the registry cannot be read now; see the server log"}
+        }
+        registry.pointer_path.unlink()
+        with mounted(tiny_settings.registry_dir, "--bind", str(tiny_settings.registry_dir)):
+            remount = subprocess.run(
+                ["mount", "-o", "remount,ro,bind", str(tiny_settings.registry_dir)], capture_output=True, text=True
+            )
+            if remount.returncode != 0:
+                pytest.skip(f"read-only remount refused ({remount.stderr.strip()})")
+            r = client.post("/v1/adapters/1/promote", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "10"
+        assert r.json() == {
+            "error": {
+                "code": "registry_unwritable",
+                "message": "the registry cannot be written now; see the server log",
+            }
+        }
+        # Promote: a version that does not exist is 404, one that exists but cannot load is 409,
+        # told apart by the error's type (VersionNotFoundError), not by its message.
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        assert client.post("/v1/adapters/7/promote", headers=auth).status_code == 404
+        (registry.path(1) / "labels.json").write_text('["tampered"]')
+        r = client.post("/v1/adapters/1/promote", headers=auth)
+        assert r.status_code == 409 and "content hash mismatch" in r.json()["error"]["message"]
+    logged = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert any("serving.json" in m and str(tiny_settings.registry_dir) in m for m in logged), logged
+    assert any("Read-only file system" in m for m in logged), logged
