@@ -32,7 +32,10 @@ def _save_tokenizer(directory: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = ["<unk>", "</s>", *WORDS, *(k for ks in KEYWORDS.values() for k in ks)]
+    # Single characters too: transformers maps qwen2 to its byte-level BPE tokenizer whatever the
+    # saved class, and that one spells each word out (Ġ marks a space) from this vocabulary.
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyz0123456789Ġ"))
+    vocab = ["<unk>", "</s>", *WORDS, *(k for ks in KEYWORDS.values() for k in ks), *chars]
     core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="</s>").save_pretrained(directory)
@@ -41,7 +44,7 @@ def _save_tokenizer(directory: Path) -> None:
 def _decoder_config(family: str) -> Any:
     import transformers as t
 
-    small: dict[str, Any] = {"vocab_size": 90, "num_labels": 2, "eos_token_id": 1, "bos_token_id": 1}
+    small: dict[str, Any] = {"vocab_size": 128, "num_labels": 2, "eos_token_id": 1, "bos_token_id": 1}
     llama_like = {
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -82,7 +85,7 @@ def build_tiny_bart(directory: Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     _save_tokenizer(directory)
     config = BartConfig(
-        vocab_size=90,
+        vocab_size=128,
         d_model=32,
         encoder_layers=1,
         decoder_layers=1,
@@ -217,7 +220,7 @@ def test_cuda_n_is_a_valid_device_setting_and_nonsense_is_not(tmp_path: Path) ->
     from dynft.errors import ConfigError
 
     assert load_settings(overrides={"model.device": "cuda:1"}).model.device == "cuda:1"
-    with pytest.raises(ConfigError, match="model.device"):
+    with pytest.raises(ConfigError, match=r"model\.device"):
         load_settings(overrides={"model.device": "gpu"})
 
 
