@@ -236,3 +236,27 @@ def test_gradient_checkpointing_trains_to_the_same_weights(tiny_model_dir: Path,
     assert results[0].keys() == results[1].keys()
     for key in results[0]:
         torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-4, atol=1e-5)
+
+
+def _has_bitsandbytes() -> bool:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("overrides", [{"dtype": "fp16"}, {"quantization": "4bit"}, {"quantization": "8bit"}])
+def test_gpu_precisions_train_a_decoder_and_export_finite_adapters(overrides: dict[str, str], tmp_path: Path) -> None:
+    if "quantization" in overrides and not _has_bitsandbytes():
+        pytest.skip("needs bitsandbytes")
+    settings = _settings(build_tiny_decoder(tmp_path / "llama", "llama"), tmp_path)
+    model = settings.model.model_copy(update={"device": "cuda", **overrides})
+    trainer = build_trainer(model, settings.adapter, settings.trainer)
+    before = {k: t.clone() for k, t in trainer.export().tensors.items()}
+    _train(trainer, ["alpha", "beta"], 64, seed=1)
+    after = trainer.export().tensors
+    assert trainer.steps > 0
+    assert all(bool(torch.isfinite(t).all()) for t in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].shape == after[k].shape)
