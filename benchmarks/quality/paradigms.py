@@ -75,7 +75,8 @@ def saved_bytes(trainer: Any, config: str, tmp: str) -> int:
 
     state = trainer.export()
     if config == "head only":
-        tensors = {k: t for k, t in state.tensors.items() if k in trainer.slots.head_keys}
+        # Every non-LoRA tensor is the head's: MPNet's head has a dense layer before its output row.
+        tensors = {k: t for k, t in state.tensors.items() if "lora_" not in k}
     elif config == "full fine-tuning":
         tensors = {n: p.detach().cpu().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
     else:
