@@ -48,7 +48,7 @@ def settings_options(func: F) -> F:
         click.option("--state-dir", type=click.Path(path_type=Path), help="Registry, dead letters and run files."),
         click.option("--source", help="demo | file:PATH | file:- (stdin)."),
         click.option("--model", help="Hugging Face model directory (default: packaged all-MiniLM-L6-v2)."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the model runs."),
+        click.option("--device", help="Where the model runs: auto, cpu, cuda or cuda:N."),
         click.option("--host", help="Server address."),
         click.option("--port", type=int, help="Server port."),
         click.option(

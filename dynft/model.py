@@ -37,10 +37,12 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from dynft.errors import AdapterMismatchError, ModelError
+from dynft.families import base_dtype, check_quantization, check_supported, family_of
+from dynft.families import pick_device as pick_device  # re-exported: callers import it from here
 from dynft.fingerprint import Pooling as Pooling
 from dynft.fingerprint import model_fingerprint as model_fingerprint  # where it used to live
 from dynft.registry import AdapterState as AdapterState  # the registry's unit, re-exported
-from dynft.settings import AdapterSettings
+from dynft.settings import AdapterSettings, ModelSettings
 
 log = logging.getLogger(__name__)
 ADAPTER_NAME = "default"
@@ -61,29 +63,23 @@ def resolve_model_path(path: str | None) -> Path:
     return resolved
 
 
-# Architectures whose sequence classifier reads a [CLS] pooler that MaskedMeanPooler can replace.
-_POOLER_MODEL_TYPES = frozenset({"bert", "albert"})
 
 
 def resolve_pooling(path: Path, setting: str) -> Pooling:
-    """``model.pooling``: auto picks mean for a sentence-transformers BERT trained with mean pooling."""
+    """``model.pooling``: auto picks mean for a sentence-transformers encoder trained with mean pooling.
+
+    "cls" is each architecture's own pooling: BERT's [CLS] pooler, the first token for MPNet and
+    RoBERTa heads, the last non-pad token for decoder-only models.
+    """
     if setting in ("cls", "mean"):
         return setting  # type: ignore[return-value]
     try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        encoder = family_of(path).kind == "encoder"
         pooling = path / "1_Pooling" / "config.json"
         mean = pooling.is_file() and bool(json.loads(pooling.read_text()).get("pooling_mode_mean_tokens"))
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, ModelError):
         return "cls"  # unreadable configs: keep the architecture's own pooling (loading reports them)
-    return "mean" if mean and model_type in _POOLER_MODEL_TYPES else "cls"
-
-
-def pick_device(setting: str) -> torch.device:
-    if setting == "cuda" and not torch.cuda.is_available():
-        raise ModelError("model.device is cuda but no CUDA device is available")
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    return "mean" if mean and encoder else "cls"
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
@@ -98,15 +94,22 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def peft_config_from_settings(settings: AdapterSettings) -> PeftConfig:
-    """The peft config for ``settings``; the head is added to ``modules_to_save`` by peft itself."""
+def peft_config_from_settings(settings: AdapterSettings, path: Path | None = None) -> PeftConfig:
+    """The peft config for ``settings``; the head is added to ``modules_to_save`` by peft itself.
+
+    LoRA without ``target_modules`` targets the query and value projections of the family of the
+    model in ``path`` (see ``dynft.families``).
+    """
     if settings.method == "lora":
+        targets = settings.target_modules
+        if targets is None and path is not None:
+            targets = family_of(path).lora_targets
         return LoraConfig(
             task_type="SEQ_CLS",
             r=settings.r,
             lora_alpha=settings.alpha,
             lora_dropout=settings.dropout,
-            target_modules=settings.target_modules,
+            target_modules=targets,
             use_dora=settings.use_dora,
             use_rslora=settings.use_rslora,
         )
@@ -181,16 +184,31 @@ class MaskedMeanPooler(nn.Module):
         return pooled
 
 
-def _pool_by_mean(base: nn.Module, path: Path) -> None:
+class MeanBeforeHead(MaskedMeanPooler):
+    """Mean pooling for heads that pick one token themselves (MPNet and RoBERTa heads, decoders' ``score``).
+
+    A pre-hook on the head replaces every position's hidden state by the masked mean, so
+    whichever token the head reads (the first, or a decoder's last non-pad one) holds the mean.
+    """
+
+    def replace(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]  # (B, T, H)
+        return (self(hidden).unsqueeze(1).expand_as(hidden), *args[1:])
+
+
+def _pool_by_mean(base: nn.Module, path: Path) -> MeanBeforeHead | None:
+    """Replace a [CLS] pooler by the masked mean; else return the hook to put before the head."""
     encoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
-    if encoder is None or getattr(encoder, "pooler", None) is None:
-        raise ModelError(
-            f"model.pooling = mean needs an encoder with a [CLS] pooler to replace; {type(base).__name__} "
-            f"from {path} has none (set model.pooling = cls)"
-        )
-    pooler = MaskedMeanPooler()
-    encoder.pooler = pooler
-    encoder.register_forward_pre_hook(pooler.keep_mask, with_kwargs=True)
+    if encoder is None:
+        raise ModelError(f"model.pooling = mean: {type(base).__name__} from {path} has no base model to pool")
+    if getattr(encoder, "pooler", None) is not None:
+        pooler = MaskedMeanPooler()
+        encoder.pooler = pooler
+        encoder.register_forward_pre_hook(pooler.keep_mask, with_kwargs=True)
+        return None
+    before_head = MeanBeforeHead()
+    encoder.register_forward_pre_hook(before_head.keep_mask, with_kwargs=True)
+    return before_head
 
 
 def build_model(
@@ -200,29 +218,73 @@ def build_model(
     device: torch.device,
     pad_token_id: int | None,
     pooling: Pooling = "cls",
+    options: ModelSettings | None = None,
 ) -> PeftModel:
-    """Load the frozen base model and wrap it with a fresh adapter; trainable weights in fp32."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        base = AutoModelForSequenceClassification.from_pretrained(
-            str(path), num_labels=max(1, num_labels), local_files_only=True, dtype=dtype, ignore_mismatched_sizes=True
-        )
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"model directory {path}: cannot load it for sequence classification ({exc})") from exc
+    """Load the frozen base model and wrap it with a fresh adapter; trainable weights in fp32.
+
+    ``options`` (``model.*``) choose the base weights' dtype, 4-/8-bit quantisation and
+    gradient checkpointing; without them the base is bf16 on CUDA and fp32 on CPU.
+    """
+    options = options or ModelSettings()
+    check_supported(family_of(path), path)
+    check_quantization(options.quantization, device)
+    dtype = base_dtype(options.dtype, device)
+    base = _load_base(path, num_labels, dtype, options.quantization, device)
     if base.config.pad_token_id is None:
         base.config.pad_token_id = pad_token_id
-    if pooling == "mean":
-        _pool_by_mean(base, path)
+    before_head = _pool_by_mean(base, path) if pooling == "mean" else None
+    if options.gradient_checkpointing:
+        # Recomputes activations in backward: less memory for long texts and big models, ~30% more time.
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         model = get_peft_model(base, peft_config, adapter_name=ADAPTER_NAME)
     except ValueError as exc:
         raise ModelError(f"cannot apply {peft_config.peft_type} to {path}: {exc}") from exc
+    if before_head is not None:  # on peft's wrapper, so the hook follows whichever head copy is active
+        _head_wrapper(model).register_forward_pre_hook(before_head.replace)
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()
     if peft_config.peft_type == PeftType.PREFIX_TUNING:
         _probe(model, path)
+    if options.quantization != "none":
+        return model  # type: ignore[no-any-return]  # bitsandbytes placed the weights already
     return model.to(device)  # type: ignore[no-any-return]
+
+
+def _load_base(path: Path, num_labels: int, dtype: torch.dtype, quantization: str, device: torch.device) -> Any:
+    extra: dict[str, Any] = {}
+    if quantization != "none":
+        from transformers import BitsAndBytesConfig
+
+        four = quantization == "4bit"
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=four, load_in_8bit=not four, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+        extra["device_map"] = {"": device}
+    try:
+        base = AutoModelForSequenceClassification.from_pretrained(
+            str(path),
+            num_labels=max(1, num_labels),
+            local_files_only=True,
+            dtype=dtype,
+            ignore_mismatched_sizes=True,
+            **extra,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"model directory {path}: cannot load it for sequence classification ({exc})") from exc
+    if quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    return base
+
+
+def _head_wrapper(model: PeftModel) -> ModulesToSaveWrapper:
+    for module in model.modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            return module
+    raise ModelError("the model has no trainable classification head (peft modules_to_save)")
 
 
 def _probe(model: PeftModel, path: Path) -> None:

@@ -298,7 +298,9 @@ class Publisher:
         config = peft_config_from_dict(state.peft_config)
         tokenizer = self.trainer.collator.tokenizer
         pooling = self.trainer.pooling
-        model = build_model(path, config, len(state.labels), self.trainer.device, tokenizer.pad_token_id, pooling)
+        model = build_model(
+            path, config, len(state.labels), self.trainer.device, tokenizer.pad_token_id, pooling, self.settings.model
+        )
         collator = Collator(tokenizer, self.trainer.collator.max_length, LabelMap())
         other = OnlineTrainer(model, collator, self.settings.trainer, self.trainer.device, pooling=pooling)
         other.load(state)

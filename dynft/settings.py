@@ -177,11 +177,19 @@ class ModelSettings(Section):
 
     path: str | None = Field(None, description="Hugging Face model directory; default: packaged all-MiniLM-L6-v2")
     max_length: int = Field(64, ge=8, le=8192, description="tokens per text; longer inputs are truncated for the model")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N")
     pooling: Literal["auto", "cls", "mean"] = Field(
         "auto",
         description="what the head reads: the [CLS] pooler or the masked token mean; auto: mean for "
-        "sentence-transformers BERT models trained with it (the default model)",
+        "sentence-transformers encoders trained with it (the default model); cls: the architecture's own "
+        "(the last non-pad token for decoders)",
+    )
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="base weights; auto: bf16 on a GPU with it, fp16 (loss-scaled) on one without, fp32 on CPU"
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, more time")
+    quantization: Literal["none", "8bit", "4bit"] = Field(
+        "none", description="QLoRA: 4-/8-bit base weights through bitsandbytes (CUDA only)"
     )
 
 

@@ -10,6 +10,8 @@ also carries an L2 pull toward the serving version (``anchor_to``), against forg
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -25,6 +27,7 @@ from torch import nn
 from dynft.batching import Batch, Collator, LabelMap
 from dynft.errors import AdapterMismatchError
 from dynft.events import Event
+from dynft.families import size_line
 from dynft.model import (
     AdapterSlots,
     AdapterState,
@@ -40,6 +43,8 @@ from dynft.model import (
 )
 from dynft.settings import AdapterSettings, ModelSettings, TrainerSettings
 from dynft.snapshot import check_snapshot
+
+log = logging.getLogger(__name__)
 
 # Logit scale of the first imprinted rows (logit = scale x cosine). Kept small: a row imprinted
 # from one or two examples is a rough guess that training must be able to overrule. Measured
@@ -114,8 +119,21 @@ class OnlineTrainer:
 
     def _autocast(self) -> contextlib.AbstractContextManager[None]:
         if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast("cuda", dtype=self._amp_dtype)
         return contextlib.nullcontext()
+
+    @functools.cached_property
+    def _amp_dtype(self) -> torch.dtype:
+        # fp16 base weights (model.dtype, or a GPU without bf16) compute in fp16; else bf16.
+        fp16 = any(p.dtype == torch.float16 for p in self.model.parameters())
+        return torch.float16 if fp16 else torch.bfloat16
+
+    @functools.cached_property
+    def _scaler(self) -> torch.amp.GradScaler:
+        # fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler passes through.
+        return torch.amp.GradScaler(
+            self.device.type, enabled=self._amp_dtype == torch.float16 and self.device.type == "cuda"
+        )
 
     def step(self, batch: Batch) -> StepResult:
         """One test-then-train update on ``batch``."""
@@ -147,13 +165,15 @@ class OnlineTrainer:
             result.skipped = "non_finite_loss"
         else:
             penalty = self._anchor_penalty()
-            (loss if penalty is None else loss + penalty).backward()  # type: ignore[no-untyped-call]
+            self._scaler.scale(loss if penalty is None else loss + penalty).backward()  # type: ignore[no-untyped-call]
+            self._scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             grad_norm = nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
             if torch.isfinite(grad_norm):
-                self.optimizer.step()
+                self._scaler.step(self.optimizer)
             else:
                 result.skipped = "non_finite_grad"
+            self._scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if result.skipped:
             self.skipped += 1
@@ -183,6 +203,8 @@ class OnlineTrainer:
         if not bool(new_rows.any()):
             return
         features = self._head_inputs(batch.input_ids, batch.attention_mask).float()  # (B, H)
+        if features.dim() == 3:  # a decoder's score reads every position; under mean pooling all hold the mean
+            features = features[:, 0]
         # What every text shares says nothing about its label, and would make the new row win
         # everywhere: the row points from the batch's mean feature to the label's, and its bias
         # cancels the mean, so its logit is measured from there.
@@ -363,8 +385,9 @@ def build_trainer(
     torch.manual_seed(trainer_settings.seed)
     tokenizer = load_tokenizer(path)
     pooling = resolve_pooling(path, model_settings.pooling)
-    config = peft_config_from_settings(adapter_settings)
-    model = build_model(path, config, 1, device, tokenizer.pad_token_id, pooling)
+    config = peft_config_from_settings(adapter_settings, path)
+    model = build_model(path, config, 1, device, tokenizer.pad_token_id, pooling, model_settings)
+    log.info(size_line(model, path))
     label_map = LabelMap(capacity=trainer_settings.max_labels)
     collator = Collator(tokenizer, model_settings.max_length, label_map, pin=device.type == "cuda")
     return OnlineTrainer(model, collator, trainer_settings, device, base_model_path=path, pooling=pooling)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynft.errors import ModelError
 from dynft.events import Event
 from dynft.model import MaskedMeanPooler, build_model, model_fingerprint, peft_config_from_settings, resolve_pooling
 from dynft.settings import AdapterSettings, Settings
@@ -71,7 +70,8 @@ def test_the_head_reads_the_masked_mean_of_the_last_hidden_states(
     torch.testing.assert_close(together[:1], alone)  # padding does not leak into the mean
 
 
-def test_mean_pooling_on_a_model_without_a_pooler_is_a_clear_error(tmp_path: Path) -> None:
+def test_mean_pooling_without_a_pooler_feeds_the_head_the_masked_mean(tmp_path: Path) -> None:
+    # RoBERTa's (and MPNet's) head reads the first token itself: mean pooling goes in front of it.
     from transformers import RobertaConfig, RobertaForSequenceClassification
 
     config = RobertaConfig(
@@ -79,8 +79,19 @@ def test_mean_pooling_on_a_model_without_a_pooler_is_a_clear_error(tmp_path: Pat
     )
     RobertaForSequenceClassification(config).save_pretrained(str(tmp_path))
     lora = peft_config_from_settings(AdapterSettings(target_modules=["query", "value"]))
-    with pytest.raises(ModelError, match=r"model\.pooling = mean needs an encoder with a \[CLS\] pooler"):
-        build_model(tmp_path, lora, 2, torch.device("cpu"), 1, "mean")
+    model = build_model(tmp_path, lora, 2, torch.device("cpu"), 1, "mean")
+    model.eval()
+    ids, mask = torch.tensor([[0, 5, 6, 7, 2, 1, 1]]), torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        mean = out.hidden_states[-1][:, :5].mean(dim=1, keepdim=True)  # (1, 1, H): the real tokens only
+        expected = model.base_model.model.classifier(mean)
+        alone = model(input_ids=ids[:, :5], attention_mask=mask[:, :5]).logits
+    torch.testing.assert_close(out.logits, expected)
+    torch.testing.assert_close(out.logits, alone)  # padding does not leak into the mean
+    first_token = build_model(tmp_path, lora, 2, torch.device("cpu"), 1, "cls").eval()
+    with torch.no_grad():
+        assert not torch.allclose(first_token(input_ids=ids, attention_mask=mask).logits, out.logits)
 
 
 def new_label_accuracy(trainer: OnlineTrainer) -> tuple[float, float]:

@@ -20,6 +20,7 @@ head alone, or every weight for full fine-tuning (safetensors, float32).
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,7 +75,8 @@ def saved_bytes(trainer: Any, config: str, tmp: str) -> int:
 
     state = trainer.export()
     if config == "head only":
-        tensors = {k: t for k, t in state.tensors.items() if k in trainer.slots.head_keys}
+        # Every non-LoRA tensor is the head's: MPNet's head has a dense layer before its output row.
+        tensors = {k: t for k, t in state.tensors.items() if "lora_" not in k}
     elif config == "full fine-tuning":
         tensors = {n: p.detach().cpu().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
     else:
@@ -94,8 +96,11 @@ def run_paradigm(dataset: str, config: str, suite: Suite, data: Path = DATA) -> 
     with tempfile.TemporaryDirectory(prefix="dynft-quality-") as tmp:
         trainer = build(config, suite, tmp, steps=-(-len(events) // BATCH))
         started, cpu = time.perf_counter(), time.process_time()
+        prequential = 0  # test-then-train: each step's predictions come before it learns the batch
         for i in range(0, len(events), BATCH):
-            trainer.step(trainer.collator(events[i : i + BATCH], n_fresh=0))
+            chunk = events[i : i + BATCH]
+            result = trainer.step(trainer.collator(chunk, n_fresh=len(chunk)))
+            prequential += sum(p == e.label for p, e in zip(result.predictions, chunk, strict=True))
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)  # head grown by now
         predicted = trainer.predict(probes, trainer.exported_labels())
@@ -103,7 +108,10 @@ def run_paradigm(dataset: str, config: str, suite: Suite, data: Path = DATA) -> 
     return {
         "dataset": dataset,
         "config": config,
+        "model": suite.model_path or "minilm",
+        "seed": suite.extra_settings.get("trainer.seed", 0),
         "test_accuracy": sum(p == e.label for p, e in zip(predicted, probes, strict=True)) / len(probes),
+        "prequential_accuracy": prequential / max(1, len(events)),
         "trainable_params": trainable,
         "saved_bytes": size,
         "train_seconds": seconds,
@@ -112,3 +120,90 @@ def run_paradigm(dataset: str, config: str, suite: Suite, data: Path = DATA) -> 
         "test_events": len(probes),
         "skipped_steps": trainer.skipped,
     }
+
+
+# The model-size axis: name -> how to find the model (None: the packaged all-MiniLM-L6-v2, 22M).
+MODEL_SIZES: dict[str, str | None] = {"minilm": None, "mpnet": "mpnet"}  # mpnet: all-mpnet-base-v2, 110M
+
+
+def model_path(name: str) -> str | None:
+    """The directory of a model of the size axis; MPNet is fetched into the cache on first use."""
+    fetched = MODEL_SIZES[name]
+    if fetched is None:
+        return None
+    from benchmarks.models import fetch
+
+    return str(fetch(fetched))
+
+
+def size_grid(
+    suite: Suite, models: list[str], datasets: list[str], configs: list[str], seeds: int, data: Path = DATA
+) -> list[dict[str, Any]]:
+    """Model size x fine-tuning configuration x dataset x seed, one process, in order (a batch experiment)."""
+    rows = []
+    for name in models:
+        path = model_path(name)
+        for seed in range(seeds):
+            extra = suite.extra_settings | {"trainer.seed": seed}
+            sized = suite.with_overrides(model_path=path, extra_settings=extra)
+            for dataset in datasets:
+                for config in configs:
+                    cpu = time.process_time()
+                    row = run_paradigm(dataset, config, sized, data)
+                    row["model"], row["cpu_seconds"] = name, time.process_time() - cpu
+                    row["cpu_seconds_per_example"] = row["train_cpu_seconds"] / max(1, row["train_events"])
+                    rows.append(row)
+                    print(f"{name} seed {seed} {dataset} {config}: {row['test_accuracy']:.3f}", flush=True)
+    return rows
+
+
+def size_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table: mean over seeds of each (model, configuration, dataset)."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["config"], row["dataset"]), []).append(row)
+    lines = [
+        "| model | configuration | dataset | seeds | test acc. | prequential acc. | trainable | on disk "
+        "| CPU s / example |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (model, config, dataset), group in groups.items():
+        mean = {k: sum(r[k] for r in group) / len(group) for k in ("test_accuracy", "prequential_accuracy")}
+        first = group[0]
+        per_example = sum(r["cpu_seconds_per_example"] for r in group) / len(group)
+        lines.append(
+            f"| {model} | {config} | {dataset} | {len(group)} | {mean['test_accuracy']:.3f} | "
+            f"{mean['prequential_accuracy']:.3f} | {first['trainable_params']:,} | "
+            f"{first['saved_bytes'] / 2**20:.2f} MiB | {per_example:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    from benchmarks.quality.suites import SUITES
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.paradigms", description=size_grid.__doc__)
+    parser.add_argument("--models", default="minilm,mpnet", help=f"comma-separated, of {sorted(MODEL_SIZES)}")
+    parser.add_argument("--datasets", default=",".join(SUITES["full"].paradigm_datasets))
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, of the CONFIGS")
+    parser.add_argument("--train", type=int, default=300, help="training examples per dataset (one pass)")
+    parser.add_argument("--test", type=int, default=250, help="test rows per dataset")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality/model-size"))
+    args = parser.parse_args(argv)
+    models, configs = args.models.split(","), args.configs.split(",")
+    if unknown := [m for m in models if m not in MODEL_SIZES] + [c for c in configs if c not in CONFIGS]:
+        parser.error(f"unknown models or configurations: {unknown}")
+    suite = SUITES["full"].with_overrides(paradigm_train=args.train, paradigm_test=args.test)
+    rows = size_grid(suite, models, args.datasets.split(","), configs, args.seeds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps({"argv": argv or sys.argv[1:], "rows": rows}, indent=1))
+    args.out.with_suffix(".md").write_text(size_table(rows))
+    print(size_table(rows))
+
+
+if __name__ == "__main__":
+    main()

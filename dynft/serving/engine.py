@@ -317,7 +317,9 @@ class InferenceEngine:
     def _build(self, state: AdapterState) -> tuple[PeftModel, AdapterSlots]:
         config = peft_config_from_dict(state.peft_config)
         pad = self.tokenizer.pad_token_id
-        model = build_model(self.model_path, config, len(state.labels), self.device, pad, self.pooling)
+        model = build_model(
+            self.model_path, config, len(state.labels), self.device, pad, self.pooling, self.settings.model
+        )
         model.eval()
         for param in model.parameters():
             param.requires_grad_(False)

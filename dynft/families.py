@@ -1,0 +1,160 @@
+"""Model families: what dynft needs to know about an architecture before it loads one.
+
+A Hugging Face model directory names its architecture in ``config.json`` (``model_type``).
+From it dynft decides, on purpose rather than by accident:
+
+- the *kind*: an encoder (BERT, MPNet, RoBERTa), a decoder-only model (GPT-2, Llama, Qwen2,
+  Mistral, Phi, Gemma) or an encoder-decoder (BART, T5). Encoders and decoders load as
+  ``AutoModelForSequenceClassification`` and train alike: an encoder's head reads the first
+  token (or its pooler), a decoder's head (``score``) the last non-pad token. Encoder-decoder
+  heads need an ``eos`` in every text and pool the decoder's last ``eos``; dynft refuses them
+  at start-up instead of training something that silently reads the wrong token.
+- the LoRA target modules, when ``adapter.target_modules`` is not set: the attention query and
+  value projections of each family (peft's own table has gaps, MPNet for one).
+
+Also here: the precision, device and quantisation choices of ``model.*``, and the start-up
+line that says how big the model and its adapter are.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from dynft.errors import ModelError
+
+Kind = Literal["encoder", "decoder", "encoder-decoder"]
+
+# Query and value projections: LoRA on these two is the usual, cheap default (Hu et al. 2021).
+LORA_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "albert": ["query", "value"],
+    "mpnet": ["q", "v"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "gpt2": ["c_attn"],  # GPT-2 computes q, k and v in one Conv1D
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+}
+
+_DECODERS = frozenset(
+    {"gpt2", "gpt_neox", "gptj", "falcon", "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2"}
+    | {"phi", "phi3", "opt", "bloom", "mpt", "gpt_neo", "stablelm", "starcoder2", "olmo"}
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What dynft knows about one model directory's architecture."""
+
+    model_type: str
+    kind: Kind
+
+    @property
+    def lora_targets(self) -> list[str] | None:
+        """Default LoRA target modules; ``None`` leaves the choice to peft."""
+        targets = LORA_TARGETS.get(self.model_type)
+        return list(targets) if targets is not None else None
+
+
+def family_of(path: Path) -> Family:
+    """The family of the model in ``path`` (read from its ``config.json``)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"model directory {path}: cannot read config.json ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ModelError(f"model directory {path}: config.json is not a JSON object")
+    model_type = str(config.get("model_type", ""))
+    architectures = [str(a) for a in config.get("architectures") or []]
+    kind: Kind = "encoder"
+    if config.get("is_encoder_decoder"):
+        kind = "encoder-decoder"
+    elif model_type in _DECODERS or any(a.endswith("ForCausalLM") for a in architectures):
+        kind = "decoder"
+    return Family(model_type, kind)
+
+
+def check_supported(family: Family, path: Path) -> None:
+    """Refuse an encoder-decoder model at start-up, with what to use instead."""
+    if family.kind == "encoder-decoder":
+        raise ModelError(
+            f"model directory {path}: {family.model_type} is an encoder-decoder model; dynft trains encoder "
+            "(BERT, MPNet, RoBERTa) and decoder-only (GPT-2, Llama, Qwen2, Mistral, Phi, Gemma) sequence "
+            "classifiers. Encoder-decoder heads pool the last eos token of every text, which dynft does "
+            "not guarantee; use an encoder or decoder-only model"
+        )
+
+
+def pick_device(setting: str) -> torch.device:
+    """``model.device``: auto, cpu, cuda or cuda:N, checked against the devices present."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"model.device is {setting} but no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ModelError(f"model.device is {setting} but only {torch.cuda.device_count()} CUDA devices exist")
+    return device
+
+
+def base_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """``model.dtype`` of the frozen base weights; auto: bf16 on a GPU with it, fp16 on one without, fp32 on CPU."""
+    if setting == "fp32" or (setting == "auto" and device.type != "cuda"):
+        return torch.float32
+    if device.type != "cuda":
+        raise ModelError(f"model.dtype = {setting} needs a CUDA device (model.device is {device}); use fp32 or auto")
+    bf16 = torch.cuda.is_bf16_supported()
+    if setting == "bf16" and not bf16:
+        raise ModelError(f"model.dtype = bf16 but {torch.cuda.get_device_name(device)} has no bf16; use fp16 or auto")
+    if setting == "fp16" or (setting == "auto" and not bf16):
+        return torch.float16
+    return torch.bfloat16
+
+
+def check_quantization(setting: str, device: torch.device) -> None:
+    """4- or 8-bit base weights (QLoRA) need a CUDA device and bitsandbytes; say so before loading."""
+    if setting == "none":
+        return
+    if device.type != "cuda":
+        raise ModelError(f"model.quantization = {setting} needs a CUDA device (model.device is {device})")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ModelError(
+            f"model.quantization = {setting} needs the bitsandbytes package (pip install bitsandbytes)"
+        ) from exc
+
+
+def size_line(model: nn.Module, path: Path) -> str:
+    """The start-up line: parameters, the trainable share, and the adapter's size on disk (fp32 safetensors)."""
+    total = trainable = adapter_bytes = 0
+    for param in model.parameters():
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+            adapter_bytes += param.numel() * 4  # versions are exported as fp32 copies
+    share = 100.0 * trainable / max(1, total)
+    return (
+        f"model {path.name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M trainable ({share:.2f}%), "
+        f"adapter about {adapter_bytes / 2**20:.2f} MiB on disk"
+    )
