@@ -36,3 +36,7 @@ class RegistryWriteError(RegistryError):
 
 class AdapterMismatchError(RegistryError):
     """An adapter version does not fit the model it should be loaded into."""
+
+
+class ReplicationError(DynftError):
+    """The versions topics cannot be reached, read or written (the broker may come back)."""

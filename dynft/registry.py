@@ -292,3 +292,39 @@ class AdapterRegistry:
         except RegistryWriteError as exc:
             log.warning("%s; old versions stay until the next prune", exc)
         return removed
+
+    # -- replicas (dynft.replication.follower): versions and pointer written as received ----
+
+    def materialise(self, version: int, files: dict[str, bytes]) -> bool:
+        """Write a version received from the versions topic, unchecked, as its publisher wrote it.
+
+        The files are checked when the version is loaded (content hash, fingerprint), exactly
+        as for a version published here. Returns False when this exact version is already here.
+        """
+        target = self.path(version)
+        if target.exists() and all(
+            (target / n).exists() and (target / n).read_bytes() == data for n, data in files.items()
+        ):
+            return False
+        stage = self.staging_dir / uuid.uuid4().hex
+        with self._writing(f"write version {version}"):
+            stage.mkdir()
+            for name, data in files.items():
+                with open(stage / name, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            _fsync_dir(stage)
+            with self._locked():
+                if target.exists():  # another publisher's version of the same number: the newer record wins
+                    trash = self.staging_dir / f"replaced-{version}-{uuid.uuid4().hex[:6]}"
+                    os.rename(target, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                os.rename(stage, target)
+                _fsync_dir(self.versions_dir)
+        return True
+
+    def replace_serving(self, pointer: ServingPointer) -> None:
+        """Install a serving pointer decided elsewhere (a replica follows the pointer topic)."""
+        with self._writing("write serving.json"), self._locked():
+            write_atomic(self.pointer_path, _json_bytes(pointer.__dict__))
