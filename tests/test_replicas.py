@@ -134,7 +134,7 @@ def test_three_replicas_follow_the_trainer(
     trainer = start_trainer(tmp_path, tiny_model_dir, kafka_broker, topic)
     trainer_registry = AdapterRegistry(tmp_path / "trainer" / "registry")
     try:
-        wait_until(lambda: len(trainer_registry.versions()) >= 4, 240, "four published versions")
+        wait_until(lambda: len(trainer_registry.versions()) >= 4, 300, "four published versions")
         assert stop(trainer) == 0, (tmp_path / "trainer.log").read_text()[-3000:]
     finally:
         reap(trainer)
@@ -173,7 +173,7 @@ def test_three_replicas_follow_the_trainer(
     assert r2.admin(f"/v1/adapters/{other}/promote").status_code == 200
     r1.start()
     r3.start()
-    wait_until(lambda: all_serve([r1, r2, r3], other), 120, "the restarted and the late replica")
+    wait_until(lambda: all_serve([r1, r2, r3], other), 300, "the restarted and the late replica")
     at_other = {r.name: r.answers() for r in (r1, r2, r3)}
     assert len({json.dumps(a) for a in at_other.values()}) == 1, at_other
 
