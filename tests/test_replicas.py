@@ -226,5 +226,85 @@ def test_an_adapter_above_the_record_limit_names_the_setting(kafka_broker: Broke
     registry.publish(big, {"step": 1})
     tiny_settings.kafka.versions_topic = f"versions-{uuid.uuid4().hex[:8]}"
     tiny_settings.kafka.versions_max_message_bytes = 1 << 20
-    with pytest.raises(ConfigError, match=r"version 1 is \d+ bytes .* above kafka.versions_max_message_bytes"):
-        VersionsFeed(tiny_settings, registry, [kafka_broker.bootstrap], tiny_settings.kafka.versions_topic).sync()
+    feed = VersionsFeed(tiny_settings, registry, [kafka_broker.bootstrap], tiny_settings.kafka.versions_topic)
+    try:
+        with pytest.raises(ConfigError, match=r"version 1 is \d+ bytes .* above kafka.versions_max_message_bytes"):
+            feed.sync()
+    finally:
+        feed.close()
+
+
+def small_registry(settings: Settings, versions: int) -> AdapterRegistry:
+    import torch
+
+    from dynft.registry import AdapterState
+
+    registry = AdapterRegistry(settings.registry_dir)
+    for i in range(versions):
+        registry.publish(AdapterState({"w": torch.full((4,), float(i))}, ["a"], {"peft_type": "LORA"}), {"step": i})
+    return registry
+
+
+def test_the_trainer_adopts_a_decision_made_on_a_replica(kafka_broker: Broker, tiny_settings: Settings) -> None:
+    from dynft.registry import now
+
+    registry = small_registry(tiny_settings, 2)
+    registry.promote(1, "first")
+    registry.promote(2, "second")
+    topic = f"versions-{uuid.uuid4().hex[:8]}"
+    feed = VersionsFeed(tiny_settings, registry, [kafka_broker.bootstrap], topic)
+    feed.start()
+    try:
+        producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+        decision = {"version": 1, "pinned": True, "reason": "rolled back", "updated_at": now(), "history": []}
+        record = PointerRecord(feed.epoch, "replica", decision)
+        producer.send(pointer_topic(topic), key=POINTER_KEY, value=encode_pointer(record)).get(30)
+        producer.close()
+        wait_until(lambda: registry.serving().version == 1, 30, "the trainer to adopt the rollback")
+        assert registry.serving().pinned  # so its gate does not promote over it
+    finally:
+        feed.close()
+
+
+def test_a_replica_waits_for_late_versions_and_ignores_stale_trainers(
+    kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from dynft.replication.follower import Follower, FollowingRegistry
+
+    source = small_registry(tiny_settings, 2)
+    topic = f"versions-{uuid.uuid4().hex[:8]}"
+    topics.ensure_topics([kafka_broker.bootstrap], topic, tiny_settings.kafka)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+
+    def send_version(version: int, epoch: int) -> None:
+        files = {p.name: p.read_bytes() for p in source.path(version).iterdir()}
+        value = encode_version(VersionRecord(version, epoch, "trainer", files))
+        producer.send(topic, key=version_key(version), value=value).get(30)
+
+    def send_pointer(version: int, epoch: int) -> None:
+        decision = {"version": version, "pinned": False, "reason": f"v{version}", "updated_at": "", "history": []}
+        value = encode_pointer(PointerRecord(epoch, "trainer", decision))
+        producer.send(pointer_topic(topic), key=POINTER_KEY, value=value).get(30)
+
+    send_pointer(1, epoch=2)  # the pointer arrives before its version
+    registry = FollowingRegistry(tmp_path / "replica" / "registry")
+    metrics = CollectorRegistry()
+    follower = registry.follower = Follower(
+        tiny_settings, registry, f"kafka://{kafka_broker.bootstrap}/{topic}", metrics
+    )
+    follower.start()
+    try:
+        assert registry.serving().version is None
+        send_version(1, epoch=2)
+        wait_until(lambda: registry.serving().version == 1, 30, "the pointer to follow its version")
+        assert registry.load(1)[1]["content_hash"] == source.meta(1)["content_hash"]
+        send_version(2, epoch=1)
+        send_pointer(2, epoch=1)  # a stale trainer's decision
+        stale = {"kind": "pointer", "outcome": "stale"}
+        wait_until(lambda: metrics.get_sample_value("dynft_replica_records_total", stale) == 1, 30, "the stale record")
+        assert registry.serving().version == 1
+    finally:
+        follower.stop()
+        producer.close()
