@@ -328,3 +328,11 @@ class AdapterRegistry:
         """Install a serving pointer decided elsewhere (a replica follows the pointer topic)."""
         with self._writing("write serving.json"), self._locked():
             write_atomic(self.pointer_path, _json_bytes(pointer.__dict__))
+
+    def discard(self, version: int) -> None:
+        """Remove one version (a replica following the trainer's retention); absent is fine."""
+        with self._writing(f"remove version {version}"), self._locked():
+            if self.path(version).exists():
+                trash = self.staging_dir / f"discarded-{version}-{uuid.uuid4().hex[:6]}"
+                os.rename(self.path(version), trash)
+                shutil.rmtree(trash, ignore_errors=True)

@@ -305,6 +305,9 @@ def test_a_replica_waits_for_late_versions_and_ignores_stale_trainers(
         stale = {"kind": "pointer", "outcome": "stale"}
         wait_until(lambda: metrics.get_sample_value("dynft_replica_records_total", stale) == 1, 30, "the stale record")
         assert registry.serving().version == 1
+        producer.send(topic, key=version_key(2), value=None).get(30)  # the trainer pruned version 2
+        producer.send(topic, key=version_key(1), value=None).get(30)  # ... and 1, which this replica serves
+        wait_until(lambda: registry.versions() == [1], 30, "the replica to follow the trainer's retention")
     finally:
         follower.stop()
         producer.close()

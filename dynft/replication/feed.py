@@ -1,7 +1,8 @@
 """The trainer's side: every published version and serving decision goes to the versions topics.
 
 ``VersionsFeed.sync`` is the publisher's one hook (after each publish / promote): it sends the
-registry's versions not yet sent, then the serving pointer if it changed. A failed send is
+registry's versions not yet sent, a tombstone for each sent version retention has pruned since,
+then the serving pointer if it changed. A failed send is
 logged and retried by the next sync; the local registry stays the trainer's own truth.
 
 A pointer decision made on a replica (admin promote / rollback) arrives on the pointer topic;
@@ -112,9 +113,13 @@ class VersionsFeed:
     def sync(self) -> None:
         """Send the versions not yet sent, then the serving pointer if it changed (publisher's hook)."""
         try:
-            for version in self.registry.versions():
+            versions = self.registry.versions()
+            for version in versions:
                 if version not in self._sent_versions:
                     self._send_version(version)
+            for version in sorted(self._sent_versions - set(versions)):  # pruned here: a tombstone
+                self._send(self.topic, version_key(version), None)
+                self._sent_versions.discard(version)
             pointer = self.registry.serving()
             with self._lock:
                 if pointer.version is not None and pointer.__dict__ != self._sent_pointer:
@@ -146,7 +151,7 @@ class VersionsFeed:
         self._send(self.topic, version_key(version), value)
         self._sent_versions.add(version)
 
-    def _send(self, topic: str, key: bytes, value: bytes) -> None:
+    def _send(self, topic: str, key: bytes, value: bytes | None) -> None:
         from kafka.errors import KafkaError
 
         try:

@@ -8,7 +8,8 @@ the trainer's host; a version that fails is refused, counted (``dynft_swap_failu
 and never installed, and the replica keeps serving what it served.
 
 At start ``catch_up`` reads both topics to their current end before the server answers; then
-the follower's thread (the only user of its consumer) keeps reading. A pointer record whose
+the follower's thread (the only user of its consumer) keeps reading. Retention follows the
+trainer's: a version the trainer prunes is a tombstone on the topic, and leaves the replica too. A pointer record whose
 version has not arrived yet waits for it; one with an older epoch than the newest seen comes
 from a stale trainer and is ignored. ``FollowingRegistry`` sends the admin API's promote /
 rollback / unpin to the pointer topic instead of writing ``serving.json``, and returns once the
@@ -143,15 +144,18 @@ class Follower:
         for tp, records in self._consumer.poll(timeout_ms=200).items():
             for record in records:
                 if tp.topic == self.topic:
-                    self._on_version(record.value)
+                    self._on_version(record.key, record.value)
                 elif record.key == POINTER_KEY:
                     self._on_pointer(record.value)
                     with self._applied:
                         self._applied_offset = record.offset
                         self._applied.notify_all()
 
-    def _on_version(self, value: bytes | None) -> None:
-        if value is None:  # a tombstone: retention on this replica is its own registry's
+    def _on_version(self, key: bytes | None, value: bytes | None) -> None:
+        if value is None:  # a tombstone: the trainer pruned this version; the replica follows (not the serving one)
+            number = (key or b"").decode(errors="replace").rpartition("/")[2]
+            if number.isdigit() and int(number) != self.registry.serving().version:
+                self.registry.discard(int(number))
             return
         try:
             record = decode_version(value)
@@ -188,7 +192,6 @@ class Follower:
     def _install(self, record: PointerRecord) -> None:
         self._pending = None
         self.registry.replace_serving(ServingPointer(**record.pointer))
-        self.registry.prune()
         self.metrics.records.labels("pointer", "applied").inc()
         log.info("serving pointer -> version %s (%s)", record.pointer.get("version"), record.pointer.get("reason"))
 
