@@ -106,6 +106,24 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _write_files(directory: Path, files: dict[str, bytes]) -> None:
+    """Write and fsync each file, then the directory (before it is renamed into place)."""
+    for name, data in files.items():
+        with open(directory / name, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    _fsync_dir(directory)
+
+
+def rollback_target(current: ServingPointer, existing: list[int]) -> int:
+    """The most recent earlier serving version that still exists."""
+    earlier = [h["version"] for h in current.history if h["version"] in existing and h["version"] != current.version]
+    if not earlier:
+        raise RegistryError("no earlier serving version to roll back to")
+    return int(earlier[0])
+
+
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
@@ -178,12 +196,7 @@ class AdapterRegistry:
                 version = max(self.versions(), default=0) + 1
                 full_meta = {**meta, "version": version, "created_at": now(), "content_hash": digest}
                 files[META] = _json_bytes(full_meta)
-                for name, data in files.items():
-                    with open(stage / name, "wb") as fh:
-                        fh.write(data)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                _fsync_dir(stage)
+                _write_files(stage, files)
                 os.rename(stage, self.path(version))
                 _fsync_dir(self.versions_dir)
         except OSError as exc:
@@ -249,13 +262,7 @@ class AdapterRegistry:
         """Serve the previous serving version again (pinned, so the gate will not replace it)."""
         with self._writing("write serving.json"), self._locked():
             current = self.serving()
-            existing = set(self.versions())
-            earlier = [
-                h["version"] for h in current.history if h["version"] in existing and h["version"] != current.version
-            ]
-            if not earlier:
-                raise RegistryError("no earlier serving version to roll back to")
-            target = earlier[0]
+            target = rollback_target(current, self.versions())
             self.load(target)
             rest = [h for h in current.history if h["version"] != target]
             pointer = ServingPointer(target, True, reason, now(), rest)
@@ -309,12 +316,7 @@ class AdapterRegistry:
         stage = self.staging_dir / uuid.uuid4().hex
         with self._writing(f"write version {version}"):
             stage.mkdir()
-            for name, data in files.items():
-                with open(stage / name, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            _fsync_dir(stage)
+            _write_files(stage, files)
             with self._locked():
                 if target.exists():  # another publisher's version of the same number: the newer record wins
                     trash = self.staging_dir / f"replaced-{version}-{uuid.uuid4().hex[:6]}"

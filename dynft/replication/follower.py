@@ -26,7 +26,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from dynft.errors import RegistryError, RegistryWriteError, ReplicationError
-from dynft.registry import AdapterRegistry, ServingPointer, now
+from dynft.registry import AdapterRegistry, ServingPointer, now, rollback_target
 from dynft.replication import topics
 from dynft.replication.records import POINTER_KEY, PointerRecord, decode_pointer, decode_version, encode_pointer
 from dynft.replication.records import pointer_topic as pointer_topic_of
@@ -213,13 +213,7 @@ class FollowingRegistry(AdapterRegistry):
 
     def rollback(self, reason: str = "rollback") -> int:
         current = self.serving()
-        existing = set(self.versions())
-        earlier = [
-            h["version"] for h in current.history if h["version"] in existing and h["version"] != current.version
-        ]
-        if not earlier:
-            raise RegistryError("no earlier serving version to roll back to")
-        target = int(earlier[0])
+        target = rollback_target(current, self.versions())
         self.load(target)
         rest = [h for h in current.history if h["version"] != target]
         self.follower.send_pointer(ServingPointer(target, True, reason, now(), rest))

@@ -23,12 +23,12 @@ True
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dynft.errors import RegistryError
+from dynft.errors import RegistryError, RegistryWriteError
+from dynft.registry import write_atomic
 
 POINTER_KEY = b"serving"
 EPOCH_FILE = "epoch"
@@ -116,14 +116,9 @@ def next_epoch(state_dir: Path, at_least: int = 0) -> int:
     except (OSError, ValueError) as exc:
         raise RegistryError(f"unreadable trainer epoch file {path} ({exc})") from exc
     epoch = max(current, at_least) + 1
-    tmp = path.with_name(f".{EPOCH_FILE}.tmp")
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as fh:
-            fh.write(f"{epoch}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, f"{epoch}\n".encode())
     except OSError as exc:
-        raise RegistryError(f"cannot store the trainer epoch in {path} ({exc.strerror or exc})") from exc
+        raise RegistryWriteError(f"cannot store the trainer epoch in {path} ({exc.strerror or exc})") from exc
     return epoch
