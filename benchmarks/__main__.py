@@ -19,7 +19,7 @@ from pathlib import Path
 from benchmarks.common import RESULTS, Result, fmt, markdown, progress, skipped, write
 
 # Module names under benchmarks/, each with run(plan) -> list[Result], in the order they run.
-BENCHMARKS = ["training", "swap", "serving", "ingest"]
+BENCHMARKS = ["training", "swap", "serving", "ingest", "replicas"]
 
 
 def main() -> int:

@@ -218,11 +218,16 @@ def train(colocated: bool, metrics_port: int | None, supervisor_pid: int | None,
 
 @main.command()
 @settings_options
+@click.option(
+    "--follow",
+    metavar="kafka://HOST:PORT/TOPIC",
+    help="A replica: serve what the versions topic says (kafka.versions_topic of the trainer), no shared disk.",
+)
 @reports_errors
-def serve(**kwargs: Any) -> None:
-    """Run the inference server alone, following the registry's serving version."""
+def serve(follow: str | None, **kwargs: Any) -> None:
+    """Run the inference server alone, following the registry's serving version (or a versions topic)."""
     settings = settings_from(kwargs)
-    setup_logging(settings.log_level, "server")
+    setup_logging(settings.log_level, "replica" if follow else "server")
     # No state lock: a server only reads what the trainer writes (its admin writes go through the
     # registry's own lock), and one trainer with any number of servers on a shared state volume
     # is the way to scale serving. Its files are private all the same.
@@ -230,7 +235,9 @@ def serve(**kwargs: Any) -> None:
     quiet_libraries()
     from dynft.serving.server import Server
 
-    Server(settings).run()
+    if follow is not None:
+        check_state_dir(settings.state_dir)
+    Server(settings, follow=follow).run()
 
 
 @main.group()

@@ -106,6 +106,10 @@ class BaseModelMismatchError(AdapterMismatchError):
     """An adapter version or checkpoint was trained on another base model than the one in use."""
 
 
+class ReplicationError(DynftError):
+    """The versions topics cannot be reached, read or written (the broker may come back)."""
+
+
 def exit_code(exc: BaseException) -> int:
     """The process exit code for an error that ended a command (see the module docstring).
 

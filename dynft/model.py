@@ -63,8 +63,6 @@ def resolve_model_path(path: str | None) -> Path:
     return resolved
 
 
-
-
 def resolve_pooling(path: Path, setting: str) -> Pooling:
     """``model.pooling``: auto picks mean for a sentence-transformers encoder trained with mean pooling.
 

@@ -22,6 +22,7 @@ from dynft.metrics import TrainerMetrics
 from dynft.model import AdapterState, build_model, peft_config_from_dict
 from dynft.rank import convert_lora_rank
 from dynft.registry import AdapterRegistry
+from dynft.replication.feed import open_feed
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
 
@@ -58,6 +59,7 @@ class Publisher:
         self._published_at = time.monotonic()
         self._serving_cache: tuple[int | None, dict[str, str]] = (None, {})  # serving predictions by event id
         self._candidate_predictions: dict[str, str] = {}
+        self.feed = open_feed(settings, registry)  # kafka.versions_topic: replicas follow what is published here
 
     def resume(self) -> None:
         """Continue from the newest published version if it fits this model and adapter configuration.
@@ -228,6 +230,8 @@ class Publisher:
         else:
             self.registry.prune()
         log.info("version %d %s: %s", info.version, decision.label, decision.reason)
+        if self.feed is not None:
+            self.feed.sync()
         return info.version
 
     def _judge(self) -> Decision:

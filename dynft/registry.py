@@ -113,8 +113,35 @@ def write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _write_files(directory: Path, files: dict[str, bytes]) -> None:
+    """Write and fsync each file, then the directory (before it is renamed into place)."""
+    for name, data in files.items():
+        with open(directory / name, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    _fsync_dir(directory)
+
+
+def rollback_target(current: ServingPointer, existing: list[int]) -> int:
+    """The most recent earlier serving version that still exists."""
+    earlier = [h["version"] for h in current.history if h["version"] in existing and h["version"] != current.version]
+    if not earlier:
+        raise RegistryError("no earlier serving version to roll back to")
+    return int(earlier[0])
+
+
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def check_base_model(version: int, meta: dict[str, Any], base_model: BaseModelId | None) -> None:
+    """Refuse (``BaseModelMismatchError``) a version trained on another base model than ``base_model``."""
+    if base_model is not None and not base_model.accepts(meta.get("base_model")):
+        raise BaseModelMismatchError(
+            f"adapter version {version} was trained on another base model "
+            f"({meta.get('base_model')}, this one is {base_model.fingerprint})"
+        )
 
 
 class AdapterRegistry:
@@ -185,12 +212,7 @@ class AdapterRegistry:
                 version = max(self.versions(), default=0) + 1
                 full_meta = {**meta, "version": version, "created_at": now(), "content_hash": digest}
                 files[META] = _json_bytes(full_meta)
-                for name, data in files.items():
-                    with open(stage / name, "wb") as fh:
-                        fh.write(data)
-                        fh.flush()
-                        os.fsync(fh.fileno())
-                _fsync_dir(stage)
+                _write_files(stage, files)
                 os.rename(stage, self.path(version))
                 _fsync_dir(self.versions_dir)
         except OSError as exc:
@@ -259,11 +281,7 @@ class AdapterRegistry:
         """
         with self._writing("write serving.json"), self._locked():
             _, meta = self.load(version)
-            if base_model is not None and not base_model.accepts(meta.get("base_model")):
-                raise BaseModelMismatchError(
-                    f"adapter version {version} was trained on another base model "
-                    f"({meta.get('base_model')}, this one is {base_model.fingerprint})"
-                )
+            check_base_model(version, meta, base_model)
             self._set_serving(version, reason, pin)
         self.prune()
 
@@ -271,13 +289,7 @@ class AdapterRegistry:
         """Serve the previous serving version again (pinned, so the gate will not replace it)."""
         with self._writing("write serving.json"), self._locked():
             current = self.serving()
-            existing = set(self.versions())
-            earlier = [
-                h["version"] for h in current.history if h["version"] in existing and h["version"] != current.version
-            ]
-            if not earlier:
-                raise RegistryError("no earlier serving version to roll back to")
-            target = earlier[0]
+            target = rollback_target(current, self.versions())
             self.load(target)
             rest = [h for h in current.history if h["version"] != target]
             pointer = ServingPointer(target, True, reason, now(), rest)
@@ -314,3 +326,42 @@ class AdapterRegistry:
         except RegistryWriteError as exc:
             log.warning("%s; old versions stay until the next prune", exc)
         return removed
+
+    # -- replicas (dynft.replication.follower): versions and pointer written as received ----
+
+    def materialise(self, version: int, files: dict[str, bytes]) -> bool:
+        """Write a version received from the versions topic, unchecked, as its publisher wrote it.
+
+        The files are checked when the version is loaded (content hash, fingerprint), exactly
+        as for a version published here. Returns False when this exact version is already here.
+        """
+        target = self.path(version)
+        if target.exists() and all(
+            (target / n).exists() and (target / n).read_bytes() == data for n, data in files.items()
+        ):
+            return False
+        stage = self.staging_dir / uuid.uuid4().hex
+        with self._writing(f"write version {version}"):
+            stage.mkdir()
+            _write_files(stage, files)
+            with self._locked():
+                if target.exists():  # another publisher's version of the same number: the newer record wins
+                    trash = self.staging_dir / f"replaced-{version}-{uuid.uuid4().hex[:6]}"
+                    os.rename(target, trash)
+                    shutil.rmtree(trash, ignore_errors=True)
+                os.rename(stage, target)
+                _fsync_dir(self.versions_dir)
+        return True
+
+    def replace_serving(self, pointer: ServingPointer) -> None:
+        """Install a serving pointer decided elsewhere (a replica follows the pointer topic)."""
+        with self._writing("write serving.json"), self._locked():
+            write_atomic(self.pointer_path, _json_bytes(pointer.__dict__))
+
+    def discard(self, version: int) -> None:
+        """Remove one version (a replica following the trainer's retention); absent is fine."""
+        with self._writing(f"remove version {version}"), self._locked():
+            if self.path(version).exists():
+                trash = self.staging_dir / f"discarded-{version}-{uuid.uuid4().hex[:6]}"
+                os.rename(self.path(version), trash)
+                shutil.rmtree(trash, ignore_errors=True)

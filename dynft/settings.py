@@ -103,6 +103,15 @@ class KafkaSettings(Section):
         10.0, gt=0, description="brokers that do not answer are tried again after 0.5 s, doubling up to this"
     )
     lag_interval_s: float = Field(5.0, gt=0, description="how often consumer lag is measured")
+    versions_topic: str | None = Field(
+        None, min_length=1, description="compacted topic of published versions (pointer: <topic>.pointer); off if unset"
+    )
+    versions_bootstrap: str | None = Field(
+        None, description="HOST:PORT[,HOST:PORT] of the versions topics; default: the Kafka source's brokers"
+    )
+    versions_max_message_bytes: int = Field(
+        16 << 20, ge=1 << 20, description="largest version record (max.message.bytes of the versions topics)"
+    )
 
     @field_validator("sasl_mechanism")
     @classmethod

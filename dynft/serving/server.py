@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from dynft.metrics import ServerMetrics
 from dynft.registry import AdapterRegistry
+from dynft.replication.follower import Follower, FollowingRegistry
 from dynft.runtime import tune_gc
 from dynft.serving.app import create_app
 from dynft.serving.engine import InferenceEngine
@@ -28,14 +29,19 @@ log = logging.getLogger(__name__)
 class Server:
     """Builds the engine and the app; ``run`` blocks until a signal (or ``should_exit``) stops it."""
 
-    def __init__(self, settings: Settings, metrics_registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, settings: Settings, metrics_registry: CollectorRegistry | None = None, follow: str | None = None
+    ) -> None:
+        """``follow``: ``kafka://HOST:PORT/TOPIC`` of the versions topic, for a replica (no trainer, no shared disk)."""
         self.settings = settings
         self.metrics_registry = metrics_registry or CollectorRegistry()
         self.metrics = ServerMetrics(self.metrics_registry)
         registry_dir: Path = settings.registry_dir
-        self.registry = AdapterRegistry(
-            registry_dir, settings.registry.keep_last, settings.registry.keep_serving_history
-        )
+        kind = AdapterRegistry if follow is None else FollowingRegistry
+        self.registry = kind(registry_dir, settings.registry.keep_last, settings.registry.keep_serving_history)
+        self.follower: Follower | None = None
+        if isinstance(self.registry, FollowingRegistry) and follow is not None:
+            self.follower = self.registry.follower = Follower(settings, self.registry, follow, self.metrics_registry)
         self.engine = InferenceEngine(settings, self.registry, self.metrics)
         self.app = create_app(
             settings, self.engine, self.registry, self.metrics, self.metrics_registry, admin_token(settings)
@@ -57,11 +63,15 @@ class Server:
     def run(self, sock: socket.socket | None = None) -> None:
         torch.set_num_threads(self.settings.server.threads)
         tune_gc()
+        if self.follower is not None:
+            self.follower.start()  # reads the versions topics to their end: the current version is then here
         self.engine.start()
         try:
             self.uvicorn.run(sockets=[sock] if sock is not None else None)
         finally:
             self.engine.stop()
+            if self.follower is not None:
+                self.follower.stop()
 
     def stop(self) -> None:
         self.uvicorn.should_exit = True

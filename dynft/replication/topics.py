@@ -1,0 +1,108 @@
+"""The two compacted versions topics: created by dynft, checked at every start.
+
+Both are compacted (only the newest record per key is kept, with no time limit) and take
+records up to ``kafka.versions_max_message_bytes``; an existing topic that is not compacted
+or takes smaller records is a configuration error naming the setting to fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from dynft.errors import ConfigError, ReplicationError
+from dynft.replication.records import pointer_topic
+from dynft.settings import KafkaSettings
+from dynft.sources.kafka import client_config
+
+log = logging.getLogger(__name__)
+MARGIN = 64 << 10  # room for the record header and batch framing above the largest value
+
+
+def topic_configs(max_bytes: int) -> dict[str, str]:
+    return {"cleanup.policy": "compact", "max.message.bytes": str(max_bytes), "retention.ms": "-1"}
+
+
+def ensure_topics(servers: list[str], topic: str, settings: KafkaSettings) -> None:
+    """Create the versions and pointer topics if missing; check an existing one's settings."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import ConfigResource, ConfigResourceType
+    from kafka.errors import KafkaError
+
+    wanted = settings.versions_max_message_bytes
+    names = [topic, pointer_topic(topic)]
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=servers, **client_config(settings))
+        try:
+            missing = [t for t in names if t not in admin.list_topics()]
+            if missing:
+                specs = {
+                    t: {"num_partitions": 1, "replication_factor": -1, "configs": topic_configs(wanted)}
+                    for t in missing
+                }
+                admin.create_topics(specs, raise_errors=False, wait_for_metadata=True)
+                log.info("created the compacted topic(s) %s", ", ".join(missing))
+            resources = [ConfigResource(ConfigResourceType.TOPIC, t) for t in names]
+            described = admin.describe_configs(resources, config_filter="all")
+        finally:
+            admin.close()
+    except KafkaError as exc:
+        raise ReplicationError(f"cannot create or check the versions topics on {','.join(servers)}: {exc}") from exc
+    for name in names:
+        check_topic(name, config_values(described, name), wanted)
+
+
+def config_values(described: Any, topic: str) -> dict[str, str]:
+    """``{key: value}`` of one topic out of ``describe_configs``'s nested answer."""
+    for by_name in (described or {}).values():
+        if isinstance(by_name, dict) and topic in by_name:
+            return {k: str(v.get("value") if isinstance(v, dict) else v) for k, v in by_name[topic].items()}
+    raise ReplicationError(f"the broker did not describe topic {topic}")
+
+
+def check_topic(topic: str, config: dict[str, str], wanted: int) -> None:
+    if "compact" not in config.get("cleanup.policy", ""):
+        raise ConfigError(
+            f"topic {topic}: cleanup.policy is {config.get('cleanup.policy')!r}; a versions topic must be "
+            "compacted (kafka-configs --alter --add-config cleanup.policy=compact)"
+        )
+    have = int(config.get("max.message.bytes", "0") or 0)
+    if have < wanted:
+        raise ConfigError(
+            f"topic {topic}: max.message.bytes is {have}, below kafka.versions_max_message_bytes ({wanted}); "
+            f"raise the topic's max.message.bytes or lower the setting"
+        )
+
+
+def producer(servers: list[str], settings: KafkaSettings) -> Any:
+    from kafka import KafkaProducer
+    from kafka.errors import KafkaError
+
+    try:
+        return KafkaProducer(
+            bootstrap_servers=servers,
+            acks="all",
+            linger_ms=0,
+            max_request_size=settings.versions_max_message_bytes + MARGIN,
+            **client_config(settings),
+        )
+    except KafkaError as exc:
+        raise ReplicationError(f"cannot reach the versions topics on {','.join(servers)}: {exc}") from exc
+
+
+def consumer(servers: list[str], settings: KafkaSettings) -> Any:
+    """A group-less consumer: every replica reads the whole of both topics itself."""
+    from kafka import KafkaConsumer
+    from kafka.errors import KafkaError
+
+    try:
+        return KafkaConsumer(
+            bootstrap_servers=servers,
+            group_id=None,
+            enable_auto_commit=False,
+            max_partition_fetch_bytes=settings.versions_max_message_bytes + MARGIN,
+            fetch_max_bytes=max(settings.fetch_max_bytes, settings.versions_max_message_bytes + MARGIN),
+            **client_config(settings),
+        )
+    except KafkaError as exc:
+        raise ReplicationError(f"cannot reach the versions topics on {','.join(servers)}: {exc}") from exc
