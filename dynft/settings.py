@@ -223,6 +223,16 @@ class TrainerSettings(Section):
         allow_inf_nan=False,
         description="L2 pull of the adapter toward the serving version, against forgetting; 0 = off",
     )
+    distill_alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of the teacher's soft loss in the loss of an event with a label and a teacher "
+        "(knowledge distillation); an event with a teacher and no label learns from the teacher alone",
+    )
+    distill_temperature: float = Field(
+        2.0, gt=0, le=100, allow_inf_nan=False, description="temperature of the distillation loss (student and teacher)"
+    )
     max_labels: int = Field(
         1000,
         ge=1,

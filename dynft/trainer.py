@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
 from dynft.batching import Batch, Collator, LabelMap
+from dynft.distill import per_event_loss
 from dynft.errors import AdapterMismatchError
 from dynft.events import Event
 from dynft.model import (
@@ -130,7 +130,15 @@ class OnlineTrainer:
             self.model.train()
         with self._autocast():
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, C)
-        losses = F.cross_entropy(logits.float(), batch.labels, reduction="none")  # (B,)
+        losses = per_event_loss(  # (B,): cross-entropy, mixed with the teachers' where events have one
+            logits.float(),
+            batch.labels,
+            batch.teacher,
+            batch.teacher_rows,
+            batch.hard_rows,
+            self.settings.distill_alpha,
+            self.settings.distill_temperature,
+        )
         loss = (losses * batch.weights).sum() / batch.weights.sum().clamp_min(1e-8)
 
         # Test before train: these predictions come from the weights before this update.
