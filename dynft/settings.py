@@ -223,6 +223,21 @@ class TrainerSettings(Section):
         allow_inf_nan=False,
         description="L2 pull of the adapter toward the serving version, against forgetting; 0 = off",
     )
+    ewc_weight: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="EWC: L2 pull toward the serving version weighted by a diagonal Fisher estimate "
+        "(mean 1) made at each promotion, against forgetting; 0 = off",
+    )
+    lwf_weight: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="learning without forgetting: weight of distilling the serving version's outputs "
+        "on replayed events (at trainer.distill_temperature); 0 = off",
+    )
+    fisher_events: int = Field(64, ge=1, description="EWC: most recent training events the Fisher estimate uses")
     distill_alpha: float = Field(
         0.5,
         ge=0,
