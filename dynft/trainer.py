@@ -296,12 +296,14 @@ class OnlineTrainer:
         """EWC's diagonal Fisher at ``state``: squared gradients of the loss on recent events of its labels."""
         known = set(state.labels)
         events = [e for e in self._recent if e.label in known]
-        params = self.slots.capture()
         squared: list[dict[str, torch.Tensor]] = []
         was_training = self.model.training
         self.model.eval()  # no dropout: the estimate is of the anchor's own function
         try:
             with self.swapped(state), torch.enable_grad():
+                params = self.slots.capture()  # the anchor's own copies, swapped in by reference
+                for param in params.values():
+                    param.requires_grad_(True)
                 for i in range(0, len(events), 8):  # mini-batches of 8: a cheap, coarser estimate
                     batch = self.collator(events[i : i + 8], n_fresh=0).to(self.device)
                     logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
