@@ -64,6 +64,17 @@ class LabelMap:
             self._labels.append(label)
             return True
 
+    def admit_all(self, labels: Sequence[str]) -> bool:
+        """Whether every one of ``labels`` has an id, adding them all if the capacity allows, else none."""
+        with self._lock:
+            new = list(dict.fromkeys(label for label in labels if label not in self._ids))
+            if self.capacity is not None and len(self._labels) + len(new) > self.capacity:
+                return False
+            for label in new:
+                self._ids[label] = len(self._labels)
+                self._labels.append(label)
+            return True
+
     def ids(self, labels: Sequence[str]) -> list[int]:
         """The id of each label, adding unseen labels at the end."""
         out = []
@@ -88,9 +99,19 @@ class Batch:
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B,)
     weights: torch.Tensor  # (B,)
+    # Knowledge distillation (dynft.distill), only where some event has a teacher: the teachers'
+    # probabilities by label id (a row without a teacher holds its label's one-hot), and which
+    # rows have a teacher and which a label of their own (not the teacher's top).
+    teacher: torch.Tensor | None = None  # (B, C) with C = num_labels
+    teacher_rows: torch.Tensor | None = None  # (B,) bool
+    hard_rows: torch.Tensor | None = None  # (B,) bool
 
     def to(self, device: torch.device) -> Batch:
         non_blocking = device.type == "cuda"
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
         return Batch(
             self.events,
             self.n_fresh,
@@ -99,6 +120,9 @@ class Batch:
             self.attention_mask.to(device, non_blocking=non_blocking),
             self.labels.to(device, non_blocking=non_blocking),
             self.weights.to(device, non_blocking=non_blocking),
+            move(self.teacher),
+            move(self.teacher_rows),
+            move(self.hard_rows),
         )
 
 
@@ -129,6 +153,23 @@ class Collator:
         ids = self.label_map.ids([e.label for e in events])
         labels = torch.tensor(ids, dtype=torch.long)
         weights = torch.tensor([float(e.weight) for e in events], dtype=torch.float32)
-        return Batch(
-            list(events), n_fresh, len(self.label_map), enc["input_ids"], enc["attention_mask"], labels, weights
-        )
+        batch = Batch(list(events), n_fresh, 0, enc["input_ids"], enc["attention_mask"], labels, weights)
+        if any(e.teacher is not None for e in events):
+            self._add_teachers(batch, ids)
+        batch.num_labels = len(self.label_map)  # after the teachers' labels joined the map
+        return batch
+
+    def _add_teachers(self, batch: Batch, label_ids: list[int]) -> None:
+        """Fill the batch's teacher tensors; teacher labels not seen before get ids, like labels."""
+        rows = [
+            (self.label_map.ids(list(e.teacher)), list(e.teacher.values())) if e.teacher else None for e in batch.events
+        ]
+        teacher = torch.zeros(len(rows), len(self.label_map), dtype=torch.float32)
+        for i, row in enumerate(rows):
+            if row is None:
+                teacher[i, label_ids[i]] = 1.0
+            else:
+                teacher[i, row[0]] = torch.tensor(row[1], dtype=torch.float32)
+        batch.teacher = teacher
+        batch.teacher_rows = torch.tensor([row is not None for row in rows])
+        batch.hard_rows = torch.tensor([not e.label_from_teacher for e in batch.events])

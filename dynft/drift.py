@@ -128,3 +128,72 @@ class DriftMonitor:
             return False
         after = getattr(self._error, "estimation", None)
         return before is None or after is None or after > before
+
+
+class LabelShiftDetector:
+    """Watches the label distribution: each label's surprise under the frequencies seen so far.
+
+    Each event adds ``1 - p(label)`` to a river detector, with ``p`` the label's share of the
+    events before it (add-one smoothed over the labels known). A shift toward labels that were
+    rare (or new) raises the stream's mean; a sentiment stream whose inputs stay alike but whose
+    label shares change is seen here when its 0/1 error hardly moves. The counts restart after
+    a detection, so the new distribution becomes the reference. Owned by the training thread.
+
+    >>> det = LabelShiftDetector("PageHinkley", {"min_instances": 30, "threshold": 5.0, "mode": "up"})
+    >>> hits = [i for i, y in enumerate(["a"] * 300 + ["b"] * 100) if det.update(y)]
+    >>> hits[0] >= 300
+    True
+    """
+
+    def __init__(self, detector: str, params: dict[str, Any]):
+        self._spec = (detector, params)
+        self._detector = make_detector(detector, params)
+        self._counts: dict[str, int] = {}
+        self._total = 0
+
+    def update(self, label: str) -> bool:
+        """Feed one event's label; whether a shift is detected here."""
+        share = (self._counts.get(label, 0) + 1) / (self._total + len(self._counts) + 1)
+        self._counts[label] = self._counts.get(label, 0) + 1
+        self._total += 1
+        self._detector.update(1.0 - share)
+        if not self._detector.drift_detected:
+            return False
+        self._counts, self._total = {}, 0
+        self._detector = make_detector(*self._spec)
+        return True
+
+
+class RepresentationShiftDetector:
+    """Watches the inputs: the distance of a random projection of each pooled embedding from its running mean.
+
+    A fixed Gaussian projection (seeded, ``dims`` rows, scaled by ``1/sqrt(dims)``) keeps the cost
+    independent of the model's width while preserving distances (Johnson-Lindenstrauss); the
+    distance of the projected embedding from the mean of those seen since the last detection goes
+    to a river detector. New kinds of text move it before any label arrives. Owned by the training thread.
+    """
+
+    def __init__(self, detector: str, params: dict[str, Any], width: int, dims: int = 16, seed: int = 0):
+        import numpy as np
+
+        self._spec = (detector, params)
+        self._detector = make_detector(detector, params)
+        self._projection = np.random.default_rng(seed).standard_normal((dims, width)) / dims**0.5
+        self._mean = np.zeros(dims)
+        self._seen = 0
+
+    def update(self, embedding: Any) -> bool:
+        """Feed one pooled embedding (a sequence of ``width`` floats); whether a shift is detected here."""
+        import numpy as np
+
+        z = self._projection @ np.asarray(embedding, dtype=np.float64)
+        distance = float(np.linalg.norm(z - self._mean)) if self._seen else 0.0
+        self._seen += 1
+        self._mean += (z - self._mean) / self._seen
+        if self._seen > 1:
+            self._detector.update(distance)
+        if not self._detector.drift_detected:
+            return False
+        self._mean, self._seen = np.zeros_like(self._mean), 0
+        self._detector = make_detector(*self._spec)
+        return True

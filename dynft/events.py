@@ -19,9 +19,21 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from dynft.settings import EventSettings
+from dynft.teacher import normalised, top_label
+
+TEACHER_FIELDS = ("teacher", "teacher_logits", "teacher_temperature", "label_from_teacher")
 
 Reason = Literal[
     "record_too_large",
@@ -40,6 +52,8 @@ Reason = Literal[
     "invalid_weight",
     "nested_too_deep",
     "invalid_string",
+    "invalid_teacher",  # a malformed teacher distribution (see dynft.teacher)
+    "invalid_temperature",  # a teacher_temperature that is not finite and > 0, or without logits
     "too_many_labels",  # given by routing (dynft.routing), not by decode
     "internal",  # an exception no rule foresaw; the detail names its type
 ]
@@ -47,7 +61,13 @@ REASONS: tuple[Reason, ...] = Reason.__args__  # type: ignore[attr-defined]
 
 
 class Event(BaseModel):
-    """One labeled example. Unknown extra fields are ignored, so newer producers stay readable."""
+    """One labeled example. Unknown extra fields are ignored, so newer producers stay readable.
+
+    ``teacher`` is a distribution over labels from a stronger model (see ``dynft.teacher``); after
+    decoding it always holds probabilities, and ``teacher_logits``/``teacher_temperature`` are
+    ``None``. ``label_from_teacher``: the producer gave no label, so ``label`` is the teacher's top
+    label and the trainer learns from the teacher alone.
+    """
 
     model_config = ConfigDict(frozen=True, extra="ignore", strict=True)
 
@@ -57,12 +77,30 @@ class Event(BaseModel):
     task: StrictStr | None = None
     ts: datetime | None = None
     weight: StrictFloat | StrictInt = 1.0
+    teacher: dict[StrictStr, StrictFloat | StrictInt] | None = None
+    teacher_logits: dict[StrictStr, StrictFloat | StrictInt] | None = None
+    teacher_temperature: StrictFloat | StrictInt | None = None
+    label_from_teacher: StrictBool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _label_from_teacher(cls, data: Any) -> Any:
+        """A record with a teacher and no label takes the teacher's top label (validated later, in ``_check``)."""
+        if isinstance(data, dict) and "label" not in data:
+            scores = data.get("teacher") if data.get("teacher") is not None else data.get("teacher_logits")
+            top = top_label(scores)
+            if top is not None:
+                return {**data, "label": top, "label_from_teacher": True}
+        return data
 
     @property
     def nbytes(self) -> int:
         """Approximate memory held by this event, for the buffer's byte bound."""
         text = self.text
-        return (len(text) if text.isascii() else len(text.encode())) + len(self.id) + len(self.label) + 200
+        size = (len(text) if text.isascii() else len(text.encode())) + len(self.id) + len(self.label) + 200
+        if self.teacher is not None:
+            size += sum(len(label) + 80 for label in self.teacher)  # a dict entry and its float
+        return size
 
 
 @dataclass(frozen=True)
@@ -129,9 +167,16 @@ def _validate(obj: dict[str, Any], raw: bytes, limits: EventSettings) -> Event |
     try:
         event = Event.model_validate({**obj, "ts": None})
     except ValidationError as exc:
-        err = exc.errors()[0]
+        errors = exc.errors()
+        # A teacher of the wrong shape is named as such, even where it also leaves the label missing.
+        teacher_errors = [e for e in errors if e["loc"] and e["loc"][0] in TEACHER_FIELDS]
+        err = teacher_errors[0] if teacher_errors else errors[0]
         field = ".".join(str(p) for p in err["loc"])
         reason: Reason = "missing_field" if err["type"] == "missing" else "wrong_type"
+        if teacher_errors:
+            reason = "invalid_temperature" if err["loc"][0] == "teacher_temperature" else "invalid_teacher"
+        elif reason == "missing_field" and err["loc"] == ("label",) and _has_teacher(obj):
+            return Rejection("invalid_teacher", "a record without a label needs a non-empty teacher", raw, id_)
         return Rejection(reason, f"{field}: {err['msg']}", raw, id_)
     # Only this slow path can see lone surrogates (pydantic's JSON parser refuses them), and no
     # tokenizer, database or UTF-8 sink takes them: the record is refused here, naming the field.
@@ -139,6 +184,10 @@ def _validate(obj: dict[str, Any], raw: bytes, limits: EventSettings) -> Event |
         value = getattr(event, name)
         if value is not None and not value.isascii() and _encodable(value) != value:
             return Rejection("invalid_string", f"{name}: contains a lone surrogate (not encodable as UTF-8)", raw, id_)
+    for scores in (event.teacher, event.teacher_logits):
+        bad = next((k for k in scores or () if not k.isascii() and _encodable(k) != k), None)
+        if bad is not None:
+            return Rejection("invalid_teacher", "a teacher label contains a lone surrogate", raw, id_)
     checked = _check(event, raw, limits)
     if isinstance(checked, Rejection) or ts is None:
         return checked
@@ -170,7 +219,25 @@ def _check(event: Event, raw: bytes, limits: EventSettings) -> Event | Rejection
         return Rejection(
             "invalid_weight", f"weight must be between 0 and {limits.max_weight:g}, got {_shown(weight)}", raw, id_
         )
-    return event
+    if event.teacher is None and event.teacher_logits is None and event.teacher_temperature is None:
+        return (
+            Rejection("invalid_teacher", "label_from_teacher without a teacher", raw, id_)
+            if event.label_from_teacher
+            else event
+        )
+    return _check_teacher(event, raw, limits)
+
+
+def _check_teacher(event: Event, raw: bytes, limits: EventSettings) -> Event | Rejection:
+    """The teacher's rules (``dynft.teacher``); a valid one is stored as probabilities."""
+    probs = normalised(event.teacher, event.teacher_logits, event.teacher_temperature, limits.max_label_chars)
+    if isinstance(probs, tuple):
+        return Rejection(probs[0], probs[1], raw, event.id)
+    return event.model_copy(update={"teacher": probs, "teacher_logits": None, "teacher_temperature": None})
+
+
+def _has_teacher(obj: dict[str, Any]) -> bool:
+    return obj.get("teacher") is not None or obj.get("teacher_logits") is not None
 
 
 def _usable_id(value: object, limits: EventSettings) -> str | None:

@@ -140,7 +140,7 @@ class Publisher:
         except RegistryError as exc:
             log.info("serving version %d cannot start the new lineage (%s)", version, exc)
             return None
-        if self.settings.trainer.anchor_weight:
+        if self.trainer.anchored:
             self.trainer.anchor_to(state)  # what serves is where the new lineage starts; stay close to it
         return version
 
@@ -167,7 +167,7 @@ class Publisher:
         metadata, when the caller has just read them.
         """
         version = self.serving_version
-        if not self.settings.trainer.anchor_weight or version is None:
+        if not self.trainer.anchored or version is None:
             return
         try:
             state, meta = loaded or self.registry.load(version)

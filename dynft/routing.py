@@ -100,7 +100,10 @@ class Router:
         held_out = is_held_out(event.id, event.text, self.holdout_fraction)
         # A held-out event never adds its label (it is not trained on), but one the map could
         # not take either is refused alike: the gate could never predict its label.
-        fits = self.labels.fits(event.label) if held_out else self.labels.admit(event.label)
+        if event.teacher is not None and not held_out:  # teacher labels grow the label space too
+            fits = self.labels.admit_all([event.label, *event.teacher])
+        else:
+            fits = self.labels.fits(event.label) if held_out else self.labels.admit(event.label)
         if not fits:
             cap = self.labels.capacity
             detail = f"label {event.label[:64]!r} would be label {len(self.labels) + 1} (trainer.max_labels={cap})"

@@ -240,6 +240,31 @@ class TrainerSettings(Section):
         allow_inf_nan=False,
         description="L2 pull of the adapter toward the serving version, against forgetting; 0 = off",
     )
+    ewc_weight: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="EWC: L2 pull toward the serving version weighted by a diagonal Fisher estimate "
+        "(mean 1) made at each promotion, against forgetting; 0 = off",
+    )
+    lwf_weight: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="learning without forgetting: weight of distilling the serving version's outputs "
+        "on replayed events (at trainer.distill_temperature); 0 = off",
+    )
+    fisher_events: int = Field(64, ge=1, description="EWC: most recent training events the Fisher estimate uses")
+    distill_alpha: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of the teacher's soft loss in the loss of an event with a label and a teacher "
+        "(knowledge distillation); an event with a teacher and no label learns from the teacher alone",
+    )
+    distill_temperature: float = Field(
+        2.0, gt=0, le=100, allow_inf_nan=False, description="temperature of the distillation loss (student and teacher)"
+    )
     max_labels: int = Field(
         1000,
         ge=1,

@@ -103,3 +103,39 @@ def test_real_trainer_label_flip_is_detected_within_300_events(tiny_settings: Se
     lineages = [registry.meta(v)["lineage"] for v in registry.versions()]
     assert lineages[0] == 1 and lineages[-1] >= 2 and lineages == sorted(lineages)
     assert loop.prequential.accuracy > 0.7, "after the reset the new lineage learned the flipped concept"
+
+
+# Detectors on the label distribution and on the input representation (issue #17, item 4): exact
+# detection indices on seeded streams, as river's own tests give them, and no alarm without a shift.
+LABEL_PH = {"min_instances": 30, "delta": 0.1, "threshold": 15.0, "mode": "up"}
+REPRESENTATION_PH = {"min_instances": 30, "delta": 0.5, "threshold": 30.0, "mode": "up"}
+
+
+def label_stream(rng: random.Random, n: int, share_pos: float) -> list[str]:
+    return [rng.choices(["pos", "neg"], [share_pos, 1 - share_pos])[0] for _ in range(n)]
+
+
+def test_the_label_shift_detector_sees_a_change_of_label_shares() -> None:
+    from dynft.drift import LabelShiftDetector
+
+    rng = random.Random(1)
+    shifted = label_stream(rng, 600, 0.8) + label_stream(rng, 400, 0.2)
+    detector = LabelShiftDetector("PageHinkley", LABEL_PH)
+    assert [i for i, y in enumerate(shifted) if detector.update(y)] == [669]
+    stable = label_stream(rng, 1000, 0.8)
+    detector = LabelShiftDetector("PageHinkley", LABEL_PH)
+    assert [i for i, y in enumerate(stable) if detector.update(y)] == []
+
+
+def test_the_representation_shift_detector_sees_inputs_move() -> None:
+    import numpy as np
+
+    from dynft.drift import RepresentationShiftDetector
+
+    g = np.random.default_rng(3)
+    shifted = list(g.normal(0, 1, (600, 32))) + list(g.normal(0, 1, (400, 32)) + 1.0)
+    detector = RepresentationShiftDetector("PageHinkley", REPRESENTATION_PH, width=32, seed=0)
+    assert [i for i, x in enumerate(shifted) if detector.update(x)] == [617]
+    stable = list(g.normal(0, 1, (1000, 32)))
+    detector = RepresentationShiftDetector("PageHinkley", REPRESENTATION_PH, width=32, seed=0)
+    assert [i for i, x in enumerate(stable) if detector.update(x)] == []

@@ -29,6 +29,8 @@ BAD = {
     "invalid_weight": b'{"id": "1", "text": "hi", "label": "a", "weight": -1}',
     "nested_too_deep": b'{"id": "1", "text": "hi", "label": "a", "x": ' + b"[" * 2000 + b"]" * 2000 + b"}",
     "invalid_string": b'{"id": "1", "text": "hi", "label": "a\\ud800"}',
+    "invalid_teacher": b'{"id": "1", "text": "hi", "teacher": {"a": 0.5, "b": 0.2}}',
+    "invalid_temperature": b'{"id": "1", "text": "hi", "teacher_logits": {"a": 1}, "teacher_temperature": 0}',
 }
 
 
