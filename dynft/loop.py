@@ -55,6 +55,7 @@ class Work:
     held_out: list[Event] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)  # ledger keys of dead-lettered records
     records: list[Record] = field(default_factory=list)  # every record taken (their positions)
+    arrived: float = field(default_factory=time.time)  # when taken from the intake (freshness starts here)
 
 
 class TrainingLoop:
@@ -277,6 +278,7 @@ class TrainingLoop:
             status = "skipped" if skipped else "trained"
             if not skipped:  # a non-finite step may be these events' fault: replayed, they would skip later steps too
                 self.buffer.add_many(fresh)
+                self.publisher.arrivals.add(work.arrived, len(fresh))
             outcomes += [(e.id, status) for e in fresh]
             self.metrics.events.labels(status).inc(len(fresh))
         for event in work.held_out:

@@ -267,6 +267,10 @@ class RegistrySettings(Section):
     publish_interval_s: float = Field(20.0, gt=0, description="...or this many seconds, whichever comes first")
     keep_last: int = Field(10, ge=1, description="versions kept besides the serving one and its history")
     keep_serving_history: int = Field(5, ge=0, description="earlier serving versions kept for rollback")
+    first_publish_steps: int = Field(
+        3, ge=1, description="while nothing serves, publish after this many steps (cold start) instead of waiting"
+    )
+    publish_on_new_label: bool = Field(True, description="publish at the next step when a label is seen first")
 
 
 class GateSettings(Section):
