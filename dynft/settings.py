@@ -212,6 +212,12 @@ class TrainerSettings(Section):
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = the cores left after the server's")
     seed: int = Field(0, description="seed of weights initialisation and replay sampling")
     fresh_wait_s: float = Field(0.5, gt=0, description="how long a step waits to fill its fresh share")
+    freshest_first_backlog: int = Field(
+        0,
+        ge=0,
+        description="when more records than this wait in the intake, a step trains on the newest and the older "
+        "ones go to the replay buffer (ledger outcome buffered), so a trainer behind its feed stays fresh; 0: off",
+    )
     imprint_new_labels: Literal["auto", "on", "off"] = Field(
         "auto",
         description="start a new label's head row at its first examples' mean feature (weight imprinting); "

@@ -4,11 +4,14 @@ step, and the server observing how long events waited to be served (``dynft_fres
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
+from test_loop import run
 
 from dynft.evaluation import HoldoutWindow
 from dynft.events import Event
+from dynft.ledger import Ledger
 from dynft.metrics import ServerMetrics, TrainerMetrics
 from dynft.publisher import Publisher
 from dynft.registry import AdapterRegistry
@@ -16,7 +19,7 @@ from dynft.serving.engine import InferenceEngine
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
 
-from helpers import keyword_events
+from helpers import keyword_events, write_jsonl
 
 
 def events(n: int, labels: list[str], seed: int, prefix: str) -> list[Event]:
@@ -109,3 +112,34 @@ def test_the_server_observes_freshness_once_per_newer_version_for_events_since_i
     assert observed()[0] == 8
     engine._install(engine.load(early))  # a rollback: those events were served before
     assert observed()[0] == 8
+
+
+def test_a_trainer_behind_its_feed_trains_on_the_newest_and_buffers_the_rest_with_an_outcome(
+    tiny_settings: Settings, tmp_path: Path
+) -> None:
+    tiny_settings.trainer.freshest_first_backlog = 32
+    rows = keyword_events(400, ["alpha", "beta"], seed=11)
+    loop = run(tiny_settings, write_jsonl(tmp_path / "events.jsonl", rows))  # a file is read far faster than trained
+    ledger = Ledger(tiny_settings.state_dir / "ledger.db")
+    try:
+        outcomes = ledger.lookup(str(r["id"]) for r in rows)
+        counts = ledger.counts()
+    finally:
+        ledger.close()
+    assert {status for status, _ in outcomes.values()} <= {"trained", "buffered", "held_out"}  # none lost
+    assert counts["buffered"] > 0 and counts["trained"] > 0
+    in_order = [outcomes[str(r["id"])][0] for r in rows]
+    last_fresh = [status for status in in_order if status != "held_out"][-1]
+    assert last_fresh == "trained"  # the newest events are trained at once
+    assert len(loop.buffer) >= min(counts["buffered"], tiny_settings.buffer.max_events)
+
+
+def test_without_a_backlog_setting_every_fresh_event_is_trained(tiny_settings: Settings, tmp_path: Path) -> None:
+    rows = keyword_events(96, ["alpha", "beta"], seed=12)
+    run(tiny_settings, write_jsonl(tmp_path / "events.jsonl", rows))
+    ledger = Ledger(tiny_settings.state_dir / "ledger.db")
+    try:
+        counts = ledger.counts()
+    finally:
+        ledger.close()
+    assert counts["buffered"] == 0 and counts["trained"] + counts["held_out"] == 96

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -196,7 +197,11 @@ def main() -> int:
         stream = build(name, suite.sizes, DATA)
         events = min(args.events or len(stream.events), len(stream.events))
         with tempfile.TemporaryDirectory(prefix=f"served-{name}-") as tmp:
-            served = feed(stream, suite, args.rate, events, Path(tmp))
+            try:
+                served = feed(stream, suite, args.rate, events, Path(tmp))
+            finally:  # the daemon's log, to see why a version came late (or never)
+                args.out.mkdir(parents=True, exist_ok=True)
+                shutil.copy(Path(tmp) / "daemon.log", args.out / f"served-{suite.name}-{name}.log")
         results["streams"][name] = score(stream, suite, served, events, not args.no_compare)
         print(f"{name}: {json.dumps(results['streams'][name])}", file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
