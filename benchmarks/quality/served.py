@@ -35,6 +35,7 @@ from benchmarks.quality.suites import SUITES, Suite, dynft_overrides
 
 RESULTS = Path(__file__).parents[1] / "results" / "quality"
 STARTUP_S = 180.0
+FRESHEST_FIRST_BACKLOG = 64  # a trainer slower than the feed trains on the newest events (about 3 s of feed)
 
 
 def daemon_env(suite: Suite, state: Path, source: Path, port: int) -> dict[str, str]:
@@ -48,6 +49,7 @@ def daemon_env(suite: Suite, state: Path, source: Path, port: int) -> dict[str, 
         "source.uri": f"file:{source}",
         "source.follow": True,
         "server.port": port,
+        "trainer.freshest_first_backlog": FRESHEST_FIRST_BACKLOG,
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFT_")}
     for key, value in overrides.items():
