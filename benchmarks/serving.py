@@ -195,12 +195,15 @@ def measure(plan: Plan) -> dict[str, Any]:
         "idle": _summary(idle, batches_idle, steps, timings["publishes"]),
         "freshness": _freshness(writer.arrivals, set(trained_ids), steps, seen, busy, plan),
         "versions": len(seen),
+        "metric": _batch_stats(metrics_registry, name="dynft_freshness_seconds"),  # (count, sum) on the server
     }
 
 
-def _batch_stats(registry: Any, minus: tuple[float, float] = (0.0, 0.0)) -> tuple[float, float]:
-    count = registry.get_sample_value("dynft_predict_batch_texts_count") or 0.0
-    total = registry.get_sample_value("dynft_predict_batch_texts_sum") or 0.0
+def _batch_stats(
+    registry: Any, minus: tuple[float, float] = (0.0, 0.0), name: str = "dynft_predict_batch_texts"
+) -> tuple[float, float]:
+    count = registry.get_sample_value(f"{name}_count") or 0.0
+    total = registry.get_sample_value(f"{name}_sum") or 0.0
     return count - minus[0], total - minus[1]
 
 
@@ -322,6 +325,10 @@ def run(plan: Plan) -> list[Result]:
                 "events timed": fresh["events"],
                 "events not served (or trained) within 2 publish intervals + 3 s": fresh["unserved"],
                 "median time between newly served versions s": rounded(fresh["median_version_gap_s"]),
+                "dynft_freshness_seconds (server metric, whole run) mean s / events": [
+                    rounded(m["metric"][1] / m["metric"][0]) if m["metric"][0] else None,
+                    int(m["metric"][0]),
+                ],
                 "setup": setup,
             },
         ),

@@ -5,12 +5,16 @@ trained on. The candidate is promoted when its accuracy is at least the serving 
 minus ``tolerance``. The very first version is promoted without a comparison (there is
 nothing to compare with), and so is every candidate when the serving version cannot be loaded
 or nothing is held out (``evaluation.holdout_fraction = 0``: the gate is off); while the
-serving version is pinned by an operator, nothing is.
+serving version is pinned by an operator, nothing is. While too few events are held out to
+judge (``gate.min_holdout``), a candidate that knows labels the serving version does not is
+promoted: the serving version cannot answer them at all (cold start, first labels of a phase).
 
 >>> from dynft.settings import GateSettings
 >>> judge(0.80, 0.82, holdout=100, serving_version=3, pinned=False, settings=GateSettings(tolerance=0.01)).promote
 False
 >>> judge(0.81, 0.82, holdout=100, serving_version=3, pinned=False, settings=GateSettings(tolerance=0.01)).promote
+True
+>>> judge(None, None, holdout=5, serving_version=3, pinned=False, settings=GateSettings(), new_labels=2).promote
 True
 >>> judge(None, None, holdout=0, serving_version=3, pinned=False, settings=GateSettings(), unloadable="corrupt").reason
 'serving version 3 cannot be loaded (corrupt)'
@@ -50,12 +54,14 @@ def judge(
     settings: GateSettings,
     unloadable: str | None = None,
     gate_off: bool = False,
+    new_labels: int = 0,
 ) -> Decision:
     """Decide on a candidate given both accuracies on the same held-out window.
 
     ``unloadable``: why the serving version cannot be loaded (so cannot be scored); such a version
     is replaced, as nothing can serve it. ``gate_off``: nothing is held out
     (``evaluation.holdout_fraction = 0``), so every candidate is promoted. A pin beats both.
+    ``new_labels``: labels the candidate knows and the serving version does not.
     """
 
     def decide(promote: bool, reason: str) -> Decision:
@@ -70,6 +76,10 @@ def judge(
         return decide(True, "the gate is off (evaluation.holdout_fraction = 0)")
     if unloadable is not None:
         return decide(True, f"serving version {serving_version} cannot be loaded ({unloadable})")
+    if (candidate is None or serving is None or holdout < settings.min_holdout) and new_labels > 0:
+        return decide(
+            True, f"only {holdout} held-out events, but it knows {new_labels} labels the serving version does not"
+        )
     if candidate is None or serving is None or holdout < settings.min_holdout:
         return decide(False, f"only {holdout} held-out events, the gate needs {settings.min_holdout}")
     if candidate >= serving - settings.tolerance:

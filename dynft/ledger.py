@@ -37,7 +37,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-STATUSES = ("trained", "held_out", "dead_lettered", "skipped")
+STATUSES = ("trained", "held_out", "dead_lettered", "skipped", "buffered")  # buffered: replay only
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (

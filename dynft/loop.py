@@ -55,6 +55,8 @@ class Work:
     held_out: list[Event] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)  # ledger keys of dead-lettered records
     records: list[Record] = field(default_factory=list)  # every record taken (their positions)
+    buffered: list[Event] = field(default_factory=list)  # older fresh events sent to replay (freshest first)
+    arrived: float = field(default_factory=time.time)  # when taken from the intake (freshness starts here)
 
 
 class TrainingLoop:
@@ -219,13 +221,19 @@ class TrainingLoop:
         size = self.settings.trainer.batch_size
         replay = min(round(size * self.settings.buffer.replay_ratio), len(self.buffer))
         intake = self._intake()
-        records = intake.take(size - replay, self.settings.trainer.fresh_wait_s)
+        take, backlog = size - replay, self.settings.trainer.freshest_first_backlog
+        if backlog and intake.queued > backlog:  # behind the feed: take all, train on the newest (below)
+            take = intake.queued
+        records = intake.take(take, self.settings.trainer.fresh_wait_s)
         self.metrics.intake_queue.set(intake.queued)
         self.metrics.intake_queue_bytes.set(intake.queued_bytes)
         if not records:
             return None
         work = Work(None, records=records)
         fresh = self._route(records, work)
+        if len(fresh) > size - replay:
+            work.buffered = [event for _, event in fresh[: len(fresh) - (size - replay)]]
+            fresh = fresh[len(fresh) - (size - replay) :]
         if fresh:
             share = self.settings.drift.upweight_share if self._recent_since is not None else 0.0
             replayed = self.buffer.sample(size - len(fresh), self._recent_since, share)
@@ -277,8 +285,13 @@ class TrainingLoop:
             status = "skipped" if skipped else "trained"
             if not skipped:  # a non-finite step may be these events' fault: replayed, they would skip later steps too
                 self.buffer.add_many(fresh)
+                self.publisher.arrivals.add(work.arrived, len(fresh))
             outcomes += [(e.id, status) for e in fresh]
             self.metrics.events.labels(status).inc(len(fresh))
+        if work.buffered:  # never trained fresh, but kept for replay: every event has an outcome
+            self.buffer.add_many(work.buffered)
+            outcomes += [(e.id, "buffered") for e in work.buffered]
+            self.metrics.events.labels("buffered").inc(len(work.buffered))
         for event in work.held_out:
             self.holdout.add(event)
         outcomes += [(e.id, "held_out") for e in work.held_out]

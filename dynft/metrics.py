@@ -18,6 +18,7 @@ from prometheus_client import multiprocess as mp
 MP_ENV = "PROMETHEUS_MULTIPROC_DIR"
 FAST = (1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 0.1, 0.5, 1.0)
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+FRESHNESS = (0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 STEP = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -127,6 +128,12 @@ class ServerMetrics:
         )
         self.serving_version = _gauge("dynft_serving_version", "Adapter version the server answers with", r)
         self.swaps = Counter("dynft_swaps", "Adapter versions swapped in", registry=r)
+        self.freshness_seconds = Histogram(
+            "dynft_freshness_seconds",
+            "Event arrival at the trainer -> served by a version trained on it (arrived since the server started)",
+            registry=r,
+            buckets=FRESHNESS,
+        )
         self.swap_seconds = Histogram(
             "dynft_swap_seconds", "Time to flip to a loaded version", registry=r, buckets=FAST
         )

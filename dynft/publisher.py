@@ -3,7 +3,10 @@
 Every ``registry.publish_every_steps`` steps or ``registry.publish_interval_s`` seconds
 (whichever comes first, and only if the trainer moved), the live adapter is exported, scored
 with the serving version on the held-out window, published with the verdict in its metadata,
-and promoted if the gate says so.
+and promoted if the gate says so. Sooner for freshness: while nothing serves, after
+``registry.first_publish_steps`` steps (cold start), and at the first step after a label is
+seen for the first time (``registry.publish_on_new_label``). Each version records when the
+events it first serves arrived (``dynft.freshness``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dynft.errors import AdapterMismatchError, BaseModelMismatchError, DynftErro
 from dynft.evaluation import HoldoutWindow
 from dynft.events import Event
 from dynft.fingerprint import BaseModelId
+from dynft.freshness import Arrivals
 from dynft.gate import Decision, judge
 from dynft.metrics import TrainerMetrics
 from dynft.model import AdapterState, build_model, peft_config_from_dict
@@ -60,6 +64,8 @@ class Publisher:
         self._serving_cache: tuple[int | None, dict[str, str]] = (None, {})  # serving predictions by event id
         self._candidate_predictions: dict[str, str] = {}
         self.feed = open_feed(settings, registry)  # kafka.versions_topic: replicas follow what is published here
+        self._published_labels = -1  # labels the last published version knew (-1: not yet known)
+        self.arrivals = Arrivals()  # events trained since the last promotion (training thread only)
 
     def resume(self) -> None:
         """Continue from the newest published version if it fits this model and adapter configuration.
@@ -190,9 +196,14 @@ class Publisher:
         steps = self.trainer.steps
         if steps == self._published_at_step or not self.trainer.exported_labels():
             return None
+        known = len(self.trainer.exported_labels())
+        if self._published_labels < 0:  # first call since the start: what was restored is not new
+            self._published_labels = known
         r = self.settings.registry
-        due = steps - self._published_at_step >= r.publish_every_steps
-        due = due or time.monotonic() - self._published_at >= r.publish_interval_s
+        moved = steps - self._published_at_step
+        due = moved >= r.publish_every_steps or time.monotonic() - self._published_at >= r.publish_interval_s
+        due = due or (self.serving_version is None and moved >= r.first_publish_steps)  # cold start
+        due = due or (r.publish_on_new_label and known > self._published_labels)
         if not (due or force):
             return None
         self._published_at_step, self._published_at = steps, time.monotonic()
@@ -207,7 +218,7 @@ class Publisher:
         if not self.trainer.all_finite():
             raise RegistryError("the adapter has non-finite weights; nothing is published")
         state = self.trainer.export()
-        decision = self._judge()
+        decision = self._judge(len(state.labels))
         meta = {
             **extra_meta,
             "parent": self.latest_version,
@@ -218,8 +229,10 @@ class Publisher:
             "adapter_bytes": state.nbytes,
             "gate": decision.as_dict(),
         }
+        meta["arrivals"] = self.arrivals.pairs()
         info = self.registry.publish(state, meta)
         self.latest_version = info.version
+        self._published_labels = len(state.labels)
         self.metrics.latest_version.set(info.version)
         self.metrics.versions.labels(decision.label).inc()
         if decision.promote:
@@ -227,6 +240,7 @@ class Publisher:
             self.serving_version = info.version
             self.trainer.anchor_to(state)  # the regulariser (trainer.anchor_weight) pulls toward what serves
             self._serving_cache = (info.version, self._candidate_predictions)  # same weights, same answers
+            self.arrivals.clear()  # served from now on; a rejected candidate's events wait for the next
         else:
             self.registry.prune()
         log.info("version %d %s: %s", info.version, decision.label, decision.reason)
@@ -234,7 +248,7 @@ class Publisher:
             self.feed.sync()
         return info.version
 
-    def _judge(self) -> Decision:
+    def _judge(self, labels: int) -> Decision:
         pointer = self.registry.serving()
         self.serving_version = pointer.version
         holdout = self.holdout.snapshot()
@@ -260,6 +274,7 @@ class Publisher:
             self.settings.gate,
             unloadable=unloadable,
             gate_off=self.gate_off,
+            new_labels=max(0, labels - int(self._meta_of(pointer.version).get("labels", labels))),
         )
 
     def _why_unloadable(self, version: int) -> str | None:

@@ -229,6 +229,12 @@ class TrainerSettings(Section):
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = the cores left after the server's")
     seed: int = Field(0, description="seed of weights initialisation and replay sampling")
     fresh_wait_s: float = Field(0.5, gt=0, description="how long a step waits to fill its fresh share")
+    freshest_first_backlog: int = Field(
+        0,
+        ge=0,
+        description="when more records than this wait in the intake, a step trains on the newest and the older "
+        "ones go to the replay buffer (ledger outcome buffered), so a trainer behind its feed stays fresh; 0: off",
+    )
     imprint_new_labels: Literal["auto", "on", "off"] = Field(
         "auto",
         description="start a new label's head row at its first examples' mean feature (weight imprinting); "
@@ -309,6 +315,10 @@ class RegistrySettings(Section):
     publish_interval_s: float = Field(20.0, gt=0, description="...or this many seconds, whichever comes first")
     keep_last: int = Field(10, ge=1, description="versions kept besides the serving one and its history")
     keep_serving_history: int = Field(5, ge=0, description="earlier serving versions kept for rollback")
+    first_publish_steps: int = Field(
+        3, ge=1, description="while nothing serves, publish after this many steps (cold start) instead of waiting"
+    )
+    publish_on_new_label: bool = Field(True, description="publish at the next step when a label is seen first")
 
 
 class GateSettings(Section):

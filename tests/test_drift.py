@@ -91,6 +91,7 @@ def test_real_trainer_label_flip_is_detected_within_300_events(tiny_settings: Se
         2000, labels, seed=5, start=2500, relabel={"alpha": "beta", "beta": "gamma", "gamma": "alpha"}
     )
     tiny_settings.drift.reactions = ["boost", "upweight", "new_lineage"]
+    tiny_settings.registry.keep_last = 1000  # the first lineage's versions stay to be compared
     metrics = CollectorRegistry()
     loop = run_stream(tiny_settings, before + flipped, tmp_path, metrics)
     indices = [d.index for d in loop.drift.history]

@@ -65,6 +65,7 @@ def test_every_kind_of_bad_event_is_dead_lettered_counted_and_training_goes_on(
 
 def test_versions_are_published_gated_and_resumed(tiny_settings: Settings, tmp_path: Path) -> None:
     rows = keyword_events(1500, ["alpha", "beta", "gamma"], seed=8)
+    tiny_settings.registry.keep_last = 100  # every version stays, the first (cold start, step 3) included
     loop = run(tiny_settings, write_jsonl(tmp_path / "a.jsonl", rows))
     registry = AdapterRegistry(tiny_settings.registry_dir)
     versions = registry.versions()

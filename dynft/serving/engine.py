@@ -21,6 +21,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -29,6 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dynft.errors import AdapterMismatchError, BaseModelMismatchError, DynftError
 from dynft.fingerprint import BaseModelId
+from dynft.freshness import served_after
 from dynft.metrics import ServerMetrics
 from dynft.model import (
     AdapterSlots,
@@ -77,6 +79,7 @@ class LoadedVersion:
     model: PeftModel
     slots: AdapterSlots
     loaded_at: float = field(default_factory=time.time)
+    arrivals: Any = None  # meta.json's "arrivals": when the events it first serves arrived (dynft.freshness)
 
 
 @dataclass
@@ -104,6 +107,8 @@ class InferenceEngine:
         self._stop = threading.Event()
         self._failed: dict[int, float] = {}  # version -> when it failed (not retried for a while)
         self.fallback_from: int | None = None  # the unloadable serving version; written by the watcher only
+        self.started_at = time.time()  # freshness counts events that arrived since
+        self._fresh_through = 0  # newest version whose freshness was observed (worker thread only)
         self._worker = threading.Thread(target=self._work, name="dynft-infer", daemon=True)
         self._watcher = threading.Thread(target=self._watch, name="dynft-watch", daemon=True)
 
@@ -238,6 +243,17 @@ class InferenceEngine:
         self.metrics.swaps.inc()
         self.metrics.serving_version.set(staged.version)
         log.info("now serving version %d", staged.version)
+        self._observe_freshness(staged)
+
+    def _observe_freshness(self, staged: LoadedVersion) -> None:
+        """Each event first served by ``staged`` waited from its arrival until now; once per
+        version, and not for a rollback to an older one (its events were served before)."""
+        if staged.version <= self._fresh_through:
+            return
+        self._fresh_through = staged.version
+        now = time.time()
+        for seconds in served_after(staged.arrivals, now, self.started_at):
+            self.metrics.freshness_seconds.observe(seconds)
 
     def _watch(self) -> None:
         while not self._stop.is_set():
@@ -312,7 +328,7 @@ class InferenceEngine:
         params = slots.prepare(state, non_blocking=non_blocking)
         if non_blocking:
             torch.cuda.synchronize(self.device)
-        return LoadedVersion(version, list(state.labels), params, model, slots)
+        return LoadedVersion(version, list(state.labels), params, model, slots, arrivals=meta.get("arrivals"))
 
     def _build(self, state: AdapterState) -> tuple[PeftModel, AdapterSlots]:
         config = peft_config_from_dict(state.peft_config)

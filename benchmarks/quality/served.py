@@ -1,0 +1,217 @@
+"""Served accuracy: what users of a running daemon are answered, not what its trainer predicted.
+
+``python -m benchmarks.quality.served --suite quick [--rate 20] [--events N] [--streams a,b]``
+
+For each stream, a real ``dynft run`` (trainer and co-located HTTP server, file source with
+``source.follow = true``) starts on an empty file. Events are fed at a fixed rate: each is
+first sent to ``POST /v1/predict`` and only then appended to the file, so the score is exactly
+what the server answered before the daemon could learn from the event. An answer refused
+(503: no version serves yet) counts as wrong: users got nothing useful. Beside it, on the same
+events: the trainer's own prequential accuracy (the ``dynft`` method of the suite, run at its
+own pace) and river's online models (predict-then-learn, perfect freshness).
+
+Writes ``served-<suite>.json`` and ``.md`` under ``benchmarks/results/quality/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from benchmarks.quality.methods import RIVER_METHODS, run_method
+from benchmarks.quality.streams import DATA, Stream, build
+from benchmarks.quality.suites import SUITES, Suite, dynft_overrides
+
+RESULTS = Path(__file__).parents[1] / "results" / "quality"
+STARTUP_S = 180.0
+FRESHEST_FIRST_BACKLOG = 64  # a trainer slower than the feed trains on the newest events (about 3 s of feed)
+
+
+def daemon_env(suite: Suite, state: Path, source: Path, port: int) -> dict[str, str]:
+    """The suite's dynft settings as DYNFT_ variables, but with the shipped time-based publishing:
+    here freshness in seconds is what is measured."""
+    overrides = dynft_overrides(suite, "dynft")
+    for key in ("registry.publish_interval_s", "checkpoint.interval_s"):
+        overrides.pop(key)
+    overrides |= {
+        "state_dir": str(state),
+        "source.uri": f"file:{source}",
+        "source.follow": True,
+        "server.port": port,
+        "trainer.freshest_first_backlog": FRESHEST_FIRST_BACKLOG,
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFT_")}
+    for key, value in overrides.items():
+        if value is not None:
+            name = "DYNFT_" + key.upper().replace(".", "__")
+            env[name] = json.dumps(value) if isinstance(value, bool) else str(value)
+    return env | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ask(base: str, text: str) -> tuple[str | None, int | None]:
+    """The server's label and version for ``text``; (None, None) when it refuses (no version yet)."""
+    body = json.dumps({"texts": [text]}).encode()
+    request = urllib.request.Request(f"{base}/v1/predict", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code == 503:
+            return None, None
+        raise
+    return str(answer["predictions"][0]["label"]), int(answer["adapter_version"])
+
+
+def wait_for_http(base: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"dynft run exited with {process.returncode} before its server answered")
+        try:
+            with urllib.request.urlopen(f"{base}/healthz", timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.5)
+    raise RuntimeError(f"the server did not answer within {STARTUP_S:.0f} s")
+
+
+def feed(stream: Stream, suite: Suite, rate: float, events: int, workdir: Path) -> dict[str, Any]:
+    """Run a daemon on ``stream``'s first ``events`` events fed at ``rate``; what it answered."""
+    source, port = workdir / "events.jsonl", free_port()
+    source.write_text("")
+    base = f"http://127.0.0.1:{port}"
+    log = (workdir / "daemon.log").open("wb")
+    env = daemon_env(suite, workdir / "state", source, port)
+    process = subprocess.Popen([sys.executable, "-m", "dynft", "run"], env=env, stdout=log, stderr=log)
+    answers: list[str | None] = []
+    versions: list[int | None] = []
+    try:
+        wait_for_http(base, process)
+        started = time.monotonic()
+        with source.open("a", encoding="utf-8") as out:
+            for i, (text, label) in enumerate(stream.events[:events]):
+                time.sleep(max(0.0, started + i / rate - time.monotonic()))
+                answer, version = ask(base, text)
+                answers.append(answer)
+                versions.append(version)
+                out.write(json.dumps({"id": stream.event_id(i), "text": text, "label": label}) + "\n")
+                out.flush()
+        behind = time.monotonic() - started - events / rate
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+    return {"answers": answers, "versions": versions, "feed_behind_s": round(max(0.0, behind), 1)}
+
+
+def accuracy(truths: list[str], answers: list[str | None]) -> float:
+    return sum(a == t for a, t in zip(answers, truths, strict=True)) / max(1, len(truths))
+
+
+def score(stream: Stream, suite: Suite, served: dict[str, Any], events: int, compare: bool) -> dict[str, Any]:
+    truths = [label for _, label in stream.events[:events]]
+    answers = served["answers"]
+    quarter = max(1, events // 4)
+    out: dict[str, Any] = {
+        "events": events,
+        "served_accuracy": round(accuracy(truths, answers), 4),
+        "served_by_quarter": [
+            round(accuracy(truths[i : i + quarter], answers[i : i + quarter]), 4) for i in range(0, events, quarter)
+        ],
+        "unanswered": sum(a is None for a in answers),
+        "first_answered_at": next((i for i, a in enumerate(answers) if a is not None), None),
+        "versions_seen": len({v for v in served["versions"] if v is not None}),
+        "feed_behind_s": served["feed_behind_s"],
+    }
+    if compare:  # the same events, each method at its own pace (predict, then learn)
+        cut = Stream(stream.name, stream.kind, stream.events[:events], [p for p in stream.phases if p.start < events])
+        for method in ("dynft", *RIVER_METHODS):
+            run = run_method(cut, suite, method)
+            on = dict(zip(run.positions, run.predictions, strict=True))
+            same = [i for i in range(events) if i in on]  # dynft scores only the events it trains on
+            out[f"{method} prequential"] = round(accuracy([truths[i] for i in same], [on[i] for i in same]), 4)
+            if method == "dynft":
+                out["served on dynft's events"] = round(
+                    accuracy([truths[i] for i in same], [answers[i] for i in same]), 4
+                )
+    return out
+
+
+def markdown(results: dict[str, Any], command: str) -> str:
+    rows = results["streams"]
+    columns = sorted({k for r in rows.values() for k in r if k.endswith("prequential") or k.startswith("served on")})
+    lines = [
+        f"# Served accuracy, {results['suite']} suite",
+        "",
+        f"`{command}` — {results['rate']} events/s, {results['machine']}",
+        "",
+        "| stream | events | served | by quarter | unanswered | first answer at | versions | "
+        + " | ".join(columns)
+        + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(columns),
+    ]
+    for name, r in rows.items():
+        quarters = " / ".join(f"{q:.2f}" for q in r["served_by_quarter"])
+        extra = " | ".join(f"{r.get(c, float('nan')):.3f}" for c in columns)
+        lines.append(
+            f"| {name} | {r['events']} | {r['served_accuracy']:.3f} | {quarters} | {r['unanswered']} | "
+            f"{r['first_answered_at']} | {r['versions_seen']} | {extra} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.served", description=__doc__)
+    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    parser.add_argument("--rate", type=float, default=20.0, help="events per second fed")
+    parser.add_argument("--events", type=int, default=0, help="events per stream (default: the whole stream)")
+    parser.add_argument("--streams", default="", help="comma-separated stream names (default: the suite's)")
+    parser.add_argument("--no-compare", action="store_true", help="skip the trainer's and river's prequential runs")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    suite = SUITES[args.suite]
+    names = [n for n in args.streams.split(",") if n] or list(suite.streams)
+    results: dict[str, Any] = {"suite": suite.name, "rate": args.rate, "streams": {}}
+    results["machine"] = f"{os.cpu_count()}-core CPU, load {os.getloadavg()[0]:.1f} at the start"
+    for name in names:
+        stream = build(name, suite.sizes, DATA)
+        events = min(args.events or len(stream.events), len(stream.events))
+        with tempfile.TemporaryDirectory(prefix=f"served-{name}-") as tmp:
+            try:
+                served = feed(stream, suite, args.rate, events, Path(tmp))
+            finally:  # the daemon's log, to see why a version came late (or never)
+                args.out.mkdir(parents=True, exist_ok=True)
+                shutil.copy(Path(tmp) / "daemon.log", args.out / f"served-{suite.name}-{name}.log")
+        results["streams"][name] = score(stream, suite, served, events, not args.no_compare)
+        print(f"{name}: {json.dumps(results['streams'][name])}", file=sys.stderr, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python -m benchmarks.quality.served " + " ".join(sys.argv[1:])
+    (args.out / f"served-{suite.name}.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    (args.out / f"served-{suite.name}.md").write_text(markdown(results, command), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

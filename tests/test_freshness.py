@@ -1,0 +1,145 @@
+"""Freshness: a first version without waiting for an interval, a new label published at the next
+step, and the server observing how long events waited to be served (``dynft_freshness_seconds``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from test_loop import run
+
+from dynft.evaluation import HoldoutWindow
+from dynft.events import Event
+from dynft.ledger import Ledger
+from dynft.metrics import ServerMetrics, TrainerMetrics
+from dynft.publisher import Publisher
+from dynft.registry import AdapterRegistry
+from dynft.serving.engine import InferenceEngine
+from dynft.settings import Settings
+from dynft.trainer import OnlineTrainer
+
+from helpers import keyword_events, write_jsonl
+
+
+def events(n: int, labels: list[str], seed: int, prefix: str) -> list[Event]:
+    return [Event(**r) for r in keyword_events(n, labels, seed=seed, prefix=prefix)]  # type: ignore[arg-type]
+
+
+def step(trainer: OnlineTrainer, publisher: Publisher, batch: list[Event], arrived: float) -> int | None:
+    """One step as the loop takes it: train, note the arrivals, offer a publish."""
+    trainer.step(trainer.collator(batch, n_fresh=len(batch)))
+    publisher.arrivals.add(arrived, len(batch))
+    return publisher.maybe_publish({})
+
+
+def make_publisher(settings: Settings, trainer: OnlineTrainer, holdout: HoldoutWindow) -> Publisher:
+    settings.registry.publish_interval_s = 3600.0  # only the step triggers under test publish
+    registry = AdapterRegistry(settings.registry_dir)
+    return Publisher(registry, trainer, holdout, settings, TrainerMetrics(CollectorRegistry()))
+
+
+def test_a_first_version_is_published_after_first_publish_steps_and_carries_its_arrivals(
+    tiny_settings: Settings, tiny_trainer: OnlineTrainer
+) -> None:
+    tiny_settings.registry.first_publish_steps = 3
+    publisher = make_publisher(tiny_settings, tiny_trainer, HoldoutWindow(64))
+    stream = events(48, ["alpha", "beta"], seed=1, prefix="a")
+    published = [step(tiny_trainer, publisher, stream[i : i + 16], 1000.0 + i) for i in range(0, 48, 16)]
+    assert published[:2] == [None, None] and published[2] == 1  # at step 3, not at publish_every_steps (20)
+    meta = publisher.registry.meta(1)
+    assert meta["gate"]["decision"] == "promoted" and publisher.registry.serving().version == 1
+    assert meta["arrivals"] == [[1000.0, 16], [1016.0, 16], [1032.0, 16]]
+    assert publisher.arrivals.count == 0  # served now: the next version carries only newer events
+
+
+def test_a_new_label_publishes_at_the_next_step_and_is_promoted_while_too_few_events_are_held_out(
+    tiny_settings: Settings, tiny_trainer: OnlineTrainer
+) -> None:
+    tiny_settings.registry.first_publish_steps = 1
+    holdout = HoldoutWindow(64)
+    publisher = make_publisher(tiny_settings, tiny_trainer, holdout)
+    assert step(tiny_trainer, publisher, events(16, ["alpha", "beta"], 2, "a"), 1.0) == 1
+    assert step(tiny_trainer, publisher, events(16, ["alpha", "beta"], 3, "b"), 2.0) is None  # nothing new
+    for event in events(4, ["alpha", "beta"], 4, "h"):  # fewer than gate.min_holdout (32)
+        holdout.add(event)
+    assert step(tiny_trainer, publisher, events(16, ["alpha", "beta", "gamma"], 5, "c"), 3.0) == 2
+    gate = publisher.registry.meta(2)["gate"]
+    assert gate["decision"] == "promoted" and "knows 1 labels the serving version does not" in gate["reason"]
+    assert publisher.registry.meta(2)["arrivals"] == [[2.0, 16], [3.0, 16]]  # v1's events are not counted again
+
+    tiny_settings.registry.publish_on_new_label = False
+    assert step(tiny_trainer, publisher, events(16, ["alpha", "delta"], 6, "d"), 4.0) is None
+
+
+def test_a_rejected_candidates_events_wait_for_the_next_promotion(
+    tiny_settings: Settings, tiny_trainer: OnlineTrainer
+) -> None:
+    tiny_settings.registry.first_publish_steps = 1
+    holdout = HoldoutWindow(64)
+    publisher = make_publisher(tiny_settings, tiny_trainer, holdout)
+    assert step(tiny_trainer, publisher, events(16, ["alpha", "beta"], 7, "a"), 1.0) == 1
+    for event in events(4, ["alpha", "beta"], 8, "h"):
+        holdout.add(event)
+    tiny_trainer.step(tiny_trainer.collator(events(16, ["alpha", "beta"], 9, "b"), n_fresh=16))
+    publisher.arrivals.add(2.0, 16)
+    rejected = publisher.maybe_publish({}, force=True)  # too few held out, no new label: rejected
+    assert rejected == 2 and publisher.registry.meta(2)["gate"]["decision"] == "rejected"
+    assert publisher.arrivals.count == 16
+
+
+def test_the_server_observes_freshness_once_per_newer_version_for_events_since_it_started(
+    tiny_settings: Settings, tiny_trainer: OnlineTrainer
+) -> None:
+    registry = AdapterRegistry(tiny_settings.registry_dir)
+    tiny_trainer.step(tiny_trainer.collator(events(16, ["alpha", "beta"], 10, "a"), n_fresh=16))
+    state = tiny_trainer.export()
+    metrics = ServerMetrics(CollectorRegistry())
+    engine = InferenceEngine(tiny_settings, registry, metrics)
+    now = time.time()
+    engine.started_at = now - 10.0  # as if it had started 10 s ago
+    early = registry.publish(state, {"arrivals": [[now - 20.0, 8], [now - 2.0, 3]]}).version
+    later = registry.publish(state, {"arrivals": [[now - 1.0, 5], "junk"]}).version
+
+    def observed() -> tuple[float, float]:
+        sample = {s.name: s.value for s in metrics.freshness_seconds.collect()[0].samples}
+        return sample["dynft_freshness_seconds_count"], sample["dynft_freshness_seconds_sum"]
+
+    engine._install(engine.load(early))
+    count, total = observed()
+    assert count == 3 and 6.0 <= total < 6.0 + 3 * 60  # 3 events of about 2 s; the 8 from before the start skipped
+    engine._install(engine.load(later))
+    assert observed()[0] == 8
+    engine._install(engine.load(early))  # a rollback: those events were served before
+    assert observed()[0] == 8
+
+
+def test_a_trainer_behind_its_feed_trains_on_the_newest_and_buffers_the_rest_with_an_outcome(
+    tiny_settings: Settings, tmp_path: Path
+) -> None:
+    tiny_settings.trainer.freshest_first_backlog = 32
+    rows = keyword_events(400, ["alpha", "beta"], seed=11)
+    loop = run(tiny_settings, write_jsonl(tmp_path / "events.jsonl", rows))  # a file is read far faster than trained
+    ledger = Ledger(tiny_settings.state_dir / "ledger.db")
+    try:
+        outcomes = ledger.lookup(str(r["id"]) for r in rows)
+        counts = ledger.counts()
+    finally:
+        ledger.close()
+    assert {status for status, _ in outcomes.values()} <= {"trained", "buffered", "held_out"}  # none lost
+    assert counts["buffered"] > 0 and counts["trained"] > 0
+    in_order = [outcomes[str(r["id"])][0] for r in rows]
+    last_fresh = [status for status in in_order if status != "held_out"][-1]
+    assert last_fresh == "trained"  # the newest events are trained at once
+    assert len(loop.buffer) >= min(counts["buffered"], tiny_settings.buffer.max_events)
+
+
+def test_without_a_backlog_setting_every_fresh_event_is_trained(tiny_settings: Settings, tmp_path: Path) -> None:
+    rows = keyword_events(96, ["alpha", "beta"], seed=12)
+    run(tiny_settings, write_jsonl(tmp_path / "events.jsonl", rows))
+    ledger = Ledger(tiny_settings.state_dir / "ledger.db")
+    try:
+        counts = ledger.counts()
+    finally:
+        ledger.close()
+    assert counts["buffered"] == 0 and counts["trained"] + counts["held_out"] == 96
