@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -137,10 +138,19 @@ def model_path(name: str) -> str | None:
 
 
 def size_grid(
-    suite: Suite, models: list[str], datasets: list[str], configs: list[str], seeds: int, data: Path = DATA
+    suite: Suite,
+    models: list[str],
+    datasets: list[str],
+    configs: list[str],
+    seeds: int,
+    data: Path = DATA,
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Model size x fine-tuning configuration x dataset x seed, one process, in order (a batch experiment)."""
-    rows = []
+    """Model size x fine-tuning configuration x dataset x seed, one process, in order (a batch experiment).
+
+    ``on_row`` sees the rows so far after each one, so a run cut short keeps what it measured.
+    """
+    rows: list[dict[str, Any]] = []
     for name in models:
         path = model_path(name)
         for seed in range(seeds):
@@ -153,6 +163,8 @@ def size_grid(
                     row["model"], row["cpu_seconds"] = name, time.process_time() - cpu
                     row["cpu_seconds_per_example"] = row["train_cpu_seconds"] / max(1, row["train_events"])
                     rows.append(row)
+                    if on_row is not None:
+                        on_row(rows)
                     print(f"{name} seed {seed} {dataset} {config}: {row['test_accuracy']:.3f}", flush=True)
     return rows
 
@@ -198,10 +210,16 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := [m for m in models if m not in MODEL_SIZES] + [c for c in configs if c not in CONFIGS]:
         parser.error(f"unknown models or configurations: {unknown}")
     suite = SUITES["full"].with_overrides(paradigm_train=args.train, paradigm_test=args.test)
-    rows = size_grid(suite, models, args.datasets.split(","), configs, args.seeds)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps({"argv": argv or sys.argv[1:], "rows": rows}, indent=1))
-    args.out.with_suffix(".md").write_text(size_table(rows))
+    started = time.perf_counter()
+
+    def save(rows: list[dict[str, Any]]) -> None:
+        record = {"argv": argv or sys.argv[1:], "wall_seconds": time.perf_counter() - started, "rows": rows}
+        args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
+        args.out.with_suffix(".md").write_text(size_table(rows))
+
+    rows = size_grid(suite, models, args.datasets.split(","), configs, args.seeds, on_row=save)
+    save(rows)
     print(size_table(rows))
 
 
