@@ -126,6 +126,44 @@ class Batch:
         )
 
 
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (B, T), padded to the longest text; no row is empty.
+
+    A text can tokenize to nothing: characters a tokenizer drops (zero-width spaces, bytes that a
+    byte-level vocabulary lacks) leave a row of padding, which a decoder's head reads at a padded
+    position, and a batch of such rows alone has no positions at all (decoders fail to reshape
+    it). Such a row gets one token that carries no text (see ``filler_token``), where the
+    tokenizer's padding side puts text, so it trains and predicts from the model's prior. The
+    trainer, the gate and the server all tokenize here, so they read the same row.
+    """
+    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T)
+    empty = mask.sum(dim=1) == 0  # (B,)
+    if bool(empty.any()):
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        if ids.shape[1] == 0:  # every text was empty: one padded position to write into
+            ids = torch.full((len(texts), 1), pad, dtype=torch.long)
+            mask = torch.zeros((len(texts), 1), dtype=torch.long)
+        column = 0 if tokenizer.padding_side == "right" else ids.shape[1] - 1
+        ids[empty, column] = filler_token(tokenizer)
+        mask[empty, column] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def filler_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The token that stands for an empty text: unk, bos or eos, preferring one unlike the pad token.
+
+    A decoder's head reads the last token that is not the pad token, so a filler equal to it
+    would be skipped over where a padding token sits before it.
+    """
+    pad = tokenizer.pad_token_id
+    candidates = [tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, pad]
+    present = [int(c) for c in candidates if c is not None]
+    if not present:
+        return 0
+    return next((c for c in present if c != pad), present[0])
+
+
 class Collator:
     """Tokenizes events with padding to the longest text of the batch (dynamic padding)."""
 
@@ -140,10 +178,7 @@ class Collator:
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         with self._lock:
-            enc = self.tokenizer(
-                list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-            )
-        out = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+            out = tokenize(self.tokenizer, texts, self.max_length)
         if self.pin:
             out = {k: v.pin_memory() for k, v in out.items()}
         return out

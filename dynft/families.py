@@ -158,3 +158,18 @@ def size_line(model: nn.Module, path: Path) -> str:
         f"model {path.name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M trainable ({share:.2f}%), "
         f"adapter about {adapter_bytes / 2**20:.2f} MiB on disk"
     )
+
+
+def read_positions(features: torch.Tensor, input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """The (B, H) rows that a decoder's head picks from its per-position inputs ``features`` (B, T, H).
+
+    A decoder's ``score`` scores every position and keeps the last token that is not the pad
+    token (transformers' ``last_non_pad_token``: the rightmost one, whichever side pads), or the
+    last position when the model has no pad token. Under ``model.pooling = mean`` every position
+    holds the mean, so the same pick is right there too.
+    """
+    if pad_token_id is None:
+        return features[:, -1]
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+    last = (positions * (input_ids != pad_token_id).int()).argmax(dim=-1)  # (B,)
+    return features[torch.arange(features.shape[0], device=features.device), last.to(features.device)]

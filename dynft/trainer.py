@@ -29,7 +29,7 @@ from dynft.batching import Batch, Collator, LabelMap
 from dynft.distill import per_event_loss
 from dynft.errors import AdapterMismatchError
 from dynft.events import Event
-from dynft.families import size_line
+from dynft.families import read_positions, size_line
 from dynft.forgetting import fisher_diagonal, lwf_loss, weighted_distance
 from dynft.model import (
     AdapterSlots,
@@ -222,8 +222,8 @@ class OnlineTrainer:
         if not bool(new_rows.any()):
             return
         features = self._head_inputs(batch.input_ids, batch.attention_mask).float()  # (B, H)
-        if features.dim() == 3:  # a decoder's score reads every position; under mean pooling all hold the mean
-            features = features[:, 0]
+        if features.dim() == 3:  # a decoder's score reads every position, then keeps the last token's
+            features = read_positions(features, batch.input_ids, self.model.config.pad_token_id)
         # What every text shares says nothing about its label, and would make the new row win
         # everywhere: the row points from the batch's mean feature to the label's, and its bias
         # cancels the mean, so its logit is measured from there.

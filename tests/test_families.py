@@ -6,6 +6,7 @@ an eos token but no pad token, as decoder checkpoints usually ship.
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from dynft.trainer import OnlineTrainer, build_trainer
 from helpers import KEYWORDS, WORDS, keyword_events
 from serving.conftest import PROBE, running_server, wait_for_version
 
+EMPTY_TEXT = "\u200b\u00e9"  # a zero-width space and a letter Qwen2's byte-level vocabulary lacks: no tokens
 PADDED_COMPANY = "w1 w2 w3 w4 w5 w6 w7 w8 alpha1 w9 w10 w11"  # longer than PROBE: PROBE gets padded beside it
 
 
@@ -132,11 +134,11 @@ def _trainer_scores(trainer: OnlineTrainer, text: str) -> dict[str, float]:
     return dict(zip(labels, torch.softmax(logits.float(), dim=-1).tolist(), strict=True))
 
 
-def _served_scores(base: str, texts: list[str]) -> tuple[int, dict[str, float]]:
+def _served_scores(base: str, texts: list[str], probe: str = PROBE) -> tuple[int, dict[str, float]]:
     r = httpx.post(f"{base}/v1/predict", json={"texts": texts}, timeout=30)
     assert r.status_code == 200, r.text
     body = r.json()
-    return body["adapter_version"], body["predictions"][texts.index(PROBE)]["scores"]
+    return body["adapter_version"], body["predictions"][texts.index(probe)]["scores"]
 
 
 CASES = [("gpt2", "auto"), ("llama", "auto"), ("qwen2", "auto"), ("mistral", "auto"), ("phi", "auto")]
@@ -156,10 +158,12 @@ def test_decoder_trains_publishes_and_serves_what_the_trainer_computes(
 
     registry = AdapterRegistry(settings.registry_dir, keep_last=10)
     expected: dict[int, dict[str, float]] = {}
+    expected_empty: dict[int, dict[str, float]] = {}  # a text of no tokens (Qwen2's tokenizer has some)
     for version, labels in ((1, ["alpha", "beta"]), (2, ["alpha", "beta", "gamma"])):  # the head grows for v2
         _train(trainer, labels, 96, seed=version)
         assert registry.publish(trainer.export(), {"step": trainer.steps}).version == version
         expected[version] = _trainer_scores(trainer, PROBE)
+        expected_empty[version] = _trainer_scores(trainer, EMPTY_TEXT)
     assert expected[1].keys() != expected[2].keys()
     assert max(abs(expected[1][k] - expected[2][k]) for k in expected[1]) > 1e-3
 
@@ -175,6 +179,9 @@ def test_decoder_trains_publishes_and_serves_what_the_trainer_computes(
                 assert scores.keys() == expected[version].keys()
                 worst = max(abs(scores[k] - expected[version][k]) for k in scores)
                 assert worst < 1e-4, f"{family} v{version} {texts}: served differs from the trainer by {worst}"
+            served_version, scores = _served_scores(base, [EMPTY_TEXT], EMPTY_TEXT)
+            worst = max(abs(scores[k] - expected_empty[version][k]) for k in scores)
+            assert served_version == version and worst < 1e-4, f"{family} v{version}: empty text differs by {worst}"
 
 
 def test_families_are_read_from_the_config(tmp_path: Path) -> None:
@@ -260,3 +267,62 @@ def test_gpu_precisions_train_a_decoder_and_export_finite_adapters(overrides: di
     assert trainer.steps > 0
     assert all(bool(torch.isfinite(t).all()) for t in after.values())
     assert any(not torch.equal(before[k], after[k]) for k in before if before[k].shape == after[k].shape)
+
+
+def test_a_text_that_tokenizes_to_nothing_trains_and_predicts_like_any_other(tmp_path: Path) -> None:
+    family = "qwen2"  # its byte-level tokenizer drops what its vocabulary lacks (the others map it to unk)
+    settings = _settings(build_tiny_decoder(tmp_path / family, family), tmp_path)
+    trainer = build_trainer(settings.model, settings.adapter, settings.trainer)
+    tokenizer = trainer.collator.tokenizer
+    assert tokenizer(EMPTY_TEXT)["input_ids"] == []  # the case itself: the tokenizer yields nothing
+
+    alone = trainer.collator.encode([EMPTY_TEXT])
+    assert alone["attention_mask"].tolist() == [[1]]  # one token that stands for the empty text
+    assert alone["input_ids"][0, 0] != tokenizer.pad_token_id  # one the decoder's head does not skip as padding
+
+    # A batch of nothing but such texts trains (it failed to reshape (B, 0) before) ...
+    empty_only = [Event(id=f"z{i}", text=EMPTY_TEXT, label=label) for i, label in enumerate(["alpha", "beta"])]
+    result = trainer.step(trainer.collator(empty_only, n_fresh=2))
+    assert not result.skipped and trainer.steps == 1
+    assert set(result.predictions) <= {"alpha", "beta"}
+    # ... and the empty text is answered the same alone and padded beside a longer text.
+    _train(trainer, ["alpha", "beta"], 32, seed=1)
+    mixed = [Event(id="m", text=PADDED_COMPANY, label="alpha"), Event(id="e", text=EMPTY_TEXT, label="beta")]
+    assert (
+        trainer.predict(mixed, trainer.exported_labels())[1] == trainer.predict(mixed[1:], trainer.exported_labels())[0]
+    )
+    trainer.model.eval()
+    with torch.no_grad():
+        logits = [
+            trainer.model(**trainer.collator.encode(texts)).logits
+            for texts in ([EMPTY_TEXT], [PADDED_COMPANY, EMPTY_TEXT])
+        ]
+    torch.testing.assert_close(logits[0][0], logits[1][1], rtol=1e-4, atol=1e-5)
+
+
+def test_imprinting_on_a_decoder_reads_the_last_token_as_its_head_does(tmp_path: Path) -> None:
+    # Every text starts with the same word and ends with its label's keyword: a causal model's first
+    # position sees only the shared word, its last one the keyword. Imprinted from the position the
+    # head reads, the new rows tell the labels apart before any training.
+    settings = _settings(build_tiny_decoder(tmp_path / "llama", "llama"), tmp_path, "cls")
+    quiet = {"imprint_new_labels": "on", "lr": 1e-9, "head_lr": 1e-9, "warmup_steps": 1000}
+    trainer = build_trainer(settings.model, settings.adapter, settings.trainer.model_copy(update=quiet))
+    assert trainer.pooling == "cls"
+
+    def texts(label: str, n: int, seed: int) -> list[Event]:
+        rng = random.Random(seed)
+        return [
+            Event(
+                id=f"{label}{seed}-{i}",
+                text=" ".join(["w1", *rng.sample(WORDS, rng.randrange(1, 4)), KEYWORDS[label][i % 4]]),
+                label=label,
+            )
+            for i in range(n)
+        ]
+
+    first = texts("alpha", 8, 0) + texts("beta", 8, 0)
+    trainer.step(trainer.collator(first, n_fresh=len(first)))
+    probes = texts("alpha", 20, 1) + texts("beta", 20, 1)
+    predicted = trainer.predict(probes, trainer.exported_labels())
+    hits = sum(p == e.label for p, e in zip(predicted, probes, strict=True))
+    assert hits >= 36, f"{hits} of 40 right after imprinting"  # position 0 holds the same features for all: 20

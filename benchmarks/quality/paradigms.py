@@ -191,12 +191,33 @@ def size_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def report(argv: list[str]) -> None:
+    """``report --inputs A.json B.json [--out PREFIX]``: the merged table and plot (benchmarks.quality.sizereport)."""
+    import argparse
+
+    from benchmarks.quality import sizereport
+
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.quality.paradigms report", description=sizereport.__doc__
+    )
+    parser.add_argument("--inputs", type=Path, nargs="+", required=True, help="JSON files this module wrote")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality/model-size"))
+    args = parser.parse_args(argv)
+    command = "python -m benchmarks.quality.paradigms report " + " ".join(argv)
+    for path in sizereport.write(args.inputs, args.out, command):
+        print(f"wrote {path}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
 
     from benchmarks.quality.suites import SUITES
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        report(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.paradigms", description=size_grid.__doc__)
     parser.add_argument("--models", default="minilm,mpnet", help=f"comma-separated, of {sorted(MODEL_SIZES)}")
     parser.add_argument("--datasets", default=",".join(SUITES["full"].paradigm_datasets))
@@ -214,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
 
     def save(rows: list[dict[str, Any]]) -> None:
-        record = {"argv": argv or sys.argv[1:], "wall_seconds": time.perf_counter() - started, "rows": rows}
+        record = {"argv": argv, "wall_seconds": time.perf_counter() - started, "rows": rows}
         args.out.with_suffix(".json").write_text(json.dumps(record, indent=1))
         args.out.with_suffix(".md").write_text(size_table(rows))
 

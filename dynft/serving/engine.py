@@ -28,6 +28,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from dynft.batching import tokenize
 from dynft.errors import AdapterMismatchError, BaseModelMismatchError, DynftError
 from dynft.fingerprint import BaseModelId
 from dynft.freshness import served_after
@@ -212,9 +213,7 @@ class InferenceEngine:
     @torch.no_grad()
     def _forward(self, active: LoadedVersion, texts: list[str]) -> list[Prediction]:
         self.metrics.batch_size.observe(len(texts))
-        enc = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.settings.model.max_length, return_tensors="pt"
-        )
+        enc = tokenize(self.tokenizer, texts, self.settings.model.max_length)  # as the trainer does
         ids = enc["input_ids"].to(self.device)
         mask = enc["attention_mask"].to(self.device)
         if self.device.type == "cuda":
