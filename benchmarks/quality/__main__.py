@@ -1,7 +1,10 @@
-"""``python -m benchmarks.quality --suite quick|full [--workers N] [--out DIR]``.
+"""``python -m benchmarks.quality --suite quick|full [--workers N] [--rate R | --no-served] [--out DIR]``.
 
-Runs every method on every drifting stream and the fine-tuning comparison, then writes
-``quality-<suite>.md``, ``.json`` and one PNG per stream under ``benchmarks/results/quality/``.
+Runs every method on every drifting stream and the fine-tuning comparison, then, for every
+stream, the served protocol (``benchmarks.quality.served``: a real ``dynft run`` fed at ``rate``
+events/s, scored on what its server answered), one stream at a time after the suite so that
+the daemon has the machine to itself. Writes ``quality-<suite>.md``, ``.json`` and one PNG per
+stream under ``benchmarks/results/quality/``.
 """
 
 from __future__ import annotations
@@ -10,25 +13,47 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from benchmarks.quality import report
+from benchmarks.quality import report, served
 from benchmarks.quality.harness import run_suite
-from benchmarks.quality.suites import SUITES
+from benchmarks.quality.streams import DATA, build
+from benchmarks.quality.suites import SUITES, Suite
 
 RESULTS = Path(__file__).parents[1] / "results" / "quality"
+
+
+def add_served(results: dict[str, Any], suite: Suite, rate: float, logs: Path) -> None:
+    """Run the served protocol on every stream of ``results``; its scores go beside the methods'."""
+    for name, stream_results in results["streams"].items():
+        stream = build(name, suite.sizes, DATA)
+        events = len(stream.events)
+        print(f"served: {name}, {events} events at {rate} events/s", file=sys.stderr, flush=True)
+        answers = served.serve(stream, suite, rate, events, logs)
+        scored = served.score(stream, suite, answers, events, compare=False)
+        positions = stream_results.get("dynft_positions")
+        if positions:
+            truths = [label for _, label in stream.events]
+            scored["served on dynft's events"] = round(served.on_positions(truths, answers["answers"], positions), 4)
+        stream_results["served"] = scored | {"rate": rate}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
+    parser.add_argument("--rate", type=float, default=20.0, help="served protocol: events per second fed")
+    parser.add_argument("--no-served", action="store_true", help="skip the served protocol")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     suite = SUITES[args.suite]
-    results = report.complete(run_suite(suite, args.workers))
-    command = f"python -m benchmarks.quality --suite {args.suite}"
+    results = run_suite(suite, args.workers)
+    if not args.no_served:
+        add_served(results, suite, args.rate, args.out / "logs")
+    results = report.complete(results)
+    command = f"python -m benchmarks.quality {' '.join(sys.argv[1:])}".strip()
     for path in report.write(results, args.out, command):
         print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -143,6 +143,9 @@ def assemble(
             "methods": {m: summarize(runs[m], stream, suite) for m in METHODS if m in runs},
             "curves": {m: scores.curve(runs[m], suite.window, max(1, suite.window // 5)) for m in METHODS if m in runs},
             "detections": {m: runs[m].detections for m in METHODS if m in runs and runs[m].detections},
+            # The events dynft's trainer scored (not those held out for its gate): served accuracy is
+            # compared with its prequential accuracy on these.
+            "dynft_positions": runs["dynft"].positions if "dynft" in runs else None,
         }
     rows = [r for job, r in outcomes.items() if job.kind == "paradigm" and isinstance(r, dict)]
     order = {(d, c): i for i, (d, c) in enumerate((d, c) for d in suite.paradigm_datasets for c in paradigms.CONFIGS)}

@@ -13,6 +13,7 @@ from benchmarks.quality.methods import RIVER_METHODS
 from benchmarks.quality.paradigms import CONFIGS
 
 GOAL_MARGIN = 0.10  # dynft's prequential accuracy above the best river baseline
+SERVED_LAG = 0.03  # served accuracy at most this far below the trainer's prequential, on the same events
 
 
 def complete(results: dict[str, Any]) -> dict[str, Any]:
@@ -35,6 +36,8 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         if river is not None:
             gap = dynft["prequential_accuracy"] - river
             out.append(goal(name, "prequential accuracy >= best river + 10 points", gap, GOAL_MARGIN, "points"))
+        if "served" in stream:
+            out += served_goals(name, stream["served"], dynft, river)
         plain = m.get("dynft no replay", {}).get("forgetting")
         obsolete = stream["kind"].startswith("concept")  # forgetting the permuted-away labels is right there
         if plain is not None and dynft["forgetting"] is not None and not obsolete:
@@ -43,6 +46,45 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
             if baseline in m:
                 ours, theirs = total_recovery(stream, "dynft"), total_recovery(stream, baseline)
                 out.append(goal(name, f"recovery faster than {baseline}", theirs - ours, 1, "events"))
+    return out
+
+
+def served_goals(name: str, served: dict[str, Any], dynft: dict[str, Any], river: float | None) -> list[dict[str, Any]]:
+    """#17's goals for what users are answered: above river by 10 points (or with at most half of
+    river's error where river is above 80%), and within 3 points of the trainer on the same events."""
+    out = []
+    if river is not None:
+        if river > 0.8:  # 10 points may not exist above river: half its error instead
+            out.append(
+                goal(
+                    name,
+                    "served error <= half of best river's",
+                    (1 - river) / 2 - (1 - served["served_accuracy"]),
+                    0,
+                    "points",
+                )
+            )
+        else:
+            out.append(
+                goal(
+                    name,
+                    "served accuracy >= best river + 10 points",
+                    served["served_accuracy"] - river,
+                    GOAL_MARGIN,
+                    "points",
+                )
+            )
+    same = served.get("served on dynft's events")
+    if same is not None:
+        out.append(
+            goal(
+                name,
+                "served within 3 points of prequential",
+                same - dynft["prequential_accuracy"],
+                -SERVED_LAG,
+                "points",
+            )
+        )
     return out
 
 
@@ -96,6 +138,36 @@ def stream_table(name: str, stream: dict[str, Any], suite: str) -> list[str]:
             f"| {method} | {pct(s['prequential_accuracy'])} | {pct(s['prequential_macro_f1'])} | {finals} "
             f"| {pct(s['backward_transfer'])} | {fmt_recovery(s['recovery_events'])} "
             f"| {fmt_detection(s['detection'])} | {rate} | {s['extra'].get('cpu_seconds', 0):.0f} |"
+        )
+    if "served" in stream:  # what the running daemon's server answered, fed at a fixed rate
+        sv = stream["served"]
+        lines.append(
+            f"| dynft, served | {pct(sv['served_accuracy'])} | - | - | - | - | - | {sv['rate']:.3g} (fed) | - |"
+        )
+    return [*lines, ""]
+
+
+def served_table(results: dict[str, Any]) -> list[str]:
+    """Served accuracy beside the trainer's prequential accuracy and river's, per stream."""
+    streams = {n: s for n, s in results["streams"].items() if "served" in s}
+    if not streams:
+        return []
+    lines = [
+        "## Served accuracy",
+        "",
+        "| stream | served | served on dynft's events | dynft prequential | best river | by quarter "
+        "| first answer at | versions | version knew the label |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, stream in streams.items():
+        sv, m = stream["served"], stream["methods"]
+        river = max((m[r]["prequential_accuracy"] for r in RIVER_METHODS if r in m), default=None)
+        quarters = " / ".join(pct(q) for q in sv["served_by_quarter"])
+        knew, same = sv.get("answered_knowing_label"), sv.get("served on dynft's events")
+        lines.append(
+            f"| {name} | {pct(sv['served_accuracy'])} | {pct(same)} "
+            f"| {pct(m['dynft']['prequential_accuracy']) if 'dynft' in m else '-'} | {pct(river)} | {quarters} "
+            f"| {sv['first_answered_at']} | {sv['versions_seen']} | {pct(knew)} |"
         )
     return [*lines, ""]
 
@@ -155,6 +227,13 @@ def notes(results: dict[str, Any]) -> list[str]:
         "false alarm. events/s: stream events over wall time, model "
         "loading and the benchmark's own test-slice scoring excluded (on a busy machine this counts the waits "
         "for a core; CPU s, the job's CPU time with model loading and test-slice scoring, does not).",
+        "- Served (#17): for each stream a real `dynft run` (file source it follows, the settings above but "
+        "versions published by time, as shipped) is fed the stream at a fixed rate; each event is first sent to "
+        "`/v1/predict` and only then appended, so the score is what users were answered before the daemon could "
+        "learn the event; a refusal (no version yet) counts as wrong. *served on dynft's events*: the same score "
+        "on the events dynft's prequential accuracy counts (not those held out for its gate). *version knew the "
+        "label*: share of events answered by a version that had the event's label (others can only be wrong). "
+        "The daemons run one at a time after the suite's jobs.",
         "- Fine-tuning paradigms: dynft's trainer, one pass over the same "
         f"{c['paradigm_train']} training events per dataset (batches of 16, warm-up over the first 10% of steps), "
         f"scored on {c['paradigm_test']} test rows; see `benchmarks/quality/paradigms.py` for the learning rates.",
@@ -179,7 +258,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
         margin = f"{100 * g['margin']:+.1f} points" if g["unit"] == "points" else f"{g['margin']:+d} events"
         met = {"yes": "yes", "tie": "tie (equal)", "no": "**no**"}[g["met"]]
         lines.append(f"| {g['stream']} | {g['goal']} | {margin} | {met} |")
-    lines += ["", "## Streams", ""]
+    lines += ["", *served_table(results), "## Streams", ""]
     for name, stream in results["streams"].items():
         lines += stream_table(name, stream, suite)
     lines += ["## Fine-tuning paradigms (test accuracy, %)", "", *paradigm_tables(results["paradigms"])]
@@ -198,6 +277,9 @@ def plot_stream(name: str, stream: dict[str, Any], path: Path) -> None:
         if points:
             xs, ys = zip(*points, strict=True)
             ax.plot(xs, ys, label=method, linewidth=2.2 if method == "dynft" else 1.2)
+    if stream.get("served", {}).get("curve"):
+        xs, ys = zip(*stream["served"]["curve"], strict=True)
+        ax.plot(xs, ys, label="dynft, served", color="black", linewidth=2.2, linestyle=":")
     for i, point in enumerate(stream["drift_points"]):
         ax.axvline(point, color="black", linestyle="--", linewidth=1, label="drift point" if i == 0 else None)
     for det in stream["detections"].get("dynft", []):

@@ -67,8 +67,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ask(base: str, text: str) -> tuple[str | None, int | None]:
-    """The server's label and version for ``text``; (None, None) when it refuses (no version yet)."""
+def ask(base: str, text: str) -> tuple[str | None, int | None, list[str]]:
+    """The server's label, version and the version's labels for ``text``; (None, None, []) when it
+    refuses (no version yet)."""
     body = json.dumps({"texts": [text]}).encode()
     request = urllib.request.Request(f"{base}/v1/predict", body, {"Content-Type": "application/json"})
     try:
@@ -76,9 +77,10 @@ def ask(base: str, text: str) -> tuple[str | None, int | None]:
             answer = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         if exc.code == 503:
-            return None, None
+            return None, None, []
         raise
-    return str(answer["predictions"][0]["label"]), int(answer["adapter_version"])
+    best = answer["predictions"][0]
+    return str(best["label"]), int(answer["adapter_version"]), list(best["scores"])
 
 
 def wait_for_http(base: str, process: subprocess.Popen[bytes]) -> None:
@@ -104,15 +106,17 @@ def feed(stream: Stream, suite: Suite, rate: float, events: int, workdir: Path) 
     process = subprocess.Popen([sys.executable, "-m", "dynft", "run"], env=env, stdout=log, stderr=log)
     answers: list[str | None] = []
     versions: list[int | None] = []
+    knew: list[bool] = []  # whether the answering version had the event's label at all
     try:
         wait_for_http(base, process)
         started = time.monotonic()
         with source.open("a", encoding="utf-8") as out:
             for i, (text, label) in enumerate(stream.events[:events]):
                 time.sleep(max(0.0, started + i / rate - time.monotonic()))
-                answer, version = ask(base, text)
+                answer, version, labels = ask(base, text)
                 answers.append(answer)
                 versions.append(version)
+                knew.append(label in labels)
                 out.write(json.dumps({"id": stream.event_id(i), "text": text, "label": label}) + "\n")
                 out.flush()
         behind = time.monotonic() - started - events / rate
@@ -123,11 +127,27 @@ def feed(stream: Stream, suite: Suite, rate: float, events: int, workdir: Path) 
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
-    return {"answers": answers, "versions": versions, "feed_behind_s": round(max(0.0, behind), 1)}
+    return {"answers": answers, "versions": versions, "knew": knew, "feed_behind_s": round(max(0.0, behind), 1)}
 
 
 def accuracy(truths: list[str], answers: list[str | None]) -> float:
     return sum(a == t for a, t in zip(answers, truths, strict=True)) / max(1, len(truths))
+
+
+def rolling(truths: list[str], answers: list[str | None], window: int, every: int) -> list[tuple[int, float]]:
+    """(event index, accuracy of the answers to the last ``window`` events), every ``every`` events."""
+    hits = [a == t for a, t in zip(answers, truths, strict=True)]
+    out = []
+    for i in range(min(window, len(hits)) - 1, len(hits)):
+        if i % every == 0 or i == len(hits) - 1:
+            start = max(0, i + 1 - window)
+            out.append((i, round(sum(hits[start : i + 1]) / (i + 1 - start), 4)))
+    return out
+
+
+def on_positions(truths: list[str], answers: list[str | None], positions: list[int]) -> float:
+    """Served accuracy on the events at ``positions`` only (those the trainer scored)."""
+    return accuracy([truths[i] for i in positions], [answers[i] for i in positions])
 
 
 def score(stream: Stream, suite: Suite, served: dict[str, Any], events: int, compare: bool) -> dict[str, Any]:
@@ -144,7 +164,13 @@ def score(stream: Stream, suite: Suite, served: dict[str, Any], events: int, com
         "first_answered_at": next((i for i, a in enumerate(answers) if a is not None), None),
         "versions_seen": len({v for v in served["versions"] if v is not None}),
         "feed_behind_s": served["feed_behind_s"],
+        "curve": rolling(truths, answers, suite.window, max(1, suite.window // 5)),
     }
+    if "knew" in served:  # why an answer was wrong: a version that lacked the label cannot be right
+        knew = served["knew"]
+        out["answered_knowing_label"] = round(sum(knew) / max(1, events), 4)
+        right = sum(a == t for a, t, k in zip(answers, truths, knew, strict=True) if k)
+        out["served_accuracy_when_known"] = round(right / sum(knew), 4) if any(knew) else None
     if compare:  # the same events, each method at its own pace (predict, then learn)
         cut = Stream(stream.name, stream.kind, stream.events[:events], [p for p in stream.phases if p.start < events])
         for method in ("dynft", *RIVER_METHODS):
@@ -153,9 +179,7 @@ def score(stream: Stream, suite: Suite, served: dict[str, Any], events: int, com
             same = [i for i in range(events) if i in on]  # dynft scores only the events it trains on
             out[f"{method} prequential"] = round(accuracy([truths[i] for i in same], [on[i] for i in same]), 4)
             if method == "dynft":
-                out["served on dynft's events"] = round(
-                    accuracy([truths[i] for i in same], [answers[i] for i in same]), 4
-                )
+                out["served on dynft's events"] = round(on_positions(truths, answers, same), 4)
     return out
 
 
@@ -167,19 +191,41 @@ def markdown(results: dict[str, Any], command: str) -> str:
         "",
         f"`{command}` — {results['rate']} events/s, {results['machine']}",
         "",
-        "| stream | events | served | by quarter | unanswered | first answer at | versions | "
-        + " | ".join(columns)
-        + " |",
-        "|---|---|---|---|---|---|---|" + "---|" * len(columns),
+        "| stream | events | served | by quarter | unanswered | first answer at | versions | version knew the label "
+        "| served when it knew | " + " | ".join(columns) + " |",
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(columns),
     ]
     for name, r in rows.items():
         quarters = " / ".join(f"{q:.2f}" for q in r["served_by_quarter"])
         extra = " | ".join(f"{r.get(c, float('nan')):.3f}" for c in columns)
         lines.append(
             f"| {name} | {r['events']} | {r['served_accuracy']:.3f} | {quarters} | {r['unanswered']} | "
-            f"{r['first_answered_at']} | {r['versions_seen']} | {extra} |"
+            f"{r['first_answered_at']} | {r['versions_seen']} | {fraction(r.get('answered_knowing_label'))} | "
+            f"{fraction(r.get('served_accuracy_when_known'))} | {extra} |"
         )
+    lines += ["", KNEW_NOTE]
     return "\n".join(lines) + "\n"
+
+
+KNEW_NOTE = (
+    "*version knew the label*: the share of events answered by a version whose label map held the event's "
+    "label; an answer by a version that did not can only be wrong (on a class-incremental stream, a version "
+    "that lags a phase behind knows none of the phase's labels). *served when it knew*: accuracy on those."
+)
+
+
+def fraction(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def serve(stream: Stream, suite: Suite, rate: float, events: int, logs: Path) -> dict[str, Any]:
+    """``feed`` in a temporary directory; the daemon's log is kept in ``logs`` (why a version came late)."""
+    with tempfile.TemporaryDirectory(prefix=f"served-{stream.name}-") as tmp:
+        try:
+            return feed(stream, suite, rate, events, Path(tmp))
+        finally:
+            logs.mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(tmp) / "daemon.log", logs / f"served-{suite.name}-{stream.name}.log")
 
 
 def main() -> int:
@@ -198,12 +244,7 @@ def main() -> int:
     for name in names:
         stream = build(name, suite.sizes, DATA)
         events = min(args.events or len(stream.events), len(stream.events))
-        with tempfile.TemporaryDirectory(prefix=f"served-{name}-") as tmp:
-            try:
-                served = feed(stream, suite, args.rate, events, Path(tmp))
-            finally:  # the daemon's log, to see why a version came late (or never)
-                args.out.mkdir(parents=True, exist_ok=True)
-                shutil.copy(Path(tmp) / "daemon.log", args.out / f"served-{suite.name}-{name}.log")
+        served = serve(stream, suite, args.rate, events, args.out / "logs")
         results["streams"][name] = score(stream, suite, served, events, not args.no_compare)
         print(f"{name}: {json.dumps(results['streams'][name])}", file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,11 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `benchmarks` is not an installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.quality.served import daemon_env, markdown, score  # noqa: E402
-from benchmarks.quality.streams import Phase, Stream  # noqa: E402
+from benchmarks.quality import report  # noqa: E402
+from benchmarks.quality.__main__ import add_served  # noqa: E402
+from benchmarks.quality.harness import run_suite  # noqa: E402
+from benchmarks.quality.served import daemon_env, markdown, on_positions, rolling, score  # noqa: E402
+from benchmarks.quality.streams import Phase, Sizes, Stream  # noqa: E402
 from benchmarks.quality.suites import QUICK  # noqa: E402
 from dynft.settings import load_settings  # noqa: E402
 
@@ -44,3 +47,72 @@ def test_the_daemon_follows_its_file_with_the_suites_settings_and_time_based_pub
     assert int(env["DYNFT_TRAINER__FRESHEST_FIRST_BACKLOG"]) > 0
     assert settings.source.follow and settings.server.port == 8123 and settings.state_dir == tmp_path / "state"
     assert settings.registry.publish_interval_s == 20.0 and settings.model.max_length == QUICK.max_length
+
+
+def test_a_server_a_phase_behind_on_a_class_incremental_stream_scores_zero_for_want_of_the_labels() -> None:
+    # What the quick suite's banking run showed (served 0.000 with 7 versions): every answer is a
+    # label of the phase before, from versions that never held the phase's own labels. The score
+    # is right to be zero, and says why: no answer came from a version that knew the label.
+    events = [(f"t{i}", label) for i, label in enumerate(["a", "b", "a", "b", "c", "d", "c", "d", "e", "f", "e", "f"])]
+    stream = Stream("s", "class-incremental", events, [Phase("1", 0, []), Phase("2", 4, []), Phase("3", 8, [])])
+    answers = [None, None, None, None, "a", "b", "b", "a", "c", "d", "d", "c"]
+    versions = [None] * 4 + [1] * 4 + [2] * 4
+    knew = [False] * 12  # version 1 knows a and b, version 2 a to d
+    served = {"answers": answers, "versions": versions, "knew": knew, "feed_behind_s": 0.0}
+    result = score(stream, QUICK.with_overrides(window=4), served, 12, compare=False)
+    assert result["served_accuracy"] == 0.0 and result["answered_knowing_label"] == 0.0
+    assert result["served_accuracy_when_known"] is None
+    assert (result["first_answered_at"], result["versions_seen"]) == (4, 2)
+
+    # The same server, one event into each phase later: what it answers right is what it knew.
+    answers = [None, "b", "a", "b", "a", "d", "c", "d", "c", "f", "e", "e"]  # the last one wrong though known
+    knew = [False, True, True, True, False, True, True, True, False, True, True, True]
+    served = {"answers": answers, "versions": [None, *[1] * 11], "knew": knew, "feed_behind_s": 0.0}
+    result = score(stream, QUICK.with_overrides(window=4), served, 12, compare=False)
+    assert (result["served_accuracy"], result["answered_knowing_label"]) == (round(8 / 12, 4), 0.75)
+    assert abs(result["served_accuracy_when_known"] - 8 / 9) < 1e-4
+    assert result["curve"][0] == (3, 0.75) and result["curve"][-1] == (11, 0.5) and len(result["curve"]) == 9
+    assert on_positions([t for _, t in events], answers, [0, 1, 4]) == 1 / 3
+    assert "| s | 12 | 0.667 |" in markdown({"suite": "q", "rate": 20.0, "machine": "m", "streams": {"s": result}}, "c")
+
+
+def test_rolling_accuracy_counts_a_refusal_as_wrong() -> None:
+    truths = ["a", "a", "b", "b", "b"]
+    assert rolling(truths, [None, "a", "b", "a", "b"], window=2, every=1) == [(1, 0.5), (2, 1.0), (3, 0.5), (4, 0.5)]
+    assert rolling(truths, ["a"] * 5, window=10, every=2) == [(4, 0.4)]
+
+
+def test_the_quality_benchmark_reports_what_a_real_daemon_served_beside_prequential_and_river(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    tiny = Sizes(24, 8, 60, 4, 1, 1, 48, 8)
+    suite = QUICK.with_overrides(
+        name="smoke",
+        sizes=tiny,
+        model_path=str(tiny_model_dir),
+        max_length=16,
+        boost_steps=2,
+        cooldown_events=10,
+        publish_every_steps=2,
+        window=8,
+        detection_horizon=20,
+        streams=("domain",),
+        paradigm_datasets=(),
+        anchor_streams=(),
+    )
+    results = run_suite(suite, workers=1, progress=lambda line: None)
+    add_served(results, suite, rate=12.0, logs=tmp_path / "logs")
+    written = report.write(report.complete(results), tmp_path, "python -m benchmarks.quality --suite smoke")
+
+    sv = results["streams"]["domain"]["served"]
+    assert sv["events"] == 72 and sv["rate"] == 12.0
+    assert sv["unanswered"] + round(sv["answered_knowing_label"] * 72) <= 72
+    assert 0.0 <= sv["served_accuracy"] <= 1.0 and 0.0 <= sv["served on dynft's events"] <= 1.0
+    assert len(sv["served_by_quarter"]) == 4 and sv["curve"][-1][0] == 71
+    assert (tmp_path / "logs" / "served-smoke-domain.log").stat().st_size > 0  # the daemon ran and logged
+    goals = {g["goal"] for g in results["goals"]}
+    assert "served within 3 points of prequential" in goals
+    assert {"served accuracy >= best river + 10 points", "served error <= half of best river's"} & goals
+    text = (tmp_path / "quality-smoke.md").read_text()
+    assert "## Served accuracy" in text and "| dynft, served |" in text
+    assert tmp_path / "quality-smoke-domain.png" in written
