@@ -82,6 +82,7 @@ def test_rolling_accuracy_counts_a_refusal_as_wrong() -> None:
     assert rolling(truths, ["a"] * 5, window=10, every=2) == [(4, 0.4)]
 
 
+@pytest.mark.slow
 def test_the_quality_benchmark_reports_what_a_real_daemon_served_beside_prequential_and_river(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
