@@ -80,7 +80,11 @@ class TopicState:
 
 
 def read_topics(consumer: Any, topic: str) -> TopicState:
-    """Both topics up to their current end: the folded pointer log and the versions present."""
+    """Both topics up to their current end: the folded pointer log and the versions present.
+
+    Leaves ``consumer`` on the pointer topic alone, where it stopped (the feed's thread reads on
+    from there, without fetching back the adapters the trainer sends).
+    """
     from kafka import TopicPartition
 
     parts = [TopicPartition(topic, 0), TopicPartition(pointer_topic(topic), 0)]
@@ -95,6 +99,9 @@ def read_topics(consumer: Any, topic: str) -> TopicState:
                     _read_one(state, tp.topic == topic, record)
                 except RegistryError as exc:
                     log.warning("skipping a record of %s at offset %d: %s", tp.topic, record.offset, exc)
+    position = consumer.position(parts[1])
+    consumer.assign([parts[1]])
+    consumer.seek(parts[1], position)
     return state
 
 

@@ -86,7 +86,8 @@ class Follower:
         self.on_change: Callable[[], None] | None = None  # called after a flip of serving.json (engine.nudge)
         self._log = PointerLog()  # follower thread only (start() before the thread runs)
         self._pending: PointerRecord | None = None  # a pointer whose version has not arrived yet
-        self._backlog: dict[int, VersionRecord] = {}  # read at start, not yet written
+        self._backlog: dict[int, VersionRecord] = {}  # read at start, not yet written (popped under the lock)
+        self._backlog_lock = threading.Lock()  # an admin request may need a backlogged version written now
         self._live: set[int] = set()  # versions with a record (not a tombstone) on the topic
         self._cleaned = False
         self._catching_up = False
@@ -161,6 +162,16 @@ class Follower:
                     )
                 self._applied.wait(left)
 
+    def ensure(self, version: int) -> None:
+        """Write ``version`` now if it is still in the backlog (an admin decision needs it on disk)."""
+        record = self._take(version)
+        if record is not None:
+            self._write(record)
+
+    def _take(self, version: int) -> VersionRecord | None:
+        with self._backlog_lock:
+            return self._backlog.pop(version, None)
+
     def _follow(self) -> None:
         while not self._stop.is_set():
             try:
@@ -186,7 +197,7 @@ class Follower:
             number = (key or b"").decode(errors="replace").rpartition("/")[2]
             if number.isdigit():
                 self._live.discard(int(number))
-                self._backlog.pop(int(number), None)
+                self._take(int(number))
                 if int(number) != self.registry.serving().version:
                     self.registry.discard(int(number))
             return
@@ -202,7 +213,7 @@ class Follower:
         if self._catching_up:  # written once the end is reached: the serving one first
             self._backlog[record.version] = record
             return
-        self._backlog.pop(record.version, None)
+        self._take(record.version)
         self._write(record)
         pending = self._pending
         if pending is not None and pending.pointer.get("version") == record.version:
@@ -220,8 +231,11 @@ class Follower:
                 self._remove_unlisted()
             return
         history = [h.get("version") for h in self.registry.serving().history]
-        version = next((v for v in history if v in self._backlog), max(self._backlog))
-        self._write(self._backlog.pop(version))
+        with self._backlog_lock:
+            version = next((v for v in history if v in self._backlog), max(self._backlog, default=None))
+        record = None if not isinstance(version, int) else self._take(version)
+        if record is not None:
+            self._write(record)
 
     def _remove_unlisted(self) -> None:
         """Versions left by an earlier run whose records the topic no longer holds (pruned meanwhile)."""
@@ -263,8 +277,8 @@ class Follower:
     def _apply_pointer(self, record: PointerRecord) -> None:
         """Install ``record`` once its version is on disk (written now if it is in the backlog)."""
         version = record.pointer.get("version")
-        if isinstance(version, int) and version in self._backlog:
-            self._write(self._backlog.pop(version))
+        if isinstance(version, int):
+            self.ensure(version)
         if version not in self.registry.versions():
             self._pending = record  # the version record is on its way (another partition)
             return
@@ -285,6 +299,7 @@ class FollowingRegistry(AdapterRegistry):
     follower: Follower
 
     def promote(self, version: int, reason: str, pin: bool = False, base_model: BaseModelId | None = None) -> None:
+        self.follower.ensure(version)
         _, meta = self.load(version)  # refuse a version that is missing or fails its hash check here already
         check_base_model(version, meta, base_model)
         current = self.serving()
@@ -292,6 +307,8 @@ class FollowingRegistry(AdapterRegistry):
 
     def rollback(self, reason: str = "rollback") -> int:
         current = self.serving()
+        for entry in current.history:
+            self.follower.ensure(entry["version"])
         target = rollback_target(current, self.versions())
         self.load(target)
         rest = [h for h in current.history if h["version"] != target]
