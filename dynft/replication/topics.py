@@ -29,6 +29,7 @@ def ensure_topics(servers: list[str], topic: str, settings: KafkaSettings) -> No
     from kafka.admin import ConfigResource, ConfigResourceType
     from kafka.errors import KafkaError
 
+    quiet_slow_task_warnings()  # before the first client: the admin client's loop warns too
     wanted = settings.versions_max_message_bytes
     names = [topic, pointer_topic(topic)]
     try:
