@@ -193,6 +193,8 @@ def test_three_replicas_follow_the_trainer(
         assert listed["serving"] == 999 and listed["loaded"] == other
         refused = {v["version"]: v["refused"] for v in listed["versions"]}
         assert refused[999] == "unreadable" and refused[other] is None, refused
+        log = replica.log.read_text(errors="replace")
+        assert "ran for" not in log, "kafka-python's slow-task warnings reach the replica's log"
 
 
 def tamper(registry: AdapterRegistry, version: int, as_version: int) -> VersionRecord:
