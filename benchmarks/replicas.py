@@ -4,12 +4,13 @@ Propagation: a local registry holds ``PROMOTIONS + 1`` distinct versions of the 
 adapter (one head row perturbed per version), sent to the versions topic by the trainer's own
 feed; three ``dynft serve --follow`` processes follow it. Each promotion (registry promote +
 ``VersionsFeed.sync``, as the publisher does) is timed until all three replicas report it
-loaded in ``/v1/adapters``. Baseline: a bare Kafka round trip, one record produced and seen
+loaded (``/readyz``). Baseline: a bare Kafka round trip, one record produced and seen
 by three plain consumers (the floor any Kafka-borne propagation stands on).
 
 Start-up: one replica started alone, process start to its first answer (reads the topic,
 loads the model, flips to the current version). Baseline: ``dynft serve`` on a state directory
-that already holds the same registry (the co-located server's start).
+that already holds the same registry (the co-located server's start). Each is started
+``START_ROUNDS`` times, alternately, and the fastest start of each counts.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from dynft import devbroker
 NAME = "replica propagation"
 PROMOTIONS = 50
 REPLICAS = 3
+START_ROUNDS = 2  # start-up: the fastest of this many starts of each kind
 TOKEN = "bench-token"
 
 
@@ -81,9 +83,19 @@ def measure(plan: Plan, root: Path, bootstrap: str) -> list[Result]:
             stop_process(proc)
         feed.close()
     bare = bare_round_trips(bootstrap, PROMOTIONS)
-    start_dynft = time_start(plan, root / "late", follow)
-    shutil.copytree(root / "replica0" / "registry", root / "local" / "registry")
-    start_local = time_start(plan, root / "local", None)
+    starts: dict[str, list[float]] = {"replica": [], "local": []}
+    for i in range(START_ROUNDS):  # alternated, so that a burst of load elsewhere hits both alike
+        starts["replica"].append(time_start(plan, root / f"late{i}", follow))
+        shutil.copytree(root / "replica0" / "registry", root / f"local{i}" / "registry")
+        starts["local"].append(time_start(plan, root / f"local{i}", None))
+    start_dynft, start_local = min(starts["replica"]), min(starts["local"])
+    start_details = {
+        "model": plan.model,
+        "rounds": START_ROUNDS,
+        "replica_s": [rounded(x) for x in starts["replica"]],
+        "local_s": [rounded(x) for x in starts["local"]],
+        "replica_log": catch_up_line(root / "late0.log"),
+    }
     p50, p95, b50, b95 = (percentile(x, q) for x, q in ((latencies, 50), (latencies, 95), (bare, 50), (bare, 95)))
     what, bare_name = "promotion -> all replicas serve it", "bare Kafka round trip to 3 consumers"
     details = {"promotions": len(latencies), "replicas": REPLICAS, "max_s": rounded(max(latencies))}
@@ -94,7 +106,7 @@ def measure(plan: Plan, root: Path, bootstrap: str) -> list[Result]:
                higher_is_better=False, goal="<= 2 s", met=p95 <= 2.0, details=details),
         Result("replica start-up", "process start -> first answer, alone", "s", start_dynft, start_local,
                "dynft serve on a local registry", higher_is_better=False, goal="<= 15 s", met=start_dynft <= 15.0,
-               details={"model": plan.model}),
+               details=start_details),
     ]  # fmt: skip
 
 
@@ -123,12 +135,18 @@ def publish_versions(settings: Any, count: int) -> Any:
     return registry
 
 
+def catch_up_line(log: Path) -> str:
+    """The replica's own account of its start (topics checked, read to their end)."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if "checked the versions topics" in line]
+    return lines[0].split("] ", 1)[-1] if lines else "not logged"
+
+
 def start_server(plan: Plan, state_dir: Path, follow: str | None) -> tuple[subprocess.Popen[bytes], str]:
     from dynft.cli import main  # noqa: F401  (fail here, not in the child, if the CLI is broken)
 
     port = devbroker.free_port()
     cmd = [sys.executable, "-m", "dynft", "serve", "--model", plan.model_path, "--state-dir", str(state_dir)]
-    cmd += ["--port", str(port), "--set", f"server.admin_token={TOKEN}", "--set", "server.poll_interval_s=0.05"]
+    cmd += ["--port", str(port), "--set", f"server.admin_token={TOKEN}"]  # the default watcher interval
     if follow is not None:
         cmd += ["--follow", follow]
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -138,9 +156,11 @@ def start_server(plan: Plan, state_dir: Path, follow: str | None) -> tuple[subpr
 
 
 def loaded(url: str) -> int | None:
+    """The version a replica answers with, from ``/readyz`` (``/v1/adapters`` reads every version's
+    meta.json: polled a hundred times a second on three replicas, it loaded the CPUs it measured)."""
     try:
-        return httpx.get(url + "/v1/adapters", timeout=5).json()["loaded"]  # type: ignore[no-any-return]
-    except (httpx.HTTPError, ValueError, KeyError):
+        return httpx.get(url + "/readyz", timeout=5).json().get("adapter_version")  # type: ignore[no-any-return]
+    except (httpx.HTTPError, ValueError, AttributeError):
         return None
 
 

@@ -39,12 +39,12 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field, ValidationError
 
-from dynft.drift import Detection
 from dynft.events import Rejection
 from dynft.registry import write_atomic
 from dynft.sources import Record
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # drift imports river and scikit-learn: seconds a serve-only process does not need
+    from dynft.drift import Detection
     from dynft.loop import TrainingLoop
 
 log = logging.getLogger(__name__)

@@ -98,29 +98,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+
+    ``durable=False`` skips the fsyncs: for a copy that can be rebuilt (a replica's registry is
+    read back from the versions topics at every start), atomicity is enough.
+    """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)  # a full disk should not also fill up with half-written temporaries
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
-def _write_files(directory: Path, files: dict[str, bytes]) -> None:
+def _write_files(directory: Path, files: dict[str, bytes], durable: bool = True) -> None:
     """Write and fsync each file, then the directory (before it is renamed into place)."""
     for name, data in files.items():
         with open(directory / name, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
-    _fsync_dir(directory)
+            if durable:
+                os.fsync(fh.fileno())
+    if durable:
+        _fsync_dir(directory)
 
 
 def rollback_target(current: ServingPointer, existing: list[int]) -> int:
@@ -329,11 +337,12 @@ class AdapterRegistry:
 
     # -- replicas (dynft.replication.follower): versions and pointer written as received ----
 
-    def materialise(self, version: int, files: dict[str, bytes]) -> bool:
+    def materialise(self, version: int, files: dict[str, bytes], durable: bool = True) -> bool:
         """Write a version received from the versions topic, unchecked, as its publisher wrote it.
 
         The files are checked when the version is loaded (content hash, fingerprint), exactly
         as for a version published here. Returns False when this exact version is already here.
+        ``durable=False``: no fsyncs (the topic keeps the copy that survives a crash).
         """
         target = self.path(version)
         if target.exists() and all(
@@ -343,20 +352,21 @@ class AdapterRegistry:
         stage = self.staging_dir / uuid.uuid4().hex
         with self._writing(f"write version {version}"):
             stage.mkdir()
-            _write_files(stage, files)
+            _write_files(stage, files, durable)
             with self._locked():
                 if target.exists():  # another publisher's version of the same number: the newer record wins
                     trash = self.staging_dir / f"replaced-{version}-{uuid.uuid4().hex[:6]}"
                     os.rename(target, trash)
                     shutil.rmtree(trash, ignore_errors=True)
                 os.rename(stage, target)
-                _fsync_dir(self.versions_dir)
+                if durable:
+                    _fsync_dir(self.versions_dir)
         return True
 
-    def replace_serving(self, pointer: ServingPointer) -> None:
+    def replace_serving(self, pointer: ServingPointer, durable: bool = True) -> None:
         """Install a serving pointer decided elsewhere (a replica follows the pointer topic)."""
         with self._writing("write serving.json"), self._locked():
-            write_atomic(self.pointer_path, _json_bytes(pointer.__dict__))
+            write_atomic(self.pointer_path, _json_bytes(pointer.__dict__), durable)
 
     def discard(self, version: int) -> None:
         """Remove one version (a replica following the trainer's retention); absent is fine."""

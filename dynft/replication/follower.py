@@ -4,14 +4,19 @@
 state directory): each version record is written as the version directory its publisher
 wrote, each pointer record replaces ``serving.json``. The inference engine's watcher then
 loads, checks (content hash, base-model fingerprint, tensor shapes) and flips exactly as on
-the trainer's host; a version that fails is refused, counted (``dynft_swap_failures_total``)
-and never installed, and the replica keeps serving what it served.
+the trainer's host; a version that fails is refused, counted (``dynft_swap_failures_total``),
+listed as refused in ``/v1/adapters`` and never installed, and the replica keeps serving.
 
-At start ``catch_up`` reads both topics to their current end before the server answers; then
-the follower's thread (the only user of its consumer) keeps reading. Retention follows the
-trainer's: a version the trainer prunes is a tombstone on the topic, and leaves the replica too. A pointer record whose
-version has not arrived yet waits for it; one with an older epoch than the newest seen comes
-from a stale trainer and is ignored. ``FollowingRegistry`` sends the admin API's promote /
+At start ``start`` reads both topics to their current end, keeping the version records in
+memory, and writes only the serving version before the server answers; the follower's thread
+(the only user of its consumer, and the owner of the backlog from then on) writes the rest in
+the background, newest serving history first, then removes versions of an earlier run that
+the topic no longer holds. The replica's registry is a cache of the topics (rebuilt at every
+start), so nothing in it is fsynced. Retention follows the trainer's: a version the trainer
+prunes is a tombstone on the topic, and leaves the replica too (not the serving one). A pointer
+record whose version has not arrived yet waits for it; ``PointerLog`` ignores one with an
+older epoch than the newest seen (a stale trainer) or one that unpins without having seen the
+newest pin (``records.voided``). ``FollowingRegistry`` sends the admin API's promote /
 rollback / unpin to the pointer topic instead of writing ``serving.json``, and returns once the
 follower has applied the decision, so every replica (and the trainer) follows it.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -29,13 +35,22 @@ from dynft.errors import RegistryError, RegistryWriteError, ReplicationError
 from dynft.fingerprint import BaseModelId
 from dynft.registry import AdapterRegistry, ServingPointer, check_base_model, now, rollback_target
 from dynft.replication import topics
-from dynft.replication.records import POINTER_KEY, PointerRecord, decode_pointer, decode_version, encode_pointer
+from dynft.replication.records import (
+    POINTER_KEY,
+    PointerLog,
+    PointerRecord,
+    VersionRecord,
+    decode_pointer,
+    decode_version,
+    encode_pointer,
+)
 from dynft.replication.records import pointer_topic as pointer_topic_of
 from dynft.settings import Settings
 from dynft.sources.kafka import parse_kafka_uri
 
 log = logging.getLogger(__name__)
 APPLY_TIMEOUT_S = 10.0
+POLL_MS = 200  # an idle poll; a record that arrives ends the broker's long poll at once
 
 
 def parse_follow_uri(uri: str) -> tuple[list[str], str]:
@@ -56,7 +71,7 @@ class ReplicaMetrics:
         )
         self.epoch = Gauge("dynft_replica_trainer_epoch", "Newest trainer epoch seen on the topics", registry=registry)
         for kind in ("version", "pointer"):
-            for outcome in ("applied", "duplicate", "stale", "malformed"):
+            for outcome in ("applied", "duplicate", "stale", "void", "malformed"):
                 self.records.labels(kind, outcome)
 
 
@@ -68,8 +83,13 @@ class Follower:
         self.servers, self.topic = parse_follow_uri(uri)
         self.pointer_topic = pointer_topic_of(self.topic)
         self.metrics = ReplicaMetrics(metrics_registry)
-        self.epoch = 0  # newest trainer epoch seen
+        self.on_change: Callable[[], None] | None = None  # called after a flip of serving.json (engine.nudge)
+        self._log = PointerLog()  # follower thread only (start() before the thread runs)
         self._pending: PointerRecord | None = None  # a pointer whose version has not arrived yet
+        self._backlog: dict[int, VersionRecord] = {}  # read at start, not yet written (popped under the lock)
+        self._backlog_lock = threading.Lock()  # an admin request may need a backlogged version written now
+        self._live: set[int] = set()  # versions with a record (not a tombstone) on the topic
+        self._cleaned = False
         self._catching_up = False
         self._applied = threading.Condition()
         self._applied_offset = -1  # pointer topic: offset of the last record handled
@@ -78,29 +98,37 @@ class Follower:
         self._consumer: Any = None
         self._producer: Any = None
 
+    @property
+    def epoch(self) -> int:
+        """The newest trainer epoch seen on either topic."""
+        return self._log.epoch
+
     def start(self) -> None:
-        """Read both topics to their end (the current version is then in the registry), then follow."""
+        """Read both topics to their end and write the serving version; the rest follows in the background."""
         from kafka import TopicPartition
 
+        started = time.monotonic()
         topics.ensure_topics(self.servers, self.topic, self.settings.kafka)
         self._consumer = topics.consumer(self.servers, self.settings.kafka)
         self._producer = topics.producer(self.servers, self.settings.kafka)
+        checked = time.monotonic()
         parts = [TopicPartition(self.topic, 0), TopicPartition(self.pointer_topic, 0)]
-        self._consumer.assign(parts)
+        self._consumer.assign(parts)  # assigned, not subscribed: no consumer group to join
         self._consumer.seek_to_beginning(*parts)
         ends = self._consumer.end_offsets(parts)
-        started = time.monotonic()
         self._catching_up = True  # only the newest pointer matters until the end is reached
         while any(self._consumer.position(tp) < ends[tp] for tp in parts):
-            self._poll()
+            self._poll(POLL_MS)
         self._catching_up = False
-        if self._pending is not None and self._pending.pointer.get("version") in self.registry.versions():
-            self._install(self._pending)
+        if self._pending is not None:
+            self._apply_pointer(self._pending)
         log.info(
-            "read %s to its end in %.1f s: serving version %s",
-            self.topic,
-            time.monotonic() - started,
+            "checked the versions topics in %.1f s, read them to their end in %.1f s: serving version %s "
+            "(%d more versions written in the background)",
+            checked - started,
+            time.monotonic() - checked,
             self.registry.serving().version,
+            len(self._backlog),
         )
         self._thread.start()
 
@@ -116,7 +144,8 @@ class Follower:
         """Publish a serving decision made here; returns once this replica has applied it."""
         from kafka.errors import KafkaError
 
-        record = PointerRecord(self.epoch, "replica", dict(pointer.__dict__))
+        # Read from a request's thread while the follower's advances them: ints, read whole.
+        record = PointerRecord(self._log.epoch, "replica", dict(pointer.__dict__), seen=self._log.seen)
         try:
             meta = self._producer.send(self.pointer_topic, key=POINTER_KEY, value=encode_pointer(record)).get(
                 timeout=APPLY_TIMEOUT_S
@@ -133,21 +162,32 @@ class Follower:
                     )
                 self._applied.wait(left)
 
+    def ensure(self, version: int) -> None:
+        """Write ``version`` now if it is still in the backlog (an admin decision needs it on disk)."""
+        record = self._take(version)
+        if record is not None:
+            self._write(record)
+
+    def _take(self, version: int) -> VersionRecord | None:
+        with self._backlog_lock:
+            return self._backlog.pop(version, None)
+
     def _follow(self) -> None:
         while not self._stop.is_set():
             try:
-                self._poll()
+                self._poll(0 if self._backlog else POLL_MS)  # new records first, then one backlog version
+                self._write_backlog()
             except Exception:  # the follower must outlive one bad record or a broker outage
                 log.exception("following %s failed", self.topic)
                 self._stop.wait(1.0)
 
-    def _poll(self) -> None:
-        for tp, records in self._consumer.poll(timeout_ms=200).items():
+    def _poll(self, timeout_ms: int) -> None:
+        for tp, records in self._consumer.poll(timeout_ms=timeout_ms).items():
             for record in records:
                 if tp.topic == self.topic:
                     self._on_version(record.key, record.value)
                 elif record.key == POINTER_KEY:
-                    self._on_pointer(record.value)
+                    self._on_pointer(record.value, record.offset)
                     with self._applied:
                         self._applied_offset = record.offset
                         self._applied.notify_all()
@@ -155,8 +195,11 @@ class Follower:
     def _on_version(self, key: bytes | None, value: bytes | None) -> None:
         if value is None:  # a tombstone: the trainer pruned this version; the replica follows (not the serving one)
             number = (key or b"").decode(errors="replace").rpartition("/")[2]
-            if number.isdigit() and int(number) != self.registry.serving().version:
-                self.registry.discard(int(number))
+            if number.isdigit():
+                self._live.discard(int(number))
+                self._take(int(number))
+                if int(number) != self.registry.serving().version:
+                    self.registry.discard(int(number))
             return
         try:
             record = decode_version(value)
@@ -164,14 +207,45 @@ class Follower:
             self.metrics.records.labels("version", "malformed").inc()
             log.error("%s: %s", self.topic, exc)
             return
-        self._see_epoch(record.epoch)
-        fresh = self.registry.materialise(record.version, record.files)
-        self.metrics.records.labels("version", "applied" if fresh else "duplicate").inc()
+        self._log.epoch = max(self._log.epoch, record.epoch)
+        self.metrics.epoch.set(self._log.epoch)
+        self._live.add(record.version)
+        if self._catching_up:  # written once the end is reached: the serving one first
+            self._backlog[record.version] = record
+            return
+        self._take(record.version)
+        self._write(record)
         pending = self._pending
-        if pending is not None and pending.pointer.get("version") == record.version and not self._catching_up:
+        if pending is not None and pending.pointer.get("version") == record.version:
             self._install(pending)
 
-    def _on_pointer(self, value: bytes | None) -> None:
+    def _write(self, record: VersionRecord) -> None:
+        fresh = self.registry.materialise(record.version, record.files, durable=False)
+        self.metrics.records.labels("version", "applied" if fresh else "duplicate").inc()
+
+    def _write_backlog(self) -> None:
+        """Write one backlogged version (the newest of the serving history first), or clean up once."""
+        if not self._backlog:
+            if not self._cleaned:
+                self._cleaned = True
+                self._remove_unlisted()
+            return
+        history = [h.get("version") for h in self.registry.serving().history]
+        with self._backlog_lock:
+            version = next((v for v in history if v in self._backlog), max(self._backlog, default=None))
+        record = None if not isinstance(version, int) else self._take(version)
+        if record is not None:
+            self._write(record)
+
+    def _remove_unlisted(self) -> None:
+        """Versions left by an earlier run whose records the topic no longer holds (pruned meanwhile)."""
+        serving = self.registry.serving().version
+        for version in self.registry.versions():
+            if version not in self._live and version != serving:
+                self.registry.discard(version)
+                log.info("removed version %d: no longer on %s", version, self.topic)
+
+    def _on_pointer(self, value: bytes | None, offset: int) -> None:
         if value is None:
             return
         try:
@@ -180,26 +254,43 @@ class Follower:
             self.metrics.records.labels("pointer", "malformed").inc()
             log.error("%s: %s", self.pointer_topic, exc)
             return
-        if record.epoch < self.epoch:
-            self.metrics.records.labels("pointer", "stale").inc()
-            log.warning("ignoring a serving decision of epoch %d (newest: %d)", record.epoch, self.epoch)
+        outcome = self._log.admit(record, offset)
+        self.metrics.epoch.set(self._log.epoch)
+        if outcome != "applied":
+            self.metrics.records.labels("pointer", outcome).inc()
+            log.warning(
+                "ignoring a %s serving decision at offset %d (version %s, epoch %d, seen %d; epoch %d, pin at %d)",
+                outcome,
+                offset,
+                record.pointer.get("version"),
+                record.epoch,
+                record.seen,
+                self._log.epoch,
+                self._log.pin_offset,
+            )
             return
-        self._see_epoch(record.epoch)
-        if self._catching_up or record.pointer.get("version") not in self.registry.versions():
-            self._pending = record  # the version record is on its way (another partition), or catching up
+        if self._catching_up:
+            self._pending = record  # only the newest applied decision is installed at the end
+            return
+        self._apply_pointer(record)
+
+    def _apply_pointer(self, record: PointerRecord) -> None:
+        """Install ``record`` once its version is on disk (written now if it is in the backlog)."""
+        version = record.pointer.get("version")
+        if isinstance(version, int):
+            self.ensure(version)
+        if version not in self.registry.versions():
+            self._pending = record  # the version record is on its way (another partition)
             return
         self._install(record)
 
     def _install(self, record: PointerRecord) -> None:
         self._pending = None
-        self.registry.replace_serving(ServingPointer(**record.pointer))
+        self.registry.replace_serving(ServingPointer(**record.pointer), durable=False)
         self.metrics.records.labels("pointer", "applied").inc()
         log.info("serving pointer -> version %s (%s)", record.pointer.get("version"), record.pointer.get("reason"))
-
-    def _see_epoch(self, epoch: int) -> None:
-        if epoch > self.epoch:
-            self.epoch = epoch
-            self.metrics.epoch.set(epoch)
+        if self.on_change is not None:
+            self.on_change()
 
 
 class FollowingRegistry(AdapterRegistry):
@@ -208,6 +299,7 @@ class FollowingRegistry(AdapterRegistry):
     follower: Follower
 
     def promote(self, version: int, reason: str, pin: bool = False, base_model: BaseModelId | None = None) -> None:
+        self.follower.ensure(version)
         _, meta = self.load(version)  # refuse a version that is missing or fails its hash check here already
         check_base_model(version, meta, base_model)
         current = self.serving()
@@ -215,6 +307,8 @@ class FollowingRegistry(AdapterRegistry):
 
     def rollback(self, reason: str = "rollback") -> int:
         current = self.serving()
+        for entry in current.history:
+            self.follower.ensure(entry["version"])
         target = rollback_target(current, self.versions())
         self.load(target)
         rest = [h for h in current.history if h["version"] != target]

@@ -11,13 +11,24 @@ Every record carries the epoch of the trainer that wrote it (a pointer decision 
 replica carries the newest epoch that replica has seen): a record with an older epoch than one
 already seen comes from a stale trainer and is ignored.
 
+Serving decisions are ordered by the pointer topic's offsets, not by clocks: each pointer record
+carries ``seen``, the offset of the newest pointer record its writer had read when it decided.
+An unpinned decision that had not seen the newest pin (the trainer's gate promoting while an
+operator's rollback was on its way) is void; ``PointerLog`` folds the topic by that rule, so
+the trainer and every replica agree on what serves.
+
 >>> files = {"meta.json": b'{"version": 7}', "labels.json": b'["a"]'}
 >>> record = VersionRecord(7, 3, "trainer", files)
 >>> decode_version(encode_version(record)) == record
 True
->>> pointer = PointerRecord(3, "replica", {"version": 7, "pinned": True})
+>>> pointer = PointerRecord(3, "replica", {"version": 7, "pinned": True}, seen=4)
 >>> decode_pointer(encode_pointer(pointer)) == pointer
 True
+>>> log = PointerLog()
+>>> log.admit(PointerRecord(3, "replica", {"version": 6, "pinned": True}, seen=4), offset=5)
+'applied'
+>>> log.admit(PointerRecord(3, "trainer-3", {"version": 8, "pinned": False}, seen=4), offset=6)
+'void'
 """
 
 from __future__ import annotations
@@ -47,6 +58,37 @@ class PointerRecord:
     epoch: int
     origin: str
     pointer: dict[str, Any]  # the registry's ServingPointer fields
+    seen: int = -1  # offset of the newest pointer record the writer had read when it decided
+
+
+@dataclass
+class PointerLog:
+    """The pointer topic folded in offset order: which records decide what serves.
+
+    One reader thread owns it (the follower's or the feed's). A record is ``stale`` when its
+    epoch is older than the newest seen (a stale trainer), ``void`` when it unpins without
+    having seen the newest pin (decided before that pin reached its writer), else ``applied``.
+    """
+
+    seen: int = -1  # offset of the last record read
+    pin_offset: int = -1  # offset of the newest applied pinned decision
+    epoch: int = 0  # newest trainer epoch seen
+
+    def admit(self, record: PointerRecord, offset: int) -> str:
+        self.seen = max(self.seen, offset)
+        if record.epoch < self.epoch:
+            return "stale"
+        self.epoch = record.epoch
+        if voided(record, self.pin_offset):
+            return "void"
+        if record.pointer.get("pinned"):
+            self.pin_offset = offset
+        return "applied"
+
+
+def voided(record: PointerRecord, pin_offset: int) -> bool:
+    """An unpinned decision whose writer had not read the pin at ``pin_offset`` yet."""
+    return not record.pointer.get("pinned") and record.seen < pin_offset
 
 
 def version_key(version: int) -> bytes:
@@ -89,7 +131,13 @@ def decode_version(value: bytes) -> VersionRecord:
 
 def encode_pointer(record: PointerRecord) -> bytes:
     return json.dumps(
-        {"kind": "pointer", "epoch": record.epoch, "origin": record.origin, "pointer": record.pointer}
+        {
+            "kind": "pointer",
+            "epoch": record.epoch,
+            "origin": record.origin,
+            "pointer": record.pointer,
+            "seen": record.seen,
+        }
     ).encode()
 
 
@@ -99,7 +147,7 @@ def decode_pointer(value: bytes) -> PointerRecord:
         pointer = data["pointer"]
         if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), int | None):
             raise ValueError("no pointer with a version")
-        return PointerRecord(int(data["epoch"]), str(data["origin"]), pointer)
+        return PointerRecord(int(data["epoch"]), str(data["origin"]), pointer, int(data.get("seen", -1)))
     except (ValueError, KeyError, TypeError) as exc:
         raise RegistryError(f"malformed pointer record ({exc})") from exc
 

@@ -29,6 +29,7 @@ def ensure_topics(servers: list[str], topic: str, settings: KafkaSettings) -> No
     from kafka.admin import ConfigResource, ConfigResourceType
     from kafka.errors import KafkaError
 
+    quiet_slow_task_warnings()  # before the first client: the admin client's loop warns too
     wanted = settings.versions_max_message_bytes
     names = [topic, pointer_topic(topic)]
     try:
@@ -74,10 +75,30 @@ def check_topic(topic: str, config: dict[str, str], wanted: int) -> None:
         )
 
 
+class _SlowTaskFilter(logging.Filter):
+    """Drops kafka-python's "Task ... ran for 0.2s (>0.1s threshold)" warnings.
+
+    Its network loop warns whenever one step takes over 0.1 s, which on a busy CPU, or while a
+    multi-megabyte adapter record is decoded, happens on every other poll: noise in a replica's
+    log, and nothing dynft can act on (the client has no setting for the threshold).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task ") and " ran for " in message and "threshold" in message)
+
+
+def quiet_slow_task_warnings() -> None:
+    selector_log = logging.getLogger("kafka.net.selector")
+    if not any(isinstance(f, _SlowTaskFilter) for f in selector_log.filters):
+        selector_log.addFilter(_SlowTaskFilter())
+
+
 def producer(servers: list[str], settings: KafkaSettings) -> Any:
     from kafka import KafkaProducer
     from kafka.errors import KafkaError
 
+    quiet_slow_task_warnings()
     try:
         return KafkaProducer(
             bootstrap_servers=servers,
@@ -95,6 +116,7 @@ def consumer(servers: list[str], settings: KafkaSettings) -> Any:
     from kafka import KafkaConsumer
     from kafka.errors import KafkaError
 
+    quiet_slow_task_warnings()
     try:
         return KafkaConsumer(
             bootstrap_servers=servers,

@@ -260,6 +260,7 @@ def create_app(
                         "content_hash",
                     )
                 }
+                | {"refused": engine.refused.get(version)}  # "unreadable" / "mismatch" once it failed to load
             )
         active = engine.active
         return {

@@ -107,6 +107,8 @@ class InferenceEngine:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._failed: dict[int, float] = {}  # version -> when it failed (not retried for a while)
+        self.refused: dict[int, str] = {}  # version -> "unreadable" / "mismatch" (written by the watcher only)
+        self._nudged = threading.Event()  # look at the registry now, not at the next poll interval
         self.fallback_from: int | None = None  # the unloadable serving version; written by the watcher only
         self.started_at = time.time()  # freshness counts events that arrived since
         self._fresh_through = 0  # newest version whose freshness was observed (worker thread only)
@@ -119,8 +121,13 @@ class InferenceEngine:
         self._worker.start()
         self._watcher.start()
 
+    def nudge(self) -> None:
+        """Look at the serving pointer now (a replica's follower calls it after each change)."""
+        self._nudged.set()
+
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
+        self._nudged.set()
         with self._cond:
             self._cond.notify_all()
         for thread in (self._watcher, self._worker):
@@ -256,11 +263,12 @@ class InferenceEngine:
 
     def _watch(self) -> None:
         while not self._stop.is_set():
+            self._nudged.clear()  # before reading, so a change made during the read is not missed
             try:
                 self.poll_registry()
             except Exception:  # the watcher must outlive any one bad version or read
                 log.exception("watching the registry failed")
-            self._stop.wait(self.settings.server.poll_interval_s)
+            self._nudged.wait(self.settings.server.poll_interval_s)
 
     def poll_registry(self) -> None:
         """Stage the serving version if it changed (called by the watcher thread).
@@ -297,10 +305,12 @@ class InferenceEngine:
         except DynftError as exc:
             self._failed[version] = time.monotonic()
             reason = "mismatch" if isinstance(exc, AdapterMismatchError) else "unreadable"
+            self.refused[version] = reason  # the metric's label, not the message: /v1/adapters is public
             self.metrics.swap_failures.labels(reason).inc()
             log.error("cannot load version %d: %s", version, exc)
             return None
         self.metrics.swap_load_seconds.observe(time.perf_counter() - started)
+        self.refused.pop(version, None)
         return staged
 
     def _note_fallback(self, target: int, version: int) -> None:

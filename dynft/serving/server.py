@@ -43,6 +43,8 @@ class Server:
         if isinstance(self.registry, FollowingRegistry) and follow is not None:
             self.follower = self.registry.follower = Follower(settings, self.registry, follow, self.metrics_registry)
         self.engine = InferenceEngine(settings, self.registry, self.metrics)
+        if self.follower is not None:
+            self.follower.on_change = self.engine.nudge
         self.app = create_app(
             settings, self.engine, self.registry, self.metrics, self.metrics_registry, admin_token(settings)
         )
