@@ -12,7 +12,11 @@ supervisor, which then stops them once and in order.
 Children are forked from a fork server that imported torch, transformers, peft and dynft once
 (multiprocessing's ``forkserver`` with a preload): importing those costs about 10 s of CPU on a
 small machine, so a crashed server is back in the time it takes to load the model, not to
-import the world again.
+import the world again. The supervisor itself imports none of them (torch alone holds about
+300 MiB of private memory in every process that imports it): checks that need them run in a
+forked child that exits (``check_apart``), and ``tests/test_supervisor_memory.py`` holds it to
+that. The fork server freezes its garbage collector's view of what it imported
+(``dynft.forkserver``), so the children's collections leave those pages shared.
 """
 
 from __future__ import annotations
@@ -22,24 +26,28 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import select
 import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from dynft import metrics
-from dynft.errors import EXIT_CONFIG
+from dynft.errors import EXIT_CONFIG, DynftError
 from dynft.settings import Settings
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-PRELOAD = ["dynft.cli", "dynft.loop", "dynft.serving.server"]  # imported once, in the fork server
+# Imported once, in the fork server; dynft.forkserver last (it freezes what the others created).
+PRELOAD = ["dynft.cli", "dynft.loop", "dynft.serving.server", "dynft.forkserver"]
 
 
 @dataclass
@@ -98,6 +106,47 @@ def _child_main(argv: list[str], supervisor: int) -> None:
     from dynft.cli import main
 
     main.main(args=argv, prog_name="dynft")  # raises SystemExit with the command's exit code
+
+
+def check_apart(check: Callable[..., object], *args: Any) -> None:
+    """Run ``check(*args)`` in a forked child and raise its error, of the same type, here.
+
+    What the check imports (river and numpy for the drift detectors) stays in the child, which
+    exits. Call it before this process starts any thread (``preflight`` runs first): a fork
+    copies only the calling thread.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: reports through the pipe and never returns
+        try:
+            os.close(read)
+            payload = b""
+            try:
+                check(*args)
+            except BaseException as exc:  # every failure goes back to the parent
+                payload = _pickled(exc)
+            with os.fdopen(write, "wb") as fh:
+                fh.write(payload)
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as fh:
+        payload = fh.read()
+    os.waitpid(pid, 0)
+    if not payload:
+        return
+    try:
+        error = pickle.loads(payload)  # from our own child: trusted
+    except Exception as exc:  # an exception type that does not unpickle (its own __init__ arguments)
+        raise DynftError(f"preflight check {getattr(check, '__name__', check)} failed") from exc
+    raise error
+
+
+def _pickled(exc: BaseException) -> bytes:
+    try:
+        return pickle.dumps(exc)
+    except Exception:  # unpicklable contents: the type's name and message still tell the story
+        return pickle.dumps(DynftError(f"{type(exc).__name__}: {exc}"))
 
 
 class Supervisor:
