@@ -46,6 +46,7 @@ from dynft.settings import Settings
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+TRIM_INTERVAL_S = 5.0  # how often a child hands freed heap pages back (see _trim_heap)
 # Imported once, in the fork server; dynft.forkserver last (it freezes what the others created).
 PRELOAD = ["dynft.cli", "dynft.loop", "dynft.serving.server", "dynft.forkserver"]
 
@@ -94,10 +95,32 @@ def _follow(supervisor: int) -> None:
     threading.Thread(target=wait, name="dynft-follow-supervisor", daemon=True).start()
 
 
+def _trim_heap(interval_s: float = TRIM_INTERVAL_S) -> None:
+    """Hand freed heap pages back to the kernel every ``interval_s`` (glibc only; else nothing).
+
+    glibc keeps what a process frees on its heap for reuse; a trainer's steps, gate scoring and
+    checkpoints free hundreds of MiB in pieces that the heap's top never releases, so the
+    process keeps its peak forever. ``malloc_trim(0)`` returns every free page, wherever it is;
+    it takes milliseconds and only malloc's own locks, so the training thread barely notices.
+    """
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval_s)
+            trim(0)
+
+    threading.Thread(target=loop, name="dynft-trim-heap", daemon=True).start()
+
+
 def _child_main(argv: list[str], supervisor: int) -> None:
     """Body of a child, forked from the fork server: run ``dynft <argv>`` and exit with its code."""
     _die_with_parent()
     _follow(supervisor)
+    _trim_heap()
     os.setsid()
     # Children read the resolved config file only: DYNFT_* variables were already applied by
     # the supervisor, and applying them again would undo CLI flags that overrode them.
