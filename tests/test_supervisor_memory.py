@@ -3,7 +3,8 @@
 Each process that imports torch holds about 300 MiB of private memory for it, so a supervisor
 that only starts and watches children must not. The proof reads the memory maps of a real
 ``dynft run``'s processes: the trainer and the server map torch's library, the supervisor maps
-neither torch's nor numpy's (which river, the drift detectors' library, brings along).
+neither torch's nor numpy's (which river, the drift detectors' library, brings along). The
+trainer and the server both map the base model's safetensors file: its pages are shared.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ def test_the_supervisor_maps_no_torch_and_no_numpy_but_its_children_do(tiny_sett
             assert "libtorch" in mapped(children[name]), name
         assert "libtorch" not in supervisor
         assert "/numpy/" not in supervisor
+        # Both load the frozen base weights as a memory map of the one safetensors file: the page
+        # cache holds them once for both (a copy in each would double the model's memory).
+        weights = str(Path(str(tiny_settings.model.path)) / "model.safetensors")
+        while not all(weights in mapped(children[name]) for name in ("trainer", "server")):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
         assert proc.poll() is None, log.read_text()[-3000:]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
