@@ -155,8 +155,10 @@ def check_apart(check: Callable[..., object], *args: Any) -> None:
     os.close(write)
     with os.fdopen(read, "rb") as fh:
         payload = fh.read()
-    os.waitpid(pid, 0)
+    _, status = os.waitpid(pid, 0)
     if not payload:
+        if os.waitstatus_to_exitcode(status) != 0:  # died before it could report (a signal, a crash)
+            raise DynftError(f"preflight check {getattr(check, '__name__', check)} died (status {status})")
         return
     try:
         error = pickle.loads(payload)  # from our own child: trusted
