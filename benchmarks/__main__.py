@@ -15,11 +15,15 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from benchmarks.common import RESULTS, Result, fmt, markdown, progress, skipped, write
+from benchmarks.common import RESULTS, Result, fmt, markdown, on_checkpoint, progress, skipped, write
+
+if TYPE_CHECKING:
+    from benchmarks.plans import Plan
 
 # Module names under benchmarks/, each with run(plan) -> list[Result], in the order they run.
-BENCHMARKS = ["training", "swap", "serving", "ingest", "replicas"]
+BENCHMARKS = ["training", "swap", "serving", "ingest", "memory", "replicas"]
 
 
 def main() -> int:
@@ -51,8 +55,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dynft-bench-") as workdir:
         plan = make_plan(args.suite, device, Path(workdir), args.compile)
         progress(f"suite {plan.suite} on {device}: serving model {plan.model}")
-        for name in args.only or BENCHMARKS:
+        pending = list(args.only or BENCHMARKS)
+        for name in list(pending):
             progress(f"running {name} ...")
+            on_checkpoint(
+                lambda partial, done=list(results): write(
+                    args.out, args.suite, device, done + partial, started, _notes(plan, load_at_start, pending)
+                )
+            )
             try:
                 module_results = importlib.import_module(f"benchmarks.{name}").run(plan)
             except Exception as exc:  # one broken benchmark must not cost the others' results
@@ -62,18 +72,28 @@ def main() -> int:
             for result in module_results:
                 results.append(result)
                 progress(f"  {_line(result)}")
-    notes = {
-        "suite": f"{plan.suite}; serving model {plan.model}; torch threads per contender {plan.threads}",
-        "contenders": "each in a fresh spawned process" if plan.isolate else "in the harness process (smoke)",
-        "load average at the start (1, 5, 15 min)": load_at_start,
-        "cores": os.cpu_count(),
-    }
-    json_path, md_path, data = write(args.out, args.suite, device, results, started, notes)
+            pending.remove(name)
+            # After every benchmark: a run cut off by a time limit keeps what it measured so far.
+            write(args.out, args.suite, device, results, started, _notes(plan, load_at_start, pending))
+        on_checkpoint(None)
+    json_path, md_path, data = write(args.out, args.suite, device, results, started, _notes(plan, load_at_start, []))
     print(markdown(data))
     progress(f"wrote {json_path} and {md_path}")
     if failed:
         progress(f"failed: {', '.join(failed)}")
     return 1 if failed else 0
+
+
+def _notes(plan: Plan, load_at_start: list[float], pending: list[str]) -> dict[str, Any]:
+    notes: dict[str, Any] = {
+        "suite": f"{plan.suite}; serving model {plan.model}; torch threads per contender {plan.threads}",
+        "contenders": "each in a fresh spawned process" if plan.isolate else "in the harness process (smoke)",
+        "load average at the start (1, 5, 15 min)": load_at_start,
+        "cores": os.cpu_count(),
+    }
+    if pending:  # an intermediate file: what a cut-off run never reached
+        notes["not yet run"] = ", ".join(pending)
+    return notes
 
 
 def _line(r: Result) -> str:

@@ -54,6 +54,20 @@ class Result:
         return {**asdict(self), "ratio": self.ratio}
 
 
+_checkpoint: list[Callable[[list[Result]], None]] = []  # set by the harness for the benchmark that runs
+
+
+def on_checkpoint(write_partial: Callable[[list[Result]], None] | None) -> None:
+    """The harness's writer of a running benchmark's results so far (None: nothing to write to)."""
+    _checkpoint[:] = [] if write_partial is None else [write_partial]
+
+
+def checkpoint(results: list[Result]) -> None:
+    """A benchmark hands over what it has measured so far, written at once: a run cut short keeps it."""
+    for write_partial in _checkpoint:
+        write_partial(results)
+
+
 def skipped(name: str, reason: str) -> Result:
     return Result(name, "-", "-", None, None, "-", skipped=reason)
 
@@ -182,9 +196,16 @@ def write(
         "results": [_plain(r.as_dict()) for r in results],
     }
     json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
-    md_path.write_text(markdown(data) + "\n")
+    _replace(json_path, json.dumps(data, indent=1, allow_nan=False) + "\n")
+    _replace(md_path, markdown(data) + "\n")
     return json_path, md_path, data
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` under a temporary name, then rename: a run killed mid-write leaves the last whole file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _plain(value: Any) -> Any:

@@ -3,7 +3,8 @@
 ``smoke`` checks that the harness runs (a tiny random model, seconds per benchmark, nothing
 isolated in its own process); ``quick`` fits in about five minutes on a 2-core CPU with the
 packaged all-MiniLM-L6-v2; ``full`` is sized for one H100/H200 (a second, larger model and
-longer phases) and takes about eight minutes there.
+longer phases) and should take about six minutes there with ``--compile`` (estimated from the
+phase times of the 2026-11-28 run, which took about eleven with twice these windows).
 """
 
 from __future__ import annotations
@@ -121,9 +122,9 @@ def make_plan(suite: str, device: str, workdir: Path, compile: bool = False) -> 
     return Plan(
         suite, device, True, trainer_threads, label, minilm, compile,
         (TrainCase("all-MiniLM-L6-v2", minilm, 16, 64), TrainCase("BERT-base (random init)", base, 64, 128)),
-        train_warmup_steps=20, train_window_s=20, train_bare_s=10, train_max_s=60, train_publish_interval_s=20,
+        train_warmup_steps=20, train_window_s=10, train_bare_s=6, train_max_s=45, train_publish_interval_s=10,
         train_holdout=256,
-        swaps=1000, swap_repeats=200, swap_clients=8, swap_quiet_s=10,
-        serve_clients=8, serve_busy_s=60, serve_idle_s=20, serve_event_rate=50, serve_publish_interval_s=10,
+        swaps=500, swap_repeats=100, swap_clients=8, swap_quiet_s=5,
+        serve_clients=8, serve_busy_s=30, serve_idle_s=10, serve_event_rate=50, serve_publish_interval_s=10,
         ingest_events=300_000,
     )  # fmt: skip

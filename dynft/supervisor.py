@@ -12,7 +12,11 @@ supervisor, which then stops them once and in order.
 Children are forked from a fork server that imported torch, transformers, peft and dynft once
 (multiprocessing's ``forkserver`` with a preload): importing those costs about 10 s of CPU on a
 small machine, so a crashed server is back in the time it takes to load the model, not to
-import the world again.
+import the world again. The supervisor itself imports none of them (torch alone holds about
+300 MiB of private memory in every process that imports it): checks that need them run in a
+forked child that exits (``check_apart``), and ``tests/test_supervisor_memory.py`` holds it to
+that. The fork server freezes its garbage collector's view of what it imported
+(``dynft.forkserver``), so the children's collections leave those pages shared.
 """
 
 from __future__ import annotations
@@ -22,24 +26,29 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
 import select
 import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.process import BaseProcess
 from types import FrameType
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
 from dynft import metrics
-from dynft.errors import EXIT_CONFIG
+from dynft.errors import EXIT_CONFIG, DynftError
 from dynft.settings import Settings
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-PRELOAD = ["dynft.cli", "dynft.loop", "dynft.serving.server"]  # imported once, in the fork server
+TRIM_INTERVAL_S = 5.0  # how often a child hands freed heap pages back (see _trim_heap)
+# Imported once, in the fork server; dynft.forkserver last (it freezes what the others created).
+PRELOAD = ["dynft.cli", "dynft.loop", "dynft.serving.server", "dynft.forkserver"]
 
 
 @dataclass
@@ -86,10 +95,32 @@ def _follow(supervisor: int) -> None:
     threading.Thread(target=wait, name="dynft-follow-supervisor", daemon=True).start()
 
 
+def _trim_heap(interval_s: float = TRIM_INTERVAL_S) -> None:
+    """Hand freed heap pages back to the kernel every ``interval_s`` (glibc only; else nothing).
+
+    glibc keeps what a process frees on its heap for reuse; a trainer's steps, gate scoring and
+    checkpoints free hundreds of MiB in pieces that the heap's top never releases, so the
+    process keeps its peak forever. ``malloc_trim(0)`` returns every free page, wherever it is;
+    it takes milliseconds and only malloc's own locks, so the training thread barely notices.
+    """
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval_s)
+            trim(0)
+
+    threading.Thread(target=loop, name="dynft-trim-heap", daemon=True).start()
+
+
 def _child_main(argv: list[str], supervisor: int) -> None:
     """Body of a child, forked from the fork server: run ``dynft <argv>`` and exit with its code."""
     _die_with_parent()
     _follow(supervisor)
+    _trim_heap()
     os.setsid()
     # Children read the resolved config file only: DYNFT_* variables were already applied by
     # the supervisor, and applying them again would undo CLI flags that overrode them.
@@ -98,6 +129,49 @@ def _child_main(argv: list[str], supervisor: int) -> None:
     from dynft.cli import main
 
     main.main(args=argv, prog_name="dynft")  # raises SystemExit with the command's exit code
+
+
+def check_apart(check: Callable[..., object], *args: Any) -> None:
+    """Run ``check(*args)`` in a forked child and raise its error, of the same type, here.
+
+    What the check imports (river and numpy for the drift detectors) stays in the child, which
+    exits. Call it before this process starts any thread (``preflight`` runs first): a fork
+    copies only the calling thread.
+    """
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: reports through the pipe and never returns
+        try:
+            os.close(read)
+            payload = b""
+            try:
+                check(*args)
+            except BaseException as exc:  # every failure goes back to the parent
+                payload = _pickled(exc)
+            with os.fdopen(write, "wb") as fh:
+                fh.write(payload)
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as fh:
+        payload = fh.read()
+    _, status = os.waitpid(pid, 0)
+    if not payload:
+        if os.waitstatus_to_exitcode(status) != 0:  # died before it could report (a signal, a crash)
+            raise DynftError(f"preflight check {getattr(check, '__name__', check)} died (status {status})")
+        return
+    try:
+        error = pickle.loads(payload)  # from our own child: trusted
+    except Exception as exc:  # an exception type that does not unpickle (its own __init__ arguments)
+        raise DynftError(f"preflight check {getattr(check, '__name__', check)} failed") from exc
+    raise error
+
+
+def _pickled(exc: BaseException) -> bytes:
+    try:
+        return pickle.dumps(exc)
+    except Exception:  # unpicklable contents: the type's name and message still tell the story
+        return pickle.dumps(DynftError(f"{type(exc).__name__}: {exc}"))
 
 
 class Supervisor:

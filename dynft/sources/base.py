@@ -113,7 +113,7 @@ class RecordQueue:
     def __init__(self, capacity: int, max_bytes: int = 1 << 62) -> None:
         self.capacity = capacity
         self.max_bytes = max_bytes
-        self._chunks: deque[list[Record]] = deque()
+        self._chunks: deque[tuple[list[Record], int]] = deque()  # each with its raw bytes, summed once
         self._size = 0
         self._bytes = 0
         self._cond = threading.Condition()
@@ -129,16 +129,19 @@ class RecordQueue:
     def offer(self, records: list[Record]) -> int:
         """Queue as many of ``records`` as fit, in order; returns how many."""
         with self._cond:
-            room, nbytes = min(self.capacity - self._size, len(records)), 0
-            for n in range(room):
-                size = len(records[n].raw)
-                if self._bytes + nbytes + size > self.max_bytes and (n or self._size):
-                    room = n
-                    break
-                nbytes += size
+            room = min(self.capacity - self._size, len(records))
+            sizes = [len(r.raw) for r in records[:room]]
+            nbytes = sum(sizes)
+            if self._bytes + nbytes > self.max_bytes:  # the byte bound cuts the chunk short (rare)
+                nbytes = 0
+                for n, size in enumerate(sizes):
+                    if self._bytes + nbytes + size > self.max_bytes and (n or self._size):
+                        room = n
+                        break
+                    nbytes += size
             accepted = records[:room]  # a copy: the caller goes on to trim its own list
             if accepted:
-                self._chunks.append(accepted)
+                self._chunks.append((accepted, nbytes))
                 self._size += len(accepted)
                 self._bytes += nbytes
                 self._cond.notify()
@@ -151,25 +154,29 @@ class RecordQueue:
                 return []
             out: list[Record] = []
             while self._chunks and len(out) < max_records:
-                chunk = self._chunks[0]
+                chunk, nbytes = self._chunks[0]
                 want = max_records - len(out)
-                if len(chunk) <= want:
-                    out.extend(self._chunks.popleft())
+                if len(chunk) <= want:  # whole chunks: their bytes are known
+                    self._chunks.popleft()
+                    out.extend(chunk)
+                    self._bytes -= nbytes
                 else:
-                    out.extend(chunk[:want])
-                    self._chunks[0] = chunk[want:]
+                    head = chunk[:want]
+                    taken = sum([len(r.raw) for r in head])
+                    self._chunks[0] = (chunk[want:], nbytes - taken)
+                    out.extend(head)
+                    self._bytes -= taken
             self._size -= len(out)
-            self._bytes -= sum(len(r.raw) for r in out)
             return out
 
     def drop(self, streams: set[str]) -> int:
         """Remove the records of ``streams``; returns how many."""
         with self._cond:
             before = self._size
-            kept = [r for chunk in self._chunks for r in chunk if r.stream not in streams]
-            self._chunks = deque([kept]) if kept else deque()
+            kept = [r for chunk, _ in self._chunks for r in chunk if r.stream not in streams]
             self._size = len(kept)
             self._bytes = sum(len(r.raw) for r in kept)
+            self._chunks = deque([(kept, self._bytes)]) if kept else deque()
             return before - self._size
 
 
@@ -207,7 +214,7 @@ class Intake:
                 full = self.paused or self._holding_enough()
                 records = self.source.poll(0 if full else self._poll_size(), timeout_s=0.1)
                 if records:
-                    self._record_bytes = max(1, sum(len(r.raw) for r in records) // len(records))
+                    self._record_bytes = max(1, sum([len(r.raw) for r in records]) // len(records))
                 self._pending.extend(records)
                 revoked = self.source.take_revoked()
                 if revoked:
