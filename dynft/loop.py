@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
-from dynft.batching import Batch
+from dynft.batching import Batch, Collator
 from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
@@ -42,9 +42,18 @@ from dynft.runtime import tune_gc
 from dynft.settings import Settings
 from dynft.sources import Intake, Positions, Record, furthest, open_source
 from dynft.statedisk import StateDisk, free_bytes, is_disk_full
+from dynft.tasks import DEFAULT_TASK, Task, TaskDirectory, TaskWork, task_collator, task_name_problem
 from dynft.trainer import OnlineTrainer, StepResult, build_trainer
 
 log = logging.getLogger(__name__)
+
+
+def split_by_task(pairs: list[tuple[Record, Event]]) -> dict[str, list[tuple[Record, Event]]]:
+    """``pairs`` grouped by their event's task, in order."""
+    out: dict[str, list[tuple[Record, Event]]] = {}
+    for record, event in pairs:
+        out.setdefault(event.task_name, []).append((record, event))
+    return out
 
 
 @dataclass
@@ -56,6 +65,7 @@ class Work:
     dead: list[str] = field(default_factory=list)  # ledger keys of dead-lettered records
     records: list[Record] = field(default_factory=list)  # every record taken (their positions)
     buffered: list[Event] = field(default_factory=list)  # older fresh events sent to replay (freshest first)
+    tasks: list[TaskWork] = field(default_factory=list)  # the other tasks' shares (dynft.tasks)
     arrived: float = field(default_factory=time.time)  # when taken from the intake (freshness starts here)
 
 
@@ -101,6 +111,13 @@ class TrainingLoop:
         self.intake: Intake | None = None
         self.sink: DeadLetterSink | None = None
         self.router: Router | None = None  # used by the batching thread only
+        # Tasks other than ``default`` (whose parts are this loop's own fields): created by the
+        # main thread on their first work; their collators and buffers may be made first by the
+        # batching thread (_task_parts, under _parts_lock).
+        self.tasks: dict[str, Task] = {}
+        self.task_directory: TaskDirectory | None = None
+        self._task_parts_made: dict[str, tuple[Collator, ReplayBuffer]] = {}
+        self._parts_lock = threading.Lock()
         self.started = threading.Event()
         self.history = HistoryRecorder(settings.state_dir, settings.console_show_texts)  # the console's curves
 
@@ -115,6 +132,7 @@ class TrainingLoop:
         if removed:
             log.warning("removed %d half-written version(s) from an earlier crash", len(removed))
         self.trainer = build_trainer(s.model, s.adapter, s.trainer)
+        self.task_directory = TaskDirectory(self.trainer.label_map, s.tasks.max_tasks)
         self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics)
         source = open_source(s.source, s.kafka, self.metrics_registry, s.events.max_record_bytes)
         checkpoint = self.checkpoints.latest()
@@ -124,7 +142,9 @@ class TrainingLoop:
         else:
             self.publisher.resume()
         self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path, s.source, self.disk.write_refused)
-        self.router = Router(s, self.trainer.label_map, self.sink, self.metrics, self.history.dead_letter)
+        self.router = Router(
+            s, self.trainer.label_map, self.sink, self.metrics, self.history.dead_letter, self.task_directory
+        )
         # Before the consumer joins its group: the full collection holds the GIL for about half a
         # second, and a kafka-python 3.0 consumer stalled like that mid-join was seen never to rejoin.
         tune_gc()
@@ -165,6 +185,8 @@ class TrainingLoop:
                     log.info("source %s is exhausted; stopping", self.settings.source.uri)
                     break
             self.publisher.maybe_publish(self._publish_meta())
+            for task in list(self.tasks.values()):
+                task.maybe_publish()
             self._maybe_checkpoint()
             self._maybe_status()
 
@@ -179,6 +201,8 @@ class TrainingLoop:
             for work in self._leftover:
                 self._complete(work)
             self.publisher.maybe_publish(self._publish_meta(), force=True)
+            for task in list(self.tasks.values()):
+                task.maybe_publish(force=True)
             self._maybe_checkpoint(force=True)
             self._maybe_status(force=True)
             log.info("trainer stopped after %d steps", self.trainer.steps)
@@ -267,13 +291,66 @@ class TrainingLoop:
         return self.router
 
     def _route(self, records: list[Record], work: Work) -> list[tuple[Record, Event]]:
-        """Decode records; dead-letter the bad ones, hold out a share, return the ones to train on."""
+        """Decode records; dead-letter the bad ones, hold out a share, return the default task's to
+        train on (the other tasks' shares go to ``work.tasks``)."""
         router = self._router()
         routed = router.route(records)
-        held_out, dead = router.screen(self.trainer.collator, routed.held_out)
+        fresh, held = split_by_task(routed.fresh), split_by_task(routed.held_out)
+        held_out, dead = router.screen(self.trainer.collator, held.pop(DEFAULT_TASK, []))
         work.held_out += held_out
         work.dead += [key for _, key in routed.dead + dead]
-        return routed.fresh
+        for name in dict.fromkeys([*fresh, *held]):
+            if name != DEFAULT_TASK:
+                work.tasks.append(self._task_work(name, fresh.get(name, []), held.get(name, []), work))
+        return fresh.get(DEFAULT_TASK, [])
+
+    def _task_work(
+        self, name: str, fresh: list[tuple[Record, Event]], held: list[tuple[Record, Event]], work: Work
+    ) -> TaskWork:
+        """Another task's share of a take: its fresh events with replay from its own buffer (task-balanced)."""
+        router, (collator, buffer) = self._router(), self._task_parts(name)
+        held_out, dead = router.screen(collator, held)
+        size = self.settings.trainer.batch_size
+        surplus = [event for _, event in fresh[:-size]]  # more than a batch: the newest train, the rest replay
+        fresh, batch = fresh[-size:], None
+        if fresh:
+            batch, failed = router.collate(collator, fresh, buffer.sample(size - len(fresh)))
+            dead += failed
+        work.dead += [key for _, key in dead]
+        return TaskWork(name, batch, held_out, surplus)
+
+    def _task_parts(self, name: str) -> tuple[Collator, ReplayBuffer]:
+        """Task ``name``'s collator and replay buffer, made on first use by either thread."""
+        with self._parts_lock:
+            parts = self._task_parts_made.get(name)
+            if parts is None:
+                labels = self._directory().admit(name)
+                if labels is None:
+                    raise RuntimeError(f"task {name!r} was not admitted")
+                b = self.settings.buffer
+                buffer = ReplayBuffer(
+                    b.max_events, b.max_bytes, b.strategy, b.recency_half_life, self.settings.trainer.seed
+                )
+                parts = self._task_parts_made[name] = (task_collator(self.trainer.collator, labels), buffer)
+            return parts
+
+    def _directory(self) -> TaskDirectory:
+        if self.task_directory is None:
+            raise RuntimeError("the task directory is used before startup")
+        return self.task_directory
+
+    def _task(self, name: str, resume: bool = True) -> Task:
+        """Task ``name``, created with a fresh adapter and head the first time (main thread)."""
+        task = self.tasks.get(name)
+        if task is None:
+            collator, buffer = self._task_parts(name)
+            trainer = self.trainer.fork(collator)
+            task = self.tasks[name] = Task(name, trainer, buffer, self.settings, home=self.trainer)
+            self.trainer.activate()
+            log.info("task %s: new adapter and head (%d tasks)", name, len(self.tasks) + 1)
+            if resume:
+                task.resume()
+        return task
 
     # -- main thread ---------------------------------------------------------------------
 
@@ -296,10 +373,34 @@ class TrainingLoop:
             self.holdout.add(event)
         outcomes += [(e.id, "held_out") for e in work.held_out]
         self.metrics.events.labels("held_out").inc(len(work.held_out))
+        for share in work.tasks:
+            outcomes += self._complete_task(share, work.arrived)
         self.metrics.events.labels("dead_lettered").inc(len(work.dead))
         self.ledger.record(outcomes)
         self.positions = furthest(work.records, self.positions)
         self._uncommitted = True
+
+    def _complete_task(self, share: TaskWork, arrived: float) -> list[tuple[str, str]]:
+        """Train another task on its share; returns the ledger outcomes of its events."""
+        task = self._task(share.task)
+        outcomes: list[tuple[str, str]] = []
+        if share.batch is not None:
+            fresh = share.batch.events[: share.batch.n_fresh]
+            trained = task.train(share.batch)
+            status = "trained" if trained else "skipped"
+            if trained:
+                task.publisher.arrivals.add(arrived, len(fresh))
+            outcomes += [(e.id, status) for e in fresh]
+            self.metrics.events.labels(status).inc(len(fresh))
+        if share.buffered:
+            task.buffer.add_many(share.buffered)
+            outcomes += [(e.id, "buffered") for e in share.buffered]
+            self.metrics.events.labels("buffered").inc(len(share.buffered))
+        for event in share.held_out:
+            task.holdout.add(event)
+        outcomes += [(e.id, "held_out") for e in share.held_out]
+        self.metrics.events.labels("held_out").inc(len(share.held_out))
+        return outcomes
 
     def _train(self, batch: Batch) -> bool:
         """One step on ``batch`` and what follows from it; returns whether the step was skipped."""
@@ -447,7 +548,14 @@ class TrainingLoop:
             },
         }
         holdout = [e.model_dump(mode="json") for e in self.holdout.snapshot()]
-        return Checkpoint(tensors, state, {"buffer.jsonl": buffered, "holdout.jsonl": holdout})
+        records = {"buffer.jsonl": buffered, "holdout.jsonl": holdout}
+        if self.tasks:
+            state["tasks"] = {}
+            for name, task in self.tasks.items():
+                task_tensors, state["tasks"][name], task_records = task.snapshot()
+                tensors = {**tensors, **task_tensors}
+                records.update(task_records)
+        return Checkpoint(tensors, state, records)
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         """Continue from ``checkpoint``; if its trainer part no longer fits, keep the rest and start a new lineage.
@@ -463,7 +571,8 @@ class TrainingLoop:
         state = checkpoint.state
         try:
             self.publisher.check_checkpoint(state["publisher"])
-            self.trainer.restore(checkpoint.tensors, state["trainer"])
+            own = {k: t for k, t in checkpoint.tensors.items() if not k.startswith("task.")}  # the default task's
+            self.trainer.restore(own, state["trainer"])
         except AdapterMismatchError as exc:
             log.warning(
                 "checkpoint %s does not fit this configuration: %s; starting a new lineage", checkpoint.path, exc
@@ -486,9 +595,23 @@ class TrainingLoop:
             [Event.model_validate(r, strict=False) for r in checkpoint.records.get("holdout.jsonl", [])]
         )
         self.prequential.restore(state["prequential"])
+        self._restore_tasks(checkpoint)
         self.positions = dict(state["positions"])
         self._checkpoint_at = (self.trainer.steps, time.monotonic())
         log.info("resumed from %s: step %d, %d buffered events", checkpoint.path, self.trainer.steps, len(self.buffer))
+
+    def _restore_tasks(self, checkpoint: Checkpoint) -> None:
+        """The other tasks' parts of ``checkpoint``; one that no longer fits starts afresh from its registry."""
+        for name, part in checkpoint.state.get("tasks", {}).items():
+            if task_name_problem(name) is not None or self._directory().admit(name) is None:
+                log.warning("checkpoint task %r is not a valid task name or is beyond tasks.max_tasks; skipped", name)
+                continue
+            task = self._task(name, resume=False)
+            try:
+                task.restore(checkpoint.tensors, part, checkpoint.records)
+            except AdapterMismatchError as exc:
+                log.warning("task %s: checkpoint does not fit (%s); resuming from its registry", name, exc)
+                task.resume()
 
     # -- status --------------------------------------------------------------------------
 
