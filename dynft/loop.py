@@ -186,7 +186,7 @@ class TrainingLoop:
                     break
             self.publisher.maybe_publish(self._publish_meta())
             for task in list(self.tasks.values()):
-                task.maybe_publish()
+                self._publish_task(task)
             self._maybe_checkpoint()
             self._maybe_status()
 
@@ -202,7 +202,7 @@ class TrainingLoop:
                 self._complete(work)
             self.publisher.maybe_publish(self._publish_meta(), force=True)
             for task in list(self.tasks.values()):
-                task.maybe_publish(force=True)
+                self._publish_task(task, force=True)
             self._maybe_checkpoint(force=True)
             self._maybe_status(force=True)
             log.info("trainer stopped after %d steps", self.trainer.steps)
@@ -380,16 +380,26 @@ class TrainingLoop:
         self.positions = furthest(work.records, self.positions)
         self._uncommitted = True
 
+    def _publish_task(self, task: Task, force: bool = False) -> None:
+        if task.maybe_publish(force) is not None:
+            self.metrics.task_latest_version.labels(task.name).set(task.publisher.latest_version or 0)
+            self.metrics.task_serving_version.labels(task.name).set(task.publisher.serving_version or 0)
+
     def _complete_task(self, share: TaskWork, arrived: float) -> list[tuple[str, str]]:
         """Train another task on its share; returns the ledger outcomes of its events."""
         task = self._task(share.task)
         outcomes: list[tuple[str, str]] = []
         if share.batch is not None:
             fresh = share.batch.events[: share.batch.n_fresh]
+            detections = task.drift.detections
             trained = task.train(share.batch)
             status = "trained" if trained else "skipped"
             if trained:
                 task.publisher.arrivals.add(arrived, len(fresh))
+                m = self.metrics
+                m.task_events.labels(task.name).inc(len(fresh))
+                m.task_accuracy.labels(task.name).set(task.prequential.accuracy)
+                m.task_drift.labels(task.name).inc(task.drift.detections - detections)
             outcomes += [(e.id, status) for e in fresh]
             self.metrics.events.labels(status).inc(len(fresh))
         if share.buffered:
@@ -409,6 +419,7 @@ class TrainingLoop:
         if result.skipped:
             return True
         fresh = batch.events[: batch.n_fresh]
+        self.metrics.task_events.labels(DEFAULT_TASK).inc(len(fresh))
         for event, prediction, loss in zip(fresh, result.predictions, result.losses, strict=True):
             self.prequential.update(event.label, prediction, loss)
             for detection in self.drift.update(prediction != event.label, loss):
@@ -443,6 +454,8 @@ class TrainingLoop:
     def _update_gauges(self) -> None:
         m, pq = self.metrics, self.prequential
         m.accuracy.set(pq.accuracy)
+        m.task_accuracy.labels(DEFAULT_TASK).set(pq.accuracy)
+        m.task_events.labels(DEFAULT_TASK)  # the default task's series exists from its first step
         m.macro_f1.set(pq.macro_f1)
         m.preq_loss.set(pq.loss)
         m.majority.set(pq.majority_rate)

@@ -293,6 +293,7 @@ class InferenceEngine:
             lane.staged = None
         self.metrics.swap_seconds.observe(time.perf_counter() - started)
         self.metrics.swaps.inc()
+        self.metrics.task_serving_version.labels(staged.task).set(staged.version)
         if staged.task != DEFAULT_TASK:
             log.info("task %s: now serving version %d", staged.task, staged.version)
             return
