@@ -10,6 +10,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from test_loop import run, sample
 
+from dynft.checkpoint import CheckpointStore
 from dynft.deadletter import read_dead_letters
 from dynft.registry import AdapterRegistry
 from dynft.settings import Settings
@@ -88,3 +89,21 @@ def test_tasks_resume_from_the_checkpoint(tiny_settings: Settings, tmp_path: Pat
         assert task.prequential.seen > 300 * 0.8
     # Restored weights differ from a fresh adapter's: the first run's learning came back.
     assert set(second.tasks) == set(weights)
+
+
+def test_a_single_task_state_directory_resumes_as_the_default_task(tiny_settings: Settings, tmp_path: Path) -> None:
+    # A stream without tasks writes exactly the state of a single-task daemon: no task parts anywhere.
+    first = run(tiny_settings, write_jsonl(tmp_path / "a.jsonl", keyword_events(300, TASKS["default"], seed=9)))
+    checkpoint = CheckpointStore(tiny_settings.state_dir / "checkpoints").latest()
+    assert checkpoint is not None and "tasks" not in checkpoint.state
+    assert not any(k.startswith("task.") for k in checkpoint.tensors)
+    assert not (tiny_settings.registry_dir / "tasks").exists()
+    steps, serving = first.trainer.steps, AdapterRegistry(tiny_settings.registry_dir).serving().version
+
+    second = run(tiny_settings, write_jsonl(tmp_path / "b.jsonl", interleaved(200, TASKS, seed=10, start=5000)))
+    assert second.trainer.steps > steps  # the default task continued from the old checkpoint
+    assert sorted(second.trainer.label_map.labels) == ["alpha", "beta"]
+    assert sorted(second.tasks) == ["intents", "topics"]  # new tasks start beside it
+    registry = AdapterRegistry(tiny_settings.registry_dir)
+    assert serving is not None and serving in registry.versions()
+    assert registry.meta(registry.versions()[-1])["parent"] is not None  # the old version line goes on
