@@ -282,7 +282,7 @@ def admin_router(engine: InferenceEngine, admin_token: str) -> APIRouter:
             raise ApiError(403, "forbidden", "the bearer token is not the admin token")
 
     admin_only = [Depends(admin)]
-    task_query = Query(None, description="the task (default: default)", max_length=64)
+    task_query = Query(None, description="the task (default: default); an unknown one is a 404")
 
     def registry_of(task: str | None) -> AdapterRegistry:
         lane = engine.lanes.get(task if task is not None else DEFAULT_TASK)
