@@ -251,15 +251,28 @@ def adapters() -> None:
     """List, inspect, promote and roll back adapter versions (works on the registry directly)."""
 
 
-def _registry(kwargs: dict[str, Any]) -> Any:
-    from dynft.registry import AdapterRegistry
+task_option = click.option("--task", default="default", show_default=True, help="The task whose versions these are.")
 
+
+def _registry(kwargs: dict[str, Any]) -> Any:
+    from dynft.errors import RegistryError
+    from dynft.registry import AdapterRegistry
+    from dynft.tasks import DEFAULT_TASK, known_tasks, task_registry_dir
+
+    task = kwargs.pop("task", DEFAULT_TASK)
     s = settings_from(kwargs)
-    return AdapterRegistry(s.registry_dir, s.registry.keep_last, s.registry.keep_serving_history)
+    if task not in known_tasks(s.registry_dir):  # never create a registry for a mistyped task
+        raise RegistryError(
+            f"task {task[:64]!r} has no versions in {s.registry_dir}; known tasks: "
+            + ", ".join(known_tasks(s.registry_dir))
+        )
+    root = task_registry_dir(s.registry_dir, task)
+    return AdapterRegistry(root, s.registry.keep_last, s.registry.keep_serving_history)
 
 
 @adapters.command("list")
 @settings_options
+@task_option
 @reports_errors
 def adapters_list(**kwargs: Any) -> None:
     """One line per version: number, gate decision, accuracy, labels, serving marker."""
@@ -281,6 +294,7 @@ def adapters_list(**kwargs: Any) -> None:
 @adapters.command("show")
 @click.argument("version", type=int)
 @settings_options
+@task_option
 @reports_errors
 def adapters_show(version: int, **kwargs: Any) -> None:
     """The metadata of one version, as JSON."""
@@ -290,13 +304,14 @@ def adapters_show(version: int, **kwargs: Any) -> None:
 @adapters.command("promote")
 @click.argument("version", type=int)
 @settings_options
+@task_option
 @reports_errors
 def adapters_promote(version: int, **kwargs: Any) -> None:
     """Serve VERSION now, pinned (the gate will not replace it until `dynft adapters unpin`)."""
     from dynft.fingerprint import BaseModelId
     from dynft.model import resolve_model_path, resolve_pooling
 
-    settings = settings_from(dict(kwargs))
+    settings = settings_from({k: v for k, v in kwargs.items() if k != "task"})
     path = resolve_model_path(settings.model.path)  # a version of another base model is refused
     base_model = BaseModelId.of(path, resolve_pooling(path, settings.model.pooling))
     _registry(kwargs).promote(version, reason="promoted from the command line", pin=True, base_model=base_model)
@@ -305,6 +320,7 @@ def adapters_promote(version: int, **kwargs: Any) -> None:
 
 @adapters.command("rollback")
 @settings_options
+@task_option
 @reports_errors
 def adapters_rollback(**kwargs: Any) -> None:
     """Serve the previous serving version again, pinned."""
@@ -314,6 +330,7 @@ def adapters_rollback(**kwargs: Any) -> None:
 
 @adapters.command("unpin")
 @settings_options
+@task_option
 @reports_errors
 def adapters_unpin(**kwargs: Any) -> None:
     """Let the promotion gate replace the serving version again."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -55,9 +56,29 @@ Reason = Literal[
     "invalid_teacher",  # a malformed teacher distribution (see dynft.teacher)
     "invalid_temperature",  # a teacher_temperature that is not finite and > 0, or without logits
     "too_many_labels",  # given by routing (dynft.routing), not by decode
+    "invalid_task",  # a task name that is too long or has characters outside [A-Za-z0-9_.-] (dynft.tasks)
+    "too_many_tasks",  # a new task beyond tasks.max_tasks, given by routing
     "internal",  # an exception no rule foresaw; the detail names its type
 ]
 REASONS: tuple[Reason, ...] = Reason.__args__  # type: ignore[attr-defined]
+
+DEFAULT_TASK = "default"  # the task of events without a ``task`` field: a single-task stream is this one task
+MAX_TASK_CHARS = 64
+# Task names become directory names (registry/tasks/<task>) and metric label values.
+_TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def task_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a task, or None when it can.
+
+    >>> task_name_problem("intents"), task_name_problem("../etc")
+    (None, "task '../etc' is not a name of [A-Za-z0-9_.-] (and not . or ..)")
+    """
+    if len(name) > MAX_TASK_CHARS:
+        return f"task name of {len(name)} chars > {MAX_TASK_CHARS}"
+    if not _TASK_NAME.fullmatch(name) or name in (".", ".."):
+        return f"task {name[:MAX_TASK_CHARS]!r} is not a name of [A-Za-z0-9_.-] (and not . or ..)"
+    return None
 
 
 class Event(BaseModel):
@@ -92,6 +113,11 @@ class Event(BaseModel):
             if top is not None:
                 return {**data, "label": top, "label_from_teacher": True}
         return data
+
+    @property
+    def task_name(self) -> str:
+        """The task this event belongs to (``default`` when the record named none)."""
+        return self.task if self.task is not None else DEFAULT_TASK
 
     @property
     def nbytes(self) -> int:
@@ -214,6 +240,9 @@ def _check(event: Event, raw: bytes, limits: EventSettings) -> Event | Rejection
         return Rejection("text_too_long", f"{len(text)} chars > {limits.max_text_chars}", raw, id_)
     if len(label) > limits.max_label_chars:
         return Rejection("label_too_long", f"{len(label)} chars > {limits.max_label_chars}", raw, id_)
+    problem = task_name_problem(event.task) if event.task is not None else None
+    if problem is not None:
+        return Rejection("invalid_task", problem, raw, id_)
     weight = event.weight
     # Comparisons, not float(): NaN fails both, and an integer of any size compares exactly.
     if weight != 1.0 and not 0 <= weight <= limits.max_weight:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from prometheus_client import CollectorRegistry
 
-from dynft.batching import Batch
+from dynft.batching import Batch, Collator
 from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
@@ -42,6 +42,8 @@ from dynft.runtime import tune_gc
 from dynft.settings import Settings
 from dynft.sources import Intake, Positions, Record, furthest, open_source
 from dynft.statedisk import StateDisk, free_bytes, is_disk_full
+from dynft.taskloop import TaskLoop, split_by_task
+from dynft.tasks import DEFAULT_TASK, Task, TaskDirectory, TaskWork
 from dynft.trainer import OnlineTrainer, StepResult, build_trainer
 
 log = logging.getLogger(__name__)
@@ -56,10 +58,11 @@ class Work:
     dead: list[str] = field(default_factory=list)  # ledger keys of dead-lettered records
     records: list[Record] = field(default_factory=list)  # every record taken (their positions)
     buffered: list[Event] = field(default_factory=list)  # older fresh events sent to replay (freshest first)
+    tasks: list[TaskWork] = field(default_factory=list)  # the other tasks' shares (dynft.tasks)
     arrived: float = field(default_factory=time.time)  # when taken from the intake (freshness starts here)
 
 
-class TrainingLoop:
+class TrainingLoop(TaskLoop):
     """Runs the trainer until ``should_exit`` is set (by a signal, or at the end of a finite source)."""
 
     def __init__(self, settings: Settings, metrics_registry: CollectorRegistry | None = None, colocated: bool = False):
@@ -101,6 +104,13 @@ class TrainingLoop:
         self.intake: Intake | None = None
         self.sink: DeadLetterSink | None = None
         self.router: Router | None = None  # used by the batching thread only
+        # Tasks other than ``default`` (whose parts are this loop's own fields): created by the
+        # main thread on their first work; their collators and buffers may be made first by the
+        # batching thread (_task_parts, under _parts_lock).
+        self.tasks: dict[str, Task] = {}
+        self.task_directory: TaskDirectory | None = None
+        self._task_parts_made: dict[str, tuple[Collator, ReplayBuffer]] = {}
+        self._parts_lock = threading.Lock()
         self.started = threading.Event()
         self.history = HistoryRecorder(settings.state_dir, settings.console_show_texts)  # the console's curves
 
@@ -115,6 +125,7 @@ class TrainingLoop:
         if removed:
             log.warning("removed %d half-written version(s) from an earlier crash", len(removed))
         self.trainer = build_trainer(s.model, s.adapter, s.trainer)
+        self.task_directory = TaskDirectory(self.trainer.label_map, s.tasks.max_tasks)
         self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics)
         source = open_source(s.source, s.kafka, self.metrics_registry, s.events.max_record_bytes)
         checkpoint = self.checkpoints.latest()
@@ -124,7 +135,9 @@ class TrainingLoop:
         else:
             self.publisher.resume()
         self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path, s.source, self.disk.write_refused)
-        self.router = Router(s, self.trainer.label_map, self.sink, self.metrics, self.history.dead_letter)
+        self.router = Router(
+            s, self.trainer.label_map, self.sink, self.metrics, self.history.dead_letter, self.task_directory
+        )
         # Before the consumer joins its group: the full collection holds the GIL for about half a
         # second, and a kafka-python 3.0 consumer stalled like that mid-join was seen never to rejoin.
         tune_gc()
@@ -165,6 +178,8 @@ class TrainingLoop:
                     log.info("source %s is exhausted; stopping", self.settings.source.uri)
                     break
             self.publisher.maybe_publish(self._publish_meta())
+            for task in list(self.tasks.values()):
+                self._publish_task(task)
             self._maybe_checkpoint()
             self._maybe_status()
 
@@ -179,6 +194,8 @@ class TrainingLoop:
             for work in self._leftover:
                 self._complete(work)
             self.publisher.maybe_publish(self._publish_meta(), force=True)
+            for task in list(self.tasks.values()):
+                self._publish_task(task, force=True)
             self._maybe_checkpoint(force=True)
             self._maybe_status(force=True)
             log.info("trainer stopped after %d steps", self.trainer.steps)
@@ -267,13 +284,20 @@ class TrainingLoop:
         return self.router
 
     def _route(self, records: list[Record], work: Work) -> list[tuple[Record, Event]]:
-        """Decode records; dead-letter the bad ones, hold out a share, return the ones to train on."""
+        """Decode records; dead-letter the bad ones, hold out a share, return the default task's to
+        train on (the other tasks' shares go to ``work.tasks``)."""
         router = self._router()
         routed = router.route(records)
-        held_out, dead = router.screen(self.trainer.collator, routed.held_out)
+        fresh, held = split_by_task(routed.fresh), split_by_task(routed.held_out)
+        held_out, dead = router.screen(self.trainer.collator, held.pop(DEFAULT_TASK, []))
         work.held_out += held_out
         work.dead += [key for _, key in routed.dead + dead]
-        return routed.fresh
+        for name in dict.fromkeys([*fresh, *held]):
+            if name != DEFAULT_TASK:
+                share, task_dead = self._task_work(name, fresh.get(name, []), held.get(name, []))
+                work.tasks.append(share)
+                work.dead += task_dead
+        return fresh.get(DEFAULT_TASK, [])
 
     # -- main thread ---------------------------------------------------------------------
 
@@ -296,6 +320,8 @@ class TrainingLoop:
             self.holdout.add(event)
         outcomes += [(e.id, "held_out") for e in work.held_out]
         self.metrics.events.labels("held_out").inc(len(work.held_out))
+        for share in work.tasks:
+            outcomes += self._complete_task(share, work.arrived)
         self.metrics.events.labels("dead_lettered").inc(len(work.dead))
         self.ledger.record(outcomes)
         self.positions = furthest(work.records, self.positions)
@@ -308,6 +334,7 @@ class TrainingLoop:
         if result.skipped:
             return True
         fresh = batch.events[: batch.n_fresh]
+        self.metrics.task_events.labels(DEFAULT_TASK).inc(len(fresh))
         for event, prediction, loss in zip(fresh, result.predictions, result.losses, strict=True):
             self.prequential.update(event.label, prediction, loss)
             for detection in self.drift.update(prediction != event.label, loss):
@@ -342,6 +369,8 @@ class TrainingLoop:
     def _update_gauges(self) -> None:
         m, pq = self.metrics, self.prequential
         m.accuracy.set(pq.accuracy)
+        m.task_accuracy.labels(DEFAULT_TASK).set(pq.accuracy)
+        m.task_events.labels(DEFAULT_TASK)  # the default task's series exists from its first step
         m.macro_f1.set(pq.macro_f1)
         m.preq_loss.set(pq.loss)
         m.majority.set(pq.majority_rate)
@@ -447,7 +476,14 @@ class TrainingLoop:
             },
         }
         holdout = [e.model_dump(mode="json") for e in self.holdout.snapshot()]
-        return Checkpoint(tensors, state, {"buffer.jsonl": buffered, "holdout.jsonl": holdout})
+        records = {"buffer.jsonl": buffered, "holdout.jsonl": holdout}
+        if self.tasks:
+            state["tasks"] = {}
+            for name, task in self.tasks.items():
+                task_tensors, state["tasks"][name], task_records = task.snapshot()
+                tensors = {**tensors, **task_tensors}
+                records.update(task_records)
+        return Checkpoint(tensors, state, records)
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         """Continue from ``checkpoint``; if its trainer part no longer fits, keep the rest and start a new lineage.
@@ -463,7 +499,8 @@ class TrainingLoop:
         state = checkpoint.state
         try:
             self.publisher.check_checkpoint(state["publisher"])
-            self.trainer.restore(checkpoint.tensors, state["trainer"])
+            own = {k: t for k, t in checkpoint.tensors.items() if not k.startswith("task.")}  # the default task's
+            self.trainer.restore(own, state["trainer"])
         except AdapterMismatchError as exc:
             log.warning(
                 "checkpoint %s does not fit this configuration: %s; starting a new lineage", checkpoint.path, exc
@@ -486,6 +523,7 @@ class TrainingLoop:
             [Event.model_validate(r, strict=False) for r in checkpoint.records.get("holdout.jsonl", [])]
         )
         self.prequential.restore(state["prequential"])
+        self._restore_tasks(checkpoint)
         self.positions = dict(state["positions"])
         self._checkpoint_at = (self.trainer.steps, time.monotonic())
         log.info("resumed from %s: step %d, %d buffered events", checkpoint.path, self.trainer.steps, len(self.buffer))

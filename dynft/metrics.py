@@ -97,6 +97,15 @@ class TrainerMetrics:
         self.latest_version = _gauge("dynft_latest_version", "Newest published adapter version", r)
         self.checkpoints = Counter("dynft_checkpoints", "Checkpoints written", registry=r)
         self.checkpoint_errors = Counter("dynft_checkpoint_errors", "Checkpoints that could not be written", registry=r)
+        # Per task (dynft.tasks); task names are admitted up to tasks.max_tasks, which bounds the series.
+        t = ("task",)
+        self.task_accuracy = _gauge(
+            "dynft_task_prequential_accuracy", "Rolling test-then-train accuracy per task", r, t
+        )
+        self.task_events = Counter("dynft_task_events_trained", "Fresh events trained per task", ["task"], registry=r)
+        self.task_drift = Counter("dynft_task_drift_detections", "Drift detections per task", ["task"], registry=r)
+        self.task_latest_version = _gauge("dynft_task_latest_version", "Newest published version per task", r, t)
+        self.task_serving_version = _gauge("dynft_task_promoted_version", "Version the gate serves per task", r, t)
 
     def declare(self, detectors: dict[str, str], reasons: tuple[str, ...], reactions: list[str]) -> None:
         """Create the known label values at 0, so dashboards see a series before its first event."""
@@ -127,6 +136,12 @@ class ServerMetrics:
             "dynft_predict_batch_texts", "Texts per micro-batch", registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128)
         )
         self.serving_version = _gauge("dynft_serving_version", "Adapter version the server answers with", r)
+        self.task_serving_version = _gauge(
+            "dynft_task_serving_version", "Adapter version the server answers with, per task", r, ("task",)
+        )
+        self.task_predict_seconds = Histogram(
+            "dynft_task_predict_seconds", "Predict request latency per task", ["task"], registry=r, buckets=LATENCY
+        )
         self.swaps = Counter("dynft_swaps", "Adapter versions swapped in", registry=r)
         self.freshness_seconds = Histogram(
             "dynft_freshness_seconds",

@@ -36,6 +36,7 @@ from dynft.events import Event, Rejection, decode
 from dynft.metrics import TrainerMetrics
 from dynft.settings import Settings
 from dynft.sources import Record
+from dynft.tasks import TaskDirectory
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,13 @@ class Router:
         sink: DeadLetterSink,
         metrics: TrainerMetrics,
         on_reject: Callable[[Rejection, Record], None] | None = None,
+        tasks: TaskDirectory | None = None,
     ) -> None:
         self.limits = settings.events
         self.on_reject = on_reject  # the console's note of the latest dead letters
         self.holdout_fraction = settings.evaluation.holdout_fraction
         self.labels = labels
+        self.tasks = tasks or TaskDirectory(labels, settings.tasks.max_tasks)  # each task's label map
         self.sink = sink
         self.metrics = metrics
 
@@ -97,16 +100,22 @@ class Router:
         event = decode(record.raw, self.limits)
         if isinstance(event, Rejection):
             return event
+        labels = self.tasks.admit(event.task_name)
+        if labels is None:
+            detail = (
+                f"task {event.task_name!r} would be task {len(self.tasks) + 1} (tasks.max_tasks={self.tasks.max_tasks})"
+            )
+            return Rejection("too_many_tasks", detail, record.raw, event.id)
         held_out = is_held_out(event.id, event.text, self.holdout_fraction)
         # A held-out event never adds its label (it is not trained on), but one the map could
         # not take either is refused alike: the gate could never predict its label.
         if event.teacher is not None and not held_out:  # teacher labels grow the label space too
-            fits = self.labels.admit_all([event.label, *event.teacher])
+            fits = labels.admit_all([event.label, *event.teacher])
         else:
-            fits = self.labels.fits(event.label) if held_out else self.labels.admit(event.label)
+            fits = labels.fits(event.label) if held_out else labels.admit(event.label)
         if not fits:
-            cap = self.labels.capacity
-            detail = f"label {event.label[:64]!r} would be label {len(self.labels) + 1} (trainer.max_labels={cap})"
+            cap = labels.capacity
+            detail = f"label {event.label[:64]!r} would be label {len(labels) + 1} (trainer.max_labels={cap})"
             return Rejection("too_many_labels", detail, record.raw, event.id)
         return held_out, event
 

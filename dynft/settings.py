@@ -363,6 +363,17 @@ class ServerSettings(Section):
         return v
 
 
+class TasksSettings(Section):
+    """Many tasks on one base model (see ``dynft.tasks``): each task has its own adapter, head and versions."""
+
+    max_tasks: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description="tasks one daemon learns; events of a task beyond it are rejected (too_many_tasks)",
+    )
+
+
 class RunSettings(Section):
     """The supervisor of ``dynft run`` (see ``dynft.supervisor``)."""
 
@@ -399,6 +410,7 @@ class Settings(BaseSettings):
     gate: GateSettings = Field(default_factory=GateSettings)  # type: ignore[arg-type]
     server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
     run: RunSettings = Field(default_factory=RunSettings)  # type: ignore[arg-type]
+    tasks: TasksSettings = Field(default_factory=TasksSettings)  # type: ignore[arg-type]
 
     @property
     def registry_dir(self) -> Path:

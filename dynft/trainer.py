@@ -99,11 +99,38 @@ class OnlineTrainer:
         self._fisher: dict[str, torch.Tensor] | None = None  # EWC's importance of each anchor weight
         self._recent: deque[Event] = deque(maxlen=settings.fisher_events)  # what EWC's Fisher is estimated on
         self._init_state = {k: p.detach().clone() for k, p in self.slots.capture().items()}
+        self._own = self.slots.capture()  # this trainer's parameter objects (see activate)
         self.optimizer = self._make_optimizer()
 
     @property
     def label_map(self) -> LabelMap:
         return self.collator.label_map
+
+    def activate(self) -> None:
+        """Install this trainer's adapter and head in the model, which other tasks' trainers share.
+
+        A few reference writes (``AdapterSlots.install``); the objects are stable (restores and
+        head growth change them in place), so the optimizer keeps pointing at them.
+        """
+        self.slots.install(self._own)
+
+    def fork(self, collator: Collator) -> OnlineTrainer:
+        """A trainer for another task on the same model: a fresh adapter (this one's initial
+        weights), a one-row head, its own optimizer and counters, and ``collator``'s label map.
+
+        The fork is left installed; call ``activate`` on a trainer before using it.
+        """
+        fresh: dict[str, nn.Parameter] = {}
+        with torch.no_grad():
+            for key, param in self.slots.capture().items():
+                if key in self.slots.head_keys:
+                    row = torch.empty_like(param[:1])
+                    nn.init.normal_(row, std=0.02) if row.dim() > 1 else row.zero_()
+                else:
+                    row = self._init_state[key].clone()
+                fresh[key] = nn.Parameter(row, requires_grad=True)
+        self.slots.install(fresh)
+        return OnlineTrainer(self.model, collator, self.settings, self.device, self.base_model_path, self.pooling)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         head = head_linear(self.model)

@@ -8,7 +8,7 @@ from dynft.events import REASONS, Event, Rejection, decode
 from dynft.settings import EventSettings
 
 LIMITS = EventSettings(max_text_chars=20, max_label_chars=8, max_id_chars=10, max_record_bytes=4096, max_weight=100)
-ROUTING_REASONS = {"too_many_labels", "internal"}  # given by dynft.routing, never by decode
+ROUTING_REASONS = {"too_many_labels", "too_many_tasks", "internal"}  # given by dynft.routing, never by decode
 ROOMY = EventSettings(max_weight=100)  # records of any size up to 1 MiB
 
 # One record for every reason decode can refuse a record, and the reason it must get.
@@ -31,6 +31,7 @@ BAD = {
     "invalid_string": b'{"id": "1", "text": "hi", "label": "a\\ud800"}',
     "invalid_teacher": b'{"id": "1", "text": "hi", "teacher": {"a": 0.5, "b": 0.2}}',
     "invalid_temperature": b'{"id": "1", "text": "hi", "teacher_logits": {"a": 1}, "teacher_temperature": 0}',
+    "invalid_task": b'{"id": "1", "text": "hi", "label": "a", "task": "../x"}',
 }
 
 

@@ -16,7 +16,7 @@ import time
 from http import HTTPStatus
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -27,9 +27,10 @@ from dynft.errors import RegistryError, RegistryWriteError, VersionNotFoundError
 from dynft.metrics import ServerMetrics, exposition
 from dynft.registry import AdapterRegistry
 from dynft.serving.console import console_router
-from dynft.serving.engine import InferenceEngine, NotReady, Overloaded
+from dynft.serving.engine import InferenceEngine, NotReady, Overloaded, UnknownTask
 from dynft.serving.limits import ApiError, BodyDeadline, BodyLimit, error_response
 from dynft.settings import Settings
+from dynft.tasks import DEFAULT_TASK
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class PredictRequest(BaseModel):
     # errors that name the text; ``openapi`` below publishes them in the schema as well.
     model_config = ConfigDict(extra="forbid")
     texts: list[StrictStr] = Field(min_length=1, description="texts to classify")
+    task: StrictStr | None = Field(None, description="the task whose adapter and labels answer (default: default)")
     top_k: int | None = Field(None, ge=1, description="return only the k most probable labels per text")
 
     @field_validator("top_k", mode="before")
@@ -90,6 +92,18 @@ class ScoredLabel(BaseModel):
 class PredictResponse(BaseModel):
     predictions: list[ScoredLabel]
     adapter_version: int
+    task: str
+
+
+class TaskInfo(BaseModel):
+    task: str
+    labels: list[str] = Field(description="the labels of the version answering now (empty until one is loaded)")
+    serving: int | None = Field(description="the registry's serving version")
+    loaded: int | None = Field(description="the version answering now")
+
+
+class TasksResponse(BaseModel):
+    tasks: list[TaskInfo]
 
 
 class Ready(BaseModel):
@@ -111,6 +125,247 @@ def _parse_failure(exc: StarletteHTTPException) -> str | None:
     if isinstance(cause, RecursionError):
         return "the body's JSON is nested too deeply"
     return f"the body could not be parsed ({type(cause).__name__})"
+
+
+async def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, ApiError):  # pragma: no cover - registered for ApiError only
+        raise exc
+    return error_response(exc.status_code, exc.code, exc.message, exc.headers)
+
+
+async def _internal(_: Request, exc: Exception) -> JSONResponse:
+    return error_response(500, "internal", f"internal error: {type(exc).__name__}")
+
+
+async def _invalid(request: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, RequestValidationError):  # pragma: no cover - registered for it only
+        raise exc
+    parts = []
+    for e in exc.errors():
+        if e["type"] == "json_invalid":  # loc is ("body", character offset)
+            parts.append(f"malformed JSON at character {e['loc'][-1]}: {e.get('ctx', {}).get('error', e['msg'])}")
+        else:
+            parts.append(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}")
+    content_type = request.headers.get("content-type", "")
+    if "json" not in content_type and any(e["loc"][:1] == ("body",) for e in exc.errors()):
+        # FastAPI does not parse a body sent without a JSON content type: say so, not just "invalid".
+        parts.insert(0, f"send the body as JSON with 'Content-Type: application/json' (got {content_type!r})")
+    return error_response(422, "invalid_request", "; ".join(parts[:5]))
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    if not isinstance(exc, StarletteHTTPException):  # pragma: no cover - registered for it only
+        raise exc
+    unparsable = _parse_failure(exc)
+    if unparsable is not None:  # malformed bodies are 422 whichever way they are malformed
+        return error_response(422, "invalid_request", unparsable)
+    code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+    return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error as ``{"error": {"code", "message"}}``."""
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(Exception, _internal)
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+
+
+def unknown_task(engine: InferenceEngine, task: str) -> ApiError:
+    known = sorted(engine.lanes)
+    return ApiError(404, "unknown_task", f"unknown task {task[:64]!r}; known tasks: {', '.join(known)}")
+
+
+def _check_texts(settings: Settings, texts: list[str]) -> None:
+    s = settings.server
+    if len(texts) > s.max_texts:
+        raise ApiError(422, "too_many_texts", f"at most {s.max_texts} texts per request, got {len(texts)}")
+    for i, text in enumerate(texts):
+        if is_blank(text):
+            raise ApiError(422, "empty_text", f"texts[{i}] is empty")
+        if len(text) > settings.events.max_text_chars:
+            raise ApiError(
+                422,
+                "text_too_long",
+                f"texts[{i}] has {len(text)} chars, the limit is {settings.events.max_text_chars}",
+            )
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # JSON's \ud800 escapes decode to unpaired surrogates
+            raise ApiError(
+                422, "invalid_text", f"texts[{i}] is not valid Unicode: unpaired surrogate at index {exc.start}"
+            ) from exc
+
+
+def predict_router(settings: Settings, engine: InferenceEngine, metrics: ServerMetrics) -> APIRouter:
+    """``POST /v1/predict`` and ``GET /v1/tasks``."""
+    router = APIRouter()
+    s = settings.server
+
+    @router.post("/v1/predict", response_model=PredictResponse, responses=error_responses(404, 413, 422, 503, 504))
+    async def predict(body: PredictRequest) -> dict[str, Any]:
+        started = time.perf_counter()
+        _check_texts(settings, body.texts)
+        task = body.task if body.task is not None else DEFAULT_TASK
+        try:
+            future = engine.submit(list(body.texts), task)
+            answer = await asyncio.wait_for(asyncio.wrap_future(future), timeout=s.request_timeout_s)
+        except UnknownTask as exc:
+            raise unknown_task(engine, task) from exc
+        except NotReady as exc:
+            raise ApiError(503, "not_ready", str(exc), {"Retry-After": "1"}) from exc
+        except Overloaded as exc:
+            raise ApiError(503, "overloaded", str(exc), {"Retry-After": "1"}) from exc
+        except TimeoutError as exc:
+            raise ApiError(504, "timeout", f"no answer within {s.request_timeout_s} s") from exc
+        predictions = []
+        for p in answer.predictions:
+            scores = p.scores
+            if body.top_k is not None:
+                scores = dict(sorted(scores.items(), key=lambda kv: -kv[1])[: body.top_k])
+            predictions.append({"label": p.label, "scores": scores})
+        metrics.predict_seconds.observe(time.perf_counter() - started)
+        metrics.task_predict_seconds.labels(task).observe(time.perf_counter() - started)  # a known task: bounded
+        return {"predictions": predictions, "adapter_version": answer.version, "task": task}
+
+    @router.get("/v1/tasks", response_model=TasksResponse, responses=error_responses(503))
+    async def tasks() -> dict[str, Any]:
+        out = []
+        for name, lane in sorted(engine.lanes.items()):
+            active = lane.active
+            try:
+                serving = lane.registry.serving().version
+            except RegistryError:
+                serving = None
+            out.append(
+                {
+                    "task": name,
+                    "labels": list(active.labels) if active else [],
+                    "serving": serving,
+                    "loaded": active.version if active else None,
+                }
+            )
+        return {"tasks": out}
+
+    return router
+
+
+VERSION_FIELDS = (
+    "version",
+    "parent",
+    "lineage",
+    "step",
+    "labels",
+    "created_at",
+    "events_seen",
+    "metrics",
+    "gate",
+    "content_hash",
+)
+
+
+def admin_router(engine: InferenceEngine, admin_token: str) -> APIRouter:
+    """The adapter versions of each task (``?task=``, default ``default``): list, promote, rollback, unpin."""
+    router = APIRouter()
+    # auto_error=False: the scheme is declared in the OpenAPI schema, the errors are dynft's own.
+    bearer = HTTPBearer(auto_error=False, description="server.admin_token")
+
+    def admin(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
+        if credentials is None:  # no header, another scheme, or an empty token
+            raise ApiError(
+                401,
+                "unauthorized",
+                "admin endpoints need 'Authorization: Bearer <token>'",
+                {"WWW-Authenticate": "Bearer"},
+            )
+        if not hmac.compare_digest(credentials.credentials.encode(), admin_token.encode()):
+            raise ApiError(403, "forbidden", "the bearer token is not the admin token")
+
+    admin_only = [Depends(admin)]
+    task_query = Query(None, description="the task (default: default); an unknown one is a 404")
+
+    def registry_of(task: str | None) -> AdapterRegistry:
+        lane = engine.lanes.get(task if task is not None else DEFAULT_TASK)
+        if lane is None:
+            raise unknown_task(engine, task or DEFAULT_TASK)
+        return lane.registry
+
+    def registry_failed(exc: RegistryWriteError) -> ApiError:
+        # The disk, not the request, is at fault: a 503 the client may retry; serving is unaffected.
+        # The body stays short: paths and OS errors describe the host, so they go to the log only.
+        log.error("admin request failed: %s", exc)
+        return ApiError(
+            503, "registry_unwritable", "the registry cannot be written now; see the server log", {"Retry-After": "10"}
+        )
+
+    @router.get("/v1/adapters", responses=error_responses(404, 503))
+    async def adapters(task: str | None = task_query) -> dict[str, Any]:
+        registry = registry_of(task)
+        try:
+            pointer = registry.serving()
+        except RegistryError as exc:
+            log.error("cannot list adapter versions: %s", exc)
+            raise ApiError(
+                503, "registry_unreadable", "the registry cannot be read now; see the server log", {"Retry-After": "10"}
+            ) from exc
+        lane = engine.lanes[task or DEFAULT_TASK]
+        versions = []
+        for version in registry.versions():
+            try:
+                meta = registry.meta(version)
+            except RegistryError:
+                continue
+            # "unreadable" / "mismatch" once it failed to load: the metric's label, not the message
+            versions.append({k: meta.get(k) for k in VERSION_FIELDS} | {"refused": lane.refused.get(version)})
+        active = lane.active
+        return {
+            "serving": pointer.version,
+            "pinned": pointer.pinned,
+            "reason": pointer.reason,
+            "loaded": active.version if active else None,
+            "versions": versions,
+        }
+
+    @router.post(
+        "/v1/adapters/{version}/promote",
+        dependencies=admin_only,
+        responses=error_responses(401, 403, 404, 409, 422, 503),
+    )
+    async def promote(version: int, task: str | None = task_query) -> dict[str, Any]:
+        registry = registry_of(task)
+        try:
+            await asyncio.to_thread(
+                registry.promote, version, "promoted through the admin API", True, engine.base_model
+            )
+        except RegistryWriteError as exc:
+            raise registry_failed(exc) from exc
+        except VersionNotFoundError as exc:
+            raise ApiError(404, "bad_version", str(exc)) from exc
+        except RegistryError as exc:
+            raise ApiError(409, "bad_version", str(exc)) from exc
+        return {"serving": version, "pinned": True}
+
+    @router.post("/v1/adapters/rollback", dependencies=admin_only, responses=error_responses(401, 403, 404, 409, 503))
+    async def rollback(task: str | None = task_query) -> dict[str, Any]:
+        registry = registry_of(task)
+        try:
+            version = await asyncio.to_thread(registry.rollback, "rolled back through the admin API")
+        except RegistryWriteError as exc:
+            raise registry_failed(exc) from exc
+        except RegistryError as exc:
+            raise ApiError(409, "no_rollback", str(exc)) from exc
+        return {"serving": version, "pinned": True}
+
+    @router.post("/v1/adapters/unpin", dependencies=admin_only, responses=error_responses(401, 403, 404, 503))
+    async def unpin(task: str | None = task_query) -> dict[str, Any]:
+        registry = registry_of(task)
+        try:
+            await asyncio.to_thread(registry.unpin)
+        except RegistryWriteError as exc:
+            raise registry_failed(exc) from exc
+        return {"serving": registry.serving().version, "pinned": False}
+
+    return router
 
 
 def create_app(
@@ -137,175 +392,9 @@ def create_app(
         metrics.requests.labels(str(response.status_code)).inc()
         return response
 
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status_code, exc.code, exc.message, exc.headers)
-
-    @app.exception_handler(Exception)
-    async def internal(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, "internal", f"internal error: {type(exc).__name__}")
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for e in exc.errors():
-            if e["type"] == "json_invalid":  # loc is ("body", character offset)
-                parts.append(f"malformed JSON at character {e['loc'][-1]}: {e.get('ctx', {}).get('error', e['msg'])}")
-            else:
-                parts.append(f"{'.'.join(str(p) for p in e['loc'] if p != 'body') or 'body'}: {e['msg']}")
-        content_type = request.headers.get("content-type", "")
-        if "json" not in content_type and any(e["loc"][:1] == ("body",) for e in exc.errors()):
-            # FastAPI does not parse a body sent without a JSON content type: say so, not just "invalid".
-            parts.insert(0, f"send the body as JSON with 'Content-Type: application/json' (got {content_type!r})")
-        return error_response(422, "invalid_request", "; ".join(parts[:5]))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        unparsable = _parse_failure(exc)
-        if unparsable is not None:  # malformed bodies are 422 whichever way they are malformed
-            return error_response(422, "invalid_request", unparsable)
-        code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
-
-    # auto_error=False: the scheme is declared in the OpenAPI schema, the errors are dynft's own.
-    bearer = HTTPBearer(auto_error=False, description="server.admin_token")
-
-    def admin(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:  # noqa: B008
-        if credentials is None:  # no header, another scheme, or an empty token
-            raise ApiError(
-                401,
-                "unauthorized",
-                "admin endpoints need 'Authorization: Bearer <token>'",
-                {"WWW-Authenticate": "Bearer"},
-            )
-        if not hmac.compare_digest(credentials.credentials.encode(), admin_token.encode()):
-            raise ApiError(403, "forbidden", "the bearer token is not the admin token")
-
-    admin_only = [Depends(admin)]
-
-    def registry_failed(exc: RegistryWriteError) -> ApiError:
-        # The disk, not the request, is at fault: a 503 the client may retry; serving is unaffected.
-        # The body stays short: paths and OS errors describe the host, so they go to the log only.
-        log.error("admin request failed: %s", exc)
-        return ApiError(
-            503, "registry_unwritable", "the registry cannot be written now; see the server log", {"Retry-After": "10"}
-        )
-
-    @app.post("/v1/predict", response_model=PredictResponse, responses=error_responses(413, 422, 503, 504))
-    async def predict(body: PredictRequest) -> dict[str, Any]:
-        started = time.perf_counter()
-        if len(body.texts) > s.max_texts:
-            raise ApiError(422, "too_many_texts", f"at most {s.max_texts} texts per request, got {len(body.texts)}")
-        for i, text in enumerate(body.texts):
-            if is_blank(text):
-                raise ApiError(422, "empty_text", f"texts[{i}] is empty")
-            if len(text) > settings.events.max_text_chars:
-                raise ApiError(
-                    422,
-                    "text_too_long",
-                    f"texts[{i}] has {len(text)} chars, the limit is {settings.events.max_text_chars}",
-                )
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:  # JSON's \ud800 escapes decode to unpaired surrogates
-                raise ApiError(
-                    422, "invalid_text", f"texts[{i}] is not valid Unicode: unpaired surrogate at index {exc.start}"
-                ) from exc
-        try:
-            future = engine.submit(list(body.texts))
-            answer = await asyncio.wait_for(asyncio.wrap_future(future), timeout=s.request_timeout_s)
-        except NotReady as exc:
-            raise ApiError(503, "not_ready", str(exc), {"Retry-After": "1"}) from exc
-        except Overloaded as exc:
-            raise ApiError(503, "overloaded", str(exc), {"Retry-After": "1"}) from exc
-        except TimeoutError as exc:
-            raise ApiError(504, "timeout", f"no answer within {s.request_timeout_s} s") from exc
-        predictions = []
-        for p in answer.predictions:
-            scores = p.scores
-            if body.top_k is not None:
-                scores = dict(sorted(scores.items(), key=lambda kv: -kv[1])[: body.top_k])
-            predictions.append({"label": p.label, "scores": scores})
-        metrics.predict_seconds.observe(time.perf_counter() - started)
-        return {"predictions": predictions, "adapter_version": answer.version}
-
-    @app.get("/v1/adapters", responses=error_responses(503))
-    async def adapters() -> dict[str, Any]:
-        try:
-            pointer = registry.serving()
-        except RegistryError as exc:
-            log.error("cannot list adapter versions: %s", exc)
-            raise ApiError(
-                503, "registry_unreadable", "the registry cannot be read now; see the server log", {"Retry-After": "10"}
-            ) from exc
-        versions = []
-        for version in registry.versions():
-            try:
-                meta = registry.meta(version)
-            except RegistryError:
-                continue
-            versions.append(
-                {
-                    k: meta.get(k)
-                    for k in (
-                        "version",
-                        "parent",
-                        "lineage",
-                        "step",
-                        "labels",
-                        "created_at",
-                        "events_seen",
-                        "metrics",
-                        "gate",
-                        "content_hash",
-                    )
-                }
-                | {"refused": engine.refused.get(version)}  # "unreadable" / "mismatch" once it failed to load
-            )
-        active = engine.active
-        return {
-            "serving": pointer.version,
-            "pinned": pointer.pinned,
-            "reason": pointer.reason,
-            "loaded": active.version if active else None,
-            "versions": versions,
-        }
-
-    @app.post(
-        "/v1/adapters/{version}/promote",
-        dependencies=admin_only,
-        responses=error_responses(401, 403, 404, 409, 422, 503),
-    )
-    async def promote(version: int) -> dict[str, Any]:
-        try:
-            await asyncio.to_thread(
-                registry.promote, version, "promoted through the admin API", True, engine.base_model
-            )
-        except RegistryWriteError as exc:
-            raise registry_failed(exc) from exc
-        except VersionNotFoundError as exc:
-            raise ApiError(404, "bad_version", str(exc)) from exc
-        except RegistryError as exc:
-            raise ApiError(409, "bad_version", str(exc)) from exc
-        return {"serving": version, "pinned": True}
-
-    @app.post("/v1/adapters/rollback", dependencies=admin_only, responses=error_responses(401, 403, 409, 503))
-    async def rollback() -> dict[str, Any]:
-        try:
-            version = await asyncio.to_thread(registry.rollback, "rolled back through the admin API")
-        except RegistryWriteError as exc:
-            raise registry_failed(exc) from exc
-        except RegistryError as exc:
-            raise ApiError(409, "no_rollback", str(exc)) from exc
-        return {"serving": version, "pinned": True}
-
-    @app.post("/v1/adapters/unpin", dependencies=admin_only, responses=error_responses(401, 403, 503))
-    async def unpin() -> dict[str, Any]:
-        try:
-            await asyncio.to_thread(registry.unpin)
-        except RegistryWriteError as exc:
-            raise registry_failed(exc) from exc
-        return {"serving": registry.serving().version, "pinned": False}
+    install_error_handlers(app)
+    app.include_router(predict_router(settings, engine, metrics))
+    app.include_router(admin_router(engine, admin_token))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

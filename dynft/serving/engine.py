@@ -11,6 +11,12 @@ that cannot be loaded is stood in for by the newest loadable one of the pointer'
 installs the staged version between two batches by swapping parameter references (a few
 dictionary writes). A batch runs entirely on the version it started with; no request waits
 for a load, and a version that fails a check is never installed.
+
+Many tasks (``dynft.tasks``): each task has a *lane*, its registry and the versions serving and
+staged for it, found by the watcher under ``<registry>/tasks/``. A micro-batch may mix tasks:
+the worker groups its rows by task and runs each group with that task's adapter and head,
+installed by reference before the group's forward pass. A task's swap only changes its lane,
+so it never blocks, nor changes the answers of, another task.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from dynft.model import (
 )
 from dynft.registry import AdapterRegistry
 from dynft.settings import Settings
+from dynft.tasks import DEFAULT_TASK, known_tasks, task_registry_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +88,35 @@ class LoadedVersion:
     slots: AdapterSlots
     loaded_at: float = field(default_factory=time.time)
     arrivals: Any = None  # meta.json's "arrivals": when the events it first serves arrived (dynft.freshness)
+    task: str = DEFAULT_TASK
+
+
+class UnknownTask(DynftError):
+    """A request named a task that has no versions in the registry."""
+
+
+@dataclass
+class _Lane:
+    """One task in the server: its registry, the version answering and the one staged to replace it.
+
+    ``staged`` is written by the watcher and taken by the worker (under the engine's condition);
+    ``active`` is written by the worker only.
+    """
+
+    task: str
+    registry: AdapterRegistry
+    active: LoadedVersion | None = None
+    staged: LoadedVersion | None = None
+    failed: dict[int, float] = field(default_factory=dict)  # version -> when it failed (not retried for a while)
+    fallback_from: int | None = None  # the unloadable serving version; written by the watcher only
+    refused: dict[int, str] = field(default_factory=dict)  # version -> "unreadable" / "mismatch" (watcher only)
 
 
 @dataclass
 class _Pending:
     texts: list[str]
     future: Future[Answer]
+    task: str = DEFAULT_TASK
 
 
 class InferenceEngine:
@@ -100,16 +130,13 @@ class InferenceEngine:
         self.fingerprint = self.base_model.fingerprint
         self.device = pick_device(settings.model.device)
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.model_path)
-        self.active: LoadedVersion | None = None
-        self._staged: LoadedVersion | None = None
+        self.lanes: dict[str, _Lane] = {DEFAULT_TASK: _Lane(DEFAULT_TASK, registry)}  # grown by the watcher
+        self._installed: LoadedVersion | None = None  # whose parameters the model holds now (worker thread)
         self._queue: deque[_Pending] = deque()
         self._queued_texts = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._failed: dict[int, float] = {}  # version -> when it failed (not retried for a while)
-        self.refused: dict[int, str] = {}  # version -> "unreadable" / "mismatch" (written by the watcher only)
         self._nudged = threading.Event()  # look at the registry now, not at the next poll interval
-        self.fallback_from: int | None = None  # the unloadable serving version; written by the watcher only
         self.started_at = time.time()  # freshness counts events that arrived since
         self._fresh_through = 0  # newest version whose freshness was observed (worker thread only)
         self._worker = threading.Thread(target=self._work, name="dynft-infer", daemon=True)
@@ -140,20 +167,36 @@ class InferenceEngine:
                     future.set_exception(NotReady("the server is shutting down"))
 
     @property
+    def active(self) -> LoadedVersion | None:
+        """The default task's version answering now."""
+        return self.lanes[DEFAULT_TASK].active
+
+    @property
+    def _staged(self) -> LoadedVersion | None:
+        return self.lanes[DEFAULT_TASK].staged
+
+    @property
+    def fallback_from(self) -> int | None:
+        return self.lanes[DEFAULT_TASK].fallback_from
+
+    @property
     def ready(self) -> bool:
         return self.active is not None and self._worker.is_alive()
 
     # -- requests ------------------------------------------------------------------------
 
-    def submit(self, texts: list[str]) -> Future[Answer]:
-        """Queue a request; the future resolves with every text predicted by one version."""
+    def submit(self, texts: list[str], task: str = DEFAULT_TASK) -> Future[Answer]:
+        """Queue a request; the future resolves with every text predicted by one version of ``task``."""
         future: Future[Answer] = Future()
-        if self.active is None and self._staged is None:
-            raise NotReady("no adapter version is serving yet")
+        lane = self.lanes.get(task)
+        if lane is None:
+            raise UnknownTask(f"unknown task {task!r}; known tasks: {', '.join(sorted(self.lanes))}")
+        if lane.active is None and lane.staged is None:
+            raise NotReady("no adapter version is serving yet" + ("" if task == DEFAULT_TASK else f" for task {task}"))
         with self._cond:
             if self._queued_texts + len(texts) > self.settings.server.max_queue:
                 raise Overloaded(f"{self._queued_texts} texts are already waiting")
-            self._queue.append(_Pending(texts, future))
+            self._queue.append(_Pending(texts, future, task))
             self._queued_texts += len(texts)
             self._cond.notify()
         return future
@@ -177,7 +220,7 @@ class InferenceEngine:
                     size += len(batch[-1].texts)
                     continue
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._staged is not None:
+                if remaining <= 0 or any(lane.staged is not None for lane in list(self.lanes.values())):
                     break
                 self._cond.wait(timeout=remaining)
             self._queued_texts -= size
@@ -188,17 +231,20 @@ class InferenceEngine:
             # A request whose client gave up (timeout) was cancelled: skip it. Marking the rest
             # running means they can no longer be cancelled, so setting their result cannot fail.
             batch = [p for p in self._collect() if p.future.set_running_or_notify_cancel()]
-            staged = self._staged
-            if staged is not None:
-                self._install(staged)
-            if not batch:
-                continue
-            active = self.active
-            if active is None:
-                for pending in batch:
-                    pending.future.set_exception(NotReady("no adapter version is serving yet"))
-                continue
-            self._answer(active, batch)
+            for lane in list(self.lanes.values()):
+                staged = lane.staged
+                if staged is not None:
+                    self._install(staged)
+            groups: dict[str, list[_Pending]] = {}
+            for pending in batch:  # one forward pass per task in the batch, each with its own adapter
+                groups.setdefault(pending.task, []).append(pending)
+            for task, group in groups.items():
+                active = self.lanes[task].active
+                if active is None:
+                    for pending in group:
+                        pending.future.set_exception(NotReady("no adapter version is serving yet"))
+                    continue
+                self._answer(active, group)
 
     def _answer(self, active: LoadedVersion, batch: list[_Pending]) -> None:
         try:
@@ -223,6 +269,9 @@ class InferenceEngine:
         enc = tokenize(self.tokenizer, texts, self.settings.model.max_length)  # as the trainer does
         ids = enc["input_ids"].to(self.device)
         mask = enc["attention_mask"].to(self.device)
+        if self._installed is not active:  # another task's rows ran last: its adapter and head go out
+            active.slots.install(active.params)
+            self._installed = active
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 logits = active.model(input_ids=ids, attention_mask=mask).logits
@@ -243,10 +292,17 @@ class InferenceEngine:
         started = time.perf_counter()
         staged.slots.install(staged.params)
         staged.model.eval()
-        self.active = staged
-        self._staged = None
+        self._installed = staged
+        lane = self.lanes[staged.task]
+        lane.active = staged
+        if lane.staged is staged:
+            lane.staged = None
         self.metrics.swap_seconds.observe(time.perf_counter() - started)
         self.metrics.swaps.inc()
+        self.metrics.task_serving_version.labels(staged.task).set(staged.version)
+        if staged.task != DEFAULT_TASK:
+            log.info("task %s: now serving version %d", staged.task, staged.version)
+            return
         self.metrics.serving_version.set(staged.version)
         log.info("now serving version %d", staged.version)
         self._observe_freshness(staged)
@@ -271,73 +327,90 @@ class InferenceEngine:
             self._nudged.wait(self.settings.server.poll_interval_s)
 
     def poll_registry(self) -> None:
-        """Stage the serving version if it changed (called by the watcher thread).
+        """Stage each task's serving version if it changed (called by the watcher thread).
 
         If the serving version cannot be loaded (files missing or corrupt, another shape or base
         model), the newest loadable version of the pointer's history serves instead, with a
         warning and ``dynft_serving_fallback`` at 1; the serving version is tried again every 30 s.
         """
-        pointer = self.registry.serving()
+        for task in known_tasks(self.registry.root):
+            if task not in self.lanes:
+                root = task_registry_dir(self.registry.root, task)
+                s = self.settings.registry
+                self.lanes = {
+                    **self.lanes,
+                    task: _Lane(task, AdapterRegistry(root, s.keep_last, s.keep_serving_history)),
+                }
+        for lane in list(self.lanes.values()):
+            self._poll_lane(lane)
+
+    def _poll_lane(self, lane: _Lane) -> None:
+        pointer = lane.registry.serving()
         if pointer.version is None:
             return
-        current = self._staged or self.active
+        current = lane.staged or lane.active
         history = [h.get("version") for h in pointer.history]
         for version in dict.fromkeys([pointer.version, *history]):  # newest first, each once
             if not isinstance(version, int):
                 continue
             if current is not None and current.version == version:
-                self._note_fallback(pointer.version, version)
+                self._note_fallback(lane, pointer.version, version)
                 return
-            if time.monotonic() - self._failed.get(version, -1e9) < 30.0:
+            if time.monotonic() - lane.failed.get(version, -1e9) < 30.0:
                 continue
-            staged = self._try_load(version)
+            staged = self._try_load(version, lane.task)
             if staged is not None:
                 with self._cond:
-                    self._staged = staged
+                    lane.staged = staged
                     self._cond.notify_all()
-                self._note_fallback(pointer.version, version)
+                self._note_fallback(lane, pointer.version, version)
                 return
 
-    def _try_load(self, version: int) -> LoadedVersion | None:
+    def _try_load(self, version: int, task: str = DEFAULT_TASK) -> LoadedVersion | None:
         started = time.perf_counter()
         try:
-            staged = self.load(version)
+            staged = self.load(version, task)
         except DynftError as exc:
-            self._failed[version] = time.monotonic()
+            self.lanes[task].failed[version] = time.monotonic()
             reason = "mismatch" if isinstance(exc, AdapterMismatchError) else "unreadable"
-            self.refused[version] = reason  # the metric's label, not the message: /v1/adapters is public
+            self.lanes[task].refused[version] = reason  # the metric's label, not the message: /v1/adapters is public
             self.metrics.swap_failures.labels(reason).inc()
-            log.error("cannot load version %d: %s", version, exc)
+            log.error("cannot load version %d%s: %s", version, "" if task == DEFAULT_TASK else f" of task {task}", exc)
             return None
         self.metrics.swap_load_seconds.observe(time.perf_counter() - started)
-        self.refused.pop(version, None)
+        self.lanes[task].refused.pop(version, None)
         return staged
 
-    def _note_fallback(self, target: int, version: int) -> None:
+    def _note_fallback(self, lane: _Lane, target: int, version: int) -> None:
         """Record whether ``version``, now serving or staged, stands in for an unloadable ``target``."""
         fallback = target if version != target else None
-        if fallback is not None and self.fallback_from != fallback:
+        if fallback is not None and lane.fallback_from != fallback:
             log.warning("serving version %d cannot be loaded; answering with version %d instead", target, version)
-        elif fallback is None and self.fallback_from is not None:
+        elif fallback is None and lane.fallback_from is not None:
             log.info("serving version %d loaded; the fallback is over", target)
-        self.fallback_from = fallback
-        self.metrics.serving_fallback.set(0 if fallback is None else 1)
+        lane.fallback_from = fallback
+        if lane.task == DEFAULT_TASK:
+            self.metrics.serving_fallback.set(0 if fallback is None else 1)
 
-    def load(self, version: int) -> LoadedVersion:
-        """Read, check and stage ``version`` (never touches what serves)."""
-        state, meta = self.registry.load(version)
+    def load(self, version: int, task: str = DEFAULT_TASK) -> LoadedVersion:
+        """Read, check and stage ``version`` of ``task`` (never touches what serves)."""
+        state, meta = self.lanes[task].registry.load(version)
         if not self.base_model.accepts(meta.get("base_model")):
             raise BaseModelMismatchError(f"version {version} was trained on another base model")
-        current = self._staged or self.active
-        if current is not None and structure_key(state.peft_config) == structure_key(current.slots.peft_config):
-            model, slots = current.model, current.slots
+        key = structure_key(state.peft_config)
+        loaded = [v for lane in list(self.lanes.values()) for v in (lane.staged, lane.active) if v is not None]
+        same = [v for v in loaded if structure_key(v.slots.peft_config) == key]  # one base model for all tasks
+        if same:
+            model, slots = same[0].model, same[0].slots
         else:
             model, slots = self._build(state)
         non_blocking = self.device.type == "cuda"
         params = slots.prepare(state, non_blocking=non_blocking)
         if non_blocking:
             torch.cuda.synchronize(self.device)
-        return LoadedVersion(version, list(state.labels), params, model, slots, arrivals=meta.get("arrivals"))
+        return LoadedVersion(
+            version, list(state.labels), params, model, slots, arrivals=meta.get("arrivals"), task=task
+        )
 
     def _build(self, state: AdapterState) -> tuple[PeftModel, AdapterSlots]:
         config = peft_config_from_dict(state.peft_config)

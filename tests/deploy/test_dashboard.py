@@ -17,7 +17,7 @@ DASHBOARD = DEPLOY / "grafana" / "dynft.json"
 PROVISIONING = DEPLOY / "grafana" / "provisioning"
 # What Grafana puts in place of its variables before the query reaches Prometheus.
 EQUAL = promql_parser.MatchOp.Equal
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "5m", "$instance": ".*"}
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "5m", "$instance": ".*", "$task": ".*"}
 # The list of what the dashboard shows, as the series that show it.
 REQUIRED = {
     "dynft_events_total",

@@ -1,0 +1,141 @@
+"""The training loop's side of many tasks (see ``dynft.tasks``): a mixin of ``TrainingLoop``.
+
+The default task's parts are the loop's own fields (its drift reactions live there); every
+other task is a ``Task`` made here on its first work. On the batching thread: a task's share of
+a take, with replay from its own buffer (task-balanced: every task in a take gets its own
+step). On the main thread: its step, hold-out, versions, metrics and checkpoint part.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from dynft.batching import Collator
+from dynft.buffer import ReplayBuffer
+from dynft.checkpoint import Checkpoint
+from dynft.errors import AdapterMismatchError
+from dynft.events import Event
+from dynft.metrics import TrainerMetrics
+from dynft.routing import Router
+from dynft.settings import Settings
+from dynft.sources import Record
+from dynft.tasks import Task, TaskDirectory, TaskWork, task_collator, task_name_problem
+from dynft.trainer import OnlineTrainer
+
+log = logging.getLogger(__name__)
+
+
+def split_by_task(pairs: list[tuple[Record, Event]]) -> dict[str, list[tuple[Record, Event]]]:
+    """``pairs`` grouped by their event's task, in order."""
+    out: dict[str, list[tuple[Record, Event]]] = {}
+    for record, event in pairs:
+        out.setdefault(event.task_name, []).append((record, event))
+    return out
+
+
+class TaskLoop:
+    """The loop's methods for tasks other than ``default``; ``TrainingLoop`` provides the fields below."""
+
+    settings: Settings
+    trainer: OnlineTrainer
+    metrics: TrainerMetrics
+    tasks: dict[str, Task]  # main thread
+    task_directory: TaskDirectory | None
+    _task_parts_made: dict[str, tuple[Collator, ReplayBuffer]]  # under _parts_lock (both threads)
+    _parts_lock: threading.Lock
+
+    def _router(self) -> Router:
+        raise NotImplementedError
+
+    def _task_work(
+        self, name: str, fresh: list[tuple[Record, Event]], held: list[tuple[Record, Event]]
+    ) -> tuple[TaskWork, list[str]]:
+        """Another task's share of a take: its fresh events with replay from its own buffer (task-balanced)."""
+        router, (collator, buffer) = self._router(), self._task_parts(name)
+        held_out, dead = router.screen(collator, held)
+        size = self.settings.trainer.batch_size
+        surplus = [event for _, event in fresh[:-size]]  # more than a batch: the newest train, the rest replay
+        fresh, batch = fresh[-size:], None
+        if fresh:
+            batch, failed = router.collate(collator, fresh, buffer.sample(size - len(fresh)))
+            dead += failed
+        return TaskWork(name, batch, held_out, surplus), [key for _, key in dead]
+
+    def _task_parts(self, name: str) -> tuple[Collator, ReplayBuffer]:
+        """Task ``name``'s collator and replay buffer, made on first use by either thread."""
+        with self._parts_lock:
+            parts = self._task_parts_made.get(name)
+            if parts is None:
+                labels = self._directory().admit(name)
+                if labels is None:
+                    raise RuntimeError(f"task {name!r} was not admitted")
+                b = self.settings.buffer
+                buffer = ReplayBuffer(
+                    b.max_events, b.max_bytes, b.strategy, b.recency_half_life, self.settings.trainer.seed
+                )
+                parts = self._task_parts_made[name] = (task_collator(self.trainer.collator, labels), buffer)
+            return parts
+
+    def _directory(self) -> TaskDirectory:
+        if self.task_directory is None:
+            raise RuntimeError("the task directory is used before startup")
+        return self.task_directory
+
+    def _task(self, name: str, resume: bool = True) -> Task:
+        """Task ``name``, created with a fresh adapter and head the first time (main thread)."""
+        task = self.tasks.get(name)
+        if task is None:
+            collator, buffer = self._task_parts(name)
+            trainer = self.trainer.fork(collator)
+            task = self.tasks[name] = Task(name, trainer, buffer, self.settings, home=self.trainer)
+            self.trainer.activate()
+            log.info("task %s: new adapter and head (%d tasks)", name, len(self.tasks) + 1)
+            if resume:
+                task.resume()
+        return task
+
+    def _publish_task(self, task: Task, force: bool = False) -> None:
+        if task.maybe_publish(force) is not None:
+            self.metrics.task_latest_version.labels(task.name).set(task.publisher.latest_version or 0)
+            self.metrics.task_serving_version.labels(task.name).set(task.publisher.serving_version or 0)
+
+    def _complete_task(self, share: TaskWork, arrived: float) -> list[tuple[str, str]]:
+        """Train another task on its share; returns the ledger outcomes of its events."""
+        task = self._task(share.task)
+        outcomes: list[tuple[str, str]] = []
+        if share.batch is not None:
+            fresh = share.batch.events[: share.batch.n_fresh]
+            detections = task.drift.detections
+            trained = task.train(share.batch)
+            status = "trained" if trained else "skipped"
+            if trained:
+                task.publisher.arrivals.add(arrived, len(fresh))
+                m = self.metrics
+                m.task_events.labels(task.name).inc(len(fresh))
+                m.task_accuracy.labels(task.name).set(task.prequential.accuracy)
+                m.task_drift.labels(task.name).inc(task.drift.detections - detections)
+            outcomes += [(e.id, status) for e in fresh]
+            self.metrics.events.labels(status).inc(len(fresh))
+        if share.buffered:
+            task.buffer.add_many(share.buffered)
+            outcomes += [(e.id, "buffered") for e in share.buffered]
+            self.metrics.events.labels("buffered").inc(len(share.buffered))
+        for event in share.held_out:
+            task.holdout.add(event)
+        outcomes += [(e.id, "held_out") for e in share.held_out]
+        self.metrics.events.labels("held_out").inc(len(share.held_out))
+        return outcomes
+
+    def _restore_tasks(self, checkpoint: Checkpoint) -> None:
+        """The other tasks' parts of ``checkpoint``; one that no longer fits starts afresh from its registry."""
+        for name, part in checkpoint.state.get("tasks", {}).items():
+            if task_name_problem(name) is not None or self._directory().admit(name) is None:
+                log.warning("checkpoint task %r is not a valid task name or is beyond tasks.max_tasks; skipped", name)
+                continue
+            task = self._task(name, resume=False)
+            try:
+                task.restore(checkpoint.tensors, part, checkpoint.records)
+            except AdapterMismatchError as exc:
+                log.warning("task %s: checkpoint does not fit (%s); resuming from its registry", name, exc)
+                task.resume()

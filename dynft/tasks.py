@@ -1,0 +1,224 @@
+"""Many tasks on one base model: a task is one object that owns everything learned for it.
+
+An event's ``task`` (``default`` when absent) selects its label space, head and adapter, replay
+share, prequential metrics, drift monitor, hold-out window and version line. A single-task
+daemon is the one task ``default``, whose versions live where they always did (``<registry>``);
+every other task's live in ``<registry>/tasks/<task>``, so an existing state directory is
+read as task ``default`` with no manual step.
+
+Sharing (``per_task``): every task has its own LoRA adapter and head, installed by reference
+into the one peft model before the task trains or is scored (``OnlineTrainer.fork``), with its
+own optimizer: a task's step touches only its parameters, and an idle task's optimizer state
+costs nothing. Threads: ``TaskDirectory`` is shared (behind its lock) by the batching thread,
+which admits tasks and their labels, and the main thread, which owns each ``Task``'s trainer
+and publisher.
+
+>>> directory = TaskDirectory(LabelMap(capacity=3), max_tasks=2)
+>>> directory.admit("default") is not None, directory.admit("intents") is not None, directory.admit("topics")
+(True, True, None)
+>>> directory.names()
+['default', 'intents']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from dynft.batching import Batch, Collator, LabelMap
+from dynft.buffer import ReplayBuffer
+from dynft.drift import DriftMonitor
+from dynft.evaluation import HoldoutWindow, Prequential
+from dynft.events import DEFAULT_TASK, Event, task_name_problem
+from dynft.metrics import TrainerMetrics
+from dynft.publisher import Publisher
+from dynft.registry import AdapterRegistry
+from dynft.settings import Settings
+from dynft.trainer import OnlineTrainer
+
+__all__ = ["DEFAULT_TASK", "Task", "TaskDirectory", "TaskWork", "task_name_problem", "task_registry_dir"]
+
+
+def task_registry_dir(registry_dir: Path, task: str) -> Path:
+    """Where ``task``'s versions live: the registry root for ``default`` (as before tasks existed)."""
+    return registry_dir if task == DEFAULT_TASK else registry_dir / "tasks" / task
+
+
+def known_tasks(registry_dir: Path) -> list[str]:
+    """The tasks that have a registry under ``registry_dir``, ``default`` first (it always exists)."""
+    root = registry_dir / "tasks"
+    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    return [DEFAULT_TASK, *(n for n in names if n != DEFAULT_TASK and task_name_problem(n) is None)]
+
+
+class TaskDirectory:
+    """The tasks admitted so far and their label maps, bounded by ``tasks.max_tasks``; thread-safe.
+
+    The batching thread admits a task (and then its labels) before any of its events is trained
+    on or held out, so both caps hold whatever happens later.
+    """
+
+    def __init__(self, default_labels: LabelMap, max_tasks: int) -> None:
+        self.max_tasks = max_tasks
+        self.label_capacity = default_labels.capacity
+        self._labels: dict[str, LabelMap] = {DEFAULT_TASK: default_labels}
+        self._lock = threading.Lock()
+
+    def admit(self, task: str) -> LabelMap | None:
+        """``task``'s label map, creating it if the cap allows; ``None``: ``max_tasks`` are known already."""
+        with self._lock:
+            labels = self._labels.get(task)
+            if labels is None and len(self._labels) < self.max_tasks:
+                labels = self._labels[task] = LabelMap(capacity=self.label_capacity)
+            return labels
+
+    def labels(self, task: str) -> LabelMap | None:
+        with self._lock:
+            return self._labels.get(task)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._labels)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._labels)
+
+
+@dataclass
+class TaskWork:
+    """One task's share of a take from the intake (made by the batching thread)."""
+
+    task: str
+    batch: Batch | None
+    held_out: list[Event] = field(default_factory=list)
+    buffered: list[Event] = field(default_factory=list)  # beyond one batch: kept for replay, not trained fresh
+
+
+class Task:
+    """What is learned for one task: trainer (adapter + head + optimizer), buffer, metrics, versions.
+
+    Owned by the main thread, except ``buffer`` (thread-safe; the batching thread samples it)
+    and ``collator`` (tokenizes on the batching thread; its label map has its own lock).
+    """
+
+    def __init__(
+        self, name: str, trainer: OnlineTrainer, buffer: ReplayBuffer, settings: Settings, home: OnlineTrainer
+    ) -> None:
+        """``home``: the trainer installed whenever no task's method runs (the default task's)."""
+        self.name = name
+        self.trainer = trainer
+        self.home = home
+        self.buffer = buffer
+        self.prequential = Prequential(settings.evaluation.window)
+        self.holdout = HoldoutWindow(settings.evaluation.holdout_window)
+        d = settings.drift
+        self.drift = DriftMonitor(
+            d.error_detector, d.error_params, d.loss_detector, d.loss_params, settings.checkpoint.drift_history
+        )
+        registry = AdapterRegistry(
+            task_registry_dir(settings.registry_dir, name),
+            settings.registry.keep_last,
+            settings.registry.keep_serving_history,
+        )
+        registry.clean_staging()
+        # Replicas follow the default task's versions only (see the report: per-task topics are left).
+        only_local = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"versions_topic": None})})
+        # A private metrics registry until the trainer's metrics carry a task label.
+        self.metrics = TrainerMetrics(CollectorRegistry())
+        self.publisher = Publisher(registry, trainer, self.holdout, only_local, self.metrics)
+
+    @property
+    def collator(self) -> Collator:
+        return self.trainer.collator
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """This task's adapter and head in the shared model for the block (a few reference writes
+        each way); the default task's are back afterwards, so code that knows one task is unchanged."""
+        self.trainer.activate()
+        try:
+            yield
+        finally:
+            self.home.activate()
+
+    def train(self, batch: Batch) -> list[tuple[Event, str, float]]:
+        """One step on ``batch``; the fresh events with their prequential prediction and loss (none if skipped)."""
+        with self.installed():
+            result = self.trainer.step(batch)
+        if result.skipped:
+            return []
+        fresh = batch.events[: batch.n_fresh]
+        self.buffer.add_many(fresh)
+        scored = list(zip(fresh, result.predictions, result.losses, strict=True))
+        for event, prediction, loss in scored:
+            self.prequential.update(event.label, prediction, loss)
+            self.drift.update(prediction != event.label, loss)
+        return scored
+
+    def maybe_publish(self, force: bool = False) -> int | None:
+        pq = self.prequential
+        meta = {
+            "task": self.name,
+            "events_seen": pq.seen,
+            "metrics": {"prequential_accuracy": pq.accuracy, "prequential_macro_f1": pq.macro_f1},
+        }
+        with self.installed():
+            return self.publisher.maybe_publish(meta, force=force)
+
+    def resume(self) -> None:
+        """Continue from this task's newest published version, if any (a start without a checkpoint)."""
+        with self.installed():
+            self.publisher.resume()
+
+    # -- snapshot / restore (the checkpoint's share of this task) --------------------------
+
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, list[dict[str, Any]]]]:
+        """Tensors (keys prefixed ``task.<name>.``), plain state and record files of this task."""
+        with self.installed():
+            tensors, trainer_state = self.trainer.snapshot()
+        tensors.pop("rng.torch", None)  # one RNG for the process: the default task's checkpoint part has it
+        buffered, buffer_state = self.buffer.snapshot()
+        state = {
+            "trainer": trainer_state,
+            "buffer": buffer_state,
+            "prequential": self.prequential.snapshot(),
+            "drift": self.drift.snapshot(),
+            "publisher": self.publisher.snapshot(),
+        }
+        prefix = f"task.{self.name}."
+        holdout = [e.model_dump(mode="json") for e in self.holdout.snapshot()]
+        records = {f"{prefix}buffer.jsonl": buffered, f"{prefix}holdout.jsonl": holdout}
+        return {prefix + k: t for k, t in tensors.items()}, state, records
+
+    def restore(
+        self, tensors: dict[str, torch.Tensor], state: dict[str, Any], records: dict[str, list[dict[str, Any]]]
+    ) -> None:
+        """Continue from ``snapshot``'s parts (all of the checkpoint's; this task picks its own)."""
+        prefix = f"task.{self.name}."
+        own = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
+        own["rng.torch"] = torch.get_rng_state()
+        with self.installed():
+            self.publisher.check_checkpoint(state["publisher"])
+            self.trainer.restore(own, state["trainer"])
+            self.publisher.restore(state["publisher"])
+        self.drift.restore(state["drift"])
+        self.buffer.restore(records.get(f"{prefix}buffer.jsonl", []), state["buffer"])
+        holdout = records.get(f"{prefix}holdout.jsonl", [])
+        self.holdout.restore([Event.model_validate(r, strict=False) for r in holdout])
+        self.prequential.restore(state["prequential"])
+
+
+def task_collator(base: Collator, labels: LabelMap) -> Collator:
+    """A collator for another task: the same tokenizer (and its lock), that task's label map."""
+    collator = copy.copy(base)
+    collator.label_map = labels
+    return collator

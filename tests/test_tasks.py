@@ -1,0 +1,109 @@
+"""Many tasks on one base model (dynft.tasks): per-task heads, versions, caps and resume."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from test_loop import run, sample
+
+from dynft.checkpoint import CheckpointStore
+from dynft.deadletter import read_dead_letters
+from dynft.registry import AdapterRegistry
+from dynft.settings import Settings
+from dynft.tasks import task_registry_dir
+
+from helpers import keyword_events, write_jsonl
+
+TASKS = {"default": ["alpha", "beta"], "intents": ["gamma", "delta"], "topics": ["omega", "sigma"]}
+
+
+def interleaved(n_per_task: int, tasks: dict[str, list[str]], seed: int = 0, start: int = 0) -> list[dict[str, Any]]:
+    """``n_per_task`` keyword events of each task, shuffled together; ``default`` events name no task."""
+    rows = []
+    for k, (task, labels) in enumerate(tasks.items()):
+        for row in keyword_events(n_per_task, labels, seed=seed + k, prefix=f"{task}-", start=start):
+            rows.append(row if task == "default" else {**row, "task": task})
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def test_three_interleaved_tasks_train_three_heads_with_their_own_versions(
+    tiny_settings: Settings, tmp_path: Path
+) -> None:
+    tiny_settings.registry.keep_last = 100
+    metrics = CollectorRegistry()
+    loop = run(tiny_settings, write_jsonl(tmp_path / "tasks.jsonl", interleaved(500, TASKS)), metrics)
+
+    assert sorted(loop.tasks) == ["intents", "topics"]
+    assert loop.prequential.accuracy > 0.8
+    for name, labels in TASKS.items():
+        registry = AdapterRegistry(task_registry_dir(tiny_settings.registry_dir, name))
+        versions = registry.versions()
+        assert versions, name
+        serving = registry.serving().version
+        assert serving is not None
+        state, meta = registry.load(serving)
+        assert sorted(state.labels) == sorted(labels), name  # each head knows its own task's labels only
+        if name != "default":
+            task = loop.tasks[name]
+            assert meta["task"] == name
+            assert task.prequential.accuracy > 0.8, (name, task.prequential.accuracy)
+            assert task.trainer.steps > 10
+            assert sorted(task.trainer.label_map.labels) == sorted(labels)
+    assert sorted(loop.trainer.label_map.labels) == ["alpha", "beta"]
+    trained = sample(metrics, "dynft_events_total", outcome="trained")
+    others = sum(sample(metrics, "dynft_events_total", outcome=o) for o in ("held_out", "buffered", "skipped"))
+    assert trained + others == 3 * 500
+
+
+def test_a_task_beyond_the_cap_and_a_bad_task_name_are_dead_lettered(tiny_settings: Settings, tmp_path: Path) -> None:
+    tiny_settings.tasks.max_tasks = 2
+    rows = interleaved(150, TASKS, seed=3)
+    rows.insert(7, {"id": "bad-name", "text": "w1 alpha0", "label": "alpha", "task": "a/b"})
+    metrics = CollectorRegistry()
+    loop = run(tiny_settings, write_jsonl(tmp_path / "cap.jsonl", rows), metrics)
+
+    letters = read_dead_letters(tiny_settings.dead_letter_path)
+    reasons = {entry["reason"] for entry in letters}
+    assert reasons == {"too_many_tasks", "invalid_task"}
+    assert len(loop.tasks) == 1  # default plus the first other task seen
+    capped = next(t for t in ("intents", "topics") if t not in loop.tasks)
+    capped_ids = {row["id"] for row in rows if row.get("task") == capped}
+    assert {json.loads(e["raw_bytes"])["id"] for e in letters if e["reason"] == "too_many_tasks"} == capped_ids
+    assert sample(metrics, "dynft_events_rejected_total", reason="too_many_tasks") == len(capped_ids)
+    assert not (tiny_settings.registry_dir / "tasks" / capped).exists()
+
+
+def test_tasks_resume_from_the_checkpoint(tiny_settings: Settings, tmp_path: Path) -> None:
+    first = run(tiny_settings, write_jsonl(tmp_path / "a.jsonl", interleaved(300, TASKS, seed=5)))
+    steps = {name: task.trainer.steps for name, task in first.tasks.items()}
+    weights = {name: task.trainer.export().tensors for name, task in first.tasks.items()}
+
+    second = run(tiny_settings, write_jsonl(tmp_path / "b.jsonl", interleaved(60, TASKS, seed=6, start=1000)))
+    for name, task in second.tasks.items():
+        assert task.trainer.steps > steps[name]  # continued, not started again
+        assert task.prequential.seen > 300 * 0.8
+    # Restored weights differ from a fresh adapter's: the first run's learning came back.
+    assert set(second.tasks) == set(weights)
+
+
+def test_a_single_task_state_directory_resumes_as_the_default_task(tiny_settings: Settings, tmp_path: Path) -> None:
+    # A stream without tasks writes exactly the state of a single-task daemon: no task parts anywhere.
+    first = run(tiny_settings, write_jsonl(tmp_path / "a.jsonl", keyword_events(300, TASKS["default"], seed=9)))
+    checkpoint = CheckpointStore(tiny_settings.state_dir / "checkpoints").latest()
+    assert checkpoint is not None and "tasks" not in checkpoint.state
+    assert not any(k.startswith("task.") for k in checkpoint.tensors)
+    assert not (tiny_settings.registry_dir / "tasks").exists()
+    steps, serving = first.trainer.steps, AdapterRegistry(tiny_settings.registry_dir).serving().version
+
+    second = run(tiny_settings, write_jsonl(tmp_path / "b.jsonl", interleaved(200, TASKS, seed=10, start=5000)))
+    assert second.trainer.steps > steps  # the default task continued from the old checkpoint
+    assert sorted(second.trainer.label_map.labels) == ["alpha", "beta"]
+    assert sorted(second.tasks) == ["intents", "topics"]  # new tasks start beside it
+    registry = AdapterRegistry(tiny_settings.registry_dir)
+    assert serving is not None and serving in registry.versions()
+    assert registry.meta(registry.versions()[-1])["parent"] is not None  # the old version line goes on
