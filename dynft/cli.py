@@ -173,6 +173,8 @@ def preflight(settings: Settings) -> None:
     open_source(settings.source, settings.kafka)
     make_detector(settings.drift.error_detector, settings.drift.error_params)
     make_detector(settings.drift.loss_detector, settings.drift.loss_params)
+    make_detector(settings.drift.label_detector, settings.drift.label_params)
+    make_detector(settings.drift.representation_detector, settings.drift.representation_params)
     wait_for_state_dir(settings.state_dir, settings.run.restart_backoff_s, settings.run.restart_backoff_max_s)
     refuse_symlinks(settings)
 
