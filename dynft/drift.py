@@ -22,7 +22,7 @@ ignored here, by comparing ADWIN's estimate before and after it cuts its window.
 from __future__ import annotations
 
 import inspect
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -83,7 +83,7 @@ class DriftMonitor:
         loss_detector: str,
         loss_params: dict[str, Any],
         keep: int = 2000,
-        label: tuple[str, dict[str, Any]] | None = None,
+        label: tuple[str, dict[str, Any], int] | None = None,
         representation: tuple[str, dict[str, Any], int] | None = None,
     ):
         self.error_name, self.loss_name = error_detector, loss_detector
@@ -111,7 +111,7 @@ class DriftMonitor:
     def from_settings(cls, d: DriftSettings, keep: int = 2000) -> DriftMonitor:
         """The monitor the ``drift`` settings describe: error and loss, plus label and representation unless off."""
         representation = (d.representation_detector, d.representation_params, d.representation_dims)
-        labels = (d.label_detector, d.label_params)
+        labels = (d.label_detector, d.label_params, d.label_window)
         return cls(d.error_detector, d.error_params, d.loss_detector, d.loss_params, keep, labels, representation)
 
     @property
@@ -179,35 +179,40 @@ class DriftMonitor:
 
 
 class LabelShiftDetector:
-    """Watches the label distribution: each label's surprise under the frequencies seen so far.
+    """Watches the label distribution: how far the label shares of two adjacent windows lie apart.
 
-    Each event adds ``1 - p(label)`` to a river detector, with ``p`` the label's share of the
-    events before it (add-one smoothed over the labels known). A shift toward labels that were
-    rare (or new) raises the stream's mean; a sentiment stream whose inputs stay alike but whose
-    label shares change is seen here when its 0/1 error hardly moves. The counts restart after
-    a detection, so the new distribution becomes the reference. Owned by the training thread.
+    After each event, the total variation distance between the label shares of the last
+    ``window`` events and of the ``window`` events before them (0: the same shares, 1: no label
+    in common) goes to a river detector. New labels (a class-incremental stream) or a changed mix
+    raise it for about two windows; a sentiment stream whose inputs stay alike but whose label
+    shares change is seen here when its 0/1 error hardly moves. Both windows start empty again
+    after a detection. Owned by the training thread.
 
-    >>> det = LabelShiftDetector("PageHinkley", {"min_instances": 30, "threshold": 5.0, "mode": "up"})
-    >>> hits = [i for i, y in enumerate(["a"] * 300 + ["b"] * 100) if det.update(y)]
-    >>> hits[0] >= 300
-    True
+    >>> det = LabelShiftDetector("PageHinkley", {"min_instances": 20, "delta": 0.1, "threshold": 2.5, "mode": "up"})
+    >>> hits = [i for i, y in enumerate(["a", "b"] * 150 + ["c", "d"] * 50) if det.update(y)]
+    >>> hits
+    [311]
     """
 
-    def __init__(self, detector: str, params: dict[str, Any]):
+    def __init__(self, detector: str, params: dict[str, Any], window: int = 20):
+        if window < 1:
+            raise ConfigError(f"drift.label_window must be at least 1, got {window}")
         self._spec = (detector, params)
         self._detector = make_detector(detector, params)
-        self._counts: dict[str, int] = {}
-        self._total = 0
+        self._window = window
+        self._recent: deque[str] = deque(maxlen=2 * window)
 
     def update(self, label: str) -> bool:
         """Feed one event's label; whether a shift is detected here."""
-        share = (self._counts.get(label, 0) + 1) / (self._total + len(self._counts) + 1)
-        self._counts[label] = self._counts.get(label, 0) + 1
-        self._total += 1
-        self._detector.update(1.0 - share)
+        self._recent.append(label)
+        if len(self._recent) < 2 * self._window:
+            return False
+        older, newer = Counter(list(self._recent)[: self._window]), Counter(list(self._recent)[self._window :])
+        distance = sum(abs(older[k] - newer[k]) for k in older.keys() | newer.keys()) / (2 * self._window)
+        self._detector.update(distance)
         if not self._detector.drift_detected:
             return False
-        self._counts, self._total = {}, 0
+        self._recent.clear()
         self._detector = make_detector(*self._spec)
         return True
 

@@ -8,8 +8,9 @@ loop) counts them and starts a new lineage in the publisher when told to.
 - ``upweight``: a share of replay drawn from the events since the detection;
 - ``new_lineage``: a fresh adapter and an empty replay buffer at once;
 - ``retire``: on a *confirmed concept change* only, the replay of events from before the
-  detection is retired. A detection on the error or loss stream opens a check over the next
-  ``concept_confirm_events`` events: it is a concept change (the same inputs now have other
+  detection is retired and the classification head starts afresh (the adapter is kept). A
+  detection on the error or loss stream opens a check over the next ``concept_confirm_events``
+  events: it is a concept change (the same inputs now have other
   labels) when the error on labels known before the detection rose by ``concept_error_rise``
   or more over the error before it, and neither the label nor the representation detector fired
   around it (new labels or new inputs explain errors without a change of concept; their events
@@ -26,6 +27,7 @@ Testable without threads or a model:
 ...     steps, lr_scale = 0, 1.0
 ...     def reset_adapter(self) -> None: ...
 ...     def anchor_to(self, state: object) -> None: ...
+...     def reset_head(self) -> None: ...
 >>> class Buffer:
 ...     seen = 500
 ...     def clear(self) -> None: ...
@@ -62,6 +64,8 @@ class Trainable(Protocol):
     def reset_adapter(self) -> None: ...
 
     def anchor_to(self, state: Any) -> None: ...
+
+    def reset_head(self) -> None: ...
 
 
 class Replay(Protocol):
@@ -183,6 +187,7 @@ class DriftReaction:
         response = Response(applied=["retire"], retired=self.buffer.retire_before(check.since))
         self._begin_lineage(response)
         self.trainer.anchor_to(None)  # a pull toward the serving version would pull toward the old concept
+        self.trainer.reset_head()  # the old head answers the old concept; the features still hold
         # The new concept is learned from what came after the detection, boosted afresh.
         self.recent_since = check.since
         if "boost" in self.settings.reactions:

@@ -297,12 +297,13 @@ class DriftSettings(Section):
         description="its constructor parameters",
     )
     label_detector: str = Field(
-        "PageHinkley", description="river.drift detector on each label's surprise (NoDrift: off)"
+        "PageHinkley", description="river.drift detector on the label shares of adjacent windows (NoDrift: off)"
     )
     label_params: dict[str, Any] = Field(
-        default_factory=lambda: {"min_instances": 30, "delta": 0.1, "threshold": 15.0, "mode": "up"},
+        default_factory=lambda: {"min_instances": 20, "delta": 0.1, "threshold": 2.5, "mode": "up"},
         description="its constructor parameters",
     )
+    label_window: int = Field(20, ge=1, description="events in each of the two windows whose label shares are compared")
     representation_detector: str = Field(
         "PageHinkley",
         description="river.drift detector on the pooled embeddings' distance from their mean (NoDrift: off)",

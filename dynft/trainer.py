@@ -468,6 +468,24 @@ class OnlineTrainer:
                     param.zero_()
         self.optimizer.state.clear()
 
+    def reset_head(self) -> None:
+        """Start the head afresh, keeping the adapter: for a concept change, where the features still hold.
+
+        The old head maps the same inputs to the old labels and would have to be unlearned; a
+        fresh one (imprinted again from the next examples where imprinting is on) learns the new
+        mapping at the head's learning rate. Its optimizer state goes with it.
+        """
+        self.imprinted = 0
+        with torch.no_grad():
+            for key, param in self.slots.capture().items():
+                if key not in self.slots.head_keys:
+                    continue
+                if param.dim() > 1:
+                    nn.init.normal_(param, std=0.02)
+                else:
+                    param.zero_()
+                self.optimizer.state.pop(param, None)
+
 
 def _pooled(features: torch.Tensor, attention_mask: torch.Tensor, rows: int) -> list[list[float]]:
     """The first ``rows`` rows of the head's input as plain lists; a decoder's (B, T, H) is averaged over its tokens."""

@@ -24,12 +24,16 @@ class Trainer:
         self.lr_scale = 1.0
         self.resets = 0
         self.anchors: list[Any] = []
+        self.head_resets = 0
 
     def reset_adapter(self) -> None:
         self.resets += 1
 
     def anchor_to(self, state: Any) -> None:
         self.anchors.append(state)
+
+    def reset_head(self) -> None:
+        self.head_resets += 1
 
 
 class Buffer:
@@ -123,7 +127,7 @@ def test_a_confirmed_concept_change_retires_replay_from_before_the_detection() -
     retired = feed(reaction, buffer, 300, permuted(40))
     assert retired == [319]  # the 20th event after the detection confirms it
     assert buffer.retired == [300]  # events from before the detection go
-    assert reaction.lineage == 2 and trainer.anchors == [None]
+    assert reaction.lineage == 2 and trainer.anchors == [None] and trainer.head_resets == 1 and trainer.resets == 0
     assert trainer.lr_scale == 3.0 and reaction.boosting and reaction.replay_plan() == (300, 0.5)
 
 
