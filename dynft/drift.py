@@ -188,7 +188,7 @@ class LabelShiftDetector:
     shares change is seen here when its 0/1 error hardly moves. Both windows start empty again
     after a detection. Owned by the training thread.
 
-    >>> det = LabelShiftDetector("PageHinkley", {"min_instances": 20, "delta": 0.1, "threshold": 2.5, "mode": "up"})
+    >>> det = LabelShiftDetector("PageHinkley", {"min_instances": 20, "delta": 0.15, "threshold": 2.0, "mode": "up"})
     >>> hits = [i for i, y in enumerate(["a", "b"] * 150 + ["c", "d"] * 50) if det.update(y)]
     >>> hits
     [311]

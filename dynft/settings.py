@@ -300,7 +300,7 @@ class DriftSettings(Section):
         "PageHinkley", description="river.drift detector on the label shares of adjacent windows (NoDrift: off)"
     )
     label_params: dict[str, Any] = Field(
-        default_factory=lambda: {"min_instances": 20, "delta": 0.1, "threshold": 2.5, "mode": "up"},
+        default_factory=lambda: {"min_instances": 20, "delta": 0.15, "threshold": 2.0, "mode": "up"},
         description="its constructor parameters",
     )
     label_window: int = Field(20, ge=1, description="events in each of the two windows whose label shares are compared")
