@@ -47,7 +47,7 @@ def test_a_step_returns_the_fresh_rows_pooled_embeddings_from_its_own_forward(ti
 def test_the_monitor_reports_label_and_representation_detections_by_stream() -> None:
     import numpy as np
 
-    label = ("PageHinkley", {"min_instances": 30, "delta": 0.1, "threshold": 15.0, "mode": "up"})
+    label = ("PageHinkley", {"min_instances": 20, "delta": 0.15, "threshold": 2.0, "mode": "up"}, 20)
     representation = ("PageHinkley", {"min_instances": 30, "delta": 0.1, "threshold": 10.0, "mode": "up"}, 16)
     monitor = DriftMonitor("NoDrift", {}, "NoDrift", {}, label=label, representation=representation)
     assert monitor.streams == {
@@ -60,14 +60,14 @@ def test_the_monitor_reports_label_and_representation_detections_by_stream() -> 
     inputs = list(g.normal(0, 1, (600, 32))) + list(g.normal(0, 1, (400, 32)) + 1.0)
     labels = ["pos"] * 600 + ["neg"] * 400
     found = [d for x, y in zip(inputs, labels, strict=True) for d in monitor.update(False, 0.1, y, x)]
-    assert [(d.stream, d.index) for d in found] == [("label", 617), ("representation", 636)]
+    assert [(d.stream, d.index) for d in found] == [("label", 611), ("representation", 636)]
     off = DriftMonitor("NoDrift", {}, "NoDrift", {}, label=("NoDrift", {}), representation=("NoDrift", {}, 16))
     assert not off.wants_embeddings and set(off.streams) == {"error", "loss"}
 
 
 def test_the_label_detector_survives_a_restart() -> None:
     """Labels are kept in the checkpoint's recent stream, so a restored monitor decides as the original."""
-    label = ("PageHinkley", {"min_instances": 30, "delta": 0.1, "threshold": 15.0, "mode": "up"})
+    label = ("PageHinkley", {"min_instances": 20, "delta": 0.15, "threshold": 2.0, "mode": "up"}, 20)
     labels = ["pos"] * 600 + ["neg"] * 400
     original = DriftMonitor("NoDrift", {}, "NoDrift", {}, label=label)
     for y in labels[:590]:
@@ -75,7 +75,7 @@ def test_the_label_detector_survives_a_restart() -> None:
     restored = DriftMonitor("NoDrift", {}, "NoDrift", {}, label=label)
     restored.restore(original.snapshot())
     hits = [[d.index for y in labels[590:] for d in m.update(False, 0.1, y)] for m in (original, restored)]
-    assert hits[0] == hits[1] == [617]
+    assert hits[0] == hits[1] == [611]
 
 
 @pytest.mark.slow
