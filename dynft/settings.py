@@ -304,8 +304,8 @@ class DriftSettings(Section):
         description="its constructor parameters",
     )
     label_window: int = Field(20, ge=1, description="events in each of the two windows whose label shares are compared")
-    representation_detector: str = Field(
-        "PageHinkley",
+    representation_detector: str = Field(  # off: features move while a model learns (false alarms)
+        "NoDrift",
         description="river.drift detector on the pooled embeddings' distance from their mean (NoDrift: off)",
     )
     representation_params: dict[str, Any] = Field(
