@@ -197,3 +197,15 @@ class ReplayBuffer:
             self._by_label.clear()
             self._count = 0
             self._bytes = 0
+
+    def retire_before(self, seq: int) -> int:
+        """Remove the events with a sequence number below ``seq`` (an old concept); returns how many."""
+        with self._lock:
+            removed = 0
+            for label, entries in list(self._by_label.items()):
+                kept = [e for e in entries if e.seq >= seq]
+                removed += len(entries) - len(kept)
+                self._count -= len(entries) - len(kept)
+                self._bytes -= sum(e.nbytes for e in entries if e.seq < seq)
+                self._by_label[label] = kept
+            return removed

@@ -181,6 +181,8 @@ def check_detectors(settings: Settings) -> None:
 
     make_detector(settings.drift.error_detector, settings.drift.error_params)
     make_detector(settings.drift.loss_detector, settings.drift.loss_params)
+    make_detector(settings.drift.label_detector, settings.drift.label_params)
+    make_detector(settings.drift.representation_detector, settings.drift.representation_params)
 
 
 @main.command()

@@ -22,7 +22,7 @@ ignored here, by comparing ADWIN's estimate before and after it cuts its window.
 from __future__ import annotations
 
 import inspect
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from river import drift
 from river.base import BinaryDriftDetector, DriftDetector
 
 from dynft.errors import ConfigError
+from dynft.settings import DriftSettings
 
 
 class Detector(Protocol):
@@ -42,7 +43,7 @@ class Detector(Protocol):
 
 @dataclass(frozen=True)
 class Detection:
-    stream: str  # "error" or "loss"
+    stream: str  # "error", "loss", "label" or "representation"
     detector: str  # river class name
     index: int  # position of the triggering event in the prequential stream
 
@@ -82,12 +83,21 @@ class DriftMonitor:
         loss_detector: str,
         loss_params: dict[str, Any],
         keep: int = 2000,
+        label: tuple[str, dict[str, Any], int] | None = None,
+        representation: tuple[str, dict[str, Any], int] | None = None,
     ):
         self.error_name, self.loss_name = error_detector, loss_detector
+        # Optional detectors on the labels and on the pooled embeddings; "NoDrift" (or None) turns one off.
+        self._label_spec = label if label is not None and label[0] != "NoDrift" else None
+        self._repr_spec = representation if representation is not None and representation[0] != "NoDrift" else None
+        self._label = LabelShiftDetector(*self._label_spec) if self._label_spec else None
+        self._repr: RepresentationShiftDetector | None = None  # made at the first embedding (its width)
+        if self._repr_spec is not None:
+            make_detector(*self._repr_spec[:2])  # bad names and parameters fail now, not at the first event
         self._specs = (error_detector, error_params, loss_detector, loss_params)
         self._error = make_detector(error_detector, error_params)
         self._loss = make_detector(loss_detector, loss_params)
-        self._recent: deque[tuple[bool, float]] = deque(maxlen=keep)  # to rebuild detectors after a restart
+        self._recent: deque[tuple[bool, float, str | None]] = deque(maxlen=keep)  # to rebuild detectors after a restart
         if isinstance(self._loss, BinaryDriftDetector):
             raise ConfigError(f"drift.loss_detector {loss_detector} only takes 0/1 input; the loss is continuous")
         self.seen = 0
@@ -97,25 +107,63 @@ class DriftMonitor:
     def snapshot(self) -> dict[str, Any]:
         return {"seen": self.seen, "detections": self.detections, "recent": list(self._recent)}
 
+    @classmethod
+    def from_settings(cls, d: DriftSettings, keep: int = 2000) -> DriftMonitor:
+        """The monitor the ``drift`` settings describe: error and loss, plus label and representation unless off."""
+        representation = (d.representation_detector, d.representation_params, d.representation_dims)
+        labels = (d.label_detector, d.label_params, d.label_window)
+        return cls(d.error_detector, d.error_params, d.loss_detector, d.loss_params, keep, labels, representation)
+
+    @property
+    def streams(self) -> dict[str, str]:
+        """The detector watching each stream, for metrics."""
+        out = {"error": self.error_name, "loss": self.loss_name}
+        if self._label_spec:
+            out["label"] = self._label_spec[0]
+        if self._repr_spec:
+            out["representation"] = self._repr_spec[0]
+        return out
+
+    @property
+    def wants_embeddings(self) -> bool:
+        return self._repr_spec is not None
+
     def restore(self, state: dict[str, Any]) -> None:
-        """Warm fresh detectors on the recent streams (river detectors have no pickle-free state)."""
+        """Warm fresh detectors on the recent streams (river detectors have no pickle-free state).
+
+        The representation detector starts afresh: keeping embeddings would make checkpoints large.
+        Checkpoints written before the label detector existed hold (error, loss) pairs.
+        """
         error_name, error_params, loss_name, loss_params = self._specs
         self._error = make_detector(error_name, error_params)
         self._loss = make_detector(loss_name, loss_params)
-        for error, loss in state["recent"]:
+        self._label = LabelShiftDetector(*self._label_spec) if self._label_spec else None
+        for error, loss, *rest in state["recent"]:
+            label = rest[0] if rest else None
             self._update_error(error)
             self._loss.update(loss)
-            self._recent.append((error, loss))
+            if self._label is not None and label is not None:
+                self._label.update(label)
+            self._recent.append((error, loss, label))
         self.seen, self.detections = state["seen"], state["detections"]
 
-    def update(self, error: bool, loss: float) -> list[Detection]:
-        self._recent.append((error, loss))
+    def update(self, error: bool, loss: float, label: str | None = None, embedding: Any = None) -> list[Detection]:
+        """Feed one prequential event: its 0/1 error, loss, and optionally its label and pooled embedding."""
+        self._recent.append((error, loss, label))
         found = []
         if self._update_error(error):
             found.append(Detection("error", self.error_name, self.seen))
         self._loss.update(loss)
         if self._loss.drift_detected:
             found.append(Detection("loss", self.loss_name, self.seen))
+        if self._label_spec is not None and self._label is not None and label is not None and self._label.update(label):
+            found.append(Detection("label", self._label_spec[0], self.seen))
+        if self._repr_spec is not None and embedding is not None:
+            if self._repr is None:
+                name, params, dims = self._repr_spec
+                self._repr = RepresentationShiftDetector(name, params, width=len(embedding), dims=dims)
+            if self._repr.update(embedding):
+                found.append(Detection("representation", self._repr_spec[0], self.seen))
         self.seen += 1
         self.detections += len(found)
         self.history.extend(found)
@@ -131,46 +179,53 @@ class DriftMonitor:
 
 
 class LabelShiftDetector:
-    """Watches the label distribution: each label's surprise under the frequencies seen so far.
+    """Watches the label distribution: how far the label shares of two adjacent windows lie apart.
 
-    Each event adds ``1 - p(label)`` to a river detector, with ``p`` the label's share of the
-    events before it (add-one smoothed over the labels known). A shift toward labels that were
-    rare (or new) raises the stream's mean; a sentiment stream whose inputs stay alike but whose
-    label shares change is seen here when its 0/1 error hardly moves. The counts restart after
-    a detection, so the new distribution becomes the reference. Owned by the training thread.
+    After each event, the total variation distance between the label shares of the last
+    ``window`` events and of the ``window`` events before them (0: the same shares, 1: no label
+    in common) goes to a river detector. New labels (a class-incremental stream) or a changed mix
+    raise it for about two windows; a sentiment stream whose inputs stay alike but whose label
+    shares change is seen here when its 0/1 error hardly moves. Both windows start empty again
+    after a detection. Owned by the training thread.
 
-    >>> det = LabelShiftDetector("PageHinkley", {"min_instances": 30, "threshold": 5.0, "mode": "up"})
-    >>> hits = [i for i, y in enumerate(["a"] * 300 + ["b"] * 100) if det.update(y)]
-    >>> hits[0] >= 300
-    True
+    >>> det = LabelShiftDetector("PageHinkley", {"min_instances": 20, "delta": 0.15, "threshold": 2.0, "mode": "up"})
+    >>> hits = [i for i, y in enumerate(["a", "b"] * 150 + ["c", "d"] * 50) if det.update(y)]
+    >>> hits
+    [311]
     """
 
-    def __init__(self, detector: str, params: dict[str, Any]):
+    def __init__(self, detector: str, params: dict[str, Any], window: int = 20):
+        if window < 1:
+            raise ConfigError(f"drift.label_window must be at least 1, got {window}")
         self._spec = (detector, params)
         self._detector = make_detector(detector, params)
-        self._counts: dict[str, int] = {}
-        self._total = 0
+        self._window = window
+        self._recent: deque[str] = deque(maxlen=2 * window)
 
     def update(self, label: str) -> bool:
         """Feed one event's label; whether a shift is detected here."""
-        share = (self._counts.get(label, 0) + 1) / (self._total + len(self._counts) + 1)
-        self._counts[label] = self._counts.get(label, 0) + 1
-        self._total += 1
-        self._detector.update(1.0 - share)
+        self._recent.append(label)
+        if len(self._recent) < 2 * self._window:
+            return False
+        older, newer = Counter(list(self._recent)[: self._window]), Counter(list(self._recent)[self._window :])
+        distance = sum(abs(older[k] - newer[k]) for k in older.keys() | newer.keys()) / (2 * self._window)
+        self._detector.update(distance)
         if not self._detector.drift_detected:
             return False
-        self._counts, self._total = {}, 0
+        self._recent.clear()
         self._detector = make_detector(*self._spec)
         return True
 
 
 class RepresentationShiftDetector:
-    """Watches the inputs: the distance of a random projection of each pooled embedding from its running mean.
+    """Watches the inputs: how far a random projection of each pooled embedding lies from the running mean.
 
     A fixed Gaussian projection (seeded, ``dims`` rows, scaled by ``1/sqrt(dims)``) keeps the cost
-    independent of the model's width while preserving distances (Johnson-Lindenstrauss); the
-    distance of the projected embedding from the mean of those seen since the last detection goes
-    to a river detector. New kinds of text move it before any label arrives. Owned by the training thread.
+    independent of the model's width while preserving distances (Johnson-Lindenstrauss). Each
+    event's distance from the mean of the projections seen since the last detection is divided by
+    the mean of those distances so far, so the river detector sees a ratio near 1 on any model
+    (embedding scales differ by orders of magnitude between models) and a lasting rise when the
+    inputs move. New kinds of text move it before any label arrives. Owned by the training thread.
     """
 
     def __init__(self, detector: str, params: dict[str, Any], width: int, dims: int = 16, seed: int = 0):
@@ -181,6 +236,7 @@ class RepresentationShiftDetector:
         self._projection = np.random.default_rng(seed).standard_normal((dims, width)) / dims**0.5
         self._mean = np.zeros(dims)
         self._seen = 0
+        self._distance_sum = 0.0
 
     def update(self, embedding: Any) -> bool:
         """Feed one pooled embedding (a sequence of ``width`` floats); whether a shift is detected here."""
@@ -190,10 +246,13 @@ class RepresentationShiftDetector:
         distance = float(np.linalg.norm(z - self._mean)) if self._seen else 0.0
         self._seen += 1
         self._mean += (z - self._mean) / self._seen
-        if self._seen > 1:
-            self._detector.update(distance)
+        if self._seen < 2:
+            return False
+        self._distance_sum += distance
+        reference = self._distance_sum / (self._seen - 1)
+        self._detector.update(distance / reference if reference > 0 else 1.0)
         if not self._detector.drift_detected:
             return False
-        self._mean, self._seen = np.zeros_like(self._mean), 0
+        self._mean, self._seen, self._distance_sum = np.zeros_like(self._mean), 0, 0.0
         self._detector = make_detector(*self._spec)
         return True

@@ -116,5 +116,11 @@ class HoldoutWindow:
             self._events.extend(events)
             self.revision += 1
 
+    def clear(self) -> None:
+        """Forget every event (they belong to an old concept: ``dynft.reaction``)."""
+        with self._lock:
+            self._events.clear()
+            self.revision += 1
+
     def __len__(self) -> int:
         return len(self._events)

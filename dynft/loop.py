@@ -36,6 +36,7 @@ from dynft.history import HistoryRecorder
 from dynft.ledger import Ledger, LedgerPruner
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
+from dynft.reaction import DriftReaction, Response
 from dynft.registry import AdapterRegistry
 from dynft.routing import Router
 from dynft.runtime import tune_gc
@@ -60,6 +61,7 @@ class Work:
     buffered: list[Event] = field(default_factory=list)  # older fresh events sent to replay (freshest first)
     tasks: list[TaskWork] = field(default_factory=list)  # the other tasks' shares (dynft.tasks)
     arrived: float = field(default_factory=time.time)  # when taken from the intake (freshness starts here)
+    lineage: int = 0  # the drift reaction's lineage when made: replay of an older one is drawn again
 
 
 class TrainingLoop(TaskLoop):
@@ -78,10 +80,9 @@ class TrainingLoop(TaskLoop):
         b = settings.buffer
         self.buffer = ReplayBuffer(b.max_events, b.max_bytes, b.strategy, b.recency_half_life, settings.trainer.seed)
         d = settings.drift
-        self.drift = DriftMonitor(
-            d.error_detector, d.error_params, d.loss_detector, d.loss_params, settings.checkpoint.drift_history
-        )
-        self.metrics.declare({"error": d.error_detector, "loss": d.loss_detector}, REASONS, list(d.reactions))
+        self.drift = DriftMonitor.from_settings(d, settings.checkpoint.drift_history)
+        self.metrics.declare(self.drift.streams, REASONS, list(d.reactions))
+        self.reaction: DriftReaction  # made with the trainer it acts on (startup)
         self.checkpoints = CheckpointStore(settings.state_dir / "checkpoints", settings.checkpoint.keep)
         self.ledger = Ledger(settings.state_dir / "ledger.db")
         lg = settings.ledger
@@ -95,9 +96,6 @@ class TrainingLoop(TaskLoop):
         self._batcher_done = threading.Event()
         self._batcher_error: BaseException | None = None
         self._leftover: list[Work] = []  # made after the main loop stopped taking work
-        self._boost_until = -1
-        self._recent_since: int | None = None
-        self._last_reaction = -(10**9)
         self._status_at = 0.0
         self._status_events = 0
         self._held = False  # the batching thread takes nothing from the intake (see _backpressure)
@@ -126,6 +124,8 @@ class TrainingLoop(TaskLoop):
             log.warning("removed %d half-written version(s) from an earlier crash", len(removed))
         self.trainer = build_trainer(s.model, s.adapter, s.trainer)
         self.task_directory = TaskDirectory(self.trainer.label_map, s.tasks.max_tasks)
+        self.trainer.capture_features = self.drift.wants_embeddings
+        self.reaction = DriftReaction(s.drift, self.trainer, self.buffer)
         self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics)
         source = open_source(s.source, s.kafka, self.metrics_registry, s.events.max_record_bytes)
         checkpoint = self.checkpoints.latest()
@@ -246,14 +246,13 @@ class TrainingLoop(TaskLoop):
         self.metrics.intake_queue_bytes.set(intake.queued_bytes)
         if not records:
             return None
-        work = Work(None, records=records)
+        work = Work(None, records=records, lineage=self.reaction.lineage)  # read before replay is drawn
         fresh = self._route(records, work)
         if len(fresh) > size - replay:
             work.buffered = [event for _, event in fresh[: len(fresh) - (size - replay)]]
             fresh = fresh[len(fresh) - (size - replay) :]
         if fresh:
-            share = self.settings.drift.upweight_share if self._recent_since is not None else 0.0
-            replayed = self.buffer.sample(size - len(fresh), self._recent_since, share)
+            replayed = self.buffer.sample(size - len(fresh), *self.reaction.replay_plan())
             work.batch, dead = self._router().collate(self.trainer.collator, fresh, replayed)
             work.dead += [key for _, key in dead]
         return work
@@ -304,6 +303,7 @@ class TrainingLoop(TaskLoop):
     def _complete(self, work: Work) -> None:
         outcomes: list[tuple[str, str]] = [(key, "dead_lettered") for key in work.dead]
         if work.batch is not None:
+            self._redraw_stale_replay(work)
             fresh = work.batch.events[: work.batch.n_fresh]
             skipped = self._train(work.batch)
             status = "skipped" if skipped else "trained"
@@ -335,22 +335,31 @@ class TrainingLoop(TaskLoop):
             return True
         fresh = batch.events[: batch.n_fresh]
         self.metrics.task_events.labels(DEFAULT_TASK).inc(len(fresh))
-        for event, prediction, loss in zip(fresh, result.predictions, result.losses, strict=True):
+        features: list[list[float] | None] = [*result.features] if result.features else [None] * len(fresh)
+        for event, prediction, loss, embedding in zip(fresh, result.predictions, result.losses, features, strict=True):
             self.prequential.update(event.label, prediction, loss)
-            for detection in self.drift.update(prediction != event.label, loss):
+            for detection in self.drift.update(prediction != event.label, loss, event.label, embedding):
                 self._on_drift(detection)
+            self._react(self.reaction.observe(self.drift.seen - 1, event.label, prediction))
         self._update_gauges()
-        if self.trainer.steps < self._boost_until:
+        if self.reaction.boosting:
             for _ in range(self.settings.drift.boost_extra_steps):
                 self._replay_step()
-        elif self._boost_until >= 0:
+        elif self.reaction.after_step():
             log.info("drift reaction over after step %d", self.trainer.steps)
-            self.trainer.lr_scale, self._boost_until, self._recent_since = 1.0, -1, None
         return False
 
+    def _redraw_stale_replay(self, work: Work) -> None:
+        """Work made before a reset replays the old lineage's buffer: keep its fresh rows, draw replay again."""
+        batch = work.batch
+        if batch is None or work.lineage == self.reaction.lineage:
+            return
+        fresh = batch.events[: batch.n_fresh]
+        replayed = self.buffer.sample(len(batch.events) - len(fresh), *self.reaction.replay_plan())
+        work.batch, work.lineage = self.trainer.collator(fresh + replayed, n_fresh=len(fresh)), self.reaction.lineage
+
     def _replay_step(self) -> None:
-        share = self.settings.drift.upweight_share if self._recent_since is not None else 0.0
-        events = self.buffer.sample(self.settings.trainer.batch_size, self._recent_since, share)
+        events = self.buffer.sample(self.settings.trainer.batch_size, *self.reaction.replay_plan())
         if events:
             self._record_step(self.trainer.step(self.trainer.collator(events, n_fresh=0)), len(events))
 
@@ -384,24 +393,20 @@ class TrainingLoop(TaskLoop):
         log.warning(
             "drift detected by %s on the %s stream at event %d", detection.detector, detection.stream, detection.index
         )
-        d = self.settings.drift
-        if detection.index - self._last_reaction < d.cooldown_events:
-            return
-        self._last_reaction = detection.index
-        for reaction in d.reactions:
+        self._react(self.reaction.on_detection(detection))
+
+    def _react(self, response: Response) -> None:
+        """Count what the drift reaction did; a new lineage also begins in the publisher and the held-out window."""
+        for reaction in response.applied:
             self.metrics.reactions.labels(reaction).inc()
-            if reaction == "boost":
-                self.trainer.lr_scale = d.boost_lr_factor
-            elif reaction == "upweight":
-                self._recent_since = self.buffer.seen
-            elif reaction == "new_lineage":
-                # A fresh adapter that learns the new concept from events after the drift only:
-                # replaying the old concept would contradict it. Old lineages stay in the registry.
-                self.trainer.reset_adapter()
-                self.buffer.clear()
-                self.publisher.new_lineage()
-        self._boost_until = self.trainer.steps + d.boost_steps
-        log.info("reacting to drift with %s for %d steps", ", ".join(d.reactions) or "nothing", d.boost_steps)
+        if response.retired or "retire" in response.applied:
+            log.warning("concept change confirmed: %d replayed events of the old concept retired", response.retired)
+        if response.new_lineage:
+            self.publisher.new_lineage()
+            self.holdout.clear()  # the old concept's held-out events would judge candidates of the new one
+        if response.applied:
+            d = self.settings.drift
+            log.info("reacting to drift with %s for %d steps", ", ".join(response.applied), d.boost_steps)
 
     def _publish_meta(self) -> dict[str, Any]:
         pq = self.prequential
@@ -469,11 +474,7 @@ class TrainingLoop(TaskLoop):
             "drift": self.drift.snapshot(),
             "publisher": self.publisher.snapshot(),
             "positions": self.positions,
-            "reaction": {
-                "boost_until": self._boost_until,
-                "recent_since": self._recent_since,
-                "last": self._last_reaction,
-            },
+            "reaction": self.reaction.snapshot(),
         }
         holdout = [e.model_dump(mode="json") for e in self.holdout.snapshot()]
         records = {"buffer.jsonl": buffered, "holdout.jsonl": holdout}
@@ -512,12 +513,7 @@ class TrainingLoop(TaskLoop):
         else:
             self.drift.restore(state["drift"])
             self.publisher.restore(state["publisher"])
-            reaction = state["reaction"]
-            self._boost_until, self._recent_since, self._last_reaction = (
-                reaction["boost_until"],
-                reaction["recent_since"],
-                reaction["last"],
-            )
+            self.reaction.restore(state["reaction"])
         self.buffer.restore(checkpoint.records.get("buffer.jsonl", []), state["buffer"])
         self.holdout.restore(
             [Event.model_validate(r, strict=False) for r in checkpoint.records.get("holdout.jsonl", [])]

@@ -296,10 +296,33 @@ class DriftSettings(Section):
         default_factory=lambda: {"min_instances": 100, "delta": 0.25, "threshold": 60.0, "mode": "up"},
         description="its constructor parameters",
     )
-    reactions: list[Literal["boost", "upweight", "new_lineage"]] = Field(
-        default_factory=lambda: ["boost", "upweight"],  # type: ignore[arg-type]
+    label_detector: str = Field(
+        "PageHinkley", description="river.drift detector on the label shares of adjacent windows (NoDrift: off)"
+    )
+    label_params: dict[str, Any] = Field(
+        default_factory=lambda: {"min_instances": 20, "delta": 0.15, "threshold": 2.0, "mode": "up"},
+        description="its constructor parameters",
+    )
+    label_window: int = Field(20, ge=1, description="events in each of the two windows whose label shares are compared")
+    representation_detector: str = Field(  # off: features move while a model learns (false alarms)
+        "NoDrift",
+        description="river.drift detector on the pooled embeddings' distance from their mean (NoDrift: off)",
+    )
+    representation_params: dict[str, Any] = Field(
+        default_factory=lambda: {"min_instances": 30, "delta": 0.1, "threshold": 10.0, "mode": "up"},
+        description="its constructor parameters",
+    )
+    representation_dims: int = Field(16, ge=1, description="random projection of the embeddings watched")
+    reactions: list[Literal["boost", "upweight", "new_lineage", "retire"]] = Field(
+        default_factory=lambda: ["boost", "upweight", "retire"],  # type: ignore[arg-type]
         description="what a detection triggers: boost (learning rate and steps), upweight (recent events), "
-        "new_lineage (fresh adapter and replay memory)",
+        "new_lineage (fresh adapter and replay memory), retire (pre-drift replay, on a confirmed concept change)",
+    )
+    concept_confirm_events: int = Field(
+        30, ge=1, description="events after an error/loss detection that confirm a concept change (or not)"
+    )
+    concept_error_rise: float = Field(
+        0.3, ge=0, le=1, description="rise of the error on known labels that confirms a concept change"
     )
     boost_lr_factor: float = Field(3.0, ge=1, description="learning-rate multiplier while boosted")
     boost_steps: int = Field(100, ge=1, description="how long a reaction lasts, in training steps")

@@ -120,10 +120,7 @@ class Task:
         self.buffer = buffer
         self.prequential = Prequential(settings.evaluation.window)
         self.holdout = HoldoutWindow(settings.evaluation.holdout_window)
-        d = settings.drift
-        self.drift = DriftMonitor(
-            d.error_detector, d.error_params, d.loss_detector, d.loss_params, settings.checkpoint.drift_history
-        )
+        self.drift = DriftMonitor.from_settings(settings.drift, settings.checkpoint.drift_history)
         registry = AdapterRegistry(
             task_registry_dir(settings.registry_dir, name),
             settings.registry.keep_last,
@@ -161,7 +158,7 @@ class Task:
         scored = list(zip(fresh, result.predictions, result.losses, strict=True))
         for event, prediction, loss in scored:
             self.prequential.update(event.label, prediction, loss)
-            self.drift.update(prediction != event.label, loss)
+            self.drift.update(prediction != event.label, loss, event.label)  # no embedding: no extra forward
         return scored
 
     def maybe_publish(self, force: bool = False) -> int | None:

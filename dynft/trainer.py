@@ -66,6 +66,7 @@ class StepResult:
     losses: list[float] = field(default_factory=list)
     lr: float = 0.0
     seconds: float = 0.0
+    features: list[list[float]] | None = None  # the fresh rows' pooled embeddings, with capture_features
 
 
 class OnlineTrainer:
@@ -90,6 +91,7 @@ class OnlineTrainer:
         self.steps = 0
         self.skipped = 0
         self.lr_scale = 1.0  # raised temporarily by drift reactions
+        self.capture_features = False  # return the fresh rows' pooled embeddings (a representation drift detector)
         self.imprinted = 0  # head rows below this index have been imprinted or trained (see _imprint)
         self.imprints = settings.imprint_new_labels == "on" or (
             settings.imprint_new_labels == "auto" and pooling == "mean"
@@ -180,8 +182,18 @@ class OnlineTrainer:
         lwf_targets = self._lwf_targets(batch)  # before the forward pass: it swaps weights in place
         if not self.model.training:  # only ``predict`` switches to eval
             self.model.train()
-        with self._autocast():
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, C)
+        captured: list[torch.Tensor] = []  # what the head reads, from this same forward pass
+        hook = (
+            self.slots.head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+            if self.capture_features
+            else None
+        )
+        try:
+            with self._autocast():
+                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, C)
+        finally:
+            if hook is not None:
+                hook.remove()
         losses = per_event_loss(  # (B,): cross-entropy, mixed with the teachers' where events have one
             logits.float(),
             batch.labels,
@@ -202,6 +214,7 @@ class OnlineTrainer:
             predictions=[labels[i] for i in fresh_pred],
             losses=losses[: batch.n_fresh].detach().tolist(),
             lr=lr,
+            features=_pooled(captured[-1], batch.attention_mask, batch.n_fresh) if captured else None,
         )
         if not math.isfinite(result.loss):
             result.skipped = "non_finite_loss"
@@ -481,6 +494,34 @@ class OnlineTrainer:
                 else:
                     param.zero_()
         self.optimizer.state.clear()
+
+    def reset_head(self) -> None:
+        """Start the head afresh, keeping the adapter: for a concept change, where the features still hold.
+
+        The old head maps the same inputs to the old labels and would have to be unlearned; a
+        fresh one (imprinted again from the next examples where imprinting is on) learns the new
+        mapping at the head's learning rate. Its optimizer state goes with it.
+        """
+        self.imprinted = 0
+        with torch.no_grad():
+            for key, param in self.slots.capture().items():
+                if key not in self.slots.head_keys:
+                    continue
+                if param.dim() > 1:
+                    nn.init.normal_(param, std=0.02)
+                else:
+                    param.zero_()
+                self.optimizer.state.pop(param, None)
+
+
+def _pooled(features: torch.Tensor, attention_mask: torch.Tensor, rows: int) -> list[list[float]]:
+    """The first ``rows`` rows of the head's input as plain lists; a decoder's (B, T, H) is averaged over its tokens."""
+    features = features[:rows].float()
+    if features.dim() == 3:
+        mask = attention_mask[:rows, :, None].float()  # (R, T, 1)
+        features = (features * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+    pooled: list[list[float]] = features.cpu().tolist()
+    return pooled
 
 
 def build_trainer(

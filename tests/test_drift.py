@@ -78,6 +78,9 @@ def run_stream(
 def test_real_trainer_stationary_stream_of_5000_events_raises_no_drift(tiny_settings: Settings, tmp_path: Path) -> None:
     """The daemon's own error and loss streams, from the real (tiny) model learning a stationary task."""
     tiny_settings.drift.reactions = []
+    # The label detector sees only the labels (no model): its alarm rate on stationary label streams
+    # (about 1 in 8,600 events; one here, at event 4374) is measured in benchmarks/results/quality/drift-quick.md.
+    tiny_settings.drift.label_detector = "NoDrift"
     loop = run_stream(tiny_settings, keyword_events(5000, ["alpha", "beta", "gamma"], seed=3), tmp_path)
     assert loop.prequential.accuracy > 0.8, "the model did not learn: the test would prove nothing"
     assert list(loop.drift.history) == []
@@ -111,8 +114,8 @@ def test_real_trainer_label_flip_is_detected_within_300_events(tiny_settings: Se
 
 # Detectors on the label distribution and on the input representation (issue #17, item 4): exact
 # detection indices on seeded streams, as river's own tests give them, and no alarm without a shift.
-LABEL_PH = {"min_instances": 30, "delta": 0.1, "threshold": 15.0, "mode": "up"}
-REPRESENTATION_PH = {"min_instances": 30, "delta": 0.5, "threshold": 30.0, "mode": "up"}
+LABEL_PH = {"min_instances": 20, "delta": 0.15, "threshold": 2.0, "mode": "up"}  # on two windows of 20 labels
+REPRESENTATION_PH = {"min_instances": 30, "delta": 0.1, "threshold": 10.0, "mode": "up"}  # on distance ratios
 
 
 def label_stream(rng: random.Random, n: int, share_pos: float) -> list[str]:
@@ -125,7 +128,7 @@ def test_the_label_shift_detector_sees_a_change_of_label_shares() -> None:
     rng = random.Random(1)
     shifted = label_stream(rng, 600, 0.8) + label_stream(rng, 400, 0.2)
     detector = LabelShiftDetector("PageHinkley", LABEL_PH)
-    assert [i for i, y in enumerate(shifted) if detector.update(y)] == [669]
+    assert [i for i, y in enumerate(shifted) if detector.update(y)] == [617]
     stable = label_stream(rng, 1000, 0.8)
     detector = LabelShiftDetector("PageHinkley", LABEL_PH)
     assert [i for i, y in enumerate(stable) if detector.update(y)] == []
@@ -139,7 +142,7 @@ def test_the_representation_shift_detector_sees_inputs_move() -> None:
     g = np.random.default_rng(3)
     shifted = list(g.normal(0, 1, (600, 32))) + list(g.normal(0, 1, (400, 32)) + 1.0)
     detector = RepresentationShiftDetector("PageHinkley", REPRESENTATION_PH, width=32, seed=0)
-    assert [i for i, x in enumerate(shifted) if detector.update(x)] == [617]
+    assert [i for i, x in enumerate(shifted) if detector.update(x)] == [636]
     stable = list(g.normal(0, 1, (1000, 32)))
     detector = RepresentationShiftDetector("PageHinkley", REPRESENTATION_PH, width=32, seed=0)
     assert [i for i, x in enumerate(stable) if detector.update(x)] == []
