@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from dynft.batching import Collator, LabelMap
 from dynft.deadletter import JsonlDeadLetterSink
-from dynft.events import Event, Rejection, decode
+from dynft.events import Event, Rejection, decode, task_name_problem
 from dynft.metrics import TrainerMetrics
 from dynft.model import load_tokenizer
 from dynft.routing import Routed, Router
@@ -178,6 +178,8 @@ def test_event_shaped_records_get_the_reason_of_a_rule_they_break(
     broken = broken_rules(fields)
     if "task" in fields and any(0xD800 <= ord(c) <= 0xDFFF for c in fields["task"]):
         broken.add("invalid_string")
+    elif "task" in fields and task_name_problem(fields["task"]) is not None:
+        broken.add("invalid_task")  # a task names paths and metric labels: [A-Za-z0-9_.-], short
     if routed.dead:
         rejection = decode(raw, LIMITS)  # the routing's reason: decode's, or else the label cap
         reason = rejection.reason if isinstance(rejection, Rejection) else "too_many_labels"

@@ -140,7 +140,9 @@ def test_status_is_incremental_survives_a_restart_and_follows_its_schema(
         snapshot = body["snapshot"]
         new = {label["label"]: label["new"] for label in snapshot["labels"]}
         assert new == {"alpha": False, "beta": False, "gamma": True}
-        assert [(d["detector"], d["stream"], d["index"]) for d in snapshot["drift"]] == [("ADWIN", "error", 77)]
+        drift = [(d["detector"], d["stream"], d["index"]) for d in snapshot["drift"]]
+        # Besides the one handed over, the label detector (on the label shares) may fire on this stream.
+        assert [d for d in drift if d[1] != "label"] == [("ADWIN", "error", 77)]
         assert snapshot["dead_letter_counts"] == {"malformed_json": 1, "empty_label": 1}
         assert {d["reason"] for d in snapshot["dead_letters"]} == {"malformed_json", "empty_label"}
         assert all(d["text"] is None for d in snapshot["dead_letters"])  # a file source: texts are off

@@ -40,7 +40,7 @@ from helpers import keyword_events
 from serving.conftest import PROBE, TOKEN, running_server, wait_for_version
 
 pytestmark = pytest.mark.slow
-OPERATIONS = 9  # predict, adapters, promote, rollback, unpin, healthz, readyz, metrics, status
+OPERATIONS = 10  # predict, tasks, adapters, promote, rollback, unpin, healthz, readyz, metrics, status
 MAX_EXAMPLES = 60  # per operation in the fuzzing phase: both runs take about a minute on 2 cores
 
 # dynft's error contract as a schemathesis check, loaded by the CLI through SCHEMATHESIS_HOOKS.
