@@ -43,10 +43,10 @@ class Plan:
     train_max_s: float  # a contender stops by then, window complete or not
     train_publish_interval_s: float
     train_holdout: int  # held-out window the gate scores (dynft's default: 256)
-    swaps: int
     swap_repeats: int  # timed repetitions of each in-memory swap
     swap_clients: int
     swap_quiet_s: float  # the load phase without swaps
+    swap_phase_s: float  # each phase of paced swaps under load
     serve_clients: int
     serve_busy_s: float
     serve_idle_s: float
@@ -103,7 +103,7 @@ def make_plan(suite: str, device: str, workdir: Path, compile: bool = False) -> 
             (TrainCase("tiny random BERT", tiny, 8, 32),),
             train_warmup_steps=2, train_window_s=2, train_bare_s=1, train_max_s=20, train_publish_interval_s=1,
             train_holdout=32,
-            swaps=10, swap_repeats=10, swap_clients=2, swap_quiet_s=0.5,
+            swap_repeats=10, swap_clients=2, swap_quiet_s=0.5, swap_phase_s=1,
             serve_clients=2, serve_busy_s=5, serve_idle_s=1, serve_event_rate=10, serve_publish_interval_s=0.5,
             ingest_events=0,
         )  # fmt: skip
@@ -114,7 +114,7 @@ def make_plan(suite: str, device: str, workdir: Path, compile: bool = False) -> 
             (TrainCase("all-MiniLM-L6-v2", minilm, 16, 64),),
             train_warmup_steps=2, train_window_s=12, train_bare_s=8, train_max_s=100, train_publish_interval_s=20,
             train_holdout=256,
-            swaps=100, swap_repeats=30, swap_clients=4, swap_quiet_s=2,
+            swap_repeats=30, swap_clients=4, swap_quiet_s=4, swap_phase_s=10,
             serve_clients=4, serve_busy_s=32, serve_idle_s=6, serve_event_rate=2, serve_publish_interval_s=8,
             ingest_events=100_000,
         )  # fmt: skip
@@ -124,7 +124,7 @@ def make_plan(suite: str, device: str, workdir: Path, compile: bool = False) -> 
         (TrainCase("all-MiniLM-L6-v2", minilm, 16, 64), TrainCase("BERT-base (random init)", base, 64, 128)),
         train_warmup_steps=20, train_window_s=10, train_bare_s=6, train_max_s=45, train_publish_interval_s=10,
         train_holdout=256,
-        swaps=500, swap_repeats=100, swap_clients=8, swap_quiet_s=5,
+        swap_repeats=100, swap_clients=8, swap_quiet_s=5, swap_phase_s=15,
         serve_clients=8, serve_busy_s=30, serve_idle_s=10, serve_event_rate=50, serve_publish_interval_s=10,
         ingest_events=300_000,
     )  # fmt: skip

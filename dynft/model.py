@@ -43,6 +43,7 @@ from dynft.fingerprint import Pooling as Pooling
 from dynft.fingerprint import model_fingerprint as model_fingerprint  # where it used to live
 from dynft.modeldir import resolve_model_path as resolve_model_path  # lives apart: no torch needed
 from dynft.registry import AdapterState as AdapterState  # the registry's unit, re-exported
+from dynft.registry import nonfinite_keys
 from dynft.settings import AdapterSettings, ModelSettings
 
 log = logging.getLogger(__name__)
@@ -341,6 +342,7 @@ class AdapterSlots:
     def __init__(self, model: PeftModel) -> None:
         self.model = model
         self.peft_config = peft_config_to_dict(model.peft_config[ADAPTER_NAME])
+        self.structure = structure_key(self.peft_config)
         live = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
         by_ptr = {p.data_ptr(): name for name, p in model.named_parameters()}
         self.head = head_linear(model)
@@ -377,7 +379,7 @@ class AdapterSlots:
 
     def check(self, state: AdapterState) -> None:
         """Raise ``AdapterMismatchError`` unless ``state`` fits this model exactly; changes nothing."""
-        if structure_key(state.peft_config) != structure_key(self.peft_config):
+        if structure_key(state.peft_config) != self.structure:
             raise AdapterMismatchError("adapter was trained with another peft configuration")
         missing = self.slots.keys() - state.tensors.keys()
         unexpected = state.tensors.keys() - self.slots.keys()
@@ -395,8 +397,9 @@ class AdapterSlots:
                 raise AdapterMismatchError(f"{key}: shape {list(tensor.shape)}, expected {expected}")
             if not tensor.is_floating_point():
                 raise AdapterMismatchError(f"{key}: dtype {tensor.dtype} is not floating point")
-            if not bool(torch.isfinite(tensor).all()):
-                raise AdapterMismatchError(f"{key}: has non-finite values")
+        bad = nonfinite_keys(state.tensors)
+        if bad:
+            raise AdapterMismatchError(f"{bad[0]}: has non-finite values")
 
     def prepare(self, state: AdapterState, non_blocking: bool = False) -> dict[str, nn.Parameter]:
         """Checked device-resident parameters for ``install`` (call off the request path)."""

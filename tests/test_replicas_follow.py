@@ -95,15 +95,21 @@ def test_a_replica_writes_the_serving_version_first_and_the_rest_after_it_serves
         follower.stop()
 
 
+def published(settings: Settings, root: Path, count: int, bootstrap: str) -> tuple[AdapterRegistry, str]:
+    """A trainer's registry of ``count`` versions, serving the newest, synced once to a new versions topic."""
+    trainer = small_registry(root, count)
+    trainer.promote(count, f"v{count}")
+    topic = new_topic()
+    feed = VersionsFeed(settings, trainer, [bootstrap], topic)
+    feed.sync()
+    feed.close()
+    return trainer, topic
+
+
 def test_a_replica_removes_versions_the_topic_no_longer_holds(
     kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path
 ) -> None:
-    trainer = small_registry(tmp_path / "trainer", 2)
-    trainer.promote(2, "v2")
-    topic = new_topic()
-    feed = VersionsFeed(tiny_settings, trainer, [kafka_broker.bootstrap], topic)
-    feed.sync()
-    feed.close()
+    _, topic = published(tiny_settings, tmp_path / "trainer", 2, kafka_broker.bootstrap)
     leftover = small_registry(tmp_path / "replica", 4)  # versions 3 and 4 were pruned while it was down
     leftover.discard(1)
     follower, _ = follower_for(tiny_settings, tmp_path / "replica", kafka_broker.bootstrap, topic)
@@ -132,12 +138,7 @@ def versions_topic_records(bootstrap: str, topic: str) -> list[tuple[str, bool]]
 def test_a_trainer_tombstones_versions_pruned_while_it_was_down(
     kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path
 ) -> None:
-    trainer = small_registry(tmp_path / "trainer", 4)
-    trainer.promote(4, "v4")
-    topic = new_topic()
-    feed = VersionsFeed(tiny_settings, trainer, [kafka_broker.bootstrap], topic)
-    feed.sync()
-    feed.close()
+    trainer, topic = published(tiny_settings, tmp_path / "trainer", 4, kafka_broker.bootstrap)
     trainer.discard(1)  # pruned while no feed ran
     trainer.discard(2)
     feed = VersionsFeed(tiny_settings, trainer, [kafka_broker.bootstrap], topic)

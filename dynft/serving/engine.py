@@ -290,8 +290,7 @@ class InferenceEngine:
     def _install(self, staged: LoadedVersion) -> None:
         """Runs on the worker thread between batches: the flip itself."""
         started = time.perf_counter()
-        staged.slots.install(staged.params)
-        staged.model.eval()
+        staged.slots.install(staged.params)  # the model stays in eval mode from _build: no module walk here
         self._installed = staged
         lane = self.lanes[staged.task]
         lane.active = staged
@@ -399,7 +398,7 @@ class InferenceEngine:
             raise BaseModelMismatchError(f"version {version} was trained on another base model")
         key = structure_key(state.peft_config)
         loaded = [v for lane in list(self.lanes.values()) for v in (lane.staged, lane.active) if v is not None]
-        same = [v for v in loaded if structure_key(v.slots.peft_config) == key]  # one base model for all tasks
+        same = [v for v in loaded if v.slots.structure == key]  # one base model for all tasks
         if same:
             model, slots = same[0].model, same[0].slots
         else:

@@ -10,12 +10,13 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `benchmarks` is not an installed package
     sys.path.insert(0, str(ROOT))
 
+from smoke_suite import smoke_suite  # noqa: E402
+
 from benchmarks.quality import report  # noqa: E402
 from benchmarks.quality.harness import run_suite  # noqa: E402
 from benchmarks.quality.methods import METHODS  # noqa: E402
 from benchmarks.quality.paradigms import CONFIGS  # noqa: E402
 from benchmarks.quality.streams import Sizes  # noqa: E402
-from benchmarks.quality.suites import QUICK  # noqa: E402
 
 TINY = Sizes(
     domain_per_phase=24,
@@ -30,16 +31,9 @@ TINY = Sizes(
 
 
 def test_the_harness_runs_every_method_and_writes_well_formed_results(tiny_model_dir: Path, tmp_path: Path) -> None:
-    suite = QUICK.with_overrides(
-        name="smoke",
-        sizes=TINY,
-        model_path=str(tiny_model_dir),
-        max_length=16,
-        boost_steps=2,
-        cooldown_events=10,
-        publish_every_steps=2,
-        window=8,
-        detection_horizon=20,
+    suite = smoke_suite(
+        tiny_model_dir,
+        TINY,
         paradigm_train=32,
         paradigm_test=8,
         paradigm_datasets=("sst2", "trec6"),

@@ -11,6 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `benchmarks` is not an installed package
     sys.path.insert(0, str(ROOT))
 
+from smoke_suite import smoke_suite  # noqa: E402
+
 from benchmarks.quality import report  # noqa: E402
 from benchmarks.quality.__main__ import add_served  # noqa: E402
 from benchmarks.quality.harness import run_suite  # noqa: E402
@@ -87,16 +89,9 @@ def test_the_quality_benchmark_reports_what_a_real_daemon_served_beside_prequent
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     tiny = Sizes(24, 8, 60, 4, 1, 1, 48, 8)
-    suite = QUICK.with_overrides(
-        name="smoke",
-        sizes=tiny,
-        model_path=str(tiny_model_dir),
-        max_length=16,
-        boost_steps=2,
-        cooldown_events=10,
-        publish_every_steps=2,
-        window=8,
-        detection_horizon=20,
+    suite = smoke_suite(
+        tiny_model_dir,
+        tiny,
         streams=("domain",),
         paradigm_datasets=(),
         anchor_streams=(),
