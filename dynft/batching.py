@@ -126,8 +126,11 @@ class Batch:
         )
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> dict[str, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` (B, T), padded to the longest text; no row is empty.
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, pad_multiple: int = 0
+) -> dict[str, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` (B, T), padded to the longest text (rounded up to a
+    multiple of ``pad_multiple``, so a compiled step sees few shapes); no row is empty.
 
     A text can tokenize to nothing: characters a tokenizer drops (zero-width spaces, bytes that a
     byte-level vocabulary lacks) leave a row of padding, which a decoder's head reads at a padded
@@ -136,7 +139,14 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_lengt
     tokenizer's padding side puts text, so it trains and predicts from the model's prior. The
     trainer, the gate and the server all tokenize here, so they read the same row.
     """
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    enc = tokenizer(
+        list(texts),
+        padding=True,
+        truncation=True,
+        max_length=max_length,
+        pad_to_multiple_of=pad_multiple or None,
+        return_tensors="pt",
+    )
     ids, mask = enc["input_ids"], enc["attention_mask"]  # (B, T)
     empty = mask.sum(dim=1) == 0  # (B,)
     if bool(empty.any()):
@@ -167,9 +177,17 @@ def filler_token(tokenizer: PreTrainedTokenizerBase) -> int:
 class Collator:
     """Tokenizes events with padding to the longest text of the batch (dynamic padding)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, label_map: LabelMap, pin: bool = False):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        label_map: LabelMap,
+        pin: bool = False,
+        pad_multiple: int = 0,
+    ):
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.pad_multiple = pad_multiple  # lengths in buckets (trainer.pad_multiple)
         self.label_map = label_map
         self.pin = pin
         # Fast tokenizers set padding/truncation on a shared Rust object at every call; two
@@ -178,7 +196,7 @@ class Collator:
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         with self._lock:
-            out = tokenize(self.tokenizer, texts, self.max_length)
+            out = tokenize(self.tokenizer, texts, self.max_length, self.pad_multiple)
         if self.pin:
             out = {k: v.pin_memory() for k, v in out.items()}
         return out

@@ -1,9 +1,10 @@
 """The online trainer: test-then-train LoRA (or IA3, prefix) updates, one batch at a time.
 
 ``step`` is the whole training step and reads top to bottom: forward, per-event losses,
-prequential predictions for the fresh rows (made before the update that learns from them),
-a finiteness check, backward, clipping, AdamW. A non-finite loss or gradient skips the step
-and is counted; the weights never see it. With ``trainer.anchor_weight`` > 0 the backward pass
+backward, clipping, one read-back of everything the daemon needs (the loss, the gradient
+norm, and the prequential predictions for the fresh rows, made before the update that learns
+from them), then AdamW. A non-finite loss or gradient skips the update and is counted; the
+weights never see it. With ``trainer.anchor_weight`` > 0 the backward pass
 also carries an L2 pull toward the serving version (``anchor_to``), against forgetting.
 """
 
@@ -103,6 +104,9 @@ class OnlineTrainer:
         self._init_state = {k: p.detach().clone() for k, p in self.slots.capture().items()}
         self._own = self.slots.capture()  # this trainer's parameter objects (see activate)
         self.optimizer = self._make_optimizer()
+        # Lazily compiled at the first step; a task's fork shares its parent's (its weights are
+        # swapped in by reference, which the compiled graph reads as inputs).
+        self._compiled = torch.compile(model, backend=settings.compile_backend) if settings.compile else None
 
     @property
     def label_map(self) -> LabelMap:
@@ -132,7 +136,9 @@ class OnlineTrainer:
                     row = self._init_state[key].clone()
                 fresh[key] = nn.Parameter(row, requires_grad=True)
         self.slots.install(fresh)
-        return OnlineTrainer(self.model, collator, self.settings, self.device, self.base_model_path, self.pooling)
+        child = OnlineTrainer(self.model, collator, self.settings, self.device, self.base_model_path, self.pooling)
+        child._compiled = self._compiled
+        return child
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         head = head_linear(self.model)
@@ -171,7 +177,14 @@ class OnlineTrainer:
         )
 
     def step(self, batch: Batch) -> StepResult:
-        """One test-then-train update on ``batch``."""
+        """One test-then-train update on ``batch``.
+
+        Everything the daemon reads back (loss, gradient norm, the fresh rows' predictions,
+        losses and features) reaches the host in one transfer (``read_back``), after the backward
+        pass: on a GPU each read is a synchronisation that drains the queue of kernels. So a
+        non-finite loss is not looked at before the backward pass; it makes the gradient norm
+        non-finite too, and either way the optimizer step is skipped.
+        """
         started = time.perf_counter()
         if batch.num_labels > self.slots.head.out_features:  # both checks skip a walk over every module
             grow_head(self.model, batch.num_labels, self.optimizer)
@@ -182,18 +195,7 @@ class OnlineTrainer:
         lwf_targets = self._lwf_targets(batch)  # before the forward pass: it swaps weights in place
         if not self.model.training:  # only ``predict`` switches to eval
             self.model.train()
-        captured: list[torch.Tensor] = []  # what the head reads, from this same forward pass
-        hook = (
-            self.slots.head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
-            if self.capture_features
-            else None
-        )
-        try:
-            with self._autocast():
-                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, C)
-        finally:
-            if hook is not None:
-                hook.remove()
+        logits, features = self._forward(batch)  # (B, C), the head's input or None
         losses = per_event_loss(  # (B,): cross-entropy, mixed with the teachers' where events have one
             logits.float(),
             batch.labels,
@@ -204,34 +206,33 @@ class OnlineTrainer:
             self.settings.distill_temperature,
         )
         loss = (losses * batch.weights).sum() / batch.weights.sum().clamp_min(1e-8)
-
-        # Test before train: these predictions come from the weights before this update.
-        fresh_pred = logits[: batch.n_fresh].argmax(dim=-1).tolist()
+        penalty = self._anchor_penalty()
+        if lwf_targets is not None:
+            lwf = self.settings.lwf_weight * lwf_loss(logits[batch.n_fresh :], lwf_targets, self._temperature)
+            penalty = lwf if penalty is None else penalty + lwf
+        self._scaler.scale(loss if penalty is None else loss + penalty).backward()  # type: ignore[no-untyped-call]
+        self._scaler.unscale_(self.optimizer)
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
+        # Test before train: the predictions come from the weights before this update.
+        pooled = _pooled(features, batch.attention_mask, batch.n_fresh) if features is not None else None
+        back = read_back(loss, grad_norm, logits[: batch.n_fresh], losses[: batch.n_fresh], pooled)
         labels = self.label_map.labels
         result = StepResult(
-            loss=float(loss.detach()),
+            loss=back.loss,
             skipped=None,
-            predictions=[labels[i] for i in fresh_pred],
-            losses=losses[: batch.n_fresh].detach().tolist(),
+            predictions=[labels[i] for i in back.predictions],
+            losses=back.losses,
             lr=lr,
-            features=_pooled(captured[-1], batch.attention_mask, batch.n_fresh) if captured else None,
+            features=back.features,
         )
-        if not math.isfinite(result.loss):
+        if not math.isfinite(back.loss):
             result.skipped = "non_finite_loss"
+        elif not math.isfinite(back.grad_norm):
+            result.skipped = "non_finite_grad"
         else:
-            penalty = self._anchor_penalty()
-            if lwf_targets is not None:
-                lwf = self.settings.lwf_weight * lwf_loss(logits[batch.n_fresh :], lwf_targets, self._temperature)
-                penalty = lwf if penalty is None else penalty + lwf
-            self._scaler.scale(loss if penalty is None else loss + penalty).backward()  # type: ignore[no-untyped-call]
-            self._scaler.unscale_(self.optimizer)
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            grad_norm = nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
-            if torch.isfinite(grad_norm):
-                self._scaler.step(self.optimizer)
-            else:
-                result.skipped = "non_finite_grad"
-            self._scaler.update()
+            self._scaler.step(self.optimizer)
+        self._scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if result.skipped:
             self.skipped += 1
@@ -240,6 +241,24 @@ class OnlineTrainer:
             self._recent.extend(batch.events)
         result.seconds = time.perf_counter() - started
         return result
+
+    def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The logits, and with ``capture_features`` the head's input from this same pass."""
+        captured: list[torch.Tensor] = []
+        hook = (
+            self.slots.head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+            if self.capture_features
+            else None
+        )
+        # A hook added and removed at every step would recompile the graph each time: such steps run eagerly.
+        forward = self.model if hook is not None or self._compiled is None else self._compiled
+        try:
+            with self._autocast():
+                logits = forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, C)
+        finally:
+            if hook is not None:
+                hook.remove()
+        return logits, captured[-1] if captured else None
 
     @torch.no_grad()
     def _imprint(self, batch: Batch) -> None:
@@ -514,14 +533,54 @@ class OnlineTrainer:
                 self.optimizer.state.pop(param, None)
 
 
-def _pooled(features: torch.Tensor, attention_mask: torch.Tensor, rows: int) -> list[list[float]]:
-    """The first ``rows`` rows of the head's input as plain lists; a decoder's (B, T, H) is averaged over its tokens."""
+def _pooled(features: torch.Tensor, attention_mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first ``rows`` rows of the head's input (R, H); a decoder's (R, T, H) is averaged over its tokens."""
     features = features[:rows].float()
     if features.dim() == 3:
         mask = attention_mask[:rows, :, None].float()  # (R, T, 1)
         features = (features * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-    pooled: list[list[float]] = features.cpu().tolist()
-    return pooled
+    return features
+
+
+@dataclass
+class ReadBack:
+    """What a step hands the daemon, on the host."""
+
+    loss: float
+    grad_norm: float
+    predictions: list[int]  # label indices of the fresh rows
+    losses: list[float]
+    features: list[list[float]] | None
+
+
+def read_back(
+    loss: torch.Tensor,
+    grad_norm: torch.Tensor,
+    logits: torch.Tensor,
+    losses: torch.Tensor,
+    features: torch.Tensor | None,
+) -> ReadBack:
+    """One device-to-host copy for all of a step's results: they are packed into one float
+    tensor on the device (label indices are exact in float32 far beyond ``trainer.max_labels``)."""
+    rows = logits.shape[0]
+    parts = [
+        loss.detach().float().reshape(1),
+        grad_norm.detach().float().reshape(1),
+        logits.detach().argmax(dim=-1).float(),  # (R,)
+        losses.detach().float(),  # (R,)
+    ]
+    if features is not None:
+        parts.append(features.detach().float().reshape(-1))  # (R * H,)
+    flat: list[float] = torch.cat(parts).cpu().tolist()
+    width = (len(flat) - 2 - 2 * rows) // rows if rows and features is not None else 0
+    tail = flat[2 + 2 * rows :]
+    return ReadBack(
+        loss=flat[0],
+        grad_norm=flat[1],
+        predictions=[int(x) for x in flat[2 : 2 + rows]],
+        losses=flat[2 + rows : 2 + 2 * rows],
+        features=[tail[i * width : (i + 1) * width] for i in range(rows)] if features is not None else None,
+    )
 
 
 def build_trainer(
@@ -537,5 +596,6 @@ def build_trainer(
     model = build_model(path, config, 1, device, tokenizer.pad_token_id, pooling, model_settings)
     log.info(size_line(model, path))
     label_map = LabelMap(capacity=trainer_settings.max_labels)
-    collator = Collator(tokenizer, model_settings.max_length, label_map, pin=device.type == "cuda")
+    pad_multiple = trainer_settings.pad_multiple or (16 if trainer_settings.compile else 0)
+    collator = Collator(tokenizer, model_settings.max_length, label_map, device.type == "cuda", pad_multiple)
     return OnlineTrainer(model, collator, trainer_settings, device, base_model_path=path, pooling=pooling)

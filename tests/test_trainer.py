@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dynft.events import Event
+from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
 
 from helpers import keyword_events
@@ -87,3 +89,49 @@ def test_reset_adapter_starts_a_fresh_lineage(tiny_trainer: OnlineTrainer) -> No
         if key in initial:
             assert torch.equal(param.detach(), initial[key])
     assert not tiny_trainer.optimizer.state
+
+
+def test_read_back_returns_what_separate_reads_of_each_result_return() -> None:
+    from dynft.trainer import read_back
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, generator=g)
+    losses = torch.rand(5, generator=g)
+    features = torch.randn(5, 3, generator=g)
+    loss, norm = torch.tensor(0.25), torch.tensor(float("inf"))
+    back = read_back(loss, norm, logits, losses, features)
+    assert back.loss == 0.25 and back.grad_norm == float("inf")
+    assert back.predictions == logits.argmax(-1).tolist()
+    assert back.losses == losses.tolist()
+    assert back.features == features.tolist()
+    empty = read_back(loss, norm, logits[:0], losses[:0], features[:0])  # a replay-only step
+    assert (empty.predictions, empty.losses, empty.features) == ([], [], [])
+    assert read_back(loss, norm, logits, losses, None).features is None
+
+
+def test_a_compiled_step_trains_as_the_eager_one_on_length_buckets(tiny_settings: Settings) -> None:
+    """``trainer.compile`` (here with the aot_eager backend: dynamo's graph capture and AOT
+    autograd, as on a GPU, without generating code) gives the eager step's predictions and
+    losses, on batches padded to multiples of 16 tokens."""
+    from dynft.trainer import build_trainer
+
+    results = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        tiny_settings.trainer.compile = compiled
+        tiny_settings.trainer.compile_backend = "aot_eager"
+        tiny_settings.trainer.pad_multiple = 16
+        trainer = build_trainer(tiny_settings.model, tiny_settings.adapter, tiny_settings.trainer)
+        for module in trainer.model.modules():  # no dropout: the two runs see the same arithmetic
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        steps = []
+        for seed in range(3):
+            batch = trainer.collator(events(16, ["alpha", "beta", "gamma"], seed=seed), n_fresh=16)
+            assert batch.input_ids.shape[1] % 16 == 0
+            steps.append(trainer.step(batch))
+        assert (trainer._compiled is not None) == compiled
+        results[compiled] = steps
+    for eager, comp in zip(results[False], results[True], strict=True):
+        assert comp.predictions == eager.predictions and comp.skipped is None
+        assert comp.loss == pytest.approx(eager.loss, rel=1e-4, abs=1e-5)

@@ -221,6 +221,18 @@ class TrainerSettings(Section):
         description="when more records than this wait in the intake, a step trains on the newest and the older "
         "ones go to the replay buffer (ledger outcome buffered), so a trainer behind its feed stays fresh; 0: off",
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile the training step's forward and backward (off: not yet measured to win; "
+        "python -m benchmarks --compile times it); steps that read the head's input run eagerly",
+    )
+    compile_backend: str = Field("inductor", min_length=1, description="torch.compile backend")
+    pad_multiple: int = Field(
+        0,
+        ge=0,
+        le=512,
+        description="pad training batches to a multiple of this many tokens; 0: 16 with compile, else none",
+    )
     imprint_new_labels: Literal["auto", "on", "off"] = Field(
         "auto",
         description="start a new label's head row at its first examples' mean feature (weight imprinting); "
