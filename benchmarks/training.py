@@ -235,6 +235,7 @@ def dynft_loop(case: TrainCase, device: str, threads: int, plan: dict[str, Any],
                 "trainer.threads": threads,
                 "registry.publish_interval_s": plan["publish_interval_s"],
                 "evaluation.holdout_window": plan["holdout"],
+                "trainer.compile": plan["compile"],
             }
         )
         _seed_version(settings, events_path)
@@ -386,6 +387,14 @@ def run(plan: Plan) -> list[Result]:
                 case_results[0].details["bare peft + torch.compile"] = rounded(compiled["samples_per_s"])
                 case_results[0].details["ratio vs compiled"] = rounded(
                     ours["samples_per_s"] / compiled["samples_per_s"]
+                )
+                progress("    dynft with trainer.compile ...")
+                ours_compiled = in_fresh_process(
+                    plan.isolate, dynft_loop, case, plan.device, plan.threads, {**knobs, "compile": True}, events
+                )
+                case_results[0].details["dynft + trainer.compile"] = rounded(ours_compiled["samples_per_s"])
+                case_results[0].details["compiled ratio (dynft + compile / bare + compile)"] = rounded(
+                    ours_compiled["samples_per_s"] / compiled["samples_per_s"]
                 )
             results += case_results
             checkpoint(results)  # a case takes minutes on a GPU: a cut-off run keeps the finished ones
