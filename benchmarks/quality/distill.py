@@ -1,0 +1,214 @@
+"""Knowledge distillation: a student that learns from labels, from labels and a teacher, or
+from the teacher with a tenth of the labels.
+
+``python -m benchmarks.quality.distill [--dataset ag_news] [--events 480] [--seeds 3] [--workers 2]``
+writes ``benchmarks/results/quality/distill-<dataset>.{md,json}``.
+
+The teacher is a stronger model prepared offline, at the start of the run: a logistic
+regression on the frozen base model's mean-pooled embeddings, fitted on the dataset's whole
+training split (it has seen every training text with its label; the student sees a stream of
+``--events`` of them). Its class probabilities are the events' ``teacher`` field, as a larger
+model's would be. The student is dynft's trainer (the packaged MiniLM with its LoRA adapter),
+one test-then-train pass over the stream in batches of 16, as the daemon's fresh rows.
+
+Configurations, each over ``--seeds`` seeds (which events, in which order):
+(a) labels only; (b) labels and the teacher (``trainer.distill_alpha`` mixes the two losses);
+(c) the teacher on every event, the label on 10% of them (the others take the teacher's top
+label, ``label_from_teacher``, and train on the teacher alone). Scored on the test split at the
+end, and prequentially on the stream against the true labels. Goals (issue #17): (b) beats (a)
+by >= 2 points on average, and (c) reaches (a) within 3 points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import random
+import statistics
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from benchmarks.quality.suites import QUICK, dynft_overrides
+
+DATA = Path(__file__).parent / "data"
+RESULTS = Path(__file__).resolve().parents[1] / "results" / "quality"
+CONFIGS = ("labels only", "labels + teacher", "teacher + 10% labels")
+BATCH = 16
+
+
+def load(dataset: str, split: str) -> list[dict[str, str]]:
+    with open(DATA / dataset / f"{split}.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def embeddings(texts: list[str], model_path: str | None) -> Any:
+    """Mean-pooled last hidden states of the frozen base model (no adapter), (N, H) as numpy."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from dynft.modeldir import resolve_model_path
+
+    path = resolve_model_path(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True).eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), 64):
+            enc = tokenizer(texts[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
+            hidden = model(**enc).last_hidden_state  # (B, T, H)
+            mask = enc["attention_mask"][:, :, None].float()
+            out.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
+    return torch.cat(out).numpy()
+
+
+def teacher(dataset: str, model_path: str | None) -> tuple[list[dict[str, float]], float, list[str]]:
+    """The teacher's distribution for every training text, its test accuracy, and the classes."""
+    from sklearn.linear_model import LogisticRegression
+
+    train, test = load(dataset, "train"), load(dataset, "test")
+    x_train = embeddings([r["text"] for r in train], model_path)
+    x_test = embeddings([r["text"] for r in test], model_path)
+    model = LogisticRegression(max_iter=2000, C=1.0).fit(x_train, [r["label"] for r in train])
+    classes = [str(c) for c in model.classes_]
+    accuracy = float((model.predict(x_test) == [r["label"] for r in test]).mean())
+    probs = model.predict_proba(x_train)
+    return [{c: round(float(p), 5) for c, p in zip(classes, row, strict=True)} for row in probs], accuracy, classes
+
+
+def stream(dataset: str, teachers: list[dict[str, float]], config: str, events: int, seed: int) -> list[Any]:
+    """The student's events for one configuration and seed (the same texts for every configuration)."""
+    from dynft.events import Event
+
+    train = load(dataset, "train")
+    rng = random.Random(seed)
+    order = rng.sample(range(len(train)), min(events, len(train)))
+    labelled = set(rng.sample(order, max(1, len(order) // 10)))  # (c)'s tenth, drawn the same for every config
+    out = []
+    for k in order:
+        row: dict[str, Any] = {"id": f"e{k}", "text": train[k]["text"], "label": train[k]["label"]}
+        if config != "labels only":
+            row["teacher"] = teachers[k]
+        if config == "teacher + 10% labels" and k not in labelled:
+            del row["label"]  # the event takes the teacher's top label and trains on the teacher alone
+        out.append(Event.model_validate(row))
+    return out
+
+
+def student(dataset: str, events: list[Any], truths: list[str], seed: int, model_path: str | None) -> dict[str, Any]:
+    """One test-then-train pass of dynft's trainer over ``events``; runs in a worker process."""
+    import torch
+
+    from dynft.events import Event
+    from dynft.settings import load_settings
+    from dynft.trainer import build_trainer
+
+    torch.manual_seed(seed)
+    started = time.process_time()
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = dynft_overrides(QUICK.with_overrides(model_path=model_path), "dynft")
+        overrides |= {"state_dir": tmp, "trainer.seed": seed}
+        settings = load_settings(overrides=overrides)
+        torch.set_num_threads(1)
+        trainer = build_trainer(settings.model, settings.adapter, settings.trainer)
+        correct = 0
+        for i in range(0, len(events), BATCH):
+            chunk = events[i : i + BATCH]
+            result = trainer.step(trainer.collator(chunk, n_fresh=len(chunk)))
+            correct += sum(p == t for p, t in zip(result.predictions, truths[i : i + BATCH], strict=True))
+        test = load(dataset, "test")
+        probes = [Event(id=f"t{i}", text=r["text"], label=r["label"]) for i, r in enumerate(test)]
+        predicted = trainer.predict(probes, trainer.exported_labels())
+    return {
+        "test_accuracy": sum(p == e.label for p, e in zip(predicted, probes, strict=True)) / len(probes),
+        "prequential": correct / len(events),
+        "cpu_s": time.process_time() - started,
+    }
+
+
+def run(dataset: str, events: int, seeds: int, workers: int, model_path: str | None) -> dict[str, Any]:
+    teachers, teacher_accuracy, classes = teacher(dataset, model_path)
+    train = load(dataset, "train")
+    args = {}
+    for config in CONFIGS:
+        for seed in range(seeds):
+            evs = stream(dataset, teachers, config, events, seed)
+            args[config, seed] = (dataset, evs, [train[int(e.id[1:])]["label"] for e in evs], seed, model_path)
+    if workers == 1:
+        runs = {key: student(*a) for key, a in args.items()}
+    else:  # spawned: the parent has torch's threads running (the teacher's embeddings)
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            jobs = {key: pool.submit(student, *a) for key, a in args.items()}
+            runs = {key: job.result() for key, job in jobs.items()}
+    summary = {}
+    for config in CONFIGS:
+        test = [runs[config, s]["test_accuracy"] for s in range(seeds)]
+        preq = [runs[config, s]["prequential"] for s in range(seeds)]
+        summary[config] = {
+            "test_mean": statistics.mean(test),
+            "test_spread": max(test) - min(test),
+            "prequential_mean": statistics.mean(preq),
+            "runs": test,
+        }
+    a, b, c = (summary[k]["test_mean"] for k in CONFIGS)
+    return {
+        "dataset": dataset,
+        "events": events,
+        "seeds": seeds,
+        "classes": classes,
+        "teacher_test_accuracy": teacher_accuracy,
+        "summary": summary,
+        "goals": {"(b) - (a) >= 2 points": [round(100 * (b - a), 2), b - a >= 0.02],
+                  "(a) - (c) <= 3 points": [round(100 * (a - c), 2), a - c <= 0.03]},
+    }  # fmt: skip
+
+
+def markdown(result: dict[str, Any], command: str, load_average: tuple[float, ...]) -> str:
+    lines = [
+        f"# Knowledge distillation: {result['dataset']}",
+        "",
+        f"`{command}`; {result['events']} stream events, {result['seeds']} seeds, 2-core CPU, "
+        f"load average {load_average[0]:.1f} at the end.",
+        "",
+        f"Teacher: logistic regression on the frozen base model's mean-pooled embeddings, fitted on the whole "
+        f"training split; test accuracy {100 * result['teacher_test_accuracy']:.1f}%.",
+        "",
+        "| configuration | test accuracy, mean | spread (max - min) | prequential, mean | runs |",
+        "|---|---|---|---|---|",
+    ]
+    for config, row in result["summary"].items():
+        runs = ", ".join(f"{100 * x:.1f}" for x in row["runs"])
+        lines.append(
+            f"| {config} | {100 * row['test_mean']:.1f} | {100 * row['test_spread']:.1f} | "
+            f"{100 * row['prequential_mean']:.1f} | {runs} |"
+        )
+    lines += ["", "| goal | points | met |", "|---|---|---|"]
+    lines += [f"| {goal} | {pts} | {'yes' if met else '**no**'} |" for goal, (pts, met) in result["goals"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import os
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--dataset", default="ag_news")
+    parser.add_argument("--events", type=int, default=480)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    result = run(args.dataset, args.events, args.seeds, args.workers, QUICK.model_path)
+    command = (
+        f"python -m benchmarks.quality.distill --dataset {args.dataset} --events {args.events} --seeds {args.seeds}"
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"distill-{args.dataset}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"distill-{args.dataset}.md").write_text(markdown(result, command, os.getloadavg()))
+    print(markdown(result, command, os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()

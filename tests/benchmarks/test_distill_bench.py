@@ -1,0 +1,25 @@
+"""The distillation benchmark end to end on a tiny model and a short stream (no figures asserted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.quality import distill
+
+
+def test_the_three_configurations_train_on_what_they_are_given(tiny_model_dir: Path) -> None:
+    teachers, accuracy, classes = distill.teacher("trec6", str(tiny_model_dir))
+    assert len(teachers) == len(distill.load("trec6", "train")) and 0.0 <= accuracy <= 1.0
+    assert all(abs(sum(t.values()) - 1.0) < 1e-3 and set(t) == set(classes) for t in teachers[:20])
+    labels_only = distill.stream("trec6", teachers, "labels only", 40, seed=1)
+    with_teacher = distill.stream("trec6", teachers, "labels + teacher", 40, seed=1)
+    tenth = distill.stream("trec6", teachers, "teacher + 10% labels", 40, seed=1)
+    assert [e.text for e in labels_only] == [e.text for e in with_teacher] == [e.text for e in tenth]
+    assert all(e.teacher is None for e in labels_only) and all(e.teacher for e in with_teacher)
+    assert sum(not e.label_from_teacher for e in tenth) == 4  # a tenth keeps its own label
+    assert all(e.label == max(e.teacher, key=e.teacher.get) for e in tenth if e.label_from_teacher and e.teacher)
+
+    result = distill.run("trec6", 32, 1, 1, str(tiny_model_dir))
+    assert set(result["summary"]) == set(distill.CONFIGS)
+    assert all(0.0 <= row["test_mean"] <= 1.0 for row in result["summary"].values())
+    assert "| labels + teacher |" in distill.markdown(result, "cmd", (1.0, 1.0, 1.0))
