@@ -14,14 +14,12 @@ import functools
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
@@ -30,7 +28,7 @@ from dynft.distill import per_event_loss
 from dynft.errors import AdapterMismatchError
 from dynft.events import Event
 from dynft.families import read_positions, size_line
-from dynft.forgetting import fisher_diagonal, lwf_loss, weighted_distance
+from dynft.forgetting import Forgetting
 from dynft.model import (
     AdapterSlots,
     AdapterState,
@@ -96,10 +94,7 @@ class OnlineTrainer:
         self.imprints = settings.imprint_new_labels == "on" or (
             settings.imprint_new_labels == "auto" and pooling == "mean"
         )
-        self._anchor: dict[str, torch.Tensor] | None = None  # the serving version's weights (see anchor_to)
-        self._anchor_state: AdapterState | None = None  # the same, swapped in for LwF's targets
-        self._fisher: dict[str, torch.Tensor] | None = None  # EWC's importance of each anchor weight
-        self._recent: deque[Event] = deque(maxlen=settings.fisher_events)  # what EWC's Fisher is estimated on
+        self.forgetting = Forgetting(self)  # the anchor and the penalties against forgetting
         self._init_state = {k: p.detach().clone() for k, p in self.slots.capture().items()}
         self._own = self.slots.capture()  # this trainer's parameter objects (see activate)
         self.optimizer = self._make_optimizer()
@@ -152,7 +147,7 @@ class OnlineTrainer:
             group["lr"] = group["base_lr"] * warmup * self.lr_scale
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def _autocast(self) -> contextlib.AbstractContextManager[None]:
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=self._amp_dtype)
         return contextlib.nullcontext()
@@ -179,7 +174,7 @@ class OnlineTrainer:
         if batch.num_labels > self.imprinted:
             self._imprint(batch)
         lr = self._set_lr()
-        lwf_targets = self._lwf_targets(batch)  # before the forward pass: it swaps weights in place
+        lwf_targets = self.forgetting.lwf_targets(batch)  # before the forward pass: it swaps weights in place
         if not self.model.training:  # only ``predict`` switches to eval
             self.model.train()
         captured: list[torch.Tensor] = []  # what the head reads, from this same forward pass
@@ -189,7 +184,7 @@ class OnlineTrainer:
             else None
         )
         try:
-            with self._autocast():
+            with self.autocast():
                 logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, C)
         finally:
             if hook is not None:
@@ -219,10 +214,7 @@ class OnlineTrainer:
         if not math.isfinite(result.loss):
             result.skipped = "non_finite_loss"
         else:
-            penalty = self._anchor_penalty()
-            if lwf_targets is not None:
-                lwf = self.settings.lwf_weight * lwf_loss(logits[batch.n_fresh :], lwf_targets, self._temperature)
-                penalty = lwf if penalty is None else penalty + lwf
+            penalty = self.forgetting.penalty(logits[batch.n_fresh :], lwf_targets)
             self._scaler.scale(loss if penalty is None else loss + penalty).backward()  # type: ignore[no-untyped-call]
             self._scaler.unscale_(self.optimizer)
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -237,7 +229,7 @@ class OnlineTrainer:
             self.skipped += 1
         else:
             self.steps += 1
-            self._recent.extend(batch.events)
+            self.forgetting.recent.extend(batch.events)
         result.seconds = time.perf_counter() - started
         return result
 
@@ -289,7 +281,7 @@ class OnlineTrainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with self._autocast():
+            with self.autocast():
                 self.model(input_ids=input_ids, attention_mask=attention_mask)
         finally:
             hook.remove()
@@ -299,12 +291,7 @@ class OnlineTrainer:
     @property
     def anchored(self) -> bool:
         """Whether a regulariser against forgetting is on (L2, EWC or LwF), so that an anchor is wanted."""
-        s = self.settings
-        return bool(s.anchor_weight or s.ewc_weight or s.lwf_weight)
-
-    @property
-    def _temperature(self) -> float:
-        return self.settings.distill_temperature
+        return self.forgetting.wanted
 
     def anchor_to(self, state: AdapterState | None) -> None:
         """Pull later steps toward ``state``, the version now serving (see ``dynft.forgetting``).
@@ -315,71 +302,7 @@ class OnlineTrainer:
         distil its outputs on replayed events. ``None`` removes the anchor. The state is checked
         against the model before anything changes. Called on the training thread.
         """
-        if state is None:
-            self._anchor, self._anchor_state, self._fisher = None, None, None
-            return
-        self.slots.check(state)
-        anchor = {k: t.to(self.device, torch.float32, copy=True) for k, t in state.tensors.items()}
-        self._fisher = self._estimate_fisher(state, anchor) if self.settings.ewc_weight else None
-        self._anchor = anchor
-        self._anchor_state = state if self.settings.lwf_weight else None
-
-    def _anchor_penalty(self) -> torch.Tensor | None:
-        """The L2 and EWC penalties toward the anchor; ``None`` when neither is on or there is no anchor."""
-        l2, ewc = self.settings.anchor_weight, self.settings.ewc_weight
-        if self._anchor is None or not (l2 or (ewc and self._fisher is not None)):
-            return None
-        params, keys = self.slots.capture(), self.slots.head_keys
-        total = torch.zeros((), device=self.device)
-        if l2:
-            total = total + 0.5 * l2 * weighted_distance(params, self._anchor, keys, None)
-        if ewc and self._fisher is not None:
-            total = total + 0.5 * ewc * weighted_distance(params, self._anchor, keys, self._fisher)
-        return total
-
-    @torch.no_grad()
-    def _lwf_targets(self, batch: Batch) -> torch.Tensor | None:
-        """The anchor's logits on the batch's replayed rows (eval mode), or ``None`` when LwF has nothing to do."""
-        state = self._anchor_state
-        if state is None or not self.settings.lwf_weight or batch.n_fresh >= batch.labels.shape[0]:
-            return None
-        rows = slice(batch.n_fresh, None)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.swapped(state), self._autocast():
-                logits = self.model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
-        finally:
-            self.model.train(was_training)
-        targets: torch.Tensor = logits[:, : len(state.labels)].float()  # (R, C_anchor)
-        return targets
-
-    def _estimate_fisher(self, state: AdapterState, anchor: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """EWC's diagonal Fisher at ``state``: squared gradients of the loss on recent events of its labels."""
-        known = set(state.labels)
-        events = [e for e in self._recent if e.label in known]
-        squared: list[dict[str, torch.Tensor]] = []
-        was_training = self.model.training
-        self.model.eval()  # no dropout: the estimate is of the anchor's own function
-        try:
-            with self.swapped(state), torch.enable_grad():
-                params = self.slots.capture()  # the anchor's own copies, swapped in by reference
-                for param in params.values():
-                    param.requires_grad_(True)
-                for i in range(0, len(events), 8):  # mini-batches of 8: a cheap, coarser estimate
-                    batch = self.collator(events[i : i + 8], n_fresh=0).to(self.device)
-                    logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                    loss = F.cross_entropy(logits[:, : len(state.labels)].float(), batch.labels)
-                    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-                    squared.append(
-                        {
-                            k: torch.zeros_like(p) if g is None else g.detach().pow(2)
-                            for (k, p), g in zip(params.items(), grads, strict=True)
-                        }
-                    )
-        finally:
-            self.model.train(was_training)
-        return fisher_diagonal(squared, anchor, self.slots.head_keys)
+        self.forgetting.anchor_to(state)
 
     @torch.no_grad()
     def predict(self, events: Sequence[Event], labels: Sequence[str], batch_size: int = 32) -> list[str]:
@@ -392,7 +315,7 @@ class OnlineTrainer:
         for i in range(0, len(order), batch_size):
             rows = order[i : i + batch_size]
             enc = self.collator.encode([events[k].text for k in rows])
-            with self._autocast():
+            with self.autocast():
                 logits = self.model(
                     input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device)
                 ).logits[:, : len(labels)]
@@ -483,7 +406,7 @@ class OnlineTrainer:
 
     def reset_adapter(self) -> None:
         """Start a new lineage: adapter and head back to their initial weights, optimizer state dropped."""
-        self._anchor, self._anchor_state, self._fisher = None, None, None  # a new lineage is not pulled back
+        self.forgetting.clear()  # a new lineage is not pulled back
         self.imprinted = 0
         with torch.no_grad():
             for key, param in self.slots.capture().items():
