@@ -40,6 +40,7 @@ from dynft.reaction import DriftReaction, Response
 from dynft.registry import AdapterRegistry
 from dynft.routing import Router
 from dynft.runtime import tune_gc
+from dynft.serving.prototypes import SHOTS_FILE, ShotLog
 from dynft.settings import Settings
 from dynft.sources import Intake, Positions, Record, furthest, open_source
 from dynft.statedisk import StateDisk, free_bytes, is_disk_full
@@ -102,6 +103,7 @@ class TrainingLoop(TaskLoop):
         self.intake: Intake | None = None
         self.sink: DeadLetterSink | None = None
         self.router: Router | None = None  # used by the batching thread only
+        self.shots: ShotLog | None = None  # the server's fast path (batching thread only; made at startup)
         # Tasks other than ``default`` (whose parts are this loop's own fields): created by the
         # main thread on their first work; their collators and buffers may be made first by the
         # batching thread (_task_parts, under _parts_lock).
@@ -134,6 +136,8 @@ class TrainingLoop(TaskLoop):
             source.resume_from(self.positions)
         else:
             self.publisher.resume()
+        if s.server.prototypes:
+            self.shots = ShotLog(s.state_dir / SHOTS_FILE, s.server.prototype_shots)
         self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path, s.source, self.disk.write_refused)
         self.router = Router(
             s, self.trainer.label_map, self.sink, self.metrics, self.history.dead_letter, self.task_directory
@@ -296,6 +300,8 @@ class TrainingLoop(TaskLoop):
                 share, task_dead = self._task_work(name, fresh.get(name, []), held.get(name, []))
                 work.tasks.append(share)
                 work.dead += task_dead
+        if self.shots is not None:  # before training: the server's fast path learns from them at once
+            self.shots.offer(event for _, event in fresh.get(DEFAULT_TASK, []))
         return fresh.get(DEFAULT_TASK, [])
 
     # -- main thread ---------------------------------------------------------------------

@@ -143,6 +143,11 @@ class ServerMetrics:
             "dynft_task_predict_seconds", "Predict request latency per task", ["task"], registry=r, buckets=LATENCY
         )
         self.swaps = Counter("dynft_swaps", "Adapter versions swapped in", registry=r)
+        self.fast_path_answers = Counter(
+            "dynft_fast_path_answers",
+            "Texts answered with prototype rows for labels the serving version lacks (the fast path)",
+            registry=r,
+        )
         self.freshness_seconds = Histogram(
             "dynft_freshness_seconds",
             "Event arrival at the trainer -> served by a version trained on it (arrived since the server started)",

@@ -15,14 +15,12 @@ import functools
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
@@ -31,7 +29,7 @@ from dynft.distill import per_event_loss
 from dynft.errors import AdapterMismatchError
 from dynft.events import Event
 from dynft.families import read_positions, size_line
-from dynft.forgetting import fisher_diagonal, lwf_loss, weighted_distance
+from dynft.forgetting import Forgetting
 from dynft.model import (
     AdapterSlots,
     AdapterState,
@@ -45,6 +43,7 @@ from dynft.model import (
     resolve_model_path,
     resolve_pooling,
 )
+from dynft.readback import pooled_rows, read_back
 from dynft.settings import AdapterSettings, ModelSettings, TrainerSettings
 from dynft.snapshot import check_snapshot
 
@@ -97,10 +96,7 @@ class OnlineTrainer:
         self.imprints = settings.imprint_new_labels == "on" or (
             settings.imprint_new_labels == "auto" and pooling == "mean"
         )
-        self._anchor: dict[str, torch.Tensor] | None = None  # the serving version's weights (see anchor_to)
-        self._anchor_state: AdapterState | None = None  # the same, swapped in for LwF's targets
-        self._fisher: dict[str, torch.Tensor] | None = None  # EWC's importance of each anchor weight
-        self._recent: deque[Event] = deque(maxlen=settings.fisher_events)  # what EWC's Fisher is estimated on
+        self.forgetting = Forgetting(self)  # the anchor and the penalties against forgetting
         self._init_state = {k: p.detach().clone() for k, p in self.slots.capture().items()}
         self._own = self.slots.capture()  # this trainer's parameter objects (see activate)
         self.optimizer = self._make_optimizer()
@@ -158,7 +154,7 @@ class OnlineTrainer:
             group["lr"] = group["base_lr"] * warmup * self.lr_scale
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def _autocast(self) -> contextlib.AbstractContextManager[None]:
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=self._amp_dtype)
         return contextlib.nullcontext()
@@ -192,7 +188,7 @@ class OnlineTrainer:
         if batch.num_labels > self.imprinted:
             self._imprint(batch)
         lr = self._set_lr()
-        lwf_targets = self._lwf_targets(batch)  # before the forward pass: it swaps weights in place
+        lwf_targets = self.forgetting.lwf_targets(batch)  # before the forward pass: it swaps weights in place
         if not self.model.training:  # only ``predict`` switches to eval
             self.model.train()
         logits, features = self._forward(batch)  # (B, C), the head's input or None
@@ -206,16 +202,13 @@ class OnlineTrainer:
             self.settings.distill_temperature,
         )
         loss = (losses * batch.weights).sum() / batch.weights.sum().clamp_min(1e-8)
-        penalty = self._anchor_penalty()
-        if lwf_targets is not None:
-            lwf = self.settings.lwf_weight * lwf_loss(logits[batch.n_fresh :], lwf_targets, self._temperature)
-            penalty = lwf if penalty is None else penalty + lwf
+        penalty = self.forgetting.penalty(logits[batch.n_fresh :], lwf_targets)
         self._scaler.scale(loss if penalty is None else loss + penalty).backward()  # type: ignore[no-untyped-call]
         self._scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
         # Test before train: the predictions come from the weights before this update.
-        pooled = _pooled(features, batch.attention_mask, batch.n_fresh) if features is not None else None
+        pooled = pooled_rows(features, batch.attention_mask, batch.n_fresh) if features is not None else None
         back = read_back(loss, grad_norm, logits[: batch.n_fresh], losses[: batch.n_fresh], pooled)
         labels = self.label_map.labels
         result = StepResult(
@@ -238,7 +231,7 @@ class OnlineTrainer:
             self.skipped += 1
         else:
             self.steps += 1
-            self._recent.extend(batch.events)
+            self.forgetting.recent.extend(batch.events)
         result.seconds = time.perf_counter() - started
         return result
 
@@ -253,7 +246,7 @@ class OnlineTrainer:
         # A hook added and removed at every step would recompile the graph each time: such steps run eagerly.
         forward = self.model if hook is not None or self._compiled is None else self._compiled
         try:
-            with self._autocast():
+            with self.autocast():
                 logits = forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, C)
         finally:
             if hook is not None:
@@ -308,7 +301,7 @@ class OnlineTrainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            with self._autocast():
+            with self.autocast():
                 self.model(input_ids=input_ids, attention_mask=attention_mask)
         finally:
             hook.remove()
@@ -318,12 +311,7 @@ class OnlineTrainer:
     @property
     def anchored(self) -> bool:
         """Whether a regulariser against forgetting is on (L2, EWC or LwF), so that an anchor is wanted."""
-        s = self.settings
-        return bool(s.anchor_weight or s.ewc_weight or s.lwf_weight)
-
-    @property
-    def _temperature(self) -> float:
-        return self.settings.distill_temperature
+        return self.forgetting.wanted
 
     def anchor_to(self, state: AdapterState | None) -> None:
         """Pull later steps toward ``state``, the version now serving (see ``dynft.forgetting``).
@@ -334,71 +322,7 @@ class OnlineTrainer:
         distil its outputs on replayed events. ``None`` removes the anchor. The state is checked
         against the model before anything changes. Called on the training thread.
         """
-        if state is None:
-            self._anchor, self._anchor_state, self._fisher = None, None, None
-            return
-        self.slots.check(state)
-        anchor = {k: t.to(self.device, torch.float32, copy=True) for k, t in state.tensors.items()}
-        self._fisher = self._estimate_fisher(state, anchor) if self.settings.ewc_weight else None
-        self._anchor = anchor
-        self._anchor_state = state if self.settings.lwf_weight else None
-
-    def _anchor_penalty(self) -> torch.Tensor | None:
-        """The L2 and EWC penalties toward the anchor; ``None`` when neither is on or there is no anchor."""
-        l2, ewc = self.settings.anchor_weight, self.settings.ewc_weight
-        if self._anchor is None or not (l2 or (ewc and self._fisher is not None)):
-            return None
-        params, keys = self.slots.capture(), self.slots.head_keys
-        total = torch.zeros((), device=self.device)
-        if l2:
-            total = total + 0.5 * l2 * weighted_distance(params, self._anchor, keys, None)
-        if ewc and self._fisher is not None:
-            total = total + 0.5 * ewc * weighted_distance(params, self._anchor, keys, self._fisher)
-        return total
-
-    @torch.no_grad()
-    def _lwf_targets(self, batch: Batch) -> torch.Tensor | None:
-        """The anchor's logits on the batch's replayed rows (eval mode), or ``None`` when LwF has nothing to do."""
-        state = self._anchor_state
-        if state is None or not self.settings.lwf_weight or batch.n_fresh >= batch.labels.shape[0]:
-            return None
-        rows = slice(batch.n_fresh, None)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.swapped(state), self._autocast():
-                logits = self.model(input_ids=batch.input_ids[rows], attention_mask=batch.attention_mask[rows]).logits
-        finally:
-            self.model.train(was_training)
-        targets: torch.Tensor = logits[:, : len(state.labels)].float()  # (R, C_anchor)
-        return targets
-
-    def _estimate_fisher(self, state: AdapterState, anchor: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """EWC's diagonal Fisher at ``state``: squared gradients of the loss on recent events of its labels."""
-        known = set(state.labels)
-        events = [e for e in self._recent if e.label in known]
-        squared: list[dict[str, torch.Tensor]] = []
-        was_training = self.model.training
-        self.model.eval()  # no dropout: the estimate is of the anchor's own function
-        try:
-            with self.swapped(state), torch.enable_grad():
-                params = self.slots.capture()  # the anchor's own copies, swapped in by reference
-                for param in params.values():
-                    param.requires_grad_(True)
-                for i in range(0, len(events), 8):  # mini-batches of 8: a cheap, coarser estimate
-                    batch = self.collator(events[i : i + 8], n_fresh=0).to(self.device)
-                    logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                    loss = F.cross_entropy(logits[:, : len(state.labels)].float(), batch.labels)
-                    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-                    squared.append(
-                        {
-                            k: torch.zeros_like(p) if g is None else g.detach().pow(2)
-                            for (k, p), g in zip(params.items(), grads, strict=True)
-                        }
-                    )
-        finally:
-            self.model.train(was_training)
-        return fisher_diagonal(squared, anchor, self.slots.head_keys)
+        self.forgetting.anchor_to(state)
 
     @torch.no_grad()
     def predict(self, events: Sequence[Event], labels: Sequence[str], batch_size: int = 32) -> list[str]:
@@ -411,7 +335,7 @@ class OnlineTrainer:
         for i in range(0, len(order), batch_size):
             rows = order[i : i + batch_size]
             enc = self.collator.encode([events[k].text for k in rows])
-            with self._autocast():
+            with self.autocast():
                 logits = self.model(
                     input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device)
                 ).logits[:, : len(labels)]
@@ -502,7 +426,7 @@ class OnlineTrainer:
 
     def reset_adapter(self) -> None:
         """Start a new lineage: adapter and head back to their initial weights, optimizer state dropped."""
-        self._anchor, self._anchor_state, self._fisher = None, None, None  # a new lineage is not pulled back
+        self.forgetting.clear()  # a new lineage is not pulled back
         self.imprinted = 0
         with torch.no_grad():
             for key, param in self.slots.capture().items():
@@ -531,56 +455,6 @@ class OnlineTrainer:
                 else:
                     param.zero_()
                 self.optimizer.state.pop(param, None)
-
-
-def _pooled(features: torch.Tensor, attention_mask: torch.Tensor, rows: int) -> torch.Tensor:
-    """The first ``rows`` rows of the head's input (R, H); a decoder's (R, T, H) is averaged over its tokens."""
-    features = features[:rows].float()
-    if features.dim() == 3:
-        mask = attention_mask[:rows, :, None].float()  # (R, T, 1)
-        features = (features * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-    return features
-
-
-@dataclass
-class ReadBack:
-    """What a step hands the daemon, on the host."""
-
-    loss: float
-    grad_norm: float
-    predictions: list[int]  # label indices of the fresh rows
-    losses: list[float]
-    features: list[list[float]] | None
-
-
-def read_back(
-    loss: torch.Tensor,
-    grad_norm: torch.Tensor,
-    logits: torch.Tensor,
-    losses: torch.Tensor,
-    features: torch.Tensor | None,
-) -> ReadBack:
-    """One device-to-host copy for all of a step's results: they are packed into one float
-    tensor on the device (label indices are exact in float32 far beyond ``trainer.max_labels``)."""
-    rows = logits.shape[0]
-    parts = [
-        loss.detach().float().reshape(1),
-        grad_norm.detach().float().reshape(1),
-        logits.detach().argmax(dim=-1).float(),  # (R,)
-        losses.detach().float(),  # (R,)
-    ]
-    if features is not None:
-        parts.append(features.detach().float().reshape(-1))  # (R * H,)
-    flat: list[float] = torch.cat(parts).cpu().tolist()
-    width = (len(flat) - 2 - 2 * rows) // rows if rows and features is not None else 0
-    tail = flat[2 + 2 * rows :]
-    return ReadBack(
-        loss=flat[0],
-        grad_norm=flat[1],
-        predictions=[int(x) for x in flat[2 : 2 + rows]],
-        losses=flat[2 + rows : 2 + 2 * rows],
-        features=[tail[i * width : (i + 1) * width] for i in range(rows)] if features is not None else None,
-    )
 
 
 def build_trainer(

@@ -34,17 +34,17 @@ def train(trainer: OnlineTrainer, stream: list[Event], n_fresh: int = 16) -> Non
 
 def move_away(trainer: OnlineTrainer, direction: dict[str, torch.Tensor], scale: float) -> None:
     """Set the live weights to the anchor plus ``scale`` times ``direction``."""
-    assert trainer._anchor is not None
+    assert trainer.forgetting.anchor is not None
     with torch.no_grad():
         for key, param in trainer.slots.capture().items():
-            anchor = trainer._anchor[key]
+            anchor = trainer.forgetting.anchor[key]
             param[: anchor.shape[0]].copy_(anchor + scale * direction[key])
 
 
 def random_direction(trainer: OnlineTrainer) -> dict[str, torch.Tensor]:
-    assert trainer._anchor is not None
+    assert trainer.forgetting.anchor is not None
     generator = torch.Generator().manual_seed(0)
-    return {k: 0.01 * torch.randn(a.shape, generator=generator) for k, a in trainer._anchor.items()}
+    return {k: 0.01 * torch.randn(a.shape, generator=generator) for k, a in trainer.forgetting.anchor.items()}
 
 
 def test_weighted_distance_and_fisher_scaling() -> None:
@@ -62,18 +62,18 @@ def test_the_ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically(tiny_sett
     trainer = trainer_with(tiny_settings, ewc_weight=2.0)
     train(trainer, events(64, ["alpha", "beta"], seed=1))
     trainer.anchor_to(trainer.export())
-    fisher = trainer._fisher
+    fisher = trainer.forgetting.fisher
     assert fisher is not None
     values = torch.cat([t.flatten() for t in fisher.values()])
     assert float(values.mean()) == pytest.approx(1.0, rel=1e-4)
     assert float(values.std()) > 0.1  # an estimate, not the uniform fallback
-    penalty = trainer._anchor_penalty()
+    penalty = trainer.forgetting.pull()
     assert penalty is not None and float(penalty.detach()) == 0.0
     direction = random_direction(trainer)
     found = []
     for scale in (1.0, 2.0, 3.0):
         move_away(trainer, direction, scale)
-        value = trainer._anchor_penalty()
+        value = trainer.forgetting.pull()
         assert value is not None
         found.append(float(value.detach()))
     assert found[0] > 0
@@ -83,7 +83,9 @@ def test_the_ewc_penalty_is_zero_at_the_anchor_and_grows_quadratically(tiny_sett
         0.5
         * 2.0
         * float(
-            weighted_distance(trainer.slots.capture(), trainer._anchor or {}, trainer.slots.head_keys, fisher).detach()
+            weighted_distance(
+                trainer.slots.capture(), trainer.forgetting.anchor or {}, trainer.slots.head_keys, fisher
+            ).detach()
         )
     )
     assert found[2] == pytest.approx(expected, rel=1e-5)
@@ -101,7 +103,7 @@ def test_the_lwf_loss_is_zero_at_the_anchor_and_grows_away_from_it(tiny_settings
         from dynft.model import grow_head
 
         grow_head(trainer.model, batch.num_labels, trainer.optimizer)
-        targets = trainer._lwf_targets(batch)
+        targets = trainer.forgetting.lwf_targets(batch)
         assert targets is not None and targets.shape == (12, 2)
         trainer.model.eval()
         with torch.no_grad():
@@ -129,8 +131,8 @@ def test_lwf_and_ewc_steps_train_and_stay_closer_to_the_anchor(tiny_settings: Se
             for e in events(160, ["alpha", "beta"], seed=5)
         ]
         train(trainer, flipped, n_fresh=8)  # half of each batch counts as replayed: LwF's rows
-        assert trainer._anchor is not None
-        distance = weighted_distance(trainer.slots.capture(), trainer._anchor, trainer.slots.head_keys, None)
+        assert trainer.forgetting.anchor is not None
+        distance = weighted_distance(trainer.slots.capture(), trainer.forgetting.anchor, trainer.slots.head_keys, None)
         return float(distance.detach()) ** 0.5
 
     free = distance_after_drift()
@@ -145,7 +147,7 @@ def test_a_promotion_refreshes_the_fisher_estimate(tiny_settings: Settings) -> N
     publisher = Publisher(registry, trainer, HoldoutWindow(64), tiny_settings, TrainerMetrics(CollectorRegistry()))
     train(trainer, events(32, ["alpha", "beta"], seed=6))
     assert publisher.maybe_publish({}, force=True) is not None
-    first = trainer._fisher
+    first = trainer.forgetting.fisher
     assert first is not None
     trainer.reset_adapter()
-    assert trainer._fisher is None and trainer._anchor is None
+    assert trainer.forgetting.fisher is None and trainer.forgetting.anchor is None

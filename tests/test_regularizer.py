@@ -36,7 +36,7 @@ def train(trainer: OnlineTrainer, stream: list[Event]) -> None:
 
 def distance_to_anchor(trainer: OnlineTrainer) -> float:
     """Euclidean distance between the live weights and the anchor (head rows of the anchor's labels)."""
-    anchor = trainer._anchor
+    anchor = trainer.forgetting.anchor
     assert anchor is not None
     params = trainer.slots.capture()
     total = 0.0
@@ -80,14 +80,14 @@ def test_weight_zero_leaves_the_step_unchanged(tiny_settings: Settings) -> None:
 def test_the_penalty_is_half_the_weight_times_the_squared_distance(tiny_settings: Settings) -> None:
     trainer = trainer_with(tiny_settings, 4.0)
     train(trainer, events(32, ["alpha", "beta"], seed=5))
-    assert trainer._anchor_penalty() is None  # no anchor yet: nothing to pull toward
+    assert trainer.forgetting.pull() is None  # no anchor yet: nothing to pull toward
     trainer.anchor_to(trainer.export())
     train(trainer, events(32, ["alpha", "beta"], seed=6))
-    penalty = trainer._anchor_penalty()
+    penalty = trainer.forgetting.pull()
     assert penalty is not None
     assert float(penalty.detach()) == pytest.approx(0.5 * 4.0 * distance_to_anchor(trainer) ** 2, rel=1e-4)
     trainer.reset_adapter()  # a new lineage drops the anchor
-    assert trainer._anchor_penalty() is None
+    assert trainer.forgetting.pull() is None
 
 
 def test_a_promoted_version_becomes_the_anchor(tiny_settings: Settings, tiny_trainer: OnlineTrainer) -> None:
@@ -98,9 +98,9 @@ def test_a_promoted_version_becomes_the_anchor(tiny_settings: Settings, tiny_tra
     assert version is not None and publisher.serving_version == version
     assert distance_to_anchor(tiny_trainer) == 0.0
     served, _ = registry.load(version)
-    assert tiny_trainer._anchor is not None
+    assert tiny_trainer.forgetting.anchor is not None
     for key, tensor in served.tensors.items():
-        assert torch.equal(tiny_trainer._anchor[key].cpu(), tensor)
+        assert torch.equal(tiny_trainer.forgetting.anchor[key].cpu(), tensor)
 
 
 def anchored_settings(settings: Settings, weight: float) -> Settings:
@@ -137,10 +137,10 @@ def test_a_restart_anchors_to_the_serving_version_again(tiny_settings: Settings)
         else:
             trainer.load(first.export())  # a checkpoint's weights: a label ahead of the serving version
             again.restore(publisher.snapshot())
-        assert trainer._anchor is not None, how
-        assert trainer._anchor.keys() == served.tensors.keys()
+        assert trainer.forgetting.anchor is not None, how
+        assert trainer.forgetting.anchor.keys() == served.tensors.keys()
         for key, tensor in served.tensors.items():
-            assert torch.equal(trainer._anchor[key].cpu(), tensor), (how, key)
+            assert torch.equal(trainer.forgetting.anchor[key].cpu(), tensor), (how, key)
 
 
 def test_a_restart_does_not_anchor_to_another_lineage_or_when_off(tiny_settings: Settings) -> None:
@@ -150,10 +150,10 @@ def test_a_restart_does_not_anchor_to_another_lineage_or_when_off(tiny_settings:
 
     off = trainer_with(tiny_settings, 0.0)
     publisher_for(registry, off, tiny_settings).resume()
-    assert off._anchor is None  # anchor_weight 0: nothing is loaded
+    assert off.forgetting.anchor is None  # anchor_weight 0: nothing is loaded
 
     other = trainer_with(settings, 1.0)
     other.load(first.export())
     later = publisher_for(registry, other, settings)
     later.restore({**snapshot, "lineage": snapshot["lineage"] + 1})  # a drift reset started a new lineage
-    assert other._anchor is None
+    assert other.forgetting.anchor is None

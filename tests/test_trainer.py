@@ -92,7 +92,7 @@ def test_reset_adapter_starts_a_fresh_lineage(tiny_trainer: OnlineTrainer) -> No
 
 
 def test_read_back_returns_what_separate_reads_of_each_result_return() -> None:
-    from dynft.trainer import read_back
+    from dynft.readback import read_back
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(5, 7, generator=g)

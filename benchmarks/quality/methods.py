@@ -29,9 +29,15 @@ from benchmarks.quality.streams import Stream
 from benchmarks.quality.suites import Suite, dynft_overrides
 
 Predict = Callable[[list[str]], list[str | None]]
-DYNFT_VARIANTS = {"dynft": "dynft", "dynft no replay": "no-replay", "dynft + anchor": "anchor"}
+DYNFT_VARIANTS = {
+    "dynft": "dynft",
+    "dynft no replay": "no-replay",
+    "dynft + anchor": "anchor",
+    "dynft + LwF": "lwf",  # these two only in the forgetting table (benchmarks.quality.forgetting)
+    "dynft + EWC": "ewc",
+}
 RIVER_METHODS = ("river TF-IDF + LR", "river BoW + NB")
-METHODS = (*DYNFT_VARIANTS, "static", "periodic retrain", *RIVER_METHODS)
+METHODS = ("dynft", "dynft no replay", "dynft + anchor", "static", "periodic retrain", *RIVER_METHODS)
 BATCH = 16
 
 

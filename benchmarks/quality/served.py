@@ -38,9 +38,11 @@ STARTUP_S = 600.0  # a daemon starting on a loaded 2-core machine has taken over
 FRESHEST_FIRST_BACKLOG = 64  # a trainer slower than the feed trains on the newest events (about 3 s of feed)
 
 
-def daemon_env(suite: Suite, state: Path, source: Path, port: int) -> dict[str, str]:
+def daemon_env(
+    suite: Suite, state: Path, source: Path, port: int, extra: dict[str, Any] | None = None
+) -> dict[str, str]:
     """The suite's dynft settings as DYNFT_ variables, but with the shipped time-based publishing:
-    here freshness in seconds is what is measured."""
+    here freshness in seconds is what is measured. ``extra``: more settings (``--set``)."""
     overrides = dynft_overrides(suite, "dynft")
     for key in ("registry.publish_interval_s", "checkpoint.interval_s"):
         overrides.pop(key)
@@ -50,6 +52,7 @@ def daemon_env(suite: Suite, state: Path, source: Path, port: int) -> dict[str, 
         "source.follow": True,
         "server.port": port,
         "trainer.freshest_first_backlog": FRESHEST_FIRST_BACKLOG,
+        **(extra or {}),
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFT_")}
     for key, value in overrides.items():
@@ -67,9 +70,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def ask(base: str, text: str) -> tuple[str | None, int | None, list[str]]:
-    """The server's label, version and the version's labels for ``text``; (None, None, []) when it
-    refuses (no version yet)."""
+def ask(base: str, text: str) -> tuple[str | None, int | None, list[str], bool]:
+    """The server's label, version, the labels it could answer and whether the fast path took
+    part, for ``text``; (None, None, [], False) when it refuses (nothing to answer with yet)."""
     body = json.dumps({"texts": [text]}).encode()
     request = urllib.request.Request(f"{base}/v1/predict", body, {"Content-Type": "application/json"})
     try:
@@ -77,10 +80,11 @@ def ask(base: str, text: str) -> tuple[str | None, int | None, list[str]]:
             answer = json.loads(response.read())
     except urllib.error.HTTPError as exc:
         if exc.code == 503:
-            return None, None, []
+            return None, None, [], False
         raise
     best = answer["predictions"][0]
-    return str(best["label"]), int(answer["adapter_version"]), list(best["scores"])
+    fast = bool(answer.get("fast_path", False))
+    return str(best["label"]), int(answer["adapter_version"]), list(best["scores"]), fast
 
 
 def wait_for_http(base: str, process: subprocess.Popen[bytes]) -> None:
@@ -96,27 +100,31 @@ def wait_for_http(base: str, process: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"the server did not answer within {STARTUP_S:.0f} s")
 
 
-def feed(stream: Stream, suite: Suite, rate: float, events: int, workdir: Path) -> dict[str, Any]:
+def feed(
+    stream: Stream, suite: Suite, rate: float, events: int, workdir: Path, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run a daemon on ``stream``'s first ``events`` events fed at ``rate``; what it answered."""
     source, port = workdir / "events.jsonl", free_port()
     source.write_text("")
     base = f"http://127.0.0.1:{port}"
     log = (workdir / "daemon.log").open("wb")
-    env = daemon_env(suite, workdir / "state", source, port)
+    env = daemon_env(suite, workdir / "state", source, port, extra)
     process = subprocess.Popen([sys.executable, "-m", "dynft", "run"], env=env, stdout=log, stderr=log)
     answers: list[str | None] = []
     versions: list[int | None] = []
-    knew: list[bool] = []  # whether the answering version had the event's label at all
+    knew: list[bool] = []  # whether the answer could name the event's label at all
+    fast: list[bool] = []  # whether the fast path's prototype rows took part in the answer
     try:
         wait_for_http(base, process)
         started = time.monotonic()
         with source.open("a", encoding="utf-8") as out:
             for i, (text, label) in enumerate(stream.events[:events]):
                 time.sleep(max(0.0, started + i / rate - time.monotonic()))
-                answer, version, labels = ask(base, text)
+                answer, version, labels, fast_path = ask(base, text)
                 answers.append(answer)
                 versions.append(version)
                 knew.append(label in labels)
+                fast.append(fast_path)
                 out.write(json.dumps({"id": stream.event_id(i), "text": text, "label": label}) + "\n")
                 out.flush()
         behind = time.monotonic() - started - events / rate
@@ -127,7 +135,13 @@ def feed(stream: Stream, suite: Suite, rate: float, events: int, workdir: Path) 
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
-    return {"answers": answers, "versions": versions, "knew": knew, "feed_behind_s": round(max(0.0, behind), 1)}
+    return {
+        "answers": answers,
+        "versions": versions,
+        "knew": knew,
+        "fast": fast,
+        "feed_behind_s": round(max(0.0, behind), 1),
+    }
 
 
 def accuracy(truths: list[str], answers: list[str | None]) -> float:
@@ -163,6 +177,7 @@ def score(stream: Stream, suite: Suite, served: dict[str, Any], events: int, com
         "unanswered": sum(a is None for a in answers),
         "first_answered_at": next((i for i, a in enumerate(answers) if a is not None), None),
         "versions_seen": len({v for v in served["versions"] if v is not None}),
+        "fast_path_answers": sum(served.get("fast", [])),
         "feed_behind_s": served["feed_behind_s"],
         "curve": rolling(truths, answers, suite.window, max(1, suite.window // 5)),
     }
@@ -192,8 +207,8 @@ def markdown(results: dict[str, Any], command: str) -> str:
         f"`{command}` — {results['rate']} events/s, {results['machine']}",
         "",
         "| stream | events | served | by quarter | unanswered | first answer at | versions | version knew the label "
-        "| served when it knew | " + " | ".join(columns) + " |",
-        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(columns),
+        "| served when it knew | fast path answers | " + " | ".join(columns) + " |",
+        "|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(columns),
     ]
     for name, r in rows.items():
         quarters = " / ".join(f"{q:.2f}" for q in r["served_by_quarter"])
@@ -201,7 +216,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
         lines.append(
             f"| {name} | {r['events']} | {r['served_accuracy']:.3f} | {quarters} | {r['unanswered']} | "
             f"{r['first_answered_at']} | {r['versions_seen']} | {fraction(r.get('answered_knowing_label'))} | "
-            f"{fraction(r.get('served_accuracy_when_known'))} | {extra} |"
+            f"{fraction(r.get('served_accuracy_when_known'))} | {r.get('fast_path_answers', 0)} | {extra} |"
         )
     lines += ["", KNEW_NOTE]
     return "\n".join(lines) + "\n"
@@ -210,7 +225,10 @@ def markdown(results: dict[str, Any], command: str) -> str:
 KNEW_NOTE = (
     "*version knew the label*: the share of events answered by a version whose label map held the event's "
     "label; an answer by a version that did not can only be wrong (on a class-incremental stream, a version "
-    "that lags a phase behind knows none of the phase's labels). *served when it knew*: accuracy on those."
+    "that lags a phase behind knows none of the phase's labels; with the fast path, the labels of its "
+    "prototype rows count too). *served when it knew*: accuracy on those. *fast path answers*: events answered "
+    "with prototype rows beside the version's head (`server.prototypes`); version 0 answers before the first "
+    "version from prototypes alone."
 )
 
 
@@ -218,11 +236,13 @@ def fraction(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def serve(stream: Stream, suite: Suite, rate: float, events: int, logs: Path) -> dict[str, Any]:
+def serve(
+    stream: Stream, suite: Suite, rate: float, events: int, logs: Path, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """``feed`` in a temporary directory; the daemon's log is kept in ``logs`` (why a version came late)."""
     with tempfile.TemporaryDirectory(prefix=f"served-{stream.name}-") as tmp:
         try:
-            return feed(stream, suite, rate, events, Path(tmp))
+            return feed(stream, suite, rate, events, Path(tmp), extra)
         finally:
             logs.mkdir(parents=True, exist_ok=True)
             shutil.copy(Path(tmp) / "daemon.log", logs / f"served-{suite.name}-{stream.name}.log")
@@ -236,7 +256,12 @@ def main() -> int:
     parser.add_argument("--streams", default="", help="comma-separated stream names (default: the suite's)")
     parser.add_argument("--no-compare", action="store_true", help="skip the trainer's and river's prequential runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a dynft setting of the daemons (JSON value)"
+    )
+    parser.add_argument("--tag", default="", help="suffix of the result files (served-<suite>-<tag>.md)")
     args = parser.parse_args()
+    extra = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.set)}
     suite = SUITES[args.suite]
     names = [n for n in args.streams.split(",") if n] or list(suite.streams)
     results: dict[str, Any] = {"suite": suite.name, "rate": args.rate, "streams": {}}
@@ -244,13 +269,14 @@ def main() -> int:
     for name in names:
         stream = build(name, suite.sizes, DATA)
         events = min(args.events or len(stream.events), len(stream.events))
-        served = serve(stream, suite, args.rate, events, args.out / "logs")
+        served = serve(stream, suite, args.rate, events, args.out / "logs", extra)
         results["streams"][name] = score(stream, suite, served, events, not args.no_compare)
         print(f"{name}: {json.dumps(results['streams'][name])}", file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python -m benchmarks.quality.served " + " ".join(sys.argv[1:])
-    (args.out / f"served-{suite.name}.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    (args.out / f"served-{suite.name}.md").write_text(markdown(results, command), encoding="utf-8")
+    stem = f"served-{suite.name}" + (f"-{args.tag}" if args.tag else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    (args.out / f"{stem}.md").write_text(markdown(results, command), encoding="utf-8")
     return 0
 
 

@@ -104,6 +104,9 @@ FULL = Suite(
 SUITES = {"quick": QUICK, "full": FULL}
 
 
+LWF_WEIGHT = 1.0  # trainer.lwf_weight of the "dynft + LwF" variant (Li & Hoiem's lambda)
+
+
 def dynft_overrides(suite: Suite, variant: str) -> dict[str, Any]:
     """Settings of a dynft run (dotted keys, as for ``load_settings``) for a method variant."""
     out: dict[str, Any] = {
@@ -121,4 +124,8 @@ def dynft_overrides(suite: Suite, variant: str) -> dict[str, Any]:
         out |= {"buffer.replay_ratio": 0.0, "drift.boost_extra_steps": 0}
     elif variant == "anchor":
         out["trainer.anchor_weight"] = suite.anchor_weight
+    elif variant == "lwf":  # the serving version's outputs distilled on replayed events, at the usual weight 1
+        out["trainer.lwf_weight"] = LWF_WEIGHT
+    elif variant == "ewc":  # the Fisher is scaled to mean 1, so EWC's weight sits on the L2 anchor's scale
+        out["trainer.ewc_weight"] = suite.anchor_weight
     return out

@@ -91,8 +91,11 @@ class ScoredLabel(BaseModel):
 
 class PredictResponse(BaseModel):
     predictions: list[ScoredLabel]
-    adapter_version: int
+    adapter_version: int = Field(description="the version that answered; 0 before the first (prototypes alone)")
     task: str
+    fast_path: bool = Field(
+        False, description="prototype rows answered labels this version does not know yet (server.prototypes)"
+    )
 
 
 class TaskInfo(BaseModel):
@@ -226,7 +229,12 @@ def predict_router(settings: Settings, engine: InferenceEngine, metrics: ServerM
             predictions.append({"label": p.label, "scores": scores})
         metrics.predict_seconds.observe(time.perf_counter() - started)
         metrics.task_predict_seconds.labels(task).observe(time.perf_counter() - started)  # a known task: bounded
-        return {"predictions": predictions, "adapter_version": answer.version, "task": task}
+        return {
+            "predictions": predictions,
+            "adapter_version": answer.version,
+            "task": task,
+            "fast_path": answer.fast_path,
+        }
 
     @router.get("/v1/tasks", response_model=TasksResponse, responses=error_responses(503))
     async def tasks() -> dict[str, Any]:

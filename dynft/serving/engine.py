@@ -17,6 +17,11 @@ staged for it, found by the watcher under ``<registry>/tasks/``. A micro-batch m
 the worker groups its rows by task and runs each group with that task's adapter and head,
 installed by reference before the group's forward pass. A task's swap only changes its lane,
 so it never blocks, nor changes the answers of, another task.
+
+The fast path (``dynft.serving.prototypes``, ``server.prototypes``): the default task's answers
+gain prototype rows for the labels the answering version lacks, computed by the worker with that
+same version, so a request still sees one version and one set of prototypes. Before the first
+version, a version 0 (the base encoder, prototype rows only) answers once shots have arrived.
 """
 
 from __future__ import annotations
@@ -30,27 +35,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from peft import PeftModel
+from peft import PeftConfig, PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from dynft.batching import tokenize
 from dynft.errors import AdapterMismatchError, BaseModelMismatchError, DynftError
+from dynft.families import read_positions
 from dynft.fingerprint import BaseModelId
 from dynft.freshness import served_after
 from dynft.metrics import ServerMetrics
 from dynft.model import (
     AdapterSlots,
-    AdapterState,
     build_model,
     load_tokenizer,
     peft_config_from_dict,
+    peft_config_from_settings,
     pick_device,
     resolve_model_path,
     resolve_pooling,
     structure_key,
 )
 from dynft.registry import AdapterRegistry
+from dynft.serving.prototypes import SHOTS_FILE, FastPath
 from dynft.settings import Settings
 from dynft.tasks import DEFAULT_TASK, known_tasks, task_registry_dir
 
@@ -74,7 +81,8 @@ class Prediction:
 @dataclass(frozen=True)
 class Answer:
     predictions: list[Prediction]
-    version: int
+    version: int  # 0: no version yet, the base encoder with prototype rows alone
+    fast_path: bool = False  # prototype rows for labels the version lacks took part
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,8 @@ class InferenceEngine:
         self._nudged = threading.Event()  # look at the registry now, not at the next poll interval
         self.started_at = time.time()  # freshness counts events that arrived since
         self._fresh_through = 0  # newest version whose freshness was observed (worker thread only)
+        s = settings.server
+        self.fast = FastPath(settings.state_dir / SHOTS_FILE, s.prototype_shots) if s.prototypes else None
         self._worker = threading.Thread(target=self._work, name="dynft-infer", daemon=True)
         self._watcher = threading.Thread(target=self._watch, name="dynft-watch", daemon=True)
 
@@ -231,6 +241,8 @@ class InferenceEngine:
             # A request whose client gave up (timeout) was cancelled: skip it. Marking the rest
             # running means they can no longer be cancelled, so setting their result cannot fail.
             batch = [p for p in self._collect() if p.future.set_running_or_notify_cancel()]
+            if self.fast is not None:
+                self.fast.take()
             for lane in list(self.lanes.values()):
                 staged = lane.staged
                 if staged is not None:
@@ -248,7 +260,11 @@ class InferenceEngine:
 
     def _answer(self, active: LoadedVersion, batch: list[_Pending]) -> None:
         try:
-            answers = self._forward(active, [t for p in batch for t in p.texts])
+            answers, fast = self._forward(active, [t for p in batch for t in p.texts])
+        except NotReady as exc:  # version 0 without shots (they were reset): nothing can answer
+            for pending in batch:
+                pending.future.set_exception(exc)
+            return
         except Exception as exc:  # a failed batch fails its requests, not the server
             if len(batch) > 1:  # and one bad request must not fail the others that shared its batch
                 for pending in batch:
@@ -260,30 +276,69 @@ class InferenceEngine:
         start = 0
         for pending in batch:
             end = start + len(pending.texts)
-            pending.future.set_result(Answer(answers[start:end], active.version))
+            pending.future.set_result(Answer(answers[start:end], active.version, fast))
             start = end
 
     @torch.no_grad()
-    def _forward(self, active: LoadedVersion, texts: list[str]) -> list[Prediction]:
+    def _forward(self, active: LoadedVersion, texts: list[str]) -> tuple[list[Prediction], bool]:
+        """Predictions for ``texts`` by ``active``, and whether the fast path's rows took part."""
         self.metrics.batch_size.observe(len(texts))
+        fast = self.fast if active.task == DEFAULT_TASK else None
+        features, logits = self._run(active, texts, features=fast is not None)
+        labels = active.labels
+        logits = logits.float()[:, : len(labels)]  # (B, C)
+        if fast is not None and features is not None:
+            extra, more = fast.extend(active, labels, active.slots.head, features, lambda t: self._embed(active, t))
+            fast.observe(features)
+            if more is not None:  # (B, P): one column per label the version lacks
+                labels, logits = [*labels, *extra], torch.cat([logits, more], dim=1)
+                self.metrics.fast_path_answers.inc(len(texts))
+        if not labels:
+            raise NotReady("no adapter version is serving yet")
+        probs = torch.softmax(logits, dim=-1).cpu()
+        out = []
+        for row in probs.tolist():
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append(Prediction(labels[best], dict(zip(labels, row, strict=True))))
+        return out, len(labels) > len(active.labels)
+
+    def _run(
+        self, active: LoadedVersion, texts: list[str], features: bool = False
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One forward pass: the features the head reads (B, H) when asked for, and the logits."""
         enc = tokenize(self.tokenizer, texts, self.settings.model.max_length)  # as the trainer does
         ids = enc["input_ids"].to(self.device)
         mask = enc["attention_mask"].to(self.device)
         if self._installed is not active:  # another task's rows ran last: its adapter and head go out
             active.slots.install(active.params)
             self._installed = active
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        captured: list[torch.Tensor] = []
+        hook = (
+            active.slots.head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
+            if features
+            else None
+        )
+        try:
+            if self.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = active.model(input_ids=ids, attention_mask=mask).logits
+            else:
                 logits = active.model(input_ids=ids, attention_mask=mask).logits
-        else:
-            logits = active.model(input_ids=ids, attention_mask=mask).logits
-        probs = torch.softmax(logits.float()[:, : len(active.labels)], dim=-1).cpu()  # (B, C)
-        labels = active.labels
-        out = []
-        for row in probs.tolist():
-            best = max(range(len(row)), key=row.__getitem__)
-            out.append(Prediction(labels[best], dict(zip(labels, row, strict=True))))
-        return out
+        finally:
+            if hook is not None:
+                hook.remove()
+        if not captured:
+            return None, logits
+        head_input = captured[-1].float()
+        if head_input.dim() == 3:  # a decoder's score reads every position, then keeps the last token's
+            head_input = read_positions(head_input, ids, active.model.config.pad_token_id)
+        return head_input, logits
+
+    def _embed(self, active: LoadedVersion, texts: list[str]) -> torch.Tensor:
+        """The features ``active``'s head reads for ``texts`` (B, H), in micro-batches."""
+        size = self.settings.server.max_batch
+        rows = [self._run(active, texts[i : i + size], features=True)[0] for i in range(0, len(texts), size)]
+        return torch.cat([r for r in rows if r is not None])
 
     # -- swaps ---------------------------------------------------------------------------
 
@@ -321,6 +376,9 @@ class InferenceEngine:
             self._nudged.clear()  # before reading, so a change made during the read is not missed
             try:
                 self.poll_registry()
+                if self.fast is not None:
+                    self.fast.poll()
+                    self._stage_base()
             except Exception:  # the watcher must outlive any one bad version or read
                 log.exception("watching the registry failed")
             self._nudged.wait(self.settings.server.poll_interval_s)
@@ -365,6 +423,23 @@ class InferenceEngine:
                 self._note_fallback(lane, pointer.version, version)
                 return
 
+    def _stage_base(self) -> None:
+        """Cold start: once shots arrived and no version is here, stage version 0 (watcher thread).
+
+        The base encoder with a fresh adapter (LoRA's starts as the identity) answers with the
+        fast path's prototype rows alone, where it answered 503 before. Its model is the one the
+        first version then loads into, when their structures match.
+        """
+        lane = self.lanes[DEFAULT_TASK]
+        if self.fast is None or not self.fast.has_shots or lane.active is not None or lane.staged is not None:
+            return
+        model, slots = self._build(peft_config_from_settings(self.settings.adapter, self.model_path), 1)
+        with self._cond:
+            if lane.active is None and lane.staged is None:
+                lane.staged = LoadedVersion(0, [], slots.capture(), model, slots)
+                self._cond.notify_all()
+        log.info("no version serves yet: version 0 (the base encoder) answers from prototypes")
+
     def _try_load(self, version: int, task: str = DEFAULT_TASK) -> LoadedVersion | None:
         started = time.perf_counter()
         try:
@@ -402,7 +477,7 @@ class InferenceEngine:
         if same:
             model, slots = same[0].model, same[0].slots
         else:
-            model, slots = self._build(state)
+            model, slots = self._build(peft_config_from_dict(state.peft_config), len(state.labels))
         non_blocking = self.device.type == "cuda"
         params = slots.prepare(state, non_blocking=non_blocking)
         if non_blocking:
@@ -411,12 +486,9 @@ class InferenceEngine:
             version, list(state.labels), params, model, slots, arrivals=meta.get("arrivals"), task=task
         )
 
-    def _build(self, state: AdapterState) -> tuple[PeftModel, AdapterSlots]:
-        config = peft_config_from_dict(state.peft_config)
+    def _build(self, config: PeftConfig, num_labels: int) -> tuple[PeftModel, AdapterSlots]:
         pad = self.tokenizer.pad_token_id
-        model = build_model(
-            self.model_path, config, len(state.labels), self.device, pad, self.pooling, self.settings.model
-        )
+        model = build_model(self.model_path, config, num_labels, self.device, pad, self.pooling, self.settings.model)
         model.eval()
         for param in model.parameters():
             param.requires_grad_(False)

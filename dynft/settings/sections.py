@@ -374,6 +374,14 @@ class ServerSettings(Section):
         description="show dead letters' texts (cut to 120 chars) on the console at /; "
         "default: on for the demo source, off otherwise",
     )
+    prototypes: bool = Field(
+        True,
+        description="the fast path: answer labels that no serving version knows yet (and before the first "
+        "version) from class prototypes of their first events, handed over by the trainer",
+    )
+    prototype_shots: int = Field(
+        8, ge=1, le=256, description="labelled events per label that the trainer hands to the fast path"
+    )
 
     @field_validator("max_texts")
     @classmethod

@@ -1,0 +1,62 @@
+"""A training step's results, brought from the device to the host in one copy.
+
+On a GPU every ``.item()``, ``.tolist()`` or ``bool(tensor)`` waits for the queue of kernels to
+drain; a step that read its loss, predictions, losses and gradient norm one by one would stall
+four times. ``read_back`` packs them into one tensor and copies once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def pooled_rows(features: torch.Tensor, attention_mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """The first ``rows`` rows of the head's input (R, H); a decoder's (R, T, H) is averaged over its tokens."""
+    features = features[:rows].float()
+    if features.dim() == 3:
+        mask = attention_mask[:rows, :, None].float()  # (R, T, 1)
+        features = (features * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+    return features
+
+
+@dataclass
+class ReadBack:
+    """What a step hands the daemon, on the host."""
+
+    loss: float
+    grad_norm: float
+    predictions: list[int]  # label indices of the fresh rows
+    losses: list[float]
+    features: list[list[float]] | None
+
+
+def read_back(
+    loss: torch.Tensor,
+    grad_norm: torch.Tensor,
+    logits: torch.Tensor,
+    losses: torch.Tensor,
+    features: torch.Tensor | None,
+) -> ReadBack:
+    """One device-to-host copy for all of a step's results: they are packed into one float
+    tensor on the device (label indices are exact in float32 far beyond ``trainer.max_labels``)."""
+    rows = logits.shape[0]
+    parts = [
+        loss.detach().float().reshape(1),
+        grad_norm.detach().float().reshape(1),
+        logits.detach().argmax(dim=-1).float(),  # (R,)
+        losses.detach().float(),  # (R,)
+    ]
+    if features is not None:
+        parts.append(features.detach().float().reshape(-1))  # (R * H,)
+    flat: list[float] = torch.cat(parts).cpu().tolist()
+    width = (len(flat) - 2 - 2 * rows) // rows if rows and features is not None else 0
+    tail = flat[2 + 2 * rows :]
+    return ReadBack(
+        loss=flat[0],
+        grad_norm=flat[1],
+        predictions=[int(x) for x in flat[2 : 2 + rows]],
+        losses=flat[2 + rows : 2 + 2 * rows],
+        features=[tail[i * width : (i + 1) * width] for i in range(rows)] if features is not None else None,
+    )

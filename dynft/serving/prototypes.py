@@ -1,0 +1,226 @@
+"""The fast path for new labels: class prototypes in the co-located server.
+
+Users are answered by the serving version, which knows a new label only a publish after the
+label's first events: on a class-incremental stream, seconds of wrong answers at every phase.
+The fast path closes that gap without waiting for a version. The trainer hands the first
+``server.prototype_shots`` labelled events of every label of the default task to the server
+through an append-only file, ``<state_dir>/run/shots.jsonl`` (``ShotLog``). The server embeds
+the shots of each label that the answering version lacks with that very version (the feature
+its head reads, so prototype and query live in one space) and answers with the version's head
+extended by one row per such label, imprinted from the label's mean feature exactly as the
+trainer imprints a new label's row (``OnlineTrainer._imprint``: the centred mean, scaled to the
+norm and bias of the established rows). Once a version that knows the label serves, no row is
+made for it: the prototype retires by itself.
+
+Before any version serves, a *version 0* answers: the base encoder with a fresh (identity)
+adapter, and prototype rows alone. Without shots nothing answers (503), as before.
+
+Ownership: ``ShotLog`` is written by the trainer's batching thread only. ``FastPath.poll`` runs
+on the server's watcher thread and hands new shots to the worker through a queue; everything
+else of ``FastPath`` (shots, features, the centre) is the worker's, which runs every forward.
+Crash safety: the file is the whole state. A restarted trainer counts its shots from it; a
+restarted server reads it from the start. A line cut by a crash is dropped by both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dynft.events import Event
+from dynft.trainer import IMPRINT_LOGIT_SCALE
+
+log = logging.getLogger(__name__)
+
+SHOTS_FILE = Path("run") / "shots.jsonl"  # under the state directory
+CENTRE_DECAY = 0.99  # the centre follows about the last 100 rows the server embedded
+
+Embed = Callable[[list[str]], torch.Tensor]  # texts -> (B, H) features the head reads, under one version
+
+
+@dataclass(frozen=True)
+class Shot:
+    label: str
+    text: str
+
+
+def read_shots(path: Path, offset: int = 0) -> tuple[list[Shot], int]:
+    """The whole lines of ``path`` from byte ``offset``, and the offset after the last of them.
+
+    A line that does not parse (cut by a crash, or written by hand) is skipped with a warning.
+    """
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return [], 0
+    end = data.rfind(b"\n") + 1  # a last line without its newline is still being written
+    shots = []
+    for line in data[:end].splitlines():
+        try:
+            row = json.loads(line)
+            shots.append(Shot(str(row["label"]), str(row["text"])))
+        except (ValueError, KeyError, TypeError):
+            log.warning("skipping an unreadable line of %s", path)
+    return shots, offset + end
+
+
+class ShotLog:
+    """The trainer's side: appends the first ``per_label`` events of each label to the shots file."""
+
+    def __init__(self, path: Path, per_label: int) -> None:
+        self.path = path
+        self.per_label = per_label
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shots, end = read_shots(path)
+        if path.exists() and path.stat().st_size > end:  # a line cut by a crash: appending would glue onto it
+            with open(path, "r+b") as fh:
+                fh.truncate(end)
+        self.counts: Counter[str] = Counter(shot.label for shot in shots)
+
+    def offer(self, events: Iterable[Event]) -> int:
+        """Append the events whose label still lacks shots; returns how many were written.
+
+        The fast path is an optimisation: a write the disk refuses is logged and its shots are
+        offered again by the label's next events, and training goes on.
+        """
+        taken: Counter[str] = Counter()
+        lines = []
+        for event in events:
+            if self.counts[event.label] + taken[event.label] < self.per_label:
+                taken[event.label] += 1
+                lines.append(json.dumps({"label": event.label, "text": event.text}) + "\n")
+        if not lines:
+            return 0
+        try:
+            # One write of whole lines, flushed at once: the server sees them at its next poll.
+            # No fsync: shots lost with the page cache only delay the fast path, never corrupt it.
+            with open(self.path, "a", encoding="utf-8") as fh:
+                start = fh.tell()
+                try:
+                    fh.write("".join(lines))
+                    fh.flush()
+                except OSError:  # a part written to a full disk would glue onto the next line
+                    fh.truncate(start)
+                    raise
+        except OSError as exc:
+            log.warning("cannot hand %d shots to the server's fast path (%s): %s", len(lines), self.path, exc)
+            return 0
+        self.counts.update(taken)
+        return len(lines)
+
+
+@dataclass
+class _Embedded:
+    """Shot features of the pending labels under one version (the worker's)."""
+
+    version: object | None = None  # the LoadedVersion they were embedded with (compared by identity)
+    features: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # label -> one (H,) row per shot
+
+
+class FastPath:
+    """Prototype rows for the labels a version lacks; see the module's docstring."""
+
+    def __init__(self, path: Path, per_label: int) -> None:
+        self.path = path
+        self.per_label = per_label
+        self._offset = 0  # watcher thread only
+        self._inbox: queue.SimpleQueue[list[Shot] | None] = queue.SimpleQueue()  # None: start over
+        self.shots: dict[str, list[str]] = {}  # label -> texts (worker thread only)
+        self._embedded = _Embedded()
+        self._centre: torch.Tensor | None = None  # running mean of embedded rows (H,)
+        self.has_shots = False  # set by the watcher after handing shots over, read to build version 0
+
+    # -- watcher thread --------------------------------------------------------------------
+
+    def poll(self) -> None:
+        """Hand the shots appended since the last poll to the worker (watcher thread)."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        if size < self._offset:  # the file was replaced (state reset): start over
+            self._offset = 0
+            self._inbox.put(None)
+        shots, self._offset = read_shots(self.path, self._offset)
+        if shots:
+            self._inbox.put(shots)
+            self.has_shots = True
+
+    # -- worker thread ---------------------------------------------------------------------
+
+    def take(self) -> None:
+        """Adopt what the watcher handed over (worker thread, between batches)."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                self.shots, self._embedded = {}, _Embedded()
+                continue
+            for shot in item:
+                texts = self.shots.setdefault(shot.label, [])
+                if len(texts) < self.per_label:
+                    texts.append(shot.text)
+
+    def pending(self, known: list[str]) -> list[str]:
+        """Labels with shots that a version knowing ``known`` lacks."""
+        have = set(known)
+        return [label for label in self.shots if label not in have]
+
+    def observe(self, features: torch.Tensor) -> None:
+        """Fold embedded rows (B, H) into the centre: what every text shares says nothing of its label."""
+        mean = features.float().mean(dim=0)
+        if self._centre is None or self._centre.shape != mean.shape:
+            self._centre = mean
+            return
+        weight = CENTRE_DECAY ** features.shape[0]
+        self._centre = weight * self._centre + (1 - weight) * mean
+
+    def extend(
+        self, version: object, known: list[str], head: torch.nn.Linear, features: torch.Tensor, embed: Embed
+    ) -> tuple[list[str], torch.Tensor | None]:
+        """The pending labels and their logits (B, P) for the rows ``features`` (B, H), or ([], None).
+
+        ``head`` is the version's output layer over ``known`` (rows beyond them are ignored);
+        ``embed`` embeds texts with that version.
+        """
+        pending = self.pending(known)
+        if not pending:
+            return [], None
+        prototypes = self._prototypes(version, pending, embed)  # (P, H)
+        centre = self._centre if self._centre is not None else prototypes.mean(dim=0)
+        directions = prototypes - centre
+        directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-6)
+        rows = len(known)
+        if rows:  # the established rows' norm and bias, as the trainer imprints
+            norm = head.weight[:rows].float().norm(dim=1).mean()
+            bias = head.bias[:rows].float().mean() if head.bias is not None else torch.zeros(())
+        else:  # version 0: logits near IMPRINT_LOGIT_SCALE times a cosine
+            spread = (features.float() - centre).norm(dim=1).mean().clamp_min(1e-6)
+            norm, bias = IMPRINT_LOGIT_SCALE / spread, torch.zeros(())
+        weight = directions * norm  # (P, H)
+        logits = features.float() @ weight.T + (bias - weight @ centre)  # (B, P)
+        return pending, logits
+
+    def _prototypes(self, version: object, pending: list[str], embed: Embed) -> torch.Tensor:
+        """Each pending label's mean shot feature under ``version`` (P, H); embeds only new shots."""
+        if self._embedded.version is not version:
+            self._embedded = _Embedded(version)
+        cache = self._embedded.features
+        todo = [(label, text) for label in pending for text in self.shots[label][len(cache.get(label, [])) :]]
+        if todo:
+            features = embed([text for _, text in todo]).float()
+            self.observe(features)
+            for (label, _), row in zip(todo, features, strict=True):
+                cache.setdefault(label, []).append(row)
+        return torch.stack([torch.stack(cache[label]).mean(dim=0) for label in pending])

@@ -1,0 +1,163 @@
+"""The fast path: a label no version knows is answered from its first events, over real sockets."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import httpx
+
+from dynft.events import Event
+from dynft.registry import AdapterRegistry
+from dynft.serving.prototypes import SHOTS_FILE, FastPath, ShotLog, read_shots
+from dynft.settings import Settings
+from dynft.trainer import OnlineTrainer, build_trainer
+
+from helpers import WORDS, keyword_events, write_jsonl
+from serving.conftest import running_server, wait_for_version
+
+SHOTS = 8
+
+
+def publish_trained(trainer: OnlineTrainer, settings: Settings, labels: list[str], seed: int) -> int:
+    """Train on a keyword stream of ``labels``, publish the result and make it serve."""
+    stream = events_of(labels, 200, seed)
+    random.Random(seed).shuffle(stream)
+    for i in range(0, len(stream), 16):
+        trainer.step(trainer.collator(stream[i : i + 16], n_fresh=16))
+    registry = AdapterRegistry(settings.registry_dir, keep_last=10)
+    version = registry.publish(trainer.export(), {"step": trainer.steps}).version
+    registry.promote(version, "test")
+    return version
+
+
+def text_of(rng: random.Random, label: str) -> str:
+    """A text of ``label``: its texts share one keyword (the random tiny model's features see words, not meanings)."""
+    words = [rng.choice(WORDS) for _ in range(3)]
+    words.insert(rng.randrange(4), f"{label}0")
+    return " ".join(words)
+
+
+def events_of(labels: list[str], n: int, seed: int) -> list[Event]:
+    rng = random.Random(seed)
+    return [Event(id=f"{seed}-{i}", text=text_of(rng, label), label=label) for i in range(n) for label in labels]
+
+
+def hand_over(settings: Settings, labels: list[str], seed: int) -> None:
+    """What the trainer's batching thread does: the first events of each label go to the shots file."""
+    ShotLog(settings.state_dir / SHOTS_FILE, SHOTS).offer(events_of(labels, 20, seed))
+
+
+def predict(client: httpx.Client, texts: list[str]) -> httpx.Response:
+    return client.post("/v1/predict", json={"texts": texts})
+
+
+def accuracy(client: httpx.Client, label: str, seed: int, n: int = 30) -> float:
+    """The share of ``n`` new texts of ``label`` answered with it (one request: one version)."""
+    rng = random.Random(seed)
+    texts = [text_of(rng, label) for _ in range(n)]
+    body = predict(client, texts).json()
+    return sum(p["label"] == label for p in body["predictions"]) / n
+
+
+def wait_for_fast_path(client: httpx.Client, text: str, timeout: float = 60.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = predict(client, [text])
+        if r.status_code == 200 and r.json()["fast_path"]:
+            body: dict[str, object] = r.json()
+            return body
+        time.sleep(0.05)
+    raise AssertionError("the fast path never answered")
+
+
+def test_a_label_no_version_knows_is_answered_from_its_first_events_until_a_version_learns_it(
+    tiny_settings: Settings,
+) -> None:
+    assert tiny_settings.server.prototypes  # on by default
+    tiny_settings.model.pooling = "mean"  # as the default MiniLM; a random [CLS] pooler is no feature
+    tiny_trainer = build_trainer(tiny_settings.model, tiny_settings.adapter, tiny_settings.trainer)
+    assert publish_trained(tiny_trainer, tiny_settings, ["alpha", "beta", "delta"], seed=1) == 1
+    rng = random.Random(5)
+    gamma = text_of(rng, "gamma")
+    with running_server(tiny_settings) as (base, server), httpx.Client(base_url=base, timeout=30) as client:
+        wait_for_version(base, 1)
+        before = predict(client, [gamma]).json()
+        assert before["fast_path"] is False and "gamma" not in before["predictions"][0]["scores"]
+        known_before = [accuracy(client, label, seed=11) for label in ("alpha", "beta", "delta")]
+
+        hand_over(tiny_settings, ["alpha", "beta", "delta", "gamma"], seed=2)
+        body = wait_for_fast_path(client, gamma)
+        assert body["adapter_version"] == 1  # the version answered, with prototype rows beside its head
+        new = accuracy(client, "gamma", seed=12)
+        known = [accuracy(client, label, seed=11) for label in ("alpha", "beta", "delta")]
+        # Without the fast path the version answers 0% of them (it has no such label); a random tiny
+        # model's features are weak, so the bar is well above chance (1/4), not near 100%.
+        assert new >= 0.6, f"the new label was answered right for {new:.0%} of its texts"
+        # The row costs the known labels a little (a prototype is cruder than a trained row), but
+        # what users get over all four labels is better than without it.
+        assert min(known) >= 0.6, f"known labels fell from {known_before} to {known}"
+        assert sum(known) + new > sum(known_before) + 0.0 + 0.3
+        answered = server.metrics_registry.get_sample_value("dynft_fast_path_answers_total") or 0
+        assert answered >= 90
+
+        assert publish_trained(tiny_trainer, tiny_settings, ["alpha", "beta", "delta", "gamma"], seed=3) == 2
+        wait_for_version(base, 2)
+        after = predict(client, [gamma]).json()
+        assert after["fast_path"] is False  # the version knows gamma: its prototype retired
+        assert sorted(after["predictions"][0]["scores"]) == ["alpha", "beta", "delta", "gamma"]
+        learned = accuracy(client, "gamma", seed=12)
+        assert learned >= 0.8
+
+
+def test_before_the_first_version_prototypes_answer_instead_of_503(tiny_settings: Settings) -> None:
+    tiny_settings.model.pooling = "mean"  # the untrained [CLS] pooler of a random model is no feature
+    with running_server(tiny_settings) as (base, _), httpx.Client(base_url=base, timeout=30) as client:
+        assert predict(client, ["w1 alpha0 w2"]).status_code == 503  # nothing to answer with yet
+        hand_over(tiny_settings, ["alpha", "beta", "gamma"], seed=4)
+        body = wait_for_fast_path(client, "w1 alpha0 w2")
+        assert body["adapter_version"] == 0
+        right = [accuracy(client, label, seed=13) for label in ("alpha", "beta", "gamma")]
+        assert min(right) >= 0.6, f"cold-start accuracy per label {right}"
+
+
+def test_the_shots_file_survives_restarts_and_cut_lines(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "shots.jsonl"
+    events = [Event(**r) for r in keyword_events(60, ["alpha", "beta"], seed=9)]
+    assert ShotLog(path, 3).offer(events[:2]) == 2
+    with open(path, "ab") as fh:
+        fh.write(b'{"label": "alpha", "te')  # a crash in the middle of a line
+    assert [s.label for s in read_shots(path)[0]] == [e.label for e in events[:2]]
+    again = ShotLog(path, 3)  # a restarted trainer counts what is there and drops the cut line
+    assert sum(again.counts.values()) == 2
+    assert again.offer(events) == 6 - 2
+    assert again.offer(events) == 0  # every label has its shots
+    shots, end = read_shots(path)
+    assert end == path.stat().st_size and len(shots) == 6
+    assert sorted(s.label for s in shots) == ["alpha"] * 3 + ["beta"] * 3
+
+    fast = FastPath(path, 3)  # the server's side reads whole lines, each once
+    fast.poll()
+    fast.take()
+    assert {label: len(texts) for label, texts in fast.shots.items()} == {"alpha": 3, "beta": 3}
+    path.write_text("")  # a state reset: the server starts over
+    fast.poll()
+    fast.take()
+    assert fast.shots == {}
+
+
+def test_the_trainer_hands_the_first_events_of_each_label_to_the_shots_file(
+    tiny_settings: Settings, tmp_path: Path
+) -> None:
+    from dynft.loop import TrainingLoop
+
+    rows = keyword_events(120, ["alpha", "beta", "gamma"], seed=3)
+    tiny_settings.source.uri = f"file:{write_jsonl(tmp_path / 'events.jsonl', rows)}"
+    tiny_settings.source.exit_at_end = True
+    tiny_settings.server.prototype_shots = 4
+    TrainingLoop(tiny_settings).run()
+    shots, _ = read_shots(tiny_settings.state_dir / SHOTS_FILE)
+    texts = {row["text"]: row["label"] for row in rows}
+    assert sorted(s.label for s in shots) == ["alpha"] * 4 + ["beta"] * 4 + ["gamma"] * 4
+    assert all(texts[s.text] == s.label for s in shots)  # real events of the stream, with their labels
