@@ -127,6 +127,8 @@ class TrainingLoop(TaskLoop):
         self.trainer.capture_features = self.drift.wants_embeddings
         self.reaction = DriftReaction(s.drift, self.trainer, self.buffer)
         self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics)
+        if self.shared:
+            self.publisher.clock = self.joint_steps
         source = open_source(s.source, s.kafka, self.metrics_registry, s.events.max_record_bytes)
         checkpoint = self.checkpoints.latest()
         if checkpoint is not None:
@@ -177,9 +179,7 @@ class TrainingLoop(TaskLoop):
                 if self.settings.source.exit_at_end:
                     log.info("source %s is exhausted; stopping", self.settings.source.uri)
                     break
-            self.publisher.maybe_publish(self._publish_meta())
-            for task in list(self.tasks.values()):
-                self._publish_task(task)
+            self._publish_all()
             self._maybe_checkpoint()
             self._maybe_status()
 
@@ -193,9 +193,7 @@ class TrainingLoop(TaskLoop):
                 self._complete(self._work.get_nowait())
             for work in self._leftover:
                 self._complete(work)
-            self.publisher.maybe_publish(self._publish_meta(), force=True)
-            for task in list(self.tasks.values()):
-                self._publish_task(task, force=True)
+            self._publish_all(force=True)
             self._maybe_checkpoint(force=True)
             self._maybe_status(force=True)
             log.info("trainer stopped after %d steps", self.trainer.steps)

@@ -8,8 +8,10 @@ step). On the main thread: its step, hold-out, versions, metrics and checkpoint 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from typing import Any
 
 from dynft.batching import Collator
 from dynft.buffer import ReplayBuffer
@@ -17,10 +19,12 @@ from dynft.checkpoint import Checkpoint
 from dynft.errors import AdapterMismatchError
 from dynft.events import Event
 from dynft.metrics import TrainerMetrics
+from dynft.publisher import Publisher
 from dynft.routing import Router
 from dynft.settings import Settings
+from dynft.sharing import Member, publish_together
 from dynft.sources import Record
-from dynft.tasks import Task, TaskDirectory, TaskWork, task_collator, task_name_problem
+from dynft.tasks import DEFAULT_TASK, Task, TaskDirectory, TaskWork, task_collator, task_name_problem
 from dynft.trainer import OnlineTrainer
 
 log = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ class TaskLoop:
 
     settings: Settings
     trainer: OnlineTrainer
+    publisher: Publisher
     metrics: TrainerMetrics
     tasks: dict[str, Task]  # main thread
     task_directory: TaskDirectory | None
@@ -46,6 +51,9 @@ class TaskLoop:
     _parts_lock: threading.Lock
 
     def _router(self) -> Router:
+        raise NotImplementedError
+
+    def _publish_meta(self) -> dict[str, Any]:
         raise NotImplementedError
 
     def _task_work(
@@ -87,18 +95,46 @@ class TaskLoop:
         task = self.tasks.get(name)
         if task is None:
             collator, buffer = self._task_parts(name)
-            trainer = self.trainer.fork(collator)
+            trainer = self.trainer.fork(collator, share_adapter=self.shared)
             task = self.tasks[name] = Task(name, trainer, buffer, self.settings, home=self.trainer)
+            if self.shared:
+                task.publisher.clock = self.joint_steps
             self.trainer.activate()
             log.info("task %s: new adapter and head (%d tasks)", name, len(self.tasks) + 1)
             if resume:
                 task.resume()
         return task
 
+    @property
+    def shared(self) -> bool:
+        """Whether every task trains one adapter (``tasks.sharing = shared``, see ``dynft.sharing``)."""
+        return self.settings.tasks.sharing == "shared"
+
+    def joint_steps(self) -> int:
+        """Steps of every task: in shared mode, what moved the adapter every task publishes."""
+        return self.trainer.steps + sum(task.trainer.steps for task in self.tasks.values())
+
+    def _publish_all(self, force: bool = False) -> None:
+        """Every task's version when due: each on its own schedule, or (shared) all together."""
+        if not self.shared:
+            self.publisher.maybe_publish(self._publish_meta(), force=force)
+            for task in list(self.tasks.values()):
+                self._publish_task(task, force)
+            return
+        members = [Member(DEFAULT_TASK, self.publisher, contextlib.nullcontext, self._publish_meta)]
+        members += [Member(t.name, t.publisher, t.installed, t.publish_meta) for t in self.tasks.values()]
+        published = publish_together(members, self.settings.gate, self.joint_steps(), force)
+        for task in self.tasks.values():
+            if task.name in published:
+                self._task_versions_metrics(task)
+
     def _publish_task(self, task: Task, force: bool = False) -> None:
         if task.maybe_publish(force) is not None:
-            self.metrics.task_latest_version.labels(task.name).set(task.publisher.latest_version or 0)
-            self.metrics.task_serving_version.labels(task.name).set(task.publisher.serving_version or 0)
+            self._task_versions_metrics(task)
+
+    def _task_versions_metrics(self, task: Task) -> None:
+        self.metrics.task_latest_version.labels(task.name).set(task.publisher.latest_version or 0)
+        self.metrics.task_serving_version.labels(task.name).set(task.publisher.serving_version or 0)
 
     def _complete_task(self, share: TaskWork, arrived: float) -> list[tuple[str, str]]:
         """Train another task on its share; returns the ledger outcomes of its events."""

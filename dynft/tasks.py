@@ -161,15 +161,17 @@ class Task:
             self.drift.update(prediction != event.label, loss, event.label)  # no embedding: no extra forward
         return scored
 
-    def maybe_publish(self, force: bool = False) -> int | None:
+    def publish_meta(self) -> dict[str, Any]:
         pq = self.prequential
-        meta = {
+        return {
             "task": self.name,
             "events_seen": pq.seen,
             "metrics": {"prequential_accuracy": pq.accuracy, "prequential_macro_f1": pq.macro_f1},
         }
+
+    def maybe_publish(self, force: bool = False) -> int | None:
         with self.installed():
-            return self.publisher.maybe_publish(meta, force=force)
+            return self.publisher.maybe_publish(self.publish_meta(), force=force)
 
     def resume(self) -> None:
         """Continue from this task's newest published version, if any (a start without a checkpoint)."""
