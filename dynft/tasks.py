@@ -185,6 +185,9 @@ class Task:
         with self.installed():
             tensors, trainer_state = self.trainer.snapshot()
         tensors.pop("rng.torch", None)  # one RNG for the process: the default task's checkpoint part has it
+        if not self.trainer.owns_adapter:  # tasks.sharing = shared: the default task's part holds the adapter
+            heads = {f"param.{k}" for k in self.trainer.slots.head_keys}
+            tensors = {k: t for k, t in tensors.items() if not k.startswith("param.") or k in heads}
         buffered, buffer_state = self.buffer.snapshot()
         state = {
             "trainer": trainer_state,
@@ -206,6 +209,9 @@ class Task:
         own = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
         own["rng.torch"] = torch.get_rng_state()
         with self.installed():
+            for key, param in self.trainer.slots.capture().items():
+                if not self.trainer.owns_adapter:  # the shared adapter: the default task's part restored it
+                    own.setdefault(f"param.{key}", param.detach().clone())
             self.publisher.check_checkpoint(state["publisher"])
             self.trainer.restore(own, state["trainer"])
             self.publisher.restore(state["publisher"])

@@ -124,7 +124,6 @@ def test_a_shared_version_that_hurts_one_task_is_promoted_for_none(
     swap_b_rows()  # b is whole again: the next shared version serves both
     clock[0] += 1
     promoted = publish_together([a, b], tiny_settings.gate, snapshot=3, force=True)
-    print(b.publisher.registry.meta(promoted["b"])["gate"], a.publisher.registry.meta(promoted["a"])["gate"], b.publisher.registry.meta(held["b"])["gate"])
     assert a.publisher.registry.serving().version == promoted["a"]
     assert b.publisher.registry.serving().version == promoted["b"]
 
@@ -155,3 +154,14 @@ def test_in_shared_mode_every_task_serves_one_adapter_with_its_own_head(
     assert loop.prequential.accuracy > 0.7
     for task in loop.tasks.values():
         assert task.prequential.accuracy > 0.7, (task.name, task.prequential.accuracy)
+
+    # A restart resumes every task from the checkpoint, the shared adapter held once in it.
+    steps = {name: task.trainer.steps for name, task in loop.tasks.items()}
+    again = run(tiny_settings, write_jsonl(tmp_path / "more.jsonl", interleaved(60, TASKS, seed=5, start=9000)))
+    assert all(again.tasks[name].trainer.steps > steps[name] for name in steps)
+    adapter_keys = [k for k in again.trainer.slots.capture() if k not in head_keys]
+    for task in again.tasks.values():
+        task.trainer.activate()
+        live = task.trainer.slots.capture()
+        again.trainer.activate()
+        assert all(live[k] is again.trainer.slots.capture()[k] for k in adapter_keys)  # still one adapter
