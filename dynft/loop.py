@@ -431,13 +431,13 @@ class TrainingLoop(TaskLoop):
             return
         step, at = self._checkpoint_at
         c = self.settings.checkpoint
-        due = self.trainer.steps - step >= c.every_steps or time.monotonic() - at >= c.interval_s
+        due = self.joint_steps() - step >= c.every_steps or time.monotonic() - at >= c.interval_s  # every task's
         due = due or self.ledger.pending >= self.settings.ledger.max_pending_rows  # intake waits on it
         if self.disk.refusing:  # intake waits on this retry: the backoff's schedule, not the checkpoint's
             due = self.disk.due()
         if not (due or force):
             return
-        self._checkpoint_at = (self.trainer.steps, time.monotonic())
+        self._checkpoint_at = (self.joint_steps(), time.monotonic())
         try:
             if self.sink is not None:
                 self.sink.flush()  # dead letters are durable before their positions are committed
@@ -519,7 +519,7 @@ class TrainingLoop(TaskLoop):
         self.prequential.restore(state["prequential"])
         self._restore_tasks(checkpoint)
         self.positions = dict(state["positions"])
-        self._checkpoint_at = (self.trainer.steps, time.monotonic())
+        self._checkpoint_at = (self.joint_steps(), time.monotonic())
         log.info("resumed from %s: step %d, %d buffered events", checkpoint.path, self.trainer.steps, len(self.buffer))
 
     # -- status --------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 The default task's parts are the loop's own fields (its drift reactions live there); every
 other task is a ``Task`` made here on its first work. On the batching thread: a task's share of
 a take, with replay from its own buffer (task-balanced: every task in a take gets its own
-step). On the main thread: its step, hold-out, versions, metrics and checkpoint part.
+step); the buffers share ``buffer.max_events`` evenly. Each task reacts to its own drift
+(``Task.reaction``). On the main thread: its step, hold-out, versions, metrics and checkpoint part.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class TaskLoop:
     settings: Settings
     trainer: OnlineTrainer
     publisher: Publisher
+    buffer: ReplayBuffer  # the default task's
     metrics: TrainerMetrics
     tasks: dict[str, Task]  # main thread
     task_directory: TaskDirectory | None
@@ -65,10 +67,14 @@ class TaskLoop:
         size = self.settings.trainer.batch_size
         surplus = [event for _, event in fresh[:-size]]  # more than a batch: the newest train, the rest replay
         fresh, batch = fresh[-size:], None
+        # The task's reaction, once the main thread made it: its lineage and plan are read whole
+        # (as the default task's are), and replay of an older lineage is drawn again (Task.redraw).
+        task = self.tasks.get(name)
+        lineage, plan = (task.reaction.lineage, task.reaction.replay_plan()) if task else (1, (None, 0.0))
         if fresh:
-            batch, failed = router.collate(collator, fresh, buffer.sample(size - len(fresh)))
+            batch, failed = router.collate(collator, fresh, buffer.sample(size - len(fresh), *plan))
             dead += failed
-        return TaskWork(name, batch, held_out, surplus), [key for _, key in dead]
+        return TaskWork(name, batch, held_out, surplus, lineage), [key for _, key in dead]
 
     def _task_parts(self, name: str) -> tuple[Collator, ReplayBuffer]:
         """Task ``name``'s collator and replay buffer, made on first use by either thread."""
@@ -83,7 +89,16 @@ class TaskLoop:
                     b.max_events, b.max_bytes, b.strategy, b.recency_half_life, self.settings.trainer.seed
                 )
                 parts = self._task_parts_made[name] = (task_collator(self.trainer.collator, labels), buffer)
+                self._share_buffers()
             return parts
+
+    def _share_buffers(self) -> None:
+        """Every task's replay buffer gets an even share of ``buffer.max_events`` and ``max_bytes``, so
+        the tasks together stay within them; shares shrink as tasks come (each buffer evicts by its
+        own strategy). One task alone (``default``) keeps the whole buffer, as before tasks existed."""
+        b, buffers = self.settings.buffer, [self.buffer, *(buffer for _, buffer in self._task_parts_made.values())]
+        for buffer in buffers:
+            buffer.resize(max(1, b.max_events // len(buffers)), max(1, b.max_bytes // len(buffers)))
 
     def _directory(self) -> TaskDirectory:
         if self.task_directory is None:
@@ -143,7 +158,10 @@ class TaskLoop:
         if share.batch is not None:
             fresh = share.batch.events[: share.batch.n_fresh]
             detections = task.drift.detections
-            trained = task.train(share.batch)
+            trained = task.train(task.redraw(share.batch, share.lineage))
+            for reaction in task.applied:
+                self.metrics.reactions.labels(reaction).inc()
+            task.applied.clear()
             status = "trained" if trained else "skipped"
             if trained:
                 task.publisher.arrivals.add(arrived, len(fresh))

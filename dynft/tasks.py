@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,9 +41,12 @@ from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import DEFAULT_TASK, Event, task_name_problem
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
+from dynft.reaction import DriftReaction, Response
 from dynft.registry import AdapterRegistry
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_TASK", "Task", "TaskDirectory", "TaskWork", "task_name_problem", "task_registry_dir"]
 
@@ -101,6 +105,7 @@ class TaskWork:
     batch: Batch | None
     held_out: list[Event] = field(default_factory=list)
     buffered: list[Event] = field(default_factory=list)  # beyond one batch: kept for replay, not trained fresh
+    lineage: int = 1  # the task's drift-reaction lineage when its replay was drawn (see Task.redraw)
 
 
 class Task:
@@ -121,6 +126,9 @@ class Task:
         self.prequential = Prequential(settings.evaluation.window)
         self.holdout = HoldoutWindow(settings.evaluation.holdout_window)
         self.drift = DriftMonitor.from_settings(settings.drift, settings.checkpoint.drift_history)
+        self.settings = settings
+        self.reaction = DriftReaction(settings.drift, trainer, buffer)  # replay_plan/lineage: read by the batcher
+        self.applied: list[str] = []  # reactions applied since the loop last counted them (main thread)
         registry = AdapterRegistry(
             task_registry_dir(settings.registry_dir, name),
             settings.registry.keep_last,
@@ -148,18 +156,48 @@ class Task:
             self.home.activate()
 
     def train(self, batch: Batch) -> list[tuple[Event, str, float]]:
-        """One step on ``batch``; the fresh events with their prequential prediction and loss (none if skipped)."""
-        with self.installed():
+        """One step on ``batch`` and this task's drift reactions to it; the fresh events with their
+        prequential prediction and loss (none if the step was skipped)."""
+        with self.installed():  # the reactions act on the installed adapter and head: this task's
             result = self.trainer.step(batch)
-        if result.skipped:
-            return []
-        fresh = batch.events[: batch.n_fresh]
-        self.buffer.add_many(fresh)
-        scored = list(zip(fresh, result.predictions, result.losses, strict=True))
-        for event, prediction, loss in scored:
-            self.prequential.update(event.label, prediction, loss)
-            self.drift.update(prediction != event.label, loss, event.label)  # no embedding: no extra forward
+            if result.skipped:
+                return []
+            fresh = batch.events[: batch.n_fresh]
+            self.buffer.add_many(fresh)
+            scored = list(zip(fresh, result.predictions, result.losses, strict=True))
+            for event, prediction, loss in scored:
+                self.prequential.update(event.label, prediction, loss)
+                for detection in self.drift.update(prediction != event.label, loss, event.label):  # no embedding
+                    self._react(self.reaction.on_detection(detection))
+                self._react(self.reaction.observe(self.drift.seen - 1, event.label, prediction))
+            if self.reaction.boosting:
+                for _ in range(self.settings.drift.boost_extra_steps):
+                    self._replay_step()
+            elif self.reaction.after_step():
+                log.info("task %s: drift reaction over after step %d", self.name, self.trainer.steps)
         return scored
+
+    def _replay_step(self) -> None:
+        events = self.buffer.sample(self.settings.trainer.batch_size, *self.reaction.replay_plan())
+        if events:
+            self.trainer.step(self.collator(events, n_fresh=0))
+
+    def _react(self, response: Response) -> None:
+        """Note what the reaction did (the loop counts ``applied``); a new lineage begins here too."""
+        self.applied += response.applied
+        if response.new_lineage:
+            self.publisher.new_lineage()
+            self.holdout.clear()  # the old concept's held-out events would judge candidates of the new one
+        if response.applied:
+            log.warning("task %s: reacting to drift with %s", self.name, ", ".join(response.applied))
+
+    def redraw(self, batch: Batch, lineage: int) -> Batch:
+        """``batch`` with its replay drawn again if it was drawn before a reset (an older ``lineage``)."""
+        if lineage == self.reaction.lineage:
+            return batch
+        fresh = batch.events[: batch.n_fresh]
+        replayed = self.buffer.sample(len(batch.events) - len(fresh), *self.reaction.replay_plan())
+        return self.collator(fresh + replayed, n_fresh=len(fresh))
 
     def publish_meta(self) -> dict[str, Any]:
         pq = self.prequential
@@ -195,6 +233,7 @@ class Task:
             "prequential": self.prequential.snapshot(),
             "drift": self.drift.snapshot(),
             "publisher": self.publisher.snapshot(),
+            "reaction": self.reaction.snapshot(),
         }
         prefix = f"task.{self.name}."
         holdout = [e.model_dump(mode="json") for e in self.holdout.snapshot()]
@@ -216,6 +255,8 @@ class Task:
             self.trainer.restore(own, state["trainer"])
             self.publisher.restore(state["publisher"])
         self.drift.restore(state["drift"])
+        if "reaction" in state:  # checkpoints before tasks had reactions of their own have none
+            self.reaction.restore(state["reaction"])
         self.buffer.restore(records.get(f"{prefix}buffer.jsonl", []), state["buffer"])
         holdout = records.get(f"{prefix}holdout.jsonl", [])
         self.holdout.restore([Event.model_validate(r, strict=False) for r in holdout])
