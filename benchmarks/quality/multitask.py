@@ -182,9 +182,9 @@ def execute(job: Job, suite: Suite, data: Path = DATA) -> dict[str, Any]:
     }
 
 
-def run_multitask(suite: Suite, seeds: int, workers: int, data: Path = DATA) -> dict[str, Any]:
+def run_multitask(suite: Suite, seeds: int, workers: int, data: Path = DATA, first_seed: int = 0) -> dict[str, Any]:
     """Every contender on every seed; each job in a fresh process (its peak memory is its own)."""
-    jobs = [Job(c, seed) for seed in range(seeds) for c in CONTENDERS]
+    jobs = [Job(c, seed) for seed in range(first_seed, first_seed + seeds) for c in CONTENDERS]
     started = time.time()
     if workers <= 1:
         rows = [execute(job, suite, data) for job in jobs]
@@ -248,7 +248,7 @@ def markdown(results: dict[str, Any], command: str) -> str:
             for t in TASKS
             if t != DRIFTING
         ]
-        what = f"What the drift of `{DRIFTING}` costs the other tasks in `per_task` (points)"
+        what = f"What the drift of `{DRIFTING}` costs the other tasks in `per_task` (points: without it minus with it)"
         lines += ["", f"{what}: {', '.join(costs)}."]
     lines += [
         "",
@@ -277,12 +277,21 @@ def main() -> int:
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--merge", type=Path, nargs="*", help="combine these results (runs of other seeds); no run")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    results = run_multitask(SUITES[args.suite], args.seeds, args.workers)
     command = f"python -m benchmarks.quality.multitask {' '.join(sys.argv[1:])}".strip()
+    if args.merge:
+        parts = [json.loads(path.read_text()) for path in args.merge]
+        runs = [run for part in parts for run in part["runs"]]
+        seconds = sum(part["seconds"] for part in parts)
+        results = parts[0] | {"runs": runs, "seeds": len({r["seed"] for r in runs}), "seconds": seconds}
+        results["summary"] = summarize(runs)
+    else:
+        results = run_multitask(SUITES[args.suite], args.seeds, args.workers, first_seed=args.first_seed)
     for path in write(results, args.out, command):
         print(f"wrote {path}", file=sys.stderr)
     return 0
