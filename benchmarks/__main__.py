@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from benchmarks.plans import Plan
 
 # Module names under benchmarks/, each with run(plan) -> list[Result], in the order they run.
-BENCHMARKS = ["training", "swap", "serving", "ingest", "memory", "replicas"]
+BENCHMARKS = ["training", "swap", "serving", "tasks", "ingest", "memory", "replicas"]
 
 
 def main() -> int:

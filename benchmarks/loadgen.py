@@ -37,8 +37,16 @@ class Load:
 class LoadGenerator:
     """``clients`` threads that send ``texts_per_request`` demo texts per request until stopped."""
 
-    def __init__(self, engine: InferenceEngine, texts: list[str], clients: int, texts_per_request: int = 1) -> None:
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        texts: list[str],
+        clients: int,
+        texts_per_request: int = 1,
+        tasks: list[str] | None = None,
+    ) -> None:
         self.engine, self.texts, self.clients, self.per_request = engine, texts, clients, texts_per_request
+        self.tasks = tasks or ["default"]  # each client's requests cycle through them, from its own offset
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
@@ -65,11 +73,14 @@ class LoadGenerator:
 
     def _client(self, seed: int) -> None:
         rng = random.Random(seed)
+        sent_so_far = seed
         while not self._stop.is_set():
             texts = [rng.choice(self.texts) for _ in range(self.per_request)]
+            task = self.tasks[sent_so_far % len(self.tasks)]
+            sent_so_far += 1
             sent, started = time.time(), time.perf_counter()
             try:
-                answer = self.engine.submit(texts).result(timeout=30)
+                answer = self.engine.submit(texts, task).result(timeout=30)
             except Exception as exc:  # every failure counts, whatever its kind
                 with self._lock:
                     self.load.failures.append(repr(exc))

@@ -115,6 +115,15 @@ class ReplayBuffer:
             self._evict()
         return True
 
+    def resize(self, max_events: int, max_bytes: int) -> None:
+        """New bounds (a task's share changes as tasks come: ``dynft.taskloop``); evicts down to them at once."""
+        if max_events < 1 or max_bytes < 1:
+            raise ValueError(f"buffer bounds must be positive, got {max_events} events, {max_bytes} bytes")
+        with self._lock:
+            self.max_events, self.max_bytes = max_events, max_bytes
+            while self._count > self.max_events or self._bytes > self.max_bytes:
+                self._evict()
+
     def _evict(self) -> None:
         if self.strategy == "recency":
             oldest = min((es for es in self._by_label.values() if es), key=lambda es: es[0].seq)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,14 +25,14 @@ from prometheus_client import CollectorRegistry
 
 from dynft.batching import Batch, Collator
 from dynft.buffer import ReplayBuffer
-from dynft.checkpoint import Checkpoint, CheckpointError, CheckpointStore
+from dynft.checkpoint import CheckpointStore
 from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
 from dynft.drift import Detection, DriftMonitor
-from dynft.errors import AdapterMismatchError, DeadLetterError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import REASONS, Event
 from dynft.history import HistoryRecorder
 from dynft.ledger import Ledger, LedgerPruner
+from dynft.loopstate import LoopState
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
 from dynft.reaction import DriftReaction, Response
@@ -43,8 +42,8 @@ from dynft.runtime import tune_gc
 from dynft.serving.prototypes import SHOTS_FILE, ShotLog
 from dynft.settings import Settings
 from dynft.sources import Intake, Positions, Record, furthest, open_source
-from dynft.statedisk import StateDisk, free_bytes, is_disk_full
-from dynft.taskloop import TaskLoop, split_by_task
+from dynft.statedisk import StateDisk
+from dynft.taskloop import split_by_task
 from dynft.tasks import DEFAULT_TASK, Task, TaskDirectory, TaskWork
 from dynft.trainer import OnlineTrainer, StepResult, build_trainer
 
@@ -65,7 +64,7 @@ class Work:
     lineage: int = 0  # the drift reaction's lineage when made: replay of an older one is drawn again
 
 
-class TrainingLoop(TaskLoop):
+class TrainingLoop(LoopState):
     """Runs the trainer until ``should_exit`` is set (by a signal, or at the end of a finite source)."""
 
     def __init__(self, settings: Settings, metrics_registry: CollectorRegistry | None = None, colocated: bool = False):
@@ -129,6 +128,8 @@ class TrainingLoop(TaskLoop):
         self.trainer.capture_features = self.drift.wants_embeddings
         self.reaction = DriftReaction(s.drift, self.trainer, self.buffer)
         self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics)
+        if self.shared:
+            self.publisher.clock = self.joint_steps
         source = open_source(s.source, s.kafka, self.metrics_registry, s.events.max_record_bytes)
         checkpoint = self.checkpoints.latest()
         if checkpoint is not None:
@@ -181,9 +182,7 @@ class TrainingLoop(TaskLoop):
                 if self.settings.source.exit_at_end:
                     log.info("source %s is exhausted; stopping", self.settings.source.uri)
                     break
-            self.publisher.maybe_publish(self._publish_meta())
-            for task in list(self.tasks.values()):
-                self._publish_task(task)
+            self._publish_all()
             self._maybe_checkpoint()
             self._maybe_status()
 
@@ -197,9 +196,7 @@ class TrainingLoop(TaskLoop):
                 self._complete(self._work.get_nowait())
             for work in self._leftover:
                 self._complete(work)
-            self.publisher.maybe_publish(self._publish_meta(), force=True)
-            for task in list(self.tasks.values()):
-                self._publish_task(task, force=True)
+            self._publish_all(force=True)
             self._maybe_checkpoint(force=True)
             self._maybe_status(force=True)
             log.info("trainer stopped after %d steps", self.trainer.steps)
@@ -425,134 +422,3 @@ class TrainingLoop(TaskLoop):
                 "majority_rate": pq.majority_rate,
             },
         }
-
-    # -- checkpoints ---------------------------------------------------------------------
-
-    def _maybe_checkpoint(self, force: bool = False) -> None:
-        """Write a checkpoint when one is due, then commit the positions it covers.
-
-        The ledger is made durable first: a crash between the two then shows as a duplicate
-        delivery (the source re-reads what the older checkpoint lacks), never as an event the
-        checkpoint holds but the ledger forgot.
-        """
-        if not self._uncommitted:
-            return
-        step, at = self._checkpoint_at
-        c = self.settings.checkpoint
-        due = self.trainer.steps - step >= c.every_steps or time.monotonic() - at >= c.interval_s
-        due = due or self.ledger.pending >= self.settings.ledger.max_pending_rows  # intake waits on it
-        if self.disk.refusing:  # intake waits on this retry: the backoff's schedule, not the checkpoint's
-            due = self.disk.due()
-        if not (due or force):
-            return
-        self._checkpoint_at = (self.trainer.steps, time.monotonic())
-        try:
-            if self.sink is not None:
-                self.sink.flush()  # dead letters are durable before their positions are committed
-            self.ledger.commit()
-            self.checkpoints.save(self._capture())
-        except (CheckpointError, OSError, sqlite3.Error, DeadLetterError) as exc:  # disk full, DLQ down: keep going
-            self.metrics.checkpoint_errors.inc()
-            what = f"ledger {self.ledger.path}: {exc}" if isinstance(exc, sqlite3.Error) else exc
-            if is_disk_full(exc) or self.disk.refusing:  # intake is held: retry with backoff
-                log.error("checkpoint failed: %s; intake paused, next try in %.0f s", what, self.disk.refused())
-                return
-            log.error(
-                "checkpoint failed: %s; training goes on, offsets stay uncommitted, next try in %d steps or %.0f s",
-                what,
-                c.every_steps,
-                c.interval_s,
-            )
-            return
-        if self.disk.accepted():
-            log.info("the state disk takes writes again")
-        self._intake().source.commit(dict(self.positions))
-        self._uncommitted = False
-        self.metrics.checkpoints.inc()
-
-    def _capture(self) -> Checkpoint:
-        tensors, trainer_state = self.trainer.snapshot()
-        buffered, buffer_state = self.buffer.snapshot()
-        state = {
-            "trainer": trainer_state,
-            "buffer": buffer_state,
-            "prequential": self.prequential.snapshot(),
-            "drift": self.drift.snapshot(),
-            "publisher": self.publisher.snapshot(),
-            "positions": self.positions,
-            "reaction": self.reaction.snapshot(),
-        }
-        holdout = [e.model_dump(mode="json") for e in self.holdout.snapshot()]
-        records = {"buffer.jsonl": buffered, "holdout.jsonl": holdout}
-        if self.tasks:
-            state["tasks"] = {}
-            for name, task in self.tasks.items():
-                task_tensors, state["tasks"][name], task_records = task.snapshot()
-                tensors = {**tensors, **task_tensors}
-                records.update(task_records)
-        return Checkpoint(tensors, state, records)
-
-    def _restore(self, checkpoint: Checkpoint) -> None:
-        """Continue from ``checkpoint``; if its trainer part no longer fits, keep the rest and start a new lineage.
-
-        A checkpoint written with another adapter configuration or base model is reported in one
-        warning line naming what changed, instead of failing every restart. Kept then: the label
-        map, the buffer and the held-out window (plain events), the prequential metrics and the
-        positions: the events before them were learned by the old lineage and are replayed from
-        the buffer, and re-reading the stream from older positions would train them twice
-        (delivery stays at-least-once: nothing after the positions is skipped). The drift state
-        and the drift reaction describe the old adapter's errors, so they start afresh.
-        """
-        state = checkpoint.state
-        try:
-            self.publisher.check_checkpoint(state["publisher"])
-            own = {k: t for k, t in checkpoint.tensors.items() if not k.startswith("task.")}  # the default task's
-            self.trainer.restore(own, state["trainer"])
-        except AdapterMismatchError as exc:
-            log.warning(
-                "checkpoint %s does not fit this configuration: %s; starting a new lineage", checkpoint.path, exc
-            )
-            labels = state["trainer"].get("labels", [])
-            self.publisher.start_lineage(
-                [label for label in labels if isinstance(label, str)], state["publisher"]["lineage"]
-            )
-        else:
-            self.drift.restore(state["drift"])
-            self.publisher.restore(state["publisher"])
-            self.reaction.restore(state["reaction"])
-        self.buffer.restore(checkpoint.records.get("buffer.jsonl", []), state["buffer"])
-        self.holdout.restore(
-            [Event.model_validate(r, strict=False) for r in checkpoint.records.get("holdout.jsonl", [])]
-        )
-        self.prequential.restore(state["prequential"])
-        self._restore_tasks(checkpoint)
-        self.positions = dict(state["positions"])
-        self._checkpoint_at = (self.trainer.steps, time.monotonic())
-        log.info("resumed from %s: step %d, %d buffered events", checkpoint.path, self.trainer.steps, len(self.buffer))
-
-    # -- status --------------------------------------------------------------------------
-
-    def _maybe_status(self, force: bool = False) -> None:
-        """The compact status line: events/s, steps, accuracy, serving version."""
-        now = time.monotonic()
-        if not force and now - self._status_at < self.settings.run.status_interval_s:
-            return
-        pq, pub = self.prequential, self.publisher
-        rate = (pq.seen - self._status_events) / (now - self._status_at) if self._status_at else 0.0
-        self._status_at, self._status_events = now, pq.seen
-        self.metrics.disk_free.set(free_bytes(self.settings.state_dir))
-        self.history.record(self)
-        log.info(
-            "events %d (%.1f/s) | steps %d | acc %.3f (majority %.3f) | labels %d | buffer %d "
-            "| serving v%s, latest v%s | drift %d",
-            pq.seen,
-            rate,
-            self.trainer.steps,
-            pq.accuracy,
-            pq.majority_rate,
-            len(self.trainer.label_map),
-            len(self.buffer),
-            pub.serving_version,
-            pub.latest_version,
-            self.drift.detections,
-        )

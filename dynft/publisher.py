@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from dynft.batching import Collator, LabelMap
@@ -66,6 +67,9 @@ class Publisher:
         self.feed = open_feed(settings, registry)  # kafka.versions_topic: replicas follow what is published here
         self._published_labels = -1  # labels the last published version knew (-1: not yet known)
         self.arrivals = Arrivals()  # events trained since the last promotion (training thread only)
+        # Steps that count toward the publishing schedule: the trainer's own, or (tasks.sharing =
+        # shared) every task's, since any task's step moves the adapter this one publishes.
+        self.clock: Callable[[], int] = lambda: self.trainer.steps
 
     def resume(self) -> None:
         """Continue from the newest published version if it fits this model and adapter configuration.
@@ -122,7 +126,7 @@ class Publisher:
         self.serving_version = self.registry.serving().version
         self.latest_version = max(self.registry.versions(), default=0) or None
         self.lineage = max(previous_lineage, int(self._meta_of(self.latest_version).get("lineage", 0))) + 1
-        self._published_at_step = self.trainer.steps
+        self._published_at_step = self.clock()
         origin = self._start_from_serving()
         self.trainer.label_map.ids(labels)
         log.info(
@@ -193,9 +197,21 @@ class Publisher:
 
     def maybe_publish(self, extra_meta: dict[str, Any], force: bool = False) -> int | None:
         """Publish (and perhaps promote) a version when one is due; returns its number."""
-        steps = self.trainer.steps
-        if steps == self._published_at_step or not self.trainer.exported_labels():
+        if not self.due(force):
             return None
+        self.mark_published()
+        try:
+            return self._publish(extra_meta)
+        except DynftError as exc:
+            self.metrics.publish_errors.inc()
+            log.error("could not publish a version: %s", exc)
+            return None
+
+    def due(self, force: bool = False) -> bool:
+        """Whether a version is due now (``force``: whenever the trainer moved since the last one)."""
+        steps = self.clock()
+        if steps == self._published_at_step or not self.trainer.exported_labels():
+            return False
         known = len(self.trainer.exported_labels())
         if self._published_labels < 0:  # first call since the start: what was restored is not new
             self._published_labels = known
@@ -204,21 +220,25 @@ class Publisher:
         due = moved >= r.publish_every_steps or time.monotonic() - self._published_at >= r.publish_interval_s
         due = due or (self.serving_version is None and moved >= r.first_publish_steps)  # cold start
         due = due or (r.publish_on_new_label and known > self._published_labels)
-        if not (due or force):
-            return None
-        self._published_at_step, self._published_at = steps, time.monotonic()
-        try:
-            return self._publish(extra_meta)
-        except DynftError as exc:
-            self.metrics.publish_errors.inc()
-            log.error("could not publish a version: %s", exc)
-            return None
+        return due or force
+
+    def mark_published(self) -> None:
+        """Start the next publishing interval now."""
+        self._published_at_step, self._published_at = self.clock(), time.monotonic()
 
     def _publish(self, extra_meta: dict[str, Any]) -> int:
+        state, decision = self.candidate()
+        return self.record(state, decision, extra_meta)
+
+    def candidate(self) -> tuple[AdapterState, Decision]:
+        """The live adapter exported and judged against the serving version; nothing is written yet."""
         if not self.trainer.all_finite():
             raise RegistryError("the adapter has non-finite weights; nothing is published")
         state = self.trainer.export()
-        decision = self._judge(len(state.labels))
+        return state, self._judge(len(state.labels))
+
+    def record(self, state: AdapterState, decision: Decision, extra_meta: dict[str, Any]) -> int:
+        """Publish ``state`` with ``decision`` in its metadata, and promote it if the decision says so."""
         meta = {
             **extra_meta,
             "parent": self.latest_version,

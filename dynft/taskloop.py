@@ -3,13 +3,16 @@
 The default task's parts are the loop's own fields (its drift reactions live there); every
 other task is a ``Task`` made here on its first work. On the batching thread: a task's share of
 a take, with replay from its own buffer (task-balanced: every task in a take gets its own
-step). On the main thread: its step, hold-out, versions, metrics and checkpoint part.
+step); the buffers share ``buffer.max_events`` evenly. Each task reacts to its own drift
+(``Task.reaction``). On the main thread: its step, hold-out, versions, metrics and checkpoint part.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from typing import Any
 
 from dynft.batching import Collator
 from dynft.buffer import ReplayBuffer
@@ -17,10 +20,12 @@ from dynft.checkpoint import Checkpoint
 from dynft.errors import AdapterMismatchError
 from dynft.events import Event
 from dynft.metrics import TrainerMetrics
+from dynft.publisher import Publisher
 from dynft.routing import Router
 from dynft.settings import Settings
+from dynft.sharing import Member, publish_together
 from dynft.sources import Record
-from dynft.tasks import Task, TaskDirectory, TaskWork, task_collator, task_name_problem
+from dynft.tasks import DEFAULT_TASK, Task, TaskDirectory, TaskWork, task_collator, task_name_problem
 from dynft.trainer import OnlineTrainer
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,8 @@ class TaskLoop:
 
     settings: Settings
     trainer: OnlineTrainer
+    publisher: Publisher
+    buffer: ReplayBuffer  # the default task's
     metrics: TrainerMetrics
     tasks: dict[str, Task]  # main thread
     task_directory: TaskDirectory | None
@@ -46,6 +53,9 @@ class TaskLoop:
     _parts_lock: threading.Lock
 
     def _router(self) -> Router:
+        raise NotImplementedError
+
+    def _publish_meta(self) -> dict[str, Any]:
         raise NotImplementedError
 
     def _task_work(
@@ -57,10 +67,14 @@ class TaskLoop:
         size = self.settings.trainer.batch_size
         surplus = [event for _, event in fresh[:-size]]  # more than a batch: the newest train, the rest replay
         fresh, batch = fresh[-size:], None
+        # The task's reaction, once the main thread made it: its lineage and plan are read whole
+        # (as the default task's are), and replay of an older lineage is drawn again (Task.redraw).
+        task = self.tasks.get(name)
+        lineage, plan = (task.reaction.lineage, task.reaction.replay_plan()) if task else (1, (None, 0.0))
         if fresh:
-            batch, failed = router.collate(collator, fresh, buffer.sample(size - len(fresh)))
+            batch, failed = router.collate(collator, fresh, buffer.sample(size - len(fresh), *plan))
             dead += failed
-        return TaskWork(name, batch, held_out, surplus), [key for _, key in dead]
+        return TaskWork(name, batch, held_out, surplus, lineage), [key for _, key in dead]
 
     def _task_parts(self, name: str) -> tuple[Collator, ReplayBuffer]:
         """Task ``name``'s collator and replay buffer, made on first use by either thread."""
@@ -75,7 +89,16 @@ class TaskLoop:
                     b.max_events, b.max_bytes, b.strategy, b.recency_half_life, self.settings.trainer.seed
                 )
                 parts = self._task_parts_made[name] = (task_collator(self.trainer.collator, labels), buffer)
+                self._share_buffers()
             return parts
+
+    def _share_buffers(self) -> None:
+        """Every task's replay buffer gets an even share of ``buffer.max_events`` and ``max_bytes``, so
+        the tasks together stay within them; shares shrink as tasks come (each buffer evicts by its
+        own strategy). One task alone (``default``) keeps the whole buffer, as before tasks existed."""
+        b, buffers = self.settings.buffer, [self.buffer, *(buffer for _, buffer in self._task_parts_made.values())]
+        for buffer in buffers:
+            buffer.resize(max(1, b.max_events // len(buffers)), max(1, b.max_bytes // len(buffers)))
 
     def _directory(self) -> TaskDirectory:
         if self.task_directory is None:
@@ -87,18 +110,46 @@ class TaskLoop:
         task = self.tasks.get(name)
         if task is None:
             collator, buffer = self._task_parts(name)
-            trainer = self.trainer.fork(collator)
+            trainer = self.trainer.fork(collator, share_adapter=self.shared)
             task = self.tasks[name] = Task(name, trainer, buffer, self.settings, home=self.trainer)
+            if self.shared:
+                task.publisher.clock = self.joint_steps
             self.trainer.activate()
             log.info("task %s: new adapter and head (%d tasks)", name, len(self.tasks) + 1)
             if resume:
                 task.resume()
         return task
 
+    @property
+    def shared(self) -> bool:
+        """Whether every task trains one adapter (``tasks.sharing = shared``, see ``dynft.sharing``)."""
+        return self.settings.tasks.sharing == "shared"
+
+    def joint_steps(self) -> int:
+        """Steps of every task: in shared mode, what moved the adapter every task publishes."""
+        return self.trainer.steps + sum(task.trainer.steps for task in self.tasks.values())
+
+    def _publish_all(self, force: bool = False) -> None:
+        """Every task's version when due: each on its own schedule, or (shared) all together."""
+        if not self.shared:
+            self.publisher.maybe_publish(self._publish_meta(), force=force)
+            for task in list(self.tasks.values()):
+                self._publish_task(task, force)
+            return
+        members = [Member(DEFAULT_TASK, self.publisher, contextlib.nullcontext, self._publish_meta)]
+        members += [Member(t.name, t.publisher, t.installed, t.publish_meta) for t in self.tasks.values()]
+        published = publish_together(members, self.settings.gate, self.joint_steps(), force)
+        for task in self.tasks.values():
+            if task.name in published:
+                self._task_versions_metrics(task)
+
     def _publish_task(self, task: Task, force: bool = False) -> None:
         if task.maybe_publish(force) is not None:
-            self.metrics.task_latest_version.labels(task.name).set(task.publisher.latest_version or 0)
-            self.metrics.task_serving_version.labels(task.name).set(task.publisher.serving_version or 0)
+            self._task_versions_metrics(task)
+
+    def _task_versions_metrics(self, task: Task) -> None:
+        self.metrics.task_latest_version.labels(task.name).set(task.publisher.latest_version or 0)
+        self.metrics.task_serving_version.labels(task.name).set(task.publisher.serving_version or 0)
 
     def _complete_task(self, share: TaskWork, arrived: float) -> list[tuple[str, str]]:
         """Train another task on its share; returns the ledger outcomes of its events."""
@@ -107,7 +158,10 @@ class TaskLoop:
         if share.batch is not None:
             fresh = share.batch.events[: share.batch.n_fresh]
             detections = task.drift.detections
-            trained = task.train(share.batch)
+            trained = task.train(task.redraw(share.batch, share.lineage))
+            for reaction in task.applied:
+                self.metrics.reactions.labels(reaction).inc()
+            task.applied.clear()
             status = "trained" if trained else "skipped"
             if trained:
                 task.publisher.arrivals.add(arrived, len(fresh))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,9 +41,12 @@ from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import DEFAULT_TASK, Event, task_name_problem
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
+from dynft.reaction import DriftReaction, Response
 from dynft.registry import AdapterRegistry
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_TASK", "Task", "TaskDirectory", "TaskWork", "task_name_problem", "task_registry_dir"]
 
@@ -101,6 +105,7 @@ class TaskWork:
     batch: Batch | None
     held_out: list[Event] = field(default_factory=list)
     buffered: list[Event] = field(default_factory=list)  # beyond one batch: kept for replay, not trained fresh
+    lineage: int = 1  # the task's drift-reaction lineage when its replay was drawn (see Task.redraw)
 
 
 class Task:
@@ -121,6 +126,9 @@ class Task:
         self.prequential = Prequential(settings.evaluation.window)
         self.holdout = HoldoutWindow(settings.evaluation.holdout_window)
         self.drift = DriftMonitor.from_settings(settings.drift, settings.checkpoint.drift_history)
+        self.settings = settings
+        self.reaction = DriftReaction(settings.drift, trainer, buffer)  # replay_plan/lineage: read by the batcher
+        self.applied: list[str] = []  # reactions applied since the loop last counted them (main thread)
         registry = AdapterRegistry(
             task_registry_dir(settings.registry_dir, name),
             settings.registry.keep_last,
@@ -148,28 +156,60 @@ class Task:
             self.home.activate()
 
     def train(self, batch: Batch) -> list[tuple[Event, str, float]]:
-        """One step on ``batch``; the fresh events with their prequential prediction and loss (none if skipped)."""
-        with self.installed():
+        """One step on ``batch`` and this task's drift reactions to it; the fresh events with their
+        prequential prediction and loss (none if the step was skipped)."""
+        with self.installed():  # the reactions act on the installed adapter and head: this task's
             result = self.trainer.step(batch)
-        if result.skipped:
-            return []
-        fresh = batch.events[: batch.n_fresh]
-        self.buffer.add_many(fresh)
-        scored = list(zip(fresh, result.predictions, result.losses, strict=True))
-        for event, prediction, loss in scored:
-            self.prequential.update(event.label, prediction, loss)
-            self.drift.update(prediction != event.label, loss, event.label)  # no embedding: no extra forward
+            if result.skipped:
+                return []
+            fresh = batch.events[: batch.n_fresh]
+            self.buffer.add_many(fresh)
+            scored = list(zip(fresh, result.predictions, result.losses, strict=True))
+            for event, prediction, loss in scored:
+                self.prequential.update(event.label, prediction, loss)
+                for detection in self.drift.update(prediction != event.label, loss, event.label):  # no embedding
+                    self._react(self.reaction.on_detection(detection))
+                self._react(self.reaction.observe(self.drift.seen - 1, event.label, prediction))
+            if self.reaction.boosting:
+                for _ in range(self.settings.drift.boost_extra_steps):
+                    self._replay_step()
+            elif self.reaction.after_step():
+                log.info("task %s: drift reaction over after step %d", self.name, self.trainer.steps)
         return scored
 
-    def maybe_publish(self, force: bool = False) -> int | None:
+    def _replay_step(self) -> None:
+        events = self.buffer.sample(self.settings.trainer.batch_size, *self.reaction.replay_plan())
+        if events:
+            self.trainer.step(self.collator(events, n_fresh=0))
+
+    def _react(self, response: Response) -> None:
+        """Note what the reaction did (the loop counts ``applied``); a new lineage begins here too."""
+        self.applied += response.applied
+        if response.new_lineage:
+            self.publisher.new_lineage()
+            self.holdout.clear()  # the old concept's held-out events would judge candidates of the new one
+        if response.applied:
+            log.warning("task %s: reacting to drift with %s", self.name, ", ".join(response.applied))
+
+    def redraw(self, batch: Batch, lineage: int) -> Batch:
+        """``batch`` with its replay drawn again if it was drawn before a reset (an older ``lineage``)."""
+        if lineage == self.reaction.lineage:
+            return batch
+        fresh = batch.events[: batch.n_fresh]
+        replayed = self.buffer.sample(len(batch.events) - len(fresh), *self.reaction.replay_plan())
+        return self.collator(fresh + replayed, n_fresh=len(fresh))
+
+    def publish_meta(self) -> dict[str, Any]:
         pq = self.prequential
-        meta = {
+        return {
             "task": self.name,
             "events_seen": pq.seen,
             "metrics": {"prequential_accuracy": pq.accuracy, "prequential_macro_f1": pq.macro_f1},
         }
+
+    def maybe_publish(self, force: bool = False) -> int | None:
         with self.installed():
-            return self.publisher.maybe_publish(meta, force=force)
+            return self.publisher.maybe_publish(self.publish_meta(), force=force)
 
     def resume(self) -> None:
         """Continue from this task's newest published version, if any (a start without a checkpoint)."""
@@ -183,6 +223,9 @@ class Task:
         with self.installed():
             tensors, trainer_state = self.trainer.snapshot()
         tensors.pop("rng.torch", None)  # one RNG for the process: the default task's checkpoint part has it
+        if not self.trainer.owns_adapter:  # tasks.sharing = shared: the default task's part holds the adapter
+            heads = {f"param.{k}" for k in self.trainer.slots.head_keys}
+            tensors = {k: t for k, t in tensors.items() if not k.startswith("param.") or k in heads}
         buffered, buffer_state = self.buffer.snapshot()
         state = {
             "trainer": trainer_state,
@@ -190,6 +233,7 @@ class Task:
             "prequential": self.prequential.snapshot(),
             "drift": self.drift.snapshot(),
             "publisher": self.publisher.snapshot(),
+            "reaction": self.reaction.snapshot(),
         }
         prefix = f"task.{self.name}."
         holdout = [e.model_dump(mode="json") for e in self.holdout.snapshot()]
@@ -204,10 +248,15 @@ class Task:
         own = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
         own["rng.torch"] = torch.get_rng_state()
         with self.installed():
+            for key, param in self.trainer.slots.capture().items():
+                if not self.trainer.owns_adapter:  # the shared adapter: the default task's part restored it
+                    own.setdefault(f"param.{key}", param.detach().clone())
             self.publisher.check_checkpoint(state["publisher"])
             self.trainer.restore(own, state["trainer"])
             self.publisher.restore(state["publisher"])
         self.drift.restore(state["drift"])
+        if "reaction" in state:  # checkpoints before tasks had reactions of their own have none
+            self.reaction.restore(state["reaction"])
         self.buffer.restore(records.get(f"{prefix}buffer.jsonl", []), state["buffer"])
         holdout = records.get(f"{prefix}holdout.jsonl", [])
         self.holdout.restore([Event.model_validate(r, strict=False) for r in holdout])

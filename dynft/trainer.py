@@ -93,6 +93,8 @@ class OnlineTrainer:
         self.lr_scale = 1.0  # raised temporarily by drift reactions
         self.capture_features = False  # return the fresh rows' pooled embeddings (a representation drift detector)
         self.imprinted = 0  # head rows below this index have been imprinted or trained (see _imprint)
+        self.shares_adapter = False  # other tasks train the same adapter objects (see fork)
+        self.owns_adapter = True  # False: the shared adapter is another trainer's; ``load`` takes only the head
         self.imprints = settings.imprint_new_labels == "on" or (
             settings.imprint_new_labels == "auto" and pooling == "mean"
         )
@@ -116,10 +118,15 @@ class OnlineTrainer:
         """
         self.slots.install(self._own)
 
-    def fork(self, collator: Collator) -> OnlineTrainer:
+    def fork(self, collator: Collator, share_adapter: bool = False) -> OnlineTrainer:
         """A trainer for another task on the same model: a fresh adapter (this one's initial
         weights), a one-row head, its own optimizer and counters, and ``collator``'s label map.
 
+        ``share_adapter`` (``tasks.sharing = shared``): the fork's adapter is this trainer's own
+        parameter objects, so every task's step moves the one adapter; only the head is its own.
+        Each fork keeps its own AdamW moments for the shared weights, so every task's update is
+        normalised by its own gradients and none dominates by the size of its loss. Both then
+        ``shares_adapter``: a reset (a drift reaction) starts only the head afresh.
         The fork is left installed; call ``activate`` on a trainer before using it.
         """
         fresh: dict[str, nn.Parameter] = {}
@@ -128,13 +135,18 @@ class OnlineTrainer:
                 if key in self.slots.head_keys:
                     row = torch.empty_like(param[:1])
                     nn.init.normal_(row, std=0.02) if row.dim() > 1 else row.zero_()
+                elif share_adapter:
+                    fresh[key] = param
+                    continue
                 else:
                     row = self._init_state[key].clone()
                 fresh[key] = nn.Parameter(row, requires_grad=True)
         self.slots.install(fresh)
-        child = OnlineTrainer(self.model, collator, self.settings, self.device, self.base_model_path, self.pooling)
-        child._compiled = self._compiled
-        return child
+        fork = OnlineTrainer(self.model, collator, self.settings, self.device, self.base_model_path, self.pooling)
+        fork.shares_adapter = self.shares_adapter = share_adapter or self.shares_adapter
+        fork.owns_adapter = not share_adapter
+        fork._compiled = self._compiled
+        return fork
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         head = head_linear(self.model)
@@ -386,7 +398,8 @@ class OnlineTrainer:
         self.imprinted = len(state.labels)
         with torch.no_grad():
             for key, param in self.slots.capture().items():
-                param.copy_(state.tensors[key].to(param.device, param.dtype))
+                if self.owns_adapter or key in self.slots.head_keys:  # a task's old version: no roll-back
+                    param.copy_(state.tensors[key].to(param.device, param.dtype))
 
     def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Everything needed to continue exactly: weights, optimizer, labels, counters, RNG."""
@@ -425,7 +438,13 @@ class OnlineTrainer:
         self.imprinted = min(checked.head_rows, len(checked.labels))
 
     def reset_adapter(self) -> None:
-        """Start a new lineage: adapter and head back to their initial weights, optimizer state dropped."""
+        """Start a new lineage: adapter and head back to their initial weights, optimizer state dropped.
+
+        An adapter other tasks share is theirs too: only the head starts afresh then.
+        """
+        if self.shares_adapter:
+            self.reset_head()
+            return
         self.forgetting.clear()  # a new lineage is not pulled back
         self.imprinted = 0
         with torch.no_grad():

@@ -1,4 +1,8 @@
-"""``python -m benchmarks.quality --suite quick|full [--workers N] [--rate R | --no-served] [--out DIR]``.
+"""``python -m benchmarks.quality --suite quick|full [--workers N] [--rate R | --no-served] [--out DIR]
+[--multitask-seeds N] [--only-multitask]``.
+
+First the multitask stream (``benchmarks.quality.multitask``: four tasks in one stream, a daemon
+per task against ``per_task``, ``shared``, one flat label space and river), then the rest.
 
 Runs every method on every drifting stream and the fine-tuning comparison, then, for every
 stream, the served protocol (``benchmarks.quality.served``: a real ``dynft run`` fed at ``rate``
@@ -15,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.quality import report, served
+from benchmarks.quality import multitask, report, served
 from benchmarks.quality.harness import run_suite
 from benchmarks.quality.streams import DATA, build
 from benchmarks.quality.suites import SUITES, Suite
@@ -45,15 +49,23 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="served protocol: events per second fed")
     parser.add_argument("--no-served", action="store_true", help="skip the served protocol")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--multitask-seeds", type=int, default=3, help="seeds of the multitask stream (0: skip it)")
+    parser.add_argument("--only-multitask", action="store_true", help="run the multitask stream only")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     suite = SUITES[args.suite]
+    command = f"python -m benchmarks.quality {' '.join(sys.argv[1:])}".strip()
+    if args.multitask_seeds > 0:  # first: the one-process-per-job pool must not run beside the suite's
+        outcome = multitask.run_multitask(suite, args.multitask_seeds, args.workers)
+        for path in multitask.write(outcome, args.out, command):
+            print(f"wrote {path}", file=sys.stderr)
+    if args.only_multitask:
+        return 0
     results = run_suite(suite, args.workers)
     if not args.no_served:
         add_served(results, suite, args.rate, args.out / "logs")
     results = report.complete(results)
-    command = f"python -m benchmarks.quality {' '.join(sys.argv[1:])}".strip()
     for path in report.write(results, args.out, command):
         print(f"wrote {path}", file=sys.stderr)
     return 0

@@ -42,6 +42,8 @@ class Suite:
     threads: int = 1
     streams: tuple[str, ...] = ("domain", "airline", "banking", "concept")
     extra_settings: dict[str, Any] = field(default_factory=dict)
+    multitask_per_task: int = 240  # the multitask stream (benchmarks.quality.multitask): events per task
+    multitask_intents: int = 12  # ... and BANKING77 intents of its ``intents`` task (20 events each)
 
     def with_overrides(self, **changes: Any) -> Suite:
         return replace(self, **changes)
@@ -99,6 +101,8 @@ FULL = Suite(
     anchor_streams=("domain", "airline", "banking", "concept"),
     paradigm_train=600,  # with 6 datasets x 5 paradigms, the largest share of the 60-minute budget
     paradigm_test=250,
+    multitask_per_task=600,
+    multitask_intents=30,
 )
 
 SUITES = {"quick": QUICK, "full": FULL}

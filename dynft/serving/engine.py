@@ -14,14 +14,16 @@ for a load, and a version that fails a check is never installed.
 
 Many tasks (``dynft.tasks``): each task has a *lane*, its registry and the versions serving and
 staged for it, found by the watcher under ``<registry>/tasks/``. A micro-batch may mix tasks:
-the worker groups its rows by task and runs each group with that task's adapter and head,
-installed by reference before the group's forward pass. A task's swap only changes its lane,
-so it never blocks, nor changes the answers of, another task.
+one forward pass runs the whole batch, each row with its task's adapter and head
+(``dynft.serving.mixed``); where that cannot be done, the worker groups its rows by task and
+runs each group with that task's adapter and head, installed by reference before its pass.
+A task's swap only changes its lane, so it never blocks, nor changes the answers of, another task.
 
 The fast path (``dynft.serving.prototypes``, ``server.prototypes``): the default task's answers
 gain prototype rows for the labels the answering version lacks, computed by the worker with that
 same version, so a request still sees one version and one set of prototypes. Before the first
 version, a version 0 (the base encoder, prototype rows only) answers once shots have arrived.
+While it has labels to add, the default task's rows take a pass of their own, outside the mixed one.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from dynft.model import (
     structure_key,
 )
 from dynft.registry import AdapterRegistry
+from dynft.serving.mixed import MixedForward
 from dynft.serving.prototypes import SHOTS_FILE, FastPath
 from dynft.settings import Settings
 from dynft.tasks import DEFAULT_TASK, known_tasks, task_registry_dir
@@ -140,6 +143,7 @@ class InferenceEngine:
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.model_path)
         self.lanes: dict[str, _Lane] = {DEFAULT_TASK: _Lane(DEFAULT_TASK, registry)}  # grown by the watcher
         self._installed: LoadedVersion | None = None  # whose parameters the model holds now (worker thread)
+        self._mixed: dict[int, MixedForward] = {}  # by id of the slots it hooks (worker thread)
         self._queue: deque[_Pending] = deque()
         self._queued_texts = 0
         self._cond = threading.Condition()
@@ -248,15 +252,26 @@ class InferenceEngine:
                 if staged is not None:
                     self._install(staged)
             groups: dict[str, list[_Pending]] = {}
-            for pending in batch:  # one forward pass per task in the batch, each with its own adapter
+            for pending in batch:
                 groups.setdefault(pending.task, []).append(pending)
-            for task, group in groups.items():
+            # One pass for the tasks together, each row with its task's adapter; while the fast path
+            # has prototype rows to add, the default task's rows need a pass of their own (their
+            # features, its version's head).
+            mixable = {t: g for t, g in groups.items() if t != DEFAULT_TASK or not self._fast_pending()}
+            if len(mixable) > 1 and self._answer_mixed(mixable):
+                groups = {t: g for t, g in groups.items() if t not in mixable}
+            for task, group in groups.items():  # else one forward pass per task, each with its own adapter
                 active = self.lanes[task].active
                 if active is None:
                     for pending in group:
                         pending.future.set_exception(NotReady("no adapter version is serving yet"))
                     continue
                 self._answer(active, group)
+
+    def _fast_pending(self) -> bool:
+        """Whether the fast path has labels to add to the default task's serving version."""
+        active = self.lanes[DEFAULT_TASK].active
+        return self.fast is not None and (active is None or bool(self.fast.pending(active.labels)))
 
     def _answer(self, active: LoadedVersion, batch: list[_Pending]) -> None:
         try:
@@ -339,6 +354,47 @@ class InferenceEngine:
         size = self.settings.server.max_batch
         rows = [self._run(active, texts[i : i + size], features=True)[0] for i in range(0, len(texts), size)]
         return torch.cat([r for r in rows if r is not None])
+
+    def _answer_mixed(self, groups: dict[str, list[_Pending]]) -> bool:
+        """Answer a batch of several tasks in one forward pass (``dynft.serving.mixed``); whether it
+        did. It does not when a task has no version yet, the tasks' versions need different models,
+        the adapter kind is not supported, or the pass fails (each group is then answered apart)."""
+        actives = [self.lanes[task].active for task in groups]
+        if any(a is None for a in actives) or len({id(a.model) for a in actives if a is not None}) > 1:
+            return False
+        owners = [a for a in actives if a is not None]
+        mixed = self._mixed.get(id(owners[0].slots))
+        if mixed is None:
+            mixed = self._mixed[id(owners[0].slots)] = MixedForward(owners[0].slots)
+        if not mixed.supported:
+            return False
+        texts = [t for group in groups.values() for p in group for t in p.texts]
+        rows = [owner for owner, group in zip(owners, groups.values(), strict=True) for p in group for _ in p.texts]
+        try:
+            answers = self._forward_mixed(mixed, owners[0].model, rows, texts)
+        except Exception:
+            log.exception("a mixed-task forward pass failed; answering each task's rows apart")
+            return False
+        start = 0
+        for owner, group in zip(owners, groups.values(), strict=True):
+            for pending in group:
+                end = start + len(pending.texts)
+                pending.future.set_result(Answer(answers[start:end], owner.version))
+                start = end
+        return True
+
+    def _forward_mixed(
+        self, mixed: MixedForward, model: PeftModel, rows: list[LoadedVersion], texts: list[str]
+    ) -> list[Prediction]:
+        self.metrics.batch_size.observe(len(texts))
+        enc = tokenize(self.tokenizer, texts, self.settings.model.max_length)
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        probs = mixed.probabilities(model, ids, mask, [(id(v), v.params, len(v.labels)) for v in rows])
+        out = []
+        for owner, row in zip(rows, probs, strict=True):
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append(Prediction(owner.labels[best], dict(zip(owner.labels, row, strict=True))))
+        return out
 
     # -- swaps ---------------------------------------------------------------------------
 

@@ -401,6 +401,11 @@ class TasksSettings(Section):
         le=1024,
         description="tasks one daemon learns; events of a task beyond it are rejected (too_many_tasks)",
     )
+    sharing: Literal["per_task", "shared"] = Field(
+        "per_task",
+        description="per_task: an adapter and head per task (a drift in one cannot disturb another); shared: "
+        "one adapter trained by every task, a head per task, versions published and promoted together",
+    )
 
 
 class RunSettings(Section):

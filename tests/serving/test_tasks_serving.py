@@ -76,7 +76,8 @@ def test_a_batch_that_mixes_tasks_answers_each_row_as_its_own_task_would(
         answers = [(task, texts, future.result(timeout=60)) for task, texts, future in queued]
     finally:
         engine.stop()
-    assert batches.collect()[0].samples  # the forward passes were observed
+    passes = {s.name: s.value for s in batches.collect()[0].samples}["dynft_predict_batch_texts_count"]
+    assert passes == 1  # one encoder pass over the mixed batch, each row with its own task's adapter and head
     for task, texts, answer in answers:
         assert answer.version == (13 if task == "default" else 2)
         for text, prediction in zip(texts, answer.predictions, strict=True):

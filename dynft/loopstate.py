@@ -1,0 +1,186 @@
+"""What the training loop keeps across restarts and reports: checkpoints and the status line.
+
+A mixin of ``TrainingLoop`` (``dynft.loop``), which owns the fields declared below; everything
+here runs on the main thread. ``_maybe_checkpoint`` writes a checkpoint when one is due (every
+task's steps count) and then lets the source commit the positions it covers; ``_capture`` and
+``_restore`` are the checkpoint's two directions, every task included; ``_maybe_status``
+prints the compact status line and records the console's curves.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from typing import TYPE_CHECKING, cast
+
+from dynft.buffer import ReplayBuffer
+from dynft.checkpoint import Checkpoint, CheckpointError, CheckpointStore
+from dynft.deadletter import DeadLetterSink
+from dynft.drift import DriftMonitor
+from dynft.errors import AdapterMismatchError, DeadLetterError
+from dynft.evaluation import HoldoutWindow, Prequential
+from dynft.events import Event
+from dynft.history import HistoryRecorder
+from dynft.ledger import Ledger
+from dynft.reaction import DriftReaction
+from dynft.sources import Intake, Positions
+from dynft.statedisk import StateDisk, free_bytes, is_disk_full
+from dynft.taskloop import TaskLoop
+
+if TYPE_CHECKING:
+    from dynft.loop import TrainingLoop
+
+log = logging.getLogger("dynft.loop")  # the loop's own logger: these lines are the loop's
+
+
+class LoopState(TaskLoop):
+    """Checkpoints and status of the loop; ``TrainingLoop`` provides the fields below."""
+
+    prequential: Prequential
+    holdout: HoldoutWindow
+    buffer: ReplayBuffer
+    drift: DriftMonitor
+    reaction: DriftReaction
+    checkpoints: CheckpointStore
+    ledger: Ledger
+    disk: StateDisk
+    sink: DeadLetterSink | None
+    history: HistoryRecorder
+    positions: Positions
+    _uncommitted: bool
+    _checkpoint_at: tuple[int, float]
+    _status_at: float
+    _status_events: int
+
+    def _intake(self) -> Intake:
+        raise NotImplementedError
+
+    def _maybe_checkpoint(self, force: bool = False) -> None:
+        """Write a checkpoint when one is due, then commit the positions it covers.
+
+        The ledger is made durable first: a crash between the two then shows as a duplicate
+        delivery (the source re-reads what the older checkpoint lacks), never as an event the
+        checkpoint holds but the ledger forgot.
+        """
+        if not self._uncommitted:
+            return
+        step, at = self._checkpoint_at
+        c = self.settings.checkpoint
+        due = self.joint_steps() - step >= c.every_steps or time.monotonic() - at >= c.interval_s  # every task's
+        due = due or self.ledger.pending >= self.settings.ledger.max_pending_rows  # intake waits on it
+        if self.disk.refusing:  # intake waits on this retry: the backoff's schedule, not the checkpoint's
+            due = self.disk.due()
+        if not (due or force):
+            return
+        self._checkpoint_at = (self.joint_steps(), time.monotonic())
+        try:
+            if self.sink is not None:
+                self.sink.flush()  # dead letters are durable before their positions are committed
+            self.ledger.commit()
+            self.checkpoints.save(self._capture())
+        except (CheckpointError, OSError, sqlite3.Error, DeadLetterError) as exc:  # disk full, DLQ down: keep going
+            self.metrics.checkpoint_errors.inc()
+            what = f"ledger {self.ledger.path}: {exc}" if isinstance(exc, sqlite3.Error) else exc
+            if is_disk_full(exc) or self.disk.refusing:  # intake is held: retry with backoff
+                log.error("checkpoint failed: %s; intake paused, next try in %.0f s", what, self.disk.refused())
+                return
+            log.error(
+                "checkpoint failed: %s; training goes on, offsets stay uncommitted, next try in %d steps or %.0f s",
+                what,
+                c.every_steps,
+                c.interval_s,
+            )
+            return
+        if self.disk.accepted():
+            log.info("the state disk takes writes again")
+        self._intake().source.commit(dict(self.positions))
+        self._uncommitted = False
+        self.metrics.checkpoints.inc()
+
+    def _capture(self) -> Checkpoint:
+        tensors, trainer_state = self.trainer.snapshot()
+        buffered, buffer_state = self.buffer.snapshot()
+        state = {
+            "trainer": trainer_state,
+            "buffer": buffer_state,
+            "prequential": self.prequential.snapshot(),
+            "drift": self.drift.snapshot(),
+            "publisher": self.publisher.snapshot(),
+            "positions": self.positions,
+            "reaction": self.reaction.snapshot(),
+        }
+        holdout = [e.model_dump(mode="json") for e in self.holdout.snapshot()]
+        records = {"buffer.jsonl": buffered, "holdout.jsonl": holdout}
+        if self.tasks:
+            state["tasks"] = {}
+            for name, task in self.tasks.items():
+                task_tensors, state["tasks"][name], task_records = task.snapshot()
+                tensors = {**tensors, **task_tensors}
+                records.update(task_records)
+        return Checkpoint(tensors, state, records)
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        """Continue from ``checkpoint``; if its trainer part no longer fits, keep the rest and start a new lineage.
+
+        A checkpoint written with another adapter configuration or base model is reported in one
+        warning line naming what changed, instead of failing every restart. Kept then: the label
+        map, the buffer and the held-out window (plain events), the prequential metrics and the
+        positions: the events before them were learned by the old lineage and are replayed from
+        the buffer, and re-reading the stream from older positions would train them twice
+        (delivery stays at-least-once: nothing after the positions is skipped). The drift state
+        and the drift reaction describe the old adapter's errors, so they start afresh.
+        """
+        state = checkpoint.state
+        try:
+            self.publisher.check_checkpoint(state["publisher"])
+            own = {k: t for k, t in checkpoint.tensors.items() if not k.startswith("task.")}  # the default task's
+            self.trainer.restore(own, state["trainer"])
+        except AdapterMismatchError as exc:
+            log.warning(
+                "checkpoint %s does not fit this configuration: %s; starting a new lineage", checkpoint.path, exc
+            )
+            labels = state["trainer"].get("labels", [])
+            self.publisher.start_lineage(
+                [label for label in labels if isinstance(label, str)], state["publisher"]["lineage"]
+            )
+        else:
+            self.drift.restore(state["drift"])
+            self.publisher.restore(state["publisher"])
+            self.reaction.restore(state["reaction"])
+        self.buffer.restore(checkpoint.records.get("buffer.jsonl", []), state["buffer"])
+        self.holdout.restore(
+            [Event.model_validate(r, strict=False) for r in checkpoint.records.get("holdout.jsonl", [])]
+        )
+        self.prequential.restore(state["prequential"])
+        self._restore_tasks(checkpoint)
+        self.positions = dict(state["positions"])
+        self._checkpoint_at = (self.joint_steps(), time.monotonic())
+        log.info("resumed from %s: step %d, %d buffered events", checkpoint.path, self.trainer.steps, len(self.buffer))
+
+    # -- status --------------------------------------------------------------------------
+
+    def _maybe_status(self, force: bool = False) -> None:
+        """The compact status line: events/s, steps, accuracy, serving version."""
+        now = time.monotonic()
+        if not force and now - self._status_at < self.settings.run.status_interval_s:
+            return
+        pq, pub = self.prequential, self.publisher
+        rate = (pq.seen - self._status_events) / (now - self._status_at) if self._status_at else 0.0
+        self._status_at, self._status_events = now, pq.seen
+        self.metrics.disk_free.set(free_bytes(self.settings.state_dir))
+        self.history.record(cast("TrainingLoop", self))  # only ever a TrainingLoop's base
+        log.info(
+            "events %d (%.1f/s) | steps %d | acc %.3f (majority %.3f) | labels %d | buffer %d "
+            "| serving v%s, latest v%s | drift %d",
+            pq.seen,
+            rate,
+            self.trainer.steps,
+            pq.accuracy,
+            pq.majority_rate,
+            len(self.trainer.label_map),
+            len(self.buffer),
+            pub.serving_version,
+            pub.latest_version,
+            self.drift.detections,
+        )

@@ -1,0 +1,94 @@
+"""One encoder pass over a micro-batch whose rows belong to different tasks (multi-adapter serving).
+
+Every adapter tensor of a LoRA version lives in an ``nn.Linear`` (``lora_A``, ``lora_B``, the
+head): ``MixedForward`` hooks those modules so that, during one forward pass, each row goes
+through its own task's weights, as peft's ``_mixed_batch_forward`` does for named adapters and
+S-LoRA/LoRAX do on GPUs: the frozen base weights run once over the whole batch, and only the
+small adapter products are done per task group. The heads' outputs are padded to the widest
+task's label count; the caller slices each row's own labels. Adapter kinds whose tensors are not
+``nn.Linear`` weights (prefix tuning, IA3) are not supported: the engine then runs one forward
+pass per task group, as before. Used by the engine's worker thread only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dynft.model import AdapterSlots
+
+Params = dict[str, nn.Parameter]  # a version's device-resident tensors by adapter key
+
+
+class MixedForward:
+    """Per-row adapter weights for one model's forward pass; see the module docstring."""
+
+    def __init__(self, slots: AdapterSlots) -> None:
+        self.slots = slots
+        # module -> {"weight": key, "bias": key}: where each adapter tensor of a version goes
+        self.modules: dict[nn.Module, dict[str, str]] = {}
+        for key, (module, attr) in slots.slots.items():
+            self.modules.setdefault(module, {})[attr] = key
+        peft_type = str(slots.peft_config.get("peft_type", "")).upper()
+        self.supported = (
+            peft_type.endswith("LORA")
+            and not slots.peft_config.get("use_dora")
+            and all(isinstance(m, nn.Linear) and set(a) <= {"weight", "bias"} for m, a in self.modules.items())
+        )
+
+    @torch.no_grad()
+    def probabilities(
+        self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, rows: list[tuple[int, Params, int]]
+    ) -> list[list[float]]:
+        """Each row's label probabilities from one pass: ``rows`` gives, per row, its version's
+        (identity, parameters by adapter key, label count); rows of one identity form a group."""
+        members: dict[int, tuple[Params, int]] = {}
+        for key, params, labels in rows:
+            members.setdefault(key, (params, labels))
+        index = {
+            key: torch.tensor([i for i, row in enumerate(rows) if row[0] == key], device=ids.device) for key in members
+        }
+        with self.rows([(index[key], params) for key, (params, _) in members.items()]):
+            if ids.device.type == "cuda":
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    logits = model(input_ids=ids, attention_mask=mask).logits
+            else:
+                logits = model(input_ids=ids, attention_mask=mask).logits  # (B, the widest head's labels)
+        out: list[list[float]] = [[] for _ in rows]
+        for key, (_, labels) in members.items():
+            probs = torch.softmax(logits.float()[index[key], :labels], dim=-1).cpu()  # (G, labels)
+            for i, row in zip(index[key].tolist(), probs.tolist(), strict=True):
+                out[i] = row
+        return out
+
+    @contextmanager
+    def rows(self, groups: Sequence[tuple[torch.Tensor, Params]]) -> Iterator[None]:
+        """For the block, row ``i`` of a forward pass uses the parameters of the group that lists it.
+
+        ``groups``: (row indices (G,), a version's parameters by adapter key), covering every row once.
+        """
+        hooks = [module.register_forward_hook(self._hook(keys, groups)) for module, keys in self.modules.items()]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    @staticmethod
+    def _hook(keys: dict[str, str], groups: Sequence[tuple[torch.Tensor, Params]]) -> Any:
+        def per_row(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor:
+            x = args[0]  # (B, ..., in): rows first, as every hooked Linear sees them
+            width = max(params[keys["weight"]].shape[0] for _, params in groups)
+            out = x.new_zeros((*x.shape[:-1], width))
+            for index, params in groups:
+                bias = params[keys["bias"]] if "bias" in keys else None
+                y = F.linear(x.index_select(0, index), params[keys["weight"]], bias)
+                out[index, ..., : y.shape[-1]] = y  # a narrower head's columns beyond its labels stay 0
+            return out
+
+        return per_row
