@@ -26,7 +26,7 @@ from dynft.metrics import TrainerMetrics
 from dynft.model import AdapterState, build_model, peft_config_from_dict
 from dynft.rank import convert_lora_rank
 from dynft.registry import AdapterRegistry
-from dynft.replication.feed import open_feed
+from dynft.replication.feed import TaskFeed, VersionsFeed, open_feed
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
 
@@ -41,7 +41,9 @@ class Publisher:
         holdout: HoldoutWindow,
         settings: Settings,
         metrics: TrainerMetrics,
+        feed: TaskFeed | None = None,
     ) -> None:
+        """``feed``: a task's share of the trainer's versions feed; else the feed is opened here (if configured)."""
         self.registry = registry
         self.trainer = trainer
         self.holdout = holdout
@@ -63,7 +65,8 @@ class Publisher:
         self._published_at = time.monotonic()
         self._serving_cache: tuple[int | None, dict[str, str]] = (None, {})  # serving predictions by event id
         self._candidate_predictions: dict[str, str] = {}
-        self.feed = open_feed(settings, registry)  # kafka.versions_topic: replicas follow what is published here
+        # kafka.versions_topic: replicas follow what is published here
+        self.feed: VersionsFeed | TaskFeed | None = feed if feed is not None else open_feed(settings, registry)
         self._published_labels = -1  # labels the last published version knew (-1: not yet known)
         self.arrivals = Arrivals()  # events trained since the last promotion (training thread only)
 

@@ -17,6 +17,8 @@ from dynft.checkpoint import Checkpoint
 from dynft.errors import AdapterMismatchError
 from dynft.events import Event
 from dynft.metrics import TrainerMetrics
+from dynft.publisher import Publisher
+from dynft.replication.feed import VersionsFeed
 from dynft.routing import Router
 from dynft.settings import Settings
 from dynft.sources import Record
@@ -40,6 +42,7 @@ class TaskLoop:
     settings: Settings
     trainer: OnlineTrainer
     metrics: TrainerMetrics
+    publisher: Publisher  # the default task's (its feed carries every task's versions)
     tasks: dict[str, Task]  # main thread
     task_directory: TaskDirectory | None
     _task_parts_made: dict[str, tuple[Collator, ReplayBuffer]]  # under _parts_lock (both threads)
@@ -88,7 +91,8 @@ class TaskLoop:
         if task is None:
             collator, buffer = self._task_parts(name)
             trainer = self.trainer.fork(collator)
-            task = self.tasks[name] = Task(name, trainer, buffer, self.settings, home=self.trainer)
+            feed = self.publisher.feed if isinstance(self.publisher.feed, VersionsFeed) else None
+            task = self.tasks[name] = Task(name, trainer, buffer, self.settings, home=self.trainer, feed=feed)
             self.trainer.activate()
             log.info("task %s: new adapter and head (%d tasks)", name, len(self.tasks) + 1)
             if resume:
