@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import sqlite3
 import threading
 import time
@@ -29,7 +30,8 @@ from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
 from dynft.drift import Detection, DriftMonitor
-from dynft.errors import AdapterMismatchError, DeadLetterError
+from dynft.election import Election
+from dynft.errors import AdapterMismatchError, DeadLetterError, TermLostError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import REASONS, Event
 from dynft.history import HistoryRecorder
@@ -110,6 +112,10 @@ class TrainingLoop(TaskLoop):
         self._task_parts_made: dict[str, tuple[Collator, ReplayBuffer]] = {}
         self._parts_lock = threading.Lock()
         self.started = threading.Event()
+        # kafka.election: this trainer trains only while it holds the term (dynft.election), and
+        # commits only positions whose events are in a version on the versions topic (_covered).
+        self.election = Election(settings, f"{socket.gethostname()}:{os.getpid()}") if settings.kafka.election else None
+        self._covered: Positions = {}
         self.history = HistoryRecorder(settings.state_dir, settings.console_show_texts)  # the console's curves
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -126,7 +132,11 @@ class TrainingLoop(TaskLoop):
         self.task_directory = TaskDirectory(self.trainer.label_map, s.tasks.max_tasks)
         self.trainer.capture_features = self.drift.wants_embeddings
         self.reaction = DriftReaction(s.drift, self.trainer, self.buffer)
-        self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics)
+        if self.election is not None:
+            self.election.start()
+            if not self.election.wait(self.should_exit):  # a standby told to stop
+                return
+        self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics, term=self.election)
         source = open_source(s.source, s.kafka, self.metrics_registry, s.events.max_record_bytes)
         checkpoint = self.checkpoints.latest()
         if checkpoint is not None:
@@ -164,6 +174,8 @@ class TrainingLoop(TaskLoop):
 
     def main_loop(self) -> None:
         while not self.should_exit.is_set():
+            if self.election is not None and self.election.lost:
+                raise TermLostError(f"trainer epoch {self.election.epoch} lost its term; standing by needs a restart")
             try:
                 work = self._work.get(timeout=0.2)
             except queue.Empty:
@@ -180,6 +192,7 @@ class TrainingLoop(TaskLoop):
             self.publisher.maybe_publish(self._publish_meta())
             for task in list(self.tasks.values()):
                 self._publish_task(task)
+            self._note_covered()
             self._maybe_checkpoint()
             self._maybe_status()
 
@@ -196,6 +209,7 @@ class TrainingLoop(TaskLoop):
             self.publisher.maybe_publish(self._publish_meta(), force=True)
             for task in list(self.tasks.values()):
                 self._publish_task(task, force=True)
+            self._note_covered()
             self._maybe_checkpoint(force=True)
             self._maybe_status(force=True)
             log.info("trainer stopped after %d steps", self.trainer.steps)
@@ -205,6 +219,8 @@ class TrainingLoop(TaskLoop):
             self.sink.close()
         self.pruner.stop()
         self.ledger.close()
+        if self.election is not None:
+            self.election.close()  # leaves the group: a standby takes over at once
 
     # -- batching thread -----------------------------------------------------------------
 
@@ -460,9 +476,22 @@ class TrainingLoop(TaskLoop):
             return
         if self.disk.accepted():
             log.info("the state disk takes writes again")
-        self._intake().source.commit(dict(self.positions))
+        self._intake().source.commit(self._committable())
         self._uncommitted = False
         self.metrics.checkpoints.inc()
+
+    def _note_covered(self) -> None:
+        """Election: the positions so far are committable once every task's steps are in versions on the topic."""
+        publishers = [self.publisher, *(t.publisher for t in self.tasks.values())]
+        if self.election is not None and self._covered != self.positions and all(p.on_topic for p in publishers):
+            self._covered = dict(self.positions)
+            self._uncommitted = True  # the next checkpoint commits them, even if nothing new was processed
+
+    def _committable(self) -> Positions:
+        """What a checkpoint commits: every processed position, or (election) the covered ones; none after a loss."""
+        if self.election is None:
+            return dict(self.positions)
+        return {} if self.election.lost else dict(self._covered)
 
     def _capture(self) -> Checkpoint:
         tensors, trainer_state = self.trainer.snapshot()

@@ -32,7 +32,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from dynft.errors import ConfigError, DynftError, RegistryError, ReplicationError, TermLostError
 from dynft.events import DEFAULT_TASK
@@ -58,6 +58,14 @@ from dynft.sources.kafka import parse_kafka_uri
 
 log = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 30.0
+
+
+class Term(Protocol):
+    """An elected trainer's term (``dynft.election.Election``): its epoch, and whether it still holds it."""
+
+    epoch: int
+
+    def held(self) -> bool: ...
 
 
 def versions_servers(settings: Settings) -> list[str]:
@@ -176,6 +184,9 @@ class TaskFeed:
     def sync(self) -> None:
         self.feed.sync(self.task)
 
+    def sent(self, version: int) -> bool:
+        return self.feed.sent(version, self.task)
+
 
 class VersionsFeed:
     def __init__(
@@ -272,6 +283,10 @@ class VersionsFeed:
             log.warning("versions topic not updated: %s", exc)
         except DynftError as exc:
             log.error("versions topic not updated (next publish tries again): %s", exc)
+
+    def sent(self, version: int, task: str = DEFAULT_TASK) -> bool:
+        """Whether ``version`` of ``task`` is on the versions topic (sent by this feed or found there)."""
+        return version in self._lanes[task].sent_versions
 
     @staticmethod
     def _same_here(registry: AdapterRegistry, on_topic: dict[int, str]) -> dict[int, str]:
