@@ -200,6 +200,8 @@ def test_a_paused_trainer_resumed_after_a_takeover_publishes_nothing_more(
         seq = [e for k, e in epochs_in_order(pair.broker.bootstrap, pair.versions) if k == kind]
         after = seq[seq.index(new) :] if new in seq else []
         assert old not in after, f"a {kind} record of the lost term {old} after the new term {new}: {seq}"
+    standby.send_signal(signal.SIGTERM)  # the topics hold still while a replica reads them
+    assert standby.wait(timeout=120) == 0, pair.log(1)
     registry = FollowingRegistry(tmp_path / "replica")
     follower = registry.follower = Follower(
         tiny_settings, registry, f"kafka://{pair.broker.bootstrap}/{pair.versions}", CollectorRegistry()
