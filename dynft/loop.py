@@ -48,6 +48,7 @@ from dynft.statedisk import StateDisk, free_bytes, is_disk_full
 from dynft.taskloop import TaskLoop, split_by_task
 from dynft.tasks import DEFAULT_TASK, Task, TaskDirectory, TaskWork
 from dynft.trainer import OnlineTrainer, StepResult, build_trainer
+from dynft.warmup import rewarm
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,8 @@ class TrainingLoop(TaskLoop):
             source.resume_from(self.positions)
         else:
             self.publisher.resume()
+            if self.election is not None:  # a takeover on another host: no checkpoint, the stream has the past
+                rewarm(s, self.buffer, self.holdout, self.trainer.label_map)
         self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path, s.source, self.disk.write_refused)
         self.router = Router(
             s, self.trainer.label_map, self.sink, self.metrics, self.history.dead_letter, self.task_directory

@@ -162,6 +162,7 @@ def test_the_standby_takes_over_a_killed_trainer_from_its_newest_published_versi
     own = sorted(v for v, (epoch, _) in lineage.items() if epoch == standby_epoch)
     assert own and own[0] == newest + 1, f"the standby's versions {own} after {newest}: {pair.log(1)}"
     assert lineage[own[0]][1] == newest, "the standby's first version descends from the newest published one"
+    assert "rebuilt the replay buffer" in (tmp_path / "b.log").read_text(), "the takeover warms up from the stream"
     statuses = {status for status, _ in accounted(pair.states, ids).values()}
     assert statuses <= {"trained", "held_out", "buffered"}, statuses
     print(f"takeover {took_over_s:.1f} s after kill -9 (session {SESSION_S} s)")
