@@ -53,7 +53,7 @@ def test_a_replica_serves_every_tasks_versions_from_one_feed(
     publish(spam, 10.0)
     publish(spam, 11.0)
     feed = VersionsFeed(tiny_settings, default, [kafka_broker.bootstrap], topic)
-    feed.start()
+    feed.sync()  # its thread starts below, once the replica's decision is to be followed
     spam_feed = feed.lane("spam", spam)  # its first sync sends what the topic lacks
     follower, _ = replica(tiny_settings, tmp_path / "replica", kafka_broker.bootstrap, topic)
     follower.start()
@@ -68,6 +68,11 @@ def test_a_replica_serves_every_tasks_versions_from_one_feed(
         spam_feed.sync()
         wait_until(lambda: replica_spam.serving().version == 3, 30, "the replica to serve spam's version 3")
         assert follower.registry.serving().version == 1 and follower.registry.versions() == [1]
+        feed._thread.start()  # the trainer follows the pointer topic from here
+        assert follower.registry_of("spam").rollback("operator") == 2  # an admin decision for one task
+        assert replica_spam.serving().version == 2 and replica_spam.serving().pinned
+        wait_until(lambda: spam.serving().version == 2, 30, "the trainer's spam registry to adopt the rollback")
+        assert spam.serving().pinned and default.serving().version == 1
     finally:
         follower.stop()
         feed.close()

@@ -96,7 +96,8 @@ class Follower:
         self.metrics = ReplicaMetrics(metrics_registry)
         self.on_change: Callable[[], None] | None = None  # called after a flip of serving.json (engine.nudge)
         self._log = PointerLog()  # follower thread only (start() before the thread runs)
-        self._registries: dict[str, AdapterRegistry] = {DEFAULT_TASK: registry}  # follower thread only, once started
+        self._registries: dict[str, AdapterRegistry] = {DEFAULT_TASK: registry}  # under _registries_lock
+        self._registries_lock = threading.Lock()
         self._pending: dict[str, PointerRecord] = {}  # task -> a pointer whose version has not arrived yet
         self._backlog: dict[Key, VersionRecord] = {}  # read at start, not yet written (popped under the lock)
         self._backlog_lock = threading.Lock()  # an admin request may need a backlogged version written now
@@ -152,14 +153,15 @@ class Follower:
             if client is not None:
                 client.close()
 
-    def send_pointer(self, pointer: ServingPointer) -> None:
+    def send_pointer(self, pointer: ServingPointer, task: str = DEFAULT_TASK) -> None:
         """Publish a serving decision made here; returns once this replica has applied it."""
         from kafka.errors import KafkaError
 
         # Read from a request's thread while the follower's advances them: ints, read whole.
-        record = PointerRecord(self._log.epoch, "replica", dict(pointer.__dict__), seen=self._log.seen)
+        record = PointerRecord(self._log.epoch, "replica", dict(pointer.__dict__), self._log.seen, task)
         try:
-            meta = self._producer.send(self.pointer_topic, key=pointer_key(), value=encode_pointer(record)).get(
+            value = encode_pointer(record)
+            meta = self._producer.send(self.pointer_topic, key=pointer_key(task), value=value).get(
                 timeout=APPLY_TIMEOUT_S
             )
         except KafkaError as exc:
@@ -185,13 +187,19 @@ class Follower:
             return self._backlog.pop((task, version), None)
 
     def registry_of(self, task: str) -> AdapterRegistry:
-        """Task ``task``'s registry in this replica (made on its first record)."""
-        registry = self._registries.get(task)
-        if registry is None:
-            s = self.settings.registry
-            root = task_registry_dir(self.registry.root, task)
-            registry = self._registries[task] = AdapterRegistry(root, s.keep_last, s.keep_serving_history)
-        return registry
+        """Task ``task``'s registry in this replica, made on first use (by the follower's or the engine's thread).
+
+        A ``FollowingRegistry`` too: an admin decision for the task goes to the pointer topic.
+        """
+        with self._registries_lock:
+            registry = self._registries.get(task)
+            if registry is None:
+                s = self.settings.registry
+                root = task_registry_dir(self.registry.root, task)
+                made = FollowingRegistry(root, s.keep_last, s.keep_serving_history)
+                made.follower, made.task = self, task
+                registry = self._registries[task] = made
+            return registry
 
     def _follow(self) -> None:
         while not self._stop.is_set():
@@ -258,7 +266,7 @@ class Follower:
                 self._cleaned = True
                 self._remove_unlisted()
             return
-        history = [(t, h.get("version")) for t, r in self._registries.items() for h in r.serving().history]
+        history = [(t, h.get("version")) for t, r in list(self._registries.items()) for h in r.serving().history]
         with self._backlog_lock:
             key = next((k for k in history if k in self._backlog), max(self._backlog, default=None))
         record = None if key is None or not isinstance(key[1], int) else self._take(key[0], key[1])
@@ -267,7 +275,7 @@ class Follower:
 
     def _remove_unlisted(self) -> None:
         """Versions left by an earlier run whose records the topic no longer holds (pruned meanwhile)."""
-        for task, registry in self._registries.items():
+        for task, registry in list(self._registries.items()):
             serving = registry.serving().version
             for version in registry.versions():
                 if (task, version) not in self._live and version != serving:
@@ -330,25 +338,27 @@ class Follower:
 
 
 class FollowingRegistry(AdapterRegistry):
-    """A replica's registry: serving decisions go to the pointer topic, not to ``serving.json``."""
+    """A replica's registry (of one task): serving decisions go to the pointer topic, not to ``serving.json``."""
 
     follower: Follower
+    task: str = DEFAULT_TASK
 
     def promote(self, version: int, reason: str, pin: bool = False, base_model: BaseModelId | None = None) -> None:
-        self.follower.ensure(version)
+        self.follower.ensure(version, self.task)
         _, meta = self.load(version)  # refuse a version that is missing or fails its hash check here already
         check_base_model(version, meta, base_model)
         current = self.serving()
-        self.follower.send_pointer(ServingPointer(version, pin, reason, now(), self._history(current, version)))
+        pointer = ServingPointer(version, pin, reason, now(), self._history(current, version))
+        self.follower.send_pointer(pointer, self.task)
 
     def rollback(self, reason: str = "rollback") -> int:
         current = self.serving()
         for entry in current.history:
-            self.follower.ensure(entry["version"])
+            self.follower.ensure(entry["version"], self.task)
         target = rollback_target(current, self.versions())
         self.load(target)
         rest = [h for h in current.history if h["version"] != target]
-        self.follower.send_pointer(ServingPointer(target, True, reason, now(), rest))
+        self.follower.send_pointer(ServingPointer(target, True, reason, now(), rest), self.task)
         return target
 
     def unpin(self) -> None:
@@ -356,7 +366,7 @@ class FollowingRegistry(AdapterRegistry):
         if current.version is not None and current.pinned:
             current.pinned = False
             current.updated_at = now()
-            self.follower.send_pointer(current)
+            self.follower.send_pointer(current, self.task)
 
     @staticmethod
     def _history(current: ServingPointer, version: int) -> list[dict[str, Any]]:
