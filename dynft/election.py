@@ -38,6 +38,7 @@ from typing import Any
 from kafka import ConsumerRebalanceListener
 
 from dynft.errors import ConfigError, ReplicationError
+from dynft.registry import AdapterRegistry
 from dynft.replication import topics
 from dynft.replication.feed import read_topics, versions_servers
 from dynft.settings import Settings
@@ -188,6 +189,21 @@ class Election:
             return read_topics(consumer, self.versions_topic).log.epoch
         finally:
             consumer.close()
+
+
+def outdated(checkpoint_state: dict[str, Any], registry: AdapterRegistry) -> bool:
+    """Whether a checkpoint predates a version in ``registry`` (another trainer's, from the versions topic).
+
+    An elected trainer that held the term before resumes from the newest published version then,
+    not from its own older state: its next version must descend from the newest one.
+    """
+    latest = checkpoint_state.get("publisher", {}).get("latest_version") or 0
+    newest = max(registry.versions(), default=0)
+    if newest > latest:
+        log.warning(
+            "the checkpoint knows versions up to %d, the versions topic %d: resuming from the topic", latest, newest
+        )
+    return newest > latest
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

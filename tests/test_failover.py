@@ -166,6 +166,17 @@ def test_the_standby_takes_over_a_killed_trainer_from_its_newest_published_versi
     statuses = {status for status, _ in accounted(pair.states, ids).values()}
     assert statuses <= {"trained", "held_out", "buffered"}, statuses
     print(f"takeover {took_over_s:.1f} s after kill -9 (session {SESSION_S} s)")
+    # The first trainer comes back on its own disk, whose checkpoint predates the standby's versions.
+    standby.kill()
+    standby.wait()
+    newest = pair.newest_on_topic()
+    back = pair.spawn(0)
+    publish(pair.broker, pair.topic, keyword_events(100, LABELS, seed=33, prefix="t"), tmp_path)
+    wait_until(lambda: pair.newest_on_topic() > newest, 240, f"the first trainer to publish again: {pair.log(0)}")
+    assert back.poll() is None and pair.holders()[-1] == back.pid
+    lineage = version_lineage(pair)
+    assert lineage[newest + 1][1] == newest, "its checkpoint is outdated: it resumes from the newest version"
+    assert "resuming from the topic" in (tmp_path / "a.log").read_text()
 
 
 def version_lineage(pair: Pair) -> dict[int, tuple[int, int | None]]:
