@@ -42,7 +42,8 @@ from dynft.registry import AdapterRegistry
 from dynft.replication import topics
 from dynft.replication.feed import read_topics, versions_servers
 from dynft.settings import Settings
-from dynft.sources.kafka import client_config, parse_kafka_uri
+from dynft.sources.base import Source
+from dynft.sources.kafka import KafkaSource, client_config, parse_kafka_uri
 
 log = logging.getLogger(__name__)
 TERM_KEY = b"term"
@@ -189,6 +190,12 @@ class Election:
             return read_topics(consumer, self.versions_topic).log.epoch
         finally:
             consumer.close()
+
+
+def fence_commits(source: Source, election: Election) -> None:
+    """No offset commit from ``source`` once ``election``'s term is lost (the new term's trainer commits)."""
+    if isinstance(source, KafkaSource):
+        source.may_commit = lambda: not election.lost
 
 
 def outdated(checkpoint_state: dict[str, Any], registry: AdapterRegistry) -> bool:

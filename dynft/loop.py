@@ -30,7 +30,7 @@ from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
 from dynft.drift import Detection, DriftMonitor
-from dynft.election import Election, outdated
+from dynft.election import Election, fence_commits, outdated
 from dynft.errors import AdapterMismatchError, DeadLetterError, TermLostError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import REASONS, Event
@@ -139,6 +139,8 @@ class TrainingLoop(TaskLoop):
                 return
         self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics, term=self.election)
         source = open_source(s.source, s.kafka, self.metrics_registry, s.events.max_record_bytes)
+        if self.election is not None:
+            fence_commits(source, self.election)
         checkpoint = self.checkpoints.latest()
         if checkpoint is not None and self.election is not None and outdated(checkpoint.state, registry):
             checkpoint = None  # another trainer published since: take over from its version, as on a new host
