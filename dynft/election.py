@@ -17,7 +17,10 @@ Fencing: ``held`` is asked before every record the trainer sends (``VersionsFeed
 turn of the training loop. It is false once the partition was revoked, and, because a paused
 trainer (SIGSTOP, a long GC, a partition) learns of its revocation only when its own thread runs
 again, also whenever the term topic holds a term record after this trainer's own (one broker
-round trip, asked before every send). A trainer that lost its term stops (``TermLostError``) and
+round trip, asked before every send). Every rebalance revokes the partition first (the eager
+protocol), which only suspends the term; the assignment that follows resumes it when the
+partition came back and no later term record exists (the sticky assignor keeps it with its
+holder when a standby joins), and ends it otherwise. A trainer that lost its term stops (``TermLostError``) and
 is started again as a standby by whatever runs it (``dynft run``'s supervisor, Kubernetes).
 Replicas ignore records of an epoch lower than the highest they have seen (``stale``), which
 covers the one window left: a record sent between the check and the new term's first record.
@@ -44,6 +47,7 @@ from dynft.replication.feed import read_topics, versions_servers
 from dynft.settings import Settings
 from dynft.sources.base import Source
 from dynft.sources.kafka import KafkaSource, client_config, parse_kafka_uri
+from dynft.sources.kafka_compat import apply_join_fixes
 
 log = logging.getLogger(__name__)
 TERM_KEY = b"term"
@@ -79,7 +83,9 @@ class Election:
 
     def start(self) -> None:
         from kafka import KafkaConsumer
+        from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 
+        apply_join_fixes()
         topics.ensure_topics(self.servers, self.versions_topic, self.settings.kafka, extra=[self.topic])
         k = self.settings.kafka
         self._consumer = KafkaConsumer(
@@ -88,8 +94,12 @@ class Election:
             enable_auto_commit=False,
             session_timeout_ms=k.session_timeout_ms,
             heartbeat_interval_ms=max(100, k.session_timeout_ms // 3),
+            max_poll_interval_ms=k.max_poll_interval_ms,  # this thread polls every POLL_MS: rebalances end soon
+            # Sticky: a standby that joins does not take the partition from the live holder.
+            partition_assignment_strategy=(StickyPartitionAssignor,),
             **client_config(k),
         )
+        self._consumer.partitions_for_topic(self.topic)  # join with the metadata at hand (see KafkaSource)
         self._consumer.subscribe([self.topic], listener=_Listener(self._news))
         self._checker = topics.consumer(self.servers, k)
         self._thread.start()
@@ -145,14 +155,32 @@ class Election:
             try:
                 self._consumer.poll(timeout_ms=POLL_MS)  # heartbeats and rebalances; term records are read apart
                 while not self._news.empty():
-                    news = self._news.get_nowait()
-                    if news == "revoked":
-                        self._lose("the term partition was revoked")
-                    elif news == "assigned" and not self._lost.is_set():
-                        self._take_term()
+                    self._on_news(self._news.get_nowait())
             except Exception:  # the election thread must outlive a broker outage; held() stays false meanwhile
                 log.exception("election on %s failed", self.topic)
                 self._stop.wait(1.0)
+
+    def _on_news(self, news: str) -> None:
+        """A rebalance: every one revokes first (eager protocol), so a revocation only suspends the term;
+        the assignment that follows resumes it if no later term was written, else the term is lost."""
+        if news == "revoked":
+            self._holding.clear()  # no record is sent until the assignment says who holds the partition
+        elif news == "unassigned" and self._offset >= 0:
+            self._lose("the term partition went to another trainer")
+        elif news == "assigned" and not self._lost.is_set():
+            if self._offset < 0:
+                self._take_term()
+            elif self._newest_offset() == self._offset:
+                self._holding.set()
+            else:
+                self._lose(f"a later term record is on {self.topic}")
+
+    def _newest_offset(self) -> int:
+        from kafka import TopicPartition
+
+        tp = TopicPartition(self.topic, 0)
+        with self._check_lock:
+            return int(self._checker.end_offsets([tp])[tp]) - 1
 
     def _take_term(self) -> None:
         """Write the next term record; the term is held once the broker acknowledged it."""
@@ -224,5 +252,4 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
             self.news.put("revoked")
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        if assigned:
-            self.news.put("assigned")
+        self.news.put("assigned" if assigned else "unassigned")

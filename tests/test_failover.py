@@ -102,7 +102,10 @@ class Pair:
     def start(self) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
         first = self.spawn(0)
         wait_until(lambda: self.alive(0) and self.holders() == [first.pid], 240, "the first trainer to hold the term")
-        return first, self.spawn(1)
+        second = self.spawn(1)
+        standing_by = lambda: self.alive(1) and "standing by" in (self.root / "b.log").read_text()  # noqa: E731
+        wait_until(standing_by, 240, "the second trainer to stand by")
+        return first, second
 
     def alive(self, i: int) -> bool:
         assert self.procs[i].poll() is None, f"trainer {'ab'[i]} exited: {self.log(i)}"
