@@ -110,6 +110,10 @@ class ReplicationError(DynftError):
     """The versions topics cannot be reached, read or written (the broker may come back)."""
 
 
+class TermLostError(ReplicationError):
+    """This trainer's elected term ended (another trainer took over): it must not publish under it."""
+
+
 def exit_code(exc: BaseException) -> int:
     """The process exit code for an error that ended a command (see the module docstring).
 

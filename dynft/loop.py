@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import CheckpointStore
 from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
 from dynft.drift import Detection, DriftMonitor
+from dynft.election import Election, fence_commits, outdated
+from dynft.errors import TermLostError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import REASONS, Event
 from dynft.history import HistoryRecorder
@@ -46,6 +49,7 @@ from dynft.statedisk import StateDisk
 from dynft.taskloop import split_by_task
 from dynft.tasks import DEFAULT_TASK, Task, TaskDirectory, TaskWork
 from dynft.trainer import OnlineTrainer, StepResult, build_trainer
+from dynft.warmup import rewarm
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +115,10 @@ class TrainingLoop(LoopState):
         self._task_parts_made: dict[str, tuple[Collator, ReplayBuffer]] = {}
         self._parts_lock = threading.Lock()
         self.started = threading.Event()
+        # kafka.election: this trainer trains only while it holds the term (dynft.election), and
+        # commits only positions whose events are in a version on the versions topic (_covered).
+        self.election = Election(settings, f"{socket.gethostname()}:{os.getpid()}") if settings.kafka.election else None
+        self._covered: Positions = {}
         self.history = HistoryRecorder(settings.state_dir, settings.console_show_texts)  # the console's curves
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -127,16 +135,26 @@ class TrainingLoop(LoopState):
         self.task_directory = TaskDirectory(self.trainer.label_map, s.tasks.max_tasks)
         self.trainer.capture_features = self.drift.wants_embeddings
         self.reaction = DriftReaction(s.drift, self.trainer, self.buffer)
-        self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics)
+        if self.election is not None:
+            self.election.start()
+            if not self.election.wait(self.should_exit):  # a standby told to stop
+                return
+        self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics, term=self.election)
         if self.shared:
             self.publisher.clock = self.joint_steps
         source = open_source(s.source, s.kafka, self.metrics_registry, s.events.max_record_bytes)
+        if self.election is not None:
+            fence_commits(source, self.election)
         checkpoint = self.checkpoints.latest()
+        if checkpoint is not None and self.election is not None and outdated(checkpoint.state, registry):
+            checkpoint = None  # another trainer published since: take over from its version, as on a new host
         if checkpoint is not None:
             self._restore(checkpoint)
             source.resume_from(self.positions)
         else:
             self.publisher.resume()
+            if self.election is not None:  # a takeover on another host: no checkpoint, the stream has the past
+                rewarm(s, self.buffer, self.holdout, self.trainer.label_map)
         if s.server.prototypes:
             self.shots = ShotLog(s.state_dir / SHOTS_FILE, s.server.prototype_shots)
         self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path, s.source, self.disk.write_refused)
@@ -169,6 +187,8 @@ class TrainingLoop(LoopState):
 
     def main_loop(self) -> None:
         while not self.should_exit.is_set():
+            if self.election is not None and self.election.lost:
+                raise TermLostError(f"trainer epoch {self.election.epoch} lost its term; standing by needs a restart")
             try:
                 work = self._work.get(timeout=0.2)
             except queue.Empty:
@@ -183,6 +203,7 @@ class TrainingLoop(LoopState):
                     log.info("source %s is exhausted; stopping", self.settings.source.uri)
                     break
             self._publish_all()
+            self._note_covered()
             self._maybe_checkpoint()
             self._maybe_status()
 
@@ -197,6 +218,7 @@ class TrainingLoop(LoopState):
             for work in self._leftover:
                 self._complete(work)
             self._publish_all(force=True)
+            self._note_covered()
             self._maybe_checkpoint(force=True)
             self._maybe_status(force=True)
             log.info("trainer stopped after %d steps", self.trainer.steps)
@@ -206,6 +228,8 @@ class TrainingLoop(LoopState):
             self.sink.close()
         self.pruner.stop()
         self.ledger.close()
+        if self.election is not None:
+            self.election.close()  # leaves the group: a standby takes over at once
 
     # -- batching thread -----------------------------------------------------------------
 

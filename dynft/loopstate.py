@@ -18,6 +18,7 @@ from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from dynft.deadletter import DeadLetterSink
 from dynft.drift import DriftMonitor
+from dynft.election import Election
 from dynft.errors import AdapterMismatchError, DeadLetterError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import Event
@@ -48,6 +49,8 @@ class LoopState(TaskLoop):
     sink: DeadLetterSink | None
     history: HistoryRecorder
     positions: Positions
+    election: Election | None  # kafka.election: commits wait until versions on the topic cover them
+    _covered: Positions
     _uncommitted: bool
     _checkpoint_at: tuple[int, float]
     _status_at: float
@@ -94,9 +97,22 @@ class LoopState(TaskLoop):
             return
         if self.disk.accepted():
             log.info("the state disk takes writes again")
-        self._intake().source.commit(dict(self.positions))
+        self._intake().source.commit(self._committable())
         self._uncommitted = False
         self.metrics.checkpoints.inc()
+
+    def _note_covered(self) -> None:
+        """Election: the positions so far are committable once every task's steps are in versions on the topic."""
+        publishers = [self.publisher, *(t.publisher for t in self.tasks.values())]
+        if self.election is not None and self._covered != self.positions and all(p.on_topic for p in publishers):
+            self._covered = dict(self.positions)
+            self._uncommitted = True  # the next checkpoint commits them, even if nothing new was processed
+
+    def _committable(self) -> Positions:
+        """What a checkpoint commits: every processed position, or (election) the covered ones; none after a loss."""
+        if self.election is None:
+            return dict(self.positions)
+        return {} if self.election.lost else dict(self._covered)
 
     def _capture(self) -> Checkpoint:
         tensors, trainer_state = self.trainer.snapshot()

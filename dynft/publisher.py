@@ -27,7 +27,7 @@ from dynft.metrics import TrainerMetrics
 from dynft.model import AdapterState, build_model, peft_config_from_dict
 from dynft.rank import convert_lora_rank
 from dynft.registry import AdapterRegistry
-from dynft.replication.feed import open_feed
+from dynft.replication.feed import TaskFeed, Term, VersionsFeed, open_feed
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
 
@@ -42,7 +42,11 @@ class Publisher:
         holdout: HoldoutWindow,
         settings: Settings,
         metrics: TrainerMetrics,
+        feed: TaskFeed | None = None,
+        term: Term | None = None,
     ) -> None:
+        """``feed``: a task's share of the trainer's versions feed; else the feed is opened here (if
+        configured), under ``term``'s epoch and fenced by it when trainers are elected."""
         self.registry = registry
         self.trainer = trainer
         self.holdout = holdout
@@ -64,12 +68,22 @@ class Publisher:
         self._published_at = time.monotonic()
         self._serving_cache: tuple[int | None, dict[str, str]] = (None, {})  # serving predictions by event id
         self._candidate_predictions: dict[str, str] = {}
-        self.feed = open_feed(settings, registry)  # kafka.versions_topic: replicas follow what is published here
+        # kafka.versions_topic: replicas follow what is published here
+        self.feed: VersionsFeed | TaskFeed | None = feed
+        if feed is None:
+            epoch, held = (term.epoch, term.held) if term is not None else (None, None)
+            self.feed = open_feed(settings, registry, epoch, held)
+        self.sent_step = trainer.steps  # the trainer's steps in the newest version on the versions topic
         self._published_labels = -1  # labels the last published version knew (-1: not yet known)
         self.arrivals = Arrivals()  # events trained since the last promotion (training thread only)
         # Steps that count toward the publishing schedule: the trainer's own, or (tasks.sharing =
         # shared) every task's, since any task's step moves the adapter this one publishes.
         self.clock: Callable[[], int] = lambda: self.trainer.steps
+
+    @property
+    def on_topic(self) -> bool:
+        """Whether every step trained so far is in a version on the versions topic."""
+        return self.trainer.steps == self.sent_step
 
     def resume(self) -> None:
         """Continue from the newest published version if it fits this model and adapter configuration.
@@ -91,6 +105,7 @@ class Publisher:
             self.start_lineage([])
             return
         self.lineage = int(meta.get("lineage", 1))
+        self.sent_step = self.trainer.steps
         log.info("resumed from version %d (lineage %d, %d labels)", newest, self.lineage, len(state.labels))
         self.reanchor((state, meta) if newest == self.serving_version else None)
 
@@ -266,6 +281,8 @@ class Publisher:
         log.info("version %d %s: %s", info.version, decision.label, decision.reason)
         if self.feed is not None:
             self.feed.sync()
+            if self.feed.sent(info.version):
+                self.sent_step = self.trainer.steps
         return info.version
 
     def _judge(self, labels: int) -> Decision:

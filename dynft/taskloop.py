@@ -21,6 +21,7 @@ from dynft.errors import AdapterMismatchError
 from dynft.events import Event
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
+from dynft.replication.feed import VersionsFeed
 from dynft.routing import Router
 from dynft.settings import Settings
 from dynft.sharing import Member, publish_together
@@ -44,7 +45,7 @@ class TaskLoop:
 
     settings: Settings
     trainer: OnlineTrainer
-    publisher: Publisher
+    publisher: Publisher  # the default task's (its feed carries every task's versions)
     buffer: ReplayBuffer  # the default task's
     metrics: TrainerMetrics
     tasks: dict[str, Task]  # main thread
@@ -111,7 +112,8 @@ class TaskLoop:
         if task is None:
             collator, buffer = self._task_parts(name)
             trainer = self.trainer.fork(collator, share_adapter=self.shared)
-            task = self.tasks[name] = Task(name, trainer, buffer, self.settings, home=self.trainer)
+            feed = self.publisher.feed if isinstance(self.publisher.feed, VersionsFeed) else None
+            task = self.tasks[name] = Task(name, trainer, buffer, self.settings, home=self.trainer, feed=feed)
             if self.shared:
                 task.publisher.clock = self.joint_steps
             self.trainer.activate()

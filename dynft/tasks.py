@@ -43,6 +43,7 @@ from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
 from dynft.reaction import DriftReaction, Response
 from dynft.registry import AdapterRegistry
+from dynft.replication.feed import VersionsFeed
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
 
@@ -116,9 +117,16 @@ class Task:
     """
 
     def __init__(
-        self, name: str, trainer: OnlineTrainer, buffer: ReplayBuffer, settings: Settings, home: OnlineTrainer
+        self,
+        name: str,
+        trainer: OnlineTrainer,
+        buffer: ReplayBuffer,
+        settings: Settings,
+        home: OnlineTrainer,
+        feed: VersionsFeed | None = None,
     ) -> None:
-        """``home``: the trainer installed whenever no task's method runs (the default task's)."""
+        """``home``: the trainer installed whenever no task's method runs (the default task's);
+        ``feed``: the trainer's versions feed, which this task's versions go to as well."""
         self.name = name
         self.trainer = trainer
         self.home = home
@@ -135,11 +143,12 @@ class Task:
             settings.registry.keep_serving_history,
         )
         registry.clean_staging()
-        # Replicas follow the default task's versions only (see the report: per-task topics are left).
+        # The task's versions go to the trainer's one feed, under the task's keys (never a feed of its own).
         only_local = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"versions_topic": None})})
         # A private metrics registry until the trainer's metrics carry a task label.
         self.metrics = TrainerMetrics(CollectorRegistry())
-        self.publisher = Publisher(registry, trainer, self.holdout, only_local, self.metrics)
+        lane = feed.lane(name, registry) if feed is not None else None
+        self.publisher = Publisher(registry, trainer, self.holdout, only_local, self.metrics, feed=lane)
 
     @property
     def collator(self) -> Collator:

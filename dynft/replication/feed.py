@@ -12,7 +12,17 @@ a thread of the feed (the only reader of its consumer, and the owner of its ``Po
 applies it to the local registry, so the gate sees the pin and does not promote over it.
 Decisions are ordered by offset (``records.PointerLog``): a replica's decision is adopted unless
 one of the trainer's own, later on the topic and not void, supersedes it. ``_lock`` guards
-``_sent_pointer`` and ``_own_last``, the state that thread and the publisher's thread share.
+each lane's ``sent_pointer``, ``own_last`` and ``topic_serving``, the state that thread and the
+publisher's thread share.
+
+Tasks: one feed per trainer process carries every task (``lane``): each task has a *lane*, its
+registry and what the topics hold of it, under the task's own keys (``records``). Versions the
+topic holds and the local registry lacks (published by another trainer before a takeover, or
+on a host whose disk was lost) are written into the registry when the lane opens, so the
+trainer resumes from the newest version published by anyone.
+
+Fencing (``dynft.election``): ``term`` says whether this trainer still holds its term; it is
+asked before every record sent, and a feed whose term is lost sends nothing more.
 """
 
 from __future__ import annotations
@@ -20,14 +30,15 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from dynft.errors import ConfigError, DynftError, RegistryError, ReplicationError
+from dynft.errors import ConfigError, DynftError, RegistryError, ReplicationError, TermLostError
+from dynft.events import DEFAULT_TASK
 from dynft.registry import META, AdapterRegistry, ServingPointer
 from dynft.replication import topics
 from dynft.replication.records import (
-    POINTER_KEY,
     PointerLog,
     PointerRecord,
     VersionRecord,
@@ -36,7 +47,10 @@ from dynft.replication.records import (
     encode_pointer,
     encode_version,
     next_epoch,
+    parse_version_key,
+    pointer_key,
     pointer_topic,
+    task_of_pointer_key,
     version_key,
 )
 from dynft.settings import Settings
@@ -44,6 +58,14 @@ from dynft.sources.kafka import parse_kafka_uri
 
 log = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 30.0
+
+
+class Term(Protocol):
+    """An elected trainer's term (``dynft.election.Election``): its epoch, and whether it still holds it."""
+
+    epoch: int
+
+    def held(self) -> bool: ...
 
 
 def versions_servers(settings: Settings) -> list[str]:
@@ -59,28 +81,39 @@ def versions_servers(settings: Settings) -> list[str]:
     )
 
 
-def open_feed(settings: Settings, registry: AdapterRegistry) -> VersionsFeed | None:
-    """The feed when ``kafka.versions_topic`` is set, else None."""
+def open_feed(
+    settings: Settings, registry: AdapterRegistry, epoch: int | None = None, term: Callable[[], bool] | None = None
+) -> VersionsFeed | None:
+    """The feed when ``kafka.versions_topic`` is set, else None.
+
+    ``epoch``: the elected term's (``dynft.election``), else the state directory's next one;
+    ``term``: whether that term is still held (asked before every send).
+    """
     topic = settings.kafka.versions_topic
     if topic is None:
         return None
-    feed = VersionsFeed(settings, registry, versions_servers(settings), topic)
+    feed = VersionsFeed(settings, registry, versions_servers(settings), topic, epoch, term)
     feed.start()
     return feed
 
 
 @dataclass
 class TopicState:
-    """What the versions topics hold when the trainer starts."""
+    """What the versions topics hold when the trainer starts (every task's keys)."""
 
     log: PointerLog = field(default_factory=PointerLog)
-    pointer: PointerRecord | None = None  # the newest applied decision
-    versions: dict[int, str] = field(default_factory=dict)  # version on the topic -> its content hash
+    pointers: dict[str, PointerRecord] = field(default_factory=dict)  # task -> its newest applied decision
+    versions: dict[tuple[str, int], VersionRecord] = field(default_factory=dict)  # (task, version) on the topic
     end: int = 0  # the pointer topic's end offset
+
+    @property
+    def pointer(self) -> PointerRecord | None:
+        """The default task's newest applied decision."""
+        return self.pointers.get(DEFAULT_TASK)
 
 
 def read_topics(consumer: Any, topic: str) -> TopicState:
-    """Both topics up to their current end: the folded pointer log and the versions present.
+    """Both topics up to their current end: the folded pointer log and the version records present.
 
     Leaves ``consumer`` on the pointer topic alone, where it stopped (the feed's thread reads on
     from there, without fetching back the adapters the trainer sends).
@@ -107,41 +140,111 @@ def read_topics(consumer: Any, topic: str) -> TopicState:
 
 def _read_one(state: TopicState, is_version: bool, record: Any) -> None:
     if is_version:
-        number = record.key.decode(errors="replace").rpartition("/")[2] if record.key else ""
-        if record.value is None and number.isdigit():
-            state.versions.pop(int(number), None)
+        where = parse_version_key(record.key)
+        if record.value is None and where is not None:
+            state.versions.pop(where, None)
         elif record.value is not None:
             version = decode_version(record.value)
-            meta = json.loads(version.files.get(META, b"{}"))
-            state.versions[version.version] = str(meta.get("content_hash"))
-    elif record.key == POINTER_KEY and record.value is not None:
+            if state.log.admit_epoch(version.epoch):  # a stale trainer's version is not resumed from
+                state.versions[(version.task, version.version)] = version
+        return
+    task = task_of_pointer_key(record.key)
+    if task is not None and record.value is not None:
         pointer = decode_pointer(record.value)
         if state.log.admit(pointer, record.offset) == "applied":
-            state.pointer = pointer
+            state.pointers[pointer.task] = pointer
+
+
+def content_hash(record: VersionRecord) -> str:
+    return str(json.loads(record.files.get(META, b"{}")).get("content_hash"))
+
+
+@dataclass
+class Lane:
+    """One task's registry and what the topics hold of it.
+
+    ``sent_versions``: the publisher's thread only; the rest under the feed's ``_lock``.
+    """
+
+    task: str
+    registry: AdapterRegistry
+    sent_versions: dict[int, str] = field(default_factory=dict)  # on the topic as in the registry -> hash
+    sent_pointer: dict[str, Any] | None = None
+    own_last: tuple[int, bool] | None = None  # offset and pinned of this trainer's newest decision
+    topic_serving: int | None = None
+
+
+@dataclass
+class TaskFeed:
+    """What a task's publisher holds: the shared feed and its task (``sync`` as ``VersionsFeed.sync``)."""
+
+    feed: VersionsFeed
+    task: str
+
+    def sync(self) -> None:
+        self.feed.sync(self.task)
+
+    def sent(self, version: int) -> bool:
+        return self.feed.sent(version, self.task)
 
 
 class VersionsFeed:
-    def __init__(self, settings: Settings, registry: AdapterRegistry, servers: list[str], topic: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: AdapterRegistry,
+        servers: list[str],
+        topic: str,
+        epoch: int | None = None,
+        term: Callable[[], bool] | None = None,
+    ) -> None:
         self.settings, self.registry, self.servers, self.topic = settings, registry, servers, topic
         self.max_bytes = settings.kafka.versions_max_message_bytes
         topics.ensure_topics(servers, topic, settings.kafka)
         self._consumer = topics.consumer(servers, settings.kafka)
         found = read_topics(self._consumer, topic)
         self._log = found.log  # the feed thread's from now on; folded exactly as every replica folds it
-        self.epoch = next_epoch(settings.state_dir, found.log.epoch)
+        self.epoch = epoch if epoch is not None else next_epoch(settings.state_dir, found.log.epoch)
         self.origin = f"trainer-{self.epoch}"
+        self.term = term or (lambda: True)
         self._producer = topics.producer(servers, settings.kafka)
-        self._sent_versions = self._same_here(found.versions)  # on the topic as in the registry
+        self._found = found  # records of tasks whose lane is not open yet (their publishers come later)
         self._lock = threading.Lock()
-        self._sent_pointer: dict[str, Any] | None = None
-        self._own_last: tuple[int, bool] | None = None  # offset and pinned of this trainer's newest decision
+        self._lanes: dict[str, Lane] = {}  # written by the publishers' thread, read by the feed's
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow_pointer, name="dynft-versions-feed", daemon=True)
-        self._topic_serving = found.pointer.pointer.get("version") if found.pointer else None
-        if found.pointer is not None:
-            self._adopt_newer(found.pointer.pointer)
-        self._sent_pointer = None  # the first sync sends the pointer: the replicas learn the new epoch
+        self._open_lane(DEFAULT_TASK, registry)
         log.info("versions go to %s on %s (trainer epoch %d)", topic, ",".join(servers), self.epoch)
+
+    def lane(self, task: str, registry: AdapterRegistry) -> TaskFeed:
+        """Task ``task``'s share of the feed (its publisher's ``feed``); its first sync sends what it lacks."""
+        if task not in self._lanes:
+            self._open_lane(task, registry)
+            self.sync(task)
+        return TaskFeed(self, task)
+
+    def _open_lane(self, task: str, registry: AdapterRegistry) -> None:
+        """Bring ``registry`` up to the topic (versions it lacks are written) and remember the topic's state."""
+        mine = {v: r for (t, v), r in self._found.versions.items() if t == task}
+        for key in [k for k in self._found.versions if k[0] == task]:
+            del self._found.versions[key]
+        with self._lock:
+            found = self._found.pointers.pop(task, None)
+        here = registry.versions()
+        serving = found.pointer.get("version") if found else None
+        for version, record in sorted(mine.items()):
+            # Newer than this registry's newest (another trainer published it) or what serves; an
+            # older one missing here was pruned here while no feed ran, and gets its tombstone.
+            if version not in here and (version > max(here, default=0) or version == serving):
+                registry.materialise(version, record.files)
+                log.info("task %s: version %d from the versions topic (epoch %d)", task, version, record.epoch)
+        lane = Lane(task, registry, self._same_here(registry, {v: content_hash(r) for v, r in mine.items()}))
+        lane.topic_serving = found.pointer.get("version") if found else None
+        with self._lock:
+            self._lanes = {**self._lanes, task: lane}
+        if found is not None:
+            self._adopt_newer(lane, found.pointer)
+        lane.sent_pointer = None  # the first sync sends the pointer: the replicas learn the new epoch
 
     def start(self) -> None:
         self.sync()
@@ -154,90 +257,109 @@ class VersionsFeed:
         self._consumer.close()
         self._producer.close()
 
-    def sync(self) -> None:
+    def sync(self, task: str = DEFAULT_TASK) -> None:
         """Send what the topics lack, tombstone what the registry lost, then the pointer (publisher's hook)."""
+        lane = self._lanes[task]
         try:
-            versions = self.registry.versions()
+            versions = lane.registry.versions()
             for version in versions:
-                if version not in self._sent_versions:
-                    self._send_version(version)
-            for version in sorted(set(self._sent_versions) - set(versions)):  # pruned here: a tombstone
-                if version != self._topic_serving:  # a replica started later still finds what serves
-                    self._send(self.topic, version_key(version), None)
-                del self._sent_versions[version]
-            pointer = self.registry.serving()
+                if version not in lane.sent_versions:
+                    self._send_version(lane, version)
+            for version in sorted(set(lane.sent_versions) - set(versions)):  # pruned here: a tombstone
+                if version != lane.topic_serving:  # a replica started later still finds what serves
+                    self._send(self.topic, version_key(version, task), None)
+                del lane.sent_versions[version]
+            pointer = lane.registry.serving()
             with self._lock:
-                if pointer.version is not None and pointer.__dict__ != self._sent_pointer:
-                    record = PointerRecord(self.epoch, self.origin, dict(pointer.__dict__), seen=self._log.seen)
-                    offset = self._send(pointer_topic(self.topic), POINTER_KEY, encode_pointer(record))
-                    self._sent_pointer = dict(pointer.__dict__)
-                    self._own_last = (offset, bool(pointer.pinned))
-                    self._topic_serving = pointer.version
+                if pointer.version is not None and pointer.__dict__ != lane.sent_pointer:
+                    record = PointerRecord(self.epoch, self.origin, dict(pointer.__dict__), self._log.seen, task)
+                    offset = self._send(pointer_topic(self.topic), pointer_key(task), encode_pointer(record))
+                    lane.sent_pointer = dict(pointer.__dict__)
+                    lane.own_last = (offset, bool(pointer.pinned))
+                    lane.topic_serving = pointer.version
         except ConfigError:
             raise
+        except TermLostError as exc:
+            log.warning("versions topic not updated: %s", exc)
         except DynftError as exc:
             log.error("versions topic not updated (next publish tries again): %s", exc)
 
-    def _same_here(self, on_topic: dict[int, str]) -> dict[int, str]:
+    def sent(self, version: int, task: str = DEFAULT_TASK) -> bool:
+        """Whether ``version`` of ``task`` is on the versions topic (sent by this feed or found there)."""
+        return version in self._lanes[task].sent_versions
+
+    @staticmethod
+    def _same_here(registry: AdapterRegistry, on_topic: dict[int, str]) -> dict[int, str]:
         """The topic's versions minus those the registry holds with other contents (sent again)."""
-        here = set(self.registry.versions())
+        here = set(registry.versions())
         same = {}
         for version, digest in on_topic.items():
             try:
-                if version not in here or self.registry.meta(version).get("content_hash") == digest:
+                if version not in here or registry.meta(version).get("content_hash") == digest:
                     same[version] = digest
             except RegistryError as exc:
                 log.warning("version %d: %s; sending it again", version, exc)
         return same
 
-    def _send_version(self, version: int) -> None:
-        path = self.registry.path(version)
+    def _send_version(self, lane: Lane, version: int) -> None:
+        path = lane.registry.path(version)
         try:
             files = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
         except OSError as exc:
             raise RegistryError(f"version {version}: cannot read it to send ({exc.strerror})") from exc
         if META not in files:
             raise RegistryError(f"version {version}: no {META} to send")
-        value = encode_version(VersionRecord(version, self.epoch, self.origin, files))
+        value = encode_version(VersionRecord(version, self.epoch, self.origin, files, lane.task))
         if len(value) > self.max_bytes:
             raise ConfigError(
                 f"version {version} is {len(value)} bytes on the versions topic, above "
                 f"kafka.versions_max_message_bytes ({self.max_bytes}); raise that setting (the topics' "
                 "max.message.bytes follow it when dynft creates them)"
             )
-        self._send(self.topic, version_key(version), value)
-        self._sent_versions[version] = str(json.loads(files[META]).get("content_hash"))
+        self._send(self.topic, version_key(version, lane.task), value)
+        lane.sent_versions[version] = str(json.loads(files[META]).get("content_hash"))
 
     def _send(self, topic: str, key: bytes, value: bytes | None) -> int:
-        """Send one record and wait for the broker; returns its offset."""
+        """Send one record and wait for the broker; returns its offset. ``TermLostError`` once the term is lost."""
         from kafka.errors import KafkaError
 
+        if not self.term():
+            raise TermLostError(f"trainer epoch {self.epoch} lost its term: nothing more is sent to {topic}")
         try:
             return int(self._producer.send(topic, key=key, value=value).get(timeout=SEND_TIMEOUT_S).offset)
         except KafkaError as exc:
             raise ReplicationError(f"cannot write to {topic}: {exc}") from exc
 
-    def _adopt_newer(self, pointer: dict[str, Any]) -> None:
+    def _adopt_newer(self, lane: Lane, pointer: dict[str, Any]) -> None:
         """At start: take the topic's pointer when it is newer than the local one and its version is here."""
-        local = self.registry.serving()
+        local = lane.registry.serving()
         if pointer.get("updated_at", "") <= local.updated_at or pointer == local.__dict__:
             return
-        self._adopt(pointer)
+        self._adopt(lane, pointer)
 
-    def _adopt(self, pointer: dict[str, Any]) -> None:
-        if pointer.get("version") not in self.registry.versions():
-            log.warning("the pointer topic serves version %s, which this trainer does not have", pointer.get("version"))
+    def _adopt(self, lane: Lane, pointer: dict[str, Any]) -> None:
+        if pointer.get("version") not in lane.registry.versions():
+            log.warning(
+                "the pointer topic serves version %s of task %s, which this trainer does not have",
+                pointer.get("version"),
+                lane.task,
+            )
             return
-        self.registry.replace_serving(ServingPointer(**pointer))
+        lane.registry.replace_serving(ServingPointer(**pointer))
         with self._lock:
-            self._sent_pointer = dict(pointer)
-            self._topic_serving = pointer.get("version")
-        log.info("serving version %s as decided on the pointer topic (%s)", pointer["version"], pointer.get("reason"))
+            lane.sent_pointer = dict(pointer)
+            lane.topic_serving = pointer.get("version")
+        log.info(
+            "task %s: serving version %s as decided on the pointer topic (%s)",
+            lane.task,
+            pointer["version"],
+            pointer.get("reason"),
+        )
 
-    def _superseded(self, offset: int, record: PointerRecord) -> bool:
+    def _superseded(self, lane: Lane, offset: int, record: PointerRecord) -> bool:
         """Whether this trainer's own newest decision comes later on the topic and is not void by ``record``."""
         with self._lock:
-            own = self._own_last
+            own = lane.own_last
         if own is None or own[0] <= offset:
             return False
         _, own_pinned = own
@@ -248,7 +370,7 @@ class VersionsFeed:
             try:
                 for records in self._consumer.poll(timeout_ms=500).values():
                     for record in records:
-                        if record.key == POINTER_KEY and record.value is not None:
+                        if task_of_pointer_key(record.key) is not None and record.value is not None:
                             self._on_pointer(record.offset, decode_pointer(record.value))
             except Exception:  # the feed's thread must outlive one bad record or broker outage
                 log.exception("following the pointer topic failed")
@@ -256,14 +378,21 @@ class VersionsFeed:
 
     def _on_pointer(self, offset: int, record: PointerRecord) -> None:
         outcome = self._log.admit(record, offset)
-        if outcome != "applied" or record.origin == self.origin or self._superseded(offset, record):
+        lane = self._lanes.get(record.task)
+        if lane is None:  # a task this trainer has not opened yet: its lane adopts it when it opens
+            if outcome == "applied":
+                with self._lock:
+                    self._found.pointers[record.task] = record
+            return
+        if outcome != "applied" or record.origin == self.origin or self._superseded(lane, offset, record):
             if outcome != "applied":
                 log.info(
-                    "a %s serving decision at offset %d (version %s) is ignored",
+                    "a %s serving decision at offset %d (task %s, version %s) is ignored",
                     outcome,
                     offset,
+                    record.task,
                     record.pointer.get("version"),
                 )
             return
-        if record.pointer != self.registry.serving().__dict__:
-            self._adopt(record.pointer)
+        if record.pointer != lane.registry.serving().__dict__:
+            self._adopt(lane, record.pointer)

@@ -19,6 +19,12 @@ older epoch than the newest seen (a stale trainer) or one that unpins without ha
 newest pin (``records.voided``). ``FollowingRegistry`` sends the admin API's promote /
 rollback / unpin to the pointer topic instead of writing ``serving.json``, and returns once the
 follower has applied the decision, so every replica (and the trainer) follows it.
+
+Tasks: a version or pointer record of a task other than ``default`` (its own keys, see
+``records``) goes to that task's registry under ``<registry>/tasks/<task>/``, where the engine's
+watcher finds the task's lane, so a replica serves every task its trainers publish. Version
+records are fenced like pointer records: one of an older epoch than the newest seen on either
+topic comes from a trainer that lost its term, and is ignored (``stale``).
 """
 
 from __future__ import annotations
@@ -32,23 +38,28 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from dynft.errors import RegistryError, RegistryWriteError, ReplicationError
+from dynft.events import DEFAULT_TASK
 from dynft.fingerprint import BaseModelId
 from dynft.registry import AdapterRegistry, ServingPointer, check_base_model, now, rollback_target
 from dynft.replication import topics
 from dynft.replication.records import (
-    POINTER_KEY,
     PointerLog,
     PointerRecord,
     VersionRecord,
     decode_pointer,
     decode_version,
     encode_pointer,
+    parse_version_key,
+    pointer_key,
+    task_of_pointer_key,
 )
 from dynft.replication.records import pointer_topic as pointer_topic_of
 from dynft.settings import Settings
 from dynft.sources.kafka import parse_kafka_uri
+from dynft.tasks import task_registry_dir
 
 log = logging.getLogger(__name__)
+Key = tuple[str, int]  # (task, version)
 APPLY_TIMEOUT_S = 10.0
 POLL_MS = 200  # an idle poll; a record that arrives ends the broker's long poll at once
 
@@ -85,10 +96,12 @@ class Follower:
         self.metrics = ReplicaMetrics(metrics_registry)
         self.on_change: Callable[[], None] | None = None  # called after a flip of serving.json (engine.nudge)
         self._log = PointerLog()  # follower thread only (start() before the thread runs)
-        self._pending: PointerRecord | None = None  # a pointer whose version has not arrived yet
-        self._backlog: dict[int, VersionRecord] = {}  # read at start, not yet written (popped under the lock)
+        self._registries: dict[str, AdapterRegistry] = {DEFAULT_TASK: registry}  # under _registries_lock
+        self._registries_lock = threading.Lock()
+        self._pending: dict[str, PointerRecord] = {}  # task -> a pointer whose version has not arrived yet
+        self._backlog: dict[Key, VersionRecord] = {}  # read at start, not yet written (popped under the lock)
         self._backlog_lock = threading.Lock()  # an admin request may need a backlogged version written now
-        self._live: set[int] = set()  # versions with a record (not a tombstone) on the topic
+        self._live: set[Key] = set()  # versions with a record (not a tombstone) on the topic
         self._cleaned = False
         self._catching_up = False
         self._applied = threading.Condition()
@@ -120,8 +133,8 @@ class Follower:
         while any(self._consumer.position(tp) < ends[tp] for tp in parts):
             self._poll(POLL_MS)
         self._catching_up = False
-        if self._pending is not None:
-            self._apply_pointer(self._pending)
+        for pending in list(self._pending.values()):
+            self._apply_pointer(pending)
         log.info(
             "checked the versions topics in %.1f s, read them to their end in %.1f s: serving version %s "
             "(%d more versions written in the background)",
@@ -140,14 +153,15 @@ class Follower:
             if client is not None:
                 client.close()
 
-    def send_pointer(self, pointer: ServingPointer) -> None:
+    def send_pointer(self, pointer: ServingPointer, task: str = DEFAULT_TASK) -> None:
         """Publish a serving decision made here; returns once this replica has applied it."""
         from kafka.errors import KafkaError
 
         # Read from a request's thread while the follower's advances them: ints, read whole.
-        record = PointerRecord(self._log.epoch, "replica", dict(pointer.__dict__), seen=self._log.seen)
+        record = PointerRecord(self._log.epoch, "replica", dict(pointer.__dict__), self._log.seen, task)
         try:
-            meta = self._producer.send(self.pointer_topic, key=POINTER_KEY, value=encode_pointer(record)).get(
+            value = encode_pointer(record)
+            meta = self._producer.send(self.pointer_topic, key=pointer_key(task), value=value).get(
                 timeout=APPLY_TIMEOUT_S
             )
         except KafkaError as exc:
@@ -162,15 +176,30 @@ class Follower:
                     )
                 self._applied.wait(left)
 
-    def ensure(self, version: int) -> None:
+    def ensure(self, version: int, task: str = DEFAULT_TASK) -> None:
         """Write ``version`` now if it is still in the backlog (an admin decision needs it on disk)."""
-        record = self._take(version)
+        record = self._take(task, version)
         if record is not None:
             self._write(record)
 
-    def _take(self, version: int) -> VersionRecord | None:
+    def _take(self, task: str, version: int) -> VersionRecord | None:
         with self._backlog_lock:
-            return self._backlog.pop(version, None)
+            return self._backlog.pop((task, version), None)
+
+    def registry_of(self, task: str) -> AdapterRegistry:
+        """Task ``task``'s registry in this replica, made on first use (by the follower's or the engine's thread).
+
+        A ``FollowingRegistry`` too: an admin decision for the task goes to the pointer topic.
+        """
+        with self._registries_lock:
+            registry = self._registries.get(task)
+            if registry is None:
+                s = self.settings.registry
+                root = task_registry_dir(self.registry.root, task)
+                made = FollowingRegistry(root, s.keep_last, s.keep_serving_history)
+                made.follower, made.task = self, task
+                registry = self._registries[task] = made
+            return registry
 
     def _follow(self) -> None:
         while not self._stop.is_set():
@@ -186,41 +215,48 @@ class Follower:
             for record in records:
                 if tp.topic == self.topic:
                     self._on_version(record.key, record.value)
-                elif record.key == POINTER_KEY:
-                    self._on_pointer(record.value, record.offset)
+                elif task_of_pointer_key(record.key) is not None:
+                    self._on_pointer(record.key, record.value, record.offset)
                     with self._applied:
                         self._applied_offset = record.offset
                         self._applied.notify_all()
 
     def _on_version(self, key: bytes | None, value: bytes | None) -> None:
+        where = parse_version_key(key)
         if value is None:  # a tombstone: the trainer pruned this version; the replica follows (not the serving one)
-            number = (key or b"").decode(errors="replace").rpartition("/")[2]
-            if number.isdigit():
-                self._live.discard(int(number))
-                self._take(int(number))
-                if int(number) != self.registry.serving().version:
-                    self.registry.discard(int(number))
+            if where is not None:
+                task, number = where
+                self._live.discard(where)
+                self._take(task, number)
+                registry = self.registry_of(task)
+                if number != registry.serving().version:
+                    registry.discard(number)
             return
         try:
             record = decode_version(value)
+            if where != (record.task, record.version):
+                raise RegistryError(f"key {key!r} does not name version {record.version} of task {record.task}")
         except RegistryError as exc:
             self.metrics.records.labels("version", "malformed").inc()
             log.error("%s: %s", self.topic, exc)
             return
-        self._log.epoch = max(self._log.epoch, record.epoch)
-        self.metrics.epoch.set(self._log.epoch)
-        self._live.add(record.version)
-        if self._catching_up:  # written once the end is reached: the serving one first
-            self._backlog[record.version] = record
+        if not self._log.admit_epoch(record.epoch):
+            self.metrics.records.labels("version", "stale").inc()
+            log.warning("ignoring version %d of task %s from stale epoch %d", record.version, record.task, record.epoch)
             return
-        self._take(record.version)
+        self.metrics.epoch.set(self._log.epoch)
+        self._live.add(where)
+        if self._catching_up:  # written once the end is reached: the serving one first
+            self._backlog[where] = record
+            return
+        self._take(*where)
         self._write(record)
-        pending = self._pending
+        pending = self._pending.get(record.task)
         if pending is not None and pending.pointer.get("version") == record.version:
             self._install(pending)
 
     def _write(self, record: VersionRecord) -> None:
-        fresh = self.registry.materialise(record.version, record.files, durable=False)
+        fresh = self.registry_of(record.task).materialise(record.version, record.files, durable=False)
         self.metrics.records.labels("version", "applied" if fresh else "duplicate").inc()
 
     def _write_backlog(self) -> None:
@@ -230,26 +266,29 @@ class Follower:
                 self._cleaned = True
                 self._remove_unlisted()
             return
-        history = [h.get("version") for h in self.registry.serving().history]
+        history = [(t, h.get("version")) for t, r in list(self._registries.items()) for h in r.serving().history]
         with self._backlog_lock:
-            version = next((v for v in history if v in self._backlog), max(self._backlog, default=None))
-        record = None if not isinstance(version, int) else self._take(version)
+            key = next((k for k in history if k in self._backlog), max(self._backlog, default=None))
+        record = None if key is None or not isinstance(key[1], int) else self._take(key[0], key[1])
         if record is not None:
             self._write(record)
 
     def _remove_unlisted(self) -> None:
         """Versions left by an earlier run whose records the topic no longer holds (pruned meanwhile)."""
-        serving = self.registry.serving().version
-        for version in self.registry.versions():
-            if version not in self._live and version != serving:
-                self.registry.discard(version)
-                log.info("removed version %d: no longer on %s", version, self.topic)
+        for task, registry in list(self._registries.items()):
+            serving = registry.serving().version
+            for version in registry.versions():
+                if (task, version) not in self._live and version != serving:
+                    registry.discard(version)
+                    log.info("removed version %d of task %s: no longer on %s", version, task, self.topic)
 
-    def _on_pointer(self, value: bytes | None, offset: int) -> None:
+    def _on_pointer(self, key: bytes | None, value: bytes | None, offset: int) -> None:
         if value is None:
             return
         try:
             record = decode_pointer(value)
+            if record.task != task_of_pointer_key(key):
+                raise RegistryError(f"key {key!r} does not decide for task {record.task}")
         except RegistryError as exc:
             self.metrics.records.labels("pointer", "malformed").inc()
             log.error("%s: %s", self.pointer_topic, exc)
@@ -266,11 +305,11 @@ class Follower:
                 record.epoch,
                 record.seen,
                 self._log.epoch,
-                self._log.pin_offset,
+                self._log.pin_offset(record.task),
             )
             return
         if self._catching_up:
-            self._pending = record  # only the newest applied decision is installed at the end
+            self._pending[record.task] = record  # only the newest applied decision is installed at the end
             return
         self._apply_pointer(record)
 
@@ -278,41 +317,48 @@ class Follower:
         """Install ``record`` once its version is on disk (written now if it is in the backlog)."""
         version = record.pointer.get("version")
         if isinstance(version, int):
-            self.ensure(version)
-        if version not in self.registry.versions():
-            self._pending = record  # the version record is on its way (another partition)
+            self.ensure(version, record.task)
+        if version not in self.registry_of(record.task).versions():
+            self._pending[record.task] = record  # the version record is on its way (another partition)
             return
         self._install(record)
 
     def _install(self, record: PointerRecord) -> None:
-        self._pending = None
-        self.registry.replace_serving(ServingPointer(**record.pointer), durable=False)
+        self._pending.pop(record.task, None)
+        self.registry_of(record.task).replace_serving(ServingPointer(**record.pointer), durable=False)
         self.metrics.records.labels("pointer", "applied").inc()
-        log.info("serving pointer -> version %s (%s)", record.pointer.get("version"), record.pointer.get("reason"))
+        log.info(
+            "task %s: serving pointer -> version %s (%s)",
+            record.task,
+            record.pointer.get("version"),
+            record.pointer.get("reason"),
+        )
         if self.on_change is not None:
             self.on_change()
 
 
 class FollowingRegistry(AdapterRegistry):
-    """A replica's registry: serving decisions go to the pointer topic, not to ``serving.json``."""
+    """A replica's registry (of one task): serving decisions go to the pointer topic, not to ``serving.json``."""
 
     follower: Follower
+    task: str = DEFAULT_TASK
 
     def promote(self, version: int, reason: str, pin: bool = False, base_model: BaseModelId | None = None) -> None:
-        self.follower.ensure(version)
+        self.follower.ensure(version, self.task)
         _, meta = self.load(version)  # refuse a version that is missing or fails its hash check here already
         check_base_model(version, meta, base_model)
         current = self.serving()
-        self.follower.send_pointer(ServingPointer(version, pin, reason, now(), self._history(current, version)))
+        pointer = ServingPointer(version, pin, reason, now(), self._history(current, version))
+        self.follower.send_pointer(pointer, self.task)
 
     def rollback(self, reason: str = "rollback") -> int:
         current = self.serving()
         for entry in current.history:
-            self.follower.ensure(entry["version"])
+            self.follower.ensure(entry["version"], self.task)
         target = rollback_target(current, self.versions())
         self.load(target)
         rest = [h for h in current.history if h["version"] != target]
-        self.follower.send_pointer(ServingPointer(target, True, reason, now(), rest))
+        self.follower.send_pointer(ServingPointer(target, True, reason, now(), rest), self.task)
         return target
 
     def unpin(self) -> None:
@@ -320,7 +366,7 @@ class FollowingRegistry(AdapterRegistry):
         if current.version is not None and current.pinned:
             current.pinned = False
             current.updated_at = now()
-            self.follower.send_pointer(current)
+            self.follower.send_pointer(current, self.task)
 
     @staticmethod
     def _history(current: ServingPointer, version: int) -> list[dict[str, Any]]:

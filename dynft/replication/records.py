@@ -2,7 +2,10 @@
 
 Two compacted topics: ``<versions_topic>`` holds one record per adapter version (key
 ``version/000007``), ``<versions_topic>.pointer`` the serving pointer (key ``serving``) after
-every promote / rollback / pin decision. A version record's value is one JSON header line
+every promote / rollback / pin decision. A task other than ``default`` (``dynft.tasks``) has its
+own keys on the same topics, ``task/<task>/version/000007`` and ``serving/<task>``, so one pair
+of topics carries every task and a replica serves them all; the default task's keys are those
+of a single-task trainer, unchanged. A version record's value is one JSON header line
 followed by the version's files, byte for byte as the registry wrote them (``meta.json`` with
 its content hash and base-model fingerprint included), so a replica can rebuild the version
 directory and check it exactly as the co-located server does.
@@ -24,6 +27,10 @@ True
 >>> pointer = PointerRecord(3, "replica", {"version": 7, "pinned": True}, seen=4)
 >>> decode_pointer(encode_pointer(pointer)) == pointer
 True
+>>> parse_version_key(version_key(7, "spam")), parse_version_key(b"version/000007")
+(('spam', 7), ('default', 7))
+>>> task_of_pointer_key(pointer_key("spam")), task_of_pointer_key(b"serving")
+('spam', 'default')
 >>> log = PointerLog()
 >>> log.admit(PointerRecord(3, "replica", {"version": 6, "pinned": True}, seen=4), offset=5)
 'applied'
@@ -34,11 +41,12 @@ True
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dynft.errors import RegistryError, RegistryWriteError
+from dynft.events import DEFAULT_TASK, task_name_problem
 from dynft.registry import write_atomic
 
 POINTER_KEY = b"serving"
@@ -51,6 +59,7 @@ class VersionRecord:
     epoch: int
     origin: str
     files: dict[str, bytes]  # file name in the version directory -> its bytes
+    task: str = DEFAULT_TASK
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,7 @@ class PointerRecord:
     origin: str
     pointer: dict[str, Any]  # the registry's ServingPointer fields
     seen: int = -1  # offset of the newest pointer record the writer had read when it decided
+    task: str = DEFAULT_TASK
 
 
 @dataclass
@@ -71,19 +81,28 @@ class PointerLog:
     """
 
     seen: int = -1  # offset of the last record read
-    pin_offset: int = -1  # offset of the newest applied pinned decision
-    epoch: int = 0  # newest trainer epoch seen
+    pins: dict[str, int] = field(default_factory=dict)  # task -> offset of its newest applied pinned decision
+    epoch: int = 0  # newest trainer epoch seen (on either topic: see ``admit_epoch``)
 
     def admit(self, record: PointerRecord, offset: int) -> str:
         self.seen = max(self.seen, offset)
-        if record.epoch < self.epoch:
+        if not self.admit_epoch(record.epoch):
             return "stale"
-        self.epoch = record.epoch
-        if voided(record, self.pin_offset):
+        if voided(record, self.pin_offset(record.task)):
             return "void"
         if record.pointer.get("pinned"):
-            self.pin_offset = offset
+            self.pins[record.task] = offset
         return "applied"
+
+    def admit_epoch(self, epoch: int) -> bool:
+        """Whether a record of ``epoch`` may be applied: not older than the newest epoch seen."""
+        if epoch < self.epoch:
+            return False
+        self.epoch = epoch
+        return True
+
+    def pin_offset(self, task: str = DEFAULT_TASK) -> int:
+        return self.pins.get(task, -1)
 
 
 def voided(record: PointerRecord, pin_offset: int) -> bool:
@@ -91,8 +110,38 @@ def voided(record: PointerRecord, pin_offset: int) -> bool:
     return not record.pointer.get("pinned") and record.seen < pin_offset
 
 
-def version_key(version: int) -> bytes:
-    return f"version/{version:06d}".encode()
+def version_key(version: int, task: str = DEFAULT_TASK) -> bytes:
+    prefix = "" if task == DEFAULT_TASK else f"task/{task}/"
+    return f"{prefix}version/{version:06d}".encode()
+
+
+def parse_version_key(key: bytes | None) -> tuple[str, int] | None:
+    """``(task, version)`` of a versions-topic key, None for a key that is not one."""
+    text = (key or b"").decode(errors="replace")
+    head, _, number = text.rpartition("/")
+    if not number.isdigit():
+        return None
+    if head == "version":
+        return DEFAULT_TASK, int(number)
+    task, sep, tail = head.removeprefix("task/").rpartition("/")
+    if not head.startswith("task/") or tail != "version" or not sep or task_name_problem(task) is not None:
+        return None
+    return task, int(number)
+
+
+def pointer_key(task: str = DEFAULT_TASK) -> bytes:
+    return POINTER_KEY if task == DEFAULT_TASK else POINTER_KEY + b"/" + task.encode()
+
+
+def task_of_pointer_key(key: bytes | None) -> str | None:
+    """The task a pointer-topic key decides for, None for a key that is not a pointer key."""
+    if key == POINTER_KEY:
+        return DEFAULT_TASK
+    prefix = POINTER_KEY + b"/"
+    if key is None or not key.startswith(prefix) or len(key) == len(prefix):
+        return None
+    task = key[len(prefix) :].decode(errors="replace")
+    return None if task_name_problem(task) is not None else task
 
 
 def pointer_topic(versions_topic: str) -> str:
@@ -108,6 +157,8 @@ def encode_version(record: VersionRecord) -> bytes:
         "origin": record.origin,
         "files": [[name, len(record.files[name])] for name in names],
     }
+    if record.task != DEFAULT_TASK:
+        header["task"] = record.task
     return json.dumps(header).encode() + b"\n" + b"".join(record.files[name] for name in names)
 
 
@@ -124,9 +175,18 @@ def decode_version(value: bytes) -> VersionRecord:
             offset += int(length)
         if not sep or offset != len(body):
             raise ValueError(f"{len(body)} bytes of files, the header lists {offset}")
-        return VersionRecord(int(header["version"]), int(header["epoch"]), str(header["origin"]), files)
+        task = checked_task(header.get("task", DEFAULT_TASK))
+        return VersionRecord(int(header["version"]), int(header["epoch"]), str(header["origin"]), files, task)
     except (ValueError, KeyError, TypeError) as exc:
         raise RegistryError(f"malformed version record ({exc})") from exc
+
+
+def checked_task(name: Any) -> str:
+    """A record's task name; ``ValueError`` for one that could not name a registry directory."""
+    problem = task_name_problem(name) if isinstance(name, str) else f"task {name!r} is not a string"
+    if problem is not None:
+        raise ValueError(problem)
+    return str(name)
 
 
 def encode_pointer(record: PointerRecord) -> bytes:
@@ -137,6 +197,7 @@ def encode_pointer(record: PointerRecord) -> bytes:
             "origin": record.origin,
             "pointer": record.pointer,
             "seen": record.seen,
+            "task": record.task,
         }
     ).encode()
 
@@ -147,7 +208,8 @@ def decode_pointer(value: bytes) -> PointerRecord:
         pointer = data["pointer"]
         if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), int | None):
             raise ValueError("no pointer with a version")
-        return PointerRecord(int(data["epoch"]), str(data["origin"]), pointer, int(data.get("seen", -1)))
+        task = checked_task(data.get("task", DEFAULT_TASK))
+        return PointerRecord(int(data["epoch"]), str(data["origin"]), pointer, int(data.get("seen", -1)), task)
     except (ValueError, KeyError, TypeError) as exc:
         raise RegistryError(f"malformed pointer record ({exc})") from exc
 

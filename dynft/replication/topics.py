@@ -23,15 +23,15 @@ def topic_configs(max_bytes: int) -> dict[str, str]:
     return {"cleanup.policy": "compact", "max.message.bytes": str(max_bytes), "retention.ms": "-1"}
 
 
-def ensure_topics(servers: list[str], topic: str, settings: KafkaSettings) -> None:
-    """Create the versions and pointer topics if missing; check an existing one's settings."""
+def ensure_topics(servers: list[str], topic: str, settings: KafkaSettings, extra: list[str] | None = None) -> None:
+    """Create the versions and pointer topics (and ``extra`` ones alike) if missing; check existing ones."""
     from kafka import KafkaAdminClient
     from kafka.admin import ConfigResource, ConfigResourceType
     from kafka.errors import KafkaError
 
     quiet_slow_task_warnings()  # before the first client: the admin client's loop warns too
     wanted = settings.versions_max_message_bytes
-    names = [topic, pointer_topic(topic)]
+    names = [topic, pointer_topic(topic), *(extra or [])]
     try:
         admin = KafkaAdminClient(bootstrap_servers=servers, **client_config(settings))
         try:

@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,6 +143,8 @@ class InferenceEngine:
         self.device = pick_device(settings.model.device)
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.model_path)
         self.lanes: dict[str, _Lane] = {DEFAULT_TASK: _Lane(DEFAULT_TASK, registry)}  # grown by the watcher
+        # A replica's: each task's registry from its follower (admin decisions go to the pointer topic).
+        self.task_registry: Callable[[str], AdapterRegistry] | None = None
         self._installed: LoadedVersion | None = None  # whose parameters the model holds now (worker thread)
         self._mixed: dict[int, MixedForward] = {}  # by id of the slots it hooks (worker thread)
         self._queue: deque[_Pending] = deque()
@@ -450,9 +453,10 @@ class InferenceEngine:
             if task not in self.lanes:
                 root = task_registry_dir(self.registry.root, task)
                 s = self.settings.registry
+                made = self.task_registry(task) if self.task_registry is not None else None
                 self.lanes = {
                     **self.lanes,
-                    task: _Lane(task, AdapterRegistry(root, s.keep_last, s.keep_serving_history)),
+                    task: _Lane(task, made or AdapterRegistry(root, s.keep_last, s.keep_serving_history)),
                 }
         for lane in list(self.lanes.values()):
             self._poll_lane(lane)

@@ -45,6 +45,7 @@ class Server:
         self.engine = InferenceEngine(settings, self.registry, self.metrics)
         if self.follower is not None:
             self.follower.on_change = self.engine.nudge
+            self.engine.task_registry = self.follower.registry_of
         self.app = create_app(
             settings, self.engine, self.registry, self.metrics, self.metrics_registry, admin_token(settings)
         )

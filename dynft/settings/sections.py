@@ -98,6 +98,11 @@ class KafkaSettings(Section):
     versions_max_message_bytes: int = Field(
         16 << 20, ge=1 << 20, description="largest version record (max.message.bytes of the versions topics)"
     )
+    election: bool = Field(
+        False,
+        description="trainers of one group elect one active trainer through Kafka (group <group>.leader on "
+        "<versions_topic>.term); the others stand by. Needs versions_topic and a kafka:// source",
+    )
 
     @field_validator("sasl_mechanism")
     @classmethod

@@ -13,6 +13,8 @@
   other members, so the intake drops their queued records for the new owner to read again.
   A partition that comes back keeps its fetch position in kafka-python 3.0, so its queued
   records stay: dropping them would skip them for good.
+- ``may_commit`` is asked before every commit: an elected trainer that lost its term
+  (``dynft.election``) commits nothing more, whatever it had checkpointed.
 - After a restart, positions from the checkpoint that are ahead of the group's committed
   offsets (a crash between checkpoint and commit) are committed before joining.
 - Brokers that do not answer at ``open`` are waited for: ``poll`` tries again with backoff
@@ -31,7 +33,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
@@ -91,6 +93,8 @@ class KafkaSource(Source):
         self._reconnect_in = RECONNECT_FIRST_S
         # Written by the polling thread, read by the IO thread: replaced whole, never mutated.
         self._uncommitted: dict[TopicPartition, int] = {}
+        # Asked before every commit, by either thread (dynft.election: none once the term is lost).
+        self.may_commit: Callable[[], bool] = lambda: True
         for warning in security_warnings(settings):
             log.warning(warning)
 
@@ -257,6 +261,8 @@ class KafkaSource(Source):
                 tp = partition_of(stream)
                 self._checkpointed[tp] = max(offset, self._checkpointed.get(tp, -1))
         self._publish_uncommitted()
+        if not self.may_commit():
+            return
         if not final and time.monotonic() < self._commit_retry_at:
             return  # a commit just failed (a rebalance, an outage): retrying at every poll only floods the group
         consumer = self._require()
@@ -401,7 +407,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         uncommitted = self.source._uncommitted  # an immutable snapshot: see the module docstring
         offsets = {tp: OffsetAndMetadata(uncommitted[tp], "", -1) for tp in revoked if tp in uncommitted}
         consumer = self.source._consumer
-        if offsets and consumer is not None:
+        if offsets and consumer is not None and self.source.may_commit():
             consumer.commit_async(offsets)
         self.events.put(("revoked", revoked))
 

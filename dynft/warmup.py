@@ -1,0 +1,80 @@
+"""A takeover's warm-up: the replay buffer and held-out window rebuilt from the stream itself.
+
+An elected trainer that takes over on another host (``dynft.election``) has no checkpoint: it
+resumes its adapter from the newest version on the versions topic, and its events from the
+group's committed offsets. Its replay buffer and held-out window would start empty, so the first
+steps would replay nothing and the gate would have nothing to score on. ``rewarm`` reads, per
+partition of the source topics, up to ``buffer.max_events`` events *before* the committed offset
+(events the previous trainer already learned from) and hands them to the buffer and the
+held-out window exactly as routing would split them, without training on them, recording them
+in the ledger or dead-lettering anything: they are not new, and the group's offsets are not
+moved. Only the default task's events are taken (other tasks' parts are made on their first
+new event). A consumer of no group reads them, before the source joins its group.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from dynft.batching import LabelMap
+from dynft.buffer import ReplayBuffer
+from dynft.evaluation import HoldoutWindow, is_held_out
+from dynft.events import DEFAULT_TASK, Event, decode
+from dynft.settings import Settings
+from dynft.sources.kafka import client_config, parse_kafka_uri
+
+log = logging.getLogger(__name__)
+POLL_MS = 500
+
+
+def rewarm(settings: Settings, buffer: ReplayBuffer, holdout: HoldoutWindow, labels: LabelMap) -> int:
+    """Refill ``buffer`` and ``holdout`` from the events before the committed offsets; returns how many were read."""
+    events = [e for e in read_before_committed(settings) if e.task_name == DEFAULT_TASK]
+    fraction = settings.evaluation.holdout_fraction
+    buffered = held = 0
+    for event in events:
+        if is_held_out(event.id, event.text, fraction):
+            if labels.get(event.label) is not None:  # the gate scores only labels the head knows
+                holdout.add(event)
+                held += 1
+        elif labels.get(event.label) is not None and buffer.add(event):
+            buffered += 1
+    log.info(
+        "rebuilt the replay buffer (%d events) and the held-out window (%d) from %d events before the "
+        "committed offsets, none trained on as new",
+        buffered,
+        held,
+        len(events),
+    )
+    return len(events)
+
+
+def read_before_committed(settings: Settings) -> list[Event]:
+    """Per partition, up to ``buffer.max_events`` well-formed events just before the group's committed offset."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    k = settings.kafka
+    servers, names, group = parse_kafka_uri(settings.source.uri, k.group)
+    consumer = KafkaConsumer(bootstrap_servers=servers, group_id=group, enable_auto_commit=False, **client_config(k))
+    try:
+        parts = [TopicPartition(t, p) for t in names for p in sorted(consumer.partitions_for_topic(t) or ())]
+        if not parts:
+            return []
+        starts = consumer.beginning_offsets(parts)
+        stops = {tp: consumer.committed(tp) or 0 for tp in parts}
+        wanted = [tp for tp in parts if stops[tp] > starts[tp]]
+        consumer.assign(wanted)  # assigned, not subscribed: the group's membership and offsets stay as they are
+        for tp in wanted:
+            consumer.seek(tp, max(starts[tp], stops[tp] - settings.buffer.max_events))
+        out: list[Event] = []
+        while any(consumer.position(tp) < stops[tp] for tp in wanted):
+            for tp, records in consumer.poll(timeout_ms=POLL_MS).items():
+                for record in records:
+                    decoded = decode(record.value or b"", settings.events) if record.offset < stops[tp] else None
+                    if isinstance(decoded, Event):
+                        out.append(decoded)
+                if consumer.position(tp) >= stops[tp]:
+                    consumer.pause(tp)
+        return out
+    finally:
+        consumer.close(autocommit=False)

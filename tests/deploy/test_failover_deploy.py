@@ -1,0 +1,44 @@
+"""deploy/k8s/failover: valid, two trainer pods of one configuration with the election on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from dynft.election import Election
+
+from deploy.conftest import DEPLOY, dockerfile, image_env, settings_from_env
+from deploy.test_k8s import VERSION, json_patch, manifests
+
+FAILOVER = DEPLOY / "k8s" / "failover"
+REPLICAS = DEPLOY / "k8s" / "replicas"
+
+
+def patched_statefulset() -> dict[str, Any]:
+    """The base StatefulSet with the replicas overlay's patch, then the failover overlay's."""
+    sts = manifests()["StatefulSet"]
+    for overlay in (REPLICAS, FAILOVER):
+        for patch in yaml.safe_load((overlay / "kustomization.yaml").read_text())["patches"]:
+            assert patch["target"] == {"kind": "StatefulSet", "name": sts["metadata"]["name"]}
+            sts = json_patch(sts, yaml.safe_load((overlay / patch["path"]).read_text()))
+    return sts
+
+
+def test_the_failover_overlay_runs_two_electing_trainers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    kustomization = yaml.safe_load((FAILOVER / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["../replicas"]
+    sts = patched_statefulset()
+    kubernetes_validate.validate(sts, VERSION, strict=True)
+    assert sts["spec"]["replicas"] == 2
+    assert sts["spec"]["volumeClaimTemplates"], "each trainer pod keeps its own volume: no shared disk"
+    env = {e["name"]: e["value"] for e in sts["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    config = tmp_path / "dynft.toml"
+    config.write_text(manifests()["ConfigMap"]["data"]["dynft.toml"])
+    settings = settings_from_env({**image_env(dockerfile()), **env}, monkeypatch, config)
+    assert settings.kafka.election and settings.kafka.versions_topic == "dynft.versions"
+    election = Election(settings, "pod-0")  # no ConfigError: a kafka:// source and a versions topic
+    assert election.topic == "dynft.versions.term"

@@ -1,0 +1,46 @@
+"""A takeover's warm-up against a real broker: the past events before the committed offsets refill
+the replay buffer and the held-out window; nothing at or after the offsets, and no offset moves."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
+
+from dynft.batching import LabelMap
+from dynft.buffer import ReplayBuffer
+from dynft.devbroker import Broker
+from dynft.evaluation import HoldoutWindow, is_held_out
+from dynft.settings import Settings
+from dynft.warmup import rewarm
+
+from helpers import keyword_events
+from kafka_helpers import end_offsets, kafka_settings, new_topic, publish
+
+pytestmark = pytest.mark.slow
+LABELS = ["alpha", "beta", "gamma"]
+
+
+def test_rewarm_refills_buffer_and_holdout_from_before_the_committed_offsets(
+    kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path
+) -> None:
+    topic, group = new_topic(kafka_broker, partitions=1), f"warm-{uuid.uuid4().hex[:6]}"
+    events = keyword_events(80, LABELS, seed=7)
+    events[15]["text"] = ""  # a malformed one before the offsets: skipped, never dead-lettered
+    publish(kafka_broker, topic, events, tmp_path)
+    committer = KafkaConsumer(bootstrap_servers=kafka_broker.bootstrap, group_id=group, enable_auto_commit=False)
+    committer.commit({TopicPartition(topic, 0): OffsetAndMetadata(60, "", -1)})
+    committer.close()
+    settings = kafka_settings(tiny_settings, kafka_broker, topic, group)
+    settings.buffer.max_events = 50
+    settings.evaluation.holdout_fraction = 0.2
+    buffer = ReplayBuffer(settings.buffer.max_events, settings.buffer.max_bytes)
+    holdout = HoldoutWindow(100)
+    assert rewarm(settings, buffer, holdout, LabelMap(LABELS)) == 49  # offsets 10..59, less the malformed one
+    expected = [e for e in events[10:60] if e["text"]]
+    held = {e["id"] for e in expected if is_held_out(e["id"], e["text"], 0.2)}
+    assert held and {e.id for e in holdout.snapshot()} == held
+    assert {r["event"]["id"] for r in buffer.snapshot()[0]} == {e["id"] for e in expected} - held
+    assert end_offsets(kafka_broker, topic, group)[1] == {0: 60}  # the group's offsets did not move
