@@ -70,6 +70,7 @@ def markdown(results: dict[str, Any], command: str, machine: str) -> str:
     ]
     for name, methods in results["streams"].items():
         base = methods.get("dynft", {}).get("backward_transfer")
+        base = None if base is None else round(base, 6)
         lines += [
             f"## {name}",
             "",
