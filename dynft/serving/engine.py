@@ -191,7 +191,9 @@ class InferenceEngine:
 
     @property
     def ready(self) -> bool:
-        return self.active is not None and self._worker.is_alive()
+        """A version answers (version 0, the cold start's prototypes alone, is not one: it is not ready)."""
+        active = self.active
+        return active is not None and active.version > 0 and self._worker.is_alive()
 
     # -- requests ------------------------------------------------------------------------
 

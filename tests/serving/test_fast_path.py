@@ -121,6 +121,7 @@ def test_before_the_first_version_prototypes_answer_instead_of_503(tiny_settings
         right = [accuracy(client, label, seed=13) for label in ("alpha", "beta", "gamma")]
         assert min(right) >= 0.6, f"cold-start accuracy per label {right}"
         assert not server.metrics_registry.get_sample_value("dynft_swaps_total")  # version 0 is no adapter version
+        assert client.get("/readyz").status_code == 503  # nor is it ready: readiness waits for a real version
 
 
 def test_the_shots_file_survives_restarts_and_cut_lines(tmp_path: Path) -> None:
