@@ -52,6 +52,7 @@ STATE_NAMES = (
     "checkpoints",
     "run",
     "run/config.json",
+    "run/shots.jsonl",  # the server's fast path (dynft.serving.prototypes)
     "registry",
     "registry/serving.json",
     "registry/.lock",

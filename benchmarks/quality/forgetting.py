@@ -70,6 +70,7 @@ def markdown(results: dict[str, Any], command: str, machine: str) -> str:
     ]
     for name, methods in results["streams"].items():
         base = methods.get("dynft", {}).get("backward_transfer")
+        base = None if base is None else round(base, 6)
         lines += [
             f"## {name}",
             "",
@@ -77,7 +78,7 @@ def markdown(results: dict[str, Any], command: str, machine: str) -> str:
             "|---|---|---|---|---|",
         ]
         for method, r in methods.items():
-            bwt = r["backward_transfer"]
+            bwt = None if r["backward_transfer"] is None else round(r["backward_transfer"], 6) + 0.0  # no "-0.000"
             better = "-" if bwt is None or not base else f"{(bwt - base) / abs(base):+.0%}"
             finals = " / ".join(f"{x:.2f}" for x in r["final_accuracy"])
             lines.append(

@@ -198,7 +198,9 @@ class InferenceEngine:
 
     @property
     def ready(self) -> bool:
-        return self.active is not None and self._worker.is_alive()
+        """A version answers (version 0, the cold start's prototypes alone, is not one: it is not ready)."""
+        active = self.active
+        return active is not None and active.version > 0 and self._worker.is_alive()
 
     # -- requests ------------------------------------------------------------------------
 
@@ -410,8 +412,9 @@ class InferenceEngine:
         lane.active = staged
         if lane.staged is staged:
             lane.staged = None
-        self.metrics.swap_seconds.observe(time.perf_counter() - started)
-        self.metrics.swaps.inc()
+        if staged.version:  # version 0 (the cold start's base encoder) is no adapter version swapped in
+            self.metrics.swap_seconds.observe(time.perf_counter() - started)
+            self.metrics.swaps.inc()
         self.metrics.task_serving_version.labels(staged.task).set(staged.version)
         if staged.task != DEFAULT_TASK:
             log.info("task %s: now serving version %d", staged.task, staged.version)

@@ -113,13 +113,15 @@ def test_a_label_no_version_knows_is_answered_from_its_first_events_until_a_vers
 
 def test_before_the_first_version_prototypes_answer_instead_of_503(tiny_settings: Settings) -> None:
     tiny_settings.model.pooling = "mean"  # the untrained [CLS] pooler of a random model is no feature
-    with running_server(tiny_settings) as (base, _), httpx.Client(base_url=base, timeout=30) as client:
+    with running_server(tiny_settings) as (base, server), httpx.Client(base_url=base, timeout=30) as client:
         assert predict(client, ["w1 alpha0 w2"]).status_code == 503  # nothing to answer with yet
         hand_over(tiny_settings, ["alpha", "beta", "gamma"], seed=4)
         body = wait_for_fast_path(client, "w1 alpha0 w2")
         assert body["adapter_version"] == 0
         right = [accuracy(client, label, seed=13) for label in ("alpha", "beta", "gamma")]
         assert min(right) >= 0.6, f"cold-start accuracy per label {right}"
+        assert not server.metrics_registry.get_sample_value("dynft_swaps_total")  # version 0 is no adapter version
+        assert client.get("/readyz").status_code == 503  # nor is it ready: readiness waits for a real version
 
 
 def test_the_shots_file_survives_restarts_and_cut_lines(tmp_path: Path) -> None:
