@@ -2,7 +2,7 @@
 from the teacher with a tenth of the labels.
 
 ``python -m benchmarks.quality.distill [--dataset ag_news] [--events 480] [--seeds 3] [--workers 2]``
-writes ``benchmarks/results/quality/distill-<dataset>.{md,json}``.
+writes ``benchmarks/results/quality/distill-<dataset>-<events>.{md,json}``.
 
 The teacher is a stronger model prepared offline, at the start of the run: a logistic
 regression on the frozen base model's mean-pooled embeddings, fitted on the dataset's whole
@@ -205,8 +205,9 @@ def main() -> None:
         f"python -m benchmarks.quality.distill --dataset {args.dataset} --events {args.events} --seeds {args.seeds}"
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"distill-{args.dataset}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / f"distill-{args.dataset}.md").write_text(markdown(result, command, os.getloadavg()))
+    stem = f"distill-{args.dataset}-{args.events}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(markdown(result, command, os.getloadavg()))
     print(markdown(result, command, os.getloadavg()))
 
 
