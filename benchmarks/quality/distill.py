@@ -98,7 +98,9 @@ def stream(dataset: str, teachers: list[dict[str, float]], config: str, events: 
     return out
 
 
-def student(dataset: str, events: list[Any], truths: list[str], seed: int, model_path: str | None) -> dict[str, Any]:
+def student(
+    dataset: str, events: list[Any], truths: list[str], seed: int, model_path: str | None, alpha: float | None = None
+) -> dict[str, Any]:
     """One test-then-train pass of dynft's trainer over ``events``; runs in a worker process."""
     import torch
 
@@ -111,6 +113,8 @@ def student(dataset: str, events: list[Any], truths: list[str], seed: int, model
     with tempfile.TemporaryDirectory() as tmp:
         overrides = dynft_overrides(QUICK.with_overrides(model_path=model_path), "dynft")
         overrides |= {"state_dir": tmp, "trainer.seed": seed}
+        if alpha is not None:
+            overrides["trainer.distill_alpha"] = alpha
         settings = load_settings(overrides=overrides)
         torch.set_num_threads(1)
         trainer = build_trainer(settings.model, settings.adapter, settings.trainer)
@@ -129,14 +133,17 @@ def student(dataset: str, events: list[Any], truths: list[str], seed: int, model
     }
 
 
-def run(dataset: str, events: int, seeds: int, workers: int, model_path: str | None) -> dict[str, Any]:
+def run(
+    dataset: str, events: int, seeds: int, workers: int, model_path: str | None, alpha: float | None = None
+) -> dict[str, Any]:
     teachers, teacher_accuracy, classes = teacher(dataset, model_path)
     train = load(dataset, "train")
     args = {}
     for config in CONFIGS:
         for seed in range(seeds):
             evs = stream(dataset, teachers, config, events, seed)
-            args[config, seed] = (dataset, evs, [train[int(e.id[1:])]["label"] for e in evs], seed, model_path)
+            truths = [train[int(e.id[1:])]["label"] for e in evs]
+            args[config, seed] = (dataset, evs, truths, seed, model_path, alpha)
     if workers == 1:
         runs = {key: student(*a) for key, a in args.items()}
     else:  # spawned: the parent has torch's threads running (the teacher's embeddings)
@@ -158,6 +165,7 @@ def run(dataset: str, events: int, seeds: int, workers: int, model_path: str | N
         "dataset": dataset,
         "events": events,
         "seeds": seeds,
+        "distill_alpha": alpha,
         "classes": classes,
         "teacher_test_accuracy": teacher_accuracy,
         "summary": summary,
@@ -198,14 +206,16 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=480)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--alpha", type=float, default=None, help="trainer.distill_alpha (default: the setting's)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    result = run(args.dataset, args.events, args.seeds, args.workers, QUICK.model_path)
+    result = run(args.dataset, args.events, args.seeds, args.workers, QUICK.model_path, args.alpha)
     command = (
         f"python -m benchmarks.quality.distill --dataset {args.dataset} --events {args.events} --seeds {args.seeds}"
     )
+    command += f" --alpha {args.alpha}" if args.alpha is not None else ""
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"distill-{args.dataset}-{args.events}"
+    stem = f"distill-{args.dataset}-{args.events}" + (f"-alpha{args.alpha:g}" if args.alpha is not None else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(result, command, os.getloadavg()))
     print(markdown(result, command, os.getloadavg()))
