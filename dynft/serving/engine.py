@@ -34,36 +34,30 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-from peft import PeftConfig, PeftModel
-from torch import nn
+from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from dynft.batching import tokenize
-from dynft.errors import AdapterMismatchError, BaseModelMismatchError, DynftError
+from dynft.errors import DynftError
 from dynft.families import read_positions
 from dynft.fingerprint import BaseModelId
 from dynft.freshness import served_after
 from dynft.metrics import ServerMetrics
 from dynft.model import (
-    AdapterSlots,
-    build_model,
     load_tokenizer,
-    peft_config_from_dict,
-    peft_config_from_settings,
     pick_device,
     resolve_model_path,
     resolve_pooling,
-    structure_key,
 )
 from dynft.registry import AdapterRegistry
 from dynft.serving.mixed import MixedForward
 from dynft.serving.prototypes import SHOTS_FILE, FastPath
+from dynft.serving.watcher import Lane, LoadedVersion, VersionWatcher
 from dynft.settings import Settings
-from dynft.tasks import DEFAULT_TASK, known_tasks, task_registry_dir
+from dynft.tasks import DEFAULT_TASK
 
 log = logging.getLogger(__name__)
 
@@ -89,39 +83,8 @@ class Answer:
     fast_path: bool = False  # prototype rows for labels the version lacks took part
 
 
-@dataclass(frozen=True)
-class LoadedVersion:
-    """A version ready to install: checked, device-resident parameters for one model."""
-
-    version: int
-    labels: list[str]
-    params: dict[str, nn.Parameter]
-    model: PeftModel
-    slots: AdapterSlots
-    loaded_at: float = field(default_factory=time.time)
-    arrivals: Any = None  # meta.json's "arrivals": when the events it first serves arrived (dynft.freshness)
-    task: str = DEFAULT_TASK
-
-
 class UnknownTask(DynftError):
     """A request named a task that has no versions in the registry."""
-
-
-@dataclass
-class _Lane:
-    """One task in the server: its registry, the version answering and the one staged to replace it.
-
-    ``staged`` is written by the watcher and taken by the worker (under the engine's condition);
-    ``active`` is written by the worker only.
-    """
-
-    task: str
-    registry: AdapterRegistry
-    active: LoadedVersion | None = None
-    staged: LoadedVersion | None = None
-    failed: dict[int, float] = field(default_factory=dict)  # version -> when it failed (not retried for a while)
-    fallback_from: int | None = None  # the unloadable serving version; written by the watcher only
-    refused: dict[int, str] = field(default_factory=dict)  # version -> "unreadable" / "mismatch" (watcher only)
 
 
 @dataclass
@@ -131,7 +94,7 @@ class _Pending:
     task: str = DEFAULT_TASK
 
 
-class InferenceEngine:
+class InferenceEngine(VersionWatcher):
     def __init__(self, settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics) -> None:
         self.settings = settings
         self.registry = registry
@@ -142,7 +105,7 @@ class InferenceEngine:
         self.fingerprint = self.base_model.fingerprint
         self.device = pick_device(settings.model.device)
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.model_path)
-        self.lanes: dict[str, _Lane] = {DEFAULT_TASK: _Lane(DEFAULT_TASK, registry)}  # grown by the watcher
+        self.lanes: dict[str, Lane] = {DEFAULT_TASK: Lane(DEFAULT_TASK, registry)}  # grown by the watcher
         # A replica's: each task's registry from its follower (admin decisions go to the pointer topic).
         self.task_registry: Callable[[str], AdapterRegistry] | None = None
         self._installed: LoadedVersion | None = None  # whose parameters the model holds now (worker thread)
@@ -432,127 +395,3 @@ class InferenceEngine:
         now = time.time()
         for seconds in served_after(staged.arrivals, now, self.started_at):
             self.metrics.freshness_seconds.observe(seconds)
-
-    def _watch(self) -> None:
-        while not self._stop.is_set():
-            self._nudged.clear()  # before reading, so a change made during the read is not missed
-            try:
-                self.poll_registry()
-                if self.fast is not None:
-                    self.fast.poll()
-                    self._stage_base()
-            except Exception:  # the watcher must outlive any one bad version or read
-                log.exception("watching the registry failed")
-            self._nudged.wait(self.settings.server.poll_interval_s)
-
-    def poll_registry(self) -> None:
-        """Stage each task's serving version if it changed (called by the watcher thread).
-
-        If the serving version cannot be loaded (files missing or corrupt, another shape or base
-        model), the newest loadable version of the pointer's history serves instead, with a
-        warning and ``dynft_serving_fallback`` at 1; the serving version is tried again every 30 s.
-        """
-        for task in known_tasks(self.registry.root):
-            if task not in self.lanes:
-                root = task_registry_dir(self.registry.root, task)
-                s = self.settings.registry
-                made = self.task_registry(task) if self.task_registry is not None else None
-                self.lanes = {
-                    **self.lanes,
-                    task: _Lane(task, made or AdapterRegistry(root, s.keep_last, s.keep_serving_history)),
-                }
-        for lane in list(self.lanes.values()):
-            self._poll_lane(lane)
-
-    def _poll_lane(self, lane: _Lane) -> None:
-        pointer = lane.registry.serving()
-        if pointer.version is None:
-            return
-        current = lane.staged or lane.active
-        history = [h.get("version") for h in pointer.history]
-        for version in dict.fromkeys([pointer.version, *history]):  # newest first, each once
-            if not isinstance(version, int):
-                continue
-            if current is not None and current.version == version:
-                self._note_fallback(lane, pointer.version, version)
-                return
-            if time.monotonic() - lane.failed.get(version, -1e9) < 30.0:
-                continue
-            staged = self._try_load(version, lane.task)
-            if staged is not None:
-                with self._cond:
-                    lane.staged = staged
-                    self._cond.notify_all()
-                self._note_fallback(lane, pointer.version, version)
-                return
-
-    def _stage_base(self) -> None:
-        """Cold start: once shots arrived and no version is here, stage version 0 (watcher thread).
-
-        The base encoder with a fresh adapter (LoRA's starts as the identity) answers with the
-        fast path's prototype rows alone, where it answered 503 before. Its model is the one the
-        first version then loads into, when their structures match.
-        """
-        lane = self.lanes[DEFAULT_TASK]
-        if self.fast is None or not self.fast.has_shots or lane.active is not None or lane.staged is not None:
-            return
-        model, slots = self._build(peft_config_from_settings(self.settings.adapter, self.model_path), 1)
-        with self._cond:
-            if lane.active is None and lane.staged is None:
-                lane.staged = LoadedVersion(0, [], slots.capture(), model, slots)
-                self._cond.notify_all()
-        log.info("no version serves yet: version 0 (the base encoder) answers from prototypes")
-
-    def _try_load(self, version: int, task: str = DEFAULT_TASK) -> LoadedVersion | None:
-        started = time.perf_counter()
-        try:
-            staged = self.load(version, task)
-        except DynftError as exc:
-            self.lanes[task].failed[version] = time.monotonic()
-            reason = "mismatch" if isinstance(exc, AdapterMismatchError) else "unreadable"
-            self.lanes[task].refused[version] = reason  # the metric's label, not the message: /v1/adapters is public
-            self.metrics.swap_failures.labels(reason).inc()
-            log.error("cannot load version %d%s: %s", version, "" if task == DEFAULT_TASK else f" of task {task}", exc)
-            return None
-        self.metrics.swap_load_seconds.observe(time.perf_counter() - started)
-        self.lanes[task].refused.pop(version, None)
-        return staged
-
-    def _note_fallback(self, lane: _Lane, target: int, version: int) -> None:
-        """Record whether ``version``, now serving or staged, stands in for an unloadable ``target``."""
-        fallback = target if version != target else None
-        if fallback is not None and lane.fallback_from != fallback:
-            log.warning("serving version %d cannot be loaded; answering with version %d instead", target, version)
-        elif fallback is None and lane.fallback_from is not None:
-            log.info("serving version %d loaded; the fallback is over", target)
-        lane.fallback_from = fallback
-        if lane.task == DEFAULT_TASK:
-            self.metrics.serving_fallback.set(0 if fallback is None else 1)
-
-    def load(self, version: int, task: str = DEFAULT_TASK) -> LoadedVersion:
-        """Read, check and stage ``version`` of ``task`` (never touches what serves)."""
-        state, meta = self.lanes[task].registry.load(version)
-        if not self.base_model.accepts(meta.get("base_model")):
-            raise BaseModelMismatchError(f"version {version} was trained on another base model")
-        key = structure_key(state.peft_config)
-        loaded = [v for lane in list(self.lanes.values()) for v in (lane.staged, lane.active) if v is not None]
-        same = [v for v in loaded if v.slots.structure == key]  # one base model for all tasks
-        if same:
-            model, slots = same[0].model, same[0].slots
-        else:
-            model, slots = self._build(peft_config_from_dict(state.peft_config), len(state.labels))
-        non_blocking = self.device.type == "cuda"
-        params = slots.prepare(state, non_blocking=non_blocking)
-        if non_blocking:
-            torch.cuda.synchronize(self.device)
-        return LoadedVersion(
-            version, list(state.labels), params, model, slots, arrivals=meta.get("arrivals"), task=task
-        )
-
-    def _build(self, config: PeftConfig, num_labels: int) -> tuple[PeftModel, AdapterSlots]:
-        pad = self.tokenizer.pad_token_id
-        model = build_model(self.model_path, config, num_labels, self.device, pad, self.pooling, self.settings.model)
-        model.eval()
-        for param in model.parameters():
-            param.requires_grad_(False)
-        return model, AdapterSlots(model)
