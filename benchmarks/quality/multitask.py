@@ -287,7 +287,7 @@ def main() -> int:
     if args.merge:
         parts = [json.loads(path.read_text()) for path in args.merge]
         runs = [run for part in parts for run in part["runs"]]
-        seconds = sum(part["seconds"] for part in parts)
+        seconds = round(sum(part["seconds"] for part in parts), 1)
         results = parts[0] | {"runs": runs, "seeds": len({r["seed"] for r in runs}), "seconds": seconds}
         results["summary"] = summarize(runs)
     else:
