@@ -26,7 +26,7 @@ from torch import nn
 
 from dynft.batching import Batch, Collator, LabelMap
 from dynft.distill import per_event_loss
-from dynft.errors import AdapterMismatchError
+from dynft.errors import AdapterMismatchError, ConfigError
 from dynft.events import Event
 from dynft.families import read_positions, size_line
 from dynft.forgetting import Forgetting
@@ -104,7 +104,7 @@ class OnlineTrainer:
         self.optimizer = self._make_optimizer()
         # Lazily compiled at the first step; a task's fork shares its parent's (its weights are
         # swapped in by reference, which the compiled graph reads as inputs).
-        self._compiled = torch.compile(model, backend=settings.compile_backend) if settings.compile else None
+        self._compiled = compile_model(model, settings.compile_backend) if settings.compile else None
 
     @property
     def label_map(self) -> LabelMap:
@@ -474,6 +474,14 @@ class OnlineTrainer:
                 else:
                     param.zero_()
                 self.optimizer.state.pop(param, None)
+
+
+def compile_model(model: nn.Module, backend: str) -> Any:
+    """``model`` under ``torch.compile`` (compiled at its first call); an unknown backend is a ConfigError."""
+    try:
+        return torch.compile(model, backend=backend)
+    except RuntimeError as exc:  # torch._dynamo's InvalidBackend, raised here rather than at the first step
+        raise ConfigError(f"trainer.compile_backend {backend!r}: {exc}") from exc
 
 
 def build_trainer(

@@ -135,3 +135,13 @@ def test_a_compiled_step_trains_as_the_eager_one_on_length_buckets(tiny_settings
     for eager, comp in zip(results[False], results[True], strict=True):
         assert comp.predictions == eager.predictions and comp.skipped is None
         assert comp.loss == pytest.approx(eager.loss, rel=1e-4, abs=1e-5)
+
+
+def test_an_unknown_compile_backend_is_a_configuration_error(tiny_settings: Settings) -> None:
+    from dynft.errors import ConfigError
+    from dynft.trainer import build_trainer
+
+    tiny_settings.trainer.compile = True
+    tiny_settings.trainer.compile_backend = "no-such-backend"
+    with pytest.raises(ConfigError, match=r"trainer\.compile_backend 'no-such-backend'"):
+        build_trainer(tiny_settings.model, tiny_settings.adapter, tiny_settings.trainer)
