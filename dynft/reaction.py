@@ -160,6 +160,10 @@ class DriftReaction:
             elif reaction == "upweight":
                 self.recent_since = self.buffer.seen
             elif reaction == "new_lineage":
+                if detection.stream not in PERFORMANCE:
+                    # A new label mix or new inputs say nothing against what was learned: throwing a
+                    # working adapter away on them made a stable stream reset again and again.
+                    continue
                 # A fresh adapter that learns the new concept from events after the drift only:
                 # replaying the old concept would contradict it. Old lineages stay in the registry.
                 self.trainer.reset_adapter()

@@ -197,3 +197,14 @@ def test_the_buffer_retires_exactly_the_events_before_a_sequence_number() -> Non
     assert len(buffer) == 20 and 0 < buffer.nbytes < before
     assert {e.id for e in buffer.events()} == {f"new{i}" for i in range(20)}
     assert all(e.id.startswith("new") for e in buffer.sample(200))
+
+
+def test_a_label_or_representation_shift_never_resets_the_adapter() -> None:
+    for stream in ("label", "representation"):
+        reaction, trainer, _buffer = make(["boost", "upweight", "new_lineage"])
+        response = reaction.on_detection(Detection(stream, "PageHinkley", 400))
+        assert response.applied == ["boost", "upweight"] and not response.new_lineage
+        assert trainer.resets == 0
+    reaction, trainer, _buffer = make(["boost", "upweight", "new_lineage"])
+    assert reaction.on_detection(Detection("error", "ADWIN", 400)).applied == ["boost", "upweight", "new_lineage"]
+    assert trainer.resets == 1
