@@ -51,7 +51,6 @@ class Plan:
     serve_busy_s: float
     serve_idle_s: float
     serve_event_rate: float  # events/s appended to the trainer's source
-    serve_publish_interval_s: float
     ingest_events: int
     tasks_clients: int = 16  # closed-loop clients of the many-task serving benchmark (benchmarks/tasks.py)
     tasks_phase_s: float = 6.0  # each timed phase of it (one task, eight tasks, per-group passes)
@@ -107,7 +106,7 @@ def make_plan(suite: str, device: str, workdir: Path, compile: bool = False) -> 
             train_warmup_steps=2, train_window_s=2, train_bare_s=1, train_max_s=20, train_publish_interval_s=1,
             train_holdout=32,
             swap_repeats=10, swap_clients=2, swap_quiet_s=0.5, swap_phase_s=1,
-            serve_clients=2, serve_busy_s=5, serve_idle_s=1, serve_event_rate=10, serve_publish_interval_s=0.5,
+            serve_clients=2, serve_busy_s=5, serve_idle_s=1, serve_event_rate=10,
             ingest_events=0, tasks_clients=8, tasks_phase_s=1.0, tasks_rounds=1,
         )  # fmt: skip
     minilm, label = packaged_model(), minilm_label()
@@ -118,7 +117,7 @@ def make_plan(suite: str, device: str, workdir: Path, compile: bool = False) -> 
             train_warmup_steps=2, train_window_s=12, train_bare_s=8, train_max_s=100, train_publish_interval_s=20,
             train_holdout=256,
             swap_repeats=30, swap_clients=4, swap_quiet_s=4, swap_phase_s=10,
-            serve_clients=4, serve_busy_s=32, serve_idle_s=6, serve_event_rate=2, serve_publish_interval_s=8,
+            serve_clients=4, serve_busy_s=32, serve_idle_s=6, serve_event_rate=2,
             ingest_events=100_000, tasks_clients=16, tasks_phase_s=6.0, tasks_rounds=2,
         )  # fmt: skip
     base = random_model(workdir / "bert-base", hidden=768, layers=12, heads=12, intermediate=3072)
@@ -128,6 +127,6 @@ def make_plan(suite: str, device: str, workdir: Path, compile: bool = False) -> 
         train_warmup_steps=20, train_window_s=10, train_bare_s=6, train_max_s=45, train_publish_interval_s=10,
         train_holdout=256,
         swap_repeats=100, swap_clients=8, swap_quiet_s=5, swap_phase_s=15,
-        serve_clients=8, serve_busy_s=30, serve_idle_s=10, serve_event_rate=50, serve_publish_interval_s=10,
+        serve_clients=8, serve_busy_s=30, serve_idle_s=10, serve_event_rate=50,
         ingest_events=300_000, tasks_clients=64, tasks_phase_s=8.0, tasks_rounds=2,
     )  # fmt: skip

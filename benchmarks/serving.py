@@ -15,14 +15,19 @@ one: the trainer publishes through its gate, the engine's watcher picks versions
   moment the trainer's weights first include the event (its step done): freshness beyond it
   is publishing cadence, gate, registry write, watcher poll, load and flip.
 
-The file starts with held-out events (``evaluation.holdout_window`` of them, 64 here), so the
-gate judges from the first candidate on instead of refusing until enough arrive.
+The trainer runs with the shipped publishing settings: a version right after each step that
+trained new events (a quick gate check, ``registry.publish_fresh``), a full check every 20 s.
+The file starts with 64 held-out events, so the gate judges from the first candidate on instead
+of refusing until enough arrive. An event that arrived while serving was timed, at least
+``SETTLE_S`` before the load stopped, and was never served counts as never served (infinitely
+late) in the percentiles.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import multiprocessing
 import tempfile
 import threading
@@ -36,6 +41,7 @@ from benchmarks.plans import Plan
 from benchmarks.streams import demo_events, held_out_ids, with_ids, write_jsonl
 
 HOLDOUT = 64
+SETTLE_S = 10.0  # events arriving later than this before the load stops may not be served by then
 
 
 def train_side(overrides: dict[str, Any], stop: Any, started: Any, steps_path: str) -> None:
@@ -136,8 +142,6 @@ def measure(plan: Plan) -> dict[str, Any]:
             "source.uri": f"file:{events_path}",
             "source.follow": True,
             "source.poll_interval_s": 0.05,
-            "evaluation.holdout_window": HOLDOUT,
-            "registry.publish_interval_s": plan.serve_publish_interval_s,
             "registry.keep_last": 10_000,
         }
         settings = load_settings(overrides=overrides)
@@ -229,6 +233,10 @@ def _summary(load: Load, batches: tuple[float, float], steps: list[Any], publish
     }
 
 
+def settle_s(plan: Plan) -> float:
+    return min(SETTLE_S, plan.serve_busy_s / 3)  # the smoke suite's busy phase is short
+
+
 def _freshness(
     arrivals: list[tuple[str, float]],
     trained_ids: set[str],
@@ -246,7 +254,7 @@ def _freshness(
     for _, end, fresh, skipped in steps:
         if not skipped:
             trained_at += [end] * fresh
-    horizon = busy.stopped - 2 * plan.serve_publish_interval_s - 3.0  # later arrivals may not be served yet
+    horizon = busy.stopped - settle_s(plan)  # later arrivals may not be served yet
     to_trained, to_served, unserved, k = [], [], 0, 0
     for event_id, arrived in arrivals:
         if event_id not in trained_ids:
@@ -257,8 +265,8 @@ def _freshness(
         served = [t for v, t in first_served.items() if seen.get(v, 0) >= k]
         if k > len(trained_at) or not served:
             unserved += 1
+            to_served.append(math.inf)  # it counts: a freshness that skips what was never served flatters
             continue
-        # Both over the same events: those served before the end of the busy phase.
         to_trained.append(trained_at[k - 1] - arrived)
         to_served.append(min(served) - arrived)
     return {
@@ -291,8 +299,9 @@ def run(plan: Plan) -> list[Result]:
         "requests busy/idle": [busy["requests"], idle["requests"]],
     }
     setup = (
-        f"publish every {plan.serve_publish_interval_s:g} s (default 20) or 50 steps; events at "
-        f"{plan.serve_event_rate:g}/s; held-out window {HOLDOUT}; watcher poll 0.2 s; {m['versions']} versions"
+        f"shipped publishing settings (fresh publishing, full gate checks every 20 s or 50 steps); events at "
+        f"{plan.serve_event_rate:g}/s; {HOLDOUT} held-out events to start with; watcher poll 0.2 s; "
+        f"{m['versions']} versions"
     )
     return [
         Result(
@@ -321,9 +330,12 @@ def run(plan: Plan) -> list[Result]:
             fresh["trained_p50_s"],
             "trained on (step done)",
             higher_is_better=False,
+            goal="dynft <= 2 s",
+            met=fresh["served_p50_s"] <= 2.0,
             details={
                 "events timed": fresh["events"],
-                "events not served (or trained) within 2 publish intervals + 3 s": fresh["unserved"],
+                f"events never served (counted as infinitely late), of those that arrived {settle_s(plan):g} s or more "
+                "before the load stopped": fresh["unserved"],
                 "median time between newly served versions s": rounded(fresh["median_version_gap_s"]),
                 "dynft_freshness_seconds (server metric, whole run) mean s / events": [
                     rounded(m["metric"][1] / m["metric"][0]) if m["metric"][0] else None,
@@ -340,5 +352,7 @@ def run(plan: Plan) -> list[Result]:
             fresh["trained_p95_s"],
             "trained on (step done)",
             higher_is_better=False,
+            goal="dynft <= 4 s",
+            met=fresh["served_p95_s"] <= 4.0,
         ),
     ]

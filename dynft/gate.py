@@ -1,8 +1,10 @@
 """The promotion gate: a candidate serves only if it is not worse than what serves now.
 
-Both are scored on the same window of recent held-out events, which the candidate never
-trained on. The candidate is promoted when its accuracy is at least the serving version's
-minus ``tolerance``. The very first version is promoted without a comparison (there is
+Both are scored on the same recent held-out events, which the candidate never trained on: the
+whole window, or between full checks its newest ``gate.quick_events`` (``dynft.scoring``, which
+also says why the comparison is with a *reference* version, the last one that passed the whole
+window, rather than with whatever serves now). The candidate is promoted when its accuracy is at
+least the reference's minus ``tolerance``. The very first version is promoted without a comparison (there is
 nothing to compare with), and so is every candidate when the serving version cannot be loaded
 or nothing is held out (``evaluation.holdout_fraction = 0``: the gate is off); while the
 serving version is pinned by an operator, nothing is. While too few events are held out to
@@ -36,6 +38,8 @@ class Decision:
     serving_accuracy: float | None
     serving_version: int | None
     holdout_events: int
+    reference_version: int | None = None  # whose accuracy ``serving_accuracy`` is (dynft.scoring)
+    scope: str = "window"  # the events judged: the whole held-out window, or its newest
 
     @property
     def label(self) -> str:
@@ -55,17 +59,24 @@ def judge(
     unloadable: str | None = None,
     gate_off: bool = False,
     new_labels: int = 0,
+    reference: int | None = None,
+    scope: str = "window",
 ) -> Decision:
     """Decide on a candidate given both accuracies on the same held-out window.
 
     ``unloadable``: why the serving version cannot be loaded (so cannot be scored); such a version
     is replaced, as nothing can serve it. ``gate_off``: nothing is held out
     (``evaluation.holdout_fraction = 0``), so every candidate is promoted. A pin beats both.
-    ``new_labels``: labels the candidate knows and the serving version does not.
+    ``new_labels``: labels the candidate knows and the serving version does not. ``reference``:
+    the version ``serving`` is the accuracy of (default: the serving one); ``scope``: "window" or
+    "newest" (events of the window judged).
     """
+    reference = serving_version if reference is None else reference
+    against = "serving" if reference == serving_version else f"version {reference}"
+    on = "" if scope == "window" else f" on the newest {holdout} held-out events"
 
     def decide(promote: bool, reason: str) -> Decision:
-        return Decision(promote, reason, candidate, serving, serving_version, holdout)
+        return Decision(promote, reason, candidate, serving, serving_version, holdout, reference, scope)
 
     if serving_version is None:
         return decide(True, "first version: nothing serves yet")
@@ -83,5 +94,5 @@ def judge(
     if candidate is None or serving is None or holdout < settings.min_holdout:
         return decide(False, f"only {holdout} held-out events, the gate needs {settings.min_holdout}")
     if candidate >= serving - settings.tolerance:
-        return decide(True, f"accuracy {candidate:.3f} >= serving {serving:.3f} - {settings.tolerance}")
-    return decide(False, f"accuracy {candidate:.3f} < serving {serving:.3f} - {settings.tolerance}")
+        return decide(True, f"accuracy {candidate:.3f} >= {against} {serving:.3f} - {settings.tolerance}{on}")
+    return decide(False, f"accuracy {candidate:.3f} < {against} {serving:.3f} - {settings.tolerance}{on}")

@@ -33,6 +33,7 @@ from dynft.election import Election, fence_commits, outdated
 from dynft.errors import TermLostError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import REASONS, Event
+from dynft.fingerprint import BaseModelId
 from dynft.history import HistoryRecorder
 from dynft.ledger import Ledger, LedgerPruner
 from dynft.loopstate import LoopState
@@ -44,6 +45,7 @@ from dynft.routing import Router
 from dynft.runtime import tune_gc
 from dynft.serving.prototypes import SHOTS_FILE, ShotLog
 from dynft.settings import Settings
+from dynft.sharedweights import SHARED_DIR, share_frozen
 from dynft.sources import Intake, Positions, Record, furthest, open_source
 from dynft.statedisk import StateDisk
 from dynft.taskloop import split_by_task
@@ -132,6 +134,9 @@ class TrainingLoop(LoopState):
         if removed:
             log.warning("removed %d half-written version(s) from an earlier crash", len(removed))
         self.trainer = build_trainer(s.model, s.adapter, s.trainer)
+        if s.model.share_base_weights and self.trainer.base_model_path is not None:
+            base = BaseModelId.of(self.trainer.base_model_path, self.trainer.pooling)
+            share_frozen(self.trainer.model, s.state_dir / SHARED_DIR, base.fingerprint)
         self.task_directory = TaskDirectory(self.trainer.label_map, s.tasks.max_tasks)
         self.trainer.capture_features = self.drift.wants_embeddings
         self.reaction = DriftReaction(s.drift, self.trainer, self.buffer)
@@ -140,6 +145,7 @@ class TrainingLoop(LoopState):
             if not self.election.wait(self.should_exit):  # a standby told to stop
                 return
         self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics, term=self.election)
+        self.publisher.waiting = self.work_waiting
         if self.shared:
             self.publisher.clock = self.joint_steps
         source = open_source(s.source, s.kafka, self.metrics_registry, s.events.max_record_bytes)
@@ -206,6 +212,10 @@ class TrainingLoop(LoopState):
             self._note_covered()
             self._maybe_checkpoint()
             self._maybe_status()
+
+    def work_waiting(self) -> bool:
+        """Whether a batch waits for the main thread (publishing now would delay training)."""
+        return not self._work.empty()
 
     def shutdown(self) -> None:
         """Stop taking input, finish what was already taken, publish, checkpoint, commit, close."""
@@ -336,7 +346,7 @@ class TrainingLoop(LoopState):
             status = "skipped" if skipped else "trained"
             if not skipped:  # a non-finite step may be these events' fault: replayed, they would skip later steps too
                 self.buffer.add_many(fresh)
-                self.publisher.arrivals.add(work.arrived, len(fresh))
+                self.publisher.trained(work.arrived, len(fresh))
             outcomes += [(e.id, status) for e in fresh]
             self.metrics.events.labels(status).inc(len(fresh))
         if work.buffered:  # never trained fresh, but kept for replay: every event has an outcome

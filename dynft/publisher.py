@@ -2,11 +2,14 @@
 
 Every ``registry.publish_every_steps`` steps or ``registry.publish_interval_s`` seconds
 (whichever comes first, and only if the trainer moved), the live adapter is exported, scored
-with the serving version on the held-out window, published with the verdict in its metadata,
-and promoted if the gate says so. Sooner for freshness: while nothing serves, after
-``registry.first_publish_steps`` steps (cold start), and at the first step after a label is
-seen for the first time (``registry.publish_on_new_label``). Each version records when the
-events it first serves arrived (``dynft.freshness``).
+on the held-out window (``dynft.scoring``), published with the verdict in its metadata, and
+promoted if the gate says so. Sooner for freshness: right after a step that trained new events
+(``registry.publish_fresh``; such a version is scored on the window's newest events), while
+nothing serves after ``registry.first_publish_steps`` steps (cold start), and at the first step
+after a label is seen for the first time (``registry.publish_on_new_label``). While training
+work waits, fresh publishing keeps to ``registry.publish_budget`` of the trainer's time; while
+the trainer waits for events, it costs training nothing. Each version records when the events
+it first serves arrived (``dynft.freshness``).
 """
 
 from __future__ import annotations
@@ -16,18 +19,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from dynft.batching import Collator, LabelMap
 from dynft.errors import AdapterMismatchError, BaseModelMismatchError, DynftError, RegistryError
 from dynft.evaluation import HoldoutWindow
-from dynft.events import Event
 from dynft.fingerprint import BaseModelId
 from dynft.freshness import Arrivals
 from dynft.gate import Decision, judge
 from dynft.metrics import TrainerMetrics
-from dynft.model import AdapterState, build_model, peft_config_from_dict
+from dynft.model import AdapterState
 from dynft.rank import convert_lora_rank
 from dynft.registry import AdapterRegistry
 from dynft.replication.feed import TaskFeed, Term, VersionsFeed, open_feed
+from dynft.scoring import Scorer, Scores
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
 
@@ -66,8 +68,10 @@ class Publisher:
         self.serving_version: int | None = None
         self._published_at_step = 0
         self._published_at = time.monotonic()
-        self._serving_cache: tuple[int | None, dict[str, str]] = (None, {})  # serving predictions by event id
-        self._candidate_predictions: dict[str, str] = {}
+        self._publish_cost = 0.0  # seconds the last publish took (registry.publish_budget)
+        self._fresh = 0  # fresh events trained since the last publish (training thread only)
+        self._promoted: int | None = None  # the version this publisher promoted last
+        self._scores: Scores | None = None  # the last check's
         # kafka.versions_topic: replicas follow what is published here
         self.feed: VersionsFeed | TaskFeed | None = feed
         if feed is None:
@@ -79,6 +83,14 @@ class Publisher:
         # Steps that count toward the publishing schedule: the trainer's own, or (tasks.sharing =
         # shared) every task's, since any task's step moves the adapter this one publishes.
         self.clock: Callable[[], int] = lambda: self.trainer.steps
+        self.scorer = Scorer(trainer, settings, lambda: self.clock())
+        # Whether training work waits (publishing now would delay it); set by the training loop.
+        self.waiting: Callable[[], bool] = lambda: False
+
+    def trained(self, arrived: float, events: int) -> None:
+        """``events`` fresh events that arrived at ``arrived`` were just trained (training thread)."""
+        self.arrivals.add(arrived, events)
+        self._fresh += events
 
     @property
     def on_topic(self) -> bool:
@@ -215,12 +227,15 @@ class Publisher:
         if not self.due(force):
             return None
         self.mark_published()
+        started = time.monotonic()
         try:
             return self._publish(extra_meta)
         except DynftError as exc:
             self.metrics.publish_errors.inc()
             log.error("could not publish a version: %s", exc)
             return None
+        finally:
+            self._publish_cost = time.monotonic() - started
 
     def due(self, force: bool = False) -> bool:
         """Whether a version is due now (``force``: whenever the trainer moved since the last one)."""
@@ -235,11 +250,22 @@ class Publisher:
         due = moved >= r.publish_every_steps or time.monotonic() - self._published_at >= r.publish_interval_s
         due = due or (self.serving_version is None and moved >= r.first_publish_steps)  # cold start
         due = due or (r.publish_on_new_label and known > self._published_labels)
-        return due or force
+        return due or force or self._fresh_due()
+
+    def _fresh_due(self) -> bool:
+        """Fresh events were trained since the last publish, and publishing now keeps to the budget."""
+        r = self.settings.registry
+        if not r.publish_fresh or not self._fresh:
+            return False
+        if not self.waiting():  # the trainer would wait for events anyway
+            return True
+        since = time.monotonic() - self._published_at - self._publish_cost
+        return since >= self._publish_cost * (1 - r.publish_budget) / r.publish_budget
 
     def mark_published(self) -> None:
         """Start the next publishing interval now."""
         self._published_at_step, self._published_at = self.clock(), time.monotonic()
+        self._fresh = 0
 
     def _publish(self, extra_meta: dict[str, Any]) -> int:
         state, decision = self.candidate()
@@ -274,7 +300,8 @@ class Publisher:
             self.registry.promote(info.version, reason=f"gate: {decision.reason}")
             self.serving_version = info.version
             self.trainer.anchor_to(state)  # the regulariser (trainer.anchor_weight) pulls toward what serves
-            self._serving_cache = (info.version, self._candidate_predictions)  # same weights, same answers
+            self.scorer.promoted(info.version, state, self._scores)
+            self._promoted = info.version
             self.arrivals.clear()  # served from now on; a rejected candidate's events wait for the next
         else:
             self.registry.prune()
@@ -290,28 +317,29 @@ class Publisher:
         self.serving_version = pointer.version
         holdout = self.holdout.snapshot()
         candidate = serving = None
-        self._candidate_predictions = {}
+        scores = self._scores = None
         unloadable = None if pointer.version is None or self.gate_off else self._why_unloadable(pointer.version)
         if unloadable is not None and pointer.pinned:
             log.warning("serving version %d cannot be loaded (%s) but is pinned: waiting", pointer.version, unloadable)
         version = pointer.version if unloadable is None and not self.gate_off else None
         if version is not None and len(holdout) >= self.settings.gate.min_holdout:
-            predicted = self.trainer.predictions(holdout)
-            self._candidate_predictions = {e.id: p for e, p in zip(holdout, predicted, strict=True)}
-            candidate = accuracy(holdout, self._candidate_predictions)
-            serving = accuracy(holdout, self._serving_predictions(version, holdout))
+            self.scorer.follows(version, self._promoted)
+            scores = self._scores = self.scorer.check(holdout, version, lambda v: self._fitting(v)[0])
+            candidate, serving = scores.candidate, scores.reference
             self.metrics.gate_accuracy.labels("candidate").set(candidate)
             self.metrics.gate_accuracy.labels("serving").set(serving)
         return judge(
             candidate,
             serving,
-            len(holdout),
+            scores.events if scores is not None else len(holdout),
             pointer.version,
             pointer.pinned,
             self.settings.gate,
             unloadable=unloadable,
             gate_off=self.gate_off,
             new_labels=max(0, labels - int(self._meta_of(pointer.version).get("labels", labels))),
+            reference=self.scorer.reference if scores is not None else None,
+            scope=scores.scope if scores is not None else "window",
         )
 
     def _why_unloadable(self, version: int) -> str | None:
@@ -327,41 +355,3 @@ class Publisher:
         except RegistryError as exc:
             return str(exc)
         return None
-
-    def _serving_predictions(self, version: int, holdout: list[Event]) -> dict[str, str]:
-        """The serving version's predictions on the window; only events new since the last gate are run."""
-        cached_version, cached = self._serving_cache
-        if cached_version != version:
-            cached = {}
-        todo = [e for e in holdout if e.id not in cached]
-        if todo:
-            state, _ = self.registry.load(version)
-            try:
-                predicted = self.trainer.predictions(todo, state)
-            except AdapterMismatchError:
-                # Trained with another adapter configuration: score it with a model of its own
-                # shape (slow, but only until a version of the current configuration serves).
-                predicted = self._foreign_predictions(state, todo)
-            cached.update(zip((e.id for e in todo), predicted, strict=True))
-        window = {e.id for e in holdout}
-        self._serving_cache = (version, {k: v for k, v in cached.items() if k in window})
-        return self._serving_cache[1]
-
-    def _foreign_predictions(self, state: AdapterState, events: list[Event]) -> list[str]:
-        path = self.trainer.base_model_path
-        if path is None:
-            raise RegistryError("cannot score the serving version: base model path unknown")
-        config = peft_config_from_dict(state.peft_config)
-        tokenizer = self.trainer.collator.tokenizer
-        pooling = self.trainer.pooling
-        model = build_model(
-            path, config, len(state.labels), self.trainer.device, tokenizer.pad_token_id, pooling, self.settings.model
-        )
-        collator = Collator(tokenizer, self.trainer.collator.max_length, LabelMap())
-        other = OnlineTrainer(model, collator, self.settings.trainer, self.trainer.device, pooling=pooling)
-        other.load(state)
-        return other.predictions(events)
-
-
-def accuracy(events: list[Event], predictions: dict[str, str]) -> float:
-    return sum(predictions.get(e.id) == e.label for e in events) / max(1, len(events))

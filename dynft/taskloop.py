@@ -56,6 +56,9 @@ class TaskLoop:
     def _router(self) -> Router:
         raise NotImplementedError
 
+    def work_waiting(self) -> bool:
+        raise NotImplementedError
+
     def _publish_meta(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -114,6 +117,7 @@ class TaskLoop:
             trainer = self.trainer.fork(collator, share_adapter=self.shared)
             feed = self.publisher.feed if isinstance(self.publisher.feed, VersionsFeed) else None
             task = self.tasks[name] = Task(name, trainer, buffer, self.settings, home=self.trainer, feed=feed)
+            task.publisher.waiting = self.work_waiting
             if self.shared:
                 task.publisher.clock = self.joint_steps
             self.trainer.activate()
@@ -166,7 +170,7 @@ class TaskLoop:
             task.applied.clear()
             status = "trained" if trained else "skipped"
             if trained:
-                task.publisher.arrivals.add(arrived, len(fresh))
+                task.publisher.trained(arrived, len(fresh))
                 m = self.metrics
                 m.task_events.labels(task.name).inc(len(fresh))
                 m.task_accuracy.labels(task.name).set(task.prequential.accuracy)

@@ -28,7 +28,7 @@ from dynft.batching import Batch, Collator, LabelMap
 from dynft.distill import per_event_loss
 from dynft.errors import AdapterMismatchError, ConfigError
 from dynft.events import Event
-from dynft.families import read_positions, size_line
+from dynft.families import base_dtype, read_positions, size_line
 from dynft.forgetting import Forgetting
 from dynft.model import (
     AdapterSlots,
@@ -43,6 +43,7 @@ from dynft.model import (
     resolve_model_path,
     resolve_pooling,
 )
+from dynft.precision import autocast, autocast_dtype
 from dynft.readback import pooled_rows, read_back
 from dynft.settings import AdapterSettings, ModelSettings, TrainerSettings
 from dynft.snapshot import check_snapshot
@@ -80,8 +81,12 @@ class OnlineTrainer:
         device: torch.device,
         base_model_path: Path | None = None,
         pooling: Pooling = "cls",
+        compute_dtype: torch.dtype | None = None,
     ):
+        """``compute_dtype``: what the forward and backward passes compute in under autocast (None:
+        the weights' own dtype); ``dynft.precision.autocast_dtype`` picks it from ``model.autocast``."""
         self.model = model
+        self.compute_dtype = compute_dtype
         self.base_model_path = base_model_path  # recorded with every published version
         self.pooling = pooling  # how ``model`` pools (see dynft.model.resolve_pooling), recorded likewise
         self.collator = collator
@@ -142,7 +147,9 @@ class OnlineTrainer:
                     row = self._init_state[key].clone()
                 fresh[key] = nn.Parameter(row, requires_grad=True)
         self.slots.install(fresh)
-        fork = OnlineTrainer(self.model, collator, self.settings, self.device, self.base_model_path, self.pooling)
+        fork = OnlineTrainer(
+            self.model, collator, self.settings, self.device, self.base_model_path, self.pooling, self.compute_dtype
+        )
         fork.shares_adapter = self.shares_adapter = share_adapter or self.shares_adapter
         fork.owns_adapter = not share_adapter
         fork._compiled = self._compiled
@@ -167,21 +174,13 @@ class OnlineTrainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=self._amp_dtype)
-        return contextlib.nullcontext()
-
-    @functools.cached_property
-    def _amp_dtype(self) -> torch.dtype:
-        # fp16 base weights (model.dtype, or a GPU without bf16) compute in fp16; else bf16.
-        fp16 = any(p.dtype == torch.float16 for p in self.model.parameters())
-        return torch.float16 if fp16 else torch.bfloat16
+        return autocast(self.device, self.compute_dtype)
 
     @functools.cached_property
     def _scaler(self) -> torch.amp.GradScaler:
         # fp16 gradients underflow without loss scaling; with bf16 or fp32 the scaler passes through.
         return torch.amp.GradScaler(
-            self.device.type, enabled=self._amp_dtype == torch.float16 and self.device.type == "cuda"
+            self.device.type, enabled=self.compute_dtype == torch.float16 and self.device.type == "cuda"
         )
 
     def step(self, batch: Batch) -> StepResult:
@@ -499,4 +498,5 @@ def build_trainer(
     label_map = LabelMap(capacity=trainer_settings.max_labels)
     pad_multiple = trainer_settings.pad_multiple or (16 if trainer_settings.compile else 0)
     collator = Collator(tokenizer, model_settings.max_length, label_map, device.type == "cuda", pad_multiple)
-    return OnlineTrainer(model, collator, trainer_settings, device, base_model_path=path, pooling=pooling)
+    compute = autocast_dtype(model_settings.autocast, device, base_dtype(model_settings.dtype, device))
+    return OnlineTrainer(model, collator, trainer_settings, device, path, pooling, compute)

@@ -14,6 +14,10 @@ if str(Path(__file__).resolve().parents[1]) not in sys.path:
     sys.path.append(str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite computes in fp32 on every CPU, so its exact comparisons (1e-4 between the trainer's and the
+# server's scores) hold on machines with and without native bf16; tests/test_precision.py covers
+# model.autocast = on. Daemons the tests start inherit it.
+os.environ.setdefault("DYNFT_MODEL__AUTOCAST", "off")
 
 from dynft.devbroker import Broker
 from dynft.settings import Settings

@@ -42,7 +42,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dynft.batching import tokenize
 from dynft.errors import DynftError
-from dynft.families import read_positions
+from dynft.families import base_dtype, read_positions
 from dynft.fingerprint import BaseModelId
 from dynft.freshness import served_after
 from dynft.metrics import ServerMetrics
@@ -52,6 +52,7 @@ from dynft.model import (
     resolve_model_path,
     resolve_pooling,
 )
+from dynft.precision import autocast, autocast_dtype
 from dynft.registry import AdapterRegistry
 from dynft.serving.mixed import MixedForward
 from dynft.serving.prototypes import SHOTS_FILE, FastPath
@@ -104,6 +105,10 @@ class InferenceEngine(VersionWatcher):
         self.base_model = BaseModelId.of(self.model_path, self.pooling)
         self.fingerprint = self.base_model.fingerprint
         self.device = pick_device(settings.model.device)
+        # The same precision as the trainer's, so the gate judged what is answered here.
+        self.compute_dtype = autocast_dtype(
+            settings.model.autocast, self.device, base_dtype(settings.model.dtype, self.device)
+        )
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.model_path)
         self.lanes: dict[str, Lane] = {DEFAULT_TASK: Lane(DEFAULT_TASK, registry)}  # grown by the watcher
         # A replica's: each task's registry from its follower (admin decisions go to the pointer topic).
@@ -302,10 +307,7 @@ class InferenceEngine(VersionWatcher):
             else None
         )
         try:
-            if self.device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = active.model(input_ids=ids, attention_mask=mask).logits
-            else:
+            with autocast(self.device, self.compute_dtype):
                 logits = active.model(input_ids=ids, attention_mask=mask).logits
         finally:
             if hook is not None:
@@ -333,7 +335,7 @@ class InferenceEngine(VersionWatcher):
         owners = [a for a in actives if a is not None]
         mixed = self._mixed.get(id(owners[0].slots))
         if mixed is None:
-            mixed = self._mixed[id(owners[0].slots)] = MixedForward(owners[0].slots)
+            mixed = self._mixed[id(owners[0].slots)] = MixedForward(owners[0].slots, self.compute_dtype)
         if not mixed.supported:
             return False
         texts = [t for group in groups.values() for p in group for t in p.texts]

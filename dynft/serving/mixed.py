@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dynft.model import AdapterSlots
+from dynft.precision import autocast
 
 Params = dict[str, nn.Parameter]  # a version's device-resident tensors by adapter key
 
@@ -28,8 +29,10 @@ Params = dict[str, nn.Parameter]  # a version's device-resident tensors by adapt
 class MixedForward:
     """Per-row adapter weights for one model's forward pass; see the module docstring."""
 
-    def __init__(self, slots: AdapterSlots) -> None:
+    def __init__(self, slots: AdapterSlots, compute_dtype: torch.dtype | None = None) -> None:
+        """``compute_dtype``: autocast's, as the engine's (``dynft.precision``)."""
         self.slots = slots
+        self.compute_dtype = compute_dtype
         # module -> {"weight": key, "bias": key}: where each adapter tensor of a version goes
         self.modules: dict[nn.Module, dict[str, str]] = {}
         for key, (module, attr) in slots.slots.items():
@@ -53,12 +56,9 @@ class MixedForward:
         index = {
             key: torch.tensor([i for i, row in enumerate(rows) if row[0] == key], device=ids.device) for key in members
         }
-        with self.rows([(index[key], params) for key, (params, _) in members.items()]):
-            if ids.device.type == "cuda":
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = model(input_ids=ids, attention_mask=mask).logits
-            else:
-                logits = model(input_ids=ids, attention_mask=mask).logits  # (B, the widest head's labels)
+        groups = [(index[key], params) for key, (params, _) in members.items()]
+        with self.rows(groups), autocast(ids.device, self.compute_dtype):
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (B, the widest head's labels)
         out: list[list[float]] = [[] for _ in rows]
         for key, (_, labels) in members.items():
             probs = torch.softmax(logits.float()[index[key], :labels], dim=-1).cpu()  # (G, labels)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -187,6 +187,17 @@ class ModelSettings(Section):
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="base weights; auto: bf16 on a GPU with it, fp16 (loss-scaled) on one without, fp32 on CPU"
     )
+    autocast: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="matrix products in bf16 (fp16 with fp16 weights) under torch.autocast, for the trainer, the "
+        "gate and the server alike; auto: on a GPU, and on a CPU with native bf16 (AVX512-BF16 or AMX); "
+        "off: fp32 products (needs fp32 base weights)",
+    )
+    share_base_weights: bool = Field(
+        True,
+        description="on CPU, the trainer and the server map one copy of the frozen base weights from the state "
+        "directory instead of holding one each",
+    )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, more time")
     quantization: Literal["none", "8bit", "4bit"] = Field(
         "none", description="QLoRA: 4-/8-bit base weights through bitsandbytes (CUDA only)"
@@ -345,6 +356,14 @@ class RegistrySettings(Section):
         3, ge=1, description="while nothing serves, publish after this many steps (cold start) instead of waiting"
     )
     publish_on_new_label: bool = Field(True, description="publish at the next step when a label is seen first")
+    publish_fresh: bool = Field(
+        True,
+        description="publish right after a step that trained new events (a quick gate check, see gate.quick_events), "
+        "within publish_budget while training work waits",
+    )
+    publish_budget: float = Field(
+        0.1, gt=0, le=1, description="share of the trainer's time fresh publishing may take while training work waits"
+    )
 
 
 class GateSettings(Section):
@@ -352,6 +371,21 @@ class GateSettings(Section):
 
     tolerance: float = Field(0.01, ge=0, le=1, description="accuracy a candidate may lose and still be promoted")
     min_holdout: int = Field(32, ge=1, description="held-out events needed before a candidate can be judged")
+    quick_events: int = Field(
+        32,
+        ge=0,
+        description="between full checks (every registry.publish_every_steps / publish_interval_s), a candidate is "
+        "judged on this many newest held-out events; 0: every check scores the whole window",
+    )
+
+    @model_validator(mode="after")
+    def _quick_judges(self) -> GateSettings:
+        if 0 < self.quick_events < self.min_holdout:
+            raise ValueError(
+                f"gate.quick_events = {self.quick_events} is below gate.min_holdout = {self.min_holdout}: "
+                "no quick check could judge; raise it or set 0"
+            )
+        return self
 
 
 class ServerSettings(Section):
