@@ -137,11 +137,12 @@ def bare_peft(case: TrainCase, device: str, threads: int, plan: dict[str, Any], 
 class Probe:
     """Timestamps a running loop's steps, publishes and checkpoints, and ends it when its window is done.
 
-    The window runs from the start of the loop's second publish to the moment a later publish
-    falls due at least ``window_s`` later (the end of the step that makes it due): whole publish
-    periods, each holding one publish, whatever the publishes cost, and both ends fall between
-    two steps. The first publish is left out: its gate scores the serving version on the whole
-    held-out window, which later gates find mostly cached. When the window closes, the loop is
+    The window runs from the start of the loop's second publish with a full gate check to the
+    moment a later full check falls due at least ``window_s`` later (the end of the step that
+    makes it due): whole full-check periods, each holding one full check and the quick checks of
+    the fresh publishes between (``dynft.scoring``), whatever they cost, and both ends fall
+    between two steps. The first full check is left out: it also scores the serving version on the
+    whole held-out window, which later checks find cached. When the window closes, the loop is
     told to stop and publishes no more.
     """
 
@@ -152,6 +153,7 @@ class Probe:
         self.deadline = time.perf_counter() + max_s
         self.steps: list[tuple[float, float, int, int]] = []  # (start, end, rows, tokens per row)
         self.publishes: list[tuple[float, float]] = []
+        self.full: list[tuple[float, int]] = []  # (start, steps before it) of publishes with a full gate check
         self.checkpoints: list[tuple[float, float]] = []
         self.closed: tuple[float, float] | None = None
         self.cpu_at: dict[float, float] = {}  # process CPU seconds (all threads) at publish starts and step ends
@@ -174,10 +176,9 @@ class Probe:
         now = time.perf_counter()
         self.cpu_at[now] = time.process_time()
         self.steps.append((started, now, int(rows), int(seq)))
-        if self.closed is None and len(self.publishes) >= 2:
-            first, last = self.publishes[1][0], self.publishes[-1][0]
-            since = sum(1 for s in self.steps if s[0] > last)
-            due = since >= self.every_steps or now - last >= self.interval_s
+        if self.closed is None and len(self.full) >= 2:
+            first, (last, steps_then) = self.full[1][0], self.full[-1]
+            due = len(self.steps) - steps_then >= self.every_steps or now - last >= self.interval_s
             if due and now - first >= self.window_s:
                 self.closed = (first, now)
         if self.closed is not None or now > self.deadline:
@@ -188,6 +189,9 @@ class Probe:
         if version is not None:
             sync(self.device)
             self.publishes.append((started, time.perf_counter()))
+            gate = self.loop.publisher.registry.meta(version).get("gate", {})
+            if gate.get("scope") == "window" and gate.get("holdout_events"):  # not the seed's first version
+                self.full.append((started, len(self.steps)))
 
     def _on_checkpoint(self, started: float, _: Any, __: tuple[Any, ...]) -> None:
         self.checkpoints.append((started, time.perf_counter()))

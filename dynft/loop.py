@@ -33,7 +33,6 @@ from dynft.election import Election, fence_commits, outdated
 from dynft.errors import TermLostError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import REASONS, Event
-from dynft.fingerprint import BaseModelId
 from dynft.history import HistoryRecorder
 from dynft.ledger import Ledger, LedgerPruner
 from dynft.loopstate import LoopState
@@ -45,7 +44,6 @@ from dynft.routing import Router
 from dynft.runtime import tune_gc
 from dynft.serving.prototypes import SHOTS_FILE, ShotLog
 from dynft.settings import Settings
-from dynft.sharedweights import SHARED_DIR, share_frozen
 from dynft.sources import Intake, Positions, Record, furthest, open_source
 from dynft.statedisk import StateDisk
 from dynft.taskloop import split_by_task
@@ -134,9 +132,6 @@ class TrainingLoop(LoopState):
         if removed:
             log.warning("removed %d half-written version(s) from an earlier crash", len(removed))
         self.trainer = build_trainer(s.model, s.adapter, s.trainer)
-        if s.model.share_base_weights and self.trainer.base_model_path is not None:
-            base = BaseModelId.of(self.trainer.base_model_path, self.trainer.pooling)
-            share_frozen(self.trainer.model, s.state_dir / SHARED_DIR, base.fingerprint)
         self.task_directory = TaskDirectory(self.trainer.label_map, s.tasks.max_tasks)
         self.trainer.capture_features = self.drift.wants_embeddings
         self.reaction = DriftReaction(s.drift, self.trainer, self.buffer)

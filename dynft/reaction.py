@@ -113,6 +113,7 @@ class DriftReaction:
         self._labels: set[str] = set()
         self._shifts: deque[int] = deque(maxlen=16)  # indices of label / representation detections
         self._check: _Check | None = None
+        self._retired_at = -(10**9)  # prequential index of the last retire
 
     # -- what the batching thread reads --------------------------------------------------
 
@@ -137,7 +138,7 @@ class DriftReaction:
             if check.events >= self.settings.concept_confirm_events:
                 self._check = None
                 if self._confirmed(check):
-                    return self._retire(check)
+                    return self._retire(check, index)
         self._errors.append(wrong)
         self._labels.add(label)
         return Response()
@@ -145,9 +146,12 @@ class DriftReaction:
     def on_detection(self, detection: Detection) -> Response:
         """React to one detection (within the cooldown, only label/representation ones are noted)."""
         d = self.settings
+        # No concept check within a cooldown of a retire: the fresh head's own early errors would
+        # confirm a second change and throw it away again.
+        settled = detection.index - self._retired_at >= d.cooldown_events
         if detection.stream not in PERFORMANCE:
             self._shifts.append(detection.index)
-        elif "retire" in d.reactions and self._check is None:
+        elif "retire" in d.reactions and self._check is None and settled:
             pre = sum(self._errors) / len(self._errors) if self._errors else 0.0
             self._check = _Check(detection.index, self.buffer.seen, pre, frozenset(self._labels))
         if detection.index - self.last < d.cooldown_events:
@@ -187,8 +191,9 @@ class DriftReaction:
         shifted = any(abs(i - check.index) <= around for i in self._shifts)
         return not shifted and check.errors / check.events - check.pre_error >= self.settings.concept_error_rise
 
-    def _retire(self, check: _Check) -> Response:
+    def _retire(self, check: _Check, index: int) -> Response:
         response = Response(applied=["retire"], retired=self.buffer.retire_before(check.since))
+        self.last = self._retired_at = index  # the cooldown starts again from the reset
         self._begin_lineage(response)
         self.trainer.anchor_to(None)  # a pull toward the serving version would pull toward the old concept
         self.trainer.reset_head()  # the old head answers the old concept; the features still hold
@@ -212,6 +217,7 @@ class DriftReaction:
             "boost_until": self.boost_until,
             "recent_since": self.recent_since,
             "last": self.last,
+            "retired_at": self._retired_at,
             "lineage": self.lineage,
             "errors": [int(e) for e in self._errors],
             "labels": sorted(self._labels),
@@ -223,6 +229,7 @@ class DriftReaction:
         """Continue from a ``snapshot`` (older checkpoints hold only the first three keys)."""
         self.boost_until, self.recent_since, self.last = state["boost_until"], state["recent_since"], state["last"]
         self.lineage = int(state.get("lineage", 1))
+        self._retired_at = int(state.get("retired_at", -(10**9)))
         self._errors = deque((bool(e) for e in state.get("errors", [])), maxlen=PRE_WINDOW)
         self._labels = set(state.get("labels", []))
         self._shifts = deque(state.get("shifts", []), maxlen=16)

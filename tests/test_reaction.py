@@ -131,6 +131,22 @@ def test_a_confirmed_concept_change_retires_replay_from_before_the_detection() -
     assert trainer.lr_scale == 3.0 and reaction.boosting and reaction.replay_plan() == (300, 0.5)
 
 
+def test_the_fresh_heads_own_early_errors_after_a_retire_do_not_retire_again() -> None:
+    reaction, trainer, buffer = make(["boost", "upweight", "retire"])
+    feed(reaction, buffer, 0, learned(300))
+    reaction.on_detection(Detection("error", "ADWIN", 300))
+    assert feed(reaction, buffer, 300, permuted(20)) == [319]  # retired: the head starts afresh
+    # The new head is wrong at first; a detection within the cooldown of the retire starts no check.
+    reaction.on_detection(Detection("error", "ADWIN", 320))
+    assert feed(reaction, buffer, 320, [(label, "x") for label, _ in permuted(60)]) == []
+    assert (reaction.lineage, trainer.head_resets) == (2, 1)
+    # Past the cooldown, a real concept change is confirmed again.
+    feed(reaction, buffer, 380, learned(100))
+    reaction.on_detection(Detection("error", "ADWIN", 480))
+    assert feed(reaction, buffer, 480, permuted(20)) == [499]
+    assert (reaction.lineage, trainer.head_resets) == (3, 2)
+
+
 def test_a_rise_of_the_error_below_the_bar_is_not_a_concept_change() -> None:
     """A domain shift: errors rise from 20% to 35%, less than concept_error_rise (0.3)."""
     reaction, _trainer, buffer = make(["retire"])

@@ -29,7 +29,6 @@ from dynft.model import AdapterSlots, build_model, peft_config_from_dict, peft_c
 from dynft.registry import AdapterRegistry
 from dynft.serving.prototypes import FastPath
 from dynft.settings import Settings
-from dynft.sharedweights import SHARED_DIR, share_frozen
 from dynft.tasks import DEFAULT_TASK, known_tasks, task_registry_dir
 
 log = logging.getLogger("dynft.serving.engine")  # the engine's log: operators read one logger for the server
@@ -203,8 +202,6 @@ class VersionWatcher:
     def _build(self, config: PeftConfig, num_labels: int) -> tuple[PeftModel, AdapterSlots]:
         pad = self.tokenizer.pad_token_id
         model = build_model(self.model_path, config, num_labels, self.device, pad, self.pooling, self.settings.model)
-        if self.settings.model.share_base_weights:  # before the adapter is frozen too: only the base is shared
-            share_frozen(model, self.settings.state_dir / SHARED_DIR, self.base_model.fingerprint)
         model.eval()
         for param in model.parameters():
             param.requires_grad_(False)

@@ -193,11 +193,6 @@ class ModelSettings(Section):
         "gate and the server alike; auto: on a GPU, and on a CPU with native bf16 (AVX512-BF16 or AMX); "
         "off: fp32 products (needs fp32 base weights)",
     )
-    share_base_weights: bool = Field(
-        True,
-        description="on CPU, the trainer and the server map one copy of the frozen base weights from the state "
-        "directory instead of holding one each",
-    )
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, more time")
     quantization: Literal["none", "8bit", "4bit"] = Field(
         "none", description="QLoRA: 4-/8-bit base weights through bitsandbytes (CUDA only)"

@@ -86,8 +86,10 @@ def test_the_console_shows_a_demo_run_in_headless_chromium(tiny_model_dir: Path,
     port = free_port()
     cmd = [sys.executable, "-m", "dynft", "run", "--source", "demo", "--model", str(tiny_model_dir)]
     cmd += ["--port", str(port), "--state-dir", str(tmp_path / "state")]
-    # The tiny model keeps this fast: the first version is promoted whatever its accuracy.
+    # The tiny model keeps this fast: the first version is promoted whatever its accuracy. Versions
+    # every 4 s, not after every step (publish_fresh), so a page load can see one serving version.
     cmd += ["--set", "run.status_interval_s=1", "--set", "registry.publish_interval_s=4"]
+    cmd += ["--set", "registry.publish_fresh=false"]
     log = tmp_path / "run.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
