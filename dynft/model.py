@@ -397,7 +397,7 @@ class AdapterSlots:
                 raise AdapterMismatchError(f"{key}: shape {list(tensor.shape)}, expected {expected}")
             if not tensor.is_floating_point():
                 raise AdapterMismatchError(f"{key}: dtype {tensor.dtype} is not floating point")
-        bad = nonfinite_keys(state.tensors)
+        bad = [] if state.finite else nonfinite_keys(state.tensors)  # a registry load checked them already
         if bad:
             raise AdapterMismatchError(f"{bad[0]}: has non-finite values")
 

@@ -64,6 +64,7 @@ class AdapterState:
     tensors: dict[str, torch.Tensor]
     labels: list[str]
     peft_config: dict[str, Any]
+    finite: bool = False  # every tensor was found finite (by ``AdapterRegistry.load``): not checked again
 
     @property
     def nbytes(self) -> int:
@@ -270,6 +271,7 @@ class AdapterRegistry:
         bad = nonfinite_keys(tensors)
         if bad:  # publish refuses these; a version written by other means must not serve them either
             raise VersionUnloadableError(f"adapter version {version}: non-finite weights ({bad[0]})")
+        state.finite = True
         return state, meta
 
     def serving(self) -> ServingPointer:

@@ -172,6 +172,8 @@ def test_promote_refuses_non_finite_weights_written_by_other_means(tmp_path: Pat
     with pytest.raises(VersionUnloadableError, match="non-finite"):
         reg.promote(info.version, "operator")
     assert reg.serving().version is None
+    # What a load found finite says so, and the server's checks do not scan it a second time.
+    assert reg.load(reg.publish(state(1.0), {}).version)[0].finite and not state(1.0).finite
 
 
 def test_promote_checks_the_version_under_the_registry_lock(tmp_path: Path) -> None:
