@@ -182,7 +182,7 @@ def run(plan: Plan) -> list[Result]:
         return [skipped(NAME, "not part of the smoke suite")]
     if not Path("/proc/self/smaps_rollup").exists():
         return [skipped(NAME, "no /proc/<pid>/smaps_rollup (Linux 4.14+) to read PSS from")]
-    seconds = 15.0  # of predicting before the reading, in each (the quick suite must stay within 5 minutes)
+    seconds = 10.0  # of predicting before the reading, in each (the quick suite must stay within 5 minutes)
     progress(f"  memory: bare transformers+peft process predicting for {seconds:.0f} s ...")
     bare = in_fresh_process(plan.isolate, bare_process, plan.model_path, plan.device, seconds)
     progress(f"    bare: {bare['pss_mib']:.0f} MiB PSS; dynft run on the demo stream ...")
