@@ -341,7 +341,7 @@ class TrainingLoop(LoopState):
             status = "skipped" if skipped else "trained"
             if not skipped:  # a non-finite step may be these events' fault: replayed, they would skip later steps too
                 self.buffer.add_many(fresh)
-                self.publisher.trained(work.arrived, len(fresh))
+                self.publisher.trained(work.arrived, fresh)
             outcomes += [(e.id, status) for e in fresh]
             self.metrics.events.labels(status).inc(len(fresh))
         if work.buffered:  # never trained fresh, but kept for replay: every event has an outcome

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dynft.errors import AdapterMismatchError, BaseModelMismatchError, DynftError, RegistryError
 from dynft.evaluation import HoldoutWindow
+from dynft.events import Event
 from dynft.fingerprint import BaseModelId
 from dynft.freshness import Arrivals
 from dynft.gate import Decision, judge
@@ -80,6 +82,9 @@ class Publisher:
         self.sent_step = trainer.steps  # the trainer's steps in the newest version on the versions topic
         self._published_labels = -1  # labels the last published version knew (-1: not yet known)
         self.arrivals = Arrivals()  # events trained since the last promotion (training thread only)
+        # Fresh events trained per label in this lineage; versions record it, so that the server's
+        # fast path can keep answering a label from its prototype while a version barely knows it.
+        self.label_events: Counter[str] = Counter()
         # Steps that count toward the publishing schedule: the trainer's own, or (tasks.sharing =
         # shared) every task's, since any task's step moves the adapter this one publishes.
         self.clock: Callable[[], int] = lambda: self.trainer.steps
@@ -87,10 +92,11 @@ class Publisher:
         # Whether training work waits (publishing now would delay it); set by the training loop.
         self.waiting: Callable[[], bool] = lambda: False
 
-    def trained(self, arrived: float, events: int) -> None:
-        """``events`` fresh events that arrived at ``arrived`` were just trained (training thread)."""
-        self.arrivals.add(arrived, events)
-        self._fresh += events
+    def trained(self, arrived: float, events: Sequence[Event]) -> None:
+        """``events``, fresh and arrived at ``arrived``, were just trained (training thread)."""
+        self.arrivals.add(arrived, len(events))
+        self._fresh += len(events)
+        self.label_events.update(e.label for e in events)
 
     @property
     def on_topic(self) -> bool:
@@ -112,6 +118,7 @@ class Publisher:
         try:
             state, meta = self._fitting(newest)
             self.trainer.load(state)
+            self.label_events = Counter(meta.get("label_events") or {})
         except RegistryError as exc:  # AdapterMismatchError included
             log.warning("not resuming from version %d (%s); starting a new lineage", newest, exc)
             self.start_lineage([])
@@ -136,6 +143,7 @@ class Publisher:
 
     def new_lineage(self) -> None:
         self.lineage += 1
+        self.label_events.clear()  # the head starts afresh (a retire) or the adapter does
 
     def check_checkpoint(self, state: dict[str, Any]) -> None:
         """Raise ``BaseModelMismatchError`` if a checkpoint's publisher state was written for another base model."""
@@ -154,6 +162,7 @@ class Publisher:
         self.latest_version = max(self.registry.versions(), default=0) or None
         self.lineage = max(previous_lineage, int(self._meta_of(self.latest_version).get("lineage", 0))) + 1
         self._published_at_step = self.clock()
+        self.label_events.clear()
         origin = self._start_from_serving()
         self.trainer.label_map.ids(labels)
         log.info(
@@ -168,7 +177,8 @@ class Publisher:
         if version is None:
             return None
         try:
-            state, _ = self._fitting(version)
+            state, meta = self._fitting(version)
+            self.label_events = Counter(meta.get("label_events") or {})  # its head's rows come along
             try:
                 self.trainer.load(state)
             except AdapterMismatchError:  # another LoRA rank: carried over (exactly, or its best approximation)
@@ -187,10 +197,12 @@ class Publisher:
             "latest_version": self.latest_version,
             "published_at_step": self._published_at_step,
             "base_model": self.fingerprint,  # a restart on another base model starts a new lineage
+            "label_events": dict(self.label_events),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
         self.lineage, self._published_at_step = state["lineage"], state["published_at_step"]
+        self.label_events = Counter(state.get("label_events") or {})
         self.latest_version = max(state["latest_version"] or 0, max(self.registry.versions(), default=0)) or None
         self.serving_version = self.registry.serving().version
         self.reanchor()
@@ -291,6 +303,7 @@ class Publisher:
             "gate": decision.as_dict(),
         }
         meta["arrivals"] = self.arrivals.pairs()
+        meta["label_events"] = dict(self.label_events)
         info = self.registry.publish(state, meta)
         self.latest_version = info.version
         self._published_labels = len(state.labels)

@@ -170,7 +170,7 @@ class TaskLoop:
             task.applied.clear()
             status = "trained" if trained else "skipped"
             if trained:
-                task.publisher.trained(arrived, len(fresh))
+                task.publisher.trained(arrived, fresh)
                 m = self.metrics
                 m.task_events.labels(task.name).inc(len(fresh))
                 m.task_accuracy.labels(task.name).set(task.prequential.accuracy)

@@ -57,7 +57,7 @@ def train(trainer: OnlineTrainer, publisher: Publisher, steps: int, seed: int) -
     for i in range(steps):
         batch = events(16, seed=seed * 1000 + i, prefix=f"t{seed}-{i}-")
         trainer.step(trainer.collator(batch, n_fresh=16))
-        publisher.trained(1000.0 + i, 16)
+        publisher.trained(1000.0 + i, batch)
 
 
 def test_quick_checks_score_the_newest_events_against_the_last_fully_checked_version(

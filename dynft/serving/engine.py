@@ -55,7 +55,7 @@ from dynft.model import (
 from dynft.precision import autocast, autocast_dtype
 from dynft.registry import AdapterRegistry
 from dynft.serving.mixed import MixedForward
-from dynft.serving.prototypes import SHOTS_FILE, FastPath
+from dynft.serving.prototypes import SHOTS_FILE, FastPath, merge_columns
 from dynft.serving.watcher import Lane, LoadedVersion, VersionWatcher
 from dynft.settings import Settings
 from dynft.tasks import DEFAULT_TASK
@@ -244,7 +244,7 @@ class InferenceEngine(VersionWatcher):
     def _fast_pending(self) -> bool:
         """Whether the fast path has labels to add to the default task's serving version."""
         active = self.lanes[DEFAULT_TASK].active
-        return self.fast is not None and (active is None or bool(self.fast.pending(active.labels)))
+        return self.fast is not None and (active is None or bool(self.fast.pending(active.labels, active.label_events)))
 
     def _answer(self, active: LoadedVersion, batch: list[_Pending]) -> None:
         try:
@@ -273,14 +273,16 @@ class InferenceEngine(VersionWatcher):
         self.metrics.batch_size.observe(len(texts))
         fast = self.fast if active.task == DEFAULT_TASK else None
         features, logits = self._run(active, texts, features=fast is not None)
-        labels = active.labels
+        labels, used = active.labels, False
         logits = logits.float()[:, : len(labels)]  # (B, C)
         if fast is not None and features is not None:
-            extra, more = fast.extend(active, labels, active.slots.head, features, lambda t: self._embed(active, t))
+            embed = lambda t: self._embed(active, t)  # noqa: E731
+            extra, more = fast.extend(active, labels, active.slots.head, features, embed, active.label_events)
             fast.observe(features)
-            if more is not None:  # (B, P): one column per label the version lacks
-                labels, logits = [*labels, *extra], torch.cat([logits, more], dim=1)
+            if more is not None:  # (B, P): one column per label the version lacks or barely knows
+                labels, logits = merge_columns(labels, logits, extra, more)
                 self.metrics.fast_path_answers.inc(len(texts))
+                used = True
         if not labels:
             raise NotReady("no adapter version is serving yet")
         probs = torch.softmax(logits, dim=-1).cpu()
@@ -288,7 +290,7 @@ class InferenceEngine(VersionWatcher):
         for row in probs.tolist():
             best = max(range(len(row)), key=row.__getitem__)
             out.append(Prediction(labels[best], dict(zip(labels, row, strict=True))))
-        return out, len(labels) > len(active.labels)
+        return out, used
 
     def _run(
         self, active: LoadedVersion, texts: list[str], features: bool = False

@@ -10,7 +10,11 @@ its head reads, so prototype and query live in one space) and answers with the v
 extended by one row per such label, imprinted from the label's mean feature exactly as the
 trainer imprints a new label's row (``OnlineTrainer._imprint``: the centred mean, scaled to the
 norm and bias of the established rows). Once a version that knows the label serves, no row is
-made for it: the prototype retires by itself.
+made for it: the prototype retires by itself. Unless the version barely knows it: while the
+version's ``label_events`` (fresh events its lineage trained per label) count fewer events of a
+label than the fast path holds shots of it, the label's prototype row replaces the version's
+own row, which rests on fewer examples (measured: on a class-incremental stream such early rows
+answered their labels worse than the prototypes they retired).
 
 Before any version serves, a *version 0* answers: the base encoder with a fresh (identity)
 adapter, and prototype rows alone. Without shots nothing answers (503), as before.
@@ -31,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -172,10 +177,16 @@ class FastPath:
                 if len(texts) < self.per_label:
                     texts.append(shot.text)
 
-    def pending(self, known: list[str]) -> list[str]:
-        """Labels with shots that a version knowing ``known`` lacks."""
+    def pending(self, known: list[str], trained: Any = None) -> list[str]:
+        """Labels with shots that a version knowing ``known`` lacks, or (``trained``: its events
+        per label, from its metadata) knows from fewer events than the label has shots here."""
         have = set(known)
-        return [label for label in self.shots if label not in have]
+        counts = trained if isinstance(trained, dict) else {}
+        return [
+            label
+            for label, texts in self.shots.items()
+            if label not in have or _count(counts.get(label), default=len(texts)) < len(texts)
+        ]
 
     def observe(self, features: torch.Tensor) -> None:
         """Fold embedded rows (B, H) into the centre: what every text shares says nothing of its label."""
@@ -187,14 +198,20 @@ class FastPath:
         self._centre = weight * self._centre + (1 - weight) * mean
 
     def extend(
-        self, version: object, known: list[str], head: torch.nn.Linear, features: torch.Tensor, embed: Embed
+        self,
+        version: object,
+        known: list[str],
+        head: torch.nn.Linear,
+        features: torch.Tensor,
+        embed: Embed,
+        trained: Any = None,
     ) -> tuple[list[str], torch.Tensor | None]:
         """The pending labels and their logits (B, P) for the rows ``features`` (B, H), or ([], None).
 
         ``head`` is the version's output layer over ``known`` (rows beyond them are ignored);
         ``embed`` embeds texts with that version.
         """
-        pending = self.pending(known)
+        pending = self.pending(known, trained)
         if not pending:
             return [], None
         prototypes = self._prototypes(version, pending, embed)  # (P, H)
@@ -224,3 +241,24 @@ class FastPath:
             for (label, _), row in zip(todo, features, strict=True):
                 cache.setdefault(label, []).append(row)
         return torch.stack([torch.stack(cache[label]).mean(dim=0) for label in pending])
+
+
+def _count(value: Any, default: int) -> int:
+    """A count from a version's metadata; anything else (an older version, a bad value) counts as ``default``."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def merge_columns(
+    labels: list[str], logits: torch.Tensor, extra: list[str], more: torch.Tensor
+) -> tuple[list[str], torch.Tensor]:
+    """The version's columns with prototype columns (B, P) for ``extra``: a label the version knows
+    has its column replaced, the others are appended."""
+    index = {label: i for i, label in enumerate(labels)}
+    logits = logits.clone()
+    new = []
+    for j, label in enumerate(extra):
+        if label in index:
+            logits[:, index[label]] = more[:, j]
+        else:
+            new.append(j)
+    return [*labels, *(extra[j] for j in new)], torch.cat([logits, more[:, new]], dim=1)

@@ -45,6 +45,7 @@ class LoadedVersion:
     slots: AdapterSlots
     loaded_at: float = field(default_factory=time.time)
     arrivals: Any = None  # meta.json's "arrivals": when the events it first serves arrived (dynft.freshness)
+    label_events: Any = None  # meta.json's "label_events": fresh events trained per label (the fast path)
     task: str = DEFAULT_TASK
 
 
@@ -196,7 +197,14 @@ class VersionWatcher:
         if non_blocking:
             torch.cuda.synchronize(self.device)
         return LoadedVersion(
-            version, list(state.labels), params, model, slots, arrivals=meta.get("arrivals"), task=task
+            version,
+            list(state.labels),
+            params,
+            model,
+            slots,
+            arrivals=meta.get("arrivals"),
+            task=task,
+            label_events=meta.get("label_events"),
         )
 
     def _build(self, config: PeftConfig, num_labels: int) -> tuple[PeftModel, AdapterSlots]:

@@ -7,10 +7,11 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 from dynft.events import Event
 from dynft.registry import AdapterRegistry
-from dynft.serving.prototypes import SHOTS_FILE, FastPath, ShotLog, read_shots
+from dynft.serving.prototypes import SHOTS_FILE, FastPath, ShotLog, merge_columns, read_shots
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer, build_trainer
 
@@ -163,3 +164,47 @@ def test_the_trainer_hands_the_first_events_of_each_label_to_the_shots_file(
     texts = {row["text"]: row["label"] for row in rows}
     assert sorted(s.label for s in shots) == ["alpha"] * 4 + ["beta"] * 4 + ["gamma"] * 4
     assert all(texts[s.text] == s.label for s in shots)  # real events of the stream, with their labels
+
+
+def test_a_label_the_version_trained_on_fewer_events_than_its_shots_keeps_its_prototype_row(
+    tiny_settings: Settings, tmp_path: Path
+) -> None:
+    path = tmp_path / SHOTS_FILE
+    ShotLog(path, SHOTS).offer(events_of(["b"], 20, seed=1) + events_of(["c"], 3, seed=2))
+    fast = FastPath(path, SHOTS)
+    fast.poll()
+    fast.take()
+    assert fast.pending(["a", "b"], {"a": 50, "b": 2}) == ["b", "c"]  # b: 2 events < 8 shots
+    assert fast.pending(["a", "b"], {"a": 50, "b": 8}) == ["c"]
+    assert fast.pending(["a", "b"], None) == ["c"]  # a version without counts knows what it knows
+    assert fast.pending(["a", "b", "c"], {"c": 2}) == ["c"]  # 2 events < the 3 shots c has
+    assert fast.pending(["a", "b"], {"b": "junk"}) == ["c"]
+
+    logits = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    labels, merged = merge_columns(["a", "b"], logits, ["b", "c"], torch.tensor([[5.0, 6.0], [7.0, 8.0]]))
+    assert labels == ["a", "b", "c"]  # b's column is the prototype's, c is appended
+    assert merged.tolist() == [[1.0, 5.0, 6.0], [3.0, 7.0, 8.0]] and logits.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_versions_record_the_events_trained_per_label_and_a_new_lineage_starts_them_again(
+    tiny_settings: Settings, tiny_trainer: OnlineTrainer
+) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from dynft.evaluation import HoldoutWindow
+    from dynft.metrics import TrainerMetrics
+    from dynft.publisher import Publisher
+
+    registry = AdapterRegistry(tiny_settings.registry_dir)
+    publisher = Publisher(registry, tiny_trainer, HoldoutWindow(64), tiny_settings, TrainerMetrics(CollectorRegistry()))
+    batch = events_of(["x", "y"], 6, seed=3) + events_of(["x"], 4, seed=4)  # x: 10, y: 6
+    tiny_trainer.step(tiny_trainer.collator(batch, n_fresh=len(batch)))
+    publisher.trained(1.0, batch)
+    first = publisher.maybe_publish({}, force=True)
+    assert registry.meta(first or 0)["label_events"] == {"x": 10, "y": 6}
+    assert publisher.snapshot()["label_events"] == {"x": 10, "y": 6}  # a restart keeps them
+    publisher.new_lineage()  # a retire: the head starts afresh
+    tiny_trainer.step(tiny_trainer.collator(batch[:2], n_fresh=2))
+    publisher.trained(2.0, batch[:2])
+    second = publisher.maybe_publish({}, force=True)
+    assert registry.meta(second or 0)["label_events"] == {"x": 1, "y": 1}
