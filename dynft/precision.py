@@ -26,8 +26,10 @@ from dynft.errors import ConfigError
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX tiles)."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX tiles); False where torch
+    cannot tell (the probes are private to ``torch.cpu`` and may move)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(probe()) for probe in probes if callable(probe))
 
 
 def autocast_dtype(setting: str, device: torch.device, weights: torch.dtype) -> torch.dtype | None:

@@ -276,8 +276,9 @@ class InferenceEngine(VersionWatcher):
         labels, used = active.labels, False
         logits = logits.float()[:, : len(labels)]  # (B, C)
         if fast is not None and features is not None:
-            embed = lambda t: self._embed(active, t)  # noqa: E731
-            extra, more = fast.extend(active, labels, active.slots.head, features, embed, active.label_events)
+            extra, more = fast.extend(
+                active, labels, active.slots.head, features, lambda t: self._embed(active, t), active.label_events
+            )
             fast.observe(features)
             if more is not None:  # (B, P): one column per label the version lacks or barely knows
                 labels, logits = merge_columns(labels, logits, extra, more)
