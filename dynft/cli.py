@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import signal
 import sqlite3
 import sys
 import warnings
@@ -205,23 +204,12 @@ def train(colocated: bool, metrics_port: int | None, supervisor_pid: int | None,
     quiet_libraries()
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from dynft.loop import TrainingLoop
+    from dynft.lives import run_lives
 
     registry = CollectorRegistry()
     if metrics_port is not None:  # under `dynft run` the server's /metrics covers the trainer instead
         start_http_server(metrics_port, addr="127.0.0.1", registry=registry)
-    loop = TrainingLoop(settings, registry, colocated=colocated)
-
-    def stop(signum: int, frame: Any) -> None:
-        logging.getLogger("dynft").info("received %s; finishing the step and publishing", signal.Signals(signum).name)
-        loop.should_exit.set()
-
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        loop.run()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    run_lives(settings, registry, colocated)
 
 
 @main.command()

@@ -25,6 +25,18 @@ is started again as a standby by whatever runs it (``dynft run``'s supervisor, K
 Replicas ignore records of an epoch lower than the highest they have seen (``stale``), which
 covers the one window left: a record sent between the check and the new term's first record.
 
+Sharding (``kafka.sharded``): the same mechanism over many partitions. The *shard topic*
+``<versions_topic>.shards`` has one partition per partition of the source topic, and the group
+spreads them over the trainers (sticky). A trainer holds a term over the partitions it was given
+(one epoch, one term record on each of them); it consumes exactly those source partitions and
+so trains exactly the tasks keyed to them (``task_partition``: Kafka's default partitioner);
+``held(task)`` asks the term topic partition of that task. Every change of the assignment
+(a trainer joined, left or died) ends the trainer's *life* (``TermView.current`` turns false):
+``dynft train`` starts a new one over the new partitions, resuming every task from its newest
+published version, as a takeover does, and the election's group membership outlives the lives
+so that a life's end moves no partition. With one partition a sharded trainer is the active
+trainer of an active/standby pair.
+
 Threads: the election thread owns the group consumer and writes the term record; the IO
 thread's rebalance callbacks only queue their news; ``held`` (the training thread) reads the
 flag and uses its own group-less consumer under ``_check_lock``.
@@ -36,11 +48,13 @@ import json
 import logging
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import ConsumerRebalanceListener
 
 from dynft.errors import ConfigError, ReplicationError
+from dynft.events import DEFAULT_TASK
 from dynft.registry import AdapterRegistry
 from dynft.replication import topics
 from dynft.replication.feed import read_topics, versions_servers
@@ -58,6 +72,46 @@ def term_topic(versions_topic: str) -> str:
     return f"{versions_topic}.term"
 
 
+def shard_topic(versions_topic: str) -> str:
+    return f"{versions_topic}.shards"
+
+
+def task_partition(task: str, partitions: int) -> int:
+    """The partition a producer keying its records by ``task`` sends them to (Kafka's default partitioner).
+
+    >>> task_partition("default", 1), 0 <= task_partition("intents", 4) < 4
+    (0, True)
+    """
+    from kafka.partitioner.default import murmur2
+
+    return int(murmur2(task.encode()) & 0x7FFFFFFF) % partitions
+
+
+@dataclass(frozen=True)
+class TermView:
+    """One term (a trainer's *life* when sharded): its epoch and partitions, fixed while it lasts."""
+
+    election: Election
+    generation: int
+    epoch: int
+    partitions: frozenset[int]
+
+    def held(self, task: str = DEFAULT_TASK) -> bool:
+        """Whether records of ``task`` may still be sent under this term (one broker round trip)."""
+        return self.current() and self.election.held(task)
+
+    def current(self) -> bool:
+        """Whether this is still the election's term (no reassignment since it began, not lost)."""
+        return self.election.generation == self.generation and not self.election.lost
+
+    def owns(self, task: str) -> bool:
+        return self.election.partition_of(task) in self.partitions
+
+    def shard(self, task: str) -> int:
+        """The shard ``task``'s records are fenced in (``replication.records``): its partition, or 0."""
+        return self.election.partition_of(task)
+
+
 class Election:
     """``wait`` blocks until this trainer holds the term; ``held`` says whether it still does."""
 
@@ -69,13 +123,24 @@ class Election:
             )
         self.settings, self.identity = settings, identity
         self.servers = versions_servers(settings)
-        self.versions_topic, self.topic = topic, term_topic(topic)
-        self.group = parse_kafka_uri(source, settings.kafka.group)[2] + ".leader"
+        self.sharded = settings.kafka.sharded
+        self.versions_topic = topic
+        self.topic = shard_topic(topic) if self.sharded else term_topic(topic)
+        self.source_servers, source_topics, group = parse_kafka_uri(source, settings.kafka.group)
+        if self.sharded and len(source_topics) != 1:
+            raise ConfigError(f"kafka.sharded needs one source topic, whose partitions are the shards (is {source!r})")
+        self.source_topic = source_topics[0]
+        self.group = group + ".leader"
+        self.partitions = 1  # of the term topic: the source topic's when sharded (``start``)
         self.epoch = 0  # of the term held or last held
-        self._offset = -1  # this trainer's term record on the term topic
+        self.generation = 0  # terms taken; a new one ends the current life (sharded)
+        self.held_partitions: frozenset[int] = frozenset()
+        self._offsets: dict[int, int] = {}  # this trainer's term record on each held partition
         self._holding = threading.Event()
         self._lost = threading.Event()
-        self._news: queue.SimpleQueue[str] = queue.SimpleQueue()  # "assigned" / "revoked" from the IO thread
+        # ("assigned" | "revoked", partitions) from the IO thread
+        self._news: queue.SimpleQueue[tuple[str, frozenset[int]]] = queue.SimpleQueue()
+        self._term_lock = threading.Lock()  # epoch, generation and partitions change together
         self._stop = threading.Event()
         self._check_lock = threading.Lock()
         self._checker: Any = None
@@ -86,8 +151,12 @@ class Election:
         from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
 
         apply_join_fixes()
-        topics.ensure_topics(self.servers, self.versions_topic, self.settings.kafka, extra=[self.topic])
         k = self.settings.kafka
+        if self.sharded:
+            self.partitions = self._source_partitions()
+        topics.ensure_topics(self.servers, self.versions_topic, k, extra={self.topic: self.partitions})
+        self._checker = topics.consumer(self.servers, k)
+        self._check_partitions()
         self._consumer = KafkaConsumer(
             bootstrap_servers=self.servers,
             group_id=self.group,
@@ -101,39 +170,47 @@ class Election:
         )
         self._consumer.partitions_for_topic(self.topic)  # join with the metadata at hand (see KafkaSource)
         self._consumer.subscribe([self.topic], listener=_Listener(self._news))
-        self._checker = topics.consumer(self.servers, k)
         self._thread.start()
         log.info("standing by: the trainer holding %s (group %s) is the active one", self.topic, self.group)
 
-    def wait(self, should_exit: threading.Event) -> bool:
-        """Block until this trainer holds the term (True) or ``should_exit`` is set (False)."""
-        while not self._holding.wait(0.5):
-            if should_exit.is_set():
-                return False
-        return True
+    def wait(self, should_exit: threading.Event) -> TermView | None:
+        """Block until this trainer holds a term over some partitions; None once ``should_exit`` is set."""
+        while not should_exit.is_set():
+            if self._holding.wait(0.5):
+                with self._term_lock:
+                    view = TermView(self, self.generation, self.epoch, self.held_partitions)
+                if self._holding.is_set() and view.partitions:
+                    return view
+        return None
 
-    def held(self) -> bool:
-        """Whether the term is still this trainer's: not revoked, and no later term record on the topic."""
-        if not self._holding.is_set():
+    def partition_of(self, task: str) -> int:
+        return task_partition(task, self.partitions) if self.sharded else 0
+
+    def held(self, task: str = DEFAULT_TASK) -> bool:
+        """Whether ``task``'s term is still this trainer's: not revoked, no later term record on its partition."""
+        partition = self.partition_of(task)
+        if not self._holding.is_set() or partition not in self.held_partitions:
             return False
         from kafka import TopicPartition
         from kafka.errors import KafkaError
 
-        tp = TopicPartition(self.topic, 0)
+        tp = TopicPartition(self.topic, partition)
         try:
             with self._check_lock:
                 end = self._checker.end_offsets([tp])[tp]
         except KafkaError as exc:  # cannot tell: publishing waits for the broker like everything else
             log.warning("cannot check the term on %s (%s); not publishing now", self.topic, exc)
             return False
-        if end > self._offset + 1:
-            self._lose(f"a later term record is on {self.topic}")
+        if end > self._offsets.get(partition, -2) + 1:
+            self._lose(f"a later term record is on {self.topic} partition {partition}")
             return False
         return True
 
     @property
     def lost(self) -> bool:
-        """Whether a term this trainer held has ended (the flag only: no broker round trip)."""
+        """Whether a term this trainer held has ended for good (the flag only: no broker round trip).
+
+        Sharded trainers never lose for good: a lost partition ends the life, not the trainer."""
         return self._lost.is_set()
 
     def close(self) -> None:
@@ -148,68 +225,95 @@ class Election:
         if self._holding.is_set():
             log.warning("trainer epoch %d lost its term (%s): publishing and training stop", self.epoch, why)
         self._holding.clear()
-        self._lost.set()
+        if not self.sharded:
+            self._lost.set()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self._consumer.poll(timeout_ms=POLL_MS)  # heartbeats and rebalances; term records are read apart
                 while not self._news.empty():
-                    self._on_news(self._news.get_nowait())
+                    self._on_news(*self._news.get_nowait())
             except Exception:  # the election thread must outlive a broker outage; held() stays false meanwhile
                 log.exception("election on %s failed", self.topic)
                 self._stop.wait(1.0)
 
-    def _on_news(self, news: str) -> None:
+    def _on_news(self, news: str, partitions: frozenset[int]) -> None:
         """A rebalance: every one revokes first (eager protocol), so a revocation only suspends the term;
-        the assignment that follows resumes it if no later term was written, else the term is lost."""
+        the assignment that follows resumes it if it gives back the same partitions and no later term
+        was written on them. Otherwise the term is lost (one active trainer), or a new term over the
+        new partitions begins (sharded: a new life)."""
         if news == "revoked":
-            self._holding.clear()  # no record is sent until the assignment says who holds the partition
-        elif news == "unassigned" and self._offset >= 0:
+            self._holding.clear()  # no record is sent until the assignment says who holds what
+            return
+        if self._lost.is_set():
+            return
+        kept = partitions == self.held_partitions and all(
+            self._newest_offset(p) == offset for p, offset in self._offsets.items()
+        )
+        if self._offsets and kept:
+            self._holding.set()
+        elif self.sharded:
+            self._take_term(partitions)
+        elif not partitions and self._offsets:
             self._lose("the term partition went to another trainer")
-        elif news == "assigned" and not self._lost.is_set():
-            if self._offset < 0:
-                self._take_term()
-            elif self._newest_offset() == self._offset:
-                self._holding.set()
-            else:
-                self._lose(f"a later term record is on {self.topic}")
+        elif partitions and not self._offsets:
+            self._take_term(partitions)
+        elif partitions:
+            self._lose(f"a later term record is on {self.topic}")
 
-    def _newest_offset(self) -> int:
+    def _newest_offset(self, partition: int) -> int:
         from kafka import TopicPartition
 
-        tp = TopicPartition(self.topic, 0)
+        tp = TopicPartition(self.topic, partition)
         with self._check_lock:
             return int(self._checker.end_offsets([tp])[tp]) - 1
 
-    def _take_term(self) -> None:
-        """Write the next term record; the term is held once the broker acknowledged it."""
+    def _take_term(self, partitions: frozenset[int]) -> None:
+        """Write the next term record on each of ``partitions``; the term is held once the broker acknowledged them."""
+        if not partitions:  # sharded, and more trainers than partitions: this one stands by
+            with self._term_lock:
+                self.generation += 1
+                self.held_partitions, self._offsets = frozenset(), {}
+            log.info("standing by: every partition of %s is held by another trainer", self.topic)
+            return
         epoch = max(self._newest_term(), self._newest_versions_epoch()) + 1
         value = json.dumps({"epoch": epoch, "holder": self.identity}).encode()
         producer = topics.producer(self.servers, self.settings.kafka)
         try:
-            meta = producer.send(self.topic, key=TERM_KEY, value=value).get(timeout=30)
+            sent = {p: producer.send(self.topic, key=TERM_KEY, value=value, partition=p) for p in sorted(partitions)}
+            offsets = {p: int(future.get(timeout=30).offset) for p, future in sent.items()}
         finally:
             producer.close()
-        self.epoch, self._offset = epoch, int(meta.offset)
+        with self._term_lock:
+            self.epoch, self._offsets, self.held_partitions = epoch, offsets, frozenset(partitions)
+            self.generation += 1
         self._holding.set()
-        log.info("active trainer now: epoch %d (%s, term record at offset %d)", epoch, self.identity, meta.offset)
+        log.info(
+            "active trainer now: epoch %d (%s) over partition(s) %s of %s",
+            epoch,
+            self.identity,
+            ",".join(map(str, sorted(partitions))),
+            self.topic,
+        )
 
     def _newest_term(self) -> int:
+        """The highest epoch on any partition of the term topic."""
         from kafka import TopicPartition
 
-        tp = TopicPartition(self.topic, 0)
+        parts = [TopicPartition(self.topic, p) for p in range(self.partitions)]
         newest = 0
         with self._check_lock:
-            self._checker.assign([tp])
-            self._checker.seek_to_beginning(tp)
-            end = self._checker.end_offsets([tp])[tp]
-            while self._checker.position(tp) < end:
-                for record in self._checker.poll(timeout_ms=500).get(tp, []):
-                    try:
-                        newest = max(newest, int(json.loads(record.value)["epoch"]))
-                    except (ValueError, KeyError, TypeError) as exc:
-                        raise ReplicationError(f"{self.topic}: malformed term record ({exc})") from exc
+            self._checker.assign(parts)
+            self._checker.seek_to_beginning(*parts)
+            ends = self._checker.end_offsets(parts)
+            while any(self._checker.position(tp) < ends[tp] for tp in parts):
+                for records in self._checker.poll(timeout_ms=500).values():
+                    for record in records:
+                        try:
+                            newest = max(newest, int(json.loads(record.value)["epoch"]))
+                        except (ValueError, KeyError, TypeError) as exc:
+                            raise ReplicationError(f"{self.topic}: malformed term record ({exc})") from exc
         return newest
 
     def _newest_versions_epoch(self) -> int:
@@ -219,11 +323,35 @@ class Election:
         finally:
             consumer.close()
 
+    def _source_partitions(self) -> int:
+        consumer = topics.consumer(self.source_servers, self.settings.kafka)
+        try:
+            found = consumer.partitions_for_topic(self.source_topic)
+        finally:
+            consumer.close()
+        if not found:
+            raise ConfigError(
+                f"kafka.sharded: source topic {self.source_topic} does not exist; create it with one partition per "
+                "shard before starting sharded trainers"
+            )
+        return len(found)
 
-def fence_commits(source: Source, election: Election) -> None:
-    """No offset commit from ``source`` once ``election``'s term is lost (the new term's trainer commits)."""
+    def _check_partitions(self) -> None:
+        have = len(self._checker.partitions_for_topic(self.topic) or ())
+        if have != self.partitions:
+            raise ConfigError(
+                f"topic {self.topic} has {have} partition(s), the source topic {self.source_topic} {self.partitions}: "
+                f"they must match (kafka-topics --alter --topic {self.topic} --partitions {self.partitions})"
+            )
+
+
+def fence_commits(source: Source, term: TermView) -> None:
+    """``source`` commits only while ``term`` lasts (the next term's trainer commits), and, when
+    sharded, consumes only the term's partitions of the source topic."""
     if isinstance(source, KafkaSource):
-        source.may_commit = lambda: not election.lost
+        source.may_commit = term.current
+        if term.election.sharded:
+            source.partitions = term.partitions
 
 
 def outdated(checkpoint_state: dict[str, Any], registry: AdapterRegistry) -> bool:
@@ -244,12 +372,12 @@ def outdated(checkpoint_state: dict[str, Any], registry: AdapterRegistry) -> boo
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     """kafka-python's rebalance callbacks (its IO thread): news for the election thread only."""
 
-    def __init__(self, news: queue.SimpleQueue[str]) -> None:
+    def __init__(self, news: queue.SimpleQueue[tuple[str, frozenset[int]]]) -> None:
         self.news = news
 
     def on_partitions_revoked(self, revoked: Any) -> None:
         if revoked:
-            self.news.put("revoked")
+            self.news.put(("revoked", frozenset(tp.partition for tp in revoked)))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        self.news.put("assigned" if assigned else "unassigned")
+        self.news.put(("assigned", frozenset(tp.partition for tp in assigned)))

@@ -58,6 +58,7 @@ Reason = Literal[
     "too_many_labels",  # given by routing (dynft.routing), not by decode
     "invalid_task",  # a task name that is too long or has characters outside [A-Za-z0-9_.-] (dynft.tasks)
     "too_many_tasks",  # a new task beyond tasks.max_tasks, given by routing
+    "wrong_partition",  # kafka.sharded: a task's event on a partition other than its key's, given by routing
     "internal",  # an exception no rule foresaw; the detail names its type
 ]
 REASONS: tuple[Reason, ...] = Reason.__args__  # type: ignore[attr-defined]

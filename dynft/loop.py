@@ -29,7 +29,7 @@ from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import CheckpointStore
 from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
 from dynft.drift import Detection, DriftMonitor
-from dynft.election import Election, fence_commits, outdated
+from dynft.election import Election, TermView, fence_commits, outdated
 from dynft.errors import TermLostError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import REASONS, Event
@@ -49,7 +49,6 @@ from dynft.statedisk import StateDisk
 from dynft.taskloop import split_by_task
 from dynft.tasks import DEFAULT_TASK, Task, TaskDirectory, TaskWork
 from dynft.trainer import OnlineTrainer, StepResult, build_trainer
-from dynft.warmup import rewarm
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +70,15 @@ class Work:
 class TrainingLoop(LoopState):
     """Runs the trainer until ``should_exit`` is set (by a signal, or at the end of a finite source)."""
 
-    def __init__(self, settings: Settings, metrics_registry: CollectorRegistry | None = None, colocated: bool = False):
+    def __init__(
+        self,
+        settings: Settings,
+        metrics_registry: CollectorRegistry | None = None,
+        colocated: bool = False,
+        election: Election | None = None,
+    ):
+        """``election``: one that outlives this loop (``dynft train``'s, across sharded lives); else
+        the loop makes, starts and closes its own when ``kafka.election`` is on."""
         self.settings = settings
         self.colocated = colocated
         self.metrics_registry = metrics_registry or CollectorRegistry()
@@ -117,7 +124,12 @@ class TrainingLoop(LoopState):
         self.started = threading.Event()
         # kafka.election: this trainer trains only while it holds the term (dynft.election), and
         # commits only positions whose events are in a version on the versions topic (_covered).
-        self.election = Election(settings, f"{socket.gethostname()}:{os.getpid()}") if settings.kafka.election else None
+        self._owns_election = election is None and settings.kafka.election
+        if self._owns_election:
+            election = Election(settings, f"{socket.gethostname()}:{os.getpid()}")
+        self.election = election
+        self.term: TermView | None = None  # the term this loop runs under (one life, when sharded)
+        self.reassigned = False  # sharded: the loop ended because the partitions were assigned anew
         self._covered: Positions = {}
         self.history = HistoryRecorder(settings.state_dir, settings.console_show_texts)  # the console's curves
 
@@ -136,31 +148,41 @@ class TrainingLoop(LoopState):
         self.trainer.capture_features = self.drift.wants_embeddings
         self.reaction = DriftReaction(s.drift, self.trainer, self.buffer)
         if self.election is not None:
-            self.election.start()
-            if not self.election.wait(self.should_exit):  # a standby told to stop
+            if self._owns_election:
+                self.election.start()
+            self.term = self.election.wait(self.should_exit)
+            if self.term is None:  # a standby told to stop
                 return
-        self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics, term=self.election)
+        self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics, term=self.term)
         self.publisher.waiting = self.work_waiting
         if self.shared:
             self.publisher.clock = self.joint_steps
         source = open_source(s.source, s.kafka, self.metrics_registry, s.events.max_record_bytes)
-        if self.election is not None:
-            fence_commits(source, self.election)
+        if self.term is not None:
+            fence_commits(source, self.term)
         checkpoint = self.checkpoints.latest()
-        if checkpoint is not None and self.election is not None and outdated(checkpoint.state, registry):
-            checkpoint = None  # another trainer published since: take over from its version, as on a new host
+        # Another trainer published since (or, sharded, may have: a life's tasks change with its
+        # partitions): take over from the newest versions, as on a new host.
+        if checkpoint is not None and self.election is not None:
+            checkpoint = None if s.kafka.sharded or outdated(checkpoint.state, registry) else checkpoint
         if checkpoint is not None:
             self._restore(checkpoint)
             source.resume_from(self.positions)
         else:
             self.publisher.resume()
-            if self.election is not None:  # a takeover on another host: no checkpoint, the stream has the past
-                rewarm(s, self.buffer, self.holdout, self.trainer.label_map)
+            if self.term is not None:  # a takeover on another host: no checkpoint, the stream has the past
+                self._rewarm(self.term)
         if s.server.prototypes:
             self.shots = ShotLog(s.state_dir / SHOTS_FILE, s.server.prototype_shots)
         self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path, s.source, self.disk.write_refused)
         self.router = Router(
-            s, self.trainer.label_map, self.sink, self.metrics, self.history.dead_letter, self.task_directory
+            s,
+            self.trainer.label_map,
+            self.sink,
+            self.metrics,
+            self.history.dead_letter,
+            self.task_directory,
+            partition_of=self.term.election.partition_of if self.term is not None and s.kafka.sharded else None,
         )
         # Before the consumer joins its group: the full collection holds the GIL for about half a
         # second, and a kafka-python 3.0 consumer stalled like that mid-join was seen never to rejoin.
@@ -188,8 +210,12 @@ class TrainingLoop(LoopState):
 
     def main_loop(self) -> None:
         while not self.should_exit.is_set():
-            if self.election is not None and self.election.lost:
-                raise TermLostError(f"trainer epoch {self.election.epoch} lost its term; standing by needs a restart")
+            if self.term is not None and not self.term.current():
+                if self.term.election.lost:
+                    raise TermLostError(f"trainer epoch {self.term.epoch} lost its term; standing by needs a restart")
+                log.info("the partitions were assigned anew: this life of the trainer ends, the next one resumes")
+                self.reassigned = True
+                break
             try:
                 work = self._work.get(timeout=0.2)
             except queue.Empty:
@@ -233,7 +259,7 @@ class TrainingLoop(LoopState):
             self.sink.close()
         self.pruner.stop()
         self.ledger.close()
-        if self.election is not None:
+        if self.election is not None and self._owns_election:
             self.election.close()  # leaves the group: a standby takes over at once
 
     # -- batching thread -----------------------------------------------------------------

@@ -18,7 +18,7 @@ from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from dynft.deadletter import DeadLetterSink
 from dynft.drift import DriftMonitor
-from dynft.election import Election
+from dynft.election import Election, TermView
 from dynft.errors import AdapterMismatchError, DeadLetterError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import Event
@@ -50,6 +50,7 @@ class LoopState(TaskLoop):
     history: HistoryRecorder
     positions: Positions
     election: Election | None  # kafka.election: commits wait until versions on the topic cover them
+    term: TermView | None  # the term held (one life, when sharded): commits stop when it ends
     _covered: Positions
     _uncommitted: bool
     _checkpoint_at: tuple[int, float]
@@ -110,9 +111,9 @@ class LoopState(TaskLoop):
 
     def _committable(self) -> Positions:
         """What a checkpoint commits: every processed position, or (election) the covered ones; none after a loss."""
-        if self.election is None:
+        if self.term is None:
             return dict(self.positions)
-        return {} if self.election.lost else dict(self._covered)
+        return dict(self._covered) if self.term.current() else {}
 
     def _capture(self) -> Checkpoint:
         tensors, trainer_state = self.trainer.snapshot()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from dynft.errors import BrokersUnavailableError, SourceError
+from dynft.events import DEFAULT_TASK
 from dynft.sources.kafka_connect import is_refusal, probe, refused
 
 
@@ -67,6 +68,8 @@ def key_of(line: bytes, field: str | None) -> bytes | None:
         value = json.loads(line).get(field)
     except (ValueError, AttributeError, RecursionError):  # RecursionError: nested deeper than json parses
         return None  # a malformed line still goes out, unkeyed
+    if value is None and field == "task":
+        value = DEFAULT_TASK  # an event without a task is the default task's: keyed alike (kafka.sharded)
     return None if value is None else str(value).encode()
 
 

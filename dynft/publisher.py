@@ -77,8 +77,7 @@ class Publisher:
         # kafka.versions_topic: replicas follow what is published here
         self.feed: VersionsFeed | TaskFeed | None = feed
         if feed is None:
-            epoch, held = (term.epoch, term.held) if term is not None else (None, None)
-            self.feed = open_feed(settings, registry, epoch, held)
+            self.feed = open_feed(settings, registry, term)
         self.sent_step = trainer.steps  # the trainer's steps in the newest version on the versions topic
         self._published_labels = -1  # labels the last published version knew (-1: not yet known)
         self.arrivals = Arrivals()  # events trained since the last promotion (training thread only)

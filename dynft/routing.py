@@ -70,8 +70,11 @@ class Router:
         metrics: TrainerMetrics,
         on_reject: Callable[[Rejection, Record], None] | None = None,
         tasks: TaskDirectory | None = None,
+        partition_of: Callable[[str], int] | None = None,
     ) -> None:
+        """``partition_of``: sharded trainers (``kafka.sharded``), the source partition of a task's events."""
         self.limits = settings.events
+        self.partition_of = partition_of
         self.on_reject = on_reject  # the console's note of the latest dead letters
         self.holdout_fraction = settings.evaluation.holdout_fraction
         self.labels = labels
@@ -100,6 +103,10 @@ class Router:
         event = decode(record.raw, self.limits)
         if isinstance(event, Rejection):
             return event
+        if self.partition_of is not None:
+            wrong = wrong_partition(event, record, self.partition_of(event.task_name))
+            if wrong is not None:
+                return wrong
         labels = self.tasks.admit(event.task_name)
         if labels is None:
             detail = (
@@ -179,6 +186,19 @@ class Router:
         if self.on_reject is not None:
             self.on_reject(rejection, record)
         return ledger_key(rejection, record)
+
+
+def wrong_partition(event: Event, record: Record, partition: int) -> Rejection | None:
+    """Sharded trainers train a task where its key sends it: an event on another partition would be
+    trained by a second trainer, beside the task's own (a ``topic/partition`` stream is Kafka's)."""
+    topic, _, came = record.stream.rpartition("/")
+    if not came.isdigit() or int(came) == partition:
+        return None
+    detail = (
+        f"task {event.task_name!r} belongs to partition {partition} of {topic} (its key); this event came on "
+        f"partition {came}: produce sharded events with key = the task name"
+    )
+    return Rejection("wrong_partition", detail, record.raw, event.id)
 
 
 def internal(exc: Exception, raw: bytes, event_id: str | None = None) -> Rejection:

@@ -17,7 +17,9 @@ from typing import Any
 from dynft.batching import Collator
 from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import Checkpoint
+from dynft.election import TermView
 from dynft.errors import AdapterMismatchError
+from dynft.evaluation import HoldoutWindow
 from dynft.events import Event
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
@@ -28,6 +30,7 @@ from dynft.sharing import Member, publish_together
 from dynft.sources import Record
 from dynft.tasks import DEFAULT_TASK, Task, TaskDirectory, TaskWork, task_collator, task_name_problem
 from dynft.trainer import OnlineTrainer
+from dynft.warmup import read_before_committed, refill
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ class TaskLoop:
     trainer: OnlineTrainer
     publisher: Publisher  # the default task's (its feed carries every task's versions)
     buffer: ReplayBuffer  # the default task's
+    holdout: HoldoutWindow  # the default task's
     metrics: TrainerMetrics
     tasks: dict[str, Task]  # main thread
     task_directory: TaskDirectory | None
@@ -186,6 +190,22 @@ class TaskLoop:
         outcomes += [(e.id, "held_out") for e in share.held_out]
         self.metrics.events.labels("held_out").inc(len(share.held_out))
         return outcomes
+
+    def _rewarm(self, term: TermView) -> None:
+        """A takeover's warm-up (``dynft.warmup``): every task of the term's partitions gets its replay
+        buffer and held-out window back from the events before the committed offsets."""
+        sharded = term.election.sharded
+        by_task: dict[str, list[Event]] = {}
+        for event in read_before_committed(self.settings, term.partitions if sharded else None):
+            if not sharded or term.owns(event.task_name):  # a task keyed elsewhere is another trainer's
+                by_task.setdefault(event.task_name, []).append(event)
+        fraction = self.settings.evaluation.holdout_fraction
+        for name, mine in by_task.items():
+            if name == DEFAULT_TASK:
+                refill(mine, fraction, self.buffer, self.holdout, self.trainer.label_map)
+            elif task_name_problem(name) is None and self._directory().admit(name) is not None:
+                task = self._task(name)
+                refill(mine, fraction, task.buffer, task.holdout, task.collator.label_map)
 
     def _restore_tasks(self, checkpoint: Checkpoint) -> None:
         """The other tasks' parts of ``checkpoint``; one that no longer fits starts afresh from its registry."""

@@ -3,13 +3,14 @@
 An elected trainer that takes over on another host (``dynft.election``) has no checkpoint: it
 resumes its adapter from the newest version on the versions topic, and its events from the
 group's committed offsets. Its replay buffer and held-out window would start empty, so the first
-steps would replay nothing and the gate would have nothing to score on. ``rewarm`` reads, per
-partition of the source topics, up to ``buffer.max_events`` events *before* the committed offset
-(events the previous trainer already learned from) and hands them to the buffer and the
-held-out window exactly as routing would split them, without training on them, recording them
-in the ledger or dead-lettering anything: they are not new, and the group's offsets are not
-moved. Only the default task's events are taken (other tasks' parts are made on their first
-new event). A consumer of no group reads them, before the source joins its group.
+steps would replay nothing and the gate would have nothing to score on. ``read_before_committed``
+reads, per partition of the source topics (the term's only, when sharded), up to
+``buffer.max_events`` events *before* the committed offset (events the previous trainer already
+learned from), and ``refill`` hands each task's to its buffer and held-out window exactly as
+routing would split them, without training on them, recording them in the ledger or
+dead-lettering anything: they are not new, and the group's offsets are not moved. The loop
+makes each task they name first (resumed from its newest published version). A consumer of no
+group reads them, before the source joins its group.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 from dynft.batching import LabelMap
 from dynft.buffer import ReplayBuffer
 from dynft.evaluation import HoldoutWindow, is_held_out
-from dynft.events import DEFAULT_TASK, Event, decode
+from dynft.events import Event, decode
 from dynft.settings import Settings
 from dynft.sources.kafka import client_config, parse_kafka_uri
 
@@ -27,10 +28,10 @@ log = logging.getLogger(__name__)
 POLL_MS = 500
 
 
-def rewarm(settings: Settings, buffer: ReplayBuffer, holdout: HoldoutWindow, labels: LabelMap) -> int:
-    """Refill ``buffer`` and ``holdout`` from the events before the committed offsets; returns how many were read."""
-    events = [e for e in read_before_committed(settings) if e.task_name == DEFAULT_TASK]
-    fraction = settings.evaluation.holdout_fraction
+def refill(
+    events: list[Event], fraction: float, buffer: ReplayBuffer, holdout: HoldoutWindow, labels: LabelMap
+) -> None:
+    """Hand one task's ``events`` to its buffer and held-out window as routing would split them, untrained."""
     buffered = held = 0
     for event in events:
         if is_held_out(event.id, event.text, fraction):
@@ -40,24 +41,30 @@ def rewarm(settings: Settings, buffer: ReplayBuffer, holdout: HoldoutWindow, lab
         elif labels.get(event.label) is not None and buffer.add(event):
             buffered += 1
     log.info(
-        "rebuilt the replay buffer (%d events) and the held-out window (%d) from %d events before the "
-        "committed offsets, none trained on as new",
+        "task %s: rebuilt the replay buffer (%d events) and the held-out window (%d) from %d events before "
+        "the committed offsets, none trained on as new",
+        events[0].task_name if events else "-",
         buffered,
         held,
         len(events),
     )
-    return len(events)
 
 
-def read_before_committed(settings: Settings) -> list[Event]:
-    """Per partition, up to ``buffer.max_events`` well-formed events just before the group's committed offset."""
+def read_before_committed(settings: Settings, only: frozenset[int] | None = None) -> list[Event]:
+    """Per partition (of ``only``, when sharded), up to ``buffer.max_events`` well-formed events just
+    before the group's committed offset."""
     from kafka import KafkaConsumer, TopicPartition
 
     k = settings.kafka
     servers, names, group = parse_kafka_uri(settings.source.uri, k.group)
     consumer = KafkaConsumer(bootstrap_servers=servers, group_id=group, enable_auto_commit=False, **client_config(k))
     try:
-        parts = [TopicPartition(t, p) for t in names for p in sorted(consumer.partitions_for_topic(t) or ())]
+        parts = [
+            TopicPartition(t, p)
+            for t in names
+            for p in sorted(consumer.partitions_for_topic(t) or ())
+            if only is None or p in only
+        ]
         if not parts:
             return []
         starts = consumer.beginning_offsets(parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -117,3 +118,39 @@ def reap(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait()
+
+
+class ElectedTrainers:
+    """Two ``dynft train`` processes of one elected configuration (``kafka.election``), each with
+    its own state directory and log (``a``, ``b``) under ``root``; ``spawn`` starts one."""
+
+    def __init__(self, broker: Broker, settings: Settings, root: Path, partitions: int, *extra: str) -> None:
+        self.broker, self.root = broker, root
+        self.topic = new_topic(broker, partitions)
+        self.group = f"elected-{uuid.uuid4().hex[:6]}"
+        self.versions = f"versions-{uuid.uuid4().hex[:8]}"
+        self.settings = kafka_settings(settings, broker, self.topic, self.group)
+        self.states = [root / "a", root / "b"]
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.extra = ["kafka.election=true", f"kafka.versions_topic={self.versions}", "trainer.threads=1", *extra]
+
+    def spawn(self, i: int) -> subprocess.Popen[bytes]:
+        args = [a for s in self.extra for a in ("--set", s)]
+        proc = trainer_process(self.settings, self.states[i], self.root / f"{'ab'[i]}.log", *args)
+        self.procs.append(proc)
+        return proc
+
+    def log(self, i: int) -> str:
+        return (self.root / f"{'ab'[i]}.log").read_text()[-6000:]
+
+    def stop_all(self) -> None:
+        """For a fixture's teardown: SIGTERM (after SIGCONT, for a paused one) and collect each."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=60)
+            finally:
+                reap(proc)

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dynft.election import Election, outdated, term_topic
+from dynft.election import Election, outdated, shard_topic, task_partition, term_topic
 from dynft.errors import ConfigError, RegistryError
 from dynft.registry import AdapterRegistry, AdapterState
 from dynft.replication.records import (
+    PointerLog,
     PointerRecord,
     VersionRecord,
     decode_pointer,
@@ -65,3 +66,33 @@ def test_a_checkpoint_older_than_the_newest_version_is_outdated(tmp_path: Path) 
         registry.publish(AdapterState({"w": torch.full((2,), float(i))}, ["a"], {"peft_type": "LORA"}), {"step": i})
     assert outdated({"publisher": {"latest_version": 2}}, registry)
     assert not outdated({"publisher": {"latest_version": 3}}, registry)
+
+
+def test_epochs_are_fenced_within_a_shard_only() -> None:
+    log = PointerLog()
+    assert log.admit_epoch(5, shard=0, task="a")
+    assert not log.admit_epoch(4, shard=0, task="b")  # unsharded, every task is in shard 0: one fence for all
+    assert log.admit_epoch(3, shard=1, task="c")  # another partition's trainer holds its own, older term
+    assert not log.admit_epoch(2, shard=1, task="c")
+    assert log.fence_of("c") == (3, 1) and log.fence_of("a") == (5, 0) and log.epoch == 5
+    stale = PointerRecord(2, "trainer-2", {"version": 1}, 0, "c", shard=1)
+    assert log.admit(stale, offset=0) == "stale"
+    record = VersionRecord(3, 1, "t", {"meta.json": b"{}"}, "intents", shard=2)
+    assert decode_version(encode_version(record)) == record
+
+
+def test_sharding_needs_an_election_and_one_source_topic(tiny_settings: Settings) -> None:
+    with pytest.raises(ValueError, match=r"kafka\.election"):
+        Settings(kafka={"sharded": True})  # type: ignore[arg-type]
+    tiny_settings.kafka.versions_topic = "dynft.versions"
+    tiny_settings.kafka.election = tiny_settings.kafka.sharded = True
+    tiny_settings.source.uri = "kafka://127.0.0.1:9/one,two?group=g"
+    with pytest.raises(ConfigError, match="one source topic"):
+        Election(tiny_settings, "host:1")
+    tiny_settings.source.uri = "kafka://127.0.0.1:9/events?group=g"
+    election = Election(tiny_settings, "host:1")
+    assert election.topic == shard_topic("dynft.versions")
+    election.partitions = 4
+    names = [f"t{i}" for i in range(40)]
+    assert {election.partition_of(t) for t in names} == {0, 1, 2, 3}
+    assert all(election.partition_of(t) == task_partition(t, 4) for t in names)

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,14 +28,11 @@ from dynft.settings import Settings
 
 from helpers import keyword_events
 from kafka_helpers import (
+    ElectedTrainers,
     accounted,
     all_accounted,
     end_offsets,
-    kafka_settings,
-    new_topic,
     publish,
-    reap,
-    trainer_process,
     wait_until,
 )
 
@@ -79,25 +75,12 @@ def epochs_in_order(bootstrap: str, versions: str) -> list[tuple[str, int]]:
     return out
 
 
-class Pair:
+class Pair(ElectedTrainers):
     """Two trainers of one configuration; ``start`` returns once the first holds the term."""
 
     def __init__(self, broker: Broker, settings: Settings, root: Path, partitions: int = 2) -> None:
-        self.broker, self.root = broker, root
-        self.topic = new_topic(broker, partitions)
-        self.group = f"failover-{uuid.uuid4().hex[:6]}"
-        self.versions = f"versions-{uuid.uuid4().hex[:8]}"
-        self.settings = kafka_settings(settings, broker, self.topic, self.group)
-        self.states = [root / "a", root / "b"]
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def spawn(self, i: int) -> subprocess.Popen[bytes]:
-        extra = ["kafka.election=true", f"kafka.versions_topic={self.versions}", "registry.publish_every_steps=5"]
-        extra += ["registry.publish_interval_s=2", "trainer.threads=1", "model.max_length=32"]
-        args = [a for s in extra for a in ("--set", s)]
-        proc = trainer_process(self.settings, self.states[i], self.root / f"{'ab'[i]}.log", *args)
-        self.procs.append(proc)
-        return proc
+        extra = ("registry.publish_every_steps=5", "registry.publish_interval_s=2", "model.max_length=32")
+        super().__init__(broker, settings, root, partitions, *extra)
 
     def start(self) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
         first = self.spawn(0)
@@ -118,9 +101,6 @@ class Pair:
         found = [decode_version(r.value).version for r in records(self.broker.bootstrap, self.versions) if r.value]
         return max(found, default=0)
 
-    def log(self, i: int) -> str:
-        return (self.root / f"{'ab'[i]}.log").read_text()[-4000:]
-
 
 @pytest.fixture
 def pair(kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path) -> Iterator[Pair]:
@@ -128,15 +108,7 @@ def pair(kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path) -> Itera
     try:
         yield made
     finally:
-        for proc in made.procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGCONT)
-                proc.send_signal(signal.SIGTERM)
-        for proc in made.procs:
-            try:
-                proc.wait(timeout=60)
-            finally:
-                reap(proc)
+        made.stop_all()
 
 
 def test_the_standby_takes_over_a_killed_trainer_from_its_newest_published_version(pair: Pair, tmp_path: Path) -> None:

@@ -12,11 +12,13 @@ from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from dynft.batching import LabelMap
 from dynft.buffer import ReplayBuffer
 from dynft.devbroker import Broker
+from dynft.election import task_partition
 from dynft.evaluation import HoldoutWindow, is_held_out
+from dynft.produce import produce
 from dynft.settings import Settings
-from dynft.warmup import rewarm
+from dynft.warmup import read_before_committed, refill
 
-from helpers import keyword_events
+from helpers import keyword_events, write_jsonl
 from kafka_helpers import end_offsets, kafka_settings, new_topic, publish
 
 pytestmark = pytest.mark.slow
@@ -38,9 +40,26 @@ def test_rewarm_refills_buffer_and_holdout_from_before_the_committed_offsets(
     settings.evaluation.holdout_fraction = 0.2
     buffer = ReplayBuffer(settings.buffer.max_events, settings.buffer.max_bytes)
     holdout = HoldoutWindow(100)
-    assert rewarm(settings, buffer, holdout, LabelMap(LABELS)) == 49  # offsets 10..59, less the malformed one
+    past = read_before_committed(settings)
+    assert len(past) == 49  # offsets 10..59, less the malformed one
+    refill(past, settings.evaluation.holdout_fraction, buffer, holdout, LabelMap(LABELS))
     expected = [e for e in events[10:60] if e["text"]]
     held = {e["id"] for e in expected if is_held_out(e["id"], e["text"], 0.2)}
     assert held and {e.id for e in holdout.snapshot()} == held
     assert {r["event"]["id"] for r in buffer.snapshot()[0]} == {e["id"] for e in expected} - held
     assert end_offsets(kafka_broker, topic, group)[1] == {0: 60}  # the group's offsets did not move
+
+
+def test_a_sharded_term_reads_the_past_of_its_own_partitions_only(
+    kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path
+) -> None:
+    topic, group = new_topic(kafka_broker, partitions=2), f"warm-{uuid.uuid4().hex[:6]}"
+    path = write_jsonl(tmp_path / "keyed.jsonl", [{**e, "task": "one"} for e in keyword_events(30, LABELS, seed=8)])
+    produce(path, [kafka_broker.bootstrap], topic, {}, key_field="task")  # every event on the partition of "one"
+    mine = task_partition("one", 2)
+    committer = KafkaConsumer(bootstrap_servers=kafka_broker.bootstrap, group_id=group, enable_auto_commit=False)
+    committer.commit({TopicPartition(topic, p): OffsetAndMetadata(30 if p == mine else 0, "", -1) for p in (0, 1)})
+    committer.close()
+    settings = kafka_settings(tiny_settings, kafka_broker, topic, group)
+    assert len(read_before_committed(settings, frozenset({mine}))) == 30
+    assert read_before_committed(settings, frozenset({1 - mine})) == []

@@ -21,8 +21,9 @@ topic holds and the local registry lacks (published by another trainer before a 
 on a host whose disk was lost) are written into the registry when the lane opens, so the
 trainer resumes from the newest version published by anyone.
 
-Fencing (``dynft.election``): ``term`` says whether this trainer still holds its term; it is
-asked before every record sent, and a feed whose term is lost sends nothing more.
+Fencing (``dynft.election``): ``term`` says whether this trainer still holds its term over a
+task; it is asked before every record of the task sent, and a feed whose term is lost sends
+nothing more. Records carry the term's epoch and the task's shard (``records``).
 """
 
 from __future__ import annotations
@@ -61,11 +62,15 @@ SEND_TIMEOUT_S = 30.0
 
 
 class Term(Protocol):
-    """An elected trainer's term (``dynft.election.Election``): its epoch, and whether it still holds it."""
+    """An elected trainer's term (``dynft.election.TermView``): its epoch, whether it still holds a
+    task's (sharded trainers hold terms over some tasks only), and the shard a task's records are in."""
 
-    epoch: int
+    @property
+    def epoch(self) -> int: ...
 
-    def held(self) -> bool: ...
+    def held(self, task: str = ...) -> bool: ...
+
+    def shard(self, task: str) -> int: ...
 
 
 def versions_servers(settings: Settings) -> list[str]:
@@ -81,18 +86,16 @@ def versions_servers(settings: Settings) -> list[str]:
     )
 
 
-def open_feed(
-    settings: Settings, registry: AdapterRegistry, epoch: int | None = None, term: Callable[[], bool] | None = None
-) -> VersionsFeed | None:
+def open_feed(settings: Settings, registry: AdapterRegistry, term: Term | None = None) -> VersionsFeed | None:
     """The feed when ``kafka.versions_topic`` is set, else None.
 
-    ``epoch``: the elected term's (``dynft.election``), else the state directory's next one;
-    ``term``: whether that term is still held (asked before every send).
+    ``term``: the elected term (``dynft.election``), whose epoch the records carry and which is
+    asked before every send; without one, the state directory's next epoch, never fenced.
     """
     topic = settings.kafka.versions_topic
     if topic is None:
         return None
-    feed = VersionsFeed(settings, registry, versions_servers(settings), topic, epoch, term)
+    feed = VersionsFeed(settings, registry, versions_servers(settings), topic, term=term)
     feed.start()
     return feed
 
@@ -145,7 +148,9 @@ def _read_one(state: TopicState, is_version: bool, record: Any) -> None:
             state.versions.pop(where, None)
         elif record.value is not None:
             version = decode_version(record.value)
-            if state.log.admit_epoch(version.epoch):  # a stale trainer's version is not resumed from
+            if state.log.admit_epoch(
+                version.epoch, version.shard, version.task
+            ):  # a stale trainer's version is not resumed from
                 state.versions[(version.task, version.version)] = version
         return
     task = task_of_pointer_key(record.key)
@@ -196,7 +201,7 @@ class VersionsFeed:
         servers: list[str],
         topic: str,
         epoch: int | None = None,
-        term: Callable[[], bool] | None = None,
+        term: Term | None = None,
     ) -> None:
         self.settings, self.registry, self.servers, self.topic = settings, registry, servers, topic
         self.max_bytes = settings.kafka.versions_max_message_bytes
@@ -204,9 +209,12 @@ class VersionsFeed:
         self._consumer = topics.consumer(servers, settings.kafka)
         found = read_topics(self._consumer, topic)
         self._log = found.log  # the feed thread's from now on; folded exactly as every replica folds it
+        if term is not None:
+            epoch = term.epoch
         self.epoch = epoch if epoch is not None else next_epoch(settings.state_dir, found.log.epoch)
         self.origin = f"trainer-{self.epoch}"
-        self.term = term or (lambda: True)
+        self.held: Callable[[str], bool] = term.held if term is not None else (lambda task: True)
+        self.shard: Callable[[str], int] = term.shard if term is not None else (lambda task: 0)
         self._producer = topics.producer(servers, settings.kafka)
         self._found = found  # records of tasks whose lane is not open yet (their publishers come later)
         self._lock = threading.Lock()
@@ -267,13 +275,15 @@ class VersionsFeed:
                     self._send_version(lane, version)
             for version in sorted(set(lane.sent_versions) - set(versions)):  # pruned here: a tombstone
                 if version != lane.topic_serving:  # a replica started later still finds what serves
-                    self._send(self.topic, version_key(version, task), None)
+                    self._send(self.topic, version_key(version, task), None, task)
                 del lane.sent_versions[version]
             pointer = lane.registry.serving()
             with self._lock:
                 if pointer.version is not None and pointer.__dict__ != lane.sent_pointer:
-                    record = PointerRecord(self.epoch, self.origin, dict(pointer.__dict__), self._log.seen, task)
-                    offset = self._send(pointer_topic(self.topic), pointer_key(task), encode_pointer(record))
+                    record = PointerRecord(
+                        self.epoch, self.origin, dict(pointer.__dict__), self._log.seen, task, self.shard(task)
+                    )
+                    offset = self._send(pointer_topic(self.topic), pointer_key(task), encode_pointer(record), task)
                     lane.sent_pointer = dict(pointer.__dict__)
                     lane.own_last = (offset, bool(pointer.pinned))
                     lane.topic_serving = pointer.version
@@ -309,21 +319,22 @@ class VersionsFeed:
             raise RegistryError(f"version {version}: cannot read it to send ({exc.strerror})") from exc
         if META not in files:
             raise RegistryError(f"version {version}: no {META} to send")
-        value = encode_version(VersionRecord(version, self.epoch, self.origin, files, lane.task))
+        value = encode_version(VersionRecord(version, self.epoch, self.origin, files, lane.task, self.shard(lane.task)))
         if len(value) > self.max_bytes:
             raise ConfigError(
                 f"version {version} is {len(value)} bytes on the versions topic, above "
                 f"kafka.versions_max_message_bytes ({self.max_bytes}); raise that setting (the topics' "
                 "max.message.bytes follow it when dynft creates them)"
             )
-        self._send(self.topic, version_key(version, lane.task), value)
+        self._send(self.topic, version_key(version, lane.task), value, lane.task)
         lane.sent_versions[version] = str(json.loads(files[META]).get("content_hash"))
 
-    def _send(self, topic: str, key: bytes, value: bytes | None) -> int:
-        """Send one record and wait for the broker; returns its offset. ``TermLostError`` once the term is lost."""
+    def _send(self, topic: str, key: bytes, value: bytes | None, task: str) -> int:
+        """Send one record of ``task`` and wait for the broker; returns its offset. ``TermLostError`` once
+        the task's term is lost."""
         from kafka.errors import KafkaError
 
-        if not self.term():
+        if not self.held(task):
             raise TermLostError(f"trainer epoch {self.epoch} lost its term: nothing more is sent to {topic}")
         try:
             return int(self._producer.send(topic, key=key, value=value).get(timeout=SEND_TIMEOUT_S).offset)

@@ -15,16 +15,16 @@ the topic no longer holds. The replica's registry is a cache of the topics (rebu
 start), so nothing in it is fsynced. Retention follows the trainer's: a version the trainer
 prunes is a tombstone on the topic, and leaves the replica too (not the serving one). A pointer
 record whose version has not arrived yet waits for it; ``PointerLog`` ignores one with an
-older epoch than the newest seen (a stale trainer) or one that unpins without having seen the
-newest pin (``records.voided``). ``FollowingRegistry`` sends the admin API's promote /
+older epoch than the newest seen in its shard (a stale trainer; see ``records``) or one that
+unpins without having seen the newest pin (``records.voided``). ``FollowingRegistry`` sends the admin API's promote /
 rollback / unpin to the pointer topic instead of writing ``serving.json``, and returns once the
 follower has applied the decision, so every replica (and the trainer) follows it.
 
 Tasks: a version or pointer record of a task other than ``default`` (its own keys, see
 ``records``) goes to that task's registry under ``<registry>/tasks/<task>/``, where the engine's
 watcher finds the task's lane, so a replica serves every task its trainers publish. Version
-records are fenced like pointer records: one of an older epoch than the newest seen on either
-topic comes from a trainer that lost its term, and is ignored (``stale``).
+records are fenced like pointer records: one of an older epoch than the newest seen in its shard
+on either topic comes from a trainer that lost its term, and is ignored (``stale``).
 """
 
 from __future__ import annotations
@@ -158,7 +158,8 @@ class Follower:
         from kafka.errors import KafkaError
 
         # Read from a request's thread while the follower's advances them: ints, read whole.
-        record = PointerRecord(self._log.epoch, "replica", dict(pointer.__dict__), self._log.seen, task)
+        epoch, shard = self._log.fence_of(task)
+        record = PointerRecord(epoch, "replica", dict(pointer.__dict__), self._log.seen, task, shard)
         try:
             value = encode_pointer(record)
             meta = self._producer.send(self.pointer_topic, key=pointer_key(task), value=value).get(
@@ -240,7 +241,7 @@ class Follower:
             self.metrics.records.labels("version", "malformed").inc()
             log.error("%s: %s", self.topic, exc)
             return
-        if not self._log.admit_epoch(record.epoch):
+        if not self._log.admit_epoch(record.epoch, record.shard, record.task):
             self.metrics.records.labels("version", "stale").inc()
             log.warning("ignoring version %d of task %s from stale epoch %d", record.version, record.task, record.epoch)
             return

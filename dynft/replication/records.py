@@ -11,8 +11,12 @@ its content hash and base-model fingerprint included), so a replica can rebuild 
 directory and check it exactly as the co-located server does.
 
 Every record carries the epoch of the trainer that wrote it (a pointer decision made on a
-replica carries the newest epoch that replica has seen): a record with an older epoch than one
-already seen comes from a stale trainer and is ignored.
+replica carries the newest epoch that replica has seen for the task's shard): a record with an
+older epoch than one already seen *in its shard* comes from a stale trainer and is ignored.
+Records carry their *shard*: 0 unless trainers are sharded (``kafka.sharded``), where it is the
+source partition of the task, over which a trainer holds its own term; sharded trainers hold
+different epochs at once, each fenced only within its partitions. Unsharded, every record is in
+shard 0, so one newer epoch fences every record of an older one, whatever its task.
 
 Serving decisions are ordered by the pointer topic's offsets, not by clocks: each pointer record
 carries ``seen``, the offset of the newest pointer record its writer had read when it decided.
@@ -60,6 +64,7 @@ class VersionRecord:
     origin: str
     files: dict[str, bytes]  # file name in the version directory -> its bytes
     task: str = DEFAULT_TASK
+    shard: int = 0  # the term's partition when sharded (see the module's docstring)
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class PointerRecord:
     pointer: dict[str, Any]  # the registry's ServingPointer fields
     seen: int = -1  # offset of the newest pointer record the writer had read when it decided
     task: str = DEFAULT_TASK
+    shard: int = 0
 
 
 @dataclass
@@ -76,17 +82,24 @@ class PointerLog:
     """The pointer topic folded in offset order: which records decide what serves.
 
     One reader thread owns it (the follower's or the feed's). A record is ``stale`` when its
-    epoch is older than the newest seen (a stale trainer), ``void`` when it unpins without
-    having seen the newest pin (decided before that pin reached its writer), else ``applied``.
+    epoch is older than the newest seen in its shard (a stale trainer), ``void`` when it unpins
+    without having seen the newest pin (decided before that pin reached its writer), else
+    ``applied``.
     """
 
     seen: int = -1  # offset of the last record read
     pins: dict[str, int] = field(default_factory=dict)  # task -> offset of its newest applied pinned decision
-    epoch: int = 0  # newest trainer epoch seen (on either topic: see ``admit_epoch``)
+    epochs: dict[int, int] = field(default_factory=dict)  # shard -> newest trainer epoch seen (either topic)
+    shards: dict[str, int] = field(default_factory=dict)  # task -> its shard, as its newest admitted record says
+
+    @property
+    def epoch(self) -> int:
+        """The newest trainer epoch seen in any shard."""
+        return max(self.epochs.values(), default=0)
 
     def admit(self, record: PointerRecord, offset: int) -> str:
         self.seen = max(self.seen, offset)
-        if not self.admit_epoch(record.epoch):
+        if not self.admit_epoch(record.epoch, record.shard, record.task):
             return "stale"
         if voided(record, self.pin_offset(record.task)):
             return "void"
@@ -94,12 +107,18 @@ class PointerLog:
             self.pins[record.task] = offset
         return "applied"
 
-    def admit_epoch(self, epoch: int) -> bool:
-        """Whether a record of ``epoch`` may be applied: not older than the newest epoch seen."""
-        if epoch < self.epoch:
+    def admit_epoch(self, epoch: int, shard: int = 0, task: str = DEFAULT_TASK) -> bool:
+        """Whether a record of ``epoch`` in ``shard`` may be applied: not older than the shard's newest."""
+        if epoch < self.epochs.get(shard, 0):
             return False
-        self.epoch = epoch
+        self.epochs[shard] = epoch
+        self.shards[task] = shard
         return True
+
+    def fence_of(self, task: str = DEFAULT_TASK) -> tuple[int, int]:
+        """(epoch, shard) for a decision about ``task`` made here (a replica's): its shard's newest epoch."""
+        shard = self.shards.get(task, 0)
+        return self.epochs.get(shard, 0), shard
 
     def pin_offset(self, task: str = DEFAULT_TASK) -> int:
         return self.pins.get(task, -1)
@@ -159,6 +178,8 @@ def encode_version(record: VersionRecord) -> bytes:
     }
     if record.task != DEFAULT_TASK:
         header["task"] = record.task
+    if record.shard:
+        header["shard"] = record.shard
     return json.dumps(header).encode() + b"\n" + b"".join(record.files[name] for name in names)
 
 
@@ -175,8 +196,8 @@ def decode_version(value: bytes) -> VersionRecord:
             offset += int(length)
         if not sep or offset != len(body):
             raise ValueError(f"{len(body)} bytes of files, the header lists {offset}")
-        task = checked_task(header.get("task", DEFAULT_TASK))
-        return VersionRecord(int(header["version"]), int(header["epoch"]), str(header["origin"]), files, task)
+        task, shard = checked_task(header.get("task", DEFAULT_TASK)), int(header.get("shard", 0))
+        return VersionRecord(int(header["version"]), int(header["epoch"]), str(header["origin"]), files, task, shard)
     except (ValueError, KeyError, TypeError) as exc:
         raise RegistryError(f"malformed version record ({exc})") from exc
 
@@ -198,6 +219,7 @@ def encode_pointer(record: PointerRecord) -> bytes:
             "pointer": record.pointer,
             "seen": record.seen,
             "task": record.task,
+            "shard": record.shard,
         }
     ).encode()
 
@@ -208,8 +230,8 @@ def decode_pointer(value: bytes) -> PointerRecord:
         pointer = data["pointer"]
         if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), int | None):
             raise ValueError("no pointer with a version")
-        task = checked_task(data.get("task", DEFAULT_TASK))
-        return PointerRecord(int(data["epoch"]), str(data["origin"]), pointer, int(data.get("seen", -1)), task)
+        task, shard = checked_task(data.get("task", DEFAULT_TASK)), int(data.get("shard", 0))
+        return PointerRecord(int(data["epoch"]), str(data["origin"]), pointer, int(data.get("seen", -1)), task, shard)
     except (ValueError, KeyError, TypeError) as exc:
         raise RegistryError(f"malformed pointer record ({exc})") from exc
 

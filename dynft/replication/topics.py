@@ -23,22 +23,24 @@ def topic_configs(max_bytes: int) -> dict[str, str]:
     return {"cleanup.policy": "compact", "max.message.bytes": str(max_bytes), "retention.ms": "-1"}
 
 
-def ensure_topics(servers: list[str], topic: str, settings: KafkaSettings, extra: list[str] | None = None) -> None:
-    """Create the versions and pointer topics (and ``extra`` ones alike) if missing; check existing ones."""
+def ensure_topics(servers: list[str], topic: str, settings: KafkaSettings, extra: dict[str, int] | None = None) -> None:
+    """Create the versions and pointer topics (and ``extra`` ones alike, name -> partitions) if missing;
+    check existing ones."""
     from kafka import KafkaAdminClient
     from kafka.admin import ConfigResource, ConfigResourceType
     from kafka.errors import KafkaError
 
     quiet_slow_task_warnings()  # before the first client: the admin client's loop warns too
     wanted = settings.versions_max_message_bytes
-    names = [topic, pointer_topic(topic), *(extra or [])]
+    partitions = {topic: 1, pointer_topic(topic): 1, **(extra or {})}
+    names = list(partitions)
     try:
         admin = KafkaAdminClient(bootstrap_servers=servers, **client_config(settings))
         try:
             missing = [t for t in names if t not in admin.list_topics()]
             if missing:
                 specs = {
-                    t: {"num_partitions": 1, "replication_factor": -1, "configs": topic_configs(wanted)}
+                    t: {"num_partitions": partitions[t], "replication_factor": -1, "configs": topic_configs(wanted)}
                     for t in missing
                 }
                 admin.create_topics(specs, raise_errors=False, wait_for_metadata=True)

@@ -103,6 +103,17 @@ class KafkaSettings(Section):
         description="trainers of one group elect one active trainer through Kafka (group <group>.leader on "
         "<versions_topic>.term); the others stand by. Needs versions_topic and a kafka:// source",
     )
+    sharded: bool = Field(
+        False,
+        description="with election: trainers split the source topic's partitions (one term per partition, on "
+        "<versions_topic>.shards) and train the tasks keyed to them; events must be keyed by task",
+    )
+
+    @model_validator(mode="after")
+    def _sharded_needs_election(self) -> KafkaSettings:
+        if self.sharded and not self.election:
+            raise ValueError("kafka.sharded needs kafka.election = true: each shard's trainer is elected")
+        return self
 
     @field_validator("sasl_mechanism")
     @classmethod

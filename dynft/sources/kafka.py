@@ -15,6 +15,9 @@
   records stay: dropping them would skip them for good.
 - ``may_commit`` is asked before every commit: an elected trainer that lost its term
   (``dynft.election``) commits nothing more, whatever it had checkpointed.
+- Sharded trainers (``kafka.sharded``) set ``partitions``: the consumer is assigned those
+  partitions rather than subscribed, since the election's group decides who owns which; it
+  starts from, and commits to, the group's offsets all the same.
 - After a restart, positions from the checkpoint that are ahead of the group's committed
   offsets (a crash between checkpoint and commit) are committed before joining.
 - Brokers that do not answer at ``open`` are waited for: ``poll`` tries again with backoff
@@ -95,6 +98,9 @@ class KafkaSource(Source):
         self._uncommitted: dict[TopicPartition, int] = {}
         # Asked before every commit, by either thread (dynft.election: none once the term is lost).
         self.may_commit: Callable[[], bool] = lambda: True
+        # kafka.sharded: the partitions of this trainer's term, assigned (not subscribed) before ``open``;
+        # the group's offsets are still read and committed, by the one trainer holding each partition.
+        self.partitions: frozenset[int] | None = None
         for warning in security_warnings(settings):
             log.warning(warning)
 
@@ -161,6 +167,12 @@ class KafkaSource(Source):
         for topic in self.topics:
             if not consumer.partitions_for_topic(topic):
                 log.warning("topic %s does not exist (yet); waiting for it to appear", topic)
+        if self.partitions is not None:
+            consumer.assign([TopicPartition(t, p) for t in self.topics for p in sorted(self.partitions)])
+            if self._paused:
+                consumer.pause(*consumer.assignment())
+            log.info("consuming partition(s) %s of %s", ",".join(map(str, sorted(self.partitions))), self.topics[0])
+            return
         consumer.subscribe(self.topics, listener=_Listener(self, self._events))
         log.info("consuming %s as group %s from %s", ",".join(self.topics), self.group, ",".join(self.servers))
 

@@ -1,0 +1,183 @@
+"""Task-sharded trainers through Kafka: two ``dynft train`` processes split four tasks, a real broker.
+
+Each trainer holds a term over the source partitions the group gave it (``kafka.sharded``) and
+trains only the tasks keyed to them; when one is killed (kill -9), the other takes its
+partitions in a new life and its tasks go on from their newest published versions. Nothing is
+shared but the broker.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+
+from dynft.devbroker import Broker
+from dynft.election import shard_topic, task_partition
+from dynft.events import DEFAULT_TASK
+from dynft.produce import produce
+from dynft.replication.records import decode_version
+from dynft.settings import Settings
+
+from helpers import keyword_events, write_jsonl
+from kafka_helpers import (
+    ElectedTrainers,
+    accounted,
+    all_accounted,
+    end_offsets,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+LABELS = ["alpha", "beta", "gamma"]
+PARTITIONS = 4
+
+
+def spread_tasks(partitions: int) -> list[str]:
+    """One task name per partition (Kafka's default partitioner on the name as key)."""
+    by_partition: dict[int, str] = {}
+    for i in range(200):
+        by_partition.setdefault(task_partition(f"task{i}", partitions), f"task{i}")
+    assert len(by_partition) == partitions
+    return [by_partition[p] for p in range(partitions)]
+
+
+def all_records(bootstrap: str, topic: str) -> list[Any]:
+    """Every record of every partition of ``topic`` (none while it does not exist)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        if topic not in consumer.topics():
+            return []
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        ends = consumer.end_offsets(parts)
+        out: list[Any] = []
+        while any(consumer.position(tp) < ends[tp] for tp in parts):
+            for batch in consumer.poll(timeout_ms=500).values():
+                out += batch
+        return out
+    finally:
+        consumer.close()
+
+
+class Shards(ElectedTrainers):
+    """Two sharded trainers of one configuration over a topic of ``PARTITIONS`` partitions."""
+
+    def __init__(self, broker: Broker, settings: Settings, root: Path) -> None:
+        extra = ("kafka.sharded=true", "registry.publish_every_steps=3", "registry.publish_interval_s=2")
+        super().__init__(broker, settings, root, PARTITIONS, *extra, "model.max_length=32", "trainer.batch_size=8")
+
+    def holders(self) -> dict[int, int]:
+        """Partition -> pid of the newest term's holder."""
+        out = {}
+        for r in all_records(self.broker.bootstrap, shard_topic(self.versions)):
+            out[r.partition] = int(str(json.loads(r.value)["holder"]).rpartition(":")[2])
+        return out
+
+    def versions_by_task(self) -> dict[str, list[tuple[int, int, int | None]]]:
+        """Task -> (version, epoch, parent) of its version records, in the topic's order."""
+        out: dict[str, list[tuple[int, int, int | None]]] = {}
+        for r in all_records(self.broker.bootstrap, self.versions):
+            if r.value is not None:
+                record = decode_version(r.value)
+                parent = json.loads(record.files["meta.json"]).get("parent")
+                out.setdefault(record.task, []).append((record.version, record.epoch, parent))
+        return out
+
+    def publish(self, rows: list[dict[str, Any]]) -> None:
+        path = write_jsonl(self.root / f"{uuid.uuid4().hex}.jsonl", rows)
+        produce(path, [self.broker.bootstrap], self.topic, {}, key_field="task")
+
+    def alive(self) -> bool:
+        for i, proc in enumerate(self.procs):
+            assert proc.poll() is None, f"trainer {'ab'[i]} exited: {self.log(i)}"
+        return True
+
+
+@pytest.fixture
+def shards(kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path) -> Iterator[Shards]:
+    made = Shards(kafka_broker, tiny_settings, tmp_path)
+    try:
+        yield made
+    finally:
+        made.stop_all()
+
+
+def task_events(tasks: list[str], n: int, seed: int, prefix: str) -> list[dict[str, Any]]:
+    rows = []
+    for t, task in enumerate(tasks):
+        for event in keyword_events(n, LABELS, seed=seed + t, prefix=f"{prefix}{task}-"):
+            rows.append({**event, "task": task})
+    return rows
+
+
+def trained_by(states: list[Path], rows: list[dict[str, Any]]) -> dict[str, set[int]]:
+    """Task -> which trainers' ledgers hold any of its events."""
+    out: dict[str, set[int]] = {}
+    for i, state in enumerate(states):
+        seen = accounted([state], [r["id"] for r in rows])
+        for r in rows:
+            if seen[r["id"]][0] != "unseen":
+                out.setdefault(r["task"], set()).add(i)
+    return out
+
+
+def test_two_sharded_trainers_split_the_tasks_and_one_takes_over_the_others(shards: Shards) -> None:
+    tasks = spread_tasks(PARTITIONS)
+    a = shards.spawn(0)
+    wait_until(lambda: shards.alive() and set(shards.holders().values()) == {a.pid}, 240, "trainer a's term")
+    b = shards.spawn(1)
+    split = lambda: shards.alive() and set(shards.holders().values()) == {a.pid, b.pid}  # noqa: E731
+    wait_until(split, 240, "the partitions to be split between the two trainers")
+    owner = {task: shards.holders()[task_partition(task, PARTITIONS)] for task in tasks}
+    assert sorted(owner.values()).count(a.pid) == 2, owner  # the sticky assignor splits 4 partitions 2 / 2
+    first = task_events(tasks, 120, seed=50, prefix="f")
+    shards.publish(first)
+    every_task_published = lambda: shards.alive() and set(shards.versions_by_task()) >= set(tasks)  # noqa: E731
+    wait_until(every_task_published, 300, f"every task's first version: {shards.log(0)}\n{shards.log(1)}")
+    wait_until(all_accounted(shards.states, [r["id"] for r in first]), 300, "the first events to be accounted for")
+
+    # Each task was trained by one trainer, the owner of its partition, and its versions carry one epoch.
+    by = trained_by(shards.states, first)
+    pids = [a.pid, b.pid]
+    assert {task: {pids[i] for i in who} for task, who in by.items()} == {t: {owner[t]} for t in tasks}
+    before = shards.versions_by_task()
+    assert DEFAULT_TASK not in before  # no event without a task: no default task's versions
+    for task in tasks:
+        assert len({epoch for _, epoch, _ in before[task]}) == 1, before[task]
+
+    b.kill()  # kill -9: no last publish, no last commit
+    b.wait()
+    newest = {task: max(v for v, _, _ in shards.versions_by_task()[task]) for task in tasks}
+    second = task_events(tasks, 80, seed=60, prefix="s")
+    shards.publish(second)
+    wait_until(lambda: set(shards.holders().values()) == {a.pid}, 120, f"trainer a's new term: {shards.log(0)}")
+    taken = {t for t in tasks if owner[t] == b.pid}
+
+    def continued() -> bool:
+        assert a.poll() is None, shards.log(0)
+        found = shards.versions_by_task()
+        return all(max(v for v, _, _ in found[t]) > newest[t] for t in taken)
+
+    wait_until(continued, 300, f"b's tasks to go on in trainer a: {shards.log(0)}")
+    after = shards.versions_by_task()
+    for task in taken:
+        (version, _, parent) = min(row for row in after[task] if row[0] > newest[task])
+        assert parent == newest[task], f"task {task}: version {version} descends from {parent}, not {newest[task]}"
+    ids = [r["id"] for r in first + second]
+    wait_until(all_accounted(shards.states, ids), 300, f"every event to be accounted for: {shards.log(0)}")
+    statuses = {status for status, _ in accounted(shards.states, ids).values()}
+    assert statuses <= {"trained", "held_out", "buffered"}, statuses
+
+    def committed_at_end() -> bool:
+        ends, committed = end_offsets(shards.broker, shards.topic, shards.group)
+        return ends == committed
+
+    wait_until(committed_at_end, 120, f"commits at the log end: {shards.log(0)}")
+    assert "rebuilt the replay buffer" in shards.log(0), "the takeover warms up b's tasks from the stream"
