@@ -131,6 +131,7 @@ class TrainingLoop(LoopState):
         self.term: TermView | None = None  # the term this loop runs under (one life, when sharded)
         self.reassigned = False  # sharded: the loop ended because the partitions were assigned anew
         self._covered: Positions = {}
+        self._pending_from: dict[str, Positions] = {}  # see LoopState._note_covered
         self.history = HistoryRecorder(settings.state_dir, settings.console_show_texts)  # the console's curves
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -153,6 +154,8 @@ class TrainingLoop(LoopState):
             self.term = self.election.wait(self.should_exit)
             if self.term is None:  # a standby told to stop
                 return
+            self.metrics.term_partitions.set(len(self.term.partitions))
+            self.metrics.term_epoch.set(self.term.epoch)
         self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics, term=self.term)
         self.publisher.waiting = self.work_waiting
         if self.shared:
@@ -382,6 +385,7 @@ class TrainingLoop(LoopState):
             outcomes += self._complete_task(share, work.arrived)
         self.metrics.events.labels("dead_lettered").inc(len(work.dead))
         self.ledger.record(outcomes)
+        self._note_pending(self.positions)
         self.positions = furthest(work.records, self.positions)
         self._uncommitted = True
 

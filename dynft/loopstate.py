@@ -21,9 +21,10 @@ from dynft.drift import DriftMonitor
 from dynft.election import Election, TermView
 from dynft.errors import AdapterMismatchError, DeadLetterError
 from dynft.evaluation import HoldoutWindow, Prequential
-from dynft.events import Event
+from dynft.events import DEFAULT_TASK, Event
 from dynft.history import HistoryRecorder
 from dynft.ledger import Ledger
+from dynft.publisher import Publisher
 from dynft.reaction import DriftReaction
 from dynft.sources import Intake, Positions
 from dynft.statedisk import StateDisk, free_bytes, is_disk_full
@@ -52,6 +53,7 @@ class LoopState(TaskLoop):
     election: Election | None  # kafka.election: commits wait until versions on the topic cover them
     term: TermView | None  # the term held (one life, when sharded): commits stop when it ends
     _covered: Positions
+    _pending_from: dict[str, Positions]  # task -> positions before its oldest step not yet on the topic
     _uncommitted: bool
     _checkpoint_at: tuple[int, float]
     _status_at: float
@@ -102,12 +104,32 @@ class LoopState(TaskLoop):
         self._uncommitted = False
         self.metrics.checkpoints.inc()
 
+    def _note_pending(self, before: Positions) -> None:
+        """Election, after a work: each task whose steps are not all on the topic now waits from
+        ``before`` (the positions before the work) on, unless it waited already."""
+        if self.election is not None:
+            for name, publisher in self._publishers().items():
+                if not publisher.on_topic:
+                    self._pending_from.setdefault(name, before)
+
     def _note_covered(self) -> None:
-        """Election: the positions so far are committable once every task's steps are in versions on the topic."""
-        publishers = [self.publisher, *(t.publisher for t in self.tasks.values())]
-        if self.election is not None and self._covered != self.positions and all(p.on_topic for p in publishers):
-            self._covered = dict(self.positions)
+        """Election: a position is committable once every event before it that a task trained is in a
+        version of that task on the versions topic. Each task holds the commits back to where its
+        oldest step not yet on the topic began, and no further; the other tasks' do not wait for it."""
+        if self.election is None:
+            return
+        publishers = self._publishers()
+        for name in [n for n in self._pending_from if n not in publishers or publishers[n].on_topic]:
+            del self._pending_from[name]
+        covered = dict(self.positions)
+        for since in self._pending_from.values():  # a stream the task's wait began before knowing: not yet
+            covered = {stream: min(at, since[stream]) for stream, at in covered.items() if stream in since}
+        if covered != self._covered:
+            self._covered = covered
             self._uncommitted = True  # the next checkpoint commits them, even if nothing new was processed
+
+    def _publishers(self) -> dict[str, Publisher]:
+        return {DEFAULT_TASK: self.publisher, **{name: task.publisher for name, task in self.tasks.items()}}
 
     def _committable(self) -> Positions:
         """What a checkpoint commits: every processed position, or (election) the covered ones; none after a loss."""

@@ -65,6 +65,10 @@ class TrainerMetrics:
         )
         self.rejected = Counter("dynft_events_rejected", "Events dead-lettered, by reason", ["reason"], registry=r)
         self.intake_queue = _gauge("dynft_intake_queue_events", "Records waiting between source and trainer", r)
+        self.term_partitions = _gauge(  # kafka.election: 0 on a standby; 1 on the active one; N sharded
+            "dynft_trainer_term_partitions", "Partitions this trainer's election term holds (0: standing by)", r
+        )
+        self.term_epoch = _gauge("dynft_trainer_term_epoch", "Epoch of this trainer's election term (0: none)", r)
         self.intake_queue_bytes = _gauge("dynft_intake_queue_bytes", "Raw bytes waiting between source and trainer", r)
         self.intake_paused = _gauge(
             "dynft_intake_paused", "1 while intake is paused because the state disk refuses writes or outcomes wait", r

@@ -134,9 +134,9 @@ class ElectedTrainers:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.extra = ["kafka.election=true", f"kafka.versions_topic={self.versions}", "trainer.threads=1", *extra]
 
-    def spawn(self, i: int) -> subprocess.Popen[bytes]:
+    def spawn(self, i: int, *options: str) -> subprocess.Popen[bytes]:
         args = [a for s in self.extra for a in ("--set", s)]
-        proc = trainer_process(self.settings, self.states[i], self.root / f"{'ab'[i]}.log", *args)
+        proc = trainer_process(self.settings, self.states[i], self.root / f"{'ab'[i]}.log", *args, *options)
         self.procs.append(proc)
         return proc
 

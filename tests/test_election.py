@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 import torch
 
 from dynft.election import Election, outdated, shard_topic, task_partition, term_topic
 from dynft.errors import ConfigError, RegistryError
+from dynft.loopstate import LoopState
 from dynft.registry import AdapterRegistry, AdapterState
 from dynft.replication.records import (
     PointerLog,
@@ -96,3 +99,33 @@ def test_sharding_needs_an_election_and_one_source_topic(tiny_settings: Settings
     names = [f"t{i}" for i in range(40)]
     assert {election.partition_of(t) for t in names} == {0, 1, 2, 3}
     assert all(election.partition_of(t) == task_partition(t, 4) for t in names)
+
+
+class _Versions:
+    """A publisher as the commit rule sees it: whether its task's steps are all on the versions topic."""
+
+    def __init__(self) -> None:
+        self.on_topic = True
+
+
+def test_commits_wait_only_for_the_oldest_step_of_each_task_not_on_the_topic() -> None:
+    loop = LoopState.__new__(LoopState)  # the rule alone: no model, no broker
+    loop.election, loop.publisher = cast(Any, object()), cast(Any, _Versions())
+    loop.tasks = {"b": cast(Any, SimpleNamespace(publisher=_Versions()))}
+    loop.positions, loop._covered, loop._pending_from, loop._uncommitted = {"t/0": 10}, {}, {}, False
+    loop._note_covered()
+    assert loop._covered == {"t/0": 10}  # every step on the topic: everything so far
+    loop.publisher.on_topic = False  # the default task trains events 10..20
+    loop._note_pending({"t/0": 10})
+    loop.positions = {"t/0": 20}
+    loop._note_covered()
+    assert loop._covered == {"t/0": 10}
+    loop.tasks["b"].publisher.on_topic = False  # task b trains 20..30; the default task's steps reach the topic
+    loop._note_pending({"t/0": 20})
+    loop.positions = {"t/0": 30, "t/1": 5}
+    loop.publisher.on_topic = True
+    loop._note_covered()
+    assert loop._covered == {"t/0": 20}  # b's wait began before t/1 was known: t/1 waits too
+    loop.tasks["b"].publisher.on_topic = True
+    loop._note_covered()
+    assert loop._covered == {"t/0": 30, "t/1": 5} and loop._uncommitted

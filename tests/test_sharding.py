@@ -9,6 +9,7 @@ shared but the broker.
 from __future__ import annotations
 
 import json
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
 
 from dynft.devbroker import Broker
 from dynft.election import shard_topic, task_partition
@@ -24,7 +26,7 @@ from dynft.produce import produce
 from dynft.replication.records import decode_version
 from dynft.settings import Settings
 
-from helpers import keyword_events, write_jsonl
+from helpers import free_port, keyword_events, write_jsonl
 from kafka_helpers import (
     ElectedTrainers,
     accounted,
@@ -109,6 +111,19 @@ def shards(kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path) -> Ite
         made.stop_all()
 
 
+def term_partitions(port: int) -> float | None:
+    """``dynft_trainer_term_partitions`` as the trainer's /metrics says it now (None while it does not answer)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    for family in text_string_to_metric_families(text):
+        if family.name == "dynft_trainer_term_partitions":
+            return float(family.samples[0].value)
+    return None
+
+
 def task_events(tasks: list[str], n: int, seed: int, prefix: str) -> list[dict[str, Any]]:
     rows = []
     for t, task in enumerate(tasks):
@@ -130,13 +145,16 @@ def trained_by(states: list[Path], rows: list[dict[str, Any]]) -> dict[str, set[
 
 def test_two_sharded_trainers_split_the_tasks_and_one_takes_over_the_others(shards: Shards) -> None:
     tasks = spread_tasks(PARTITIONS)
-    a = shards.spawn(0)
+    ports = [free_port(), free_port()]
+    a = shards.spawn(0, "--metrics-port", str(ports[0]))
     wait_until(lambda: shards.alive() and set(shards.holders().values()) == {a.pid}, 240, "trainer a's term")
-    b = shards.spawn(1)
+    b = shards.spawn(1, "--metrics-port", str(ports[1]))
     split = lambda: shards.alive() and set(shards.holders().values()) == {a.pid, b.pid}  # noqa: E731
     wait_until(split, 240, "the partitions to be split between the two trainers")
     owner = {task: shards.holders()[task_partition(task, PARTITIONS)] for task in tasks}
     assert sorted(owner.values()).count(a.pid) == 2, owner  # the sticky assignor splits 4 partitions 2 / 2
+    held = lambda: [term_partitions(port) for port in ports] == [2.0, 2.0]  # noqa: E731
+    wait_until(held, 60, "each trainer's metrics to show its two partitions")
     first = task_events(tasks, 120, seed=50, prefix="f")
     shards.publish(first)
     every_task_published = lambda: shards.alive() and set(shards.versions_by_task()) >= set(tasks)  # noqa: E731
@@ -158,6 +176,7 @@ def test_two_sharded_trainers_split_the_tasks_and_one_takes_over_the_others(shar
     second = task_events(tasks, 80, seed=60, prefix="s")
     shards.publish(second)
     wait_until(lambda: set(shards.holders().values()) == {a.pid}, 120, f"trainer a's new term: {shards.log(0)}")
+    wait_until(lambda: term_partitions(ports[0]) == 4.0, 60, "trainer a's metrics to show all four partitions")
     taken = {t for t in tasks if owner[t] == b.pid}
 
     def continued() -> bool:
