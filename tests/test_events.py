@@ -8,7 +8,12 @@ from dynft.events import REASONS, Event, Rejection, decode
 from dynft.settings import EventSettings
 
 LIMITS = EventSettings(max_text_chars=20, max_label_chars=8, max_id_chars=10, max_record_bytes=4096, max_weight=100)
-ROUTING_REASONS = {"too_many_labels", "too_many_tasks", "internal"}  # given by dynft.routing, never by decode
+ROUTING_REASONS = {
+    "too_many_labels",
+    "too_many_tasks",
+    "wrong_partition",
+    "internal",
+}  # given by dynft.routing, never by decode
 ROOMY = EventSettings(max_weight=100)  # records of any size up to 1 MiB
 
 # One record for every reason decode can refuse a record, and the reason it must get.

@@ -238,3 +238,22 @@ def test_a_producer_that_reuses_one_id_still_fills_the_held_out_window(tmp_path:
     assert 50 < len(routed.held_out) < 150 and len(routed.fresh) + len(routed.held_out) == 1000
     again = router.route(records([r.raw for r, _ in routed.held_out[:20]]))
     assert len(again.held_out) == 20
+
+
+def test_a_sharded_trainer_dead_letters_a_tasks_event_found_off_its_keys_partition(tmp_path: Path) -> None:
+    settings = Settings()
+    settings.evaluation.holdout_fraction = 0.0
+    sink = JsonlDeadLetterSink(tmp_path / "dead.jsonl", "events")
+    partition_of = {"intents": 1, "default": 0}.__getitem__  # as dynft.election.task_partition would say
+    router = Router(settings, LabelMap(), sink, TrainerMetrics(CollectorRegistry()), partition_of=partition_of)
+    on = lambda event_id, task, partition: Record(  # noqa: E731
+        json.dumps({"id": event_id, "text": "w1", "label": "a", **({"task": task} if task else {})}).encode(),
+        f"events/{partition}",
+        1,
+    )
+    routed = router.route([on("a", "intents", 1), on("b", "intents", 0), on("c", None, 0), on("d", None, 1)])
+    assert [e.id for _, e in routed.fresh] == ["a", "c"]
+    assert [key for _, key in routed.dead] == ["b", "d"]
+    letters = read_dead_letters(tmp_path / "dead.jsonl")
+    assert {e["reason"] for e in letters} == {"wrong_partition"}
+    assert "partition 1 of events" in letters[0]["detail"] and "key" in letters[0]["detail"]
