@@ -101,8 +101,14 @@ class TermView:
         return self.current() and self.election.held(task)
 
     def current(self) -> bool:
-        """Whether this is still the election's term (no reassignment since it began, not lost)."""
-        return self.election.generation == self.generation and not self.election.lost
+        """Whether this is still the election's term: no reassignment since it began, not lost (a
+        rebalance that gives the same partitions back only suspends it, see ``may_commit``)."""
+        e = self.election
+        return e.generation == self.generation and not e.lost and e.ended_generation != self.generation
+
+    def may_commit(self) -> bool:
+        """Whether offsets may be committed under this term now: current, and not suspended by a rebalance."""
+        return self.current() and self.election.holding
 
     def owns(self, task: str) -> bool:
         return self.election.partition_of(task) in self.partitions
@@ -134,6 +140,7 @@ class Election:
         self.partitions = 1  # of the term topic: the source topic's when sharded (``start``)
         self.epoch = 0  # of the term held or last held
         self.generation = 0  # terms taken; a new one ends the current life (sharded)
+        self.ended_generation = -1  # sharded: a term found taken over (a later term record) ends its life
         self.held_partitions: frozenset[int] = frozenset()
         self._offsets: dict[int, int] = {}  # this trainer's term record on each held partition
         self._holding = threading.Event()
@@ -207,6 +214,11 @@ class Election:
         return True
 
     @property
+    def holding(self) -> bool:
+        """Whether the term is held now (not suspended by a rebalance; no broker round trip)."""
+        return self._holding.is_set()
+
+    @property
     def lost(self) -> bool:
         """Whether a term this trainer held has ended for good (the flag only: no broker round trip).
 
@@ -225,18 +237,34 @@ class Election:
         if self._holding.is_set():
             log.warning("trainer epoch %d lost its term (%s): publishing and training stop", self.epoch, why)
         self._holding.clear()
-        if not self.sharded:
+        if self.sharded:
+            self.ended_generation = self.generation  # this life ends; the rejoin brings the next term
+        else:
             self._lost.set()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self._consumer.poll(timeout_ms=POLL_MS)  # heartbeats and rebalances; term records are read apart
-                while not self._news.empty():
-                    self._on_news(*self._news.get_nowait())
             except Exception:  # the election thread must outlive a broker outage; held() stays false meanwhile
                 log.exception("election on %s failed", self.topic)
                 self._stop.wait(1.0)
+            while not self._news.empty() and not self._stop.is_set():
+                news = self._news.get_nowait()
+                try:
+                    self._on_news(*news)
+                except Exception:  # e.g. the term record could not be written: tried again, in order
+                    log.exception("election on %s: acting on a rebalance failed; trying again", self.topic)
+                    self._requeue(news)
+                    self._stop.wait(1.0)
+                    break
+
+    def _requeue(self, first: tuple[str, frozenset[int]]) -> None:
+        rest = []
+        while not self._news.empty():
+            rest.append(self._news.get_nowait())
+        for news in (first, *rest):
+            self._news.put(news)
 
     def _on_news(self, news: str, partitions: frozenset[int]) -> None:
         """A rebalance: every one revokes first (eager protocol), so a revocation only suspends the term;
@@ -272,6 +300,7 @@ class Election:
     def _take_term(self, partitions: frozenset[int]) -> None:
         """Write the next term record on each of ``partitions``; the term is held once the broker acknowledged them."""
         if not partitions:  # sharded, and more trainers than partitions: this one stands by
+            self._holding.clear()
             with self._term_lock:
                 self.generation += 1
                 self.held_partitions, self._offsets = frozenset(), {}
@@ -349,7 +378,7 @@ def fence_commits(source: Source, term: TermView) -> None:
     """``source`` commits only while ``term`` lasts (the next term's trainer commits), and, when
     sharded, consumes only the term's partitions of the source topic."""
     if isinstance(source, KafkaSource):
-        source.may_commit = term.current
+        source.may_commit = term.may_commit
         if term.election.sharded:
             source.partitions = term.partitions
 

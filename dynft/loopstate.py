@@ -135,7 +135,7 @@ class LoopState(TaskLoop):
         """What a checkpoint commits: every processed position, or (election) the covered ones; none after a loss."""
         if self.term is None:
             return dict(self.positions)
-        return dict(self._covered) if self.term.current() else {}
+        return dict(self._covered) if self.term.current() else {}  # a suspension: the source waits (may_commit)
 
     def _capture(self) -> Checkpoint:
         tensors, trainer_state = self.trainer.snapshot()

@@ -9,9 +9,11 @@ shared but the broker.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from dynft.devbroker import Broker
 from dynft.election import shard_topic, task_partition
 from dynft.events import DEFAULT_TASK
 from dynft.produce import produce
-from dynft.replication.records import decode_version
+from dynft.replication.records import decode_pointer, decode_version, pointer_topic
 from dynft.settings import Settings
 
 from helpers import free_port, keyword_events, write_jsonl
@@ -200,3 +202,47 @@ def test_two_sharded_trainers_split_the_tasks_and_one_takes_over_the_others(shar
 
     wait_until(committed_at_end, 120, f"commits at the log end: {shards.log(0)}")
     assert "rebuilt the replay buffer" in shards.log(0), "the takeover warms up b's tasks from the stream"
+
+
+def shard_epochs(shards: Shards) -> dict[tuple[str, int], list[int]]:
+    """(topic, shard) -> the epochs of the shard's records on that topic, in the topic's order."""
+    out: dict[tuple[str, int], list[int]] = {}
+    decoders: dict[str, Callable[[bytes], Any]] = {
+        shards.versions: decode_version,
+        pointer_topic(shards.versions): decode_pointer,
+    }
+    for topic, decode in decoders.items():
+        for r in all_records(shards.broker.bootstrap, topic):
+            if r.value is not None:
+                record = decode(r.value)
+                out.setdefault((topic, record.shard), []).append(record.epoch)
+    return out
+
+
+def test_a_paused_sharded_trainer_resumed_after_a_takeover_sends_nothing_under_its_old_term(
+    shards: Shards, tmp_path: Path
+) -> None:
+    tasks = spread_tasks(PARTITIONS)
+    a = shards.spawn(0)
+    wait_until(lambda: shards.alive() and set(shards.holders().values()) == {a.pid}, 240, "trainer a's term")
+    b = shards.spawn(1)
+    wait_until(lambda: shards.alive() and set(shards.holders().values()) == {a.pid, b.pid}, 240, "the split")
+    shards.publish(task_events(tasks, 100, seed=70, prefix="f"))
+    every_task_published = lambda: shards.alive() and set(shards.versions_by_task()) >= set(tasks)  # noqa: E731
+    wait_until(every_task_published, 300, "every task's first version")
+    os.kill(b.pid, signal.SIGSTOP)
+    wait_until(lambda: set(shards.holders().values()) == {a.pid}, 120, f"trainer a's takeover: {shards.log(0)}")
+    newest = {t: max(v for v, _, _ in shards.versions_by_task()[t]) for t in tasks}
+    shards.publish(task_events(tasks, 60, seed=71, prefix="s"))
+    taken_over = lambda: all(max(v for v, _, _ in shards.versions_by_task()[t]) > newest[t] for t in tasks)  # noqa: E731
+    wait_until(taken_over, 300, f"every task's next version from trainer a: {shards.log(0)}")
+    os.kill(b.pid, signal.SIGCONT)  # b rejoins: the partitions are split again, under new epochs
+    rejoined = lambda: shards.alive() and set(shards.holders().values()) == {a.pid, b.pid}  # noqa: E731
+    wait_until(rejoined, 240, f"the trainers to split the partitions again: {shards.log(1)}")
+    shards.publish(task_events(tasks, 40, seed=72, prefix="t"))
+    wait_until(all_accounted(shards.states, [f"t{t}-{i}" for t in tasks for i in range(40)]), 300, "the last events")
+    found = shard_epochs(shards)
+    assert {shard for _, shard in found} == set(range(PARTITIONS))
+    for where, epochs in found.items():  # per shard and topic, no record of a term after a newer one's
+        assert epochs == sorted(epochs), (where, epochs)
+    assert "lost its term" in shards.log(1) and "next life" in shards.log(1), shards.log(1)
