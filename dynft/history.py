@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field, ValidationError
 
-from dynft.events import Rejection
+from dynft.events import DEFAULT_TASK, Rejection
 from dynft.registry import write_atomic
 from dynft.sources import Record
 
@@ -105,11 +105,23 @@ class PartitionLag(BaseModel):
     lag: int
 
 
+class TaskStat(BaseModel):
+    """One task's line in the console's task table (``dynft.tasks``)."""
+
+    task: str
+    events: int = Field(description="events seen by its prequential evaluation")
+    accuracy: float = Field(description="prequential accuracy over the window")
+    serving: int | None
+    latest: int | None
+    drift: int = Field(description="drift detections")
+
+
 class Snapshot(BaseModel):
     """The trainer's current state that is not a time series."""
 
     t: float
     tasks: list[str] = Field(default_factory=lambda: ["default"])
+    task_stats: list[TaskStat] = Field(default_factory=list, description="each task's figures, default first")
     window: int = Field(0, description="events in the prequential window the label counts cover")
     labels: list[LabelStat] = Field(default_factory=list)
     dead_letter_counts: dict[str, int] = Field(
@@ -338,6 +350,8 @@ class HistoryRecorder:
     def _update_snapshot(self, loop: TrainingLoop, now: float) -> None:
         snap = self.snapshot
         snap.t, snap.window = now, loop.settings.evaluation.window
+        snap.task_stats = task_stats(loop)
+        snap.tasks = [stat.task for stat in snap.task_stats]
         snap.labels = self._labels(loop)
         counts = _samples(loop.metrics_registry, "dynft_events_rejected_total")
         dead = self._earlier_dead + Counter({labels["reason"]: int(v) for labels, v in counts})
@@ -373,3 +387,20 @@ class HistoryRecorder:
             )
             for label in labels
         ]
+
+
+def task_stats(loop: TrainingLoop) -> list[TaskStat]:
+    """The default task's figures, then every other task's, by name."""
+    parts = [(DEFAULT_TASK, loop.prequential, loop.publisher, loop.drift)]
+    parts += [(name, t.prequential, t.publisher, t.drift) for name, t in sorted(loop.tasks.items())]
+    return [
+        TaskStat(
+            task=name,
+            events=pq.seen,
+            accuracy=pq.accuracy,
+            serving=publisher.serving_version,
+            latest=publisher.latest_version,
+            drift=drift.detections,
+        )
+        for name, pq, publisher, drift in parts
+    ]

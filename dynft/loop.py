@@ -29,7 +29,7 @@ from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import CheckpointStore
 from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
 from dynft.drift import Detection, DriftMonitor
-from dynft.election import Election, TermView, fence_commits, outdated
+from dynft.election import Election, TermView, fence_commits
 from dynft.errors import TermLostError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import REASONS, Event
@@ -148,14 +148,8 @@ class TrainingLoop(LoopState):
         self.task_directory = TaskDirectory(self.trainer.label_map, s.tasks.max_tasks)
         self.trainer.capture_features = self.drift.wants_embeddings
         self.reaction = DriftReaction(s.drift, self.trainer, self.buffer)
-        if self.election is not None:
-            if self._owns_election:
-                self.election.start()
-            self.term = self.election.wait(self.should_exit)
-            if self.term is None:  # a standby told to stop
-                return
-            self.metrics.term_partitions.set(len(self.term.partitions))
-            self.metrics.term_epoch.set(self.term.epoch)
+        if not self._hold_term():  # a standby told to stop
+            return
         self.publisher = Publisher(registry, self.trainer, self.holdout, s, self.metrics, term=self.term)
         self.publisher.waiting = self.work_waiting
         if self.shared:
@@ -163,18 +157,7 @@ class TrainingLoop(LoopState):
         source = open_source(s.source, s.kafka, self.metrics_registry, s.events.max_record_bytes)
         if self.term is not None:
             fence_commits(source, self.term)
-        checkpoint = self.checkpoints.latest()
-        # Another trainer published since (or, sharded, may have: a life's tasks change with its
-        # partitions): take over from the newest versions, as on a new host.
-        if checkpoint is not None and self.election is not None:
-            checkpoint = None if s.kafka.sharded or outdated(checkpoint.state, registry) else checkpoint
-        if checkpoint is not None:
-            self._restore(checkpoint)
-            source.resume_from(self.positions)
-        else:
-            self.publisher.resume()
-            if self.term is not None:  # a takeover on another host: no checkpoint, the stream has the past
-                self._rewarm(self.term)
+        self._resume(source, registry)
         if s.server.prototypes:
             self.shots = ShotLog(s.state_dir / SHOTS_FILE, s.server.prototype_shots)
         self.sink = open_dead_letter_sink(source, s.kafka, s.dead_letter_path, s.source, self.disk.write_refused)
@@ -262,8 +245,7 @@ class TrainingLoop(LoopState):
             self.sink.close()
         self.pruner.stop()
         self.ledger.close()
-        if self.election is not None and self._owns_election:
-            self.election.close()  # leaves the group: a standby takes over at once
+        self._close_replication()
 
     # -- batching thread -----------------------------------------------------------------
 

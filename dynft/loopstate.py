@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import time
 from typing import TYPE_CHECKING, cast
 
@@ -18,15 +19,17 @@ from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from dynft.deadletter import DeadLetterSink
 from dynft.drift import DriftMonitor
-from dynft.election import Election, TermView
+from dynft.election import Election, TermView, outdated
 from dynft.errors import AdapterMismatchError, DeadLetterError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import DEFAULT_TASK, Event
-from dynft.history import HistoryRecorder
+from dynft.history import HistoryRecorder, task_stats
 from dynft.ledger import Ledger
 from dynft.publisher import Publisher
 from dynft.reaction import DriftReaction
-from dynft.sources import Intake, Positions
+from dynft.registry import AdapterRegistry
+from dynft.replication.feed import VersionsFeed
+from dynft.sources import Intake, Positions, Source
 from dynft.statedisk import StateDisk, free_bytes, is_disk_full
 from dynft.taskloop import TaskLoop
 
@@ -52,6 +55,8 @@ class LoopState(TaskLoop):
     positions: Positions
     election: Election | None  # kafka.election: commits wait until versions on the topic cover them
     term: TermView | None  # the term held (one life, when sharded): commits stop when it ends
+    _owns_election: bool  # made by the loop (else dynft.lives's, which outlives it)
+    should_exit: threading.Event
     _covered: Positions
     _pending_from: dict[str, Positions]  # task -> positions before its oldest step not yet on the topic
     _uncommitted: bool
@@ -103,6 +108,47 @@ class LoopState(TaskLoop):
         self._intake().source.commit(self._committable())
         self._uncommitted = False
         self.metrics.checkpoints.inc()
+
+    # -- elected trainers (kafka.election) --------------------------------------------------
+
+    def _hold_term(self) -> bool:
+        """Wait for the election's term, when there is one; False for a standby told to stop."""
+        if self.election is None:
+            return True
+        if self._owns_election:
+            self.election.start()
+        self.term = self.election.wait(self.should_exit)
+        if self.term is None:
+            return False
+        self.metrics.term_partitions.set(len(self.term.partitions))
+        self.metrics.term_epoch.set(self.term.epoch)
+        return True
+
+    def _resume(self, source: Source, registry: AdapterRegistry) -> None:
+        """Continue from the newest checkpoint, or else from the newest published versions (and,
+        for an elected trainer, the events before the committed offsets: ``_rewarm``)."""
+        checkpoint = self.checkpoints.latest()
+        # Another trainer published since (or, sharded, may have: a life's tasks change with its
+        # partitions): take over from the newest versions, as on a new host.
+        if checkpoint is not None and self.election is not None:
+            stale = self.settings.kafka.sharded or outdated(checkpoint.state, registry)
+            checkpoint = None if stale else checkpoint
+        if checkpoint is not None:
+            self._restore(checkpoint)
+            source.resume_from(self.positions)
+            return
+        self.publisher.resume()
+        if self.term is not None:  # a takeover on another host: no checkpoint, the stream has the past
+            self._rewarm(self.term)
+
+    def _close_replication(self) -> None:
+        """The versions feed (its thread and clients go with this loop: a sharded life ends) and an
+        election of the loop's own (leaving its group: a standby takes over at once)."""
+        feed = self.publisher.feed if hasattr(self, "publisher") else None
+        if isinstance(feed, VersionsFeed):
+            feed.close()
+        if self.election is not None and self._owns_election:
+            self.election.close()
 
     def _note_pending(self, before: Positions) -> None:
         """Election, after a work: each task whose steps are not all on the topic now waits from
@@ -223,3 +269,11 @@ class LoopState(TaskLoop):
             pub.latest_version,
             self.drift.detections,
         )
+        if self.tasks:  # the other tasks, one line: events, accuracy, serving / latest version
+            log.info(
+                "tasks | %s",
+                " | ".join(
+                    f"{t.task} {t.events} ev acc {t.accuracy:.3f} v{t.serving}/v{t.latest}"
+                    for t in task_stats(cast("TrainingLoop", self))[1:]
+                ),
+            )

@@ -73,6 +73,7 @@ class Publisher:
         self._publish_cost = 0.0  # seconds the last publish took (registry.publish_budget)
         self._fresh = 0  # fresh events trained since the last publish (training thread only)
         self._promoted: int | None = None  # the version this publisher promoted last
+        self._loadable: tuple[int, Any] | None = None  # the serving version last read whole, and its files' stamp
         self._scores: Scores | None = None  # the last check's
         # kafka.versions_topic: replicas follow what is published here
         self.feed: VersionsFeed | TaskFeed | None = feed
@@ -358,12 +359,17 @@ class Publisher:
         """Why the serving version cannot be scored (it cannot be loaded), or None if it can.
 
         Checked at every gate, even when its predictions are cached: the files may have gone bad
-        since, and then the server cannot load it either (reading an adapter costs milliseconds).
+        since, and then the server cannot load it either. Reading an adapter costs milliseconds, so
+        a version found loadable is read again only once its files changed (``registry.stamp``).
         """
+        stamp = self.registry.stamp(version)
+        if stamp is not None and self._loadable == (version, stamp):
+            return None
         try:
             self._fitting(version)
         except AdapterMismatchError as exc:
             return str(exc) if isinstance(exc, BaseModelMismatchError) else None  # another shape: scored apart
         except RegistryError as exc:
             return str(exc)
+        self._loadable = (version, stamp) if stamp is not None else None
         return None

@@ -213,6 +213,18 @@ class AdapterRegistry:
     def path(self, version: int) -> Path:
         return self.versions_dir / f"{version:06d}"
 
+    def stamp(self, version: int) -> tuple[tuple[str, int, int, int], ...] | None:
+        """Name, size, mtime and inode of each of ``version``'s files (None if unreadable): a change
+        of any file, replaced or rewritten, changes it, for the price of a few ``stat`` calls."""
+        try:
+            return tuple(
+                (p.name, st.st_size, st.st_mtime_ns, st.st_ino)
+                for p in sorted(self.path(version).iterdir())
+                for st in (p.stat(),)
+            )
+        except OSError:
+            return None
+
     def publish(self, state: AdapterState, meta: dict[str, Any]) -> VersionInfo:
         """Write ``state`` as the next version; ``meta`` is stored with the version number and hash added."""
         bad = nonfinite_keys(state.tensors)

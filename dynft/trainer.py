@@ -30,6 +30,7 @@ from dynft.errors import AdapterMismatchError, ConfigError
 from dynft.events import Event
 from dynft.families import base_dtype, read_positions, size_line
 from dynft.forgetting import Forgetting
+from dynft.imprint import imprint_rows
 from dynft.model import (
     AdapterSlots,
     AdapterState,
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 # from one or two examples is a rough guess that training must be able to overrule. Measured
 # with MiniLM's trainer on the quality streams (an uncentred first version of _imprint): 10 cost
 # the domain-shift stream 7 points and 3 about 1; both gave the class-incremental stream +50.
-IMPRINT_LOGIT_SCALE = 3.0
 
 
 @dataclass
@@ -266,15 +266,10 @@ class OnlineTrainer:
 
     @torch.no_grad()
     def _imprint(self, batch: Batch) -> None:
-        """Start the head rows of labels new in ``batch`` at their examples' centred mean feature.
-
-        A row that starts as noise needs many steps before its label can win an argmax; a row
-        imprinted from the label's first examples (Qi et al., "Low-shot learning with imprinted
-        weights", 2018) predicts it from the next event on. That is most of the prequential
-        accuracy of a class-incremental stream, where a label may have only a few examples.
-        A row gets the mean norm and bias of the rows already established, so a new label
-        neither dominates nor vanishes; the first rows get a norm that puts logits near
-        ``IMPRINT_LOGIT_SCALE`` times a cosine. Off by default unless the model pools by mean:
+        """Start the head rows of labels new in ``batch`` at their examples' centred mean feature
+        (``dynft.imprint``), so they predict their label from the next event on: most of the
+        prequential accuracy of a class-incremental stream, where a label may have only a few
+        examples. Off by default unless the model pools by mean:
         prototypes of random or [CLS] features slowed learning down in tests (tests/test_pooling.py).
         """
         first_new = self.imprinted
@@ -287,23 +282,13 @@ class OnlineTrainer:
         features = self._head_inputs(batch.input_ids, batch.attention_mask).float()  # (B, H)
         if features.dim() == 3:  # a decoder's score reads every position, then keeps the last token's
             features = read_positions(features, batch.input_ids, self.model.config.pad_token_id)
-        # What every text shares says nothing about its label, and would make the new row win
-        # everywhere: the row points from the batch's mean feature to the label's, and its bias
-        # cancels the mean, so its logit is measured from there.
-        centre = features.mean(dim=0)
+        labels = sorted(set(batch.labels[new_rows].tolist()))
+        means = torch.stack([features[batch.labels == label].mean(dim=0) for label in labels])
         head = self.slots.head
-        if first_new:
-            norm = head.weight[:first_new].norm(dim=1).mean()
-            bias = head.bias[:first_new].mean() if head.bias is not None else None
-        else:
-            norm = IMPRINT_LOGIT_SCALE / (features - centre).norm(dim=1).mean().clamp_min(1e-6)
-            bias = torch.zeros((), device=self.device) if head.bias is not None else None
-        for label in sorted(set(batch.labels[new_rows].tolist())):
-            direction = features[batch.labels == label].mean(dim=0) - centre
-            row = direction / direction.norm().clamp_min(1e-6) * norm
-            head.weight[label] = row.to(head.weight.dtype)
-            if bias is not None and head.bias is not None:
-                head.bias[label] = bias - row @ centre
+        weight, bias = imprint_rows(means, features.mean(dim=0), head, first_new, features)
+        head.weight[labels] = weight.to(head.weight.dtype)
+        if head.bias is not None:
+            head.bias[labels] = bias.to(head.bias.dtype)
 
     def _head_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The features the head reads for these rows (eval mode: no dropout)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,10 @@ def test_a_serving_version_that_cannot_be_loaded_is_replaced_unless_pinned(
     for event in events(64, seed=2, prefix="h"):  # enough held-out events for a real comparison
         holdout.add(event)
     registry.promote(first, "operator", pin=True)  # pinned by an operator (promote checks it loads)
-    corrupt(registry.path(first) / "adapter_model.safetensors")  # then the disk lies
+    train(tiny_trainer, events(16, seed=5))
+    assert publisher.maybe_publish({}, force=True) is not None  # the gate read the serving version: loadable
+    time.sleep(0.05)  # past the file system's clock tick, so that the rewrite below gets a new mtime
+    corrupt(registry.path(first) / "adapter_model.safetensors")  # then the disk lies (the file changes)
     train(tiny_trainer, events(16, seed=3))
     with caplog.at_level(logging.WARNING, logger="dynft.publisher"):
         pinned = publisher.maybe_publish({}, force=True)

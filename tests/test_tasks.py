@@ -55,6 +55,13 @@ def test_three_interleaved_tasks_train_three_heads_with_their_own_versions(
             assert task.trainer.steps > 10
             assert sorted(task.trainer.label_map.labels) == sorted(labels)
     assert sorted(loop.trainer.label_map.labels) == ["alpha", "beta"]
+    snapshot = loop.history.snapshot  # what the console shows, written at the last status
+    assert snapshot.tasks == ["default", "intents", "topics"]
+    for stat in snapshot.task_stats:
+        registry = AdapterRegistry(task_registry_dir(tiny_settings.registry_dir, stat.task))
+        pq = loop.prequential if stat.task == "default" else loop.tasks[stat.task].prequential
+        assert (stat.events, stat.accuracy) == (pq.seen, pq.accuracy) and stat.events > 0
+        assert (stat.serving, stat.latest) == (registry.serving().version, max(registry.versions()))
     trained = sample(metrics, "dynft_events_total", outcome="trained")
     others = sum(sample(metrics, "dynft_events_total", outcome=o) for o in ("held_out", "buffered", "skipped"))
     assert trained + others == 3 * 500

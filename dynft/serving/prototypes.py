@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from dynft.events import Event
-from dynft.trainer import IMPRINT_LOGIT_SCALE
+from dynft.imprint import imprint_rows
 
 log = logging.getLogger(__name__)
 
@@ -216,18 +216,8 @@ class FastPath:
             return [], None
         prototypes = self._prototypes(version, pending, embed)  # (P, H)
         centre = self._centre if self._centre is not None else prototypes.mean(dim=0)
-        directions = prototypes - centre
-        directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-6)
-        rows = len(known)
-        if rows:  # the established rows' norm and bias, as the trainer imprints
-            norm = head.weight[:rows].float().norm(dim=1).mean()
-            bias = head.bias[:rows].float().mean() if head.bias is not None else torch.zeros(())
-        else:  # version 0: logits near IMPRINT_LOGIT_SCALE times a cosine
-            spread = (features.float() - centre).norm(dim=1).mean().clamp_min(1e-6)
-            norm, bias = IMPRINT_LOGIT_SCALE / spread, torch.zeros(())
-        weight = directions * norm  # (P, H)
-        logits = features.float() @ weight.T + (bias - weight @ centre)  # (B, P)
-        return pending, logits
+        weight, bias = imprint_rows(prototypes, centre, head, len(known), features)  # as the trainer imprints
+        return pending, features.float() @ weight.T + bias  # (B, P)
 
     def _prototypes(self, version: object, pending: list[str], embed: Embed) -> torch.Tensor:
         """Each pending label's mean shot feature under ``version`` (P, H); embeds only new shots."""

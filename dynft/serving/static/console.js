@@ -236,6 +236,11 @@ function tables(s) {
   fill("dead-latest", snap.dead_letters, (d) => [[d.id], [d.reason], [d.text === null ? "(hidden)" : d.text, "text"]]);
   $("lag-card").hidden = snap.kafka_lag.length === 0;
   fill("lag", snap.kafka_lag, (l) => [[l.topic], [String(l.partition)], [String(l.lag)]]);
+  const stats = snap.task_stats || [];
+  $("tasks-card").hidden = stats.length < 2;
+  const version = (v) => (v === null ? "–" : "v" + v);
+  fill("tasks", stats, (t) => [[t.task], [String(t.events)], [pct(t.accuracy)], [version(t.serving)],
+    [version(t.latest)], [String(t.drift)]]);
   const tasks = snap.tasks;
   $("task-box").hidden = tasks.length < 2;
   const select = $("task");
