@@ -182,9 +182,16 @@ def execute(job: Job, suite: Suite, data: Path = DATA) -> dict[str, Any]:
     }
 
 
-def run_multitask(suite: Suite, seeds: int, workers: int, data: Path = DATA, first_seed: int = 0) -> dict[str, Any]:
+def run_multitask(
+    suite: Suite,
+    seeds: int,
+    workers: int,
+    data: Path = DATA,
+    first_seed: int = 0,
+    contenders: tuple[str, ...] = CONTENDERS,
+) -> dict[str, Any]:
     """Every contender on every seed; each job in a fresh process (its peak memory is its own)."""
-    jobs = [Job(c, seed) for seed in range(first_seed, first_seed + seeds) for c in CONTENDERS]
+    jobs = [Job(c, seed) for seed in range(first_seed, first_seed + seeds) for c in contenders]
     started = time.time()
     if workers <= 1:
         rows = [execute(job, suite, data) for job in jobs]
@@ -278,6 +285,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", choices=CONTENDERS, default=list(CONTENDERS), help="these contenders only")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--merge", type=Path, nargs="*", help="combine these results (runs of other seeds); no run")
     args = parser.parse_args()
@@ -291,7 +299,10 @@ def main() -> int:
         results = parts[0] | {"runs": runs, "seeds": len({r["seed"] for r in runs}), "seconds": seconds}
         results["summary"] = summarize(runs)
     else:
-        results = run_multitask(SUITES[args.suite], args.seeds, args.workers, first_seed=args.first_seed)
+        suite = SUITES[args.suite]
+        results = run_multitask(
+            suite, args.seeds, args.workers, first_seed=args.first_seed, contenders=tuple(args.only)
+        )
     for path in write(results, args.out, command):
         print(f"wrote {path}", file=sys.stderr)
     return 0
