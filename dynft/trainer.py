@@ -51,11 +51,6 @@ from dynft.snapshot import check_snapshot
 
 log = logging.getLogger(__name__)
 
-# Logit scale of the first imprinted rows (logit = scale x cosine). Kept small: a row imprinted
-# from one or two examples is a rough guess that training must be able to overrule. Measured
-# with MiniLM's trainer on the quality streams (an uncentred first version of _imprint): 10 cost
-# the domain-shift stream 7 points and 3 about 1; both gave the class-incremental stream +50.
-
 
 @dataclass
 class StepResult:
