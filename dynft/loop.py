@@ -277,7 +277,7 @@ class TrainingLoop(LoopState):
             self.should_exit.wait(0.1)
             return None
         size = self.settings.trainer.batch_size
-        replay = min(round(size * self.settings.buffer.replay_ratio), len(self.buffer))
+        replay = min(round(size * self.settings.buffer.replay_ratio), self._replayable())
         intake = self._intake()
         take, backlog = size - replay, self.settings.trainer.freshest_first_backlog
         if backlog and intake.queued > backlog:  # behind the feed: take all, train on the newest (below)

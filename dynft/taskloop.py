@@ -100,6 +100,13 @@ class TaskLoop:
                 self._share_buffers()
             return parts
 
+    def _replayable(self) -> int:
+        """Events in the fullest replay buffer, the default task's or another's: the room a take leaves
+        for replay follows it, so a stream of named tasks only replays as much as a default one."""
+        with self._parts_lock:
+            buffers = [self.buffer, *(buffer for _, buffer in self._task_parts_made.values())]
+        return max(len(buffer) for buffer in buffers)
+
     def _share_buffers(self) -> None:
         """Every task's replay buffer gets an even share of ``buffer.max_events`` and ``max_bytes``, so
         the tasks together stay within them; shares shrink as tasks come (each buffer evicts by its

@@ -114,3 +114,13 @@ def test_a_single_task_state_directory_resumes_as_the_default_task(tiny_settings
     registry = AdapterRegistry(tiny_settings.registry_dir)
     assert serving is not None and registry.versions()[-1] > serving  # numbered on from the first run's
     assert registry.meta(registry.versions()[-1])["parent"] is not None  # the old version line goes on
+
+
+def test_a_stream_of_one_named_task_replays_as_a_default_one(tiny_settings: Settings, tmp_path: Path) -> None:
+    rows = keyword_events(500, ["alpha", "beta"], seed=0)
+    default = run(tiny_settings, write_jsonl(tmp_path / "default.jsonl", rows))
+    tiny_settings.state_dir = tmp_path / "named"  # another daemon: the same events, all of task "x"
+    named = run(tiny_settings, write_jsonl(tmp_path / "named.jsonl", [{**row, "task": "x"} for row in rows]))
+    # Takes leave room for replay by the fullest buffer, task x's here, not the empty default one:
+    # without that, task x trained 16 fresh events a step and never replayed (32 steps, not 59).
+    assert named.trainer.steps == 0 and abs(named.tasks["x"].trainer.steps - default.trainer.steps) <= 3
