@@ -101,11 +101,16 @@ class TaskLoop:
             return parts
 
     def _replayable(self) -> int:
-        """Events in the fullest replay buffer, the default task's or another's: the room a take leaves
-        for replay follows it, so a stream of named tasks only replays as much as a default one."""
+        """Events the replay of a take can draw on: the default task's buffer, or a lone other task's.
+
+        A take leaves ``buffer.replay_ratio`` of a batch for replay only while there is something
+        to replay. A stream of one named task (a sharded trainer's, say) replays as a default one;
+        with several named tasks a take stays a whole batch, split among their steps (each of
+        which fills up with its own replay), as measured in ``benchmarks.quality.multitask``.
+        """
         with self._parts_lock:
-            buffers = [self.buffer, *(buffer for _, buffer in self._task_parts_made.values())]
-        return max(len(buffer) for buffer in buffers)
+            others = [buffer for _, buffer in self._task_parts_made.values()]
+        return len(others[0]) if len(others) == 1 and not len(self.buffer) else len(self.buffer)
 
     def _share_buffers(self) -> None:
         """Every task's replay buffer gets an even share of ``buffer.max_events`` and ``max_bytes``, so

@@ -121,6 +121,6 @@ def test_a_stream_of_one_named_task_replays_as_a_default_one(tiny_settings: Sett
     default = run(tiny_settings, write_jsonl(tmp_path / "default.jsonl", rows))
     tiny_settings.state_dir = tmp_path / "named"  # another daemon: the same events, all of task "x"
     named = run(tiny_settings, write_jsonl(tmp_path / "named.jsonl", [{**row, "task": "x"} for row in rows]))
-    # Takes leave room for replay by the fullest buffer, task x's here, not the empty default one:
-    # without that, task x trained 16 fresh events a step and never replayed (32 steps, not 59).
+    # A take leaves room for replay by the lone task's buffer, not the empty default one: without
+    # that, task x trained 16 fresh events a step and never replayed (32 steps, not 59).
     assert named.trainer.steps == 0 and abs(named.tasks["x"].trainer.steps - default.trainer.steps) <= 3
