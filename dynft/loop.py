@@ -19,7 +19,6 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -28,7 +27,8 @@ from dynft.batching import Batch, Collator
 from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import CheckpointStore
 from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
-from dynft.drift import Detection, DriftMonitor
+from dynft.defaultstep import DefaultStep
+from dynft.drift import DriftMonitor
 from dynft.election import Election, TermView, fence_commits
 from dynft.errors import TermLostError
 from dynft.evaluation import HoldoutWindow, Prequential
@@ -38,7 +38,7 @@ from dynft.ledger import Ledger, LedgerPruner
 from dynft.loopstate import LoopState
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
-from dynft.reaction import DriftReaction, Response
+from dynft.reaction import DriftReaction
 from dynft.registry import AdapterRegistry
 from dynft.routing import Router
 from dynft.runtime import tune_gc
@@ -48,7 +48,7 @@ from dynft.sources import Intake, Positions, Record, furthest, open_source
 from dynft.statedisk import StateDisk
 from dynft.taskloop import split_by_task
 from dynft.tasks import DEFAULT_TASK, Task, TaskDirectory, TaskWork
-from dynft.trainer import OnlineTrainer, StepResult, build_trainer
+from dynft.trainer import OnlineTrainer, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Work:
     lineage: int = 0  # the drift reaction's lineage when made: replay of an older one is drawn again
 
 
-class TrainingLoop(LoopState):
+class TrainingLoop(DefaultStep, LoopState):
     """Runs the trainer until ``should_exit`` is set (by a signal, or at the end of a finite source)."""
 
     def __init__(
@@ -371,28 +371,6 @@ class TrainingLoop(LoopState):
         self.positions = furthest(work.records, self.positions)
         self._uncommitted = True
 
-    def _train(self, batch: Batch) -> bool:
-        """One step on ``batch`` and what follows from it; returns whether the step was skipped."""
-        result = self.trainer.step(batch)
-        self._record_step(result, len(batch.events))
-        if result.skipped:
-            return True
-        fresh = batch.events[: batch.n_fresh]
-        self.metrics.task_events.labels(DEFAULT_TASK).inc(len(fresh))
-        features: list[list[float] | None] = [*result.features] if result.features else [None] * len(fresh)
-        for event, prediction, loss, embedding in zip(fresh, result.predictions, result.losses, features, strict=True):
-            self.prequential.update(event.label, prediction, loss)
-            for detection in self.drift.update(prediction != event.label, loss, event.label, embedding):
-                self._on_drift(detection)
-            self._react(self.reaction.observe(self.drift.seen - 1, event.label, prediction))
-        self._update_gauges()
-        if self.reaction.boosting:
-            for _ in range(self.settings.drift.boost_extra_steps):
-                self._replay_step()
-        elif self.reaction.after_step():
-            log.info("drift reaction over after step %d", self.trainer.steps)
-        return False
-
     def _redraw_stale_replay(self, work: Work) -> None:
         """Work made before a reset replays the old lineage's buffer: keep its fresh rows, draw replay again."""
         batch = work.batch
@@ -401,65 +379,3 @@ class TrainingLoop(LoopState):
         fresh = batch.events[: batch.n_fresh]
         replayed = self.buffer.sample(len(batch.events) - len(fresh), *self.reaction.replay_plan())
         work.batch, work.lineage = self.trainer.collator(fresh + replayed, n_fresh=len(fresh)), self.reaction.lineage
-
-    def _replay_step(self) -> None:
-        events = self.buffer.sample(self.settings.trainer.batch_size, *self.reaction.replay_plan())
-        if events:
-            self._record_step(self.trainer.step(self.trainer.collator(events, n_fresh=0)), len(events))
-
-    def _record_step(self, result: StepResult, rows: int) -> None:
-        m = self.metrics
-        if result.skipped:
-            m.train_skipped.labels(result.skipped).inc()
-            log.warning("skipped a training step: %s (loss %s)", result.skipped, result.loss)
-            return
-        m.train_steps.inc()
-        m.train_samples.inc(rows)
-        m.step_seconds.observe(result.seconds)
-        m.loss.set(result.loss)
-        m.lr.set(result.lr)
-
-    def _update_gauges(self) -> None:
-        m, pq = self.metrics, self.prequential
-        m.accuracy.set(pq.accuracy)
-        m.task_accuracy.labels(DEFAULT_TASK).set(pq.accuracy)
-        m.task_events.labels(DEFAULT_TASK)  # the default task's series exists from its first step
-        m.macro_f1.set(pq.macro_f1)
-        m.preq_loss.set(pq.loss)
-        m.majority.set(pq.majority_rate)
-        m.buffer_events.set(len(self.buffer))
-        m.buffer_bytes.set(self.buffer.nbytes)
-        m.labels.set(len(self.trainer.label_map))
-
-    def _on_drift(self, detection: Detection) -> None:
-        self.metrics.drift.labels(detection.detector, detection.stream).inc()
-        self.history.drift(detection)
-        log.warning(
-            "drift detected by %s on the %s stream at event %d", detection.detector, detection.stream, detection.index
-        )
-        self._react(self.reaction.on_detection(detection))
-
-    def _react(self, response: Response) -> None:
-        """Count what the drift reaction did; a new lineage also begins in the publisher and the held-out window."""
-        for reaction in response.applied:
-            self.metrics.reactions.labels(reaction).inc()
-        if response.retired or "retire" in response.applied:
-            log.warning("concept change confirmed: %d replayed events of the old concept retired", response.retired)
-        if response.new_lineage:
-            self.publisher.new_lineage()
-            self.holdout.clear()  # the old concept's held-out events would judge candidates of the new one
-        if response.applied:
-            d = self.settings.drift
-            log.info("reacting to drift with %s for %d steps", ", ".join(response.applied), d.boost_steps)
-
-    def _publish_meta(self) -> dict[str, Any]:
-        pq = self.prequential
-        return {
-            "events_seen": pq.seen,
-            "metrics": {
-                "prequential_accuracy": pq.accuracy,
-                "prequential_macro_f1": pq.macro_f1,
-                "prequential_loss": pq.loss,
-                "majority_rate": pq.majority_rate,
-            },
-        }

@@ -26,7 +26,7 @@ from torch import nn
 
 from dynft.batching import Batch, Collator, LabelMap
 from dynft.distill import per_event_loss
-from dynft.errors import AdapterMismatchError, ConfigError
+from dynft.errors import ConfigError
 from dynft.events import Event
 from dynft.families import base_dtype, read_positions, size_line
 from dynft.forgetting import Forgetting
@@ -47,7 +47,7 @@ from dynft.model import (
 from dynft.precision import autocast, autocast_dtype
 from dynft.readback import pooled_rows, read_back
 from dynft.settings import AdapterSettings, ModelSettings, TrainerSettings
-from dynft.snapshot import check_snapshot
+from dynft.trainerweights import TrainerWeights
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class StepResult:
     features: list[list[float]] | None = None  # the fresh rows' pooled embeddings, with capture_features
 
 
-class OnlineTrainer:
+class OnlineTrainer(TrainerWeights):
     """Owns the peft model, its optimizer and its label map."""
 
     def __init__(
@@ -351,108 +351,6 @@ class OnlineTrainer:
             yield
         finally:
             self.slots.install(saved)
-
-    def exported_labels(self) -> list[str]:
-        """Labels that have a head row (the label map may be ahead of the model by one batch)."""
-        return self.label_map.labels[: self.slots.head.out_features]
-
-    def export(self) -> AdapterState:
-        return self.slots.export(self.exported_labels())
-
-    def all_finite(self) -> bool:
-        return all(bool(torch.isfinite(p).all()) for p in self.slots.capture().values())
-
-    def load(self, state: AdapterState) -> None:
-        """Continue from a published adapter: everything is checked first, then its labels and weights go in.
-
-        Raises ``AdapterMismatchError`` and changes nothing when the adapter does not fit the model,
-        or when its labels do not extend the trainer's label map (head rows are matched by position).
-        """
-        live = self.label_map.labels
-        if state.labels[: len(live)] != live or self.slots.head.out_features > max(1, len(state.labels)):
-            raise AdapterMismatchError("the adapter's labels do not extend the trainer's label map")
-        self.slots.check(state)
-        self.label_map.ids(state.labels)
-        grow_head(self.model, len(state.labels), self.optimizer)
-        self.imprinted = len(state.labels)
-        with torch.no_grad():
-            for key, param in self.slots.capture().items():
-                if self.owns_adapter or key in self.slots.head_keys:  # a task's old version: no roll-back
-                    param.copy_(state.tensors[key].to(param.device, param.dtype))
-
-    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Everything needed to continue exactly: weights, optimizer, labels, counters, RNG."""
-        tensors = {f"param.{k}": p.detach() for k, p in self.slots.capture().items()}
-        optim = self.optimizer.state_dict()
-        for index, values in optim["state"].items():
-            for name, value in values.items():
-                tensors[f"optim.{index}.{name}"] = value
-        tensors["rng.torch"] = torch.get_rng_state()
-        groups = [{k: v for k, v in g.items()} for g in optim["param_groups"]]
-        state = {
-            "labels": self.label_map.labels,
-            "steps": self.steps,
-            "skipped": self.skipped,
-            "lr_scale": self.lr_scale,
-            "param_groups": groups,
-            "peft_config": self.slots.peft_config,  # so a restart with another adapter can say what changed
-        }
-        return tensors, state
-
-    def restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        """Load a ``snapshot``: all of it is checked first, then labels, head, weights, optimizer and RNG go in.
-
-        A checkpoint that does not fit this model raises ``AdapterMismatchError`` naming what
-        differs, and the trainer is left exactly as it was.
-        """
-        checked = check_snapshot(self.slots, self.optimizer, self.label_map.labels, tensors, state)
-        self.label_map.ids(checked.labels)
-        grow_head(self.model, checked.head_rows, self.optimizer)
-        with torch.no_grad():
-            for key, param in self.slots.capture().items():
-                param.copy_(checked.params[key].to(param.device, param.dtype))
-        self.optimizer.load_state_dict({"state": checked.optim_state, "param_groups": checked.param_groups})
-        torch.set_rng_state(checked.rng)
-        self.steps, self.skipped, self.lr_scale = checked.counters
-        self.imprinted = min(checked.head_rows, len(checked.labels))
-
-    def reset_adapter(self) -> None:
-        """Start a new lineage: adapter and head back to their initial weights, optimizer state dropped.
-
-        An adapter other tasks share is theirs too: only the head starts afresh then.
-        """
-        if self.shares_adapter:
-            self.reset_head()
-            return
-        self.forgetting.clear()  # a new lineage is not pulled back
-        self.imprinted = 0
-        with torch.no_grad():
-            for key, param in self.slots.capture().items():
-                if key not in self.slots.head_keys:
-                    param.copy_(self._init_state[key])
-                elif param.dim() > 1:
-                    nn.init.normal_(param, std=0.02)
-                else:
-                    param.zero_()
-        self.optimizer.state.clear()
-
-    def reset_head(self) -> None:
-        """Start the head afresh, keeping the adapter: for a concept change, where the features still hold.
-
-        The old head maps the same inputs to the old labels and would have to be unlearned; a
-        fresh one (imprinted again from the next examples where imprinting is on) learns the new
-        mapping at the head's learning rate. Its optimizer state goes with it.
-        """
-        self.imprinted = 0
-        with torch.no_grad():
-            for key, param in self.slots.capture().items():
-                if key not in self.slots.head_keys:
-                    continue
-                if param.dim() > 1:
-                    nn.init.normal_(param, std=0.02)
-                else:
-                    param.zero_()
-                self.optimizer.state.pop(param, None)
 
 
 def compile_model(model: nn.Module, backend: str) -> Any:
