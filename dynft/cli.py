@@ -219,8 +219,14 @@ def train(colocated: bool, metrics_port: int | None, supervisor_pid: int | None,
     metavar="kafka://HOST:PORT/TOPIC",
     help="A replica: serve what the versions topic says (kafka.versions_topic of the trainer), no shared disk.",
 )
+@click.option(
+    "--replica-dir",
+    type=click.Path(path_type=Path),
+    hidden=True,
+    help="With --follow: the replica's registry (default <state_dir>/registry; `dynft run` of an elected trainer).",
+)
 @reports_errors
-def serve(follow: str | None, **kwargs: Any) -> None:
+def serve(follow: str | None, replica_dir: Path | None, **kwargs: Any) -> None:
     """Run the inference server alone, following the registry's serving version (or a versions topic)."""
     settings = settings_from(kwargs)
     setup_logging(settings.log_level, "replica" if follow else "server")
@@ -233,7 +239,7 @@ def serve(follow: str | None, **kwargs: Any) -> None:
 
     if follow is not None:
         check_state_dir(settings.state_dir)
-    Server(settings, follow=follow).run()
+    Server(settings, follow=follow, registry_dir=replica_dir if follow else None).run()
 
 
 @main.group()

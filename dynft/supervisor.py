@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 TRIM_INTERVAL_S = 5.0  # how often a child hands freed heap pages back (see _trim_heap)
 # Imported once, in the fork server; dynft.forkserver last (it freezes what the others created).
+REPLICA_DIR = "replica"  # under the state directory: the registry an elected trainer's server follows into
 PRELOAD = ["dynft.cli", "dynft.loop", "dynft.serving.server", "dynft.forkserver"]
 
 
@@ -131,6 +132,22 @@ def _child_main(argv: list[str], supervisor: int) -> None:
     main.main(args=argv, prog_name="dynft")  # raises SystemExit with the command's exit code
 
 
+def elected_follow(settings: Settings) -> str | None:
+    """The versions topic that the co-located server of an elected trainer follows, or None.
+
+    An elected trainer's own registry is not what users should be served: a standby's is only as
+    new as its last term, and a sharded trainer's holds the newest versions of its own tasks only.
+    Its server follows the versions topic instead, like a replica (with its own registry, beside
+    the trainer's), so every trainer's host serves every task's current version.
+    """
+    k = settings.kafka
+    if not (k.election and k.versions_topic):
+        return None
+    from dynft.replication.feed import versions_servers
+
+    return f"kafka://{','.join(versions_servers(settings))}/{k.versions_topic}"
+
+
 def check_apart(check: Callable[..., object], *args: Any) -> None:
     """Run ``check(*args)`` in a forked child and raise its error, of the same type, here.
 
@@ -197,10 +214,10 @@ class Supervisor:
         self.context.set_forkserver_preload(PRELOAD)
         # This process holds the state directory's lock for the whole run; the trainer checks that.
         trainer = ["train", "--config", str(config_path), "--colocated", "--supervisor-pid", str(os.getpid())]
-        self.children = [
-            Child("trainer", trainer),
-            Child("server", ["serve", "--config", str(config_path)]),
-        ]
+        self.children = [Child("trainer", trainer), Child("server", ["serve", "--config", str(config_path)])]
+        follow = elected_follow(self.settings)
+        if follow is not None:  # an elected trainer's server serves what every replica serves
+            self.children[1].argv += ["--follow", follow, "--replica-dir", str(self.settings.state_dir / REPLICA_DIR)]
         for child in self.children:
             self._spawn(child)
         s = self.settings.server

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
@@ -34,6 +37,7 @@ from kafka_helpers import (
     accounted,
     all_accounted,
     end_offsets,
+    reap,
     wait_until,
 )
 
@@ -246,3 +250,56 @@ def test_a_paused_sharded_trainer_resumed_after_a_takeover_sends_nothing_under_i
     for where, epochs in found.items():  # per shard and topic, no record of a term after a newer one's
         assert epochs == sorted(epochs), (where, epochs)
     assert "lost its term" in shards.log(1) and "next life" in shards.log(1), shards.log(1)
+
+
+def test_every_sharded_dynft_run_serves_every_task_from_the_versions_topic(
+    kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path
+) -> None:
+    """Under `dynft run`, an elected trainer's server follows the versions topic (like a replica):
+    each host answers for every task, not only for the tasks its trainer owns."""
+    shards = Shards(kafka_broker, tiny_settings, tmp_path)
+    tasks = spread_tasks(PARTITIONS)
+    ports, procs = [free_port(), free_port()], []
+    try:
+        for i, port in enumerate(ports):
+            cmd = [sys.executable, "-m", "dynft", "run", "--model", str(tiny_settings.model.path)]
+            cmd += ["--state-dir", str(shards.states[i]), "--port", str(port), "--source", shards.settings.source.uri]
+            cmd += [a for s in [*shards.extra, "checkpoint.interval_s=1", "trainer.lr=0.01"] for a in ("--set", s)]
+            cmd += ["--set", "kafka.session_timeout_ms=6000"]
+            with open(tmp_path / f"run{i}.log", "ab") as out:
+                procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
+        pids = lambda: set(shards.holders().values())  # noqa: E731
+        wait_until(lambda: len(pids()) == 2, 300, f"two trainers to share the partitions: {run_log(tmp_path, 0)}")
+        shards.publish(task_events(tasks, 120, seed=80, prefix="r"))
+        wait_until(lambda: set(shards.versions_by_task()) >= set(tasks), 300, "every task's versions")
+        for port in ports:
+            for task in tasks:
+                serves = lambda port=port, task=task: predict(port, task) is not None  # noqa: E731
+                wait_until(serves, 120, f"port {port} to serve {task}: {run_log(tmp_path, 0)}")
+                assert predict(port, task) in LABELS, (port, task)
+        assert all(proc.poll() is None for proc in procs)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=90)
+            finally:
+                reap(proc)
+
+
+def predict(port: int, task: str) -> str | None:
+    """The label the server on ``port`` gives one text of ``task`` (None while it cannot answer)."""
+    try:
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"task": task, "texts": ["w1"]}, timeout=10)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    return str(response.json()["predictions"][0]["label"])
+
+
+def run_log(root: Path, i: int) -> str:
+    path = root / f"run{i}.log"
+    return path.read_text()[-4000:] if path.exists() else ""

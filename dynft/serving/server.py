@@ -30,13 +30,18 @@ class Server:
     """Builds the engine and the app; ``run`` blocks until a signal (or ``should_exit``) stops it."""
 
     def __init__(
-        self, settings: Settings, metrics_registry: CollectorRegistry | None = None, follow: str | None = None
+        self,
+        settings: Settings,
+        metrics_registry: CollectorRegistry | None = None,
+        follow: str | None = None,
+        registry_dir: Path | None = None,
     ) -> None:
-        """``follow``: ``kafka://HOST:PORT/TOPIC`` of the versions topic, for a replica (no trainer, no shared disk)."""
+        """``follow``: ``kafka://HOST:PORT/TOPIC`` of the versions topic, for a replica (no trainer, no
+        shared disk); ``registry_dir``: where its registry is (default: ``settings.registry_dir``)."""
         self.settings = settings
         self.metrics_registry = metrics_registry or CollectorRegistry()
         self.metrics = ServerMetrics(self.metrics_registry)
-        registry_dir: Path = settings.registry_dir
+        registry_dir = registry_dir or settings.registry_dir
         kind = AdapterRegistry if follow is None else FollowingRegistry
         self.registry = kind(registry_dir, settings.registry.keep_last, settings.registry.keep_serving_history)
         self.follower: Follower | None = None
