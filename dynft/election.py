@@ -37,6 +37,13 @@ published version, as a takeover does, and the election's group membership outli
 so that a life's end moves no partition. With one partition a sharded trainer is the active
 trainer of an active/standby pair.
 
+The group's assignment is the authority on who holds a partition; term records fence the
+trainers that no longer do. The election thread acts on the newest rebalance news only, so an
+assignment already replaced writes no term record. One race is left: a trainer writing its term
+just as the group moves the partition, after the new owner's record. The new owner then finds a
+later record than its own, ends its life, and (hearing of no rebalance for a session, with the
+group still giving it the partition) takes the term again under a newer epoch (``_stranded``).
+
 Threads: the election thread owns the group consumer and writes the term record; the IO
 thread's rebalance callbacks only queue their news; ``held`` (the training thread) reads the
 flag and uses its own group-less consumer under ``_check_lock``.
@@ -48,6 +55,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +74,7 @@ from dynft.sources.kafka_compat import apply_join_fixes
 log = logging.getLogger(__name__)
 TERM_KEY = b"term"
 POLL_MS = 200
+STRANDED_MARGIN_S = 5.0  # beyond a session with no rebalance news: a term taken over by a late record is retaken
 
 
 def term_topic(versions_topic: str) -> str:
@@ -148,6 +157,8 @@ class Election:
         # ("assigned" | "revoked", partitions) from the IO thread
         self._news: queue.SimpleQueue[tuple[str, frozenset[int]]] = queue.SimpleQueue()
         self._term_lock = threading.Lock()  # epoch, generation and partitions change together
+        self._retry: tuple[str, frozenset[int]] | None = None  # news whose handling failed (election thread)
+        self._quiet_since = time.monotonic()  # the last rebalance news (election thread)
         self._stop = threading.Event()
         self._check_lock = threading.Lock()
         self._checker: Any = None
@@ -246,25 +257,37 @@ class Election:
         while not self._stop.is_set():
             try:
                 self._consumer.poll(timeout_ms=POLL_MS)  # heartbeats and rebalances; term records are read apart
+                self._act()
             except Exception:  # the election thread must outlive a broker outage; held() stays false meanwhile
-                log.exception("election on %s failed", self.topic)
+                log.exception("election on %s failed; trying again", self.topic)
                 self._stop.wait(1.0)
-            while not self._news.empty() and not self._stop.is_set():
-                news = self._news.get_nowait()
-                try:
-                    self._on_news(*news)
-                except Exception:  # e.g. the term record could not be written: tried again, in order
-                    log.exception("election on %s: acting on a rebalance failed; trying again", self.topic)
-                    self._requeue(news)
-                    self._stop.wait(1.0)
-                    break
 
-    def _requeue(self, first: tuple[str, frozenset[int]]) -> None:
-        rest = []
+    def _act(self) -> None:
+        """Act on the newest rebalance news only: an assignment that a later revocation already
+        replaced must not write term records (the partitions may be another trainer's by now).
+        News whose handling failed (the term record could not be written) is tried again first."""
+        news = [self._retry] if self._retry is not None else []
         while not self._news.empty():
-            rest.append(self._news.get_nowait())
-        for news in (first, *rest):
-            self._news.put(news)
+            news.append(self._news.get_nowait())
+        if news:
+            self._retry, self._quiet_since = news[-1], time.monotonic()
+            if any(kind == "revoked" for kind, _ in news):
+                self._holding.clear()
+            self._on_news(*news[-1])
+            self._retry = None
+        elif self._stranded():
+            self._take_term(self.held_partitions)
+
+    def _stranded(self) -> bool:
+        """Sharded: whether this trainer's term was found taken over, yet the group still gives it the
+        same partitions a session after the last rebalance news. A term record written late by a
+        trainer that has since lost those partitions does that; a trainer that really lost them (a
+        pause past its session) hears of a rebalance within a session, and does not come here."""
+        if not self.sharded or self.ended_generation != self.generation or not self.held_partitions:
+            return False
+        quiet = time.monotonic() - self._quiet_since > self.settings.kafka.session_timeout_ms / 1000 + STRANDED_MARGIN_S
+        mine = frozenset(tp.partition for tp in self._consumer.assignment())
+        return quiet and mine == self.held_partitions
 
     def _on_news(self, news: str, partitions: frozenset[int]) -> None:
         """A rebalance: every one revokes first (eager protocol), so a revocation only suspends the term;

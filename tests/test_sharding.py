@@ -268,15 +268,18 @@ def test_every_sharded_dynft_run_serves_every_task_from_the_versions_topic(
             cmd += ["--set", "kafka.session_timeout_ms=6000"]
             with open(tmp_path / f"run{i}.log", "ab") as out:
                 procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
-        pids = lambda: set(shards.holders().values())  # noqa: E731
-        wait_until(lambda: len(pids()) == 2, 300, f"two trainers to share the partitions: {run_log(tmp_path, 0)}")
-        shards.publish(task_events(tasks, 120, seed=80, prefix="r"))
-        wait_until(lambda: set(shards.versions_by_task()) >= set(tasks), 300, "every task's versions")
-        for port in ports:
-            for task in tasks:
-                serves = lambda port=port, task=task: predict(port, task) is not None  # noqa: E731
-                wait_until(serves, 120, f"port {port} to serve {task}: {run_log(tmp_path, 0)}")
-                assert predict(port, task) in LABELS, (port, task)
+        try:
+            # Both start at once: the race of a term written as the group moves its partition (election.py).
+            wait_until(lambda: len(set(shards.holders().values())) == 2, 300, "two trainers to share the partitions")
+            shards.publish(task_events(tasks, 120, seed=80, prefix="r"))
+            wait_until(lambda: set(shards.versions_by_task()) >= set(tasks), 300, "every task's versions")
+            for port in ports:
+                for task in tasks:
+                    serves = lambda port=port, task=task: predict(port, task) is not None  # noqa: E731
+                    wait_until(serves, 120, f"port {port} to serve {task}")
+                    assert predict(port, task) in LABELS, (port, task)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{run_log(tmp_path, 0)}\n{run_log(tmp_path, 1)}") from exc
         assert all(proc.poll() is None for proc in procs)
     finally:
         for proc in procs:
