@@ -47,8 +47,8 @@ from dynft.settings import Settings
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 TRIM_INTERVAL_S = 5.0  # how often a child hands freed heap pages back (see _trim_heap)
-# Imported once, in the fork server; dynft.forkserver last (it freezes what the others created).
 REPLICA_DIR = "replica"  # under the state directory: the registry an elected trainer's server follows into
+# Imported once, in the fork server; dynft.forkserver last (it freezes what the others created).
 PRELOAD = ["dynft.cli", "dynft.loop", "dynft.serving.server", "dynft.forkserver"]
 
 
