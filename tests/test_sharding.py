@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynft.devbroker import Broker
@@ -306,3 +306,25 @@ def predict(port: int, task: str) -> str | None:
 def run_log(root: Path, i: int) -> str:
     path = root / f"run{i}.log"
     return path.read_text()[-4000:] if path.exists() else ""
+
+
+def test_a_term_record_written_late_by_another_trainer_does_not_strand_the_owner(shards: Shards) -> None:
+    """A trainer that wrote its term just as the group moved the partition away leaves a record
+    after the new owner's; the owner, whom the group still gives the partition, takes it back."""
+    tasks = spread_tasks(PARTITIONS)
+    a = shards.spawn(0)
+    wait_until(lambda: shards.alive() and set(shards.holders().values()) == {a.pid}, 240, "trainer a's term")
+    b = shards.spawn(1)
+    wait_until(lambda: shards.alive() and set(shards.holders().values()) == {a.pid, b.pid}, 240, "the split")
+    mine = next(p for p, pid in shards.holders().items() if pid == b.pid)
+    producer = KafkaProducer(bootstrap_servers=shards.broker.bootstrap)
+    late = json.dumps({"epoch": 1, "holder": f"elsewhere:{a.pid}"}).encode()  # an old epoch, written last
+    producer.send(shard_topic(shards.versions), key=b"term", value=late, partition=mine).get(30)
+    producer.close()
+    task = next(t for t in tasks if task_partition(t, PARTITIONS) == mine)
+    shards.publish(task_events([task], 100, seed=90, prefix="l"))
+    wait_until(
+        lambda: shards.holders().get(mine) == b.pid, 120, f"trainer b to take its partition back: {shards.log(1)}"
+    )
+    wait_until(lambda: task in shards.versions_by_task(), 240, f"b to publish {task}: {shards.log(1)}")
+    assert shards.alive() and "lost its term" in shards.log(1)
