@@ -23,7 +23,7 @@ from dynft.election import Election, TermView, outdated
 from dynft.errors import AdapterMismatchError, DeadLetterError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import DEFAULT_TASK, Event
-from dynft.history import HistoryRecorder, task_stats
+from dynft.history import HistoryRecorder
 from dynft.ledger import Ledger
 from dynft.publisher import Publisher
 from dynft.reaction import DriftReaction
@@ -274,6 +274,6 @@ class LoopState(TaskLoop):
                 "tasks | %s",
                 " | ".join(
                     f"{t.task} {t.events} ev acc {t.accuracy:.3f} v{t.serving}/v{t.latest}"
-                    for t in task_stats(cast("TrainingLoop", self))[1:]
+                    for t in self.history.snapshot.task_stats[1:]  # made by history.record above
                 ),
             )

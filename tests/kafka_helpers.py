@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -154,3 +155,23 @@ class ElectedTrainers:
                 proc.wait(timeout=60)
             finally:
                 reap(proc)
+
+
+def topic_records(bootstrap: str, topic: str) -> list[Any]:
+    """Every record of ``topic``, partition by partition, each in order (none while the topic does
+    not exist: reading it does not create it)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        if topic not in consumer.topics():
+            return []
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        ends = consumer.end_offsets(parts)
+        out: dict[int, list[Any]] = {tp.partition: [] for tp in parts}
+        while any(consumer.position(tp) < ends[tp] for tp in parts):
+            for tp, batch in consumer.poll(timeout_ms=500).items():
+                out[tp.partition] += batch
+        return [record for p in sorted(out) for record in out[p]]
+    finally:
+        consumer.close()

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import CollectorRegistry
 
 from dynft.devbroker import Broker
@@ -33,6 +32,7 @@ from kafka_helpers import (
     all_accounted,
     end_offsets,
     publish,
+    topic_records,
     wait_until,
 )
 
@@ -42,26 +42,9 @@ SESSION_S = 6.0  # kafka.session_timeout_ms of trainer_process
 TAKEOVER_MARGIN_S = 60.0  # the rebalance, the term record and the versions topics read, on a loaded 2-core host
 
 
-def records(bootstrap: str, topic: str) -> list[Any]:
-    """Every record of partition 0 of ``topic``, in order (none while it does not exist: not auto-created)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    if topic not in consumer.topics():
-        consumer.close()
-        return []
-    tp = TopicPartition(topic, 0)
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
-    end = consumer.end_offsets([tp])[tp]
-    out: list[Any] = []
-    while consumer.position(tp) < end:
-        out += consumer.poll(timeout_ms=500).get(tp, [])
-    consumer.close()
-    return out
-
-
 def terms(bootstrap: str, versions: str) -> list[dict[str, Any]]:
     """The term records (epoch, holder) in order; the holder ends with its pid."""
-    return [json.loads(r.value) for r in records(bootstrap, term_topic(versions))]
+    return [json.loads(r.value) for r in topic_records(bootstrap, term_topic(versions))]
 
 
 def holder_pid(term: dict[str, Any]) -> int:
@@ -70,8 +53,10 @@ def holder_pid(term: dict[str, Any]) -> int:
 
 def epochs_in_order(bootstrap: str, versions: str) -> list[tuple[str, int]]:
     """(kind, epoch) of every record on the versions and pointer topics, each topic in its order."""
-    out = [("version", decode_version(r.value).epoch) for r in records(bootstrap, versions) if r.value is not None]
-    out += [("pointer", decode_pointer(r.value).epoch) for r in records(bootstrap, pointer_topic(versions))]
+    out = [
+        ("version", decode_version(r.value).epoch) for r in topic_records(bootstrap, versions) if r.value is not None
+    ]
+    out += [("pointer", decode_pointer(r.value).epoch) for r in topic_records(bootstrap, pointer_topic(versions))]
     return out
 
 
@@ -98,7 +83,9 @@ class Pair(ElectedTrainers):
         return [holder_pid(t) for t in terms(self.broker.bootstrap, self.versions)]
 
     def newest_on_topic(self) -> int:
-        found = [decode_version(r.value).version for r in records(self.broker.bootstrap, self.versions) if r.value]
+        found = [
+            decode_version(r.value).version for r in topic_records(self.broker.bootstrap, self.versions) if r.value
+        ]
         return max(found, default=0)
 
 
@@ -157,7 +144,7 @@ def test_the_standby_takes_over_a_killed_trainer_from_its_newest_published_versi
 def version_lineage(pair: Pair) -> dict[int, tuple[int, int | None]]:
     """Each version's (epoch, parent) from its first record on the versions topic."""
     out: dict[int, tuple[int, int | None]] = {}
-    for r in records(pair.broker.bootstrap, pair.versions):
+    for r in topic_records(pair.broker.bootstrap, pair.versions):
         if r.value is not None:
             record = decode_version(r.value)
             meta = json.loads(record.files["meta.json"])
@@ -197,7 +184,9 @@ def test_a_paused_trainer_resumed_after_a_takeover_publishes_nothing_more(
     try:
         serving = registry.serving().version
         assert serving is not None
-        pointer = [decode_pointer(r.value) for r in records(pair.broker.bootstrap, pointer_topic(pair.versions))][-1]
+        pointer = [decode_pointer(r.value) for r in topic_records(pair.broker.bootstrap, pointer_topic(pair.versions))][
+            -1
+        ]
         assert pointer.epoch == new and pointer.pointer["version"] == serving
     finally:
         follower.stop()

@@ -21,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynft.devbroker import Broker
@@ -38,6 +38,7 @@ from kafka_helpers import (
     all_accounted,
     end_offsets,
     reap,
+    topic_records,
     wait_until,
 )
 
@@ -55,25 +56,6 @@ def spread_tasks(partitions: int) -> list[str]:
     return [by_partition[p] for p in range(partitions)]
 
 
-def all_records(bootstrap: str, topic: str) -> list[Any]:
-    """Every record of every partition of ``topic`` (none while it does not exist)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    try:
-        if topic not in consumer.topics():
-            return []
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        ends = consumer.end_offsets(parts)
-        out: list[Any] = []
-        while any(consumer.position(tp) < ends[tp] for tp in parts):
-            for batch in consumer.poll(timeout_ms=500).values():
-                out += batch
-        return out
-    finally:
-        consumer.close()
-
-
 class Shards(ElectedTrainers):
     """Two sharded trainers of one configuration over a topic of ``PARTITIONS`` partitions."""
 
@@ -84,14 +66,14 @@ class Shards(ElectedTrainers):
     def holders(self) -> dict[int, int]:
         """Partition -> pid of the newest term's holder."""
         out = {}
-        for r in all_records(self.broker.bootstrap, shard_topic(self.versions)):
+        for r in topic_records(self.broker.bootstrap, shard_topic(self.versions)):
             out[r.partition] = int(str(json.loads(r.value)["holder"]).rpartition(":")[2])
         return out
 
     def versions_by_task(self) -> dict[str, list[tuple[int, int, int | None]]]:
         """Task -> (version, epoch, parent) of its version records, in the topic's order."""
         out: dict[str, list[tuple[int, int, int | None]]] = {}
-        for r in all_records(self.broker.bootstrap, self.versions):
+        for r in topic_records(self.broker.bootstrap, self.versions):
             if r.value is not None:
                 record = decode_version(r.value)
                 parent = json.loads(record.files["meta.json"]).get("parent")
@@ -216,7 +198,7 @@ def shard_epochs(shards: Shards) -> dict[tuple[str, int], list[int]]:
         pointer_topic(shards.versions): decode_pointer,
     }
     for topic, decode in decoders.items():
-        for r in all_records(shards.broker.bootstrap, topic):
+        for r in topic_records(shards.broker.bootstrap, topic):
             if r.value is not None:
                 record = decode(r.value)
                 out.setdefault((topic, record.shard), []).append(record.epoch)
