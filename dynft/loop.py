@@ -33,6 +33,7 @@ from dynft.election import Election, TermView, fence_commits
 from dynft.errors import TermLostError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import REASONS, Event
+from dynft.freshwait import FreshWait
 from dynft.history import HistoryRecorder
 from dynft.ledger import Ledger, LedgerPruner
 from dynft.loopstate import LoopState
@@ -110,6 +111,7 @@ class TrainingLoop(DefaultStep, LoopState):
         self._status_at = 0.0
         self._status_events = 0
         self._held = False  # the batching thread takes nothing from the intake (see _backpressure)
+        self._fresh_wait: FreshWait[Event] = FreshWait(settings.tasks.fill_wait_s)  # batching thread only
         self.intake: Intake | None = None
         self.sink: DeadLetterSink | None = None
         self.router: Router | None = None  # used by the batching thread only
@@ -252,20 +254,23 @@ class TrainingLoop(DefaultStep, LoopState):
     def _batching(self) -> None:
         try:
             while not self.should_exit.is_set() and not self._intake().finished:
-                work = self._next_work()
-                while work is not None:
-                    try:
-                        self._work.put(work, timeout=0.2)
-                        break
-                    except queue.Full:
-                        if self.should_exit.is_set():  # the main loop stopped taking: shutdown completes it
-                            self._leftover.append(work)
-                            break
+                self._hand_over(self._next_work())
+            self._hand_over(self._waited_work(flush=True))  # what still waits to fill a task's share
         except BaseException as exc:  # re-raised on the main thread
             log.exception("the batching thread failed")
             self._batcher_error = exc
         finally:
             self._batcher_done.set()
+
+    def _hand_over(self, work: Work | None) -> None:
+        while work is not None:
+            try:
+                self._work.put(work, timeout=0.2)
+                return
+            except queue.Full:
+                if self.should_exit.is_set():  # the main loop stopped taking: shutdown completes it
+                    self._leftover.append(work)
+                    return
 
     def _intake(self) -> Intake:
         if self.intake is None:
@@ -280,15 +285,18 @@ class TrainingLoop(DefaultStep, LoopState):
         replay = min(round(size * self.settings.buffer.replay_ratio), self._replayable())
         intake = self._intake()
         take, backlog = size - replay, self.settings.trainer.freshest_first_backlog
-        if backlog and intake.queued > backlog:  # behind the feed: take all, train on the newest (below)
+        behind = bool(backlog) and intake.queued > backlog
+        if behind:  # behind the feed: take all, train on the newest (below)
             take = intake.queued
-        records = intake.take(take, self.settings.trainer.fresh_wait_s)
+        records = intake.take(take, min(self.settings.trainer.fresh_wait_s, self._fresh_wait.patience()))
         self.metrics.intake_queue.set(intake.queued)
         self.metrics.intake_queue_bytes.set(intake.queued_bytes)
         if not records:
-            return None
-        work = Work(None, records=records, lineage=self.reaction.lineage)  # read before replay is drawn
+            return self._waited_work(flush=False)
+        self._fresh_wait.taken(records)
+        work = Work(None, lineage=self.reaction.lineage)  # read before replay is drawn
         fresh = self._route(records, work)
+        self._add_waited(work, flush=not intake.queued, behind=behind)
         if len(fresh) > size - replay:
             work.buffered = [event for _, event in fresh[: len(fresh) - (size - replay)]]
             fresh = fresh[len(fresh) - (size - replay) :]
@@ -297,6 +305,14 @@ class TrainingLoop(DefaultStep, LoopState):
             work.batch, dead = self._router().collate(self.trainer.collator, fresh, replayed)
             work.dead += [key for _, key in dead]
         return work
+
+    def _waited_work(self, flush: bool) -> Work | None:
+        """Work of the waiting events that are due although nothing new was taken (``None``: none are)."""
+        if not len(self._fresh_wait):
+            return None
+        work = Work(None, lineage=self.reaction.lineage)
+        self._add_waited(work, flush, behind=False)
+        return work if work.tasks or work.records else None
 
     def _backpressure(self) -> bool:
         """Whether the batching thread must take nothing from the intake now (which then fills and
@@ -333,10 +349,12 @@ class TrainingLoop(DefaultStep, LoopState):
         work.held_out += held_out
         work.dead += [key for _, key in routed.dead + dead]
         for name in dict.fromkeys([*fresh, *held]):
-            if name != DEFAULT_TASK:
-                share, task_dead = self._task_work(name, fresh.get(name, []), held.get(name, []))
-                work.tasks.append(share)
-                work.dead += task_dead
+            if name != DEFAULT_TASK:  # held-out events now; fresh ones wait to fill a step (_add_waited)
+                self._fresh_wait.hold(name, fresh.get(name, []), work.arrived)
+                if name in held:
+                    share, task_dead = self._task_work(name, [], held[name])
+                    work.tasks.append(share)
+                    work.dead += task_dead
         if self.shots is not None:  # before training: the server's fast path learns from them at once
             self.shots.offer(event for _, event in fresh.get(DEFAULT_TASK, []))
         return fresh.get(DEFAULT_TASK, [])

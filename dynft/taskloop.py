@@ -1,9 +1,10 @@
 """The training loop's side of many tasks (see ``dynft.tasks``): a mixin of ``TrainingLoop``.
 
 The default task's parts are the loop's own fields (its drift reactions live there); every
-other task is a ``Task`` made here on its first work. On the batching thread: a task's share of
-a take, with replay from its own buffer (task-balanced: every task in a take gets its own
-step); the buffers share ``buffer.max_events`` evenly. Each task reacts to its own drift
+other task is a ``Task`` made here on its first work. On the batching thread: a task's steps,
+each a whole fresh share of its events (they wait to fill it: ``dynft.freshwait``) with replay
+from its own buffer (task-balanced: every task gets its own steps, as a daemon of its own would);
+the buffers share ``buffer.max_events`` evenly. Each task reacts to its own drift
 (``Task.reaction``). On the main thread: its step, hold-out, versions, metrics and checkpoint part.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dynft.batching import Collator
 from dynft.buffer import ReplayBuffer
@@ -21,8 +22,10 @@ from dynft.election import TermView
 from dynft.errors import AdapterMismatchError
 from dynft.evaluation import HoldoutWindow
 from dynft.events import Event
+from dynft.freshwait import FreshWait
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
+from dynft.reaction import DriftReaction
 from dynft.replication.feed import VersionsFeed
 from dynft.routing import Router
 from dynft.settings import Settings
@@ -31,6 +34,9 @@ from dynft.sources import Record
 from dynft.tasks import DEFAULT_TASK, Task, TaskDirectory, TaskWork, task_collator, task_name_problem
 from dynft.trainer import OnlineTrainer
 from dynft.warmup import read_before_committed, refill
+
+if TYPE_CHECKING:
+    from dynft.loop import Work
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,8 @@ class TaskLoop:
     task_directory: TaskDirectory | None
     _task_parts_made: dict[str, tuple[Collator, ReplayBuffer]]  # under _parts_lock (both threads)
     _parts_lock: threading.Lock
+    _fresh_wait: FreshWait[Event]  # batching thread only
+    reaction: DriftReaction  # the default task's
 
     def _router(self) -> Router:
         raise NotImplementedError
@@ -66,15 +74,31 @@ class TaskLoop:
     def _publish_meta(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def _add_waited(self, work: Work, flush: bool, behind: bool) -> None:
+        """The other tasks' steps whose fresh events are due (``dynft.freshwait``) join ``work``,
+        which then carries the records whose positions may advance."""
+        for name, fresh, arrived in self._fresh_wait.due(self._fresh_share, flush, behind):
+            share, dead = self._task_work(name, fresh, [])
+            share.arrived = arrived
+            work.tasks.append(share)
+            work.dead += dead
+        work.records = self._fresh_wait.released()
+
+    def _fresh_share(self, name: str) -> int:
+        """How many fresh events task ``name``'s step trains: a batch less the replay its buffer allows."""
+        size, ratio = self.settings.trainer.batch_size, self.settings.buffer.replay_ratio
+        return size - min(round(size * ratio), len(self._task_parts(name)[1]))
+
     def _task_work(
         self, name: str, fresh: list[tuple[Record, Event]], held: list[tuple[Record, Event]]
     ) -> tuple[TaskWork, list[str]]:
-        """Another task's share of a take: its fresh events with replay from its own buffer (task-balanced)."""
+        """Another task's step: its fresh events with replay from its own buffer (task-balanced)."""
         router, (collator, buffer) = self._router(), self._task_parts(name)
         held_out, dead = router.screen(collator, held)
-        size = self.settings.trainer.batch_size
-        surplus = [event for _, event in fresh[:-size]]  # more than a batch: the newest train, the rest replay
+        size = self._fresh_share(name)
+        surplus = [event for _, event in fresh[:-size]]  # more than a share: the newest train, the rest replay
         fresh, batch = fresh[-size:], None
+        size = self.settings.trainer.batch_size
         # The task's reaction, once the main thread made it: its lineage and plan are read whole
         # (as the default task's are), and replay of an older lineage is drawn again (Task.redraw).
         task = self.tasks.get(name)
@@ -105,8 +129,8 @@ class TaskLoop:
 
         A take leaves ``buffer.replay_ratio`` of a batch for replay only while there is something
         to replay. A stream of one named task (a sharded trainer's, say) replays as a default one;
-        with several named tasks a take stays a whole batch, split among their steps (each of
-        which fills up with its own replay), as measured in ``benchmarks.quality.multitask``.
+        with several named tasks a take stays a whole batch, whose events wait to fill each
+        task's own share (``_add_waited``).
         """
         with self._parts_lock:
             others = [buffer for _, buffer in self._task_parts_made.values()]
@@ -176,6 +200,7 @@ class TaskLoop:
     def _complete_task(self, share: TaskWork, arrived: float) -> list[tuple[str, str]]:
         """Train another task on its share; returns the ledger outcomes of its events."""
         task = self._task(share.task)
+        arrived = share.arrived or arrived
         outcomes: list[tuple[str, str]] = []
         if share.batch is not None:
             fresh = share.batch.events[: share.batch.n_fresh]

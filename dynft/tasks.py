@@ -107,6 +107,7 @@ class TaskWork:
     held_out: list[Event] = field(default_factory=list)
     buffered: list[Event] = field(default_factory=list)  # beyond one batch: kept for replay, not trained fresh
     lineage: int = 1  # the task's drift-reaction lineage when its replay was drawn (see Task.redraw)
+    arrived: float | None = None  # when its oldest fresh event was taken (freshness); None: the take's
 
 
 class Task:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 from test_loop import run
-from test_tasks import TASKS, interleaved
+from test_tasks import TASKS, final_accuracy, interleaved
 
 from dynft.batching import LabelMap
 from dynft.evaluation import HoldoutWindow
@@ -133,6 +133,7 @@ def test_in_shared_mode_every_task_serves_one_adapter_with_its_own_head(
 ) -> None:
     tiny_settings.tasks.sharing = "shared"
     tiny_settings.registry.keep_last = 100
+    tiny_settings.trainer.batch_size = 8  # twice the steps of 16 rows (see test_tasks' first test)
     loop = run(tiny_settings, write_jsonl(tmp_path / "tasks.jsonl", interleaved(300, TASKS, seed=4)))
 
     assert all(t.trainer.shares_adapter for t in loop.tasks.values()) and loop.trainer.shares_adapter
@@ -153,8 +154,8 @@ def test_in_shared_mode_every_task_serves_one_adapter_with_its_own_head(
                 assert torch.equal(tensor, reference[key]), (name, key)
     # Two labels per task (chance 0.5): 0.69-0.75 seen; the takes (so the batches) vary with the load.
     assert loop.prequential.accuracy > 0.65
-    for task in loop.tasks.values():
-        assert task.prequential.accuracy > 0.65, (task.name, task.prequential.accuracy)
+    for name in loop.tasks:  # their prequential accuracy counts their early steps: 0.55-0.64 seen
+        assert final_accuracy(loop, name, TASKS[name]) > 0.7, name  # 0.76-0.81 seen
 
     # A restart resumes every task from the checkpoint, the shared adapter held once in it.
     steps = {name: task.trainer.steps for name, task in loop.tasks.items()}

@@ -12,6 +12,8 @@ from test_loop import run, sample
 
 from dynft.checkpoint import CheckpointStore
 from dynft.deadletter import read_dead_letters
+from dynft.events import Event
+from dynft.loop import TrainingLoop
 from dynft.registry import AdapterRegistry
 from dynft.settings import Settings
 from dynft.tasks import task_registry_dir
@@ -31,10 +33,24 @@ def interleaved(n_per_task: int, tasks: dict[str, list[str]], seed: int = 0, sta
     return rows
 
 
+def final_accuracy(loop: TrainingLoop, name: str, labels: list[str], n: int = 200) -> float:
+    """How well task ``name``'s trained weights label new events of its own, unlike its prequential
+    accuracy, which counts its early errors too."""
+    events = [Event.model_validate(r) for r in keyword_events(n, labels, seed=99, prefix=f"{name}-new-", start=90_000)]
+    task = loop.tasks[name]
+    with task.installed():
+        predictions = task.trainer.predictions(events)
+    return sum(p == e.label for p, e in zip(predictions, events, strict=True)) / n
+
+
 def test_three_interleaved_tasks_train_three_heads_with_their_own_versions(
     tiny_settings: Settings, tmp_path: Path
 ) -> None:
     tiny_settings.registry.keep_last = 100
+    # A named task's step trains a whole fresh share, as a daemon of its own would (dynft.freshwait):
+    # about 56 steps for 500 events at 16 rows, after which the tiny model sometimes still answers
+    # one task at chance (seen once in six runs); 8 rows make twice the steps.
+    tiny_settings.trainer.batch_size = 8
     metrics = CollectorRegistry()
     loop = run(tiny_settings, write_jsonl(tmp_path / "tasks.jsonl", interleaved(500, TASKS)), metrics)
 
@@ -51,7 +67,8 @@ def test_three_interleaved_tasks_train_three_heads_with_their_own_versions(
         if name != "default":
             task = loop.tasks[name]
             assert meta["task"] == name
-            assert task.prequential.accuracy > 0.8, (name, task.prequential.accuracy)
+            assert task.prequential.accuracy > 0.6, (name, task.prequential.accuracy)  # 0.67-0.78 seen
+            assert final_accuracy(loop, name, labels) > 0.85  # 0.94-0.98 seen
             assert task.trainer.steps > 10
             assert sorted(task.trainer.label_map.labels) == sorted(labels)
     assert sorted(loop.trainer.label_map.labels) == ["alpha", "beta"]
@@ -122,5 +139,7 @@ def test_a_stream_of_one_named_task_replays_as_a_default_one(tiny_settings: Sett
     tiny_settings.state_dir = tmp_path / "named"  # another daemon: the same events, all of task "x"
     named = run(tiny_settings, write_jsonl(tmp_path / "named.jsonl", [{**row, "task": "x"} for row in rows]))
     # A take leaves room for replay by the lone task's buffer, not the empty default one: without
-    # that, task x trained 16 fresh events a step and never replayed (32 steps, not 59).
-    assert named.trainer.steps == 0 and abs(named.tasks["x"].trainer.steps - default.trainer.steps) <= 3
+    # that, task x trained 16 fresh events a step and never replayed (32 steps, not 59). Its steps
+    # wait for whole fresh shares (dynft.freshwait), where the default task's take what is queued:
+    # 53 against 59 seen.
+    assert named.trainer.steps == 0 and abs(named.tasks["x"].trainer.steps - default.trainer.steps) <= 9

@@ -451,6 +451,12 @@ class TasksSettings(Section):
         description="per_task: an adapter and head per task (a drift in one cannot disturb another); shared: "
         "one adapter trained by every task, a head per task, versions published and promoted together",
     )
+    fill_wait_s: float = Field(
+        2.0,
+        gt=0,
+        description="how long a task's fresh events wait, while the trainer trains other tasks, to fill the task's "
+        "fresh share of a step (a partial share costs a whole batch); nothing waits once the intake is empty",
+    )
 
 
 class RunSettings(Section):
