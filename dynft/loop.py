@@ -282,7 +282,9 @@ class TrainingLoop(DefaultStep, LoopState):
             self.should_exit.wait(0.1)
             return None
         size = self.settings.trainer.batch_size
-        replay = min(round(size * self.settings.buffer.replay_ratio), self._replayable())
+        # At least one fresh event a step: a ratio near 1 rounds to a whole batch of replay, and a
+        # take of nothing stalled the loop.
+        replay = min(round(size * self.settings.buffer.replay_ratio), size - 1, self._replayable())
         intake = self._intake()
         take, backlog = size - replay, self.settings.trainer.freshest_first_backlog
         behind = bool(backlog) and intake.queued > backlog

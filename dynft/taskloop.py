@@ -87,7 +87,7 @@ class TaskLoop:
     def _fresh_share(self, name: str) -> int:
         """How many fresh events task ``name``'s step trains: a batch less the replay its buffer allows."""
         size, ratio = self.settings.trainer.batch_size, self.settings.buffer.replay_ratio
-        return size - min(round(size * ratio), len(self._task_parts(name)[1]))
+        return size - min(round(size * ratio), size - 1, len(self._task_parts(name)[1]))
 
     def _task_work(
         self, name: str, fresh: list[tuple[Record, Event]], held: list[tuple[Record, Event]]
@@ -95,9 +95,9 @@ class TaskLoop:
         """Another task's step: its fresh events with replay from its own buffer (task-balanced)."""
         router, (collator, buffer) = self._router(), self._task_parts(name)
         held_out, dead = router.screen(collator, held)
-        size = self._fresh_share(name)
-        surplus = [event for _, event in fresh[:-size]]  # more than a share: the newest train, the rest replay
-        fresh, batch = fresh[-size:], None
+        share = self._fresh_share(name)
+        surplus = [event for _, event in fresh[:-share]]  # more than a share: the newest train, the rest replay
+        fresh, batch = fresh[-share:], None
         size = self.settings.trainer.batch_size
         # The task's reaction, once the main thread made it: its lineage and plan are read whole
         # (as the default task's are), and replay of an older lineage is drawn again (Task.redraw).

@@ -95,3 +95,16 @@ def test_each_named_task_trains_as_many_steps_as_a_daemon_of_its_own(tiny_settin
         # Each task trained a take's few events at once before: 171-177 steps against 59.
         steps = together.tasks[name].trainer.steps
         assert abs(steps - alone.trainer.steps) <= 0.15 * alone.trainer.steps, (name, steps, alone.trainer.steps)
+
+
+def test_a_replay_ratio_that_rounds_to_a_whole_batch_still_trains_every_event(
+    tiny_settings: Settings, tmp_path: Path
+) -> None:
+    tiny_settings.buffer.replay_ratio = 0.99  # 16 x 0.99 rounds to 16: a step kept no room for fresh events
+    rows = interleaved(60, {"default": ["alpha", "beta"], "intents": ["gamma", "delta"]})
+    loop = run(tiny_settings, write_jsonl(tmp_path / "events.jsonl", rows))  # it stalled: 180 s, then failed
+    ledger = Ledger(tiny_settings.state_dir / "ledger.db")
+    outcomes = ledger.lookup(row["id"] for row in rows)
+    ledger.close()
+    assert {status for status, _ in outcomes.values()} <= {"trained", "held_out"}
+    assert loop.trainer.steps > 0 and loop.tasks["intents"].trainer.steps > 0
