@@ -14,14 +14,17 @@ tests; the controller and the readiness probe keep using the PLAINTEXT listener.
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import os
+import random
 import shutil
 import signal
 import socket
 import subprocess
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +49,10 @@ _started: dict[int, subprocess.Popen[bytes]] = {}
 
 class BrokerError(DynftError):
     """The development broker cannot be provisioned, started or stopped."""
+
+
+class BrokerExited(BrokerError):
+    """The broker process exited before it answered."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,27 @@ class Broker:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A free loopback port in 10000-29999, below the kernel's ephemeral range.
+
+    A port from the ephemeral range (what binding port 0 gives) can be taken by any client
+    connection's source port between being chosen here and the broker's bind, and the broker
+    then exits; below that range only another explicit bind can take it. (The test suite also
+    knows a broker's sockets by this range: see ``filterwarnings`` in ``pyproject.toml``.)
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(min(low, 30000), 10001))
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # the low range is crowded: let the kernel choose
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
@@ -190,7 +217,9 @@ def start(
 
     To restart a stopped broker on its old data, pass its old ports: the KRaft quorum recorded
     its controller's address when the directory was formatted. ``security`` adds the SASL_SSL
-    and SCRAM listeners (on free ports) and creates its SCRAM users at format time.
+    and SCRAM listeners (on free ports) and creates its SCRAM users at format time. A new
+    broker on ports chosen here that exits before answering is tried again on other ports (a
+    port can still be taken between being chosen and bound); the error quotes its output.
     """
     current = running(data_dir)
     if current is not None:
@@ -200,6 +229,28 @@ def start(
         raise BrokerError("java is needed to run the Kafka broker")
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    fresh = not (data_dir / "logs" / "meta.properties").exists() and not port and not controller_port
+    for attempt in range(3 if fresh else 1):
+        if attempt:
+            shutil.rmtree(data_dir / "logs", ignore_errors=True)
+        broker, process = _launch(data_dir, libs, port, controller_port, security)
+        try:
+            wait_ready(broker, timeout_s, process)
+            return broker
+        except BrokerExited:
+            _started.pop(process.pid, None)
+            if attempt == (2 if fresh else 0):
+                raise
+        except BrokerError:
+            stop(data_dir)
+            raise
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _launch(
+    data_dir: Path, libs: Path, port: int, controller_port: int, security: SecureListeners | None
+) -> tuple[Broker, subprocess.Popen[bytes]]:
+    """Write the config, format the storage on first use and start the broker process."""
     port, controller = port or free_port(), controller_port or free_port()
     logs = data_dir / "logs"
     secure = {"SASL_SSL": free_port(), "SCRAM": free_port()} if security else None
@@ -207,25 +258,7 @@ def start(
     (data_dir / "server.properties").write_text(properties)
     (data_dir / "log4j2.properties").write_text(LOG4J.format(log=data_dir / "broker.log"))
     if not (logs / "meta.properties").exists():
-        cluster = "-"
-        while cluster.startswith("-"):  # as Kafka's own ids: a leading dash would read as an option
-            cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        fmt = _java(
-            libs,
-            data_dir,
-            "kafka.tools.StorageTool",
-            "format",
-            "--standalone",
-            "-t",
-            cluster,
-            "-c",
-            str(data_dir / "server.properties"),
-        )
-        for name, password in (security.users if security else {}).items():
-            fmt.extend(["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"])
-        result = subprocess.run(fmt, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise BrokerError(f"formatting {logs} failed: {(result.stdout + result.stderr)[-1500:]}")
+        _format(data_dir, libs, security)
     with open(data_dir / "broker.out", "ab") as out:
         process = subprocess.Popen(
             _java(libs, data_dir, "kafka.Kafka", str(data_dir / "server.properties")),
@@ -238,12 +271,20 @@ def start(
     broker = Broker(port, controller, data_dir, process.pid, **ports)
     info = {"pid": process.pid, "port": port, "controller_port": controller, **ports}
     (data_dir / "broker.json").write_text(json.dumps(info))
-    try:
-        wait_ready(broker, timeout_s, process)
-    except BrokerError:
-        stop(data_dir)
-        raise
-    return broker
+    return broker, process
+
+
+def _format(data_dir: Path, libs: Path, security: SecureListeners | None) -> None:
+    cluster = "-"
+    while cluster.startswith("-"):  # as Kafka's own ids: a leading dash would read as an option
+        cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    config = str(data_dir / "server.properties")
+    fmt = _java(libs, data_dir, "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster, "-c", config)
+    for name, password in (security.users if security else {}).items():
+        fmt.extend(["--add-scram", f"SCRAM-SHA-512=[name={name},password={password}]"])
+    result = subprocess.run(fmt, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise BrokerError(f"formatting {data_dir / 'logs'} failed: {(result.stdout + result.stderr)[-1500:]}")
 
 
 def wait_ready(broker: Broker, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
@@ -254,7 +295,8 @@ def wait_ready(broker: Broker, timeout_s: float, process: subprocess.Popen[bytes
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise BrokerError(f"the broker exited with code {process.returncode}; see {broker.data_dir}/broker.out")
+            said = _said(broker.data_dir)
+            raise BrokerExited(f"the broker exited with code {process.returncode}; it said:\n{said}")
         try:  # a plain connect first: kafka-python leaks sockets on refused connections
             socket.create_connection(("127.0.0.1", broker.port), timeout=1).close()
         except OSError:
@@ -263,6 +305,7 @@ def wait_ready(broker: Broker, timeout_s: float, process: subprocess.Popen[bytes
         try:
             admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap, request_timeout_ms=3000)
         except KafkaError:
+            _collect_abandoned_sockets()
             time.sleep(0.5)
             continue
         try:  # close even when the broker is not ready yet: an abandoned client leaks its socket
@@ -273,6 +316,26 @@ def wait_ready(broker: Broker, timeout_s: float, process: subprocess.Popen[bytes
         finally:
             admin.close()
     raise BrokerError(f"the broker on {broker.bootstrap} did not answer within {timeout_s:.0f} s")
+
+
+def _collect_abandoned_sockets() -> None:
+    """A kafka-python client whose constructor failed leaves its sockets open and unreachable:
+    collect them now, quietly, rather than have a later caller's collection warn of them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
+def _said(data_dir: Path, lines: int = 8) -> str:
+    """The broker's last words: its console output and its log's messages (not stack frames)."""
+    said = []
+    for name in ("broker.out", "broker.log"):
+        try:
+            text = (data_dir / name).read_text(errors="replace")
+        except OSError:
+            continue
+        said += [line for line in text.splitlines() if line.strip() and not line[0].isspace()][-lines:]
+    return "\n".join(said)
 
 
 def stop(data_dir: Path, timeout_s: float = 30.0) -> bool:

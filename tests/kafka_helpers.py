@@ -142,7 +142,12 @@ class ElectedTrainers:
         return proc
 
     def log(self, i: int) -> str:
-        return (self.root / f"{'ab'[i]}.log").read_text()[-6000:]
+        """The tail of trainer i's log, for a failure message."""
+        return self.whole_log(i)[-6000:]
+
+    def whole_log(self, i: int) -> str:
+        """All of trainer i's log, for asserting on what it said: a tail can lose an early line."""
+        return (self.root / f"{'ab'[i]}.log").read_text()
 
     def stop_all(self) -> None:
         """For a fixture's teardown: SIGTERM (after SIGCONT, for a paused one) and collect each."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,3 +79,34 @@ def test_dynft_run_started_30_s_before_its_broker_waits_and_consumes_everything(
     assert "configuration error" not in output
     assert "restarting in" not in output, output[-3000:]  # the trainer never died and came back
     assert {status for status, _ in accounted([state], ids).values()} <= {"trained", "held_out"}
+
+
+def test_a_broker_whose_port_is_taken_fails_with_its_own_words(tmp_path: Path) -> None:
+    """The error quotes the broker's output, so a CI log says why it exited, not just where to look."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        taken = holder.getsockname()[1]
+        with pytest.raises(devbroker.BrokerExited, match=r"(?s)exited with code .*already in use"):
+            devbroker.start(tmp_path / "kafka", port=taken, timeout_s=60)
+    assert devbroker.running(tmp_path / "kafka") is None
+
+
+def test_a_new_broker_whose_chosen_port_was_taken_meanwhile_starts_on_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process can bind a port between our choosing it and the broker binding it. That race
+    cannot be provoked on demand, so the first choice is replaced by a port held here (a stand-in
+    for the race, not for the broker): the broker exits on it, and the start is tried again."""
+    chosen = iter([None])
+    real = devbroker.free_port
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        taken = holder.getsockname()[1]
+        monkeypatch.setattr(devbroker, "free_port", lambda: taken if next(chosen, 0) is None else real())
+        broker = devbroker.start(tmp_path / "kafka", timeout_s=60)
+    try:
+        assert broker.port != taken
+        assert "already in use" in (tmp_path / "kafka" / "broker.log").read_text()  # the first try's words
+        assert devbroker.running(tmp_path / "kafka") == broker
+    finally:
+        devbroker.stop(broker.data_dir)
