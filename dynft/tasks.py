@@ -26,6 +26,7 @@ import contextlib
 import copy
 import logging
 import threading
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,35 @@ class TaskWork:
     arrived: float | None = None  # when its oldest fresh event was taken (freshness); None: the take's
 
 
+class TaskRandom:
+    """The torch random generator a task's steps draw from (dropout masks): its own, not the process's.
+
+    With one generator for all tasks, a task's dropout masks depended on how many steps other
+    tasks happened to take between its own (thread timing, other traffic), so the same events
+    trained it differently from run to run and differently from a daemon of its own. Each task
+    with an adapter of its own (``per_task``) seeds its own from ``trainer.seed`` and its name;
+    the checkpoint keeps it. Tasks that move one shared adapter depend on each other's steps
+    anyway and keep drawing from the process's. On CUDA the device generator (what dropout there
+    draws from) is still the process's.
+    """
+
+    def __init__(self, seed: int, name: str) -> None:
+        generator = torch.Generator()
+        generator.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        self.state = generator.get_state()
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """The task's generator is the process's for the block (the main thread's only user)."""
+        saved = torch.get_rng_state()
+        torch.set_rng_state(self.state)
+        try:
+            yield
+        finally:
+            self.state = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+
 class Task:
     """What is learned for one task: trainer (adapter + head + optimizer), buffer, metrics, versions.
 
@@ -137,6 +167,7 @@ class Task:
         self.drift = DriftMonitor.from_settings(settings.drift, settings.checkpoint.drift_history)
         self.settings = settings
         self.reaction = DriftReaction(settings.drift, trainer, buffer)  # replay_plan/lineage: read by the batcher
+        self.random = TaskRandom(settings.trainer.seed, name) if trainer.owns_adapter else None
         self.applied: list[str] = []  # reactions applied since the loop last counted them (main thread)
         registry = AdapterRegistry(
             task_registry_dir(settings.registry_dir, name),
@@ -165,10 +196,15 @@ class Task:
         finally:
             self.home.activate()
 
+    def own_random(self) -> contextlib.AbstractContextManager[None]:
+        """The task's own random generator for the block, where it has one."""
+        return self.random.installed() if self.random is not None else contextlib.nullcontext()
+
     def train(self, batch: Batch) -> list[tuple[Event, str, float]]:
         """One step on ``batch`` and this task's drift reactions to it; the fresh events with their
         prequential prediction and loss (none if the step was skipped)."""
-        with self.installed():  # the reactions act on the installed adapter and head: this task's
+        # The reactions act on the installed adapter and head: this task's; so do its dropout masks.
+        with self.installed(), self.own_random():
             result = self.trainer.step(batch)
             if result.skipped:
                 return []
@@ -230,9 +266,10 @@ class Task:
 
     def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, list[dict[str, Any]]]]:
         """Tensors (keys prefixed ``task.<name>.``), plain state and record files of this task."""
-        with self.installed():
+        with self.installed(), self.own_random():
             tensors, trainer_state = self.trainer.snapshot()
-        tensors.pop("rng.torch", None)  # one RNG for the process: the default task's checkpoint part has it
+        if self.random is None:  # the process's generator: the default task's checkpoint part has it
+            tensors.pop("rng.torch", None)
         if not self.trainer.owns_adapter:  # tasks.sharing = shared: the default task's part holds the adapter
             heads = {f"param.{k}" for k in self.trainer.slots.head_keys}
             tensors = {k: t for k, t in tensors.items() if not k.startswith("param.") or k in heads}
@@ -256,8 +293,9 @@ class Task:
         """Continue from ``snapshot``'s parts (all of the checkpoint's; this task picks its own)."""
         prefix = f"task.{self.name}."
         own = {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
-        own["rng.torch"] = torch.get_rng_state()
-        with self.installed():
+        with self.installed(), self.own_random():  # the trainer restores the task's own generator, if any
+            if self.random is None or "rng.torch" not in own:  # none, or a checkpoint from before there was one
+                own["rng.torch"] = torch.get_rng_state()
             for key, param in self.trainer.slots.capture().items():
                 if not self.trainer.owns_adapter:  # the shared adapter: the default task's part restored it
                     own.setdefault(f"param.{key}", param.detach().clone())
