@@ -230,7 +230,8 @@ def start(
     data_dir = data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     fresh = not (data_dir / "logs" / "meta.properties").exists() and not port and not controller_port
-    for attempt in range(3 if fresh else 1):
+    attempts = 3 if fresh else 1  # ports given (a restart on old data): the same ports or none
+    for attempt in range(attempts):
         if attempt:
             shutil.rmtree(data_dir / "logs", ignore_errors=True)
         broker, process = _launch(data_dir, libs, port, controller_port, security)
@@ -239,7 +240,7 @@ def start(
             return broker
         except BrokerExited:
             _started.pop(process.pid, None)
-            if attempt == (2 if fresh else 0):
+            if attempt == attempts - 1:
                 raise
         except BrokerError:
             stop(data_dir)

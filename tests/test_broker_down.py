@@ -1,4 +1,5 @@
-"""A daemon started before its brokers waits for them instead of exiting (issue #12, item 4)."""
+"""A daemon started before its brokers waits for them instead of exiting (issue #12, item 4); the
+development broker's own start when its port is taken."""
 
 from __future__ import annotations
 
@@ -97,12 +98,12 @@ def test_a_new_broker_whose_chosen_port_was_taken_meanwhile_starts_on_others(
     """Another process can bind a port between our choosing it and the broker binding it. That race
     cannot be provoked on demand, so the first choice is replaced by a port held here (a stand-in
     for the race, not for the broker): the broker exits on it, and the start is tried again."""
-    chosen = iter([None])
-    real = devbroker.free_port
+    real, first = devbroker.free_port, []
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         taken = holder.getsockname()[1]
-        monkeypatch.setattr(devbroker, "free_port", lambda: taken if next(chosen, 0) is None else real())
+        first.append(taken)  # the broker's PLAINTEXT port: the first one chosen
+        monkeypatch.setattr(devbroker, "free_port", lambda: first.pop() if first else real())
         broker = devbroker.start(tmp_path / "kafka", timeout_s=60)
     try:
         assert broker.port != taken
