@@ -22,22 +22,24 @@ from pydantic_settings import (
 
 from dynft.errors import InvalidSettingsError
 from dynft.settings.files import nest, parse_assignment, read_config_file
+from dynft.settings.intake import (
+    CheckpointSettings,
+    EventSettings,
+    KafkaSettings,
+    LedgerSettings,
+    SourceSettings,
+)
 from dynft.settings.sections import (
     AdapterSettings,
     BufferSettings,
-    CheckpointSettings,
     DriftSettings,
     EvaluationSettings,
-    EventSettings,
     GateSettings,
-    KafkaSettings,
-    LedgerSettings,
     ModelSettings,
     RegistrySettings,
     RunSettings,
     Section,
     ServerSettings,
-    SourceSettings,
     TasksSettings,
     TrainerSettings,
 )
