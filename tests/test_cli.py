@@ -185,3 +185,25 @@ def test_dynft_train_alone_exposes_its_metrics_and_stops_on_sigterm(tiny_setting
         if proc.poll() is None:
             proc.kill()
     assert AdapterRegistry(tmp_path / "state" / "registry").versions(), "publishes at shutdown"
+
+
+def test_a_reader_that_stops_early_gets_no_error_message(tmp_path: Path) -> None:
+    """`dynft ledger ... | head -1`: the closed pipe is the reader's choice, not a failure to report."""
+    from dynft.ledger import Ledger
+
+    book = Ledger(tmp_path / "ledger.db")
+    ids = [f"event-{i:06d}" for i in range(5000)]  # far more output than a pipe holds
+    book.record((event_id, "trained") for event_id in ids)
+    book.commit()
+    book.close()
+    (tmp_path / "ids.jsonl").write_text("".join(f'{{"id": "{i}"}}\n' for i in ids))
+    command = [sys.executable, "-m", "dynft", "ledger", "--state-dir", str(tmp_path)]
+    command += ["--from-file", str(tmp_path / "ids.jsonl")]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.readline()
+        proc.stdout.close()  # as `head -1` does
+        err = proc.stderr.read().decode()
+        proc.wait(60)
+    assert json.loads(first)["status"] == "trained"
+    assert err == ""
