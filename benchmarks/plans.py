@@ -45,8 +45,8 @@ class Plan:
     train_holdout: int  # held-out window the gate scores (dynft's default: 256)
     swap_repeats: int  # timed repetitions of each in-memory swap
     swap_clients: int
-    swap_quiet_s: float  # the load phase without swaps
-    swap_phase_s: float  # each phase of paced swaps under load
+    swap_quiet_s: float  # warm-up load before the swap phases (at most 2 s of it)
+    swap_phase_s: float  # seconds of paced swaps under load per rate, in pieces that alternate with as long without
     serve_clients: int
     serve_busy_s: float
     serve_idle_s: float
@@ -116,7 +116,7 @@ def make_plan(suite: str, device: str, workdir: Path, compile: bool = False) -> 
             (TrainCase("all-MiniLM-L6-v2", minilm, 16, 64),),
             train_warmup_steps=2, train_window_s=12, train_bare_s=6, train_max_s=100, train_publish_interval_s=15,
             train_holdout=256,
-            swap_repeats=30, swap_clients=4, swap_quiet_s=3, swap_phase_s=10,
+            swap_repeats=30, swap_clients=4, swap_quiet_s=3, swap_phase_s=6,
             serve_clients=4, serve_busy_s=28, serve_idle_s=4, serve_event_rate=2,
             ingest_events=100_000, tasks_clients=16, tasks_phase_s=4.0, tasks_rounds=2,
         )  # fmt: skip

@@ -87,6 +87,7 @@ def check_detectors(settings: Settings) -> None:
     make_detector(settings.drift.error_detector, settings.drift.error_params)
     make_detector(settings.drift.loss_detector, settings.drift.loss_params)
     make_detector(settings.drift.label_detector, settings.drift.label_params)
+    make_detector(settings.drift.input_detector, settings.drift.input_params)
     make_detector(settings.drift.representation_detector, settings.drift.representation_params)
 
 

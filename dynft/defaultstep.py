@@ -42,27 +42,29 @@ class DefaultStep:
     publisher: Publisher
     history: HistoryRecorder
 
-    def _train(self, batch: Batch) -> bool:
-        """One step on ``batch`` and what follows from it; returns whether the step was skipped."""
+    def _train(self, batch: Batch) -> StepResult:
+        """One step on ``batch`` and what follows from it; returns the step's result."""
         result = self.trainer.step(batch)
         self._record_step(result, len(batch.events))
         if result.skipped:
-            return True
+            return result
         fresh = batch.events[: batch.n_fresh]
         self.metrics.task_events.labels(DEFAULT_TASK).inc(len(fresh))
         features: list[list[float] | None] = [*result.features] if result.features else [None] * len(fresh)
         for event, prediction, loss, embedding in zip(fresh, result.predictions, result.losses, features, strict=True):
             self.prequential.update(event.label, prediction, loss)
-            for detection in self.drift.update(prediction != event.label, loss, event.label, embedding):
+            for detection in self.drift.update(prediction != event.label, loss, event.label, embedding, event.text):
                 self._on_drift(detection)
             self._react(self.reaction.observe(self.drift.seen - 1, event.label, prediction))
         self._update_gauges()
         if self.reaction.boosting:
-            for _ in range(self.settings.drift.boost_extra_steps):
+            # Extra replay only while no fresh work waits: behind the stream, the new events teach
+            # the new concept sooner than replay of what came before them (and they are served).
+            for _ in range(0 if self.publisher.waiting() else self.settings.drift.boost_extra_steps):
                 self._replay_step()
         elif self.reaction.after_step():
             log.info("drift reaction over after step %d", self.trainer.steps)
-        return False
+        return result
 
     def _replay_step(self) -> None:
         events = self.buffer.sample(self.settings.trainer.batch_size, *self.reaction.replay_plan())

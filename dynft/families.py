@@ -61,12 +61,18 @@ _DECODERS = frozenset(
 )
 
 
+# Where configurations keep the dropout on attention weights: BERT, RoBERTa, MPNet, DeBERTa,
+# ELECTRA, ALBERT; DistilBERT, Llama, Qwen2, Mistral; GPT-2 (``model.attention_dropout``).
+ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+
+
 @dataclass(frozen=True)
 class Family:
     """What dynft knows about one model directory's architecture."""
 
     model_type: str
     kind: Kind
+    attention_dropout_keys: tuple[str, ...] = ()  # those of ATTENTION_DROPOUT_KEYS its config.json has
 
     @property
     def lora_targets(self) -> list[str] | None:
@@ -90,7 +96,7 @@ def family_of(path: Path) -> Family:
         kind = "encoder-decoder"
     elif model_type in _DECODERS or any(a.endswith("ForCausalLM") for a in architectures):
         kind = "decoder"
-    return Family(model_type, kind)
+    return Family(model_type, kind, tuple(key for key in ATTENTION_DROPOUT_KEYS if key in config))
 
 
 def check_supported(family: Family, path: Path) -> None:

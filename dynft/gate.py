@@ -9,7 +9,10 @@ nothing to compare with), and so is every candidate when the serving version can
 or nothing is held out (``evaluation.holdout_fraction = 0``: the gate is off); while the
 serving version is pinned by an operator, nothing is. While too few events are held out to
 judge (``gate.min_holdout``), a candidate that knows labels the serving version does not is
-promoted: the serving version cannot answer them at all (cold start, first labels of a phase).
+promoted: the serving version cannot answer them at all (cold start, first labels of a phase);
+other candidates are then compared with the serving version on the events trained since it was
+cut (``scope = "prequential"``, ``dynft.scoring.SinceServing``) once there are ``gate.min_holdout``
+of them, and rejected before.
 
 >>> from dynft.settings import GateSettings
 >>> judge(0.80, 0.82, holdout=100, serving_version=3, pinned=False, settings=GateSettings(tolerance=0.01)).promote
@@ -39,7 +42,7 @@ class Decision:
     serving_version: int | None
     holdout_events: int
     reference_version: int | None = None  # whose accuracy ``serving_accuracy`` is (dynft.scoring)
-    scope: str = "window"  # the events judged: the whole held-out window, or its newest
+    scope: str = "window"  # the events judged: the held-out window, its newest, or "prequential" (SinceServing)
 
     @property
     def label(self) -> str:
@@ -73,7 +76,11 @@ def judge(
     """
     reference = serving_version if reference is None else reference
     against = "serving" if reference == serving_version else f"version {reference}"
-    on = "" if scope == "window" else f" on the newest {holdout} held-out events"
+    on = {
+        "window": "",
+        "newest": f" on the newest {holdout} held-out events",
+        "prequential": f" on the {holdout} events trained since it (the trainer's answers before learning each)",
+    }[scope]
 
     def decide(promote: bool, reason: str) -> Decision:
         return Decision(promote, reason, candidate, serving, serving_version, holdout, reference, scope)
@@ -87,11 +94,11 @@ def judge(
         return decide(True, "the gate is off (evaluation.holdout_fraction = 0)")
     if unloadable is not None:
         return decide(True, f"serving version {serving_version} cannot be loaded ({unloadable})")
-    if (candidate is None or serving is None or holdout < settings.min_holdout) and new_labels > 0:
-        return decide(
-            True, f"only {holdout} held-out events, but it knows {new_labels} labels the serving version does not"
-        )
-    if candidate is None or serving is None or holdout < settings.min_holdout:
+    too_few = candidate is None or serving is None or holdout < settings.min_holdout
+    if (too_few or scope == "prequential") and new_labels > 0:
+        held = "too few" if scope == "prequential" else f"only {holdout}"
+        return decide(True, f"{held} held-out events, but it knows {new_labels} labels the serving version does not")
+    if candidate is None or serving is None or too_few:
         return decide(False, f"only {holdout} held-out events, the gate needs {settings.min_holdout}")
     if candidate >= serving - settings.tolerance:
         return decide(True, f"accuracy {candidate:.3f} >= {against} {serving:.3f} - {settings.tolerance}{on}")

@@ -358,7 +358,7 @@ class TrainingLoop(DefaultStep, LoopState):
                     work.tasks.append(share)
                     work.dead += task_dead
         if self.shots is not None:  # before training: the server's fast path learns from them at once
-            self.shots.offer(event for _, event in fresh.get(DEFAULT_TASK, []))
+            self.shots.offer((event for _, event in fresh.get(DEFAULT_TASK, [])), self.reaction.lineage)
         return fresh.get(DEFAULT_TASK, [])
 
     # -- main thread ---------------------------------------------------------------------
@@ -368,11 +368,11 @@ class TrainingLoop(DefaultStep, LoopState):
         if work.batch is not None:
             self._redraw_stale_replay(work)
             fresh = work.batch.events[: work.batch.n_fresh]
-            skipped = self._train(work.batch)
-            status = "skipped" if skipped else "trained"
-            if not skipped:  # a non-finite step may be these events' fault: replayed, they would skip later steps too
+            result = self._train(work.batch)
+            status = "skipped" if result.skipped else "trained"
+            if not result.skipped:  # a non-finite step may be these events' fault: replayed, they would skip later ones
                 self.buffer.add_many(fresh)
-                self.publisher.trained(work.arrived, fresh)
+                self.publisher.trained(work.arrived, fresh, result.predictions)
             outcomes += [(e.id, status) for e in fresh]
             self.metrics.events.labels(status).inc(len(fresh))
         if work.buffered:  # never trained fresh, but kept for replay: every event has an outcome

@@ -211,10 +211,13 @@ def build_model(
     gradient checkpointing; without them the base is bf16 on CUDA and fp32 on CPU.
     """
     options = options or ModelSettings()
-    check_supported(family_of(path), path)
+    family = family_of(path)
+    check_supported(family, path)
     check_quantization(options.quantization, device)
     dtype = base_dtype(options.dtype, device)
-    base = _load_base(path, num_labels, dtype, options.quantization, device)
+    dropout = options.attention_dropout
+    overrides = {key: dropout for key in family.attention_dropout_keys} if dropout is not None else {}
+    base = _load_base(path, num_labels, dtype, options.quantization, device, overrides)
     if base.config.pad_token_id is None:
         base.config.pad_token_id = pad_token_id
     before_head = _pool_by_mean(base, path) if pooling == "mean" else None
@@ -237,8 +240,11 @@ def build_model(
     return model.to(device)  # type: ignore[no-any-return]
 
 
-def _load_base(path: Path, num_labels: int, dtype: torch.dtype, quantization: str, device: torch.device) -> Any:
-    extra: dict[str, Any] = {}
+def _load_base(
+    path: Path, num_labels: int, dtype: torch.dtype, quantization: str, device: torch.device, config: dict[str, Any]
+) -> Any:
+    """The base model for sequence classification; ``config``: values that replace its config.json's."""
+    extra: dict[str, Any] = dict(config)
     if quantization != "none":
         from transformers import BitsAndBytesConfig
 

@@ -31,7 +31,7 @@ from dynft.model import AdapterState
 from dynft.rank import convert_lora_rank
 from dynft.registry import AdapterRegistry
 from dynft.replication.feed import TaskFeed, Term, VersionsFeed, open_feed
-from dynft.scoring import Scorer, Scores
+from dynft.scoring import Scorer, Scores, SinceServing
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
 
@@ -89,11 +89,15 @@ class Publisher:
         # shared) every task's, since any task's step moves the adapter this one publishes.
         self.clock: Callable[[], int] = lambda: self.trainer.steps
         self.scorer = Scorer(trainer, settings, lambda: self.clock())
+        self.since = SinceServing(4 * settings.gate.min_holdout)  # judges while too little is held out
         # Whether training work waits (publishing now would delay it); set by the training loop.
         self.waiting: Callable[[], bool] = lambda: False
 
-    def trained(self, arrived: float, events: Sequence[Event]) -> None:
-        """``events``, fresh and arrived at ``arrived``, were just trained (training thread)."""
+    def trained(self, arrived: float, events: Sequence[Event], predictions: Sequence[str | None] | None = None) -> None:
+        """``events``, fresh and arrived at ``arrived``, were just trained (training thread);
+        ``predictions``: the step's prequential answers to them (``SinceServing``)."""
+        if predictions is not None:
+            self.since.add(events, predictions)
         self.arrivals.add(arrived, len(events))
         self._fresh += len(events)
         self.label_events.update(e.label for e in events)
@@ -144,6 +148,7 @@ class Publisher:
     def new_lineage(self) -> None:
         self.lineage += 1
         self.label_events.clear()  # the head starts afresh (a retire) or the adapter does
+        self.since.clear()  # the old concept's events would judge the new lineage's candidates
 
     def check_checkpoint(self, state: dict[str, Any]) -> None:
         """Raise ``BaseModelMismatchError`` if a checkpoint's publisher state was written for another base model."""
@@ -163,6 +168,7 @@ class Publisher:
         self.lineage = max(previous_lineage, int(self._meta_of(self.latest_version).get("lineage", 0))) + 1
         self._published_at_step = self.clock()
         self.label_events.clear()
+        self.since.clear()  # the old lineage's answers do not speak for the new one
         origin = self._start_from_serving()
         self.trainer.label_map.ids(labels)
         log.info(
@@ -316,6 +322,7 @@ class Publisher:
             self.scorer.promoted(info.version, state, self._scores)
             self._promoted = info.version
             self.arrivals.clear()  # served from now on; a rejected candidate's events wait for the next
+            self.since.clear()
         else:
             self.registry.prune()
         log.info("version %d %s: %s", info.version, decision.label, decision.reason)
@@ -338,6 +345,9 @@ class Publisher:
         if version is not None and len(holdout) >= self.settings.gate.min_holdout:
             self.scorer.follows(version, self._promoted)
             scores = self._scores = self.scorer.check(holdout, version, lambda v: self._fitting(v)[0])
+        elif version is not None and len(self.since) >= self.settings.gate.min_holdout:
+            scores = self._since_scores(version)
+        if scores is not None:
             candidate, serving = scores.candidate, scores.reference
             self.metrics.gate_accuracy.labels("candidate").set(candidate)
             self.metrics.gate_accuracy.labels("serving").set(serving)
@@ -351,9 +361,18 @@ class Publisher:
             unloadable=unloadable,
             gate_off=self.gate_off,
             new_labels=max(0, labels - int(self._meta_of(pointer.version).get("labels", labels))),
-            reference=self.scorer.reference if scores is not None else None,
+            reference=self.scorer.reference if scores is not None and scores.scope != "prequential" else None,
             scope=scores.scope if scores is not None else "window",
         )
+
+    def _since_scores(self, version: int) -> Scores | None:
+        """The trainer's answers against ``version``'s on the events trained since it was cut;
+        None when it cannot be scored with this model (another adapter configuration)."""
+        try:
+            return self.since.check(self.trainer, version, lambda v: self._fitting(v)[0])
+        except RegistryError as exc:  # AdapterMismatchError included
+            log.info("cannot judge on the events trained since version %d: %s", version, exc)
+            return None
 
     def _why_unloadable(self, version: int) -> str | None:
         """Why the serving version cannot be scored (it cannot be loaded), or None if it can.

@@ -9,12 +9,12 @@ loop) counts them and starts a new lineage in the publisher when told to.
 - ``new_lineage``: a fresh adapter and an empty replay buffer at once;
 - ``retire``: on a *confirmed concept change* only, the replay of events from before the
   detection is retired and the classification head starts afresh (the adapter is kept). A
-  detection on the error or loss stream opens a check over the next ``concept_confirm_events``
-  events: it is a concept change (the same inputs now have other
-  labels) when the error on labels known before the detection rose by ``concept_error_rise``
-  or more over the error before it, and neither the label nor the representation detector fired
-  around it (new labels or new inputs explain errors without a change of concept; their events
-  are worth replaying). Replaying the old concept would fight the new one.
+  detection on the error or loss stream opens a check over the next ``2 * concept_confirm_events``
+  events: it is a concept change (the same inputs now have other labels) when the error on
+  labels known before the detection, over ``concept_confirm_events`` of them in a row, rose by
+  ``concept_error_rise`` or more over the error before it, and none of the label, input and
+  representation detectors fired around it (new labels or new inputs explain errors without a
+  change of concept; their events are worth replaying). Replaying the old concept would fight the new one.
 
 Every reset (``new_lineage``, ``retire``) starts a new *lineage*: work made before it (batches
 tokenized with replay from the old buffer, held-out events of the old concept) carries the old
@@ -46,12 +46,15 @@ Testable without threads or a model:
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dynft.drift import Detection
 from dynft.settings import DriftSettings
+
+log = logging.getLogger(__name__)
 
 PERFORMANCE = ("error", "loss")  # streams whose detections may be concept changes
 PRE_WINDOW = 200  # events whose error is the reference a concept change rises from
@@ -94,8 +97,9 @@ class _Check:
     since: int  # buffer sequence number at the detection: replay before it is the old concept's
     pre_error: float  # error rate before the detection
     known: frozenset[str]  # labels seen before the detection
-    events: int = 0
-    errors: int = 0
+    events: int = 0  # events of known labels since the detection
+    recent: list[bool] = field(default_factory=list)  # the newest concept_confirm_events of them: wrong?
+    peak: float = 0.0  # the highest error over concept_confirm_events of them so far
 
 
 class DriftReaction:
@@ -111,7 +115,7 @@ class DriftReaction:
         self.last = -(10**9)  # prequential index of the last reaction (cooldown)
         self._errors: deque[bool] = deque(maxlen=PRE_WINDOW)
         self._labels: set[str] = set()
-        self._shifts: deque[int] = deque(maxlen=16)  # indices of label / representation detections
+        self._shifts: deque[int] = deque(maxlen=16)  # indices of label / input / representation detections
         self._check: _Check | None = None
         self._retired_at = -(10**9)  # prequential index of the last retire
 
@@ -133,18 +137,22 @@ class DriftReaction:
         wrong = prediction != label
         check = self._check
         if check is not None and label in check.known:
+            span = self.settings.concept_confirm_events
             check.events += 1
-            check.errors += wrong
-            if check.events >= self.settings.concept_confirm_events:
-                self._check = None
+            check.recent = [*check.recent[-(span - 1) :], wrong] if span > 1 else [wrong]
+            if len(check.recent) == span:
                 if self._confirmed(check):
+                    self._check = None
                     return self._retire(check, index)
+                if check.events >= 2 * span:
+                    self._check = None
+                    self._not_confirmed(check)
         self._errors.append(wrong)
         self._labels.add(label)
         return Response()
 
     def on_detection(self, detection: Detection) -> Response:
-        """React to one detection (within the cooldown, only label/representation ones are noted)."""
+        """React to one detection (within the cooldown, only label/input/representation ones are noted)."""
         d = self.settings
         # No concept check within a cooldown of a retire: the fresh head's own early errors would
         # confirm a second change and throw it away again.
@@ -186,10 +194,33 @@ class DriftReaction:
         self.trainer.lr_scale, self.boost_until, self.recent_since = 1.0, -1, None
         return True
 
-    def _confirmed(self, check: _Check) -> bool:
+    def _shifted(self, check: _Check) -> bool:
         around = self.settings.concept_confirm_events
-        shifted = any(abs(i - check.index) <= around for i in self._shifts)
-        return not shifted and check.errors / check.events - check.pre_error >= self.settings.concept_error_rise
+        return any(abs(i - check.index) <= around for i in self._shifts)
+
+    def _confirmed(self, check: _Check) -> bool:
+        """Whether the error over the newest ``concept_confirm_events`` events rose enough.
+
+        A window that slides over twice as many events, not the first ones only: a loss detector
+        may fire a few events before the change (the quick concept stream's at 230 of 240), and
+        the events before it kept the first window's error under the bar (0.60 against 0.32).
+        """
+        check.peak = max(check.peak, sum(check.recent) / len(check.recent))
+        rise = check.peak - check.pre_error
+        return rise >= self.settings.concept_error_rise and not self._shifted(check)
+
+    def _not_confirmed(self, check: _Check) -> None:
+        """Said, so that an operator can tell a missed concept change from none."""
+        why = "a label, input or representation shift was detected around it" if self._shifted(check) else "too small"
+        log.info(
+            "no concept change at event %d: error on known labels at most %.2f over %d events after it, "
+            "%.2f before (%s)",
+            check.index,
+            check.peak,
+            self.settings.concept_confirm_events,
+            check.pre_error,
+            why,
+        )
 
     def _retire(self, check: _Check, index: int) -> Response:
         response = Response(applied=["retire"], retired=self.buffer.retire_before(check.since))
@@ -234,4 +265,7 @@ class DriftReaction:
         self._labels = set(state.get("labels", []))
         self._shifts = deque(state.get("shifts", []), maxlen=16)
         check = state.get("check")
-        self._check = None if check is None else _Check(**{**check, "known": frozenset(check["known"])})
+        if check is not None:  # a check from before the sliding window (it counted "errors") starts it afresh
+            check = {k: v for k, v in check.items() if k != "errors"}
+            check = {**check, "known": frozenset(check["known"]), "recent": [bool(e) for e in check.get("recent", [])]}
+        self._check = None if check is None else _Check(**check)

@@ -211,7 +211,7 @@ class TaskLoop:
             task.applied.clear()
             status = "trained" if trained else "skipped"
             if trained:
-                task.publisher.trained(arrived, fresh)
+                task.publisher.trained(arrived, fresh, [prediction for _, prediction, _ in trained])
                 m = self.metrics
                 m.task_events.labels(task.name).inc(len(fresh))
                 m.task_accuracy.labels(task.name).set(task.prequential.accuracy)

@@ -200,7 +200,7 @@ class Task:
         """The task's own random generator for the block, where it has one."""
         return self.random.installed() if self.random is not None else contextlib.nullcontext()
 
-    def train(self, batch: Batch) -> list[tuple[Event, str, float]]:
+    def train(self, batch: Batch) -> list[tuple[Event, str | None, float]]:
         """One step on ``batch`` and this task's drift reactions to it; the fresh events with their
         prequential prediction and loss (none if the step was skipped)."""
         # The reactions act on the installed adapter and head: this task's; so do its dropout masks.
@@ -213,11 +213,12 @@ class Task:
             scored = list(zip(fresh, result.predictions, result.losses, strict=True))
             for event, prediction, loss in scored:
                 self.prequential.update(event.label, prediction, loss)
-                for detection in self.drift.update(prediction != event.label, loss, event.label):  # no embedding
+                drift = self.drift.update(prediction != event.label, loss, event.label, text=event.text)  # no embedding
+                for detection in drift:
                     self._react(self.reaction.on_detection(detection))
                 self._react(self.reaction.observe(self.drift.seen - 1, event.label, prediction))
-            if self.reaction.boosting:
-                for _ in range(self.settings.drift.boost_extra_steps):
+            if self.reaction.boosting:  # extra replay only while no fresh work waits (as the default task's)
+                for _ in range(0 if self.publisher.waiting() else self.settings.drift.boost_extra_steps):
                     self._replay_step()
             elif self.reaction.after_step():
                 log.info("task %s: drift reaction over after step %d", self.name, self.trainer.steps)
@@ -271,8 +272,13 @@ class Task:
         if self.random is None:  # the process's generator: the default task's checkpoint part has it
             tensors.pop("rng.torch", None)
         if not self.trainer.owns_adapter:  # tasks.sharing = shared: the default task's part holds the adapter
-            heads = {f"param.{k}" for k in self.trainer.slots.head_keys}
-            tensors = {k: t for k, t in tensors.items() if not k.startswith("param.") or k in heads}
+            heads = {f"param.{k}" for k in self.trainer.slots.head_keys}  # and its moments (OnlineTrainer.fork)
+            adapter_moments = {f"optim.{i}." for i in range(len(self.trainer.optimizer.param_groups[0]["params"]))}
+            tensors = {
+                k: t
+                for k, t in tensors.items()
+                if (not k.startswith("param.") or k in heads) and not k.startswith(tuple(adapter_moments))
+            }
         buffered, buffer_state = self.buffer.snapshot()
         state = {
             "trainer": trainer_state,

@@ -146,3 +146,56 @@ def test_the_representation_shift_detector_sees_inputs_move() -> None:
     stable = list(g.normal(0, 1, (1000, 32)))
     detector = RepresentationShiftDetector("PageHinkley", REPRESENTATION_PH, width=32, seed=0)
     assert [i for i, x in enumerate(stable) if detector.update(x)] == []
+
+
+def review_like(rng: random.Random, n: int) -> list[str]:
+    words = [
+        "the",
+        "film",
+        "is",
+        "a",
+        "quiet",
+        "and",
+        "moving",
+        "story",
+        "of",
+        "love",
+        "loss",
+        "with",
+        "fine",
+        "acting",
+    ]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(8, 30))) + " ." for _ in range(n)]
+
+
+def tweet_like(rng: random.Random, n: int) -> list[str]:
+    words = ["@united", "FLIGHT", "delayed", "again!!", "#fail", "gate", "3hrs", "thanks", "NOT", "happy"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 12))) for _ in range(n)]
+
+
+def test_the_input_shift_detector_sees_another_kind_of_text_and_not_the_same_kind() -> None:
+    from dynft.drift import InputShiftDetector
+    from dynft.settings import DriftSettings
+
+    d = DriftSettings()
+    rng = random.Random(5)
+    shifted = review_like(rng, 600) + tweet_like(rng, 300)
+    detector = InputShiftDetector(d.input_detector, d.input_params, d.input_window)
+    assert [i for i, t in enumerate(shifted) if detector.update(t)] == [609]
+    stable = review_like(rng, 3000)  # long texts and short ones, in any order: no shift
+    detector = InputShiftDetector(d.input_detector, d.input_params, d.input_window)
+    assert [i for i, t in enumerate(stable) if detector.update(t)] == []
+
+
+def test_the_monitor_reports_input_shifts_from_the_texts_it_is_given_and_none_when_off() -> None:
+    from dynft.settings import DriftSettings
+
+    rng = random.Random(6)
+    texts = review_like(rng, 400) + tweet_like(rng, 200)
+    monitor = DriftMonitor.from_settings(DriftSettings())
+    assert monitor.streams["input"] == "PageHinkley"
+    hits = [d for t in texts for d in monitor.update(False, 0.1, "a", text=t)]
+    assert [(d.stream, d.index) for d in hits] == [("input", 409)]
+    quiet = DriftMonitor.from_settings(DriftSettings(input_detector="NoDrift"))
+    assert "input" not in quiet.streams
+    assert [d for t in texts for d in quiet.update(False, 0.1, "a", text=t)] == []

@@ -108,6 +108,6 @@ def test_defaults_raise_no_alarm_from_any_detector_on_a_stationary_stream(
     tiny_settings.drift.reactions = []
     assert load_settings().drift.representation_detector == "NoDrift"  # it fires while features are learned
     loop = run_stream(tiny_settings, keyword_events(3000, ["alpha", "beta", "gamma"], seed=3), tmp_path)
-    assert set(loop.drift.streams) == {"error", "loss", "label"}
+    assert set(loop.drift.streams) == {"error", "loss", "label", "input"}
     assert loop.prequential.accuracy > 0.8, "the model did not learn: the test would prove nothing"
     assert [(d.stream, d.index) for d in loop.drift.history] == []

@@ -90,8 +90,8 @@ def test_pruning_runs_beside_the_trainers_commits_without_failing_them(tmp_path:
     thread = threading.Thread(target=trainer)
     thread.start()
     thread.join(60)
-    runs = pruner.runs
-    wait_for(lambda: pruner.runs > runs, "a prune after the last commit")
+    runs = pruner.runs  # a run under way now may have read the rows before the last commit:
+    wait_for(lambda: pruner.runs > runs + 1, "a prune begun after the last commit")  # the next one has not
     pruner.stop()
     assert not failures and ledger.pending == 0
     assert ledger.counts()["trained"] == 300

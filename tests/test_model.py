@@ -17,7 +17,7 @@ from dynft.model import (
     resolve_model_path,
     structure_key,
 )
-from dynft.settings import AdapterSettings
+from dynft.settings import AdapterSettings, ModelSettings
 from dynft.trainer import OnlineTrainer
 
 from helpers import keyword_events
@@ -148,3 +148,25 @@ def test_prefix_tuning_fails_at_start_with_a_clear_error_where_the_model_cannot_
 
     with pytest.raises(ModelError, match=r"prefix tuning cannot run on .*choose adapter\.method = prompt"):
         build_trainer(tiny_settings.model, AdapterSettings(method="prefix"), tiny_settings.trainer)
+
+
+@pytest.mark.parametrize("setting, same", [(0.0, True), (None, False)])
+def test_attention_dropout_follows_the_setting(tiny_trainer: OnlineTrainer, setting: float | None, same: bool) -> None:
+    """0 turns it off (torch's fused CPU attention refuses dropout); null, the default, keeps the model's own 0.1."""
+    path = tiny_trainer.base_model_path
+    assert path is not None
+    lora = peft_config_from_dict(tiny_trainer.export().peft_config)
+    options = ModelSettings(attention_dropout=setting)
+    pad = tiny_trainer.collator.tokenizer.pad_token_id
+    model = build_model(path, lora, 2, torch.device("cpu"), pad, "cls", options)
+    attention = [m for name, m in model.named_modules() if name.endswith("attention.self.dropout")]
+    assert attention and all(isinstance(m, torch.nn.Dropout) for m in attention)
+    for name, module in model.named_modules():  # every other dropout off: only the attention's can differ
+        if isinstance(module, torch.nn.Dropout) and not name.endswith("attention.self.dropout"):
+            module.p = 0.0
+    model.train()
+    batch = tiny_trainer.collator.encode(["w1 alpha1 w2 w3 w4 w5", "beta3 w6"])
+    torch.manual_seed(0)
+    first = model(**batch).logits
+    second = model(**batch).logits
+    assert torch.equal(first, second) is same

@@ -150,3 +150,21 @@ def test_reset_and_restore_keep_track_of_imprinted_rows(tiny_settings: Settings,
     assert not torch.equal(trainer.slots.head.weight, before)  # trained, not re-imprinted
     cosine = torch.nn.functional.cosine_similarity(trainer.slots.head.weight.detach(), before).min()
     assert float(cosine) > 0.9
+
+
+def test_a_label_new_in_a_batch_is_not_predicted_for_that_batch(
+    tiny_settings: Settings, sentence_model_dir: Path
+) -> None:
+    """Test then train: a new label's row is imprinted from the very events of its first batch,
+    so predicting it there would score each of them with its own label."""
+    trainer = mean_trainer(tiny_settings, sentence_model_dir, imprint_new_labels="on")
+    old = [Event(**r) for r in keyword_events(480, ["alpha", "beta"], seed=1)]
+    first = trainer.step(trainer.collator(old[:16], n_fresh=16))
+    assert first.predictions == [None] * 16  # no label was known before the first step
+    for i in range(16, len(old), 16):
+        trainer.step(trainer.collator(old[i : i + 16], n_fresh=16))
+    gamma = [Event(**r) for r in keyword_events(24, ["gamma"], seed=2, prefix="g")]
+    introduced = trainer.step(trainer.collator(gamma[:12] + old[:4], n_fresh=12))
+    assert set(introduced.predictions) <= {"alpha", "beta"}
+    after = trainer.step(trainer.collator(gamma[12:] + old[:4], n_fresh=12))
+    assert after.predictions.count("gamma") >= 3, after.predictions  # known from the next step on (4 of 12)

@@ -56,6 +56,8 @@ def test_a_bf16_trainer_learns_as_an_fp32_one_and_the_server_answers_as_its_gate
     tiny_settings.model.autocast = "on"
     trainer, bf16, seen16 = learning_curve(tiny_settings, stream)
     assert trainer.compute_dtype == torch.bfloat16
+    # bf16 lengths in buckets of 16 (oneDNN keeps kernels per shape); fp32 pads to the longest
+    assert trainer.collator.pad_multiple == 16 and trainer.collator(stream[:5], 5).input_ids.shape[1] % 16 == 0
     assert (seen32, seen16) == ({torch.float32}, {torch.bfloat16})  # the base layers' products
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters() if p.requires_grad)
     late32, late16 = sum(fp32[-320:]) / 320, sum(bf16[-320:]) / 320  # the last 20 steps, test-then-train
@@ -66,7 +68,7 @@ def test_a_bf16_trainer_learns_as_an_fp32_one_and_the_server_answers_as_its_gate
     registry = AdapterRegistry(tiny_settings.registry_dir)
     registry.promote(registry.publish(trainer.export(), {}).version, reason="test")
     engine = InferenceEngine(tiny_settings, registry, ServerMetrics(CollectorRegistry()))
-    assert engine.compute_dtype == torch.bfloat16
+    assert engine.compute_dtype == torch.bfloat16 and engine.pad_multiple == 16  # the gate's shapes
     engine.start()
     try:
         deadline = time.monotonic() + 30

@@ -131,6 +131,25 @@ def test_a_confirmed_concept_change_retires_replay_from_before_the_detection() -
     assert trainer.lr_scale == 3.0 and reaction.boosting and reaction.replay_plan() == (300, 0.5)
 
 
+def test_a_detection_a_little_before_the_change_is_confirmed_once_the_change_fills_the_window() -> None:
+    """A loss detector may fire a few events early: 15 events of the old concept first."""
+    reaction, _trainer, buffer = make(["boost", "upweight", "retire"])
+    feed(reaction, buffer, 0, learned(300))
+    reaction.on_detection(Detection("loss", "PageHinkley", 300))
+    # The first 20 (300-319) have 8 errors (0.40 against 0.20 before: under the bar of 0.3); the
+    # 20 up to 322 have 10 (0.50): confirmed there.
+    assert feed(reaction, buffer, 300, learned(15) + permuted(40)) == [322]
+    assert buffer.retired == [300]
+
+
+def test_a_check_gives_up_after_twice_its_window() -> None:
+    reaction, _trainer, buffer = make(["retire"])
+    feed(reaction, buffer, 0, learned(300))
+    reaction.on_detection(Detection("error", "ADWIN", 300))
+    assert feed(reaction, buffer, 300, learned(40)) == []  # no rise: the check ends at the 40th event
+    assert feed(reaction, buffer, 340, permuted(40)) == [] and reaction.lineage == 1  # no check open
+
+
 def test_the_fresh_heads_own_early_errors_after_a_retire_do_not_retire_again() -> None:
     reaction, trainer, buffer = make(["boost", "upweight", "retire"])
     feed(reaction, buffer, 0, learned(300))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -57,6 +58,20 @@ class GatedFollower(Follower):
         super()._write(record)
 
 
+class SlowFollower(Follower):
+    """Takes its time writing backlogged versions; ``writing`` is set while one is half-way to disk."""
+
+    def __init__(self, settings: Settings, registry: AdapterRegistry, uri: str, metrics: CollectorRegistry) -> None:
+        super().__init__(settings, registry, uri, metrics)
+        self.writing = threading.Event()
+
+    def _write(self, record: VersionRecord) -> None:
+        if threading.current_thread() is self._thread:
+            self.writing.set()
+            time.sleep(1.0)
+        super()._write(record)
+
+
 def follower_for(
     settings: Settings, root: Path, bootstrap: str, topic: str, kind: type[Follower] = Follower
 ) -> tuple[Follower, CollectorRegistry]:
@@ -95,10 +110,13 @@ def test_a_replica_writes_the_serving_version_first_and_the_rest_after_it_serves
         follower.stop()
 
 
-def published(settings: Settings, root: Path, count: int, bootstrap: str) -> tuple[AdapterRegistry, str]:
-    """A trainer's registry of ``count`` versions, serving the newest, synced once to a new versions topic."""
+def published(
+    settings: Settings, root: Path, count: int, bootstrap: str, history: tuple[int, ...] = ()
+) -> tuple[AdapterRegistry, str]:
+    """A registry of ``count`` versions serving the newest (after ``history``), synced once to a new topic."""
     trainer = small_registry(root, count)
-    trainer.promote(count, f"v{count}")
+    for version in [*history, count]:
+        trainer.promote(version, f"v{version}")
     topic = new_topic()
     feed = VersionsFeed(settings, trainer, [bootstrap], topic)
     feed.sync()
@@ -179,6 +197,22 @@ def test_a_trainer_promotion_that_had_not_seen_a_replicas_rollback_is_void(
     finally:
         follower.stop()
         feed.close()
+
+
+def test_a_rollback_waits_for_a_version_the_background_is_still_writing(
+    kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path
+) -> None:
+    _, topic = published(tiny_settings, tmp_path / "trainer", 2, kafka_broker.bootstrap, history=(1,))
+    follower, _ = follower_for(tiny_settings, tmp_path / "replica", kafka_broker.bootstrap, topic, SlowFollower)
+    assert isinstance(follower, SlowFollower)
+    follower.start()
+    try:
+        replica = follower.registry
+        assert follower.writing.wait(10) and 1 not in replica.versions()  # v1 is half-way to disk
+        assert replica.rollback("operator") == 1
+        assert replica.serving().version == 1 and replica.versions() == [1, 2]
+    finally:
+        follower.stop()
 
 
 def test_the_pointer_log_orders_decisions_by_offset_not_clocks() -> None:

@@ -85,10 +85,7 @@ def test_quick_checks_score_the_newest_events_against_the_last_fully_checked_ver
 
     # A broken candidate (its two label rows swapped) loses on the newest events: rejected.
     train(tiny_trainer, publisher, 1, seed=4)
-    with torch.no_grad():
-        head_linear(tiny_trainer.model).weight[:2] = head_linear(tiny_trainer.model).weight[:2].flip(0).clone()
-        if head_linear(tiny_trainer.model).bias is not None:
-            head_linear(tiny_trainer.model).bias[:2] = head_linear(tiny_trainer.model).bias[:2].flip(0).clone()
+    flip_head(tiny_trainer)
     assert publisher.maybe_publish({}) == 4
     gate = publisher.registry.meta(4)["gate"]
     assert (gate["decision"], gate["scope"], gate["reference_version"]) == ("rejected", "newest", 2)
@@ -101,6 +98,63 @@ def test_quick_checks_score_the_newest_events_against_the_last_fully_checked_ver
     assert publisher.maybe_publish({}) == 5
     gate = publisher.registry.meta(5)["gate"]
     assert (gate["scope"], gate["reference_version"], calls) == ("window", 2, [96])  # version 2's answers cached
+
+
+def train_scored(trainer: OnlineTrainer, publisher: Publisher, steps: int, seed: int) -> None:
+    """``train``, handing the publisher each step's prequential answers too (as the loops do)."""
+    for i in range(steps):
+        batch = events(16, seed=seed * 1000 + i, prefix=f"t{seed}-{i}-")
+        result = trainer.step(trainer.collator(batch, n_fresh=16))
+        publisher.trained(1000.0 + i, batch, result.predictions)
+
+
+def flip_head(trainer: OnlineTrainer) -> None:
+    """Swap the two label rows: a broken model that answers every event with the other label."""
+    head = head_linear(trainer.model)
+    with torch.no_grad():
+        head.weight[:2] = head.weight[:2].flip(0).clone()
+        if head.bias is not None:
+            head.bias[:2] = head.bias[:2].flip(0).clone()
+
+
+def test_with_too_little_held_out_the_gate_judges_on_what_was_trained_since_the_serving_version(
+    tiny_settings: Settings, tiny_trainer: OnlineTrainer
+) -> None:
+    publisher, holdout = make(tiny_settings, tiny_trainer, held=4)  # min_holdout is 32
+    train_scored(tiny_trainer, publisher, 1, seed=1)
+    assert publisher.maybe_publish({}) == 1  # first version: nothing to compare with
+    train_scored(tiny_trainer, publisher, 1, seed=2)
+    assert publisher.maybe_publish({}) == 2  # 16 events since version 1: too few to judge on
+    assert publisher.registry.meta(2)["gate"]["decision"] == "rejected"
+    train_scored(tiny_trainer, publisher, 30, seed=3)
+    calls = counting(tiny_trainer)
+    assert publisher.maybe_publish({}) == 3
+    gate = publisher.registry.meta(3)["gate"]
+    # The newest 128 (4 x min_holdout) of the 496 events trained since version 1, each run through version 1 once.
+    assert (gate["scope"], gate["holdout_events"], gate["decision"], calls) == ("prequential", 128, "promoted", [128])
+    assert gate["candidate_accuracy"] > gate["serving_accuracy"] + 0.2, gate  # version 1 had seen 16 events
+    assert gate["reference_version"] == 1 and "trained since it" in gate["reason"]
+
+    flip_head(tiny_trainer)  # the lineage breaks: its answers from now on are wrong
+    train_scored(tiny_trainer, publisher, 1, seed=4)
+    assert publisher.maybe_publish({}) == 4
+    assert "the gate needs 32" in publisher.registry.meta(4)["gate"]["reason"]  # 16 events since version 3
+    train_scored(tiny_trainer, publisher, 1, seed=5)
+    calls.clear()
+    assert publisher.maybe_publish({}) == 5
+    gate = publisher.registry.meta(5)["gate"]
+    assert (gate["scope"], gate["holdout_events"], gate["decision"], calls) == ("prequential", 32, "rejected", [32])
+    train_scored(tiny_trainer, publisher, 1, seed=6)
+    calls.clear()
+    assert publisher.maybe_publish({}) == 6
+    assert calls == [16]  # version 3's answers on the earlier 32 are known
+    assert publisher.registry.serving().version == 3
+
+    for event in events(40, seed=7, prefix="h2"):  # enough held out: the held-out window judges again
+        holdout.add(event)
+    train_scored(tiny_trainer, publisher, 1, seed=8)
+    assert publisher.maybe_publish({}) == 7
+    assert publisher.registry.meta(7)["gate"]["scope"] == "window"
 
 
 def test_an_operators_promotion_makes_the_serving_version_the_reference_with_a_full_check(

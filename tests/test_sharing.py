@@ -63,6 +63,30 @@ def test_a_step_of_one_task_moves_the_adapter_another_serves_only_when_shared(
     assert other.shares_adapter == home.shares_adapter == (sharing == "shared")
 
 
+def test_the_shared_adapter_has_one_set_of_moments_whichever_task_steps_and_whatever_restores(
+    tiny_trainer: OnlineTrainer,
+) -> None:
+    home = tiny_trainer
+    other = home.fork(task_collator(home.collator, LabelMap()), share_adapter=True)
+    train(home, events(32, ["alpha", "beta"], 1, "a"), home)  # two steps of 16
+    train(other, events(48, ["gamma", "delta"], 2, "b"), home)  # three
+    adapter = home.optimizer.param_groups[0]["params"]
+    assert all(home.optimizer.state[p]["step"].item() == 5 for p in adapter)  # one Adam over five steps
+    head = other.optimizer.param_groups[1]["params"]
+    assert all(other.optimizer.state[p]["step"].item() == 3 for p in head)  # each head its own
+
+    # A restart restores each trainer's optimizer anew (new state dicts): the next step joins them again.
+    other.activate()
+    tensors, state = other.snapshot()
+    other.restore(tensors, state)
+    home.activate()
+    tensors, state = home.snapshot()
+    home.restore(tensors, state)
+    train(other, events(16, ["gamma", "delta"], 3, "c"), home)
+    assert all(home.optimizer.state[p]["step"].item() == 6 for p in adapter)
+    assert all(other.optimizer.state[p] is home.optimizer.state[p] for p in adapter)
+
+
 def publishers(
     tiny_settings: Settings, tmp_path: Path, trainers: dict[str, OnlineTrainer], home: OnlineTrainer, clock: list[int]
 ) -> list[Member]:
@@ -134,6 +158,10 @@ def test_in_shared_mode_every_task_serves_one_adapter_with_its_own_head(
     tiny_settings.tasks.sharing = "shared"
     tiny_settings.registry.keep_last = 100
     tiny_settings.trainer.batch_size = 8  # twice the steps of 16 rows (see test_tasks' first test)
+    # Mean pooling, as the default model's: the tiny random model's [CLS] features hardly tell the
+    # keywords apart, and through one adapter moved by three tasks the named tasks stayed at chance
+    # in some runs (the batches, and in shared mode the dropout masks, vary with thread timing).
+    tiny_settings.model.pooling = "mean"
     loop = run(tiny_settings, write_jsonl(tmp_path / "tasks.jsonl", interleaved(300, TASKS, seed=4)))
 
     assert all(t.trainer.shares_adapter for t in loop.tasks.values()) and loop.trainer.shares_adapter
@@ -152,10 +180,10 @@ def test_in_shared_mode_every_task_serves_one_adapter_with_its_own_head(
         for key, tensor in tensors.items():
             if key not in head_keys:
                 assert torch.equal(tensor, reference[key]), (name, key)
-    # Two labels per task (chance 0.5): 0.69-0.75 seen; the takes (so the batches) vary with the load.
-    assert loop.prequential.accuracy > 0.65
-    for name in loop.tasks:  # their prequential accuracy counts their early steps: 0.55-0.64 seen
-        assert final_accuracy(loop, name, TASKS[name]) > 0.7, name  # 0.76-0.81 seen
+    # Two labels per task (chance 0.5): 0.77-0.86 seen; the takes (so the batches) vary with the load.
+    assert loop.prequential.accuracy > 0.7
+    for name in loop.tasks:  # their prequential accuracy counts their early steps: 0.68-0.78 seen
+        assert final_accuracy(loop, name, TASKS[name]) > 0.8, name  # 0.91-1.0 seen over eight seeds
 
     # A restart resumes every task from the checkpoint, the shared adapter held once in it.
     steps = {name: task.trainer.steps for name, task in loop.tasks.items()}

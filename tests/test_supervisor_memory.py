@@ -71,6 +71,7 @@ def test_a_check_run_apart_raises_the_childs_error_with_its_type(tiny_settings: 
     from dynft.supervisor import check_apart
 
     check_apart(check_detectors, tiny_settings)  # the defaults pass
-    bad = load_settings(overrides={"state_dir": str(tiny_settings.state_dir), "drift.error_detector": "NoSuch"})
-    with pytest.raises(ConfigError, match=r"drift detector .NoSuch. is not in river\.drift"):
-        check_apart(check_detectors, bad)
+    for setting in ("drift.error_detector", "drift.input_detector"):
+        bad = load_settings(overrides={"state_dir": str(tiny_settings.state_dir), setting: "NoSuch"})
+        with pytest.raises(ConfigError, match=r"drift detector .NoSuch. is not in river\.drift"):
+            check_apart(check_detectors, bad)

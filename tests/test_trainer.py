@@ -145,3 +145,23 @@ def test_an_unknown_compile_backend_is_a_configuration_error(tiny_settings: Sett
     tiny_settings.trainer.compile_backend = "no-such-backend"
     with pytest.raises(ConfigError, match=r"trainer\.compile_backend 'no-such-backend'"):
         build_trainer(tiny_settings.model, tiny_settings.adapter, tiny_settings.trainer)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_length_buckets_never_pad_past_max_length(tiny_trainer: OnlineTrainer, side: str) -> None:
+    """Rounding up to a multiple of 16 stops at ``max_length`` (20 here, not a multiple): a model
+    whose positions end there must never see position 32; every text keeps all its tokens."""
+    from dynft.batching import tokenize
+
+    tokenizer = tiny_trainer.collator.tokenizer
+    texts = ["alpha " * 40, "beta gamma"]
+    before = tokenizer.padding_side
+    tokenizer.padding_side = side
+    try:
+        plain, bucketed = tokenize(tokenizer, texts, 20), tokenize(tokenizer, texts, 20, 16)
+        short = tokenize(tokenizer, texts[1:], 20, 16)
+    finally:
+        tokenizer.padding_side = before
+    assert plain["input_ids"].shape[1] == bucketed["input_ids"].shape[1] == 20
+    assert torch.equal(plain["attention_mask"].sum(dim=1), bucketed["attention_mask"].sum(dim=1))
+    assert short["input_ids"].shape[1] == 16 and int(short["attention_mask"].sum()) < 16  # a bucket under the limit

@@ -35,7 +35,7 @@ from benchmarks.quality.streams import DATA, Stream, build
 from benchmarks.quality.suites import SUITES, Suite
 
 HORIZON = 100  # events after a drift point within which a detection counts (the goal)
-DETECTORS = ("error", "loss", "label", "representation")
+DETECTORS = ("error", "loss", "label", "input", "representation")
 RESULTS = Path(__file__).parents[1] / "results" / "quality"
 
 

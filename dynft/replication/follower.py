@@ -101,6 +101,9 @@ class Follower:
         self._pending: dict[str, PointerRecord] = {}  # task -> a pointer whose version has not arrived yet
         self._backlog: dict[Key, VersionRecord] = {}  # read at start, not yet written (popped under the lock)
         self._backlog_lock = threading.Lock()  # an admin request may need a backlogged version written now
+        # Held from taking a version off the backlog until it is on disk: an admin request that finds
+        # it gone from the backlog then knows it is written, not half-way (the follower's thread may be writing it).
+        self._write_lock = threading.RLock()
         self._live: set[Key] = set()  # versions with a record (not a tombstone) on the topic
         self._cleaned = False
         self._catching_up = False
@@ -179,9 +182,10 @@ class Follower:
 
     def ensure(self, version: int, task: str = DEFAULT_TASK) -> None:
         """Write ``version`` now if it is still in the backlog (an admin decision needs it on disk)."""
-        record = self._take(task, version)
-        if record is not None:
-            self._write(record)
+        with self._write_lock:
+            record = self._take(task, version)
+            if record is not None:
+                self._write(record)
 
     def _take(self, task: str, version: int) -> VersionRecord | None:
         with self._backlog_lock:
@@ -250,8 +254,9 @@ class Follower:
         if self._catching_up:  # written once the end is reached: the serving one first
             self._backlog[where] = record
             return
-        self._take(*where)
-        self._write(record)
+        with self._write_lock:
+            self._take(*where)
+            self._write(record)
         pending = self._pending.get(record.task)
         if pending is not None and pending.pointer.get("version") == record.version:
             self._install(pending)
@@ -270,9 +275,8 @@ class Follower:
         history = [(t, h.get("version")) for t, r in list(self._registries.items()) for h in r.serving().history]
         with self._backlog_lock:
             key = next((k for k in history if k in self._backlog), max(self._backlog, default=None))
-        record = None if key is None or not isinstance(key[1], int) else self._take(key[0], key[1])
-        if record is not None:
-            self._write(record)
+        if key is not None and isinstance(key[1], int):
+            self.ensure(key[1], key[0])
 
     def _remove_unlisted(self) -> None:
         """Versions left by an earlier run whose records the topic no longer holds (pruned meanwhile)."""

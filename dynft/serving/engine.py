@@ -40,7 +40,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from dynft.batching import tokenize
+from dynft.batching import pad_multiple_for, tokenize
 from dynft.errors import DynftError
 from dynft.families import base_dtype, read_positions
 from dynft.fingerprint import BaseModelId
@@ -109,6 +109,8 @@ class InferenceEngine(VersionWatcher):
         self.compute_dtype = autocast_dtype(
             settings.model.autocast, self.device, base_dtype(settings.model.dtype, self.device)
         )
+        t = settings.trainer  # padded lengths as the trainer's, for the same reason (and the same numbers)
+        self.pad_multiple = pad_multiple_for(t.pad_multiple, self.compute_dtype, t.compile)
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.model_path)
         self.lanes: dict[str, Lane] = {DEFAULT_TASK: Lane(DEFAULT_TASK, registry)}  # grown by the watcher
         # A replica's: each task's registry from its follower (admin decisions go to the pointer topic).
@@ -206,8 +208,10 @@ class InferenceEngine(VersionWatcher):
                     batch.append(self._queue.popleft())
                     size += len(batch[-1].texts)
                     continue
+                # A staged version waits for the batch too (at most max_wait_ms): cutting batches
+                # short for swaps halved them, and throughput, at fifty promotions a second.
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or any(lane.staged is not None for lane in list(self.lanes.values())):
+                if remaining <= 0:
                     break
                 self._cond.wait(timeout=remaining)
             self._queued_texts -= size
@@ -297,7 +301,7 @@ class InferenceEngine(VersionWatcher):
         self, active: LoadedVersion, texts: list[str], features: bool = False
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One forward pass: the features the head reads (B, H) when asked for, and the logits."""
-        enc = tokenize(self.tokenizer, texts, self.settings.model.max_length)  # as the trainer does
+        enc = tokenize(self.tokenizer, texts, self.settings.model.max_length, self.pad_multiple)  # as the trainer does
         ids = enc["input_ids"].to(self.device)
         mask = enc["attention_mask"].to(self.device)
         if self._installed is not active:  # another task's rows ran last: its adapter and head go out
@@ -360,7 +364,7 @@ class InferenceEngine(VersionWatcher):
         self, mixed: MixedForward, model: PeftModel, rows: list[LoadedVersion], texts: list[str]
     ) -> list[Prediction]:
         self.metrics.batch_size.observe(len(texts))
-        enc = tokenize(self.tokenizer, texts, self.settings.model.max_length)
+        enc = tokenize(self.tokenizer, texts, self.settings.model.max_length, self.pad_multiple)
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         probs = mixed.probabilities(model, ids, mask, [(id(v), v.params, len(v.labels)) for v in rows])
         out = []

@@ -6,7 +6,8 @@ The fast path closes that gap without waiting for a version. The trainer hands t
 ``server.prototype_shots`` labelled events of every label of the default task to the server
 through an append-only file, ``<state_dir>/run/shots.jsonl`` (``ShotLog``). The server embeds
 the shots of each label that the answering version lacks with that very version (the feature
-its head reads, so prototype and query live in one space) and answers with the version's head
+its head reads, so prototype and query live in one space; rows an earlier version embedded are
+renewed a few per forward, see ``FastPath._prototypes``) and answers with the version's head
 extended by one row per such label, imprinted from the label's mean feature exactly as the
 trainer imprints a new label's row (``OnlineTrainer._imprint``: the centred mean, scaled to the
 norm and bias of the established rows). Once a version that knows the label serves, no row is
@@ -15,6 +16,11 @@ version's ``label_events`` (fresh events its lineage trained per label) count fe
 label than the fast path holds shots of it, the label's prototype row replaces the version's
 own row, which rests on fewer examples (measured: on a class-incremental stream such early rows
 answered their labels worse than the prototypes they retired).
+
+Shots carry the default task's lineage: after a drift reaction that reset the head or the
+adapter (a confirmed concept change, say) the trainer collects shots afresh and the server drops
+the older ones, which would answer with the old concept; a version of the new lineage, which
+barely knows its labels, is then helped by the new concept's first events.
 
 Before any version serves, a *version 0* answers: the base encoder with a fresh (identity)
 adapter, and prototype rows alone. Without shots nothing answers (503), as before.
@@ -46,6 +52,7 @@ log = logging.getLogger(__name__)
 
 SHOTS_FILE = Path("run") / "shots.jsonl"  # under the state directory
 CENTRE_DECAY = 0.99  # the centre follows about the last 100 rows the server embedded
+REFRESH_ROWS = 16  # shot rows of an earlier version re-embedded per forward (``FastPath._prototypes``)
 
 Embed = Callable[[list[str]], torch.Tensor]  # texts -> (B, H) features the head reads, under one version
 
@@ -54,6 +61,7 @@ Embed = Callable[[list[str]], torch.Tensor]  # texts -> (B, H) features the head
 class Shot:
     label: str
     text: str
+    lineage: int = 1  # the default task's lineage when it was offered (lines without one: the first)
 
 
 def read_shots(path: Path, offset: int = 0) -> tuple[list[Shot], int]:
@@ -72,7 +80,7 @@ def read_shots(path: Path, offset: int = 0) -> tuple[list[Shot], int]:
     for line in data[:end].splitlines():
         try:
             row = json.loads(line)
-            shots.append(Shot(str(row["label"]), str(row["text"])))
+            shots.append(Shot(str(row["label"]), str(row["text"]), int(row.get("lineage", 1))))
         except (ValueError, KeyError, TypeError):
             log.warning("skipping an unreadable line of %s", path)
     return shots, offset + end
@@ -89,20 +97,26 @@ class ShotLog:
         if path.exists() and path.stat().st_size > end:  # a line cut by a crash: appending would glue onto it
             with open(path, "r+b") as fh:
                 fh.truncate(end)
-        self.counts: Counter[str] = Counter(shot.label for shot in shots)
+        self.lineage = max((shot.lineage for shot in shots), default=1)
+        self.counts: Counter[str] = Counter(shot.label for shot in shots if shot.lineage == self.lineage)
 
-    def offer(self, events: Iterable[Event]) -> int:
-        """Append the events whose label still lacks shots; returns how many were written.
+    def offer(self, events: Iterable[Event], lineage: int = 1) -> int:
+        """Append the events whose label still lacks shots in ``lineage``; returns how many were written.
 
+        A new lineage (a drift reaction reset the head or the adapter) collects its shots afresh:
+        after a concept change the old shots answer the old concept.
         The fast path is an optimisation: a write the disk refuses is logged and its shots are
         offered again by the label's next events, and training goes on.
         """
+        if lineage != self.lineage:
+            self.lineage, self.counts = lineage, Counter()
         taken: Counter[str] = Counter()
         lines = []
         for event in events:
             if self.counts[event.label] + taken[event.label] < self.per_label:
                 taken[event.label] += 1
-                lines.append(json.dumps({"label": event.label, "text": event.text}) + "\n")
+                row = {"label": event.label, "text": event.text, "lineage": lineage}
+                lines.append(json.dumps(row) + "\n")
         if not lines:
             return 0
         try:
@@ -125,10 +139,14 @@ class ShotLog:
 
 @dataclass
 class _Embedded:
-    """Shot features of the pending labels under one version (the worker's)."""
+    """Shot features of the pending labels (the worker's), each row tagged with the generation of
+    the version that embedded it: a new version makes the others stale, not void (see ``_prototypes``)."""
 
-    version: object | None = None  # the LoadedVersion they were embedded with (compared by identity)
+    version: object | None = None  # the LoadedVersion of the current generation (compared by identity)
+    generation: int = 0
     features: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # label -> one (H,) row per shot
+    made: dict[str, list[int]] = field(default_factory=dict)  # label -> the generation of each row
+    renewing: bool = False  # rows of an earlier generation may be left (none are looked for otherwise)
 
 
 class FastPath:
@@ -140,6 +158,7 @@ class FastPath:
         self._offset = 0  # watcher thread only
         self._inbox: queue.SimpleQueue[list[Shot] | None] = queue.SimpleQueue()  # None: start over
         self.shots: dict[str, list[str]] = {}  # label -> texts (worker thread only)
+        self.lineage = 0  # the lineage of ``shots``: only the newest one's are kept (worker thread only)
         self._embedded = _Embedded()
         self._centre: torch.Tensor | None = None  # running mean of embedded rows (H,)
         self.has_shots = False  # set by the watcher after handing shots over, read to build version 0
@@ -170,9 +189,13 @@ class FastPath:
             except queue.Empty:
                 return
             if item is None:
-                self.shots, self._embedded = {}, _Embedded()
+                self.shots, self._embedded, self.lineage = {}, _Embedded(), 0
                 continue
             for shot in item:
+                if shot.lineage < self.lineage:  # an old concept's: its answers would be the old ones
+                    continue
+                if shot.lineage > self.lineage:
+                    self.shots, self._embedded, self.lineage = {}, _Embedded(), shot.lineage
                 texts = self.shots.setdefault(shot.label, [])
                 if len(texts) < self.per_label:
                     texts.append(shot.text)
@@ -220,17 +243,39 @@ class FastPath:
         return pending, features.float() @ weight.T + bias  # (B, P)
 
     def _prototypes(self, version: object, pending: list[str], embed: Embed) -> torch.Tensor:
-        """Each pending label's mean shot feature under ``version`` (P, H); embeds only new shots."""
-        if self._embedded.version is not version:
-            self._embedded = _Embedded(version)
-        cache = self._embedded.features
-        todo = [(label, text) for label in pending for text in self.shots[label][len(cache.get(label, [])) :]]
+        """Each pending label's mean shot feature (P, H), embedded by ``version`` as far as a forward allows.
+
+        New shots are embedded at once. Rows a previous version embedded are re-embedded at most
+        ``REFRESH_ROWS`` per forward, oldest first, and used meanwhile: consecutive versions differ
+        by a few adapter steps, so their features hardly move, while re-embedding every shot of every
+        pending label at each version (hundreds of texts on a class-incremental stream, with a new
+        version every second) stalled the answers of a 2-core server for about a second each.
+        """
+        cache = self._embedded
+        if cache.version is not version:
+            cache.version, cache.generation, cache.renewing = version, cache.generation + 1, True
+        new = [
+            (label, i) for label in pending for i in range(len(cache.features.get(label, [])), len(self.shots[label]))
+        ]
+        stale = [
+            (label, i)
+            for label in (pending if cache.renewing else [])  # the predict path: no scan once all are renewed
+            for i, made in enumerate(cache.made.get(label, []))
+            if made != cache.generation
+        ]
+        cache.renewing = len(stale) > REFRESH_ROWS
+        todo = new + stale[:REFRESH_ROWS]
         if todo:
-            features = embed([text for _, text in todo]).float()
+            features = embed([self.shots[label][i] for label, i in todo]).float()
             self.observe(features)
-            for (label, _), row in zip(todo, features, strict=True):
-                cache.setdefault(label, []).append(row)
-        return torch.stack([torch.stack(cache[label]).mean(dim=0) for label in pending])
+            for (label, i), row in zip(todo, features, strict=True):
+                rows, made = cache.features.setdefault(label, []), cache.made.setdefault(label, [])
+                if i < len(rows):
+                    rows[i], made[i] = row, cache.generation
+                else:
+                    rows.append(row)
+                    made.append(cache.generation)
+        return torch.stack([torch.stack(cache.features[label]).mean(dim=0) for label in pending])
 
 
 def _count(value: Any, default: int) -> int:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import pytest
 import torch
 
 from dynft.events import Event
 from dynft.registry import AdapterRegistry
-from dynft.serving.prototypes import SHOTS_FILE, FastPath, ShotLog, merge_columns, read_shots
+from dynft.serving.prototypes import REFRESH_ROWS, SHOTS_FILE, FastPath, ShotLog, merge_columns, read_shots
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer, build_trainer
 
@@ -150,6 +152,34 @@ def test_the_shots_file_survives_restarts_and_cut_lines(tmp_path: Path) -> None:
     assert fast.shots == {}
 
 
+def test_a_new_lineage_collects_shots_afresh_and_the_server_keeps_only_the_newest_lineages(
+    tmp_path: Path,
+) -> None:
+    """After a concept change the old shots answer with the old concept: they are dropped."""
+    path = tmp_path / "run" / "shots.jsonl"
+    old = [Event(**r) for r in keyword_events(40, ["alpha", "beta"], seed=1)]
+    swapped = {"alpha": "beta", "beta": "alpha"}
+    new = [Event(**r) for r in keyword_events(40, ["alpha", "beta"], seed=2, relabel=swapped)]
+    log = ShotLog(path, 3)
+    assert log.offer(old) == 6
+    fast = FastPath(path, 3)
+    fast.poll()
+    fast.take()
+    assert fast.shots["alpha"] == [e.text for e in old if e.label == "alpha"][:3]
+
+    assert log.offer(new, lineage=2) == 6  # the new lineage has no shots yet
+    assert log.offer(old, lineage=2) == 0
+    fast.poll()
+    fast.take()
+    assert fast.lineage == 2 and fast.shots["alpha"] == [e.text for e in new if e.label == "alpha"][:3]
+    assert ShotLog(path, 3).counts == {"alpha": 3, "beta": 3}  # a restart counts the newest lineage's
+
+    server = FastPath(path, 3)  # a restarted server reads the file from the start: the newest lineage's only
+    server.poll()
+    server.take()
+    assert server.shots == fast.shots
+
+
 def test_the_trainer_hands_the_first_events_of_each_label_to_the_shots_file(
     tiny_settings: Settings, tmp_path: Path
 ) -> None:
@@ -184,6 +214,42 @@ def test_a_label_the_version_trained_on_fewer_events_than_its_shots_keeps_its_pr
     labels, merged = merge_columns(["a", "b"], logits, ["b", "c"], torch.tensor([[5.0, 6.0], [7.0, 8.0]]))
     assert labels == ["a", "b", "c"]  # b's column is the prototype's, c is appended
     assert merged.tolist() == [[1.0, 5.0, 6.0], [3.0, 7.0, 8.0]] and logits.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+
+
+def test_a_new_version_renews_earlier_shot_features_a_few_rows_per_forward(tmp_path: Path) -> None:
+    """Re-embedding every shot at each version stalled a 2-core server on a class-incremental stream."""
+    path = tmp_path / SHOTS_FILE
+    ShotLog(path, SHOTS).offer(events_of(["b", "c", "e"], 8, seed=1))  # 24 shots: more than REFRESH_ROWS
+    fast = FastPath(path, SHOTS)
+    fast.poll()
+    fast.take()
+    head = torch.nn.Linear(4, 1)
+    embedded: list[int] = []
+
+    def embed_with(offset: float) -> Callable[[list[str]], torch.Tensor]:
+        def embed(texts: list[str]) -> torch.Tensor:  # a feature per text that depends on the version
+            embedded.append(len(texts))
+            return torch.tensor([[float(len(t)), 1.0, 0.0, offset] for t in texts])
+
+        return embed
+
+    def prototype_offsets(version: object, offset: float) -> list[float]:
+        return [round(x, 3) for x in fast._prototypes(version, ["b", "c", "e"], embed_with(offset))[:, 3].tolist()]
+
+    first, second = object(), object()
+    assert prototype_offsets(first, 1.0) == [1.0, 1.0, 1.0] and embedded == [24]  # every shot is new
+    assert fast.extend(first, ["a"], head, torch.zeros(2, 4), embed_with(1.0))[0] == ["b", "c", "e"]
+    assert embedded == [24]  # the same version: nothing embedded again
+    embedded.clear()
+    # A new version: 16 of the 24 rows are renewed per forward, the rest serve as they were meanwhile.
+    assert prototype_offsets(second, 2.0) == [2.0, 2.0, 1.0]
+    assert prototype_offsets(second, 2.0) == [2.0, 2.0, 2.0]
+    assert prototype_offsets(second, 2.0) == [2.0, 2.0, 2.0] and embedded == [REFRESH_ROWS, 8]
+    ShotLog(path, SHOTS).offer(events_of(["d"], 2, seed=3))  # a new label's shots are embedded at once
+    fast.poll()
+    fast.take()
+    features = fast._prototypes(object(), ["b", "c", "d"], embed_with(3.0))
+    assert features[:, 3].tolist() == pytest.approx([3.0, 3.0, 3.0]) and embedded[-1] == 2 + REFRESH_ROWS
 
 
 def test_versions_record_the_events_trained_per_label_and_a_new_lineage_starts_them_again(
