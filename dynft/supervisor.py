@@ -47,8 +47,6 @@ from dynft.settings import Settings
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 TRIM_INTERVAL_S = 5.0  # how often a child hands freed heap pages back (see _trim_heap)
-MMAP_THRESHOLD = 256 * 1024  # bytes: blocks this large get pages of their own (see _map_large_blocks)
-M_MMAP_THRESHOLD = -3  # malloc.h
 REPLICA_DIR = "replica"  # under the state directory: the registry an elected trainer's server follows into
 # Imported once, in the fork server; dynft.forkserver last (it freezes what the others created).
 PRELOAD = ["dynft.cli", "dynft.loop", "dynft.serving.server", "dynft.forkserver"]
@@ -119,29 +117,10 @@ def _trim_heap(interval_s: float = TRIM_INTERVAL_S) -> None:
     threading.Thread(target=loop, name="dynft-trim-heap", daemon=True).start()
 
 
-def _map_large_blocks(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Give every block of ``threshold`` bytes or more its own mapping, unmapped when freed (glibc).
-
-    glibc maps large blocks apart from its heap, but raises that threshold (up to 32 MiB) each
-    time such a block is freed, so after the first steps a trainer's activations and gradients
-    (0.1-10 MiB tensors) live on the heap; a reading between two trims finds the step's peak
-    there (the trainer's heap swung between 230 and 390 MiB on the demo). A fixed threshold keeps
-    them out of the heap: each step's tensors are returned as the step frees them (the heap then
-    held 21 MiB). The cost is a page fault per new page, a few per cent of a CPU step. False when
-    this is not glibc.
-    """
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, threshold))
-
-
 def _child_main(argv: list[str], supervisor: int) -> None:
     """Body of a child, forked from the fork server: run ``dynft <argv>`` and exit with its code."""
     _die_with_parent()
     _follow(supervisor)
-    _map_large_blocks()
     _trim_heap()
     os.setsid()
     # Children read the resolved config file only: DYNFT_* variables were already applied by

@@ -75,32 +75,3 @@ def test_a_check_run_apart_raises_the_childs_error_with_its_type(tiny_settings: 
         bad = load_settings(overrides={"state_dir": str(tiny_settings.state_dir), setting: "NoSuch"})
         with pytest.raises(ConfigError, match=r"drift detector .NoSuch. is not in river\.drift"):
             check_apart(check_detectors, bad)
-
-
-PROBE = """
-import ctypes, sys
-from dynft import supervisor
-
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.malloc.argtypes = [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-if sys.argv[1] == "tuned":
-    assert supervisor._map_large_blocks()
-libc.free(libc.malloc(8 << 20))  # a freed mapped block raises glibc's own threshold past its size
-block = libc.malloc(1 << 20)
-heaps = [line.split()[0] for line in open("/proc/self/maps") if line.rstrip().endswith("[heap]")]
-low, high = (int(end, 16) for end in heaps[0].split("-"))
-print("heap" if low <= block < high else "mapped")
-"""
-
-
-@pytest.mark.parametrize(("mode", "where"), [("default", "heap"), ("tuned", "mapped")])
-def test_a_childs_large_blocks_stay_off_the_heap_after_glibc_would_have_moved_them_there(mode: str, where: str) -> None:
-    """A trainer's step tensors (0.1-10 MiB) are unmapped when freed instead of swelling the heap.
-
-    The default row shows what the children's setting changes: glibc's own threshold has risen
-    past 1 MiB after one freed 8 MiB block, so the next 1 MiB block lands on the heap.
-    """
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == where
