@@ -71,12 +71,16 @@ class TrainerWeights:
                     param.copy_(state.tensors[key].to(param.device, param.dtype))
 
     def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Everything needed to continue exactly: weights, optimizer, labels, counters, RNG."""
-        tensors = {f"param.{k}": p.detach() for k, p in self.slots.capture().items()}
+        """Everything needed to continue exactly: weights, optimizer, labels, counters, RNG.
+
+        Copies, not views: a snapshot kept across a step still holds the weights it was taken
+        with (the optimizer's state dict hands out its live moment tensors).
+        """
+        tensors = {f"param.{k}": p.detach().clone() for k, p in self.slots.capture().items()}
         optim = self.optimizer.state_dict()
         for index, values in optim["state"].items():
             for name, value in values.items():
-                tensors[f"optim.{index}.{name}"] = value
+                tensors[f"optim.{index}.{name}"] = value.clone() if isinstance(value, torch.Tensor) else value
         tensors["rng.torch"] = torch.get_rng_state()
         groups = [{k: v for k, v in g.items()} for g in optim["param_groups"]]
         state = {

@@ -46,6 +46,21 @@ def test_the_trainer_learns_the_keyword_task(tiny_trainer: OnlineTrainer) -> Non
     assert tiny_trainer.steps == 150 and tiny_trainer.skipped == 0
 
 
+def test_a_snapshot_kept_across_steps_still_holds_the_weights_and_moments_it_was_taken_with(
+    tiny_trainer: OnlineTrainer,
+) -> None:
+    tiny_trainer.step(tiny_trainer.collator(events(16, ["alpha", "beta"]), n_fresh=16))
+    tensors, _ = tiny_trainer.snapshot()
+    kept = {k: t.clone() for k, t in tensors.items()}
+    assert any(k.startswith("optim.") for k in kept) and any(k.startswith("param.") for k in kept)
+    for seed in range(3):
+        tiny_trainer.step(tiny_trainer.collator(events(16, ["alpha", "beta"], seed=seed + 2), n_fresh=16))
+    moved = [k for k, t in tensors.items() if k != "rng.torch" and not torch.equal(t, tiny_trainer.snapshot()[0][k])]
+    assert moved, "the steps changed nothing: the comparison below would prove nothing"
+    for key, tensor in tensors.items():
+        assert torch.equal(tensor, kept[key]), key
+
+
 def test_a_non_finite_loss_skips_the_step_and_leaves_the_weights_alone(tiny_trainer: OnlineTrainer) -> None:
     tiny_trainer.step(tiny_trainer.collator(events(16, ["alpha", "beta"]), n_fresh=16))
     before = {k: p.detach().clone() for k, p in tiny_trainer.slots.capture().items()}
