@@ -1,13 +1,15 @@
 """Knowledge distillation: a student that learns from labels, from labels and a teacher, or
 from the teacher with a tenth of the labels.
 
-``python -m benchmarks.quality.distill [--dataset ag_news] [--events 480] [--seeds 3] [--workers 2]``
-writes ``benchmarks/results/quality/distill-<dataset>-<events>.{md,json}``.
+``python -m benchmarks.quality.distill [--dataset ag_news] [--events 480] [--seeds 3] [--workers 2]
+[--teacher base|mpnet|base+mpnet]`` writes ``benchmarks/results/quality/distill-<dataset>-<events>.{md,json}``.
 
 The teacher is a stronger model prepared offline, at the start of the run: a logistic
-regression on the frozen base model's mean-pooled embeddings, fitted on the dataset's whole
-training split (it has seen every training text with its label; the student sees a stream of
-``--events`` of them). Its class probabilities are the events' ``teacher`` field, as a larger
+regression on frozen mean-pooled embeddings, fitted on the dataset's whole training split (it
+has seen every training text with its label; the student sees a stream of ``--events`` of
+them). ``--teacher`` chooses whose embeddings: the student's own base model (``base``), the
+five times larger all-mpnet-base-v2 (``mpnet``, fetched by ``benchmarks.models``), or both
+side by side (``base+mpnet``). Its class probabilities are the events' ``teacher`` field, as a larger
 model's would be. The student is dynft's trainer (the packaged MiniLM with its LoRA adapter),
 one test-then-train pass over the stream in batches of 16, as the daemon's fresh rows.
 
@@ -37,6 +39,11 @@ from benchmarks.quality.suites import QUICK, dynft_overrides
 DATA = Path(__file__).parent / "data"
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "quality"
 CONFIGS = ("labels only", "labels + teacher", "teacher + 10% labels")
+TEACHERS = {  # --teacher: whose frozen mean-pooled embeddings the teacher's regression reads
+    "base": "the student's frozen base model's mean-pooled embeddings",
+    "mpnet": "all-mpnet-base-v2's frozen mean-pooled embeddings (110M parameters, 5x the student's base)",
+    "base+mpnet": "the student's base model's and all-mpnet-base-v2's mean-pooled embeddings side by side",
+}
 BATCH = 16
 
 
@@ -65,13 +72,19 @@ def embeddings(texts: list[str], model_path: str | None) -> Any:
     return torch.cat(out).numpy()
 
 
-def teacher(dataset: str, model_path: str | None) -> tuple[list[dict[str, float]], float, list[str]]:
+def teacher(
+    dataset: str, model_path: str | None, kind: str = "base"
+) -> tuple[list[dict[str, float]], float, list[str]]:
     """The teacher's distribution for every training text, its test accuracy, and the classes."""
+    import numpy as np
     from sklearn.linear_model import LogisticRegression
 
+    from benchmarks.models import fetch
+
+    paths = ([model_path] if "base" in kind else []) + ([str(fetch("mpnet"))] if "mpnet" in kind else [])
     train, test = load(dataset, "train"), load(dataset, "test")
-    x_train = embeddings([r["text"] for r in train], model_path)
-    x_test = embeddings([r["text"] for r in test], model_path)
+    x_train = np.hstack([embeddings([r["text"] for r in train], path) for path in paths])
+    x_test = np.hstack([embeddings([r["text"] for r in test], path) for path in paths])
     model = LogisticRegression(max_iter=2000, C=1.0).fit(x_train, [r["label"] for r in train])
     classes = [str(c) for c in model.classes_]
     accuracy = float((model.predict(x_test) == [r["label"] for r in test]).mean())
@@ -134,9 +147,15 @@ def student(
 
 
 def run(
-    dataset: str, events: int, seeds: int, workers: int, model_path: str | None, alpha: float | None = None
+    dataset: str,
+    events: int,
+    seeds: int,
+    workers: int,
+    model_path: str | None,
+    alpha: float | None = None,
+    teacher_kind: str = "base",
 ) -> dict[str, Any]:
-    teachers, teacher_accuracy, classes = teacher(dataset, model_path)
+    teachers, teacher_accuracy, classes = teacher(dataset, model_path, teacher_kind)
     train = load(dataset, "train")
     args = {}
     for config in CONFIGS:
@@ -167,6 +186,7 @@ def run(
         "seeds": seeds,
         "distill_alpha": alpha,
         "classes": classes,
+        "teacher": teacher_kind,
         "teacher_test_accuracy": teacher_accuracy,
         "summary": summary,
         "goals": {"(b) - (a) >= 2 points": [round(100 * (b - a), 2), b - a >= 0.02],
@@ -181,7 +201,7 @@ def markdown(result: dict[str, Any], command: str, load_average: tuple[float, ..
         f"`{command}`; {result['events']} stream events, {result['seeds']} seeds, 2-core CPU, "
         f"load average {load_average[0]:.1f} at the end.",
         "",
-        f"Teacher: logistic regression on the frozen base model's mean-pooled embeddings, fitted on the whole "
+        f"Teacher: logistic regression on {TEACHERS[result.get('teacher', 'base')]}, fitted on the whole "
         f"training split; test accuracy {100 * result['teacher_test_accuracy']:.1f}%.",
         "",
         "| configuration | test accuracy, mean | spread (max - min) | prequential, mean | runs |",
@@ -207,15 +227,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=None, help="trainer.distill_alpha (default: the setting's)")
+    parser.add_argument("--teacher", choices=sorted(TEACHERS), default="base", help="whose embeddings it reads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    result = run(args.dataset, args.events, args.seeds, args.workers, QUICK.model_path, args.alpha)
+    result = run(args.dataset, args.events, args.seeds, args.workers, QUICK.model_path, args.alpha, args.teacher)
     command = (
         f"python -m benchmarks.quality.distill --dataset {args.dataset} --events {args.events} --seeds {args.seeds}"
     )
     command += f" --alpha {args.alpha}" if args.alpha is not None else ""
+    command += f" --teacher {args.teacher}" if args.teacher != "base" else ""
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"distill-{args.dataset}-{args.events}" + (f"-alpha{args.alpha:g}" if args.alpha is not None else "")
+    stem += f"-teacher-{args.teacher}" if args.teacher != "base" else ""
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(result, command, os.getloadavg()))
     print(markdown(result, command, os.getloadavg()))
