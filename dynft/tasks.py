@@ -273,11 +273,11 @@ class Task:
             tensors.pop("rng.torch", None)
         if not self.trainer.owns_adapter:  # tasks.sharing = shared: the default task's part holds the adapter
             heads = {f"param.{k}" for k in self.trainer.slots.head_keys}  # and its moments (OnlineTrainer.fork)
-            adapter_moments = {f"optim.{i}." for i in range(len(self.trainer.optimizer.param_groups[0]["params"]))}
+            adapter_moments = tuple(f"optim.{i}." for i in range(len(self.trainer.optimizer.param_groups[0]["params"])))
             tensors = {
                 k: t
                 for k, t in tensors.items()
-                if (not k.startswith("param.") or k in heads) and not k.startswith(tuple(adapter_moments))
+                if (not k.startswith("param.") or k in heads) and not k.startswith(adapter_moments)
             }
         buffered, buffer_state = self.buffer.snapshot()
         state = {
