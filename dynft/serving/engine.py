@@ -248,7 +248,9 @@ class InferenceEngine(VersionWatcher):
     def _fast_pending(self) -> bool:
         """Whether the fast path has labels to add to the default task's serving version."""
         active = self.lanes[DEFAULT_TASK].active
-        return self.fast is not None and (active is None or bool(self.fast.pending(active.labels, active.label_events)))
+        return self.fast is not None and (
+            active is None or bool(self.fast.pending(active.labels, active.label_events, active.lineage))
+        )
 
     def _answer(self, active: LoadedVersion, batch: list[_Pending]) -> None:
         try:
@@ -281,7 +283,13 @@ class InferenceEngine(VersionWatcher):
         logits = logits.float()[:, : len(labels)]  # (B, C)
         if fast is not None and features is not None:
             extra, more = fast.extend(
-                active, labels, active.slots.head, features, lambda t: self._embed(active, t), active.label_events
+                active,
+                labels,
+                active.slots.head,
+                features,
+                lambda t: self._embed(active, t),
+                active.label_events,
+                active.lineage,
             )
             fast.observe(features)
             if more is not None:  # (B, P): one column per label the version lacks or barely knows

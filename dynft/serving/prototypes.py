@@ -19,8 +19,11 @@ answered their labels worse than the prototypes they retired).
 
 Shots carry the default task's lineage: after a drift reaction that reset the head or the
 adapter (a confirmed concept change, say) the trainer collects shots afresh and the server drops
-the older ones, which would answer with the old concept; a version of the new lineage, which
-barely knows its labels, is then helped by the new concept's first events.
+the older ones, which would answer with the old concept. Shots are numbered as versions are
+(the publisher's lineage), so the server tells an older version from a current one: until a
+version of the new lineage serves, the old one's rows (the old concept) give way to prototype
+rows of every label with new shots; the new lineage's first versions, which barely know their
+labels, are helped by the new concept's first events as above.
 
 Before any version serves, a *version 0* answers: the base encoder with a fresh (identity)
 adapter, and prototype rows alone. Without shots nothing answers (503), as before.
@@ -200,9 +203,16 @@ class FastPath:
                 if len(texts) < self.per_label:
                     texts.append(shot.text)
 
-    def pending(self, known: list[str], trained: Any = None) -> list[str]:
+    def pending(self, known: list[str], trained: Any = None, lineage: Any = None) -> list[str]:
         """Labels with shots that a version knowing ``known`` lacks, or (``trained``: its events
-        per label, from its metadata) knows from fewer events than the label has shots here."""
+        per label, from its metadata) knows from fewer events than the label has shots here.
+
+        A version of an older ``lineage`` than the shots' (a drift reaction reset the head since,
+        and no version of the new lineage serves yet) knows every label of the shots by the old
+        concept: each of them is pending, and its prototype row replaces the version's own.
+        """
+        if _count(lineage, default=self.lineage) < self.lineage:
+            return list(self.shots)
         have = set(known)
         counts = trained if isinstance(trained, dict) else {}
         return [
@@ -228,13 +238,15 @@ class FastPath:
         features: torch.Tensor,
         embed: Embed,
         trained: Any = None,
+        lineage: Any = None,
     ) -> tuple[list[str], torch.Tensor | None]:
         """The pending labels and their logits (B, P) for the rows ``features`` (B, H), or ([], None).
 
         ``head`` is the version's output layer over ``known`` (rows beyond them are ignored);
-        ``embed`` embeds texts with that version.
+        ``embed`` embeds texts with that version; ``trained`` and ``lineage`` are its metadata's
+        (see ``pending``).
         """
-        pending = self.pending(known, trained)
+        pending = self.pending(known, trained, lineage)
         if not pending:
             return [], None
         prototypes = self._prototypes(version, pending, embed)  # (P, H)

@@ -47,6 +47,7 @@ class LoadedVersion:
     arrivals: Any = None  # meta.json's "arrivals": when the events it first serves arrived (dynft.freshness)
     label_events: Any = None  # meta.json's "label_events": fresh events trained per label (the fast path)
     task: str = DEFAULT_TASK
+    lineage: Any = None  # meta.json's "lineage" (the fast path: shots of a newer one outrank its rows)
 
 
 @dataclass
@@ -205,6 +206,7 @@ class VersionWatcher:
             arrivals=meta.get("arrivals"),
             task=task,
             label_events=meta.get("label_events"),
+            lineage=meta.get("lineage"),
         )
 
     def _build(self, config: PeftConfig, num_labels: int) -> tuple[PeftModel, AdapterSlots]:

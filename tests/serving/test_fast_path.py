@@ -216,6 +216,53 @@ def test_a_label_the_version_trained_on_fewer_events_than_its_shots_keeps_its_pr
     assert merged.tolist() == [[1.0, 5.0, 6.0], [3.0, 7.0, 8.0]] and logits.tolist() == [[1.0, 2.0], [3.0, 4.0]]
 
 
+def test_a_version_of_an_older_lineage_gives_way_to_the_newer_shots_for_every_label(tmp_path: Path) -> None:
+    path = tmp_path / SHOTS_FILE
+    ShotLog(path, SHOTS).offer(events_of(["a", "b"], 20, seed=1), lineage=3)
+    fast = FastPath(path, SHOTS)
+    fast.poll()
+    fast.take()
+    trained = {"a": 50, "b": 50}
+    assert fast.pending(["a", "b"], trained, lineage=2) == ["a", "b"]  # its rows answer the old concept
+    assert fast.pending(["a", "b"], trained, lineage=3) == []  # a version of the shots' lineage knows them
+    assert fast.pending(["a", "b"], trained, lineage=4) == []
+    assert fast.pending(["a", "b"], trained, lineage=None) == []  # no lineage recorded: as before
+    assert fast.pending(["a", "b"], trained, lineage="junk") == []
+
+
+def test_after_a_concept_change_the_old_version_answers_the_new_concept_from_its_first_events(
+    tiny_settings: Settings,
+) -> None:
+    """Until the new lineage's first version serves, the old one would answer every text by the old concept."""
+    tiny_settings.model.pooling = "mean"  # as the default MiniLM; a random [CLS] pooler is no feature
+    labels = ["alpha", "beta", "delta"]
+    trainer = build_trainer(tiny_settings.model, tiny_settings.adapter, tiny_settings.trainer)
+    stream = events_of(labels, 200, seed=1)
+    random.Random(1).shuffle(stream)
+    for i in range(0, len(stream), 16):
+        trainer.step(trainer.collator(stream[i : i + 16], n_fresh=16))
+    registry = AdapterRegistry(tiny_settings.registry_dir, keep_last=10)
+    registry.promote(registry.publish(trainer.export(), {"step": trainer.steps, "lineage": 1}).version, "test")
+    permuted = {"alpha": "beta", "beta": "delta", "delta": "alpha"}  # same inputs, new labels
+    with running_server(tiny_settings) as (base, _), httpx.Client(base_url=base, timeout=30) as client:
+        wait_for_version(base, 1)
+        hand_over(tiny_settings, labels, seed=2)  # shots of the version's own lineage: nothing to add
+        time.sleep(1.0)
+        assert predict(client, ["w1 alpha0 w2"]).json()["fast_path"] is False
+        old = [accuracy(client, label, seed=11) for label in labels]
+        assert min(old) >= 0.8
+
+        rng = random.Random(3)
+        shots = [Event(id=f"n{i}-{x}", text=text_of(rng, x), label=permuted[x]) for i in range(20) for x in labels]
+        ShotLog(tiny_settings.state_dir / SHOTS_FILE, SHOTS).offer(shots, lineage=2)
+        body = wait_for_fast_path(client, "w1 alpha0 w2")
+        assert body["adapter_version"] == 1  # still the old version, its rows replaced by prototypes
+        texts = {x: [text_of(random.Random(12), x) for _ in range(30)] for x in labels}
+        answered = {x: [p["label"] for p in predict(client, texts[x]).json()["predictions"]] for x in labels}
+        new = [sum(a == permuted[x] for a in answered[x]) / 30 for x in labels]
+        assert min(new) >= 0.6, f"the new concept was answered right for {new} of each input class"
+
+
 def test_a_new_version_renews_earlier_shot_features_a_few_rows_per_forward(tmp_path: Path) -> None:
     """Re-embedding every shot at each version stalled a 2-core server on a class-incremental stream."""
     path = tmp_path / SHOTS_FILE
