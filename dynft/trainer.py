@@ -83,7 +83,7 @@ class OnlineTrainer(TrainerWeights):
         self.model = model
         self.compute_dtype = compute_dtype
         self.base_model_path = base_model_path  # recorded with every published version
-        self.pooling = pooling  # how ``model`` pools (see dynft.model.resolve_pooling), recorded likewise
+        self.pooling = pooling  # how ``model`` pools (see dynft.pooling.resolve_pooling), recorded likewise
         self.collator = collator
         self.settings = settings
         self.device = device

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dynft.events import Event
-from dynft.model import MaskedMeanPooler, build_model, model_fingerprint, peft_config_from_settings, resolve_pooling
+from dynft.model import build_model, model_fingerprint, peft_config_from_settings
+from dynft.pooling import MaskedMeanPooler, resolve_pooling
 from dynft.settings import AdapterSettings, Settings
 from dynft.trainer import OnlineTrainer, build_trainer
 
