@@ -11,6 +11,12 @@ inputs, new labels) it also reports whether the trainer's accuracy came back to 
 before the drift point (item 3 of issue #17): the rolling accuracy over the last ``window``
 events of the stream against the ``window`` events before the drift point.
 
+Beside the detections, how much each drift point changes what a detector can see, with no
+model at all (``change_at``): the label mix and the text length over the ``HORIZON`` events
+on each side, each against what two random halves of those events differ by (a permutation
+test). A drift point where neither rises above that noise cannot be told from no drift by
+the label and input detectors; only the model's errors can show it.
+
 Writes ``drift-<suite>.md`` and ``.json`` under ``benchmarks/results/quality/``.
 """
 
@@ -20,8 +26,10 @@ import argparse
 import json
 import os
 import platform
+import random
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from multiprocessing import get_context
@@ -36,6 +44,7 @@ from benchmarks.quality.suites import SUITES, Suite
 
 HORIZON = 100  # events after a drift point within which a detection counts (the issue's goal)
 DETECTORS = ("error", "loss", "label", "input", "representation")
+SHUFFLES = 1000  # random splits that give the noise level of ``change_at``
 RESULTS = Path(__file__).parents[1] / "results" / "quality"
 
 
@@ -46,6 +55,37 @@ def table_row(run: Run, stream: Stream, horizon: int) -> dict[str, Any]:
     for name in (*DETECTORS, "any"):
         hits = [d for d in run.detections if name in ("any", d["stream"])]
         out[name] = scores.detection(Run(run.stream, run.method, detections=hits), stream.drift_points, horizon, end)
+    return out
+
+
+def label_distance(a: list[str], b: list[str]) -> float:
+    """Total-variation distance between the label mixes of ``a`` and ``b``."""
+    ca, cb = Counter(a), Counter(b)
+    return 0.5 * sum(abs(ca[k] / len(a) - cb[k] / len(b)) for k in ca.keys() | cb.keys())
+
+
+def length_gap(a: list[str], b: list[str]) -> float:
+    """Difference of the mean text length (characters) of ``b`` and ``a``, absolute."""
+    return abs(sum(map(len, b)) / len(b) - sum(map(len, a)) / len(a))
+
+
+def change_at(stream: Stream, point: int, horizon: int, seed: int = 0) -> dict[str, Any]:
+    """The label mix's and the text length's change over ``horizon`` events on each side of
+    ``point``, each with the 95th percentile of the same measure between random halves of those
+    events (the change two samples of one distribution show)."""
+    before = stream.events[max(0, point - horizon) : point]
+    after = stream.events[point : point + horizon]
+    rng, both = random.Random(seed), before + after
+    out: dict[str, Any] = {"point": point}
+    for name, measure, pick in (("label", label_distance, 1), ("length", length_gap, 0)):
+        values = [row[pick] for row in both]
+        noise = []
+        for _ in range(SHUFFLES):
+            rng.shuffle(values)
+            noise.append(measure(values[: len(before)], values[len(before) :]))
+        observed = measure([row[pick] for row in before], [row[pick] for row in after])
+        out[name] = round(observed, 3)
+        out[f"{name}_noise95"] = round(sorted(noise)[int(0.95 * SHUFFLES)], 3)
     return out
 
 
@@ -76,6 +116,7 @@ def measure(name: str, suite: Suite, data: Path) -> dict[str, Any]:
         "drift_points": stream.drift_points,
         "detections": run.detections,
         "table": table_row(run, stream, HORIZON),
+        "changes": [change_at(stream, point, HORIZON) for point in stream.drift_points],
         "prequential_accuracy": scores.accuracy(run),
         "reactions": run.extra.get("drift_reactions", {}),
         "cpu_seconds": round(time.process_time() - cpu, 1),
@@ -118,6 +159,22 @@ def markdown(results: list[dict[str, Any]], suite: Suite, seconds: float, comman
             f"| {r['stream']} | {points} | {cells} | {'yes' if detected else '**no**'} | "
             f"{'yes' if quiet_enough else '**no**'} |"
         )
+    lines += [
+        "",
+        f"What changes at each drift point, over the {HORIZON} events on each side, against the 95th percentile "
+        f"of the same measure between random halves of those events ({SHUFFLES} shuffles): the label mix's "
+        "total-variation distance and the mean text length's gap (characters). A change under both noise "
+        "levels is invisible to the label and input detectors.",
+        "",
+        "| stream | drift point | label mix (noise 95%) | text length (noise 95%) |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        for c in r.get("changes", []):
+            lines.append(
+                f"| {r['stream']} | {c['point']} | {c['label']:.3f} ({c['label_noise95']:.3f}) | "
+                f"{c['length']:.1f} ({c['length_noise95']:.1f}) |"
+            )
     lines += ["", "| stream | prequential accuracy | reactions | CPU s |", "|---|---|---|---|"]
     for r in results:
         reactions = ", ".join(f"{k} {v}" for k, v in r["reactions"].items())
