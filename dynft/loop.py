@@ -358,7 +358,8 @@ class TrainingLoop(DefaultStep, LoopState):
                     work.tasks.append(share)
                     work.dead += task_dead
         if self.shots is not None:  # before training: the server's fast path learns from them at once
-            # Numbered as versions are (the publisher's lineage), so the server tells which are older.
+            # Numbered as versions are (the publisher's lineage, one int read across threads), so the
+            # server tells an older version from a current one.
             self.shots.offer((event for _, event in fresh.get(DEFAULT_TASK, [])), self.publisher.lineage)
         return fresh.get(DEFAULT_TASK, [])
 

@@ -65,7 +65,7 @@ class Publisher:
                 "evaluation.holdout_fraction = 0: nothing is held out, so the promotion gate is off and every "
                 "finite candidate is promoted (unless an operator pinned the serving version)"
             )
-        self.lineage = 1
+        self.lineage = 1  # written by the training thread; the batching thread reads it (one int) for shots
         self.latest_version: int | None = None
         self.serving_version: int | None = None
         self._published_at_step = 0
