@@ -24,6 +24,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from dynft.batching import Batch, Collator
+from dynft.behind import FeedLag
 from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import CheckpointStore
 from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
@@ -112,6 +113,8 @@ class TrainingLoop(DefaultStep, LoopState):
         self._status_events = 0
         self._held = False  # the batching thread takes nothing from the intake (see _backpressure)
         self._fresh_wait: FreshWait[Event] = FreshWait(settings.tasks.fill_wait_s)  # batching thread only
+        t = settings.trainer
+        self._lag = FeedLag(t.freshest_first_backlog, t.freshest_first_after_s)  # batching thread only
         self.intake: Intake | None = None
         self.sink: DeadLetterSink | None = None
         self.router: Router | None = None  # used by the batching thread only
@@ -286,8 +289,8 @@ class TrainingLoop(DefaultStep, LoopState):
         # take of nothing stalled the loop.
         replay = min(round(size * self.settings.buffer.replay_ratio), size - 1, self._replayable())
         intake = self._intake()
-        take, backlog = size - replay, self.settings.trainer.freshest_first_backlog
-        behind = bool(backlog) and intake.queued > backlog
+        take = size - replay
+        behind = self._lag.behind(intake.queued, intake.dry)
         if behind:  # behind the feed: take all, train on the newest (below)
             take = intake.queued
         records = intake.take(take, min(self.settings.trainer.fresh_wait_s, self._fresh_wait.patience()))

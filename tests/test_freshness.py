@@ -3,7 +3,9 @@ step, and the server observing how long events waited to be served (``dynft_fres
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -12,6 +14,7 @@ from test_loop import run
 from dynft.evaluation import HoldoutWindow
 from dynft.events import Event
 from dynft.ledger import Ledger
+from dynft.loop import TrainingLoop
 from dynft.metrics import ServerMetrics, TrainerMetrics
 from dynft.publisher import Publisher
 from dynft.registry import AdapterRegistry
@@ -114,32 +117,70 @@ def test_the_server_observes_freshness_once_per_newer_version_for_events_since_i
     assert observed()[0] == 8
 
 
-def test_a_trainer_behind_its_feed_trains_on_the_newest_and_buffers_the_rest_with_an_outcome(
+def outcomes_of(settings: Settings, rows: list[dict[str, object]]) -> tuple[list[str], dict[str, int]]:
+    """Each row's ledger outcome, in stream order, and the ledger's counts."""
+    ledger = Ledger(settings.state_dir / "ledger.db")
+    try:
+        outcomes = ledger.lookup(str(r["id"]) for r in rows)
+        return [outcomes[str(r["id"])][0] for r in rows], ledger.counts()
+    finally:
+        ledger.close()
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_a_trainer_behind_its_live_feed_trains_on_the_newest_and_buffers_the_rest_with_an_outcome(
     tiny_settings: Settings, tmp_path: Path
 ) -> None:
     tiny_settings.trainer.freshest_first_backlog = 32
-    rows = keyword_events(400, ["alpha", "beta"], seed=11)
-    loop = run(tiny_settings, write_jsonl(tmp_path / "events.jsonl", rows))  # a file is read far faster than trained
-    ledger = Ledger(tiny_settings.state_dir / "ledger.db")
+    tiny_settings.trainer.freshest_first_after_s = 0.0  # behind as soon as the backlog is exceeded
+    source = tmp_path / "events.jsonl"
+    source.write_text("")
+    tiny_settings.source.uri, tiny_settings.source.follow = f"file:{source}", True
+    registry = CollectorRegistry()
+    loop = TrainingLoop(tiny_settings, registry)
+    thread = threading.Thread(target=loop.run)
+    thread.start()
     try:
-        outcomes = ledger.lookup(str(r["id"]) for r in rows)
-        counts = ledger.counts()
+        wait_for(lambda: loop._lag.live)  # caught up with the (empty) file: what comes now is a feed
+        rows = keyword_events(400, ["alpha", "beta"], seed=11)
+        write_jsonl(source, rows)  # appended at once: far faster than trained
+
+        def accounted() -> float:
+            outcomes = ("trained", "buffered", "held_out")
+            return sum(registry.get_sample_value("dynft_events_total", {"outcome": o}) or 0 for o in outcomes)
+
+        wait_for(lambda: accounted() >= 400)
     finally:
-        ledger.close()
-    assert {status for status, _ in outcomes.values()} <= {"trained", "buffered", "held_out"}  # none lost
+        loop.should_exit.set()
+        thread.join(timeout=120)
+    assert not thread.is_alive()
+    in_order, counts = outcomes_of(tiny_settings, rows)
+    assert set(in_order) <= {"trained", "buffered", "held_out"}  # none lost
     assert counts["buffered"] > 0 and counts["trained"] > 0
-    in_order = [outcomes[str(r["id"])][0] for r in rows]
-    last_fresh = [status for status in in_order if status != "held_out"][-1]
-    assert last_fresh == "trained"  # the newest events are trained at once
+    assert [status for status in in_order if status != "held_out"][-1] == "trained"  # the newest at once
     assert len(loop.buffer) >= min(counts["buffered"], tiny_settings.buffer.max_events)
 
 
+def test_a_backlog_read_at_start_is_trained_whole(tiny_settings: Settings, tmp_path: Path) -> None:
+    """A file is read far faster than trained, but it is a backlog, not a feed the trainer fell behind."""
+    tiny_settings.trainer.freshest_first_backlog = 16
+    tiny_settings.trainer.freshest_first_after_s = 0.0
+    rows = keyword_events(400, ["alpha", "beta"], seed=12)
+    loop = run(tiny_settings, write_jsonl(tmp_path / "events.jsonl", rows))
+    _, counts = outcomes_of(tiny_settings, rows)
+    assert counts["buffered"] == 0 and counts["trained"] + counts["held_out"] == 400
+    assert loop._lag.live  # it did catch up, at the end
+
+
 def test_without_a_backlog_setting_every_fresh_event_is_trained(tiny_settings: Settings, tmp_path: Path) -> None:
+    tiny_settings.trainer.freshest_first_backlog = 0
     rows = keyword_events(96, ["alpha", "beta"], seed=12)
     run(tiny_settings, write_jsonl(tmp_path / "events.jsonl", rows))
-    ledger = Ledger(tiny_settings.state_dir / "ledger.db")
-    try:
-        counts = ledger.counts()
-    finally:
-        ledger.close()
+    _, counts = outcomes_of(tiny_settings, rows)
     assert counts["buffered"] == 0 and counts["trained"] + counts["held_out"] == 96

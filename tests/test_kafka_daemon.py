@@ -175,7 +175,10 @@ def test_two_daemons_split_the_partitions_and_one_takes_over(
             if proc.poll() is None:
                 assert stop(proc) == 0
     result = accounted([state_a, state_b], ids)
-    assert {s for s, _ in result.values()} <= {"trained", "held_out"}
+    # Published at once to members that had caught up, each batch is a burst that a member may
+    # not drain within trainer.freshest_first_after_s: then it trains the newest first and the
+    # older events go to its replay buffer (buffered: accounted for, not lost; dynft.behind).
+    assert {s for s, _ in result.values()} <= {"trained", "held_out", "buffered"}
     assert all(result[e["id"]][1] >= 1 for e in second)
     assert "partitions assigned" in (tmp_path / "b.log").read_text()
 

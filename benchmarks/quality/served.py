@@ -35,11 +35,6 @@ from benchmarks.quality.suites import SUITES, Suite, dynft_overrides
 
 RESULTS = Path(__file__).parents[1] / "results" / "quality"
 STARTUP_S = 600.0  # a daemon starting on a loaded 2-core machine has taken over 180 s
-# A trainer slower than the feed trains on the newest events. The backlog is how far behind it
-# runs at a steady feed (the share of events left to replay is the same at any backlog): 16 is
-# two steps' fresh events, under a second at 20/s. Measured on the concept stream (--suite full
-# --streams concept): served 75.9% at 64, 80.2% at 16, 77.7% at 8 (noise about 2 points).
-FRESHEST_FIRST_BACKLOG = 16
 
 
 def daemon_env(
@@ -55,7 +50,6 @@ def daemon_env(
         "source.uri": f"file:{source}",
         "source.follow": True,
         "server.port": port,
-        "trainer.freshest_first_backlog": FRESHEST_FIRST_BACKLOG,
         **(extra or {}),
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith("DYNFT_")}

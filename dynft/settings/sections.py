@@ -92,10 +92,17 @@ class TrainerSettings(Section):
     seed: int = Field(0, description="seed of weights initialisation and replay sampling")
     fresh_wait_s: float = Field(0.5, gt=0, description="how long a step waits to fill its fresh share")
     freshest_first_backlog: int = Field(
-        0,
+        16,
         ge=0,
-        description="when more records than this wait in the intake, a step trains on the newest and the older "
-        "ones go to the replay buffer (ledger outcome buffered), so a trainer behind its feed stays fresh; 0: off",
+        description="a trainer behind a live feed (more records than this queued for freshest_first_after_s, after "
+        "it caught up with its source once) trains on the newest and sends older ones to the replay buffer "
+        "(ledger outcome buffered), so what is served stays fresh; a backlog read at start is trained whole; 0: off",
+    )
+    freshest_first_after_s: float = Field(
+        10.0,
+        ge=0,
+        description="how long more than freshest_first_backlog records must wait before the trainer counts as "
+        "slower than its feed (a burst drained sooner is trained whole)",
     )
     compile: bool = Field(
         False,

@@ -80,6 +80,11 @@ class Source(ABC):
         """True once a finite source has nothing more to give."""
         return False
 
+    def at_end(self) -> bool:
+        """After a poll that found nothing: whether this source's end was reached (a file at its
+        end). A Kafka consumer may find nothing while behind, so it checks its end offsets."""
+        return True
+
     def pause(self) -> None:  # noqa: B027 - optional hook
         """Stop fetching (backpressure); ``poll`` is still called to keep the source alive."""
 
@@ -199,6 +204,9 @@ class Intake:
         self._pending: list[Record] = []  # polled, not yet queued; owned by the intake thread
         self._record_bytes = 256  # mean size of the last poll's records: sizes the next poll
         self.paused = False
+        # The source had nothing more to give once (a poll that asked for records found none):
+        # what was read before it was a backlog, what comes after it a feed (dynft.behind).
+        self.dry = False
         self._stop = threading.Event()
         self._done = threading.Event()
         self._error: BaseException | None = None
@@ -215,6 +223,8 @@ class Intake:
                 records = self.source.poll(0 if full else self._poll_size(), timeout_s=0.1)
                 if records:
                     self._record_bytes = max(1, sum([len(r.raw) for r in records]) // len(records))
+                elif not full and not self._pending and not self.dry:
+                    self.dry = self.source.at_end()
                 self._pending.extend(records)
                 revoked = self.source.take_revoked()
                 if revoked:

@@ -91,6 +91,8 @@ class KafkaSource(Source):
         self._paused = False
         self._resume: Positions = {}
         self._lag_at = 0.0
+        self._ends: dict[TopicPartition, int] = {}  # end offsets at the last lag measurement
+        self._read: dict[TopicPartition, int] = {}  # offset after the last record polled
         self._down_since: float | None = None  # monotonic time the brokers stopped answering
         self._reconnect_at = 0.0  # while not connected: the next try
         self._reconnect_in = RECONNECT_FIRST_S
@@ -208,6 +210,8 @@ class KafkaSource(Source):
         for tp, messages in batches.items():
             stream = stream_of(tp)
             out.extend(Record(m.value or b"", stream, m.offset + 1, m.key) for m in messages)
+            if messages:
+                self._read[tp] = messages[-1].offset + 1
             self.metrics.records.labels(tp.topic).inc(len(messages))
         return out
 
@@ -236,6 +240,7 @@ class KafkaSource(Source):
             return
         self._revoked_at = None
         self._committed.clear()
+        self._read.clear()
         self._inflight.clear()
         try:
             stuck.close(autocommit=False)
@@ -339,6 +344,7 @@ class KafkaSource(Source):
         try:
             ends = consumer.end_offsets(assigned, timeout_ms=timeout_ms)
             self._read_committed(assigned, timeout_ms)
+            self._ends = dict(ends)
             for tp in assigned:
                 lag = max(0, ends[tp] - self._committed[tp])
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
@@ -352,6 +358,16 @@ class KafkaSource(Source):
             log.warning("kafka is back after %.0f s; consuming again", time.monotonic() - self._down_since)
             self._down_since = None
         self.metrics.up.set(1)
+
+    def at_end(self) -> bool:
+        """Whether every assigned partition was read (or committed) up to its end offset at the
+        last lag measurement: an empty poll alone may be a fetch still under way."""
+        consumer = self._consumer
+        assigned = list(consumer.assignment()) if consumer is not None else []
+        return bool(assigned) and all(
+            tp in self._ends and max(self._read.get(tp, 0), self._committed.get(tp, 0)) >= self._ends[tp]
+            for tp in assigned
+        )
 
     def take_revoked(self) -> set[str]:
         """Streams gone to other members since the last call (the intake calls it after ``poll``)."""
