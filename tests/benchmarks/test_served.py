@@ -46,7 +46,8 @@ def test_the_daemon_follows_its_file_with_the_suites_settings_and_time_based_pub
     assert env["DYNFT_SOURCE__FOLLOW"] == "true" and env["DYNFT_SOURCE__URI"] == f"file:{tmp_path / 'events.jsonl'}"
     assert env["DYNFT_REGISTRY__PUBLISH_EVERY_STEPS"] == str(QUICK.publish_every_steps)
     assert "DYNFT_REGISTRY__PUBLISH_INTERVAL_S" not in env  # the shipped seconds: freshness is measured in them
-    assert int(env["DYNFT_TRAINER__FRESHEST_FIRST_BACKLOG"]) > 0
+    # The shipped freshest-first switch (dynft.behind): what users running a live feed get.
+    assert "DYNFT_TRAINER__FRESHEST_FIRST_BACKLOG" not in env and settings.trainer.freshest_first_backlog > 0
     assert settings.source.follow and settings.server.port == 8123 and settings.state_dir == tmp_path / "state"
     assert settings.registry.publish_interval_s == 20.0 and settings.model.max_length == QUICK.max_length
 
