@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -23,6 +22,7 @@ from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
 
 from helpers import keyword_events, write_jsonl
+from kafka_helpers import wait_until
 
 
 def events(n: int, labels: list[str], seed: int, prefix: str) -> list[Event]:
@@ -127,13 +127,6 @@ def outcomes_of(settings: Settings, rows: list[dict[str, object]]) -> tuple[list
         ledger.close()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
-
-
 def test_a_trainer_behind_its_live_feed_trains_on_the_newest_and_buffers_the_rest_with_an_outcome(
     tiny_settings: Settings, tmp_path: Path
 ) -> None:
@@ -147,7 +140,8 @@ def test_a_trainer_behind_its_live_feed_trains_on_the_newest_and_buffers_the_res
     thread = threading.Thread(target=loop.run)
     thread.start()
     try:
-        wait_for(lambda: loop._lag.live)  # caught up with the (empty) file: what comes now is a feed
+        # Caught up with the (empty) file: what comes now is a feed.
+        wait_until(lambda: loop._lag.live, 120, "the trainer to catch up with the empty file")
         rows = keyword_events(400, ["alpha", "beta"], seed=11)
         write_jsonl(source, rows)  # appended at once: far faster than trained
 
@@ -155,7 +149,7 @@ def test_a_trainer_behind_its_live_feed_trains_on_the_newest_and_buffers_the_res
             outcomes = ("trained", "buffered", "held_out")
             return sum(registry.get_sample_value("dynft_events_total", {"outcome": o}) or 0 for o in outcomes)
 
-        wait_for(lambda: accounted() >= 400)
+        wait_until(lambda: accounted() >= 400, 120, "every event to have an outcome")
     finally:
         loop.should_exit.set()
         thread.join(timeout=120)
