@@ -30,10 +30,12 @@ import pickle
 import select
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing import reduction
 from multiprocessing.process import BaseProcess
 from types import FrameType
 from typing import Any
@@ -62,6 +64,25 @@ class Child:
     restart_at: float | None = None
     finished: bool = False  # exited 0 on its own: nothing to restart
     restarts: int = field(default=0)
+    stdin: bool = False  # reads the supervisor's standard input (the trainer of ``--source file:-``)
+
+
+class _InheritedFd:
+    """A descriptor of this process that a forked-from-the-fork-server child receives as its own.
+
+    multiprocessing sends descriptors to the fork server with the child's arguments, but only
+    while it pickles them (``reduction.DupFd`` asks the spawning ``Popen``), hence the hook.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Callable[[Any], int], tuple[Any]]:
+        return _detached, (reduction.DupFd(self.fd),)
+
+
+def _detached(dup: Any) -> int:
+    return int(dup.detach())
 
 
 def _die_with_parent() -> None:
@@ -117,8 +138,16 @@ def _trim_heap(interval_s: float = TRIM_INTERVAL_S) -> None:
     threading.Thread(target=loop, name="dynft-trim-heap", daemon=True).start()
 
 
-def _child_main(argv: list[str], supervisor: int) -> None:
-    """Body of a child, forked from the fork server: run ``dynft <argv>`` and exit with its code."""
+def _child_main(argv: list[str], supervisor: int, stdin: int | None = None) -> None:
+    """Body of a child, forked from the fork server: run ``dynft <argv>`` and exit with its code.
+
+    ``stdin``: the supervisor's standard input, received as a descriptor; multiprocessing gives
+    every child ``/dev/null`` instead, which would leave ``--source file:-`` reading nothing.
+    """
+    if stdin is not None:
+        os.dup2(stdin, 0)
+        os.close(stdin)
+        sys.stdin = open(0, closefd=False)  # noqa: SIM115 - the process's standard input, never closed
     _die_with_parent()
     _follow(supervisor)
     _trim_heap()
@@ -214,7 +243,10 @@ class Supervisor:
         self.context.set_forkserver_preload(PRELOAD)
         # This process holds the state directory's lock for the whole run; the trainer checks that.
         trainer = ["train", "--config", str(config_path), "--colocated", "--supervisor-pid", str(os.getpid())]
-        self.children = [Child("trainer", trainer), Child("server", ["serve", "--config", str(config_path)])]
+        self.children = [
+            Child("trainer", trainer, stdin=self.settings.source.uri == "file:-"),
+            Child("server", ["serve", "--config", str(config_path)]),
+        ]
         follow = elected_follow(self.settings)
         if follow is not None:  # an elected trainer's server serves what every replica serves
             self.children[1].argv += ["--follow", follow, "--replica-dir", str(self.settings.state_dir / REPLICA_DIR)]
@@ -231,7 +263,10 @@ class Supervisor:
     def _spawn(self, child: Child) -> None:
         if child.process is not None:
             child.process.close()  # the dead one's handles
-        process = self.context.Process(target=_child_main, args=(child.argv, os.getpid()), name=f"dynft-{child.name}")
+        stdin = _InheritedFd(0) if child.stdin else None
+        process = self.context.Process(
+            target=_child_main, args=(child.argv, os.getpid(), stdin), name=f"dynft-{child.name}"
+        )
         process.start()
         child.process = process
         child.started_at = time.monotonic()

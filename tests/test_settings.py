@@ -87,3 +87,20 @@ def test_the_readme_documents_every_setting() -> None:
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert reference_table() in readme, "regenerate the README table with `dynft config --reference`"
+
+
+def test_config_files_that_are_not_utf8_or_too_deep_are_configuration_errors(tmp_path: Path) -> None:
+    """Both raised Python's own errors (a traceback and exit 1) before."""
+    from dynft.settings.files import parse_assignment, read_config_file
+
+    binary = tmp_path / "c.toml"
+    binary.write_bytes(b"\xff\xfe[trainer]\n")
+    with pytest.raises(ConfigError, match=r"c.toml: not UTF-8 text \(invalid byte at offset 0\)"):
+        read_config_file(binary)
+    deep = tmp_path / "c.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError, match=r"c\.json: nested too deeply to parse"):
+        read_config_file(deep)
+    with pytest.raises(ConfigError, match=r"--set trainer\.lr: the value is nested too deeply"):
+        parse_assignment("trainer.lr=" + "[" * 100_000 + "]" * 100_000)
+    assert parse_assignment("trainer.lr=[[1]]") == ("trainer.lr", [[1]])

@@ -14,6 +14,7 @@ import torch
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from dynft.errors import ConfigError
 from dynft.metrics import ServerMetrics
 from dynft.registry import AdapterRegistry
 from dynft.replication.follower import Follower, FollowingRegistry
@@ -73,9 +74,11 @@ class Server:
         tune_gc()
         if self.follower is not None:
             self.follower.start()  # reads the versions topics to their end: the current version is then here
+        if sock is None:  # bound before the engine starts: a port in use is a configuration error
+            sock = listening_socket(self.settings.server.host, self.settings.server.port)
         self.engine.start()
         try:
-            self.uvicorn.run(sockets=[sock] if sock is not None else None)
+            self.uvicorn.run(sockets=[sock])
         finally:
             self.engine.stop()
             if self.follower is not None:
@@ -87,3 +90,25 @@ class Server:
     @property
     def started(self) -> bool:
         return bool(self.uvicorn.started)
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (uvicorn listens on it); ``ConfigError`` when it cannot be.
+
+    uvicorn binds by itself and exits with code 3 on failure, which a supervisor would take for
+    a crash and restart forever; a port in use or a host that is not this machine's is the
+    configuration's fault, and says which setting to change.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError, OverflowError) as exc:
+        raise ConfigError(f"server.host/server.port: cannot listen on {host}:{port} ({exc})") from exc
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse the port
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"server.host/server.port: cannot listen on {host}:{port} ({exc})") from exc
+    return sock

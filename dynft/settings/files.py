@@ -18,6 +18,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config file {path}: cannot be read ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (invalid byte at offset {exc.start})") from exc
     try:
         if path.suffix == ".toml":
             data: Any = tomllib.loads(text)
@@ -29,6 +31,8 @@ def read_config_file(path: Path) -> dict[str, Any]:
             raise ConfigError(f"config file {path}: unknown format {path.suffix!r} (use .toml, .yaml or .json)")
     except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as exc:
         raise ConfigError(f"config file {path}: not valid {path.suffix[1:].upper()}: {exc}") from exc
+    except RecursionError as exc:  # valid syntax, deeper than the parser's stack
+        raise ConfigError(f"config file {path}: nested too deeply to parse") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: the top level must be a table of sections")
     return data
@@ -43,6 +47,8 @@ def parse_assignment(text: str) -> tuple[str, Any]:
         value: Any = json.loads(raw)
     except json.JSONDecodeError:
         value = raw
+    except RecursionError as exc:  # valid JSON, deeper than the parser's stack
+        raise ConfigError(f"--set {key.strip()}: the value is nested too deeply to parse") from exc
     return key.strip(), value
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -12,10 +13,10 @@ import pytest
 
 from dynft.errors import SourceError
 from dynft.events import Rejection, decode
-from dynft.settings import EventSettings, KafkaSettings, SourceSettings
+from dynft.settings import EventSettings, KafkaSettings, Settings, SourceSettings
 from dynft.sources import FileSource, Intake, open_source
 
-from helpers import write_jsonl
+from helpers import keyword_events, write_jsonl
 
 
 def test_blank_lines_are_skipped_and_a_last_line_without_newline_counts(tmp_path: Path) -> None:
@@ -176,3 +177,69 @@ def test_the_intake_queue_is_bounded_by_bytes(tmp_path: Path) -> None:
         got += [json.loads(r.raw)["n"] for r in intake.take(50, 0.1)]
     intake.stop()
     assert got == list(range(2000))
+
+
+def test_dynft_run_trains_on_its_standard_input(tiny_settings: Settings, tmp_path: Path) -> None:
+    """``dynft run --source file:-``: the trainer, a child forked from the fork server, reads the
+    supervisor's standard input (multiprocessing gave it /dev/null, and every piped record was
+    lost: 0 trained, the source exhausted at once)."""
+    events = keyword_events(40, ["alpha", "beta"])
+    log_path = tmp_path / "run.log"
+    cmd = [sys.executable, "-m", "dynft", "run", "--model", str(tiny_settings.model.path), "--source", "file:-"]
+    cmd += ["--state-dir", str(tmp_path / "state"), "--port", "0", "--set", "source.exit_at_end=true"]
+    with log_path.open("wb") as log, subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=log) as proc:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(b"".join(json.dumps(e).encode() + b"\n" for e in events))
+            proc.stdin.close()
+            deadline = time.monotonic() + 240
+            while "trainer finished" not in log_path.read_text() and time.monotonic() < deadline:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.5)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+    ledger = subprocess.run(
+        [sys.executable, "-m", "dynft", "ledger", "--state-dir", str(tmp_path / "state")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    counts = json.loads(ledger.stdout.strip().splitlines()[-1])
+    assert counts["trained"] + counts["held_out"] == len(events), (counts, log_path.read_text()[-3000:])
+
+
+def test_a_byte_order_mark_at_the_start_of_the_file_is_not_part_of_the_first_record(tmp_path: Path) -> None:
+    path = tmp_path / "bom.jsonl"
+    first = b'\xef\xbb\xbf{"id": "1", "text": "a", "label": "x"}\r\n'
+    path.write_bytes(first + b'{"id": "2", "text": "\xef\xbb\xbfb", "label": "y"}\n')
+    source = FileSource(str(path))
+    source.open()
+    records = source.poll(10, 0.1)
+    events = [decode(r.raw, EventSettings()) for r in records]
+    assert [e.id for e in events if not isinstance(e, Rejection)] == ["1", "2"]
+    assert events[1].text == "\ufeffb", "only the file's first bytes are a byte order mark"  # type: ignore[union-attr]
+    assert records[0].next == len(first)  # positions count the mark's bytes
+
+
+def test_follow_goes_on_with_a_rotated_file_from_its_start(tmp_path: Path) -> None:
+    """``mv log log.1 && create log``: the old file is read to its end (a last line without its
+    newline included), then the new one from the start; before, the new file was never read."""
+    path = tmp_path / "feed.jsonl"
+    path.write_bytes(b'{"n": 1}\n{"n": 2}')
+    source = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    source.open()
+    assert [json.loads(r.raw)["n"] for r in source.poll(10, 0.2)] == [1]
+    path.rename(tmp_path / "feed.jsonl.1")
+    assert source.poll(10, 0.1) == []  # moved away, nothing new yet: the old file may still grow
+    path.write_bytes(b'{"n": 3}\n{"n": 4}\n')
+    got: list[int] = []
+    deadline = time.monotonic() + 5
+    while len(got) < 3 and time.monotonic() < deadline:
+        got += [json.loads(r.raw)["n"] for r in source.poll(10, 0.1)]
+    assert got == [2, 3, 4]
+    assert source.poll(10, 0.1) == []
+    with path.open("ab") as fh:
+        fh.write(b'{"n": 5}\n')
+    assert [json.loads(r.raw)["n"] for r in source.poll(10, 0.5)] == [5]
+    source.close()
