@@ -257,7 +257,7 @@ class LoopState(TaskLoop):
         self.history.record(cast("TrainingLoop", self))  # only ever a TrainingLoop's base
         log.info(
             "events %d (%.1f/s) | steps %d | acc %.3f (majority %.3f) | labels %d | buffer %d "
-            "| serving v%s, latest v%s | drift %d",
+            "| serving %s, latest %s | drift %d",
             pq.seen,
             rate,
             self.trainer.steps,
@@ -265,15 +265,20 @@ class LoopState(TaskLoop):
             pq.majority_rate,
             len(self.trainer.label_map),
             len(self.buffer),
-            pub.serving_version,
-            pub.latest_version,
+            _version(pub.serving_version),
+            _version(pub.latest_version),
             self.drift.detections,
         )
         if self.tasks:  # the other tasks, one line: events, accuracy, serving / latest version
             log.info(
                 "tasks | %s",
                 " | ".join(
-                    f"{t.task} {t.events} ev acc {t.accuracy:.3f} v{t.serving}/v{t.latest}"
+                    f"{t.task} {t.events} ev acc {t.accuracy:.3f} {_version(t.serving)}/{_version(t.latest)}"
                     for t in self.history.snapshot.task_stats[1:]  # made by history.record above
                 ),
             )
+
+
+def _version(number: int | None) -> str:
+    """A version for the status line: ``v3``, or ``none`` before the first."""
+    return "none" if number is None else f"v{number}"

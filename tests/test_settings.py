@@ -104,3 +104,15 @@ def test_config_files_that_are_not_utf8_or_too_deep_are_configuration_errors(tmp
     with pytest.raises(ConfigError, match=r"--set trainer\.lr: the value is nested too deeply"):
         parse_assignment("trainer.lr=" + "[" * 100_000 + "]" * 100_000)
     assert parse_assignment("trainer.lr=[[1]]") == ("trainer.lr", [[1]])
+
+
+def test_an_empty_state_directory_is_refused_not_taken_for_the_working_directory() -> None:
+    from click.testing import CliRunner
+
+    from dynft.cli import main
+
+    with pytest.raises(ConfigError, match="state_dir: Value error, empty; name a directory"):
+        load_settings(overrides={"state_dir": " "})
+    result = CliRunner().invoke(main, ["config", "--state-dir", ""])
+    assert result.exit_code == 2 and "state_dir" in result.output
+    assert load_settings(overrides={"state_dir": "."}).state_dir == Path(".")

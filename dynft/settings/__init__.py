@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -102,6 +102,14 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
     run: RunSettings = Field(default_factory=RunSettings)  # type: ignore[arg-type]
     tasks: TasksSettings = Field(default_factory=TasksSettings)  # type: ignore[arg-type]
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _named(cls, value: Any) -> Any:
+        """An empty path would be the working directory: say so instead of filling it with state."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("empty; name a directory (use . for the working directory)")
+        return value
 
     @property
     def registry_dir(self) -> Path:
