@@ -83,6 +83,15 @@ def metric(text: str, name: str) -> float:
 
 
 @pytest.mark.slow
+def test_adapters_commands_on_a_mistyped_state_directory_create_nothing(tmp_path: Path) -> None:
+    typo = tmp_path / "stat"
+    for args in (["list"], ["show", "1"], ["rollback"]):
+        result = CliRunner().invoke(main, ["adapters", *args, "--state-dir", str(typo)])
+        assert result.exit_code == 2, result.output
+        assert f"no registry at {typo / 'registry'}" in result.output
+    assert not typo.exists()
+
+
 def test_dynft_run_trains_serves_swaps_and_stops_cleanly(tiny_settings: Settings, tmp_path: Path) -> None:
     """The whole daemon as users run it: two child processes, one metrics endpoint, SIGTERM exits 0."""
     stream = write_jsonl(tmp_path / "stream.jsonl", keyword_events(3000, ["alpha", "beta", "gamma"], seed=11))
