@@ -254,9 +254,9 @@ class Supervisor:
             self._spawn(child)
         s = self.settings.server
         log.info(
-            "dynft is up: http://%s:%d (admin token: %s)",
+            "dynft is up: http://%s:%s (admin token: %s)",
             s.host,
-            s.port,
+            s.port or "<a port the system chooses: the server's log says which>",
             "from config" if s.admin_token else self.settings.state_dir / "admin-token",
         )
 

@@ -76,6 +76,8 @@ class Server:
             self.follower.start()  # reads the versions topics to their end: the current version is then here
         if sock is None:  # bound before the engine starts: a port in use is a configuration error
             sock = listening_socket(self.settings.server.host, self.settings.server.port)
+        host, port = sock.getsockname()[:2]
+        log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
         self.engine.start()
         try:
             self.uvicorn.run(sockets=[sock])
