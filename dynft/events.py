@@ -204,8 +204,9 @@ def _validate(obj: dict[str, Any], raw: bytes, limits: EventSettings) -> Event |
         if teacher_errors:
             reason = "invalid_temperature" if err["loc"][0] == "teacher_temperature" else "invalid_teacher"
         elif reason == "missing_field" and err["loc"] == ("label",) and _has_teacher(obj):
-            detail = _teacher_problem(obj, limits) or "a record without a label needs a non-empty teacher"
-            return Rejection("invalid_teacher", detail, raw, id_)
+            no_label: tuple[Reason, str] = ("invalid_teacher", "a record without a label needs a non-empty teacher")
+            reason, detail = _teacher_problem(obj, limits) or no_label
+            return Rejection(reason, detail, raw, id_)
         return Rejection(reason, f"{field}: {err['msg']}", raw, id_)
     # Only this slow path can see lone surrogates (pydantic's JSON parser refuses them), and no
     # tokenizer, database or UTF-8 sink takes them: the record is refused here, naming the field.
@@ -268,13 +269,13 @@ def _check_teacher(event: Event, raw: bytes, limits: EventSettings) -> Event | R
     return event.model_copy(update={"teacher": probs, "teacher_logits": None, "teacher_temperature": None})
 
 
-def _teacher_problem(obj: dict[str, Any], limits: EventSettings) -> str | None:
-    """Why the teacher of a record without a label gave it none (a NaN score, say), where a rule says."""
+def _teacher_problem(obj: dict[str, Any], limits: EventSettings) -> tuple[Reason, str] | None:
+    """The rule the teacher of a record without a label breaks (a NaN score, say), so it gave no label."""
     probs, logits = obj.get("teacher"), obj.get("teacher_logits")
     if not all(scores is None or isinstance(scores, dict) for scores in (probs, logits)):
         return None  # the wrong type: pydantic's own message tells that
     problem = normalised(probs, logits, obj.get("teacher_temperature"), limits.max_label_chars)
-    return problem[1] if isinstance(problem, tuple) else None
+    return problem if isinstance(problem, tuple) else None
 
 
 def _has_teacher(obj: dict[str, Any]) -> bool:

@@ -43,7 +43,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from dynft import metrics
-from dynft.errors import EXIT_CONFIG, DynftError
+from dynft.errors import EXIT_CONFIG, ConfigError, DynftError
 from dynft.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -230,6 +230,9 @@ class Supervisor:
         self.context = multiprocessing.get_context("forkserver")
 
     def startup(self) -> None:
+        reads_stdin = self.settings.source.uri == "file:-"
+        if reads_stdin and sys.stdin is None:  # Python's own sign that descriptor 0 was closed at start
+            raise ConfigError("source file:-: this process has no standard input (it was closed)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_dir = self.run_dir / "metrics"
         shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -244,7 +247,7 @@ class Supervisor:
         # This process holds the state directory's lock for the whole run; the trainer checks that.
         trainer = ["train", "--config", str(config_path), "--colocated", "--supervisor-pid", str(os.getpid())]
         self.children = [
-            Child("trainer", trainer, stdin=self.settings.source.uri == "file:-"),
+            Child("trainer", trainer, stdin=reads_stdin),
             Child("server", ["serve", "--config", str(config_path)]),
         ]
         follow = elected_follow(self.settings)

@@ -82,7 +82,6 @@ def metric(text: str, name: str) -> float:
     return -1.0
 
 
-@pytest.mark.slow
 def test_adapters_commands_on_a_mistyped_state_directory_create_nothing(tmp_path: Path) -> None:
     typo = tmp_path / "stat"
     for args in (["list"], ["show", "1"], ["rollback"]):
@@ -92,6 +91,7 @@ def test_adapters_commands_on_a_mistyped_state_directory_create_nothing(tmp_path
     assert not typo.exists()
 
 
+@pytest.mark.slow
 def test_dynft_run_trains_serves_swaps_and_stops_cleanly(tiny_settings: Settings, tmp_path: Path) -> None:
     """The whole daemon as users run it: two child processes, one metrics endpoint, SIGTERM exits 0."""
     stream = write_jsonl(tmp_path / "stream.jsonl", keyword_events(3000, ["alpha", "beta", "gamma"], seed=11))

@@ -129,6 +129,11 @@ BAD_TEACHERS = [
     # Without a label the teacher's top label is the label: the rule it breaks is named, not the missing label.
     (b'{"id": "1", "text": "hi", "teacher": {"a": NaN, "b": 1}}', "invalid_teacher", "teacher['a'] is not a finite"),
     (record(teacher={"a": 0.6, "b": 0.3}), "invalid_teacher", "sum to 0.9"),
+    (
+        b'{"id": "1", "text": "hi", "teacher_logits": {"a": NaN}, "teacher_temperature": -1}',
+        "invalid_temperature",
+        "> 0",
+    ),
     (record(label="a", teacher={"": 1.0}), "invalid_teacher", "empty label"),
     (record(label="a", teacher={"abcdefghi": 1.0}), "invalid_teacher", "9 chars > 8"),
     (record(label="a", teacher={"a": "high"}), "invalid_teacher", "teacher.a"),

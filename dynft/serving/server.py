@@ -74,13 +74,17 @@ class Server:
         tune_gc()
         if self.follower is not None:
             self.follower.start()  # reads the versions topics to their end: the current version is then here
-        if sock is None:  # bound before the engine starts: a port in use is a configuration error
-            sock = listening_socket(self.settings.server.host, self.settings.server.port)
-        host, port = sock.getsockname()[:2]
-        log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
         self.engine.start()
         try:
-            self.uvicorn.run(sockets=[sock])
+            self.uvicorn.run(sockets=[sock] if sock is not None else None)
+        except SystemExit as exc:
+            if self.uvicorn.started:
+                raise
+            # uvicorn logged why (with lifespan off, only binding fails at startup) and exits 3,
+            # which a supervisor would take for a crash and restart forever: a port in use or a
+            # host that is not this machine's is the configuration's to change.
+            s = self.settings.server
+            raise ConfigError(f"server.host/server.port: cannot listen on {s.host}:{s.port} (see above)") from exc
         finally:
             self.engine.stop()
             if self.follower is not None:
@@ -92,25 +96,3 @@ class Server:
     @property
     def started(self) -> bool:
         return bool(self.uvicorn.started)
-
-
-def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (uvicorn listens on it); ``ConfigError`` when it cannot be.
-
-    uvicorn binds by itself and exits with code 3 on failure, which a supervisor would take for
-    a crash and restart forever; a port in use or a host that is not this machine's is the
-    configuration's fault, and says which setting to change.
-    """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
-    except (OSError, UnicodeError, OverflowError) as exc:
-        raise ConfigError(f"server.host/server.port: cannot listen on {host}:{port} ({exc})") from exc
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restarts reuse the port
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(f"server.host/server.port: cannot listen on {host}:{port} ({exc})") from exc
-    return sock

@@ -21,9 +21,9 @@ class FileSource(Source):
     """Reads one record per line from ``path`` (``-`` for stdin); blank lines are skipped.
 
     Without ``follow`` the source is exhausted at end of file. With ``follow`` it keeps
-    waiting for appended lines, starts again from the top if the file is truncated, and goes on
-    with a new file at the path from its start once the old one was renamed away and read to
-    its end (log rotation). A UTF-8 byte order mark at the start of the file is skipped.
+    waiting for appended lines, and starts again from the top if the file is truncated. A file
+    renamed away and created anew (log rotation) is not followed: the positions a checkpoint
+    keeps are byte offsets of one file. A UTF-8 byte order mark at the file's start is skipped.
 
     Memory stays bounded whatever the input: a line longer than ``max_record_bytes`` is cut,
     its first ``max_record_bytes + 1`` bytes become its record (which the decoder rejects as
@@ -54,7 +54,6 @@ class FileSource(Source):
         self._offset = 0  # bytes consumed into complete lines
         self._line = 0
         self._eof = False
-        self._rotated = False  # follow: the path names a new file; the old one's last line goes out first
         self._start = 0  # byte offset to begin at (after a checkpoint)
 
     def resume_from(self, positions: dict[str, int]) -> None:
@@ -140,40 +139,11 @@ class FileSource(Source):
                 self._buf += b"\n"
             self._eof = True
             return
-        if self._rotated:  # the old file's last line has gone out: on to the new file
-            self._reopen()
-            return
-        opened = os.fstat(self._fd)
-        if opened.st_size < self._offset + len(self._buf) + self._cut:
+        size = os.fstat(self._fd).st_size
+        if size < self._offset + len(self._buf) + self._cut:
             log.warning("%s was truncated; reading it again from the start", self.uri)
             os.lseek(self._fd, 0, os.SEEK_SET)
             self._buf, self._scanned, self._cut, self._offset = bytearray(), 0, 0, 0
-            return
-        try:
-            current = os.stat(self._path)
-        except OSError:  # moved away and not created again yet: the old file may still grow
-            return
-        if (current.st_ino, current.st_dev) == (opened.st_ino, opened.st_dev):
-            return
-        # The path names another file now (renamed away and created anew, as log rotation
-        # does): like ``tail -F``, go on with that one from its start, once the old file's last
-        # line, even without its newline, has gone out.
-        if self._cut or (self._buf and not self._buf.isspace()):
-            self._buf += b"\n"
-            self._rotated = True
-            return
-        self._reopen()
-
-    def _reopen(self) -> None:
-        self._rotated = False
-        try:
-            fd = os.open(self._path, os.O_RDONLY)
-        except OSError:  # gone again: the next end of file looks once more
-            return
-        log.warning("%s was replaced (rotated); reading the new file from its start", self.uri)
-        os.close(self._fd)
-        self._fd = fd
-        self._buf, self._scanned, self._cut, self._offset = bytearray(), 0, 0, 0
 
     def _split_lines(self, limit: int) -> list[Record]:
         out: list[Record] = []
@@ -193,7 +163,8 @@ class FileSource(Source):
                     where["bytes"], self._cut = self._offset - start - 1, 0
                 stop = end - 1 if end > pos and buf[end - 1] == 13 else end  # without a trailing \r
                 line = bytes(view[pos:stop])
-                if start == 0 and line.startswith(BOM):  # editors on Windows write one; it is no JSON
+                # Editors on Windows start a file with one; not from a cut line, which must stay over the limit.
+                if start == 0 and "bytes" not in where and line.startswith(BOM):
                     line = line[len(BOM) :]
                 if line and not line.isspace():
                     out.append(Record(line, self.uri, self._offset, where=where))
