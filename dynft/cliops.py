@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from dynft.clikit import reports_errors, settings_from, settings_options, task_option
 from dynft.errors import ConfigError, SourceError
+
+if TYPE_CHECKING:
+    from dynft.settings import EventSettings
 
 
 @click.group()
@@ -194,7 +197,7 @@ def ledger(ids: tuple[str, ...], from_file: Path | None, **kwargs: Any) -> None:
     book = Ledger(path)
     wanted = list(ids)
     if from_file is not None:
-        wanted += ids_of(from_file)
+        wanted += ids_of(from_file, settings.events)
     if not wanted:
         click.echo(json.dumps(book.counts()))
         return
@@ -202,18 +205,30 @@ def ledger(ids: tuple[str, ...], from_file: Path | None, **kwargs: Any) -> None:
         click.echo(json.dumps({"id": event_id, "status": status, "seen": seen}))
 
 
-def ids_of(path: Path) -> list[str]:
-    """The ``id`` of every line of a JSON Lines file; a line without one is a clear error."""
+def ids_of(path: Path, limits: EventSettings) -> list[str]:
+    """The id the daemon keys the ledger by for each line of a JSON Lines file: decoded as the
+    daemon decodes it, so a record it rejected is looked up too where its id was usable. A line
+    without a usable id cannot be in the ledger: it is named on stderr and skipped, not fatal,
+    since such lines are what a user asks about after a run that dead-lettered some."""
+    from dynft.events import Event, decode
+    from dynft.sources.file import BOM
+
     out = []
     try:
         with open(path, "rb") as fh:
             for n, line in enumerate(fh, 1):
-                if not line.strip():
+                raw = line.removeprefix(BOM) if n == 1 else line  # as the file source skips it
+                if not raw.strip():
                     continue
-                try:
-                    out.append(str(json.loads(line)["id"]))
-                except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: nested too deeply
-                    raise ConfigError(f"{path}:{n}: not a JSON object with an id ({exc!r})") from exc
+                decoded = decode(raw.rstrip(b"\r\n"), limits)
+                if isinstance(decoded, Event):
+                    out.append(decoded.id)
+                elif decoded.event_id is not None:
+                    out.append(decoded.event_id)
+                else:
+                    click.echo(f"{path}:{n}: no usable id ({decoded.reason}: {decoded.detail}); skipped", err=True)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
+    if not out:
+        raise ConfigError(f"{path}: no line has a usable id")
     return out

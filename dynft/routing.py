@@ -110,7 +110,8 @@ class Router:
         labels = self.tasks.admit(event.task_name)
         if labels is None:
             detail = (
-                f"task {event.task_name!r} would be task {len(self.tasks) + 1} (tasks.max_tasks={self.tasks.max_tasks})"
+                f"task {event.task_name!r} would be task {len(self.tasks) + 1}, the default task included "
+                f"(tasks.max_tasks={self.tasks.max_tasks})"
             )
             return Rejection("too_many_tasks", detail, record.raw, event.id)
         held_out = is_held_out(event.id, event.text, self.holdout_fraction)

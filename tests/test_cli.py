@@ -216,3 +216,33 @@ def test_a_reader_that_stops_early_gets_no_error_message(tmp_path: Path) -> None
         proc.wait(60)
     assert json.loads(first)["status"] == "trained"
     assert err == ""
+
+
+def test_ledger_from_file_looks_up_every_line_with_an_id_and_names_the_others(tmp_path: Path) -> None:
+    """A file fed to the daemon may hold records it dead-lettered: a line without a usable id is
+    named on stderr and skipped (it stopped the lookup before), and a rejected record with one is
+    looked up as the daemon keyed it."""
+    from dynft.ledger import Ledger
+
+    book = Ledger(tmp_path / "ledger.db")
+    book.record([("a", "trained"), ("b", "dead_lettered")])
+    book.commit()
+    book.close()
+    lines = [
+        '\ufeff{"id": "a", "text": "t", "label": "x"}',  # a byte order mark, as the file source allows
+        "not json at all",
+        '{"id": "b", "text": "", "label": "x"}',  # rejected (empty text), keyed by its id
+        '{"text": "no id", "label": "x"}',
+        '{"id": "c", "text": "t", "label": "x"}',  # never seen
+    ]
+    (tmp_path / "events.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    command = [sys.executable, "-m", "dynft", "ledger", "--state-dir", str(tmp_path)]
+    done = subprocess.run([*command, "--from-file", str(tmp_path / "events.jsonl")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = {r["id"]: r["status"] for r in map(json.loads, done.stdout.splitlines())}
+    assert rows == {"a": "trained", "b": "dead_lettered", "c": "unseen"}
+    named = [line.split(": ")[0] for line in done.stderr.splitlines() if "no usable id" in line]
+    assert named == [f"{tmp_path / 'events.jsonl'}:2", f"{tmp_path / 'events.jsonl'}:4"], done.stderr
+    (tmp_path / "bad.jsonl").write_text("nothing\n")
+    done = subprocess.run([*command, "--from-file", str(tmp_path / "bad.jsonl")], capture_output=True, text=True)
+    assert done.returncode == 2 and "no line has a usable id" in done.stderr

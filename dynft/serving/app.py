@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import sys
 import time
 from http import HTTPStatus
 from typing import Any
@@ -56,6 +57,9 @@ def _parse_failure(exc: StarletteHTTPException) -> str | None:
         return "the body is not valid UTF-8"
     if isinstance(cause, RecursionError):
         return "the body's JSON is nested too deeply"
+    if isinstance(cause, ValueError):  # malformed JSON is reported apart: a number json cannot convert
+        digits = sys.get_int_max_str_digits()
+        return f"the body holds a number that cannot be read (integers have at most {digits} digits)"
     return f"the body could not be parsed ({type(cause).__name__})"
 
 

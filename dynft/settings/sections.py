@@ -320,7 +320,8 @@ class TasksSettings(Section):
         64,
         ge=1,
         le=1024,
-        description="tasks one daemon learns; events of a task beyond it are rejected (too_many_tasks)",
+        description="tasks one daemon learns, the default task included; events of a task beyond it are rejected "
+        "(too_many_tasks)",
     )
     sharing: Literal["per_task", "shared"] = Field(
         "per_task",
