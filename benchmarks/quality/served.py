@@ -1,6 +1,9 @@
 """Served accuracy: what users of a running daemon are answered, not what its trainer predicted.
 
-``python -m benchmarks.quality.served --suite quick [--rate 20] [--events N] [--streams a,b]``
+``python -m benchmarks.quality.served --suite quick [--rate 20] [--events N] [--streams a,b] [--jsonl F ...]``
+
+``--jsonl F`` (repeatable) adds a stream from any JSON Lines file of ``{"text", "label"}`` rows,
+in file order (``streams.from_jsonl``): another dataset, fed as a user would stream it.
 
 For each stream, a real ``dynft run`` (trainer and co-located HTTP server, file source with
 ``source.follow = true``) starts on an empty file. Events are fed at a fixed rate: each is
@@ -30,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.quality.methods import RIVER_METHODS, run_method
-from benchmarks.quality.streams import DATA, Stream, build
+from benchmarks.quality.streams import DATA, Stream, build, from_jsonl
 from benchmarks.quality.suites import SUITES, Suite, dynft_overrides
 
 RESULTS = Path(__file__).parents[1] / "results" / "quality"
@@ -252,6 +255,9 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="events per second fed")
     parser.add_argument("--events", type=int, default=0, help="events per stream (default: the whole stream)")
     parser.add_argument("--streams", default="", help="comma-separated stream names (default: the suite's)")
+    parser.add_argument(
+        "--jsonl", type=Path, action="append", default=[], help="a stream from a JSON Lines file of text and label"
+    )
     parser.add_argument("--no-compare", action="store_true", help="skip the trainer's and river's prequential runs")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
@@ -261,11 +267,12 @@ def main() -> int:
     args = parser.parse_args()
     extra = {key: json.loads(value) for key, _, value in (item.partition("=") for item in args.set)}
     suite = SUITES[args.suite]
-    names = [n for n in args.streams.split(",") if n] or list(suite.streams)
+    names = [n for n in args.streams.split(",") if n] or ([] if args.jsonl else list(suite.streams))
+    streams = [build(name, suite.sizes, DATA) for name in names] + [from_jsonl(path) for path in args.jsonl]
     results: dict[str, Any] = {"suite": suite.name, "rate": args.rate, "streams": {}}
     results["machine"] = f"{os.cpu_count()}-core CPU, load {os.getloadavg()[0]:.1f} at the start"
-    for name in names:
-        stream = build(name, suite.sizes, DATA)
+    for stream in streams:
+        name = stream.name
         events = min(args.events or len(stream.events), len(stream.events))
         served = serve(stream, suite, args.rate, events, args.out / "logs", extra)
         results["streams"][name] = score(stream, suite, served, events, not args.no_compare)

@@ -174,3 +174,22 @@ BUILDERS = {"domain": domain, "airline": airline, "banking": banking, "concept":
 
 def build(name: str, sizes: Sizes, data: Path = DATA) -> Stream:
     return BUILDERS[name](sizes, data)
+
+
+def from_jsonl(path: Path, test_share: float = 0.1, max_test: int = 200) -> Stream:
+    """A one-phase stream from any JSON Lines file of ``{"text", "label"}`` rows, in file order
+    (another dataset, as a user would stream it); its last rows (``test_share``, at most
+    ``max_test``) are the phase's test slice and are not streamed."""
+    rows = read(path)
+    bad = next((n for n, r in enumerate(rows, 1) if not (isinstance(r, dict) and {"text", "label"} <= r.keys())), None)
+    if bad is not None:
+        raise ValueError(f"{path}: row {bad} is not an object with text and label")
+    examples = [(str(r["text"]), str(r["label"])) for r in rows]
+    test = min(max_test, int(len(examples) * test_share))
+    if len(examples) - test < 2:
+        raise ValueError(f"{path}: {len(examples)} rows are too few for a stream")
+    return assemble(
+        path.stem,
+        f"JSON Lines file {path.name}",
+        [(path.stem, examples[: len(examples) - test], examples[len(examples) - test :])],
+    )

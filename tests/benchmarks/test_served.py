@@ -113,3 +113,18 @@ def test_the_quality_benchmark_reports_what_a_real_daemon_served_beside_prequent
     text = (tmp_path / "quality-smoke.md").read_text()
     assert "## Served accuracy" in text and "| dynft, served |" in text
     assert tmp_path / "quality-smoke-domain.png" in written
+
+
+def test_any_json_lines_file_becomes_a_stream_in_file_order_with_a_held_back_test_slice(tmp_path: Path) -> None:
+    from benchmarks.quality.streams import from_jsonl
+
+    path = tmp_path / "my-news.jsonl"
+    path.write_text("".join(f'{{"text": "t{i}", "label": "{"ab"[i % 2]}", "extra": 1}}\n' for i in range(30)))
+    stream = from_jsonl(path)
+    assert stream.name == "my-news" and stream.drift_points == []
+    assert stream.events == [(f"t{i}", "ab"[i % 2]) for i in range(27)]  # the last 10% are the test slice
+    assert stream.phases[0].test == [(f"t{i}", "ab"[i % 2]) for i in range(27, 30)]
+    assert stream.event_id(3) == "my-news-000003"
+    path.write_text('{"text": "x", "label": "a"}\n{"text": "no label"}\n')
+    with pytest.raises(ValueError, match="row 2 is not an object with text and label"):
+        from_jsonl(path)
