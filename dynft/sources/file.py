@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import stat
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from dynft.sources.base import Record, Source
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 16
+HEAD = 256  # bytes at the file's start remembered in follow mode: a file rewritten in place changes them
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 
 
@@ -21,9 +23,11 @@ class FileSource(Source):
     """Reads one record per line from ``path`` (``-`` for stdin); blank lines are skipped.
 
     Without ``follow`` the source is exhausted at end of file. With ``follow`` it keeps
-    waiting for appended lines, and starts again from the top if the file is truncated. A file
-    renamed away and created anew (log rotation) is not followed: the positions a checkpoint
-    keeps are byte offsets of one file. A UTF-8 byte order mark at the file's start is skipped.
+    waiting for appended lines, and starts again from the top if the file is truncated or
+    rewritten in place (its first bytes changed, even where it grew longer). A file renamed
+    away and created anew (log rotation) is not followed, with a warning: the positions a
+    checkpoint keeps are byte offsets of one file. A UTF-8 byte order mark at the file's start
+    is skipped.
 
     Memory stays bounded whatever the input: a line longer than ``max_record_bytes`` is cut,
     its first ``max_record_bytes + 1`` bytes become its record (which the decoder rejects as
@@ -55,6 +59,10 @@ class FileSource(Source):
         self._line = 0
         self._eof = False
         self._start = 0  # byte offset to begin at (after a checkpoint)
+        self._head = b""  # follow mode: the file's first bytes as they were read
+        self._rotated = False  # follow mode: warned that the path names another file now
+        self._after_end = False  # follow mode: the last read met the end of the file
+        self._regular = True  # a regular file (set at open)
 
     def resume_from(self, positions: dict[str, int]) -> None:
         if self._path != "-":
@@ -77,6 +85,9 @@ class FileSource(Source):
             else:
                 os.lseek(self._fd, self._start, os.SEEK_SET)
                 self._offset = self._start
+        self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)  # not a FIFO: it can be rewritten or rotated
+        if self._follow and self._regular:
+            self._head = os.pread(self._fd, HEAD, 0)
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         if self._fd < 0:
@@ -131,6 +142,9 @@ class FileSource(Source):
             ready, _, _ = select.select([self._fd], [], [], timeout_s)
             if not ready:
                 return None
+        if self._after_end:  # new bytes after an end of file may be a rewrite: look before reading on
+            self._after_end = False
+            self._restart_if_replaced()
         return os.read(self._fd, CHUNK)
 
     def _at_end_of_file(self) -> None:
@@ -139,11 +153,36 @@ class FileSource(Source):
                 self._buf += b"\n"
             self._eof = True
             return
-        size = os.fstat(self._fd).st_size
-        if size < self._offset + len(self._buf) + self._cut:
-            log.warning("%s was truncated; reading it again from the start", self.uri)
+        if self._regular:
+            self._restart_if_replaced()
+            self._after_end = True
+            self._warn_if_rotated(os.fstat(self._fd))
+
+    def _restart_if_replaced(self) -> None:
+        """Read again from the top a file truncated (shorter than what was read) or rewritten in
+        place (its first bytes changed: a rewrite that made it longer)."""
+        read = self._offset + len(self._buf) + self._cut
+        if len(self._head) < HEAD and read > len(self._head):  # a file shorter than HEAD when opened
+            self._head = os.pread(self._fd, min(HEAD, read), 0)
+        if os.fstat(self._fd).st_size < read or os.pread(self._fd, len(self._head), 0) != self._head:
+            log.warning("%s was truncated or rewritten; reading it again from the start", self.uri)
             os.lseek(self._fd, 0, os.SEEK_SET)
-            self._buf, self._scanned, self._cut, self._offset = bytearray(), 0, 0, 0
+            self._buf, self._scanned, self._cut, self._offset, self._line = bytearray(), 0, 0, 0, 0
+            self._head = os.pread(self._fd, HEAD, 0)
+
+    def _warn_if_rotated(self, opened: os.stat_result) -> None:
+        try:
+            now = os.stat(self._path)
+        except OSError:  # renamed away and not (yet) created anew
+            return
+        rotated = (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino)
+        if rotated and not self._rotated:
+            log.warning(
+                "%s now names another file (rotated?); rotation is not followed: dynft keeps reading the "
+                "file it opened, as checkpoint positions are offsets in it",
+                self.uri,
+            )
+        self._rotated = rotated
 
     def _split_lines(self, limit: int) -> list[Record]:
         out: list[Record] = []

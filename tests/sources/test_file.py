@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import subprocess
 import sys
@@ -42,6 +44,59 @@ def test_follow_mode_reads_lines_appended_later(tmp_path: Path) -> None:
         fh.write(b"2}\n")
     assert [json.loads(r.raw)["n"] for r in source.poll(10, 0.5)] == [2]
     assert not source.exhausted
+
+
+def test_follow_mode_reads_a_file_rewritten_in_place_again_even_when_it_grew(tmp_path: Path) -> None:
+    """Truncated and rewritten longer between two polls, the file's size alone did not show it:
+    reading went on at the old offset, in the middle of a new line. Its first bytes show it."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"n": 0}, {"n": 1}])
+    source = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    source.open()
+    assert [json.loads(r.raw)["n"] for r in source.poll(10, 0.1)] == [0, 1]
+    write_jsonl(path, [{"n": 10 + i, "pad": "x" * 20} for i in range(3)])  # truncates, then writes more
+    got = [json.loads(r.raw)["n"] for r in source.poll(10, 0.3)]
+    assert got == [10, 11, 12]
+
+
+def test_follow_mode_warns_once_that_a_rotated_file_is_not_followed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [{"n": 0}])
+    source = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    source.open()
+    assert [json.loads(r.raw)["n"] for r in source.poll(10, 0.1)] == [0]
+    path.rename(tmp_path / "in.jsonl.1")
+    write_jsonl(path, [{"n": 100}])
+    with open(tmp_path / "in.jsonl.1", "ab") as fh:  # a writer still holding the old file
+        fh.write(b'{"n": 1}\n')
+    with caplog.at_level(logging.WARNING, logger="dynft.sources.file"):
+        got = [json.loads(r.raw)["n"] for r in source.poll(10, 0.2)]
+        got += [json.loads(r.raw)["n"] for r in source.poll(10, 0.2)]
+    assert got == [1]  # the file it opened, whose offsets the checkpoint keeps
+    assert [r.message for r in caplog.records].count(
+        f"file:{path} now names another file (rotated?); rotation is not followed: dynft keeps reading the file it "
+        "opened, as checkpoint positions are offsets in it"
+    ) == 1
+
+
+def test_follow_mode_reads_a_named_pipe_past_its_end(tmp_path: Path) -> None:
+    """A FIFO cannot be rewritten or seeked: at its end (a writer closed it) the truncation check
+    used to seek it and fail (ESPIPE)."""
+    path = tmp_path / "in.fifo"
+    os.mkfifo(path)
+
+    def write() -> None:
+        with open(path, "wb") as fh:
+            fh.write(b'{"n": 0}\n')
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    source = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    source.open()  # blocks until the writer opens its end
+    writer.join()
+    assert [json.loads(r.raw)["n"] for r in source.poll(10, 0.2)] == [0]
+    assert source.poll(10, 0.1) == [] and not source.exhausted
+    source.close()
 
 
 def test_stdin_is_read_as_it_arrives(tmp_path: Path) -> None:
