@@ -30,6 +30,7 @@ class ReadBack:
     predictions: list[int]  # label indices of the fresh rows
     losses: list[float]
     features: list[list[float]] | None
+    probabilities: list[list[float]] | None = None  # the fresh rows' softmax, when asked for
 
 
 def read_back(
@@ -38,10 +39,11 @@ def read_back(
     logits: torch.Tensor,
     losses: torch.Tensor,
     features: torch.Tensor | None,
+    probabilities: bool = False,
 ) -> ReadBack:
     """One device-to-host copy for all of a step's results: they are packed into one float
     tensor on the device (label indices are exact in float32 far beyond ``trainer.max_labels``)."""
-    rows = logits.shape[0]
+    rows, classes = logits.shape[0], logits.shape[-1]
     parts = [
         loss.detach().float().reshape(1),
         grad_norm.detach().float().reshape(1),
@@ -50,13 +52,17 @@ def read_back(
     ]
     if features is not None:
         parts.append(features.detach().float().reshape(-1))  # (R * H,)
+    if probabilities:
+        parts.append(torch.softmax(logits.detach().float(), dim=-1).reshape(-1))  # (R * C,)
     flat: list[float] = torch.cat(parts).cpu().tolist()
-    width = (len(flat) - 2 - 2 * rows) // rows if rows and features is not None else 0
+    width = features.shape[-1] if features is not None else 0
     tail = flat[2 + 2 * rows :]
+    probs = tail[rows * width :]
     return ReadBack(
         loss=flat[0],
         grad_norm=flat[1],
         predictions=[int(x) for x in flat[2 : 2 + rows]],
         losses=flat[2 + rows : 2 + 2 * rows],
         features=[tail[i * width : (i + 1) * width] for i in range(rows)] if features is not None else None,
+        probabilities=[probs[i * classes : (i + 1) * classes] for i in range(rows)] if probabilities else None,
     )

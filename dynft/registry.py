@@ -54,7 +54,8 @@ from dynft.fingerprint import BaseModelId
 
 log = logging.getLogger(__name__)
 WEIGHTS, CONFIG, LABELS, META = "adapter_model.safetensors", "adapter_config.json", "labels.json", "meta.json"
-HASHED = (WEIGHTS, CONFIG, LABELS)
+LEXICAL = "lexical.safetensors"  # word counts served beside the adapter (dynft.lexical); not in older versions
+HASHED = (WEIGHTS, CONFIG, LABELS)  # and LEXICAL after them where a version has it
 
 
 @dataclass
@@ -65,6 +66,7 @@ class AdapterState:
     labels: list[str]
     peft_config: dict[str, Any]
     finite: bool = False  # every tensor was found finite (by ``AdapterRegistry.load``): not checked again
+    lexical: dict[str, torch.Tensor] | None = None  # word counts (dynft.lexical.Lexicon.state), if kept
 
     @property
     def nbytes(self) -> int:
@@ -118,6 +120,11 @@ def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
         raise
     if durable:
         _fsync_dir(path.parent)
+
+
+def _digest(files: dict[str, bytes]) -> str:
+    """A version's content hash: its adapter files, and its word counts where it has them."""
+    return hashlib.sha256(b"".join(files[name] for name in (*HASHED, LEXICAL) if name in files)).hexdigest()
 
 
 def _write_files(directory: Path, files: dict[str, bytes], durable: bool = True) -> None:
@@ -235,7 +242,9 @@ class AdapterRegistry:
             CONFIG: _json_bytes(state.peft_config),
             LABELS: _json_bytes(state.labels),
         }
-        digest = hashlib.sha256(b"".join(files[name] for name in HASHED)).hexdigest()
+        if state.lexical is not None:
+            files[LEXICAL] = save_safetensors(state.lexical)
+        digest = _digest(files)
         stage = self.staging_dir / uuid.uuid4().hex
         try:
             stage.mkdir()
@@ -268,16 +277,18 @@ class AdapterRegistry:
         path = self.path(version)
         try:
             files = {name: (path / name).read_bytes() for name in HASHED}
+            if (path / LEXICAL).exists():
+                files[LEXICAL] = (path / LEXICAL).read_bytes()
         except OSError as exc:
             raise VersionUnloadableError(
                 f"adapter version {version}: incomplete ({exc.strerror}: {exc.filename})"
             ) from exc
-        digest = hashlib.sha256(b"".join(files[name] for name in HASHED)).hexdigest()
-        if digest != meta.get("content_hash"):
+        if _digest(files) != meta.get("content_hash"):
             raise VersionUnloadableError(f"adapter version {version}: content hash mismatch (corrupt files)")
         try:
             tensors = load_safetensors(files[WEIGHTS])
             state = AdapterState(tensors, json.loads(files[LABELS]), json.loads(files[CONFIG]))
+            state.lexical = load_safetensors(files[LEXICAL]) if LEXICAL in files else None
         except (SafetensorError, json.JSONDecodeError) as exc:
             raise VersionUnloadableError(f"adapter version {version}: unreadable files ({exc})") from exc
         bad = nonfinite_keys(tensors)

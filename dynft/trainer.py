@@ -31,6 +31,7 @@ from dynft.events import Event
 from dynft.families import base_dtype, read_positions, size_line
 from dynft.forgetting import Forgetting
 from dynft.imprint import imprint_rows
+from dynft.lexical import Lexicon
 from dynft.model import (
     AdapterSlots,
     AdapterState,
@@ -100,6 +101,7 @@ class OnlineTrainer(TrainerWeights):
             settings.imprint_new_labels == "auto" and pooling == "mean"
         )
         self.forgetting = Forgetting(self)  # the anchor and the penalties against forgetting
+        self.lexicon = Lexicon(settings.lexical_buckets) if settings.lexical_blend else None
         self._init_state = {k: p.detach().clone() for k, p in self.slots.capture().items()}
         self._own = self.slots.capture()  # this trainer's parameter objects (see activate)
         self.optimizer = self._make_optimizer()
@@ -247,7 +249,7 @@ class OnlineTrainer(TrainerWeights):
         scored = logits[: batch.n_fresh].detach()
         if known < scored.shape[-1]:
             scored = scored.masked_fill(torch.arange(scored.shape[-1], device=scored.device) >= known, float("-inf"))
-        back = read_back(loss, grad_norm, scored, losses[: batch.n_fresh], pooled)
+        back = read_back(loss, grad_norm, scored, losses[: batch.n_fresh], pooled, self.lexicon is not None)
         labels = self.label_map.labels
         result = StepResult(
             loss=back.loss,
@@ -271,8 +273,23 @@ class OnlineTrainer(TrainerWeights):
         else:
             self.steps += 1
             self.forgetting.recent.extend(batch.events)
+            self._count_words(batch.events[: batch.n_fresh], back.probabilities)
         result.seconds = time.perf_counter() - started
         return result
+
+    def _count_words(self, fresh: Sequence[Event], adapter: list[list[float]] | None) -> None:
+        """Test, then train the word counts on the fresh events (``dynft.lexical``): first the
+        blend's weights are scored on what the adapter (``adapter``, before this step) and the
+        counts predicted, then the counts learn the events."""
+        if self.lexicon is None or not fresh or adapter is None:
+            return
+        ids = [self.label_map.get(e.label) for e in fresh]
+        label_ids = [i for i in ids if i is not None]  # all of them: a trained label is in the map
+        if len(label_ids) != len(ids):
+            return
+        texts = [e.text for e in fresh]
+        self.lexicon.weigh(torch.tensor(adapter), self.lexicon.probabilities(texts, len(self.label_map)), label_ids)
+        self.lexicon.learn(texts, label_ids, len(self.label_map))
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logits, and with ``capture_features`` the head's input from this same pass."""

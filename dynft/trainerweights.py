@@ -19,6 +19,7 @@ from torch import nn
 from dynft.batching import LabelMap
 from dynft.errors import AdapterMismatchError
 from dynft.forgetting import Forgetting
+from dynft.lexical import Lexicon
 from dynft.model import AdapterSlots, AdapterState, grow_head
 from dynft.snapshot import check_snapshot
 
@@ -36,6 +37,7 @@ class TrainerWeights:
     imprinted: int
     owns_adapter: bool
     shares_adapter: bool
+    lexicon: Lexicon | None  # word counts served beside the adapter (trainer.lexical_blend)
     _init_state: dict[str, torch.Tensor]
 
     @property
@@ -47,7 +49,25 @@ class TrainerWeights:
         return self.label_map.labels[: self.slots.head.out_features]
 
     def export(self) -> AdapterState:
-        return self.slots.export(self.exported_labels())
+        labels = self.exported_labels()
+        state = self.slots.export(labels)
+        if self.lexicon is not None:
+            state.lexical = self.lexicon.state(len(labels))
+        return state
+
+    def _lexicon_from(self, tensors: dict[str, torch.Tensor] | None) -> Lexicon | None:
+        """Word counts to continue from (checked; nothing changes here): fresh ones where the
+        source has none, or counts of another ``trainer.lexical_buckets``."""
+        if self.lexicon is None:
+            return None
+        if tensors:
+            try:
+                loaded = Lexicon.from_state(tensors)
+            except ValueError as exc:
+                raise AdapterMismatchError(str(exc)) from exc
+            if loaded.buckets == self.lexicon.buckets:
+                return loaded
+        return Lexicon(self.lexicon.buckets)
 
     def all_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.slots.capture().values())
@@ -62,9 +82,11 @@ class TrainerWeights:
         if state.labels[: len(live)] != live or self.slots.head.out_features > max(1, len(state.labels)):
             raise AdapterMismatchError("the adapter's labels do not extend the trainer's label map")
         self.slots.check(state)
+        lexicon = self._lexicon_from(state.lexical)
         self.label_map.ids(state.labels)
         grow_head(self.model, len(state.labels), self.optimizer)
         self.imprinted = len(state.labels)
+        self.lexicon = lexicon
         with torch.no_grad():
             for key, param in self.slots.capture().items():
                 if self.owns_adapter or key in self.slots.head_keys:  # a task's old version: no roll-back
@@ -82,6 +104,8 @@ class TrainerWeights:
             for name, value in values.items():
                 tensors[f"optim.{index}.{name}"] = value.clone() if isinstance(value, torch.Tensor) else value
         tensors["rng.torch"] = torch.get_rng_state()
+        if self.lexicon is not None:
+            tensors.update(self.lexicon.state(len(self.label_map)))
         groups = [{k: v for k, v in g.items()} for g in optim["param_groups"]]
         state = {
             "labels": self.label_map.labels,
@@ -100,6 +124,7 @@ class TrainerWeights:
         differs, and the trainer is left exactly as it was.
         """
         checked = check_snapshot(self.slots, self.optimizer, self.label_map.labels, tensors, state)
+        lexicon = self._lexicon_from({k: t for k, t in tensors.items() if k.startswith("lexical.")})
         self.label_map.ids(checked.labels)
         grow_head(self.model, checked.head_rows, self.optimizer)
         with torch.no_grad():
@@ -109,6 +134,7 @@ class TrainerWeights:
         torch.set_rng_state(checked.rng)
         self.steps, self.skipped, self.lr_scale = checked.counters
         self.imprinted = min(checked.head_rows, len(checked.labels))
+        self.lexicon = lexicon
 
     def reset_adapter(self) -> None:
         """Start a new lineage: adapter and head back to their initial weights, optimizer state dropped.
@@ -120,6 +146,8 @@ class TrainerWeights:
             return
         self.forgetting.clear()  # a new lineage is not pulled back
         self.imprinted = 0
+        if self.lexicon is not None:  # the labels may mean something else in the new lineage
+            self.lexicon.reset()
         with torch.no_grad():
             for key, param in self.slots.capture().items():
                 if key not in self.slots.head_keys:
@@ -135,9 +163,12 @@ class TrainerWeights:
 
         The old head maps the same inputs to the old labels and would have to be unlearned; a
         fresh one (imprinted again from the next examples where imprinting is on) learns the new
-        mapping at the head's learning rate. Its optimizer state goes with it.
+        mapping at the head's learning rate. Its optimizer state goes with it, and so do the word
+        counts, which map words to the old labels as the head did.
         """
         self.imprinted = 0
+        if self.lexicon is not None:
+            self.lexicon.reset()
         with torch.no_grad():
             for key, param in self.slots.capture().items():
                 if key not in self.slots.head_keys:

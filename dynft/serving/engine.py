@@ -45,6 +45,7 @@ from dynft.errors import DynftError
 from dynft.families import base_dtype, read_positions
 from dynft.fingerprint import BaseModelId
 from dynft.freshness import served_after
+from dynft.lexical import blend
 from dynft.metrics import ServerMetrics
 from dynft.model import (
     load_tokenizer,
@@ -299,6 +300,8 @@ class InferenceEngine(VersionWatcher):
         if not labels:
             raise NotReady("no adapter version is serving yet")
         probs = torch.softmax(logits, dim=-1).cpu()
+        if active.words is not None and not used:  # with prototype rows the version's own labels are not all
+            probs = blend(probs, active.words.probabilities(texts), active.words.weight)
         out = []
         for row in probs.tolist():
             best = max(range(len(row)), key=row.__getitem__)
@@ -375,6 +378,10 @@ class InferenceEngine(VersionWatcher):
         enc = tokenize(self.tokenizer, texts, self.settings.model.max_length, self.pad_multiple)
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         probs = mixed.probabilities(model, ids, mask, [(id(v), v.params, len(v.labels)) for v in rows])
+        for i, (owner, text) in enumerate(zip(rows, texts, strict=True)):
+            if owner.words is not None:
+                adapter = torch.tensor([probs[i]])
+                probs[i] = blend(adapter, owner.words.probabilities([text]), owner.words.weight)[0].tolist()
         out = []
         for owner, row in zip(rows, probs, strict=True):
             best = max(range(len(row)), key=row.__getitem__)

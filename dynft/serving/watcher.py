@@ -22,11 +22,12 @@ from peft import PeftConfig, PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dynft.errors import AdapterMismatchError, BaseModelMismatchError, DynftError
+from dynft.errors import AdapterMismatchError, BaseModelMismatchError, DynftError, VersionUnloadableError
 from dynft.fingerprint import BaseModelId, Pooling
+from dynft.lexical import Lexicon, WordScorer
 from dynft.metrics import ServerMetrics
 from dynft.model import AdapterSlots, build_model, peft_config_from_dict, peft_config_from_settings, structure_key
-from dynft.registry import AdapterRegistry
+from dynft.registry import AdapterRegistry, AdapterState
 from dynft.serving.prototypes import FastPath
 from dynft.settings import Settings
 from dynft.tasks import DEFAULT_TASK, known_tasks, task_registry_dir
@@ -48,6 +49,7 @@ class LoadedVersion:
     label_events: Any = None  # meta.json's "label_events": fresh events trained per label (the fast path)
     task: str = DEFAULT_TASK
     lineage: Any = None  # meta.json's "lineage" (the fast path: shots of a newer one outrank its rows)
+    words: WordScorer | None = None  # its word counts, blended into its answers (dynft.lexical)
 
 
 @dataclass
@@ -193,6 +195,7 @@ class VersionWatcher:
             model, slots = same[0].model, same[0].slots
         else:
             model, slots = self._build(peft_config_from_dict(state.peft_config), len(state.labels))
+        words = self._words(version, state)
         non_blocking = self.device.type == "cuda"
         params = slots.prepare(state, non_blocking=non_blocking)
         if non_blocking:
@@ -207,7 +210,17 @@ class VersionWatcher:
             task=task,
             label_events=meta.get("label_events"),
             lineage=meta.get("lineage"),
+            words=words,
         )
+
+    def _words(self, version: int, state: AdapterState) -> WordScorer | None:
+        """The version's word counts, ready to blend; None where it has none or the blend is off."""
+        if state.lexical is None or not self.settings.trainer.lexical_blend:
+            return None
+        try:
+            return WordScorer(Lexicon.from_state(state.lexical), len(state.labels))
+        except ValueError as exc:
+            raise VersionUnloadableError(f"adapter version {version}: {exc}") from exc
 
     def _build(self, config: PeftConfig, num_labels: int) -> tuple[PeftModel, AdapterSlots]:
         pad = self.tokenizer.pad_token_id

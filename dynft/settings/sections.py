@@ -153,6 +153,14 @@ class TrainerSettings(Section):
     distill_temperature: float = Field(
         2.0, gt=0, le=100, allow_inf_nan=False, description="temperature of the distillation loss (student and teacher)"
     )
+    lexical_blend: bool = Field(
+        True,
+        description="keep word counts per label (naive Bayes over hashed words) beside the adapter and serve a "
+        "blend of both, weighted by how well each predicted the stream's recent events (dynft.lexical)",
+    )
+    lexical_buckets: int = Field(
+        1 << 15, ge=1 << 10, le=1 << 20, description="hash buckets of the word counts (4 bytes per label each)"
+    )
     max_labels: int = Field(
         1000,
         ge=1,

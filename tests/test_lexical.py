@@ -1,0 +1,143 @@
+"""Word counts beside the adapter (dynft.lexical): the naive Bayes itself against river's, the
+blend's weight, the state's round trips through versions and checkpoints, and its resets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dynft.errors import VersionUnloadableError
+from dynft.events import Event
+from dynft.lexical import WEIGHTS, Lexicon, WordScorer, blend
+from dynft.registry import LEXICAL, AdapterRegistry
+from dynft.settings import Settings
+from dynft.trainer import OnlineTrainer
+
+TEXTS = [
+    ("the plot was dull and slow", "neg"),
+    ("a wonderful and moving film", "pos"),
+    ("dull acting and a dull script", "neg"),
+    ("moving music and wonderful acting", "pos"),
+    ("slow but wonderful", "pos"),
+]
+
+
+def test_the_counts_answer_as_rivers_multinomial_naive_bayes() -> None:
+    """Predict, then learn, event by event: the same probabilities as river's BagOfWords + MultinomialNB
+    (buckets enough for no two of these words to share one)."""
+    from river import feature_extraction, naive_bayes
+
+    river = feature_extraction.BagOfWords() | naive_bayes.MultinomialNB()
+    lexicon = Lexicon(buckets=1 << 20)
+    labels = ["neg", "pos"]
+    probes = ["dull film", "wonderful music", "nothing known here"]
+    for text, label in TEXTS:
+        lexicon.learn([text], [labels.index(label)], labels=2)
+        river.learn_one(text, label)
+        ours = lexicon.probabilities(probes, 2)
+        for probe, row in zip(probes, ours, strict=True):
+            theirs = river.predict_proba_one(probe)
+            assert row.tolist() == pytest.approx([theirs.get(k, 0.0) for k in labels], abs=1e-5), probe
+
+
+def test_a_label_without_events_gets_nothing_and_nothing_known_gives_a_row_of_zeros() -> None:
+    lexicon = Lexicon(buckets=1024)
+    assert lexicon.probabilities(["dull"], 2).tolist() == [[0.0, 0.0]]
+    lexicon.learn(["dull"], [1], labels=3)
+    assert lexicon.probabilities(["dull", "other"], 3).tolist() == [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]
+
+
+def test_the_blend_follows_whichever_predicted_the_recent_events_better() -> None:
+    truth = [0, 1] * 20
+    right = torch.tensor([[0.9, 0.1] if y == 0 else [0.1, 0.9] for y in truth])
+    unsure = torch.full((len(truth), 2), 0.5)
+    lexicon = Lexicon(buckets=1024)
+    assert lexicon.weight == 1.0  # no evidence: the adapter alone
+    lexicon.weigh(unsure, right, truth)  # the counts were right, the adapter unsure
+    assert lexicon.weight < 0.5
+    for _ in range(20):
+        lexicon.weigh(right, unsure, truth)  # and now the other way round
+    assert lexicon.weight == 1.0
+    before = lexicon.losses.clone()
+    lexicon.weigh(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]), [0])  # the counts knew no label
+    lexicon.weigh(torch.tensor([[float("nan"), 0.0]]), right[:1], [0])  # the adapter knew no label yet
+    assert torch.equal(lexicon.losses, before)
+
+
+def test_blend_mixes_probabilities_and_keeps_the_adapters_where_the_counts_know_nothing() -> None:
+    adapter = torch.tensor([[0.8, 0.2], [0.6, 0.4]])
+    counts = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    assert torch.allclose(blend(adapter, counts, 0.3), torch.tensor([[0.24, 0.76], [0.6, 0.4]]))
+    assert blend(adapter, counts, 1.0) is adapter
+
+
+def test_the_state_round_trips_and_a_malformed_one_is_refused() -> None:
+    lexicon = Lexicon(buckets=4096)
+    lexicon.learn([t for t, _ in TEXTS], [int(y == "pos") for _, y in TEXTS], labels=2)
+    lexicon.weigh(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.1, 0.9]]), [1])
+    state = lexicon.state(2)
+    assert state["lexical.index"].shape[0] == int((lexicon.counts > 0).sum())  # sparse: only the words seen
+    again = Lexicon.from_state(state)
+    assert torch.equal(again.counts, lexicon.counts) and again.weight == lexicon.weight
+    assert torch.equal(WordScorer(again, 2).probabilities(["dull film"]), lexicon.probabilities(["dull film"], 2))
+    broken = [
+        {k: v for k, v in state.items() if k != "lexical.docs"},
+        state | {"lexical.index": state["lexical.index"] + torch.tensor([0, 4096])},
+        state | {"lexical.count": state["lexical.count"] * float("nan")},
+        state | {"lexical.losses": torch.zeros(3)},
+    ]
+    for tensors in broken:
+        with pytest.raises(ValueError, match="lexical counts"):
+            Lexicon.from_state(tensors)
+
+
+def events(n: int) -> list[Event]:
+    return [Event(id=f"e{i}", text=TEXTS[i % len(TEXTS)][0], label=TEXTS[i % len(TEXTS)][1]) for i in range(n)]
+
+
+def test_the_trainer_counts_fresh_events_and_versions_and_checkpoints_carry_the_counts(
+    tiny_trainer: OnlineTrainer, tiny_settings: Settings
+) -> None:
+    fresh = events(10)
+    tiny_trainer.step(tiny_trainer.collator(fresh[:5], n_fresh=5))
+    tiny_trainer.step(tiny_trainer.collator(fresh[5:] + fresh[:3], n_fresh=5))  # three replayed: not counted
+    lexicon = tiny_trainer.lexicon
+    assert lexicon is not None and lexicon.docs.tolist() == [4.0, 6.0]  # labels in order of arrival: neg, pos
+    assert float(lexicon.losses.sum()) > 0  # the second step's events were predicted by both first
+    registry = AdapterRegistry(tiny_settings.registry_dir)
+    info = registry.publish(tiny_trainer.export(), {})
+    state, _ = registry.load(info.version)
+    assert state.lexical is not None and torch.equal(Lexicon.from_state(state.lexical).counts, lexicon.counts)
+    tensors, saved = tiny_trainer.snapshot()
+    tiny_trainer.step(tiny_trainer.collator(fresh[:5], n_fresh=5))
+    tiny_trainer.restore(tensors, saved)
+    assert tiny_trainer.lexicon is not None and tiny_trainer.lexicon.docs.tolist() == [4.0, 6.0]
+    tiny_trainer.reset_adapter()  # a new lineage: the words may mean other labels now
+    assert tiny_trainer.lexicon.docs.sum() == 0
+    tiny_trainer.load(state)  # continuing from a version takes its counts
+    assert tiny_trainer.lexicon.docs.tolist() == [4.0, 6.0]
+
+
+def test_a_version_whose_counts_were_changed_on_disk_is_refused(
+    tiny_trainer: OnlineTrainer, tiny_settings: Settings
+) -> None:
+    tiny_trainer.step(tiny_trainer.collator(events(5), n_fresh=5))
+    registry = AdapterRegistry(tiny_settings.registry_dir)
+    info = registry.publish(tiny_trainer.export(), {})
+    data = bytearray((info.path / LEXICAL).read_bytes())
+    data[-1] ^= 1
+    (info.path / LEXICAL).write_bytes(bytes(data))
+    with pytest.raises(VersionUnloadableError, match="content hash"):
+        registry.load(info.version)
+
+
+def test_the_counts_are_off_with_the_setting(tiny_settings: Settings) -> None:
+    from dynft.trainer import build_trainer
+
+    tiny_settings.trainer.lexical_blend = False
+    trainer = build_trainer(tiny_settings.model, tiny_settings.adapter, tiny_settings.trainer)
+    trainer.step(trainer.collator(events(5), n_fresh=5))
+    assert trainer.lexicon is None and trainer.export().lexical is None
+    assert math.isclose(float(WEIGHTS[0]), 1.0)  # ties go to the adapter alone
