@@ -34,6 +34,7 @@ WORD = re.compile(r"(?u)\b\w\w+\b")  # words of two or more characters, lower-ca
 WEIGHTS = torch.linspace(1.0, 0.0, 11)  # the adapter's share; the first (adapter alone) wins ties
 DECAY = 0.99  # per event: the blend follows the last few hundred events
 ALPHA = 1.0  # additive smoothing of word counts
+MAX_BUCKETS = 1 << 20  # trainer.lexical_buckets' bound: a state claiming more is refused, not allocated
 
 
 def bag(text: str, buckets: int) -> Counter[int]:
@@ -41,17 +42,36 @@ def bag(text: str, buckets: int) -> Counter[int]:
     return Counter(zlib.crc32(word.encode("utf-8", "surrogatepass")) % buckets for word in WORD.findall(text.lower()))
 
 
+class Bags:
+    """The bags of words of ``texts``, flattened: bucket, count and text of every entry."""
+
+    def __init__(self, texts: Sequence[str], buckets: int) -> None:
+        index: list[int] = []
+        count: list[int] = []
+        owner: list[int] = []
+        for n, text in enumerate(texts):
+            words = bag(text, buckets)
+            index += words.keys()
+            count += words.values()
+            owner += [n] * len(words)
+        self.texts = len(texts)
+        self.index = torch.tensor(index, dtype=torch.int64)  # (K,)
+        self.count = torch.tensor(count, dtype=torch.float32)  # (K,)
+        self.owner = torch.tensor(owner, dtype=torch.int64)  # (K,)
+
+
 class Lexicon:
     """Word counts per label (dense, ``labels x buckets``), events per label, and the blend's losses.
 
-    Owned by one trainer (its training thread); the server builds a read-only copy per version
-    with ``from_state``.
+    Owned by one trainer (its training thread); the server reads a version's through ``WordScorer``.
     """
 
     def __init__(self, buckets: int) -> None:
         self.buckets = buckets
         self.counts = torch.zeros(0, buckets)  # (C, B) word counts
+        self.totals = torch.zeros(0)  # (C,) words per label: counts.sum(1), kept as the counts grow
         self.docs = torch.zeros(0)  # (C,) events per label
+        self.seen = torch.zeros(buckets, dtype=torch.bool)  # buckets with any word: the smoothing's vocabulary
         self.losses = torch.zeros(len(WEIGHTS))  # discounted log loss of each mixing weight
 
     @property
@@ -63,76 +83,116 @@ class Lexicon:
         if labels > self.counts.shape[0]:
             more = labels - self.counts.shape[0]
             self.counts = torch.cat([self.counts, torch.zeros(more, self.buckets)])
+            self.totals = torch.cat([self.totals, torch.zeros(more)])
             self.docs = torch.cat([self.docs, torch.zeros(more)])
+
+    def observe(self, texts: Sequence[str], label_ids: Sequence[int], labels: int, adapter: torch.Tensor) -> None:
+        """Test, then train on fresh events: score the blend's weights on what the adapter
+        (``adapter``, N x C, before learning them) and the counts predicted, then count the words."""
+        bags = Bags(texts, self.buckets)
+        self._grow(labels)
+        self.weigh(adapter, self._posterior(bags, labels), label_ids)
+        self._learn(bags, label_ids)
 
     def learn(self, texts: Sequence[str], label_ids: Sequence[int], labels: int) -> None:
         self._grow(labels)
-        for text, label in zip(texts, label_ids, strict=True):
-            words = bag(text, self.buckets)
-            if words:
-                self.counts[label, list(words)] += torch.tensor(list(words.values()), dtype=torch.float32)
-            self.docs[label] += 1
+        self._learn(Bags(texts, self.buckets), label_ids)
+
+    def _learn(self, bags: Bags, label_ids: Sequence[int]) -> None:
+        ids = torch.tensor(list(label_ids), dtype=torch.int64)
+        rows = ids[bags.owner]
+        self.counts.index_put_((rows, bags.index), bags.count, accumulate=True)
+        self.totals.index_add_(0, rows, bags.count)
+        self.docs.index_add_(0, ids, torch.ones(len(ids)))
+        self.seen[bags.index] = True
 
     def probabilities(self, texts: Sequence[str], labels: int) -> torch.Tensor:
         """P(label | words) for the first ``labels`` labels (N, labels); a label without events gets 0."""
         self._grow(labels)
-        return posterior(self.counts[:labels], self.docs[:labels], [bag(t, self.buckets) for t in texts])
+        return self._posterior(Bags(texts, self.buckets), labels)
+
+    def _posterior(self, bags: Bags, labels: int) -> torch.Tensor:
+        vocabulary = max(1, int(self.seen.sum()))
+        columns = torch.log(self.counts[:labels, bags.index] + ALPHA)  # only the buckets of these texts
+        columns -= torch.log(self.totals[:labels] + ALPHA * vocabulary)[:, None]
+        return _score(columns, _log_prior(self.docs[:labels]), bags)
 
     def weigh(self, adapter: torch.Tensor, counts: torch.Tensor, label_ids: Sequence[int]) -> None:
         """Score each mixing weight on events the adapter (``adapter``, N x C) and the counts
         (``counts``, N x C) predicted before learning them; only labels both knew take part."""
-        for a_row, c_row, label in zip(adapter, counts, label_ids, strict=True):
-            if label >= a_row.shape[0] or not float(a_row[label]) > 0.0 or not float(c_row.sum()) > 0.0:
-                continue  # a label new to either (or no label known): its loss says nothing about the blend
-            mixed = WEIGHTS * float(a_row[label]) + (1 - WEIGHTS) * float(c_row[label])
-            self.losses = DECAY * self.losses - torch.log(mixed.clamp_min(1e-6))
+        ids = torch.tensor(list(label_ids), dtype=torch.int64)
+        inside = ids < adapter.shape[1]
+        rows = torch.arange(len(ids))
+        a = torch.zeros(len(ids))
+        a[inside] = adapter[rows[inside], ids[inside]].float()
+        c = counts[rows, ids.clamp_max(counts.shape[1] - 1)] if counts.shape[1] else torch.zeros(len(ids))
+        # A label new to either (or none known yet: NaN) says nothing about the blend. NaN > 0 is False.
+        usable = inside & (a > 0) & (counts.sum(1) > 0)
+        a, c = a[usable], c[usable]
+        if not len(a):
+            return
+        mixed = WEIGHTS[None, :] * a[:, None] + (1 - WEIGHTS[None, :]) * c[:, None]  # (n, grid)
+        discount = DECAY ** torch.arange(len(a) - 1, -1, -1, dtype=torch.float32)  # the newest counts most
+        self.losses = DECAY ** len(a) * self.losses - (discount[:, None] * torch.log(mixed.clamp_min(1e-6))).sum(0)
 
     def reset(self) -> None:
         """Forget everything (a new lineage: the labels may mean something else now)."""
-        self.counts, self.docs = torch.zeros(0, self.buckets), torch.zeros(0)
-        self.losses = torch.zeros(len(WEIGHTS))
+        self.__dict__.update(Lexicon(self.buckets).__dict__)
 
     def state(self, labels: int) -> dict[str, torch.Tensor]:
-        """The counts of the first ``labels`` labels, sparse (most buckets are empty), and the losses."""
+        """The counts of the first ``labels`` labels and the losses. The counts go sparse (12 bytes
+        per word of a label) while most buckets are empty, dense (4 bytes per bucket) after: a
+        version's counts stay under 128 KiB per label at the default 32,768 buckets."""
         self._grow(labels)
         counts = self.counts[:labels]
         where = counts.nonzero()  # (K, 2)
-        return {
-            "lexical.index": where.to(torch.int64).contiguous(),
-            "lexical.count": counts[where[:, 0], where[:, 1]].contiguous(),
+        out = {
             "lexical.docs": self.docs[:labels].clone(),
             "lexical.losses": self.losses.clone(),
             "lexical.buckets": torch.tensor([self.buckets], dtype=torch.int64),
         }
-
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Continue from a ``state`` (of this many buckets); raises ``ValueError`` and changes nothing on a misfit."""
-        loaded = Lexicon.from_state(tensors)
-        if loaded.buckets != self.buckets:
-            raise ValueError(f"lexical counts of {loaded.buckets} buckets, expected {self.buckets}")
-        self.counts, self.docs, self.losses = loaded.counts, loaded.docs, loaded.losses
+        if 3 * where.shape[0] >= counts.numel():
+            return out | {"lexical.counts": counts.clone()}
+        sparse = {"lexical.index": where.to(torch.int32), "lexical.count": counts[where[:, 0], where[:, 1]]}
+        return out | {k: t.contiguous() for k, t in sparse.items()}
 
     @classmethod
     def from_state(cls, tensors: dict[str, torch.Tensor]) -> Lexicon:
         """Raises ``ValueError`` naming what is wrong with a malformed state."""
         try:
             buckets = int(tensors["lexical.buckets"][0])
-            index, count = tensors["lexical.index"].long(), tensors["lexical.count"].float()
             docs, losses = tensors["lexical.docs"].float(), tensors["lexical.losses"].float()
+            counts = _dense(tensors, docs.shape[0], buckets)
         except (KeyError, IndexError) as exc:
             raise ValueError(f"lexical counts are incomplete (missing {exc})") from exc
-        fits = index.dim() == 2 and index.shape[1] == 2 and count.shape == index.shape[:1] and buckets > 0
-        if not fits or losses.shape != WEIGHTS.shape or docs.dim() != 1:
+        if losses.shape != WEIGHTS.shape or docs.dim() != 1 or counts.shape != (docs.shape[0], buckets):
             raise ValueError("lexical counts have malformed shapes")
-        if index.numel() and (int(index[:, 0].max()) >= docs.shape[0] or int(index[:, 1].max()) >= buckets):
-            raise ValueError("lexical counts index past their labels or buckets")
-        if not all(bool(torch.isfinite(t).all()) for t in (count, docs, losses)):
+        if not all(bool(torch.isfinite(t).all()) for t in (counts, docs, losses)):
             raise ValueError("lexical counts have non-finite values")
+        if bool((counts < 0).any()) or bool((docs < 0).any()):
+            raise ValueError("lexical counts have negative values")
         lexicon = cls(buckets)
-        lexicon.counts = torch.zeros(docs.shape[0], buckets)
-        lexicon.counts[index[:, 0], index[:, 1]] = count
-        lexicon.docs, lexicon.losses = docs, losses
+        lexicon.counts, lexicon.docs, lexicon.losses = counts, docs, losses
+        lexicon.totals, lexicon.seen = counts.sum(1), counts.sum(0) > 0
         return lexicon
+
+
+def _dense(tensors: dict[str, torch.Tensor], labels: int, buckets: int) -> torch.Tensor:
+    """The counts of a ``state`` as a (labels, buckets) matrix, from either of its two forms."""
+    if not 0 < buckets <= MAX_BUCKETS:
+        raise ValueError(f"lexical counts of {buckets} buckets (at most {MAX_BUCKETS})")
+    if "lexical.counts" in tensors:
+        return tensors["lexical.counts"].float()
+    index, count = tensors["lexical.index"].long(), tensors["lexical.count"].float()
+    if index.dim() != 2 or index.shape[1] != 2 or count.shape != index.shape[:1]:
+        raise ValueError("lexical counts have malformed shapes")
+    if index.numel() and (
+        int(index.min()) < 0 or int(index[:, 0].max()) >= labels or int(index[:, 1].max()) >= buckets
+    ):
+        raise ValueError("lexical counts index past their labels or buckets")
+    counts = torch.zeros(labels, buckets)
+    counts[index[:, 0], index[:, 1]] = count
+    return counts
 
 
 class WordScorer:
@@ -142,36 +202,28 @@ class WordScorer:
         lexicon._grow(labels)
         self.weight = lexicon.weight
         self.buckets = lexicon.buckets
-        self.table, self.prior = _tables(lexicon.counts[:labels], lexicon.docs[:labels])
+        vocabulary = max(1, int(lexicon.seen.sum()))
+        counts = lexicon.counts[:labels]
+        self.table = torch.log(counts + ALPHA) - torch.log(lexicon.totals[:labels, None] + ALPHA * vocabulary)  # (C, B)
+        self.prior = _log_prior(lexicon.docs[:labels])
 
     def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
-        return _score(self.table, self.prior, [bag(t, self.buckets) for t in texts])
+        bags = Bags(texts, self.buckets)
+        return _score(self.table[:, bags.index], self.prior, bags)
 
 
-def posterior(counts: torch.Tensor, docs: torch.Tensor, bags: Sequence[Counter[int]]) -> torch.Tensor:
-    """Multinomial naive Bayes: P(label | words) (N, C), smoothed over the buckets seen; 0 for labels
-    without events, and a row of zeros where no label has any."""
-    table, prior = _tables(counts, docs)
-    return _score(table, prior, bags)
+def _log_prior(docs: torch.Tensor) -> torch.Tensor:
+    """log P(label) (C,); -inf for a label without events (log 0), so it gets no probability."""
+    return torch.log(docs / docs.sum().clamp_min(1.0))
 
 
-def _tables(counts: torch.Tensor, docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log P(bucket | label) (C, B) and log P(label) (C,), -inf for labels without events."""
-    vocabulary = max(1, int((counts.sum(0) > 0).sum()))
-    table = torch.log(counts + ALPHA) - torch.log(counts.sum(1, keepdim=True) + ALPHA * vocabulary)
-    prior = torch.log(docs / docs.sum().clamp_min(1.0)) if docs.numel() else docs  # log 0 = -inf: no events
-    return table, prior
-
-
-def _score(table: torch.Tensor, prior: torch.Tensor, bags: Sequence[Counter[int]]) -> torch.Tensor:
-    out = torch.zeros(len(bags), table.shape[0])
+def _score(columns: torch.Tensor, prior: torch.Tensor, bags: Bags) -> torch.Tensor:
+    """P(label | words) (N, C) from log P(bucket | label) of every entry of ``bags`` (C, K); rows of
+    zeros where no label has events."""
     if not bool(torch.isfinite(prior).any()):
-        return out
-    for row, words in enumerate(bags):
-        index = torch.tensor(list(words), dtype=torch.int64)
-        times = torch.tensor(list(words.values()), dtype=torch.float32)
-        out[row] = torch.softmax(prior + table[:, index] @ times if words else prior, dim=0)
-    return out
+        return torch.zeros(bags.texts, prior.shape[0])
+    likelihood = torch.zeros(prior.shape[0], bags.texts).index_add_(1, bags.owner, columns * bags.count)
+    return torch.softmax(prior[:, None] + likelihood, dim=0).T.contiguous()
 
 
 def blend(adapter: torch.Tensor, counts: torch.Tensor, weight: float) -> torch.Tensor:

@@ -308,6 +308,8 @@ class Publisher:
             "adapter_bytes": state.nbytes,
             "gate": decision.as_dict(),
         }
+        if self.trainer.lexicon is not None:  # the adapter's share of the served blend (dynft.lexical)
+            meta["lexical_weight"] = self.trainer.lexicon.weight
         meta["arrivals"] = self.arrivals.pairs()
         meta["label_events"] = dict(self.label_events)
         info = self.registry.publish(state, meta)

@@ -278,18 +278,14 @@ class OnlineTrainer(TrainerWeights):
         return result
 
     def _count_words(self, fresh: Sequence[Event], adapter: list[list[float]] | None) -> None:
-        """Test, then train the word counts on the fresh events (``dynft.lexical``): first the
-        blend's weights are scored on what the adapter (``adapter``, before this step) and the
-        counts predicted, then the counts learn the events."""
+        """Test, then train the word counts on the fresh events (``dynft.lexical``), with the
+        adapter's probabilities of them from before this step."""
         if self.lexicon is None or not fresh or adapter is None:
             return
         ids = [self.label_map.get(e.label) for e in fresh]
         label_ids = [i for i in ids if i is not None]  # all of them: a trained label is in the map
-        if len(label_ids) != len(ids):
-            return
-        texts = [e.text for e in fresh]
-        self.lexicon.weigh(torch.tensor(adapter), self.lexicon.probabilities(texts, len(self.label_map)), label_ids)
-        self.lexicon.learn(texts, label_ids, len(self.label_map))
+        if len(label_ids) == len(ids):
+            self.lexicon.observe([e.text for e in fresh], label_ids, len(self.label_map), torch.tensor(adapter))
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logits, and with ``capture_features`` the head's input from this same pass."""

@@ -82,11 +82,17 @@ def test_the_state_round_trips_and_a_malformed_one_is_refused() -> None:
     again = Lexicon.from_state(state)
     assert torch.equal(again.counts, lexicon.counts) and again.weight == lexicon.weight
     assert torch.equal(WordScorer(again, 2).probabilities(["dull film"]), lexicon.probabilities(["dull film"], 2))
+    dense = Lexicon(buckets=1024)
+    dense.learn([" ".join(f"w{i}" for i in range(2000))], [0], labels=1)  # most buckets filled: stored dense
+    assert "lexical.counts" in dense.state(1) and "lexical.index" not in dense.state(1)
+    assert torch.equal(Lexicon.from_state(dense.state(1)).counts, dense.counts)
     broken = [
         {k: v for k, v in state.items() if k != "lexical.docs"},
+        state | {"lexical.buckets": torch.tensor([1 << 40])},
         state | {"lexical.index": state["lexical.index"] + torch.tensor([0, 4096])},
         state | {"lexical.count": state["lexical.count"] * float("nan")},
         state | {"lexical.losses": torch.zeros(3)},
+        state | {"lexical.docs": -state["lexical.docs"]},
     ]
     for tensors in broken:
         with pytest.raises(ValueError, match="lexical counts"):

@@ -202,6 +202,7 @@ VERSION_FIELDS = (
     "metrics",
     "gate",
     "content_hash",
+    "lexical_weight",  # the adapter's share of the served blend with its word counts (dynft.lexical)
 )
 
 
