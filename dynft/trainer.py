@@ -31,7 +31,7 @@ from dynft.events import Event
 from dynft.families import base_dtype, read_positions, size_line
 from dynft.forgetting import Forgetting
 from dynft.imprint import imprint_rows
-from dynft.lexical import Lexicon
+from dynft.lexical import Lexicon, WordScorer, blend
 from dynft.model import (
     AdapterSlots,
     AdapterState,
@@ -362,8 +362,11 @@ class OnlineTrainer(TrainerWeights):
         self.forgetting.anchor_to(state)
 
     @torch.no_grad()
-    def predict(self, events: Sequence[Event], labels: Sequence[str], batch_size: int = 32) -> list[str]:
-        """Label predictions for ``events`` by the installed weights (eval mode, no training)."""
+    def predict(
+        self, events: Sequence[Event], labels: Sequence[str], batch_size: int = 32, words: WordScorer | None = None
+    ) -> list[str]:
+        """Label predictions for ``events`` by the installed weights (eval mode, no training),
+        blended with ``words`` as the server blends a version's word counts."""
         self.model.eval()
         out: list[str] = [""] * len(events)
         # Texts of similar length share a batch, and batches are small, so little is padded (the
@@ -371,21 +374,30 @@ class OnlineTrainer(TrainerWeights):
         order = sorted(range(len(events)), key=lambda k: len(events[k].text))
         for i in range(0, len(order), batch_size):
             rows = order[i : i + batch_size]
-            enc = self.collator.encode([events[k].text for k in rows])
+            texts = [events[k].text for k in rows]
+            enc = self.collator.encode(texts)
             with self.autocast():
                 logits = self.model(
                     input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device)
                 ).logits[:, : len(labels)]
+            if words is not None:
+                logits = blend(torch.softmax(logits.float(), dim=-1).cpu(), words.probabilities(texts), words.weight)
             for k, j in zip(rows, logits.argmax(dim=-1).tolist(), strict=True):
                 out[k] = labels[j]
         return out
 
     def predictions(self, events: Sequence[Event], state: AdapterState | None = None) -> list[str]:
-        """Predictions for ``events`` by the live weights, or by ``state`` swapped in for the call."""
+        """What the server would answer for ``events`` (adapter and word counts) with the live
+        weights, or with ``state`` swapped in for the call."""
         if state is None:
-            return self.predict(events, self.exported_labels())
+            labels = self.exported_labels()
+            live = WordScorer(self.lexicon, len(labels)) if self.lexicon is not None else None
+            return self.predict(events, labels, words=live)
+        words = None
+        if state.lexical is not None and self.lexicon is not None:  # the version's own, if the blend is on
+            words = WordScorer(Lexicon.from_state(state.lexical), len(state.labels))
         with self.swapped(state):
-            return self.predict(events, state.labels)
+            return self.predict(events, state.labels, words=words)
 
     @contextlib.contextmanager
     def swapped(self, state: AdapterState) -> Iterator[None]:

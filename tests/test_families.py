@@ -113,6 +113,9 @@ def _settings(model_dir: Path, tmp_path: Path, pooling: str = "auto") -> Setting
             "trainer.head_lr": 3e-2,
             "trainer.warmup_steps": 5,
             "trainer.threads": 1,
+            # The families' forward passes are compared, adapter to adapter: the served blend with
+            # word counts is the same for every family (tests/serving/test_lexical_serving.py).
+            "trainer.lexical_blend": False,
         }
     )
 

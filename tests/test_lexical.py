@@ -147,3 +147,20 @@ def test_the_counts_are_off_with_the_setting(tiny_settings: Settings) -> None:
     trainer.step(trainer.collator(events(5), n_fresh=5))
     assert trainer.lexicon is None and trainer.export().lexical is None
     assert math.isclose(float(WEIGHTS[0]), 1.0)  # ties go to the adapter alone
+
+
+def test_the_gate_predicts_what_the_server_answers_the_blend(tiny_trainer: OnlineTrainer) -> None:
+    """The trainer's predictions (the gate's) mix the word counts in as the server does, for the
+    live weights and for a version swapped in."""
+    tiny_trainer.step(tiny_trainer.collator(events(10), n_fresh=10))
+    probe = [Event(id=f"p{i}", text=text, label="neg") for i, (text, _) in enumerate(TEXTS)]
+    lexicon = tiny_trainer.lexicon
+    assert lexicon is not None
+    lexicon.losses = WEIGHTS.clone()  # lowest at a share of 0: the counts alone
+    labels = tiny_trainer.exported_labels()
+    alone = [labels[int(i)] for i in lexicon.probabilities([e.text for e in probe], len(labels)).argmax(-1)]
+    assert tiny_trainer.predictions(probe) == alone
+    state = tiny_trainer.export()
+    lexicon.losses = WEIGHTS.flip(0).clone()  # the live blend moves to the adapter alone; the version keeps its
+    assert tiny_trainer.predictions(probe, state) == alone
+    assert tiny_trainer.predictions(probe) == tiny_trainer.predict(probe, labels)
