@@ -56,4 +56,4 @@ def convert_lora_rank(state: AdapterState, slots: AdapterSlots) -> AdapterState:
         b = torch.zeros(delta.shape[0], fresh_a.shape[0], dtype=torch.float64)  # (out, r')
         b[:, :rank] = u[:, :rank] * root
         tensors[key], tensors[b_key] = a.to(tensor.dtype), b.to(tensor.dtype)
-    return AdapterState(tensors, list(state.labels), dict(new))
+    return AdapterState(tensors, list(state.labels), dict(new), lexical=state.lexical)  # word counts: rank-free
