@@ -198,6 +198,8 @@ def ledger(ids: tuple[str, ...], from_file: Path | None, **kwargs: Any) -> None:
     wanted = list(ids)
     if from_file is not None:
         wanted += ids_of(from_file, settings.events)
+        if not wanted:
+            raise ConfigError(f"{from_file}: no line has a usable id")
     if not wanted:
         click.echo(json.dumps(book.counts()))
         return
@@ -229,6 +231,4 @@ def ids_of(path: Path, limits: EventSettings) -> list[str]:
                     click.echo(f"{path}:{n}: no usable id ({decoded.reason}: {decoded.detail}); skipped", err=True)
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from exc
-    if not out:
-        raise ConfigError(f"{path}: no line has a usable id")
     return out

@@ -86,13 +86,21 @@ class Lexicon:
             self.totals = torch.cat([self.totals, torch.zeros(more)])
             self.docs = torch.cat([self.docs, torch.zeros(more)])
 
-    def observe(self, texts: Sequence[str], label_ids: Sequence[int], labels: int, adapter: torch.Tensor) -> None:
+    def observe(
+        self, texts: Sequence[str], label_ids: Sequence[int | None], labels: int, adapter: torch.Tensor
+    ) -> torch.Tensor:
         """Test, then train on fresh events: score the blend's weights on what the adapter
-        (``adapter``, N x C, before learning them) and the counts predicted, then count the words."""
+        (``adapter``, N x C, before learning them) and the counts predicted, then count the words
+        of the events with a label (``None``: not counted). Returns the counts' predictions (N x labels)."""
         bags = Bags(texts, self.buckets)
         self._grow(labels)
-        self.weigh(adapter, self._posterior(bags, labels), label_ids)
-        self._learn(bags, label_ids)
+        posterior = self._posterior(bags, labels)
+        rows = [i for i, label in enumerate(label_ids) if label is not None]
+        ids = [label for label in label_ids if label is not None]
+        if rows:
+            self.weigh(adapter[rows], posterior[rows], ids)
+            self._learn(Bags([texts[i] for i in rows], self.buckets), ids)
+        return posterior
 
     def learn(self, texts: Sequence[str], label_ids: Sequence[int], labels: int) -> None:
         self._grow(labels)
@@ -157,17 +165,21 @@ class Lexicon:
         return out | {k: t.contiguous() for k, t in sparse.items()}
 
     @classmethod
-    def from_state(cls, tensors: dict[str, torch.Tensor]) -> Lexicon:
-        """Raises ``ValueError`` naming what is wrong with a malformed state."""
+    def from_state(cls, tensors: dict[str, torch.Tensor], labels: int) -> Lexicon:
+        """A copy of a ``state`` of at most ``labels`` labels; raises ``ValueError`` naming what is
+        wrong with a malformed one (checked before anything of its size is allocated)."""
         try:
             buckets = int(tensors["lexical.buckets"][0])
-            docs, losses = tensors["lexical.docs"].float(), tensors["lexical.losses"].float()
+            docs, losses = tensors["lexical.docs"].float().clone(), tensors["lexical.losses"].float().clone()
+            if docs.dim() != 1 or docs.shape[0] > labels:
+                raise ValueError(f"lexical counts of {docs.shape[0]} labels, expected at most {labels}")
             counts = _dense(tensors, docs.shape[0], buckets)
         except (KeyError, IndexError) as exc:
             raise ValueError(f"lexical counts are incomplete (missing {exc})") from exc
-        if losses.shape != WEIGHTS.shape or docs.dim() != 1 or counts.shape != (docs.shape[0], buckets):
+        if losses.shape != WEIGHTS.shape or counts.shape != (docs.shape[0], buckets):
             raise ValueError("lexical counts have malformed shapes")
-        if not all(bool(torch.isfinite(t).all()) for t in (counts, docs, losses)):
+        sums = (counts.sum(1), docs.sum())  # finite values can still sum to infinity
+        if not all(bool(torch.isfinite(t).all()) for t in (counts, docs, losses, *sums)):
             raise ValueError("lexical counts have non-finite values")
         if bool((counts < 0).any()) or bool((docs < 0).any()):
             raise ValueError("lexical counts have negative values")
@@ -182,7 +194,7 @@ def _dense(tensors: dict[str, torch.Tensor], labels: int, buckets: int) -> torch
     if not 0 < buckets <= MAX_BUCKETS:
         raise ValueError(f"lexical counts of {buckets} buckets (at most {MAX_BUCKETS})")
     if "lexical.counts" in tensors:
-        return tensors["lexical.counts"].float()
+        return tensors["lexical.counts"].float().clone()
     index, count = tensors["lexical.index"].long(), tensors["lexical.count"].float()
     if index.dim() != 2 or index.shape[1] != 2 or count.shape != index.shape[:1]:
         raise ValueError("lexical counts have malformed shapes")

@@ -51,11 +51,12 @@ from dynft.errors import (
     VersionUnloadableError,
 )
 from dynft.fingerprint import BaseModelId
+from dynft.lexical import Lexicon
 
 log = logging.getLogger(__name__)
 WEIGHTS, CONFIG, LABELS, META = "adapter_model.safetensors", "adapter_config.json", "labels.json", "meta.json"
-LEXICAL = "lexical.safetensors"  # word counts served beside the adapter (dynft.lexical); not in older versions
-HASHED = (WEIGHTS, CONFIG, LABELS)  # and LEXICAL after them where a version has it
+LEXICAL = "lexical.safetensors"  # word counts served beside the adapter (dynft.lexical); meta.json's lexical_hash
+HASHED = (WEIGHTS, CONFIG, LABELS)  # meta.json's content_hash
 
 
 @dataclass
@@ -120,11 +121,6 @@ def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
         raise
     if durable:
         _fsync_dir(path.parent)
-
-
-def _digest(files: dict[str, bytes]) -> str:
-    """A version's content hash: its adapter files, and its word counts where it has them."""
-    return hashlib.sha256(b"".join(files[name] for name in (*HASHED, LEXICAL) if name in files)).hexdigest()
 
 
 def _write_files(directory: Path, files: dict[str, bytes], durable: bool = True) -> None:
@@ -242,9 +238,10 @@ class AdapterRegistry:
             CONFIG: _json_bytes(state.peft_config),
             LABELS: _json_bytes(state.labels),
         }
-        if state.lexical is not None:
+        digest = hashlib.sha256(b"".join(files[name] for name in HASHED)).hexdigest()
+        if state.lexical is not None:  # hashed apart: servers that predate word counts still load the adapter
             files[LEXICAL] = save_safetensors(state.lexical)
-        digest = _digest(files)
+            meta = {**meta, "lexical_hash": hashlib.sha256(files[LEXICAL]).hexdigest()}
         stage = self.staging_dir / uuid.uuid4().hex
         try:
             stage.mkdir()
@@ -277,19 +274,23 @@ class AdapterRegistry:
         path = self.path(version)
         try:
             files = {name: (path / name).read_bytes() for name in HASHED}
-            if (path / LEXICAL).exists():
+            if "lexical_hash" in meta:
                 files[LEXICAL] = (path / LEXICAL).read_bytes()
         except OSError as exc:
             raise VersionUnloadableError(
                 f"adapter version {version}: incomplete ({exc.strerror}: {exc.filename})"
             ) from exc
-        if _digest(files) != meta.get("content_hash"):
+        digest = hashlib.sha256(b"".join(files[name] for name in HASHED)).hexdigest()
+        lexical = hashlib.sha256(files[LEXICAL]).hexdigest() if LEXICAL in files else None
+        if digest != meta.get("content_hash") or lexical != meta.get("lexical_hash"):
             raise VersionUnloadableError(f"adapter version {version}: content hash mismatch (corrupt files)")
         try:
             tensors = load_safetensors(files[WEIGHTS])
             state = AdapterState(tensors, json.loads(files[LABELS]), json.loads(files[CONFIG]))
-            state.lexical = load_safetensors(files[LEXICAL]) if LEXICAL in files else None
-        except (SafetensorError, json.JSONDecodeError) as exc:
+            if LEXICAL in files:
+                state.lexical = load_safetensors(files[LEXICAL])
+                Lexicon.from_state(state.lexical, len(state.labels))  # checked here: a version loads whole or not
+        except (SafetensorError, json.JSONDecodeError, ValueError) as exc:  # ValueError: malformed word counts
             raise VersionUnloadableError(f"adapter version {version}: unreadable files ({exc})") from exc
         bad = nonfinite_keys(tensors)
         if bad:  # publish refuses these; a version written by other means must not serve them either

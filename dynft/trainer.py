@@ -26,7 +26,7 @@ from torch import nn
 
 from dynft.batching import Batch, Collator, LabelMap, pad_multiple_for
 from dynft.distill import per_event_loss
-from dynft.errors import ConfigError
+from dynft.errors import AdapterMismatchError, ConfigError
 from dynft.events import Event
 from dynft.families import base_dtype, read_positions, size_line
 from dynft.forgetting import Forgetting
@@ -273,19 +273,28 @@ class OnlineTrainer(TrainerWeights):
         else:
             self.steps += 1
             self.forgetting.recent.extend(batch.events)
-            self._count_words(batch.events[: batch.n_fresh], back.probabilities)
+            blended = self._count_words(batch.events[: batch.n_fresh], back.probabilities, known)
+            if blended is not None:  # what users would be answered, the gate's fallback check included
+                result.predictions = [labels[i] for i in blended]
         result.seconds = time.perf_counter() - started
         return result
 
-    def _count_words(self, fresh: Sequence[Event], adapter: list[list[float]] | None) -> None:
-        """Test, then train the word counts on the fresh events (``dynft.lexical``), with the
-        adapter's probabilities of them from before this step."""
+    def _count_words(self, fresh: Sequence[Event], adapter: list[list[float]] | None, known: int) -> list[int] | None:
+        """Test, then train the word counts on the fresh events (``dynft.lexical``), given the
+        adapter's probabilities of them from before this step. Returns the blend's predictions of
+        them (label indices below ``known``: what a version cut before this step would answer), or
+        None without counts. An event labelled by its teacher alone is not counted: its label is
+        the teacher's guess, which the adapter learns softly."""
         if self.lexicon is None or not fresh or adapter is None:
-            return
-        ids = [self.label_map.get(e.label) for e in fresh]
-        label_ids = [i for i in ids if i is not None]  # all of them: a trained label is in the map
-        if len(label_ids) == len(ids):
-            self.lexicon.observe([e.text for e in fresh], label_ids, len(self.label_map), torch.tensor(adapter))
+            return None
+        weight = self.lexicon.weight  # the share before these events move it
+        ids = [None if e.label_from_teacher else self.label_map.get(e.label) for e in fresh]
+        probs = torch.tensor(adapter)
+        counts = self.lexicon.observe([e.text for e in fresh], ids, len(self.label_map), probs)
+        if not known:  # no label was known before this step: nothing can be predicted
+            return None
+        mixed = blend(probs[:, :known], counts[:, :known], weight)
+        return [int(i) for i in mixed.argmax(dim=-1)]
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logits, and with ``capture_features`` the head's input from this same pass."""
@@ -395,7 +404,10 @@ class OnlineTrainer(TrainerWeights):
             return self.predict(events, labels, words=live)
         words = None
         if state.lexical is not None and self.lexicon is not None:  # the version's own, if the blend is on
-            words = WordScorer(Lexicon.from_state(state.lexical), len(state.labels))
+            try:
+                words = WordScorer(Lexicon.from_state(state.lexical, len(state.labels)), len(state.labels))
+            except ValueError as exc:
+                raise AdapterMismatchError(f"the version's word counts: {exc}") from exc
         with self.swapped(state):
             return self.predict(events, state.labels, words=words)
 

@@ -55,14 +55,14 @@ class TrainerWeights:
             state.lexical = self.lexicon.state(len(labels))
         return state
 
-    def _lexicon_from(self, tensors: dict[str, torch.Tensor] | None) -> Lexicon | None:
+    def _lexicon_from(self, tensors: dict[str, torch.Tensor] | None, labels: int) -> Lexicon | None:
         """Word counts to continue from (checked; nothing changes here): fresh ones where the
         source has none, or counts of another ``trainer.lexical_buckets``."""
         if self.lexicon is None:
             return None
         if tensors:
             try:
-                loaded = Lexicon.from_state(tensors)
+                loaded = Lexicon.from_state(tensors, labels)
             except ValueError as exc:
                 raise AdapterMismatchError(str(exc)) from exc
             if loaded.buckets == self.lexicon.buckets:
@@ -82,7 +82,7 @@ class TrainerWeights:
         if state.labels[: len(live)] != live or self.slots.head.out_features > max(1, len(state.labels)):
             raise AdapterMismatchError("the adapter's labels do not extend the trainer's label map")
         self.slots.check(state)
-        lexicon = self._lexicon_from(state.lexical)
+        lexicon = self._lexicon_from(state.lexical, len(state.labels))
         self.label_map.ids(state.labels)
         grow_head(self.model, len(state.labels), self.optimizer)
         self.imprinted = len(state.labels)
@@ -124,7 +124,9 @@ class TrainerWeights:
         differs, and the trainer is left exactly as it was.
         """
         checked = check_snapshot(self.slots, self.optimizer, self.label_map.labels, tensors, state)
-        lexicon = self._lexicon_from({k: t for k, t in tensors.items() if k.startswith("lexical.")})
+        lexicon = self._lexicon_from(
+            {k: t for k, t in tensors.items() if k.startswith("lexical.")}, len(checked.labels)
+        )
         self.label_map.ids(checked.labels)
         grow_head(self.model, checked.head_rows, self.optimizer)
         with torch.no_grad():

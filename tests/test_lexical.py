@@ -79,13 +79,13 @@ def test_the_state_round_trips_and_a_malformed_one_is_refused() -> None:
     lexicon.weigh(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.1, 0.9]]), [1])
     state = lexicon.state(2)
     assert state["lexical.index"].shape[0] == int((lexicon.counts > 0).sum())  # sparse: only the words seen
-    again = Lexicon.from_state(state)
+    again = Lexicon.from_state(state, 2)
     assert torch.equal(again.counts, lexicon.counts) and again.weight == lexicon.weight
     assert torch.equal(WordScorer(again, 2).probabilities(["dull film"]), lexicon.probabilities(["dull film"], 2))
     dense = Lexicon(buckets=1024)
     dense.learn([" ".join(f"w{i}" for i in range(2000))], [0], labels=1)  # most buckets filled: stored dense
     assert "lexical.counts" in dense.state(1) and "lexical.index" not in dense.state(1)
-    assert torch.equal(Lexicon.from_state(dense.state(1)).counts, dense.counts)
+    assert torch.equal(Lexicon.from_state(dense.state(1), 1).counts, dense.counts)
     broken = [
         {k: v for k, v in state.items() if k != "lexical.docs"},
         state | {"lexical.buckets": torch.tensor([1 << 40])},
@@ -93,10 +93,12 @@ def test_the_state_round_trips_and_a_malformed_one_is_refused() -> None:
         state | {"lexical.count": state["lexical.count"] * float("nan")},
         state | {"lexical.losses": torch.zeros(3)},
         state | {"lexical.docs": -state["lexical.docs"]},
+        state | {"lexical.docs": torch.ones(100_000)},  # more labels than the version has: not allocated
+        state | {"lexical.count": state["lexical.count"] * 3e38},  # finite counts whose sums are not
     ]
     for tensors in broken:
         with pytest.raises(ValueError, match="lexical counts"):
-            Lexicon.from_state(tensors)
+            Lexicon.from_state(tensors, 2)
 
 
 def events(n: int) -> list[Event]:
@@ -115,7 +117,7 @@ def test_the_trainer_counts_fresh_events_and_versions_and_checkpoints_carry_the_
     registry = AdapterRegistry(tiny_settings.registry_dir)
     info = registry.publish(tiny_trainer.export(), {})
     state, _ = registry.load(info.version)
-    assert state.lexical is not None and torch.equal(Lexicon.from_state(state.lexical).counts, lexicon.counts)
+    assert state.lexical is not None and torch.equal(Lexicon.from_state(state.lexical, 2).counts, lexicon.counts)
     tensors, saved = tiny_trainer.snapshot()
     tiny_trainer.step(tiny_trainer.collator(fresh[:5], n_fresh=5))
     tiny_trainer.restore(tensors, saved)
@@ -164,3 +166,20 @@ def test_the_gate_predicts_what_the_server_answers_the_blend(tiny_trainer: Onlin
     lexicon.losses = WEIGHTS.flip(0).clone()  # the live blend moves to the adapter alone; the version keeps its
     assert tiny_trainer.predictions(probe, state) == alone
     assert tiny_trainer.predictions(probe) == tiny_trainer.predict(probe, labels)
+
+
+def test_teacher_only_events_are_not_counted_and_step_predictions_are_the_blends(tiny_trainer: OnlineTrainer) -> None:
+    from dynft.events import decode
+    from dynft.settings import EventSettings
+
+    tiny_trainer.step(tiny_trainer.collator(events(10), n_fresh=10))
+    taught = decode(b'{"id": "t", "text": "dull dull film", "teacher": {"neg": 0.9, "pos": 0.1}}', EventSettings())
+    assert isinstance(taught, Event) and taught.label_from_teacher
+    lexicon = tiny_trainer.lexicon
+    assert lexicon is not None
+    before = lexicon.docs.clone()
+    lexicon.losses = WEIGHTS.clone()  # the counts alone answer
+    probe = events(5)
+    result = tiny_trainer.step(tiny_trainer.collator([taught, *probe], n_fresh=6))
+    assert lexicon.docs.tolist() == (before + torch.tensor([2.0, 3.0])).tolist()  # the five probes only
+    assert result.predictions[1:] == [label for _, label in TEXTS]  # the counts know these texts
