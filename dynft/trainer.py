@@ -15,7 +15,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,12 @@ from torch import nn
 
 from dynft.batching import Batch, Collator, LabelMap, pad_multiple_for
 from dynft.distill import per_event_loss
-from dynft.errors import AdapterMismatchError, ConfigError
+from dynft.errors import ConfigError
 from dynft.events import Event
 from dynft.families import base_dtype, read_positions, size_line
 from dynft.forgetting import Forgetting
 from dynft.imprint import imprint_rows
-from dynft.lexical import Lexicon, WordScorer, blend
+from dynft.lexical import Lexicon, blend
 from dynft.model import (
     AdapterSlots,
     AdapterState,
@@ -369,58 +369,6 @@ class OnlineTrainer(TrainerWeights):
         against the model before anything changes. Called on the training thread.
         """
         self.forgetting.anchor_to(state)
-
-    @torch.no_grad()
-    def predict(
-        self, events: Sequence[Event], labels: Sequence[str], batch_size: int = 32, words: WordScorer | None = None
-    ) -> list[str]:
-        """Label predictions for ``events`` by the installed weights (eval mode, no training),
-        blended with ``words`` as the server blends a version's word counts."""
-        self.model.eval()
-        out: list[str] = [""] * len(events)
-        # Texts of similar length share a batch, and batches are small, so little is padded (the
-        # gate costs this loop: with 64 texts in one batch, most of its tokens were padding).
-        order = sorted(range(len(events)), key=lambda k: len(events[k].text))
-        for i in range(0, len(order), batch_size):
-            rows = order[i : i + batch_size]
-            texts = [events[k].text for k in rows]
-            enc = self.collator.encode(texts)
-            with self.autocast():
-                logits = self.model(
-                    input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device)
-                ).logits[:, : len(labels)]
-            if words is not None:
-                logits = blend(torch.softmax(logits.float(), dim=-1).cpu(), words.probabilities(texts), words.weight)
-            for k, j in zip(rows, logits.argmax(dim=-1).tolist(), strict=True):
-                out[k] = labels[j]
-        return out
-
-    def predictions(self, events: Sequence[Event], state: AdapterState | None = None) -> list[str]:
-        """What the server would answer for ``events`` (adapter and word counts) with the live
-        weights, or with ``state`` swapped in for the call."""
-        if state is None:
-            labels = self.exported_labels()
-            live = WordScorer(self.lexicon, len(labels)) if self.lexicon is not None else None
-            return self.predict(events, labels, words=live)
-        words = None
-        if state.lexical is not None and self.lexicon is not None:  # the version's own, if the blend is on
-            try:
-                words = WordScorer(Lexicon.from_state(state.lexical, len(state.labels)), len(state.labels))
-            except ValueError as exc:
-                raise AdapterMismatchError(f"the version's word counts: {exc}") from exc
-        with self.swapped(state):
-            return self.predict(events, state.labels, words=words)
-
-    @contextlib.contextmanager
-    def swapped(self, state: AdapterState) -> Iterator[None]:
-        """Temporarily install ``state`` (checked first); the training weights come back afterwards."""
-        prepared = self.slots.prepare(state)
-        saved = self.slots.capture()
-        self.slots.install(prepared)
-        try:
-            yield
-        finally:
-            self.slots.install(saved)
 
 
 def compile_model(model: nn.Module, backend: str) -> Any:

@@ -1,5 +1,5 @@
 """What goes into and out of a trainer's weights: exported versions, loaded versions, checkpoints,
-resets.
+resets, and the answers of the live weights or of a version swapped in.
 
 A mixin of ``OnlineTrainer`` (``dynft.trainer``), which owns the fields declared below. Every
 verb that puts weights in checks everything first and changes nothing when something does not
@@ -10,16 +10,19 @@ them. Called on the training thread.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from peft import PeftModel
 from torch import nn
 
-from dynft.batching import LabelMap
+from dynft.batching import Collator, LabelMap
 from dynft.errors import AdapterMismatchError
+from dynft.events import Event
 from dynft.forgetting import Forgetting
-from dynft.lexical import Lexicon
+from dynft.lexical import Lexicon, WordScorer, blend
 from dynft.model import AdapterSlots, AdapterState, grow_head
 from dynft.snapshot import check_snapshot
 
@@ -28,6 +31,8 @@ class TrainerWeights:
     """Export, load, snapshot, restore and reset; ``OnlineTrainer`` provides the fields below."""
 
     model: PeftModel
+    collator: Collator
+    device: torch.device
     slots: AdapterSlots
     optimizer: torch.optim.Optimizer
     forgetting: Forgetting
@@ -42,6 +47,9 @@ class TrainerWeights:
 
     @property
     def label_map(self) -> LabelMap:
+        raise NotImplementedError
+
+    def autocast(self) -> contextlib.AbstractContextManager[None]:
         raise NotImplementedError
 
     def exported_labels(self) -> list[str]:
@@ -180,3 +188,57 @@ class TrainerWeights:
                 else:
                     param.zero_()
                 self.optimizer.state.pop(param, None)
+
+    # -- answers by the live weights or a version swapped in (the gate's, LwF's) --------------
+
+    @torch.no_grad()
+    def predict(
+        self, events: Sequence[Event], labels: Sequence[str], batch_size: int = 32, words: WordScorer | None = None
+    ) -> list[str]:
+        """Label predictions for ``events`` by the installed weights (eval mode, no training),
+        blended with ``words`` as the server blends a version's word counts."""
+        self.model.eval()
+        out: list[str] = [""] * len(events)
+        # Texts of similar length share a batch, and batches are small, so little is padded (the
+        # gate costs this loop: with 64 texts in one batch, most of its tokens were padding).
+        order = sorted(range(len(events)), key=lambda k: len(events[k].text))
+        for i in range(0, len(order), batch_size):
+            rows = order[i : i + batch_size]
+            texts = [events[k].text for k in rows]
+            enc = self.collator.encode(texts)
+            with self.autocast():
+                logits = self.model(
+                    input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device)
+                ).logits[:, : len(labels)]
+            if words is not None:
+                logits = blend(torch.softmax(logits.float(), dim=-1).cpu(), words.probabilities(texts), words.weight)
+            for k, j in zip(rows, logits.argmax(dim=-1).tolist(), strict=True):
+                out[k] = labels[j]
+        return out
+
+    def predictions(self, events: Sequence[Event], state: AdapterState | None = None) -> list[str]:
+        """What the server would answer for ``events`` (adapter and word counts) with the live
+        weights, or with ``state`` swapped in for the call."""
+        if state is None:
+            labels = self.exported_labels()
+            live = WordScorer(self.lexicon, len(labels)) if self.lexicon is not None else None
+            return self.predict(events, labels, words=live)
+        words = None
+        if state.lexical is not None and self.lexicon is not None:  # the version's own, if the blend is on
+            try:
+                words = WordScorer(Lexicon.from_state(state.lexical, len(state.labels)), len(state.labels))
+            except ValueError as exc:
+                raise AdapterMismatchError(f"the version's word counts: {exc}") from exc
+        with self.swapped(state):
+            return self.predict(events, state.labels, words=words)
+
+    @contextlib.contextmanager
+    def swapped(self, state: AdapterState) -> Iterator[None]:
+        """Temporarily install ``state`` (checked first); the training weights come back afterwards."""
+        prepared = self.slots.prepare(state)
+        saved = self.slots.capture()
+        self.slots.install(prepared)
+        try:
+            yield
+        finally:
+            self.slots.install(saved)
