@@ -1,0 +1,46 @@
+"""The memory benchmark's measure: resident pages of a group of processes, each counted once."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Any
+
+import pytest
+
+from benchmarks.memory import distinct_mib
+
+MIB = 1 << 20
+
+
+def _hold(buffer: bytearray, write: bool, ready: Any, done: Any) -> None:
+    if write:  # copy-on-write: every page becomes the child's own
+        for i in range(0, len(buffer), 4096):
+            buffer[i] = 2
+    ready.send(True)
+    done.recv()
+
+
+@pytest.mark.parametrize("write", [False, True])
+def test_pages_shared_after_a_fork_count_once_and_written_pages_count_twice(write: bool) -> None:
+    buffer = bytearray(b"\1" * (64 * MIB))  # resident: every byte written
+    alone = distinct_mib([os.getpid()])
+    if alone is None:
+        pytest.skip("frame numbers are hidden from this user (they need CAP_SYS_ADMIN)")
+    ctx = multiprocessing.get_context("fork")  # the child shares the buffer's pages until it writes
+    ready_recv, ready_send = ctx.Pipe(duplex=False)
+    done_recv, done_send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_hold, args=(buffer, write, ready_send, done_recv))
+    child.start()
+    try:
+        assert ready_recv.recv()
+        pair = distinct_mib([os.getpid(), child.pid or 0])
+        child_alone = distinct_mib([child.pid or 0])
+    finally:
+        done_send.send(True)
+        child.join()
+    assert alone >= 64 and pair is not None and child_alone is not None
+    if write:
+        assert child_alone >= 64 and pair >= alone + 60  # the child's copy counts on its own
+    else:  # the child's private pages (its stack, the pipes) are few; the buffer counts once
+        assert pair < alone + 32
