@@ -335,6 +335,9 @@ def run(plan: Plan) -> list[Result]:
             _ms(m["set_peft_model_state_dict"], 99),
             "peft set_peft_model_state_dict",
             higher_is_better=False,
+            goal="ratio >= 10" + (" and dynft p99 <= 0.5 ms" if plan.device == "cuda" else ""),
+            met=_ms(m["set_peft_model_state_dict"], 99) >= 10 * _ms(m["flip"], 99)
+            and (plan.device != "cuda" or _ms(m["flip"], 99) <= 0.5),
             details={
                 "p50 dynft flip ms": rounded(_ms(m["flip"], 50)),
                 "p50 set_peft_model_state_dict ms": rounded(_ms(m["set_peft_model_state_dict"], 50)),
@@ -353,6 +356,8 @@ def run(plan: Plan) -> list[Result]:
             _ms(m["hotswap_adapter"], 99),
             "peft hotswap_adapter (LoRA weights only)",
             higher_is_better=False,
+            goal="ratio >= 2",
+            met=_ms(m["hotswap_adapter"], 99) >= 2 * _ms(m["from_disk"], 99),
             details={
                 "p50 dynft load + flip ms": rounded(_ms(m["from_disk"], 50)),
                 "p50 hotswap_adapter ms": rounded(_ms(m["hotswap_adapter"], 50)),

@@ -120,9 +120,7 @@ class Lexicon:
         return self._posterior(Bags(texts, self.buckets), labels)
 
     def _posterior(self, bags: Bags, labels: int) -> torch.Tensor:
-        vocabulary = max(1, int(self.seen.sum()))
-        columns = torch.log(self.counts[:labels, bags.index] + ALPHA)  # only the buckets of these texts
-        columns -= torch.log(self.totals[:labels] + ALPHA * vocabulary)[:, None]
+        columns = _columns(self.counts[:labels], _denominator(self, labels), bags)
         return _score(columns, _log_prior(self.docs[:labels]), bags)
 
     def weigh(self, adapter: torch.Tensor, counts: torch.Tensor, label_ids: Sequence[int]) -> None:
@@ -168,60 +166,108 @@ class Lexicon:
     def from_state(cls, tensors: dict[str, torch.Tensor], labels: int) -> Lexicon:
         """A copy of a ``state`` of at most ``labels`` labels; raises ``ValueError`` naming what is
         wrong with a malformed one (checked before anything of its size is allocated)."""
-        try:
-            buckets = int(tensors["lexical.buckets"][0])
-            docs, losses = tensors["lexical.docs"].float().clone(), tensors["lexical.losses"].float().clone()
-            if docs.dim() != 1 or docs.shape[0] > labels:
-                raise ValueError(f"lexical counts of {docs.shape[0]} labels, expected at most {labels}")
-            counts = _dense(tensors, docs.shape[0], buckets)
-        except (KeyError, IndexError) as exc:
-            raise ValueError(f"lexical counts are incomplete (missing {exc})") from exc
-        if losses.shape != WEIGHTS.shape or counts.shape != (docs.shape[0], buckets):
-            raise ValueError("lexical counts have malformed shapes")
-        sums = (counts.sum(1), docs.sum())  # finite values can still sum to infinity
-        if not all(bool(torch.isfinite(t).all()) for t in (counts, docs, losses, *sums)):
-            raise ValueError("lexical counts have non-finite values")
-        if bool((counts < 0).any()) or bool((docs < 0).any()):
-            raise ValueError("lexical counts have negative values")
-        lexicon = cls(buckets)
-        lexicon.counts, lexicon.docs, lexicon.losses = counts, docs, losses
-        lexicon.totals, lexicon.seen = counts.sum(1), counts.sum(0) > 0
+        checked = _CheckedState(tensors, labels)
+        lexicon = cls(checked.buckets)
+        lexicon.counts, lexicon.docs, lexicon.losses = checked.dense(), checked.docs, checked.losses
+        lexicon.totals, lexicon.seen = checked.totals, checked.seen()
         return lexicon
 
+    @staticmethod
+    def check_state(tensors: dict[str, torch.Tensor], labels: int) -> None:
+        """``from_state``'s checks without building the counts (``ValueError`` for a malformed state)."""
+        _CheckedState(tensors, labels)
 
-def _dense(tensors: dict[str, torch.Tensor], labels: int, buckets: int) -> torch.Tensor:
-    """The counts of a ``state`` as a (labels, buckets) matrix, from either of its two forms."""
-    if not 0 < buckets <= MAX_BUCKETS:
-        raise ValueError(f"lexical counts of {buckets} buckets (at most {MAX_BUCKETS})")
-    if "lexical.counts" in tensors:
-        return tensors["lexical.counts"].float().clone()
-    index, count = tensors["lexical.index"].long(), tensors["lexical.count"].float()
-    if index.dim() != 2 or index.shape[1] != 2 or count.shape != index.shape[:1]:
-        raise ValueError("lexical counts have malformed shapes")
-    if index.numel() and (
-        int(index.min()) < 0 or int(index[:, 0].max()) >= labels or int(index[:, 1].max()) >= buckets
-    ):
-        raise ValueError("lexical counts index past their labels or buckets")
-    counts = torch.zeros(labels, buckets)
-    counts[index[:, 0], index[:, 1]] = count
-    return counts
+
+class _CheckedState:
+    """A ``Lexicon.state``'s parts, checked on the form it is stored in: a sparse state's values
+    are checked before the dense matrix is built, so a check costs its entries, not its buckets."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], labels: int) -> None:
+        try:
+            self.buckets = buckets = int(tensors["lexical.buckets"][0])
+            self.docs = docs = tensors["lexical.docs"].float().clone()
+            self.losses = tensors["lexical.losses"].float().clone()
+            if docs.dim() != 1 or docs.shape[0] > labels:
+                raise ValueError(f"lexical counts of {docs.shape[0]} labels, expected at most {labels}")
+            if not 0 < buckets <= MAX_BUCKETS:
+                raise ValueError(f"lexical counts of {buckets} buckets (at most {MAX_BUCKETS})")
+            self.matrix: torch.Tensor | None = None
+            if "lexical.counts" in tensors:
+                self.matrix = values = tensors["lexical.counts"].float().clone()
+                if values.shape != (docs.shape[0], buckets):
+                    raise ValueError("lexical counts have malformed shapes")
+                self.totals = values.sum(1)
+            else:
+                self.index, values = self._sparse(tensors, docs.shape[0], buckets)
+                self.values = values
+                self.totals = torch.zeros(docs.shape[0]).index_add_(0, self.index[:, 0], values)
+        except (KeyError, IndexError) as exc:
+            raise ValueError(f"lexical counts are incomplete (missing {exc})") from exc
+        if self.losses.shape != WEIGHTS.shape:
+            raise ValueError("lexical counts have malformed shapes")
+        sums = (self.totals, docs.sum())  # finite values can still sum to infinity
+        if not all(bool(torch.isfinite(t).all()) for t in (values, docs, self.losses, *sums)):
+            raise ValueError("lexical counts have non-finite values")
+        if bool((values < 0).any()) or bool((docs < 0).any()):
+            raise ValueError("lexical counts have negative values")
+
+    @staticmethod
+    def _sparse(tensors: dict[str, torch.Tensor], labels: int, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index, values = tensors["lexical.index"].long(), tensors["lexical.count"].float()
+        if index.dim() != 2 or index.shape[1] != 2 or values.shape != index.shape[:1]:
+            raise ValueError("lexical counts have malformed shapes")
+        if index.numel() and (
+            int(index.min()) < 0 or int(index[:, 0].max()) >= labels or int(index[:, 1].max()) >= buckets
+        ):
+            raise ValueError("lexical counts index past their labels or buckets")
+        if torch.unique(index[:, 0] * buckets + index[:, 1]).numel() != index.shape[0]:
+            raise ValueError("lexical counts name a bucket of a label twice")  # the totals would not be the counts'
+        return index, values
+
+    def dense(self) -> torch.Tensor:
+        """The counts as a (labels, buckets) matrix."""
+        if self.matrix is not None:
+            return self.matrix
+        counts = torch.zeros(self.docs.shape[0], self.buckets)
+        counts[self.index[:, 0], self.index[:, 1]] = self.values
+        return counts
+
+    def seen(self) -> torch.Tensor:
+        """Buckets with any word (counts are not negative)."""
+        if self.matrix is not None:
+            return self.matrix.sum(0) > 0
+        seen = torch.zeros(self.buckets, dtype=torch.bool)
+        seen[self.index[self.values > 0, 1]] = True
+        return seen
 
 
 class WordScorer:
-    """A version's word counts as the server reads them: log probabilities computed once, read-only."""
+    """A version's word counts as the server reads them (read-only). The columns of a request's
+    words are gathered and scored at each call, so building one costs nothing of the counts' size:
+    versions load, and the gate checks, without a pass over every bucket."""
 
     def __init__(self, lexicon: Lexicon, labels: int) -> None:
         lexicon._grow(labels)
         self.weight = lexicon.weight
         self.buckets = lexicon.buckets
-        vocabulary = max(1, int(lexicon.seen.sum()))
-        counts = lexicon.counts[:labels]
-        self.table = torch.log(counts + ALPHA) - torch.log(lexicon.totals[:labels, None] + ALPHA * vocabulary)  # (C, B)
+        self.counts = lexicon.counts[:labels]
+        self.denominator = _denominator(lexicon, labels)
         self.prior = _log_prior(lexicon.docs[:labels])
 
     def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
         bags = Bags(texts, self.buckets)
-        return _score(self.table[:, bags.index], self.prior, bags)
+        return _score(_columns(self.counts, self.denominator, bags), self.prior, bags)
+
+
+def _denominator(lexicon: Lexicon, labels: int) -> torch.Tensor:
+    """log(words of each label + smoothing over the vocabulary seen) (C,)."""
+    vocabulary = max(1, int(lexicon.seen.sum()))
+    return torch.log(lexicon.totals[:labels] + ALPHA * vocabulary)
+
+
+def _columns(counts: torch.Tensor, denominator: torch.Tensor, bags: Bags) -> torch.Tensor:
+    """log P(bucket | label) of every entry of ``bags`` (C, K): only those buckets are read."""
+    return torch.log(counts[:, bags.index] + ALPHA) - denominator[:, None]
 
 
 def _log_prior(docs: torch.Tensor) -> torch.Tensor:

@@ -289,7 +289,7 @@ class AdapterRegistry:
             state = AdapterState(tensors, json.loads(files[LABELS]), json.loads(files[CONFIG]))
             if LEXICAL in files:
                 state.lexical = load_safetensors(files[LEXICAL])
-                Lexicon.from_state(state.lexical, len(state.labels))  # checked here: a version loads whole or not
+                Lexicon.check_state(state.lexical, len(state.labels))  # checked here: a version loads whole or not
         except (SafetensorError, json.JSONDecodeError, ValueError) as exc:  # ValueError: malformed word counts
             raise VersionUnloadableError(f"adapter version {version}: unreadable files ({exc})") from exc
         bad = nonfinite_keys(tensors)

@@ -95,6 +95,8 @@ def test_the_state_round_trips_and_a_malformed_one_is_refused() -> None:
         state | {"lexical.docs": -state["lexical.docs"]},
         state | {"lexical.docs": torch.ones(100_000)},  # more labels than the version has: not allocated
         state | {"lexical.count": state["lexical.count"] * 3e38},  # finite counts whose sums are not
+        state  # one bucket of a label twice: its totals would not be its counts'
+        | {k: torch.cat([state[k], state[k][:1]]) for k in ("lexical.index", "lexical.count")},
     ]
     for tensors in broken:
         with pytest.raises(ValueError, match="lexical counts"):
