@@ -68,7 +68,8 @@ class Lexicon:
 
     def __init__(self, buckets: int) -> None:
         self.buckets = buckets
-        self.counts = torch.zeros(0, buckets)  # (C, B) word counts
+        self.counts = torch.zeros(0, buckets)  # (C, B) word counts: the first C rows of _rows
+        self._rows: torch.Tensor | None = None  # spare rows for new labels (see _grow)
         self.totals = torch.zeros(0)  # (C,) words per label: counts.sum(1), kept as the counts grow
         self.docs = torch.zeros(0)  # (C,) events per label
         self.seen = torch.zeros(buckets, dtype=torch.bool)  # buckets with any word: the smoothing's vocabulary
@@ -80,11 +81,21 @@ class Lexicon:
         return float(WEIGHTS[int(torch.argmin(self.losses))])
 
     def _grow(self, labels: int) -> None:
-        if labels > self.counts.shape[0]:
-            more = labels - self.counts.shape[0]
-            self.counts = torch.cat([self.counts, torch.zeros(more, self.buckets)])
-            self.totals = torch.cat([self.totals, torch.zeros(more)])
-            self.docs = torch.cat([self.docs, torch.zeros(more)])
+        """Rows for ``labels`` labels. The counts are a view of a matrix with spare rows that grows
+        by half when full: a stream of new labels copies it a few dozen times in all, not once per
+        label (at 1,000 labels and the default buckets it holds 128 MiB)."""
+        have = self.counts.shape[0]
+        if labels <= have:
+            return
+        rows = self._rows
+        if rows is None or rows.data_ptr() != self.counts.data_ptr() or labels > rows.shape[0]:
+            rows = torch.zeros(max(labels, have + have // 2), self.buckets)  # counts replaced whole: a new matrix
+            rows[:have] = self.counts
+            self._rows = rows
+        self.counts = rows[:labels]
+        more = labels - have
+        self.totals = torch.cat([self.totals, torch.zeros(more)])
+        self.docs = torch.cat([self.docs, torch.zeros(more)])
 
     def observe(
         self, texts: Sequence[str], label_ids: Sequence[int | None], labels: int, adapter: torch.Tensor

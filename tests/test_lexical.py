@@ -185,3 +185,19 @@ def test_teacher_only_events_are_not_counted_and_step_predictions_are_the_blends
     result = tiny_trainer.step(tiny_trainer.collator([taught, *probe], n_fresh=6))
     assert lexicon.docs.tolist() == (before + torch.tensor([2.0, 3.0])).tolist()  # the five probes only
     assert result.predictions[1:] == [label for _, label in TEXTS]  # the counts know these texts
+
+
+def test_new_labels_grow_the_counts_in_place_with_spare_rows() -> None:
+    """A stream of new labels copies the count matrix a few times, not once per label, and counts stay exact."""
+    lexicon = Lexicon(buckets=1024)
+    copies, matrix = 0, None
+    for label in range(200):
+        lexicon.learn([f"word{label} shared"], [label], labels=label + 1)
+        if lexicon.counts.data_ptr() != matrix:
+            copies, matrix = copies + 1, lexicon.counts.data_ptr()
+    assert copies <= 15  # growth by half: 1, 2, 3, 4, 6, 9, ... 200
+    assert lexicon.counts.shape == (200, 1024) and lexicon.docs.tolist() == [1.0] * 200
+    assert torch.equal(lexicon.counts.sum(1), lexicon.totals) and lexicon.totals.tolist() == [2.0] * 200
+    again = Lexicon.from_state(lexicon.state(200), 200)
+    again.learn(["word7 again"], [200], labels=201)  # a restored lexicon grows from its own rows
+    assert torch.equal(again.counts[:200], lexicon.counts) and again.counts[200].sum() == 2

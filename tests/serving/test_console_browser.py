@@ -15,6 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
+from dynft.registry import AdapterRegistry
+
 from helpers import free_port
 
 IDS = ("serving", "timeline", "chart-accuracy", "chart-rate", "chart-buffer")
@@ -97,6 +99,10 @@ def test_the_console_shows_a_demo_run_in_headless_chromium(tiny_model_dir: Path,
     try:
         with httpx.Client(base_url=base, timeout=10) as client:
             wait_for_promotion(client, proc, log)
+            # Pinned, as an operator would (`dynft adapters promote`): on a loaded machine a headless
+            # page load can outlast every 4-s version, and the page must be read while one serves.
+            pinned = client.get("/v1/adapters").json()["serving"]
+            AdapterRegistry(tmp_path / "state" / "registry").promote(pinned, reason="test: hold still", pin=True)
             found, serving = page_state(binary, tmp_path / "profile", base, client)
             status = client.get("/v1/status").json()
             screenshot = tmp_path / "console.png"
@@ -106,6 +112,7 @@ def test_the_console_shows_a_demo_run_in_headless_chromium(tiny_model_dir: Path,
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=60)  # reaped here: a Popen collected later warns in another test
     artifacts = os.environ.get("DYNFT_TEST_ARTIFACTS")
     if artifacts:
         Path(artifacts).mkdir(parents=True, exist_ok=True)
