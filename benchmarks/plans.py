@@ -116,7 +116,7 @@ def make_plan(suite: str, device: str, workdir: Path, compile: bool = False) -> 
             (TrainCase("all-MiniLM-L6-v2", minilm, 16, 64),),
             train_warmup_steps=2, train_window_s=12, train_bare_s=6, train_max_s=100, train_publish_interval_s=15,
             train_holdout=256,
-            swap_repeats=30, swap_clients=4, swap_quiet_s=3, swap_phase_s=6,
+            swap_repeats=100, swap_clients=4, swap_quiet_s=3, swap_phase_s=6,
             serve_clients=4, serve_busy_s=28, serve_idle_s=4, serve_event_rate=2,
             ingest_events=100_000, tasks_clients=16, tasks_phase_s=4.0, tasks_rounds=2,
         )  # fmt: skip

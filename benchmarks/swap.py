@@ -61,7 +61,10 @@ def _publish_two(settings: Any, registry: Any) -> list[Any]:
     first = trainer.export()
     torch.manual_seed(1)
     second = AdapterState(
-        {k: t + 0.01 * torch.randn_like(t) for k, t in first.tensors.items()}, first.labels, first.peft_config
+        {k: t + 0.01 * torch.randn_like(t) for k, t in first.tensors.items()},
+        first.labels,
+        first.peft_config,
+        lexical=first.lexical,  # every version carries its word counts (trainer.lexical_blend)
     )
     for i in range(2 + CYCLE):  # 1 and 2, then distinct versions for the paced swaps
         registry.publish((first, second)[i % 2], {"step": i})

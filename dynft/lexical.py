@@ -183,11 +183,6 @@ class Lexicon:
         lexicon.totals, lexicon.seen = checked.totals, checked.seen()
         return lexicon
 
-    @staticmethod
-    def check_state(tensors: dict[str, torch.Tensor], labels: int) -> None:
-        """``from_state``'s checks without building the counts (``ValueError`` for a malformed state)."""
-        _CheckedState(tensors, labels)
-
 
 class _CheckedState:
     """A ``Lexicon.state``'s parts, checked on the form it is stored in: a sparse state's values
@@ -216,8 +211,10 @@ class _CheckedState:
             raise ValueError(f"lexical counts are incomplete (missing {exc})") from exc
         if self.losses.shape != WEIGHTS.shape:
             raise ValueError("lexical counts have malformed shapes")
-        sums = (self.totals, docs.sum())  # finite values can still sum to infinity
-        if not all(bool(torch.isfinite(t).all()) for t in (values, docs, self.losses, *sums)):
+        # Few passes (a version loads on the server's hot-swap path): the small parts in one. Sums of
+        # finite values can still be infinite, so the totals and the events' sum are checked too.
+        small = torch.cat([docs, self.losses, self.totals, docs.sum()[None]])
+        if not (bool(torch.isfinite(values).all()) and bool(torch.isfinite(small).all())):
             raise ValueError("lexical counts have non-finite values")
         if bool((values < 0).any()) or bool((docs < 0).any()):
             raise ValueError("lexical counts have negative values")

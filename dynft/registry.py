@@ -68,6 +68,9 @@ class AdapterState:
     peft_config: dict[str, Any]
     finite: bool = False  # every tensor was found finite (by ``AdapterRegistry.load``): not checked again
     lexical: dict[str, torch.Tensor] | None = None  # word counts (dynft.lexical.Lexicon.state), if kept
+    # ``lexical`` read and checked by ``AdapterRegistry.load``, for readers that only score with it
+    # (a server's version, the gate's); whoever learns on counts takes its own copy (``from_state``).
+    lexicon: Lexicon | None = None
 
     @property
     def nbytes(self) -> int:
@@ -289,7 +292,7 @@ class AdapterRegistry:
             state = AdapterState(tensors, json.loads(files[LABELS]), json.loads(files[CONFIG]))
             if LEXICAL in files:
                 state.lexical = load_safetensors(files[LEXICAL])
-                Lexicon.check_state(state.lexical, len(state.labels))  # checked here: a version loads whole or not
+                state.lexicon = Lexicon.from_state(state.lexical, len(state.labels))  # a version loads whole or not
         except (SafetensorError, json.JSONDecodeError, ValueError) as exc:  # ValueError: malformed word counts
             raise VersionUnloadableError(f"adapter version {version}: unreadable files ({exc})") from exc
         bad = nonfinite_keys(tensors)

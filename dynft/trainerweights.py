@@ -226,7 +226,8 @@ class TrainerWeights:
         words = None
         if state.lexical is not None and self.lexicon is not None:  # the version's own, if the blend is on
             try:
-                words = WordScorer(Lexicon.from_state(state.lexical, len(state.labels)), len(state.labels))
+                lexicon = state.lexicon or Lexicon.from_state(state.lexical, len(state.labels))
+                words = WordScorer(lexicon, len(state.labels))
             except ValueError as exc:
                 raise AdapterMismatchError(f"the version's word counts: {exc}") from exc
         with self.swapped(state):

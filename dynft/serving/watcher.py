@@ -218,7 +218,8 @@ class VersionWatcher:
         if state.lexical is None or not self.settings.trainer.lexical_blend:
             return None
         try:
-            return WordScorer(Lexicon.from_state(state.lexical, len(state.labels)), len(state.labels))
+            lexicon = state.lexicon or Lexicon.from_state(state.lexical, len(state.labels))  # read by the registry
+            return WordScorer(lexicon, len(state.labels))
         except ValueError as exc:
             raise VersionUnloadableError(f"adapter version {version}: {exc}") from exc
 
