@@ -32,6 +32,7 @@ from benchmarks.plans import Plan
 NAME = "co-located memory, CPU"
 GPU_NAME = "co-located memory, GPU"
 TEXTS = ["my card has not arrived yet", "how do I top up by bank transfer", "I was charged twice"]
+CHUNK = 1 << 16  # pagemap entries read at a time (512 KiB)
 STARTED = re.compile(r"started (\w+) \(pid (\d+)\)")
 
 
@@ -69,9 +70,14 @@ def distinct_mib(pids: list[int]) -> float | None:
                     start, end = (int(x, 16) for x in span.split("-"))
                     if perms.startswith("---") or start >= 1 << 63:  # reserved address space; vsyscall
                         continue
-                    pagemap.seek(start // page * 8)
-                    entries = np.frombuffer(pagemap.read((end - start) // page * 8), dtype=np.uint64)
-                    frames.append(entries[(entries & present) != 0] & frame_bits)
+                    for first in range(start // page, end // page, CHUNK):  # bounded reads: a region may be GiBs
+                        want = min(CHUNK, end // page - first) * 8
+                        pagemap.seek(first * 8)
+                        data = pagemap.read(want)
+                        if len(data) != want:  # the process is going: its figure would be short
+                            return None
+                        entries = np.frombuffer(data, dtype=np.uint64)
+                        frames.append(entries[(entries & present) != 0] & frame_bits)
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     resident = np.unique(np.concatenate(frames)) if frames else np.zeros(0, np.uint64)

@@ -190,7 +190,7 @@ class _CheckedState:
 
     def __init__(self, tensors: dict[str, torch.Tensor], labels: int) -> None:
         try:
-            self.buckets = buckets = int(tensors["lexical.buckets"][0])
+            self.buckets = buckets = int(_integers(tensors["lexical.buckets"])[0])
             self.docs = docs = tensors["lexical.docs"].float().clone()
             self.losses = tensors["lexical.losses"].float().clone()
             if docs.dim() != 1 or docs.shape[0] > labels:
@@ -209,6 +209,8 @@ class _CheckedState:
                 self.totals = torch.zeros(docs.shape[0]).index_add_(0, self.index[:, 0], values)
         except (KeyError, IndexError) as exc:
             raise ValueError(f"lexical counts are incomplete (missing {exc})") from exc
+        except (TypeError, RuntimeError) as exc:  # torch's word for tensors of unusable types or shapes
+            raise ValueError(f"lexical counts are malformed ({type(exc).__name__}: {exc})") from exc
         if self.losses.shape != WEIGHTS.shape:
             raise ValueError("lexical counts have malformed shapes")
         # Few passes (a version loads on the server's hot-swap path): the small parts in one. Sums of
@@ -221,7 +223,7 @@ class _CheckedState:
 
     @staticmethod
     def _sparse(tensors: dict[str, torch.Tensor], labels: int, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
-        index, values = tensors["lexical.index"].long(), tensors["lexical.count"].float()
+        index, values = _integers(tensors["lexical.index"]).long(), tensors["lexical.count"].float()
         if index.dim() != 2 or index.shape[1] != 2 or values.shape != index.shape[:1]:
             raise ValueError("lexical counts have malformed shapes")
         if index.numel() and (
@@ -249,10 +251,19 @@ class _CheckedState:
         return seen
 
 
+def _integers(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` if it holds integers (a float bucket count of inf or an index of 0.5 is refused, not truncated)."""
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise ValueError(f"lexical counts have {tensor.dtype} where integers belong")
+    return tensor
+
+
 class WordScorer:
     """A version's word counts as the server reads them (read-only). The columns of a request's
     words are gathered and scored at each call, so building one costs nothing of the counts' size:
-    versions load, and the gate checks, without a pass over every bucket."""
+    versions load, and the gate checks, without a pass over every bucket. It reads the lexicon's
+    counts but keeps its totals as they were: build it from a lexicon that no longer learns, or
+    use it at once (the trainer's live answers)."""
 
     def __init__(self, lexicon: Lexicon, labels: int) -> None:
         lexicon._grow(labels)

@@ -317,8 +317,14 @@ class Publisher:
         self._published_labels = len(state.labels)
         self.metrics.latest_version.set(info.version)
         self.metrics.versions.labels(decision.label).inc()
-        if decision.promote:
-            self.registry.promote(info.version, reason=f"gate: {decision.reason}")
+        promoted = decision.promote and self.registry.promote(
+            info.version, reason=f"gate: {decision.reason}", unless_pinned=True
+        )
+        if decision.promote and not promoted:
+            log.warning(
+                "version %d passed the gate, but an operator pinned the serving version meanwhile", info.version
+            )
+        if promoted:
             self.serving_version = info.version
             self.trainer.anchor_to(state)  # the regulariser (trainer.anchor_weight) pulls toward what serves
             self.scorer.promoted(info.version, state, self._scores)

@@ -319,18 +319,31 @@ class AdapterRegistry:
         pointer = ServingPointer(version, pinned, reason, now(), history)
         write_atomic(self.pointer_path, _json_bytes(pointer.__dict__))
 
-    def promote(self, version: int, reason: str, pin: bool = False, base_model: BaseModelId | None = None) -> None:
-        """Make ``version`` the serving one, after checking under the lock that it exists and loads.
+    def promote(
+        self,
+        version: int,
+        reason: str,
+        pin: bool = False,
+        base_model: BaseModelId | None = None,
+        unless_pinned: bool = False,
+    ) -> bool:
+        """Make ``version`` the serving one, after checking under the lock that it exists and loads;
+        returns whether it does now.
 
         With ``base_model``, a version trained on another base model is refused as well
         (``BaseModelMismatchError``). The check and the pointer write hold the registry lock
-        together, so retention cannot remove the version between them.
+        together, so retention cannot remove the version between them. ``unless_pinned`` (the
+        gate's promotions): nothing changes if an operator pinned the serving version, which may
+        have happened while the gate was judging.
         """
         with self._writing("write serving.json"), self._locked():
+            if unless_pinned and self.serving().pinned:
+                return False
             _, meta = self.load(version)
             check_base_model(version, meta, base_model)
             self._set_serving(version, reason, pin)
         self.prune()
+        return True
 
     def rollback(self, reason: str = "rollback") -> int:
         """Serve the previous serving version again (pinned, so the gate will not replace it)."""

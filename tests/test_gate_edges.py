@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -85,3 +86,25 @@ def test_holdout_fraction_zero_turns_the_gate_off_with_a_warning(
     decisions = [registry.meta(v)["gate"]["decision"] for v in versions]
     assert decisions == ["promoted"] * len(versions)
     assert registry.serving().version == versions[-1]
+
+
+def test_a_pin_made_while_the_gate_judges_holds(
+    tiny_settings: Settings, tiny_trainer: OnlineTrainer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator pins the serving version between the gate's judgement and its promotion: the pin wins."""
+    registry = AdapterRegistry(tiny_settings.registry_dir)
+    publisher = Publisher(registry, tiny_trainer, HoldoutWindow(64), tiny_settings, TrainerMetrics(CollectorRegistry()))
+    train(tiny_trainer, events(32, seed=1))
+    first = publisher.maybe_publish({}, force=True)
+    assert first is not None and registry.serving().version == first
+    train(tiny_trainer, events(16, seed=2))
+    state, decision = publisher.candidate()
+    promote = dataclasses.replace(decision, promote=True, reason="judged better")  # as a passing gate says
+    registry.promote(first, "operator", pin=True)  # meanwhile, from `dynft adapters promote` or the admin API
+    with caplog.at_level(logging.WARNING, logger="dynft.publisher"):
+        second = publisher.record(state, promote, {})
+    assert registry.serving().version == first and registry.serving().pinned
+    assert publisher.serving_version == first and second != first
+    assert any("pinned the serving version meanwhile" in r.getMessage() for r in caplog.records)
+    registry.unpin()
+    assert registry.promote(second, "gate", unless_pinned=True) and registry.serving().version == second

@@ -97,6 +97,9 @@ def test_the_state_round_trips_and_a_malformed_one_is_refused() -> None:
         state | {"lexical.count": state["lexical.count"] * 3e38},  # finite counts whose sums are not
         state  # one bucket of a label twice: its totals would not be its counts'
         | {k: torch.cat([state[k], state[k][:1]]) for k in ("lexical.index", "lexical.count")},
+        state | {"lexical.buckets": torch.tensor([float("inf")])},  # once an OverflowError
+        state | {"lexical.index": state["lexical.index"].float() + 0.5},  # once truncated and accepted
+        state | {"lexical.docs": torch.tensor(3.0)},  # a 0-d tensor
     ]
     for tensors in broken:
         with pytest.raises(ValueError, match="lexical counts"):

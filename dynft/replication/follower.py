@@ -348,13 +348,23 @@ class FollowingRegistry(AdapterRegistry):
     follower: Follower
     task: str = DEFAULT_TASK
 
-    def promote(self, version: int, reason: str, pin: bool = False, base_model: BaseModelId | None = None) -> None:
+    def promote(
+        self,
+        version: int,
+        reason: str,
+        pin: bool = False,
+        base_model: BaseModelId | None = None,
+        unless_pinned: bool = False,
+    ) -> bool:
         self.follower.ensure(version, self.task)
         _, meta = self.load(version)  # refuse a version that is missing or fails its hash check here already
         check_base_model(version, meta, base_model)
         current = self.serving()
+        if unless_pinned and current.pinned:
+            return False
         pointer = ServingPointer(version, pin, reason, now(), self._history(current, version))
         self.follower.send_pointer(pointer, self.task)
+        return True
 
     def rollback(self, reason: str = "rollback") -> int:
         current = self.serving()
