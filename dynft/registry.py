@@ -18,6 +18,7 @@ file lock shared by every process that changes it (trainer, server, CLI).
 >>> state = AdapterState({"w": torch.ones(2)}, ["a", "b"], {"peft_type": "LORA"})
 >>> v = reg.publish(state, {"step": 10})
 >>> reg.promote(v.version, reason="first version")
+True
 >>> reg.serving().version, reg.load(v.version)[0].labels
 (1, ['a', 'b'])
 """
