@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,35 +56,45 @@ def distinct_mib(pids: list[int]) -> float | None:
     processes. Unlike a sum of PSS, this does not depend on who else maps the same pages: PSS
     charges a page that the harness (which imported torch) also maps half to a bare process
     but three quarters to a tree of three. None where the kernel hides frame numbers (they
-    need CAP_SYS_ADMIN) or a process is gone.
+    need CAP_SYS_ADMIN); a process that is gone counts nothing.
     """
     import numpy as np
 
-    present, frame_bits = np.uint64(1 << 63), np.uint64((1 << 55) - 1)
     page = os.sysconf("SC_PAGE_SIZE")
     frames = []
-    try:
-        for pid in pids:
-            with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb") as pagemap:
-                for line in maps:
-                    span, perms = line.split()[:2]
-                    start, end = (int(x, 16) for x in span.split("-"))
-                    if perms.startswith("---") or start >= 1 << 63:  # reserved address space; vsyscall
-                        continue
-                    for first in range(start // page, end // page, CHUNK):  # bounded reads: a region may be GiBs
-                        want = min(CHUNK, end // page - first) * 8
-                        pagemap.seek(first * 8)
-                        data = pagemap.read(want)
-                        if len(data) != want:  # the process is going: its figure would be short
-                            return None
-                        entries = np.frombuffer(data, dtype=np.uint64)
-                        frames.append(entries[(entries & present) != 0] & frame_bits)
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
+    for pid in pids:
+        try:
+            frames += list(_resident_frames(pid, page))
+        except (FileNotFoundError, ProcessLookupError, EOFError):
+            continue  # gone while read (a short-lived helper): it holds nothing now, as pss_mib says 0
+        except PermissionError:
+            return None
     resident = np.unique(np.concatenate(frames)) if frames else np.zeros(0, np.uint64)
     if resident.size and not resident.any():  # every frame number reads 0: hidden from this user
         return None
     return float(resident.size * page / 2**20)
+
+
+def _resident_frames(pid: int, page: int) -> Iterator[Any]:
+    """The frame numbers of ``pid``'s resident pages, region by region, read in bounded chunks (a
+    region may be GiBs); ``EOFError`` when a read comes back short (the process is going)."""
+    import numpy as np
+
+    present, frame_bits = np.uint64(1 << 63), np.uint64((1 << 55) - 1)
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+        for line in maps:
+            span, perms = line.split()[:2]
+            start, end = (int(x, 16) // page for x in span.split("-"))
+            if perms.startswith("---") or start >= (1 << 63) // page:  # reserved address space; vsyscall
+                continue
+            for first in range(start, end, CHUNK):
+                want = min(CHUNK, end - first) * 8
+                pagemap.seek(first * 8)
+                data = pagemap.read(want)
+                if len(data) != want:
+                    raise EOFError(f"pagemap of {pid} ends early")
+                entries = np.frombuffer(data, dtype=np.uint64)
+                yield entries[(entries & present) != 0] & frame_bits
 
 
 def descendants(root: int) -> list[int]:

@@ -52,7 +52,7 @@ from dynft.errors import (
     VersionUnloadableError,
 )
 from dynft.fingerprint import BaseModelId
-from dynft.lexical import Lexicon
+from dynft.lexical import Lexicon, WordScorer
 
 log = logging.getLogger(__name__)
 WEIGHTS, CONFIG, LABELS, META = "adapter_model.safetensors", "adapter_config.json", "labels.json", "meta.json"
@@ -76,6 +76,14 @@ class AdapterState:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def word_scorer(self) -> WordScorer | None:
+        """What answers with this version's word counts (None without them): the registry's reading
+        of them, else read now (``ValueError`` for malformed counts)."""
+        if self.lexical is None:
+            return None
+        lexicon = self.lexicon or Lexicon.from_state(self.lexical, len(self.labels))
+        return WordScorer(lexicon, len(self.labels))
 
 
 @dataclass(frozen=True)

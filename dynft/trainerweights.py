@@ -224,10 +224,9 @@ class TrainerWeights:
             live = WordScorer(self.lexicon, len(labels)) if self.lexicon is not None else None
             return self.predict(events, labels, words=live)
         words = None
-        if state.lexical is not None and self.lexicon is not None:  # the version's own, if the blend is on
+        if self.lexicon is not None:  # the version's own, if the blend is on
             try:
-                lexicon = state.lexicon or Lexicon.from_state(state.lexical, len(state.labels))
-                words = WordScorer(lexicon, len(state.labels))
+                words = state.word_scorer()
             except ValueError as exc:
                 raise AdapterMismatchError(f"the version's word counts: {exc}") from exc
         with self.swapped(state):

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dynft.errors import AdapterMismatchError, BaseModelMismatchError, DynftError, VersionUnloadableError
 from dynft.fingerprint import BaseModelId, Pooling
-from dynft.lexical import Lexicon, WordScorer
+from dynft.lexical import WordScorer
 from dynft.metrics import ServerMetrics
 from dynft.model import AdapterSlots, build_model, peft_config_from_dict, peft_config_from_settings, structure_key
 from dynft.registry import AdapterRegistry, AdapterState
@@ -215,11 +215,10 @@ class VersionWatcher:
 
     def _words(self, version: int, state: AdapterState) -> WordScorer | None:
         """The version's word counts, ready to blend; None where it has none or the blend is off."""
-        if state.lexical is None or not self.settings.trainer.lexical_blend:
+        if not self.settings.trainer.lexical_blend:
             return None
         try:
-            lexicon = state.lexicon or Lexicon.from_state(state.lexical, len(state.labels))  # read by the registry
-            return WordScorer(lexicon, len(state.labels))
+            return state.word_scorer()
         except ValueError as exc:
             raise VersionUnloadableError(f"adapter version {version}: {exc}") from exc
 
