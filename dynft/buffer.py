@@ -58,6 +58,10 @@ class ReplayBuffer:
         self.recency_half_life = recency_half_life
         self._rng = random.Random(seed)
         self._by_label: dict[str, list[_Entry]] = {}  # each list in arrival order
+        # The labels holding k events, per k > 0, and the largest k: class-balanced eviction finds
+        # a largest class in O(1) (a scan of every label cost more than the rest of an add).
+        self._by_size: dict[int, dict[str, None]] = {}
+        self._largest = 0
         self._count = 0
         self._bytes = 0
         self._seen = 0  # events offered, kept or not: the reservoir's n and the sequence clock
@@ -105,10 +109,12 @@ class ReplayBuffer:
             if self._rng.randrange(self._seen) >= self.max_events:  # keep with probability max_events / seen
                 return False
             self._evict_random()
-        entries = self._by_label.get(event.label)
+        label = event.label
+        entries = self._by_label.get(label)
         if entries is None:
-            entries = self._by_label[event.label] = []
+            entries = self._by_label[label] = []
         entries.append(_Entry(seq, event, size))
+        self._resized(label, len(entries) - 1)
         self._count += 1
         self._bytes += size
         while self._count > self.max_events or self._bytes > self.max_bytes:
@@ -129,7 +135,7 @@ class ReplayBuffer:
             oldest = min((es for es in self._by_label.values() if es), key=lambda es: es[0].seq)
             self._remove(oldest, 0)
         elif self.strategy == "class_balanced":
-            largest = max(self._by_label.values(), key=len)
+            largest = self._by_label[next(iter(self._by_size[self._largest]))]
             self._remove(largest, int(self._rng.random() * len(largest)))
         else:
             self._evict_random()
@@ -149,8 +155,32 @@ class ReplayBuffer:
             entry = entries[index]
             entries[index] = entries[-1]
             entries.pop()
+        self._resized(entry.event.label, len(entries) + 1)
         self._count -= 1
         self._bytes -= entry.nbytes
+
+    def _resized(self, label: str, was: int) -> None:
+        """Move ``label`` from the labels of size ``was`` to those of its size now."""
+        by_size = self._by_size
+        if was:
+            holding = by_size[was]
+            del holding[label]
+            if not holding:
+                del by_size[was]
+        now = len(self._by_label[label])
+        if now:
+            by_size.setdefault(now, {})[label] = None
+        # Grown past the largest, or the last label of the largest size shrank (by one): now the largest.
+        if now > self._largest or self._largest not in by_size:
+            self._largest = now
+
+    def _reindex(self) -> None:
+        """Rebuild the labels-by-size index after the lists were replaced wholesale."""
+        self._by_size = {}
+        for label, entries in self._by_label.items():
+            if entries:
+                self._by_size.setdefault(len(entries), {})[label] = None
+        self._largest = max(self._by_size, default=0)
 
     def sample(self, n: int, recent_since: int | None = None, recent_share: float = 0.0) -> list[Event]:
         """``n`` events drawn with replacement by the buffer's strategy (fewer only if it is empty).
@@ -204,6 +234,7 @@ class ReplayBuffer:
     def clear(self) -> None:
         with self._lock:
             self._by_label.clear()
+            self._reindex()
             self._count = 0
             self._bytes = 0
 
@@ -217,4 +248,5 @@ class ReplayBuffer:
                 self._count -= len(entries) - len(kept)
                 self._bytes -= sum(e.nbytes for e in entries if e.seq < seq)
                 self._by_label[label] = kept
+            self._reindex()
             return removed

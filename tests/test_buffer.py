@@ -57,6 +57,32 @@ def test_class_balanced_keeps_and_samples_minority_classes() -> None:
     assert 0.4 < drawn["rare"] / 4000 < 0.6
 
 
+def test_class_balanced_evicts_from_a_largest_class_among_many_labels() -> None:
+    """Every eviction takes an event of a largest class, also after retiring, clearing and resizing
+    (the buffer keeps an index of classes by size instead of scanning every label)."""
+    import random
+
+    rng = random.Random(7)
+    buf = ReplayBuffer(max_events=200, max_bytes=1 << 20, strategy="class_balanced", seed=3)
+    for i in range(6000):
+        if i == 2000:
+            buf.retire_before(1500)
+        if i == 3000:
+            buf.resize(120, 1 << 20)
+        if i == 4000:
+            buf.clear()
+        before = buf.label_counts()
+        label = f"l{min(int(rng.expovariate(0.05)), 300)}"  # a skewed stream over many labels
+        buf.add(ev(i, label))
+        after = buf.label_counts()
+        offered = before + Counter({label: 1})
+        lost = offered - after
+        if lost:
+            (victim,) = lost
+            assert offered[victim] == max(offered.values())
+        assert len(buf) == sum(after.values()) <= buf.max_events
+
+
 def test_reservoir_is_a_uniform_sample_of_the_whole_stream() -> None:
     kept_early = 0
     for seed in range(20):
