@@ -18,6 +18,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from dynft.errors import AdapterMismatchError, BaseModelMismatchError, DynftError, RegistryError
@@ -298,6 +299,7 @@ class Publisher:
 
     def record(self, state: AdapterState, decision: Decision, extra_meta: dict[str, Any]) -> int:
         """Publish ``state`` with ``decision`` in its metadata, and promote it if the decision says so."""
+        decision = self._unless_pinned_meanwhile(decision)
         meta = {
             **extra_meta,
             "parent": self.latest_version,
@@ -339,6 +341,18 @@ class Publisher:
             if self.feed.sent(info.version):
                 self.sent_step = self.trainer.steps
         return info.version
+
+    def _unless_pinned_meanwhile(self, decision: Decision) -> Decision:
+        """``decision``, or a rejection when an operator pinned the serving version while the gate judged:
+        the version's metadata then says why it does not serve. (A pin made during the publish itself
+        still wins, through ``promote(unless_pinned=True)``; the warning below tells that case.)"""
+        if not decision.promote:
+            return decision
+        pointer = self.registry.serving()
+        if not pointer.pinned:
+            return decision
+        why = f"passed the gate ({decision.reason}), but serving version {pointer.version} was pinned meanwhile"
+        return replace(decision, promote=False, reason=why)
 
     def _judge(self, labels: int) -> Decision:
         pointer = self.registry.serving()

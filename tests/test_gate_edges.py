@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -14,8 +15,9 @@ from test_loop import run
 from dynft.evaluation import HoldoutWindow
 from dynft.events import Event
 from dynft.metrics import TrainerMetrics
+from dynft.model import AdapterState
 from dynft.publisher import Publisher
-from dynft.registry import AdapterRegistry
+from dynft.registry import AdapterRegistry, VersionInfo
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
 
@@ -91,7 +93,8 @@ def test_holdout_fraction_zero_turns_the_gate_off_with_a_warning(
 def test_a_pin_made_while_the_gate_judges_holds(
     tiny_settings: Settings, tiny_trainer: OnlineTrainer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An operator pins the serving version between the gate's judgement and its promotion: the pin wins."""
+    """An operator pins the serving version between the gate's judgement and its promotion: the pin
+    wins, and the version's metadata says why it does not serve."""
     registry = AdapterRegistry(tiny_settings.registry_dir)
     publisher = Publisher(registry, tiny_trainer, HoldoutWindow(64), tiny_settings, TrainerMetrics(CollectorRegistry()))
     train(tiny_trainer, events(32, seed=1))
@@ -101,10 +104,38 @@ def test_a_pin_made_while_the_gate_judges_holds(
     state, decision = publisher.candidate()
     promote = dataclasses.replace(decision, promote=True, reason="judged better")  # as a passing gate says
     registry.promote(first, "operator", pin=True)  # meanwhile, from `dynft adapters promote` or the admin API
-    with caplog.at_level(logging.WARNING, logger="dynft.publisher"):
-        second = publisher.record(state, promote, {})
+    second = publisher.record(state, promote, {})
     assert registry.serving().version == first and registry.serving().pinned
     assert publisher.serving_version == first and second != first
-    assert any("pinned the serving version meanwhile" in r.getMessage() for r in caplog.records)
+    gate = registry.meta(second)["gate"]
+    assert gate["decision"] == "rejected" and f"serving version {first} was pinned meanwhile" in gate["reason"]
     registry.unpin()
     assert registry.promote(second, "gate", unless_pinned=True) and registry.serving().version == second
+
+
+class PinningRegistry(AdapterRegistry):
+    """Pins the serving version while a version is being written: the narrowest race, made on purpose
+    (no real operator can be timed into it)."""
+
+    def publish(self, state: AdapterState, meta: dict[str, Any]) -> VersionInfo:
+        info = super().publish(state, meta)
+        serving = self.serving().version
+        if serving is not None:  # the first version has nothing to pin against
+            self.promote(serving, "operator", pin=True)
+        return info
+
+
+def test_a_pin_made_while_a_passing_version_is_written_holds(
+    tiny_settings: Settings, tiny_trainer: OnlineTrainer, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = PinningRegistry(tiny_settings.registry_dir)
+    publisher = Publisher(registry, tiny_trainer, HoldoutWindow(64), tiny_settings, TrainerMetrics(CollectorRegistry()))
+    train(tiny_trainer, events(32, seed=1))
+    first = publisher.maybe_publish({}, force=True)
+    assert first is not None and not registry.serving().pinned
+    train(tiny_trainer, events(16, seed=2))
+    state, decision = publisher.candidate()
+    with caplog.at_level(logging.WARNING, logger="dynft.publisher"):
+        second = publisher.record(state, dataclasses.replace(decision, promote=True, reason="judged better"), {})
+    assert registry.serving().version == first and registry.serving().pinned and second != first
+    assert any("pinned the serving version meanwhile" in r.getMessage() for r in caplog.records)
