@@ -56,75 +56,24 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from kafka import ConsumerRebalanceListener
 
 from dynft.errors import ConfigError, ReplicationError
 from dynft.events import DEFAULT_TASK
-from dynft.registry import AdapterRegistry
 from dynft.replication import topics
 from dynft.replication.feed import read_topics, versions_servers
 from dynft.settings import Settings
-from dynft.sources.base import Source
-from dynft.sources.kafka import KafkaSource, client_config, parse_kafka_uri
+from dynft.sources.kafka import client_config, parse_kafka_uri
 from dynft.sources.kafka_compat import apply_join_fixes
+from dynft.term import TermView, shard_topic, task_partition, term_topic
 
 log = logging.getLogger(__name__)
 TERM_KEY = b"term"
 POLL_MS = 200
+REJOIN_MARGIN_S = 10.0  # beyond the longest legitimate rebalance before a join counts as stuck
 STRANDED_MARGIN_S = 5.0  # beyond a session with no rebalance news: a term taken over by a late record is retaken
-
-
-def term_topic(versions_topic: str) -> str:
-    return f"{versions_topic}.term"
-
-
-def shard_topic(versions_topic: str) -> str:
-    return f"{versions_topic}.shards"
-
-
-def task_partition(task: str, partitions: int) -> int:
-    """The partition a producer keying its records by ``task`` sends them to (Kafka's default partitioner).
-
-    >>> task_partition("default", 1), 0 <= task_partition("intents", 4) < 4
-    (0, True)
-    """
-    from kafka.partitioner.default import murmur2
-
-    return int(murmur2(task.encode()) & 0x7FFFFFFF) % partitions
-
-
-@dataclass(frozen=True)
-class TermView:
-    """One term (a trainer's *life* when sharded): its epoch and partitions, fixed while it lasts."""
-
-    election: Election
-    generation: int
-    epoch: int
-    partitions: frozenset[int]
-
-    def held(self, task: str = DEFAULT_TASK) -> bool:
-        """Whether records of ``task`` may still be sent under this term (one broker round trip)."""
-        return self.current() and self.election.held(task)
-
-    def current(self) -> bool:
-        """Whether this is still the election's term: no reassignment since it began, not lost (a
-        rebalance that gives the same partitions back only suspends it, see ``may_commit``)."""
-        e = self.election
-        return e.generation == self.generation and not e.lost and e.ended_generation != self.generation
-
-    def may_commit(self) -> bool:
-        """Whether offsets may be committed under this term now: current, and not suspended by a rebalance."""
-        return self.current() and self.election.holding
-
-    def owns(self, task: str) -> bool:
-        return self.election.partition_of(task) in self.partitions
-
-    def shard(self, task: str) -> int:
-        """The shard ``task``'s records are fenced in (``replication.records``): its partition, or 0."""
-        return self.election.partition_of(task)
 
 
 class Election:
@@ -159,15 +108,13 @@ class Election:
         self._term_lock = threading.Lock()  # epoch, generation and partitions change together
         self._retry: tuple[str, frozenset[int]] | None = None  # news whose handling failed (election thread)
         self._quiet_since = time.monotonic()  # the last rebalance news (election thread)
+        self._revoked_at: float | None = None  # a revocation that no assignment has followed yet (election thread)
         self._stop = threading.Event()
         self._check_lock = threading.Lock()
         self._checker: Any = None
         self._thread = threading.Thread(target=self._run, name="dynft-election", daemon=True)
 
     def start(self) -> None:
-        from kafka import KafkaConsumer
-        from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
-
         apply_join_fixes()
         k = self.settings.kafka
         if self.sharded:
@@ -175,7 +122,17 @@ class Election:
         topics.ensure_topics(self.servers, self.versions_topic, k, extra={self.topic: self.partitions})
         self._checker = topics.consumer(self.servers, k)
         self._check_partitions()
-        self._consumer = KafkaConsumer(
+        self._consumer = self._join()
+        self._thread.start()
+        log.info("standing by: the trainer holding %s (group %s) is the active one", self.topic, self.group)
+
+    def _join(self) -> Any:
+        """A group consumer subscribed to the term (or shard) topic, its news on a fresh queue."""
+        from kafka import KafkaConsumer
+        from kafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitionAssignor
+
+        k = self.settings.kafka
+        consumer = KafkaConsumer(
             bootstrap_servers=self.servers,
             group_id=self.group,
             enable_auto_commit=False,
@@ -186,10 +143,10 @@ class Election:
             partition_assignment_strategy=(StickyPartitionAssignor,),
             **client_config(k),
         )
-        self._consumer.partitions_for_topic(self.topic)  # join with the metadata at hand (see KafkaSource)
-        self._consumer.subscribe([self.topic], listener=_Listener(self._news))
-        self._thread.start()
-        log.info("standing by: the trainer holding %s (group %s) is the active one", self.topic, self.group)
+        consumer.partitions_for_topic(self.topic)  # join with the metadata at hand (see KafkaSource)
+        self._news = queue.SimpleQueue()  # news from an abandoned consumer's listener is not ours
+        consumer.subscribe([self.topic], listener=_Listener(self._news))
+        return consumer
 
     def wait(self, should_exit: threading.Event) -> TermView | None:
         """Block until this trainer holds a term over some partitions; None once ``should_exit`` is set."""
@@ -273,10 +230,16 @@ class Election:
             self._retry, self._quiet_since = news[-1], time.monotonic()
             if any(kind == "revoked" for kind, _ in news):
                 self._holding.clear()
+            if news[-1][0] == "assigned":
+                self._revoked_at = None
+            elif self._revoked_at is None:
+                self._revoked_at = time.monotonic()
             self._on_news(*news[-1])
             self._retry = None
         elif self._stranded():
             self._take_term(self.held_partitions)
+        elif self._join_stalled():
+            self._rejoin()
 
     def _stranded(self) -> bool:
         """Sharded: whether this trainer's term was found taken over, yet the group still gives it the
@@ -288,6 +251,25 @@ class Election:
         quiet = time.monotonic() - self._quiet_since > self.settings.kafka.session_timeout_ms / 1000 + STRANDED_MARGIN_S
         mine = frozenset(tp.partition for tp in self._consumer.assignment())
         return quiet and mine == self.held_partitions
+
+    def _join_stalled(self) -> bool:
+        """Whether a rebalance revoked this member's partitions and no assignment came for longer than
+        any rebalance lasts (it waits at most max_poll_interval_ms for the slowest member)."""
+        k = self.settings.kafka
+        limit = (k.max_poll_interval_ms + k.session_timeout_ms) / 1000 + REJOIN_MARGIN_S
+        return self._revoked_at is not None and time.monotonic() - self._revoked_at > limit
+
+    def _rejoin(self) -> None:
+        """The last resort for a join that never ends (as ``KafkaSource`` has one): a new member joins
+        afresh, then the stuck one leaves. The term stays suspended until the new member's assignment,
+        which resumes it when the partitions come back and no later term record exists."""
+        log.warning("group %s: no partitions since a rebalance long past; rejoining with a new consumer", self.group)
+        self._revoked_at = time.monotonic()  # the next try, if this one stalls too, waits as long
+        stuck, self._consumer = self._consumer, self._join()
+        try:
+            stuck.close()
+        except Exception as exc:  # a stuck client may fail in any way; the new one is in place already
+            log.warning("closing the stalled election consumer: %s", exc)
 
     def _on_news(self, news: str, partitions: frozenset[int]) -> None:
         """A rebalance: every one revokes first (eager protocol), so a revocation only suspends the term;
@@ -395,30 +377,6 @@ class Election:
                 f"topic {self.topic} has {have} partition(s), the source topic {self.source_topic} {self.partitions}: "
                 f"they must match (kafka-topics --alter --topic {self.topic} --partitions {self.partitions})"
             )
-
-
-def fence_commits(source: Source, term: TermView) -> None:
-    """``source`` commits only while ``term`` lasts (the next term's trainer commits), and, when
-    sharded, consumes only the term's partitions of the source topic."""
-    if isinstance(source, KafkaSource):
-        source.may_commit = term.may_commit
-        if term.election.sharded:
-            source.partitions = term.partitions
-
-
-def outdated(checkpoint_state: dict[str, Any], registry: AdapterRegistry) -> bool:
-    """Whether a checkpoint predates a version in ``registry`` (another trainer's, from the versions topic).
-
-    An elected trainer that held the term before resumes from the newest published version then,
-    not from its own older state: its next version must descend from the newest one.
-    """
-    latest = checkpoint_state.get("publisher", {}).get("latest_version") or 0
-    newest = max(registry.versions(), default=0)
-    if newest > latest:
-        log.warning(
-            "the checkpoint knows versions up to %d, the versions topic %d: resuming from the topic", latest, newest
-        )
-    return newest > latest
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -30,7 +30,7 @@ from dynft.checkpoint import CheckpointStore
 from dynft.deadletter import DeadLetterSink, open_dead_letter_sink
 from dynft.defaultstep import DefaultStep
 from dynft.drift import DriftMonitor
-from dynft.election import Election, TermView, fence_commits
+from dynft.election import Election
 from dynft.errors import TermLostError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import REASONS, Event
@@ -50,6 +50,7 @@ from dynft.sources import Intake, Positions, Record, furthest, open_source
 from dynft.statedisk import StateDisk
 from dynft.taskloop import split_by_task
 from dynft.tasks import DEFAULT_TASK, Task, TaskDirectory, TaskWork
+from dynft.term import TermView, fence_commits
 from dynft.trainer import OnlineTrainer, build_trainer
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from dynft.deadletter import DeadLetterSink
 from dynft.drift import DriftMonitor
-from dynft.election import Election, TermView, outdated
+from dynft.election import Election
 from dynft.errors import AdapterMismatchError, DeadLetterError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import DEFAULT_TASK, Event
@@ -32,6 +32,7 @@ from dynft.replication.feed import VersionsFeed
 from dynft.sources import Intake, Positions, Source
 from dynft.statedisk import StateDisk, free_bytes, is_disk_full
 from dynft.taskloop import TaskLoop
+from dynft.term import TermView, outdated
 
 if TYPE_CHECKING:
     from dynft.loop import TrainingLoop

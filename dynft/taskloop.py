@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from dynft.batching import Collator
 from dynft.buffer import ReplayBuffer
 from dynft.checkpoint import Checkpoint
-from dynft.election import TermView
 from dynft.errors import AdapterMismatchError
 from dynft.evaluation import HoldoutWindow
 from dynft.events import Event
@@ -32,6 +31,7 @@ from dynft.settings import Settings
 from dynft.sharing import Member, publish_together
 from dynft.sources import Record
 from dynft.tasks import DEFAULT_TASK, Task, TaskDirectory, TaskWork, task_collator, task_name_problem
+from dynft.term import TermView
 from dynft.trainer import OnlineTrainer
 from dynft.warmup import read_before_committed, refill
 

@@ -9,7 +9,7 @@ from typing import Any, cast
 import pytest
 import torch
 
-from dynft.election import Election, outdated, shard_topic, task_partition, term_topic
+from dynft.election import Election
 from dynft.errors import ConfigError, RegistryError
 from dynft.loopstate import LoopState
 from dynft.registry import AdapterRegistry, AdapterState
@@ -27,6 +27,7 @@ from dynft.replication.records import (
     version_key,
 )
 from dynft.settings import Settings
+from dynft.term import outdated, shard_topic, task_partition, term_topic
 
 
 def test_the_election_needs_a_versions_topic_and_a_kafka_source(tiny_settings: Settings) -> None:

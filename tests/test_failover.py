@@ -20,10 +20,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from dynft.devbroker import Broker
-from dynft.election import term_topic
 from dynft.replication.follower import Follower, FollowingRegistry
 from dynft.replication.records import decode_pointer, decode_version, pointer_topic
 from dynft.settings import Settings
+from dynft.term import term_topic
 
 from helpers import keyword_events
 from kafka_helpers import (
@@ -104,6 +104,10 @@ def test_the_standby_takes_over_a_killed_trainer_from_its_newest_published_versi
     active, standby = pair.start()
     publish(pair.broker, pair.topic, first, tmp_path)
     wait_until(lambda: pair.newest_on_topic() >= 2, 240, "the active trainer to publish")
+    # Committed once, so that the standby has events before the group's offsets to warm up from (a
+    # loaded machine can publish twice before the first checkpoint's commit).
+    committed = lambda: any(end_offsets(pair.broker, pair.topic, pair.group)[1].values())  # noqa: E731
+    wait_until(committed, 120, "the active trainer's first commit")
     active.kill()  # kill -9: no shutdown, no last publish, no last commit
     active.wait()
     killed_at = time.monotonic()

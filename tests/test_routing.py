@@ -244,7 +244,7 @@ def test_a_sharded_trainer_dead_letters_a_tasks_event_found_off_its_keys_partiti
     settings = Settings()
     settings.evaluation.holdout_fraction = 0.0
     sink = JsonlDeadLetterSink(tmp_path / "dead.jsonl", "events")
-    partition_of = {"intents": 1, "default": 0}.__getitem__  # as dynft.election.task_partition would say
+    partition_of = {"intents": 1, "default": 0}.__getitem__  # as dynft.term.task_partition would say
     router = Router(settings, LabelMap(), sink, TrainerMetrics(CollectorRegistry()), partition_of=partition_of)
     on = lambda event_id, task, partition: Record(  # noqa: E731
         json.dumps({"id": event_id, "text": "w1", "label": "a", **({"task": task} if task else {})}).encode(),

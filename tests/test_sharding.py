@@ -25,11 +25,11 @@ from kafka import KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from dynft.devbroker import Broker
-from dynft.election import shard_topic, task_partition
 from dynft.events import DEFAULT_TASK
 from dynft.produce import produce
 from dynft.replication.records import decode_pointer, decode_version, pointer_topic
 from dynft.settings import Settings
+from dynft.term import shard_topic, task_partition
 
 from helpers import free_port, keyword_events, write_jsonl
 from kafka_helpers import (

@@ -12,10 +12,10 @@ from kafka import KafkaConsumer, OffsetAndMetadata, TopicPartition
 from dynft.batching import LabelMap
 from dynft.buffer import ReplayBuffer
 from dynft.devbroker import Broker
-from dynft.election import task_partition
 from dynft.evaluation import HoldoutWindow, is_held_out
 from dynft.produce import produce
 from dynft.settings import Settings
+from dynft.term import task_partition
 from dynft.warmup import read_before_committed, refill
 
 from helpers import keyword_events, write_jsonl

@@ -62,7 +62,7 @@ SEND_TIMEOUT_S = 30.0
 
 
 class Term(Protocol):
-    """An elected trainer's term (``dynft.election.TermView``): its epoch, whether it still holds a
+    """An elected trainer's term (``dynft.term.TermView``): its epoch, whether it still holds a
     task's (sharded trainers hold terms over some tasks only), and the shard a task's records are in."""
 
     @property

@@ -1,0 +1,48 @@
+"""The election's last resort for a join that never ends, with the real broker."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import pytest
+
+from dynft import election as election_module
+from dynft.devbroker import Broker
+from dynft.election import Election
+from dynft.settings import Settings
+
+from kafka_helpers import kafka_settings, new_topic, wait_until
+
+
+def test_a_revocation_no_assignment_follows_is_healed_by_a_new_member_and_the_term_resumes(
+    kafka_broker: Broker, tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member whose partitions were revoked and never assigned again (a join that never ends; the
+    known kafka-python causes are fixed in ``kafka_compat``, so the revocation is handed to the
+    election as its listener would, with no rebalance behind it) joins afresh with a new consumer
+    once a rebalance could no longer be under way; the new member is given the term partition and
+    the same term resumes, since no later term record was written."""
+    monkeypatch.setattr(election_module, "REJOIN_MARGIN_S", 1.0)
+    settings = kafka_settings(tiny_settings, kafka_broker, new_topic(kafka_broker, 1), f"g-{uuid.uuid4().hex[:6]}")
+    settings.kafka.versions_topic = f"versions-{uuid.uuid4().hex[:8]}"
+    settings.kafka.max_poll_interval_ms = 1000  # the election thread polls every 200 ms
+    settings.kafka.session_timeout_ms = 6000  # the broker's shortest
+    election = Election(settings, "host:1")
+    election.start()
+    stop = threading.Event()
+    give_up = threading.Timer(90, stop.set)
+    give_up.start()
+    try:
+        view = election.wait(stop)
+        assert view is not None and election.holding
+        first, epoch = election._consumer, election.epoch
+        election._news.put(("revoked", frozenset({0})))
+        wait_until(lambda: not election.holding, 10, "the revocation to suspend the term")
+        wait_until(lambda: election._consumer is not first, 30, "a new consumer after 1 + 6 + 1 s without partitions")
+        wait_until(lambda: election.holding, 60, "the new member to resume the term")
+        assert election.epoch == epoch and not election.lost and view.current()
+        assert election.held()  # no later term record: the trainer may send again
+    finally:
+        give_up.cancel()
+        election.close()
