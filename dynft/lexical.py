@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -131,7 +131,7 @@ class Lexicon:
         return self._posterior(Bags(texts, self.buckets), labels)
 
     def _posterior(self, bags: Bags, labels: int) -> torch.Tensor:
-        columns = _columns(self.counts[:labels], _denominator(self, labels), bags)
+        columns = _columns(self.counts[:labels, bags.index], _denominator(self.totals[:labels], self.seen))
         return _score(columns, _log_prior(self.docs[:labels]), bags)
 
     def weigh(self, adapter: torch.Tensor, counts: torch.Tensor, label_ids: Sequence[int]) -> None:
@@ -259,34 +259,78 @@ def _integers(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class WordScorer:
-    """A version's word counts as the server reads them (read-only). The columns of a request's
-    words are gathered and scored at each call, so building one costs nothing of the counts' size:
-    versions load, and the gate checks, without a pass over every bucket. It reads the lexicon's
-    counts but keeps its totals as they were: build it from a lexicon that no longer learns, or
-    use it at once (the trainer's live answers)."""
+    """A version's word counts as the server and the gate read them (read-only). Only the columns
+    of a request's words are gathered and scored at each call, so building one costs nothing of
+    the counts' size. ``read`` takes a stored state as it is: counts stored sparse stay sparse
+    (a version of 1,000 labels keeps its few words, not a 128 MiB matrix, wherever it is held).
+    Built from a ``Lexicon``, it reads the lexicon's counts but keeps its totals as they were:
+    build it from a lexicon that no longer learns, or use it at once (the trainer's live answers)."""
 
     def __init__(self, lexicon: Lexicon, labels: int) -> None:
         lexicon._grow(labels)
-        self.weight = lexicon.weight
-        self.buckets = lexicon.buckets
-        self.counts = lexicon.counts[:labels]
-        self.denominator = _denominator(lexicon, labels)
-        self.prior = _log_prior(lexicon.docs[:labels])
+        counts = lexicon.counts[:labels]
+        self._init(lexicon.weight, lexicon.buckets, lexicon.totals[:labels], lexicon.seen, lexicon.docs[:labels])
+        self._gather: Callable[[torch.Tensor], torch.Tensor] = lambda buckets: counts[:, buckets]
+
+    @classmethod
+    def read(cls, tensors: dict[str, torch.Tensor], labels: int) -> WordScorer:
+        """The scorer of a ``Lexicon.state`` of at most ``labels`` labels; ``ValueError`` for a malformed one."""
+        checked = _CheckedState(tensors, labels)
+        scorer = cls.__new__(cls)
+        pad = labels - checked.docs.shape[0]  # labels the counts have not seen yet score as empty rows
+        docs, totals = (torch.cat([t, torch.zeros(pad)]) for t in (checked.docs, checked.totals))
+        weight = float(WEIGHTS[int(torch.argmin(checked.losses))])
+        scorer._init(weight, checked.buckets, totals, checked.seen(), docs)
+        if checked.matrix is not None:
+            matrix = torch.cat([checked.matrix, torch.zeros(pad, checked.buckets)])
+            scorer._gather = lambda buckets: matrix[:, buckets]
+        else:
+            scorer._gather = _SparseColumns(checked.index, checked.values, labels, checked.buckets).gather
+        return scorer
+
+    def _init(self, weight: float, buckets: int, totals: torch.Tensor, seen: torch.Tensor, docs: torch.Tensor) -> None:
+        self.weight = weight
+        self.buckets = buckets
+        self.denominator = _denominator(totals, seen)
+        self.prior = _log_prior(docs)
 
     def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
         bags = Bags(texts, self.buckets)
-        return _score(_columns(self.counts, self.denominator, bags), self.prior, bags)
+        return _score(_columns(self._gather(bags.index), self.denominator), self.prior, bags)
 
 
-def _denominator(lexicon: Lexicon, labels: int) -> torch.Tensor:
+class _SparseColumns:
+    """Sparse counts ordered by bucket, so that the columns of a few buckets are gathered without
+    a dense matrix: each bucket's entries are one run, found through ``starts``."""
+
+    def __init__(self, index: torch.Tensor, values: torch.Tensor, labels: int, buckets: int) -> None:
+        order = torch.argsort(index[:, 1], stable=True)
+        self.labels = labels
+        self.label = index[order, 0]
+        self.value = values[order]
+        self.starts = torch.searchsorted(index[order, 1], torch.arange(buckets + 1))
+
+    def gather(self, buckets: torch.Tensor) -> torch.Tensor:
+        """The counts of ``buckets`` (K,) for every label (labels, K)."""
+        first = self.starts[buckets]
+        runs = self.starts[buckets + 1] - first
+        column = torch.repeat_interleave(torch.arange(len(buckets)), runs)
+        run_start = torch.repeat_interleave(torch.cumsum(runs, 0) - runs, runs)
+        entry = torch.repeat_interleave(first, runs) + torch.arange(len(column)) - run_start
+        out = torch.zeros(self.labels, len(buckets))
+        out[self.label[entry], column] = self.value[entry]
+        return out
+
+
+def _denominator(totals: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
     """log(words of each label + smoothing over the vocabulary seen) (C,)."""
-    vocabulary = max(1, int(lexicon.seen.sum()))
-    return torch.log(lexicon.totals[:labels] + ALPHA * vocabulary)
+    vocabulary = max(1, int(seen.sum()))
+    return torch.log(totals + ALPHA * vocabulary)
 
 
-def _columns(counts: torch.Tensor, denominator: torch.Tensor, bags: Bags) -> torch.Tensor:
-    """log P(bucket | label) of every entry of ``bags`` (C, K): only those buckets are read."""
-    return torch.log(counts[:, bags.index] + ALPHA) - denominator[:, None]
+def _columns(counts: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """log P(bucket | label) from the counts of the buckets a request names (C, K)."""
+    return torch.log(counts + ALPHA) - denominator[:, None]
 
 
 def _log_prior(docs: torch.Tensor) -> torch.Tensor:

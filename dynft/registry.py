@@ -52,7 +52,7 @@ from dynft.errors import (
     VersionUnloadableError,
 )
 from dynft.fingerprint import BaseModelId
-from dynft.lexical import Lexicon, WordScorer
+from dynft.lexical import WordScorer
 
 log = logging.getLogger(__name__)
 WEIGHTS, CONFIG, LABELS, META = "adapter_model.safetensors", "adapter_config.json", "labels.json", "meta.json"
@@ -70,8 +70,8 @@ class AdapterState:
     finite: bool = False  # every tensor was found finite (by ``AdapterRegistry.load``): not checked again
     lexical: dict[str, torch.Tensor] | None = None  # word counts (dynft.lexical.Lexicon.state), if kept
     # ``lexical`` read and checked by ``AdapterRegistry.load``, for readers that only score with it
-    # (a server's version, the gate's); whoever learns on counts takes its own copy (``from_state``).
-    lexicon: Lexicon | None = None
+    # (a server's version, the gate's); whoever learns on counts takes its own copy (``Lexicon.from_state``).
+    words: WordScorer | None = None
 
     @property
     def nbytes(self) -> int:
@@ -82,8 +82,7 @@ class AdapterState:
         of them, else read now (``ValueError`` for malformed counts)."""
         if self.lexical is None:
             return None
-        lexicon = self.lexicon or Lexicon.from_state(self.lexical, len(self.labels))
-        return WordScorer(lexicon, len(self.labels))
+        return self.words or WordScorer.read(self.lexical, len(self.labels))
 
 
 @dataclass(frozen=True)
@@ -301,7 +300,7 @@ class AdapterRegistry:
             state = AdapterState(tensors, json.loads(files[LABELS]), json.loads(files[CONFIG]))
             if LEXICAL in files:
                 state.lexical = load_safetensors(files[LEXICAL])
-                state.lexicon = Lexicon.from_state(state.lexical, len(state.labels))  # a version loads whole or not
+                state.words = WordScorer.read(state.lexical, len(state.labels))  # a version loads whole or not
         except (SafetensorError, json.JSONDecodeError, ValueError) as exc:  # ValueError: malformed word counts
             raise VersionUnloadableError(f"adapter version {version}: unreadable files ({exc})") from exc
         bad = nonfinite_keys(tensors)

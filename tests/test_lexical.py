@@ -104,6 +104,41 @@ def test_the_state_round_trips_and_a_malformed_one_is_refused() -> None:
     for tensors in broken:
         with pytest.raises(ValueError, match="lexical counts"):
             Lexicon.from_state(tensors, 2)
+        with pytest.raises(ValueError, match="lexical counts"):
+            WordScorer.read(tensors, 2)
+
+
+@pytest.mark.parametrize("words_per_text", [3, 400])  # few words: stored sparse; most buckets: stored dense
+def test_a_read_state_scores_as_the_lexicon_it_was_taken_from(words_per_text: int) -> None:
+    gen = torch.Generator().manual_seed(words_per_text)
+    lexicon = Lexicon(buckets=512)
+    words = torch.randint(0, 3000, (60, words_per_text), generator=gen).tolist()
+    texts = [" ".join(f"w{w}" for w in row) for row in words]
+    lexicon.learn(texts, [int(y) for y in torch.randint(0, 4, (60,), generator=gen)], labels=4)
+    lexicon.weigh(torch.tensor([[0.7, 0.1, 0.1, 0.1]]), torch.tensor([[0.1, 0.7, 0.1, 0.1]]), [1])
+    state = lexicon.state(4)
+    assert ("lexical.index" in state) == (words_per_text == 3)
+    probes = [*texts[:5], "w1 w2 w2999 unknown words", "", "w7"]
+    read = WordScorer.read(state, 6)  # two labels the counts have not seen: empty rows, no probability
+    expected = WordScorer(Lexicon.from_state(state, 6), 6)
+    assert torch.allclose(read.probabilities(probes), expected.probabilities(probes), atol=1e-6)
+    assert read.probabilities(probes)[:, 4:].abs().sum() == 0 and read.weight == lexicon.weight
+
+
+def test_a_version_of_many_labels_is_read_without_its_dense_matrix() -> None:
+    """20,000 labels over 2**20 buckets would be an 80 GB matrix: its few words are read as they are stored."""
+    labels, buckets = 20_000, 1 << 20
+    lexicon = Lexicon(buckets=buckets)
+    lexicon.learn(["alpha beta", "gamma"], [0, 1], labels=2)
+    small = lexicon.state(2)
+    index = torch.cat([small["lexical.index"], torch.tensor([[labels - 1, 7]], dtype=torch.int32)])
+    state = small | {
+        "lexical.index": index,
+        "lexical.count": torch.cat([small["lexical.count"], torch.tensor([5.0])]),
+        "lexical.docs": torch.cat([small["lexical.docs"], torch.zeros(labels - 3), torch.tensor([1.0])]),
+    }
+    probabilities = WordScorer.read(state, labels).probabilities(["alpha beta", "gamma"])
+    assert probabilities.shape == (2, labels) and probabilities.argmax(1).tolist() == [0, 1]
 
 
 def events(n: int) -> list[Event]:
