@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from dynft.durable import fsync_dir
 from dynft.errors import DynftError
 
 log = logging.getLogger(__name__)
@@ -53,14 +54,6 @@ def _write(path: Path, data: bytes) -> None:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointStore:
@@ -87,9 +80,9 @@ class CheckpointStore:
             _write(stage / STATE, json.dumps(checkpoint.state).encode())
             for name, rows in checkpoint.records.items():
                 _write(stage / name, b"".join(json.dumps(r).encode() + b"\n" for r in rows))
-            _fsync_dir(stage)
+            fsync_dir(stage)
             os.rename(stage, target)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as exc:
             shutil.rmtree(stage, ignore_errors=True)  # frees what the torn attempt took
             raise CheckpointError(

@@ -39,8 +39,8 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field, ValidationError
 
+from dynft.durable import write_atomic
 from dynft.events import DEFAULT_TASK, Rejection
-from dynft.registry import write_atomic
 from dynft.sources import Record
 
 if TYPE_CHECKING:  # drift imports river and scikit-learn: seconds a serve-only process does not need

@@ -44,6 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from dynft.durable import fsync_dir, write_atomic, write_files
 from dynft.errors import (
     BaseModelMismatchError,
     RegistryError,
@@ -103,47 +104,6 @@ class ServingPointer:
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
-
-    ``durable=False`` skips the fsyncs: for a copy that can be rebuilt (a replica's registry is
-    read back from the versions topics at every start), atomicity is enough.
-    """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if durable:
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk should not also fill up with half-written temporaries
-        raise
-    if durable:
-        _fsync_dir(path.parent)
-
-
-def _write_files(directory: Path, files: dict[str, bytes], durable: bool = True) -> None:
-    """Write and fsync each file, then the directory (before it is renamed into place)."""
-    for name, data in files.items():
-        with open(directory / name, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if durable:
-                os.fsync(fh.fileno())
-    if durable:
-        _fsync_dir(directory)
 
 
 def rollback_target(current: ServingPointer, existing: list[int]) -> int:
@@ -260,9 +220,9 @@ class AdapterRegistry:
                 version = max(self.versions(), default=0) + 1
                 full_meta = {**meta, "version": version, "created_at": now(), "content_hash": digest}
                 files[META] = _json_bytes(full_meta)
-                _write_files(stage, files)
+                write_files(stage, files)
                 os.rename(stage, self.path(version))
-                _fsync_dir(self.versions_dir)
+                fsync_dir(self.versions_dir)
         except OSError as exc:
             shutil.rmtree(stage, ignore_errors=True)
             raise RegistryWriteError(
@@ -412,7 +372,7 @@ class AdapterRegistry:
         stage = self.staging_dir / uuid.uuid4().hex
         with self._writing(f"write version {version}"):
             stage.mkdir()
-            _write_files(stage, files, durable)
+            write_files(stage, files, durable)
             with self._locked():
                 if target.exists():  # another publisher's version of the same number: the newer record wins
                     trash = self.staging_dir / f"replaced-{version}-{uuid.uuid4().hex[:6]}"
@@ -420,7 +380,7 @@ class AdapterRegistry:
                     shutil.rmtree(trash, ignore_errors=True)
                 os.rename(stage, target)
                 if durable:
-                    _fsync_dir(self.versions_dir)
+                    fsync_dir(self.versions_dir)
         return True
 
     def replace_serving(self, pointer: ServingPointer, durable: bool = True) -> None:

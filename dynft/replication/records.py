@@ -49,9 +49,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dynft.durable import write_atomic
 from dynft.errors import RegistryError, RegistryWriteError
 from dynft.events import DEFAULT_TASK, task_name_problem
-from dynft.registry import write_atomic
 
 POINTER_KEY = b"serving"
 EPOCH_FILE = "epoch"
