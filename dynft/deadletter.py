@@ -28,10 +28,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from dynft.durable import fsync_dir
 from dynft.events import Rejection
 from dynft.settings import KafkaSettings, SourceSettings
 from dynft.sources.base import Record, Source
-from dynft.statedisk import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Durable writes: a file replaced whole (readers see the old one or the new one, never a mix),
 files written into a directory before it is renamed into place, and the directory fsyncs that
-make a rename survive a crash. Used by the registry, the checkpoints, the history and the
-replicas' epoch file.
+make a rename survive a crash. Used by the registry, the checkpoints, the history, the dead
+letters and the replicas' epoch file.
 """
 
 from __future__ import annotations

@@ -59,15 +59,6 @@ def free_bytes(path: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def fsync_dir(path: Path) -> None:
-    """Make the names in directory ``path`` durable (after a create or rename there)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class StateDisk:
     """Whether writes to the state directory are being refused, and when to try them again.
 
