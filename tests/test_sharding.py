@@ -248,7 +248,8 @@ def test_every_sharded_dynft_run_serves_every_task_from_the_versions_topic(
             cmd = [sys.executable, "-m", "dynft", "run", "--model", str(tiny_settings.model.path)]
             cmd += ["--state-dir", str(shards.states[i]), "--port", str(port), "--source", shards.settings.source.uri]
             cmd += [a for s in [*shards.extra, "checkpoint.interval_s=1", "trainer.lr=0.01"] for a in ("--set", s)]
-            cmd += ["--set", "kafka.session_timeout_ms=6000"]
+            # A stuck join heals after max_poll_interval + session + 10 s (election.py): well inside the waits below.
+            cmd += ["--set", "kafka.session_timeout_ms=6000", "--set", "kafka.max_poll_interval_ms=60000"]
             with open(tmp_path / f"run{i}.log", "ab") as out:
                 procs.append(subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT))
         try:
