@@ -108,7 +108,8 @@ class Election:
         self._term_lock = threading.Lock()  # epoch, generation and partitions change together
         self._retry: tuple[str, frozenset[int]] | None = None  # news whose handling failed (election thread)
         self._quiet_since = time.monotonic()  # the last rebalance news (election thread)
-        self._revoked_at: float | None = None  # a revocation that no assignment has followed yet (election thread)
+        # Since a join began (a revocation, or a new member) with no assignment after it (election thread).
+        self._unassigned_since: float | None = None
         self._stop = threading.Event()
         self._check_lock = threading.Lock()
         self._checker: Any = None
@@ -143,9 +144,15 @@ class Election:
             partition_assignment_strategy=(StickyPartitionAssignor,),
             **client_config(k),
         )
-        consumer.partitions_for_topic(self.topic)  # join with the metadata at hand (see KafkaSource)
-        self._news = queue.SimpleQueue()  # news from an abandoned consumer's listener is not ours
-        consumer.subscribe([self.topic], listener=_Listener(self._news))
+        news: queue.SimpleQueue[tuple[str, frozenset[int]]] = queue.SimpleQueue()
+        try:
+            consumer.partitions_for_topic(self.topic)  # join with the metadata at hand (see KafkaSource)
+            consumer.subscribe([self.topic], listener=_Listener(news))
+        except BaseException:
+            consumer.close()
+            raise
+        self._news = news  # news from an abandoned consumer's listener is not ours
+        self._unassigned_since = time.monotonic()  # a new member waits for its first assignment
         return consumer
 
     def wait(self, should_exit: threading.Event) -> TermView | None:
@@ -231,9 +238,9 @@ class Election:
             if any(kind == "revoked" for kind, _ in news):
                 self._holding.clear()
             if news[-1][0] == "assigned":
-                self._revoked_at = None
-            elif self._revoked_at is None:
-                self._revoked_at = time.monotonic()
+                self._unassigned_since = None
+            elif self._unassigned_since is None:
+                self._unassigned_since = time.monotonic()
             self._on_news(*news[-1])
             self._retry = None
         elif self._stranded():
@@ -253,18 +260,19 @@ class Election:
         return quiet and mine == self.held_partitions
 
     def _join_stalled(self) -> bool:
-        """Whether a rebalance revoked this member's partitions and no assignment came for longer than
-        any rebalance lasts (it waits at most max_poll_interval_ms for the slowest member)."""
+        """Whether a join began (a rebalance's revocation, empty for a standby, or a new member) and no
+        assignment came for longer than any rebalance lasts (it waits at most max_poll_interval_ms for
+        the slowest member): a standby stuck so would never take over a dead trainer's term."""
         k = self.settings.kafka
         limit = (k.max_poll_interval_ms + k.session_timeout_ms) / 1000 + REJOIN_MARGIN_S
-        return self._revoked_at is not None and time.monotonic() - self._revoked_at > limit
+        return self._unassigned_since is not None and time.monotonic() - self._unassigned_since > limit
 
     def _rejoin(self) -> None:
         """The last resort for a join that never ends (as ``KafkaSource`` has one): a new member joins
         afresh, then the stuck one leaves. The term stays suspended until the new member's assignment,
         which resumes it when the partitions come back and no later term record exists."""
-        log.warning("group %s: no partitions since a rebalance long past; rejoining with a new consumer", self.group)
-        self._revoked_at = time.monotonic()  # the next try, if this one stalls too, waits as long
+        log.warning("group %s: no assignment since a rebalance long past; rejoining with a new consumer", self.group)
+        self._unassigned_since = time.monotonic()  # if the new member cannot be made, the next try waits as long
         stuck, self._consumer = self._consumer, self._join()
         try:
             stuck.close()
@@ -380,14 +388,15 @@ class Election:
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    """kafka-python's rebalance callbacks (its IO thread): news for the election thread only."""
+    """kafka-python's rebalance callbacks (its IO thread): news for the election thread only. Every
+    revocation is news, an empty one too (a standby's, or a first join's): it starts the wait for
+    the assignment that ``_join_stalled`` times."""
 
     def __init__(self, news: queue.SimpleQueue[tuple[str, frozenset[int]]]) -> None:
         self.news = news
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        if revoked:
-            self.news.put(("revoked", frozenset(tp.partition for tp in revoked)))
+        self.news.put(("revoked", frozenset(tp.partition for tp in revoked)))
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         self.news.put(("assigned", frozenset(tp.partition for tp in assigned)))

@@ -130,3 +130,17 @@ def test_commits_wait_only_for_the_oldest_step_of_each_task_not_on_the_topic() -
     loop.tasks["b"].publisher.on_topic = True
     loop._note_covered()
     assert loop._covered == {"t/0": 30, "t/1": 5} and loop._uncommitted
+
+
+def test_an_empty_revocation_is_news_too() -> None:
+    """A standby's rebalance revokes nothing; reported all the same, it starts the wait for an
+    assignment that a join that never ends would leave unanswered (``Election._join_stalled``)."""
+    import queue
+
+    from dynft.election import _Listener
+
+    news: queue.SimpleQueue[tuple[str, frozenset[int]]] = queue.SimpleQueue()
+    listener = _Listener(news)
+    listener.on_partitions_revoked(set())
+    listener.on_partitions_assigned(set())
+    assert [news.get_nowait(), news.get_nowait()] == [("revoked", frozenset()), ("assigned", frozenset())]

@@ -46,3 +46,37 @@ def test_a_revocation_no_assignment_follows_is_healed_by_a_new_member_and_the_te
     finally:
         give_up.cancel()
         election.close()
+
+
+def test_a_standby_whose_join_never_ends_joins_afresh_and_takes_over(
+    kafka_broker: Broker, tiny_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A standby holds nothing, so its rebalances revoke an empty set; that is news too, and a join
+    of the standby that never ends is healed like the holder's: the standby then takes the term
+    when the active trainer goes."""
+    monkeypatch.setattr(election_module, "REJOIN_MARGIN_S", 1.0)
+    settings = kafka_settings(tiny_settings, kafka_broker, new_topic(kafka_broker, 1), f"g-{uuid.uuid4().hex[:6]}")
+    settings.kafka.versions_topic = f"versions-{uuid.uuid4().hex[:8]}"
+    settings.kafka.max_poll_interval_ms = 10_000  # a rebalance waits this long for a member: 1 s dropped the active one
+    settings.kafka.session_timeout_ms = 6000
+    active, standby = Election(settings, "host:1"), Election(settings, "host:2")
+    stop = threading.Event()
+    give_up = threading.Timer(120, stop.set)
+    give_up.start()
+    try:
+        active.start()
+        assert active.wait(stop) is not None
+        standby.start()
+        wait_until(lambda: standby._unassigned_since is None, 30, "the standby's first (empty) assignment")
+        assert not standby.holding and active.holding  # sticky: the joining standby takes nothing
+        first = standby._consumer
+        standby._news.put(("revoked", frozenset()))  # as its listener reports a standby's revocation
+        wait_until(lambda: standby._consumer is not first, 45, "the standby to join afresh after 10 + 6 + 1 s")
+        wait_until(lambda: standby._unassigned_since is None, 30, "the new member's assignment")
+        active.close()  # the active trainer goes: its member leaves the group
+        view = standby.wait(stop)
+        assert view is not None and standby.holding and standby.epoch == active.epoch + 1
+    finally:
+        give_up.cancel()
+        standby.close()
+        active.close()
