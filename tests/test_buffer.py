@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from dynft.buffer import ReplayBuffer
+from dynft.buffer import INDEXED_LABELS, ReplayBuffer
 from dynft.events import Event
 
 
@@ -57,9 +57,9 @@ def test_class_balanced_keeps_and_samples_minority_classes() -> None:
     assert 0.4 < drawn["rare"] / 4000 < 0.6
 
 
-def test_class_balanced_evicts_from_a_largest_class_among_many_labels() -> None:
-    """Every eviction takes an event of a largest class, also after retiring, clearing and resizing
-    (the buffer keeps an index of classes by size instead of scanning every label)."""
+@pytest.mark.parametrize("spread", [10, 300])  # few labels: a scan; many: an index of labels by size
+def test_class_balanced_evicts_from_a_largest_class(spread: int) -> None:
+    """Every eviction takes an event of a largest class, also after retiring, clearing and resizing."""
     import random
 
     rng = random.Random(7)
@@ -72,7 +72,7 @@ def test_class_balanced_evicts_from_a_largest_class_among_many_labels() -> None:
         if i == 4000:
             buf.clear()
         before = buf.label_counts()
-        label = f"l{min(int(rng.expovariate(0.05)), 300)}"  # a skewed stream over many labels
+        label = f"l{min(int(rng.expovariate(0.05)), spread)}"  # a skewed stream
         buf.add(ev(i, label))
         after = buf.label_counts()
         offered = before + Counter({label: 1})
@@ -81,6 +81,7 @@ def test_class_balanced_evicts_from_a_largest_class_among_many_labels() -> None:
             (victim,) = lost
             assert offered[victim] == max(offered.values())
         assert len(buf) == sum(after.values()) <= buf.max_events
+    assert (len(buf.label_counts()) > INDEXED_LABELS) == (spread > 100)
 
 
 def test_reservoir_is_a_uniform_sample_of_the_whole_stream() -> None:
