@@ -26,7 +26,9 @@ def test_a_revocation_no_assignment_follows_is_healed_by_a_new_member_and_the_te
     monkeypatch.setattr(election_module, "REJOIN_MARGIN_S", 1.0)
     settings = kafka_settings(tiny_settings, kafka_broker, new_topic(kafka_broker, 1), f"g-{uuid.uuid4().hex[:6]}")
     settings.kafka.versions_topic = f"versions-{uuid.uuid4().hex[:8]}"
-    settings.kafka.max_poll_interval_ms = 1000  # the election thread polls every 200 ms
+    # Long enough that no poll of a loaded machine overruns it: a real rebalance would bring an
+    # assignment after the revocation given below, and nothing would be stuck.
+    settings.kafka.max_poll_interval_ms = 10_000
     settings.kafka.session_timeout_ms = 6000  # the broker's shortest
     election = Election(settings, "host:1")
     election.start()
@@ -39,7 +41,7 @@ def test_a_revocation_no_assignment_follows_is_healed_by_a_new_member_and_the_te
         first, epoch = election._consumer, election.epoch
         election._news.put(("revoked", frozenset({0})))
         wait_until(lambda: not election.holding, 10, "the revocation to suspend the term")
-        wait_until(lambda: election._consumer is not first, 30, "a new consumer after 1 + 6 + 1 s without partitions")
+        wait_until(lambda: election._consumer is not first, 45, "a new consumer after 10 + 6 + 1 s without partitions")
         wait_until(lambda: election.holding, 60, "the new member to resume the term")
         assert election.epoch == epoch and not election.lost and view.current()
         assert election.held()  # no later term record: the trainer may send again
