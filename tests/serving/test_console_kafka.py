@@ -27,6 +27,9 @@ def test_the_snapshot_shows_the_lag_of_each_partition_until_it_is_drained(
     # Offsets are committed once a version covers them; with a version after every step the tiny
     # model would drain 800 events before the first snapshot shows a lag.
     settings.registry.publish_fresh = False
+    # Small batches: four times the steps for the same events, so that a loaded machine, which writes
+    # its snapshots late, still writes one between the first lag measurement and the drain.
+    settings.trainer.batch_size = 4
     loop = TrainingLoop(settings, CollectorRegistry())
     thread = threading.Thread(target=loop.run, daemon=True)
     thread.start()
