@@ -172,25 +172,27 @@ class ReplayBuffer:
 
     def _grew(self, label: str, now: int) -> None:
         """``label`` holds ``now`` events, one more than before."""
-        by_size = self._by_size
         if now > 1:
-            del by_size[now - 1][label]
-        group = by_size.get(now)
-        if group is None:
-            group = by_size[now] = {}
-        group[label] = None
+            del self._by_size[now - 1][label]
+        self._group(now)[label] = None
         if now > self._largest:
             self._largest = now
 
     def _shrank(self, label: str, now: int) -> None:
         """``label`` holds ``now`` events, one fewer than before."""
-        by_size = self._by_size
-        group = by_size[now + 1]
+        group = self._by_size[now + 1]
         del group[label]
         if now:
-            by_size[now][label] = None  # the group exists: the label passed through it growing
+            self._group(now)[label] = None
         if now + 1 == self._largest and not group:
             self._largest = now
+
+    def _group(self, size: int) -> dict[str, None]:
+        """The labels holding ``size`` events (an empty group stays: labels pass through sizes often)."""
+        group = self._by_size.get(size)
+        if group is None:
+            group = self._by_size[size] = {}
+        return group
 
     def _reindex(self) -> None:
         """Rebuild the labels-by-size index (class_balanced, many labels) from the lists as they are."""
@@ -199,11 +201,9 @@ class ReplayBuffer:
         if not self._indexed:
             return
         for label, entries in self._by_label.items():
-            for size in range(1, len(entries) + 1):  # every group up to its size, as growing made them
-                self._by_size.setdefault(size, {})
             if entries:
-                self._by_size[len(entries)][label] = None
-        self._largest = max((k for k, group in self._by_size.items() if group), default=0)
+                self._group(len(entries))[label] = None
+        self._largest = max(self._by_size, default=0)
 
     def sample(self, n: int, recent_since: int | None = None, recent_share: float = 0.0) -> list[Event]:
         """``n`` events drawn with replacement by the buffer's strategy (fewer only if it is empty).

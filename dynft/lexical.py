@@ -78,7 +78,7 @@ class Lexicon:
     @property
     def weight(self) -> float:
         """The adapter's share of the blend now."""
-        return float(WEIGHTS[int(torch.argmin(self.losses))])
+        return _weight(self.losses)
 
     def _grow(self, labels: int) -> None:
         """Rows for ``labels`` labels. The counts are a view of a matrix with spare rows that grows
@@ -279,11 +279,10 @@ class WordScorer:
         scorer = cls.__new__(cls)
         pad = labels - checked.docs.shape[0]  # labels the counts have not seen yet score as empty rows
         docs, totals = (torch.cat([t, torch.zeros(pad)]) for t in (checked.docs, checked.totals))
-        weight = float(WEIGHTS[int(torch.argmin(checked.losses))])
-        scorer._init(weight, checked.buckets, totals, checked.seen(), docs)
-        if checked.matrix is not None:
-            matrix = torch.cat([checked.matrix, torch.zeros(pad, checked.buckets)])
-            scorer._gather = lambda buckets: matrix[:, buckets]
+        scorer._init(_weight(checked.losses), checked.buckets, totals, checked.seen(), docs)
+        matrix = checked.matrix
+        if matrix is not None:  # rows of unseen labels added to each request's columns, not to the matrix
+            scorer._gather = lambda buckets: torch.cat([matrix[:, buckets], torch.zeros(pad, len(buckets))])
         else:
             scorer._gather = _SparseColumns(checked.index, checked.values, labels, checked.buckets).gather
         return scorer
@@ -320,6 +319,11 @@ class _SparseColumns:
         out = torch.zeros(self.labels, len(buckets))
         out[self.label[entry], column] = self.value[entry]
         return out
+
+
+def _weight(losses: torch.Tensor) -> float:
+    """The adapter's share of the blend: the grid's weight of the lowest loss (the adapter alone on ties)."""
+    return float(WEIGHTS[int(torch.argmin(losses))])
 
 
 def _denominator(totals: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
