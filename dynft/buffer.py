@@ -66,6 +66,10 @@ class ReplayBuffer:
         self._by_size: dict[int, dict[str, None]] = {}
         self._largest = 0
         self._indexed = False
+        # class_balanced with the scan: never below the largest class's size (adds raise it, removals
+        # leave it). A class just grown to it is a largest class, found without the scan: when the
+        # buffer is full and balanced, each event evicts from its own class at O(1).
+        self._top = 0
         self._count = 0
         self._bytes = 0
         self._seen = 0  # events offered, kept or not: the reservoir's n and the sequence clock
@@ -122,10 +126,12 @@ class ReplayBuffer:
         entries.append(_Entry(seq, event, size))
         if self._indexed:
             self._grew(label, len(entries))
+        elif len(entries) > self._top:
+            self._top = len(entries)
         self._count += 1
         self._bytes += size
         while self._count > self.max_events or self._bytes > self.max_bytes:
-            self._evict()
+            self._evict(entries)
         return True
 
     def resize(self, max_events: int, max_bytes: int) -> None:
@@ -137,15 +143,19 @@ class ReplayBuffer:
             while self._count > self.max_events or self._bytes > self.max_bytes:
                 self._evict()
 
-    def _evict(self) -> None:
+    def _evict(self, grown: list[_Entry] | None = None) -> None:
+        """Evict one event; ``grown``: the class an event was just added to."""
         if self.strategy == "recency":
             oldest = min((es for es in self._by_label.values() if es), key=lambda es: es[0].seq)
             self._remove(oldest, 0)
         elif self.strategy == "class_balanced":
             if self._indexed:
                 largest = self._by_label[next(iter(self._by_size[self._largest]))]
+            elif grown is not None and len(grown) == self._top:
+                largest = grown
             else:
                 largest = max(self._by_label.values(), key=len)
+                self._top = len(largest)
             self._remove(largest, int(self._rng.random() * len(largest)))
         else:
             self._evict_random()
@@ -258,6 +268,7 @@ class ReplayBuffer:
         with self._lock:
             self._by_label.clear()
             self._reindex()
+            self._top = 0
             self._count = 0
             self._bytes = 0
 
