@@ -253,13 +253,19 @@ def _samples(registry: CollectorRegistry, name: str) -> list[tuple[dict[str, str
     return [(s.labels, s.value) for m in registry.collect() for s in m.samples if s.name == name]
 
 
+def _place(record: Record) -> str:
+    """Where a record without a usable id was: its line in a file, else its stream position."""
+    line = (record.where or {}).get("line")
+    return f"line {line}" if isinstance(line, int) else f"position {record.next}"
+
+
 def dead_letter_of(rejection: Rejection, record: Record, show_text: bool, now: float) -> DeadLetter:
     """What the console shows of a rejected record: never a path, the text only when allowed.
 
     A rejected record can be anything (deep nesting, lone surrogates, huge numbers): nothing
     here may raise for it, so parsing is best-effort and every string is made encodable.
     """
-    event_id = _safe(rejection.event_id[:64]) if rejection.event_id else f"position {record.next}"
+    event_id = _safe(rejection.event_id[:64]) if rejection.event_id else _place(record)
     text = None
     if show_text:
         with contextlib.suppress(Exception):

@@ -19,7 +19,7 @@ class SourceSettings(Section):
     """Where labeled events come from (see ``dynft.sources``)."""
 
     uri: str = Field("demo", description="demo, file:PATH, file:- (stdin), or kafka://HOST:PORT/TOPIC[,TOPIC]?group=G")
-    follow: bool = Field(False, description="file sources: keep reading appended lines, like tail -f")
+    follow: bool = Field(False, description="file sources: read appended lines, follow rotation (tail -F)")
     poll_interval_s: float = Field(0.2, gt=0, description="follow mode: how often to look for new data")
     queue_size: int = Field(8192, ge=1, description="bound of the intake queue between source and trainer")
     queue_max_bytes: int = Field(

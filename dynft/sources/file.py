@@ -17,6 +17,22 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 16
 HEAD = 256  # bytes at the file's start remembered in follow mode: a file rewritten in place changes them
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
+# A regular file's positions: ((generation << INODE_BITS) | inode) << OFFSET_BITS | byte offset.
+# The checkpoint keeps the furthest position per stream, so positions must grow across a file
+# read again from its top (truncated, rewritten) or followed to its successor (rotated): the
+# generation does that; the inode tells a restart whether its offset is one of the file found.
+OFFSET_BITS = 48  # 256 TB
+INODE_BITS = 64
+ROTATION_GRACE_S = 2.0  # a rotated file's writer may append for a moment before it reopens the path
+
+
+def byte_offset(position: int) -> int:
+    """The byte offset a file position stands for (without its generation and inode).
+
+    >>> byte_offset((((1 << INODE_BITS) | 12345) << OFFSET_BITS) + 70)
+    70
+    """
+    return position & ((1 << OFFSET_BITS) - 1)
 
 
 class FileSource(Source):
@@ -25,9 +41,11 @@ class FileSource(Source):
     Without ``follow`` the source is exhausted at end of file. With ``follow`` it keeps
     waiting for appended lines, and starts again from the top if the file is truncated or
     rewritten in place (its first bytes changed, even where it grew longer). A file renamed
-    away and created anew (log rotation) is not followed, with a warning: the positions a
-    checkpoint keeps are byte offsets of one file. A UTF-8 byte order mark at the file's start
-    is skipped.
+    away and created anew (log rotation) is followed like ``tail -F``: the old file is read to
+    its end, and once it has not grown for ``ROTATION_GRACE_S`` with the path naming another
+    file, the new file is read from its start. A restart resumes at the checkpoint's offset
+    only in the file it was taken in (same inode); a file replaced while dynft was stopped is
+    read from its start, with a warning. A UTF-8 byte order mark at the file's start is skipped.
 
     Memory stays bounded whatever the input: a line longer than ``max_record_bytes`` is cut,
     its first ``max_record_bytes + 1`` bytes become its record (which the decoder rejects as
@@ -58,15 +76,18 @@ class FileSource(Source):
         self._offset = 0  # bytes consumed into complete lines
         self._line = 0
         self._eof = False
-        self._start = 0  # byte offset to begin at (after a checkpoint)
+        self._resume = 0  # the position to begin at (after a checkpoint)
+        self._base = 0  # a regular file: its generation and inode, shifted (see OFFSET_BITS)
+        self._generation = 0
         self._head = b""  # follow mode: the file's first bytes as they were read
-        self._rotated = False  # follow mode: warned that the path names another file now
+        self._rotated_since: float | None = None  # follow mode: the path names another file since
+        self._successor = -1  # follow mode: the rotated file's successor, opened, to read next
         self._after_end = False  # follow mode: the last read met the end of the file
         self._regular = True  # a regular file (set at open)
 
     def resume_from(self, positions: dict[str, int]) -> None:
         if self._path != "-":
-            self._start = positions.get(self.uri, 0)
+            self._resume = positions.get(self.uri, 0)
 
     def open(self) -> None:
         if self._path == "-":
@@ -79,15 +100,39 @@ class FileSource(Source):
             self._fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
             raise SourceError(f"{self.uri}: cannot open ({exc.strerror})") from exc
-        if self._start:
-            if self._start > os.fstat(self._fd).st_size:
-                log.warning("%s is shorter than its checkpoint position; reading it from the start", self.uri)
-            else:
-                os.lseek(self._fd, self._start, os.SEEK_SET)
-                self._offset = self._start
-        self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)  # not a FIFO: it can be rewritten or rotated
+        opened = os.fstat(self._fd)
+        self._regular = stat.S_ISREG(opened.st_mode)  # not a FIFO: it can be rewritten or rotated
+        if self._regular:
+            self._start_at(self._resume_offset(opened))
         if self._follow and self._regular:
             self._head = os.pread(self._fd, HEAD, 0)
+
+    def _resume_offset(self, opened: os.stat_result) -> int:
+        """Where to start in the file opened, after the checkpoint's position; sets the generation."""
+        position = self._resume
+        offset = byte_offset(position)
+        generation, inode = divmod(position >> OFFSET_BITS, 1 << INODE_BITS)
+        # A position below 1 << OFFSET_BITS is a plain offset (checkpoints before the inode was kept).
+        if position >> OFFSET_BITS and inode != opened.st_ino % (1 << INODE_BITS):
+            log.warning(
+                "%s is another file than the checkpoint's (rotated or replaced while stopped); reading it from the "
+                "start",
+                self.uri,
+            )
+        elif offset > opened.st_size:
+            log.warning("%s is shorter than its checkpoint position; reading it from the start", self.uri)
+        else:
+            self._generation = generation
+            return offset
+        self._generation = generation + 1 if position else 0  # past the checkpoint's: positions keep growing
+        return 0
+
+    def _start_at(self, offset: int) -> None:
+        """Read on from ``offset`` of the file open now, under the current generation."""
+        os.lseek(self._fd, offset, os.SEEK_SET)
+        self._buf, self._scanned, self._cut, self._offset = bytearray(), 0, 0, offset
+        inode = os.fstat(self._fd).st_ino % (1 << INODE_BITS)
+        self._base = ((self._generation << INODE_BITS) | inode) << OFFSET_BITS
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         if self._fd < 0:
@@ -142,10 +187,15 @@ class FileSource(Source):
             ready, _, _ = select.select([self._fd], [], [], timeout_s)
             if not ready:
                 return None
-        if self._after_end:  # new bytes after an end of file may be a rewrite: look before reading on
+        if self._successor >= 0:
+            self._switch()
+        elif self._after_end:  # new bytes after an end of file may be a rewrite: look before reading on
             self._after_end = False
             self._restart_if_replaced()
-        return os.read(self._fd, CHUNK)
+        chunk = os.read(self._fd, CHUNK)
+        if chunk:
+            self._rotated_since = None  # the old file still grows: its writer has not moved on yet
+        return chunk
 
     def _at_end_of_file(self) -> None:
         if not self._follow or self._path == "-":
@@ -156,7 +206,7 @@ class FileSource(Source):
         if self._regular:
             self._restart_if_replaced()
             self._after_end = True
-            self._warn_if_rotated(os.fstat(self._fd))
+            self._follow_rotation()
 
     def _restart_if_replaced(self) -> None:
         """Read again from the top a file truncated (shorter than what was read) or rewritten in
@@ -166,23 +216,47 @@ class FileSource(Source):
             self._head = os.pread(self._fd, min(HEAD, read), 0)
         if os.fstat(self._fd).st_size < read or os.pread(self._fd, len(self._head), 0) != self._head:
             log.warning("%s was truncated or rewritten; reading it again from the start", self.uri)
-            os.lseek(self._fd, 0, os.SEEK_SET)
-            self._buf, self._scanned, self._cut, self._offset, self._line = bytearray(), 0, 0, 0, 0
+            self._generation += 1
+            self._start_at(0)
+            self._line = 0
             self._head = os.pread(self._fd, HEAD, 0)
 
-    def _warn_if_rotated(self, opened: os.stat_result) -> None:
+    def _follow_rotation(self) -> None:
+        """At the end of the file open: move to the file the path names now, once the old one has
+        been read to its end and has not grown for ``ROTATION_GRACE_S`` (its writer has moved on)."""
+        opened = os.fstat(self._fd)
         try:
             now = os.stat(self._path)
         except OSError:  # renamed away and not (yet) created anew
             return
-        rotated = (now.st_dev, now.st_ino) != (opened.st_dev, opened.st_ino)
-        if rotated and not self._rotated:
-            log.warning(
-                "%s now names another file (rotated?); rotation is not followed: dynft keeps reading the "
-                "file it opened, as checkpoint positions are offsets in it",
-                self.uri,
-            )
-        self._rotated = rotated
+        if (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino):
+            self._rotated_since = None
+            return
+        if self._rotated_since is None:
+            self._rotated_since = time.monotonic()
+        if time.monotonic() - self._rotated_since < ROTATION_GRACE_S:
+            return
+        try:
+            fd = os.open(self._path, os.O_RDONLY)
+        except OSError as exc:  # gone again, or not readable: read on in the old file, try again later
+            log.warning("%s was rotated, but the new file cannot be opened (%s)", self.uri, exc.strerror)
+            return
+        if self._cut or (self._buf and not self._buf.isspace()):
+            # The old file's last line, never ended by a newline: it counts (as at the end of a file not
+            # followed), and is handed out before the new file is read.
+            self._buf += b"\n"
+        self._successor = fd  # taken by the next read, once the lines before it are split off
+
+    def _switch(self) -> None:
+        """Read the rotated file's successor from its start (what is left unsplit is blank)."""
+        os.close(self._fd)
+        self._fd, self._successor = self._successor, -1
+        self._generation += 1
+        self._start_at(0)
+        self._line = 0
+        self._head = os.pread(self._fd, HEAD, 0)
+        self._after_end, self._rotated_since = False, None
+        log.warning("%s was rotated; reading the file it names now from its start", self.uri)
 
     def _split_lines(self, limit: int) -> list[Record]:
         out: list[Record] = []
@@ -206,7 +280,7 @@ class FileSource(Source):
                 if start == 0 and "bytes" not in where and line.startswith(BOM):
                     line = line[len(BOM) :]
                 if line and not line.isspace():
-                    out.append(Record(line, self.uri, self._offset, where=where))
+                    out.append(Record(line, self.uri, self._base + self._offset, where=where))
                 pos = end + 1
         finally:
             view.release()
@@ -222,4 +296,6 @@ class FileSource(Source):
     def close(self) -> None:
         if self._fd >= 0 and self._path != "-":
             os.close(self._fd)
-        self._fd = -1
+        if self._successor >= 0:
+            os.close(self._successor)
+        self._fd = self._successor = -1

@@ -98,6 +98,8 @@ def test_dead_letters_keep_their_text_only_when_allowed() -> None:
     assert (shown.id, shown.reason, shown.text) == ("x-1", "empty_label", BAD_TEXT[:TEXT_CHARS])
     hidden = dead_letter_of(Rejection("malformed_json", "bad", b"{oops /home/x"), record, False, 0.0)
     assert (hidden.id, hidden.text) == ("position 7", None)  # the stream's name (a path) is not shown
+    in_file = Record(b"", "file:/home/someone/stream.jsonl", 1 << 60, where={"line": 3, "offset": 70})
+    assert dead_letter_of(Rejection("malformed_json", "bad", b"{"), in_file, False, 0.0).id == "line 3"
 
 
 def test_status_is_incremental_survives_a_restart_and_follows_its_schema(

@@ -16,7 +16,9 @@ import pytest
 from dynft.errors import SourceError
 from dynft.events import Rejection, decode
 from dynft.settings import EventSettings, KafkaSettings, Settings, SourceSettings
-from dynft.sources import FileSource, Intake, open_source
+from dynft.sources import FileSource, Intake, Record, open_source
+from dynft.sources import file as file_source
+from dynft.sources.file import byte_offset
 
 from helpers import keyword_events, write_jsonl
 
@@ -58,25 +60,94 @@ def test_follow_mode_reads_a_file_rewritten_in_place_again_even_when_it_grew(tmp
     assert got == [10, 11, 12]
 
 
-def test_follow_mode_warns_once_that_a_rotated_file_is_not_followed(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+def numbers(records: list[Record]) -> list[int]:
+    return [json.loads(r.raw)["n"] for r in records]
+
+
+def poll_until(source: FileSource, count: int, patience_s: float = 10.0) -> list[Record]:
+    got: list[Record] = []
+    deadline = time.monotonic() + patience_s
+    while len(got) < count and time.monotonic() < deadline:
+        got += source.poll(10, 0.1)
+    return got
+
+
+def test_follow_mode_follows_a_rotated_file_after_reading_the_old_one_to_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """logrotate's way (rename, create anew): the old file is read on while its writer still
+    appends to it, then the new file from its start; positions keep growing throughout, and a
+    restart from the last one resumes in the new file, right after it."""
+    monkeypatch.setattr(file_source, "ROTATION_GRACE_S", 0.3)
     path = write_jsonl(tmp_path / "in.jsonl", [{"n": 0}])
     source = FileSource(str(path), follow=True, poll_interval_s=0.02)
     source.open()
-    assert [json.loads(r.raw)["n"] for r in source.poll(10, 0.1)] == [0]
+    got = source.poll(10, 0.1)
     path.rename(tmp_path / "in.jsonl.1")
-    write_jsonl(path, [{"n": 100}])
+    write_jsonl(path, [{"n": 100}, {"n": 101}])
     with open(tmp_path / "in.jsonl.1", "ab") as fh:  # a writer still holding the old file
-        fh.write(b'{"n": 1}\n')
+        fh.write(b'{"n": 1}\n{"n": 2}')  # its last line never gets a newline
+    got += poll_until(source, 4)
+    assert numbers(got) == [0, 1, 2, 100, 101]
+    positions = [r.next for r in got]
+    assert positions == sorted(positions) and len(set(positions)) == 5, "the checkpoint keeps the furthest"
+    assert [byte_offset(p) for p in positions[-2:]] == [11, 22]  # offsets in the new file
+    with open(path, "ab") as fh:
+        fh.write(b'{"n": 102}\n')
+    assert numbers(poll_until(source, 1)) == [102]
+    source.close()
+    again = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    again.resume_from({again.uri: positions[-1]})
+    again.open()
+    assert numbers(poll_until(again, 1)) == [102]
+    again.close()
+
+
+def test_a_restart_reads_a_file_replaced_meanwhile_from_its_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The checkpoint's offset is one of another file (rotated while stopped, or before the
+    switch was checkpointed): it must not skip the start of the file found now."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"n": i, "pad": "x" * 40} for i in range(3)])
+    source = FileSource(str(path))
+    source.open()
+    last = poll_until(source, 3)[-1].next
+    source.close()
+    path.rename(tmp_path / "in.jsonl.1")
+    write_jsonl(path, [{"n": 100 + i, "pad": "y" * 60} for i in range(3)])  # longer than the old offset
+    again = FileSource(str(path))
+    again.resume_from({again.uri: last})
     with caplog.at_level(logging.WARNING, logger="dynft.sources.file"):
-        got = [json.loads(r.raw)["n"] for r in source.poll(10, 0.2)]
-        got += [json.loads(r.raw)["n"] for r in source.poll(10, 0.2)]
-    assert got == [1]  # the file it opened, whose offsets the checkpoint keeps
-    assert [r.message for r in caplog.records].count(
-        f"file:{path} now names another file (rotated?); rotation is not followed: dynft keeps reading the file it "
-        "opened, as checkpoint positions are offsets in it"
-    ) == 1
+        again.open()
+        got = poll_until(again, 3)
+    assert numbers(got) == [100, 101, 102]
+    assert got[0].next > last, "positions keep growing past the checkpoint's"
+    assert any("another file than the checkpoint's" in r.message for r in caplog.records)
+    plain = FileSource(str(path))  # a checkpoint from before positions kept the inode: a plain offset
+    plain.resume_from({plain.uri: byte_offset(got[0].next)})
+    plain.open()
+    assert numbers(poll_until(plain, 2)) == [101, 102]
+
+
+def test_a_file_rewritten_in_place_is_resumed_where_its_new_content_was_read_to(tmp_path: Path) -> None:
+    """Read again from its top, a rewritten file's positions still grow (the checkpoint keeps the
+    furthest): a restart resumes after the new content read, not at the old content's offset."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"n": i, "pad": "x" * 40} for i in range(4)])
+    source = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    source.open()
+    before = poll_until(source, 4)
+    write_jsonl(path, [{"n": 10 + i} for i in range(6)])  # rewritten, shorter lines
+    after = poll_until(source, 6)
+    source.close()
+    assert numbers(after) == list(range(10, 16))
+    assert after[0].next > before[-1].next
+    with open(path, "ab") as fh:
+        fh.write(b'{"n": 16}\n')
+    again = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    again.resume_from({again.uri: max(r.next for r in before + after)})
+    again.open()
+    assert numbers(poll_until(again, 1)) == [16]
+    again.close()
 
 
 def test_follow_mode_reads_a_named_pipe_past_its_end(tmp_path: Path) -> None:
@@ -188,7 +259,8 @@ def test_an_over_long_line_is_cut_in_bounded_memory_and_the_next_line_is_read(tm
     assert got[0].raw == b'{"n": 0}' and got[2].raw == b'{"n": 2}'
     assert got[1].raw == long_line[: limit + 1] and got[1].position["bytes"] == len(long_line)
     assert got[3].raw == b"b" * (limit + 1) and got[3].position["bytes"] == 3 * limit
-    assert got[2].next == len(b'{"n": 0}\n') + len(long_line) + 1 + len(b'{"n": 2}\n'), "offsets count every byte"
+    ends = len(b'{"n": 0}\n') + len(long_line) + 1 + len(b'{"n": 2}\n')
+    assert byte_offset(got[2].next) == ends, "offsets count every byte"
     rejection = decode(got[1].raw, EventSettings(max_record_bytes=limit))
     assert isinstance(rejection, Rejection) and rejection.reason == "record_too_large"
 
@@ -209,7 +281,7 @@ def test_lines_split_across_reads_keep_their_bytes_and_offsets(tmp_path: Path) -
         at += len(r) + 1
         if r.strip():
             ends.append(at)
-    assert [r.next for r in got] == ends
+    assert [byte_offset(r.next) for r in got] == ends
 
 
 def test_the_intake_queue_is_bounded_by_bytes(tmp_path: Path) -> None:
@@ -275,7 +347,7 @@ def test_a_byte_order_mark_at_the_start_of_the_file_is_not_part_of_the_first_rec
     events = [decode(r.raw, EventSettings()) for r in records]
     assert [e.id for e in events if not isinstance(e, Rejection)] == ["1", "2"]
     assert events[1].text == "\ufeffb", "only the file's first bytes are a byte order mark"  # type: ignore[union-attr]
-    assert records[0].next == len(first)  # positions count the mark's bytes
+    assert byte_offset(records[0].next) == len(first)  # positions count the mark's bytes
     cut = tmp_path / "cut.jsonl"  # a line cut at the size limit keeps its mark: still over the limit
     cut.write_bytes(b'\xef\xbb\xbf{"id": "1", "text": "' + b"a" * 300 + b'", "label": "x"}' + b" " * 200_000 + b"\n")
     source = FileSource(str(cut), max_record_bytes=256)
