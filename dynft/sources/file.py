@@ -16,6 +16,7 @@ from dynft.sources.base import Record, Source
 log = logging.getLogger(__name__)
 CHUNK = 1 << 16
 HEAD = 256  # bytes at the file's start remembered in follow mode: a file rewritten in place changes them
+TAIL = 256  # and the last bytes read: a rewrite that kept the first ones changes these
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 # A regular file's positions: ((generation << INODE_BITS) | inode) << OFFSET_BITS | byte offset.
 # The checkpoint keeps the furthest position per stream, so positions must grow across a file
@@ -80,6 +81,7 @@ class FileSource(Source):
         self._base = 0  # a regular file: its generation and inode, shifted (see OFFSET_BITS)
         self._generation = 0
         self._head = b""  # follow mode: the file's first bytes as they were read
+        self._tail = b""  # follow mode: the last bytes read, up to the read position
         self._rotated_since: float | None = None  # follow mode: the path names another file since
         self._successor = -1  # follow mode: the rotated file's successor, opened, to read next
         self._after_end = False  # follow mode: the last read met the end of the file
@@ -131,6 +133,7 @@ class FileSource(Source):
         """Read on from ``offset`` of the file open now, under the current generation."""
         os.lseek(self._fd, offset, os.SEEK_SET)
         self._buf, self._scanned, self._cut, self._offset = bytearray(), 0, 0, offset
+        self._tail = b""
         inode = os.fstat(self._fd).st_ino % (1 << INODE_BITS)
         self._base = ((self._generation << INODE_BITS) | inode) << OFFSET_BITS
 
@@ -193,8 +196,9 @@ class FileSource(Source):
             self._after_end = False
             self._restart_if_replaced()
         chunk = os.read(self._fd, CHUNK)
-        if chunk:
+        if chunk and self._follow:
             self._rotated_since = None  # the old file still grows: its writer has not moved on yet
+            self._tail = chunk[-TAIL:] if len(chunk) >= TAIL else (self._tail + chunk)[-TAIL:]
         return chunk
 
     def _at_end_of_file(self) -> None:
@@ -210,11 +214,16 @@ class FileSource(Source):
 
     def _restart_if_replaced(self) -> None:
         """Read again from the top a file truncated (shorter than what was read) or rewritten in
-        place (its first bytes changed: a rewrite that made it longer)."""
-        read = self._offset + len(self._buf) + self._cut
+        place (a rewrite that made it longer: its first bytes, or the last ones read, changed)."""
+        read = self._offset + len(self._buf) + self._cut  # the read position
         if len(self._head) < HEAD and read > len(self._head):  # a file shorter than HEAD when opened
             self._head = os.pread(self._fd, min(HEAD, read), 0)
-        if os.fstat(self._fd).st_size < read or os.pread(self._fd, len(self._head), 0) != self._head:
+        tail = self._tail
+        if (
+            os.fstat(self._fd).st_size < read
+            or os.pread(self._fd, len(self._head), 0) != self._head
+            or os.pread(self._fd, len(tail), read - len(tail)) != tail
+        ):
             log.warning("%s was truncated or rewritten; reading it again from the start", self.uri)
             self._generation += 1
             self._start_at(0)

@@ -60,6 +60,22 @@ def test_follow_mode_reads_a_file_rewritten_in_place_again_even_when_it_grew(tmp
     assert got == [10, 11, 12]
 
 
+def test_follow_mode_reads_a_file_rewritten_in_place_with_the_same_first_bytes_again(tmp_path: Path) -> None:
+    """A rewrite that keeps the first line (longer than the bytes remembered of the file's start)
+    and makes the file longer: the bytes before the read position changed."""
+    first = {"n": 0, "pad": "x" * 300}
+    path = write_jsonl(tmp_path / "in.jsonl", [first, {"n": 1}])
+    source = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    source.open()
+    assert numbers(source.poll(10, 0.1)) == [0, 1]
+    write_jsonl(path, [first, {"n": 21, "pad": "y" * 20}, {"n": 22}])
+    assert numbers(poll_until(source, 3)) == [0, 21, 22]
+    with open(path, "ab") as fh:  # appended, not rewritten: read on
+        fh.write(b'{"n": 23}\n')
+    assert numbers(poll_until(source, 1)) == [23]
+    source.close()
+
+
 def numbers(records: list[Record]) -> list[int]:
     return [json.loads(r.raw)["n"] for r in records]
 
