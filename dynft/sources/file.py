@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dynft.errors import SourceError
 from dynft.sources.base import Record, Source
+from dynft.sources.rotation import Identity, Successors, find_inode, identity, line_start
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 16
@@ -24,7 +25,6 @@ BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 # generation does that; the inode tells a restart whether its offset is one of the file found.
 OFFSET_BITS = 48  # 256 TB
 INODE_BITS = 64
-ROTATION_GRACE_S = 2.0  # a rotated file's writer may append for a moment before it reopens the path
 
 
 def byte_offset(position: int) -> int:
@@ -43,10 +43,11 @@ class FileSource(Source):
     waiting for appended lines, and starts again from the top if the file is truncated or
     rewritten in place (its first bytes changed, even where it grew longer). A file renamed
     away and created anew (log rotation) is followed like ``tail -F``: the old file is read to
-    its end, and once it has not grown for ``ROTATION_GRACE_S`` with the path naming another
-    file, the new file is read from its start. A restart resumes at the checkpoint's offset
-    only in the file it was taken in (same inode); a file replaced while dynft was stopped is
-    read from its start, with a warning. A UTF-8 byte order mark at the file's start is skipped.
+    its end, and once it has not grown for ``rotation.ROTATION_GRACE_S``, each file the path
+    named since, in turn, from its start (``dynft.sources.rotation``). A restart resumes at the
+    checkpoint's offset only in the file it was taken in (same inode, a line starting there); in
+    follow mode that file is looked for beside the path if it was rotated meanwhile, and its rest
+    read first. A UTF-8 byte order mark at the file's start is skipped.
 
     Memory stays bounded whatever the input: a line longer than ``max_record_bytes`` is cut,
     its first ``max_record_bytes + 1`` bytes become its record (which the decoder rejects as
@@ -82,8 +83,10 @@ class FileSource(Source):
         self._generation = 0
         self._head = b""  # follow mode: the file's first bytes as they were read
         self._tail = b""  # follow mode: the last bytes read, up to the read position
-        self._rotated_since: float | None = None  # follow mode: the path names another file since
-        self._successor = -1  # follow mode: the rotated file's successor, opened, to read next
+        self._identity: Identity = (0, 0)  # a regular file: the one being read
+        self._successors = Successors(path, self.uri)  # follow mode: files the path named since
+        self._grew_at = 0.0  # follow mode: when the file being read last gave bytes
+        self._switch_due = False  # follow mode: the next read moves to the next successor
         self._after_end = False  # follow mode: the last read met the end of the file
         self._regular = True  # a regular file (set at open)
 
@@ -105,41 +108,70 @@ class FileSource(Source):
         opened = os.fstat(self._fd)
         self._regular = stat.S_ISREG(opened.st_mode)  # not a FIFO: it can be rewritten or rotated
         if self._regular:
-            self._start_at(self._resume_offset(opened))
+            self._resume_reading(opened)
         if self._follow and self._regular:
             self._head = os.pread(self._fd, HEAD, 0)
 
-    def _resume_offset(self, opened: os.stat_result) -> int:
-        """Where to start in the file opened, after the checkpoint's position; sets the generation."""
+    def _resume_reading(self, opened: os.stat_result) -> None:
+        """Start after the checkpoint's position, in the file it was taken in; sets the generation."""
         position = self._resume
         offset = byte_offset(position)
         generation, inode = divmod(position >> OFFSET_BITS, 1 << INODE_BITS)
         # A position below 1 << OFFSET_BITS is a plain offset (checkpoints before the inode was kept).
         if position >> OFFSET_BITS and inode != opened.st_ino % (1 << INODE_BITS):
+            if self._follow and self._reopen_rotated(opened, inode, offset, generation):
+                return
             log.warning(
                 "%s is another file than the checkpoint's (rotated or replaced while stopped); reading it from the "
                 "start",
                 self.uri,
             )
-        elif offset > opened.st_size:
-            log.warning("%s is shorter than its checkpoint position; reading it from the start", self.uri)
         else:
-            self._generation = generation
-            return offset
+            start = line_start(self._fd, offset, opened.st_size)
+            if start is not None:
+                self._generation = generation
+                self._start_at(start)
+                return
+            log.warning(
+                "%s does not go on at its checkpoint position (shorter, or rewritten while stopped); reading it from "
+                "the start",
+                self.uri,
+            )
         self._generation = generation + 1 if position else 0  # past the checkpoint's: positions keep growing
-        return 0
+        self._start_at(0)
+
+    def _reopen_rotated(self, opened: os.stat_result, inode: int, offset: int, generation: int) -> bool:
+        """Read the rest of the checkpoint's file first, if it was rotated beside the path; then the path's."""
+        found = find_inode(Path(self._path).parent, inode)
+        try:
+            fd = os.open(found, os.O_RDONLY) if found is not None else -1
+        except OSError:
+            return False
+        size = os.fstat(fd).st_size if fd >= 0 else 0
+        if fd < 0 or line_start(fd, offset, size) is None:  # not found, or its inode number went to another file
+            if fd >= 0:
+                os.close(fd)
+            return False
+        log.warning("%s was rotated while stopped; reading the rest of %s first", self.uri, found)
+        self._successors.push(self._fd, identity(opened))
+        self._fd, self._generation = fd, generation
+        self._start_at(line_start(fd, offset, size) or 0)
+        return True
 
     def _start_at(self, offset: int) -> None:
         """Read on from ``offset`` of the file open now, under the current generation."""
         os.lseek(self._fd, offset, os.SEEK_SET)
         self._buf, self._scanned, self._cut, self._offset = bytearray(), 0, 0, offset
         self._tail = b""
-        inode = os.fstat(self._fd).st_ino % (1 << INODE_BITS)
-        self._base = ((self._generation << INODE_BITS) | inode) << OFFSET_BITS
+        opened = os.fstat(self._fd)
+        self._identity, self._grew_at = identity(opened), time.monotonic()
+        self._base = ((self._generation << INODE_BITS) | opened.st_ino % (1 << INODE_BITS)) << OFFSET_BITS
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         if self._fd < 0:
             raise SourceError(f"{self.uri}: poll before open")
+        if self._follow and self._regular:  # also while paused: a file rotated twice meanwhile is kept
+            self._successors.watch(self._identity)
         out: list[Record] = []
         nbytes = 0
         deadline = time.monotonic() + timeout_s
@@ -190,14 +222,14 @@ class FileSource(Source):
             ready, _, _ = select.select([self._fd], [], [], timeout_s)
             if not ready:
                 return None
-        if self._successor >= 0:
+        if self._switch_due:
             self._switch()
         elif self._after_end:  # new bytes after an end of file may be a rewrite: look before reading on
             self._after_end = False
             self._restart_if_replaced()
         chunk = os.read(self._fd, CHUNK)
         if chunk and self._follow:
-            self._rotated_since = None  # the old file still grows: its writer has not moved on yet
+            self._grew_at = time.monotonic()  # its writer may not have moved on to a new file yet
             self._tail = chunk[-TAIL:] if len(chunk) >= TAIL else (self._tail + chunk)[-TAIL:]
         return chunk
 
@@ -210,7 +242,7 @@ class FileSource(Source):
         if self._regular:
             self._restart_if_replaced()
             self._after_end = True
-            self._follow_rotation()
+            self._rotate_if_due()
 
     def _restart_if_replaced(self) -> None:
         """Read again from the top a file truncated (shorter than what was read) or rewritten in
@@ -230,42 +262,27 @@ class FileSource(Source):
             self._line = 0
             self._head = os.pread(self._fd, HEAD, 0)
 
-    def _follow_rotation(self) -> None:
-        """At the end of the file open: move to the file the path names now, once the old one has
-        been read to its end and has not grown for ``ROTATION_GRACE_S`` (its writer has moved on)."""
-        opened = os.fstat(self._fd)
-        try:
-            now = os.stat(self._path)
-        except OSError:  # renamed away and not (yet) created anew
-            return
-        if (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino):
-            self._rotated_since = None
-            return
-        if self._rotated_since is None:
-            self._rotated_since = time.monotonic()
-        if time.monotonic() - self._rotated_since < ROTATION_GRACE_S:
-            return
-        try:
-            fd = os.open(self._path, os.O_RDONLY)
-        except OSError as exc:  # gone again, or not readable: read on in the old file, try again later
-            log.warning("%s was rotated, but the new file cannot be opened (%s)", self.uri, exc.strerror)
+    def _rotate_if_due(self) -> None:
+        """At the end of the file being read: move on to the next file the path named, once this one
+        has not grown for the grace (its writer has moved on)."""
+        if not self._successors.due(self._grew_at):
             return
         if self._cut or (self._buf and not self._buf.isspace()):
             # The old file's last line, never ended by a newline: it counts (as at the end of a file not
             # followed), and is handed out before the new file is read.
             self._buf += b"\n"
-        self._successor = fd  # taken by the next read, once the lines before it are split off
+        self._switch_due = True  # by the next read, once the lines before it are split off
 
     def _switch(self) -> None:
-        """Read the rotated file's successor from its start (what is left unsplit is blank)."""
+        """Read the next file the path named from its start (what is left unsplit is blank)."""
         os.close(self._fd)
-        self._fd, self._successor = self._successor, -1
+        self._fd, self._switch_due = self._successors.take(), False
         self._generation += 1
         self._start_at(0)
         self._line = 0
         self._head = os.pread(self._fd, HEAD, 0)
-        self._after_end, self._rotated_since = False, None
-        log.warning("%s was rotated; reading the file it names now from its start", self.uri)
+        self._after_end = False
+        log.warning("%s was rotated; reading the next file it named from its start", self.uri)
 
     def _split_lines(self, limit: int) -> list[Record]:
         out: list[Record] = []
@@ -305,6 +322,5 @@ class FileSource(Source):
     def close(self) -> None:
         if self._fd >= 0 and self._path != "-":
             os.close(self._fd)
-        if self._successor >= 0:
-            os.close(self._successor)
-        self._fd = self._successor = -1
+        self._successors.close()
+        self._fd = -1

@@ -16,8 +16,7 @@ import pytest
 from dynft.errors import SourceError
 from dynft.events import Rejection, decode
 from dynft.settings import EventSettings, KafkaSettings, Settings, SourceSettings
-from dynft.sources import FileSource, Intake, Record, open_source
-from dynft.sources import file as file_source
+from dynft.sources import FileSource, Intake, Record, open_source, rotation
 from dynft.sources.file import byte_offset
 
 from helpers import keyword_events, write_jsonl
@@ -94,7 +93,7 @@ def test_follow_mode_follows_a_rotated_file_after_reading_the_old_one_to_its_end
     """logrotate's way (rename, create anew): the old file is read on while its writer still
     appends to it, then the new file from its start; positions keep growing throughout, and a
     restart from the last one resumes in the new file, right after it."""
-    monkeypatch.setattr(file_source, "ROTATION_GRACE_S", 0.3)
+    monkeypatch.setattr(rotation, "ROTATION_GRACE_S", 0.3)
     path = write_jsonl(tmp_path / "in.jsonl", [{"n": 0}])
     source = FileSource(str(path), follow=True, poll_interval_s=0.02)
     source.open()
@@ -117,6 +116,81 @@ def test_follow_mode_follows_a_rotated_file_after_reading_the_old_one_to_its_end
     again.open()
     assert numbers(poll_until(again, 1)) == [102]
     again.close()
+
+
+def test_a_file_rotated_twice_before_it_was_read_is_not_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader behind its file (a slow trainer) while the path is rotated twice: the file in
+    between is read too, in its turn, also when the reader polled nothing meanwhile (paused)."""
+    monkeypatch.setattr(rotation, "ROTATION_GRACE_S", 0.2)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"n": i} for i in range(30)])
+    source = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    source.open()
+    got = source.poll(5, 0.1)
+    path.rename(tmp_path / "in.jsonl.1")
+    write_jsonl(path, [{"n": 100 + i} for i in range(3)])
+    assert source.poll(0, 0.0) == []  # an intake that is paused still polls for nothing
+    path.rename(tmp_path / "in.jsonl.2")
+    write_jsonl(path, [{"n": 200 + i} for i in range(3)])
+    (tmp_path / "in.jsonl.2").unlink()  # removed by the rotation too: its lines were still to be read
+    got += poll_until(source, 31)
+    assert numbers(got) == [*range(30), 100, 101, 102, 200, 201, 202]
+    assert [r.next for r in got] == sorted(r.next for r in got)
+    source.close()
+
+
+def test_a_restart_reads_the_rest_of_a_file_rotated_before_its_checkpoint_covered_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Killed after a rotation, before a checkpoint covered the old file's end (or rotated while
+    stopped): the old file, renamed beside the path, is found by its inode and read on first."""
+    monkeypatch.setattr(rotation, "ROTATION_GRACE_S", 0.2)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"n": i} for i in range(5)])
+    source = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    source.open()
+    checkpoint = source.poll(2, 0.1)[-1].next  # n=0, 1 trained and checkpointed; then killed
+    source.close()
+    path.rename(tmp_path / "in.jsonl.1")
+    write_jsonl(path, [{"n": 100}, {"n": 101}])
+    again = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    again.resume_from({again.uri: checkpoint})
+    with caplog.at_level(logging.WARNING, logger="dynft.sources.file"):
+        again.open()
+        got = poll_until(again, 5)
+    assert numbers(got) == [2, 3, 4, 100, 101]
+    assert got[0].next > checkpoint and [r.next for r in got] == sorted(r.next for r in got)
+    assert any("rotated while stopped; reading the rest of" in r.message for r in caplog.records)
+    again.close()
+
+
+def test_a_restart_does_not_seek_into_content_rewritten_while_stopped(tmp_path: Path) -> None:
+    """Same inode, other bytes (rewritten in place, or the inode number went to another file): the
+    checkpoint's offset is no line start there, and the file is read from its start. A file whose
+    last line had no newline goes on at its end: its lines are not read twice."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"n": i, "pad": "x" * 10} for i in range(3)])
+    source = FileSource(str(path))
+    source.open()
+    checkpoint = poll_until(source, 2)[1].next
+    source.close()
+    with open(path, "r+b") as fh:  # the same inode, new lines of other lengths
+        fh.write(b"".join(json.dumps({"n": 100 + i}).encode() + b"\n" for i in range(6)))
+    assert path.read_bytes()[byte_offset(checkpoint) - 1 : byte_offset(checkpoint)] != b"\n"
+    again = FileSource(str(path))
+    again.resume_from({again.uri: checkpoint})
+    again.open()
+    assert numbers(poll_until(again, 6)[:6]) == list(range(100, 106))  # then the old bytes left over
+    path.write_bytes(b'{"n": 0}\n{"n": 1}')  # no newline after the last line
+    first = FileSource(str(path))
+    first.open()
+    end = poll_until(first, 2)[-1].next
+    first.close()
+    with open(path, "ab") as fh:
+        fh.write(b'\n{"n": 2}\n')
+    later = FileSource(str(path))
+    later.resume_from({later.uri: end})
+    later.open()
+    assert numbers(poll_until(later, 1)) == [2]
 
 
 def test_a_restart_reads_a_file_replaced_meanwhile_from_its_start(
