@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -12,28 +13,26 @@ from pathlib import Path
 
 from dynft.errors import SourceError
 from dynft.sources.base import Record, Source
-from dynft.sources.rotation import Identity, Successors, find_inode, identity, line_start
+from dynft.sources.rotation import (
+    CHECKED,
+    INODE_BITS,
+    Identity,
+    Position,
+    Successors,
+    find_inode,
+    identity,
+    parse,
+    position_base,
+    resume_offset,
+    rotated_after,
+    with_check,
+)
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 16
 HEAD = 256  # bytes at the file's start remembered in follow mode: a file rewritten in place changes them
 TAIL = 256  # and the last bytes read: a rewrite that kept the first ones changes these
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
-# A regular file's positions: ((generation << INODE_BITS) | inode) << OFFSET_BITS | byte offset.
-# The checkpoint keeps the furthest position per stream, so positions must grow across a file
-# read again from its top (truncated, rewritten) or followed to its successor (rotated): the
-# generation does that; the inode tells a restart whether its offset is one of the file found.
-OFFSET_BITS = 48  # 256 TB
-INODE_BITS = 64
-
-
-def byte_offset(position: int) -> int:
-    """The byte offset a file position stands for (without its generation and inode).
-
-    >>> byte_offset((((1 << INODE_BITS) | 12345) << OFFSET_BITS) + 70)
-    70
-    """
-    return position & ((1 << OFFSET_BITS) - 1)
 
 
 class FileSource(Source):
@@ -45,9 +44,10 @@ class FileSource(Source):
     away and created anew (log rotation) is followed like ``tail -F``: the old file is read to
     its end, and once it has not grown for ``rotation.ROTATION_GRACE_S``, each file the path
     named since, in turn, from its start (``dynft.sources.rotation``). A restart resumes at the
-    checkpoint's offset only in the file it was taken in (same inode, a line starting there); in
-    follow mode that file is looked for beside the path if it was rotated meanwhile, and its rest
-    read first. A UTF-8 byte order mark at the file's start is skipped.
+    checkpoint's offset only in the file it was taken in (same inode, the same last bytes before
+    it); in follow mode that file is looked for beside the path if it was rotated meanwhile, and
+    its rest read first, then the files rotated after it. A UTF-8 byte order mark at the file's
+    start is skipped. A regular file's positions are ``rotation.Position``s; a pipe's, offsets.
 
     Memory stays bounded whatever the input: a line longer than ``max_record_bytes`` is cut,
     its first ``max_record_bytes + 1`` bytes become its record (which the decoder rejects as
@@ -79,13 +79,12 @@ class FileSource(Source):
         self._line = 0
         self._eof = False
         self._resume = 0  # the position to begin at (after a checkpoint)
-        self._base = 0  # a regular file: its generation and inode, shifted (see OFFSET_BITS)
+        self._base = 0  # a regular file: its generation and inode, shifted (rotation.position_base)
         self._generation = 0
         self._head = b""  # follow mode: the file's first bytes as they were read
         self._tail = b""  # follow mode: the last bytes read, up to the read position
         self._identity: Identity = (0, 0)  # a regular file: the one being read
         self._successors = Successors(path, self.uri)  # follow mode: files the path named since
-        self._grew_at = 0.0  # follow mode: when the file being read last gave bytes
         self._switch_due = False  # follow mode: the next read moves to the next successor
         self._after_end = False  # follow mode: the last read met the end of the file
         self._regular = True  # a regular file (set at open)
@@ -114,22 +113,19 @@ class FileSource(Source):
 
     def _resume_reading(self, opened: os.stat_result) -> None:
         """Start after the checkpoint's position, in the file it was taken in; sets the generation."""
-        position = self._resume
-        offset = byte_offset(position)
-        generation, inode = divmod(position >> OFFSET_BITS, 1 << INODE_BITS)
-        # A position below 1 << OFFSET_BITS is a plain offset (checkpoints before the inode was kept).
-        if position >> OFFSET_BITS and inode != opened.st_ino % (1 << INODE_BITS):
-            if self._follow and self._reopen_rotated(opened, inode, offset, generation):
+        at = parse(self._resume)
+        if at.inode is not None and at.inode != opened.st_ino % (1 << INODE_BITS):
+            if self._follow and self._reopen_rotated(opened, at):
                 return
             log.warning(
-                "%s is another file than the checkpoint's (rotated or replaced while stopped); reading it from the "
-                "start",
+                "%s is another file than the checkpoint's, which is not beside it (rotated elsewhere, or replaced "
+                "while stopped): reading it from the start; the rest of the checkpoint's file is not read",
                 self.uri,
             )
         else:
-            start = line_start(self._fd, offset, opened.st_size)
+            start = resume_offset(self._fd, at, opened.st_size)
             if start is not None:
-                self._generation = generation
+                self._generation = at.generation
                 self._start_at(start)
                 return
             log.warning(
@@ -137,25 +133,38 @@ class FileSource(Source):
                 "the start",
                 self.uri,
             )
-        self._generation = generation + 1 if position else 0  # past the checkpoint's: positions keep growing
+        self._generation = at.generation + 1 if self._resume else 0  # past the checkpoint's: positions keep growing
         self._start_at(0)
 
-    def _reopen_rotated(self, opened: os.stat_result, inode: int, offset: int, generation: int) -> bool:
-        """Read the rest of the checkpoint's file first, if it was rotated beside the path; then the path's."""
-        found = find_inode(Path(self._path).parent, inode)
+    def _reopen_rotated(self, opened: os.stat_result, at: Position) -> bool:
+        """Read the rest of the checkpoint's file first if it was rotated beside the path, then the
+        files rotated after it, then the path's."""
+        assert at.inode is not None
+        found = find_inode(Path(self._path).parent, at.inode)
         try:
             fd = os.open(found, os.O_RDONLY) if found is not None else -1
         except OSError:
             return False
-        size = os.fstat(fd).st_size if fd >= 0 else 0
-        if fd < 0 or line_start(fd, offset, size) is None:  # not found, or its inode number went to another file
+        checkpointed = os.fstat(fd) if fd >= 0 else opened
+        start = resume_offset(fd, at, checkpointed.st_size) if fd >= 0 else None
+        if start is None:  # not found, or its inode number went to another file
             if fd >= 0:
                 os.close(fd)
             return False
-        log.warning("%s was rotated while stopped; reading the rest of %s first", self.uri, found)
+        later = rotated_after(Path(self._path), checkpointed, {identity(checkpointed), identity(opened)})
+        log.warning(
+            "%s was rotated while stopped; reading the rest of %s first, then %s",
+            self.uri,
+            found,
+            ", ".join(str(p) for p in [*later, self._path]),
+        )
+        for rotated in later:
+            with contextlib.suppress(OSError):  # gone meanwhile: nothing to read
+                following = os.open(rotated, os.O_RDONLY)
+                self._successors.push(following, identity(os.fstat(following)))
         self._successors.push(self._fd, identity(opened))
-        self._fd, self._generation = fd, generation
-        self._start_at(line_start(fd, offset, size) or 0)
+        self._fd, self._generation = fd, at.generation
+        self._start_at(start)
         return True
 
     def _start_at(self, offset: int) -> None:
@@ -164,8 +173,8 @@ class FileSource(Source):
         self._buf, self._scanned, self._cut, self._offset = bytearray(), 0, 0, offset
         self._tail = b""
         opened = os.fstat(self._fd)
-        self._identity, self._grew_at = identity(opened), time.monotonic()
-        self._base = ((self._generation << INODE_BITS) | opened.st_ino % (1 << INODE_BITS)) << OFFSET_BITS
+        self._identity = identity(opened)
+        self._base = position_base(self._generation, opened.st_ino)
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         if self._fd < 0:
@@ -229,7 +238,6 @@ class FileSource(Source):
             self._restart_if_replaced()
         chunk = os.read(self._fd, CHUNK)
         if chunk and self._follow:
-            self._grew_at = time.monotonic()  # its writer may not have moved on to a new file yet
             self._tail = chunk[-TAIL:] if len(chunk) >= TAIL else (self._tail + chunk)[-TAIL:]
         return chunk
 
@@ -265,7 +273,7 @@ class FileSource(Source):
     def _rotate_if_due(self) -> None:
         """At the end of the file being read: move on to the next file the path named, once this one
         has not grown for the grace (its writer has moved on)."""
-        if not self._successors.due(self._grew_at):
+        if not self._successors.due(self._fd):
             return
         if self._cut or (self._buf and not self._buf.isspace()):
             # The old file's last line, never ended by a newline: it counts (as at the end of a file not
@@ -306,7 +314,7 @@ class FileSource(Source):
                 if start == 0 and "bytes" not in where and line.startswith(BOM):
                     line = line[len(BOM) :]
                 if line and not line.isspace():
-                    out.append(Record(line, self.uri, self._base + self._offset, where=where))
+                    out.append(Record(line, self.uri, self._position(view, pos, end, "bytes" in where), where=where))
                 pos = end + 1
         finally:
             view.release()
@@ -314,6 +322,13 @@ class FileSource(Source):
             del buf[:pos]
             self._scanned = max(0, self._scanned - pos)
         return out
+
+    def _position(self, view: memoryview, start: int, end: int, cut: bool) -> int:
+        """The position after the line ``view[start:end + 1]`` (``self._offset`` is after it already)."""
+        if not self._regular:
+            return self._offset
+        last = b"" if cut else view[max(start, end + 1 - CHECKED) : end + 1]  # a cut line's end is not in view
+        return with_check(self._base + self._offset, last)
 
     @property
     def exhausted(self) -> bool:

@@ -5,7 +5,14 @@ A rotated file (renamed, created anew) is read to its end before its successor; 
 again before the reader reached it must not be skipped, so every file the path names is opened
 as soon as it is seen (an open descriptor keeps a renamed or deleted file readable) and read in
 the order seen. After a restart, the checkpoint's file is found again by its inode in the path's
-directory (logrotate renames within it), so that its rest is read before the file the path names now.
+directory (logrotate renames within it), so that its rest is read first, then the files rotated
+after it (named like the path, written later), then the file the path names now.
+
+A regular file's position is one integer, so that the checkpoint's furthest position per stream
+is the latest: ``generation`` (grows when a file is read again from its top or the next file is
+read), ``inode``, the byte ``offset``, and the CRC-32 of the line's last bytes before it (up to
+``CHECKED``), by which a restart tells whether the file it finds is the one the checkpoint was
+taken in: an inode number is soon reused for another file once one is deleted.
 """
 
 from __future__ import annotations
@@ -14,13 +21,21 @@ import logging
 import os
 import stat
 import time
+import zlib
 from collections import deque
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
 ROTATION_GRACE_S = 2.0  # a rotated file's writer may append for a moment before it reopens the path
-MAX_WAITING = 64  # successors held open at most; beyond, the path is looked at again once one is read
+MAX_WAITING = 64  # successors held open at most
+COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")  # rotated and compressed: not JSON Lines
+
+OFFSET_BITS = 48  # 256 TB
+INODE_BITS = 64
+CHECKED = 32  # a line's last bytes (its newline included) whose CRC-32 a position keeps
+CHECK_BITS = 38  # how many bytes were checked (6 bits), their CRC-32 (32 bits)
 
 Identity = tuple[int, int]  # (device, inode)
 
@@ -29,21 +44,84 @@ def identity(st: os.stat_result) -> Identity:
     return st.st_dev, st.st_ino
 
 
-def line_start(fd: int, offset: int, size: int) -> int | None:
-    """``offset`` where it can be where a line starts in the file (after a newline), else None.
+class Position(NamedTuple):
+    generation: int
+    inode: int | None  # None: a plain byte offset (a checkpoint from before positions kept more)
+    offset: int
+    checked: int  # bytes before ``offset`` whose CRC-32 is ``crc`` (0: not checked, a cut line)
+    crc: int
+
+
+def position_base(generation: int, inode: int) -> int:
+    """What a file's positions start from: ``with_check(base + offset, ...)`` is one."""
+    return ((generation << INODE_BITS) | inode % (1 << INODE_BITS)) << OFFSET_BITS
+
+
+def with_check(based: int, last: bytes | memoryview) -> int:
+    """A position from ``position_base(...) + offset`` and the line's last bytes (``b""``: unchecked)."""
+    return (based << CHECK_BITS) | (len(last) << 32) | zlib.crc32(last)
+
+
+def parse(position: int) -> Position:
+    """The parts of a position.
+
+    >>> parse(with_check(position_base(3, 12345) + 70, b"9}\\n"))[:4]  # generation, inode, offset, checked
+    (3, 12345, 70, 3)
+    """
+    if position < 1 << OFFSET_BITS:
+        return Position(0, None, position, 0, 0)
+    based = position >> CHECK_BITS
+    generation, inode = divmod(based >> OFFSET_BITS, 1 << INODE_BITS)
+    checked = (position >> 32) & ((1 << (CHECK_BITS - 32)) - 1)
+    return Position(generation, inode, based & ((1 << OFFSET_BITS) - 1), checked, position & 0xFFFFFFFF)
+
+
+def byte_offset(position: int) -> int:
+    """The byte offset a file position stands for."""
+    return parse(position).offset
+
+
+def resume_offset(fd: int, at: Position, size: int) -> int | None:
+    """Where to go on in the file open as ``fd`` (``size`` bytes) after position ``at``; None
+    if that file does not go on there: the bytes before the offset are not the line's checked.
 
     A checkpoint's offset always follows a newline, except after a last line that had none: that
-    offset is one past the file's end (the line counts its missing newline), and reading goes on at
-    the end. Anything else means the bytes before it changed (the file was rewritten while dynft was
-    stopped, or its inode number went to another file), and the offset means nothing in it.
+    offset is one past the file's end (the line counts its missing newline) and reading goes on
+    at the end. Anything else means the file was rewritten while dynft was stopped, or its inode
+    number went to another file, and the offset means nothing in it.
     """
+    offset = at.offset
     if offset == 0:
         return 0
-    if offset <= size:
-        return offset if os.pread(fd, 1, offset - 1) == b"\n" else None
-    if offset == size + 1 and size and os.pread(fd, 1, size - 1) != b"\n":
-        return size
-    return None
+    unended = offset == size + 1 and size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+    if offset > size and not unended:
+        return None
+    end, missing = (size, b"\n") if unended else (offset, b"")
+    want = max(at.checked, 1) - len(missing)
+    if want > end:
+        return None
+    last = (os.pread(fd, want, end - want) if want else b"") + missing
+    if not last.endswith(b"\n") or (at.checked and zlib.crc32(last) != at.crc):
+        return None
+    return end
+
+
+def rotated_after(path: Path, oldest: os.stat_result, skip: set[Identity]) -> list[Path]:
+    """Files beside ``path`` named like it (``events.jsonl.1``, ``events.jsonl-20261204``), not
+    compressed, written since ``oldest`` was, oldest first: rotated after it while dynft was stopped
+    (one written in the same clock tick is read again rather than lost)."""
+    found: list[tuple[int, Path]] = []
+    try:
+        with os.scandir(path.parent) as entries:
+            for entry in entries:
+                if entry.name == path.name or not entry.name.startswith(path.name) or entry.name.endswith(COMPRESSED):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and identity(st) not in skip and st.st_mtime_ns >= oldest.st_mtime_ns:
+                    found.append((st.st_mtime_ns, Path(entry.path)))
+    except OSError:
+        return []
+    return [p for _, p in sorted(found)]
 
 
 def find_inode(directory: Path, inode: int) -> Path | None:
@@ -67,8 +145,9 @@ class Successors:
     def __init__(self, path: str, uri: str) -> None:
         self._path = path
         self._uri = uri
-        self._waiting: deque[tuple[int, Identity, float]] = deque()  # descriptor, identity, seen at
+        self._waiting: deque[tuple[int, Identity, float]] = deque()  # descriptor, identity, seen at (wall clock)
         self._refused: set[Identity] = set()  # could not be opened: said once
+        self._full = False  # MAX_WAITING files wait: said once
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -82,8 +161,18 @@ class Successors:
         seen = identity(named)
         if seen == current or any(seen == waiting for _, waiting, _ in self._waiting):
             return
-        if not stat.S_ISREG(named.st_mode) or len(self._waiting) >= MAX_WAITING:
+        if not stat.S_ISREG(named.st_mode):
             return
+        if len(self._waiting) >= MAX_WAITING:
+            if not self._full:
+                log.warning(
+                    "%s: %d rotated files wait to be read; a file the path names only until one is read is lost",
+                    self._uri,
+                    MAX_WAITING,
+                )
+            self._full = True
+            return
+        self._full = False
         try:
             fd = os.open(self._path, os.O_RDONLY)
         except OSError as exc:
@@ -97,13 +186,15 @@ class Successors:
         self.push(fd, seen)
 
     def push(self, fd: int, seen: Identity) -> None:
-        self._waiting.append((fd, seen, time.monotonic()))
+        self._waiting.append((fd, seen, time.time()))
 
-    def due(self, grew_at: float) -> bool:
-        """A successor waits, and the file being read has not grown for the grace since it was seen."""
+    def due(self, reading: int) -> bool:
+        """A successor waits, and the file being read (``reading``) was not written to for the grace
+        since the successor was seen (its writer has moved on). By its modification time, not by
+        when it was read: a reader far behind reads files written long ago, and does not wait."""
         if not self._waiting:
             return False
-        return time.monotonic() - max(grew_at, self._waiting[0][2]) >= ROTATION_GRACE_S
+        return time.time() - max(os.fstat(reading).st_mtime, self._waiting[0][2]) >= ROTATION_GRACE_S
 
     def take(self) -> int:
         """The next file's descriptor; the caller owns it now."""

@@ -17,7 +17,7 @@ from dynft.errors import SourceError
 from dynft.events import Rejection, decode
 from dynft.settings import EventSettings, KafkaSettings, Settings, SourceSettings
 from dynft.sources import FileSource, Intake, Record, open_source, rotation
-from dynft.sources.file import byte_offset
+from dynft.sources.rotation import byte_offset
 
 from helpers import keyword_events, write_jsonl
 
@@ -162,6 +162,53 @@ def test_a_restart_reads_the_rest_of_a_file_rotated_before_its_checkpoint_covere
     assert got[0].next > checkpoint and [r.next for r in got] == sorted(r.next for r in got)
     assert any("rotated while stopped; reading the rest of" in r.message for r in caplog.records)
     again.close()
+
+
+def test_a_restart_reads_every_file_rotated_while_stopped_in_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rotated twice after the checkpoint (while stopped, or with successors queued when killed):
+    the checkpoint's file, then the one rotated after it, then the path's; older ones and
+    compressed ones are not read again."""
+    monkeypatch.setattr(rotation, "ROTATION_GRACE_S", 0.1)
+    write_jsonl(tmp_path / "in.jsonl.3", [{"n": -1}])  # rotated before the checkpoint's file
+    time.sleep(0.05)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"n": i} for i in range(4)])
+    source = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    source.open()
+    checkpoint = source.poll(2, 0.1)[-1].next
+    source.close()
+    path.rename(tmp_path / "in.jsonl.2")
+    time.sleep(0.05)  # file times tick coarsely: the rotations are apart, as real ones are
+    write_jsonl(path, [{"n": 100}, {"n": 101}])
+    path.rename(tmp_path / "in.jsonl.1")
+    (tmp_path / "in.jsonl.1.gz").write_bytes(b"\x1f\x8b not JSON Lines")
+    time.sleep(0.05)
+    write_jsonl(path, [{"n": 200}])
+    again = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    again.resume_from({again.uri: checkpoint})
+    again.open()
+    got = poll_until(again, 5)
+    assert numbers(got) == [2, 3, 100, 101, 200]
+    assert [r.next for r in got] == sorted(r.next for r in got)
+    again.close()
+
+
+def test_a_restart_does_not_resume_in_another_file_that_has_a_line_end_at_the_offset(tmp_path: Path) -> None:
+    """An inode number reused for another file of lines as long (fixed-width records): a newline
+    sits at the checkpoint's offset, but not the line the checkpoint was taken after."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"n": 10 + i} for i in range(6)])
+    source = FileSource(str(path))
+    source.open()
+    checkpoint = poll_until(source, 3)[2].next
+    source.close()
+    with open(path, "r+b") as fh:  # the same inode, the same line widths, other lines
+        fh.write(b"".join(json.dumps({"n": 50 + i}).encode() + b"\n" for i in range(6)))
+    assert path.read_bytes()[byte_offset(checkpoint) - 1 : byte_offset(checkpoint)] == b"\n"
+    again = FileSource(str(path))
+    again.resume_from({again.uri: checkpoint})
+    again.open()
+    assert numbers(poll_until(again, 6)) == list(range(50, 56))
 
 
 def test_a_restart_does_not_seek_into_content_rewritten_while_stopped(tmp_path: Path) -> None:
