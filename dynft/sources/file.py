@@ -139,17 +139,17 @@ class FileSource(Source):
     def _reopen_rotated(self, opened: os.stat_result, at: Position) -> bool:
         """Read the rest of the checkpoint's file first if it was rotated beside the path, then the
         files rotated after it, then the path's."""
-        assert at.inode is not None
-        found = find_inode(Path(self._path).parent, at.inode)
+        found = find_inode(Path(self._path).parent, at.inode or 0)
+        if found is None:
+            return False
         try:
-            fd = os.open(found, os.O_RDONLY) if found is not None else -1
+            fd = os.open(found, os.O_RDONLY)
         except OSError:
             return False
-        checkpointed = os.fstat(fd) if fd >= 0 else opened
-        start = resume_offset(fd, at, checkpointed.st_size) if fd >= 0 else None
-        if start is None:  # not found, or its inode number went to another file
-            if fd >= 0:
-                os.close(fd)
+        checkpointed = os.fstat(fd)
+        start = resume_offset(fd, at, checkpointed.st_size)
+        if start is None:  # its inode number went to another file
+            os.close(fd)
             return False
         later = rotated_after(Path(self._path), checkpointed, {identity(checkpointed), identity(opened)})
         log.warning(
