@@ -16,6 +16,7 @@ from dynft.sources.base import Record, Source
 from dynft.sources.rotation import (
     CHECKED,
     INODE_BITS,
+    LONGEST_CHECKED,
     Identity,
     Position,
     Successors,
@@ -25,6 +26,7 @@ from dynft.sources.rotation import (
     position_base,
     resume_offset,
     rotated_after,
+    rotated_beside,
     with_check,
 )
 
@@ -83,6 +85,7 @@ class FileSource(Source):
         self._generation = 0
         self._head = b""  # follow mode: the file's first bytes as they were read
         self._tail = b""  # follow mode: the last bytes read, up to the read position
+        self._consumed = b""  # the last bytes split off before _buf (checked by positions), b"" if unknown
         self._identity: Identity = (0, 0)  # a regular file: the one being read
         self._successors = Successors(path, self.uri)  # follow mode: files the path named since
         self._switch_due = False  # follow mode: the next read moves to the next successor
@@ -118,9 +121,11 @@ class FileSource(Source):
             if self._follow and self._reopen_rotated(opened, at):
                 return
             log.warning(
-                "%s is another file than the checkpoint's, which is not beside it (rotated elsewhere, or replaced "
-                "while stopped): reading it from the start; the rest of the checkpoint's file is not read",
+                "%s is another file than the checkpoint's, which is not beside it (moved or compressed while stopped, "
+                "or its inode number names another file now): reading it from the start; not read: the rest of the "
+                "checkpoint's file, and these rotated files beside it: %s",
                 self.uri,
+                ", ".join(str(p) for p in rotated_beside(Path(self._path))) or "none",
             )
         else:
             start = resume_offset(self._fd, at, opened.st_size)
@@ -151,7 +156,7 @@ class FileSource(Source):
         if start is None:  # its inode number went to another file
             os.close(fd)
             return False
-        later = rotated_after(Path(self._path), checkpointed, {identity(checkpointed), identity(opened)})
+        later = rotated_after(Path(self._path), found, {identity(checkpointed), identity(opened)})
         log.warning(
             "%s was rotated while stopped; reading the rest of %s first, then %s",
             self.uri,
@@ -171,7 +176,7 @@ class FileSource(Source):
         """Read on from ``offset`` of the file open now, under the current generation."""
         os.lseek(self._fd, offset, os.SEEK_SET)
         self._buf, self._scanned, self._cut, self._offset = bytearray(), 0, 0, offset
-        self._tail = b""
+        self._tail = self._consumed = b""
         opened = os.fstat(self._fd)
         self._identity = identity(opened)
         self._base = position_base(self._generation, opened.st_ino)
@@ -294,7 +299,7 @@ class FileSource(Source):
 
     def _split_lines(self, limit: int) -> list[Record]:
         out: list[Record] = []
-        buf, pos = self._buf, 0
+        buf, pos, floor = self._buf, 0, 0  # buf[floor:] and _consumed before it: the file's bytes in a row
         view = memoryview(buf)  # slices without copying; released before _buf is resized
         try:
             while len(out) < limit:
@@ -314,21 +319,30 @@ class FileSource(Source):
                 if start == 0 and "bytes" not in where and line.startswith(BOM):
                     line = line[len(BOM) :]
                 if line and not line.isspace():
-                    out.append(Record(line, self.uri, self._position(view, pos, end, "bytes" in where), where=where))
+                    out.append(Record(line, self.uri, self._position(view, pos, end, floor, where), where=where))
+                if "bytes" in where:  # a cut line (only ever the first): bytes are missing before its newline
+                    floor, self._consumed = end + 1, b""
                 pos = end + 1
         finally:
             view.release()
         if pos:
+            self._consumed = (self._consumed + bytes(buf[max(floor, pos - CHECKED) : pos]))[-CHECKED:]
             del buf[:pos]
             self._scanned = max(0, self._scanned - pos)
         return out
 
-    def _position(self, view: memoryview, start: int, end: int, cut: bool) -> int:
-        """The position after the line ``view[start:end + 1]`` (``self._offset`` is after it already)."""
+    def _position(self, view: memoryview, start: int, end: int, floor: int, where: dict[str, int]) -> int:
+        """The position after the line ``view[start:end + 1]`` (``self._offset`` is after it already),
+        with the CRC-32 of the whole line and at least ``CHECKED`` bytes before its end, where known."""
         if not self._regular:
             return self._offset
-        last = b"" if cut else view[max(start, end + 1 - CHECKED) : end + 1]  # a cut line's end is not in view
-        return with_check(self._base + self._offset, last)
+        if "bytes" in where:  # a cut line: its end is not in view, a newline is all a restart can check
+            return with_check(self._base + self._offset, b"")
+        begin = min(start, end + 1 - CHECKED) if end - start < LONGEST_CHECKED else end + 1 - CHECKED
+        begin = max(begin, floor - len(self._consumed))
+        if begin >= 0:
+            return with_check(self._base + self._offset, view[begin : end + 1])
+        return with_check(self._base + self._offset, self._consumed[begin:] + view[: end + 1])
 
     @property
     def exhausted(self) -> bool:

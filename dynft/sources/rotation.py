@@ -10,15 +10,16 @@ after it (named like the path, written later), then the file the path names now.
 
 A regular file's position is one integer, so that the checkpoint's furthest position per stream
 is the latest: ``generation`` (grows when a file is read again from its top or the next file is
-read), ``inode``, the byte ``offset``, and the CRC-32 of the line's last bytes before it (up to
-``CHECKED``), by which a restart tells whether the file it finds is the one the checkpoint was
-taken in: an inode number is soon reused for another file once one is deleted.
+read), ``inode``, the byte ``offset``, and the length and CRC-32 of the bytes before it (the
+whole line, and at least ``CHECKED`` bytes), by which a restart tells whether the file it finds
+is the one the checkpoint was taken in: an inode number is soon reused once a file is deleted.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import time
 import zlib
@@ -30,12 +31,15 @@ log = logging.getLogger(__name__)
 
 ROTATION_GRACE_S = 2.0  # a rotated file's writer may append for a moment before it reopens the path
 MAX_WAITING = 64  # successors held open at most
-COMPRESSED = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")  # rotated and compressed: not JSON Lines
+# A rotated file's name: the path's and a number or a date (``.1``, ``-20261204``, ``.2026-12-04``);
+# a compressed one (``.1.gz``) is no JSON Lines, and a backup or swap file no rotation.
+ROTATED = r"[.-](\d[\d._-]*)"
 
 OFFSET_BITS = 48  # 256 TB
 INODE_BITS = 64
-CHECKED = 32  # a line's last bytes (its newline included) whose CRC-32 a position keeps
-CHECK_BITS = 38  # how many bytes were checked (6 bits), their CRC-32 (32 bits)
+CHECKED = 64  # at least this many bytes before a position (a short line's predecessors too) are checked
+LONGEST_CHECKED = (1 << 20) - 1  # a longer line: only its last CHECKED bytes
+CHECK_BITS = 52  # how many bytes were checked (20 bits), their CRC-32 (32 bits)
 
 Identity = tuple[int, int]  # (device, inode)
 
@@ -48,7 +52,7 @@ class Position(NamedTuple):
     generation: int
     inode: int | None  # None: a plain byte offset (a checkpoint from before positions kept more)
     offset: int
-    checked: int  # bytes before ``offset`` whose CRC-32 is ``crc`` (0: not checked, a cut line)
+    checked: int  # bytes before ``offset`` whose CRC-32 is ``crc`` (0: only a newline, after a cut line)
     crc: int
 
 
@@ -106,22 +110,40 @@ def resume_offset(fd: int, at: Position, size: int) -> int | None:
     return end
 
 
-def rotated_after(path: Path, oldest: os.stat_result, skip: set[Identity]) -> list[Path]:
-    """Files beside ``path`` named like it (``events.jsonl.1``, ``events.jsonl-20261204``), not
-    compressed, written since ``oldest`` was, oldest first: rotated after it while dynft was stopped
-    (one written in the same clock tick is read again rather than lost)."""
-    found: list[tuple[int, Path]] = []
+def _age(suffix: str) -> tuple[int, int, str]:
+    """Sorts rotated files oldest first by name: ``.3`` before ``.1``, ``-20261203`` before ``-20261204``."""
+    return (0, -int(suffix[1:]), "") if suffix[1:].isdigit() else (1, 0, suffix)
+
+
+def rotated_beside(path: Path) -> dict[Path, os.stat_result]:
+    """The rotated files beside ``path`` (named like it, see ``ROTATED``), plain and regular."""
+    shape = re.compile(re.escape(path.name) + ROTATED)
+    found: dict[Path, os.stat_result] = {}
     try:
         with os.scandir(path.parent) as entries:
             for entry in entries:
-                if entry.name == path.name or not entry.name.startswith(path.name) or entry.name.endswith(COMPRESSED):
-                    continue
-                st = entry.stat(follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode) and identity(st) not in skip and st.st_mtime_ns >= oldest.st_mtime_ns:
-                    found.append((st.st_mtime_ns, Path(entry.path)))
+                if shape.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                    found[Path(entry.path)] = entry.stat(follow_symlinks=False)
     except OSError:
-        return []
-    return [p for _, p in sorted(found)]
+        return {}
+    return found
+
+
+def rotated_after(path: Path, checkpointed: Path, skip: set[Identity]) -> list[Path]:
+    """The files rotated after ``checkpointed`` beside ``path`` (while dynft was stopped), oldest first.
+
+    Newer by name where ``checkpointed`` is named as rotated (``.2`` is older than ``.1``), else
+    written since it (one written in the same clock tick is read again rather than lost).
+    """
+    beside = rotated_beside(path)
+    start = len(path.name)
+    candidates = [p for p, st in beside.items() if identity(st) not in skip]
+    if checkpointed in beside:  # named as rotated: newer by name
+        mine = _age(checkpointed.name[start:])
+        return sorted((p for p in candidates if _age(p.name[start:]) > mine), key=lambda p: _age(p.name[start:]))
+    since = os.stat(checkpointed).st_mtime_ns
+    later = [p for p in candidates if beside[p].st_mtime_ns >= since]
+    return sorted(later, key=lambda p: (beside[p].st_mtime_ns, _age(p.name[start:])))
 
 
 def find_inode(directory: Path, inode: int) -> Path | None:

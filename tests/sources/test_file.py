@@ -168,8 +168,10 @@ def test_a_restart_reads_every_file_rotated_while_stopped_in_turn(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Rotated twice after the checkpoint (while stopped, or with successors queued when killed):
-    the checkpoint's file, then the one rotated after it, then the path's; older ones and
-    compressed ones are not read again."""
+    the checkpoint's file, then the one rotated after it, then the path's; older ones, compressed
+    ones and files named like the path that are no rotation (a backup, a swap file, a sibling
+    stream) are not read. By name where the files are named as rotated: the checkpoint's file was
+    written last here (a late write), and the file times are equal besides."""
     monkeypatch.setattr(rotation, "ROTATION_GRACE_S", 0.1)
     write_jsonl(tmp_path / "in.jsonl.3", [{"n": -1}])  # rotated before the checkpoint's file
     time.sleep(0.05)
@@ -185,6 +187,11 @@ def test_a_restart_reads_every_file_rotated_while_stopped_in_turn(
     (tmp_path / "in.jsonl.1.gz").write_bytes(b"\x1f\x8b not JSON Lines")
     time.sleep(0.05)
     write_jsonl(path, [{"n": 200}])
+    for other in ("in.jsonl.bak", "in.jsonl.swp", "in.jsonl-eu"):
+        write_jsonl(tmp_path / other, [{"n": 900}])
+    late = (tmp_path / "in.jsonl.2").stat().st_mtime_ns + 10**9
+    for name in ("in.jsonl.1", "in.jsonl.2"):
+        os.utime(tmp_path / name, ns=(late, late))
     again = FileSource(str(path), follow=True, poll_interval_s=0.02)
     again.resume_from({again.uri: checkpoint})
     again.open()
@@ -194,21 +201,65 @@ def test_a_restart_reads_every_file_rotated_while_stopped_in_turn(
     again.close()
 
 
-def test_a_restart_does_not_resume_in_another_file_that_has_a_line_end_at_the_offset(tmp_path: Path) -> None:
-    """An inode number reused for another file of lines as long (fixed-width records): a newline
-    sits at the checkpoint's offset, but not the line the checkpoint was taken after."""
-    path = write_jsonl(tmp_path / "in.jsonl", [{"n": 10 + i} for i in range(6)])
+def _lines(rows: list[object]) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+
+
+LONG = {"pad": "x" * 80, "source": "web-frontend", "lang": "en"}
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        (_lines([{"n": 10 + i} for i in range(12)]), _lines([{"n": 50 + i} for i in range(12)])),  # fixed width
+        (b"0\n1\n2\n3\n4\n5\n6\n7\n8\n9\n", b"9\n8\n7\n6\n3\n5\n1\n2\n0\n4\n"),  # "5\n" at the offset both times
+        (_lines([{"n": 10 + i, **LONG} for i in range(12)]), _lines([{"n": 50 + i, **LONG} for i in range(12)])),
+    ],
+    ids=["fixed-width", "two-byte-lines", "long-lines-alike-at-the-end"],
+)
+def test_a_restart_does_not_resume_in_another_file_that_has_a_line_end_at_the_offset(
+    tmp_path: Path, before: bytes, after: bytes
+) -> None:
+    """An inode number reused for another file of lines as long (fixed-width records; copytruncate
+    while stopped): a newline sits at the checkpoint's offset, but not after what was read."""
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(before)
     source = FileSource(str(path))
     source.open()
-    checkpoint = poll_until(source, 3)[2].next
+    checkpoint = poll_until(source, 6)[5].next
     source.close()
     with open(path, "r+b") as fh:  # the same inode, the same line widths, other lines
-        fh.write(b"".join(json.dumps({"n": 50 + i}).encode() + b"\n" for i in range(6)))
-    assert path.read_bytes()[byte_offset(checkpoint) - 1 : byte_offset(checkpoint)] == b"\n"
+        fh.write(after)
+    assert after[byte_offset(checkpoint) - 1 : byte_offset(checkpoint)] == b"\n"
     again = FileSource(str(path))
     again.resume_from({again.uri: checkpoint})
     again.open()
-    assert numbers(poll_until(again, 6)) == list(range(50, 56))
+    assert b"".join(r.raw + b"\n" for r in poll_until(again, after.count(b"\n"))) == after
+
+
+def test_a_restart_from_any_position_reads_exactly_the_lines_after_it(tmp_path: Path) -> None:
+    """Positions check bytes before them across reads and polls (short lines, a cut over-long
+    line, CRLF, a byte order mark, a last line without newline): resumed from each one, the same
+    file gives exactly the lines after it."""
+    rows = [b"\xef\xbb\xbf1", b"22", b"3", b"x" * 200_000, b"4\r", b"", b"5" * 70, *[b"%d" % i for i in range(6, 40)]]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\n".join(rows))  # the last line has no newline
+    source = FileSource(str(path), max_record_bytes=100)
+    source.open()
+    got: list[Record] = []
+    while not source.exhausted:
+        got += source.poll(3, 0.1)
+    source.close()
+    assert len(got) == len(rows) - 1 and got[3].position["bytes"] == 200_000, "the long line is cut"
+    for i, record in enumerate(got):
+        again = FileSource(str(path), max_record_bytes=100)
+        again.resume_from({again.uri: record.next})
+        again.open()
+        rest: list[Record] = []
+        while not again.exhausted:
+            rest += again.poll(5, 0.1)
+        again.close()
+        assert [r.raw for r in rest] == [r.raw for r in got[i + 1 :]], f"resumed after record {i}"
 
 
 def test_a_restart_does_not_seek_into_content_rewritten_while_stopped(tmp_path: Path) -> None:
