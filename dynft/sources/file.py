@@ -134,9 +134,10 @@ class FileSource(Source):
                 self._start_at(start)
                 return
             log.warning(
-                "%s does not go on at its checkpoint position (shorter, or rewritten while stopped); reading it from "
-                "the start",
+                "%s does not go on at its checkpoint position (shorter, rewritten while stopped, or its inode number "
+                "names another file now): reading it from the start; rotated files beside it, not read: %s",
                 self.uri,
+                ", ".join(str(p) for p in rotated_beside(Path(self._path))) or "none",
             )
         self._generation = at.generation + 1 if self._resume else 0  # past the checkpoint's: positions keep growing
         self._start_at(0)
@@ -176,7 +177,8 @@ class FileSource(Source):
         """Read on from ``offset`` of the file open now, under the current generation."""
         os.lseek(self._fd, offset, os.SEEK_SET)
         self._buf, self._scanned, self._cut, self._offset = bytearray(), 0, 0, offset
-        self._tail = self._consumed = b""
+        self._tail = b""
+        self._consumed = os.pread(self._fd, min(CHECKED, offset), offset - min(CHECKED, offset))  # checked on
         opened = os.fstat(self._fd)
         self._identity = identity(opened)
         self._base = position_base(self._generation, opened.st_ino)
@@ -318,10 +320,10 @@ class FileSource(Source):
                 # Editors on Windows start a file with one; not from a cut line, which must stay over the limit.
                 if start == 0 and "bytes" not in where and line.startswith(BOM):
                     line = line[len(BOM) :]
+                if "bytes" in where:  # a cut line (only ever the first): bytes are missing before its newline
+                    floor, self._consumed = end + 1, self._read_back()
                 if line and not line.isspace():
                     out.append(Record(line, self.uri, self._position(view, pos, end, floor, where), where=where))
-                if "bytes" in where:  # a cut line (only ever the first): bytes are missing before its newline
-                    floor, self._consumed = end + 1, b""
                 pos = end + 1
         finally:
             view.release()
@@ -336,13 +338,20 @@ class FileSource(Source):
         with the CRC-32 of the whole line and at least ``CHECKED`` bytes before its end, where known."""
         if not self._regular:
             return self._offset
-        if "bytes" in where:  # a cut line: its end is not in view, a newline is all a restart can check
-            return with_check(self._base + self._offset, b"")
+        if "bytes" in where:  # a cut line: its end is not in view, but read back from the file
+            return with_check(self._base + self._offset, self._consumed)
         begin = min(start, end + 1 - CHECKED) if end - start < LONGEST_CHECKED else end + 1 - CHECKED
-        begin = max(begin, floor - len(self._consumed))
-        if begin >= 0:
+        begin = max(begin, floor - len(self._consumed))  # _consumed: the file's bytes before view[floor]
+        if begin >= floor:
             return with_check(self._base + self._offset, view[begin : end + 1])
-        return with_check(self._base + self._offset, self._consumed[begin:] + view[: end + 1])
+        return with_check(self._base + self._offset, self._consumed[begin - floor :] + view[floor : end + 1])
+
+    def _read_back(self) -> bytes:
+        """The file's last bytes before ``self._offset``, up to ``CHECKED`` (a cut line's end; b"" for a pipe)."""
+        if not self._regular:
+            return b""
+        size = min(CHECKED, self._offset)
+        return os.pread(self._fd, size, self._offset - size)
 
     @property
     def exhausted(self) -> bool:

@@ -240,7 +240,9 @@ def test_a_restart_does_not_resume_in_another_file_that_has_a_line_end_at_the_of
 def test_a_restart_from_any_position_reads_exactly_the_lines_after_it(tmp_path: Path) -> None:
     """Positions check bytes before them across reads and polls (short lines, a cut over-long
     line, CRLF, a byte order mark, a last line without newline): resumed from each one, the same
-    file gives exactly the lines after it."""
+    file gives exactly the lines after it. Every position checks at least 64 bytes (or all before
+    it), also one taken soon after a restart or right after a cut line: with fewer, another file
+    that got the inode number passed the check (found by a review: 4 lines lost)."""
     rows = [b"\xef\xbb\xbf1", b"22", b"3", b"x" * 200_000, b"4\r", b"", b"5" * 70, *[b"%d" % i for i in range(6, 40)]]
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"\n".join(rows))  # the last line has no newline
@@ -260,6 +262,9 @@ def test_a_restart_from_any_position_reads_exactly_the_lines_after_it(tmp_path: 
             rest += again.poll(5, 0.1)
         again.close()
         assert [r.raw for r in rest] == [r.raw for r in got[i + 1 :]], f"resumed after record {i}"
+        for r in [record, *rest]:
+            at = rotation.parse(r.next)
+            assert at.checked >= min(rotation.CHECKED, at.offset), (i, at)
 
 
 def test_a_restart_does_not_seek_into_content_rewritten_while_stopped(tmp_path: Path) -> None:
