@@ -208,7 +208,8 @@ class ReplayBuffer:
         """Rebuild the labels-by-size index (class_balanced, many labels) from the lists as they are."""
         self._by_size = {}
         self._indexed = self.strategy == "class_balanced" and len(self._by_label) > INDEXED_LABELS
-        if not self._indexed:
+        if not self._indexed:  # the scan's bound again: adds under the index did not keep it
+            self._top = max(map(len, self._by_label.values()), default=0)
             return
         for label, entries in self._by_label.items():
             if entries:
@@ -268,7 +269,6 @@ class ReplayBuffer:
         with self._lock:
             self._by_label.clear()
             self._reindex()
-            self._top = 0
             self._count = 0
             self._bytes = 0
 
