@@ -27,8 +27,8 @@
 Threads: the *polling* thread (the intake's) owns the consumer and every field below; the
 rebalance listener and the commit callbacks run on kafka-python's IO thread and only put
 their news on ``_events``, which the polling thread applies at its next poll. The one thing
-the IO thread reads is ``_uncommitted``, an immutable snapshot the polling thread replaces
-whole (never mutates), so a read sees one consistent version.
+the IO thread reads is ``Offsets.uncommitted`` (``dynft.sources.kafka_offsets``), an immutable
+snapshot the polling thread replaces whole (never mutates), so a read sees one consistent version.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
@@ -52,23 +52,18 @@ from dynft.sources.kafka_connect import (
     commit_checkpoint_ahead,
     is_refusal,
     parse_kafka_uri,
-    partition_of,
     probe,
     refused,
     security_warnings,
     stream_of,
 )
+from dynft.sources.kafka_offsets import News, Offsets
 
-__all__ = ["KafkaSource", "client_config", "parse_kafka_uri", "partition_of", "stream_of"]
+__all__ = ["KafkaSource", "client_config", "parse_kafka_uri", "stream_of"]
 
 log = logging.getLogger(__name__)
-COMMIT_RETRY_S = 1.0  # pause after a failed offset commit (seen: hundreds a second during a rebalance)
 REJOIN_MARGIN_S = 10.0  # beyond the longest legitimate rebalance before a join counts as stuck
 RECONNECT_FIRST_S = 0.5  # first wait before trying unanswering brokers again; doubles per try
-
-# What the IO thread hands the polling thread: ("revoked" | "assigned", partitions) from the
-# rebalance listener, ("committed", offsets) from a successful asynchronous commit.
-Event = tuple[str, Any]
 
 
 class KafkaSource(Source):
@@ -78,13 +73,9 @@ class KafkaSource(Source):
         self.settings = settings
         self.metrics = metrics
         self._consumer: KafkaConsumer | None = None
-        self._commits: queue.Queue[Positions] = queue.Queue()  # from the training loop's thread
-        self._events: queue.SimpleQueue[Event] = queue.SimpleQueue()  # from kafka-python's IO thread
+        self._events: queue.SimpleQueue[News] = queue.SimpleQueue()  # from kafka-python's IO thread
+        self._offsets = Offsets(metrics)  # what is committed (dynft.sources.kafka_offsets)
         # Owned by the polling thread:
-        self._committed: dict[TopicPartition, int] = {}
-        self._checkpointed: dict[TopicPartition, int] = {}  # durable, maybe not yet committed
-        self._inflight: dict[TopicPartition, int] = {}  # asynchronous commits under way
-        self._commit_retry_at = 0.0  # after a failed commit, the next waits until then
         self._revoked_at: float | None = None  # a rebalance took partitions and none came back yet
         self._revoking: set[TopicPartition] = set()  # revoked by a rebalance that has not assigned yet
         self._revoked: set[str] = set()  # went to other members: the intake drops their queued records
@@ -96,8 +87,6 @@ class KafkaSource(Source):
         self._down_since: float | None = None  # monotonic time the brokers stopped answering
         self._reconnect_at = 0.0  # while not connected: the next try
         self._reconnect_in = RECONNECT_FIRST_S
-        # Written by the polling thread, read by the IO thread: replaced whole, never mutated.
-        self._uncommitted: dict[TopicPartition, int] = {}
         # Asked before every commit, by either thread (dynft.election: none once the term is lost).
         self.may_commit: Callable[[], bool] = lambda: True
         # kafka.sharded: the partitions of this trainer's term, assigned (not subscribed) before ``open``;
@@ -182,7 +171,7 @@ class KafkaSource(Source):
         if self._consumer is None:
             return
         try:
-            self._run_commits(final=True)
+            self._offsets.run(self._consumer, self._events, self.may_commit, final=True)
         finally:  # whatever the last commit did, the sockets are released
             self._consumer.close(autocommit=False)
             self._consumer = None
@@ -201,7 +190,7 @@ class KafkaSource(Source):
         self._apply_events()
         self._rejoin_if_stalled()
         consumer = self._require()
-        self._run_commits()
+        self._offsets.run(consumer, self._events, self.may_commit, final=False)
         self._measure_lag()
         # With every partition paused, poll only keeps the membership alive and returns nothing.
         batches = consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max(1, max_records))
@@ -239,9 +228,8 @@ class KafkaSource(Source):
             log.warning("cannot start a new consumer (%s); next try in %.0f s", exc, limit)
             return
         self._revoked_at = None
-        self._committed.clear()
+        self._offsets.forget()
         self._read.clear()
-        self._inflight.clear()
         try:
             stuck.close(autocommit=False)
         except KafkaError as exc:
@@ -261,74 +249,7 @@ class KafkaSource(Source):
 
     def commit(self, positions: Positions) -> None:
         """Queue a commit; it runs on the polling thread at its next poll."""
-        self._commits.put(dict(positions))
-
-    def _run_commits(self, final: bool = False) -> None:
-        """Commit checkpointed positions not yet committed, for the partitions this member owns.
-
-        Asynchronous: a synchronous commit that meets a rebalance waits for the rejoin, and the
-        rejoin waits for the next poll, which this thread would never make.
-        """
-        while True:
-            try:
-                positions = self._commits.get_nowait()
-            except queue.Empty:
-                break
-            for stream, offset in positions.items():
-                tp = partition_of(stream)
-                self._checkpointed[tp] = max(offset, self._checkpointed.get(tp, -1))
-        self._publish_uncommitted()
-        if not self.may_commit():
-            return
-        if not final and time.monotonic() < self._commit_retry_at:
-            return  # a commit just failed (a rebalance, an outage): retrying at every poll only floods the group
-        consumer = self._require()
-        owned = consumer.assignment()
-        try:
-            self._read_committed(owned & self._checkpointed.keys(), timeout_ms=5_000)
-        except KafkaError as exc:
-            log.warning("cannot read the group's committed offsets (%s); their commits wait", exc)
-        offsets = {
-            tp: OffsetAndMetadata(o, "", -1)
-            for tp, o in self._checkpointed.items()
-            if tp in owned and tp in self._committed and o > max(self._committed[tp], self._inflight.get(tp, -1))
-        }
-        if not offsets:
-            return
-        if final:
-            try:
-                consumer.commit(offsets, timeout_ms=10_000)
-                self._committed.update({tp: om.offset for tp, om in offsets.items()})
-            except KafkaError as exc:
-                log.warning("final commit failed (the next owner re-reads from the last commit): %s", exc)
-            return
-        self._inflight.update({tp: om.offset for tp, om in offsets.items()})
-        started = time.perf_counter()
-
-        events = self._events
-
-        def done(committed: Any, response: Any) -> None:  # on kafka-python's IO thread: news only
-            failed = response if isinstance(response, Exception) else None
-            if failed is None:
-                self.metrics.commit_seconds.observe(time.perf_counter() - started)
-            events.put(("committed", ({tp: om.offset for tp, om in committed.items()}, failed)))
-
-        consumer.commit_async(offsets, callback=done)
-
-    def _publish_uncommitted(self) -> None:
-        """Hand the IO thread's revocation commit a fresh snapshot of what awaits a commit."""
-        self._uncommitted = {tp: o for tp, o in self._checkpointed.items() if o > self._committed.get(tp, -1)}
-
-    def _read_committed(self, partitions: Iterable[TopicPartition], timeout_ms: int) -> None:
-        """Learn the group's committed offset of partitions new to this member; KafkaError on failure.
-
-        Another member may have committed past our old checkpoint while it owned one, and a
-        commit must never move the group back.
-        """
-        consumer = self._require()
-        for tp in partitions:
-            if tp not in self._committed:
-                self._committed[tp] = consumer.committed(tp, timeout_ms=timeout_ms) or 0
+        self._offsets.offer(positions)
 
     def _measure_lag(self) -> None:
         if time.monotonic() - self._lag_at < self.settings.lag_interval_s:
@@ -343,10 +264,10 @@ class KafkaSource(Source):
         timeout_ms = int(min(self.settings.lag_interval_s, 5.0) * 1000)
         try:
             ends = consumer.end_offsets(assigned, timeout_ms=timeout_ms)
-            self._read_committed(assigned, timeout_ms)
+            self._offsets.read_committed(consumer, assigned, timeout_ms)
             self._ends = dict(ends)
             for tp in assigned:
-                lag = max(0, ends[tp] - self._committed[tp])
+                lag = max(0, ends[tp] - self._offsets.committed[tp])
                 self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
         except KafkaError as exc:
             if self._down_since is None:
@@ -365,7 +286,7 @@ class KafkaSource(Source):
         consumer = self._consumer
         assigned = list(consumer.assignment()) if consumer is not None else []
         return bool(assigned) and all(
-            tp in self._ends and max(self._read.get(tp, 0), self._committed.get(tp, 0)) >= self._ends[tp]
+            tp in self._ends and max(self._read.get(tp, 0), self._offsets.committed.get(tp, 0)) >= self._ends[tp]
             for tp in assigned
         )
 
@@ -386,11 +307,12 @@ class KafkaSource(Source):
             elif kind == "assigned":
                 self._on_assigned(data)
             else:
-                self._on_committed(*data)
+                committed, failed = data
+                self._offsets.on_committed(committed, failed, self._revoking)
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         for tp in revoked:
-            self._committed.pop(tp, None)
+            self._offsets.committed.pop(tp, None)
             self.metrics.lag.labels(tp.topic, str(tp.partition)).set(0)
         self._revoking.update(revoked)  # which of them are really gone shows at the assignment
         self._revoked_at = time.monotonic()
@@ -407,24 +329,12 @@ class KafkaSource(Source):
             self._consumer.pause(*assigned)  # still under backpressure: new partitions wait too
         log.info("partitions assigned: %s", ", ".join(sorted(stream_of(tp) for tp in assigned)) or "none")
 
-    def _on_committed(self, committed: dict[TopicPartition, int], failed: Exception | None) -> None:
-        for tp, offset in committed.items():
-            if self._inflight.get(tp) == offset:
-                del self._inflight[tp]
-        if failed is not None:
-            self._commit_retry_at = time.monotonic() + COMMIT_RETRY_S
-            log.warning("offset commit failed, retried in %.0f s: %s", COMMIT_RETRY_S, failed)
-            return
-        for tp, offset in committed.items():
-            if tp not in self._revoking:  # revoked meanwhile: its next owner's commits are read afresh
-                self._committed[tp] = max(offset, self._committed.get(tp, -1))
-
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     """Runs on kafka-python's IO thread: commits what is checkpointed for revoked partitions
     (a blocking commit is not allowed there) and queues the change for the polling thread."""
 
-    def __init__(self, source: KafkaSource, events: queue.SimpleQueue[Event]) -> None:
+    def __init__(self, source: KafkaSource, events: queue.SimpleQueue[News]) -> None:
         self.source = source
         self.events = events
 
@@ -432,7 +342,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         revoked = set(revoked)
         if not revoked:  # the eager protocol revokes nothing before the first join
             return
-        uncommitted = self.source._uncommitted  # an immutable snapshot: see the module docstring
+        uncommitted = self.source._offsets.uncommitted  # an immutable snapshot: see the module docstring
         offsets = {tp: OffsetAndMetadata(uncommitted[tp], "", -1) for tp in revoked if tp in uncommitted}
         consumer = self.source._consumer
         if offsets and consumer is not None and self.source.may_commit():

@@ -25,15 +25,15 @@ def on_io_thread(action: object) -> None:
 def test_a_revocation_changes_nothing_until_the_polling_thread_applies_it() -> None:
     source = KafkaSource("kafka://127.0.0.1:1/t", KafkaSettings(), KafkaMetrics(CollectorRegistry()))
     kept, moved = TopicPartition("t", 0), TopicPartition("t", 1)
-    source._committed = {kept: 5, moved: 7}  # what _measure_lag reads on the polling thread
+    source._offsets.committed = {kept: 5, moved: 7}  # what _measure_lag reads on the polling thread
     listener = _Listener(source, source._events)
 
     on_io_thread(lambda: listener.on_partitions_revoked([kept, moved]))
-    assert source._committed == {kept: 5, moved: 7}, "the IO thread changed the polling thread's state"
+    assert source._offsets.committed == {kept: 5, moved: 7}, "the IO thread changed the polling thread's state"
     assert source.take_revoked() == set()
 
     source._apply_events()  # the polling thread, at its next poll
-    assert source._committed == {}
+    assert source._offsets.committed == {}
     assert source._revoked_at is not None
 
     on_io_thread(lambda: listener.on_partitions_assigned([kept]))
@@ -48,27 +48,27 @@ def test_the_revocation_commit_reads_the_snapshot_the_polling_thread_published()
     checkpointed-but-uncommitted offsets, not the live dictionaries."""
     source = KafkaSource("kafka://127.0.0.1:1/t", KafkaSettings(), KafkaMetrics(CollectorRegistry()))
     tp = TopicPartition("t", 0)
-    source._committed = {tp: 30}
-    snapshot_before = source._uncommitted
+    source._offsets.committed = {tp: 30}
+    snapshot_before = source._offsets.uncommitted
     assert snapshot_before == {}
-    source._checkpointed[tp] = 40
-    source._publish_uncommitted()
-    assert source._uncommitted == {tp: 40}
+    source._offsets.checkpointed[tp] = 40
+    source._offsets.publish_uncommitted()
+    assert source._offsets.uncommitted == {tp: 40}
     assert snapshot_before == {}, "a published snapshot was mutated instead of replaced"
-    source._committed[tp] = 40
-    source._publish_uncommitted()
-    assert source._uncommitted == {}
+    source._offsets.committed[tp] = 40
+    source._offsets.publish_uncommitted()
+    assert source._offsets.uncommitted == {}
 
 
 def test_a_commit_that_lands_after_its_partition_was_revoked_is_not_remembered() -> None:
     """The next owner may commit further; what the group committed is read afresh on reassignment."""
     source = KafkaSource("kafka://127.0.0.1:1/t", KafkaSettings(), KafkaMetrics(CollectorRegistry()))
     revoked, kept = TopicPartition("t", 0), TopicPartition("t", 1)
-    source._committed = {revoked: 10, kept: 10}
-    source._inflight = {revoked: 20, kept: 20}
+    source._offsets.committed = {revoked: 10, kept: 10}
+    source._offsets.inflight = {revoked: 20, kept: 20}
     listener = _Listener(source, source._events)
     on_io_thread(lambda: listener.on_partitions_revoked([revoked]))
     on_io_thread(lambda: source._events.put(("committed", ({revoked: 20, kept: 20}, None))))
     source._apply_events()
-    assert source._committed == {kept: 20}
-    assert source._inflight == {}
+    assert source._offsets.committed == {kept: 20}
+    assert source._offsets.inflight == {}

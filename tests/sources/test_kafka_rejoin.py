@@ -47,7 +47,7 @@ def test_a_stuck_rejoin_is_abandoned_for_a_new_consumer_that_continues_from_the_
         ends = _ends(source, topic)
         source.commit({f"{topic}/{p}": o for p, o in ends.items()})
         deadline = time.monotonic() + 30
-        while len(source._committed) < len(ends) and time.monotonic() < deadline:
+        while len(source._offsets.committed) < len(ends) and time.monotonic() < deadline:
             assert source.poll(10, 0.5) == []  # the commit runs (asynchronously) on the polling thread
         old = source._consumer
         source._revoked_at = time.monotonic() - 60  # the injected symptom: revoked long ago, never reassigned
