@@ -125,7 +125,7 @@ class FileSource(Source):
                 "or its inode number names another file now): reading it from the start; not read: the rest of the "
                 "checkpoint's file, and these rotated files beside it: %s",
                 self.uri,
-                ", ".join(str(p) for p in rotated_beside(Path(self._path))) or "none",
+                self._rotated_beside(),
             )
         else:
             start = resume_offset(self._fd, at, opened.st_size)
@@ -137,10 +137,14 @@ class FileSource(Source):
                 "%s does not go on at its checkpoint position (shorter, rewritten while stopped, or its inode number "
                 "names another file now): reading it from the start; rotated files beside it, not read: %s",
                 self.uri,
-                ", ".join(str(p) for p in rotated_beside(Path(self._path))) or "none",
+                self._rotated_beside(),
             )
         self._generation = at.generation + 1 if self._resume else 0  # past the checkpoint's: positions keep growing
         self._start_at(0)
+
+    def _rotated_beside(self) -> str:
+        """The rotated files beside the path, for a warning that they are not read."""
+        return ", ".join(str(p) for p in rotated_beside(Path(self._path))) or "none"
 
     def _reopen_rotated(self, opened: os.stat_result, at: Position) -> bool:
         """Read the rest of the checkpoint's file first if it was rotated beside the path, then the

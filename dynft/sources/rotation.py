@@ -171,9 +171,6 @@ class Successors:
         self._refused: set[Identity] = set()  # could not be opened: said once
         self._full = False  # MAX_WAITING files wait: said once
 
-    def __len__(self) -> int:
-        return len(self._waiting)
-
     def watch(self, current: Identity) -> None:
         """Open the file the path names now if it is neither ``current`` nor waiting already."""
         try:
