@@ -252,14 +252,14 @@ class ReplayBuffer:
             entries = sorted((e for es in self._by_label.values() for e in es), key=lambda e: e.seq)
             version, internal, gauss = self._rng.getstate()
             state = {"seen": self._seen, "rng": [version, list(internal), gauss]}
-        return [{"seq": e.seq, "event": e.event.model_dump(mode="json")} for e in entries], state
+        return [{"seq": e.seq, "event": e.event.to_builtins()} for e in entries], state
 
     def restore(self, records: list[dict[str, Any]], state: dict[str, Any]) -> None:
         """Refill from a ``snapshot``; the current bounds apply (they may have changed)."""
         self.clear()
         for record in records:
             self._seen = record["seq"]
-            self.add(Event.model_validate(record["event"], strict=False))
+            self.add(Event.from_builtins(record["event"]))
         version, internal, gauss = state["rng"]
         with self._lock:
             self._seen = state["seen"]

@@ -196,7 +196,7 @@ class LoopState(TaskLoop):
             "positions": self.positions,
             "reaction": self.reaction.snapshot(),
         }
-        holdout = [e.model_dump(mode="json") for e in self.holdout.snapshot()]
+        holdout = [e.to_builtins() for e in self.holdout.snapshot()]
         records = {"buffer.jsonl": buffered, "holdout.jsonl": holdout}
         if self.tasks:
             state["tasks"] = {}
@@ -235,9 +235,7 @@ class LoopState(TaskLoop):
             self.publisher.restore(state["publisher"])
             self.reaction.restore(state["reaction"])
         self.buffer.restore(checkpoint.records.get("buffer.jsonl", []), state["buffer"])
-        self.holdout.restore(
-            [Event.model_validate(r, strict=False) for r in checkpoint.records.get("holdout.jsonl", [])]
-        )
+        self.holdout.restore([Event.from_builtins(r) for r in checkpoint.records.get("holdout.jsonl", [])])
         self.prequential.restore(state["prequential"])
         self._restore_tasks(checkpoint)
         self.positions = dict(state["positions"])

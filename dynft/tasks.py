@@ -289,7 +289,7 @@ class Task:
             "reaction": self.reaction.snapshot(),
         }
         prefix = f"task.{self.name}."
-        holdout = [e.model_dump(mode="json") for e in self.holdout.snapshot()]
+        holdout = [e.to_builtins() for e in self.holdout.snapshot()]
         records = {f"{prefix}buffer.jsonl": buffered, f"{prefix}holdout.jsonl": holdout}
         return {prefix + k: t for k, t in tensors.items()}, state, records
 
@@ -313,7 +313,7 @@ class Task:
             self.reaction.restore(state["reaction"])
         self.buffer.restore(records.get(f"{prefix}buffer.jsonl", []), state["buffer"])
         holdout = records.get(f"{prefix}holdout.jsonl", [])
-        self.holdout.restore([Event.model_validate(r, strict=False) for r in holdout])
+        self.holdout.restore([Event.from_builtins(r) for r in holdout])
         self.prequential.restore(state["prequential"])
 
 

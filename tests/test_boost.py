@@ -19,7 +19,7 @@ def test_boosted_extra_replay_steps_give_way_to_waiting_fresh_work(tiny_settings
     trainer = home.fork(task_collator(home.collator, LabelMap()), share_adapter=False)
     task = Task("a", trainer, ReplayBuffer(b.max_events, b.max_bytes), tiny_settings, home=home)
     rows = keyword_events(64, ["alpha", "beta"], seed=1)
-    batches = [[Event.model_validate(r) for r in rows[i : i + 16]] for i in range(0, 64, 16)]
+    batches = [[Event.from_builtins(r) for r in rows[i : i + 16]] for i in range(0, 64, 16)]
     task.train(task.collator(batches[0], n_fresh=16))  # something to replay
     task.reaction.on_detection(Detection("error", "ADWIN", 16))
     assert task.reaction.boosting and tiny_settings.drift.boost_extra_steps == 1

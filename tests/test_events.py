@@ -144,3 +144,14 @@ def test_default_text_limit_is_8192_characters() -> None:
     assert isinstance(decode(ok, EventSettings()), Event)
     rejected = decode(too_long, EventSettings())
     assert isinstance(rejected, Rejection) and rejected.reason == "text_too_long"
+
+
+def test_the_slow_paths_schema_has_the_events_fields_and_defaults() -> None:
+    """The pydantic schema that names a refused record's problem mirrors the msgspec event field for field."""
+    from dynft.events import _Schema
+
+    optional = Event.__struct_fields__[len(Event.__struct_fields__) - len(Event.__struct_defaults__) :]
+    assert list(_Schema.model_fields) == list(Event.__struct_fields__)
+    assert {name: info.default for name, info in _Schema.model_fields.items() if not info.is_required()} == dict(
+        zip(optional, Event.__struct_defaults__, strict=True)
+    )

@@ -127,8 +127,7 @@ def test_lwf_and_ewc_steps_train_and_stay_closer_to_the_anchor(tiny_settings: Se
         train(trainer, events(160, ["alpha", "beta"], seed=4))
         trainer.anchor_to(trainer.export())
         flipped = [
-            e.model_copy(update={"label": {"alpha": "beta", "beta": "alpha"}[e.label]})
-            for e in events(160, ["alpha", "beta"], seed=5)
+            e.replace(label={"alpha": "beta", "beta": "alpha"}[e.label]) for e in events(160, ["alpha", "beta"], seed=5)
         ]
         train(trainer, flipped, n_fresh=8)  # half of each batch counts as replayed: LwF's rows
         assert trainer.forgetting.anchor is not None

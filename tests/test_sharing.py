@@ -27,7 +27,7 @@ from helpers import keyword_events, write_jsonl
 
 
 def events(n: int, labels: list[str], seed: int, prefix: str) -> list[Event]:
-    return [Event.model_validate(row) for row in keyword_events(n, labels, seed=seed, prefix=prefix)]
+    return [Event.from_builtins(row) for row in keyword_events(n, labels, seed=seed, prefix=prefix)]
 
 
 def train(trainer: OnlineTrainer, stream: list[Event], home: OnlineTrainer, size: int = 16) -> None:

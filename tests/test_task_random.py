@@ -17,7 +17,7 @@ from helpers import keyword_events
 
 
 def events(n: int, labels: list[str], seed: int, prefix: str) -> list[Event]:
-    return [Event.model_validate(row) for row in keyword_events(n, labels, seed=seed, prefix=prefix)]
+    return [Event.from_builtins(row) for row in keyword_events(n, labels, seed=seed, prefix=prefix)]
 
 
 def two_tasks(settings: Settings, state: Path) -> tuple[Task, Task]:

@@ -36,7 +36,7 @@ def interleaved(n_per_task: int, tasks: dict[str, list[str]], seed: int = 0, sta
 def final_accuracy(loop: TrainingLoop, name: str, labels: list[str], n: int = 200) -> float:
     """How well task ``name``'s trained weights label new events of its own, unlike its prequential
     accuracy, which counts its early errors too."""
-    events = [Event.model_validate(r) for r in keyword_events(n, labels, seed=99, prefix=f"{name}-new-", start=90_000)]
+    events = [Event.from_builtins(r) for r in keyword_events(n, labels, seed=99, prefix=f"{name}-new-", start=90_000)]
     task = loop.tasks[name]
     with task.installed():
         predictions = task.trainer.predictions(events)

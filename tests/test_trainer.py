@@ -66,7 +66,7 @@ def test_a_non_finite_loss_skips_the_step_and_leaves_the_weights_alone(tiny_trai
     tiny_trainer.step(tiny_trainer.collator(events(16, ["alpha", "beta"]), n_fresh=16))
     before = {k: p.detach().clone() for k, p in tiny_trainer.slots.capture().items()}
     # A finite but enormous weight drives the weighted loss to infinity: a real poison input.
-    poison = [e.model_copy(update={"weight": 1e308}) for e in events(16, ["alpha", "beta"], seed=5)]
+    poison = [e.replace(weight=1e308) for e in events(16, ["alpha", "beta"], seed=5)]
     result = tiny_trainer.step(tiny_trainer.collator(poison, n_fresh=16))
     assert result.skipped == "non_finite_loss"
     assert tiny_trainer.skipped == 1 and tiny_trainer.steps == 1

@@ -94,7 +94,8 @@ def teacher(
 
 def stream(dataset: str, teachers: list[dict[str, float]], config: str, events: int, seed: int) -> list[Any]:
     """The student's events for one configuration and seed (the same texts for every configuration)."""
-    from dynft.events import Event
+    from dynft.events import Rejection, decode
+    from dynft.settings import EventSettings
 
     train = load(dataset, "train")
     rng = random.Random(seed)
@@ -107,7 +108,10 @@ def stream(dataset: str, teachers: list[dict[str, float]], config: str, events: 
             row["teacher"] = teachers[k]
         if config == "teacher + 10% labels" and k not in labelled:
             del row["label"]  # the event takes the teacher's top label and trains on the teacher alone
-        out.append(Event.model_validate(row))
+        event = decode(json.dumps(row).encode(), EventSettings())  # as the daemon reads the record
+        if isinstance(event, Rejection):
+            raise ValueError(f"event e{k} rejected: {event.reason} ({event.detail})")
+        out.append(event)
     return out
 
 
