@@ -191,8 +191,9 @@ def open_dead_letter_sink(
     """Kafka sources dead-letter to topics; every other source to a JSON Lines file."""
     from dynft.sources.kafka import KafkaSource
     from dynft.sources.kafka_deadletter import KafkaDeadLetterSink
+    from dynft.sources.kafka_process import KafkaProcessSource
 
-    if isinstance(source, KafkaSource):
+    if isinstance(source, KafkaSource | KafkaProcessSource):
         return KafkaDeadLetterSink(source.servers, source.topics, kafka)
     s = settings or SourceSettings()
     return JsonlDeadLetterSink(path, source.uri, s.dead_letter_max_bytes, s.dead_letter_max_files, on_refused)

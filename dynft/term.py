@@ -13,6 +13,7 @@ from dynft.events import DEFAULT_TASK
 from dynft.registry import AdapterRegistry
 from dynft.sources.base import Source
 from dynft.sources.kafka import KafkaSource
+from dynft.sources.kafka_process import KafkaProcessSource
 
 if TYPE_CHECKING:
     from dynft.election import Election
@@ -73,7 +74,7 @@ class TermView:
 def fence_commits(source: Source, term: TermView) -> None:
     """``source`` commits only while ``term`` lasts (the next term's trainer commits), and, when
     sharded, consumes only the term's partitions of the source topic."""
-    if isinstance(source, KafkaSource):
+    if isinstance(source, KafkaSource | KafkaProcessSource):
         source.may_commit = term.may_commit
         if term.election.sharded:
             source.partitions = term.partitions

@@ -58,6 +58,9 @@ class KafkaSettings(Section):
     )
     fetch_max_bytes: int = Field(50 << 20, ge=1024, description="bytes per fetch response")
     max_partition_fetch_bytes: int = Field(1 << 20, ge=1024, description="bytes per partition per fetch")
+    consumer_process: bool = Field(
+        True, description="poll in a child process: the client's record parsing uses another core than training"
+    )
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
         "PLAINTEXT", description="SASL_SSL for SASL over TLS; SASL credentials without SASL_ are ignored (warned)"
     )

@@ -33,6 +33,9 @@ def open_source(
     if uri.startswith("kafka://"):
         from dynft.metrics import KafkaMetrics
         from dynft.sources.kafka import KafkaSource
+        from dynft.sources.kafka_process import KafkaProcessSource
 
+        if kafka.consumer_process:
+            return KafkaProcessSource(uri, kafka, metrics or CollectorRegistry())
         return KafkaSource(uri, kafka, KafkaMetrics(metrics or CollectorRegistry()))
     raise SourceError(f"unknown source {uri!r}: expected demo, file:PATH, file:- or kafka://HOST:PORT/TOPIC")

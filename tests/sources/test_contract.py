@@ -19,6 +19,7 @@ from dynft.produce import ensure_topic, produce
 from dynft.settings import KafkaSettings
 from dynft.sources import DemoSource, FileSource, Record, Source, furthest
 from dynft.sources.kafka import KafkaSource
+from dynft.sources.kafka_process import KafkaProcessSource
 
 from helpers import write_jsonl
 
@@ -47,14 +48,20 @@ def demo_loop_made(tmp_path: Path, request: pytest.FixtureRequest) -> Made:
     return Made(lambda: DemoSource(loop=True), None, False)
 
 
-def kafka_made(tmp_path: Path, request: pytest.FixtureRequest) -> Made:
+def kafka_made(tmp_path: Path, request: pytest.FixtureRequest, in_process: bool = True) -> Made:
     broker: Broker = request.getfixturevalue("kafka_broker")
     topic = f"contract-{uuid.uuid4().hex[:8]}"
     ensure_topic([broker.bootstrap], topic, 3, {})
     produce(write_jsonl(tmp_path / "in.jsonl", rows(25)), [broker.bootstrap], topic, {})
     group = f"g-{uuid.uuid4().hex[:6]}"
     uri = f"kafka://{broker.bootstrap}/{topic}?group={group}"
+    if not in_process:
+        return Made(lambda: KafkaProcessSource(uri, KafkaSettings(), _registry()), 25, False)
     return Made(lambda: KafkaSource(uri, KafkaSettings(), KafkaMetrics(_registry())), 25, False)
+
+
+def kafka_process_made(tmp_path: Path, request: pytest.FixtureRequest) -> Made:
+    return kafka_made(tmp_path, request, in_process=False)
 
 
 def _registry():  # type: ignore[no-untyped-def]
@@ -63,7 +70,13 @@ def _registry():  # type: ignore[no-untyped-def]
     return CollectorRegistry()
 
 
-SOURCES = {"file": file_made, "demo": demo_made, "demo-loop": demo_loop_made, "kafka": kafka_made}
+SOURCES = {
+    "file": file_made,
+    "demo": demo_made,
+    "demo-loop": demo_loop_made,
+    "kafka": kafka_made,
+    "kafka-process": kafka_process_made,
+}
 
 
 @pytest.fixture(params=sorted(SOURCES))
