@@ -215,8 +215,11 @@ class _CheckedState:
             raise ValueError("lexical counts have malformed shapes")
         # Few passes (a version loads on the server's hot-swap path): the small parts in one. Sums of
         # finite values can still be infinite, so the totals and the events' sum are checked too.
+        # A finite sum of everything says every value is finite; the element-wise check only if not.
         small = torch.cat([docs, self.losses, self.totals, docs.sum()[None]])
-        if not (bool(torch.isfinite(values).all()) and bool(torch.isfinite(small).all())):
+        if not bool((values.sum() + small.sum()).isfinite()) and not (
+            bool(torch.isfinite(values).all()) and bool(torch.isfinite(small).all())
+        ):
             raise ValueError("lexical counts have non-finite values")
         if bool((values < 0).any()) or bool((docs < 0).any()):
             raise ValueError("lexical counts have negative values")
@@ -284,7 +287,7 @@ class WordScorer:
         if matrix is not None:  # rows of unseen labels added to each request's columns, not to the matrix
             scorer._gather = lambda buckets: torch.cat([matrix[:, buckets], torch.zeros(pad, len(buckets))])
         else:
-            scorer._gather = _SparseColumns(checked.index, checked.values, labels, checked.buckets).gather
+            scorer._gather = _SparseColumns(checked.index, checked.values, labels).gather
         return scorer
 
     def _init(self, weight: float, buckets: int, totals: torch.Tensor, seen: torch.Tensor, docs: torch.Tensor) -> None:
@@ -300,19 +303,20 @@ class WordScorer:
 
 class _SparseColumns:
     """Sparse counts ordered by bucket, so that the columns of a few buckets are gathered without
-    a dense matrix: each bucket's entries are one run, found through ``starts``."""
+    a dense matrix: each bucket's entries are one run, found by binary search at each request
+    (a table of every bucket's start, built at load, cost more than the rest of a hot swap)."""
 
-    def __init__(self, index: torch.Tensor, values: torch.Tensor, labels: int, buckets: int) -> None:
+    def __init__(self, index: torch.Tensor, values: torch.Tensor, labels: int) -> None:
         order = torch.argsort(index[:, 1], stable=True)
         self.labels = labels
         self.label = index[order, 0]
         self.value = values[order]
-        self.starts = torch.searchsorted(index[order, 1], torch.arange(buckets + 1))
+        self.bucket = index[order, 1].contiguous()
 
     def gather(self, buckets: torch.Tensor) -> torch.Tensor:
         """The counts of ``buckets`` (K,) for every label (labels, K)."""
-        first = self.starts[buckets]
-        runs = self.starts[buckets + 1] - first
+        first = torch.searchsorted(self.bucket, buckets)
+        runs = torch.searchsorted(self.bucket, buckets, right=True) - first
         column = torch.repeat_interleave(torch.arange(len(buckets)), runs)
         run_start = torch.repeat_interleave(torch.cumsum(runs, 0) - runs, runs)
         entry = torch.repeat_interleave(first, runs) + torch.arange(len(column)) - run_start

@@ -199,3 +199,20 @@ def test_promote_checks_the_version_under_the_registry_lock(tmp_path: Path) -> N
     waiting.join(30)
     assert [type(e) for e in errors] == [VersionUnloadableError]
     assert reg.serving().version is None
+
+
+def test_nonfinite_keys_names_every_culprit_and_passes_finite_values_whose_sum_overflows() -> None:
+    from dynft.registry import nonfinite_keys
+
+    big = torch.full((4,), 3e38)  # finite, but the sum of all values is past the float range
+    assert nonfinite_keys({"a": big, "b": torch.ones(3), "steps": torch.tensor([7])}) == []
+    bad = {
+        "a": big,
+        "nan": torch.tensor([1.0, float("nan")]),
+        "inf": torch.tensor([-float("inf")]),
+        "ok": torch.ones(2),
+    }
+    assert nonfinite_keys(bad) == ["nan", "inf"]
+    assert nonfinite_keys({"half": torch.tensor([1.0, float("inf")], dtype=torch.bfloat16), "b": torch.ones(2)}) == [
+        "half"
+    ]
