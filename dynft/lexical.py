@@ -131,7 +131,7 @@ class Lexicon:
         return self._posterior(Bags(texts, self.buckets), labels)
 
     def _posterior(self, bags: Bags, labels: int) -> torch.Tensor:
-        columns = _columns(self.counts[:labels, bags.index], _denominator(self.totals[:labels], self.seen))
+        columns = _columns(self.counts[:labels, bags.index], _denominator(self.totals[:labels], int(self.seen.sum())))
         return _score(columns, _log_prior(self.docs[:labels]), bags)
 
     def weigh(self, adapter: torch.Tensor, counts: torch.Tensor, label_ids: Sequence[int]) -> None:
@@ -162,7 +162,7 @@ class Lexicon:
         version's counts stay under 128 KiB per label at the default 32,768 buckets."""
         self._grow(labels)
         counts = self.counts[:labels]
-        where = counts.nonzero()  # (K, 2)
+        where = counts.T.nonzero().flip(1)  # (K, 2): (label, bucket), by bucket then label, as a load reads them
         out = {
             "lexical.docs": self.docs[:labels].clone(),
             "lexical.losses": self.losses.clone(),
@@ -204,7 +204,7 @@ class _CheckedState:
                     raise ValueError("lexical counts have malformed shapes")
                 self.totals = values.sum(1)
             else:
-                self.index, values = self._sparse(tensors, docs.shape[0], buckets)
+                self.index, values, self.order = self._sparse(tensors, docs.shape[0], buckets)
                 self.values = values
                 self.totals = torch.zeros(docs.shape[0]).index_add_(0, self.index[:, 0], values)
         except (KeyError, IndexError) as exc:
@@ -225,17 +225,27 @@ class _CheckedState:
             raise ValueError("lexical counts have negative values")
 
     @staticmethod
-    def _sparse(tensors: dict[str, torch.Tensor], labels: int, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sparse(
+        tensors: dict[str, torch.Tensor], labels: int, buckets: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The entries' (label, bucket) index, their counts, and the order that sorts them by
+        bucket, then label, for ``_SparseColumns`` (None: they are in that order, as ``state``
+        writes them). Strictly increasing keys also say that no entry repeats, so a version
+        written by ``state`` loads without a sort (on the server's hot-swap path)."""
         index, values = _integers(tensors["lexical.index"]).long(), tensors["lexical.count"].float()
         if index.dim() != 2 or index.shape[1] != 2 or values.shape != index.shape[:1]:
             raise ValueError("lexical counts have malformed shapes")
-        if index.numel() and (
-            int(index.min()) < 0 or int(index[:, 0].max()) >= labels or int(index[:, 1].max()) >= buckets
-        ):
-            raise ValueError("lexical counts index past their labels or buckets")
-        if torch.unique(index[:, 0] * buckets + index[:, 1]).numel() != index.shape[0]:
+        if index.numel():
+            (low, high) = (bound.tolist() for bound in index.aminmax(dim=0))
+            if min(low) < 0 or high[0] >= labels or high[1] >= buckets:
+                raise ValueError("lexical counts index past their labels or buckets")
+        keys = index[:, 1] * max(1, labels) + index[:, 0]
+        if bool((keys[1:] > keys[:-1]).all()):
+            return index, values, None
+        keys, order = torch.sort(keys, stable=True)
+        if bool((keys[1:] == keys[:-1]).any()):
             raise ValueError("lexical counts name a bucket of a label twice")  # the totals would not be the counts'
-        return index, values
+        return index, values, order
 
     def dense(self) -> torch.Tensor:
         """The counts as a (labels, buckets) matrix."""
@@ -272,7 +282,8 @@ class WordScorer:
     def __init__(self, lexicon: Lexicon, labels: int) -> None:
         lexicon._grow(labels)
         counts = lexicon.counts[:labels]
-        self._init(lexicon.weight, lexicon.buckets, lexicon.totals[:labels], lexicon.seen, lexicon.docs[:labels])
+        vocabulary = int(lexicon.seen.sum())
+        self._init(lexicon.weight, lexicon.buckets, lexicon.totals[:labels], vocabulary, lexicon.docs[:labels])
         self._gather: Callable[[torch.Tensor], torch.Tensor] = lambda buckets: counts[:, buckets]
 
     @classmethod
@@ -282,18 +293,20 @@ class WordScorer:
         scorer = cls.__new__(cls)
         pad = labels - checked.docs.shape[0]  # labels the counts have not seen yet score as empty rows
         docs, totals = (torch.cat([t, torch.zeros(pad)]) for t in (checked.docs, checked.totals))
-        scorer._init(_weight(checked.losses), checked.buckets, totals, checked.seen(), docs)
         matrix = checked.matrix
         if matrix is not None:  # rows of unseen labels added to each request's columns, not to the matrix
             scorer._gather = lambda buckets: torch.cat([matrix[:, buckets], torch.zeros(pad, len(buckets))])
+            vocabulary = int(checked.seen().sum())
         else:
-            scorer._gather = _SparseColumns(checked.index, checked.values, labels).gather
+            columns = _SparseColumns(checked.index, checked.values, checked.order, labels)
+            scorer._gather, vocabulary = columns.gather, columns.vocabulary()
+        scorer._init(_weight(checked.losses), checked.buckets, totals, vocabulary, docs)
         return scorer
 
-    def _init(self, weight: float, buckets: int, totals: torch.Tensor, seen: torch.Tensor, docs: torch.Tensor) -> None:
+    def _init(self, weight: float, buckets: int, totals: torch.Tensor, vocabulary: int, docs: torch.Tensor) -> None:
         self.weight = weight
         self.buckets = buckets
-        self.denominator = _denominator(totals, seen)
+        self.denominator = _denominator(totals, vocabulary)
         self.prior = _log_prior(docs)
 
     def probabilities(self, texts: Sequence[str]) -> torch.Tensor:
@@ -306,12 +319,20 @@ class _SparseColumns:
     a dense matrix: each bucket's entries are one run, found by binary search at each request
     (a table of every bucket's start, built at load, cost more than the rest of a hot swap)."""
 
-    def __init__(self, index: torch.Tensor, values: torch.Tensor, labels: int) -> None:
-        order = torch.argsort(index[:, 1], stable=True)
+    def __init__(self, index: torch.Tensor, values: torch.Tensor, order: torch.Tensor | None, labels: int) -> None:
+        """``order``: the entries' order by bucket (``_CheckedState._sparse``'s; None: in order)."""
+        if order is not None:
+            index, values = index[order], values[order]
         self.labels = labels
-        self.label = index[order, 0]
-        self.value = values[order]
-        self.bucket = index[order, 1].contiguous()
+        self.label = index[:, 0]
+        self.value = values
+        self.bucket = index[:, 1].contiguous()
+
+    def vocabulary(self) -> int:
+        """How many buckets hold a word (a positive count): runs of the sorted buckets, without a
+        mask of every bucket."""
+        words = self.bucket[self.value > 0]
+        return int((words[1:] != words[:-1]).sum()) + int(len(words) > 0)
 
     def gather(self, buckets: torch.Tensor) -> torch.Tensor:
         """The counts of ``buckets`` (K,) for every label (labels, K)."""
@@ -330,10 +351,9 @@ def _weight(losses: torch.Tensor) -> float:
     return float(WEIGHTS[int(torch.argmin(losses))])
 
 
-def _denominator(totals: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    """log(words of each label + smoothing over the vocabulary seen) (C,)."""
-    vocabulary = max(1, int(seen.sum()))
-    return torch.log(totals + ALPHA * vocabulary)
+def _denominator(totals: torch.Tensor, vocabulary: int) -> torch.Tensor:
+    """log(words of each label + smoothing over the ``vocabulary`` seen, the buckets with any word) (C,)."""
+    return torch.log(totals + ALPHA * max(1, vocabulary))
 
 
 def _columns(counts: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:

@@ -127,6 +127,15 @@ def check_base_model(version: int, meta: dict[str, Any], base_model: BaseModelId
         )
 
 
+def content_hash(files: dict[str, bytes]) -> str:
+    """meta.json's ``content_hash``: SHA-256 of the ``HASHED`` files' bytes, one after the other
+    (fed to the hash one at a time: a load makes no copy of their concatenation)."""
+    digest = hashlib.sha256()
+    for name in HASHED:
+        digest.update(files[name])
+    return digest.hexdigest()
+
+
 def nonfinite_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
     """The floating-point tensors holding a NaN or an infinity. One check over all of them at
     once (an adapter is a few hundred KB, and one kernel call per tensor costs more than that):
@@ -211,7 +220,7 @@ class AdapterRegistry:
             CONFIG: _json_bytes(state.peft_config),
             LABELS: _json_bytes(state.labels),
         }
-        digest = hashlib.sha256(b"".join(files[name] for name in HASHED)).hexdigest()
+        digest = content_hash(files)
         if state.lexical is not None:  # hashed apart: servers that predate word counts still load the adapter
             files[LEXICAL] = save_safetensors(state.lexical)
             meta = {**meta, "lexical_hash": hashlib.sha256(files[LEXICAL]).hexdigest()}
@@ -253,7 +262,7 @@ class AdapterRegistry:
             raise VersionUnloadableError(
                 f"adapter version {version}: incomplete ({exc.strerror}: {exc.filename})"
             ) from exc
-        digest = hashlib.sha256(b"".join(files[name] for name in HASHED)).hexdigest()
+        digest = content_hash(files)
         lexical = hashlib.sha256(files[LEXICAL]).hexdigest() if LEXICAL in files else None
         if digest != meta.get("content_hash") or lexical != meta.get("lexical_hash"):
             raise VersionUnloadableError(f"adapter version {version}: content hash mismatch (corrupt files)")

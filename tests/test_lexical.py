@@ -125,6 +125,35 @@ def test_a_read_state_scores_as_the_lexicon_it_was_taken_from(words_per_text: in
     assert read.probabilities(probes)[:, 4:].abs().sum() == 0 and read.weight == lexicon.weight
 
 
+def test_sparse_entries_in_any_order_read_alike_and_stored_zeros_are_no_words() -> None:
+    """``state`` writes entries by bucket, so a load needs no sort; entries in another order (a
+    version written before, label by label) or with a stored zero count read the same."""
+    gen = torch.Generator().manual_seed(3)
+    lexicon = Lexicon(buckets=512)
+    texts = [" ".join(f"w{w}" for w in row) for row in torch.randint(0, 900, (40, 3), generator=gen).tolist()]
+    lexicon.learn(texts, [i % 3 for i in range(40)], labels=3)
+    state = lexicon.state(3)
+    index, count = state["lexical.index"], state["lexical.count"]
+    keys = index[:, 1].long() * 3 + index[:, 0].long()
+    assert bool((keys[1:] > keys[:-1]).all())  # by bucket, then label
+    by_label = torch.argsort(index[:, 0].long() * 512 + index[:, 1].long())
+    shuffled = torch.randperm(len(count), generator=gen)
+    empty = min(set(range(512)) - set(index[:, 1].tolist()))
+    extra = torch.tensor([[2, empty]], dtype=index.dtype)  # a bucket no text hashed to, stored with 0
+    zero_entry = {"lexical.index": torch.cat([index, extra]), "lexical.count": torch.cat([count, torch.zeros(1)])}
+    with_zero = state | zero_entry
+    probes = [*texts[:4], "w1 w2 unknown", ""]
+    expected = WordScorer.read(state, 3)
+    for order in (by_label, shuffled):
+        read = WordScorer.read(state | {"lexical.index": index[order], "lexical.count": count[order]}, 3)
+        assert torch.equal(read.probabilities(probes), expected.probabilities(probes))
+        assert torch.equal(read.denominator, expected.denominator)
+    zero = WordScorer.read(with_zero, 3)
+    assert torch.equal(zero.denominator, expected.denominator)  # the vocabulary counts buckets with words only
+    assert torch.equal(zero.probabilities(probes), expected.probabilities(probes))
+    assert int(Lexicon.from_state(with_zero, 3).seen.sum()) == int(lexicon.seen.sum())
+
+
 def test_a_version_of_many_labels_is_read_without_its_dense_matrix() -> None:
     """20,000 labels over 2**20 buckets would be an 80 GB matrix: its few words are read as they are stored."""
     labels, buckets = 20_000, 1 << 20
