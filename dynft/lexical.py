@@ -162,7 +162,10 @@ class Lexicon:
         version's counts stay under 128 KiB per label at the default 32,768 buckets."""
         self._grow(labels)
         counts = self.counts[:labels]
-        where = counts.T.nonzero().flip(1)  # (K, 2): (label, bucket), by bucket then label, as a load reads them
+        # (K, 2) rows of (label, bucket), stored by bucket, then label, as a load reads them (sorted
+        # here: counts.T.nonzero() walks the matrix column by column, 5x slower at 1,000 labels).
+        where = counts.nonzero()
+        where = where[torch.argsort(where[:, 1] * labels + where[:, 0])]
         out = {
             "lexical.docs": self.docs[:labels].clone(),
             "lexical.losses": self.losses.clone(),
@@ -242,7 +245,7 @@ class _CheckedState:
         keys = index[:, 1] * max(1, labels) + index[:, 0]
         if bool((keys[1:] > keys[:-1]).all()):
             return index, values, None
-        keys, order = torch.sort(keys, stable=True)
+        keys, order = torch.sort(keys)
         if bool((keys[1:] == keys[:-1]).any()):
             raise ValueError("lexical counts name a bucket of a label twice")  # the totals would not be the counts'
         return index, values, order
@@ -320,9 +323,9 @@ class _SparseColumns:
     (a table of every bucket's start, built at load, cost more than the rest of a hot swap)."""
 
     def __init__(self, index: torch.Tensor, values: torch.Tensor, order: torch.Tensor | None, labels: int) -> None:
-        """``order``: the entries' order by bucket (``_CheckedState._sparse``'s; None: in order)."""
-        if order is not None:
-            index, values = index[order], values[order]
+        """``order``: the entries' order by bucket, then label (``_CheckedState._sparse``'s; None:
+        in that order already). Copies either way: the scorer never shares the state's tensors."""
+        index, values = (index[order], values[order]) if order is not None else (index.clone(), values.clone())
         self.labels = labels
         self.label = index[:, 0]
         self.value = values
