@@ -10,7 +10,6 @@ its first fork, hence the side effect.
 
 from __future__ import annotations
 
-import gc
+from dynft.runtime import freeze
 
-gc.collect()
-gc.freeze()
+freeze()
