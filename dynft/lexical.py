@@ -239,7 +239,7 @@ class _CheckedState:
         if index.dim() != 2 or index.shape[1] != 2 or values.shape != index.shape[:1]:
             raise ValueError("lexical counts have malformed shapes")
         if index.numel():
-            (low, high) = (bound.tolist() for bound in index.aminmax(dim=0))
+            low, high = (bound.tolist() for bound in index.aminmax(dim=0))
             if min(low) < 0 or high[0] >= labels or high[1] >= buckets:
                 raise ValueError("lexical counts index past their labels or buckets")
         keys = index[:, 1] * max(1, labels) + index[:, 0]

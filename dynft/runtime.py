@@ -19,8 +19,6 @@ from __future__ import annotations
 import atexit
 import gc
 
-_unfreeze_at_exit = False  # atexit holds gc.unfreeze once per process (a forked child inherits it)
-
 
 def tune_gc(young_threshold: int = 10_000) -> None:
     """Call once the model is loaded, before the source starts (see ``TrainingLoop.startup``)."""
@@ -31,9 +29,7 @@ def tune_gc(young_threshold: int = 10_000) -> None:
 
 def freeze() -> None:
     """Collect, then move every object alive now out of the collector's sight until exit."""
-    global _unfreeze_at_exit
     gc.collect()
     gc.freeze()
-    if not _unfreeze_at_exit:
-        atexit.register(gc.unfreeze)  # atexit runs before the interpreter's last collection
-        _unfreeze_at_exit = True
+    atexit.unregister(gc.unfreeze)  # once per process, however often it freezes
+    atexit.register(gc.unfreeze)  # atexit runs before the interpreter's last collection
