@@ -161,7 +161,9 @@ def test_a_second_daemon_exits_2_naming_the_first_and_state_files_are_private(
     """A real ``dynft run`` holds the directory: a second ``run`` and a ``train`` exit 2 naming its
     pid, while its own trainer child (which does not take the lock) trains. Every state file the
     daemon created is 0600, every directory 0700."""
-    rows: list[object] = [*keyword_events(600, ["alpha", "beta"], seed=3), b"not json"]  # one dead letter
+    # One dead letter, first: the sink creates its file at start, and a record read late (intake
+    # waits while the buffer is full) would leave it empty when the test reads it.
+    rows: list[object] = [b"not json", *keyword_events(600, ["alpha", "beta"], seed=3)]
     stream = write_jsonl(tmp_path / "stream.jsonl", rows)
     state = tmp_path / "state"
     common = ["--model", str(tiny_settings.model.path), "--source", f"file:{stream}", "--state-dir", str(state)]
@@ -179,7 +181,8 @@ def test_a_second_daemon_exits_2_naming_the_first_and_state_files_are_private(
     try:
         deadline = time.monotonic() + 120
         wanted = ("ledger.db", "dead-letter.jsonl", "registry/serving.json", "checkpoints")
-        while not all((state / name).exists() for name in wanted):
+        dead = state / "dead-letter.jsonl"
+        while not (all((state / name).exists() for name in wanted) and dead.stat().st_size > 0):
             assert first.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.5)
         for command in ("run", "train"):
@@ -202,7 +205,7 @@ def test_a_second_daemon_exits_2_naming_the_first_and_state_files_are_private(
         ]
         assert [float(line.rsplit(" ", 1)[1]) for line in restarts] == [0.0], "the trainer never restarted"
         assert first.poll() is None, "the first daemon is unaffected"
-        assert json.loads((state / "dead-letter.jsonl").read_text().splitlines()[0])["reason"]
+        assert json.loads(dead.read_text().splitlines()[0])["reason"]
     finally:
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=90) == 0, log_path.read_text()[-3000:]
