@@ -2,7 +2,8 @@
 from the teacher with a tenth of the labels.
 
 ``python -m benchmarks.quality.distill [--dataset ag_news] [--events 480] [--seeds 3] [--workers 2]
-[--teacher base|mpnet|base+mpnet]`` writes ``benchmarks/results/quality/distill-<dataset>-<events>.{md,json}``.
+[--teacher base|mpnet|base+mpnet] [--alpha A] [--temperature T] [--no-replay]`` writes
+``benchmarks/results/quality/distill-<dataset>-<events>[-...].{md,json}``.
 
 The teacher is a stronger model prepared offline, at the start of the run: a logistic
 regression on frozen mean-pooled embeddings, fitted on the dataset's whole training split (it
@@ -11,7 +12,11 @@ them). ``--teacher`` chooses whose embeddings: the student's own base model (``b
 five times larger all-mpnet-base-v2 (``mpnet``, fetched by ``benchmarks.models``), or both
 side by side (``base+mpnet``). Its class probabilities are the events' ``teacher`` field, as a larger
 model's would be. The student is dynft's trainer (the packaged MiniLM with its LoRA adapter),
-one test-then-train pass over the stream in batches of 16, as the daemon's fresh rows.
+one test-then-train pass over the stream in steps composed as the daemon's: 16 rows, 8 of them
+fresh and 8 replayed from a replay buffer of the events before (``buffer.replay_ratio``), so a
+teacher's distribution is learned again when its event is replayed. ``--no-replay`` trains on
+16 fresh rows a step and nothing else (the protocol of the results before 2026-12-05).
+``--alpha`` and ``--temperature`` set ``trainer.distill_alpha`` and ``trainer.distill_temperature``.
 
 Configurations, each over ``--seeds`` seeds (which events, in which order):
 (a) labels only; (b) labels and the teacher (``trainer.distill_alpha`` mixes the two losses);
@@ -35,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.quality.suites import QUICK, dynft_overrides
+from dynft.settings.sections import TrainerSettings
 
 DATA = Path(__file__).parent / "data"
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "quality"
@@ -116,7 +122,14 @@ def stream(dataset: str, teachers: list[dict[str, float]], config: str, events: 
 
 
 def student(
-    dataset: str, events: list[Any], truths: list[str], seed: int, model_path: str | None, alpha: float | None = None
+    dataset: str,
+    events: list[Any],
+    truths: list[str],
+    seed: int,
+    model_path: str | None,
+    alpha: float | None = None,
+    temperature: float | None = None,
+    replay: bool = True,
 ) -> dict[str, Any]:
     """One test-then-train pass of dynft's trainer over ``events``; runs in a worker process."""
     import torch
@@ -132,14 +145,12 @@ def student(
         overrides |= {"state_dir": tmp, "trainer.seed": seed}
         if alpha is not None:
             overrides["trainer.distill_alpha"] = alpha
+        if temperature is not None:
+            overrides["trainer.distill_temperature"] = temperature
         settings = load_settings(overrides=overrides)
         torch.set_num_threads(1)
         trainer = build_trainer(settings.model, settings.adapter, settings.trainer)
-        correct = 0
-        for i in range(0, len(events), BATCH):
-            chunk = events[i : i + BATCH]
-            result = trainer.step(trainer.collator(chunk, n_fresh=len(chunk)))
-            correct += sum(p == t for p, t in zip(result.predictions, truths[i : i + BATCH], strict=True))
+        correct = train(trainer, settings, events, truths, seed, replay)
         test = load(dataset, "test")
         probes = [Event(id=f"t{i}", text=r["text"], label=r["label"]) for i, r in enumerate(test)]
         predicted = trainer.predict(probes, trainer.exported_labels())
@@ -150,6 +161,29 @@ def student(
     }
 
 
+def train(trainer: Any, settings: Any, events: list[Any], truths: list[str], seed: int, replay: bool) -> int:
+    """Train on ``events`` in order, test-then-train; how many fresh predictions were right.
+
+    With ``replay``, each step is composed as the daemon's: ``trainer.batch_size`` rows, of which
+    the share ``buffer.replay_ratio`` is drawn from a replay buffer of the events trained before
+    (teachers included); without it, every row is fresh.
+    """
+    from dynft.buffer import ReplayBuffer
+
+    b = settings.buffer
+    buffer = ReplayBuffer(b.max_events, b.max_bytes, b.strategy, b.recency_half_life, seed)
+    size = settings.trainer.batch_size
+    fresh = max(1, round(size * (1 - b.replay_ratio))) if replay else BATCH
+    correct = 0
+    for i in range(0, len(events), fresh):
+        chunk = events[i : i + fresh]
+        rows = chunk + (buffer.sample(size - len(chunk)) if replay else [])
+        result = trainer.step(trainer.collator(rows, n_fresh=len(chunk)))
+        correct += sum(p == t for p, t in zip(result.predictions[: len(chunk)], truths[i : i + fresh], strict=True))
+        buffer.add_many(chunk)
+    return correct
+
+
 def run(
     dataset: str,
     events: int,
@@ -158,6 +192,8 @@ def run(
     model_path: str | None,
     alpha: float | None = None,
     teacher_kind: str = "base",
+    temperature: float | None = None,
+    replay: bool = True,
 ) -> dict[str, Any]:
     teachers, teacher_accuracy, classes = teacher(dataset, model_path, teacher_kind)
     train = load(dataset, "train")
@@ -166,7 +202,7 @@ def run(
         for seed in range(seeds):
             evs = stream(dataset, teachers, config, events, seed)
             truths = [train[int(e.id[1:])]["label"] for e in evs]
-            args[config, seed] = (dataset, evs, truths, seed, model_path, alpha)
+            args[config, seed] = (dataset, evs, truths, seed, model_path, alpha, temperature, replay)
     if workers == 1:
         runs = {key: student(*a) for key, a in args.items()}
     else:  # spawned: the parent has torch's threads running (the teacher's embeddings)
@@ -188,10 +224,14 @@ def run(
         "dataset": dataset,
         "events": events,
         "seeds": seeds,
-        "distill_alpha": alpha,
+        "distill_alpha": TrainerSettings.model_fields["distill_alpha"].default if alpha is None else alpha,
+        "distill_temperature": (
+            TrainerSettings.model_fields["distill_temperature"].default if temperature is None else temperature
+        ),
         "classes": classes,
         "teacher": teacher_kind,
         "teacher_test_accuracy": teacher_accuracy,
+        "replay": replay,
         "summary": summary,
         "goals": {"(b) - (a) >= 2 points": [round(100 * (b - a), 2), b - a >= 0.02],
                   "(a) - (c) <= 3 points": [round(100 * (a - c), 2), a - c <= 0.03]},
@@ -206,7 +246,10 @@ def markdown(result: dict[str, Any], command: str, load_average: tuple[float, ..
         f"load average {load_average[0]:.1f} at the end.",
         "",
         f"Teacher: logistic regression on {TEACHERS[result.get('teacher', 'base')]}, fitted on the whole "
-        f"training split; test accuracy {100 * result['teacher_test_accuracy']:.1f}%.",
+        f"training split; test accuracy {100 * result['teacher_test_accuracy']:.1f}%. Loss of (b): "
+        f"`trainer.distill_alpha` {result['distill_alpha']:g}, `trainer.distill_temperature` "
+        f"{result['distill_temperature']:g}. Steps: "
+        + ("fresh and replayed rows, as the daemon's." if result["replay"] else "16 fresh rows, no replay."),
         "",
         "| configuration | test accuracy, mean | spread (max - min) | prequential, mean | runs |",
         "|---|---|---|---|---|",
@@ -231,17 +274,31 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=None, help="trainer.distill_alpha (default: the setting's)")
+    parser.add_argument(
+        "--temperature", type=float, default=None, help="trainer.distill_temperature (default: the setting's)"
+    )
+    parser.add_argument(
+        "--no-replay", action="store_true", help="every row of a step fresh (the protocol before 2026-12-05)"
+    )
     parser.add_argument("--teacher", choices=sorted(TEACHERS), default="base", help="whose embeddings it reads")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    result = run(args.dataset, args.events, args.seeds, args.workers, QUICK.model_path, args.alpha, args.teacher)
+    model = QUICK.model_path
+    result = run(
+        args.dataset, args.events, args.seeds, args.workers, model, args.alpha, args.teacher, args.temperature,
+        not args.no_replay,
+    )  # fmt: skip
     command = (
         f"python -m benchmarks.quality.distill --dataset {args.dataset} --events {args.events} --seeds {args.seeds}"
     )
     command += f" --alpha {args.alpha}" if args.alpha is not None else ""
+    command += f" --temperature {args.temperature}" if args.temperature is not None else ""
+    command += " --no-replay" if args.no_replay else ""
     command += f" --teacher {args.teacher}" if args.teacher != "base" else ""
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"distill-{args.dataset}-{args.events}" + (f"-alpha{args.alpha:g}" if args.alpha is not None else "")
+    stem += f"-t{args.temperature:g}" if args.temperature is not None else ""
+    stem += "-no-replay" if args.no_replay else ""
     stem += f"-teacher-{args.teacher}" if args.teacher != "base" else ""
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(markdown(result, command, os.getloadavg()))

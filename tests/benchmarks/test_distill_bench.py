@@ -23,3 +23,38 @@ def test_the_three_configurations_train_on_what_they_are_given(tiny_model_dir: P
     assert set(result["summary"]) == set(distill.CONFIGS)
     assert all(0.0 <= row["test_mean"] <= 1.0 for row in result["summary"].values())
     assert "| labels + teacher |" in distill.markdown(result, "cmd", (1.0, 1.0, 1.0))
+
+
+def test_steps_are_composed_as_the_daemons_fresh_rows_then_replayed_ones_with_their_teachers(
+    tiny_model_dir: Path,
+) -> None:
+    """With replay every step after the first holds ``batch_size`` rows, the fresh ones first (the
+    daemon's share), the rest drawn from the events trained before, teachers kept; without it,
+    every row is fresh."""
+    from dynft.settings import load_settings
+    from dynft.trainer import build_trainer
+
+    teachers, _, _ = distill.teacher("trec6", str(tiny_model_dir))
+    events = distill.stream("trec6", teachers, "labels + teacher", 40, seed=2)
+    truths = [e.label for e in events]
+    for replay in (True, False):
+        settings = load_settings(overrides={"model.path": str(tiny_model_dir), "trainer.seed": 2})
+        trainer = build_trainer(settings.model, settings.adapter, settings.trainer)
+        steps: list[tuple[int, int, bool]] = []
+        step = trainer.step
+
+        def recording(batch, step=step, steps=steps):  # type: ignore[no-untyped-def]
+            steps.append((len(batch.events), batch.n_fresh, all(e.teacher for e in batch.events)))
+            return step(batch)
+
+        trainer.step = recording  # a real step, recorded on the way in
+        correct = distill.train(trainer, settings, events, truths, seed=2, replay=replay)
+        assert 0 <= correct <= len(events)
+        fresh = [n for _, n, _ in steps]
+        assert sum(fresh) == len(events) and all(has_teacher for *_, has_teacher in steps)
+        if replay:
+            share = round(settings.trainer.batch_size * (1 - settings.buffer.replay_ratio))
+            assert fresh == [share] * (len(events) // share)
+            assert steps[0][0] == share and all(rows == settings.trainer.batch_size for rows, *_ in steps[1:])
+        else:
+            assert fresh == [16, 16, 8] and all(rows == n for rows, n, _ in steps)
