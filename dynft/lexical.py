@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 import zlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -98,19 +98,33 @@ class Lexicon:
         self.docs = torch.cat([self.docs, torch.zeros(more)])
 
     def observe(
-        self, texts: Sequence[str], label_ids: Sequence[int | None], labels: int, adapter: torch.Tensor
+        self,
+        texts: Sequence[str],
+        label_ids: Sequence[int | None],
+        labels: int,
+        adapter: torch.Tensor,
+        soft: Mapping[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Test, then train on fresh events: score the blend's weights on what the adapter
         (``adapter``, N x C, before learning them) and the counts predicted, then count the words
-        of the events with a label (``None``: not counted). Returns the counts' predictions (N x labels)."""
+        of the events with a label (``None``: not counted). An event in ``soft`` (its row: a
+        distribution over the ``labels``, a teacher's) is scored against its label and counted
+        by that distribution, each label getting its share of every word. Returns the counts'
+        predictions (N x labels)."""
+        soft = soft or {}
         bags = Bags(texts, self.buckets)
         self._grow(labels)
         posterior = self._posterior(bags, labels)
-        rows = [i for i, label in enumerate(label_ids) if label is not None]
-        ids = [label for label in label_ids if label is not None]
-        if rows:
-            self.weigh(adapter[rows], posterior[rows], ids)
-            self._learn(Bags([texts[i] for i in rows], self.buckets), ids)
+        ids = {i: label for i, label in enumerate(label_ids) if label is not None}
+        if ids:
+            rows = list(ids)
+            self.weigh(adapter[rows], posterior[rows], list(ids.values()))
+            hard = [i for i in rows if i not in soft]
+            if hard:
+                self._learn(Bags([texts[i] for i in hard], self.buckets), [ids[i] for i in hard])
+            spread = [i for i in rows if i in soft]
+            if spread:
+                self._learn_soft(Bags([texts[i] for i in spread], self.buckets), torch.stack([soft[i] for i in spread]))
         return posterior
 
     def learn(self, texts: Sequence[str], label_ids: Sequence[int], labels: int) -> None:
@@ -123,6 +137,15 @@ class Lexicon:
         self.counts.index_put_((rows, bags.index), bags.count, accumulate=True)
         self.totals.index_add_(0, rows, bags.count)
         self.docs.index_add_(0, ids, torch.ones(len(ids)))
+        self.seen[bags.index] = True
+
+    def _learn_soft(self, bags: Bags, shares: torch.Tensor) -> None:
+        """Count each text's words under every label by the text's share of it (``shares``, N x C)."""
+        labels = shares.shape[1]
+        words = shares[bags.owner] * bags.count[:, None]  # (K, C): a word's count split over the labels
+        self.counts[:labels].index_add_(1, bags.index, words.T)
+        self.totals[:labels] += words.sum(0)
+        self.docs[:labels] += shares.sum(0)
         self.seen[bags.index] = True
 
     def probabilities(self, texts: Sequence[str], labels: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,18 +283,29 @@ class OnlineTrainer(TrainerWeights):
         """Test, then train the word counts on the fresh events (``dynft.lexical``), given the
         adapter's probabilities of them from before this step. Returns the blend's predictions of
         them (label indices below ``known``: what a version cut before this step would answer), or
-        None without counts. An event labelled by its teacher alone is not counted: its label is
-        the teacher's guess, which the adapter learns softly."""
+        None without counts. An event labelled by its teacher alone is counted softly, by the
+        teacher's distribution, as the adapter learns it: its label is the teacher's guess."""
         if self.lexicon is None or not fresh or adapter is None:
             return None
         weight = self.lexicon.weight  # the share before these events move it
-        ids = [None if e.label_from_teacher else self.label_map.get(e.label) for e in fresh]
+        labels = len(self.label_map)
+        ids = [self.label_map.get(e.label) for e in fresh]
+        soft = {i: self._shares(e.teacher, labels) for i, e in enumerate(fresh) if e.label_from_teacher and e.teacher}
         probs = torch.tensor(adapter)
-        counts = self.lexicon.observe([e.text for e in fresh], ids, len(self.label_map), probs)
+        counts = self.lexicon.observe([e.text for e in fresh], ids, labels, probs, soft)
         if not known:  # no label was known before this step: nothing can be predicted
             return None
         mixed = blend(probs[:, :known], counts[:, :known], weight)
         return [int(i) for i in mixed.argmax(dim=-1)]
+
+    def _shares(self, teacher: Mapping[str, float], labels: int) -> torch.Tensor:
+        """A teacher's distribution as a row over the label map (its labels joined it in the batch)."""
+        row = torch.zeros(labels)
+        for label, p in teacher.items():
+            index = self.label_map.get(label)
+            if index is not None and index < labels:
+                row[index] = float(p)
+        return row
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logits, and with ``capture_features`` the head's input from this same pass."""

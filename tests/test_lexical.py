@@ -237,8 +237,14 @@ def test_the_gate_predicts_what_the_server_answers_the_blend(tiny_trainer: Onlin
     assert tiny_trainer.predictions(probe) == tiny_trainer.predict(probe, labels)
 
 
-def test_teacher_only_events_are_not_counted_and_step_predictions_are_the_blends(tiny_trainer: OnlineTrainer) -> None:
+def test_teacher_only_events_are_counted_by_the_teachers_shares_and_step_predictions_are_the_blends(
+    tiny_trainer: OnlineTrainer,
+) -> None:
+    """An event labelled by its teacher alone counts its words under each label by the teacher's
+    share of it (0.9 of "dull dull film" to neg, 0.1 to pos), where a labelled event counts them
+    whole; the step's predictions are the blend's."""
     from dynft.events import decode
+    from dynft.lexical import bag
     from dynft.settings import EventSettings
 
     tiny_trainer.step(tiny_trainer.collator(events(10), n_fresh=10))
@@ -246,12 +252,39 @@ def test_teacher_only_events_are_not_counted_and_step_predictions_are_the_blends
     assert isinstance(taught, Event) and taught.label_from_teacher
     lexicon = tiny_trainer.lexicon
     assert lexicon is not None
-    before = lexicon.docs.clone()
+    neg, pos = tiny_trainer.label_map.get("neg"), tiny_trainer.label_map.get("pos")
+    assert neg is not None and pos is not None
+    docs, counts, totals = lexicon.docs.clone(), lexicon.counts.clone(), lexicon.totals.clone()
     lexicon.losses = WEIGHTS.clone()  # the counts alone answer
     probe = events(5)
     result = tiny_trainer.step(tiny_trainer.collator([taught, *probe], n_fresh=6))
-    assert lexicon.docs.tolist() == (before + torch.tensor([2.0, 3.0])).tolist()  # the five probes only
     assert result.predictions[1:] == [label for _, label in TEXTS]  # the counts know these texts
+
+    def probes(word: int, label: str) -> int:  # the probes' own count of a word under their label
+        return sum(bag(e.text, lexicon.buckets)[word] for e in probe if e.label == label)
+
+    for word, times in (("dull", 2), ("film", 1)):  # in "dull dull film"
+        k = next(iter(bag(word, lexicon.buckets)))
+        for label, index, share in (("neg", neg, 0.9), ("pos", pos, 0.1)):
+            expected = counts[index, k].item() + probes(k, label) + share * times
+            assert lexicon.counts[index, k].item() == pytest.approx(expected), (word, label)
+    assert lexicon.docs[neg].item() == pytest.approx(docs[neg].item() + 2 + 0.9)
+    assert lexicon.docs[pos].item() == pytest.approx(docs[pos].item() + 3 + 0.1)
+    words = sum(sum(bag(e.text, lexicon.buckets).values()) for e in probe) + 3
+    assert (lexicon.totals - totals).sum().item() == pytest.approx(words)
+
+
+def test_a_one_hot_teacher_counts_as_its_label() -> None:
+    """Soft counting generalises the hard one: a teacher sure of one label counts exactly as that label."""
+    texts = ["a great film", "an awful film", "great acting, great cast"]
+    hard, soft = Lexicon(buckets=256), Lexicon(buckets=256)
+    adapter = torch.full((3, 2), 0.5)
+    hard.observe(texts, [0, 1, 0], 2, adapter)
+    shares = {0: torch.tensor([1.0, 0.0]), 1: torch.tensor([0.0, 1.0]), 2: torch.tensor([1.0, 0.0])}
+    soft.observe(texts, [0, 1, 0], 2, adapter, shares)
+    for name in ("counts", "totals", "docs", "seen", "losses"):
+        assert torch.equal(getattr(hard, name), getattr(soft, name)), name
+    assert hard.probabilities(["great"], 2).tolist() == soft.probabilities(["great"], 2).tolist()
 
 
 def test_new_labels_grow_the_counts_in_place_with_spare_rows() -> None:
@@ -268,3 +301,13 @@ def test_new_labels_grow_the_counts_in_place_with_spare_rows() -> None:
     again = Lexicon.from_state(lexicon.state(200), 200)
     again.learn(["word7 again"], [200], labels=201)  # a restored lexicon grows from its own rows
     assert torch.equal(again.counts[:200], lexicon.counts) and again.counts[200].sum() == 2
+
+
+def test_shared_counts_travel_in_a_version_and_score_as_the_live_lexicon() -> None:
+    """Counts split by a teacher are fractions: a version's state carries them and its reader scores as the lexicon."""
+    lexicon = Lexicon(buckets=256)
+    lexicon.observe(["dull dull film", "great film"], [0, 1], 2, torch.full((2, 2), 0.5), {0: torch.tensor([0.7, 0.3])})
+    assert lexicon.docs.tolist() == pytest.approx([0.7, 1.3])
+    read = WordScorer.read(lexicon.state(2), 2)
+    texts = ["dull film", "great", "film"]
+    assert torch.allclose(read.probabilities(texts), lexicon.probabilities(texts, 2))
