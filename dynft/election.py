@@ -209,8 +209,9 @@ class Election:
                 client.close()
 
     def _lose(self, why: str) -> None:
-        if self._holding.is_set():
-            log.warning("trainer epoch %d lost its term (%s): publishing and training stop", self.epoch, why)
+        # Logged even while a rebalance suspends the term: a life that ends unseen cannot be diagnosed.
+        suspended = "" if self._holding.is_set() else ", suspended by a rebalance at the time"
+        log.warning("trainer epoch %d lost its term (%s%s): publishing and training stop", self.epoch, why, suspended)
         self._holding.clear()
         if self.sharded:
             self.ended_generation = self.generation  # this life ends; the rejoin brings the next term
@@ -285,6 +286,8 @@ class Election:
         was written on them. Otherwise the term is lost (one active trainer), or a new term over the
         new partitions begins (sharded: a new life)."""
         if news == "revoked":
+            if self._offsets:
+                log.info("term of epoch %d suspended: group %s is rebalancing", self.epoch, self.group)
             self._holding.clear()  # no record is sent until the assignment says who holds what
             return
         if self._lost.is_set():
@@ -293,6 +296,8 @@ class Election:
             self._newest_offset(p) == offset for p, offset in self._offsets.items()
         )
         if self._offsets and kept:
+            if not self._holding.is_set():
+                log.info("term of epoch %d resumed after a rebalance: the same partition(s) came back", self.epoch)
             self._holding.set()
         elif self.sharded:
             self._take_term(partitions)
