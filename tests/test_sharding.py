@@ -288,8 +288,14 @@ def predict(port: int, task: str) -> str | None:
 
 
 def run_log(root: Path, i: int) -> str:
+    """The run's log without kafka-python's chatter and the periodic status lines, which filled
+    the tail of a failure's message and hid the election's lines."""
     path = root / f"run{i}.log"
-    return path.read_text()[-4000:] if path.exists() else ""
+    if not path.exists():
+        return ""
+    quiet = ("] events ", "] tasks | ", "KafkaTCPTransport", "KafkaConnection", "metadata", "Metadata")
+    lines = [line for line in path.read_text().splitlines() if not any(q in line for q in quiet)]
+    return "\n".join(lines)[-6000:]
 
 
 def test_a_term_record_written_late_by_another_trainer_does_not_strand_the_owner(shards: Shards) -> None:
