@@ -15,7 +15,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,7 +218,7 @@ class OnlineTrainer(TrainerWeights):
         started = time.perf_counter()
         if batch.num_labels > self.slots.head.out_features:  # both checks skip a walk over every module
             grow_head(self.model, batch.num_labels, self.optimizer)
-        batch = batch.to(self.device)
+        host, batch = batch, batch.to(self.device)  # the host copy's teachers feed the word counts, no read-back
         known = self.imprinted  # the labels the weights knew before this step: only these can be predicted
         if batch.num_labels > self.imprinted:
             self._imprint(batch)
@@ -273,39 +273,33 @@ class OnlineTrainer(TrainerWeights):
         else:
             self.steps += 1
             self.forgetting.recent.extend(batch.events)
-            blended = self._count_words(batch.events[: batch.n_fresh], back.probabilities, known)
+            blended = self._count_words(batch.events[: batch.n_fresh], back.probabilities, known, host.teacher)
             if blended is not None:  # what users would be answered, the gate's fallback check included
                 result.predictions = [labels[i] for i in blended]
         result.seconds = time.perf_counter() - started
         return result
 
-    def _count_words(self, fresh: Sequence[Event], adapter: list[list[float]] | None, known: int) -> list[int] | None:
+    def _count_words(
+        self, fresh: Sequence[Event], adapter: list[list[float]] | None, known: int, teacher: torch.Tensor | None
+    ) -> list[int] | None:
         """Test, then train the word counts on the fresh events (``dynft.lexical``), given the
         adapter's probabilities of them from before this step. Returns the blend's predictions of
         them (label indices below ``known``: what a version cut before this step would answer), or
-        None without counts. An event labelled by its teacher alone is counted softly, by the
-        teacher's distribution, as the adapter learns it: its label is the teacher's guess."""
+        None without counts. An event labelled by its teacher alone is counted softly, by its row of
+        ``teacher`` (the batch's teacher probabilities by label id), as the adapter learns it: its
+        label is the teacher's guess."""
         if self.lexicon is None or not fresh or adapter is None:
             return None
         weight = self.lexicon.weight  # the share before these events move it
         labels = len(self.label_map)
         ids = [self.label_map.get(e.label) for e in fresh]
-        soft = {i: self._shares(e.teacher, labels) for i, e in enumerate(fresh) if e.label_from_teacher and e.teacher}
+        soft = {i: teacher[i] for i, e in enumerate(fresh) if e.label_from_teacher} if teacher is not None else {}
         probs = torch.tensor(adapter)
         counts = self.lexicon.observe([e.text for e in fresh], ids, labels, probs, soft)
         if not known:  # no label was known before this step: nothing can be predicted
             return None
         mixed = blend(probs[:, :known], counts[:, :known], weight)
         return [int(i) for i in mixed.argmax(dim=-1)]
-
-    def _shares(self, teacher: Mapping[str, float], labels: int) -> torch.Tensor:
-        """A teacher's distribution as a row over the label map (its labels joined it in the batch)."""
-        row = torch.zeros(labels)
-        for label, p in teacher.items():
-            index = self.label_map.get(label)
-            if index is not None and index < labels:
-                row[index] = float(p)
-        return row
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The logits, and with ``capture_features`` the head's input from this same pass."""
