@@ -32,6 +32,7 @@ from river.base import BinaryDriftDetector, DriftDetector
 
 from dynft.errors import ConfigError
 from dynft.settings import DriftSettings
+from dynft.shift import WindowedShift
 
 
 class Detector(Protocol):
@@ -88,11 +89,11 @@ class DriftMonitor:
         loss_params: dict[str, Any],
         keep: int = 2000,
         label: tuple[str, dict[str, Any], int] | None = None,
-        representation: tuple[str, dict[str, Any], int] | None = None,
+        representation: tuple[str, dict[str, Any], int, int] | None = None,  # detector, params, dims, window
         inputs: tuple[str, dict[str, Any], int] | None = None,
     ):
         self.error_name, self.loss_name = error_detector, loss_detector
-        # Optional detectors on the labels, the texts and the pooled embeddings; "NoDrift" (or None) turns one off.
+        # Optional detectors on the labels, the texts and their token embeddings; "NoDrift" (or None) turns one off.
         self._label_spec = label if label is not None and label[0] != "NoDrift" else None
         self._repr_spec = representation if representation is not None and representation[0] != "NoDrift" else None
         self._label = LabelShiftDetector(*self._label_spec) if self._label_spec else None
@@ -117,7 +118,12 @@ class DriftMonitor:
     @classmethod
     def from_settings(cls, d: DriftSettings, keep: int = 2000) -> DriftMonitor:
         """The monitor the ``drift`` settings describe: error and loss, and label, input, representation unless off."""
-        representation = (d.representation_detector, d.representation_params, d.representation_dims)
+        representation = (
+            d.representation_detector,
+            d.representation_params,
+            d.representation_dims,
+            d.representation_window,
+        )
         labels = (d.label_detector, d.label_params, d.label_window)
         inputs = (d.input_detector, d.input_params, d.input_window)
         return cls(
@@ -164,7 +170,7 @@ class DriftMonitor:
     def update(
         self, error: bool, loss: float, label: str | None = None, embedding: Any = None, text: str | None = None
     ) -> list[Detection]:
-        """Feed one prequential event: its 0/1 error, loss, and optionally its label, pooled embedding and text."""
+        """Feed one prequential event: its 0/1 error, loss, and optionally its label, mean token embedding and text."""
         self._recent.append((error, loss, label))
         found = []
         if self._update_error(error):
@@ -178,8 +184,8 @@ class DriftMonitor:
             found.append(Detection("input", self._input_spec[0], self.seen))
         if self._repr_spec is not None and embedding is not None:
             if self._repr is None:
-                name, params, dims = self._repr_spec
-                self._repr = RepresentationShiftDetector(name, params, width=len(embedding), dims=dims)
+                name, params, dims, window = self._repr_spec
+                self._repr = RepresentationShiftDetector(name, params, len(embedding), dims, window)
             if self._repr.update(embedding):
                 found.append(Detection("representation", self._repr_spec[0], self.seen))
         self.seen += 1
@@ -236,64 +242,47 @@ class LabelShiftDetector:
 
 
 class RepresentationShiftDetector:
-    """Watches the inputs: how far a random projection of each pooled embedding lies from the running mean.
+    """Watches the inputs through the model's eyes: a random projection of each event's token embeddings.
 
-    A fixed Gaussian projection (seeded, ``dims`` rows, scaled by ``1/sqrt(dims)``) keeps the cost
-    independent of the model's width while preserving distances (Johnson-Lindenstrauss). Each
-    event's distance from the mean of the projections seen since the last detection is divided by
-    the mean of those distances so far, so the river detector sees a ratio near 1 on any model
-    (embedding scales differ by orders of magnitude between models) and a lasting rise when the
-    inputs move. New kinds of text move it before any label arrives. Owned by the training thread.
+    Each event arrives as the mean of its input token embeddings (the base model's lookup
+    table, which training leaves alone: ``Trainer.step`` with ``capture_features``), so the
+    figures move when the words do, never because the adapter learned. A fixed Gaussian
+    projection (seeded, ``dims`` rows) keeps the cost independent of the model's width; the
+    projections are scored in windows of ``window`` against every one since the last detection
+    (``dynft.shift``). With 64 figures the score hardly wanders while the inputs stay alike,
+    and moves of vocabulary spread over many of them (tweets after movie reviews, and back)
+    stand out. Owned by the training thread.
     """
 
-    def __init__(self, detector: str, params: dict[str, Any], width: int, dims: int = 16, seed: int = 0):
+    def __init__(
+        self, detector: str, params: dict[str, Any], width: int, dims: int = 64, window: int = 10, seed: int = 0
+    ):
         import numpy as np
 
-        self._spec = (detector, params)
-        self._detector = make_detector(detector, params)
+        if window < 2:
+            raise ConfigError(f"drift.representation_window must be at least 2, got {window}")
         self._projection = np.random.default_rng(seed).standard_normal((dims, width)) / dims**0.5
-        self._mean = np.zeros(dims)
-        self._seen = 0
-        self._distance_sum = 0.0
+        self._shift = WindowedShift(lambda: make_detector(detector, params), dims, window)
 
     def update(self, embedding: Any) -> bool:
-        """Feed one pooled embedding (a sequence of ``width`` floats); whether a shift is detected here."""
+        """Feed one event's mean token embedding (``width`` floats); whether a shift is detected here."""
         import numpy as np
 
-        z = self._projection @ np.asarray(embedding, dtype=np.float64)
-        distance = float(np.linalg.norm(z - self._mean)) if self._seen else 0.0
-        self._seen += 1
-        self._mean += (z - self._mean) / self._seen
-        if self._seen < 2:
-            return False
-        self._distance_sum += distance
-        reference = self._distance_sum / (self._seen - 1)
-        self._detector.update(distance / reference if reference > 0 else 1.0)
-        if not self._detector.drift_detected:
-            return False
-        self._mean, self._seen, self._distance_sum = np.zeros_like(self._mean), 0, 0.0
-        self._detector = make_detector(*self._spec)
-        return True
+        return self._shift.update(self._projection @ np.asarray(embedding, dtype=np.float64))
 
 
 SAMPLE_CHARS = 1000  # of a text, for InputShiftDetector's character shares
 
 
 class InputShiftDetector:
-    """Watches the raw texts: how far a few surface statistics of each window of texts lie from
-    those of all texts since the last detection.
+    """Watches the raw texts: a few surface statistics of each window of texts against those of
+    all texts since the last detection.
 
     Each text gives seven figures that need no model (log length in characters and in words,
     the shares of upper-case letters, digits, punctuation and non-ASCII characters, the mean
-    word length), so learning never moves them: the pooled embeddings (``representation``) drift
-    while the adapter trains, which is why that detector ships off. Texts are taken in windows
-    of ``window`` (one after the other, so that their scores are independent); a window's score
-    is the mean over the figures of the squared z-score of its mean against the reference (every
-    text since the last detection: its mean and variance), each capped at ``CAP``: about 1 while
-    the inputs stay alike, far above when a window holds texts of another kind (tweets after
-    reviews). The scores go to a river detector (its ``min_instances`` counts windows), and the
-    window joins the reference; after a detection the reference starts afresh. Owned by the
-    training thread.
+    word length), scored in windows of ``window`` texts (``dynft.shift``): about 1 while the
+    inputs stay alike, far above when a window holds texts of another kind (tweets after
+    reviews). Owned by the training thread.
 
     >>> det = InputShiftDetector("PageHinkley", {"min_instances": 5, "delta": 2.0, "threshold": 40.0, "mode": "up"}, 10)
     >>> texts = [f"a calm review of film {i % 7}, quite long and fine." for i in range(300)]
@@ -303,21 +292,11 @@ class InputShiftDetector:
     """
 
     FIGURES = 7
-    CAP = 100.0  # one odd figure (a window of texts full of digits) cannot outweigh the others
 
     def __init__(self, detector: str, params: dict[str, Any], window: int = 10):
         if window < 2:
             raise ConfigError(f"drift.input_window must be at least 2, got {window}")
-        self._spec = (detector, params)
-        self._window = window
-        self._reset()
-
-    def _reset(self) -> None:
-        self._detector = make_detector(*self._spec)
-        self._rows: list[list[float]] = []  # the window being filled
-        self._seen = 0  # texts in the reference, with their running mean and squared deviations (Welford)
-        self._mean = [0.0] * self.FIGURES
-        self._squares = [0.0] * self.FIGURES
+        self._shift = WindowedShift(lambda: make_detector(detector, params), self.FIGURES, window)
 
     @staticmethod
     def figures(text: str) -> list[float]:
@@ -342,28 +321,4 @@ class InputShiftDetector:
 
     def update(self, text: str) -> bool:
         """Feed one event's text; whether a shift is detected here (only at the end of a window)."""
-        self._rows.append(self.figures(text))
-        if len(self._rows) < self._window:
-            return False
-        rows, self._rows = self._rows, []
-        if self._seen >= 2 * self._window:
-            self._detector.update(self._score(rows))
-            if self._detector.drift_detected:
-                self._reset()
-                return True
-        for x in rows:  # the window joins the reference
-            self._seen += 1
-            for i, value in enumerate(x):
-                delta = value - self._mean[i]
-                self._mean[i] += delta / self._seen
-                self._squares[i] += delta * (value - self._mean[i])
-        return False
-
-    def _score(self, rows: list[list[float]]) -> float:
-        total = 0.0
-        for i in range(self.FIGURES):
-            variance = self._squares[i] / (self._seen - 1)
-            if variance > 1e-12:  # a figure constant so far (no digits ever) says nothing yet
-                gap = sum(r[i] for r in rows) / len(rows) - self._mean[i]
-                total += min(gap * gap / (variance / len(rows)), self.CAP)
-        return total / self.FIGURES
+        return self._shift.update(self.figures(text))

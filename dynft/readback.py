@@ -12,15 +12,6 @@ from dataclasses import dataclass
 import torch
 
 
-def pooled_rows(features: torch.Tensor, attention_mask: torch.Tensor, rows: int) -> torch.Tensor:
-    """The first ``rows`` rows of the head's input (R, H); a decoder's (R, T, H) is averaged over its tokens."""
-    features = features[:rows].float()
-    if features.dim() == 3:
-        mask = attention_mask[:rows, :, None].float()  # (R, T, 1)
-        features = (features * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
-    return features
-
-
 @dataclass
 class ReadBack:
     """What a step hands the daemon, on the host."""

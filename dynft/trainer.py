@@ -46,7 +46,7 @@ from dynft.model import (
     resolve_pooling,
 )
 from dynft.precision import autocast, autocast_dtype
-from dynft.readback import pooled_rows, read_back
+from dynft.readback import read_back
 from dynft.settings import AdapterSettings, ModelSettings, TrainerSettings
 from dynft.trainerweights import TrainerWeights
 
@@ -63,7 +63,7 @@ class StepResult:
     losses: list[float] = field(default_factory=list)
     lr: float = 0.0
     seconds: float = 0.0
-    features: list[list[float]] | None = None  # the fresh rows' pooled embeddings, with capture_features
+    features: list[list[float]] | None = None  # the fresh rows' mean token embeddings, with capture_features
 
 
 class OnlineTrainer(TrainerWeights):
@@ -92,7 +92,7 @@ class OnlineTrainer(TrainerWeights):
         self.steps = 0
         self.skipped = 0
         self.lr_scale = 1.0  # raised temporarily by drift reactions
-        self.capture_features = False  # return the fresh rows' pooled embeddings (a representation drift detector)
+        self.capture_features = False  # return the fresh rows' mean token embeddings (a representation drift detector)
         self.imprinted = 0  # head rows below this index have been imprinted or trained (see _imprint)
         self.shares_adapter = False  # other tasks train the same adapter objects (see fork)
         self.owns_adapter = True  # False: the shared adapter is another trainer's; ``load`` takes only the head
@@ -226,7 +226,7 @@ class OnlineTrainer(TrainerWeights):
         lwf_targets = self.forgetting.lwf_targets(batch)  # before the forward pass: it swaps weights in place
         if not self.model.training:  # only ``predict`` switches to eval
             self.model.train()
-        logits, features = self._forward(batch)  # (B, C), the head's input or None
+        logits = self._forward(batch)  # (B, C)
         losses = per_event_loss(  # (B,): cross-entropy, mixed with the teachers' where events have one
             logits.float(),
             batch.labels,
@@ -243,7 +243,7 @@ class OnlineTrainer(TrainerWeights):
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         grad_norm = nn.utils.clip_grad_norm_(params, self.settings.max_grad_norm)
         # Test before train: the predictions come from the weights before this update.
-        pooled = pooled_rows(features, batch.attention_mask, batch.n_fresh) if features is not None else None
+        pooled = self._token_means(batch) if self.capture_features else None  # (n_fresh, E)
         # A label new in this batch is not predicted: its row was imprinted from these very events
         # (or is untrained), so predicting it would score an event with its own label.
         scored = logits[: batch.n_fresh].detach()
@@ -301,23 +301,24 @@ class OnlineTrainer(TrainerWeights):
         mixed = blend(probs[:, :known], counts[:, :known], weight)
         return [int(i) for i in mixed.argmax(dim=-1)]
 
-    def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The logits, and with ``capture_features`` the head's input from this same pass."""
-        captured: list[torch.Tensor] = []
-        hook = (
-            self.slots.head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))
-            if self.capture_features
-            else None
-        )
-        # A hook added and removed at every step would recompile the graph each time: such steps run eagerly.
-        forward = self.model if hook is not None or self._compiled is None else self._compiled
-        try:
-            with self.autocast():
-                logits = forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, C)
-        finally:
-            if hook is not None:
-                hook.remove()
-        return logits, captured[-1] if captured else None
+    def _forward(self, batch: Batch) -> torch.Tensor:
+        """The logits of this batch, (B, C)."""
+        forward = self.model if self._compiled is None else self._compiled
+        with self.autocast():
+            logits: torch.Tensor = forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return logits
+
+    def _token_means(self, batch: Batch) -> torch.Tensor:
+        """The fresh rows' input token embeddings averaged over their tokens, (n_fresh, E).
+
+        Read from the base model's embedding table, which the adapter methods leave alone (unless
+        ``adapter.target_modules`` names it): what the representation detector watches moves with
+        the words, not with what the adapter learned (the head's input did both, and raised
+        alarms on stationary streams). A lookup, not a forward pass."""
+        with torch.no_grad():
+            ids, mask = batch.input_ids[: batch.n_fresh], batch.attention_mask[: batch.n_fresh, :, None]
+            embedded: torch.Tensor = self.model.get_input_embeddings()(ids).float()  # (R, T, E)
+            return (embedded * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1).float()
 
     @torch.no_grad()
     def _imprint(self, batch: Batch) -> None:

@@ -203,15 +203,18 @@ class DriftSettings(Section):
         description="its constructor parameters",
     )
     input_window: int = Field(10, ge=2, description="texts per window compared with those since the last detection")
-    representation_detector: str = Field(  # off: features move while a model learns (false alarms)
-        "NoDrift",
-        description="river.drift detector on the pooled embeddings' distance from their mean (NoDrift: off)",
+    representation_detector: str = Field(
+        "PageHinkley",
+        description="river.drift detector on windows of a projection of the texts' token embeddings (NoDrift: off)",
     )
     representation_params: dict[str, Any] = Field(
-        default_factory=lambda: {"min_instances": 30, "delta": 0.1, "threshold": 10.0, "mode": "up"},
+        default_factory=lambda: {"min_instances": 5, "delta": 0.5, "threshold": 5.0, "mode": "up"},
         description="its constructor parameters",
     )
-    representation_dims: int = Field(16, ge=1, description="random projection of the embeddings watched")
+    representation_dims: int = Field(64, ge=1, description="random projection of the token embeddings watched")
+    representation_window: int = Field(
+        10, ge=2, description="texts per window compared with those since the last detection"
+    )
     reactions: list[Literal["boost", "upweight", "new_lineage", "retire"]] = Field(
         default_factory=lambda: ["boost", "upweight", "retire"],  # type: ignore[arg-type]
         description="what a detection triggers: boost (learning rate and steps), upweight (recent events), "
