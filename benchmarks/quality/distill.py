@@ -2,15 +2,19 @@
 from the teacher with a tenth of the labels.
 
 ``python -m benchmarks.quality.distill [--dataset ag_news] [--events 480] [--seeds 3] [--workers 2]
-[--teacher base|mpnet|base+mpnet] [--alpha A] [--temperature T] [--no-replay]`` writes
+[--teacher base|mpnet|base+mpnet|mpnet-ft] [--alpha A] [--temperature T] [--no-replay]`` writes
 ``benchmarks/results/quality/distill-<dataset>-<events>[-...].{md,json}``.
 
-The teacher is a stronger model prepared offline, at the start of the run: a logistic
-regression on frozen mean-pooled embeddings, fitted on the dataset's whole training split (it
-has seen every training text with its label; the student sees a stream of ``--events`` of
-them). ``--teacher`` chooses whose embeddings: the student's own base model (``base``), the
-five times larger all-mpnet-base-v2 (``mpnet``, fetched by ``benchmarks.models``), or both
-side by side (``base+mpnet``). Its class probabilities are the events' ``teacher`` field, as a larger
+The teacher is a stronger model's predictions, prepared offline. ``mpnet-ft``:
+all-mpnet-base-v2 (five times the student's base) with every weight fine-tuned on 4,200 texts
+of the dataset that the student never streams, its predictions read from the file that
+``python -m benchmarks.quality.teacher`` writes (AG News only so far). The others are fitted at
+the start of the run: a logistic regression on frozen mean-pooled embeddings, fitted on the
+dataset's whole training split (it has seen every training text with its label, so on the
+student's texts it gives back little more than the labels; the student sees a stream of
+``--events`` of them), whose embeddings ``--teacher`` chooses: the student's own base model
+(``base``), all-mpnet-base-v2 (``mpnet``, fetched by ``benchmarks.models``), or both side by
+side (``base+mpnet``). The teacher's class probabilities are the events' ``teacher`` field, as a larger
 model's would be. The student is dynft's trainer (the packaged MiniLM with its LoRA adapter),
 one test-then-train pass over the stream in steps composed as the daemon's: 16 rows, 8 of them
 fresh and 8 replayed from a replay buffer of the events before (``buffer.replay_ratio``), so a
@@ -47,10 +51,15 @@ from dynft.settings.sections import TrainerSettings
 DATA = Path(__file__).parent / "data"
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "quality"
 CONFIGS = ("labels only", "labels + teacher", "teacher + 10% labels")
-TEACHERS = {  # --teacher: whose frozen mean-pooled embeddings the teacher's regression reads
-    "base": "the student's frozen base model's mean-pooled embeddings",
-    "mpnet": "all-mpnet-base-v2's frozen mean-pooled embeddings (110M parameters, 5x the student's base)",
-    "base+mpnet": "the student's base model's and all-mpnet-base-v2's mean-pooled embeddings side by side",
+TEACHERS = {  # --teacher: what the teacher is
+    "base": "logistic regression on the student's frozen base model's mean-pooled embeddings, fitted on the whole "
+    "training split",
+    "mpnet": "logistic regression on all-mpnet-base-v2's frozen mean-pooled embeddings (110M parameters, 5x the "
+    "student's base), fitted on the whole training split",
+    "base+mpnet": "logistic regression on the student's base model's and all-mpnet-base-v2's mean-pooled embeddings "
+    "side by side, fitted on the whole training split",
+    "mpnet-ft": "all-mpnet-base-v2 with every weight fine-tuned on texts the student never streams "
+    "(`benchmarks.quality.teacher`, read from `data/<dataset>/teacher-mpnet-ft.json`)",
 }
 BATCH = 16
 
@@ -84,6 +93,8 @@ def teacher(
     dataset: str, model_path: str | None, kind: str = "base"
 ) -> tuple[list[dict[str, float]], float, list[str]]:
     """The teacher's distribution for every training text, its test accuracy, and the classes."""
+    if kind == "mpnet-ft":
+        return fine_tuned(dataset)
     import numpy as np
     from sklearn.linear_model import LogisticRegression
 
@@ -98,6 +109,20 @@ def teacher(
     accuracy = float((model.predict(x_test) == [r["label"] for r in test]).mean())
     probs = model.predict_proba(x_train)
     return [{c: round(float(p), 5) for c, p in zip(classes, row, strict=True)} for row in probs], accuracy, classes
+
+
+def fine_tuned(dataset: str) -> tuple[list[dict[str, float]], float, list[str]]:
+    """The fine-tuned teacher's distributions, prepared offline by ``benchmarks.quality.teacher``."""
+    from benchmarks.quality.teacher import FILE
+
+    path = DATA / dataset / FILE
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: make it with python -m benchmarks.quality.teacher --dataset {dataset} "
+                         f"--source <JSON Lines of other {dataset} training texts>")  # fmt: skip
+    prepared = json.loads(path.read_text())
+    if len(prepared["train"]) != len(load(dataset, "train")):
+        raise SystemExit(f"{path} holds {len(prepared['train'])} training texts' teachers, not the split's")
+    return prepared["train"], prepared["test_accuracy"], prepared["classes"]
 
 
 def stream(dataset: str, teachers: list[dict[str, float]], config: str, events: int, seed: int) -> list[Any]:
@@ -247,8 +272,8 @@ def markdown(result: dict[str, Any], command: str, load_average: tuple[float, ..
         f"`{command}`; {result['events']} stream events, {result['seeds']} seeds, 2-core CPU, "
         f"load average {load_average[0]:.1f} at the end.",
         "",
-        f"Teacher: logistic regression on {TEACHERS[result.get('teacher', 'base')]}, fitted on the whole "
-        f"training split; test accuracy {100 * result['teacher_test_accuracy']:.1f}%. Loss of (b): "
+        f"Teacher: {TEACHERS[result.get('teacher', 'base')]}; test accuracy "
+        f"{100 * result['teacher_test_accuracy']:.1f}%. Loss of (b): "
         f"`trainer.distill_alpha` {result['distill_alpha']:g}, `trainer.distill_temperature` "
         f"{result['distill_temperature']:g}. Steps: "
         + ("fresh and replayed rows, as the daemon's." if result["replay"] else "16 fresh rows, no replay."),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from benchmarks.quality import distill
+from benchmarks.quality.teacher import FILE
 
 
 def test_the_three_configurations_train_on_what_they_are_given(tiny_model_dir: Path) -> None:
@@ -58,3 +60,20 @@ def test_steps_are_composed_as_the_daemons_fresh_rows_then_replayed_ones_with_th
             assert steps[0][0] == share and all(rows == settings.trainer.batch_size for rows, *_ in steps[1:])
         else:
             assert fresh == [16, 16, 8] and all(rows == n for rows, n, _ in steps)
+
+
+def test_the_shipped_fine_tuned_teacher_is_a_distribution_per_text_and_scores_as_it_says() -> None:
+    """``data/ag_news/teacher-mpnet-ft.json`` (``benchmarks.quality.teacher``): a distribution over
+    the split's classes for every training and test text, its stated accuracy recomputed from its
+    own test distributions, and its fine-tuning texts outside both splits by construction."""
+    teachers, accuracy, classes = distill.teacher("ag_news", None, "mpnet-ft")
+    train, test = distill.load("ag_news", "train"), distill.load("ag_news", "test")
+    prepared = json.loads((distill.DATA / "ag_news" / FILE).read_text())
+    assert len(teachers) == len(train) and len(prepared["test"]) == len(test)
+    assert set(classes) == {r["label"] for r in train}
+    assert all(abs(sum(t.values()) - 1.0) < 1e-4 and set(t) == set(classes) for t in teachers + prepared["test"])
+    right = sum(max(t, key=t.get) == r["label"] for t, r in zip(prepared["test"], test, strict=True))
+    assert right / len(test) == accuracy
+    assert prepared["fine_tuned_on"] > len(train)  # a stronger model: more texts than the stream holds
+    stream = distill.stream("ag_news", teachers, "labels + teacher", 40, seed=0)
+    assert all(e.teacher and abs(e.teacher[c] - teachers[int(e.id[1:])][c]) < 1e-4 for e in stream for c in classes)
