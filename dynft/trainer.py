@@ -285,21 +285,32 @@ class OnlineTrainer(TrainerWeights):
         """Test, then train the word counts on the fresh events (``dynft.lexical``), given the
         adapter's probabilities of them from before this step. Returns the blend's predictions of
         them (label indices below ``known``: what a version cut before this step would answer), or
-        None without counts. An event labelled by its teacher alone is counted softly, by its row of
-        ``teacher`` (the batch's teacher probabilities by label id), as the adapter learns it: its
-        label is the teacher's guess."""
+        None without counts. An event with a teacher is counted softly, by the distribution its loss
+        learns: its row of ``teacher`` (the batch's teacher probabilities by label id) when the
+        teacher alone labelled it, that row mixed with its own label's one-hot by
+        ``trainer.distill_alpha`` when it has both."""
         if self.lexicon is None or not fresh or adapter is None:
             return None
         weight = self.lexicon.weight  # the share before these events move it
         labels = len(self.label_map)
         ids = [self.label_map.get(e.label) for e in fresh]
-        soft = {i: teacher[i] for i, e in enumerate(fresh) if e.label_from_teacher} if teacher is not None else {}
+        soft = {i: self._taught(teacher[i], e.label_from_teacher, ids[i]) for i, e in enumerate(fresh)
+                if teacher is not None and e.teacher is not None}  # fmt: skip
         probs = torch.tensor(adapter)
         counts = self.lexicon.observe([e.text for e in fresh], ids, labels, probs, soft)
         if not known:  # no label was known before this step: nothing can be predicted
             return None
         mixed = blend(probs[:, :known], counts[:, :known], weight)
         return [int(i) for i in mixed.argmax(dim=-1)]
+
+    def _taught(self, teacher: torch.Tensor, alone: bool, label: int | None) -> torch.Tensor:
+        """The label shares a taught event's words are counted by: as ``dynft.distill`` mixes its loss."""
+        if alone or label is None:
+            return teacher
+        alpha = self.settings.distill_alpha
+        mixed = teacher * alpha
+        mixed[label] += 1.0 - alpha
+        return mixed
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         """The logits of this batch, (B, C)."""

@@ -274,6 +274,29 @@ def test_teacher_only_events_are_counted_by_the_teachers_shares_and_step_predict
     assert (lexicon.totals - totals).sum().item() == pytest.approx(words)
 
 
+def test_a_labelled_event_with_a_teacher_is_counted_as_its_loss_mixes_them(tiny_trainer: OnlineTrainer) -> None:
+    """Label "pos" and a teacher of neg 0.9 / pos 0.1, with ``trainer.distill_alpha`` 0.5: the
+    words count 0.45 under neg and 0.55 under pos, the targets the adapter's loss mixes."""
+    from dynft.events import decode
+    from dynft.lexical import bag
+    from dynft.settings import EventSettings
+
+    tiny_trainer.step(tiny_trainer.collator(events(10), n_fresh=10))
+    record = b'{"id": "t", "text": "dull dull film", "label": "pos", "teacher": {"neg": 0.9, "pos": 0.1}}'
+    taught = decode(record, EventSettings())
+    assert isinstance(taught, Event) and not taught.label_from_teacher
+    assert tiny_trainer.settings.distill_alpha == 0.5
+    lexicon = tiny_trainer.lexicon
+    neg, pos = tiny_trainer.label_map.get("neg"), tiny_trainer.label_map.get("pos")
+    assert lexicon is not None and neg is not None and pos is not None
+    counts, docs = lexicon.counts.clone(), lexicon.docs.clone()
+    tiny_trainer.step(tiny_trainer.collator([taught], n_fresh=1))
+    k = next(iter(bag("dull", lexicon.buckets)))
+    assert lexicon.counts[neg, k].item() == pytest.approx(counts[neg, k].item() + 2 * 0.45)
+    assert lexicon.counts[pos, k].item() == pytest.approx(counts[pos, k].item() + 2 * 0.55)
+    assert lexicon.docs[pos].item() == pytest.approx(docs[pos].item() + 0.55)
+
+
 def test_a_one_hot_teacher_counts_as_its_label() -> None:
     """Soft counting generalises the hard one: a teacher sure of one label counts exactly as that label."""
     texts = ["a great film", "an awful film", "great acting, great cast"]
