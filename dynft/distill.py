@@ -57,3 +57,14 @@ def soft_loss(logits: torch.Tensor, teacher: torch.Tensor, temperature: float) -
     log_student = F.log_softmax(logits / temperature, dim=-1)  # (B, C')
     cross = -(target * log_student).sum(dim=-1)  # (B,)
     return temperature**2 * (entropy + cross)
+
+
+def target_shares(teacher: torch.Tensor, label: int | None, alpha: float) -> torch.Tensor:
+    """The label shares an event with a teacher learns, as ``per_event_loss`` mixes them: the
+    teacher's row (C,) alone without a label of its own, else ``(1 - a) * one_hot(label) + a * teacher``
+    (the word counts of ``dynft.lexical`` count the event's words by these shares)."""
+    if label is None:
+        return teacher
+    mixed = teacher * alpha
+    mixed[label] += 1.0 - alpha
+    return mixed

@@ -25,7 +25,7 @@ from peft import PeftModel
 from torch import nn
 
 from dynft.batching import Batch, Collator, LabelMap, pad_multiple_for
-from dynft.distill import per_event_loss
+from dynft.distill import per_event_loss, target_shares
 from dynft.errors import ConfigError
 from dynft.events import Event
 from dynft.families import base_dtype, read_positions, size_line
@@ -294,23 +294,15 @@ class OnlineTrainer(TrainerWeights):
         weight = self.lexicon.weight  # the share before these events move it
         labels = len(self.label_map)
         ids = [self.label_map.get(e.label) for e in fresh]
-        soft = {i: self._taught(teacher[i], e.label_from_teacher, ids[i]) for i, e in enumerate(fresh)
-                if teacher is not None and e.teacher is not None}  # fmt: skip
+        alpha = self.settings.distill_alpha
+        soft = {i: target_shares(teacher[i], None if e.label_from_teacher else ids[i], alpha)
+                for i, e in enumerate(fresh) if teacher is not None and e.teacher is not None}  # fmt: skip
         probs = torch.tensor(adapter)
         counts = self.lexicon.observe([e.text for e in fresh], ids, labels, probs, soft)
         if not known:  # no label was known before this step: nothing can be predicted
             return None
         mixed = blend(probs[:, :known], counts[:, :known], weight)
         return [int(i) for i in mixed.argmax(dim=-1)]
-
-    def _taught(self, teacher: torch.Tensor, alone: bool, label: int | None) -> torch.Tensor:
-        """The label shares a taught event's words are counted by: as ``dynft.distill`` mixes its loss."""
-        if alone or label is None:
-            return teacher
-        alpha = self.settings.distill_alpha
-        mixed = teacher * alpha
-        mixed[label] += 1.0 - alpha
-        return mixed
 
     def _forward(self, batch: Batch) -> torch.Tensor:
         """The logits of this batch, (B, C)."""

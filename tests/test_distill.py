@@ -209,3 +209,14 @@ def test_a_student_learns_the_teachers_labels_from_teachers_alone(tiny_settings:
     # Scored against the teacher's top label, as held-out events without a label are.
     accuracy = sum(p == e.label for p, e in zip(predictions, held_out, strict=True)) / len(held_out)
     assert accuracy > 0.85
+
+
+def test_target_shares_are_the_mixture_the_loss_learns() -> None:
+    from dynft.distill import target_shares
+
+    teacher = torch.tensor([0.9, 0.1, 0.0])
+    assert torch.equal(target_shares(teacher, None, 0.5), teacher)  # the teacher alone labelled it
+    mixed = target_shares(teacher, 1, 0.25)
+    assert torch.allclose(mixed, torch.tensor([0.225, 0.775, 0.0])) and mixed.sum().item() == pytest.approx(1.0)
+    assert torch.equal(teacher, torch.tensor([0.9, 0.1, 0.0]))  # the batch's row is not changed in place
+    assert torch.allclose(target_shares(teacher, 0, 0.0), torch.tensor([1.0, 0.0, 0.0]))  # alpha 0: the label
