@@ -165,6 +165,7 @@ class Task:
         self.prequential = Prequential(settings.evaluation.window)
         self.holdout = HoldoutWindow(settings.evaluation.holdout_window)
         self.drift = DriftMonitor.from_settings(settings.drift, settings.checkpoint.drift_history)
+        trainer.capture_features = self.drift.wants_embeddings  # the representation detector's input
         self.settings = settings
         self.reaction = DriftReaction(settings.drift, trainer, buffer)  # replay_plan/lineage: read by the batcher
         self.random = TaskRandom(settings.trainer.seed, name) if trainer.owns_adapter else None
@@ -211,9 +212,10 @@ class Task:
             fresh = batch.events[: batch.n_fresh]
             self.buffer.add_many(fresh)
             scored = list(zip(fresh, result.predictions, result.losses, strict=True))
-            for event, prediction, loss in scored:
+            embeddings: list[list[float] | None] = [*result.features] if result.features else [None] * len(scored)
+            for (event, prediction, loss), embedding in zip(scored, embeddings, strict=True):
                 self.prequential.update(event.label, prediction, loss)
-                drift = self.drift.update(prediction != event.label, loss, event.label, text=event.text)  # no embedding
+                drift = self.drift.update(prediction != event.label, loss, event.label, embedding, event.text)
                 for detection in drift:
                     self._react(self.reaction.on_detection(detection))
                 self._react(self.reaction.observe(self.drift.seen - 1, event.label, prediction))

@@ -52,3 +52,25 @@ def test_steps_of_every_task_count_toward_the_checkpoint_cadence(tiny_settings: 
 
     assert loop.trainer.steps == 0 and loop.tasks["intents"].trainer.steps >= 30
     assert sample(metrics, "dynft_checkpoints_total") >= 3  # due by steps, not only the one at shutdown
+
+
+@pytest.mark.slow
+def test_a_task_watches_its_own_inputs_through_the_token_embeddings(tiny_settings: Settings, tmp_path: Path) -> None:
+    """A task's representation detector gets its steps' token embeddings (the default task's does
+    too): reviews turning into tweets in the task's stream are seen there, not in the default task."""
+    from test_drift import review_like, tweet_like
+
+    rng = random.Random(3)
+    texts = review_like(rng, 400) + tweet_like(rng, 200)
+    task = [{"id": f"t{i}", "text": t, "label": ["pos", "neg"][i % 2], "task": "reviews"} for i, t in enumerate(texts)]
+    default = [{**row} for row in keyword_events(600, ["delta", "omega"], seed=6, prefix="d")]
+    rows = [row for pair in zip(task, default, strict=True) for row in pair]
+    tiny_settings.drift.reactions = []
+    tiny_settings.trainer.freshest_first_backlog = 0  # every event trained, in order, and none held out:
+    tiny_settings.evaluation.holdout_fraction = 0.0  # a detection's index is its row's in the task's stream
+    loop = run(tiny_settings, write_jsonl(tmp_path / "shift.jsonl", rows), CollectorRegistry())
+
+    assert "representation" in loop.tasks["reviews"].drift.streams
+    seen = [d.index for d in loop.tasks["reviews"].drift.history if d.stream == "representation"]
+    assert seen and 400 <= seen[0] < 500, seen
+    assert not [d for d in loop.drift.history if d.stream == "representation"]
