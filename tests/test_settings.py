@@ -45,6 +45,23 @@ def test_invalid_values_name_the_field_and_the_value(monkeypatch: pytest.MonkeyP
     assert str(err.value) == "config error: buffer.replay_ratio: Input should be less than 1 (got '1.5')"
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("DYNFT_DRIFT__REACTIONS", "[boost]"), ("DYNFT_DRIFT__INPUT_PARAMS", "{delta: 2}"), ("DYNFT_KAFKA", "secret!")],
+)
+def test_an_environment_value_that_is_not_json_where_json_is_needed_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    """Lists and mappings come from the environment as JSON; a value that does not parse names its
+    variable (never the value, which may be a secret) instead of ending in a traceback."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    message = str(err.value)
+    assert message.startswith(f"config error: {name}: not a valid value for ") and "JSON" in message, message
+    assert value not in message
+
+
 def test_unknown_keys_are_errors(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
     path.write_text("[trainer]\nlearning_rate = 1\n")

@@ -18,6 +18,7 @@ from pydantic_settings import (
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from dynft.errors import InvalidSettingsError
@@ -213,6 +214,25 @@ def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | N
         # ``from None``: pydantic's own message repeats every input value, secrets included, and a
         # chained traceback would print it wherever this error is ever logged.
         raise InvalidSettingsError(format_validation_error(exc)) from None
+    except SettingsError as exc:  # an environment variable pydantic-settings could not even parse
+        raise InvalidSettingsError(unparsable_environment(exc)) from None
+
+
+def unparsable_environment(exc: SettingsError) -> str:
+    """The ``config error`` line for an environment value that is not JSON where JSON is needed
+    (a list or a mapping, as ``DYNFT_DRIFT__REACTIONS='["boost"]'``): the variables that name it,
+    never their values (they may be secrets)."""
+    import os
+
+    field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else ""
+    prefix = f"DYNFT_{field.upper()}"
+    names = sorted(k for k in os.environ if k.upper() == prefix or k.upper().startswith(prefix + "__"))
+    cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+    where = ", ".join(names) if names and field else "a DYNFT_ environment variable"
+    return (
+        f"config error: {where}: not a valid value for {field or 'a setting'}{cause} "
+        "(lists and mappings are JSON, e.g. DYNFT_DRIFT__REACTIONS='[\"boost\"]')"
+    )
 
 
 def reference_table() -> str:
