@@ -59,7 +59,7 @@ def daemon_env(
     for key, value in overrides.items():
         if value is not None:
             name = "DYNFT_" + key.upper().replace(".", "__")
-            env[name] = json.dumps(value) if isinstance(value, bool) else str(value)
+            env[name] = json.dumps(value) if isinstance(value, bool | list | dict) else str(value)  # as dynft reads
     return env | {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

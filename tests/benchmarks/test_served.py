@@ -52,6 +52,19 @@ def test_the_daemon_follows_its_file_with_the_suites_settings_and_time_based_pub
     assert settings.registry.publish_interval_s == 20.0 and settings.model.max_length == QUICK.max_length
 
 
+def test_set_values_that_are_lists_or_mappings_reach_the_daemon_as_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = {"drift.reactions": ["boost", "retire"], "drift.input_params": {"delta": 3.0, "threshold": 50.0}}
+    env = daemon_env(QUICK, tmp_path / "state", tmp_path / "events.jsonl", 8123, extra)
+    for key, value in env.items():
+        if key.startswith("DYNFT_"):
+            monkeypatch.setenv(key, value)
+    settings = load_settings()
+    assert settings.drift.reactions == ["boost", "retire"]
+    assert settings.drift.input_params == {"delta": 3.0, "threshold": 50.0}
+
+
 def test_a_server_a_phase_behind_on_a_class_incremental_stream_scores_zero_for_want_of_the_labels() -> None:
     # What the quick suite's banking run showed (served 0.000 with 7 versions): every answer is a
     # label of the phase before, from versions that never held the phase's own labels. The score
