@@ -227,7 +227,8 @@ def unparsable_environment(exc: SettingsError) -> str:
     field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else ""
     prefix = f"DYNFT_{field.upper()}"
     names = sorted(k for k in os.environ if k.upper() == prefix or k.upper().startswith(prefix + "__"))
-    cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+    bad_json = exc.__cause__ if isinstance(exc.__cause__, json.JSONDecodeError) else None
+    cause = f": {bad_json.msg} at character {bad_json.pos}" if bad_json else ""  # other causes may quote the value
     where = ", ".join(names) if names and field else "a DYNFT_ environment variable"
     return (
         f"config error: {where}: not a valid value for {field or 'a setting'}{cause} "
