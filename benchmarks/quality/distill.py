@@ -74,18 +74,14 @@ def embeddings(texts: list[str], model_path: str | None) -> Any:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    from benchmarks.quality.teacher import encode
     from dynft.modeldir import resolve_model_path
 
     path = resolve_model_path(model_path)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).eval()
-    out = []
     with torch.no_grad():
-        for i in range(0, len(texts), 64):
-            enc = tokenizer(texts[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
-            hidden = model(**enc).last_hidden_state  # (B, T, H)
-            mask = enc["attention_mask"][:, :, None].float()
-            out.append((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
+        out = [encode(model, tokenizer, texts[i : i + 64], 128) for i in range(0, len(texts), 64)]
     return torch.cat(out).numpy()
 
 

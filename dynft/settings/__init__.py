@@ -9,6 +9,7 @@ environment.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -222,8 +223,6 @@ def unparsable_environment(exc: SettingsError) -> str:
     """The ``config error`` line for an environment value that is not JSON where JSON is needed
     (a list or a mapping, as ``DYNFT_DRIFT__REACTIONS='["boost"]'``): the variables that name it,
     never their values (they may be secrets)."""
-    import os
-
     field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else ""
     prefix = f"DYNFT_{field.upper()}"
     names = sorted(k for k in os.environ if k.upper() == prefix or k.upper().startswith(prefix + "__"))
