@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -54,6 +55,7 @@ Reason = Literal[
     "invalid_weight",
     "nested_too_deep",
     "invalid_string",
+    "duplicate_field",  # a field of the event given twice in one object: which value is meant is unknown
     "invalid_teacher",  # a malformed teacher distribution (see dynft.teacher)
     "invalid_temperature",  # a teacher_temperature that is not finite and > 0, or without logits
     "too_many_labels",  # given by routing (dynft.routing), not by decode
@@ -187,6 +189,25 @@ class Rejection:
 
 
 _FAST = msgspec.json.Decoder(Event)  # strict: a number is no string, a bool no number
+# Each field's key as it appears in a record; a second one sends the record down the slow path,
+# where a field given twice is refused. msgspec, as JSON parsers do, keeps the last one silently.
+_KEYS = tuple(f'"{name}"'.encode() for name in Event.__struct_fields__)
+
+
+class _Repeated(dict[str, Any]):
+    """A JSON object in which some keys appear more than once (``repeated``), the last value kept."""
+
+    repeated: list[str]
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json``'s object hook: a dict, or a ``_Repeated`` one that names the keys given twice."""
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    marked = _Repeated(obj)
+    marked.repeated = [key for key, n in Counter(key for key, _ in pairs).items() if n > 1]
+    return marked
 
 
 def decode(raw: bytes, limits: EventSettings) -> Event | Rejection:
@@ -197,6 +218,9 @@ def decode(raw: bytes, limits: EventSettings) -> Event | Rejection:
         event = _FAST.decode(raw)
     except (msgspec.DecodeError, RecursionError):  # DecodeError: also its ValidationError, a subclass
         return _diagnose(raw, limits)  # slow path: find out why, in order (or give a label from the teacher)
+    # A teacher's labels or a field may be given twice, which msgspec does not tell: the slow path does.
+    if event.teacher is not None or event.teacher_logits is not None or any(raw.count(k) > 1 for k in _KEYS):
+        return _diagnose(raw, limits)
     return _check(event, raw, limits)
 
 
@@ -206,14 +230,45 @@ def _diagnose(raw: bytes, limits: EventSettings) -> Event | Rejection:
     except UnicodeDecodeError as exc:
         return Rejection("not_utf8", f"invalid UTF-8 at byte {exc.start}", raw)
     try:
-        obj = json.loads(text, parse_int=_parse_int)
+        obj = json.loads(text, parse_int=_parse_int, object_pairs_hook=_object)
     except json.JSONDecodeError as exc:
-        return Rejection("malformed_json", f"{exc.msg} at line {exc.lineno} column {exc.colno}", raw)
+        # json's messages that name a place end in " at" ("Unterminated string starting at").
+        where = f"line {exc.lineno} column {exc.colno}"
+        return Rejection("malformed_json", f"{exc.msg.removesuffix(' at')} at {where}", raw)
     except RecursionError:  # valid JSON, but deeper than the parser's stack (pydantic's stops at 200)
         return Rejection("nested_too_deep", "JSON nested too deeply to parse", raw)
     if not isinstance(obj, dict):
-        return Rejection("not_an_object", f"expected a JSON object, got {type(obj).__name__}", raw)
-    return _validate(obj, raw, limits)
+        return Rejection("not_an_object", f"expected a JSON object, got {json_type(obj)}", raw)
+    return _repeated(obj, raw, limits) or _validate(obj, raw, limits)
+
+
+def _repeated(obj: dict[str, Any], raw: bytes, limits: EventSettings) -> Rejection | None:
+    """A field of the event given twice, or a teacher's label given twice; unknown fields may repeat."""
+    given_twice = [key for key in getattr(obj, "repeated", ()) if key in Event.__struct_fields__]
+    id_ = None if "id" in given_twice else _usable_id(obj.get("id"), limits)
+    if given_twice:
+        return Rejection(
+            "duplicate_field", f"field {given_twice[0]!r} is given twice; which value is meant is unknown", raw, id_
+        )
+    for field in ("teacher", "teacher_logits"):
+        labels = getattr(obj.get(field), "repeated", None)
+        if labels:
+            return Rejection("invalid_teacher", f"{field}: label {labels[0][:64]!r} is given twice", raw, id_)
+    return None
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, as a producer knows it.
+
+    >>> json_type(None), json_type([1]), json_type(True), json_type(2.5)
+    ('null', 'an array', 'a boolean', 'a number')
+    """
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "a boolean"), ((int, float), "a number"), (str, "a string"), (list, "an array")):
+        if isinstance(value, kind):
+            return name
+    return "an object"
 
 
 def _parse_int(digits: str) -> int | float:
@@ -231,7 +286,7 @@ def _validate(obj: dict[str, Any], raw: bytes, limits: EventSettings) -> Event |
     id_ = _usable_id(obj.get("id"), limits)
     ts = obj.get("ts")
     if ts is not None and not isinstance(ts, str):
-        return Rejection("invalid_ts", f"ts must be an ISO-8601 string, got {type(ts).__name__}", raw, id_)
+        return Rejection("invalid_ts", f"ts must be an ISO-8601 string, got {json_type(ts)}", raw, id_)
     try:
         event = Event(**dict(_Schema.model_validate({**obj, "ts": None})))
     except ValidationError as exc:

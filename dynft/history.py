@@ -254,9 +254,13 @@ def _samples(registry: CollectorRegistry, name: str) -> list[tuple[dict[str, str
 
 
 def _place(record: Record) -> str:
-    """Where a record without a usable id was: its line in a file, else its stream position."""
-    line = (record.where or {}).get("line")
-    return f"line {line}" if isinstance(line, int) else f"position {record.next}"
+    """Where a record without a usable id was: its line in a file (its byte offset after a restart
+    mid-file, where the line number is not known), else its stream position."""
+    where = record.where or {}
+    line, offset = where.get("line"), where.get("offset")
+    if isinstance(line, int):
+        return f"line {line}"
+    return f"byte {offset}" if isinstance(offset, int) else f"position {record.next}"
 
 
 def dead_letter_of(rejection: Rejection, record: Record, show_text: bool, now: float) -> DeadLetter:

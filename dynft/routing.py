@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from dynft.batching import Batch, Collator, LabelMap
 from dynft.deadletter import DeadLetterSink
@@ -102,6 +102,9 @@ class Router:
         """A rejection, or whether the event is held out, and the event."""
         event = decode(record.raw, self.limits)
         if isinstance(event, Rejection):
+            if event.reason == "record_too_large" and record.where and "bytes" in record.where:
+                # The source cut the line: the decoder saw only its first bytes, the source knows its length.
+                return replace(event, detail=f"{record.where['bytes']} bytes > {self.limits.max_record_bytes}")
             return event
         if self.partition_of is not None:
             wrong = wrong_partition(event, record, self.partition_of(event.task_name))
@@ -122,9 +125,7 @@ class Router:
         else:
             fits = labels.fits(event.label) if held_out else labels.admit(event.label)
         if not fits:
-            cap = labels.capacity
-            detail = f"label {event.label[:64]!r} would be label {len(labels) + 1} (trainer.max_labels={cap})"
-            return Rejection("too_many_labels", detail, record.raw, event.id)
+            return Rejection("too_many_labels", _over_capacity(event, labels, held_out), record.raw, event.id)
         return held_out, event
 
     def collate(
@@ -210,3 +211,17 @@ def internal(exc: Exception, raw: bytes, event_id: str | None = None) -> Rejecti
     except Exception:  # an exception whose message itself fails: its type still says what happened
         message = "(message unavailable)"
     return Rejection("internal", f"{type(exc).__name__}: {message}"[:1000], raw, event_id)
+
+
+def _over_capacity(event: Event, labels: LabelMap, held_out: bool) -> str:
+    """Why ``event`` cannot have its labels: which new ones it brings, and how many the map holds."""
+    cap, known = labels.capacity, len(labels)
+    brought = [event.label] if held_out or event.teacher is None else [event.label, *event.teacher]
+    new = [label for label in dict.fromkeys(brought) if labels.get(label) is None]
+    if len(new) == 1:
+        return f"label {new[0][:64]!r} would be label {known + 1} (trainer.max_labels={cap})"
+    named = ", ".join(repr(label[:32]) for label in new[:3]) + (", ..." if len(new) > 3 else "")
+    return (
+        f"the label and its teacher bring {len(new)} new labels ({named}): "
+        f"{known} + {len(new)} > trainer.max_labels={cap}"
+    )

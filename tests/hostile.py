@@ -64,6 +64,7 @@ HOSTILE: dict[str, Hostile] = {
     "label_is_an_object": Hostile(_record(b'"h-labelobj"', b"", label=b'{"a": 1}'), "wrong_type", "h-labelobj"),
     "label_missing": Hostile(b'{"id": "h-nolabel", "text": "w1 alpha1"}', "missing_field", "h-nolabel"),
     "whitespace_text": Hostile(_record(b'"h-blank"', b"", text=b'" \\t\\u3000 "'), "empty_text", "h-blank"),
+    "label_given_twice": Hostile(_record(b'"h-dup-label"', b', "label": "beta"'), "duplicate_field", "h-dup-label"),
     "new_label_beyond_max_labels": Hostile(
         _record(b'"h-newlabel"', b"", label=b'"user-8812"'), "too_many_labels", "h-newlabel"
     ),
@@ -71,7 +72,7 @@ HOSTILE: dict[str, Hostile] = {
     "control_characters": Hostile(
         _record(b'"h-ctrl\\u0001"', b"", text=b'"w1 alpha1 \\u0000\\u001b[0m"'), None, "h-ctrl\x01"
     ),
-    "duplicate_keys": Hostile(_record(b'"h-dup-first", "id": "h-dup"', b""), None, "h-dup"),
+    "duplicate_unknown_keys": Hostile(_record(b'"h-dup"', b', "x": 1, "x": 2'), None, "h-dup"),
     "nan_in_an_unknown_field": Hostile(_record(b'"h-extra"', b', "score": NaN, "n": 1' + b"0" * 5000), None, "h-extra"),
 }
 

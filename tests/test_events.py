@@ -37,6 +37,7 @@ BAD = {
     "invalid_teacher": b'{"id": "1", "text": "hi", "teacher": {"a": 0.5, "b": 0.2}}',
     "invalid_temperature": b'{"id": "1", "text": "hi", "teacher_logits": {"a": 1}, "teacher_temperature": 0}',
     "invalid_task": b'{"id": "1", "text": "hi", "label": "a", "task": "../x"}',
+    "duplicate_field": b'{"id": "1", "text": "hi", "label": "a", "label": "b"}',
 }
 
 
@@ -93,12 +94,13 @@ def test_weights_up_to_max_weight_are_kept_whole() -> None:
 
 
 def test_strange_but_valid_records_are_events() -> None:
-    """Control characters, duplicate keys (the last wins, as in every JSON parser here), nesting
-    deeper than pydantic's parser takes but within Python's, huge numbers in unknown fields."""
+    """Control characters, an unknown field given twice (a field of the event given twice is
+    refused: ``duplicate_field``), nesting deeper than pydantic's parser takes but within
+    Python's, huge numbers in unknown fields."""
     control = decode(b'{"id": "c\\u0000", "text": "\\u0007 \\u001b[31m", "label": "\\u0001"}', LIMITS)
     assert isinstance(control, Event) and (control.id, control.label) == ("c\x00", "\x01")
-    duplicate = decode(b'{"id": "a", "id": "b", "text": "hi", "label": "x"}', LIMITS)
-    assert isinstance(duplicate, Event) and duplicate.id == "b"
+    duplicate = decode(b'{"id": "a", "x": 1, "text": "hi", "x": 2, "label": "x"}', LIMITS)
+    assert isinstance(duplicate, Event) and duplicate.id == "a"
     nested = decode(b'{"id": "n", "text": "hi", "label": "x", "x": ' + b"[" * 500 + b"]" * 500 + b"}", LIMITS)
     assert isinstance(nested, Event) and nested.id == "n"
     huge = decode(b'{"id": "h", "text": "hi", "label": "x", "x": 1' + b"0" * 5000 + b', "y": NaN}', ROOMY)
@@ -131,6 +133,49 @@ def test_texts_at_the_limit_are_kept_whole() -> None:
     text = "z" * 20
     event = decode(b'{"id": "1", "text": "' + text.encode() + b'", "label": "a"}', LIMITS)
     assert isinstance(event, Event) and event.text == text
+
+
+@pytest.mark.parametrize(
+    ("raw", "detail"),
+    [
+        (b'{"id": "1", "text": "a\x00b", "label": "x"}', "Invalid control character at line 1 column 23"),
+        (b'{"id": "1", "text": "ab', "Unterminated string starting at line 1 column 21"),
+        (b"null", "expected a JSON object, got null"),
+        (b"[1]", "expected a JSON object, got an array"),
+        (b'{"id": "1", "text": "a", "label": "x", "ts": 5}', "ts must be an ISO-8601 string, got a number"),
+    ],
+)
+def test_details_read_as_a_producer_would_say_them(raw: bytes, detail: str) -> None:
+    """JSON's names for types, and json's messages without their dangling "at" (found by a review:
+    "Invalid control character at at line 1", "got NoneType")."""
+    rejection = decode(raw, EventSettings())
+    assert isinstance(rejection, Rejection) and rejection.detail == detail
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "detail", "event_id"),
+    [
+        (b'{"id": "1", "text": "hi", "label": "a", "label": "b"}', "duplicate_field", "field 'label'", "1"),
+        (b'{"id": "1", "id": "2", "text": "hi", "label": "a"}', "duplicate_field", "field 'id'", None),
+        (b'{"id": "1", "text": "hi", "teacher": {"a": 0.5, "a": 0.5}}', "invalid_teacher", "teacher: label 'a'", "1"),
+        (b'{"id": "1", "text": "x", "label": "a", "teacher_logits": {"b": 1, "b": 2}}', "invalid_teacher", "", "1"),
+    ],
+)
+def test_a_field_or_teacher_label_given_twice_is_refused(
+    raw: bytes, reason: str, detail: str, event_id: str | None
+) -> None:
+    """JSON parsers keep a repeated key's last value silently (a review found a second "label"
+    making a new label); which one a producer meant is unknown, so the record is refused."""
+    rejection = decode(raw, EventSettings())
+    assert isinstance(rejection, Rejection) and rejection.reason == reason, rejection
+    assert rejection.detail.startswith(detail) and "given twice" in rejection.detail
+    assert rejection.event_id == event_id
+
+
+def test_unknown_fields_may_repeat_and_a_key_inside_them_or_a_text_is_no_repeat() -> None:
+    raw = b'{"id": "1", "text": "the \\"label\\" is", "label": "a", "x": 1, "x": {"label": 2}}'
+    event = decode(raw, EventSettings())
+    assert isinstance(event, Event) and event.label == "a" and event.text == 'the "label" is'
 
 
 def test_unknown_fields_are_ignored() -> None:

@@ -66,6 +66,31 @@ def test_a_label_beyond_max_labels_is_dead_lettered_and_known_labels_go_on(tmp_p
     assert "trainer.max_labels=2" in letters[0]["detail"]
 
 
+def test_a_teacher_beyond_max_labels_is_named_with_the_labels_it_brings(tmp_path: Path) -> None:
+    """A review found "label 'tl0' would be label 15" for a teacher of 2,000 new labels: the count
+    and the labels named are the ones the record brings, whichever field brings them."""
+    router = make_router(tmp_path, capacity=4)
+    teacher = {f"t{i}": 0.25 for i in range(4)}
+    taught = json.dumps({"id": "t", "text": "w1 alpha1", "label": "a", "teacher": teacher}).encode()
+    routed = router.route(records([raw("1", "a"), raw("2", "b"), taught, raw("3", "c")]))
+    assert [e.id for _, e in routed.fresh] == ["1", "2", "3"] and [k for _, k in routed.dead] == ["t"]
+    (letter,) = read_dead_letters(tmp_path / "dead.jsonl")
+    assert letter["detail"] == (
+        "the label and its teacher bring 4 new labels ('t0', 't1', 't2', ...): 2 + 4 > trainer.max_labels=4"
+    )
+
+
+def test_a_cut_over_long_line_is_dead_lettered_with_its_real_length(tmp_path: Path) -> None:
+    """The file source hands on only the first ``max_record_bytes + 1`` bytes of a long line; the
+    detail gives the line's length the source measured, not the prefix's."""
+    router = make_router(tmp_path)
+    limit = router.limits.max_record_bytes
+    record = Record(b"x" * (limit + 1), "file:t.jsonl", 1, None, {"line": 1, "offset": 0, "bytes": 52_428_855})
+    routed = router.route([record])
+    assert len(routed.dead) == 1
+    assert read_dead_letters(tmp_path / "dead.jsonl")[0]["detail"] == f"52428855 bytes > {limit}"
+
+
 def test_held_out_events_with_a_label_beyond_max_labels_are_dead_lettered(tmp_path: Path) -> None:
     router = make_router(tmp_path, capacity=1, holdout=0.5)
     trained, held = ids_where(False, 0.5, 1), ids_where(True, 0.5, 3)

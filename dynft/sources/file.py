@@ -20,7 +20,8 @@ from dynft.sources.rotation import (
     Identity,
     Position,
     Successors,
-    find_inode,
+    find_checkpointed,
+    find_copy,
     identity,
     parse,
     position_base,
@@ -78,7 +79,7 @@ class FileSource(Source):
         self._scanned = 0  # _buf[:_scanned] holds no newline (searched already)
         self._cut = 0  # bytes of the first line in _buf dropped because it is over-long
         self._offset = 0  # bytes consumed into complete lines
-        self._line = 0
+        self._line: int | None = 0  # lines split off in this file; None after resuming mid-file (not counted)
         self._eof = False
         self._resume = 0  # the position to begin at (after a checkpoint)
         self._base = 0  # a regular file: its generation and inode, shifted (rotation.position_base)
@@ -91,6 +92,7 @@ class FileSource(Source):
         self._switch_due = False  # follow mode: the next read moves to the next successor
         self._after_end = False  # follow mode: the last read met the end of the file
         self._regular = True  # a regular file (set at open)
+        self._missing = False  # follow mode: the path does not exist yet; it is waited for
 
     def resume_from(self, positions: dict[str, int]) -> None:
         if self._path != "-":
@@ -105,14 +107,40 @@ class FileSource(Source):
             raise SourceError(f"{self.uri}: is a directory, expected a JSON Lines file")
         try:
             self._fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError as exc:
+            if not self._follow:
+                raise SourceError(f"{self.uri}: cannot open ({exc.strerror})") from exc
+            self._await_path()
+            return
         except OSError as exc:
             raise SourceError(f"{self.uri}: cannot open ({exc.strerror})") from exc
+        self._missing = False
         opened = os.fstat(self._fd)
         self._regular = stat.S_ISREG(opened.st_mode)  # not a FIFO: it can be rewritten or rotated
         if self._regular:
             self._resume_reading(opened)
         if self._follow and self._regular:
             self._head = os.pread(self._fd, HEAD, 0)
+
+    def _await_path(self) -> None:
+        """Follow mode, the path missing (rotated away while stopped, or not created yet): read the
+        rest of the checkpoint's file if it is beside the path, then wait for the path, as ``tail -F``."""
+        at = parse(self._resume)
+        if at.inode is not None and self._reopen_rotated(None, at):
+            self._head = os.pread(self._fd, HEAD, 0)
+            return
+        if not self._missing:
+            log.warning("%s does not exist; waiting for it to be created (source.follow)", self.uri)
+        self._missing = True
+
+    def _appeared(self, timeout_s: float) -> bool:
+        """Follow mode, the path missing: whether it exists now (then it is open), else wait up to ``timeout_s``."""
+        if Path(self._path).exists():
+            self.open()
+            if not self._missing:
+                return True
+        time.sleep(min(self._poll_interval_s, timeout_s))
+        return False
 
     def _resume_reading(self, opened: os.stat_result) -> None:
         """Start after the checkpoint's position, in the file it was taken in; sets the generation."""
@@ -133,6 +161,8 @@ class FileSource(Source):
                 self._generation = at.generation
                 self._start_at(start)
                 return
+            if self._follow and self._reopen_rotated(opened, at):
+                return
             log.warning(
                 "%s does not go on at its checkpoint position (shorter, rewritten while stopped, or its inode number "
                 "names another file now): reading it from the start; rotated files beside it, not read: %s",
@@ -146,25 +176,19 @@ class FileSource(Source):
         """The rotated files beside the path, for a warning that they are not read."""
         return ", ".join(str(p) for p in rotated_beside(Path(self._path))) or "none"
 
-    def _reopen_rotated(self, opened: os.stat_result, at: Position) -> bool:
+    def _reopen_rotated(self, opened: os.stat_result | None, at: Position) -> bool:
         """Read the rest of the checkpoint's file first if it was rotated beside the path, then the
-        files rotated after it, then the path's."""
-        found = find_inode(Path(self._path).parent, at.inode or 0)
-        if found is None:
+        files rotated after it, then the path's (``opened``; None: it is missing, and opened once created)."""
+        skip = {identity(opened)} if opened is not None else set()
+        checkpointed = find_checkpointed(Path(self._path), at, skip)
+        if checkpointed is None:
             return False
-        try:
-            fd = os.open(found, os.O_RDONLY)
-        except OSError:
-            return False
-        checkpointed = os.fstat(fd)
-        start = resume_offset(fd, at, checkpointed.st_size)
-        if start is None:  # its inode number went to another file
-            os.close(fd)
-            return False
-        later = rotated_after(Path(self._path), found, {identity(checkpointed), identity(opened)})
+        found, fd, start, copy = checkpointed
+        later = rotated_after(Path(self._path), found, {*skip, identity(os.fstat(fd))})
         log.warning(
-            "%s was rotated while stopped; reading the rest of %s first, then %s",
+            "%s was %s while stopped; reading the rest of %s first, then %s",
             self.uri,
+            "copied beside it, then truncated (copytruncate)" if copy else "rotated",
             found,
             ", ".join(str(p) for p in [*later, self._path]),
         )
@@ -172,8 +196,11 @@ class FileSource(Source):
             with contextlib.suppress(OSError):  # gone meanwhile: nothing to read
                 following = os.open(rotated, os.O_RDONLY)
                 self._successors.push(following, identity(os.fstat(following)))
-        self._successors.push(self._fd, identity(opened))
-        self._fd, self._generation = fd, at.generation
+        if opened is not None:
+            self._successors.push(self._fd, identity(opened))
+        self._missing = False
+        self._regular = True
+        self._fd, self._generation = fd, at.generation + copy  # a copy's inode: positions must grow
         self._start_at(start)
         return True
 
@@ -181,6 +208,7 @@ class FileSource(Source):
         """Read on from ``offset`` of the file open now, under the current generation."""
         os.lseek(self._fd, offset, os.SEEK_SET)
         self._buf, self._scanned, self._cut, self._offset = bytearray(), 0, 0, offset
+        self._line = 0 if offset == 0 else None
         self._tail = b""
         self._consumed = os.pread(self._fd, min(CHECKED, offset), offset - min(CHECKED, offset))  # checked on
         opened = os.fstat(self._fd)
@@ -188,6 +216,8 @@ class FileSource(Source):
         self._base = position_base(self._generation, opened.st_ino)
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        if self._missing and not self._appeared(timeout_s):
+            return []
         if self._fd < 0:
             raise SourceError(f"{self.uri}: poll before open")
         if self._follow and self._regular:  # also while paused: a file rotated twice meanwhile is kept
@@ -267,19 +297,50 @@ class FileSource(Source):
         """Read again from the top a file truncated (shorter than what was read) or rewritten in
         place (a rewrite that made it longer: its first bytes, or the last ones read, changed)."""
         read = self._offset + len(self._buf) + self._cut  # the read position
+        head, tail = self._head, self._tail or self._consumed  # _consumed: before the offset, if nothing read since
         if len(self._head) < HEAD and read > len(self._head):  # a file shorter than HEAD when opened
             self._head = os.pread(self._fd, min(HEAD, read), 0)
-        tail = self._tail
+        before = read if self._tail else self._offset
         if (
             os.fstat(self._fd).st_size < read
             or os.pread(self._fd, len(self._head), 0) != self._head
-            or os.pread(self._fd, len(tail), read - len(tail)) != tail
+            or os.pread(self._fd, len(tail), before - len(tail)) != tail
         ):
-            log.warning("%s was truncated or rewritten; reading it again from the start", self.uri)
+            if self._read_copy_first(find_copy(Path(self._path), self._identity, before, head, tail)):
+                return
+            log.warning(
+                "%s was truncated or rewritten; reading it again from the start (no copy of the unread rest "
+                "beside it; rotated files beside it, not read: %s)",
+                self.uri,
+                self._rotated_beside(),
+            )
             self._generation += 1
             self._start_at(0)
-            self._line = 0
             self._head = os.pread(self._fd, HEAD, 0)
+
+    def _read_copy_first(self, copy: Path | None) -> bool:
+        """After a truncation: if the file was copied beside the path first (logrotate's ``copytruncate``),
+        read the rest of the copy from where this file was left, then this file from its top."""
+        if copy is None:
+            return False
+        try:
+            fd = os.open(copy, os.O_RDONLY)
+        except OSError:
+            return False
+        log.warning(
+            "%s was truncated after a copy to %s (copytruncate): reading the rest of the copy first, then %s from "
+            "its start",
+            self.uri,
+            copy,
+            self._path,
+        )
+        self._successors.push_first(self._fd, self._identity)
+        line, head = self._line, self._head
+        self._fd = fd
+        self._generation += 1  # the copy's positions come after the truncated file's
+        self._start_at(self._offset)  # the partial line in _buf is read again from the copy
+        self._line, self._head = line, head
+        return True
 
     def _rotate_if_due(self) -> None:
         """At the end of the file being read: move on to the next file the path named, once this one
@@ -298,10 +359,9 @@ class FileSource(Source):
         self._fd, self._switch_due = self._successors.take(), False
         self._generation += 1
         self._start_at(0)
-        self._line = 0
         self._head = os.pread(self._fd, HEAD, 0)
         self._after_end = False
-        log.warning("%s was rotated; reading the next file it named from its start", self.uri)
+        log.warning("%s: reading the next file it named from its start (rotated or replaced)", self.uri)
 
     def _split_lines(self, limit: int) -> list[Record]:
         out: list[Record] = []
@@ -315,8 +375,10 @@ class FileSource(Source):
                     break
                 start = self._offset
                 self._offset += end + 1 - pos + self._cut
-                self._line += 1
-                where = {"line": self._line, "offset": start}
+                where = {"offset": start}
+                if self._line is not None:  # unknown after a restart mid-file: not counted from the top
+                    self._line += 1
+                    where = {"line": self._line, "offset": start}
                 if self._cut:
                     where["bytes"], self._cut = self._offset - start - 1, 0
                 stop = end - 1 if end > pos and buf[end - 1] == 13 else end  # without a trailing \r

@@ -146,6 +146,50 @@ def rotated_after(path: Path, checkpointed: Path, skip: set[Identity]) -> list[P
     return sorted(later, key=lambda p: (beside[p].st_mtime_ns, _age(p.name[start:])))
 
 
+def find_copy(path: Path, reading: Identity, read: int, head: bytes, tail: bytes) -> Path | None:
+    """A copy of the file being read (``reading``) made beside ``path`` before it was truncated
+    (logrotate's ``copytruncate``): a file named as rotated, at least ``read`` bytes long, whose
+    first bytes are ``head`` and whose bytes before ``read`` are ``tail``; the newest if several."""
+    found: list[tuple[int, Path]] = []
+    for candidate, st in rotated_beside(path).items():
+        if identity(st) == reading or st.st_size < read:
+            continue
+        try:
+            fd = os.open(candidate, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            same = os.pread(fd, len(head), 0) == head and os.pread(fd, len(tail), read - len(tail)) == tail
+        finally:
+            os.close(fd)
+        if same:
+            found.append((st.st_mtime_ns, candidate))
+    return max(found)[1] if found else None
+
+
+def find_checkpointed(path: Path, at: Position, skip: set[Identity]) -> tuple[Path, int, int, bool] | None:
+    """The checkpoint's file beside ``path`` after it was rotated while dynft was stopped: found by
+    its inode, else a copy of it (``copytruncate``, the original truncated since), a rotated file
+    whose bytes before the checkpoint's offset are the ones it checked. Files in ``skip`` are not
+    it. Its path, an open descriptor (the caller's), the offset to go on at, and whether it is a copy."""
+    found = find_inode(path.parent, at.inode or 0)
+    candidates = [(found, False)] if found is not None else []
+    if at.offset > 0 and at.checked >= min(CHECKED, at.offset):  # enough bytes to tell a copy
+        beside = sorted(rotated_beside(path).items(), key=lambda item: -item[1].st_mtime_ns)
+        candidates += [(candidate, True) for candidate, _ in beside if candidate != found]
+    for candidate, copy in candidates:
+        try:
+            fd = os.open(candidate, os.O_RDONLY)
+        except OSError:
+            continue
+        st = os.fstat(fd)
+        start = None if identity(st) in skip else resume_offset(fd, at, st.st_size)
+        if start is not None:
+            return candidate, fd, start, copy
+        os.close(fd)
+    return None
+
+
 def find_inode(directory: Path, inode: int) -> Path | None:
     """The file in ``directory`` with inode number ``inode`` (a rotated file, renamed beside its path)."""
     try:
@@ -181,6 +225,9 @@ class Successors:
         if seen == current or any(seen == waiting for _, waiting, _ in self._waiting):
             return
         if not stat.S_ISREG(named.st_mode):
+            if seen not in self._refused:  # a directory, say: followed again once a file is back
+                self._refused.add(seen)
+                log.warning("%s names something that is not a regular file now; waiting for a file", self._uri)
             return
         if len(self._waiting) >= MAX_WAITING:
             if not self._full:
@@ -206,6 +253,10 @@ class Successors:
 
     def push(self, fd: int, seen: Identity) -> None:
         self._waiting.append((fd, seen, time.time()))
+
+    def push_first(self, fd: int, seen: Identity) -> None:
+        """``fd`` is read next (a file truncated after a copy, whose copy is read first)."""
+        self._waiting.appendleft((fd, seen, time.time()))
 
     def due(self, reading: int) -> bool:
         """A successor waits, and the file being read (``reading``) was not written to for the grace

@@ -87,6 +87,17 @@ def poll_until(source: FileSource, count: int, patience_s: float = 10.0) -> list
     return got
 
 
+def stopped_after(path: Path, rows: int, taken: int) -> tuple[Path, int]:
+    """``path`` written with ``rows`` lines (n = 0, 1, ...), of which a follower read ``taken``
+    before it stopped, and the position it stopped at (its checkpoint)."""
+    write_jsonl(path, [{"n": i} for i in range(rows)])
+    source = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    source.open()
+    checkpoint = source.poll(taken, 0.1)[-1].next
+    source.close()
+    return path, checkpoint
+
+
 def test_follow_mode_follows_a_rotated_file_after_reading_the_old_one_to_its_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -175,11 +186,7 @@ def test_a_restart_reads_every_file_rotated_while_stopped_in_turn(
     monkeypatch.setattr(rotation, "ROTATION_GRACE_S", 0.1)
     write_jsonl(tmp_path / "in.jsonl.3", [{"n": -1}])  # rotated before the checkpoint's file
     time.sleep(0.05)
-    path = write_jsonl(tmp_path / "in.jsonl", [{"n": i} for i in range(4)])
-    source = FileSource(str(path), follow=True, poll_interval_s=0.02)
-    source.open()
-    checkpoint = source.poll(2, 0.1)[-1].next
-    source.close()
+    path, checkpoint = stopped_after(tmp_path / "in.jsonl", 4, 2)
     path.rename(tmp_path / "in.jsonl.2")
     time.sleep(0.05)  # file times tick coarsely: the rotations are apart, as real ones are
     write_jsonl(path, [{"n": 100}, {"n": 101}])
@@ -198,6 +205,83 @@ def test_a_restart_reads_every_file_rotated_while_stopped_in_turn(
     got = poll_until(again, 5)
     assert numbers(got) == [2, 3, 100, 101, 200]
     assert [r.next for r in got] == sorted(r.next for r in got)
+    again.close()
+
+
+def test_a_file_copied_then_truncated_while_the_reader_is_behind_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """logrotate's ``copytruncate``: the file is copied beside the path, then truncated in place,
+    while the reader is behind (a slow trainer). The unread rest is read from the copy, then the
+    truncated file from its top; positions keep growing, and a restart from one taken in the copy
+    reads the copy's rest, then the path's file. Before, the rest was lost with a warning."""
+    monkeypatch.setattr(rotation, "ROTATION_GRACE_S", 0.2)
+    path = write_jsonl(tmp_path / "in.jsonl", [{"n": i} for i in range(30)])
+    source = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    source.open()
+    got = source.poll(5, 0.1)
+    (tmp_path / "in.jsonl.1").write_bytes(path.read_bytes())  # the copy, then the truncation
+    path.write_bytes(b"")
+    with open(path, "ab") as fh:
+        fh.write(b'{"n": 100}\n{"n": 101}\n')
+    with caplog.at_level(logging.WARNING, logger="dynft.sources.file"):
+        got += poll_until(source, 27)
+    assert numbers(got) == [*range(30), 100, 101]
+    assert [r.next for r in got] == sorted(r.next for r in got) and len({r.next for r in got}) == 32
+    assert any("copytruncate" in r.message and "in.jsonl.1" in r.message for r in caplog.records)
+    source.close()
+    again = FileSource(str(path), follow=True, poll_interval_s=0.02)  # killed after n=9, read from the copy
+    again.resume_from({again.uri: got[9].next})
+    again.open()
+    assert numbers(poll_until(again, 22)) == [*range(10, 30), 100, 101]
+    again.close()
+
+
+def test_follow_mode_waits_for_a_path_that_does_not_exist_yet(tmp_path: Path) -> None:
+    """As ``tail -F``: a followed path missing at start is waited for (without follow it is an error)."""
+    path = tmp_path / "later.jsonl"
+    source = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    source.open()
+    assert source.poll(10, 0.1) == [] and not source.exhausted
+    write_jsonl(path, [{"n": 0}, {"n": 1}])
+    assert numbers(poll_until(source, 2)) == [0, 1]
+    source.close()
+
+
+def test_a_restart_reads_the_rotated_rest_while_the_path_is_not_created_again_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stopped, then rotated (renamed away) before the path was created anew: the checkpoint's
+    file is read on beside it, and the path is read once it exists. Before, the start failed."""
+    monkeypatch.setattr(rotation, "ROTATION_GRACE_S", 0.2)
+    path, checkpoint = stopped_after(tmp_path / "in.jsonl", 5, 2)
+    path.rename(tmp_path / "in.jsonl.1")
+    again = FileSource(str(path), follow=True, poll_interval_s=0.02)
+    again.resume_from({again.uri: checkpoint})
+    again.open()
+    got = poll_until(again, 3)
+    write_jsonl(path, [{"n": 100}])
+    got += poll_until(again, 1)
+    assert numbers(got) == [2, 3, 4, 100]
+    assert [r.next for r in got] == sorted(r.next for r in got)
+    again.close()
+
+
+def test_line_numbers_are_left_out_after_a_restart_mid_file_not_counted_from_one(tmp_path: Path) -> None:
+    """A restart resumes at a byte offset; the lines before it are not counted, so a dead letter
+    names the offset alone rather than a wrong line number (found by a review: "line 1" for line 6)."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"n": i} for i in range(6)])
+    source = FileSource(str(path))
+    source.open()
+    first = source.poll(3, 0.1)
+    assert [r.position["line"] for r in first] == [1, 2, 3]
+    source.close()
+    again = FileSource(str(path))
+    again.resume_from({again.uri: first[-1].next})
+    again.open()
+    rest = again.poll(10, 0.1)
+    assert numbers(rest) == [3, 4, 5] and all("line" not in r.position for r in rest)
+    assert [r.position["offset"] for r in rest] == [byte_offset(r.next) for r in [first[-1], *rest[:-1]]]
     again.close()
 
 
