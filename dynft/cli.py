@@ -19,6 +19,7 @@ import click
 
 from dynft.clikit import quiet_libraries, reports_errors, settings_from, settings_options, setup_logging
 from dynft.cliops import adapters, kafka, ledger, produce
+from dynft.errors import ConfigError
 from dynft.settings import Settings, reference_table
 from dynft.statedir import (
     StateLock,
@@ -94,7 +95,9 @@ def check_detectors(settings: Settings) -> None:
 @main.command()
 @settings_options
 @click.option("--colocated", is_flag=True, hidden=True, help="Leave CPU threads to a server on this host.")
-@click.option("--metrics-port", type=int, help="Expose this trainer's metrics on 127.0.0.1:PORT/metrics.")
+@click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), help="Expose this trainer's metrics on 127.0.0.1:PORT/metrics."
+)
 @click.option("--supervisor-pid", type=int, hidden=True, help="Under `dynft run`: the pid that holds the state lock.")
 @reports_errors
 def train(colocated: bool, metrics_port: int | None, supervisor_pid: int | None, **kwargs: Any) -> None:
@@ -115,7 +118,10 @@ def train(colocated: bool, metrics_port: int | None, supervisor_pid: int | None,
 
     registry = CollectorRegistry()
     if metrics_port is not None:  # under `dynft run` the server's /metrics covers the trainer instead
-        start_http_server(metrics_port, addr="127.0.0.1", registry=registry)
+        try:
+            start_http_server(metrics_port, addr="127.0.0.1", registry=registry)
+        except OSError as exc:  # in use, say: the command line's to change, as a server port in use is
+            raise ConfigError(f"--metrics-port: cannot listen on 127.0.0.1:{metrics_port} ({exc.strerror})") from exc
     run_lives(settings, registry, colocated)
 
 

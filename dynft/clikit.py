@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import sqlite3
 import sys
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from dynft.errors import EXIT_CONFIG, DynftError, InvalidSettingsError, exit_code
-from dynft.settings import Settings, load_settings, parse_assignment
+from dynft.settings import Settings, load_settings, parse_assignment, unknown_environment
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -68,7 +69,17 @@ def settings_from(kwargs: dict[str, Any]) -> Settings:
         value = kwargs.pop(flag, None)
         if value is not None:
             overrides[key] = str(value) if isinstance(value, Path) else value
-    return load_settings(kwargs.pop("config_file", None), overrides)
+    settings = load_settings(kwargs.pop("config_file", None), overrides)
+    for warning in unknown_environment(os.environ):  # once: `dynft run`'s children get no DYNFT_* variables
+        click.echo(f"warning: {warning}", err=True)
+    return settings
+
+
+def finite(_ctx: click.Context, _param: click.Parameter, value: float) -> float:
+    """A click callback: a float option must be a number (``FloatRange`` lets NaN through)."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 def reports_errors(func: F) -> F:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from dynft.clikit import reports_errors, settings_from, settings_options, task_option
+from dynft.clikit import finite, reports_errors, settings_from, settings_options, task_option
 from dynft.errors import ConfigError, SourceError
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def kafka() -> None:
 
 
 @kafka.command("up")
-@click.option("--port", type=int, default=0, help="Broker port (default: a free one).")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, help="Broker port (default: a free one).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path("dynft-kafka"), show_default=True)
 @click.option("--libs", type=click.Path(path_type=Path), help="Directory of broker jars (default: fetched with Maven).")
 @reports_errors
@@ -141,8 +141,16 @@ def kafka_down(data_dir: Path) -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--topic", required=True, help="Topic to publish to (created if missing).")
 @click.option("--bootstrap", default="127.0.0.1:9092", show_default=True, help="HOST:PORT[,HOST:PORT].")
-@click.option("--rate", type=float, default=0.0, help="Records per second (default: as fast as possible).")
-@click.option("--partitions", type=int, default=1, show_default=True, help="Partitions of a topic created here.")
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    callback=finite,
+    help="Records per second (default: as fast as possible).",
+)
+@click.option(
+    "--partitions", type=click.IntRange(min=1), default=1, show_default=True, help="Partitions of a topic created here."
+)
 @click.option(
     "--key",
     "key_field",
@@ -157,10 +165,13 @@ def produce(
     """Publish a JSON Lines dataset (PATH, or - for stdin) to a Kafka topic, one line per record."""
     from dynft.produce import ensure_topic
     from dynft.produce import produce as send
-    from dynft.sources.kafka_connect import client_config, security_warnings
+    from dynft.sources.kafka_connect import client_config, security_warnings, servers_problem
 
     settings = settings_from(kwargs)
     servers = [s for s in bootstrap.split(",") if s]
+    problem = servers_problem(servers)
+    if problem is not None:
+        raise click.BadParameter(problem, param_hint="--bootstrap")
     client = client_config(settings.kafka)
     for warning in security_warnings(settings.kafka):
         click.echo(f"warning: {warning}", err=True)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,9 +47,58 @@ def test_invalid_configuration_fails_fast_with_one_line_and_exit_2(args: list[st
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_a_dynft_variable_that_names_no_setting_is_warned_about_once() -> None:
+    """pydantic-settings ignores ``DYNFT_SEVER__PORT`` silently: the port stayed 8000 unnoticed."""
+    result = CliRunner().invoke(main, ["config"], env={"DYNFT_SEVER__PORT": "9100", "DYNFT_CONFIG": ""})
+    assert result.exit_code == 0
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: DYNFT_SEVER__PORT names no setting and is ignored (did you mean DYNFT_SERVER__...?)"]
+
+
 def test_run_refuses_a_bad_source_before_starting_anything(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["run", "--source", "kafka-ish://x", "--state-dir", str(tmp_path)])
     assert result.exit_code == 2 and "unknown source" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--metrics-port", "99999"], "'--metrics-port': 99999 is not in the range 0<=x<=65535"),
+        (["produce", "x.jsonl", "--topic", "t", "--bootstrap", "garbage"], "--bootstrap: 'garbage' is not HOST:PORT"),
+        (["produce", "x.jsonl", "--topic", "t", "--rate", "nan"], "'--rate': nan is not a finite number"),
+        (["produce", "x.jsonl", "--topic", "t", "--rate", "-1"], "'--rate': -1.0 is not in the range x>=0"),
+        (["produce", "x.jsonl", "--topic", "t", "--partitions", "0"], "'--partitions': 0 is not in the range x>=1"),
+        (["kafka", "up", "--port", "99999"], "'--port': 99999 is not in the range 0<=x<=65535"),
+        (["run", "--source", "kafka://127.0.0.1:99999/t"], "'127.0.0.1:99999' is not HOST:PORT (a port of 1-65535)"),
+    ],
+    ids=["metrics-port", "bootstrap", "rate-nan", "rate-negative", "partitions", "broker-port", "source-port"],
+)
+def test_bad_command_line_values_are_refused_before_anything_starts(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    """Found by a review: a traceback (``--bootstrap garbage``, ``--metrics-port 99999``), a broker
+    started on port 99999, a daemon waiting for ever for a broker at port 99999, a rate of NaN."""
+    result = CliRunner().invoke(main, args, env={"DYNFT_STATE_DIR": str(tmp_path / "state")})
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_metrics_port_in_use_is_a_configuration_error_of_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "dynft", "train", "--metrics-port", str(port), "--state-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"dynft: --metrics-port: cannot listen on 127.0.0.1:{port} " + (
+        "(Address already in use)"
+    )
 
 
 def test_adapters_commands_work_on_the_registry(tmp_path: Path) -> None:

@@ -94,6 +94,23 @@ def test_max_texts_cannot_exceed_a_batch() -> None:
         load_settings(overrides={"server.max_batch": 4, "server.max_texts": 8})
 
 
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"server.max_queue": 1}, r"server\.max_queue = 1 is below server\.max_texts = 32"),
+        ({"server.admin_token": " "}, r"server\.admin_token: Value error, is empty; leave it unset"),
+        ({"server.host": ""}, r"server\.host: Value error, is blank"),
+    ],
+    ids=["queue-below-a-request", "empty-admin-token", "blank-host"],
+)
+def test_server_settings_that_could_never_work_are_refused(overrides: dict[str, object], message: str) -> None:
+    """Found by a review: a queue shorter than a request answered 503 for ever; an empty admin
+    token locked the admin API while the log named a generated one; a blank host (an unset
+    shell variable) listened on every interface."""
+    with pytest.raises(ConfigError, match=message):
+        load_settings(overrides=overrides)
+
+
 def test_the_shipped_example_config_is_valid() -> None:
     s = load_settings(Path(__file__).parent.parent / "deploy" / "dynft.example.toml")
     assert s.source.follow and s.server.host == "0.0.0.0"

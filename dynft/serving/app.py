@@ -224,12 +224,12 @@ def admin_router(engine: InferenceEngine, admin_token: str) -> APIRouter:
             raise ApiError(403, "forbidden", "the bearer token is not the admin token")
 
     admin_only = [Depends(admin)]
-    task_query = Query(None, description="the task (default: default); an unknown one is a 404")
+    task_query = Query(None, min_length=1, description="the task (default: default); an unknown one is a 404")
 
     def registry_of(task: str | None) -> AdapterRegistry:
         lane = engine.lanes.get(task if task is not None else DEFAULT_TASK)
         if lane is None:
-            raise unknown_task(engine, task or DEFAULT_TASK)
+            raise unknown_task(engine, task if task is not None else DEFAULT_TASK)
         return lane.registry
 
     def registry_failed(exc: RegistryWriteError) -> ApiError:
@@ -318,7 +318,11 @@ def create_app(
     metrics_registry: Any,
     admin_token: str,
 ) -> FastAPI:
-    app = FastAPI(title="dynft", version="1", summary="Continually fine-tuned text classification")
+    # No redirect of /v1/predict/ to /v1/predict: a 307 built from the client's Host header, with
+    # no JSON body, where every other unknown path gets a JSON 404.
+    app = FastAPI(
+        title="dynft", version="1", summary="Continually fine-tuned text classification", redirect_slashes=False
+    )
     s = settings.server
     app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # added first: runs inside the request counter
     app.add_middleware(BodyDeadline, timeout_s=s.body_timeout_s)
@@ -344,10 +348,12 @@ def create_app(
 
     @app.get("/readyz", response_model=Ready, responses=error_responses(503))
     async def readyz() -> JSONResponse:
-        active = engine.active
-        if not engine.ready or active is None:
+        # Ready once any task serves a version: a daemon of named tasks alone has no default one.
+        serving = engine.serving
+        if not serving:
             return error_response(503, "not_ready", "no adapter version is loaded yet")
-        return JSONResponse({"status": "ready", "adapter_version": active.version})
+        default = serving.get(DEFAULT_TASK)
+        return JSONResponse({"status": "ready", "adapter_version": default, "tasks": serving})
 
     @app.get(
         "/metrics",

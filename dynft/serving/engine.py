@@ -169,9 +169,18 @@ class InferenceEngine(VersionWatcher):
 
     @property
     def ready(self) -> bool:
-        """A version answers (version 0, the cold start's prototypes alone, is not one: it is not ready)."""
-        active = self.active
-        return active is not None and active.version > 0 and self._worker.is_alive()
+        """Some task's version answers (``/readyz``)."""
+        return bool(self.serving)
+
+    @property
+    def serving(self) -> dict[str, int]:
+        """The version answering for each task that has one (version 0, the cold start's prototypes
+        alone, is not one); empty while the worker is not running: the server is not ready then."""
+        if not self._worker.is_alive():
+            return {}
+        lanes = list(self.lanes.items())  # the watcher may add a lane meanwhile
+        active = [(name, lane.active) for name, lane in lanes]
+        return {name: loaded.version for name, loaded in active if loaded is not None and loaded.version > 0}
 
     # -- requests ------------------------------------------------------------------------
 

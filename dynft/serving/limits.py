@@ -2,18 +2,23 @@
 
 ``BodyLimit`` refuses bodies over ``server.max_body_bytes`` (413); ``BodyDeadline`` answers 408
 and closes the connection when a body is not complete ``server.body_timeout_s`` after its
-headers. Together with uvicorn's ``limit_concurrency`` they keep slow or greedy clients from
-exhausting memory, tasks or file descriptors.
+headers; ``HeadDeadline`` (uvicorn's HTTP protocol, not middleware: no request exists yet) closes
+a connection that has not sent a whole request head ``server.header_timeout_s`` after it opened
+or after its last response. Together with uvicorn's ``limit_concurrency`` they keep slow or
+greedy clients from exhausting memory, tasks or file descriptors.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
+from typing import Any
 
+import h11
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
 class ApiError(HTTPException):
@@ -92,3 +97,55 @@ class BodyDeadline:
             return message
 
         await self.app(scope, timed, send)
+
+
+class HeadDeadline(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request head.
+
+    uvicorn arms its keep-alive timer only after a response and disarms it at the first byte, so
+    a connection that sends nothing, or a head a byte at a time, is held open for ever, and
+    ``limit_concurrency`` such connections lock every client out (503). Owned by the event loop.
+    """
+
+    head_timeout_s = 10.0  # set per server: make_head_deadline
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is not h11.IDLE:  # the head is complete (or the connection is done)
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.conn.their_state is h11.IDLE:  # kept alive: the next head has its own deadline
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_deadline = self.loop.call_later(self.head_timeout_s, self._expired)
+
+    def _disarm(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _expired(self) -> None:
+        self._head_deadline = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self.transport.close()
+
+
+def make_head_deadline(timeout_s: float) -> type[HeadDeadline]:
+    """``HeadDeadline`` with ``timeout_s``, as the class uvicorn instantiates per connection."""
+    return type("HeadDeadline", (HeadDeadline,), {"head_timeout_s": timeout_s})

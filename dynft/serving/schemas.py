@@ -87,4 +87,5 @@ class TasksResponse(BaseModel):
 
 class Ready(BaseModel):
     status: str
-    adapter_version: int
+    adapter_version: int | None = Field(description="the default task's serving version; null if it has none")
+    tasks: dict[str, int] = Field(description="the version serving each task that has one")

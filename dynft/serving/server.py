@@ -21,6 +21,7 @@ from dynft.replication.follower import Follower, FollowingRegistry
 from dynft.runtime import tune_gc
 from dynft.serving.app import create_app
 from dynft.serving.engine import InferenceEngine
+from dynft.serving.limits import make_head_deadline
 from dynft.settings import Settings
 from dynft.statedir import admin_token
 
@@ -66,6 +67,7 @@ class Server:
             # Past this many open connections uvicorn answers 503 at once instead of taking on
             # more, so a crowd of slow clients cannot exhaust the process's file descriptors.
             limit_concurrency=settings.server.limit_concurrency,
+            http=make_head_deadline(settings.server.header_timeout_s),
         )
         self.uvicorn = uvicorn.Server(config)
 

@@ -8,8 +8,10 @@ environment.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -73,6 +75,7 @@ __all__ = [
     "parse_assignment",
     "read_config_file",
     "reference_table",
+    "unknown_environment",
 ]
 
 
@@ -182,6 +185,32 @@ def format_validation_error(exc: ValidationError) -> str:
             shown = " (got ***)" if is_secret_field(tuple(err["loc"])) else f" (got {value!r})"
         lines.append(f"config error: {field}: {err['msg']}{shown}")
     return "\n".join(lines)
+
+
+NOT_SETTINGS = {"DYNFT_CONFIG"}  # read by the command line (--config), not a setting
+
+
+def unknown_environment(environ: Mapping[str, str]) -> list[str]:
+    """A warning for each ``DYNFT_*`` variable that names no setting: pydantic-settings ignores
+    those silently, so ``DYNFT_SEVER__PORT`` would leave the port at its default unnoticed (a
+    mistyped field of a section, ``DYNFT_SERVER__PROT``, is an error already: sections forbid extras).
+
+    >>> unknown_environment({"DYNFT_SEVER__PORT": "9000", "DYNFT_SERVER__PORT": "1", "HOME": "/"})
+    ['DYNFT_SEVER__PORT names no setting and is ignored (did you mean DYNFT_SERVER__...?)']
+    """
+    fields = [name.upper() for name in Settings.model_fields]
+    out = []
+    for key in sorted(environ):
+        upper = key.upper()
+        if not upper.startswith("DYNFT_") or upper in NOT_SETTINGS:
+            continue
+        head, nested, _ = upper.removeprefix("DYNFT_").partition("__")
+        if head in fields:
+            continue
+        close = difflib.get_close_matches(head, fields, n=1)
+        hint = f" (did you mean DYNFT_{close[0]}{'__...' if nested else ''}?)" if close else ""
+        out.append(f"{key} names no setting and is ignored{hint}")
+    return out
 
 
 def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:

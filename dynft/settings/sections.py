@@ -284,7 +284,7 @@ class GateSettings(Section):
 class ServerSettings(Section):
     """The inference server (see ``dynft.serving``)."""
 
-    host: str = Field("127.0.0.1", description="address the HTTP API listens on")
+    host: str = Field("127.0.0.1", description="address the HTTP API listens on (0.0.0.0: every interface)")
     port: int = Field(8000, ge=0, le=65535, description="port of the HTTP API (and /metrics)")
     admin_token: SecretStr | None = Field(None, description="bearer token of the admin API; default: generated")
     max_batch: int = Field(32, ge=1, description="texts per micro-batch")
@@ -293,6 +293,12 @@ class ServerSettings(Section):
     max_queue: int = Field(4096, ge=1, description="texts waiting before requests are refused with 503")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies are refused with 413")
     request_timeout_s: float = Field(30.0, gt=0, description="a prediction not answered by then gets 504")
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a connection that has not sent a whole request head by then (since it opened, or since its "
+        "last response) is closed",
+    )
     body_timeout_s: float = Field(
         10.0, gt=0, description="a request body not fully received by then gets 408 and the connection is closed"
     )
@@ -322,6 +328,29 @@ class ServerSettings(Section):
         if v > batch:
             raise ValueError(f"must be at most server.max_batch ({batch}), got {v}")
         return v
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_not_blank(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError("is empty; leave it unset for a generated token (written to <state_dir>/admin-token)")
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _host_not_blank(cls, v: str) -> str:
+        if not v.strip():  # an unset shell variable: uvicorn would listen on every interface
+            raise ValueError("is blank; name an address (0.0.0.0 for every interface)")
+        return v
+
+    @model_validator(mode="after")
+    def _queue_takes_a_request(self) -> ServerSettings:
+        if self.max_queue < self.max_texts:  # a full request could never be queued: 503 forever
+            raise ValueError(
+                f"server.max_queue = {self.max_queue} is below server.max_texts = {self.max_texts}: a request of "
+                "max_texts could never be queued; raise max_queue or lower max_texts"
+            )
+        return self
 
 
 class TasksSettings(Section):

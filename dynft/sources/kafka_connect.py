@@ -40,6 +40,23 @@ log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 10.0
 
 
+def servers_problem(servers: list[str]) -> str | None:
+    """Why ``servers`` are no bootstrap servers (each ``HOST:PORT``, a port of 1-65535), or None.
+
+    >>> servers_problem(["b1:9092", "[::1]:9092"]), servers_problem(["garbage"]), servers_problem(["h:99999"])
+    (None, "'garbage' is not HOST:PORT", "'h:99999' is not HOST:PORT (a port of 1-65535)")
+    """
+    if not servers:
+        return "no HOST:PORT given"
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        if not host or not port.isdigit():
+            return f"{server[:64]!r} is not HOST:PORT"
+        if not 0 < int(port) < 65536:
+            return f"{server[:64]!r} is not HOST:PORT (a port of 1-65535)"
+    return None
+
+
 def parse_kafka_uri(uri: str, default_group: str) -> tuple[list[str], list[str], str]:
     """``kafka://h1:9092,h2:9092/t1,t2?group=g`` -> (bootstrap servers, topics, group)."""
     parts = urlsplit(uri)
@@ -47,10 +64,9 @@ def parse_kafka_uri(uri: str, default_group: str) -> tuple[list[str], list[str],
     topics = [t for t in parts.path.lstrip("/").split(",") if t]
     if parts.scheme != "kafka" or not servers or not topics:
         raise SourceError(f"bad Kafka source {uri!r}: expected kafka://HOST:PORT/TOPIC[,TOPIC]?group=GROUP")
-    for server in servers:
-        host, _, port = server.rpartition(":")
-        if not host or not port.isdigit():
-            raise SourceError(f"bad Kafka source {uri!r}: {server!r} is not HOST:PORT")
+    problem = servers_problem(servers)
+    if problem is not None:
+        raise SourceError(f"bad Kafka source {uri!r}: {problem}")
     query = parse_qs(parts.query)
     unknown = set(query) - {"group"}
     if unknown:

@@ -41,7 +41,7 @@ def test_not_ready_until_a_version_serves(api) -> None:  # type: ignore[no-untyp
     assert r.status_code == 503 and error_of(r) == "not_ready" and r.headers["retry-after"] == "1"
     registry.promote(3, "first")
     wait_for_version(str(client.base_url), 3)
-    assert client.get("/readyz").json() == {"status": "ready", "adapter_version": 3}
+    assert client.get("/readyz").json() == {"status": "ready", "adapter_version": 3, "tasks": {"default": 3}}
 
 
 def test_predict_answers_with_the_serving_version(api, tiny_settings: Settings, versions) -> None:  # type: ignore[no-untyped-def]
@@ -99,6 +99,16 @@ def test_malformed_json_and_oversized_bodies(api) -> None:  # type: ignore[no-un
     r = client.post("/v1/predict", content=chunks(), headers={"content-type": "application/json"})
     assert r.status_code == 413 and error_of(r) == "body_too_large"
     assert client.get("/nope").status_code == 404
+
+
+def test_a_trailing_slash_or_an_empty_task_gets_a_json_4xx_not_a_redirect(api) -> None:  # type: ignore[no-untyped-def]
+    """Found by a review: ``POST /v1/predict/`` got a 307 to a URL built from the client's Host
+    header, and ``?task=`` a 404 "unknown task 'default'; known tasks: default"."""
+    client, _, _ = api
+    r = client.post("/v1/predict/", json={"texts": ["hi"]}, headers={"host": "evil.example"})
+    assert r.status_code == 404 and error_of(r) == "not_found" and "location" not in r.headers
+    r = client.get("/v1/adapters", params={"task": ""})
+    assert r.status_code == 422 and error_of(r) == "invalid_request" and "task" in r.json()["error"]["message"]
 
 
 def test_admin_endpoints_need_the_token(api) -> None:  # type: ignore[no-untyped-def]

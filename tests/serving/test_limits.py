@@ -36,6 +36,7 @@ STALLED = (
 @pytest.fixture
 def server(tiny_settings: Settings) -> Iterator[str]:
     tiny_settings.server.body_timeout_s = 1.0
+    tiny_settings.server.header_timeout_s = 1.0
     tiny_settings.server.limit_concurrency = 4
     with running_server(tiny_settings) as (base, _):
         yield base
@@ -71,6 +72,34 @@ def test_a_slow_body_gets_408_and_a_closed_connection_while_others_are_served(se
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), answer
     assert b'"code":"body_timeout"' in body and b"within 1.0 s" in body
+
+
+HEAD = b"GET /healthz HTTP/1.1\r\nHost: dynft\r\n\r\n"
+
+
+@pytest.mark.parametrize("client", ["silent", "trickling", "idle-after-a-response"])
+def test_a_connection_without_a_whole_request_head_is_closed_at_header_timeout(server: str, client: str) -> None:
+    """A review held ``limit_concurrency`` connections open without a byte (or a head a byte
+    every 2 s) and every other client got 503 for as long as they liked; uvicorn's keep-alive
+    timer starts only after a response. Each head now has ``server.header_timeout_s`` (1 s here)."""
+    with connect(server) as sock:
+        start = time.monotonic()
+        if client == "idle-after-a-response":  # kept alive: a second request in time is served
+            for pause in (0.5, 0.0):
+                sock.sendall(HEAD)
+                answer = b""
+                while not answer.endswith(b'{"status":"ok"}'):
+                    answer += sock.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 200")
+                start = time.monotonic()  # the next head's deadline runs from this response
+                time.sleep(pause)
+        elif client == "trickling":  # every byte well inside the deadline: it is for the whole head
+            for byte in HEAD[:-2]:
+                if select.select([sock], [], [], 0.2)[0]:
+                    break
+                sock.sendall(bytes([byte]))
+        assert read_until_closed(sock) == b"", "closed without an answer: there was no request"
+        assert 0.9 <= time.monotonic() - start < 10
 
 
 def test_past_limit_concurrency_new_requests_get_503_at_once(server: str) -> None:

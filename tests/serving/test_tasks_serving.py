@@ -150,6 +150,18 @@ def wait_for_task(base: str, task: str, version: int, timeout: float = 30.0) -> 
     raise AssertionError(f"task {task} never answered with version {version}")
 
 
+def test_a_daemon_of_named_tasks_alone_is_ready_once_one_serves(
+    tiny_settings: Settings, versions: dict[int, AdapterState], intents: dict[int, AdapterState]
+) -> None:
+    """Found by a review: ``/readyz`` looked at the default task only, so a daemon whose events all
+    name tasks answered 503 for ever, and a readiness probe never sent it traffic."""
+    with running_server(tiny_settings) as (base, _), httpx.Client(base_url=base, timeout=30) as http:
+        assert http.get("/readyz").status_code == 503
+        AdapterRegistry(task_registry_dir(tiny_settings.registry_dir, "intents")).promote(2, "start")
+        wait_for_task(base, "intents", 2)
+        assert http.get("/readyz").json() == {"status": "ready", "adapter_version": None, "tasks": {"intents": 2}}
+
+
 def test_the_task_api_lists_tasks_and_administers_each_alone(
     tiny_settings: Settings, versions: dict[int, AdapterState], intents: dict[int, AdapterState]
 ) -> None:
