@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
@@ -332,6 +333,8 @@ def _check(event: Event, raw: bytes, limits: EventSettings) -> Event | Rejection
         return Rejection("id_too_long", f"{len(id_)} chars > {limits.max_id_chars}", raw)
     if not text or text.isspace():
         return Rejection("empty_text", "text is empty", raw, id_)
+    if _invisible(text):
+        return Rejection("empty_text", "text has no visible character (only control, format or space ones)", raw, id_)
     if not label or label.isspace():
         return Rejection("empty_label", "label is empty", raw, id_)
     if len(text) > limits.max_text_chars:
@@ -362,6 +365,15 @@ def _check_teacher(event: Event, raw: bytes, limits: EventSettings) -> Event | R
     if isinstance(probs, tuple):
         return Rejection(probs[0], probs[1], raw, event.id)
     return event.replace(teacher=probs, teacher_logits=None, teacher_temperature=None)
+
+
+_INVISIBLE = {"Cc", "Cf", "Zs", "Zl", "Zp"}  # control, format (zero-width space, joiners, marks), separators
+
+
+def _invisible(text: str) -> bool:
+    """Whether ``text`` has no character a tokenizer keeps (``"\u200b"``, ``"\x01\x02"``): it would
+    train its label on an empty input. Stops at the first visible character, mostly the first."""
+    return all(unicodedata.category(c) in _INVISIBLE for c in text)
 
 
 def _teacher_problem(obj: dict[str, Any], limits: EventSettings) -> tuple[Reason, str] | None:

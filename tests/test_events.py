@@ -178,6 +178,16 @@ def test_unknown_fields_may_repeat_and_a_key_inside_them_or_a_text_is_no_repeat(
     assert isinstance(event, Event) and event.label == "a" and event.text == 'the "label" is'
 
 
+@pytest.mark.parametrize("text", ["\u200b", "\x01\x02\x03", "\u00a0\u2003\u200b", "\u200d\ufeff "])
+def test_a_text_without_a_visible_character_is_empty(text: str) -> None:
+    """Found by a review: zero-width and control characters alone trained a label on an empty input."""
+    rejection = decode(json.dumps({"id": "1", "text": text, "label": "a"}).encode(), EventSettings())
+    assert isinstance(rejection, Rejection) and rejection.reason == "empty_text"
+    assert isinstance(
+        decode(json.dumps({"id": "1", "text": text + "é", "label": "a"}).encode(), EventSettings()), Event
+    )
+
+
 def test_unknown_fields_are_ignored() -> None:
     event = decode(b'{"id": "1", "text": "hi", "label": "a", "teacher_scores": {"a": 0.9}}', LIMITS)
     assert isinstance(event, Event)

@@ -111,6 +111,15 @@ def test_server_settings_that_could_never_work_are_refused(overrides: dict[str, 
         load_settings(overrides=overrides)
 
 
+def test_a_huge_bad_value_is_shown_cut(tmp_path: Path) -> None:
+    """A review's 10 MB value in a config file came back as a 10 MB "one-line" error."""
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"server": {"host": ["x" * 1_000_000]}}))
+    with pytest.raises(ConfigError) as err:
+        load_settings(path)
+    assert len(str(err.value)) < 300 and "characters)" in str(err.value)
+
+
 def test_the_shipped_example_config_is_valid() -> None:
     s = load_settings(Path(__file__).parent.parent / "deploy" / "dynft.example.toml")
     assert s.source.follow and s.server.host == "0.0.0.0"

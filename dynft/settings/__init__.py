@@ -182,9 +182,19 @@ def format_validation_error(exc: ValidationError) -> str:
         if isinstance(value, dict):
             shown = ""
         else:
-            shown = " (got ***)" if is_secret_field(tuple(err["loc"])) else f" (got {value!r})"
+            shown = " (got ***)" if is_secret_field(tuple(err["loc"])) else f" (got {_shown(value)})"
         lines.append(f"config error: {field}: {err['msg']}{shown}")
     return "\n".join(lines)
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """``value``'s repr, cut to ``limit`` characters: a config file's value may be megabytes long.
+
+    >>> _shown("x" * 100)
+    "'xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx... (102 characters)"
+    """
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 NOT_SETTINGS = {"DYNFT_CONFIG"}  # read by the command line (--config), not a setting
