@@ -284,3 +284,22 @@ class ReplayBuffer:
                 self._by_label[label] = kept
             self._reindex()
             return removed
+
+
+def fair_shares(wants: list[int], capacity: int) -> list[int]:
+    """Max-min fair shares of ``capacity`` (the tasks' replay buffers, ``dynft.taskloop``): each
+    gets what it wants, up to an even split of what those wanting less left; what nobody wants is
+    split evenly on top, so the shares always add up to ``capacity`` (at least 1 each).
+
+    >>> fair_shares([10, 10_000, 5_000], 3_000)  # a small task keeps its events, the others split the rest
+    [10, 1495, 1495]
+    >>> fair_shares([10, 20], 100)
+    [45, 55]
+    """
+    n = len(wants)
+    shares = [0] * n
+    left = capacity
+    for k, i in enumerate(sorted(range(n), key=wants.__getitem__)):
+        shares[i] = min(wants[i], left // (n - k))
+        left -= shares[i]
+    return [max(1, share + left // n + (1 if i < left % n else 0)) for i, share in enumerate(shares)]

@@ -391,6 +391,7 @@ class TrainingLoop(DefaultStep, LoopState):
         self.metrics.events.labels("held_out").inc(len(work.held_out))
         for share in work.tasks:
             outcomes += self._complete_task(share, work.arrived)
+        self._reshare_buffers()
         self.metrics.events.labels("dead_lettered").inc(len(work.dead))
         self.ledger.record(outcomes)
         self._note_pending(self.positions)

@@ -4,7 +4,7 @@ The default task's parts are the loop's own fields (its drift reactions live the
 other task is a ``Task`` made here on its first work. On the batching thread: a task's steps,
 each a whole fresh share of its events (they wait to fill it: ``dynft.freshwait``) with replay
 from its own buffer (task-balanced: every task gets its own steps, as a daemon of its own would);
-the buffers share ``buffer.max_events`` evenly. Each task reacts to its own drift
+the buffers share ``buffer.max_events`` max-min fairly. Each task reacts to its own drift
 (``Task.reaction``). On the main thread: its step, hold-out, versions, metrics and checkpoint part.
 """
 
@@ -16,7 +16,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from dynft.batching import Collator
-from dynft.buffer import ReplayBuffer
+from dynft.buffer import ReplayBuffer, fair_shares
 from dynft.checkpoint import Checkpoint
 from dynft.errors import AdapterMismatchError
 from dynft.evaluation import HoldoutWindow
@@ -137,12 +137,24 @@ class TaskLoop:
         return len(others[0]) if len(others) == 1 and not len(self.buffer) else len(self.buffer)
 
     def _share_buffers(self) -> None:
-        """Every task's replay buffer gets an even share of ``buffer.max_events`` and ``max_bytes``, so
-        the tasks together stay within them; shares shrink as tasks come (each buffer evicts by its
-        own strategy). One task alone (``default``) keeps the whole buffer, as before tasks existed."""
+        """The tasks' replay buffers share ``buffer.max_events`` and ``max_bytes`` fairly (``fair_shares``):
+        a task that has offered fewer events than an even share keeps room for all of them and as
+        many more (at most a step's), the others split the rest, so tasks of a few events (or
+        throwaway names) do not shrink a large task's replay. Shares are set again after each step
+        (each buffer evicts by its own strategy). One task alone (``default``) keeps the whole
+        buffer, as before tasks existed. Called with ``_parts_lock`` held."""
         b, buffers = self.settings.buffer, [self.buffer, *(buffer for _, buffer in self._task_parts_made.values())]
-        for buffer in buffers:
-            buffer.resize(max(1, b.max_events // len(buffers)), max(1, b.max_bytes // len(buffers)))
+        # Room for the next step's events, before the next sharing: a growing task grows its share.
+        offered = [max(len(buffer), buffer.seen) for buffer in buffers]
+        wants = [n + min(n, self.settings.trainer.batch_size) for n in offered]
+        for buffer, share in zip(buffers, fair_shares(wants, b.max_events), strict=True):
+            buffer.resize(share, max(1, b.max_bytes * share // b.max_events))
+
+    def _reshare_buffers(self) -> None:
+        """After a step of several tasks (main thread): their shares follow what each has offered."""
+        with self._parts_lock:
+            if self._task_parts_made:
+                self._share_buffers()
 
     def _directory(self) -> TaskDirectory:
         if self.task_directory is None:

@@ -102,6 +102,25 @@ def test_a_task_beyond_the_cap_and_a_bad_task_name_are_dead_lettered(tiny_settin
     assert not (tiny_settings.registry_dir / "tasks" / capped).exists()
 
 
+def test_tasks_of_a_few_events_leave_a_large_task_its_replay(tiny_settings: Settings, tmp_path: Path) -> None:
+    """Found by a review: 62 records naming throwaway tasks shrank the default task's replay from
+    1,421 events to 156 (even shares). Shares are max-min fair: a task keeps room for what it has
+    offered (and as many more, up to a step), the large task the rest."""
+    tiny_settings.buffer.max_events = 400
+    tiny_settings.tasks.max_tasks = 64
+    rows: list[dict[str, Any]] = keyword_events(600, ["alpha", "beta"], seed=8, prefix="d")
+    rng = random.Random(8)
+    for k in range(30):
+        rows.insert(rng.randrange(len(rows)), {"id": f"t{k}", "text": "w1 alpha0", "label": "alpha", "task": f"t{k}"})
+    loop = run(tiny_settings, write_jsonl(tmp_path / "many.jsonl", rows))
+
+    assert len(loop.tasks) == 30
+    small = [task.buffer for task in loop.tasks.values()]
+    assert all(len(buffer) == 1 and buffer.max_events <= 3 for buffer in small)
+    assert loop.buffer.max_events >= 400 - 30 * 3 and len(loop.buffer) == loop.buffer.max_events
+    assert loop.buffer.max_events + sum(buffer.max_events for buffer in small) == 400
+
+
 def test_tasks_resume_from_the_checkpoint(tiny_settings: Settings, tmp_path: Path) -> None:
     first = run(tiny_settings, write_jsonl(tmp_path / "a.jsonl", interleaved(300, TASKS, seed=5)))
     steps = {name: task.trainer.steps for name, task in first.tasks.items()}
