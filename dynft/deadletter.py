@@ -5,7 +5,8 @@ The JSONL sink (file sources, the demo) writes one object per rejected record::
     {"reason": "empty_text", "detail": "text is empty", "raw_b64": "...", "raw": "...",
      "origin": {"stream": "file:in.jsonl", "line": 3, ...}, "source": "file:in.jsonl", "at": "2026-..."}
 
-``raw_b64`` is the exact bytes; ``raw`` is the same bytes as text when they are valid UTF-8.
+``raw_b64`` is the exact bytes; ``raw`` is the same bytes as text when they are valid UTF-8 and
+at most ``RAW_TEXT_MAX`` bytes (else null: a record of a megabyte would be stored twice).
 
 The Kafka sink (Kafka sources) produces the original bytes, with the original key, to
 ``<topic><suffix>`` (default ``<topic>.dlq``) with headers ``dynft.reason``, ``dynft.detail``,
@@ -199,7 +200,12 @@ def open_dead_letter_sink(
     return JsonlDeadLetterSink(path, source.uri, s.dead_letter_max_bytes, s.dead_letter_max_files, on_refused)
 
 
+RAW_TEXT_MAX = 64 << 10
+
+
 def _as_text(raw: bytes) -> str | None:
+    if len(raw) > RAW_TEXT_MAX:
+        return None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
