@@ -257,7 +257,7 @@ class Supervisor:
             self._spawn(child)
         s = self.settings.server
         log.info(
-            "dynft is up: http://%s:%s (admin token: %s)",
+            "dynft is starting: http://%s:%s (admin token: %s)",  # the server logs when it listens
             s.host,
             s.port or "<a port the system chooses: the server's log says which>",
             "from config" if s.admin_token else self.settings.state_dir / "admin-token",

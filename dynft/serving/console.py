@@ -155,7 +155,7 @@ def console_router(
 
     @router.get("/v1/status", response_model=StatusResponse, summary="What the console shows")
     def status(
-        since: float | None = Query(None, description="only points newer than this Unix time"),
+        since: float | None = Query(None, allow_inf_nan=False, description="only points newer than this Unix time"),
     ) -> StatusResponse:
         snapshot_path = directory / SNAPSHOT_FILE
         colocated = history.exists or snapshot_path.exists()
