@@ -308,11 +308,13 @@ class FileSource(Source):
         ):
             if self._read_copy_first(find_copy(Path(self._path), self._identity, before, head, tail)):
                 return
+            unended = len(self._buf) + self._cut  # a last line without its newline yet: its bytes are gone
             log.warning(
                 "%s was truncated or rewritten; reading it again from the start (no copy of the unread rest "
-                "beside it; rotated files beside it, not read: %s)",
+                "beside it; rotated files beside it, not read: %s; an unended last line lost: %d bytes)",
                 self.uri,
                 self._rotated_beside(),
+                unended,
             )
             self._generation += 1
             self._start_at(0)
