@@ -194,10 +194,11 @@ def open_dead_letter_sink(
     from dynft.sources.kafka_deadletter import KafkaDeadLetterSink
     from dynft.sources.kafka_process import KafkaProcessSource
 
-    if isinstance(source, KafkaSource | KafkaProcessSource):
-        return KafkaDeadLetterSink(source.servers, source.topics, kafka)
     s = settings or SourceSettings()
-    return JsonlDeadLetterSink(path, source.uri, s.dead_letter_max_bytes, s.dead_letter_max_files, on_refused)
+    local = JsonlDeadLetterSink(path, source.uri, s.dead_letter_max_bytes, s.dead_letter_max_files, on_refused)
+    if isinstance(source, KafkaSource | KafkaProcessSource):  # the file takes what the topic refuses for good
+        return KafkaDeadLetterSink(source.servers, source.topics, kafka, fallback=local)
+    return local
 
 
 RAW_TEXT_MAX = 64 << 10

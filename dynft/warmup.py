@@ -57,7 +57,13 @@ def read_before_committed(settings: Settings, only: frozenset[int] | None = None
 
     k = settings.kafka
     servers, names, group = parse_kafka_uri(settings.source.uri, k.group)
-    consumer = KafkaConsumer(bootstrap_servers=servers, group_id=group, enable_auto_commit=False, **client_config(k))
+    consumer = KafkaConsumer(
+        bootstrap_servers=servers,
+        group_id=group,
+        enable_auto_commit=False,
+        isolation_level=k.isolation_level,
+        **client_config(k),
+    )
     try:
         parts = [
             TopicPartition(t, p)

@@ -255,3 +255,44 @@ def test_produce_keys_records_so_a_label_lands_on_one_partition(kafka_broker: Br
     finally:
         consumer.close()
     assert set(partitions) == set(LABELS) and all(len(p) == 1 for p in partitions.values())
+
+
+def test_compressed_batches_of_every_codec_train_and_aborted_transactions_never_do(
+    kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path, running_loop
+) -> None:  # type: ignore[no-untyped-def]
+    """Found by a review: an lz4 or zstd batch (any producer may compress) stopped the consumer
+    with UnsupportedCodecError, restarting the trainer for ever; and records of an aborted
+    transaction were trained and served (kafka-python reads uncommitted by default)."""
+    from kafka import KafkaProducer
+
+    topic, group = new_topic(kafka_broker, partitions=1), "codecs"
+    kept: list[str] = []
+    for codec in ("gzip", "snappy", "lz4", "zstd"):
+        producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, compression_type=codec, linger_ms=50)
+        for event in keyword_events(40, LABELS, seed=31, prefix=codec):
+            producer.send(topic, json.dumps(event).encode())
+            kept.append(event["id"])
+        producer.flush()
+        producer.close()
+    transactional = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, transactional_id=f"tx-{topic}")
+    transactional.init_transactions()
+    aborted = [{**e, "label": "poison"} for e in keyword_events(20, LABELS, seed=32, prefix="aborted")]
+    transactional.begin_transaction()
+    for event in aborted:
+        transactional.send(topic, json.dumps(event).encode())
+    transactional.flush()  # on the broker, then aborted: unflushed records would never be written at all
+    transactional.abort_transaction()
+    transactional.begin_transaction()
+    committed = keyword_events(20, LABELS, seed=33, prefix="committed")
+    for event in committed:
+        transactional.send(topic, json.dumps(event).encode())
+    transactional.commit_transaction()
+    transactional.close()
+    kept += [e["id"] for e in committed]
+
+    settings = kafka_settings(tiny_settings, kafka_broker, topic, group)
+    loop = running_loop(settings, CollectorRegistry())
+    wait_until(all_accounted([settings.state_dir], kept), 300, "every committed event to be accounted for")
+    statuses = ledger_of(settings.state_dir).lookup(e["id"] for e in aborted)
+    assert {status for status, _ in statuses.values()} == {"unseen"}, "an aborted record was read"
+    assert "poison" not in loop.trainer.label_map.labels

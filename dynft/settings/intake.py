@@ -48,6 +48,10 @@ class KafkaSettings(Section):
     client_id: str = Field("dynft", description="client id shown in broker logs and quotas")
     group: str = Field("dynft", description="consumer group when the URI names none")
     auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description="where a new group starts")
+    isolation_level: Literal["read_committed", "read_uncommitted"] = Field(
+        "read_committed",
+        description="read_committed: records of aborted (or still open) producer transactions are never trained on",
+    )
     max_poll_records: int = Field(2000, ge=1, description="records per poll")
     max_poll_interval_ms: int = Field(300_000, ge=1000, description="longest gap between polls before a rebalance")
     session_timeout_ms: int = Field(10_000, ge=1000, description="heartbeat session timeout")

@@ -137,6 +137,7 @@ class KafkaSource(Source):
                 group_id=self.group,
                 enable_auto_commit=False,
                 auto_offset_reset=s.auto_offset_reset,
+                isolation_level=s.isolation_level,
                 max_poll_records=s.max_poll_records,
                 max_poll_interval_ms=s.max_poll_interval_ms,
                 session_timeout_ms=s.session_timeout_ms,

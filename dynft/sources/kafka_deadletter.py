@@ -7,10 +7,14 @@ Each dead letter is the original bytes with the original key and the headers ``d
 ``dynft.truncated`` set to ``sha256=<hex> size=<bytes>`` of the original.
 
 Delivery is checked at ``flush`` (the training loop flushes before each checkpoint): a dead
-letter the brokers did not take (down, refused, too large for the topic) is kept, sent again
-at the next flush, and makes ``flush`` raise ``DeadLetterError`` until it is delivered. The
-checkpoint that would commit its position then fails and training goes on; nothing is lost,
-because an uncommitted record is read (and rejected) again after a restart.
+letter the brokers did not take (down, or a retriable error) is kept, sent again at the next
+flush, and makes ``flush`` raise ``DeadLetterError`` until it is delivered. The checkpoint that
+would commit its position then fails and training goes on; nothing is lost, because an
+uncommitted record is read (and rejected) again after a restart. A letter the brokers refuse
+for good (too large for the topic's ``max.message.bytes``, say) would block every checkpoint
+for ever: it is sent again as a stub (no value; ``dynft.truncated`` gives the original's hash
+and size), and a stub refused too goes to the local ``fallback`` sink (the state directory's
+``dead-letter.jsonl``), with an error in the log.
 
 Brokers that do not answer at startup are waited for like any broker call: the topic and the
 producer are set up at the first write or flush that finds the brokers answering. A broker
@@ -25,13 +29,16 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dynft.errors import BrokersUnavailableError, DeadLetterError
 from dynft.events import Rejection
 from dynft.settings import KafkaSettings
 from dynft.sources.base import Record
 from dynft.sources.kafka_connect import client_config, is_refusal, probe, refused
+
+if TYPE_CHECKING:
+    from dynft.deadletter import DeadLetterSink
 
 log = logging.getLogger(__name__)
 HEADROOM = 1024  # bytes of the request limit kept for the batch and record framing
@@ -46,6 +53,8 @@ class _Letter:
     key: bytes | None
     headers: list[tuple[str, bytes]]
     future: Any = None  # kafka-python's FutureRecordMetadata once handed to the producer
+    original: tuple[Rejection, Record] | None = None  # for a stub, and the local fallback
+    stub: bool = False  # the value was left out after the brokers refused the letter for good
 
 
 class KafkaDeadLetterSink:
@@ -55,10 +64,14 @@ class KafkaDeadLetterSink:
     letters not yet known to be delivered are shared between them under ``_lock``.
     """
 
-    def __init__(self, servers: list[str], topics: list[str], settings: KafkaSettings) -> None:
+    def __init__(
+        self, servers: list[str], topics: list[str], settings: KafkaSettings, fallback: DeadLetterSink | None = None
+    ) -> None:
         self.servers = servers
         self.topics = topics
         self.settings = settings
+        self.fallback = fallback  # where letters the brokers refuse for good go
+        self._fell_back = False  # the fallback took a letter: flushed with every flush from then on
         self._producer: Any = None
         self._letters: list[_Letter] = []  # written, not yet known to be delivered
         self._lock = threading.Lock()
@@ -111,6 +124,7 @@ class KafkaDeadLetterSink:
             ("dynft.source.offset", str(record.next - 1).encode()),
         ]
         letter = self._fitted(_Letter(f"{topic}{self.settings.dlq_suffix}", rejection.raw, record.key, headers))
+        letter.original = (rejection, record)
         with self._lock:
             self._letters.append(letter)
             self._send([letter])
@@ -125,7 +139,33 @@ class KafkaDeadLetterSink:
         note = f"sha256={digest} size={len(letter.value)}".encode()
         prefix = letter.value[: max(0, min(PREFIX_MAX, room - len(note) - 32))]
         headers = [*letter.headers, ("dynft.truncated", note)]
-        return _Letter(letter.topic, prefix, letter.key, headers)
+        return _Letter(letter.topic, prefix, letter.key, headers, original=letter.original)
+
+    def _refused_for_good(self, failed: list[tuple[_Letter, BaseException | None]]) -> tuple[list[_Letter], set[int]]:
+        """The letters to send again: those the brokers refused for a reason a retry cannot cure
+        become stubs, and a refused stub goes to the local fallback; and the ids of those (delivered)."""
+        from kafka.errors import KafkaError
+
+        kept, settled = [], set()
+        for letter, error in failed:
+            final = isinstance(error, KafkaError) and not error.retriable
+            if not final or letter.original is None:
+                kept.append(letter)
+            elif not letter.stub:
+                size = len(letter.original[0].raw)
+                digest = hashlib.sha256(letter.original[0].raw).hexdigest()
+                note = f"sha256={digest} size={size}".encode()
+                headers = [(k, v) for k, v in letter.headers if k != "dynft.truncated"] + [("dynft.truncated", note)]
+                log.warning("dead letter for %s refused (%s): sending a stub without its value", letter.topic, error)
+                kept.append(_Letter(letter.topic, b"", letter.key, headers, original=letter.original, stub=True))
+            elif self.fallback is not None:
+                log.error("dead letter for %s refused even as a stub (%s): kept locally instead", letter.topic, error)
+                self.fallback.write(*letter.original)  # made durable at the end of this flush
+                self._fell_back = True
+                settled.add(id(letter))
+            else:
+                kept.append(letter)
+        return kept, settled
 
     def _send(self, letters: list[_Letter]) -> None:
         """Hand letters to the producer (setting it up if due); a failure leaves them for the next flush."""
@@ -162,14 +202,17 @@ class KafkaDeadLetterSink:
                 future = letter.future
                 if future is None or not future.is_done or future.failed():
                     failed.append((letter, None if future is None or not future.is_done else future.exception))
-            self._letters = [letter for letter, _ in failed]
-            for letter, _ in failed:
+            self._letters, settled = self._refused_for_good(failed)
+            for letter in self._letters:
                 letter.future = None  # sent again at the next flush (or write)
+            failed = [(letter, error) for letter, error in failed if id(letter) not in settled]
             if self._producer is not None and any(error is not None for _, error in failed):
                 # kafka-python's idempotent producer can stay in a fatal state after one refused
                 # batch, failing every later send: the next flush starts from a new producer.
                 self._producer.close(timeout=5)
                 self._producer, self._setup_at = None, 0.0
+        if self.fallback is not None and self._fell_back:
+            self.fallback.flush()  # raises DeadLetterError while the disk does not take them
         if failed:
             letter, error = failed[0]
             reason = f"{type(error).__name__}: {error}" if error is not None else "not sent: the brokers do not answer"
@@ -183,3 +226,5 @@ class KafkaDeadLetterSink:
         finally:  # a failed flush still releases the producer's sockets
             if self._producer is not None:
                 self._producer.close()
+            if self.fallback is not None:
+                self.fallback.close()
