@@ -115,8 +115,11 @@ def setup_logging(level: str, role: str) -> None:
         stream=sys.stderr,
         force=True,
     )
-    for noisy in ("httpx", "urllib3", "filelock", "kafka"):
+    for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from dynft.sources.kafka_connect import quiet_kafka_logs
+
+    quiet_kafka_logs(logging.getLevelName(level))
 
 
 def quiet_libraries() -> None:

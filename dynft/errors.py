@@ -94,6 +94,10 @@ class KafkaRefusedError(ConfigError):
     """
 
 
+class ProduceError(DynftError):
+    """``dynft produce`` sent every record but some, which the client or the brokers refused."""
+
+
 class DeadLetterError(DynftError):
     """Dead letters are not durable yet (not delivered, or refused): their positions must not be committed."""
 

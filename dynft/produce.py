@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from dynft.errors import BrokersUnavailableError, SourceError
+from dynft.errors import BrokersUnavailableError, ProduceError, SourceError
 from dynft.events import DEFAULT_TASK
 from dynft.sources.kafka_connect import is_refusal, probe, refused
 
@@ -96,11 +96,21 @@ def produce(
             raise refused(f"producing to {topic}", exc) from exc
         raise SourceError(f"cannot reach {','.join(servers)}: {exc}") from exc
     started, sent = time.monotonic(), 0
+    refused_lines: list[str] = []  # appended by the producer's thread too (errbacks)
+
+    def refusal(number: int) -> Callable[[BaseException], None]:
+        return lambda exc: refused_lines.append(f"line {number}: {type(exc).__name__}: {str(exc)[:200]}")
+
     try:
-        for line in lines(path):
+        for number, line in enumerate(lines(path), 1):
             if not line.strip():
                 continue
-            producer.send(topic, value=line, key=key_of(line, key_field))
+            try:  # one record the client or the broker refuses (too large, say) stops none of the others
+                future = producer.send(topic, value=line, key=key_of(line, key_field))
+            except KafkaError as exc:
+                refusal(number)(exc)
+                continue
+            future.add_errback(refusal(number))
             sent += 1
             if progress is not None:
                 progress(1)
@@ -111,4 +121,8 @@ def produce(
         producer.flush()
     finally:
         producer.close()
+    if refused_lines:
+        raise ProduceError(
+            f"{len(refused_lines)} record(s) not produced to {topic} (the others were), e.g. {refused_lines[0]}"
+        )
     return sent

@@ -70,8 +70,22 @@ def test_run_refuses_a_bad_source_before_starting_anything(tmp_path: Path) -> No
         (["produce", "x.jsonl", "--topic", "t", "--partitions", "0"], "'--partitions': 0 is not in the range x>=1"),
         (["kafka", "up", "--port", "99999"], "'--port': 99999 is not in the range 0<=x<=65535"),
         (["run", "--source", "kafka://127.0.0.1:99999/t"], "'127.0.0.1:99999' is not HOST:PORT (a port of 1-65535)"),
+        (["run", "--source", "kafka://127.0.0.1:9092/bad%20topic"], "topic 'bad%20topic' is not a Kafka topic name"),
+        (["run", "--source", "kafka://127.0.0.1:9092/t?group="], "give one group of 1-255 characters"),
+        (["run", "--source", "kafka://127.0.0.1:9092/t?group=a&group=b"], "give one group of 1-255 characters"),
     ],
-    ids=["metrics-port", "bootstrap", "rate-nan", "rate-negative", "partitions", "broker-port", "source-port"],
+    ids=[
+        "metrics-port",
+        "bootstrap",
+        "rate-nan",
+        "rate-negative",
+        "partitions",
+        "broker-port",
+        "source-port",
+        "topic-name",
+        "empty-group",
+        "two-groups",
+    ],
 )
 def test_bad_command_line_values_are_refused_before_anything_starts(
     tmp_path: Path, args: list[str], message: str
@@ -296,3 +310,21 @@ def test_ledger_from_file_looks_up_every_line_with_an_id_and_names_the_others(tm
     (tmp_path / "bad.jsonl").write_text("nothing\n")
     done = subprocess.run([*command, "--from-file", str(tmp_path / "bad.jsonl")], capture_output=True, text=True)
     assert done.returncode == 2 and "no line has a usable id" in done.stderr
+
+
+def test_kafka_pythons_own_logs_show_only_at_debug() -> None:
+    """A review counted some 130 kafka-python ERROR/WARNING lines (and tracebacks) in a 30 s outage
+    that dynft reports once itself; its child consumer process re-emitted kafka-python's INFO too."""
+    import logging
+
+    from dynft.sources.kafka_connect import quiet_kafka_logs
+
+    kafka_log = logging.getLogger("kafka")
+    before = kafka_log.level
+    try:
+        quiet_kafka_logs(logging.INFO)
+        assert not logging.getLogger("kafka.net.connection").isEnabledFor(logging.ERROR)
+        quiet_kafka_logs(logging.DEBUG)
+        assert logging.getLogger("kafka.net.connection").isEnabledFor(logging.DEBUG)
+    finally:
+        kafka_log.setLevel(before)

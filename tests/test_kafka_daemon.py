@@ -296,3 +296,23 @@ def test_compressed_batches_of_every_codec_train_and_aborted_transactions_never_
     statuses = ledger_of(settings.state_dir).lookup(e["id"] for e in aborted)
     assert {status for status, _ in statuses.values()} == {"unseen"}, "an aborted record was read"
     assert "poison" not in loop.trainer.label_map.labels
+
+
+def test_produce_names_a_record_it_could_not_send_and_sends_the_rest(kafka_broker: Broker, tmp_path: Path) -> None:
+    """Found by a review: a 5 MB line ended `dynft produce` in a traceback, the lines after it unsent."""
+    topic = f"big-{uuid.uuid4().hex[:8]}"
+    rows: list[object] = [*keyword_events(3, LABELS, seed=28), {"id": "big", "text": "x" * (5 << 20), "label": "alpha"}]
+    rows += keyword_events(3, LABELS, seed=29, prefix="after")
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = CliRunner().invoke(main, ["produce", str(path), "--topic", topic, "--bootstrap", kafka_broker.bootstrap])
+    assert result.exit_code == 1, result.output
+    assert "1 record(s) not produced" in result.output and "line 4: MessageSizeTooLargeError" in result.output
+    assert "Traceback" not in result.output
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=kafka_broker.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000
+    )
+    try:
+        ids = sorted(json.loads(m.value)["id"] for m in consumer)
+    finally:
+        consumer.close()
+    assert ids == sorted(r["id"] for r in rows if isinstance(r, dict) and r["id"] != "big")  # type: ignore[index]

@@ -25,6 +25,7 @@ code the broker sends back.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import ssl
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 PROBE_TIMEOUT_S = 10.0
+
+
+def quiet_kafka_logs(level: int) -> None:
+    """kafka-python logs every refused connection and metadata retry (over a hundred lines in a
+    30 s outage, with tracebacks); dynft reports outages, refusals and recoveries itself, once
+    each. Its own logs show only at DEBUG."""
+    logging.getLogger("kafka").setLevel(logging.DEBUG if level <= logging.DEBUG else logging.CRITICAL)
+
+
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")  # Kafka's own rule for topic names
+MAX_GROUP_CHARS = 255  # Kafka's limit is its protocol's 32,767-byte string; past it the client loops on errors
 
 
 def servers_problem(servers: list[str]) -> str | None:
@@ -67,12 +79,19 @@ def parse_kafka_uri(uri: str, default_group: str) -> tuple[list[str], list[str],
     problem = servers_problem(servers)
     if problem is not None:
         raise SourceError(f"bad Kafka source {uri!r}: {problem}")
-    query = parse_qs(parts.query)
+    bad = next((t for t in topics if not _TOPIC.fullmatch(t) or t in (".", "..")), None)
+    if bad is not None:  # the broker would refuse it only once the consumer runs: a restart loop
+        raise SourceError(
+            f"bad Kafka source {uri!r}: topic {bad[:64]!r} is not a Kafka topic name ([A-Za-z0-9._-]{{1,249}})"
+        )
+    query = parse_qs(parts.query, keep_blank_values=True)
     unknown = set(query) - {"group"}
     if unknown:
         raise SourceError(f"bad Kafka source {uri!r}: unknown parameter(s) {sorted(unknown)}; only group")
-    group = query.get("group", [default_group])[0]
-    return servers, topics, group
+    groups = query.get("group", [default_group])
+    if len(groups) != 1 or not groups[0].strip() or len(groups[0]) > MAX_GROUP_CHARS:
+        raise SourceError(f"bad Kafka source {uri!r}: give one group of 1-{MAX_GROUP_CHARS} characters")
+    return servers, topics, groups[0]
 
 
 def stream_of(tp: TopicPartition) -> str:

@@ -42,7 +42,7 @@ from prometheus_client.metrics_core import Metric
 from dynft.errors import SourceError
 from dynft.settings import KafkaSettings
 from dynft.sources.base import Positions, Record, Source
-from dynft.sources.kafka_connect import parse_kafka_uri
+from dynft.sources.kafka_connect import parse_kafka_uri, quiet_kafka_logs
 
 log = logging.getLogger(__name__)
 CLOSE_TIMEOUT_S = 60.0  # the final commit and leaving the group; the child is killed after it
@@ -266,6 +266,7 @@ def _serve(conn: Connection) -> None:
     _, uri, settings, resume, partitions, level = conn.recv()
     logging.getLogger().addHandler(logs)
     logging.getLogger().setLevel(level)
+    quiet_kafka_logs(level)  # re-emitted by the parent whatever its loggers' levels: filtered here
     allowed = [True]  # the parent's may_commit, as of its last request
     try:
         source = KafkaSource(uri, settings, KafkaMetrics(registry))
