@@ -223,14 +223,20 @@ def _probe(model: PeftModel, path: Path) -> None:
 
 
 def head_linear(model: PeftModel) -> nn.Linear:
-    """The trainable output layer of the classification head (its rows are the labels)."""
-    for module in model.modules():
-        if isinstance(module, ModulesToSaveWrapper):
-            head = module.modules_to_save[ADAPTER_NAME]
-            linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-            if linears:
-                return linears[-1]
-    raise ModelError("the model has no trainable classification head (peft modules_to_save)")
+    """The trainable output layer of the classification head (its rows are the labels): the last
+    linear layer of the last saved module, as a head's layers run in order (DistilBERT saves
+    ``pre_classifier``, a hidden-to-hidden layer, before ``classifier``; the first was taken once,
+    so its head never grew: found by a review)."""
+    linears = [
+        m
+        for module in model.modules()
+        if isinstance(module, ModulesToSaveWrapper)
+        for m in module.modules_to_save[ADAPTER_NAME].modules()
+        if isinstance(m, nn.Linear)
+    ]
+    if not linears:
+        raise ModelError("the model has no trainable classification head (peft modules_to_save)")
+    return linears[-1]
 
 
 def grow_head(model: PeftModel, num_labels: int, optimizer: torch.optim.Optimizer | None = None) -> None:
