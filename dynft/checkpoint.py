@@ -4,7 +4,9 @@ A checkpoint is a directory ``ckpt-<seq>`` holding tensors (safetensors), JSON s
 Lines files (buffer, held-out window). It is written under ``.staging``, every file fsynced,
 then renamed into place and the parent directory fsynced: a crash leaves either the previous
 checkpoint or the new one, never a torn one. A checkpoint that fails to load (a disk that
-lied) is skipped in favour of the one before it. Nothing here uses pickle.
+lied) is skipped in favour of the one before it, and so is one whose files are not all there at
+the sizes its manifest lists (a file deleted or truncated since), or whose state its owner
+finds unrestorable (``loadable``'s ``check``). Nothing here uses pickle.
 
 >>> import tempfile, torch
 >>> store = CheckpointStore(Path(tempfile.mkdtemp()))
@@ -21,6 +23,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ from dynft.durable import fsync_dir
 from dynft.errors import DynftError
 
 log = logging.getLogger(__name__)
-TENSORS, STATE = "tensors.safetensors", "state.json"
+TENSORS, STATE, MANIFEST = "tensors.safetensors", "state.json", "manifest.json"
 
 
 class CheckpointError(DynftError):
@@ -78,8 +81,12 @@ class CheckpointStore:
             tensors = {k: t.detach().to("cpu").contiguous() for k, t in checkpoint.tensors.items()}
             _write(stage / TENSORS, save_safetensors(tensors))
             _write(stage / STATE, json.dumps(checkpoint.state).encode())
+            sizes = {}
             for name, rows in checkpoint.records.items():
-                _write(stage / name, b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+                data = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+                _write(stage / name, data)
+                sizes[name] = len(data)
+            _write(stage / MANIFEST, json.dumps(sizes).encode())  # last: a checkpoint's files, as written
             fsync_dir(stage)
             os.rename(stage, target)
             fsync_dir(self.root)
@@ -92,21 +99,35 @@ class CheckpointStore:
             shutil.rmtree(old, ignore_errors=True)
         return target
 
-    def latest(self) -> Checkpoint | None:
-        """The newest checkpoint that loads cleanly, or None. Leftover staging is removed."""
+    def latest(self, check: Callable[[Checkpoint], str | None] | None = None) -> Checkpoint | None:
+        """The newest checkpoint that loads cleanly (and that ``check`` finds no problem with), or
+        None. Leftover staging is removed."""
         shutil.rmtree(self.staging, ignore_errors=True)
         for path in reversed(self._complete()):
             try:
-                return self.load(path)
+                checkpoint = self.load(path)
             except (OSError, ValueError, SafetensorError) as exc:
                 log.warning("skipping unreadable checkpoint %s: %s", path.name, exc)
+                continue
+            problem = check(checkpoint) if check is not None else None
+            if problem is None:
+                return checkpoint
+            log.warning("skipping checkpoint %s, which cannot be restored: %s", path.name, problem)
         return None
 
     @staticmethod
     def load(path: Path) -> Checkpoint:
         tensors = load_safetensors((path / TENSORS).read_bytes())
         state = json.loads((path / STATE).read_text())
+        if not isinstance(state, dict):
+            raise ValueError(f"{STATE} holds no JSON object")
+        sizes = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).exists() else None  # older: none
+        if sizes is not None and not isinstance(sizes, dict):
+            raise ValueError(f"{MANIFEST} holds no JSON object")
         records = {}
-        for file in path.glob("*.jsonl"):
-            records[file.name] = [json.loads(line) for line in file.read_text().splitlines() if line]
+        for name in sizes if sizes is not None else (file.name for file in path.glob("*.jsonl")):
+            data = (path / name).read_bytes()
+            if sizes is not None and len(data) != sizes[name]:
+                raise ValueError(f"{name} is {len(data)} bytes, {sizes[name]} when written")
+            records[name] = [json.loads(line) for line in data.splitlines() if line]
         return Checkpoint(tensors, state, records, path)

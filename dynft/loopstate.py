@@ -128,7 +128,7 @@ class LoopState(TaskLoop):
     def _resume(self, source: Source, registry: AdapterRegistry) -> None:
         """Continue from the newest checkpoint, or else from the newest published versions (and,
         for an elected trainer, the events before the committed offsets: ``_rewarm``)."""
-        checkpoint = self.checkpoints.latest()
+        checkpoint = self.checkpoints.latest(check=restorable)
         # Another trainer published since (or, sharded, may have: a life's tasks change with its
         # partitions): take over from the newest versions, as on a new host.
         if checkpoint is not None and self.election is not None:
@@ -281,3 +281,28 @@ class LoopState(TaskLoop):
 def _version(number: int | None) -> str:
     """A version for the status line: ``v3``, or ``none`` before the first."""
     return "none" if number is None else f"v{number}"
+
+
+STATE_PARTS = ("trainer", "buffer", "prequential", "drift", "publisher", "positions", "reaction")
+
+
+def restorable(checkpoint: Checkpoint) -> str | None:
+    """What makes ``checkpoint`` unrestorable, checked before anything is restored from it (a
+    review's ``{}`` in state.json was a KeyError at every restart, for ever), or None. The
+    parts' own restores check their contents further."""
+    state = checkpoint.state
+    missing = [part for part in STATE_PARTS if not isinstance(state.get(part), dict)]
+    if missing:
+        return f"state.json lacks {', '.join(missing)}"
+    if not isinstance(state.get("tasks", {}), dict) or not all(
+        isinstance(t, dict) for t in state.get("tasks", {}).values()
+    ):
+        return "state.json's tasks are not objects"
+    for name, rows in checkpoint.records.items():
+        if not all(isinstance(row, dict) for row in rows):
+            return f"{name} holds a line that is no JSON object"
+        if name.endswith("buffer.jsonl") and not all(
+            "seq" in row and isinstance(row.get("event"), dict) for row in rows
+        ):
+            return f"{name} holds a line that is no buffered event"
+    return None

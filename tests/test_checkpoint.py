@@ -3,11 +3,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from dynft.checkpoint import Checkpoint, CheckpointStore
 from dynft.events import Event
 from dynft.ledger import Ledger
+from dynft.loopstate import STATE_PARTS, restorable
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer, build_trainer
 
@@ -28,6 +30,37 @@ def test_only_complete_checkpoints_are_used_and_old_ones_pruned(tmp_path: Path) 
     latest = store.latest()
     assert latest is not None and latest.state == {"i": 2}
     assert not (tmp_path / ".staging").exists()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["buffer-deleted", "buffer-truncated", "state-empty-object", "state-a-list", "buffer-line-not-an-event"],
+)
+def test_a_checkpoint_with_a_file_missing_cut_or_of_the_wrong_shape_gives_way_to_the_older_one(
+    tmp_path: Path, damage: str
+) -> None:
+    """Found by a review: a deleted buffer.jsonl was restored as an empty buffer without a word, and
+    a state.json of ``{}`` or ``[1]`` (or a buffer line of another shape) failed every restart."""
+    store = CheckpointStore(tmp_path, keep=2)
+    full = {name: {} for name in STATE_PARTS}
+    rows = [{"seq": i, "event": {"id": str(i), "text": "w1", "label": "a"}} for i in range(3)]
+    for i in range(2):
+        store.save(Checkpoint({"w": torch.ones(1)}, {**full, "i": i}, {"buffer.jsonl": rows, "holdout.jsonl": []}))
+    newest = tmp_path / "ckpt-000000002"
+    if damage == "buffer-deleted":
+        (newest / "buffer.jsonl").unlink()
+    elif damage == "buffer-truncated":  # cut at a line's end: every line left still parses
+        data = (newest / "buffer.jsonl").read_bytes()
+        (newest / "buffer.jsonl").write_bytes(data[: data.index(b"\n") + 1])
+    elif damage == "state-empty-object":
+        (newest / "state.json").write_text("{}")
+    elif damage == "state-a-list":
+        (newest / "state.json").write_text("[1]")
+    else:  # a checkpoint of before manifests: only the check on its contents can tell
+        (newest / "manifest.json").unlink()
+        (newest / "buffer.jsonl").write_text('{"a": 1}\n' * 3)
+    latest = store.latest(check=restorable)
+    assert latest is not None and latest.state["i"] == 0 and len(latest.records["buffer.jsonl"]) == 3
 
 
 def test_no_checkpoint_means_none(tmp_path: Path) -> None:
