@@ -48,6 +48,11 @@ class UnsafeStateFileError(ConfigError):
     """A state file that must not be trusted: a symlink, someone else's, or readable by others."""
 
 
+class StateCorruptError(ConfigError):
+    """A state file is damaged past what dynft repairs by itself (a ledger that is no database, a
+    serving pointer of garbage): restarting cannot help, an operator must move it aside."""
+
+
 class SourceError(DynftError):
     """A source cannot be opened or read (bad URI, missing file)."""
 

@@ -35,6 +35,8 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from dynft.errors import StateCorruptError
+
 log = logging.getLogger(__name__)
 
 STATUSES = ("trained", "held_out", "dead_lettered", "skipped", "buffered")  # buffered: replay only
@@ -60,10 +62,20 @@ class Ledger:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(_SCHEMA)
-        self._db.execute(_INDEX)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(_SCHEMA)
+            self._db.execute(_INDEX)
+        except sqlite3.OperationalError:  # a full, locked or read-only disk: not the file's fault
+            self._db.close()
+            raise
+        except sqlite3.DatabaseError as exc:  # "file is not a database", "disk image is malformed"
+            self._db.close()
+            raise StateCorruptError(
+                f"ledger {path}: not a readable SQLite database ({exc}); move it (and any -wal and -shm "
+                "files beside it) aside to start a new ledger: only the record of past outcomes is lost"
+            ) from exc
         self._pending: list[tuple[str, str, float, float]] = []
         self._lock = threading.Lock()
 

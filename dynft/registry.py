@@ -34,8 +34,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,11 +48,13 @@ from dynft.errors import (
     BaseModelMismatchError,
     RegistryError,
     RegistryWriteError,
+    StateCorruptError,
     VersionNotFoundError,
     VersionUnloadableError,
 )
 from dynft.fingerprint import BaseModelId
 from dynft.lexical import WordScorer
+from dynft.pointer import ServingPointer, damaged_pointer, now, pointer_problem, rollback_target
 
 log = logging.getLogger(__name__)
 WEIGHTS, CONFIG, LABELS, META = "adapter_model.safetensors", "adapter_config.json", "labels.json", "meta.json"
@@ -91,27 +92,6 @@ class VersionInfo:
     version: int
     path: Path
     meta: dict[str, Any]
-
-
-@dataclass
-class ServingPointer:
-    version: int | None = None
-    pinned: bool = False
-    reason: str = ""
-    updated_at: str = ""
-    history: list[dict[str, Any]] = field(default_factory=list)  # earlier serving versions, newest first
-
-
-def now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def rollback_target(current: ServingPointer, existing: list[int]) -> int:
-    """The most recent earlier serving version that still exists."""
-    earlier = [h["version"] for h in current.history if h["version"] in existing and h["version"] != current.version]
-    if not earlier:
-        raise RegistryError("no earlier serving version to roll back to")
-    return int(earlier[0])
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -285,8 +265,13 @@ class AdapterRegistry:
             data = json.loads(self.pointer_path.read_text())
         except FileNotFoundError:
             return ServingPointer()
-        except (OSError, json.JSONDecodeError) as exc:
+        except json.JSONDecodeError as exc:  # garbage, NULs after a power loss, empty: restarting cannot help
+            raise StateCorruptError(damaged_pointer(self.pointer_path, str(exc))) from exc
+        except OSError as exc:
             raise RegistryError(f"registry {self.root}: unreadable serving.json ({exc})") from exc
+        problem = pointer_problem(data)
+        if problem is not None:
+            raise StateCorruptError(damaged_pointer(self.pointer_path, problem))
         return ServingPointer(**data)
 
     def _set_serving(self, version: int, reason: str, pinned: bool) -> None:

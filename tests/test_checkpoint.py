@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dynft.checkpoint import Checkpoint, CheckpointStore
+from dynft.errors import StateCorruptError, exit_code
 from dynft.events import Event
 from dynft.ledger import Ledger
 from dynft.loopstate import STATE_PARTS, restorable
@@ -100,3 +101,13 @@ def test_ledger_forgets_what_was_not_committed(tmp_path: Path) -> None:
     shutil.copy(tmp_path / "ledger.db", tmp_path / "copy.db")
     reopened = Ledger(tmp_path / "ledger.db")
     assert reopened.lookup(["a", "b"]) == {"a": ("trained", 1), "b": ("unseen", 0)}
+
+
+@pytest.mark.parametrize("content", [b"garbage" * 1000, b"\x00" * 8192], ids=["garbage", "nuls"])
+def test_a_ledger_that_is_no_database_is_a_state_error_naming_the_file(tmp_path: Path, content: bytes) -> None:
+    """Found by a review: "file is not a database", exit 1, restarted for ever, the file not named."""
+    path = tmp_path / "ledger.db"
+    path.write_bytes(content)
+    with pytest.raises(StateCorruptError, match=r"ledger .*ledger\.db: not a readable SQLite database") as err:
+        Ledger(path)
+    assert exit_code(err.value) == 2

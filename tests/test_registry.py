@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from dynft.errors import BaseModelMismatchError, RegistryError, VersionUnloadableError
+from dynft.errors import BaseModelMismatchError, RegistryError, StateCorruptError, VersionUnloadableError, exit_code
 from dynft.fingerprint import BaseModelId
 from dynft.model import AdapterState
 from dynft.registry import HASHED, AdapterRegistry
@@ -216,3 +216,19 @@ def test_nonfinite_keys_names_every_culprit_and_passes_finite_values_whose_sum_o
     assert nonfinite_keys({"half": torch.tensor([1.0, float("inf")], dtype=torch.bfloat16), "b": torch.ones(2)}) == [
         "half"
     ]
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{garbage", b"", b"\x00" * 300, b'{"version": "abc", "history": 5}', b"[1]", b'{"version": true}'],
+    ids=["garbage", "empty", "nuls", "wrong-types", "a-list", "bool-version"],
+)
+def test_a_damaged_serving_pointer_is_a_state_error_naming_the_file(tmp_path: Path, content: bytes) -> None:
+    """Found by a review: garbage, NULs after a power loss or fields of the wrong type restarted the
+    trainer for ever (exit 1), or raised ValueError/TypeError far from the file. It is exit 2 now
+    (the supervisor stops), naming the file and what to do."""
+    registry = AdapterRegistry(tmp_path)
+    (tmp_path / "serving.json").write_bytes(content)
+    with pytest.raises(StateCorruptError, match=r"serving\.json is damaged .*move it aside") as err:
+        registry.serving()
+    assert exit_code(err.value) == 2

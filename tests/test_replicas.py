@@ -253,7 +253,7 @@ def small_registry(settings: Settings, versions: int) -> AdapterRegistry:
 
 
 def test_the_trainer_adopts_a_decision_made_on_a_replica(kafka_broker: Broker, tiny_settings: Settings) -> None:
-    from dynft.registry import now
+    from dynft.pointer import now
 
     registry = small_registry(tiny_settings, 2)
     registry.promote(1, "first")

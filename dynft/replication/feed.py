@@ -37,7 +37,8 @@ from typing import Any, Protocol
 
 from dynft.errors import ConfigError, DynftError, RegistryError, ReplicationError, TermLostError
 from dynft.events import DEFAULT_TASK
-from dynft.registry import META, AdapterRegistry, ServingPointer
+from dynft.pointer import ServingPointer
+from dynft.registry import META, AdapterRegistry
 from dynft.replication import topics
 from dynft.replication.records import (
     PointerLog,

@@ -40,7 +40,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from dynft.errors import RegistryError, RegistryWriteError, ReplicationError
 from dynft.events import DEFAULT_TASK
 from dynft.fingerprint import BaseModelId
-from dynft.registry import AdapterRegistry, ServingPointer, check_base_model, now, rollback_target
+from dynft.pointer import ServingPointer, now, rollback_target
+from dynft.registry import AdapterRegistry, check_base_model
 from dynft.replication import topics
 from dynft.replication.records import (
     PointerLog,

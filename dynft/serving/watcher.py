@@ -88,6 +88,7 @@ class VersionWatcher:
     _nudged: threading.Event
 
     def _watch(self) -> None:
+        failing: str | None = None  # the failure said last: a damaged file is said once, not every poll
         while not self._stop.is_set():
             self._nudged.clear()  # before reading, so a change made during the read is not missed
             try:
@@ -95,8 +96,17 @@ class VersionWatcher:
                 if self.fast is not None:
                     self.fast.poll()
                     self._stage_base()
-            except Exception:  # the watcher must outlive any one bad version or read
-                log.exception("watching the registry failed")
+            except Exception as exc:  # the watcher must outlive any one bad version or read
+                said = f"{type(exc).__name__}: {exc}"
+                if said != failing and isinstance(exc, DynftError):  # foreseen: its message says it all
+                    log.error("watching the registry failed: %s (said once; retried)", exc)
+                elif said != failing:
+                    log.exception("watching the registry failed (said once; retried)")
+                failing = said
+            else:
+                if failing is not None:
+                    log.info("watching the registry works again")
+                failing = None
             self._nudged.wait(self.settings.server.poll_interval_s)
 
     def poll_registry(self) -> None:

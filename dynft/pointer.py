@@ -1,0 +1,56 @@
+"""The serving pointer (``registry/serving.json``): which version serves, whether an operator
+pinned it, and the versions that served before it (for rollback), with the checks that tell a
+pointer from a damaged file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from dynft.errors import RegistryError
+
+
+@dataclass
+class ServingPointer:
+    version: int | None = None
+    pinned: bool = False
+    reason: str = ""
+    updated_at: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)  # earlier serving versions, newest first
+
+
+def pointer_problem(data: object) -> str | None:
+    """Why ``data`` (serving.json, parsed) is no serving pointer, or None."""
+    if not isinstance(data, dict) or set(data) - set(ServingPointer.__dataclass_fields__):
+        return "not an object of the pointer's fields"
+    version, history = data.get("version"), data.get("history", [])
+    if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+        return f"version is {version!r:.40}, not a number"
+    if not isinstance(history, list) or not all(
+        isinstance(h, dict) and isinstance(h.get("version"), int) for h in history
+    ):
+        return "history is not a list of versions"
+    if not isinstance(data.get("pinned", False), bool) or not isinstance(data.get("reason", ""), str):
+        return "pinned or reason of the wrong type"
+    return None
+
+
+def damaged_pointer(path: Path, problem: str) -> str:
+    return (
+        f"{path} is damaged ({problem}); move it aside (the newest version the gate promotes then "
+        "serves) or restore it from a backup; `dynft adapters list` shows the versions"
+    )
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def rollback_target(current: ServingPointer, existing: list[int]) -> int:
+    """The most recent earlier serving version that still exists."""
+    earlier = [h["version"] for h in current.history if h["version"] in existing and h["version"] != current.version]
+    if not earlier:
+        raise RegistryError("no earlier serving version to roll back to")
+    return int(earlier[0])
