@@ -235,7 +235,10 @@ def admin_token(settings: Settings) -> str:
                 f"admin token file {path} is readable or writable by others (mode {stat.S_IMODE(info.st_mode):o}); "
                 f"run `chmod 600 {path}` if the token was not exposed, else remove it to have a new one generated"
             )
-        return fh.read().strip()
+        token = fh.read().strip()
+    if not token:  # emptied (a power loss, a mistaken edit): no request could ever match it
+        raise ConfigError(f"admin token file {path} is empty; remove it so that a new one is generated")
+    return token
 
 
 def _generate_token(path: Path) -> str:

@@ -23,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 
 from dynft.cli import main
-from dynft.errors import StateDirLockedError, UnsafeStateFileError
+from dynft.errors import ConfigError, StateDirLockedError, UnsafeStateFileError
 from dynft.settings import Settings, load_settings
 from dynft.statedir import StateLock, admin_token, check_state_dir, read_holder
 
@@ -151,6 +151,17 @@ def test_an_admin_token_of_another_user_is_refused(tmp_path: Path) -> None:
     token.chmod(0o600)
     os.chown(token, 65534, 65534)
     with pytest.raises(UnsafeStateFileError, match="belongs to uid 65534, not to this user"):
+        admin_token(load_settings(overrides={"state_dir": str(state)}))
+
+
+def test_an_empty_admin_token_file_is_refused_not_kept(tmp_path: Path) -> None:
+    """Found by a review: an emptied token file was kept, and every admin request got 401/403."""
+    state = tmp_path / "state"
+    state.mkdir()
+    token = state / "admin-token"
+    token.write_text("\n")
+    token.chmod(0o600)
+    with pytest.raises(ConfigError, match="admin-token is empty; remove it"):
         admin_token(load_settings(overrides={"state_dir": str(state)}))
 
 
