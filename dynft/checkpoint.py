@@ -70,6 +70,10 @@ class CheckpointStore:
             return []
         return sorted(p for p in self.root.iterdir() if p.name.startswith("ckpt-") and p.is_dir())
 
+    def has_any(self) -> bool:
+        """Whether a checkpoint was ever completed here (restorable or not)."""
+        return bool(self._complete())
+
     def save(self, checkpoint: Checkpoint) -> Path:
         """Write ``checkpoint`` as the newest one; older ones beyond ``keep`` are removed."""
         stage = self.staging / uuid.uuid4().hex

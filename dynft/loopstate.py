@@ -138,6 +138,13 @@ class LoopState(TaskLoop):
             self._restore(checkpoint)
             source.resume_from(self.positions)
             return
+        if self.election is None and self.checkpoints.has_any():  # all damaged: say what that costs, once
+            log.warning(
+                "no checkpoint in %s can be restored (see above): the stream's positions, replay buffer and "
+                "held-out window start afresh; a file source is read again from its start, a Kafka group from its "
+                "committed offsets (at-least-once: events are trained again)",
+                self.checkpoints.root,
+            )
         self.publisher.resume()
         if self.term is not None:  # a takeover on another host: no checkpoint, the stream has the past
             self._rewarm(self.term)
