@@ -69,6 +69,13 @@ class RegistryError(DynftError):
     """An adapter version is missing, incomplete or cannot be written."""
 
 
+class DamagedPointerError(RegistryError):
+    """``registry/serving.json`` is damaged (garbage, NULs after a power loss, fields of the wrong
+    type): the registry cannot be read, as for any ``RegistryError``, and restarting cannot help."""
+
+    exit_code = EXIT_CONFIG
+
+
 class VersionNotFoundError(RegistryError):
     """The adapter version asked for was never published, or was pruned."""
 

@@ -46,9 +46,9 @@ from safetensors.torch import save as save_safetensors
 from dynft.durable import fsync_dir, write_atomic, write_files
 from dynft.errors import (
     BaseModelMismatchError,
+    DamagedPointerError,
     RegistryError,
     RegistryWriteError,
-    StateCorruptError,
     VersionNotFoundError,
     VersionUnloadableError,
 )
@@ -266,12 +266,12 @@ class AdapterRegistry:
         except FileNotFoundError:
             return ServingPointer()
         except json.JSONDecodeError as exc:  # garbage, NULs after a power loss, empty: restarting cannot help
-            raise StateCorruptError(damaged_pointer(self.pointer_path, str(exc))) from exc
+            raise DamagedPointerError(damaged_pointer(self.pointer_path, str(exc))) from exc
         except OSError as exc:
             raise RegistryError(f"registry {self.root}: unreadable serving.json ({exc})") from exc
         problem = pointer_problem(data)
         if problem is not None:
-            raise StateCorruptError(damaged_pointer(self.pointer_path, problem))
+            raise DamagedPointerError(damaged_pointer(self.pointer_path, problem))
         return ServingPointer(**data)
 
     def _set_serving(self, version: int, reason: str, pinned: bool) -> None:

@@ -161,6 +161,14 @@ def _child_main(argv: list[str], supervisor: int, stdin: int | None = None) -> N
     main.main(args=argv, prog_name="dynft")  # raises SystemExit with the command's exit code
 
 
+def token_origin(settings: Settings) -> str:
+    """Where the admin token comes from, for the startup line (never the token)."""
+    token = settings.server.admin_token
+    if token is None:
+        return str(settings.state_dir / "admin-token")
+    return "from config" if token.get_secret_value() else "none: server.admin_token is empty, the admin API is locked"
+
+
 def elected_follow(settings: Settings) -> str | None:
     """The versions topic that the co-located server of an elected trainer follows, or None.
 
@@ -260,7 +268,7 @@ class Supervisor:
             "dynft is starting: http://%s:%s (admin token: %s)",  # the server logs when it listens
             s.host,
             s.port or "<a port the system chooses: the server's log says which>",
-            "from config" if s.admin_token else self.settings.state_dir / "admin-token",
+            token_origin(self.settings),
         )
 
     def _spawn(self, child: Child) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,6 +151,9 @@ def broken_rules(fields: dict[str, object]) -> set[str]:
             broken.add("invalid_string")
         if not value or value.isspace():
             broken.add(f"empty_{name}")
+        invisible = all(unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in value)
+        if name == "text" and invisible:  # only control, format or space characters: an empty text too
+            broken.add("empty_text")
         if len(value) > limit:
             broken.add(f"{name}_too_long")
     if "weight" in fields:

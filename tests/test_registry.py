@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from dynft.errors import BaseModelMismatchError, RegistryError, StateCorruptError, VersionUnloadableError, exit_code
+from dynft.errors import BaseModelMismatchError, DamagedPointerError, RegistryError, VersionUnloadableError, exit_code
 from dynft.fingerprint import BaseModelId
 from dynft.model import AdapterState
 from dynft.registry import HASHED, AdapterRegistry
@@ -229,6 +229,6 @@ def test_a_damaged_serving_pointer_is_a_state_error_naming_the_file(tmp_path: Pa
     (the supervisor stops), naming the file and what to do."""
     registry = AdapterRegistry(tmp_path)
     (tmp_path / "serving.json").write_bytes(content)
-    with pytest.raises(StateCorruptError, match=r"serving\.json is damaged .*move it aside") as err:
+    with pytest.raises(DamagedPointerError, match=r"serving\.json is damaged .*move it aside") as err:
         registry.serving()
     assert exit_code(err.value) == 2

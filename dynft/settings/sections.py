@@ -329,13 +329,6 @@ class ServerSettings(Section):
             raise ValueError(f"must be at most server.max_batch ({batch}), got {v}")
         return v
 
-    @field_validator("admin_token")
-    @classmethod
-    def _token_not_blank(cls, v: SecretStr | None) -> SecretStr | None:
-        if v is not None and not v.get_secret_value().strip():
-            raise ValueError("is empty; leave it unset for a generated token (written to <state_dir>/admin-token)")
-        return v
-
     @field_validator("host")
     @classmethod
     def _host_not_blank(cls, v: str) -> str:
