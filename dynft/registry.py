@@ -208,7 +208,7 @@ class AdapterRegistry:
         try:
             stage.mkdir()
             with self._locked():
-                version = max(self.versions(), default=0) + 1
+                version = max(*self.versions(), self._highest_named(), 0) + 1
                 full_meta = {**meta, "version": version, "created_at": now(), "content_hash": digest}
                 files[META] = _json_bytes(full_meta)
                 write_files(stage, files)
@@ -220,6 +220,16 @@ class AdapterRegistry:
                 f"registry {self.root}: cannot write a version ({exc.strerror or exc}: {exc.filename or stage})"
             ) from exc
         return VersionInfo(version, self.path(version), full_meta)
+
+    def _highest_named(self) -> int:
+        """The highest version the serving pointer names (now or in its history): numbers are never
+        reused, even when versions were deleted by hand (a rollback, or a replica that saw "v3",
+        would name another model). A pointer that cannot be read names none here."""
+        try:
+            pointer = self.serving()
+        except RegistryError:
+            return 0
+        return max([pointer.version or 0, *(int(h["version"]) for h in pointer.history)])
 
     def meta(self, version: int) -> dict[str, Any]:
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -232,3 +233,17 @@ def test_a_damaged_serving_pointer_is_a_state_error_naming_the_file(tmp_path: Pa
     with pytest.raises(DamagedPointerError, match=r"serving\.json is damaged .*move it aside") as err:
         registry.serving()
     assert exit_code(err.value) == 2
+
+
+def test_version_numbers_are_never_reused_after_versions_are_deleted_by_hand(tmp_path: Path) -> None:
+    """Found by a review: deleting the versions directory restarted numbering at 1 while the
+    pointer's history still named the old 1, 2, 3 (a rollback would have named another model)."""
+    registry = AdapterRegistry(tmp_path)
+    state = AdapterState({"w": torch.ones(2)}, ["a"], {"peft_type": "LORA"})
+    for _ in range(3):
+        registry.publish(state, {"step": 1})
+    registry.promote(2, "first")
+    registry.promote(3, "second")
+    for version in (1, 2, 3):
+        shutil.rmtree(registry.path(version))
+    assert registry.publish(state, {"step": 2}).version == 4
