@@ -9,6 +9,7 @@ import select
 import stat
 import sys
 import time
+import zlib
 from pathlib import Path
 
 from dynft.errors import SourceError
@@ -21,7 +22,6 @@ from dynft.sources.rotation import (
     Position,
     Successors,
     find_checkpointed,
-    find_copy,
     identity,
     parse,
     position_base,
@@ -297,16 +297,15 @@ class FileSource(Source):
         """Read again from the top a file truncated (shorter than what was read) or rewritten in
         place (a rewrite that made it longer: its first bytes, or the last ones read, changed)."""
         read = self._offset + len(self._buf) + self._cut  # the read position
-        head, tail = self._head, self._tail or self._consumed  # _consumed: before the offset, if nothing read since
+        head, tail = self._head, self._tail  # head: as read, kept for a copy read next
         if len(self._head) < HEAD and read > len(self._head):  # a file shorter than HEAD when opened
             self._head = os.pread(self._fd, min(HEAD, read), 0)
-        before = read if self._tail else self._offset
         if (
             os.fstat(self._fd).st_size < read
             or os.pread(self._fd, len(self._head), 0) != self._head
-            or os.pread(self._fd, len(tail), before - len(tail)) != tail
+            or os.pread(self._fd, len(tail), read - len(tail)) != tail
         ):
-            if self._read_copy_first(find_copy(Path(self._path), self._identity, before, head, tail)):
+            if self._read_copy_first(head):
                 return
             unended = len(self._buf) + self._cut  # a last line without its newline yet: its bytes are gone
             log.warning(
@@ -320,15 +319,15 @@ class FileSource(Source):
             self._start_at(0)
             self._head = os.pread(self._fd, HEAD, 0)
 
-    def _read_copy_first(self, copy: Path | None) -> bool:
+    def _read_copy_first(self, head: bytes) -> bool:
         """After a truncation: if the file was copied beside the path first (logrotate's ``copytruncate``),
-        read the rest of the copy from where this file was left, then this file from its top."""
-        if copy is None:
+        read the rest of the copy from where this file was left, then this file from its top. The copy
+        is found as a restart finds one: by the bytes before the offset (``find_checkpointed``)."""
+        here = Position(self._generation, None, self._offset, len(self._consumed), zlib.crc32(self._consumed))
+        found = find_checkpointed(Path(self._path), here, {self._identity})
+        if found is None:
             return False
-        try:
-            fd = os.open(copy, os.O_RDONLY)
-        except OSError:
-            return False
+        copy, fd, _, _ = found
         log.warning(
             "%s was truncated after a copy to %s (copytruncate): reading the rest of the copy first, then %s from "
             "its start",

@@ -57,6 +57,11 @@ class _Letter:
     stub: bool = False  # the value was left out after the brokers refused the letter for good
 
 
+def _truncated(value: bytes) -> bytes:
+    """The ``dynft.truncated`` header of a letter sent without (all of) ``value``."""
+    return f"sha256={hashlib.sha256(value).hexdigest()} size={len(value)}".encode()
+
+
 class KafkaDeadLetterSink:
     """Produces rejected records to ``<topic><suffix>``, creating that topic if it is missing.
 
@@ -135,8 +140,7 @@ class KafkaDeadLetterSink:
         room = self.settings.dlq_max_request_bytes - overhead
         if len(letter.value) <= room:
             return letter
-        digest = hashlib.sha256(letter.value).hexdigest()
-        note = f"sha256={digest} size={len(letter.value)}".encode()
+        note = _truncated(letter.value)
         prefix = letter.value[: max(0, min(PREFIX_MAX, room - len(note) - 32))]
         headers = [*letter.headers, ("dynft.truncated", note)]
         return _Letter(letter.topic, prefix, letter.key, headers, original=letter.original)
@@ -152,9 +156,7 @@ class KafkaDeadLetterSink:
             if not final or letter.original is None:
                 kept.append(letter)
             elif not letter.stub:
-                size = len(letter.original[0].raw)
-                digest = hashlib.sha256(letter.original[0].raw).hexdigest()
-                note = f"sha256={digest} size={size}".encode()
+                note = _truncated(letter.original[0].raw)
                 headers = [(k, v) for k, v in letter.headers if k != "dynft.truncated"] + [("dynft.truncated", note)]
                 log.warning("dead letter for %s refused (%s): sending a stub without its value", letter.topic, error)
                 kept.append(_Letter(letter.topic, b"", letter.key, headers, original=letter.original, stub=True))

@@ -146,27 +146,6 @@ def rotated_after(path: Path, checkpointed: Path, skip: set[Identity]) -> list[P
     return sorted(later, key=lambda p: (beside[p].st_mtime_ns, _age(p.name[start:])))
 
 
-def find_copy(path: Path, reading: Identity, read: int, head: bytes, tail: bytes) -> Path | None:
-    """A copy of the file being read (``reading``) made beside ``path`` before it was truncated
-    (logrotate's ``copytruncate``): a file named as rotated, at least ``read`` bytes long, whose
-    first bytes are ``head`` and whose bytes before ``read`` are ``tail``; the newest if several."""
-    found: list[tuple[int, Path]] = []
-    for candidate, st in rotated_beside(path).items():
-        if identity(st) == reading or st.st_size < read:
-            continue
-        try:
-            fd = os.open(candidate, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            same = os.pread(fd, len(head), 0) == head and os.pread(fd, len(tail), read - len(tail)) == tail
-        finally:
-            os.close(fd)
-        if same:
-            found.append((st.st_mtime_ns, candidate))
-    return max(found)[1] if found else None
-
-
 def find_checkpointed(path: Path, at: Position, skip: set[Identity]) -> tuple[Path, int, int, bool] | None:
     """The checkpoint's file beside ``path`` after it was rotated while dynft was stopped: found by
     its inode, else a copy of it (``copytruncate``, the original truncated since), a rotated file
