@@ -44,6 +44,18 @@ def test_not_ready_until_a_version_serves(api) -> None:  # type: ignore[no-untyp
     assert client.get("/readyz").json() == {"status": "ready", "adapter_version": 3, "tasks": {"default": 3}}
 
 
+def test_probes_answer_head(api) -> None:  # type: ignore[no-untyped-def]
+    """Load balancers that probe with HEAD get the status GET would give, and no body."""
+    client, _, registry = api
+    r = client.head("/healthz")
+    assert r.status_code == 200 and r.content == b""
+    assert client.head("/readyz").status_code == 503
+    registry.promote(3, "first")
+    wait_for_version(str(client.base_url), 3)
+    r = client.head("/readyz")
+    assert r.status_code == 200 and r.content == b""
+
+
 def test_predict_answers_with_the_serving_version(api, tiny_settings: Settings, versions) -> None:  # type: ignore[no-untyped-def]
     client, _, registry = api
     registry.promote(20, "first")
