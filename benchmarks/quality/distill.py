@@ -6,9 +6,9 @@ from the teacher with a tenth of the labels.
 ``benchmarks/results/quality/distill-<dataset>-<events>[-...].{md,json}``.
 
 The teacher is a stronger model's predictions, prepared offline. ``mpnet-ft``:
-all-mpnet-base-v2 (five times the student's base) with every weight fine-tuned on 4,200 texts
-of the dataset that the student never streams, its predictions read from the file that
-``python -m benchmarks.quality.teacher`` writes (AG News only so far). The others are fitted at
+all-mpnet-base-v2 (five times the student's base) with every weight fine-tuned on texts of the
+dataset that the student never streams (4,200 for AG News, 8,461 for banking77), its predictions
+read from the file that ``python -m benchmarks.quality.teacher`` writes. The others are fitted at
 the start of the run: a logistic regression on frozen mean-pooled embeddings, fitted on the
 dataset's whole training split (it has seen every training text with its label, so on the
 student's texts it gives back little more than the labels; the student sees a stream of
@@ -109,16 +109,17 @@ def teacher(
 
 def fine_tuned(dataset: str) -> tuple[list[dict[str, float]], float, list[str]]:
     """The fine-tuned teacher's distributions, prepared offline by ``benchmarks.quality.teacher``."""
-    from benchmarks.quality.teacher import FILE
+    from benchmarks.quality.teacher import FILE, distributions
 
     path = DATA / dataset / FILE
     if not path.exists():
         raise SystemExit(f"{path} is missing: make it with python -m benchmarks.quality.teacher --dataset {dataset} "
                          f"--source <JSON Lines of other {dataset} training texts>")  # fmt: skip
     prepared = json.loads(path.read_text())
-    if len(prepared["train"]) != len(load(dataset, "train")):
-        raise SystemExit(f"{path} holds {len(prepared['train'])} training texts' teachers, not the split's")
-    return prepared["train"], prepared["test_accuracy"], prepared["classes"]
+    teachers = distributions(prepared)
+    if len(teachers) != len(load(dataset, "train")):
+        raise SystemExit(f"{path} holds {len(teachers)} training texts' teachers, not the split's")
+    return teachers, prepared["test_accuracy"], prepared["classes"]
 
 
 def stream(dataset: str, teachers: list[dict[str, float]], config: str, events: int, seed: int) -> list[Any]:

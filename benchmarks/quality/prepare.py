@@ -50,6 +50,9 @@ def provenance(source_readme: Path) -> str:
     return title + "\n\n" + "\n\n".join(s.strip() for s in sections)
 
 
+TEACHER_SECTION = "## Teacher predictions"  # a README's part that preparing the data again keeps
+
+
 def readme(name: str, source: Path, files: dict[str, int], how: str) -> None:
     listing = "\n".join(f"- `{f}`: {n} rows" for f, n in files.items())
     body = (
@@ -58,7 +61,11 @@ def readme(name: str, source: Path, files: dict[str, int], how: str) -> None:
         f"Made by `python -m benchmarks.quality.prepare` from the JSON Lines copy in `shared/datasets/{source.name}/` "
         "(its README describes the conversion from the source). Texts and labels are unchanged.\n"
     )
-    (DATA / name / "README.md").write_text(body, encoding="utf-8")
+    path = DATA / name / "README.md"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    if (at := old.find(TEACHER_SECTION)) >= 0:  # written by hand beside benchmarks.quality.teacher's file
+        body += "\n" + old[at:]
+    path.write_text(body, encoding="utf-8")
 
 
 def first_rows(source: Path, name: str, train_n: int, test_n: int) -> None:
@@ -135,8 +142,8 @@ research-only or non-commercial: these files are benchmark inputs, not part of t
 | `sst2/` | domain-shift stream (phase 1), fine-tuning comparison | not stated; Stanford SST, research use |
 | `mr/` | domain-shift stream (phase 2), fine-tuning comparison | not stated; Cornell movie reviews, research use |
 | `airline/` | label-mix stream, domain-shift stream (phase 3) | not stated; Kaggle release CC BY-NC-SA 4.0 |
-| `banking77/` | class-incremental stream | CC BY 4.0 (PolyAI) |
-| `ag_news/` | concept-drift stream, fine-tuning comparison | academic, non-commercial use |
+| `banking77/` | class-incremental stream, distillation (and its teacher) | CC BY 4.0 (PolyAI) |
+| `ag_news/` | concept-drift stream, fine-tuning comparison, distillation (+ teacher) | academic, non-commercial |
 | `subj/`, `trec6/`, `emotion/` | fine-tuning comparison | not stated; research / educational use |
 """
 

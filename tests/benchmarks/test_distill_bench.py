@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.quality import distill
-from benchmarks.quality.teacher import FILE
+from benchmarks.quality.teacher import FILE, compact, distributions
 
 
 def test_the_three_configurations_train_on_what_they_are_given(tiny_model_dir: Path) -> None:
@@ -62,18 +64,36 @@ def test_steps_are_composed_as_the_daemons_fresh_rows_then_replayed_ones_with_th
             assert fresh == [16, 16, 8] and all(rows == n for rows, n, _ in steps)
 
 
-def test_the_shipped_fine_tuned_teacher_is_a_distribution_per_text_and_scores_as_it_says() -> None:
-    """``data/ag_news/teacher-mpnet-ft.json`` (``benchmarks.quality.teacher``): a distribution over
-    the split's classes for every training and test text, its stated accuracy recomputed from its
-    own test distributions, and its fine-tuning texts outside both splits by construction."""
-    teachers, accuracy, classes = distill.teacher("ag_news", None, "mpnet-ft")
-    train, test = distill.load("ag_news", "train"), distill.load("ag_news", "test")
-    prepared = json.loads((distill.DATA / "ag_news" / FILE).read_text())
-    assert len(teachers) == len(train) and len(prepared["test"]) == len(test)
+@pytest.mark.parametrize("dataset", ["ag_news", "banking77"])
+def test_the_shipped_fine_tuned_teacher_is_a_distribution_per_text_and_scores_as_it_says(dataset: str) -> None:
+    """``data/<dataset>/teacher-mpnet-ft.json`` (``benchmarks.quality.teacher``): a distribution
+    over the split's classes for every training text, its stated accuracy recomputed from its own
+    top labels on the test split, and its fine-tuning texts outside both splits by construction."""
+    teachers, accuracy, classes = distill.teacher(dataset, None, "mpnet-ft")
+    train, test = distill.load(dataset, "train"), distill.load(dataset, "test")
+    prepared = json.loads((distill.DATA / dataset / FILE).read_text())
+    assert len(teachers) == len(train) and len(prepared["test_predicted"]) == len(test)
     assert set(classes) == {r["label"] for r in train}
-    assert all(abs(sum(t.values()) - 1.0) < 1e-4 and set(t) == set(classes) for t in teachers + prepared["test"])
-    right = sum(max(t, key=t.get) == r["label"] for t, r in zip(prepared["test"], test, strict=True))
-    assert right / len(test) == accuracy
-    assert prepared["fine_tuned_on"] > len(train)  # a stronger model: more texts than the stream holds
-    stream = distill.stream("ag_news", teachers, "labels + teacher", 40, seed=0)
+    assert all(abs(sum(t.values()) - 1.0) < 1e-9 and set(t) == set(classes) for t in teachers)
+    right = sum(classes[k] == r["label"] for k, r in zip(prepared["test_predicted"], test, strict=True))
+    assert right / len(test) == accuracy > 0.8  # a stronger model than the student
+    agree = sum(max(t, key=t.get) == r["label"] for t, r in zip(teachers, train, strict=True)) / len(train)
+    assert agree > 0.8  # its distributions are predictions of these texts' labels, in the file's order
+    assert prepared["fine_tuned_on"] > len(train)  # more texts than the stream holds
+    stream = distill.stream(dataset, teachers, "labels + teacher", 40, seed=0)
     assert all(e.teacher and abs(e.teacher[c] - teachers[int(e.id[1:])][c]) < 1e-4 for e in stream for c in classes)
+
+
+def test_a_compact_teacher_keeps_each_probability_within_half_a_percent() -> None:
+    """``compact`` rounds log-probabilities to 0.01; ``distributions`` gives back each probability
+    within 0.5% of its own after renormalising, the order of the classes kept."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 4, size=(50, 77))
+    log_probs = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    classes = [f"c{i}" for i in range(77)]
+    got = distributions({"classes": classes, "train_log_probs": compact(log_probs)})
+    for row, dist in zip(np.exp(log_probs), got, strict=True):
+        assert list(dist) == classes and abs(sum(dist.values()) - 1.0) < 1e-12
+        assert np.allclose([dist[c] for c in classes], row, rtol=0.011, atol=0)
