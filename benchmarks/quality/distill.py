@@ -117,6 +117,8 @@ def fine_tuned(dataset: str) -> tuple[list[dict[str, float]], float, list[str]]:
         raise SystemExit(f"{path} is missing: make it with python -m benchmarks.quality.teacher --dataset {dataset} "
                          f"--source <JSON Lines of other {dataset} training texts>")  # fmt: skip
     prepared = json.loads(path.read_text())
+    if "train_log_probs" not in prepared:  # probabilities per label, as written before 2026-12-05 15:00
+        raise SystemExit(f"{path} is in an older form: make it again with python -m benchmarks.quality.teacher")
     teachers = distributions(prepared)
     if len(teachers) != len(load(dataset, "train")):
         raise SystemExit(f"{path} holds {len(teachers)} training texts' teachers, not the split's")

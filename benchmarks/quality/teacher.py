@@ -14,8 +14,8 @@ stream would give, not a recollection of the label (a model fitted on the stream
 themselves hands back little more than their one-hot labels). The file holds the teacher's
 log-probabilities for every text of the benchmark's training split (``compact``), its top label
 for every test text and the test accuracy they give, and how it was made. On a 2-core CPU:
-about 40 minutes for AG News (4,200 texts, two epochs, ``--max-length 96``), about 32 for
-banking77 (8,463 short texts, two epochs, ``--max-length 64``).
+about 40 minutes for AG News (4,200 texts, two epochs, ``--max-length 96``), about 36 for
+banking77 (8,461 short texts, two epochs, ``--max-length 64``).
 """
 
 from __future__ import annotations
