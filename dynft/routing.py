@@ -137,6 +137,8 @@ class Router:
         those that fail are dead-lettered (as ``internal``). ``None`` when none is left.
         """
         events = [event for _, event in fresh]
+        if not events and not replayed:  # nothing to tokenize (a tokenizer fails on an empty batch)
+            return None, []
         try:
             return collator(events + replayed, n_fresh=len(events)), []
         except Exception:

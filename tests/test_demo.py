@@ -67,4 +67,5 @@ def test_the_default_daemon_learns_the_demo_stream_within_three_minutes(tmp_path
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(30)
     assert elapsed < 180
