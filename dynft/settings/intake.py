@@ -55,12 +55,6 @@ class KafkaSettings(Section):
     max_poll_records: int = Field(2000, ge=1, description="records per poll")
     max_poll_interval_ms: int = Field(300_000, ge=1000, description="longest gap between polls before a rebalance")
     session_timeout_ms: int = Field(10_000, ge=1000, description="heartbeat session timeout")
-    metadata_max_age_ms: int = Field(
-        30_000,
-        ge=1000,
-        description="how often the topics' partitions are read again: partitions added to a topic are consumed "
-        "within about this time (the client's own default is 5 minutes)",
-    )
     group_instance_id: str | None = Field(
         None,
         min_length=1,

@@ -141,7 +141,6 @@ class KafkaSource(Source):
                 max_poll_records=s.max_poll_records,
                 max_poll_interval_ms=s.max_poll_interval_ms,
                 session_timeout_ms=s.session_timeout_ms,
-                metadata_max_age_ms=s.metadata_max_age_ms,
                 fetch_max_bytes=s.fetch_max_bytes,
                 max_partition_fetch_bytes=s.max_partition_fetch_bytes,
                 group_instance_id=s.group_instance_id,
