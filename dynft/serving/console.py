@@ -13,14 +13,15 @@ exception texts or settings, and dead letters' texts are dropped unless
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime
 from importlib import resources
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import HTMLResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from dynft.errors import RegistryError
 from dynft.history import CONSOLE_DIR, HISTORY_FILE, SNAPSHOT_FILE, HistoryReader, Point, Snapshot, read_snapshot
@@ -132,6 +133,17 @@ def versions_timeline(registry: AdapterRegistry) -> tuple[list[VersionMark], lis
     return marks, changes, ServingState(version=pointer.version, loaded=None, pinned=pointer.pinned)
 
 
+PLAIN_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def plain_number(value: object) -> object:
+    """A query's number in the schema's form: ``float()`` also takes surrounding whitespace of any
+    kind (a fuzzer's ``%C2%852``, NEL then 2) and underscores, which a JSON number does not."""
+    if isinstance(value, str) and not PLAIN_NUMBER.fullmatch(value):
+        raise ValueError("not a decimal number")
+    return value
+
+
 def console_router(
     settings: Settings, engine: InferenceEngine, registry: AdapterRegistry, metrics: ServerMetrics
 ) -> APIRouter:
@@ -155,7 +167,11 @@ def console_router(
 
     @router.get("/v1/status", response_model=StatusResponse, summary="What the console shows")
     def status(
-        since: float | None = Query(None, allow_inf_nan=False, description="only points newer than this Unix time"),
+        since: Annotated[
+            float | None,
+            Query(allow_inf_nan=False, description="only points newer than this Unix time"),
+            BeforeValidator(plain_number),
+        ] = None,
     ) -> StatusResponse:
         snapshot_path = directory / SNAPSHOT_FILE
         colocated = history.exists or snapshot_path.exists()
