@@ -33,6 +33,7 @@ snapshot the polling thread replaces whole (never mutates), so a read sees one c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import time
@@ -314,7 +315,9 @@ class KafkaSource(Source):
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         for tp in revoked:
             self._offsets.committed.pop(tp, None)
-            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(0)
+            # Unknown, not 0: a 0 read as "drained" until the next measurement after reassignment.
+            with contextlib.suppress(KeyError):  # never measured here
+                self.metrics.lag.remove(tp.topic, str(tp.partition))
         self._revoking.update(revoked)  # which of them are really gone shows at the assignment
         self._revoked_at = time.monotonic()
         self.metrics.rebalances.inc()
