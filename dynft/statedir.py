@@ -53,6 +53,8 @@ STATE_NAMES = (
     "run",
     "run/config.json",
     "run/shots.jsonl",  # the server's fast path (dynft.serving.prototypes)
+    "run/label-mix.json",  # its rows' prior (dynft.serving.labelmix), written through the next name
+    "run/label-mix.json.tmp",
     "registry",
     "registry/serving.json",
     "registry/.lock",

@@ -15,7 +15,9 @@ made for it: the prototype retires by itself. Unless the version barely knows it
 version's ``label_events`` (fresh events its lineage trained per label) count fewer events of a
 label than the fast path holds shots of it, the label's prototype row replaces the version's
 own row, which rests on fewer examples (measured: on a class-incremental stream such early rows
-answered their labels worse than the prototypes they retired).
+answered their labels worse than the prototypes they retired). A prototype row says how alike a
+text is to a label's shots, not how common the label is: each adds the log of its label's recent
+rate, which the trainer writes beside the shots (``dynft.serving.labelmix``).
 
 Shots carry the default task's lineage: after a drift reaction that reset the head or the
 adapter (a confirmed concept change, say) the trainer collects shots afresh and the server drops
@@ -50,6 +52,7 @@ import torch
 
 from dynft.events import Event
 from dynft.imprint import imprint_rows
+from dynft.serving.labelmix import MIX_FILE, LabelMix, LabelRates, read_rates
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +105,8 @@ class ShotLog:
                 fh.truncate(end)
         self.lineage = max((shot.lineage for shot in shots), default=1)
         self.counts: Counter[str] = Counter(shot.label for shot in shots if shot.lineage == self.lineage)
+        self.mix = LabelMix(path.parent / MIX_FILE.name)  # every event's label, for the rows' prior
+        self.mix.lineage = self.lineage
 
     def offer(self, events: Iterable[Event], lineage: int = 1) -> int:
         """Append the events whose label still lacks shots in ``lineage``; returns how many were written.
@@ -113,13 +118,16 @@ class ShotLog:
         """
         if lineage != self.lineage:
             self.lineage, self.counts = lineage, Counter()
+            self.mix.reset(lineage)
         taken: Counter[str] = Counter()
         lines = []
         for event in events:
+            self.mix.add(event.label)
             if self.counts[event.label] + taken[event.label] < self.per_label:
                 taken[event.label] += 1
                 row = {"label": event.label, "text": event.text, "lineage": lineage}
                 lines.append(json.dumps(row) + "\n")
+        self.mix.write()
         if not lines:
             return 0
         try:
@@ -159,7 +167,10 @@ class FastPath:
         self.path = path
         self.per_label = per_label
         self._offset = 0  # watcher thread only
-        self._inbox: queue.SimpleQueue[list[Shot] | None] = queue.SimpleQueue()  # None: start over
+        self._mix_stamp: tuple[int, int] | None = None  # the label mix file's (mtime, size) last read (watcher)
+        # Shots, the label mix's rates, or None: start over.
+        self._inbox: queue.SimpleQueue[list[Shot] | LabelRates | None] = queue.SimpleQueue()
+        self.rates: LabelRates | None = None  # the newest lineage's (worker thread only)
         self.shots: dict[str, list[str]] = {}  # label -> texts (worker thread only)
         self.lineage = 0  # the lineage of ``shots``: only the newest one's are kept (worker thread only)
         self._embedded = _Embedded()
@@ -181,6 +192,20 @@ class FastPath:
         if shots:
             self._inbox.put(shots)
             self.has_shots = True
+        self._poll_mix()
+
+    def _poll_mix(self) -> None:
+        path = self.path.parent / MIX_FILE.name
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return
+        stamp = (stat.st_mtime_ns, stat.st_size)
+        if stamp != self._mix_stamp:
+            self._mix_stamp = stamp
+            rates = read_rates(path)
+            if rates is not None:
+                self._inbox.put(rates)
 
     # -- worker thread ---------------------------------------------------------------------
 
@@ -192,7 +217,10 @@ class FastPath:
             except queue.Empty:
                 return
             if item is None:
-                self.shots, self._embedded, self.lineage = {}, _Embedded(), 0
+                self.shots, self._embedded, self.lineage, self.rates = {}, _Embedded(), 0, None
+                continue
+            if isinstance(item, LabelRates):
+                self.rates = item
                 continue
             for shot in item:
                 if shot.lineage < self.lineage:  # an old concept's: its answers would be the old ones
@@ -252,7 +280,15 @@ class FastPath:
         prototypes = self._prototypes(version, pending, embed)  # (P, H)
         centre = self._centre if self._centre is not None else prototypes.mean(dim=0)
         weight, bias = imprint_rows(prototypes, centre, head, len(known), features)  # as the trainer imprints
-        return pending, features.float() @ weight.T + bias  # (B, P)
+        return pending, features.float() @ weight.T + bias + self._prior(pending, known)  # (B, P)
+
+    def _prior(self, pending: list[str], known: list[str]) -> torch.Tensor:
+        """The pending labels' log recent rates against the mean over every label answered with (P,):
+        a prototype row weighs how alike, not how common (``dynft.serving.labelmix``)."""
+        rates = self.rates
+        if rates is None or rates.lineage != self.lineage:  # an older concept's mix, or none yet
+            return torch.zeros(len(pending))
+        return torch.tensor(rates.prior(pending, list(dict.fromkeys([*known, *pending]))))
 
     def _prototypes(self, version: object, pending: list[str], embed: Embed) -> torch.Tensor:
         """Each pending label's mean shot feature (P, H), embedded by ``version`` as far as a forward allows.

@@ -13,6 +13,7 @@ import torch
 
 from dynft.events import Event
 from dynft.registry import AdapterRegistry
+from dynft.serving.labelmix import MIX_FILE, read_rates
 from dynft.serving.prototypes import REFRESH_ROWS, SHOTS_FILE, FastPath, ShotLog, merge_columns, read_shots
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer, build_trainer
@@ -194,6 +195,9 @@ def test_the_trainer_hands_the_first_events_of_each_label_to_the_shots_file(
     texts = {row["text"]: row["label"] for row in rows}
     assert sorted(s.label for s in shots) == ["alpha"] * 4 + ["beta"] * 4 + ["gamma"] * 4
     assert all(texts[s.text] == s.label for s in shots)  # real events of the stream, with their labels
+    mix = read_rates(tiny_settings.state_dir / MIX_FILE)  # and the label mix, for the prototype rows' prior
+    # (whether it holds rates depends on how even the labels were when it was last written)
+    assert mix is not None and mix.lineage == 1 and set(mix.rates) <= {"alpha", "beta", "gamma"}
 
 
 def test_a_label_the_version_trained_on_fewer_events_than_its_shots_keeps_its_prototype_row(
