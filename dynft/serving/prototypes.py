@@ -105,8 +105,7 @@ class ShotLog:
                 fh.truncate(end)
         self.lineage = max((shot.lineage for shot in shots), default=1)
         self.counts: Counter[str] = Counter(shot.label for shot in shots if shot.lineage == self.lineage)
-        self.mix = LabelMix(path.parent / MIX_FILE.name)  # every event's label, for the rows' prior
-        self.mix.lineage = self.lineage
+        self.mix = LabelMix(path.parent / MIX_FILE.name, self.lineage)  # every event's label, for the rows' prior
 
     def offer(self, events: Iterable[Event], lineage: int = 1) -> int:
         """Append the events whose label still lacks shots in ``lineage``; returns how many were written.
@@ -167,7 +166,7 @@ class FastPath:
         self.path = path
         self.per_label = per_label
         self._offset = 0  # watcher thread only
-        self._mix_stamp: tuple[int, int] | None = None  # the label mix file's (mtime, size) last read (watcher)
+        self._mix_stamp: tuple[int, int, int] | None = None  # the label mix file's last read (watcher thread)
         # Shots, the label mix's rates, or None: start over.
         self._inbox: queue.SimpleQueue[list[Shot] | LabelRates | None] = queue.SimpleQueue()
         self.rates: LabelRates | None = None  # the newest lineage's (worker thread only)
@@ -180,13 +179,13 @@ class FastPath:
     # -- watcher thread --------------------------------------------------------------------
 
     def poll(self) -> None:
-        """Hand the shots appended since the last poll to the worker (watcher thread)."""
+        """Hand the shots appended since the last poll, and a changed label mix, to the worker (watcher thread)."""
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:
             size = 0
         if size < self._offset:  # the file was replaced (state reset): start over
-            self._offset = 0
+            self._offset, self._mix_stamp = 0, None  # the new trainer's mix is read again after the reset
             self._inbox.put(None)
         shots, self._offset = read_shots(self.path, self._offset)
         if shots:
@@ -195,17 +194,19 @@ class FastPath:
         self._poll_mix()
 
     def _poll_mix(self) -> None:
+        """Hand the label mix to the worker when its file changed; a file gone takes its rates along."""
         path = self.path.parent / MIX_FILE.name
         try:
             stat = path.stat()
         except FileNotFoundError:
+            if self._mix_stamp is not None:
+                self._mix_stamp = None
+                self._inbox.put(LabelRates(0, {}))
             return
-        stamp = (stat.st_mtime_ns, stat.st_size)
+        stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)  # each write is a rename: a new inode
         if stamp != self._mix_stamp:
             self._mix_stamp = stamp
-            rates = read_rates(path)
-            if rates is not None:
-                self._inbox.put(rates)
+            self._inbox.put(read_rates(path) or LabelRates(0, {}))  # a malformed one: no prior (said in the log)
 
     # -- worker thread ---------------------------------------------------------------------
 
@@ -280,15 +281,17 @@ class FastPath:
         prototypes = self._prototypes(version, pending, embed)  # (P, H)
         centre = self._centre if self._centre is not None else prototypes.mean(dim=0)
         weight, bias = imprint_rows(prototypes, centre, head, len(known), features)  # as the trainer imprints
-        return pending, features.float() @ weight.T + bias + self._prior(pending, known)  # (B, P)
+        logits = features.float() @ weight.T + bias  # (B, P)
+        prior = self.prior(pending, known)
+        return pending, logits if prior is None else logits + torch.tensor(prior, device=logits.device)
 
-    def _prior(self, pending: list[str], known: list[str]) -> torch.Tensor:
-        """The pending labels' log recent rates against the mean over every label answered with (P,):
-        a prototype row weighs how alike, not how common (``dynft.serving.labelmix``)."""
+    def prior(self, pending: list[str], known: list[str]) -> list[float] | None:
+        """The pending labels' log recent rates against the mean over every label answered with, or
+        None: a prototype row weighs how alike, not how common (``dynft.serving.labelmix``)."""
         rates = self.rates
-        if rates is None or rates.lineage != self.lineage:  # an older concept's mix, or none yet
-            return torch.zeros(len(pending))
-        return torch.tensor(rates.prior(pending, list(dict.fromkeys([*known, *pending]))))
+        if rates is None or rates.lineage != self.lineage or not rates.rates:  # an older concept's, or none
+            return None
+        return rates.prior(pending, list(dict.fromkeys([*known, *pending])))
 
     def _prototypes(self, version: object, pending: list[str], embed: Embed) -> torch.Tensor:
         """Each pending label's mean shot feature (P, H), embedded by ``version`` as far as a forward allows.
