@@ -82,7 +82,7 @@ class Prediction:
 class Answer:
     predictions: list[Prediction]
     version: int  # 0: no version yet, the base encoder with prototype rows alone
-    fast_path: bool = False  # prototype rows for labels the version lacks took part
+    fast_path: bool = False  # prototype rows, or the label mix's prior (dynft.serving.labelmix), took part
 
 
 class UnknownTask(DynftError):
@@ -304,8 +304,12 @@ class InferenceEngine(VersionWatcher):
             fast.observe(features)
             if more is not None:  # (B, P): one column per label the version lacks or barely knows
                 labels, logits = merge_columns(labels, logits, extra, more)
-                self.metrics.fast_path_answers.inc(len(texts))
                 used = True
+            leaned = fast.lean(labels, logits, extra if used else []) if active.weak else None
+            if leaned is not None:  # a version below the commonest label's share: the label mix's prior
+                logits, used = leaned, True
+            if used:
+                self.metrics.fast_path_answers.inc(len(texts))
         if not labels:
             raise NotReady("no adapter version is serving yet")
         probs = torch.softmax(logits, dim=-1).cpu()

@@ -285,6 +285,18 @@ class FastPath:
         prior = self.prior(pending, known)
         return pending, logits if prior is None else logits + torch.tensor(prior, device=logits.device)
 
+    def lean(self, labels: list[str], logits: torch.Tensor, done: list[str]) -> torch.Tensor | None:
+        """``logits`` (B, C) over ``labels`` with the prior added to every column but those of ``done``
+        (prototype rows, which have it), or None without a prior. For a version that answers below
+        the commonest label's share (``labelmix.below_majority``): its head has not yet learned how
+        common each label is."""
+        prior = self.prior(labels, labels)
+        if prior is None:
+            return None
+        skip = set(done)
+        shift = [0.0 if label in skip else value for label, value in zip(labels, prior, strict=True)]
+        return logits + torch.tensor(shift, device=logits.device)
+
     def prior(self, pending: list[str], known: list[str]) -> list[float] | None:
         """The pending labels' log recent rates against the mean over every label answered with, or
         None: a prototype row weighs how alike, not how common (``dynft.serving.labelmix``)."""
