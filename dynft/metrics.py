@@ -149,7 +149,7 @@ class ServerMetrics:
         self.swaps = Counter("dynft_swaps", "Adapter versions swapped in", registry=r)
         self.fast_path_answers = Counter(
             "dynft_fast_path_answers",
-            "Texts answered with the fast path: prototype rows, or the recent label mix's prior",
+            "Texts answered with prototype rows for labels the serving version lacks (the fast path)",
             registry=r,
         )
         self.freshness_seconds = Histogram(

@@ -56,7 +56,7 @@ from dynft.model import (
 from dynft.precision import autocast, autocast_dtype
 from dynft.registry import AdapterRegistry
 from dynft.serving.mixed import MixedForward
-from dynft.serving.prototypes import SHOTS_FILE, FastPath
+from dynft.serving.prototypes import SHOTS_FILE, FastPath, merge_columns
 from dynft.serving.watcher import Lane, LoadedVersion, VersionWatcher
 from dynft.settings import Settings
 from dynft.tasks import DEFAULT_TASK
@@ -82,7 +82,7 @@ class Prediction:
 class Answer:
     predictions: list[Prediction]
     version: int  # 0: no version yet, the base encoder with prototype rows alone
-    fast_path: bool = False  # prototype rows, or the label mix's prior (dynft.serving.labelmix), took part
+    fast_path: bool = False  # prototype rows for labels the version lacks took part
 
 
 class UnknownTask(DynftError):
@@ -242,9 +242,9 @@ class InferenceEngine(VersionWatcher):
             for pending in batch:
                 groups.setdefault(pending.task, []).append(pending)
             # One pass for the tasks together, each row with its task's adapter; while the fast path
-            # has prototype rows to add or a prior to lean on, the default task's rows need a pass of
-            # their own (their features, its version's head).
-            mixable = {t: g for t, g in groups.items() if t != DEFAULT_TASK or not self._fast_applies()}
+            # has prototype rows to add, the default task's rows need a pass of their own (their
+            # features, its version's head).
+            mixable = {t: g for t, g in groups.items() if t != DEFAULT_TASK or not self._fast_pending()}
             if len(mixable) > 1 and self._answer_mixed(mixable):
                 groups = {t: g for t, g in groups.items() if t not in mixable}
             for task, group in groups.items():  # else one forward pass per task, each with its own adapter
@@ -255,15 +255,12 @@ class InferenceEngine(VersionWatcher):
                     continue
                 self._answer(active, group)
 
-    def _fast_applies(self) -> bool:
-        """Whether the default task's rows need the fast path: labels to add to its serving version,
-        or the label mix's prior for a version below the commonest label's share (``_forward``)."""
-        active, fast = self.lanes[DEFAULT_TASK].active, self.fast
-        if fast is None or active is None:
-            return fast is not None
-        if fast.pending(active.labels, active.label_events, active.lineage):
-            return True
-        return active.weak and fast.prior(active.labels, active.labels) is not None
+    def _fast_pending(self) -> bool:
+        """Whether the fast path has labels to add to the default task's serving version."""
+        active = self.lanes[DEFAULT_TASK].active
+        return self.fast is not None and (
+            active is None or bool(self.fast.pending(active.labels, active.label_events, active.lineage))
+        )
 
     def _answer(self, active: LoadedVersion, batch: list[_Pending]) -> None:
         try:
@@ -288,35 +285,32 @@ class InferenceEngine(VersionWatcher):
 
     @torch.no_grad()
     def _forward(self, active: LoadedVersion, texts: list[str]) -> tuple[list[Prediction], bool]:
-        """Predictions for ``texts`` by ``active``, and whether the fast path took part (prototype
-        columns, or the label mix's prior on a version below the commonest label's share)."""
+        """Predictions for ``texts`` by ``active``, and whether the fast path's rows took part."""
         self.metrics.batch_size.observe(len(texts))
         fast = self.fast if active.task == DEFAULT_TASK else None
         features, logits = self._run(active, texts, features=fast is not None)
-        labels, extra = active.labels, list[str]()
+        labels, used = active.labels, False
         logits = logits.float()[:, : len(labels)]  # (B, C)
-        if fast is not None and features is not None:  # prototype columns for labels it lacks or barely knows
-            labels, logits, extra = fast.columns(
+        if fast is not None and features is not None:
+            extra, more = fast.extend(
                 active,
                 labels,
                 active.slots.head,
-                logits,
                 features,
                 lambda t: self._embed(active, t),
                 active.label_events,
                 active.lineage,
             )
+            fast.observe(features)
+            if more is not None:  # (B, P): one column per label the version lacks or barely knows
+                labels, logits = merge_columns(labels, logits, extra, more)
+                self.metrics.fast_path_answers.inc(len(texts))
+                used = True
         if not labels:
             raise NotReady("no adapter version is serving yet")
         probs = torch.softmax(logits, dim=-1).cpu()
-        if active.words is not None and not extra:  # with prototype columns the version's own labels are not all
+        if active.words is not None and not used:  # with prototype rows the version's own labels are not all
             probs = blend(probs, active.words.probabilities(texts), active.words.weight)
-        leaned = fast.lean(labels, probs, extra) if fast is not None and active.weak else None
-        if leaned is not None:  # its head has not learned how common each label is: the mix's prior
-            probs = leaned
-        used = bool(extra) or leaned is not None
-        if used:
-            self.metrics.fast_path_answers.inc(len(texts))
         out = []
         for row in probs.tolist():
             best = max(range(len(row)), key=row.__getitem__)

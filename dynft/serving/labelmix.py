@@ -9,8 +9,7 @@ of its label's recent rate, relative to the mean over the labels answered with, 
 classifier adds its class prior. Served over the first 400 events at 20/s
 (``benchmarks/results/quality/README.md``, "2026-12-05, cold start on uneven label mixes"):
 airline 66.5 -> 67.9%, emotion 43.8 -> 47.9%, SMS spam 87.3 -> 94.2%, banking's equally common
-intents 79.3 -> 79.5%. A version whose trainer answered below the commonest label's share when it
-was published (``below_majority``) gets the prior on all its rows (``FastPath.lean``).
+intents 79.3 -> 79.5%.
 
 A label's rate is its share of the last ``WINDOW`` fresh events, counted over its own lifetime when
 that is shorter (but at least ``MIN_LIFETIME``): a label that first came 30 events ago is judged on
@@ -166,27 +165,6 @@ def uneven(counts: list[int], level: float = EVEN_P) -> bool:
     return float(torch.special.gammaincc(freedom, torch.tensor(statistic / 2, dtype=torch.float64))) < level
 
 
-def below_majority(meta: Any) -> bool:
-    """Whether a version's metadata says its trainer was answering worse than the commonest label's
-    share of the same recent events would (``metrics``: ``prequential_accuracy`` < ``majority_rate``).
-
-    Such a version (the first ones of a stream, before the head has learned how common each label
-    is) answers with the label mix's prior on all of its rows (``FastPath.lean``), not only on the
-    prototype rows. Anything else (no figures, figures of the wrong type) says no.
-
-    >>> below_majority({"metrics": {"prequential_accuracy": 0.44, "majority_rate": 0.54}})
-    True
-    >>> below_majority({"metrics": {"prequential_accuracy": 0.65, "majority_rate": 0.58}}), below_majority({})
-    (False, False)
-    """
-    metrics: Any = meta.get("metrics") if isinstance(meta, dict) else None
-    if not isinstance(metrics, dict):
-        return False
-    accuracy: Any = metrics.get("prequential_accuracy")
-    majority: Any = metrics.get("majority_rate")
-    return _is_figure(accuracy) and _is_figure(majority) and bool(accuracy < majority)
-
-
 def read_rates(path: Path) -> LabelRates | None:
     """The rates in ``path``; None when it is missing or malformed (said in the log)."""
     try:
@@ -209,9 +187,5 @@ def read_rates(path: Path) -> LabelRates | None:
     return LabelRates(lineage, {str(label): float(value) for label, value in rates.items()})
 
 
-def _is_figure(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _is_rate(value: Any) -> bool:
-    return _is_figure(value) and 0 < value <= 1
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1 and math.isfinite(value)

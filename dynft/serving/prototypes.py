@@ -285,41 +285,6 @@ class FastPath:
         prior = self.prior(pending, known)
         return pending, logits if prior is None else logits + torch.tensor(prior, device=logits.device)
 
-    def columns(
-        self,
-        version: object,
-        known: list[str],
-        head: torch.nn.Linear,
-        logits: torch.Tensor,
-        features: torch.Tensor,
-        embed: Embed,
-        trained: Any = None,
-        lineage: Any = None,
-    ) -> tuple[list[str], torch.Tensor, list[str]]:
-        """The labels and ``logits`` (B, C) of a version with prototype columns merged in
-        (``merge_columns``), and the labels of those columns; see ``extend`` for the rest."""
-        extra, more = self.extend(version, known, head, features, embed, trained, lineage)
-        self.observe(features)
-        if more is None:
-            return known, logits, []
-        labels, merged = merge_columns(known, logits, extra, more)
-        return labels, merged, extra
-
-    def lean(self, labels: list[str], probs: torch.Tensor, done: list[str]) -> torch.Tensor | None:
-        """``probs`` (B, C) over ``labels`` with the prior on every column but those of ``done``
-        (prototype columns, which have it), or None where that changes nothing. For a version that
-        answers below the commonest label's share (``labelmix.below_majority``): its head has not
-        yet learned how common each label is."""
-        prior = self.prior(labels, labels)
-        if prior is None:
-            return None
-        skip = set(done)
-        shift = [0.0 if label in skip else value for label, value in zip(labels, prior, strict=True)]
-        if not any(shift):
-            return None
-        logs = torch.log(probs.clamp_min(1e-12)) + torch.tensor(shift, device=probs.device)
-        return torch.softmax(logs, dim=-1)
-
     def prior(self, pending: list[str], known: list[str]) -> list[float] | None:
         """The pending labels' log recent rates against the mean over every label answered with, or
         None: a prototype row weighs how alike, not how common (``dynft.serving.labelmix``)."""

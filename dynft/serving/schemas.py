@@ -70,9 +70,7 @@ class PredictResponse(BaseModel):
     adapter_version: int = Field(description="the version that answered; 0 before the first (prototypes alone)")
     task: str
     fast_path: bool = Field(
-        False,
-        description="the fast path took part (server.prototypes): prototype rows for labels this version lacks "
-        "or barely knows, or the recent label mix's prior on a version answering below the commonest label's share",
+        False, description="prototype rows answered labels this version does not know yet (server.prototypes)"
     )
 
 

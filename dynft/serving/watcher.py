@@ -28,7 +28,6 @@ from dynft.lexical import WordScorer
 from dynft.metrics import ServerMetrics
 from dynft.model import AdapterSlots, build_model, peft_config_from_dict, peft_config_from_settings, structure_key
 from dynft.registry import AdapterRegistry, AdapterState
-from dynft.serving.labelmix import below_majority
 from dynft.serving.prototypes import FastPath
 from dynft.settings import Settings
 from dynft.tasks import DEFAULT_TASK, known_tasks, task_registry_dir
@@ -51,7 +50,6 @@ class LoadedVersion:
     task: str = DEFAULT_TASK
     lineage: Any = None  # meta.json's "lineage" (the fast path: shots of a newer one outrank its rows)
     words: WordScorer | None = None  # its word counts, blended into its answers (dynft.lexical)
-    weak: bool = False  # its trainer answered below the commonest label's share (labelmix.below_majority)
 
 
 @dataclass
@@ -223,7 +221,6 @@ class VersionWatcher:
             label_events=meta.get("label_events"),
             lineage=meta.get("lineage"),
             words=words,
-            weak=below_majority(meta),
         )
 
     def _words(self, version: int, state: AdapterState) -> WordScorer | None:

@@ -8,24 +8,15 @@ import math
 import random
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 
 from dynft.events import Event
-from dynft.registry import AdapterRegistry
-from dynft.serving.labelmix import MIX_FILE, LabelMix, LabelRates, below_majority, read_rates, uneven
+from dynft.serving.labelmix import MIX_FILE, LabelMix, LabelRates, read_rates, uneven
 from dynft.serving.prototypes import SHOTS_FILE, FastPath, ShotLog
-from dynft.settings import Settings
-from dynft.trainer import build_trainer
-
-from helpers import WORDS
-from serving.conftest import running_server, wait_for_version
-from serving.test_fast_path import text_of
 
 SHOTS = 8
 WIDTH = 16
-LABELS = ["alpha", "beta", "delta"]
 
 
 def events(labels: list[str]) -> list[Event]:
@@ -206,72 +197,3 @@ def test_a_state_reset_rereads_the_mix_of_the_new_trainer(tmp_path: Path) -> Non
     rates = fast.rates
     assert rates is not None and set(rates.rates) == {"c", "d"}
     assert fast.prior(["c", "d"], []) is not None
-
-
-def test_lean_adds_the_prior_to_every_column_but_the_prototype_columns_that_have_it(tmp_path: Path) -> None:
-    fast = fast_path_after(tmp_path / SHOTS_FILE, (["a"] * 8 + ["b"] + ["c"]) * 10)
-    probs = torch.full((2, 3), 1 / 3)
-    leaned = fast.lean(["a", "b", "c"], probs, done=["c"])
-    prior = fast.prior(["a", "b", "c"], ["a", "b", "c"])
-    assert leaned is not None and prior is not None
-    assert torch.allclose(leaned.sum(1), torch.ones(2))
-    # In log space each column moved by its prior, c (a prototype column, which has it) by nothing.
-    ratios = (leaned / leaned[:, 2:]).log()
-    assert torch.allclose(ratios, torch.tensor([prior[0], prior[1], 0.0]).expand(2, 3), atol=1e-5)
-    assert prior[0] > 0 > prior[1]  # the commonest label is pulled up, the rare ones down
-    assert fast.lean(["a", "b", "c"], probs, done=["a", "b", "c"]) is None  # nothing left to move
-    fast.rates = None
-    assert fast.lean(["a", "b", "c"], probs, done=[]) is None  # no mix: nothing to lean on
-
-
-@pytest.mark.parametrize(
-    ("metrics", "weak"),
-    [
-        ({"prequential_accuracy": 0.3, "majority_rate": 0.6}, True),
-        ({"prequential_accuracy": 0.6, "majority_rate": 0.6}, False),
-        ({"prequential_accuracy": "0.3", "majority_rate": 0.6}, False),
-        ({"prequential_accuracy": True, "majority_rate": 0.6}, False),
-        ({"prequential_accuracy": float("nan"), "majority_rate": 0.6}, False),
-        ({"majority_rate": 0.6}, False),
-        ("junk", False),
-    ],
-)
-def test_a_version_is_below_majority_only_by_figures_that_say_so(metrics: object, weak: bool) -> None:
-    assert below_majority({"metrics": metrics}) is weak
-    assert below_majority(None) is False
-
-
-def test_a_version_below_the_majority_rate_answers_leaning_on_the_label_mix(tiny_settings: Settings) -> None:
-    """Two versions with the same weights: the one whose trainer was answering below the commonest
-    label's share gets the mix's prior on all its rows, so texts without a keyword go to the common label."""
-    tiny_settings.trainer.lexical_blend = False  # the adapter's answers alone, so the shift is exact
-    trainer = build_trainer(tiny_settings.model, tiny_settings.adapter, tiny_settings.trainer)
-    stream = [
-        Event(id=str(i), text=text_of(random.Random(i), label), label=label) for i, label in enumerate(LABELS * 60)
-    ]
-    for i in range(0, len(stream), 16):
-        trainer.step(trainer.collator(stream[i : i + 16], n_fresh=16))
-    registry = AdapterRegistry(tiny_settings.registry_dir, keep_last=10)
-    state = trainer.export()
-    weak = {"metrics": {"prequential_accuracy": 0.3, "majority_rate": 0.8}, "label_events": dict.fromkeys(LABELS, 60)}
-    strong = {"metrics": {"prequential_accuracy": 0.9, "majority_rate": 0.8}, "label_events": dict.fromkeys(LABELS, 60)}
-    # The trainer's side: shots of every label, and a mix in which "alpha" is eight events in ten.
-    ShotLog(tiny_settings.state_dir / SHOTS_FILE, SHOTS).offer(events((["alpha"] * 8 + ["beta", "delta"]) * 10))
-    rng = random.Random(9)
-    unclear = [" ".join(rng.choice(WORDS) for _ in range(4)) for _ in range(32)]  # no label's keyword
-    with running_server(tiny_settings) as (base, _), httpx.Client(base_url=base, timeout=30) as client:
-        registry.promote(registry.publish(state, strong).version, "test")
-        wait_for_version(base, 1)
-        plain = client.post("/v1/predict", json={"texts": unclear}).json()
-        registry.promote(registry.publish(state, weak).version, "test")
-        wait_for_version(base, 2)
-        leaned = client.post("/v1/predict", json={"texts": unclear}).json()
-    assert plain.get("fast_path") is False and leaned.get("fast_path") is True, (plain, leaned)
-    mix = read_rates(tiny_settings.state_dir / MIX_FILE)
-    assert mix is not None
-    shift = math.log(mix.rates["alpha"]) - math.log(mix.rates["beta"])
-    for before, after in zip(plain["predictions"], leaned["predictions"], strict=True):
-        odds = [math.log(p["scores"]["alpha"] / p["scores"]["beta"]) for p in (before, after)]
-        assert odds[1] - odds[0] == pytest.approx(shift, abs=1e-3)  # each text, by the mix's prior exactly
-    share = [sum(p["label"] == "alpha" for p in body["predictions"]) / len(unclear) for body in (plain, leaned)]
-    assert share[1] > share[0] + 0.2, share

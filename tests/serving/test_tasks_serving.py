@@ -10,12 +10,10 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from dynft.events import Event
 from dynft.metrics import ServerMetrics
 from dynft.model import AdapterState
 from dynft.registry import AdapterRegistry
 from dynft.serving.engine import Answer, InferenceEngine
-from dynft.serving.prototypes import SHOTS_FILE, ShotLog
 from dynft.settings import Settings
 from dynft.tasks import task_registry_dir
 from dynft.trainer import OnlineTrainer
@@ -190,35 +188,3 @@ def test_the_task_api_lists_tasks_and_administers_each_alone(
         assert http.get("/v1/adapters").json()["serving"] == 13  # the default task is untouched
         assert http.post("/v1/adapters/rollback", params={"task": "intents"}, headers=auth).json()["serving"] == 1
         assert http.get("/v1/adapters", params={"task": "nope"}).status_code == 404
-
-
-def test_a_default_version_below_the_majority_rate_leans_on_the_label_mix_in_a_batch_it_shares(
-    tiny_settings: Settings, versions: dict[int, AdapterState], intents: dict[int, AdapterState]
-) -> None:
-    """Its rows take a pass of their own, as with prototype rows: the mixed pass has no prior."""
-    registry = AdapterRegistry(tiny_settings.registry_dir, keep_last=100)
-    labels = versions[13].labels
-    weak = {"metrics": {"prequential_accuracy": 0.2, "majority_rate": 0.7}, "label_events": dict.fromkeys(labels, 100)}
-    registry.promote(registry.publish(versions[13], weak).version, "start")
-    AdapterRegistry(task_registry_dir(tiny_settings.registry_dir, "intents")).promote(2, "start")
-    common = [
-        Event(id=str(i), text=f"w{i} alpha{i % 3}", label=labels[0] if i % 10 < 8 else labels[1]) for i in range(100)
-    ]
-    ShotLog(tiny_settings.state_dir / SHOTS_FILE, 8).offer(common)  # the trainer's side: shots and an uneven mix
-
-    engine = InferenceEngine(
-        tiny_settings, AdapterRegistry(tiny_settings.registry_dir), ServerMetrics(CollectorRegistry())
-    )
-    engine.poll_registry()
-    assert engine.fast is not None
-    engine.fast.poll()  # the watcher's part, done here before the worker starts
-    queued = [(task, engine.submit(TEXTS, task)) for task in ("default", "intents", "default", "intents")]
-    engine.start()
-    try:
-        answers = [(task, future.result(timeout=60)) for task, future in queued]
-    finally:
-        engine.stop()
-    for task, answer in answers:
-        assert answer.fast_path is (task == "default"), (task, answer)
-    passes = {s.name: s.value for s in engine.metrics.batch_size.collect()[0].samples}
-    assert passes["dynft_predict_batch_texts_count"] == 2  # the default task's rows apart from the mixed pass
