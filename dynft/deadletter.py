@@ -8,7 +8,7 @@ The JSONL sink (file sources, the demo) writes one object per rejected record::
 ``raw_b64`` is the exact bytes; ``raw`` is the same bytes as text when they are valid UTF-8 and
 at most ``RAW_TEXT_MAX`` bytes (else null: a record of a megabyte would be stored twice).
 
-The Kafka sink (Kafka sources) produces the original bytes, with the original key, to
+The Kafka sink (Kafka sources) produces the original bytes, with the original key and headers, to
 ``<topic><suffix>`` (default ``<topic>.dlq``) with headers ``dynft.reason``, ``dynft.detail``,
 ``dynft.source.topic``, ``dynft.source.partition`` and ``dynft.source.offset`` (see
 ``dynft.sources.kafka_deadletter``).

@@ -147,3 +147,37 @@ def test_a_dead_letter_the_broker_refuses_for_good_goes_as_a_stub_or_to_the_loca
         (entry,) = local
         assert entry["raw_bytes"] == hostile and entry["reason"] == "malformed_json"
     assert ledger_of(settings.state_dir).counts()["trained"] > 0
+
+
+@pytest.mark.parametrize("consumer_process", [False, True], ids=["in-process", "consumer-process"])
+def test_a_dead_letter_keeps_the_records_own_headers_and_says_why_once(
+    kafka_broker: Broker, tiny_settings: Settings, start_loop: StartLoop, consumer_process: bool
+) -> None:
+    """Trace ids and the like stay with a rejected record; an original header of the letters' own
+    names (a letter sent back by hand and rejected again) does not make two of them."""
+    topic, group = f"hdr-{uuid.uuid4().hex[:8]}", "hdr"
+    create_topic(kafka_broker, topic, 1 << 20)
+    rows = [json.dumps(e).encode() for e in keyword_events(40, LABELS, seed=5)]
+    send(kafka_broker, topic, rows[:20])
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
+    try:
+        own = [("trace-id", b"t-42"), ("dynft.reason", b"spoofed"), ("empty", b"")]
+        producer.send(topic, value=b"{not json", key=b"k1", headers=own)
+        producer.flush()
+    finally:
+        producer.close()
+    send(kafka_broker, topic, rows[20:])
+    settings = kafka_settings(tiny_settings, kafka_broker, topic, group)
+    settings.kafka.consumer_process = consumer_process
+    start_loop(settings, CollectorRegistry())
+
+    def drained() -> bool:
+        ends, committed = end_offsets(kafka_broker, topic, group)
+        return committed == ends
+
+    wait_until(drained, 180, "the committed offset to pass the malformed record")
+    (letter,) = dead_letters(kafka_broker, f"{topic}.dlq")
+    assert letter.value == b"{not json" and letter.key == b"k1"
+    assert letter.headers[:2] == [("trace-id", b"t-42"), ("empty", b"")]  # first, as they came
+    assert [v for k, v in letter.headers if k == "dynft.reason"] == [b"malformed_json"]
+    assert dict(letter.headers)["dynft.source.offset"] == b"20"

@@ -24,21 +24,28 @@ Positions = dict[str, int]  # stream -> next position to read
 
 
 class Record:
-    """One raw record as it arrived: its bytes, its stream, the position after it, and its key.
+    """One raw record as it arrived: its bytes, its stream, the position after it, its key and headers.
 
     A plain slotted class: a record is made for every event on the ingest hot path.
     """
 
-    __slots__ = ("key", "next", "raw", "stream", "where")
+    __slots__ = ("headers", "key", "next", "raw", "stream", "where")
 
     def __init__(
-        self, raw: bytes, stream: str, next: int, key: bytes | None = None, where: dict[str, Any] | None = None
+        self,
+        raw: bytes,
+        stream: str,
+        next: int,
+        key: bytes | None = None,
+        where: dict[str, Any] | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
     ) -> None:
         self.raw = raw
         self.stream = stream  # a Kafka partition ("topic/2"), a file ("file:x.jsonl"), "demo"
         self.next = next  # where to resume after this record
         self.key = key  # the message key, where the source has one
         self.where = where  # extra description for dead letters (line, offset, ...)
+        self.headers = headers  # the message's own headers, where the source has them (a dead letter keeps them)
 
     @property
     def position(self) -> dict[str, Any]:

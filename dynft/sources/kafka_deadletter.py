@@ -1,8 +1,11 @@
 """The Kafka dead-letter sink: rejected records go to ``<topic><suffix>``, delivered or not committed.
 
-Each dead letter is the original bytes with the original key and the headers ``dynft.reason``,
-``dynft.detail``, ``dynft.source.topic``, ``dynft.source.partition`` and
-``dynft.source.offset``. One larger than the producer's request limit
+Each dead letter is the original bytes with the original key and headers (trace ids and the
+like stay with the record), then the headers ``dynft.reason``, ``dynft.detail``,
+``dynft.source.topic``, ``dynft.source.partition`` and ``dynft.source.offset``. An original
+header named ``dynft.*`` (a letter sent back to its topic by hand and rejected again) is left
+out: the letter's own say why it is here now, and a consumer reading a header by name must not
+find two. One larger than the producer's request limit
 (``kafka.dlq_max_request_bytes``) cannot be sent whole: it goes out as its first bytes, with
 ``dynft.truncated`` set to ``sha256=<hex> size=<bytes>`` of the original.
 
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 HEADROOM = 1024  # bytes of the request limit kept for the batch and record framing
 PREFIX_MAX = 64 << 10  # at most this much of a too-large dead letter is kept
+HEADER_PREFIX = "dynft."  # the letters' own headers; an original header of that name is left out
 SETUP_RETRY_S = 5.0  # while the brokers do not answer, setting up is tried again after this
 
 
@@ -121,7 +125,10 @@ class KafkaDeadLetterSink:
 
     def write(self, rejection: Rejection, record: Record) -> None:
         topic, _, partition = record.stream.rpartition("/")
+        # A null header value goes out empty, as kafka-python's producer would write it anyway.
+        own = [(k, v or b"") for k, v in record.headers or [] if not k.startswith(HEADER_PREFIX)]
         headers = [
+            *own,
             ("dynft.reason", rejection.reason.encode()),
             ("dynft.detail", rejection.detail.encode()),
             ("dynft.source.topic", topic.encode()),

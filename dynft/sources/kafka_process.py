@@ -106,7 +106,7 @@ class KafkaProcessSource(Source):
         self._ask(max_records, timeout_s)  # the child polls the next batch while this one is processed
         self._revoked |= revoked
         self._at_end = at_end
-        return [Record(raw, stream, next_, key) for raw, stream, next_, key in rows]
+        return [Record(raw, stream, next_, key, None, headers) for raw, stream, next_, key, headers in rows]
 
     def _ask(self, max_records: int, timeout_s: float) -> None:
         with self._commits_lock:
@@ -323,7 +323,7 @@ def _answer_polls(
 def _poll(source: Source, max_records: int, timeout_s: float) -> tuple[list[Any], set[str], bool]:
     """One poll in the child: the records as rows, the streams revoked, whether at the end."""
     records = source.poll(max_records, timeout_s)
-    rows = [(r.raw, r.stream, r.next, r.key) for r in records]
+    rows = [(r.raw, r.stream, r.next, r.key, r.headers) for r in records]
     return rows, source.take_revoked(), not records and source.at_end()
 
 
