@@ -97,6 +97,7 @@ class LabelMix:
         self.smoothing = smoothing  # > 0: every rate stays above 0 (its log is the prior)
         self.clock = clock
         self._recent: deque[str] = deque(maxlen=window)
+        self._failing = False  # the last write failed (said once)
         self.reset(lineage)
 
     def add(self, label: str) -> None:
@@ -127,7 +128,8 @@ class LabelMix:
     def write(self) -> None:
         """Replace the file with the rates now, unless it was written less than ``WRITE_EVERY_S`` ago.
 
-        Advisory, like the shots: a write the disk refuses is logged and tried again later.
+        Advisory, like the shots: a write the disk refuses is logged (once, until one succeeds again:
+        a full disk would otherwise say so every second) and tried again with the next events.
         """
         now = self.clock()
         if not self._changed or (self._written_at is not None and now - self._written_at < WRITE_EVERY_S):
@@ -139,7 +141,13 @@ class LabelMix:
             temporary.write_text(body, encoding="utf-8")
             os.replace(temporary, self.path)  # no fsync: a lost mix only delays the prior
         except OSError as exc:
-            log.warning("cannot hand the label mix to the server's fast path (%s): %s", self.path, exc)
+            if not self._failing:
+                log.warning("cannot hand the label mix to the server's fast path (%s): %s", self.path, exc)
+            self._failing = True
+        else:
+            if self._failing:
+                log.info("the label mix reaches the server's fast path again (%s)", self.path)
+            self._failing = False
 
 
 def uneven(counts: list[int], level: float = EVEN_P) -> bool:

@@ -95,6 +95,26 @@ def test_the_mix_file_is_replaced_at_most_once_a_second_and_read_back(tmp_path: 
     assert read_rates(mix.path) == LabelRates(2, {})
 
 
+def test_a_mix_the_disk_refuses_is_said_once_and_written_again_once_it_can_be(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = [0.0]
+    missing = tmp_path / "gone"  # a directory that is not there: every write fails
+    mix = LabelMix(missing / "label-mix.json", clock=lambda: clock[0])
+    with caplog.at_level(logging.INFO):
+        for second in range(5):
+            clock[0] = float(second)
+            mix.add("a")
+            mix.write()
+        assert caplog.text.count("cannot hand the label mix") == 1
+        missing.mkdir()
+        clock[0] = 9.0
+        mix.add("b")
+        mix.write()
+    assert read_rates(mix.path) == LabelRates(1, {})  # six events of two labels: as even as chance
+    assert "reaches the server's fast path again" in caplog.text
+
+
 @pytest.mark.parametrize(
     "body",
     [
