@@ -200,7 +200,7 @@ class KafkaSource(Source):
         out: list[Record] = []
         for tp, messages in batches.items():
             stream = stream_of(tp)
-            out.extend(Record(m.value or b"", stream, m.offset + 1, m.key, None, m.headers or None) for m in messages)
+            out.extend(Record(m.value or b"", stream, m.offset + 1, m.key, headers=m.headers or None) for m in messages)
             if messages:
                 self._read[tp] = messages[-1].offset + 1
             self.metrics.records.labels(tp.topic).inc(len(messages))

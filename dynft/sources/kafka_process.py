@@ -106,7 +106,7 @@ class KafkaProcessSource(Source):
         self._ask(max_records, timeout_s)  # the child polls the next batch while this one is processed
         self._revoked |= revoked
         self._at_end = at_end
-        return [Record(raw, stream, next_, key, None, headers) for raw, stream, next_, key, headers in rows]
+        return [Record(raw, stream, next_, key, headers=headers) for raw, stream, next_, key, headers in rows]
 
     def _ask(self, max_records: int, timeout_s: float) -> None:
         with self._commits_lock:
