@@ -192,6 +192,12 @@ class KafkaMetrics:
         self.rebalances = Counter("dynft_kafka_rebalances", "Partition revocations seen by this consumer", registry=r)
         self.paused = _gauge("dynft_kafka_paused_partitions", "Partitions paused for backpressure", r)
         self.up = _gauge("dynft_kafka_up", "1 while the brokers answer, 0 during an outage", r)
+        self.unreadable = Counter(
+            "dynft_kafka_unreadable",
+            "Fetches whose records could not be read (a corrupt batch): the partition is held and read again",
+            ["topic", "partition"],
+            registry=r,
+        )
 
 
 class SupervisorMetrics:

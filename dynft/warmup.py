@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import logging
 
+from kafka import KafkaConsumer, TopicPartition
+from kafka.errors import CorruptRecordError
+
 from dynft.batching import LabelMap
 from dynft.buffer import ReplayBuffer
 from dynft.evaluation import HoldoutWindow, is_held_out
 from dynft.events import Event, decode
 from dynft.settings import Settings
 from dynft.sources.kafka import client_config, parse_kafka_uri
+from dynft.sources.kafka_unreadable import apply_read_fixes, partition_of
 
 log = logging.getLogger(__name__)
 POLL_MS = 500
@@ -53,8 +57,7 @@ def refill(
 def read_before_committed(settings: Settings, only: frozenset[int] | None = None) -> list[Event]:
     """Per partition (of ``only``, when sharded), up to ``buffer.max_events`` well-formed events just
     before the group's committed offset."""
-    from kafka import KafkaConsumer, TopicPartition
-
+    apply_read_fixes()  # a header name that is not UTF-8 would stop the read here too
     k = settings.kafka
     servers, names, group = parse_kafka_uri(settings.source.uri, k.group)
     consumer = KafkaConsumer(
@@ -81,7 +84,12 @@ def read_before_committed(settings: Settings, only: frozenset[int] | None = None
             consumer.seek(tp, max(starts[tp], stops[tp] - settings.buffer.max_events))
         out: list[Event] = []
         while any(consumer.position(tp) < stops[tp] for tp in wanted):
-            for tp, records in consumer.poll(timeout_ms=POLL_MS).items():
+            try:
+                batches = consumer.poll(timeout_ms=POLL_MS)
+            except CorruptRecordError as exc:  # a rebuild does with less; the intake holds and retries
+                _give_up_on(consumer, exc, stops)
+                continue
+            for tp, records in batches.items():
                 for record in records:
                     decoded = decode(record.value or b"", settings.events) if record.offset < stops[tp] else None
                     if isinstance(decoded, Event):
@@ -91,3 +99,13 @@ def read_before_committed(settings: Settings, only: frozenset[int] | None = None
         return out
     finally:
         consumer.close(autocommit=False)
+
+
+def _give_up_on(consumer: KafkaConsumer, exc: CorruptRecordError, stops: dict[TopicPartition, int]) -> None:
+    """Read no more of the partition a corrupt batch came from (re-raised when it names none)."""
+    tp = partition_of(exc)
+    if tp is None or tp not in stops:
+        raise exc
+    log.warning("rebuilding the replay buffer without the rest of %s/%d: %s", tp.topic, tp.partition, exc)
+    stops[tp] = -1  # records of it still in flight are not used
+    consumer.pause(tp)

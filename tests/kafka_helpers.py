@@ -32,6 +32,16 @@ def publish(broker: Broker, topic: str, rows: list[object], tmp_path: Path) -> N
     produce(write_jsonl(tmp_path / f"{uuid.uuid4().hex}.jsonl", rows), [broker.bootstrap], topic, {})
 
 
+def damage(broker: Broker, topic: str, partition: int, marker: bytes, byte: bytes) -> None:
+    """Overwrite the first byte of ``marker`` in the partition's log segment, in place: the
+    broker serves its log without checking CRCs, so the consumer meets the damage."""
+    (segment,) = (broker.data_dir / "logs" / f"{topic}-{partition}").glob("*.log")
+    with segment.open("r+b") as f:
+        at = f.read().index(marker)
+        f.seek(at)
+        f.write(byte)
+
+
 def end_offsets(broker: Broker, topic: str, group: str) -> tuple[dict[int, int], dict[int, int]]:
     """(log end, committed) offset per partition."""
     consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False)

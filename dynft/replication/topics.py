@@ -14,6 +14,7 @@ from dynft.errors import ConfigError, ReplicationError
 from dynft.replication.records import pointer_topic
 from dynft.settings import KafkaSettings
 from dynft.sources.kafka import client_config
+from dynft.sources.kafka_unreadable import apply_read_fixes
 
 log = logging.getLogger(__name__)
 MARGIN = 64 << 10  # room for the record header and batch framing above the largest value
@@ -119,6 +120,7 @@ def consumer(servers: list[str], settings: KafkaSettings) -> Any:
     from kafka.errors import KafkaError
 
     quiet_slow_task_warnings()
+    apply_read_fixes()  # a poll after a corrupt batch would otherwise spin for ever
     try:
         return KafkaConsumer(
             bootstrap_servers=servers,

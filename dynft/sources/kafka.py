@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import CorruptRecordError, KafkaError
 
 from dynft.errors import BrokersUnavailableError, SourceError
 from dynft.metrics import KafkaMetrics
@@ -59,6 +59,7 @@ from dynft.sources.kafka_connect import (
     stream_of,
 )
 from dynft.sources.kafka_offsets import News, Offsets
+from dynft.sources.kafka_unreadable import Holds, apply_read_fixes, partition_of
 
 __all__ = ["KafkaSource", "client_config", "parse_kafka_uri", "stream_of"]
 
@@ -85,6 +86,7 @@ class KafkaSource(Source):
         self._lag_at = 0.0
         self._ends: dict[TopicPartition, int] = {}  # end offsets at the last lag measurement
         self._read: dict[TopicPartition, int] = {}  # offset after the last record polled
+        self._holds = Holds()  # partitions whose fetched records could not be read (kafka_unreadable)
         self._down_since: float | None = None  # monotonic time the brokers stopped answering
         self._reconnect_at = 0.0  # while not connected: the next try
         self._reconnect_in = RECONNECT_FIRST_S
@@ -107,6 +109,7 @@ class KafkaSource(Source):
         Raises ``KafkaRefusedError`` (a configuration error) when a broker answers and refuses.
         """
         apply_join_fixes()
+        apply_read_fixes()
         self._try_connect()
 
     def _try_connect(self) -> bool:
@@ -152,6 +155,7 @@ class KafkaSource(Source):
                 raise refused(self.uri, exc) from exc
             raise BrokersUnavailableError(f"{self.uri}: the brokers stopped answering ({exc})") from exc
         self._consumer = consumer
+        self._holds = Holds()
         self._events = queue.SimpleQueue()  # news from an abandoned consumer's listener is not ours
         self.metrics.up.set(1)
         commit_checkpoint_ahead(consumer, self._resume)
@@ -195,7 +199,12 @@ class KafkaSource(Source):
         self._offsets.run(consumer, self._events, self.may_commit, final=False)
         self._measure_lag()
         # With every partition paused, poll only keeps the membership alive and returns nothing.
-        batches = consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max(1, max_records))
+        self._holds.release_due(consumer, self._paused)
+        try:
+            batches = consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max(1, max_records))
+        except CorruptRecordError as exc:
+            self._hold(consumer, exc)
+            return []
         self._apply_events()  # the listener runs during poll: its news is applied before the caller asks
         out: list[Record] = []
         for tp, messages in batches.items():
@@ -203,8 +212,28 @@ class KafkaSource(Source):
             out.extend(Record(m.value or b"", stream, m.offset + 1, m.key, headers=m.headers or None) for m in messages)
             if messages:
                 self._read[tp] = messages[-1].offset + 1
+                self._holds.read(tp)
             self.metrics.records.labels(tp.topic).inc(len(messages))
         return out
+
+    def _hold(self, consumer: KafkaConsumer, exc: CorruptRecordError) -> None:
+        """Hold the partition whose fetched records cannot be read; nothing of it is skipped."""
+        tp = partition_of(exc)
+        if tp is None:  # no partition to hold (kafka-python's fixes not applied): the intake stops
+            raise exc
+        if tp not in consumer.assignment():  # revoked meanwhile: its new owner reads it
+            return
+        wait_s = self._holds.hold(consumer, tp)
+        self.metrics.unreadable.labels(tp.topic, str(tp.partition)).inc()
+        log.error(
+            "%s: kafka-python cannot read the records fetched at offset %s (%s); nothing is skipped: the "
+            "partition is held and read again in %.0f s. A batch damaged in the broker's log stays unreadable "
+            "until a replica repairs it or the group's offset is moved past it with the daemon stopped",
+            stream_of(tp),
+            self._read.get(tp, self._offsets.committed.get(tp, "?")),
+            exc,
+            wait_s,
+        )
 
     def _rejoin_if_stalled(self) -> None:
         """Start a fresh consumer when a rebalance took this member's partitions and never ended.
@@ -245,8 +274,8 @@ class KafkaSource(Source):
 
     def resume(self) -> None:
         self._paused = False
-        if self._consumer is not None:
-            self._consumer.resume(*self._consumer.paused())
+        if self._consumer is not None:  # a partition held for unreadable records waits out its hold
+            self._consumer.resume(*(set(self._consumer.paused()) - self._holds.held))
         self.metrics.paused.set(0)
 
     def commit(self, positions: Positions) -> None:
