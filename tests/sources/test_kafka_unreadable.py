@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 import time
 import uuid
 from typing import Any
@@ -21,14 +22,15 @@ from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchB
 from prometheus_client import CollectorRegistry
 
 from dynft.devbroker import Broker
+from dynft.loop import TrainingLoop
 from dynft.metrics import KafkaMetrics
-from dynft.settings import KafkaSettings
+from dynft.settings import KafkaSettings, Settings
 from dynft.sources import Record
 from dynft.sources.kafka import KafkaSource
 from dynft.sources.kafka_process import KafkaProcessSource
 from dynft.sources.kafka_unreadable import apply_read_fixes, read_replacing_names
 
-from kafka_helpers import damage, new_topic
+from kafka_helpers import damage, end_offsets, kafka_settings, ledger_of, new_topic, wait_until
 
 BAD_NAME = b"\xff\xfe-trace"
 READ_AS = "\ufffd\ufffd-trace"  # what Python's (and Java's) replacing decoder makes of it
@@ -210,3 +212,24 @@ def test_a_corrupt_batch_holds_its_partition_only_and_reads_once_repaired(kafka_
         assert [r.next for r in second] == list(range(1, 21))
     finally:
         source.close()
+
+
+@pytest.mark.slow
+def test_the_daemon_learns_through_a_record_with_a_bad_header_name(
+    kafka_broker: Broker, tiny_settings: Settings
+) -> None:
+    """The way a user met it: such a record in the topic stopped the training loop ("source ...
+    failed") and every restart. Every event is now trained on or held out, offsets committed."""
+    topic, group = new_topic(kafka_broker, partitions=1), f"g-{uuid.uuid4().hex[:6]}"
+    produce_with_bad_name(kafka_broker, topic, 60, bad_at=[7, 30])
+    settings = kafka_settings(tiny_settings, kafka_broker, topic, group)
+    loop = TrainingLoop(settings, CollectorRegistry())
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: end_offsets(kafka_broker, topic, group)[1] == {0: 60}, 180, "every offset committed")
+    finally:
+        loop.should_exit.set()
+        thread.join(120)
+    statuses = ledger_of(settings.state_dir).lookup(f"e{i}" for i in range(60))
+    assert len(statuses) == 60 and {s for s, _ in statuses.values()} <= {"trained", "held_out"}
