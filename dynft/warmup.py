@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 
 from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import CorruptRecordError
 
 from dynft.batching import LabelMap
 from dynft.buffer import ReplayBuffer
@@ -86,7 +85,7 @@ def read_before_committed(settings: Settings, only: frozenset[int] | None = None
         while any(consumer.position(tp) < stops[tp] for tp in wanted):
             try:
                 batches = consumer.poll(timeout_ms=POLL_MS)
-            except CorruptRecordError as exc:  # a rebuild does with less; the intake holds and retries
+            except Exception as exc:  # a partition's unreadable records: a rebuild does with less
                 _give_up_on(consumer, exc, stops)
                 continue
             for tp, records in batches.items():
@@ -101,8 +100,8 @@ def read_before_committed(settings: Settings, only: frozenset[int] | None = None
         consumer.close(autocommit=False)
 
 
-def _give_up_on(consumer: KafkaConsumer, exc: CorruptRecordError, stops: dict[TopicPartition, int]) -> None:
-    """Read no more of the partition a corrupt batch came from (re-raised when it names none)."""
+def _give_up_on(consumer: KafkaConsumer, exc: Exception, stops: dict[TopicPartition, int]) -> None:
+    """Read no more of the partition whose records could not be read (``exc`` re-raised when it names none)."""
     tp = partition_of(exc)
     if tp is None or tp not in stops:
         raise exc

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, OffsetAndMetadata, TopicPartition
-from kafka.errors import CorruptRecordError, KafkaError
+from kafka.errors import KafkaError, UnsupportedCodecError
 
 from dynft.errors import BrokersUnavailableError, SourceError
 from dynft.metrics import KafkaMetrics
@@ -59,7 +59,7 @@ from dynft.sources.kafka_connect import (
     stream_of,
 )
 from dynft.sources.kafka_offsets import News, Offsets
-from dynft.sources.kafka_unreadable import Holds, apply_read_fixes, partition_of
+from dynft.sources.kafka_unreadable import HOLD_MAX_S, Holds, apply_read_fixes, partition_of
 
 __all__ = ["KafkaSource", "client_config", "parse_kafka_uri", "stream_of"]
 
@@ -198,13 +198,13 @@ class KafkaSource(Source):
         consumer = self._require()
         self._offsets.run(consumer, self._events, self.may_commit, final=False)
         self._measure_lag()
-        # With every partition paused, poll only keeps the membership alive and returns nothing.
         self._holds.release_due(consumer, self._paused)
+        # With every partition paused, poll only keeps the membership alive and returns nothing.
         try:
             batches = consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max(1, max_records))
-        except CorruptRecordError as exc:
+        except Exception as exc:  # only what names its partition is held; the rest is re-raised
+            batches = {}
             self._hold(consumer, exc)
-            return []
         self._apply_events()  # the listener runs during poll: its news is applied before the caller asks
         out: list[Record] = []
         for tp, messages in batches.items():
@@ -212,28 +212,39 @@ class KafkaSource(Source):
             out.extend(Record(m.value or b"", stream, m.offset + 1, m.key, headers=m.headers or None) for m in messages)
             if messages:
                 self._read[tp] = messages[-1].offset + 1
-                self._holds.read(tp)
+                tries = self._holds.read(tp)
+                if tries:
+                    log.warning("%s reads again after %d unreadable fetch(es)", stream, tries)
             self.metrics.records.labels(tp.topic).inc(len(messages))
         return out
 
-    def _hold(self, consumer: KafkaConsumer, exc: CorruptRecordError) -> None:
-        """Hold the partition whose fetched records cannot be read; nothing of it is skipped."""
+    def _hold(self, consumer: KafkaConsumer, exc: Exception) -> None:
+        """Hold the partition whose fetched records cannot be read; nothing of it is skipped.
+
+        An error that names no partition is not about a record; one of a codec this install lacks
+        would fail every batch of that codec: both stop the intake as before.
+        """
         tp = partition_of(exc)
-        if tp is None:  # no partition to hold (kafka-python's fixes not applied): the intake stops
+        if tp is None:
             raise exc
+        if isinstance(exc, UnsupportedCodecError):
+            raise SourceError(f"{stream_of(tp)}: a batch this install cannot decompress: {exc}") from exc
         if tp not in consumer.assignment():  # revoked meanwhile: its new owner reads it
             return
-        wait_s = self._holds.hold(consumer, tp)
+        wait_s, tries = self._holds.hold(consumer, tp)
         self.metrics.unreadable.labels(tp.topic, str(tp.partition)).inc()
-        log.error(
-            "%s: kafka-python cannot read the records fetched at offset %s (%s); nothing is skipped: the "
-            "partition is held and read again in %.0f s. A batch damaged in the broker's log stays unreadable "
-            "until a replica repairs it or the group's offset is moved past it with the daemon stopped",
-            stream_of(tp),
-            self._read.get(tp, self._offsets.committed.get(tp, "?")),
-            exc,
-            wait_s,
-        )
+        if tries == 1:  # said once until it reads again; the counter counts every try
+            log.error(
+                "%s: kafka-python cannot read the records it fetched (%s: %s); nothing is skipped: the "
+                "partition is held and read again after %.0f s, then with doubling waits up to %.0f s. A batch "
+                "damaged in the broker's log stays unreadable until a replica repairs it or the group's offset "
+                "is moved past it with the daemon stopped",
+                stream_of(tp),
+                type(exc).__name__,
+                exc,
+                wait_s,
+                HOLD_MAX_S,
+            )
 
     def _rejoin_if_stalled(self) -> None:
         """Start a fresh consumer when a rebalance took this member's partitions and never ended.
@@ -270,7 +281,7 @@ class KafkaSource(Source):
         self._paused = True
         if self._consumer is not None:  # else nothing fetches yet; the first assignment is paused
             self._consumer.pause(*self._consumer.assignment())
-            self.metrics.paused.set(len(self._consumer.paused()))
+            self.metrics.paused.set(len(set(self._consumer.paused()) - self._holds.held))
 
     def resume(self) -> None:
         self._paused = False
@@ -316,6 +327,7 @@ class KafkaSource(Source):
         last lag measurement: an empty poll alone may be a fetch still under way."""
         consumer = self._consumer
         assigned = list(consumer.assignment()) if consumer is not None else []
+        assigned = [tp for tp in assigned if tp not in self._holds.unreadable]  # read when repaired
         return bool(assigned) and all(
             tp in self._ends and max(self._read.get(tp, 0), self._offsets.committed.get(tp, 0)) >= self._ends[tp]
             for tp in assigned

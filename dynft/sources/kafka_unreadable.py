@@ -20,9 +20,12 @@ partition's exhausted record iterator stays "not drained" (its iterator is not `
 when it raises, and the error names its partition (``partition_of``). ``Holds`` then
 pauses just that partition and retries it with backoff: a batch damaged on the way reads
 the next time, one damaged in the broker's log stays held, said in the log and counted in
-``dynft_kafka_unreadable_total``, while the other partitions go on. Nothing is skipped.
+``dynft_kafka_unreadable_total``, while the other partitions go on. Nothing is skipped. The
+same holds for any other error raised while reading a partition's records (a compressed
+batch that does not decompress), except a codec this install lacks, which fails every batch
+of that codec and stops the intake as before.
 
-``tests/sources/test_kafka_headers.py`` writes such names and damages a log segment of the
+``tests/sources/test_kafka_unreadable.py`` writes such names and damages a log segment of the
 real broker.
 """
 
@@ -105,20 +108,28 @@ class Holds:
     """
 
     def __init__(self) -> None:
-        self._until: dict[TopicPartition, float] = {}
-        self._wait: dict[TopicPartition, float] = {}
+        self._until: dict[TopicPartition, float] = {}  # held until then
+        self._wait: dict[TopicPartition, float] = {}  # the last wait, while the partition does not read
+        self._tries: dict[TopicPartition, int] = {}
 
     @property
     def held(self) -> set[TopicPartition]:
+        """Paused now for records that could not be read."""
         return set(self._until)
 
-    def hold(self, consumer: KafkaConsumer, tp: TopicPartition) -> float:
-        """Pause ``tp`` (an assigned partition); the seconds until it is read again."""
+    @property
+    def unreadable(self) -> set[TopicPartition]:
+        """Not read since their last failed fetch (held or being tried again)."""
+        return set(self._wait)
+
+    def hold(self, consumer: KafkaConsumer, tp: TopicPartition) -> tuple[float, int]:
+        """Pause ``tp`` (an assigned partition); the seconds until it is tried again, and the tries so far."""
         wait = min(self._wait.get(tp, HOLD_FIRST_S / 2) * 2, HOLD_MAX_S)
         self._wait[tp] = wait
         self._until[tp] = time.monotonic() + wait
+        self._tries[tp] = self._tries.get(tp, 0) + 1
         consumer.pause(tp)
-        return wait
+        return wait, self._tries[tp]
 
     def release_due(self, consumer: KafkaConsumer, source_paused: bool) -> None:
         now = time.monotonic()
@@ -127,9 +138,10 @@ class Holds:
             if not source_paused and tp in consumer.assignment():
                 consumer.resume(tp)
 
-    def read(self, tp: TopicPartition) -> None:
-        """Records of ``tp`` were read: a later fault starts from the first wait again."""
+    def read(self, tp: TopicPartition) -> int:
+        """Records of ``tp`` were read: the failed tries before (0 if none); a later fault waits from 1 s again."""
         self._wait.pop(tp, None)
+        return self._tries.pop(tp, 0)
 
 
 def read_replacing_names(batch: Any) -> DefaultRecord:
@@ -137,8 +149,8 @@ def read_replacing_names(batch: Any) -> DefaultRecord:
 
     Record => Length Attributes TimestampDelta OffsetDelta Key Value [HeaderKey HeaderValue]:
     lengths and deltas are zig-zag varints, Attributes one byte, a length of -1 is null.
-    A record that is wrong in any other way raises ``ValueError``, which the batch's iterator
-    turns into ``CorruptRecordError`` as before.
+    A record that is wrong in any other way raises ``ValueError`` (or ``IndexError`` from a
+    varint cut short), which the batch's iterator turns into ``CorruptRecordError`` as before.
     """
     buffer, pos = batch._buffer, batch._pos
     length, pos = decode_varint(buffer, pos)
