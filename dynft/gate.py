@@ -4,7 +4,13 @@ Both are scored on the same recent held-out events, which the candidate never tr
 whole window, or between full checks its newest ``gate.quick_events`` (``dynft.scoring``, which
 also says why the comparison is with a *reference* version, the last one that passed the whole
 window, rather than with whatever serves now). The candidate is promoted when its accuracy is at
-least the reference's minus ``tolerance``. The very first version is promoted without a comparison (there is
+least the reference's minus ``tolerance``, or below it by no more than chance explains: of the
+events only one of the two answered right, the reference's share is not beyond what a fair coin
+gives at ``gate.significance`` (a one-sided sign test). On the 32 events of a quick check one
+more wrong answer is 3 points, far past a 1-point tolerance: without the test, about one
+candidate in three as good as the reference was rejected, and on a sentiment stream the served
+version fell 20 s and more behind (measured in benchmarks/results/quality/README.md, section
+"2026-12-05, a gate that tells a loss from noise"). The very first version is promoted without a comparison (there is
 nothing to compare with), and so is every candidate when the serving version cannot be loaded
 or nothing is held out (``evaluation.holdout_fraction = 0``: the gate is off); while the
 serving version is pinned by an operator, nothing is. While too few events are held out to
@@ -19,6 +25,10 @@ of them, and rejected before.
 False
 >>> judge(0.81, 0.82, holdout=100, serving_version=3, pinned=False, settings=GateSettings(tolerance=0.01)).promote
 True
+>>> judge(0.66, 0.81, holdout=32, serving_version=3, pinned=False, settings=GateSettings(), chance=0.09).promote
+True
+>>> judge(0.66, 0.81, holdout=32, serving_version=3, pinned=False, settings=GateSettings(), chance=0.03).promote
+False
 >>> judge(None, None, holdout=5, serving_version=3, pinned=False, settings=GateSettings(), new_labels=2).promote
 True
 >>> judge(None, None, holdout=0, serving_version=3, pinned=False, settings=GateSettings(), unloadable="corrupt").reason
@@ -43,6 +53,7 @@ class Decision:
     holdout_events: int
     reference_version: int | None = None  # whose accuracy ``serving_accuracy`` is (dynft.scoring)
     scope: str = "window"  # the events judged: the held-out window, its newest, or "prequential" (SinceServing)
+    chance: float | None = None  # how often a loss this size comes between equally good versions (sign test)
 
     @property
     def label(self) -> str:
@@ -64,6 +75,7 @@ def judge(
     new_labels: int = 0,
     reference: int | None = None,
     scope: str = "window",
+    chance: float | None = None,
 ) -> Decision:
     """Decide on a candidate given both accuracies on the same held-out window.
 
@@ -72,7 +84,8 @@ def judge(
     (``evaluation.holdout_fraction = 0``), so every candidate is promoted. A pin beats both.
     ``new_labels``: labels the candidate knows and the serving version does not. ``reference``:
     the version ``serving`` is the accuracy of (default: the serving one); ``scope``: "window" or
-    "newest" (events of the window judged).
+    "newest" (events of the window judged). ``chance``: how often equally good versions differ
+    by at least this much on these events (``dynft.scoring.chance_of_loss``).
     """
     reference = serving_version if reference is None else reference
     against = "serving" if reference == serving_version else f"version {reference}"
@@ -83,7 +96,7 @@ def judge(
     }[scope]
 
     def decide(promote: bool, reason: str) -> Decision:
-        return Decision(promote, reason, candidate, serving, serving_version, holdout, reference, scope)
+        return Decision(promote, reason, candidate, serving, serving_version, holdout, reference, scope, chance)
 
     if serving_version is None:
         return decide(True, "first version: nothing serves yet")
@@ -102,4 +115,12 @@ def judge(
         return decide(False, f"only {holdout} held-out events, the gate needs {settings.min_holdout}")
     if candidate >= serving - settings.tolerance:
         return decide(True, f"accuracy {candidate:.3f} >= {against} {serving:.3f} - {settings.tolerance}{on}")
-    return decide(False, f"accuracy {candidate:.3f} < {against} {serving:.3f} - {settings.tolerance}{on}")
+    below = f"accuracy {candidate:.3f} < {against} {serving:.3f} - {settings.tolerance}{on}"
+    if not significant(chance, settings):
+        return decide(True, f"{below}, a loss that comes by chance (p = {chance:.2f} >= {settings.significance})")
+    return decide(False, below if chance is None else f"{below} (p = {chance:.3f})")
+
+
+def significant(chance: float | None, settings: GateSettings) -> bool:
+    """Whether a loss beyond the tolerance counts: always where its chance is unknown or the test is off."""
+    return chance is None or settings.significance <= 0 or chance < settings.significance

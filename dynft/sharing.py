@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynft.errors import DynftError
-from dynft.gate import Decision
+from dynft.gate import Decision, significant
 from dynft.model import AdapterState
 from dynft.publisher import Publisher
 from dynft.settings import GateSettings
@@ -41,9 +41,11 @@ class Member:
 
 
 def loses(decision: Decision, gate: GateSettings) -> bool:
-    """Whether the candidate's held-out accuracy is below the serving version's by more than the tolerance."""
+    """Whether the candidate's held-out accuracy is below the serving version's by more than the
+    tolerance and than chance explains (``dynft.gate.significant``)."""
     c, s = decision.candidate_accuracy, decision.serving_accuracy
-    return c is not None and s is not None and decision.holdout_events >= gate.min_holdout and c < s - gate.tolerance
+    beyond = c is not None and s is not None and decision.holdout_events >= gate.min_holdout and c < s - gate.tolerance
+    return beyond and significant(decision.chance, gate)
 
 
 def held_back(decision: Decision, losers: list[str], own: str) -> Decision:

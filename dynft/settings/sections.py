@@ -263,6 +263,14 @@ class GateSettings(Section):
     """The promotion gate (see ``dynft.gate``)."""
 
     tolerance: float = Field(0.01, ge=0, le=1, description="accuracy a candidate may lose and still be promoted")
+    significance: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="a candidate below the reference by more than the tolerance is still promoted when a loss that "
+        "size comes by chance at least this often (a sign test on the events one of the two answered right); "
+        "0: any loss beyond the tolerance rejects",
+    )
     min_holdout: int = Field(32, ge=1, description="held-out events needed before a candidate can be judged")
     quick_events: int = Field(
         32,
