@@ -15,7 +15,8 @@ after a full check, or the serving version when there is none (at start, after a
 promotion or rollback). Not the serving version itself: a quick check sees few events, and
 comparing each quick candidate with the previous quick one would let small losses add up. With a
 fixed reference, every version that serves is at most ``gate.tolerance`` below one that passed
-the whole window.
+the whole window, on the events it was judged on, or, where a quick check puts a larger loss down
+to chance (``dynft.gate``), at most ``gate.max_chance_loss`` below it.
 
 The reference's answers are exact and cached: each held-out event is run through it once, the
 first time a check needs it, and after a full check that promotes, the candidate's own answers on
@@ -50,6 +51,7 @@ class Scores:
         self.candidate = accuracy(events, candidate)
         self.reference = accuracy(events, reference)
         # Events only one of the two answered right: the sign test's sample (``chance_of_loss``).
+        # An event without an answer (SinceServing's, rarely) counts as wrong, as in ``accuracy``.
         self.lost = sum(reference.get(e.id) == e.label != candidate.get(e.id) for e in events)
         self.won = sum(candidate.get(e.id) == e.label != reference.get(e.id) for e in events)
         self.full = full
