@@ -32,7 +32,7 @@ from dynft.model import AdapterState
 from dynft.rank import convert_lora_rank
 from dynft.registry import AdapterRegistry
 from dynft.replication.feed import TaskFeed, Term, VersionsFeed, open_feed
-from dynft.scoring import Scorer, Scores, SinceServing, chance_of_loss
+from dynft.scoring import Scorer, Scores, SinceServing
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
 
@@ -385,7 +385,6 @@ class Publisher:
             new_labels=max(0, labels - int(self._meta_of(pointer.version).get("labels", labels))),
             reference=self.scorer.reference if scores is not None and scores.scope != "prequential" else None,
             scope=scores.scope if scores is not None else "window",
-            chance=chance_of_loss(scores.lost, scores.won) if scores is not None else None,
         )
 
     def _since_scores(self, version: int) -> Scores | None:

@@ -15,8 +15,7 @@ after a full check, or the serving version when there is none (at start, after a
 promotion or rollback). Not the serving version itself: a quick check sees few events, and
 comparing each quick candidate with the previous quick one would let small losses add up. With a
 fixed reference, every version that serves is at most ``gate.tolerance`` below one that passed
-the whole window, on the events it was judged on, or, where a quick check puts a larger loss down
-to chance (``dynft.gate``), at most ``gate.max_chance_loss`` below it.
+the whole window.
 
 The reference's answers are exact and cached: each held-out event is run through it once, the
 first time a check needs it, and after a full check that promotes, the candidate's own answers on
@@ -26,7 +25,6 @@ the window become the new reference's. Used on the training thread only.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -50,10 +48,6 @@ class Scores:
         self.events = len(events)
         self.candidate = accuracy(events, candidate)
         self.reference = accuracy(events, reference)
-        # Events only one of the two answered right: the sign test's sample (``chance_of_loss``).
-        # An event without an answer (SinceServing's, rarely) counts as wrong, as in ``accuracy``.
-        self.lost = sum(reference.get(e.id) == e.label != candidate.get(e.id) for e in events)
-        self.won = sum(candidate.get(e.id) == e.label != reference.get(e.id) for e in events)
         self.full = full
         self.answers = candidate  # the candidate's, by event id
         # The events judged: the whole held-out window, its newest, or those trained since the
@@ -217,22 +211,6 @@ class SinceServing:
         self._serving.keep_only(events)
         trained = {event.id: answer for event, answer in pairs if answer is not None}
         return Scores(events, trained, answers, full=False, scope="prequential")
-
-
-def chance_of_loss(lost: int, won: int) -> float:
-    """How often two equally good versions differ by at least this much: the one-sided sign test.
-
-    Of the events only one of them answered right, the candidate was right on ``won`` and the
-    reference on ``lost``; were they equally good, each such event would be a fair coin, and
-    this is the chance of ``lost`` or more heads in ``lost + won`` tosses.
-
-    >>> round(chance_of_loss(7, 2), 3)  # 0.656 against 0.812 on 32 events can be noise
-    0.09
-    >>> round(chance_of_loss(12, 1), 4)
-    0.0017
-    """
-    n = lost + won
-    return sum(math.comb(n, k) for k in range(lost, n + 1)) / (1 << n)
 
 
 def accuracy(events: list[Event], predictions: dict[str, str]) -> float:

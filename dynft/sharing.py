@@ -7,8 +7,7 @@ follows the tasks' joint loss one task batch at a time, as in MT-DNN (Liu et al.
 a version holding the shared adapter and its own head (so the registry, the CLI and the server
 read it as any version), all published in one go from the same weights and marked with the
 same ``shared.snapshot`` (the sum of every task's steps then). It is promoted only if no
-task's held-out accuracy drops by more than ``gate.tolerance`` (and than a quick check puts down
-to chance, ``dynft.gate.by_chance``): each task's candidate is judged
+task's held-out accuracy drops by more than ``gate.tolerance``: each task's candidate is judged
 against that task's serving version as usual, and one task's drop holds every task's back.
 Main thread only.
 """
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dynft.errors import DynftError
-from dynft.gate import Decision, by_chance
+from dynft.gate import Decision
 from dynft.model import AdapterState
 from dynft.publisher import Publisher
 from dynft.settings import GateSettings
@@ -42,12 +41,9 @@ class Member:
 
 
 def loses(decision: Decision, gate: GateSettings) -> bool:
-    """Whether the candidate's held-out accuracy is below the serving version's by more than the
-    tolerance, and not by what a quick check puts down to chance (``dynft.gate.by_chance``)."""
-    c, s, chance = decision.candidate_accuracy, decision.serving_accuracy, decision.chance
-    if c is None or s is None or decision.holdout_events < gate.min_holdout or c >= s - gate.tolerance:
-        return False
-    return chance is None or not by_chance(s - c, chance, decision.scope, gate)
+    """Whether the candidate's held-out accuracy is below the serving version's by more than the tolerance."""
+    c, s = decision.candidate_accuracy, decision.serving_accuracy
+    return c is not None and s is not None and decision.holdout_events >= gate.min_holdout and c < s - gate.tolerance
 
 
 def held_back(decision: Decision, losers: list[str], own: str) -> Decision:

@@ -263,17 +263,6 @@ class GateSettings(Section):
     """The promotion gate (see ``dynft.gate``)."""
 
     tolerance: float = Field(0.01, ge=0, le=1, description="accuracy a candidate may lose and still be promoted")
-    significance: float = Field(
-        0.05,
-        ge=0,
-        le=0.5,
-        description="quick checks only: a loss beyond the tolerance is put down to chance when a sign test on the "
-        "events only one of the two answered right gives p >= this (and the loss is within gate.max_chance_loss); "
-        "0: never",
-    )
-    max_chance_loss: float = Field(
-        0.1, ge=0, le=1, description="the largest loss on a quick check that may be put down to chance"
-    )
     min_holdout: int = Field(32, ge=1, description="held-out events needed before a candidate can be judged")
     quick_events: int = Field(
         32,
