@@ -16,7 +16,7 @@ import uuid
 from typing import Any
 
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaProducer, TopicPartition
 from kafka.errors import CorruptRecordError
 from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 from prometheus_client import CollectorRegistry
@@ -229,6 +229,11 @@ def test_a_corrupt_batch_holds_its_partition_only_and_reads_once_repaired(
             first += source.poll(50, 0.1)
         assert 3 <= tries() <= 4, "retried with doubling waits, not at every poll"
         assert len(first) == 25
+        if isinstance(source, KafkaSource) and source._consumer is not None:  # backpressure comes and goes
+            source.pause()
+            assert registry.get_sample_value("dynft_kafka_paused_partitions") == 1  # the held one is not counted
+            source.resume()
+            assert source._consumer.paused() == {TopicPartition(topic, 0)}, "a resume ended the hold early"
         damage(kafka_broker, topic, 0, b"NARK010", b"M")
         second = drain(source, 15, patience_s=30.0)
         assert [json.loads(r.raw)["id"] for r in second] == [f"p0-{i}" for i in range(5, 20)]
