@@ -38,7 +38,7 @@ class Record:
         next: int,
         key: bytes | None = None,
         where: dict[str, Any] | None = None,
-        headers: list[tuple[str, bytes]] | None = None,
+        headers: list[tuple[str, bytes | None]] | None = None,
     ) -> None:
         self.raw = raw
         self.stream = stream  # a Kafka partition ("topic/2"), a file ("file:x.jsonl"), "demo"

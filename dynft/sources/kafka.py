@@ -326,8 +326,8 @@ class KafkaSource(Source):
         """Whether every assigned partition was read (or committed) up to its end offset at the
         last lag measurement: an empty poll alone may be a fetch still under way."""
         consumer = self._consumer
-        assigned = list(consumer.assignment()) if consumer is not None else []
-        assigned = [tp for tp in assigned if tp not in self._holds.unreadable]  # read when repaired
+        unreadable = self._holds.unreadable  # read when repaired
+        assigned = [tp for tp in consumer.assignment() if tp not in unreadable] if consumer is not None else []
         return bool(assigned) and all(
             tp in self._ends and max(self._read.get(tp, 0), self._offsets.committed.get(tp, 0)) >= self._ends[tp]
             for tp in assigned
