@@ -63,7 +63,8 @@ from kafka import ConsumerRebalanceListener
 from dynft.errors import ConfigError, ReplicationError
 from dynft.events import DEFAULT_TASK
 from dynft.replication import topics
-from dynft.replication.feed import read_topics, versions_servers
+from dynft.replication.feed import versions_servers
+from dynft.replication.found import read_topics
 from dynft.settings import Settings
 from dynft.sources.kafka import client_config, parse_kafka_uri
 from dynft.sources.kafka_compat import apply_join_fixes

@@ -222,6 +222,7 @@ class TrainingLoop(DefaultStep, LoopState):
                     log.info("source %s is exhausted; stopping", self.settings.source.uri)
                     break
             self._publish_all()
+            self._resync_feeds()
             self._note_covered()
             self._maybe_checkpoint()
             self._maybe_status()

@@ -158,6 +158,11 @@ class LoopState(TaskLoop):
         if self.election is not None and self._owns_election:
             self.election.close()
 
+    def _resync_feeds(self) -> None:
+        """Each task whose last versions-topic sync failed syncs again once its retry is due."""
+        for publisher in self._publishers().values():
+            publisher.resync()
+
     def _note_pending(self, before: Positions) -> None:
         """Election, after a work: each task whose steps are not all on the topic now waits from
         ``before`` (the positions before the work) on, unless it waited already."""

@@ -81,6 +81,7 @@ class Publisher:
         if feed is None:
             self.feed = open_feed(settings, registry, term)
         self.sent_step = trainer.steps  # the trainer's steps in the newest version on the versions topic
+        self._version_step = trainer.steps  # the trainer's steps in the newest version published
         self._published_labels = -1  # labels the last published version knew (-1: not yet known)
         self.arrivals = Arrivals()  # events trained since the last promotion (training thread only)
         # Fresh events trained per label in this lineage; versions record it, so that the server's
@@ -129,7 +130,7 @@ class Publisher:
             self.start_lineage([])
             return
         self.lineage = int(meta.get("lineage", 1))
-        self.sent_step = self.trainer.steps
+        self.sent_step = self._version_step = self.trainer.steps
         log.info("resumed from version %d (lineage %d, %d labels)", newest, self.lineage, len(state.labels))
         self.reanchor((state, meta) if newest == self.serving_version else None)
 
@@ -336,11 +337,21 @@ class Publisher:
         else:
             self.registry.prune()
         log.info("version %d %s: %s", info.version, decision.label, decision.reason)
+        self._version_step = self.trainer.steps
         if self.feed is not None:
-            self.feed.sync()
-            if self.feed.sent(info.version):
-                self.sent_step = self.trainer.steps
+            self._sync_feed(self.feed)
         return info.version
+
+    def resync(self) -> None:
+        """Sync the versions feed again if its last sync failed and its retry is due (the loop's tick):
+        a version withheld by a suspended term or an outage reaches the topic without a next publish."""
+        if self.feed is not None and self.feed.due():
+            self._sync_feed(self.feed)
+
+    def _sync_feed(self, feed: VersionsFeed | TaskFeed) -> None:
+        feed.sync()
+        if self.latest_version is not None and feed.sent(self.latest_version):
+            self.sent_step = self._version_step
 
     def _unless_pinned_meanwhile(self, decision: Decision) -> Decision:
         """``decision``, or a rejection when an operator pinned the serving version while the gate judged:

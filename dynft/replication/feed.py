@@ -4,7 +4,10 @@
 registry's versions the topic lacks (or holds with another content hash), a tombstone for each
 version on the topic that the registry no longer has (pruned since, or while the trainer was
 down: the feed reads the versions topic at start and compares), then the serving pointer if it
-changed. A failed send is logged and retried by the next sync; the local registry stays the
+changed. A sync that fails (a broker outage, or a term suspended by a rebalance) leaves its
+task *withheld*: the training loop's tick asks ``due`` and syncs again after 1, 2, 4 ... 30 s, so
+what was published meanwhile reaches the topic even if nothing is published after it (the stream
+over). Said once in the log until the topic is up to date again; the local registry stays the
 trainer's own truth.
 
 A pointer decision made on a replica (admin promote / rollback) arrives on the pointer topic;
@@ -31,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -40,16 +44,14 @@ from dynft.events import DEFAULT_TASK
 from dynft.pointer import ServingPointer
 from dynft.registry import META, AdapterRegistry
 from dynft.replication import topics
+from dynft.replication.found import content_hash, read_topics
 from dynft.replication.records import (
-    PointerLog,
     PointerRecord,
     VersionRecord,
     decode_pointer,
-    decode_version,
     encode_pointer,
     encode_version,
     next_epoch,
-    parse_version_key,
     pointer_key,
     pointer_topic,
     task_of_pointer_key,
@@ -60,6 +62,7 @@ from dynft.sources.kafka import parse_kafka_uri
 
 log = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 30.0
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # a withheld task's syncs: 1, 2, 4 ... 30 s apart
 
 
 class Term(Protocol):
@@ -102,79 +105,18 @@ def open_feed(settings: Settings, registry: AdapterRegistry, term: Term | None =
 
 
 @dataclass
-class TopicState:
-    """What the versions topics hold when the trainer starts (every task's keys)."""
-
-    log: PointerLog = field(default_factory=PointerLog)
-    pointers: dict[str, PointerRecord] = field(default_factory=dict)  # task -> its newest applied decision
-    versions: dict[tuple[str, int], VersionRecord] = field(default_factory=dict)  # (task, version) on the topic
-    end: int = 0  # the pointer topic's end offset
-
-    @property
-    def pointer(self) -> PointerRecord | None:
-        """The default task's newest applied decision."""
-        return self.pointers.get(DEFAULT_TASK)
-
-
-def read_topics(consumer: Any, topic: str) -> TopicState:
-    """Both topics up to their current end: the folded pointer log and the version records present.
-
-    Leaves ``consumer`` on the pointer topic alone, where it stopped (the feed's thread reads on
-    from there, without fetching back the adapters the trainer sends).
-    """
-    from kafka import TopicPartition
-
-    parts = [TopicPartition(topic, 0), TopicPartition(pointer_topic(topic), 0)]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    ends = consumer.end_offsets(parts)
-    state = TopicState(end=ends[parts[1]])
-    while any(consumer.position(tp) < ends[tp] for tp in parts):
-        for tp, records in consumer.poll(timeout_ms=500).items():
-            for record in records:
-                try:
-                    _read_one(state, tp.topic == topic, record)
-                except RegistryError as exc:
-                    log.warning("skipping a record of %s at offset %d: %s", tp.topic, record.offset, exc)
-    position = consumer.position(parts[1])
-    consumer.assign([parts[1]])
-    consumer.seek(parts[1], position)
-    return state
-
-
-def _read_one(state: TopicState, is_version: bool, record: Any) -> None:
-    if is_version:
-        where = parse_version_key(record.key)
-        if record.value is None and where is not None:
-            state.versions.pop(where, None)
-        elif record.value is not None:
-            version = decode_version(record.value)
-            if state.log.admit_epoch(
-                version.epoch, version.shard, version.task
-            ):  # a stale trainer's version is not resumed from
-                state.versions[(version.task, version.version)] = version
-        return
-    task = task_of_pointer_key(record.key)
-    if task is not None and record.value is not None:
-        pointer = decode_pointer(record.value)
-        if state.log.admit(pointer, record.offset) == "applied":
-            state.pointers[pointer.task] = pointer
-
-
-def content_hash(record: VersionRecord) -> str:
-    return str(json.loads(record.files.get(META, b"{}")).get("content_hash"))
-
-
-@dataclass
 class Lane:
     """One task's registry and what the topics hold of it.
 
-    ``sent_versions``: the publisher's thread only; the rest under the feed's ``_lock``.
+    ``sent_versions`` and the retry state: the publisher's thread only; the rest under the feed's ``_lock``.
     """
 
     task: str
     registry: AdapterRegistry
     sent_versions: dict[int, str] = field(default_factory=dict)  # on the topic as in the registry -> hash
+    retry_at: float | None = None  # withheld: the monotonic time of the next sync (None: up to date)
+    retry_wait: float = RETRY_FIRST_S
+    failures: int = 0  # syncs failed since the topic was last up to date
     sent_pointer: dict[str, Any] | None = None
     own_last: tuple[int, bool] | None = None  # offset and pinned of this trainer's newest decision
     topic_serving: int | None = None
@@ -189,6 +131,9 @@ class TaskFeed:
 
     def sync(self) -> None:
         self.feed.sync(self.task)
+
+    def due(self) -> bool:
+        return self.feed.due(self.task)
 
     def sent(self, version: int) -> bool:
         return self.feed.sent(version, self.task)
@@ -291,9 +236,26 @@ class VersionsFeed:
         except ConfigError:
             raise
         except TermLostError as exc:
-            log.warning("versions topic not updated: %s", exc)
+            self._withhold(lane, logging.WARNING, f"{exc}; sent when the term is held again")
         except DynftError as exc:
-            log.error("versions topic not updated (next publish tries again): %s", exc)
+            self._withhold(lane, logging.ERROR, f"{exc}; tried again in {lane.retry_wait:.0f} s and at each publish")
+        else:
+            if lane.failures:
+                log.info("task %s: the versions topic is up to date again after %d failed sync(s)", task, lane.failures)
+            lane.retry_at, lane.retry_wait, lane.failures = None, RETRY_FIRST_S, 0
+
+    def _withhold(self, lane: Lane, level: int, why: str) -> None:
+        """A failed sync: said once until the topic is up to date again; ``due`` schedules the next."""
+        if not lane.failures:
+            log.log(level, "task %s: versions topic not updated: %s", lane.task, why)
+        lane.failures += 1
+        lane.retry_at = time.monotonic() + lane.retry_wait
+        lane.retry_wait = min(2 * lane.retry_wait, RETRY_MAX_S)
+
+    def due(self, task: str = DEFAULT_TASK) -> bool:
+        """Whether ``task``'s last sync failed and the time to try again has come (publisher's thread)."""
+        at = self._lanes[task].retry_at
+        return at is not None and time.monotonic() >= at
 
     def sent(self, version: int, task: str = DEFAULT_TASK) -> bool:
         """Whether ``version`` of ``task`` is on the versions topic (sent by this feed or found there)."""
@@ -336,7 +298,10 @@ class VersionsFeed:
         from kafka.errors import KafkaError
 
         if not self.held(task):
-            raise TermLostError(f"trainer epoch {self.epoch} lost its term: nothing more is sent to {topic}")
+            raise TermLostError(
+                f"trainer epoch {self.epoch} does not hold task {task}'s term now (suspended by a rebalance, or "
+                f"lost): nothing is sent to {topic} meanwhile"
+            )
         try:
             return int(self._producer.send(topic, key=key, value=value).get(timeout=SEND_TIMEOUT_S).offset)
         except KafkaError as exc:

@@ -1,0 +1,120 @@
+"""A versions-topic sync that fails is tried again from the loop's tick, not only at the next publish.
+
+A sharded trainer's term is suspended while its group rebalances; versions published meanwhile are
+withheld. When the stream ended during the suspension, no publish came after it, and the replicas
+never got those versions (seen in ``test_sharding``). The election's rebalances suspend terms at
+moments a test cannot choose, so here the term is a stand-in the test suspends and resumes; the
+broker and the topics are real.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from dynft.devbroker import Broker
+from dynft.evaluation import HoldoutWindow
+from dynft.events import DEFAULT_TASK, Event
+from dynft.metrics import TrainerMetrics
+from dynft.publisher import Publisher
+from dynft.registry import AdapterRegistry, AdapterState
+from dynft.replication.feed import RETRY_FIRST_S, VersionsFeed
+from dynft.replication.records import decode_pointer, parse_version_key, pointer_topic
+from dynft.settings import Settings
+from dynft.trainer import OnlineTrainer
+
+from helpers import keyword_events
+from kafka_helpers import topic_records, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+class SwitchedTerm:
+    """A term held or suspended as the test says (``replication.feed.Term``)."""
+
+    epoch = 3
+
+    def __init__(self) -> None:
+        self.holding = True
+
+    def held(self, task: str = DEFAULT_TASK) -> bool:
+        return self.holding
+
+    def shard(self, task: str) -> int:
+        return 0
+
+
+def versions_on(bootstrap: str, topic: str) -> list[int]:
+    keys = [parse_version_key(r.key) for r in topic_records(bootstrap, topic) if r.value is not None]
+    return sorted(k[1] for k in keys if k is not None)
+
+
+def pointers_on(bootstrap: str, topic: str) -> list[int]:
+    return [decode_pointer(r.value).pointer["version"] for r in topic_records(bootstrap, pointer_topic(topic))]
+
+
+def publish_one(registry: AdapterRegistry, value: float) -> int:
+    import torch
+
+    state = AdapterState({"w": torch.full((4,), value)}, ["a"], {"peft_type": "LORA"})
+    return registry.publish(state, {"step": int(value)}).version
+
+
+def test_a_sync_withheld_by_a_suspended_term_is_tried_again_with_backoff_and_sent_once_held(
+    kafka_broker: Broker, tiny_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = AdapterRegistry(tiny_settings.registry_dir)
+    registry.promote(publish_one(registry, 1.0), "first")
+    topic, term = f"versions-{uuid.uuid4().hex[:8]}", SwitchedTerm()
+    feed = VersionsFeed(tiny_settings, registry, [kafka_broker.bootstrap], topic, term=term)
+    feed.start()
+    try:
+        assert versions_on(kafka_broker.bootstrap, topic) == [1] and not feed.due()
+        term.holding = False  # a rebalance began
+        registry.promote(publish_one(registry, 2.0), "second")
+        with caplog.at_level(logging.INFO, logger="dynft.replication.feed"):
+            feed.sync()  # the publisher's hook
+            assert not feed.sent(2) and not feed.due()
+            time.sleep(RETRY_FIRST_S * 1.2)
+            assert feed.due()  # not sent, and its time has come: the loop's tick syncs
+            feed.sync()  # still suspended: the next try waits twice as long
+            time.sleep(RETRY_FIRST_S * 1.2)
+            assert not feed.due()
+            feed.sync()  # another publish during the suspension: still withheld, said once
+            term.holding = True  # the same partitions came back
+            wait_until(feed.due, 10 * RETRY_FIRST_S, "the next try")
+            feed.sync()
+        assert feed.sent(2) and not feed.due()
+        assert versions_on(kafka_broker.bootstrap, topic) == [1, 2]
+        assert pointers_on(kafka_broker.bootstrap, topic)[-1] == 2
+        said = [r.getMessage() for r in caplog.records]
+        assert sum("versions topic not updated" in m for m in said) == 1, said
+        assert sum("up to date again after 3 failed sync(s)" in m for m in said) == 1, said
+    finally:
+        feed.close()
+
+
+def test_the_loop_tick_puts_a_withheld_version_on_the_topic_and_the_publisher_counts_it_sent(
+    kafka_broker: Broker, tiny_settings: Settings, tiny_trainer: OnlineTrainer
+) -> None:
+    topic, term = f"versions-{uuid.uuid4().hex[:8]}", SwitchedTerm()
+    registry = AdapterRegistry(tiny_settings.registry_dir)
+    publisher = Publisher(registry, tiny_trainer, HoldoutWindow(64), tiny_settings, TrainerMetrics(CollectorRegistry()))
+    feed = publisher.feed = VersionsFeed(tiny_settings, registry, [kafka_broker.bootstrap], topic, term=term)
+    try:
+        batch = [Event(**r) for r in keyword_events(16, ["alpha", "beta"], seed=3)]  # type: ignore[arg-type]
+        tiny_trainer.step(tiny_trainer.collator(batch, n_fresh=len(batch)))
+        term.holding = False
+        version = publisher.maybe_publish({}, force=True)
+        assert version == 1 and not publisher.on_topic  # the trained steps are in no version on the topic
+        publisher.resync()  # not due yet: nothing is tried
+        assert versions_on(kafka_broker.bootstrap, topic) == []
+        term.holding = True
+        wait_until(lambda: (publisher.resync(), publisher.on_topic)[1], 10 * RETRY_FIRST_S, "the tick's sync")
+        assert versions_on(kafka_broker.bootstrap, topic) == [1]
+    finally:
+        feed.close()
