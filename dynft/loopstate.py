@@ -159,9 +159,11 @@ class LoopState(TaskLoop):
             self.election.close()
 
     def _resync_feeds(self) -> None:
-        """Each task whose last versions-topic sync failed syncs again once its retry is due."""
+        """A task whose last versions-topic sync failed syncs again once its retry is due: one task
+        a tick, since during a broker outage each try may wait out the send timeout."""
         for publisher in self._publishers().values():
-            publisher.resync()
+            if publisher.resync():
+                return
 
     def _note_pending(self, before: Positions) -> None:
         """Election, after a work: each task whose steps are not all on the topic now waits from

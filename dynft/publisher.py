@@ -14,6 +14,7 @@ it first serves arrived (``dynft.freshness``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -342,11 +343,15 @@ class Publisher:
             self._sync_feed(self.feed)
         return info.version
 
-    def resync(self) -> None:
+    def resync(self) -> bool:
         """Sync the versions feed again if its last sync failed and its retry is due (the loop's tick):
-        a version withheld by a suspended term or an outage reaches the topic without a next publish."""
-        if self.feed is not None and self.feed.due():
+        a version withheld by a suspended term or an outage reaches the topic without a next publish.
+        Returns whether it tried."""
+        if self.feed is None or not self.feed.due():
+            return False
+        with contextlib.suppress(DynftError):  # a ConfigError (a version above the record limit), logged by the feed
             self._sync_feed(self.feed)
+        return True
 
     def _sync_feed(self, feed: VersionsFeed | TaskFeed) -> None:
         feed.sync()

@@ -10,8 +10,10 @@ broker and the topics are real.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -19,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from dynft.devbroker import Broker
 from dynft.evaluation import HoldoutWindow
 from dynft.events import DEFAULT_TASK, Event
+from dynft.loop import TrainingLoop
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
 from dynft.registry import AdapterRegistry, AdapterState
@@ -27,7 +30,7 @@ from dynft.replication.records import decode_pointer, parse_version_key, pointer
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
 
-from helpers import keyword_events
+from helpers import keyword_events, write_jsonl
 from kafka_helpers import topic_records, wait_until
 
 pytestmark = pytest.mark.slow
@@ -77,16 +80,18 @@ def test_a_sync_withheld_by_a_suspended_term_is_tried_again_with_backoff_and_sen
         term.holding = False  # a rebalance began
         registry.promote(publish_one(registry, 2.0), "second")
         with caplog.at_level(logging.INFO, logger="dynft.replication.feed"):
+            failed = time.monotonic()
             feed.sync()  # the publisher's hook
             assert not feed.sent(2) and not feed.due()
-            time.sleep(RETRY_FIRST_S * 1.2)
-            assert feed.due()  # not sent, and its time has come: the loop's tick syncs
+            wait_until(feed.due, 10 * RETRY_FIRST_S, "the first try")  # the loop's tick syncs then
+            assert time.monotonic() - failed >= RETRY_FIRST_S
+            failed = time.monotonic()
             feed.sync()  # still suspended: the next try waits twice as long
-            time.sleep(RETRY_FIRST_S * 1.2)
-            assert not feed.due()
             feed.sync()  # another publish during the suspension: still withheld, said once
+            assert not feed.due()
             term.holding = True  # the same partitions came back
             wait_until(feed.due, 10 * RETRY_FIRST_S, "the next try")
+            assert time.monotonic() - failed >= 2 * RETRY_FIRST_S
             feed.sync()
         assert feed.sent(2) and not feed.due()
         assert versions_on(kafka_broker.bootstrap, topic) == [1, 2]
@@ -111,10 +116,55 @@ def test_the_loop_tick_puts_a_withheld_version_on_the_topic_and_the_publisher_co
         term.holding = False
         version = publisher.maybe_publish({}, force=True)
         assert version == 1 and not publisher.on_topic  # the trained steps are in no version on the topic
-        publisher.resync()  # not due yet: nothing is tried
-        assert versions_on(kafka_broker.bootstrap, topic) == []
         term.holding = True
-        wait_until(lambda: (publisher.resync(), publisher.on_topic)[1], 10 * RETRY_FIRST_S, "the tick's sync")
+        assert not publisher.resync()  # held again, but the retry is not due yet: nothing is tried
+        assert versions_on(kafka_broker.bootstrap, topic) == []
+        wait_until(lambda: publisher.resync() and publisher.on_topic, 10 * RETRY_FIRST_S, "the tick's sync")
         assert versions_on(kafka_broker.bootstrap, topic) == [1]
+        assert not publisher.resync()  # up to date: nothing more to try
     finally:
         feed.close()
+
+
+def settle(loop: TrainingLoop, quiet_s: float = 3.0) -> None:
+    """Wait until the loop's steps and versions stay the same for ``quiet_s``: the stream is trained."""
+    seen = None
+    for _ in range(40):
+        now = (loop.trainer.steps, loop.publisher.latest_version)
+        if now == seen:
+            return
+        seen = now
+        time.sleep(quiet_s)
+    raise AssertionError(f"the loop never went quiet: {seen}")
+
+
+def test_a_running_loop_sends_what_a_suspension_withheld_after_its_stream_went_quiet(
+    kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path
+) -> None:
+    """The loop's tick does it: no version is published after the term comes back."""
+    tiny_settings.kafka.versions_topic = topic = f"versions-{uuid.uuid4().hex[:8]}"
+    tiny_settings.kafka.versions_bootstrap = kafka_broker.bootstrap
+    path = tmp_path / "events.jsonl"
+    path.write_text("")
+    tiny_settings.source.uri = f"file:{path}"
+    tiny_settings.source.follow = True  # the events come once the term is suspended; the loop ticks on after them
+    loop = TrainingLoop(tiny_settings)
+    thread = threading.Thread(target=loop.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(loop.started.is_set, 120, "the loop to start")
+        feed = loop.publisher.feed
+        assert isinstance(feed, VersionsFeed)
+        holding = [False]
+        feed.held = lambda task: holding[0]  # the term, suspended by a rebalance the test cannot time
+        write_jsonl(path, keyword_events(48, ["alpha", "beta"], seed=4))
+        wait_until(lambda: loop.publisher.latest_version is not None, 120, "a version while suspended")
+        settle(loop)
+        assert versions_on(kafka_broker.bootstrap, topic) == []
+        holding[0] = True
+        newest = loop.publisher.latest_version
+        wait_until(lambda: newest in versions_on(kafka_broker.bootstrap, topic), 60, "the withheld versions")
+        assert loop.publisher.latest_version == newest and loop.publisher.on_topic  # sent by the tick, not a publish
+    finally:
+        loop.should_exit.set()
+        thread.join(timeout=60)

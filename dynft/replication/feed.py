@@ -7,7 +7,7 @@ down: the feed reads the versions topic at start and compares), then the serving
 changed. A sync that fails (a broker outage, or a term suspended by a rebalance) leaves its
 task *withheld*: the training loop's tick asks ``due`` and syncs again after 1, 2, 4 ... 30 s, so
 what was published meanwhile reaches the topic even if nothing is published after it (the stream
-over). Said once in the log until the topic is up to date again; the local registry stays the
+over). Said once per kind of failure until the topic is up to date again; the local registry stays the
 trainer's own truth.
 
 A pointer decision made on a replica (admin promote / rollback) arrives on the pointer topic;
@@ -117,6 +117,7 @@ class Lane:
     retry_at: float | None = None  # withheld: the monotonic time of the next sync (None: up to date)
     retry_wait: float = RETRY_FIRST_S
     failures: int = 0  # syncs failed since the topic was last up to date
+    failed_with: type[DynftError] | None = None  # the kind of the last failure (logged when it changes)
     sent_pointer: dict[str, Any] | None = None
     own_last: tuple[int, bool] | None = None  # offset and pinned of this trainer's newest decision
     topic_serving: int | None = None
@@ -233,21 +234,25 @@ class VersionsFeed:
                     lane.sent_pointer = dict(pointer.__dict__)
                     lane.own_last = (offset, bool(pointer.pinned))
                     lane.topic_serving = pointer.version
-        except ConfigError:
+        except ConfigError as exc:  # the caller stops on it; a retry meets it again
+            self._withhold(lane, exc, logging.ERROR, str(exc))
             raise
         except TermLostError as exc:
-            self._withhold(lane, logging.WARNING, f"{exc}; sent when the term is held again")
+            self._withhold(lane, exc, logging.WARNING, f"{exc}; sent when the term is held again")
         except DynftError as exc:
-            self._withhold(lane, logging.ERROR, f"{exc}; tried again in {lane.retry_wait:.0f} s and at each publish")
+            again = f"tried again in {lane.retry_wait:.0f} s and at each publish"
+            self._withhold(lane, exc, logging.ERROR, f"{exc}; {again}")
         else:
             if lane.failures:
                 log.info("task %s: the versions topic is up to date again after %d failed sync(s)", task, lane.failures)
-            lane.retry_at, lane.retry_wait, lane.failures = None, RETRY_FIRST_S, 0
+            lane.retry_at, lane.retry_wait, lane.failures, lane.failed_with = None, RETRY_FIRST_S, 0, None
 
-    def _withhold(self, lane: Lane, level: int, why: str) -> None:
-        """A failed sync: said once until the topic is up to date again; ``due`` schedules the next."""
-        if not lane.failures:
+    def _withhold(self, lane: Lane, exc: DynftError, level: int, why: str) -> None:
+        """A failed sync: said once for each kind of failure until the topic is up to date again;
+        ``due`` schedules the next try."""
+        if type(exc) is not lane.failed_with:
             log.log(level, "task %s: versions topic not updated: %s", lane.task, why)
+        lane.failed_with = type(exc)
         lane.failures += 1
         lane.retry_at = time.monotonic() + lane.retry_wait
         lane.retry_wait = min(2 * lane.retry_wait, RETRY_MAX_S)
