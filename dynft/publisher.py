@@ -1,14 +1,8 @@
-"""Publishing: when to cut a version, how to judge it, and how to record the decision.
+"""Publishing: how to cut a version, judge it, and record the decision.
 
-Every ``registry.publish_every_steps`` steps or ``registry.publish_interval_s`` seconds
-(whichever comes first, and only if the trainer moved), the live adapter is exported, scored
-on the held-out window (``dynft.scoring``), published with the verdict in its metadata, and
-promoted if the gate says so. Sooner for freshness: right after a step that trained new events
-(``registry.publish_fresh``; such a version is scored on the window's newest events), while
-nothing serves after ``registry.first_publish_steps`` steps (cold start), and at the first step
-after a label is seen for the first time (``registry.publish_on_new_label``). While training
-work waits, fresh publishing keeps to ``registry.publish_budget`` of the trainer's time; while
-the trainer waits for events, it costs training nothing. Each version records when the events
+When one is due (``dynft.schedule``), the live adapter is exported, scored on the held-out
+window (``dynft.scoring``; a fresh version on the window's newest events), published with the
+verdict in its metadata, and promoted if the gate says so. Each version records when the events
 it first serves arrived (``dynft.freshness``).
 """
 
@@ -33,6 +27,7 @@ from dynft.model import AdapterState
 from dynft.rank import convert_lora_rank
 from dynft.registry import AdapterRegistry
 from dynft.replication.feed import TaskFeed, Term, VersionsFeed, open_feed
+from dynft.schedule import Schedule
 from dynft.scoring import Scorer, Scores, SinceServing
 from dynft.settings import Settings
 from dynft.trainer import OnlineTrainer
@@ -70,10 +65,7 @@ class Publisher:
         self.lineage = 1  # written by the training thread; the batching thread reads it (one int) for shots
         self.latest_version: int | None = None
         self.serving_version: int | None = None
-        self._published_at_step = 0
-        self._published_at = time.monotonic()
-        self._publish_cost = 0.0  # seconds the last publish took (registry.publish_budget)
-        self._fresh = 0  # fresh events trained since the last publish (training thread only)
+        self.schedule = Schedule(settings.registry)  # when a version is due (training thread only)
         self._promoted: int | None = None  # the version this publisher promoted last
         self._loadable: tuple[int, Any] | None = None  # the serving version last read whole, and its files' stamp
         self._scores: Scores | None = None  # the last check's
@@ -83,7 +75,6 @@ class Publisher:
             self.feed = open_feed(settings, registry, term)
         self.sent_step = trainer.steps  # the trainer's steps in the newest version on the versions topic
         self._version_step = trainer.steps  # the trainer's steps in the newest version published
-        self._published_labels = -1  # labels the last published version knew (-1: not yet known)
         self.arrivals = Arrivals()  # events trained since the last promotion (training thread only)
         # Fresh events trained per label in this lineage; versions record it, so that the server's
         # fast path can keep answering a label from its prototype while a version barely knows it.
@@ -102,7 +93,7 @@ class Publisher:
         if predictions is not None:
             self.since.add(events, predictions)
         self.arrivals.add(arrived, len(events))
-        self._fresh += len(events)
+        self.schedule.trained(len(events))
         self.label_events.update(e.label for e in events)
 
     @property
@@ -169,7 +160,7 @@ class Publisher:
         self.serving_version = self.registry.serving().version
         self.latest_version = max(self.registry.versions(), default=0) or None
         self.lineage = max(previous_lineage, int(self._meta_of(self.latest_version).get("lineage", 0))) + 1
-        self._published_at_step = self.clock()
+        self.schedule.at_step = self.clock()
         self.label_events.clear()
         self.since.clear()  # the old lineage's answers do not speak for the new one
         origin = self._start_from_serving()
@@ -204,13 +195,13 @@ class Publisher:
         return {
             "lineage": self.lineage,
             "latest_version": self.latest_version,
-            "published_at_step": self._published_at_step,
+            "published_at_step": self.schedule.at_step,
             "base_model": self.fingerprint,  # a restart on another base model starts a new lineage
             "label_events": dict(self.label_events),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.lineage, self._published_at_step = state["lineage"], state["published_at_step"]
+        self.lineage, self.schedule.at_step = state["lineage"], state["published_at_step"]
         self.label_events = Counter(state.get("label_events") or {})
         self.latest_version = max(state["latest_version"] or 0, max(self.registry.versions(), default=0)) or None
         self.serving_version = self.registry.serving().version
@@ -252,41 +243,25 @@ class Publisher:
         try:
             return self._publish(extra_meta)
         except DynftError as exc:
-            self.metrics.publish_errors.inc()
-            log.error("could not publish a version: %s", exc)
+            self.publish_failed()
+            log.error("could not publish a version (tried again in a while): %s", exc)
             return None
         finally:
-            self._publish_cost = time.monotonic() - started
+            self.schedule.cost = time.monotonic() - started
 
     def due(self, force: bool = False) -> bool:
         """Whether a version is due now (``force``: whenever the trainer moved since the last one)."""
-        steps = self.clock()
-        if steps == self._published_at_step or not self.trainer.exported_labels():
-            return False
-        known = len(self.trainer.exported_labels())
-        if self._published_labels < 0:  # first call since the start: what was restored is not new
-            self._published_labels = known
-        r = self.settings.registry
-        moved = steps - self._published_at_step
-        due = moved >= r.publish_every_steps or time.monotonic() - self._published_at >= r.publish_interval_s
-        due = due or (self.serving_version is None and moved >= r.first_publish_steps)  # cold start
-        due = due or (r.publish_on_new_label and known > self._published_labels)
-        return due or force or self._fresh_due()
-
-    def _fresh_due(self) -> bool:
-        """Fresh events were trained since the last publish, and publishing now keeps to the budget."""
-        r = self.settings.registry
-        if not r.publish_fresh or not self._fresh:
-            return False
-        if not self.waiting():  # the trainer would wait for events anyway
-            return True
-        since = time.monotonic() - self._published_at - self._publish_cost
-        return since >= self._publish_cost * (1 - r.publish_budget) / r.publish_budget
+        labels = len(self.trainer.exported_labels())
+        return self.schedule.due(self.clock(), labels, self.serving_version is not None, self.waiting, force)
 
     def mark_published(self) -> None:
         """Start the next publishing interval now."""
-        self._published_at_step, self._published_at = self.clock(), time.monotonic()
-        self._fresh = 0
+        self.schedule.mark(self.clock())
+
+    def publish_failed(self) -> None:
+        """The publish begun at ``mark_published`` did not finish: it is due again after a backoff."""
+        self.metrics.publish_errors.inc()
+        self.schedule.failed()
 
     def _publish(self, extra_meta: dict[str, Any]) -> int:
         state, decision = self.candidate()
@@ -318,7 +293,7 @@ class Publisher:
         meta["label_events"] = dict(self.label_events)
         info = self.registry.publish(state, meta)
         self.latest_version = info.version
-        self._published_labels = len(state.labels)
+        self.schedule.published(len(state.labels))
         self.metrics.latest_version.set(info.version)
         self.metrics.versions.labels(decision.label).inc()
         promoted = decision.promote and self.registry.promote(

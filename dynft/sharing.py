@@ -74,8 +74,9 @@ def publish_together(members: list[Member], gate: GateSettings, snapshot: int, f
             with m.installed():
                 state, decision = m.publisher.candidate()
         except DynftError as exc:
-            m.publisher.metrics.publish_errors.inc()
-            log.error("could not publish a shared version (task %s): %s", m.name, exc)
+            log.error("could not publish a shared version (task %s; tried again in a while): %s", m.name, exc)
+            for each in members:
+                each.publisher.publish_failed()
             return {}
         judged.append((m, state, decision))
     losers = [m.name for m, _, decision in judged if loses(decision, gate)]
@@ -88,8 +89,13 @@ def publish_together(members: list[Member], gate: GateSettings, snapshot: int, f
                     state, held_back(decision, losers, m.name), {**m.meta(), "shared": shared}
                 )
         except DynftError as exc:
-            m.publisher.metrics.publish_errors.inc()
-            log.error("could not record task %s's part of shared version %d: %s", m.name, snapshot, exc)
+            m.publisher.publish_failed()
+            log.error(
+                "could not record task %s's part of shared version %d (tried again in a while): %s",
+                m.name,
+                snapshot,
+                exc,
+            )
     if losers:
         log.warning("shared version %d held back: task(s) %s lose accuracy", snapshot, ", ".join(losers))
     return versions

@@ -212,10 +212,11 @@ def test_a_read_only_registry_costs_versions_not_checkpoints_or_serving(
 ) -> None:
     """The registry is made read-only for real (a read-only bind mount over it) while the trainer
     runs: publishing fails with EROFS and is counted, checkpoints (elsewhere) go on, the serving
-    version stays; made writable again, the next publish lands."""
+    version stays; made writable again after the stream went quiet, the failed publish is tried
+    again and lands."""
     s = tiny_settings
     stream = tmp_path / "stream.jsonl"
-    rows = keyword_events(2400, LABELS, seed=5)
+    rows = keyword_events(1600, LABELS, seed=5)
     stream.write_text("".join(json.dumps(r) + "\n" for r in rows[:400]))
     follow_with_frequent_writes(s, stream)
     metrics = CollectorRegistry()
@@ -233,12 +234,12 @@ def test_a_read_only_registry_costs_versions_not_checkpoints_or_serving(
                 fh.writelines(json.dumps(r) + "\n" for r in rows[400:1600])
             wait_until(lambda: sample(metrics, "dynft_publish_errors_total") >= 2, "publishes fail on EROFS")
             wait_until(lambda: sample(metrics, "dynft_checkpoints_total") > checkpoints, "checkpoints go on")
+            wait_until(lambda: processed(metrics) == 1600, "every event is processed")
             assert thread.is_alive() and registry.serving().version == serving
             assert registry.versions()[-1] == serving
             assert _mount("-o", "remount,rw,bind", str(target)).returncode == 0
-            with open(stream, "a", encoding="utf-8") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in rows[1600:])
-            wait_until(lambda: registry.versions()[-1] > serving, "a version once the registry is writable")
+            # No event after it: the failed publish is tried again on its own (backoff up to 60 s).
+            wait_until(lambda: registry.versions()[-1] > serving, "a version once the registry is writable", 150.0)
     finally:
         loop.should_exit.set()
         thread.join(120)
