@@ -166,6 +166,7 @@ class VersionsFeed:
         self._found = found  # records of tasks whose lane is not open yet (their publishers come later)
         self._lock = threading.Lock()
         self._lanes: dict[str, Lane] = {}  # written by the publishers' thread, read by the feed's
+        self._unadopted: dict[str, tuple[int, PointerRecord]] = {}  # the feed's thread: decisions not written here
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow_pointer, name="dynft-versions-feed", daemon=True)
         self._open_lane(DEFAULT_TASK, registry)
@@ -354,6 +355,11 @@ class VersionsFeed:
                     for record in records:
                         if task_of_pointer_key(record.key) is not None and record.value is not None:
                             self._on_pointer(record.offset, decode_pointer(record.value))
+                for task, (offset, record) in list(self._unadopted.items()):  # a local write failed: again
+                    if self._superseded(self._lanes[task], offset, record):
+                        del self._unadopted[task]
+                    else:
+                        self._try_adopt(self._lanes[task], offset, record)
             except Exception:  # the feed's thread must outlive one bad record or broker outage
                 log.exception("following the pointer topic failed")
                 self._stop.wait(1.0)
@@ -376,5 +382,19 @@ class VersionsFeed:
                     record.pointer.get("version"),
                 )
             return
+        self._unadopted.pop(record.task, None)  # a later decision replaces one not written here yet
         if record.pointer != lane.registry.serving().__dict__:
+            self._try_adopt(lane, offset, record)
+
+    def _try_adopt(self, lane: Lane, offset: int, record: PointerRecord) -> None:
+        """Adopt a replica's decision; if ``serving.json`` cannot be written here (a full or read-only
+        disk), the decision is kept and tried again at each poll of the pointer topic (said once)."""
+        failing = self._unadopted.pop(lane.task, None) is not None  # this very decision failed before
+        try:
             self._adopt(lane, record.pointer)
+        except RegistryError as exc:
+            if not failing:
+                log.error(
+                    "task %s: the serving decision at offset %d not adopted (tried again): %s", lane.task, offset, exc
+                )
+            self._unadopted[lane.task] = (offset, record)

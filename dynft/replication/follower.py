@@ -20,6 +20,10 @@ unpins without having seen the newest pin (``records.voided``). ``FollowingRegis
 rollback / unpin to the pointer topic instead of writing ``serving.json``, and returns once the
 follower has applied the decision, so every replica (and the trainer) follows it.
 
+A local write that fails (a full or read-only disk) loses nothing: the version goes back to the
+backlog and the pointer stays pending, and the follower's thread tries them again (about twice a second)
+until they are written, whether or not more records arrive (said once until writes work again).
+
 Tasks: a version or pointer record of a task other than ``default`` (its own keys, see
 ``records``) goes to that task's registry under ``<registry>/tasks/<task>/``, where the engine's
 watcher finds the task's lane, so a replica serves every task its trainers publish. Version
@@ -107,6 +111,7 @@ class Follower:
         self._write_lock = threading.RLock()
         self._live: set[Key] = set()  # versions with a record (not a tombstone) on the topic
         self._cleaned = False
+        self._failing = False  # the last local write failed (the follower's thread; see _failed)
         self._catching_up = False
         self._applied = threading.Condition()
         self._applied_offset = -1  # pointer topic: offset of the last record handled
@@ -186,7 +191,12 @@ class Follower:
         with self._write_lock:
             record = self._take(task, version)
             if record is not None:
-                self._write(record)
+                try:
+                    self._write(record)
+                except RegistryError:  # a local write failed: the backlog keeps it, to be tried again
+                    with self._backlog_lock:
+                        self._backlog.setdefault((task, version), record)
+                    raise
 
     def _take(self, task: str, version: int) -> VersionRecord | None:
         with self._backlog_lock:
@@ -210,11 +220,31 @@ class Follower:
     def _follow(self) -> None:
         while not self._stop.is_set():
             try:
-                self._poll(0 if self._backlog else POLL_MS)  # new records first, then one backlog version
-                self._write_backlog()
+                self._poll(0 if self._backlog and not self._failing else POLL_MS)  # new records first
+                self._write_backlog()  # then one backlog version
+                self._install_pending()
             except Exception:  # the follower must outlive one bad record or a broker outage
                 log.exception("following %s failed", self.topic)
                 self._stop.wait(1.0)
+
+    def _failed(self, what: str, exc: RegistryError) -> None:
+        """A local write failed: said once until one succeeds; the caller keeps what it could not write."""
+        if not self._failing:
+            log.error("%s not written (tried again until it is): %s", what, exc)
+        self._failing = True
+
+    def _wrote(self) -> None:
+        if self._failing:
+            log.info("the replica's registry is writable again")
+        self._failing = False
+
+    def _install_pending(self) -> None:
+        """After a failed write, a pointer whose version is here waits for nothing but another try."""
+        if not self._failing:
+            return
+        for record in list(self._pending.values()):
+            if record.pointer.get("version") in self.registry_of(record.task).versions():
+                self._install(record)
 
     def _poll(self, timeout_ms: int) -> None:
         for tp, records in self._consumer.poll(timeout_ms=timeout_ms).items():
@@ -255,15 +285,20 @@ class Follower:
         if self._catching_up:  # written once the end is reached: the serving one first
             self._backlog[where] = record
             return
-        with self._write_lock:
-            self._take(*where)
-            self._write(record)
+        with self._backlog_lock:
+            self._backlog[where] = record  # taken off again once written (ensure)
+        try:
+            self.ensure(record.version, record.task)
+        except RegistryError as exc:
+            self._failed(f"version {record.version} of task {record.task}", exc)
+            return
         pending = self._pending.get(record.task)
         if pending is not None and pending.pointer.get("version") == record.version:
             self._install(pending)
 
     def _write(self, record: VersionRecord) -> None:
         fresh = self.registry_of(record.task).materialise(record.version, record.files, durable=False)
+        self._wrote()
         self.metrics.records.labels("version", "applied" if fresh else "duplicate").inc()
 
     def _write_backlog(self) -> None:
@@ -277,7 +312,10 @@ class Follower:
         with self._backlog_lock:
             key = next((k for k in history if k in self._backlog), max(self._backlog, default=None))
         if key is not None and isinstance(key[1], int):
-            self.ensure(key[1], key[0])
+            try:
+                self.ensure(key[1], key[0])
+            except RegistryError as exc:
+                self._failed(f"version {key[1]} of task {key[0]}", exc)
 
     def _remove_unlisted(self) -> None:
         """Versions left by an earlier run whose records the topic no longer holds (pruned meanwhile)."""
@@ -323,15 +361,26 @@ class Follower:
         """Install ``record`` once its version is on disk (written now if it is in the backlog)."""
         version = record.pointer.get("version")
         if isinstance(version, int):
-            self.ensure(version, record.task)
+            try:
+                self.ensure(version, record.task)
+            except RegistryError as exc:
+                self._pending[record.task] = record
+                self._failed(f"version {version} of task {record.task}", exc)
+                return
         if version not in self.registry_of(record.task).versions():
             self._pending[record.task] = record  # the version record is on its way (another partition)
             return
         self._install(record)
 
     def _install(self, record: PointerRecord) -> None:
+        self._pending[record.task] = record  # until serving.json is written
+        try:
+            self.registry_of(record.task).replace_serving(ServingPointer(**record.pointer), durable=False)
+        except RegistryError as exc:
+            self._failed(f"task {record.task}'s serving pointer (version {record.pointer.get('version')})", exc)
+            return
+        self._wrote()
         self._pending.pop(record.task, None)
-        self.registry_of(record.task).replace_serving(ServingPointer(**record.pointer), durable=False)
         self.metrics.records.labels("pointer", "applied").inc()
         log.info(
             "task %s: serving pointer -> version %s (%s)",
