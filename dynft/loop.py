@@ -299,6 +299,8 @@ class TrainingLoop(DefaultStep, LoopState):
         self.metrics.intake_queue.set(intake.queued)
         self.metrics.intake_queue_bytes.set(intake.queued_bytes)
         if not records:
+            if self.shots is not None:
+                self.shots.idle()
             return self._waited_work(flush=False)
         self._fresh_wait.taken(records)
         work = Work(None, lineage=self.reaction.lineage)  # read before replay is drawn

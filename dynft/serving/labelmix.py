@@ -129,7 +129,9 @@ class LabelMix:
         """Replace the file with the rates now, unless it was written less than ``WRITE_EVERY_S`` ago.
 
         Advisory, like the shots: a write the disk refuses is logged (once, until one succeeds again:
-        a full disk would otherwise say so every second) and tried again with the next events.
+        a full disk would otherwise say so every second) and tried again at the next call: with the
+        next events, or while none come (``ShotLog.idle``), so a stream gone quiet is not left with
+        the rates of a second before its last events.
         """
         now = self.clock()
         if not self._changed or (self._written_at is not None and now - self._written_at < WRITE_EVERY_S):
@@ -143,7 +145,7 @@ class LabelMix:
         except OSError as exc:
             if not self._failing:
                 log.warning("cannot hand the label mix to the server's fast path (%s): %s", self.path, exc)
-            self._failing = True
+            self._failing = self._changed = True  # tried again at the next write
         else:
             if self._failing:
                 log.info("the label mix reaches the server's fast path again (%s)", self.path)

@@ -146,6 +146,10 @@ class ShotLog:
         self.counts.update(taken)
         return len(lines)
 
+    def idle(self) -> None:
+        """Nothing new was taken: the label mix's last events reach the file once its throttle allows."""
+        self.mix.write()
+
 
 @dataclass
 class _Embedded:
