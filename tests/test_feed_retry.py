@@ -163,8 +163,9 @@ def test_a_running_loop_sends_what_a_suspension_withheld_after_its_stream_went_q
         assert versions_on(kafka_broker.bootstrap, topic) == []
         holding[0] = True
         newest = loop.publisher.latest_version
-        wait_until(lambda: newest in versions_on(kafka_broker.bootstrap, topic), 60, "the withheld versions")
-        assert loop.publisher.latest_version == newest and loop.publisher.on_topic  # sent by the tick, not a publish
+        wait_until(lambda: loop.publisher.on_topic, 60, "the withheld versions")  # set once the sync returned
+        assert newest in versions_on(kafka_broker.bootstrap, topic)
+        assert loop.publisher.latest_version == newest  # sent by the tick, not by a publish
     finally:
         loop.should_exit.set()
         thread.join(timeout=60)
