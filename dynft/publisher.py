@@ -196,12 +196,15 @@ class Publisher:
             "lineage": self.lineage,
             "latest_version": self.latest_version,
             "published_at_step": self.schedule.at_step,
+            "publish_failed": self.schedule.retry_at is not None,  # tried again after a restart too
             "base_model": self.fingerprint,  # a restart on another base model starts a new lineage
             "label_events": dict(self.label_events),
         }
 
     def restore(self, state: dict[str, Any]) -> None:
         self.lineage, self.schedule.at_step = state["lineage"], state["published_at_step"]
+        if state.get("publish_failed"):
+            self.schedule.failed()
         self.label_events = Counter(state.get("label_events") or {})
         self.latest_version = max(state["latest_version"] or 0, max(self.registry.versions(), default=0)) or None
         self.serving_version = self.registry.serving().version
@@ -241,13 +244,15 @@ class Publisher:
         self.mark_published()
         started = time.monotonic()
         try:
-            return self._publish(extra_meta)
+            version = self._publish(extra_meta)
         except DynftError as exc:
             self.publish_failed()
             log.error("could not publish a version (tried again in a while): %s", exc)
             return None
         finally:
             self.schedule.cost = time.monotonic() - started
+        self.schedule.succeeded()
+        return version
 
     def due(self, force: bool = False) -> bool:
         """Whether a version is due now (``force``: whenever the trainer moved since the last one)."""

@@ -20,6 +20,10 @@ True
 >>> schedule.mark(steps=1); schedule.failed(now=100.0)
 >>> [schedule.due(1, 2, True, lambda: False, now=t) for t in (100.5, 101.0)]  # tried again, nothing trained since
 [False, True]
+>>> schedule.failed(now=100.0); schedule.due(1, 0, True, lambda: False, now=200.0)  # no head row: nothing to serve
+False
+>>> schedule.mark(steps=1); schedule.succeeded(); schedule.due(1, 2, True, lambda: False)
+False
 """
 
 from __future__ import annotations
@@ -56,9 +60,11 @@ class Schedule:
         trainer moved since the last one); ``serving``: a version serves; ``waiting``: whether
         training work waits (publishing now would delay it)."""
         now = time.monotonic() if now is None else now
+        if not labels:  # no head row yet: nothing to serve
+            return False
         if self.retry_at is not None:
             return force or now >= self.retry_at
-        if steps == self.at_step or not labels:
+        if steps == self.at_step:
             return False
         if self.labels < 0:  # first call since the start: what was restored is not new
             self.labels = labels
@@ -88,11 +94,14 @@ class Schedule:
         self.fresh = 0
 
     def published(self, labels: int) -> None:
-        """A version with ``labels`` labels was written: the retries, if any, are over."""
+        """A version with ``labels`` labels was written."""
         self.labels = labels
+
+    def succeeded(self) -> None:
+        """The publish begun at the last ``mark`` finished (written, judged, promoted, sent): no retry."""
         self.retry_at, self._retry_wait = None, RETRY_FIRST_S
 
     def failed(self, now: float | None = None) -> None:
-        """The publish begun at the last ``mark`` wrote no version: due again after the backoff."""
+        """The publish begun at the last ``mark`` did not finish: due again after the backoff."""
         self.retry_at = (time.monotonic() if now is None else now) + self._retry_wait
         self._retry_wait = min(2 * self._retry_wait, RETRY_MAX_S)

@@ -76,7 +76,8 @@ def publish_together(members: list[Member], gate: GateSettings, snapshot: int, f
         except DynftError as exc:
             log.error("could not publish a shared version (task %s; tried again in a while): %s", m.name, exc)
             for each in members:
-                each.publisher.publish_failed()
+                if each.publisher.trainer.exported_labels():
+                    each.publisher.publish_failed()
             return {}
         judged.append((m, state, decision))
     losers = [m.name for m, _, decision in judged if loses(decision, gate)]
@@ -96,6 +97,8 @@ def publish_together(members: list[Member], gate: GateSettings, snapshot: int, f
                 snapshot,
                 exc,
             )
+        else:
+            m.publisher.schedule.succeeded()
     if losers:
         log.warning("shared version %d held back: task(s) %s lose accuracy", snapshot, ", ".join(losers))
     return versions

@@ -178,3 +178,34 @@ def test_without_a_backlog_setting_every_fresh_event_is_trained(tiny_settings: S
     run(tiny_settings, write_jsonl(tmp_path / "events.jsonl", rows))
     _, counts = outcomes_of(tiny_settings, rows)
     assert counts["buffered"] == 0 and counts["trained"] + counts["held_out"] == 96
+
+
+def test_a_failed_publish_is_tried_again_without_a_new_step_and_after_a_restart(
+    tiny_settings: Settings, tiny_trainer: OnlineTrainer
+) -> None:
+    """A quiet stream's last steps still become a version: the failed publish is due again on its
+    own (after 1 s, then 2 s ...), and a checkpoint taken meanwhile carries that it is."""
+    import torch
+
+    from dynft.schedule import RETRY_FIRST_S
+
+    tiny_settings.registry.first_publish_steps = 1
+    publisher = make_publisher(tiny_settings, tiny_trainer, HoldoutWindow(64))
+    batch = events(16, ["alpha", "beta"], 2, "a")
+    tiny_trainer.step(tiny_trainer.collator(batch, n_fresh=len(batch)))
+    param = next(iter(tiny_trainer.slots.capture().values()))
+    kept = param.detach().clone()
+    with torch.no_grad():
+        param.fill_(float("nan"))  # a real reason to refuse: nothing non-finite is published
+    assert publisher.maybe_publish({}) is None
+    assert publisher.registry.versions() == [] and not publisher.due()  # not before the backoff
+    state = publisher.snapshot()
+    with torch.no_grad():
+        param.copy_(kept)
+    time.sleep(RETRY_FIRST_S * 1.1)
+    assert publisher.maybe_publish({}) == 1  # no step since the failure
+    assert publisher.maybe_publish({}) is None  # done: nothing more is due
+    restarted = make_publisher(tiny_settings, tiny_trainer, HoldoutWindow(64))
+    restarted.restore(state)  # the checkpoint taken while the publish was failing
+    time.sleep(RETRY_FIRST_S * 1.1)
+    assert restarted.maybe_publish({}) == 2

@@ -59,10 +59,11 @@ def test_a_replica_whose_registry_refuses_writes_writes_what_came_meanwhile_once
     replica = FollowingRegistry(tmp_path / "replica")
     uri = f"kafka://{kafka_broker.bootstrap}/{topic}"
     follower = replica.follower = Follower(tiny_settings, replica, uri, CollectorRegistry())
+    caplog.set_level(logging.INFO, logger="dynft.replication.follower")
     follower.start()
     try:
         assert replica.serving().version == 1
-        with caplog.at_level(logging.INFO, logger="dynft.replication.follower"), read_only(tmp_path / "replica"):
+        with read_only(tmp_path / "replica"):
             for value in (2.0, 3.0):
                 trainer.promote(publish(trainer, value), f"v{int(value)}")
                 feed.sync()

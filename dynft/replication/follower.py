@@ -239,9 +239,8 @@ class Follower:
         self._failing = False
 
     def _install_pending(self) -> None:
-        """After a failed write, a pointer whose version is here waits for nothing but another try."""
-        if not self._failing:
-            return
+        """A pending pointer whose version is here now (written from the backlog after a failed
+        write, say) waits for nothing but another try; without this it would wait for a record."""
         for record in list(self._pending.values()):
             if record.pointer.get("version") in self.registry_of(record.task).versions():
                 self._install(record)
@@ -266,7 +265,10 @@ class Follower:
                 self._take(task, number)
                 registry = self.registry_of(task)
                 if number != registry.serving().version:
-                    registry.discard(number)
+                    try:
+                        registry.discard(number)
+                    except RegistryError as exc:  # left on disk; an unlisted version goes at the next start
+                        self._failed(f"the removal of version {number} of task {task}", exc)
             return
         try:
             record = decode_version(value)
