@@ -22,6 +22,7 @@ than the span of the pairs merged.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -68,7 +69,13 @@ def served_after(pairs: Any, served_at: float, since: float) -> Iterator[float]:
         if not (isinstance(pair, list) and len(pair) == 2):
             continue
         arrived, events = pair
-        if not isinstance(arrived, int | float) or not isinstance(events, int) or arrived < since:
+        if not isinstance(arrived, int | float) or not isinstance(events, int):
+            continue
+        try:
+            at = float(arrived)  # an int too large for a float raises
+        except OverflowError:
+            continue
+        if not math.isfinite(at) or at < since:
             continue
         for _ in range(min(events, 100_000)):
-            yield max(0.0, served_at - float(arrived))
+            yield max(0.0, served_at - at)

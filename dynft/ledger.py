@@ -198,7 +198,7 @@ class LedgerPruner:
                 before = time.time() - self.retention_s if self.retention_s is not None else None
                 try:
                     n = prune(db, before, self.max_rows)
-                except sqlite3.Error as exc:
+                except Exception as exc:  # sqlite3.Error, or anything else: the pruner must outlive it
                     log.warning("ledger %s: pruning failed (%s); next try in %.0f s", self.path, exc, self.interval_s)
                 else:
                     self.pruned += n

@@ -371,12 +371,12 @@ class AdapterRegistry:
         ``durable=False``: no fsyncs (the topic keeps the copy that survives a crash).
         """
         target = self.path(version)
-        if target.exists() and all(
-            (target / n).exists() and (target / n).read_bytes() == data for n, data in files.items()
-        ):
-            return False
         stage = self.staging_dir / uuid.uuid4().hex
-        with self._writing(f"write version {version}"):
+        with self._writing(f"write version {version}"):  # the comparison reads: its failures are reported too
+            if target.exists() and all(
+                (target / n).exists() and (target / n).read_bytes() == data for n, data in files.items()
+            ):
+                return False
             stage.mkdir()
             write_files(stage, files, durable)
             with self._locked():

@@ -209,3 +209,11 @@ def test_a_failed_publish_is_tried_again_without_a_new_step_and_after_a_restart(
     restarted.restore(state)  # the checkpoint taken while the publish was failing
     time.sleep(RETRY_FIRST_S * 1.1)
     assert restarted.maybe_publish({}) == 2
+
+
+def test_arrivals_that_are_no_finite_time_are_skipped_not_raised() -> None:
+    """``meta.json`` is outside the content hash: what a damaged one says must not stop a swap."""
+    from dynft.freshness import served_after
+
+    pairs = [[10**400, 1], [float("inf"), 1], [float("nan"), 1], ["1", 1], [5.0, 2], [1.0, 1]]
+    assert list(served_after(pairs, served_at=10.0, since=2.0)) == [5.0, 5.0]

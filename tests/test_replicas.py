@@ -273,6 +273,29 @@ def test_the_trainer_adopts_a_decision_made_on_a_replica(kafka_broker: Broker, t
         feed.close()
 
 
+def test_a_malformed_pointer_record_costs_the_trainer_no_decision_after_it(
+    kafka_broker: Broker, tiny_settings: Settings
+) -> None:
+    from dynft.pointer import now
+
+    registry = small_registry(tiny_settings, 2)
+    registry.promote(2, "second")
+    topic = f"versions-{uuid.uuid4().hex[:8]}"
+    feed = VersionsFeed(tiny_settings, registry, [kafka_broker.bootstrap], topic)
+    feed.start()
+    try:
+        producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all", linger_ms=50)
+        decision = {"version": 1, "pinned": True, "reason": "rolled back", "updated_at": now(), "history": []}
+        record = PointerRecord(feed.epoch, "replica", decision)
+        bad = producer.send(pointer_topic(topic), key=POINTER_KEY, value=b"{not a pointer")
+        good = producer.send(pointer_topic(topic), key=POINTER_KEY, value=encode_pointer(record))
+        bad.get(30), good.get(30)  # one batch (linger): the feed reads them in one poll
+        producer.close()
+        wait_until(lambda: registry.serving().version == 1, 30, "the trainer to adopt the rollback after it")
+    finally:
+        feed.close()
+
+
 def test_a_replica_waits_for_late_versions_and_ignores_stale_trainers(
     kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path
 ) -> None:

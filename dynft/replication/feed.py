@@ -354,7 +354,7 @@ class VersionsFeed:
                 for records in self._consumer.poll(timeout_ms=500).values():
                     for record in records:
                         if task_of_pointer_key(record.key) is not None and record.value is not None:
-                            self._on_pointer(record.offset, decode_pointer(record.value))
+                            self._read_pointer(record)
                 for task, (offset, record) in list(self._unadopted.items()):  # a local write failed: again
                     if self._superseded(self._lanes[task], offset, record):
                         del self._unadopted[task]
@@ -363,6 +363,15 @@ class VersionsFeed:
             except Exception:  # the feed's thread must outlive one bad record or broker outage
                 log.exception("following the pointer topic failed")
                 self._stop.wait(1.0)
+
+    def _read_pointer(self, record: Any) -> None:
+        """One record of the pointer topic; a malformed one is skipped (the rest of its poll is not)."""
+        try:
+            pointer = decode_pointer(record.value)
+        except RegistryError as exc:
+            log.warning("skipping a record of %s at offset %d: %s", pointer_topic(self.topic), record.offset, exc)
+            return
+        self._on_pointer(record.offset, pointer)
 
     def _on_pointer(self, offset: int, record: PointerRecord) -> None:
         outcome = self._log.admit(record, offset)

@@ -232,28 +232,43 @@ class InferenceEngine(VersionWatcher):
             # A request whose client gave up (timeout) was cancelled: skip it. Marking the rest
             # running means they can no longer be cancelled, so setting their result cannot fail.
             batch = [p for p in self._collect() if p.future.set_running_or_notify_cancel()]
-            if self.fast is not None:
-                self.fast.take()
-            for lane in list(self.lanes.values()):
-                staged = lane.staged
-                if staged is not None:
+            try:
+                self._serve(batch)
+            except Exception as exc:  # a dead worker answers nobody while the server looks up: go on
+                log.exception("the inference worker failed on a batch of %d request(s); it goes on", len(batch))
+                for pending in batch:
+                    if not pending.future.done():
+                        pending.future.set_exception(exc)
+                self._stop.wait(0.1)  # a failure that repeats must not spin
+
+    def _serve(self, batch: list[_Pending]) -> None:
+        """Install what was staged, then answer ``batch`` (the worker's one round)."""
+        if self.fast is not None:
+            self.fast.take()
+        for lane in list(self.lanes.values()):
+            staged = lane.staged
+            if staged is not None:
+                try:
                     self._install(staged)
-            groups: dict[str, list[_Pending]] = {}
-            for pending in batch:
-                groups.setdefault(pending.task, []).append(pending)
-            # One pass for the tasks together, each row with its task's adapter; while the fast path
-            # has prototype rows to add, the default task's rows need a pass of their own (their
-            # features, its version's head).
-            mixable = {t: g for t, g in groups.items() if t != DEFAULT_TASK or not self._fast_pending()}
-            if len(mixable) > 1 and self._answer_mixed(mixable):
-                groups = {t: g for t, g in groups.items() if t not in mixable}
-            for task, group in groups.items():  # else one forward pass per task, each with its own adapter
-                active = self.lanes[task].active
-                if active is None:
-                    for pending in group:
-                        pending.future.set_exception(NotReady("no adapter version is serving yet"))
-                    continue
-                self._answer(active, group)
+                finally:
+                    if lane.staged is staged:  # one that cannot be installed is not tried again every round
+                        lane.staged = None
+        groups: dict[str, list[_Pending]] = {}
+        for pending in batch:
+            groups.setdefault(pending.task, []).append(pending)
+        # One pass for the tasks together, each row with its task's adapter; while the fast path
+        # has prototype rows to add, the default task's rows need a pass of their own (their
+        # features, its version's head).
+        mixable = {t: g for t, g in groups.items() if t != DEFAULT_TASK or not self._fast_pending()}
+        if len(mixable) > 1 and self._answer_mixed(mixable):
+            groups = {t: g for t, g in groups.items() if t not in mixable}
+        for task, group in groups.items():  # else one forward pass per task, each with its own adapter
+            active = self.lanes[task].active
+            if active is None:
+                for pending in group:
+                    pending.future.set_exception(NotReady("no adapter version is serving yet"))
+                continue
+            self._answer(active, group)
 
     def _fast_pending(self) -> bool:
         """Whether the fast path has labels to add to the default task's serving version."""

@@ -92,10 +92,7 @@ class VersionWatcher:
         while not self._stop.is_set():
             self._nudged.clear()  # before reading, so a change made during the read is not missed
             try:
-                self.poll_registry()
-                if self.fast is not None:
-                    self.fast.poll()
-                    self._stage_base()
+                self._poll_once()
             except Exception as exc:  # the watcher must outlive any one bad version or read
                 said = f"{type(exc).__name__}: {exc}"
                 if said != failing and isinstance(exc, DynftError):  # foreseen: its message says it all
@@ -109,13 +106,39 @@ class VersionWatcher:
                 failing = None
             self._nudged.wait(self.settings.server.poll_interval_s)
 
+    def _poll_once(self) -> None:
+        """One look at every lane, then the fast path, which a failed lane does not keep from its look."""
+        failure: Exception | None = None
+        try:
+            self.poll_registry()
+        except Exception as exc:
+            failure = exc
+        if self.fast is not None:
+            self.fast.poll()
+            self._stage_base()
+        if failure is not None:
+            raise failure
+
     def poll_registry(self) -> None:
         """Stage each task's serving version if it changed (called by the watcher thread).
 
         If the serving version cannot be loaded (files missing or corrupt, another shape or base
         model), the newest loadable version of the pointer's history serves instead, with a
         warning and ``dynft_serving_fallback`` at 1; the serving version is tried again every 30 s.
+        A lane that fails (a damaged ``serving.json``, say) keeps no other task from its version:
+        every lane is looked at, then the first failure is raised.
         """
+        failures = []
+        for lane in self._lanes_now():
+            try:
+                self._poll_lane(lane)
+            except Exception as exc:
+                failures.append(exc)
+        if failures:
+            raise failures[0]
+
+    def _lanes_now(self) -> list[Lane]:
+        """Every lane, with a lane made for each task that appeared in the registry since."""
         for task in known_tasks(self.registry.root):
             if task not in self.lanes:
                 root = task_registry_dir(self.registry.root, task)
@@ -125,8 +148,7 @@ class VersionWatcher:
                     **self.lanes,
                     task: Lane(task, made or AdapterRegistry(root, s.keep_last, s.keep_serving_history)),
                 }
-        for lane in list(self.lanes.values()):
-            self._poll_lane(lane)
+        return list(self.lanes.values())
 
     def _poll_lane(self, lane: Lane) -> None:
         pointer = lane.registry.serving()
