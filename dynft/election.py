@@ -60,7 +60,7 @@ from typing import Any
 
 from kafka import ConsumerRebalanceListener
 
-from dynft.errors import ConfigError, ReplicationError
+from dynft.errors import ConfigError
 from dynft.events import DEFAULT_TASK
 from dynft.replication import topics
 from dynft.replication.feed import versions_servers
@@ -346,7 +346,9 @@ class Election:
         )
 
     def _newest_term(self) -> int:
-        """The highest epoch on any partition of the term topic."""
+        """The highest epoch on any partition of the term topic. A record that is no term record
+        (written by something else) is skipped with a warning: raising on it blocked every take of
+        a term for good, since the compacted topic keeps it until a term record replaces it."""
         from kafka import TopicPartition
 
         parts = [TopicPartition(self.topic, p) for p in range(self.partitions)]
@@ -356,12 +358,12 @@ class Election:
             self._checker.seek_to_beginning(*parts)
             ends = self._checker.end_offsets(parts)
             while any(self._checker.position(tp) < ends[tp] for tp in parts):
-                for records in self._checker.poll(timeout_ms=500).values():
+                for tp, records in self._checker.poll(timeout_ms=500).items():
                     for record in records:
                         try:
                             newest = max(newest, int(json.loads(record.value)["epoch"]))
                         except (ValueError, KeyError, TypeError) as exc:
-                            raise ReplicationError(f"{self.topic}: malformed term record ({exc})") from exc
+                            log.warning("%s: skipping a malformed term record at %d (%s)", tp, record.offset, exc)
         return newest
 
     def _newest_versions_epoch(self) -> int:
