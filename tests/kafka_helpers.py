@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -15,9 +16,11 @@ from typing import Any
 from kafka import KafkaConsumer, TopicPartition
 
 from dynft.devbroker import Broker
+from dynft.election import Election
 from dynft.ledger import Ledger
 from dynft.produce import ensure_topic, produce
 from dynft.settings import Settings
+from dynft.term import TermView
 
 from helpers import write_jsonl
 
@@ -190,3 +193,17 @@ def topic_records(bootstrap: str, topic: str) -> list[Any]:
         return [record for p in sorted(out) for record in out[p]]
     finally:
         consumer.close()
+
+
+def start_and_hold(election: Election, timeout_s: float = 90.0) -> TermView:
+    """Start ``election`` and wait until it holds a term (failing the test after ``timeout_s``)."""
+    election.start()
+    stop = threading.Event()
+    give_up = threading.Timer(timeout_s, stop.set)
+    give_up.start()
+    try:
+        view = election.wait(stop)
+    finally:
+        give_up.cancel()
+    assert view is not None and election.holding, f"no term within {timeout_s:.0f} s"
+    return view

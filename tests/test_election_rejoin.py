@@ -13,7 +13,7 @@ from dynft.devbroker import Broker
 from dynft.election import Election
 from dynft.settings import Settings
 
-from kafka_helpers import kafka_settings, new_topic, wait_until
+from kafka_helpers import kafka_settings, new_topic, start_and_hold, wait_until
 
 
 def settled(election: Election) -> None:
@@ -39,13 +39,8 @@ def test_a_revocation_no_assignment_follows_is_healed_by_a_new_member_and_the_te
     settings.kafka.max_poll_interval_ms = 10_000
     settings.kafka.session_timeout_ms = 6000  # the broker's shortest
     election = Election(settings, "host:1")
-    election.start()
-    stop = threading.Event()
-    give_up = threading.Timer(90, stop.set)
-    give_up.start()
     try:
-        view = election.wait(stop)
-        assert view is not None and election.holding
+        view = start_and_hold(election)
         settled(election)
         first, epoch = election._consumer, election.epoch
         election._news.put(("revoked", frozenset({0})))
@@ -55,7 +50,6 @@ def test_a_revocation_no_assignment_follows_is_healed_by_a_new_member_and_the_te
         assert election.epoch == epoch and not election.lost and view.current()
         assert election.held()  # no later term record: the trainer may send again
     finally:
-        give_up.cancel()
         election.close()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
 
 from kafka import KafkaProducer
@@ -13,7 +12,7 @@ from dynft.replication import topics
 from dynft.settings import Settings
 from dynft.term import term_topic
 
-from kafka_helpers import kafka_settings, new_topic
+from kafka_helpers import kafka_settings, new_topic, start_and_hold
 
 
 def test_a_record_that_is_no_term_record_is_skipped_and_the_term_is_taken(
@@ -31,14 +30,8 @@ def test_a_record_that_is_no_term_record_is_skipped_and_the_term_is_taken(
         producer.send(term_topic(versions), key=value[:6], value=value).get(30)  # keys apart: none compacted away
     producer.close()
     election = Election(settings, "host:1")
-    election.start()
-    stop = threading.Event()
-    give_up = threading.Timer(90, stop.set)
-    give_up.start()
     try:
-        view = election.wait(stop)
-        assert view is not None and election.holding
+        start_and_hold(election)
         assert election.epoch == 5  # above the one readable term record
     finally:
-        give_up.cancel()
         election.close()
