@@ -362,7 +362,7 @@ class Election:
                     for record in records:
                         try:
                             newest = max(newest, int(json.loads(record.value)["epoch"]))
-                        except (ValueError, KeyError, TypeError) as exc:
+                        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
                             log.warning("%s: skipping a malformed term record at %d (%s)", tp, record.offset, exc)
         return newest
 

@@ -50,6 +50,22 @@ def test_a_version_key_that_names_no_task_safely_is_refused(key: bytes) -> None:
     assert parse_version_key(key) is None
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        b'{"epoch": 1, "origin": "r", "pointer": {"version": 3, "extra": 1}}',  # a field no pointer has
+        b'{"epoch": 1e999, "origin": "r", "pointer": {"version": 3}}',  # an epoch no int can be
+        b'{"epoch": 1, "origin": "r", "pointer": {"version": 3, "history": "v2"}}',  # would damage serving.json
+        b'{"epoch": 1, "origin": "r", "pointer": {"version": true}}',
+        b'{"epoch": 1, "origin": "r", "pointer": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # deeper than the parser
+    ],
+)
+def test_a_pointer_record_no_serving_json_could_hold_is_malformed(value: bytes) -> None:
+    """Refused where it is read (each reader skips it alone), not where it is written or adopted."""
+    with pytest.raises(RegistryError, match="malformed pointer record"):
+        decode_pointer(value)
+
+
 def test_task_keys_round_trip_and_bad_task_names_in_records_are_malformed() -> None:
     assert parse_version_key(version_key(3, "intents")) == ("intents", 3)
     assert task_of_pointer_key(pointer_key("intents")) == "intents"

@@ -26,8 +26,9 @@ def test_a_record_that_is_no_term_record_is_skipped_and_the_term_is_taken(
     k = settings.kafka
     topics.ensure_topics([kafka_broker.bootstrap], versions, k, extra={term_topic(versions): 1})
     producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, acks="all")
-    for value in (b"{not json", b'{"epoch": "seven"}', b'{"holder": "x"}', b'{"epoch": 4, "holder": "old:1"}'):
-        producer.send(term_topic(versions), key=value[:6], value=value).get(30)  # keys apart: none compacted away
+    bad = [b"{not json", b'{"epoch": "seven"}', b'{"holder": "x"}', b'{"epoch": 1e999}', b"[" * 100_000]
+    for i, value in enumerate([*bad, b'{"epoch": 4, "holder": "old:1"}']):
+        producer.send(term_topic(versions), key=b"k%d" % i, value=value).get(30)  # keys apart: none compacted away
     producer.close()
     election = Election(settings, "host:1")
     try:

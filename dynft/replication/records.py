@@ -52,6 +52,7 @@ from typing import Any
 from dynft.durable import write_atomic
 from dynft.errors import RegistryError, RegistryWriteError
 from dynft.events import DEFAULT_TASK, task_name_problem
+from dynft.pointer import pointer_problem
 
 POINTER_KEY = b"serving"
 EPOCH_FILE = "epoch"
@@ -198,7 +199,7 @@ def decode_version(value: bytes) -> VersionRecord:
             raise ValueError(f"{len(body)} bytes of files, the header lists {offset}")
         task, shard = checked_task(header.get("task", DEFAULT_TASK)), int(header.get("shard", 0))
         return VersionRecord(int(header["version"]), int(header["epoch"]), str(header["origin"]), files, task, shard)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         raise RegistryError(f"malformed version record ({exc})") from exc
 
 
@@ -228,11 +229,12 @@ def decode_pointer(value: bytes) -> PointerRecord:
     try:
         data = json.loads(value)
         pointer = data["pointer"]
-        if not isinstance(pointer, dict) or not isinstance(pointer.get("version"), int | None):
-            raise ValueError("no pointer with a version")
+        problem = pointer_problem(pointer)  # as serving.json is checked: what it holds is written there
+        if problem is not None:
+            raise ValueError(problem)
         task, shard = checked_task(data.get("task", DEFAULT_TASK)), int(data.get("shard", 0))
         return PointerRecord(int(data["epoch"]), str(data["origin"]), pointer, int(data.get("seen", -1)), task, shard)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         raise RegistryError(f"malformed pointer record ({exc})") from exc
 
 

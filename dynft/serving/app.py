@@ -26,8 +26,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dynft.errors import RegistryError, RegistryWriteError, VersionNotFoundError
 from dynft.metrics import ServerMetrics, exposition
 from dynft.registry import AdapterRegistry
+from dynft.serving.answers import NotReady, Overloaded, UnknownTask
 from dynft.serving.console import console_router
-from dynft.serving.engine import InferenceEngine, NotReady, Overloaded, UnknownTask
+from dynft.serving.engine import InferenceEngine
 from dynft.serving.limits import ApiError, BodyDeadline, BodyLimit, error_response
 from dynft.serving.schemas import (
     NOT_BLANK,
@@ -352,6 +353,8 @@ def create_app(
         serving = engine.serving
         if not serving:
             return error_response(503, "not_ready", "no adapter version is loaded yet")
+        if not engine.ready:
+            return error_response(503, "not_ready", f"the inference worker keeps failing ({engine.failing})")
         default = serving.get(DEFAULT_TASK)
         return JSONResponse({"status": "ready", "adapter_version": default, "tasks": serving})
 

@@ -34,14 +34,11 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import torch
-from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
 from dynft.batching import pad_multiple_for, tokenize
-from dynft.errors import DynftError
 from dynft.families import base_dtype, read_positions
 from dynft.fingerprint import BaseModelId
 from dynft.freshness import served_after
@@ -55,48 +52,18 @@ from dynft.model import (
 )
 from dynft.precision import autocast, autocast_dtype
 from dynft.registry import AdapterRegistry
-from dynft.serving.mixed import MixedForward
+from dynft.serving.answers import Answer, NotReady, Overloaded, Pending, Prediction, UnknownTask
+from dynft.serving.mixed import MixedAnswers, MixedForward
 from dynft.serving.prototypes import SHOTS_FILE, FastPath, merge_columns
 from dynft.serving.watcher import Lane, LoadedVersion, VersionWatcher
 from dynft.settings import Settings
 from dynft.tasks import DEFAULT_TASK
 
 log = logging.getLogger(__name__)
+NOT_READY_AFTER = 3  # the worker's rounds failed in a row before /readyz says not ready
 
 
-class Overloaded(DynftError):
-    """Too many texts are waiting; the client should retry later."""
-
-
-class NotReady(DynftError):
-    """No adapter version has been loaded yet."""
-
-
-@dataclass(frozen=True)
-class Prediction:
-    label: str
-    scores: dict[str, float]
-
-
-@dataclass(frozen=True)
-class Answer:
-    predictions: list[Prediction]
-    version: int  # 0: no version yet, the base encoder with prototype rows alone
-    fast_path: bool = False  # prototype rows for labels the version lacks took part
-
-
-class UnknownTask(DynftError):
-    """A request named a task that has no versions in the registry."""
-
-
-@dataclass
-class _Pending:
-    texts: list[str]
-    future: Future[Answer]
-    task: str = DEFAULT_TASK
-
-
-class InferenceEngine(VersionWatcher):
+class InferenceEngine(VersionWatcher, MixedAnswers):
     def __init__(self, settings: Settings, registry: AdapterRegistry, metrics: ServerMetrics) -> None:
         self.settings = settings
         self.registry = registry
@@ -117,8 +84,10 @@ class InferenceEngine(VersionWatcher):
         # A replica's: each task's registry from its follower (admin decisions go to the pointer topic).
         self.task_registry: Callable[[str], AdapterRegistry] | None = None
         self._installed: LoadedVersion | None = None  # whose parameters the model holds now (worker thread)
+        self._failed_rounds = 0  # the worker's rounds that failed in a row (worker thread; read by /readyz)
+        self._failing: str | None = None  # the last of their errors (said once while it repeats)
         self._mixed: dict[int, MixedForward] = {}  # by id of the slots it hooks (worker thread)
-        self._queue: deque[_Pending] = deque()
+        self._queue: deque[Pending] = deque()
         self._queued_texts = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -169,8 +138,13 @@ class InferenceEngine(VersionWatcher):
 
     @property
     def ready(self) -> bool:
-        """Some task's version answers (``/readyz``)."""
-        return bool(self.serving)
+        """Some task's version answers (``/readyz``), and the worker's rounds do not keep failing."""
+        return bool(self.serving) and self._failed_rounds < NOT_READY_AFTER
+
+    @property
+    def failing(self) -> str | None:
+        """The error of the worker's last round if it failed (the worker's; read whole)."""
+        return self._failing
 
     @property
     def serving(self) -> dict[str, int]:
@@ -195,12 +169,12 @@ class InferenceEngine(VersionWatcher):
         with self._cond:
             if self._queued_texts + len(texts) > self.settings.server.max_queue:
                 raise Overloaded(f"{self._queued_texts} texts are already waiting")
-            self._queue.append(_Pending(texts, future, task))
+            self._queue.append(Pending(texts, future, task))
             self._queued_texts += len(texts)
             self._cond.notify()
         return future
 
-    def _collect(self) -> list[_Pending]:
+    def _collect(self) -> list[Pending]:
         """Whole requests for one micro-batch (empty when woken for a swap or a stop)."""
         s = self.settings.server
         with self._cond:
@@ -235,13 +209,26 @@ class InferenceEngine(VersionWatcher):
             try:
                 self._serve(batch)
             except Exception as exc:  # a dead worker answers nobody while the server looks up: go on
-                log.exception("the inference worker failed on a batch of %d request(s); it goes on", len(batch))
-                for pending in batch:
-                    if not pending.future.done():
-                        pending.future.set_exception(exc)
-                self._stop.wait(0.1)  # a failure that repeats must not spin
+                self._round_failed(exc, batch)
+            else:
+                if self._failed_rounds:
+                    log.info("the inference worker answers again after %d failed round(s)", self._failed_rounds)
+                self._failed_rounds, self._failing = 0, None
 
-    def _serve(self, batch: list[_Pending]) -> None:
+    def _round_failed(self, exc: Exception, batch: list[Pending]) -> None:
+        """A round failed unforeseen: its requests get the error now; said once while it repeats, and
+        after ``NOT_READY_AFTER`` rounds in a row ``/readyz`` says the server is not ready."""
+        said = f"{type(exc).__name__}: {exc}"
+        if said != self._failing:
+            log.exception("the inference worker failed on %d request(s); it goes on (said once)", len(batch))
+        self._failing = said
+        self._failed_rounds += 1
+        for pending in batch:
+            if not pending.future.done():
+                pending.future.set_exception(exc)
+        self._stop.wait(0.1)  # a failure that repeats must not spin
+
+    def _serve(self, batch: list[Pending]) -> None:
         """Install what was staged, then answer ``batch`` (the worker's one round)."""
         if self.fast is not None:
             self.fast.take()
@@ -253,7 +240,7 @@ class InferenceEngine(VersionWatcher):
                 finally:
                     if lane.staged is staged:  # one that cannot be installed is not tried again every round
                         lane.staged = None
-        groups: dict[str, list[_Pending]] = {}
+        groups: dict[str, list[Pending]] = {}
         for pending in batch:
             groups.setdefault(pending.task, []).append(pending)
         # One pass for the tasks together, each row with its task's adapter; while the fast path
@@ -277,7 +264,7 @@ class InferenceEngine(VersionWatcher):
             active is None or bool(self.fast.pending(active.labels, active.label_events, active.lineage))
         )
 
-    def _answer(self, active: LoadedVersion, batch: list[_Pending]) -> None:
+    def _answer(self, active: LoadedVersion, batch: list[Pending]) -> None:
         try:
             answers, fast = self._forward(active, [t for p in batch for t in p.texts])
         except NotReady as exc:  # version 0 without shots (they were reset): nothing can answer
@@ -367,56 +354,12 @@ class InferenceEngine(VersionWatcher):
         rows = [self._run(active, texts[i : i + size], features=True)[0] for i in range(0, len(texts), size)]
         return torch.cat([r for r in rows if r is not None])
 
-    def _answer_mixed(self, groups: dict[str, list[_Pending]]) -> bool:
-        """Answer a batch of several tasks in one forward pass (``dynft.serving.mixed``); whether it
-        did. It does not when a task has no version yet, the tasks' versions need different models,
-        the adapter kind is not supported, or the pass fails (each group is then answered apart)."""
-        actives = [self.lanes[task].active for task in groups]
-        if any(a is None for a in actives) or len({id(a.model) for a in actives if a is not None}) > 1:
-            return False
-        owners = [a for a in actives if a is not None]
-        mixed = self._mixed.get(id(owners[0].slots))
-        if mixed is None:
-            mixed = self._mixed[id(owners[0].slots)] = MixedForward(owners[0].slots, self.compute_dtype)
-        if not mixed.supported:
-            return False
-        texts = [t for group in groups.values() for p in group for t in p.texts]
-        rows = [owner for owner, group in zip(owners, groups.values(), strict=True) for p in group for _ in p.texts]
-        try:
-            answers = self._forward_mixed(mixed, owners[0].model, rows, texts)
-        except Exception:
-            log.exception("a mixed-task forward pass failed; answering each task's rows apart")
-            return False
-        start = 0
-        for owner, group in zip(owners, groups.values(), strict=True):
-            for pending in group:
-                end = start + len(pending.texts)
-                pending.future.set_result(Answer(answers[start:end], owner.version))
-                start = end
-        return True
-
-    def _forward_mixed(
-        self, mixed: MixedForward, model: PeftModel, rows: list[LoadedVersion], texts: list[str]
-    ) -> list[Prediction]:
-        self.metrics.batch_size.observe(len(texts))
-        enc = tokenize(self.tokenizer, texts, self.settings.model.max_length, self.pad_multiple)
-        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
-        probs = mixed.probabilities(model, ids, mask, [(id(v), v.params, len(v.labels)) for v in rows])
-        for i, (owner, text) in enumerate(zip(rows, texts, strict=True)):
-            if owner.words is not None:
-                adapter = torch.tensor([probs[i]])
-                probs[i] = blend(adapter, owner.words.probabilities([text]), owner.words.weight)[0].tolist()
-        out = []
-        for owner, row in zip(rows, probs, strict=True):
-            best = max(range(len(row)), key=row.__getitem__)
-            out.append(Prediction(owner.labels[best], dict(zip(owner.labels, row, strict=True))))
-        return out
-
     # -- swaps ---------------------------------------------------------------------------
 
     def _install(self, staged: LoadedVersion) -> None:
         """Runs on the worker thread between batches: the flip itself."""
         started = time.perf_counter()
+        self._installed = None  # until the install is whole: a failed one is installed again by the next pass
         staged.slots.install(staged.params)  # the model stays in eval mode from _build: no module walk here
         self._installed = staged
         lane = self.lanes[staged.task]

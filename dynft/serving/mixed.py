@@ -7,22 +7,35 @@ S-LoRA/LoRAX do on GPUs: the frozen base weights run once over the whole batch, 
 small adapter products are done per task group. The heads' outputs are padded to the widest
 task's label count; the caller slices each row's own labels. Adapter kinds whose tensors are not
 ``nn.Linear`` weights (prefix tuning, IA3) are not supported: the engine then runs one forward
-pass per task group, as before. Used by the engine's worker thread only.
+pass per task group, as before. ``MixedAnswers`` is the engine's side: it answers the requests
+of such a batch from one pass. Used by the engine's worker thread only.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from peft import PeftModel
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
+from dynft.batching import tokenize
+from dynft.lexical import blend
+from dynft.metrics import ServerMetrics
 from dynft.model import AdapterSlots
 from dynft.precision import autocast
+from dynft.serving.answers import Answer, Pending, Prediction
+from dynft.settings import Settings
 
+if TYPE_CHECKING:
+    from dynft.serving.watcher import Lane, LoadedVersion
+
+log = logging.getLogger(__name__)
 Params = dict[str, nn.Parameter]  # a version's device-resident tensors by adapter key
 
 
@@ -117,3 +130,62 @@ class MixedForward:
             return y.reshape(*x.shape[:-1], weight.shape[1])
 
         return per_row
+
+
+class MixedAnswers:
+    """The inference engine's answers to a micro-batch of several tasks in one pass (a mixin of
+    ``InferenceEngine``, whose worker thread alone calls it; the fields below are the engine's)."""
+
+    lanes: dict[str, Lane]
+    settings: Settings
+    metrics: ServerMetrics
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    compute_dtype: torch.dtype | None
+    pad_multiple: int
+    _mixed: dict[int, MixedForward]
+
+    def _answer_mixed(self, groups: dict[str, list[Pending]]) -> bool:
+        """Answer a batch of several tasks in one forward pass (``dynft.serving.mixed``); whether it
+        did. It does not when a task has no version yet, the tasks' versions need different models,
+        the adapter kind is not supported, or the pass fails (each group is then answered apart)."""
+        actives = [self.lanes[task].active for task in groups]
+        if any(a is None for a in actives) or len({id(a.model) for a in actives if a is not None}) > 1:
+            return False
+        owners = [a for a in actives if a is not None]
+        mixed = self._mixed.get(id(owners[0].slots))
+        if mixed is None:
+            mixed = self._mixed[id(owners[0].slots)] = MixedForward(owners[0].slots, self.compute_dtype)
+        if not mixed.supported:
+            return False
+        texts = [t for group in groups.values() for p in group for t in p.texts]
+        rows = [owner for owner, group in zip(owners, groups.values(), strict=True) for p in group for _ in p.texts]
+        try:
+            answers = self._forward_mixed(mixed, owners[0].model, rows, texts)
+        except Exception:
+            log.exception("a mixed-task forward pass failed; answering each task's rows apart")
+            return False
+        start = 0
+        for owner, group in zip(owners, groups.values(), strict=True):
+            for pending in group:
+                end = start + len(pending.texts)
+                pending.future.set_result(Answer(answers[start:end], owner.version))
+                start = end
+        return True
+
+    def _forward_mixed(
+        self, mixed: MixedForward, model: PeftModel, rows: list[LoadedVersion], texts: list[str]
+    ) -> list[Prediction]:
+        self.metrics.batch_size.observe(len(texts))
+        enc = tokenize(self.tokenizer, texts, self.settings.model.max_length, self.pad_multiple)
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        probs = mixed.probabilities(model, ids, mask, [(id(v), v.params, len(v.labels)) for v in rows])
+        for i, (owner, text) in enumerate(zip(rows, texts, strict=True)):
+            if owner.words is not None:
+                adapter = torch.tensor([probs[i]])
+                probs[i] = blend(adapter, owner.words.probabilities([text]), owner.words.weight)[0].tolist()
+        out = []
+        for owner, row in zip(rows, probs, strict=True):
+            best = max(range(len(row)), key=row.__getitem__)
+            out.append(Prediction(owner.labels[best], dict(zip(owner.labels, row, strict=True))))
+        return out

@@ -31,7 +31,7 @@ import pytest
 
 from dynft.events import Event
 from dynft.registry import AdapterRegistry
-from dynft.serving.engine import Answer
+from dynft.serving.answers import Answer
 from dynft.serving.server import Server
 from dynft.settings import load_settings
 from dynft.trainer import build_trainer

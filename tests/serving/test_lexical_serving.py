@@ -13,7 +13,8 @@ from dynft.lexical import WEIGHTS, Lexicon
 from dynft.metrics import ServerMetrics
 from dynft.model import grow_head
 from dynft.registry import AdapterRegistry
-from dynft.serving.engine import Answer, InferenceEngine
+from dynft.serving.answers import Answer
+from dynft.serving.engine import InferenceEngine
 from dynft.settings import Settings
 from dynft.tasks import task_registry_dir
 from dynft.trainer import OnlineTrainer

@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry
 from dynft.metrics import ServerMetrics
 from dynft.model import AdapterState
 from dynft.registry import AdapterRegistry
-from dynft.serving.engine import Answer, InferenceEngine
+from dynft.serving.answers import Answer
+from dynft.serving.engine import InferenceEngine
 from dynft.settings import Settings
 from dynft.tasks import task_registry_dir
 from dynft.trainer import OnlineTrainer

@@ -1,7 +1,7 @@
 """A server that looks up must be serving: one failure in the watcher or the worker stops neither.
 
 The watcher's case is real (a damaged ``serving.json`` of one task). The worker's is injected
-(``FailsOnce``): every failure known to reach it is handled where it happens, so an unforeseen
+(``Failing``): every failure known to reach it is handled where it happens, so an unforeseen
 one can only be made up; the test says what the worker does with it.
 """
 
@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry
 from dynft.metrics import ServerMetrics
 from dynft.model import AdapterState
 from dynft.registry import AdapterRegistry
-from dynft.serving.engine import Answer, InferenceEngine
+from dynft.serving.answers import Answer
+from dynft.serving.engine import NOT_READY_AFTER, InferenceEngine
 from dynft.settings import Settings
 from dynft.tasks import task_registry_dir
 
@@ -60,30 +61,41 @@ def test_a_damaged_pointer_of_one_task_keeps_no_other_task_from_its_new_version(
         engine.stop()
 
 
-class FailsOnce(InferenceEngine):
-    """Fails the first round that has requests, as an unforeseen bug would (injected: see the module)."""
+class Failing(InferenceEngine):
+    """Fails its next ``failures`` rounds that have requests, as an unforeseen bug would (injected: see the module)."""
 
-    failed = False
+    failures = 0
 
     def _serve(self, batch: list[Any]) -> None:
-        if batch and not self.failed:
-            self.failed = True
+        if batch and self.failures:
+            self.failures -= 1
             raise RuntimeError("an unforeseen failure")
         super()._serve(batch)
 
 
 def test_the_worker_fails_the_requests_of_a_round_that_failed_and_answers_the_next(
-    tiny_settings: Settings, versions: dict[int, AdapterState]
+    tiny_settings: Settings, versions: dict[int, AdapterState], caplog: pytest.LogCaptureFixture
 ) -> None:
     AdapterRegistry(tiny_settings.registry_dir, keep_last=100).promote(13, "start")
-    engine = engine_for(tiny_settings, FailsOnce)
+    engine = engine_for(tiny_settings, Failing)
+    assert isinstance(engine, Failing)
     engine.start()
     try:
         wait_for(lambda: engine.ready, "a version to serve")
+        engine.failures = 1
         first: Future[Answer] = engine.submit([PROBE])
         with pytest.raises(RuntimeError, match="unforeseen"):
             first.result(timeout=30)  # its client is told at once, not left to time out
-        assert engine.ready  # /readyz stays true because the worker is still there
+        assert engine.ready  # one failed round: the worker is still there, and ready
         assert engine.submit([PROBE]).result(timeout=30).version == 13
+        engine.failures = NOT_READY_AFTER
+        for _ in range(NOT_READY_AFTER):
+            with pytest.raises(RuntimeError):
+                engine.submit([PROBE]).result(timeout=30)
+        assert not engine.ready  # failing round after round: /readyz takes the server out of rotation
+        assert engine.submit([PROBE]).result(timeout=30).version == 13
+        assert engine.ready  # and back once a round succeeds
+        said = [r for r in caplog.records if "inference worker failed" in r.getMessage()]
+        assert len(said) == 2, said  # once per run of the same failure, not once per round
     finally:
         engine.stop()
