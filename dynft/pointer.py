@@ -34,6 +34,8 @@ def pointer_problem(data: object) -> str | None:
         return "history is not a list of versions"
     if not isinstance(data.get("pinned", False), bool) or not isinstance(data.get("reason", ""), str):
         return "pinned or reason of the wrong type"
+    if not isinstance(data.get("updated_at", ""), str):
+        return "updated_at is not a time stamp"
     return None
 
 

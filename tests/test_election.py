@@ -57,6 +57,7 @@ def test_a_version_key_that_names_no_task_safely_is_refused(key: bytes) -> None:
         b'{"epoch": 1e999, "origin": "r", "pointer": {"version": 3}}',  # an epoch no int can be
         b'{"epoch": 1, "origin": "r", "pointer": {"version": 3, "history": "v2"}}',  # would damage serving.json
         b'{"epoch": 1, "origin": "r", "pointer": {"version": true}}',
+        b'{"epoch": 1, "origin": "r", "pointer": {"version": 3, "updated_at": 5}}',  # compared with time stamps
         b'{"epoch": 1, "origin": "r", "pointer": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # deeper than the parser
     ],
 )

@@ -20,7 +20,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from dynft.devbroker import Broker
-from dynft.replication.follower import Follower, FollowingRegistry
+from dynft.replication.follower import Follower
+from dynft.replication.following import FollowingRegistry
 from dynft.replication.records import decode_pointer, decode_version, pointer_topic
 from dynft.settings import Settings
 from dynft.term import term_topic

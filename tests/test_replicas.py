@@ -301,7 +301,8 @@ def test_a_replica_waits_for_late_versions_and_ignores_stale_trainers(
 ) -> None:
     from prometheus_client import CollectorRegistry
 
-    from dynft.replication.follower import Follower, FollowingRegistry
+    from dynft.replication.follower import Follower
+    from dynft.replication.following import FollowingRegistry
 
     source = small_registry(tiny_settings, 2)
     topic = f"versions-{uuid.uuid4().hex[:8]}"

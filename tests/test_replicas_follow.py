@@ -21,7 +21,8 @@ from dynft.devbroker import Broker
 from dynft.registry import AdapterRegistry, AdapterState
 from dynft.replication import topics
 from dynft.replication.feed import VersionsFeed
-from dynft.replication.follower import Follower, FollowingRegistry
+from dynft.replication.follower import Follower
+from dynft.replication.following import FollowingRegistry
 from dynft.replication.found import read_topics
 from dynft.replication.records import PointerLog, PointerRecord, VersionRecord
 from dynft.settings import Settings

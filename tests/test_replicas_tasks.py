@@ -19,7 +19,8 @@ from prometheus_client import CollectorRegistry
 from dynft.devbroker import Broker
 from dynft.registry import AdapterRegistry, AdapterState
 from dynft.replication.feed import VersionsFeed
-from dynft.replication.follower import Follower, FollowingRegistry
+from dynft.replication.follower import Follower
+from dynft.replication.following import FollowingRegistry
 from dynft.replication.records import VersionRecord, encode_version, version_key
 from dynft.settings import Settings
 from dynft.tasks import known_tasks, task_registry_dir

@@ -21,7 +21,8 @@ from dynft.devbroker import Broker
 from dynft.pointer import now
 from dynft.registry import AdapterRegistry, AdapterState
 from dynft.replication.feed import VersionsFeed
-from dynft.replication.follower import Follower, FollowingRegistry
+from dynft.replication.follower import Follower
+from dynft.replication.following import FollowingRegistry
 from dynft.replication.records import POINTER_KEY, PointerRecord, encode_pointer, pointer_topic
 from dynft.settings import Settings
 

@@ -16,9 +16,8 @@ start), so nothing in it is fsynced. Retention follows the trainer's: a version 
 prunes is a tombstone on the topic, and leaves the replica too (not the serving one). A pointer
 record whose version has not arrived yet waits for it; ``PointerLog`` ignores one with an
 older epoch than the newest seen in its shard (a stale trainer; see ``records``) or one that
-unpins without having seen the newest pin (``records.voided``). ``FollowingRegistry`` sends the admin API's promote /
-rollback / unpin to the pointer topic instead of writing ``serving.json``, and returns once the
-follower has applied the decision, so every replica (and the trainer) follows it.
+unpins without having seen the newest pin (``records.voided``). A replica's admin decisions go
+to the pointer topic through ``following.FollowingRegistry`` and come back here like any other.
 
 A local write that fails (a full or read-only disk) loses nothing: the version goes back to the
 backlog and the pointer stays pending, and the follower's thread tries them again (about twice a second)
@@ -43,10 +42,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from dynft.errors import RegistryError, RegistryWriteError, ReplicationError
 from dynft.events import DEFAULT_TASK
-from dynft.fingerprint import BaseModelId
-from dynft.pointer import ServingPointer, now, rollback_target
-from dynft.registry import AdapterRegistry, check_base_model
+from dynft.pointer import ServingPointer
+from dynft.registry import AdapterRegistry
 from dynft.replication import topics
+from dynft.replication.following import FollowingRegistry
 from dynft.replication.records import (
     PointerLog,
     PointerRecord,
@@ -392,52 +391,3 @@ class Follower:
         )
         if self.on_change is not None:
             self.on_change()
-
-
-class FollowingRegistry(AdapterRegistry):
-    """A replica's registry (of one task): serving decisions go to the pointer topic, not to ``serving.json``."""
-
-    follower: Follower
-    task: str = DEFAULT_TASK
-
-    def promote(
-        self,
-        version: int,
-        reason: str,
-        pin: bool = False,
-        base_model: BaseModelId | None = None,
-        unless_pinned: bool = False,
-    ) -> bool:
-        self.follower.ensure(version, self.task)
-        _, meta = self.load(version)  # refuse a version that is missing or fails its hash check here already
-        check_base_model(version, meta, base_model)
-        current = self.serving()
-        if unless_pinned and current.pinned:
-            return False
-        pointer = ServingPointer(version, pin, reason, now(), self._history(current, version))
-        self.follower.send_pointer(pointer, self.task)
-        return True
-
-    def rollback(self, reason: str = "rollback") -> int:
-        current = self.serving()
-        for entry in current.history:
-            self.follower.ensure(entry["version"], self.task)
-        target = rollback_target(current, self.versions())
-        self.load(target)
-        rest = [h for h in current.history if h["version"] != target]
-        self.follower.send_pointer(ServingPointer(target, True, reason, now(), rest), self.task)
-        return target
-
-    def unpin(self) -> None:
-        current = self.serving()
-        if current.version is not None and current.pinned:
-            current.pinned = False
-            current.updated_at = now()
-            self.follower.send_pointer(current, self.task)
-
-    @staticmethod
-    def _history(current: ServingPointer, version: int) -> list[dict[str, Any]]:
-        if current.version is None or current.version == version:
-            return current.history
-        entry = {"version": current.version, "reason": current.reason, "updated_at": current.updated_at}
-        return [entry, *current.history[:49]]

@@ -6,7 +6,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from dynft.errors import DynftError
-from dynft.tasks import DEFAULT_TASK
+from dynft.events import DEFAULT_TASK
 
 
 class Overloaded(DynftError):

@@ -354,7 +354,7 @@ def create_app(
         if not serving:
             return error_response(503, "not_ready", "no adapter version is loaded yet")
         if not engine.ready:
-            return error_response(503, "not_ready", f"the inference worker keeps failing ({engine.failing})")
+            return error_response(503, "not_ready", "the inference worker keeps failing; the server's log says why")
         default = serving.get(DEFAULT_TASK)
         return JSONResponse({"status": "ready", "adapter_version": default, "tasks": serving})
 

@@ -142,11 +142,6 @@ class InferenceEngine(VersionWatcher, MixedAnswers):
         return bool(self.serving) and self._failed_rounds < NOT_READY_AFTER
 
     @property
-    def failing(self) -> str | None:
-        """The error of the worker's last round if it failed (the worker's; read whole)."""
-        return self._failing
-
-    @property
     def serving(self) -> dict[str, int]:
         """The version answering for each task that has one (version 0, the cold start's prototypes
         alone, is not one); empty while the worker is not running: the server is not ready then."""
@@ -211,9 +206,10 @@ class InferenceEngine(VersionWatcher, MixedAnswers):
             except Exception as exc:  # a dead worker answers nobody while the server looks up: go on
                 self._round_failed(exc, batch)
             else:
-                if self._failed_rounds:
+                if batch and self._failed_rounds:  # an idle round that passed proves nothing about requests
                     log.info("the inference worker answers again after %d failed round(s)", self._failed_rounds)
-                self._failed_rounds, self._failing = 0, None
+                if batch:
+                    self._failed_rounds, self._failing = 0, None
 
     def _round_failed(self, exc: Exception, batch: list[Pending]) -> None:
         """A round failed unforeseen: its requests get the error now; said once while it repeats, and

@@ -17,7 +17,8 @@ from prometheus_client import CollectorRegistry
 from dynft.errors import ConfigError
 from dynft.metrics import ServerMetrics
 from dynft.registry import AdapterRegistry
-from dynft.replication.follower import Follower, FollowingRegistry
+from dynft.replication.follower import Follower
+from dynft.replication.following import FollowingRegistry
 from dynft.runtime import tune_gc
 from dynft.serving.app import create_app
 from dynft.serving.engine import InferenceEngine
