@@ -139,7 +139,7 @@ def predict_router(settings: Settings, engine: InferenceEngine, metrics: ServerM
     router = APIRouter()
     s = settings.server
 
-    @router.post("/v1/predict", response_model=PredictResponse, responses=error_responses(404, 413, 422, 503, 504))
+    @router.post("/v1/predict", response_model=PredictResponse, responses=error_responses(404, 413, 422, 500, 503, 504))
     async def predict(body: PredictRequest) -> dict[str, Any]:
         started = time.perf_counter()
         _check_texts(settings, body.texts)
@@ -155,6 +155,8 @@ def predict_router(settings: Settings, engine: InferenceEngine, metrics: ServerM
             raise ApiError(503, "overloaded", str(exc), {"Retry-After": "1"}) from exc
         except TimeoutError as exc:
             raise ApiError(504, "timeout", f"no answer within {s.request_timeout_s} s") from exc
+        except Exception as exc:  # the worker's failure (logged there): a 500 that keeps the connection
+            raise ApiError(500, "internal", f"internal error: {type(exc).__name__}") from exc
         predictions = []
         for p in answer.predictions:
             scores = p.scores

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import Future
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -22,7 +23,7 @@ from dynft.serving.engine import NOT_READY_AFTER, InferenceEngine
 from dynft.settings import Settings
 from dynft.tasks import task_registry_dir
 
-from serving.conftest import PROBE
+from serving.conftest import PROBE, running_server, wait_for_version
 from serving.test_tasks_serving import intents  # noqa: F401  (a fixture: task "intents", versions 1-5)
 
 
@@ -99,3 +100,28 @@ def test_the_worker_fails_the_requests_of_a_round_that_failed_and_answers_the_ne
         assert len(said) == 2, said  # once per run of the same failure, not once per round
     finally:
         engine.stop()
+
+
+def test_readyz_takes_a_server_whose_worker_keeps_failing_out_and_back_over_http(
+    tiny_settings: Settings, versions: dict[int, AdapterState], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    AdapterRegistry(tiny_settings.registry_dir, keep_last=100).promote(13, "start")
+    with running_server(tiny_settings) as (base, server), httpx.Client(base_url=base, timeout=30) as client:
+        wait_for_version(base, 13)
+        serve = server.engine._serve
+
+        def failing(batch: list[Any]) -> None:  # injected, as in ``Failing``; idle rounds pass
+            if batch:
+                raise RuntimeError("an unforeseen failure")
+            serve(batch)
+
+        monkeypatch.setattr(server.engine, "_serve", failing)
+        for _ in range(NOT_READY_AFTER):
+            answer = client.post("/v1/predict", json={"texts": [PROBE]})
+            assert answer.status_code == 500 and answer.json()["error"]["code"] == "internal", answer.text
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "keeps failing" in ready.text, ready.text
+        assert "unforeseen" not in ready.text  # the error's text stays in the log
+        monkeypatch.undo()
+        assert client.post("/v1/predict", json={"texts": [PROBE]}).json()["adapter_version"] == 13
+        assert client.get("/readyz").status_code == 200
