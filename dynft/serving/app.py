@@ -29,7 +29,7 @@ from dynft.registry import AdapterRegistry
 from dynft.serving.answers import NotReady, Overloaded, UnknownTask
 from dynft.serving.console import console_router
 from dynft.serving.engine import InferenceEngine
-from dynft.serving.limits import ApiError, BodyDeadline, BodyLimit, error_response
+from dynft.serving.limits import ApiError, BodyDeadline, BodyLimit, InternalErrors, error_response
 from dynft.serving.schemas import (
     NOT_BLANK,
     PredictRequest,
@@ -327,7 +327,8 @@ def create_app(
         title="dynft", version="1", summary="Continually fine-tuned text classification", redirect_slashes=False
     )
     s = settings.server
-    app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # added first: runs inside the request counter
+    app.add_middleware(InternalErrors)  # the innermost: the request counter sees its 500
+    app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # runs inside the request counter
     app.add_middleware(BodyDeadline, timeout_s=s.body_timeout_s)
     app.include_router(console_router(settings, engine, registry, metrics))  # the page at / and /v1/status
 

@@ -1,5 +1,6 @@
 """Request limits as ASGI middleware, and the API's error type they answer with.
 
+``InternalErrors`` answers an unforeseen exception with a 500 and keeps the connection.
 ``BodyLimit`` refuses bodies over ``server.max_body_bytes`` (413); ``BodyDeadline`` answers 408
 and closes the connection when a body is not complete ``server.body_timeout_s`` after its
 headers; ``HeadDeadline`` (uvicorn's HTTP protocol, not middleware: no request exists yet) closes
@@ -11,6 +12,7 @@ greedy clients from exhausting memory, tasks or file descriptors.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +21,8 @@ from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(HTTPException):
@@ -31,6 +35,34 @@ class ApiError(HTTPException):
 
 def error_response(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+class InternalErrors:
+    """An exception no handler took becomes a 500 ``internal`` here, logged with its traceback, and
+    goes no further: Starlette's catch-all answers and then raises it again, and uvicorn drops the
+    connection, so a keep-alive client's next request on it was reset."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if started:  # half a response is out: nothing whole can follow it
+                raise
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            await error_response(500, "internal", f"internal error: {type(exc).__name__}")(scope, receive, send)
 
 
 class BodyLimit:

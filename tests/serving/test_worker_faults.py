@@ -125,3 +125,18 @@ def test_readyz_takes_a_server_whose_worker_keeps_failing_out_and_back_over_http
         monkeypatch.undo()
         assert client.post("/v1/predict", json={"texts": [PROBE]}).json()["adapter_version"] == 13
         assert client.get("/readyz").status_code == 200
+
+
+def test_an_unforeseen_error_in_any_route_is_a_500_and_the_connection_serves_on(
+    tiny_settings: Settings, versions: dict[int, AdapterState], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Injected (no real input is known to raise there): ``/v1/tasks`` meets a broken engine."""
+    AdapterRegistry(tiny_settings.registry_dir, keep_last=100).promote(13, "start")
+    with running_server(tiny_settings) as (base, server), httpx.Client(base_url=base, timeout=30) as client:
+        wait_for_version(base, 13)
+        monkeypatch.setattr(server.engine, "lanes", None)
+        broken = client.get("/v1/tasks")
+        assert broken.status_code == 500 and broken.json()["error"]["code"] == "internal", broken.text
+        monkeypatch.undo()
+        assert client.get("/v1/tasks").status_code == 200  # the same keep-alive connection
+        assert client.post("/v1/predict", json={"texts": [PROBE]}).json()["adapter_version"] == 13
