@@ -8,6 +8,7 @@ one can only be made up; the test says what the worker does with it.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -20,6 +21,7 @@ from dynft.model import AdapterState
 from dynft.registry import AdapterRegistry
 from dynft.serving.answers import Answer
 from dynft.serving.engine import NOT_READY_AFTER, InferenceEngine
+from dynft.serving.server import Server
 from dynft.settings import Settings
 from dynft.tasks import task_registry_dir
 
@@ -102,41 +104,46 @@ def test_the_worker_fails_the_requests_of_a_round_that_failed_and_answers_the_ne
         engine.stop()
 
 
-def test_readyz_takes_a_server_whose_worker_keeps_failing_out_and_back_over_http(
-    tiny_settings: Settings, versions: dict[int, AdapterState], monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def served(tiny_settings: Settings, versions: dict[int, AdapterState]) -> Iterator[tuple[httpx.Client, Server]]:
+    """A real server on loopback serving version 13, and a keep-alive client of it."""
     AdapterRegistry(tiny_settings.registry_dir, keep_last=100).promote(13, "start")
     with running_server(tiny_settings) as (base, server), httpx.Client(base_url=base, timeout=30) as client:
         wait_for_version(base, 13)
-        serve = server.engine._serve
+        yield client, server
 
-        def failing(batch: list[Any]) -> None:  # injected, as in ``Failing``; idle rounds pass
-            if batch:
-                raise RuntimeError("an unforeseen failure")
-            serve(batch)
 
-        monkeypatch.setattr(server.engine, "_serve", failing)
-        for _ in range(NOT_READY_AFTER):
-            answer = client.post("/v1/predict", json={"texts": [PROBE]})
-            assert answer.status_code == 500 and answer.json()["error"]["code"] == "internal", answer.text
-        ready = client.get("/readyz")
-        assert ready.status_code == 503 and "keeps failing" in ready.text, ready.text
-        assert "unforeseen" not in ready.text  # the error's text stays in the log
-        monkeypatch.undo()
-        assert client.post("/v1/predict", json={"texts": [PROBE]}).json()["adapter_version"] == 13
-        assert client.get("/readyz").status_code == 200
+def test_readyz_takes_a_server_whose_worker_keeps_failing_out_and_back_over_http(
+    served: tuple[httpx.Client, Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, server = served
+    serve = server.engine._serve
+
+    def failing(batch: list[Any]) -> None:  # injected, as in ``Failing``; idle rounds pass
+        if batch:
+            raise RuntimeError("an unforeseen failure")
+        serve(batch)
+
+    monkeypatch.setattr(server.engine, "_serve", failing)
+    for _ in range(NOT_READY_AFTER):
+        answer = client.post("/v1/predict", json={"texts": [PROBE]})
+        assert answer.status_code == 500 and answer.json()["error"]["code"] == "internal", answer.text
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and "keeps failing" in ready.text, ready.text
+    assert "unforeseen" not in ready.text  # the error's text stays in the log
+    monkeypatch.undo()
+    assert client.post("/v1/predict", json={"texts": [PROBE]}).json()["adapter_version"] == 13
+    assert client.get("/readyz").status_code == 200
 
 
 def test_an_unforeseen_error_in_any_route_is_a_500_and_the_connection_serves_on(
-    tiny_settings: Settings, versions: dict[int, AdapterState], monkeypatch: pytest.MonkeyPatch
+    served: tuple[httpx.Client, Server], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Injected (no real input is known to raise there): ``/v1/tasks`` meets a broken engine."""
-    AdapterRegistry(tiny_settings.registry_dir, keep_last=100).promote(13, "start")
-    with running_server(tiny_settings) as (base, server), httpx.Client(base_url=base, timeout=30) as client:
-        wait_for_version(base, 13)
-        monkeypatch.setattr(server.engine, "lanes", None)
-        broken = client.get("/v1/tasks")
-        assert broken.status_code == 500 and broken.json()["error"]["code"] == "internal", broken.text
-        monkeypatch.undo()
-        assert client.get("/v1/tasks").status_code == 200  # the same keep-alive connection
-        assert client.post("/v1/predict", json={"texts": [PROBE]}).json()["adapter_version"] == 13
+    client, server = served
+    monkeypatch.setattr(server.engine, "lanes", None)
+    broken = client.get("/v1/tasks")
+    assert broken.status_code == 500 and broken.json()["error"]["code"] == "internal", broken.text
+    monkeypatch.undo()
+    assert client.get("/v1/tasks").status_code == 200  # the same keep-alive connection
+    assert client.post("/v1/predict", json={"texts": [PROBE]}).json()["adapter_version"] == 13
