@@ -196,7 +196,7 @@ class Publisher:
             "lineage": self.lineage,
             "latest_version": self.latest_version,
             "published_at_step": self.schedule.at_step,
-            "publish_failed": self.schedule.retry_at is not None,  # tried again after a restart too
+            "publish_failed": self.schedule.retry.failures > 0,  # tried again after a restart too
             "base_model": self.fingerprint,  # a restart on another base model starts a new lineage
             "label_events": dict(self.label_events),
         }

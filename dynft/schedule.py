@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from dynft.backoff import Backoff
 from dynft.settings import RegistrySettings
 
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 60.0
@@ -44,8 +45,7 @@ class Schedule:
         self.cost = 0.0  # seconds the last publish took (registry.publish_budget)
         self.fresh = 0  # fresh events trained since the last publish
         self.labels = -1  # labels the last published version knew (-1: not yet known)
-        self.retry_at: float | None = None  # the last publish failed: when to try again
-        self._retry_wait = RETRY_FIRST_S
+        self.retry = Backoff(RETRY_FIRST_S, RETRY_MAX_S)  # while publishes fail
 
     def due(
         self,
@@ -62,8 +62,8 @@ class Schedule:
         now = time.monotonic() if now is None else now
         if not labels:  # no head row yet: nothing to serve
             return False
-        if self.retry_at is not None:
-            return force or now >= self.retry_at
+        if self.retry.failures:
+            return force or self.retry.due(now)
         if steps == self.at_step:
             return False
         if self.labels < 0:  # first call since the start: what was restored is not new
@@ -99,9 +99,8 @@ class Schedule:
 
     def succeeded(self) -> None:
         """The publish begun at the last ``mark`` finished (written, judged, promoted, sent): no retry."""
-        self.retry_at, self._retry_wait = None, RETRY_FIRST_S
+        self.retry.reset()
 
     def failed(self, now: float | None = None) -> None:
         """The publish begun at the last ``mark`` did not finish: due again after the backoff."""
-        self.retry_at = (time.monotonic() if now is None else now) + self._retry_wait
-        self._retry_wait = min(2 * self._retry_wait, RETRY_MAX_S)
+        self.retry.failed(now)

@@ -24,8 +24,9 @@ import errno
 import os
 import sqlite3
 import threading
-import time
 from pathlib import Path
+
+from dynft.backoff import Backoff
 
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -70,38 +71,30 @@ class StateDisk:
     """
 
     def __init__(self, first_delay_s: float = 1.0, max_delay_s: float = 30.0) -> None:
-        self.first_delay_s = first_delay_s
-        self.max_delay_s = max_delay_s
         self._lock = threading.Lock()
-        self._since: float | None = None  # monotonic time of the first refusal of this outage
-        self._delay = first_delay_s
-        self._retry_at = 0.0
+        self._backoff = Backoff(first_delay_s, max_delay_s)  # under the lock
 
     @property
     def refusing(self) -> bool:
-        return self._since is not None
+        return self._backoff.failures > 0
 
     def refused(self, now: float | None = None) -> float:
         """A write was refused: hold intake; returns the delay before the next try."""
-        now = time.monotonic() if now is None else now
         with self._lock:
-            if self._since is None:
-                self._since, self._delay = now, self.first_delay_s
-            else:
-                self._delay = min(self._delay * 2, self.max_delay_s)
-            self._retry_at = now + self._delay
-            return self._delay
+            return self._backoff.failed(now)
 
     def write_refused(self, exc: OSError) -> None:
         """``on_refused`` of the dead-letter file (batching thread): hold intake; the sink keeps the entry."""
         self.refused()
 
     def due(self, now: float | None = None) -> bool:
-        """Whether the refused writes should be tried again now."""
-        return (time.monotonic() if now is None else now) >= self._retry_at
+        """Whether the refused writes should be tried again now (always, while none is refused)."""
+        with self._lock:
+            return not self._backoff.failures or self._backoff.due(now)
 
     def accepted(self) -> bool:
         """The refused writes went through; returns whether writes had been refused until now."""
         with self._lock:
-            was, self._since = self._since is not None, None
+            was = self._backoff.failures > 0
+            self._backoff.reset()
         return was

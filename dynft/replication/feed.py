@@ -34,11 +34,11 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from dynft.backoff import Backoff
 from dynft.errors import ConfigError, DynftError, RegistryError, ReplicationError, TermLostError
 from dynft.events import DEFAULT_TASK
 from dynft.pointer import ServingPointer
@@ -114,9 +114,7 @@ class Lane:
     task: str
     registry: AdapterRegistry
     sent_versions: dict[int, str] = field(default_factory=dict)  # on the topic as in the registry -> hash
-    retry_at: float | None = None  # withheld: the monotonic time of the next sync (None: up to date)
-    retry_wait: float = RETRY_FIRST_S
-    failures: int = 0  # syncs failed since the topic was last up to date
+    retry: Backoff = field(default_factory=lambda: Backoff(RETRY_FIRST_S, RETRY_MAX_S))  # withheld while failing
     failed_with: type[DynftError] | None = None  # the kind of the last failure (logged when it changes)
     sent_pointer: dict[str, Any] | None = None
     own_last: tuple[int, bool] | None = None  # offset and pinned of this trainer's newest decision
@@ -241,12 +239,13 @@ class VersionsFeed:
         except TermLostError as exc:
             self._withhold(lane, exc, logging.WARNING, f"{exc}; sent when the term is held again")
         except DynftError as exc:
-            again = f"tried again in {lane.retry_wait:.0f} s and at each publish"
-            self._withhold(lane, exc, logging.ERROR, f"{exc}; {again}")
+            self._withhold(lane, exc, logging.ERROR, f"{exc}; tried again in a while and at each publish")
         else:
-            if lane.failures:
-                log.info("task %s: the versions topic is up to date again after %d failed sync(s)", task, lane.failures)
-            lane.retry_at, lane.retry_wait, lane.failures, lane.failed_with = None, RETRY_FIRST_S, 0, None
+            if lane.retry.failures:
+                failed = lane.retry.failures
+                log.info("task %s: the versions topic is up to date again after %d failed sync(s)", task, failed)
+            lane.retry.reset()
+            lane.failed_with = None
 
     def _withhold(self, lane: Lane, exc: DynftError, level: int, why: str) -> None:
         """A failed sync: said once for each kind of failure until the topic is up to date again;
@@ -254,14 +253,11 @@ class VersionsFeed:
         if type(exc) is not lane.failed_with:
             log.log(level, "task %s: versions topic not updated: %s", lane.task, why)
         lane.failed_with = type(exc)
-        lane.failures += 1
-        lane.retry_at = time.monotonic() + lane.retry_wait
-        lane.retry_wait = min(2 * lane.retry_wait, RETRY_MAX_S)
+        lane.retry.failed()
 
     def due(self, task: str = DEFAULT_TASK) -> bool:
         """Whether ``task``'s last sync failed and the time to try again has come (publisher's thread)."""
-        at = self._lanes[task].retry_at
-        return at is not None and time.monotonic() >= at
+        return self._lanes[task].retry.due()
 
     def sent(self, version: int, task: str = DEFAULT_TASK) -> bool:
         """Whether ``version`` of ``task`` is on the versions topic (sent by this feed or found there)."""

@@ -41,6 +41,7 @@ from kafka.consumer.fetcher import Fetcher
 from kafka.record.default_records import ControlRecord, DefaultRecord, DefaultRecordBatch
 from kafka.record.util import decode_varint
 
+from dynft.backoff import Backoff
 from dynft.sources.kafka_compat import fits_version
 
 log = logging.getLogger(__name__)
@@ -110,8 +111,7 @@ class Holds:
 
     def __init__(self) -> None:
         self._until: dict[TopicPartition, float] = {}  # held until then
-        self._wait: dict[TopicPartition, float] = {}  # the last wait, while the partition does not read
-        self._tries: dict[TopicPartition, int] = {}
+        self._backoff: dict[TopicPartition, Backoff] = {}  # while the partition does not read
 
     @property
     def held(self) -> set[TopicPartition]:
@@ -121,16 +121,15 @@ class Holds:
     @property
     def unreadable(self) -> set[TopicPartition]:
         """Not read since their last failed fetch (held or being tried again)."""
-        return set(self._wait)
+        return set(self._backoff)
 
     def hold(self, consumer: KafkaConsumer, tp: TopicPartition) -> tuple[float, int]:
         """Pause ``tp`` (an assigned partition); the seconds until it is tried again, and the tries so far."""
-        wait = min(self._wait.get(tp, HOLD_FIRST_S / 2) * 2, HOLD_MAX_S)
-        self._wait[tp] = wait
+        backoff = self._backoff.setdefault(tp, Backoff(HOLD_FIRST_S, HOLD_MAX_S))
+        wait = backoff.failed()
         self._until[tp] = time.monotonic() + wait
-        self._tries[tp] = self._tries.get(tp, 0) + 1
         consumer.pause(tp)
-        return wait, self._tries[tp]
+        return wait, backoff.failures
 
     def release_due(self, consumer: KafkaConsumer, source_paused: bool) -> None:
         now = time.monotonic()
@@ -141,8 +140,8 @@ class Holds:
 
     def read(self, tp: TopicPartition) -> int:
         """Records of ``tp`` were read: the failed tries before (0 if none); a later fault waits from 1 s again."""
-        self._wait.pop(tp, None)
-        return self._tries.pop(tp, 0)
+        backoff = self._backoff.pop(tp, None)
+        return backoff.failures if backoff is not None else 0
 
 
 def read_replacing_names(batch: Any) -> DefaultRecord:
