@@ -238,8 +238,8 @@ class Follower:
         self._failing = False
 
     def _install_pending(self) -> None:
-        """A pending pointer whose version is here now (written from the backlog after a failed
-        write, say) waits for nothing but another try; without this it would wait for a record."""
+        """Install each pending pointer whose version is here now: it arrived after the pointer, or
+        was written from the backlog after a failed write (each round of the follower's thread)."""
         for record in list(self._pending.values()):
             if record.pointer.get("version") in self.registry_of(record.task).versions():
                 self._install(record)
@@ -293,9 +293,6 @@ class Follower:
         except RegistryError as exc:
             self._failed(f"version {record.version} of task {record.task}", exc)
             return
-        pending = self._pending.get(record.task)
-        if pending is not None and pending.pointer.get("version") == record.version:
-            self._install(pending)
 
     def _write(self, record: VersionRecord) -> None:
         fresh = self.registry_of(record.task).materialise(record.version, record.files, durable=False)
