@@ -233,12 +233,14 @@ class AdapterRegistry:
 
     def meta(self, version: int) -> dict[str, Any]:
         try:
-            data: dict[str, Any] = json.loads((self.path(version) / META).read_text())
-            return data
+            data = json.loads((self.path(version) / META).read_bytes())
         except FileNotFoundError as exc:
             raise VersionNotFoundError(version) from exc
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: not JSON, or not UTF-8
             raise VersionUnloadableError(f"adapter version {version}: unreadable meta.json ({exc})") from exc
+        if not isinstance(data, dict):
+            raise VersionUnloadableError(f"adapter version {version}: meta.json holds no JSON object")
+        return data
 
     def load(self, version: int) -> tuple[AdapterState, dict[str, Any]]:
         """The adapter of ``version`` on CPU, after checking its content hash and that its weights are finite."""
@@ -272,10 +274,10 @@ class AdapterRegistry:
 
     def serving(self) -> ServingPointer:
         try:
-            data = json.loads(self.pointer_path.read_text())
+            data = json.loads(self.pointer_path.read_bytes())
         except FileNotFoundError:
             return ServingPointer()
-        except json.JSONDecodeError as exc:  # garbage, NULs after a power loss, empty: restarting cannot help
+        except (ValueError, RecursionError) as exc:  # garbage, NULs after a power loss, empty: restarting cannot help
             raise DamagedPointerError(damaged_pointer(self.pointer_path, str(exc))) from exc
         except OSError as exc:
             raise RegistryError(f"registry {self.root}: unreadable serving.json ({exc})") from exc

@@ -81,6 +81,16 @@ def test_task_keys_round_trip_and_bad_task_names_in_records_are_malformed() -> N
         decode_pointer(encode_pointer(PointerRecord(1, "t", {"version": 3}, 0, "a/b")))
 
 
+@pytest.mark.parametrize("meta", [b"\xff", b"{", b"[1]", b"[" * 100_000])
+def test_a_version_record_whose_meta_is_unreadable_has_no_content_hash(meta: bytes) -> None:
+    """Read at a trainer's start to know which of its versions the topic holds: a record whose
+    meta.json is no JSON object raised out of the start; such a version is now sent again."""
+    from dynft.replication.found import content_hash
+
+    assert content_hash(VersionRecord(3, 1, "t", {"meta.json": meta})) == ""
+    assert content_hash(VersionRecord(3, 1, "t", {"meta.json": b'{"content_hash": "ab"}'})) == "ab"
+
+
 def test_a_checkpoint_older_than_the_newest_version_is_outdated(tmp_path: Path) -> None:
     registry = AdapterRegistry(tmp_path)
     for i in range(3):

@@ -221,8 +221,17 @@ def test_nonfinite_keys_names_every_culprit_and_passes_finite_values_whose_sum_o
 
 @pytest.mark.parametrize(
     "content",
-    [b"{garbage", b"", b"\x00" * 300, b'{"version": "abc", "history": 5}', b"[1]", b'{"version": true}'],
-    ids=["garbage", "empty", "nuls", "wrong-types", "a-list", "bool-version"],
+    [
+        b"{garbage",
+        b"",
+        b"\x00" * 300,
+        b'{"version": "abc", "history": 5}',
+        b"[1]",
+        b'{"version": true}',
+        b"\xff\xfe{}",
+        b"[" * 100_000,
+    ],
+    ids=["garbage", "empty", "nuls", "wrong-types", "a-list", "bool-version", "not-utf8", "too-deep"],
 )
 def test_a_damaged_serving_pointer_is_a_state_error_naming_the_file(tmp_path: Path, content: bytes) -> None:
     """Found by a review: garbage, NULs after a power loss or fields of the wrong type restarted the
@@ -233,6 +242,19 @@ def test_a_damaged_serving_pointer_is_a_state_error_naming_the_file(tmp_path: Pa
     with pytest.raises(DamagedPointerError, match=r"serving\.json is damaged .*move it aside") as err:
         registry.serving()
     assert exit_code(err.value) == 2
+
+
+@pytest.mark.parametrize(
+    "content", [b"\xff{}", b"[1, 2]", b"[" * 100_000, b"{"], ids=["not-utf8", "a-list", "too-deep", "torn"]
+)
+def test_a_damaged_meta_json_makes_its_version_unloadable_not_a_crash(tmp_path: Path, content: bytes) -> None:
+    """Found by a probe of the CLI: a meta.json (or serving.json) of bytes that are no UTF-8 raised
+    UnicodeDecodeError out of the registry (`dynft adapters list` printed a traceback)."""
+    registry = AdapterRegistry(tmp_path)
+    info = registry.publish(AdapterState({"w": torch.ones(2)}, ["a"], {"peft_type": "LORA"}), {"step": 1})
+    (info.path / "meta.json").write_bytes(content)
+    with pytest.raises(VersionUnloadableError, match=f"adapter version {info.version}: .*meta.json"):
+        registry.meta(info.version)
 
 
 def test_version_numbers_are_never_reused_after_versions_are_deleted_by_hand(tmp_path: Path) -> None:

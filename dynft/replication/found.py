@@ -90,4 +90,9 @@ def _read_one(state: TopicState, is_version: bool, record: Any) -> None:
 
 
 def content_hash(record: VersionRecord) -> str:
-    return str(json.loads(record.files.get(META, b"{}")).get("content_hash"))
+    """The content hash its ``meta.json`` names; "" where that is unreadable (the version is sent again)."""
+    try:
+        meta = json.loads(record.files.get(META, b"{}"))
+    except (ValueError, RecursionError):
+        return ""
+    return str(meta.get("content_hash")) if isinstance(meta, dict) else ""
