@@ -69,9 +69,14 @@ class RegistryError(DynftError):
     """An adapter version is missing, incomplete or cannot be written."""
 
 
-class DamagedPointerError(RegistryError):
+class PointerUnreadableError(RegistryError):
+    """``registry/serving.json`` cannot be read (an OS error): which version serves is unknown, so
+    no admin action can start from it; the request is not at fault."""
+
+
+class DamagedPointerError(PointerUnreadableError):
     """``registry/serving.json`` is damaged (garbage, NULs after a power loss, fields of the wrong
-    type): the registry cannot be read, as for any ``RegistryError``, and restarting cannot help."""
+    type, bytes that are no UTF-8): unreadable as above, and restarting cannot help."""
 
     exit_code = EXIT_CONFIG
 

@@ -47,6 +47,7 @@ from dynft.durable import fsync_dir, write_atomic, write_files
 from dynft.errors import (
     BaseModelMismatchError,
     DamagedPointerError,
+    PointerUnreadableError,
     RegistryError,
     RegistryWriteError,
     VersionNotFoundError,
@@ -280,7 +281,7 @@ class AdapterRegistry:
         except (ValueError, RecursionError) as exc:  # garbage, NULs after a power loss, empty: restarting cannot help
             raise DamagedPointerError(damaged_pointer(self.pointer_path, str(exc))) from exc
         except OSError as exc:
-            raise RegistryError(f"registry {self.root}: unreadable serving.json ({exc})") from exc
+            raise PointerUnreadableError(f"registry {self.root}: unreadable serving.json ({exc})") from exc
         problem = pointer_problem(data)
         if problem is not None:
             raise DamagedPointerError(damaged_pointer(self.pointer_path, problem))

@@ -17,13 +17,13 @@ import time
 from http import HTTPStatus
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dynft.errors import RegistryError, RegistryWriteError, VersionNotFoundError
+from dynft.errors import PointerUnreadableError, RegistryError, RegistryWriteError, VersionNotFoundError
 from dynft.metrics import ServerMetrics, exposition
 from dynft.registry import AdapterRegistry
 from dynft.serving.answers import NotReady, Overloaded, UnknownTask
@@ -228,6 +228,8 @@ def admin_router(engine: InferenceEngine, admin_token: str) -> APIRouter:
 
     admin_only = [Depends(admin)]
     task_query = Query(None, min_length=1, description="the task (default: default); an unknown one is a 404")
+    # Digits only: as an int, "1_0" was version 10 and "5.0", "+5" or " 5" version 5.
+    version_path = Path(pattern=r"^[0-9]{1,30}$", description="the version number")
 
     def registry_of(task: str | None) -> AdapterRegistry:
         lane = engine.lanes.get(task if task is not None else DEFAULT_TASK)
@@ -235,24 +237,24 @@ def admin_router(engine: InferenceEngine, admin_token: str) -> APIRouter:
             raise unknown_task(engine, task if task is not None else DEFAULT_TASK)
         return lane.registry
 
-    def registry_failed(exc: RegistryWriteError) -> ApiError:
+    def registry_failed(exc: RegistryWriteError | PointerUnreadableError) -> ApiError:
         # The disk, not the request, is at fault: a 503 the client may retry; serving is unaffected.
         # The body stays short: paths and OS errors describe the host, so they go to the log only.
         log.error("admin request failed: %s", exc)
-        return ApiError(
-            503, "registry_unwritable", "the registry cannot be written now; see the server log", {"Retry-After": "10"}
+        code, which = (
+            ("registry_unwritable", "written")
+            if isinstance(exc, RegistryWriteError)
+            else ("registry_unreadable", "read")
         )
+        return ApiError(503, code, f"the registry cannot be {which} now; see the server log", {"Retry-After": "10"})
 
     @router.get("/v1/adapters", responses=error_responses(404, 503))
     async def adapters(task: str | None = task_query) -> dict[str, Any]:
         registry = registry_of(task)
         try:
             pointer = registry.serving()
-        except RegistryError as exc:
-            log.error("cannot list adapter versions: %s", exc)
-            raise ApiError(
-                503, "registry_unreadable", "the registry cannot be read now; see the server log", {"Retry-After": "10"}
-            ) from exc
+        except PointerUnreadableError as exc:
+            raise registry_failed(exc) from exc
         lane = engine.lanes[task or DEFAULT_TASK]
         versions = []
         for version in registry.versions():
@@ -276,26 +278,26 @@ def admin_router(engine: InferenceEngine, admin_token: str) -> APIRouter:
         dependencies=admin_only,
         responses=error_responses(401, 403, 404, 409, 422, 503),
     )
-    async def promote(version: int, task: str | None = task_query) -> dict[str, Any]:
+    async def promote(version: str = version_path, task: str | None = task_query) -> dict[str, Any]:
         registry = registry_of(task)
         try:
             await asyncio.to_thread(
-                registry.promote, version, "promoted through the admin API", True, engine.base_model
+                registry.promote, int(version), "promoted through the admin API", True, engine.base_model
             )
-        except RegistryWriteError as exc:
+        except (RegistryWriteError, PointerUnreadableError) as exc:
             raise registry_failed(exc) from exc
         except VersionNotFoundError as exc:
             raise ApiError(404, "bad_version", str(exc)) from exc
         except RegistryError as exc:
             raise ApiError(409, "bad_version", str(exc)) from exc
-        return {"serving": version, "pinned": True}
+        return {"serving": int(version), "pinned": True}
 
     @router.post("/v1/adapters/rollback", dependencies=admin_only, responses=error_responses(401, 403, 404, 409, 503))
     async def rollback(task: str | None = task_query) -> dict[str, Any]:
         registry = registry_of(task)
         try:
             version = await asyncio.to_thread(registry.rollback, "rolled back through the admin API")
-        except RegistryWriteError as exc:
+        except (RegistryWriteError, PointerUnreadableError) as exc:
             raise registry_failed(exc) from exc
         except RegistryError as exc:
             raise ApiError(409, "no_rollback", str(exc)) from exc
@@ -306,9 +308,10 @@ def admin_router(engine: InferenceEngine, admin_token: str) -> APIRouter:
         registry = registry_of(task)
         try:
             await asyncio.to_thread(registry.unpin)
-        except RegistryWriteError as exc:
+            serving = registry.serving().version
+        except (RegistryWriteError, PointerUnreadableError) as exc:
             raise registry_failed(exc) from exc
-        return {"serving": registry.serving().version, "pinned": False}
+        return {"serving": serving, "pinned": False}
 
     return router
 

@@ -132,11 +132,15 @@ class BodyDeadline:
 
 
 class HeadDeadline(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request head.
+    """uvicorn's h11 protocol with a deadline for each request head, and ``limit_concurrency``
+    counted in connections.
 
     uvicorn arms its keep-alive timer only after a response and disarms it at the first byte, so
     a connection that sends nothing, or a head a byte at a time, is held open for ever, and
-    ``limit_concurrency`` such connections lock every client out (503). Owned by the event loop.
+    ``limit_concurrency`` such connections lock every client out (503). So is one whose request
+    was answered before its body was read (a 413 by its declared length, a 401, a GET with a
+    body) and that then sends a byte of that body now and then: uvicorn discards such bytes, and
+    only a new request's head ends the wait. Owned by the event loop.
     """
 
     head_timeout_s = 10.0  # set per server: make_head_deadline
@@ -151,13 +155,35 @@ class HeadDeadline(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # the head is complete (or the connection is done)
+        if self._handling():
             self._disarm()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.conn.their_state is h11.IDLE:  # kept alive: the next head has its own deadline
+        if not self._handling():  # kept alive: the next head (or the rest of an unread body) has a deadline
             self._arm()
+
+    def _handling(self) -> bool:
+        """A request's head is in and its response is not complete (its body is the app's to time)."""
+        return self.conn.our_state is h11.SEND_RESPONSE
+
+    @property  # type: ignore[override]
+    def limit_concurrency(self) -> int | None:
+        """What uvicorn compares both its open connections and its request tasks with, at each
+        request head: the setting where connections reach it (or tasks twice it), else no limit.
+
+        A keep-alive connection's next request can arrive while the task of its previous one is
+        still unwinding, so uvicorn's task count ran ahead of the connections: 150 clients of a
+        limit of 256 got 503s. Each connection has at most two tasks at a time.
+        """
+        limit = self._limit
+        if limit is None or len(self.connections) >= limit or len(self.tasks) >= 2 * limit:
+            return limit
+        return None
+
+    @limit_concurrency.setter
+    def limit_concurrency(self, value: int | None) -> None:  # uvicorn's __init__ sets it from its config
+        self._limit = value
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -174,7 +200,7 @@ class HeadDeadline(H11Protocol):
 
     def _expired(self) -> None:
         self._head_deadline = None
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        if not self._handling() and not self.transport.is_closing():
             self.transport.close()
 
 

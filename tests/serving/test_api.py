@@ -139,6 +139,11 @@ def test_admin_endpoints_need_the_token(api) -> None:  # type: ignore[no-untyped
     listing = client.get("/v1/adapters").json()
     assert listing["serving"] == 2 and listing["pinned"] and len(listing["versions"]) == 25
     assert client.post("/v1/adapters/99/promote", headers=auth).status_code == 404
+    # Found by a probe: read as an int, "1_0" promoted version 10 and "2.0" or "+2" version 2.
+    for loose in ("1_0", "2.0", "+2", "%202", "0x2", "-1", "9" * 31):
+        r = client.post(f"/v1/adapters/{loose}/promote", headers=auth)
+        assert r.status_code == 422 and error_of(r) == "invalid_request", loose
+    assert client.post("/v1/adapters/000000000002/promote", headers=auth).json() == {"serving": 2, "pinned": True}
     assert client.post("/v1/adapters/rollback", headers=auth).json() == {"serving": 1, "pinned": True}
     wait_for_version(str(client.base_url), 1)
     assert client.post("/v1/adapters/unpin", headers=auth).json() == {"serving": 1, "pinned": False}

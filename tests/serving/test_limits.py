@@ -8,6 +8,7 @@ of ``/v1/adapters`` carry no path or OS error (those go to the server log).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import select
 import socket
@@ -15,6 +16,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,6 +24,7 @@ import torch
 
 from dynft.model import AdapterState
 from dynft.registry import AdapterRegistry
+from dynft.serving.limits import make_head_deadline
 from dynft.settings import Settings
 
 from serving.conftest import TOKEN, running_server
@@ -125,6 +128,98 @@ def test_past_limit_concurrency_new_requests_get_503_at_once(server: str) -> Non
         time.sleep(0.05)
 
 
+@pytest.mark.parametrize(
+    "request_",
+    [
+        b"GET /healthz HTTP/1.1\r\nHost: dynft\r\nContent-Length: 100\r\n\r\n",  # a GET reads no body
+        b"POST /v1/predict HTTP/1.1\r\nHost: dynft\r\nContent-Length: 99999999\r\n\r\n",  # 413 by its length
+        b"POST /v1/adapters/unpin HTTP/1.1\r\nHost: dynft\r\nContent-Length: 100\r\n\r\n",  # 401 unread
+    ],
+    ids=["get-with-a-body", "413", "401"],
+)
+def test_a_connection_answered_before_its_body_was_read_is_closed_at_header_timeout(
+    server: str, request_: bytes
+) -> None:
+    """Found by a probe: a byte of the unread body after the answer cancelled uvicorn's keep-alive
+    timer, and no deadline was left (the head's had ended with the head, the body's with the app),
+    so such connections were held for ever and 255 of them locked every client out (503)."""
+    with connect(server) as sock:
+        sock.sendall(request_)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(4096)
+        assert answer.startswith((b"HTTP/1.1 200", b"HTTP/1.1 413", b"HTTP/1.1 401")), answer
+        start = time.monotonic()
+        time.sleep(0.3)
+        sock.sendall(b"x")  # a byte of the body it declared, now and then
+        read_until_closed(sock)  # the 30 s socket timeout fails the test if the server never closes
+        assert time.monotonic() - start < 10
+
+
+class Transport(asyncio.Transport):
+    """A stand-in for a socket: what the protocol writes is kept. The race below (a keep-alive
+    connection's previous task still unwinding when its next head arrives) cannot be produced on
+    demand over real sockets, so the test drives uvicorn's own protocol code with this instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out, self.closed = b"", False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += bytes(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 1), "sockname": ("127.0.0.1", 2)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("connections", "tasks", "status"),
+    [(3, 3, b"200"), (3, 7, b"200"), (3, 8, b"503"), (4, 0, b"503")],
+    ids=["idle", "previous-tasks-unwinding", "tasks-twice-the-limit", "connections-at-the-limit"],
+)
+def test_limit_concurrency_counts_connections_not_a_keep_alive_connection_s_unwinding_task(
+    connections: int, tasks: int, status: bytes
+) -> None:
+    """Found by a probe: uvicorn refuses a request head (503) when its open connections *or* its
+    request tasks reach the limit, and a keep-alive connection's next request can arrive while
+    the task of its previous one is still unwinding: 150 clients of a limit of 256 got 503s (44 of
+    300 requests). The limit is now reached by connections, or by tasks twice it."""
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def answer() -> bytes:
+        state = ServerState()
+        config = uvicorn.Config(app=ok, limit_concurrency=4, log_level="error")
+        config.load()
+        protocol = make_head_deadline(1.0)(config=config, server_state=state, app_state={})
+        transport = Transport()
+        protocol.connection_made(transport)  # one of the connections
+        state.connections.update(object() for _ in range(connections - 1))  # type: ignore[misc]
+        state.tasks.update(object() for _ in range(tasks))  # type: ignore[misc]
+        protocol.data_received(b"GET /healthz HTTP/1.1\r\nHost: dynft\r\n\r\n")
+        await asyncio.sleep(0.05)  # the request's task runs
+        protocol.connection_lost(None)
+        return transport.out.split(b"\r\n")[0]
+
+    assert asyncio.run(answer()).startswith(b"HTTP/1.1 " + status)
+
+
 def test_registry_503_bodies_carry_no_paths_or_os_errors(
     tiny_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -137,9 +232,19 @@ def test_registry_503_bodies_carry_no_paths_or_os_errors(
         registry.pointer_path.write_text("{ not json")  # a corrupt pointer: the registry cannot be read
         r = client.get("/v1/adapters")
         assert r.status_code == 503 and r.headers["retry-after"] == "10"
-        assert r.json() == {
+        unreadable = {
             "error": {"code": "registry_unreadable", "message": "the registry cannot be read now; see the server log"}
         }
+        assert r.json() == unreadable
+        # Found by a probe: with a damaged pointer, unpin answered 500 and rollback/promote 409
+        # with the file's path in the body; which version serves is unknown, so each is a 503.
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        for damage in (b"{ not json", b"\xff\xfe[1]"):
+            registry.pointer_path.write_bytes(damage)
+            for route in ("/v1/adapters/1/promote", "/v1/adapters/rollback", "/v1/adapters/unpin"):
+                r = client.post(route, headers=auth)
+                assert (r.status_code, r.json()) == (503, unreadable), route
+            assert client.get("/v1/adapters").json() == unreadable
         registry.pointer_path.unlink()
         with mounted(tiny_settings.registry_dir, "--bind", str(tiny_settings.registry_dir)):
             remount = subprocess.run(
@@ -157,7 +262,6 @@ def test_registry_503_bodies_carry_no_paths_or_os_errors(
         }
         # Promote: a version that does not exist is 404, one that exists but cannot load is 409,
         # told apart by the error's type (VersionNotFoundError), not by its message.
-        auth = {"Authorization": f"Bearer {TOKEN}"}
         assert client.post("/v1/adapters/7/promote", headers=auth).status_code == 404
         (registry.path(1) / "labels.json").write_text('["tampered"]')
         r = client.post("/v1/adapters/1/promote", headers=auth)
