@@ -54,6 +54,12 @@ class LabelMap:
         with self._lock:
             return label in self._ids or self.capacity is None or len(self._labels) < self.capacity
 
+    def fits_all(self, labels: Sequence[str]) -> bool:
+        """Whether every one of ``labels`` has an id or could get one within the capacity (no change)."""
+        with self._lock:
+            new = {label for label in labels if label not in self._ids}
+            return self.capacity is None or len(self._labels) + len(new) <= self.capacity
+
     def admit(self, label: str) -> bool:
         """Whether ``label`` has an id, adding it if the capacity allows; ``False``: the map is full."""
         with self._lock:

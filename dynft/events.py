@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from dynft.blank import blank
 from dynft.settings import EventSettings
 from dynft.teacher import normalised, top_label
 
@@ -71,6 +71,7 @@ DEFAULT_TASK = "default"  # the task of events without a ``task`` field: a singl
 MAX_TASK_CHARS = 64
 # Task names become directory names (registry/tasks/<task>) and metric label values.
 _TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_ESCAPED_KEY = re.compile(rb'[{,]\s*"(?:[^"\\]|\\[^u])*\\u(?:[^"\\]|\\.)*"\s*:')  # a key with a \u escape
 
 
 def task_name_problem(name: str) -> str | None:
@@ -193,6 +194,7 @@ _FAST = msgspec.json.Decoder(Event)  # strict: a number is no string, a bool no 
 # Each field's key as it appears in a record; a second one sends the record down the slow path,
 # where a field given twice is refused. msgspec, as JSON parsers do, keeps the last one silently.
 _KEYS = tuple(f'"{name}"'.encode() for name in Event.__struct_fields__)
+NOTHING_VISIBLE = "{} has no visible character (only spaces, control, format or combining ones)"
 
 
 class _Repeated(dict[str, Any]):
@@ -219,10 +221,26 @@ def decode(raw: bytes, limits: EventSettings) -> Event | Rejection:
         event = _FAST.decode(raw)
     except (msgspec.DecodeError, RecursionError):  # DecodeError: also its ValidationError, a subclass
         return _diagnose(raw, limits)  # slow path: find out why, in order (or give a label from the teacher)
-    # A teacher's labels or a field may be given twice, which msgspec does not tell: the slow path does.
-    if event.teacher is not None or event.teacher_logits is not None or any(raw.count(k) > 1 for k in _KEYS):
+    # A teacher's labels or a field may be given twice, which msgspec does not tell: the slow path
+    # does. A key may hide behind escapes ("\u0074ext" is "text"), and msgspec skips an unknown
+    # field without reading it as UTF-8: such records take the slow path too.
+    if (
+        event.teacher is not None
+        or event.teacher_logits is not None
+        or any(raw.count(k) > 1 for k in _KEYS)
+        or (b"\\u" in raw and _ESCAPED_KEY.search(raw) is not None)
+        or not (raw.isascii() or _utf8(raw))
+    ):
         return _diagnose(raw, limits)
     return _check(event, raw, limits)
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _diagnose(raw: bytes, limits: EventSettings) -> Event | Rejection:
@@ -327,16 +345,16 @@ def _validate(obj: dict[str, Any], raw: bytes, limits: EventSettings) -> Event |
 def _check(event: Event, raw: bytes, limits: EventSettings) -> Event | Rejection:
     """The limits and emptiness checks that types alone do not express (on the ingest hot path)."""
     id_, text, label = event.id, event.text, event.label
-    if not id_ or id_.isspace():
-        return Rejection("empty_id", "id is empty", raw)
+    if blank(id_):
+        return Rejection("empty_id", "id is empty" if not id_ else "id has no visible character", raw)
     if len(id_) > limits.max_id_chars:
         return Rejection("id_too_long", f"{len(id_)} chars > {limits.max_id_chars}", raw)
-    if not text or text.isspace():
-        return Rejection("empty_text", "text is empty", raw, id_)
-    if _invisible(text):
-        return Rejection("empty_text", "text has no visible character (only control, format or space ones)", raw, id_)
-    if not label or label.isspace():
-        return Rejection("empty_label", "label is empty", raw, id_)
+    if blank(text):
+        return Rejection("empty_text", "text is empty" if not text else NOTHING_VISIBLE.format("text"), raw, id_)
+    if blank(label):
+        if event.label_from_teacher:  # the producer gave no label: the teacher's top one is blank
+            return Rejection("invalid_teacher", "the teacher's top label is empty", raw, id_)
+        return Rejection("empty_label", "label is empty" if not label else NOTHING_VISIBLE.format("label"), raw, id_)
     if len(text) > limits.max_text_chars:
         return Rejection("text_too_long", f"{len(text)} chars > {limits.max_text_chars}", raw, id_)
     if len(label) > limits.max_label_chars:
@@ -367,15 +385,6 @@ def _check_teacher(event: Event, raw: bytes, limits: EventSettings) -> Event | R
     return event.replace(teacher=probs, teacher_logits=None, teacher_temperature=None)
 
 
-_INVISIBLE = {"Cc", "Cf", "Zs", "Zl", "Zp"}  # control, format (zero-width space, joiners, marks), separators
-
-
-def _invisible(text: str) -> bool:
-    """Whether ``text`` has no character a tokenizer keeps (``"\u200b"``, ``"\x01\x02"``): it would
-    train its label on an empty input. Stops at the first visible character, mostly the first."""
-    return all(unicodedata.category(c) in _INVISIBLE for c in text)
-
-
 def _teacher_problem(obj: dict[str, Any], limits: EventSettings) -> tuple[Reason, str] | None:
     """The rule the teacher of a record without a label breaks (a NaN score, say), so it gave no label."""
     probs, logits = obj.get("teacher"), obj.get("teacher_logits")
@@ -391,7 +400,7 @@ def _has_teacher(obj: dict[str, Any]) -> bool:
 
 def _usable_id(value: object, limits: EventSettings) -> str | None:
     """``value`` if it could key the ledger: a non-blank string within the limit, encodable as UTF-8."""
-    if not isinstance(value, str) or not value or value.isspace() or len(value) > limits.max_id_chars:
+    if not isinstance(value, str) or blank(value) or len(value) > limits.max_id_chars:
         return None
     return value if value.isascii() or _encodable(value) == value else None
 

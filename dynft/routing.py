@@ -110,23 +110,25 @@ class Router:
             wrong = wrong_partition(event, record, self.partition_of(event.task_name))
             if wrong is not None:
                 return wrong
-        labels = self.tasks.admit(event.task_name)
+        labels = self.tasks.room(event.task_name)  # a new task is admitted below, with its first valid event
         if labels is None:
-            detail = (
-                f"task {event.task_name!r} would be task {len(self.tasks) + 1}, the default task included "
-                f"(tasks.max_tasks={self.tasks.max_tasks})"
-            )
-            return Rejection("too_many_tasks", detail, record.raw, event.id)
+            return self._too_many_tasks(event, record)
         held_out = is_held_out(event.id, event.text, self.holdout_fraction)
-        # A held-out event never adds its label (it is not trained on), but one the map could
-        # not take either is refused alike: the gate could never predict its label.
-        if event.teacher is not None and not held_out:  # teacher labels grow the label space too
-            fits = labels.admit_all([event.label, *event.teacher])
-        else:
-            fits = labels.fits(event.label) if held_out else labels.admit(event.label)
-        if not fits:
+        if not _fit(labels, event, held_out):
             return Rejection("too_many_labels", _over_capacity(event, labels, held_out), record.raw, event.id)
+        entered = self.tasks.enter(event.task_name, labels)
+        if entered is None:
+            return self._too_many_tasks(event, record)
+        if entered is not labels:  # admitted meanwhile by another thread: its own map takes the labels
+            _fit(entered, event, held_out)
         return held_out, event
+
+    def _too_many_tasks(self, event: Event, record: Record) -> Rejection:
+        detail = (
+            f"task {event.task_name!r} would be task {len(self.tasks) + 1}, the default task included "
+            f"(tasks.max_tasks={self.tasks.max_tasks})"
+        )
+        return Rejection("too_many_tasks", detail, record.raw, event.id)
 
     def collate(
         self, collator: Collator, fresh: Sequence[tuple[Record, Event]], replayed: list[Event]
@@ -215,10 +217,22 @@ def internal(exc: Exception, raw: bytes, event_id: str | None = None) -> Rejecti
     return Rejection("internal", f"{type(exc).__name__}: {message}"[:1000], raw, event_id)
 
 
+def _fit(labels: LabelMap, event: Event, held_out: bool) -> bool:
+    """Whether ``labels`` takes the event's label and its teacher's, adding them unless it is held out.
+
+    A held-out event never adds a label (it is not trained on), but one the map could not take is
+    refused alike: the gate could never predict its label. Teacher labels grow the space too.
+    """
+    names = [event.label, *(event.teacher or ())]
+    if held_out:
+        return labels.fits_all(names)
+    return labels.admit_all(names) if len(names) > 1 else labels.admit(event.label)
+
+
 def _over_capacity(event: Event, labels: LabelMap, held_out: bool) -> str:
     """Why ``event`` cannot have its labels: which new ones it brings, and how many the map holds."""
     cap, known = labels.capacity, len(labels)
-    brought = [event.label] if held_out or event.teacher is None else [event.label, *event.teacher]
+    brought = [event.label, *(event.teacher or ())]
     new = [label for label in dict.fromkeys(brought) if labels.get(label) is None]
     if len(new) == 1:
         return f"label {new[0][:64]!r} would be label {known + 1} (trainer.max_labels={cap})"

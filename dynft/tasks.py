@@ -80,11 +80,27 @@ class TaskDirectory:
 
     def admit(self, task: str) -> LabelMap | None:
         """``task``'s label map, creating it if the cap allows; ``None``: ``max_tasks`` are known already."""
+        labels = self.room(task)
+        return None if labels is None else self.enter(task, labels)
+
+    def room(self, task: str) -> LabelMap | None:
+        """``task``'s label map, or a new one that is not admitted yet (``enter``) if the cap allows;
+        ``None``: ``max_tasks`` are known already. The router admits a task only with an event of
+        it that passed every check: a task of refused events takes no place."""
         with self._lock:
             labels = self._labels.get(task)
             if labels is None and len(self._labels) < self.max_tasks:
-                labels = self._labels[task] = LabelMap(capacity=self.label_capacity)
+                labels = LabelMap(capacity=self.label_capacity)
             return labels
+
+    def enter(self, task: str, labels: LabelMap) -> LabelMap | None:
+        """Admit ``task`` with ``labels`` (from ``room``) if it is new and the cap still allows;
+        returns the task's map (its own where it was known), or ``None``."""
+        with self._lock:
+            known = self._labels.get(task)
+            if known is None and len(self._labels) < self.max_tasks:
+                known = self._labels[task] = labels
+            return known
 
     def labels(self, task: str) -> LabelMap | None:
         with self._lock:

@@ -28,6 +28,8 @@ import math
 from collections.abc import Mapping
 from typing import Literal
 
+from dynft.blank import blank
+
 SUM_TOLERANCE = 1e-3  # rounding in a producer's serialised probabilities, not a second distribution
 TeacherReason = Literal["invalid_teacher", "invalid_temperature"]
 
@@ -68,7 +70,7 @@ def normalised(
     if not scores:
         return "invalid_teacher", f"{name} is empty"
     for label, raw in scores.items():
-        if not label or label.isspace():
+        if blank(label):
             return "invalid_teacher", f"{name} has an empty label"
         if len(label) > max_label_chars:
             return "invalid_teacher", f"{name} label of {len(label)} chars > {max_label_chars}"

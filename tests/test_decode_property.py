@@ -149,11 +149,10 @@ def broken_rules(fields: dict[str, object]) -> set[str]:
         assert isinstance(value, str)
         if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
             broken.add("invalid_string")
-        if not value or value.isspace():
+        # Only space, control, format or combining characters (none to read): empty too.
+        invisible = all(unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me") for c in value)
+        if not value or value.isspace() or invisible:
             broken.add(f"empty_{name}")
-        invisible = all(unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in value)
-        if name == "text" and invisible:  # only control, format or space characters: an empty text too
-            broken.add("empty_text")
         if len(value) > limit:
             broken.add(f"{name}_too_long")
     if "weight" in fields:

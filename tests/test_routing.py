@@ -80,6 +80,40 @@ def test_a_teacher_beyond_max_labels_is_named_with_the_labels_it_brings(tmp_path
     )
 
 
+def taught(event_id: str, labels: int, task: str | None = None) -> bytes:
+    teacher = {f"t{i}": 1 / labels for i in range(labels)}
+    row = {"id": event_id, "text": "w1 alpha1", "teacher": teacher} | ({"task": task} if task else {})
+    return json.dumps(row).encode()
+
+
+def test_a_task_whose_events_are_all_refused_takes_no_place(tmp_path: Path) -> None:
+    """Found by a probe: two records of throwaway tasks, each refused (a teacher of more labels
+    than the cap), took the only free places of ``tasks.max_tasks``, and every later record of a
+    real task was refused (until a restart, which forgot them). A task is admitted with its first
+    event that passes every check."""
+    settings = Settings()
+    settings.tasks.max_tasks = 2  # the default task and one more
+    sink = JsonlDeadLetterSink(tmp_path / "dead.jsonl", "file:t.jsonl")
+    router = Router(settings, LabelMap(capacity=3), sink, TrainerMetrics(CollectorRegistry()))
+    real = json.dumps({"id": "r", "text": "w1 alpha1", "label": "a", "task": "real"}).encode()
+    routed = router.route(records([taught("j1", 5, "junk1"), taught("j2", 5, "junk2"), real]))
+    assert [e.id for _, e in routed.fresh] == ["r"] and [key for _, key in routed.dead] == ["j1", "j2"]
+    assert router.tasks.names() == ["default", "real"]
+    assert [e["reason"] for e in read_dead_letters(tmp_path / "dead.jsonl")] == ["too_many_labels"] * 2
+
+
+def test_a_held_out_event_whose_teacher_brings_too_many_labels_is_refused_as_a_trained_one_is(
+    tmp_path: Path,
+) -> None:
+    """Found by a probe: of two such records one was refused and the other, held out by its id's
+    hash, was kept (its teacher's labels were not counted)."""
+    router = make_router(tmp_path, capacity=3, holdout=0.5)
+    trained, held = ids_where(False, 0.5, 1)[0], ids_where(True, 0.5, 2)
+    routed = router.route(records([taught(trained, 5), taught(held[0], 5), taught(held[1], 3)]))
+    assert [key for _, key in routed.dead] == [trained, held[0]]
+    assert [e.id for _, e in routed.held_out] == [held[1]] and router.labels.labels == []  # fits, adds none
+
+
 def test_a_cut_over_long_line_is_dead_lettered_with_its_real_length(tmp_path: Path) -> None:
     """The file source hands on only the first ``max_record_bytes + 1`` bytes of a long line; the
     detail gives the line's length the source measured, not the prefix's."""

@@ -1,0 +1,24 @@
+"""Whether a string has nothing a reader (or a tokenizer) could see: the rule for an empty text,
+label, id or teacher label.
+
+A string is blank when it is empty or every character is a space, a control or format character
+(the zero-width space and joiners among them), or a combining mark with no base character to
+sit on (``"\u0301\u0301"``: BERT's tokenizer strips such marks, and no language writes them
+alone). A text of only these would train its label on an empty input, and a label or an id of
+only these is one nobody can read or type back.
+
+>>> [blank(s) for s in ("", " \t", "\u200b", "\x01\x02", "\u0301\u0301", "e\u0301", "ham", "\u00a0x")]
+[True, True, True, True, True, False, False, False]
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+# Control, format, separators (spaces, line and paragraph), non-spacing and enclosing marks.
+_BLANK = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me"})
+
+
+def blank(value: str) -> bool:
+    """Empty or only invisible characters; stops at the first visible one (mostly the first)."""
+    return value.isspace() or all(unicodedata.category(c) in _BLANK for c in value)
