@@ -352,7 +352,7 @@ class HistoryRecorder:
             accuracy=loop.prequential.accuracy,
             majority=loop.prequential.majority_rate,
             buffer_fill=min(1.0, max(len(buffer) / b.max_events, buffer.nbytes / b.max_bytes)),
-            serving=loop.publisher.serving_version,
+            serving=loop.publisher.serving_now(),
             latest=loop.publisher.latest_version,
             drift=loop.drift.detections,
         )
@@ -408,7 +408,7 @@ def task_stats(loop: TrainingLoop) -> list[TaskStat]:
             task=name,
             events=pq.seen,
             accuracy=pq.accuracy,
-            serving=publisher.serving_version,
+            serving=publisher.serving_now(),
             latest=publisher.latest_version,
             drift=drift.detections,
         )

@@ -278,7 +278,7 @@ class LoopState(TaskLoop):
             pq.majority_rate,
             len(self.trainer.label_map),
             len(self.buffer),
-            _version(pub.serving_version),
+            _version(self.history.snapshot.task_stats[0].serving),  # made by history.record above
             _version(pub.latest_version),
             self.drift.detections,
         )

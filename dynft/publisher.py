@@ -191,6 +191,15 @@ class Publisher:
             self.trainer.anchor_to(state)  # what serves is where the new lineage starts; stay close to it
         return version
 
+    def serving_now(self) -> int | None:
+        """The serving version as ``serving.json`` says now, for status lines and the console (an
+        operator may have promoted or rolled back since the last publish); the last known one where
+        it cannot be read."""
+        try:
+            return self.registry.serving().version
+        except RegistryError:
+            return self.serving_version
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "lineage": self.lineage,

@@ -139,3 +139,22 @@ def test_a_pin_made_while_a_passing_version_is_written_holds(
         second = publisher.record(state, dataclasses.replace(decision, promote=True, reason="judged better"), {})
     assert registry.serving().version == first and registry.serving().pinned and second != first
     assert any("pinned the serving version meanwhile" in r.getMessage() for r in caplog.records)
+
+
+def test_an_operator_s_promotion_shows_in_the_trainer_s_status_before_its_next_publish(
+    tiny_settings: Settings, tiny_trainer: OnlineTrainer
+) -> None:
+    """Found by a probe: after an operator promoted an older version on an idle stream, the
+    trainer's status line and the console said the newer one served until the next publish."""
+    registry = AdapterRegistry(tiny_settings.registry_dir)
+    publisher = Publisher(registry, tiny_trainer, HoldoutWindow(64), tiny_settings, TrainerMetrics(CollectorRegistry()))
+    train(tiny_trainer, events(32, seed=1))
+    first = publisher.maybe_publish({}, force=True)
+    train(tiny_trainer, events(16, seed=2))
+    second = publisher.maybe_publish({}, force=True)  # too few held-out events to judge it: rejected
+    assert first is not None and second is not None and registry.serving().version == first
+    assert publisher.serving_now() == publisher.serving_version == first
+    registry.promote(second, "operator", pin=True)  # from the admin API, say, while the stream is idle
+    assert publisher.serving_now() == second and publisher.serving_version == first  # the gate's view waits
+    registry.pointer_path.write_text("{ damaged")
+    assert publisher.serving_now() == first  # unreadable: the last one known, not an error
