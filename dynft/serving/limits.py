@@ -66,7 +66,8 @@ class InternalErrors:
 
 
 class BodyLimit:
-    """Refuses request bodies over ``limit`` bytes with 413, by header or while streaming."""
+    """Refuses request bodies over ``limit`` bytes with 413, by header or while streaming, and
+    bodies framed both by length and by chunks with 400."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -75,7 +76,15 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers", [])).get(b"content-length")
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"content-length")
+        if declared is not None and b"transfer-encoding" in headers:
+            # Framed two ways: a proxy in front that reads the other one would see other requests
+            # on this connection than the server does (request smuggling). RFC 9112 6.3: an error.
+            await error_response(
+                400, "invalid_request", "Content-Length and Transfer-Encoding together", {"Connection": "close"}
+            )(scope, receive, send)
+            return
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
             await error_response(413, "body_too_large", f"request bodies are limited to {self.limit} bytes")(
                 scope, receive, send

@@ -156,6 +156,20 @@ def test_a_connection_answered_before_its_body_was_read_is_closed_at_header_time
         assert time.monotonic() - start < 10
 
 
+def test_a_body_framed_both_by_length_and_by_chunks_is_refused(server: str) -> None:
+    """Found by a probe: it was read as chunked; a proxy in front that reads the length instead
+    would see other requests on the connection than the server (request smuggling)."""
+    with connect(server) as sock:
+        sock.sendall(
+            b"POST /v1/predict HTTP/1.1\r\nHost: dynft\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b'14\r\n{"texts": ["hello"]}\r\n0\r\n\r\n'
+        )
+        answer = read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert b'"code":"invalid_request"' in answer and b"Transfer-Encoding" in answer
+
+
 class Transport(asyncio.Transport):
     """A stand-in for a socket: what the protocol writes is kept. The race below (a keep-alive
     connection's previous task still unwinding when its next head arrives) cannot be produced on
