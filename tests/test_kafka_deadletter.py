@@ -149,6 +149,40 @@ def test_a_dead_letter_the_broker_refuses_for_good_goes_as_a_stub_or_to_the_loca
     assert ledger_of(settings.state_dir).counts()["trained"] > 0
 
 
+def test_a_dead_letter_whose_key_or_headers_pass_the_request_limit_goes_as_a_stub(
+    kafka_broker: Broker, tiny_settings: Settings, start_loop: StartLoop
+) -> None:
+    """Found by a probe: a malformed record with a 1.5 MB header (or key) made a dead letter the
+    producer refused before sending (MessageSizeTooLargeError), which was taken for an outage and
+    retried for ever: no checkpoint, no commit, after every restart too. It now goes as a stub
+    without the record's own headers and without a key that large."""
+    topic, group = f"bighdr-{uuid.uuid4().hex[:8]}", "bighdr"
+    create_topic(kafka_broker, topic, 4 << 20)
+    events = keyword_events(60, LABELS, seed=9)
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap, max_request_size=8 << 20, acks="all")
+    try:
+        big = b"h" * 1_500_000
+        producer.send(topic, value=b"{not json 1", headers=[("trace", big), ("small", b"s")])
+        producer.send(topic, value=b"{not json 2", key=big)
+        for event in events:
+            producer.send(topic, value=json.dumps(event).encode())
+        producer.flush()
+    finally:
+        producer.close()
+    settings = kafka_settings(tiny_settings, kafka_broker, topic, group)
+    start_loop(settings, CollectorRegistry())
+
+    wait_until(
+        lambda: end_offsets(kafka_broker, topic, group)[1] == {0: len(events) + 2}, 180, "every offset committed"
+    )
+    letters = dead_letters(kafka_broker, f"{topic}.dlq")
+    assert [dict(letter.headers)["dynft.source.offset"] for letter in letters] == [b"0", b"1"]
+    for letter in letters:
+        headers = dict(letter.headers)
+        assert letter.value == b"" and letter.key is None and headers["dynft.reason"] == b"malformed_json"
+        assert "trace" not in headers and "small" not in headers and headers["dynft.truncated"].startswith(b"sha256=")
+
+
 @pytest.mark.parametrize("consumer_process", [False, True], ids=["in-process", "consumer-process"])
 def test_a_dead_letter_keeps_the_records_own_headers_and_says_why_once(
     kafka_broker: Broker, tiny_settings: Settings, start_loop: StartLoop, consumer_process: bool

@@ -15,9 +15,11 @@ flush, and makes ``flush`` raise ``DeadLetterError`` until it is delivered. The 
 would commit its position then fails and training goes on; nothing is lost, because an
 uncommitted record is read (and rejected) again after a restart. A letter the brokers refuse
 for good (too large for the topic's ``max.message.bytes``, say) would block every checkpoint
-for ever: it is sent again as a stub (no value; ``dynft.truncated`` gives the original's hash
-and size), and a stub refused too goes to the local ``fallback`` sink (the state directory's
-``dead-letter.jsonl``), with an error in the log.
+for ever: it is sent again as a stub (no value, none of the record's own headers, its key only
+if small; ``dynft.truncated`` gives the original's hash and size), and a stub refused too goes
+to the local ``fallback`` sink (the state directory's ``dead-letter.jsonl``), with an error in
+the log. A refusal can also come before sending (a record whose key or headers alone pass the
+producer's request limit): it is treated alike.
 
 Brokers that do not answer at startup are waited for like any broker call: the topic and the
 producer are set up at the first write or flush that finds the brokers answering. A broker
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 HEADROOM = 1024  # bytes of the request limit kept for the batch and record framing
 PREFIX_MAX = 64 << 10  # at most this much of a too-large dead letter is kept
+STUB_KEY_MAX = 1024  # a stub keeps the record's key up to this size
 HEADER_PREFIX = "dynft."  # the letters' own headers; an original header of that name is left out
 SETUP_RETRY_S = 5.0  # while the brokers do not answer, setting up is tried again after this
 
@@ -57,6 +60,7 @@ class _Letter:
     key: bytes | None
     headers: list[tuple[str, bytes]]
     future: Any = None  # kafka-python's FutureRecordMetadata once handed to the producer
+    refused: BaseException | None = None  # why the producer refused it at once, for good (no future then)
     original: tuple[Rejection, Record] | None = None  # for a stub, and the local fallback
     stub: bool = False  # the value was left out after the brokers refused the letter for good
 
@@ -163,10 +167,15 @@ class KafkaDeadLetterSink:
             if not final or letter.original is None:
                 kept.append(letter)
             elif not letter.stub:
+                # Only the letter's own headers, and the key only if it is small: either may be
+                # what the brokers refused (a record's key or headers over the request limit).
                 note = _truncated(letter.original[0].raw)
-                headers = [(k, v) for k, v in letter.headers if k != "dynft.truncated"] + [("dynft.truncated", note)]
+                own = [(k, v) for k, v in letter.headers if k.startswith(HEADER_PREFIX) and k != "dynft.truncated"]
+                key = letter.key if letter.key is None or len(letter.key) <= STUB_KEY_MAX else None
                 log.warning("dead letter for %s refused (%s): sending a stub without its value", letter.topic, error)
-                kept.append(_Letter(letter.topic, b"", letter.key, headers, original=letter.original, stub=True))
+                stub = _Letter(letter.topic, b"", key, [*own, ("dynft.truncated", note)], original=letter.original)
+                stub.stub = True
+                kept.append(stub)
             elif self.fallback is not None:
                 log.error("dead letter for %s refused even as a stub (%s): kept locally instead", letter.topic, error)
                 self.fallback.write(*letter.original)  # made durable at the end of this flush
@@ -193,8 +202,10 @@ class KafkaDeadLetterSink:
                 letter.future = self._producer.send(
                     letter.topic, value=letter.value, key=letter.key, headers=letter.headers
                 )
-            except KafkaError as exc:  # no metadata within max_block_ms: the brokers went away
-                letter.future = None
+            except KafkaError as exc:  # no metadata within max_block_ms: the brokers went away, or
+                # a refusal no retry cures, made before sending (a key and headers over the request
+                # limit): that one becomes a stub at the next flush, not a letter retried for ever.
+                letter.future, letter.refused = None, None if exc.retriable else exc
                 log.warning("dead letter for %s not sent yet: %s", letter.topic, exc)
 
     def flush(self) -> None:
@@ -210,7 +221,8 @@ class KafkaDeadLetterSink:
             for letter in self._letters:
                 future = letter.future
                 if future is None or not future.is_done or future.failed():
-                    failed.append((letter, None if future is None or not future.is_done else future.exception))
+                    done = future is not None and future.is_done
+                    failed.append((letter, future.exception if done else None if future else letter.refused))
             self._letters, settled = self._refused_for_good(failed)
             for letter in self._letters:
                 letter.future = None  # sent again at the next flush (or write)
