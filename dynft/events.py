@@ -217,6 +217,8 @@ def decode(raw: bytes, limits: EventSettings) -> Event | Rejection:
     """Decode one raw record (a JSON object in UTF-8) into an ``Event`` or a ``Rejection``."""
     if len(raw) > limits.max_record_bytes:
         return Rejection("record_too_large", f"{len(raw)} bytes > {limits.max_record_bytes}", raw)
+    if not raw:  # said plainly: json's "Expecting value at line 1 column 1" puzzled a user
+        return Rejection("malformed_json", "the record is empty (a Kafka tombstone has no value)", raw)
     try:  # fast path: msgspec parses and type-checks a well-formed event in one pass
         event = _FAST.decode(raw)
     except (msgspec.DecodeError, RecursionError):  # DecodeError: also its ValidationError, a subclass

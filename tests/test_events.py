@@ -178,6 +178,13 @@ def test_unknown_fields_may_repeat_and_a_key_inside_them_or_a_text_is_no_repeat(
     assert isinstance(event, Event) and event.label == "a" and event.text == 'the "label" is'
 
 
+def test_an_empty_record_says_so() -> None:
+    """Found by a probe: a Kafka tombstone (no value) was "Expecting value at line 1 column 1"."""
+    rejection = decode(b"", LIMITS)
+    assert isinstance(rejection, Rejection) and rejection.reason == "malformed_json"
+    assert rejection.detail == "the record is empty (a Kafka tombstone has no value)"
+
+
 INVISIBLE = ["\u200b", "\x01\x02\x03", "\u00a0\u2003\u200b", "\u200d\ufeff ", "\u0301\u0301", "\x00"]
 
 
