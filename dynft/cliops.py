@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from dynft.clikit import finite, reports_errors, settings_from, settings_options, task_option
-from dynft.errors import ConfigError, SourceError
+from dynft.errors import ConfigError, RegistryError, SourceError
 
 if TYPE_CHECKING:
     from dynft.settings import EventSettings
@@ -25,8 +25,8 @@ def adapters() -> None:
 
 
 def _registry(kwargs: dict[str, Any]) -> Any:
-    from dynft.errors import RegistryError
     from dynft.registry import AdapterRegistry
+    from dynft.statedir import private_files
     from dynft.tasks import DEFAULT_TASK, known_tasks, task_registry_dir
 
     task = kwargs.pop("task", DEFAULT_TASK)
@@ -39,6 +39,7 @@ def _registry(kwargs: dict[str, Any]) -> Any:
             + ", ".join(known_tasks(s.registry_dir))
         )
     root = task_registry_dir(s.registry_dir, task)
+    private_files()  # what an operator's command writes (serving.json, a lock) stays 0600, as the daemon's
     return AdapterRegistry(root, s.registry.keep_last, s.registry.keep_serving_history)
 
 
@@ -51,14 +52,19 @@ def adapters_list(**kwargs: Any) -> None:
     registry = _registry(kwargs)
     pointer = registry.serving()
     for version in registry.versions():
-        meta = registry.meta(version)
-        gate = meta.get("gate", {})
-        acc = meta.get("metrics", {}).get("prequential_accuracy")
         mark = "*" if version == pointer.version else " "
         pin = " (pinned)" if mark == "*" and pointer.pinned else ""
-        click.echo(
-            f"{mark} v{version:<5} {gate.get('decision', '-'):<9} step {meta.get('step', 0):<7} "
-            f"acc {acc if acc is None else round(acc, 3)!s:<6} labels {meta.get('labels', '-'):<4} "
+        try:
+            meta = registry.meta(version)
+        except RegistryError as exc:  # one damaged version hides none of the others
+            click.echo(f"{mark} v{version:<5} unreadable: {exc}{pin}")
+            continue
+        gate, metrics = (meta.get(k) if isinstance(meta.get(k), dict) else {} for k in ("gate", "metrics"))
+        acc = metrics.get("prequential_accuracy")
+        acc = round(acc, 3) if isinstance(acc, float) else acc
+        click.echo(  # !s each: a meta.json edited by hand may hold any JSON there
+            f"{mark} v{version:<5} {gate.get('decision', '-')!s:<9} step {meta.get('step', 0)!s:<7} "
+            f"acc {acc!s:<6} labels {meta.get('labels', '-')!s:<4} "
             f"lineage {meta.get('lineage', '-')} {meta.get('created_at', '')}{pin}"
         )
 

@@ -41,8 +41,8 @@ def pointer_problem(data: object) -> str | None:
 
 def damaged_pointer(path: Path, problem: str) -> str:
     return (
-        f"{path} is damaged ({problem}); move it aside (the newest version the gate promotes then "
-        "serves) or restore it from a backup; `dynft adapters list` shows the versions"
+        f"{path} is damaged ({problem}); move it aside (then `dynft adapters list` shows the versions, "
+        "and the newest version the gate promotes serves) or restore it from a backup"
     )
 
 

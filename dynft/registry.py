@@ -174,7 +174,7 @@ class AdapterRegistry:
 
     def versions(self) -> list[int]:
         """Published version numbers, ascending."""
-        return sorted(int(p.name) for p in self.versions_dir.iterdir() if p.name.isdigit())
+        return sorted(int(p.name) for p in self.versions_dir.iterdir() if p.name.isdigit() and p.is_dir())
 
     def path(self, version: int) -> Path:
         return self.versions_dir / f"{version:06d}"

@@ -137,6 +137,19 @@ def test_adapters_commands_work_on_the_registry(tmp_path: Path) -> None:
     assert not registry.serving().pinned
     missing = runner.invoke(main, ["adapters", "promote", "9", *base])
     assert missing.exit_code == 1 and "adapter version 9 does not exist" in missing.output
+    # Found by a probe: the CLI rewrote serving.json 0644 (the daemon writes it 0600); one damaged
+    # meta.json, or one with fields of another type, failed the whole list (with a traceback); a
+    # stray file in versions/ counted as a version.
+    assert registry.pointer_path.stat().st_mode & 0o777 == 0o600
+    (registry.path(2) / "meta.json").write_bytes(b"\xff garbage")
+    meta = json.loads((registry.path(1) / "meta.json").read_text())
+    (registry.path(1) / "meta.json").write_text(json.dumps(meta | {"step": [1], "gate": [1], "metrics": 2}))
+    (registry.versions_dir / "000099").write_text("stray")
+    listed = runner.invoke(main, ["adapters", "list", *base])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert [line[:4] for line in lines] == ["  v1", "* v2", "  v3"] and "step [1]" in lines[0]  # v2 serves
+    assert lines[1].startswith("* v2     unreadable: adapter version 2: unreadable meta.json")
 
 
 def metric(text: str, name: str) -> float:

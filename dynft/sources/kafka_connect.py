@@ -28,6 +28,7 @@ import logging
 import re
 import socket
 import ssl
+import struct
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -191,8 +192,11 @@ def probe(servers: list[str], config: dict[str, Any], timeout_s: float = PROBE_T
     """Return once one of ``servers`` accepts the connection and the credentials in ``config``.
 
     ``config`` holds kafka-python's client options (``client_config``). Raises
-    ``BrokersUnavailableError`` when none answers, ``KafkaRefusedError`` when one refuses.
+    ``BrokersUnavailableError`` when none answers, ``KafkaRefusedError`` when one refuses or
+    answers in another protocol than Kafka's (a wrong port: restarting cannot help).
     """
+    from kafka.errors import KafkaError
+
     context = _ssl_context(config)
     unavailable: list[str] = []
     for server in servers:
@@ -209,6 +213,8 @@ def probe(servers: list[str], config: dict[str, Any], timeout_s: float = PROBE_T
             unavailable.append(f"{server}: {exc!r}")  # closed mid-handshake: a broker going down or up
         except ssl.SSLError as exc:
             raise KafkaRefusedError(f"{server}: the TLS handshake was refused ({exc})") from exc
+        except (KafkaError, ValueError, struct.error) as exc:  # found by a probe: a traceback, and a restart loop
+            raise KafkaRefusedError(f"{server}: answers, but not as a Kafka broker ({exc!r:.200})") from exc
         finally:
             sock.close()
     raise BrokersUnavailableError(f"no Kafka broker answers ({'; '.join(unavailable)})")
