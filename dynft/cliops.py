@@ -181,10 +181,10 @@ def produce(
     client = client_config(settings.kafka)
     for warning in security_warnings(settings.kafka):
         click.echo(f"warning: {warning}", err=True)
+    total = None if str(path) == "-" else count_lines(path)  # a missing file is named before any broker is asked
     have = ensure_topic(servers, topic, partitions, client)
     if have != partitions:
         click.echo(f"note: topic {topic} has {have} partition(s)", err=True)
-    total = None if str(path) == "-" else count_lines(path)
     with click.progressbar(length=total or 0, label=f"producing to {topic}", file=sys.stderr) as bar:
         sent = send(path, servers, topic, client, rate, key_field, bar.update)
     click.echo(f"produced {sent} records to {topic}")
@@ -211,7 +211,7 @@ def ledger(ids: tuple[str, ...], from_file: Path | None, **kwargs: Any) -> None:
     path = settings.state_dir / "ledger.db"
     if not path.exists():
         raise ConfigError(f"no ledger at {path} (has the trainer run with this --state-dir?)")
-    book = Ledger(path)
+    book = Ledger(path, create=False)  # a reader: checked, never given a schema
     wanted = list(ids)
     if from_file is not None:
         wanted += ids_of(from_file, settings.events)

@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS events (
     last_at REAL NOT NULL
 )
 """
+_COLUMNS_ORDER = ("id", "status", "seen", "first_at", "last_at")
+_COLUMNS = frozenset(_COLUMNS_ORDER)
 _INDEX = "CREATE INDEX IF NOT EXISTS events_last_at ON events (last_at)"  # what pruning deletes by
 _UPSERT = """
 INSERT INTO events (id, status, seen, first_at, last_at) VALUES (?, ?, 1, ?, ?)
@@ -58,15 +60,22 @@ ON CONFLICT(id) DO UPDATE SET status = excluded.status, seen = seen + 1, last_at
 
 
 class Ledger:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    """The trainer's ledger (``create``: the schema is written when missing), or, for a reader
+    such as ``dynft ledger``, an existing one that is checked and never written to."""
+
+    def __init__(self, path: Path, create: bool = True) -> None:
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(_SCHEMA)
-            self._db.execute(_INDEX)
+            if create:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.execute(_SCHEMA)
+                self._db.execute(_INDEX)
+            else:
+                _check_schema(self._db, path)
         except sqlite3.OperationalError:  # a full, locked or read-only disk: not the file's fault
             self._db.close()
             raise
@@ -76,6 +85,9 @@ class Ledger:
                 f"ledger {path}: not a readable SQLite database ({exc}); move it (and any -wal and -shm "
                 "files beside it) aside to start a new ledger: only the record of past outcomes is lost"
             ) from exc
+        except StateCorruptError:
+            self._db.close()
+            raise
         self._pending: list[tuple[str, str, float, float]] = []
         self._lock = threading.Lock()
 
@@ -136,6 +148,17 @@ class Ledger:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _check_schema(db: sqlite3.Connection, path: Path) -> None:
+    """An existing ledger has the events table the trainer writes; anything else is named, not
+    queried into a "no such column" error (and not given a schema by a reader)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
+    if not columns >= _COLUMNS:
+        found = "no events table" if not columns else f"an events table with columns {', '.join(sorted(columns))}"
+        raise StateCorruptError(
+            f"ledger {path}: not a dynft ledger ({found}; expected columns {', '.join(_COLUMNS_ORDER)})"
+        )
 
 
 def prune(db: sqlite3.Connection, before: float | None, max_rows: int | None, chunk: int = 5000) -> int:

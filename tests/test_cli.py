@@ -68,6 +68,7 @@ def test_run_refuses_a_bad_source_before_starting_anything(tmp_path: Path) -> No
         (["produce", "x.jsonl", "--topic", "t", "--rate", "nan"], "'--rate': nan is not a finite number"),
         (["produce", "x.jsonl", "--topic", "t", "--rate", "-1"], "'--rate': -1.0 is not in the range x>=0"),
         (["produce", "x.jsonl", "--topic", "t", "--partitions", "0"], "'--partitions': 0 is not in the range x>=1"),
+        (["produce", "missing.jsonl", "--topic", "t", "--bootstrap", "127.0.0.1:9"], "missing.jsonl: cannot read"),
         (["kafka", "up", "--port", "99999"], "'--port': 99999 is not in the range 0<=x<=65535"),
         (["run", "--source", "kafka://127.0.0.1:99999/t"], "'127.0.0.1:99999' is not HOST:PORT (a port of 1-65535)"),
         (["run", "--source", "kafka://127.0.0.1:9092/bad%20topic"], "topic 'bad%20topic' is not a Kafka topic name"),
@@ -80,6 +81,7 @@ def test_run_refuses_a_bad_source_before_starting_anything(tmp_path: Path) -> No
         "rate-nan",
         "rate-negative",
         "partitions",
+        "missing-file-before-the-broker",
         "broker-port",
         "source-port",
         "topic-name",
@@ -326,6 +328,26 @@ def test_ledger_from_file_looks_up_every_line_with_an_id_and_names_the_others(tm
     (tmp_path / "bad.jsonl").write_text("nothing\n")
     done = subprocess.run([*command, "--from-file", str(tmp_path / "bad.jsonl")], capture_output=True, text=True)
     assert done.returncode == 2 and "no line has a usable id" in done.stderr
+
+
+def test_ledger_names_a_file_that_is_no_dynft_ledger_and_leaves_it_as_it_was(tmp_path: Path) -> None:
+    """An empty ``ledger.db`` was given the trainer's schema by the reading command, and one with
+    another schema failed with sqlite's "no such column" and exit 1."""
+    import sqlite3
+
+    path = tmp_path / "ledger.db"
+    command = [sys.executable, "-m", "dynft", "ledger", "--state-dir", str(tmp_path)]
+    path.write_bytes(b"")
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2 and "not a dynft ledger (no events table" in done.stderr, done.stderr
+    assert path.read_bytes() == b"", "a reader writes nothing"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE events (id TEXT, what TEXT)")
+    db.commit()
+    db.close()
+    done = subprocess.run([*command, "some-id"], capture_output=True, text=True)
+    assert done.returncode == 2 and "an events table with columns id, what" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_kafka_pythons_own_logs_show_only_at_debug() -> None:

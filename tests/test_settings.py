@@ -45,6 +45,14 @@ def test_invalid_values_name_the_field_and_the_value(monkeypatch: pytest.MonkeyP
     assert str(err.value) == "config error: buffer.replay_ratio: Input should be less than 1 (got '1.5')"
 
 
+def test_a_batch_no_step_could_hold_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch of 10^8 rows was accepted, and the first step took the whole replay buffer into one
+    forward pass."""
+    monkeypatch.setenv("DYNFT_TRAINER__BATCH_SIZE", "100000000")
+    with pytest.raises(ConfigError, match=r"trainer\.batch_size: Input should be less than or equal to 4096"):
+        load_settings()
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [("DYNFT_DRIFT__REACTIONS", "[boost]"), ("DYNFT_DRIFT__INPUT_PARAMS", "{delta: 2}"), ("DYNFT_KAFKA", "secret!")],

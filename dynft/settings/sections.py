@@ -82,7 +82,9 @@ class AdapterSettings(Section):
 class TrainerSettings(Section):
     """The online trainer (see ``dynft.trainer``)."""
 
-    batch_size: int = Field(16, ge=1, description="rows per step, fresh and replayed")
+    batch_size: int = Field(
+        16, ge=1, le=4096, description="rows per step, fresh and replayed (at most 4096: one step is one forward pass)"
+    )
     lr: float = Field(2e-3, gt=0, le=1.0, description="learning rate of the adapter weights")
     head_lr: float = Field(6e-3, gt=0, le=1.0, description="learning rate of the classification head")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay of the adapter weights")

@@ -173,9 +173,8 @@ class KafkaDeadLetterSink:
                 own = [(k, v) for k, v in letter.headers if k.startswith(HEADER_PREFIX) and k != "dynft.truncated"]
                 key = letter.key if letter.key is None or len(letter.key) <= STUB_KEY_MAX else None
                 log.warning("dead letter for %s refused (%s): sending a stub without its value", letter.topic, error)
-                stub = _Letter(letter.topic, b"", key, [*own, ("dynft.truncated", note)], original=letter.original)
-                stub.stub = True
-                kept.append(stub)
+                headers = [*own, ("dynft.truncated", note)]
+                kept.append(_Letter(letter.topic, b"", key, headers, original=letter.original, stub=True))
             elif self.fallback is not None:
                 log.error("dead letter for %s refused even as a stub (%s): kept locally instead", letter.topic, error)
                 self.fallback.write(*letter.original)  # made durable at the end of this flush
@@ -220,9 +219,12 @@ class KafkaDeadLetterSink:
             failed: list[tuple[_Letter, BaseException | None]] = []
             for letter in self._letters:
                 future = letter.future
-                if future is None or not future.is_done or future.failed():
-                    done = future is not None and future.is_done
-                    failed.append((letter, future.exception if done else None if future else letter.refused))
+                if future is None:  # never sent: refused by our own producer before sending, or no broker
+                    failed.append((letter, letter.refused))
+                elif not future.is_done:  # still in flight after the flush's timeout
+                    failed.append((letter, None))
+                elif future.failed():
+                    failed.append((letter, future.exception))
             self._letters, settled = self._refused_for_good(failed)
             for letter in self._letters:
                 letter.future = None  # sent again at the next flush (or write)
