@@ -205,7 +205,7 @@ def shard_epochs(shards: Shards) -> dict[tuple[str, int], list[int]]:
     return out
 
 
-def test_a_paused_sharded_trainer_resumed_after_a_takeover_sends_nothing_under_its_old_term(
+def test_a_paused_sharded_trainer_resumed_after_a_takeover_sends_no_more_than_its_record_in_flight(
     shards: Shards, tmp_path: Path
 ) -> None:
     tasks = spread_tasks(PARTITIONS)
@@ -229,8 +229,12 @@ def test_a_paused_sharded_trainer_resumed_after_a_takeover_sends_nothing_under_i
     wait_until(all_accounted(shards.states, [f"t{t}-{i}" for t in tasks for i in range(40)]), 300, "the last events")
     found = shard_epochs(shards)
     assert {shard for _, shard in found} == set(range(PARTITIONS))
-    for where, epochs in found.items():  # per shard and topic, no record of a term after a newer one's
-        assert epochs == sorted(epochs), (where, epochs)
+    # Per shard and topic, a record of a term after a newer one's: at most one in all. The feed
+    # sends one record at a time and checks the term just before each, so a SIGSTOP landing
+    # between the check and the send lets that one record out after SIGCONT (readers drop it:
+    # PointerLog.admit_epoch); a second would mean b went on sending under its old term.
+    late = [(where, e) for where, epochs in found.items() for i, e in enumerate(epochs) if e < max(epochs[: i + 1])]
+    assert len(late) <= 1, (late, found)
     said = shards.whole_log(1)
     assert "lost its term" in said and "next life" in said, shards.log(1)
 
