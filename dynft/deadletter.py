@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 
 class DeadLetterSink(Protocol):
+    where: str  # for people: the file or the topics the letters go to
+
     def write(self, rejection: Rejection, record: Record) -> None: ...
 
     def flush(self) -> None: ...
@@ -71,6 +73,7 @@ class JsonlDeadLetterSink:
         on_refused: Callable[[OSError], None] | None = None,
     ) -> None:
         self.path = path
+        self.where = str(path)
         self.source = source
         self.max_bytes = max_bytes
         self.max_files = max_files

@@ -89,6 +89,9 @@ class DeadLetter(BaseModel):
     t: float
     id: str = Field(description="the event's id where it could be read, else its position in the stream")
     reason: str
+    detail: str = Field(
+        "", description=f"why (first {TEXT_CHARS} chars); of an internal error, its type only unless texts are shown"
+    )
     text: str | None = Field(None, description=f"first {TEXT_CHARS} chars; only with server.console_show_texts")
 
 
@@ -279,7 +282,11 @@ def dead_letter_of(rejection: Rejection, record: Record, show_text: bool, now: f
         if text is None:
             text = rejection.raw[: TEXT_CHARS * 4].decode("utf-8", errors="replace")
         text = _safe(text[:TEXT_CHARS])
-    return DeadLetter(t=now, id=event_id, reason=rejection.reason, text=text)
+    # A rule's detail names fields, sizes and labels, never a text; an unforeseen exception's
+    # message may quote its input, so it is kept as the text is, and its type otherwise.
+    detail = rejection.detail if show_text or rejection.reason != "internal" else rejection.detail.split(":")[0]
+    detail = _safe(detail[:TEXT_CHARS])
+    return DeadLetter(t=now, id=event_id, reason=rejection.reason, detail=detail, text=text)
 
 
 def _safe(value: str) -> str:
@@ -308,11 +315,18 @@ class HistoryRecorder:
         self._last = (time.monotonic(), 0.0, 0.0)  # (when, records in, events trained) at the last point
         # The rejection counter restarts at 0 with the process; the console's counts go on.
         self._earlier_dead = Counter(self.snapshot.dead_letter_counts)
+        self._dead_told = Counter(self._earlier_dead)  # what take_new_dead has reported
 
     def dead_letter(self, rejection: Rejection, record: Record) -> None:
         """Batching thread: note a rejected record (dropped when the main thread is behind)."""
         with contextlib.suppress(queue.Full):
             self._dead_in.put_nowait(dead_letter_of(rejection, record, self.show_texts, self.clock()))
+
+    def take_new_dead(self) -> Counter[str]:
+        """Dead letters per reason since the last call (as of the last ``record``): for the log."""
+        counts = Counter(self.snapshot.dead_letter_counts)
+        new, self._dead_told = counts - self._dead_told, counts
+        return new
 
     def drift(self, detection: Detection) -> None:
         mark = DriftMark(t=self.clock(), detector=detection.detector, stream=detection.stream, index=detection.index)

@@ -290,6 +290,23 @@ class LoopState(TaskLoop):
                     for t in self.history.snapshot.task_stats[1:]  # made by history.record above
                 ),
             )
+        self._tell_dead_letters()
+
+    def _tell_dead_letters(self) -> None:
+        """A warning with the records rejected since the last status line: a stream the daemon
+        rejects whole (records without an id, say) otherwise shows only as "events 0"."""
+        new = self.history.take_new_dead()  # counted by history.record above
+        if not new:
+            return
+        letters = self.history.snapshot.dead_letters
+        newest = f"; the newest: {letters[0].reason} ({letters[0].detail})" if letters else ""
+        log.warning(
+            "%d record(s) dead-lettered since the last status line (%s), to %s%s",
+            new.total(),
+            ", ".join(f"{reason} {n}" for reason, n in new.most_common()),
+            self.sink.where if self.sink is not None else "the dead-letter sink",
+            newest,
+        )
 
 
 def _version(number: int | None) -> str:

@@ -82,6 +82,7 @@ class KafkaDeadLetterSink:
     ) -> None:
         self.servers = servers
         self.topics = topics
+        self.where = ", ".join(f"Kafka topic {t}{settings.dlq_suffix}" for t in topics)
         self.settings = settings
         self.fallback = fallback  # where letters the brokers refuse for good go
         self._fell_back = False  # the fallback took a letter: flushed with every flush from then on

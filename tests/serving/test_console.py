@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,10 @@ def test_dead_letters_keep_their_text_only_when_allowed() -> None:
     assert (hidden.id, hidden.text) == ("position 7", None)  # the stream's name (a path) is not shown
     in_file = Record(b"", "file:/home/someone/stream.jsonl", 1 << 60, where={"line": 3, "offset": 70})
     assert dead_letter_of(Rejection("malformed_json", "bad", b"{"), in_file, False, 0.0).id == "line 3"
+    assert hidden.detail == "bad" and shown.detail == "label is empty"  # a rule's detail names no text
+    quoting = Rejection("internal", f"ValueError: cannot tokenize {BAD_TEXT!r}", raw, "x-1")
+    assert dead_letter_of(quoting, record, False, 0.0).detail == "ValueError"  # an exception's message may quote it
+    assert BAD_TEXT[:20] in dead_letter_of(quoting, record, True, 0.0).detail
 
 
 def test_status_is_incremental_survives_a_restart_and_follows_its_schema(
@@ -164,6 +170,27 @@ def test_status_is_incremental_survives_a_restart_and_follows_its_schema(
         jsonschema.validate(replica, schema)
         assert (replica["role"], replica["points"], replica["snapshot"]) == ("replica", [], None)
         assert replica["serving"]["version"] == body["serving"]["version"]
+
+
+def test_records_the_daemon_rejects_are_told_in_the_log_by_reason_with_why(
+    tiny_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file of records without ids (the shape of many public datasets) was dead-lettered whole
+    while the log said nothing but "events 0"."""
+    rows: list[object] = [{"text": f"text {i}", "label": "a"} for i in range(12)]
+    rows += [{"id": "n-1", "text": "t", "label": 7}, *keyword_events(20, ["alpha", "beta"], seed=5)]
+    with caplog.at_level(logging.WARNING, logger="dynft"):
+        run_loop(tiny_settings, write_jsonl(tmp_path / "no-ids.jsonl", rows))
+    told = [r.getMessage() for r in caplog.records if "dead-lettered since the last status line" in r.getMessage()]
+    counts: Counter[str] = Counter()
+    for message in told:
+        found = re.search(r"status line \(([^)]*)\)", message)  # "(missing_field 12, wrong_type 1)"
+        assert found is not None, message
+        reasons = found.group(1)
+        counts.update({reason: int(n) for reason, n in (part.split() for part in reasons.split(", "))})
+        assert f"to {tiny_settings.dead_letter_path}; the newest: " in message
+    assert counts == {"missing_field": 12, "wrong_type": 1}, told
+    assert any("(id: Field required)" in m or "(label: Input should be a valid string)" in m for m in told)
 
 
 def test_the_page_and_its_files_are_served_and_nothing_else(tiny_settings: Settings) -> None:

@@ -233,7 +233,7 @@ function tables(s) {
   fill("labels", labels, (l) => [[l.label], [String(l.count)], [pct(l.accuracy)], [String(l.buffered)]],
     (l) => (l.new ? "new" : ""));
   fill("dead-counts", Object.entries(snap.dead_letter_counts), ([reason, n]) => [[reason], [String(n)]]);
-  fill("dead-latest", snap.dead_letters, (d) => [[d.id], [d.reason], [d.text === null ? "(hidden)" : d.text, "text"]]);
+  fill("dead-latest", snap.dead_letters, (d) => [[d.id], [d.reason], [d.detail ?? ""], [d.text === null ? "(hidden)" : d.text, "text"]]);
   $("lag-card").hidden = snap.kafka_lag.length === 0;
   fill("lag", snap.kafka_lag, (l) => [[l.topic], [String(l.partition)], [String(l.lag)]]);
   const stats = snap.task_stats || [];
