@@ -148,11 +148,20 @@ def serve(follow: str | None, replica_dir: Path | None, **kwargs: Any) -> None:
     # is the way to scale serving. Its files are private all the same.
     private_files()
     quiet_libraries()
-    from dynft.serving.server import Server
+    from dynft.serving.server import Server, on_stop_signals
 
     if follow is not None:
         check_state_dir(settings.state_dir)
-    Server(settings, follow=follow, registry_dir=replica_dir if follow else None).run()
+    # A stop by SIGINT/SIGTERM exits 0, as `dynft run` does: at startup at once, and once uvicorn
+    # runs, after its graceful shutdown (it raises the signal again for the handler it found:
+    # this one). Not in `dynft run`'s server process: a signal from anyone but its supervisor is
+    # a crash there, to restart.
+    with on_stop_signals(_exit_zero):
+        Server(settings, follow=follow, registry_dir=replica_dir if follow else None).run()
+
+
+def _exit_zero(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 for _command in (adapters, kafka, produce, ledger):  # dynft.cliops

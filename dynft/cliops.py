@@ -33,8 +33,8 @@ def _registry(kwargs: dict[str, Any]) -> Any:
     s = settings_from(kwargs)
     if not s.registry_dir.is_dir():  # never create one for a mistyped --state-dir either
         raise ConfigError(f"no registry at {s.registry_dir} (has the trainer run with this --state-dir?)")
-    if task not in known_tasks(s.registry_dir):  # never create a registry for a mistyped task
-        raise RegistryError(
+    if task not in known_tasks(s.registry_dir):  # never create a registry for a mistyped task: a usage error
+        raise ConfigError(
             f"task {task[:64]!r} has no versions in {s.registry_dir}; known tasks: "
             + ", ".join(known_tasks(s.registry_dir))
         )

@@ -87,7 +87,11 @@ class DefaultStep:
         m, pq = self.metrics, self.prequential
         m.accuracy.set(pq.accuracy)
         m.task_accuracy.labels(DEFAULT_TASK).set(pq.accuracy)
-        m.task_events.labels(DEFAULT_TASK)  # the default task's series exists from its first step
+        # The default task's series exist from its first step, as every other task's do.
+        m.task_events.labels(DEFAULT_TASK)
+        m.task_drift.labels(DEFAULT_TASK)
+        m.task_latest_version.labels(DEFAULT_TASK).set(self.publisher.latest_version or 0)
+        m.task_serving_version.labels(DEFAULT_TASK).set(self.publisher.serving_version or 0)
         m.macro_f1.set(pq.macro_f1)
         m.preq_loss.set(pq.loss)
         m.majority.set(pq.majority_rate)
@@ -97,6 +101,7 @@ class DefaultStep:
 
     def _on_drift(self, detection: Detection) -> None:
         self.metrics.drift.labels(detection.detector, detection.stream).inc()
+        self.metrics.task_drift.labels(DEFAULT_TASK).inc()
         self.history.drift(detection)
         log.warning(
             "drift detected by %s on the %s stream at event %d", detection.detector, detection.stream, detection.index

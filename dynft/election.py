@@ -65,6 +65,7 @@ from dynft.events import DEFAULT_TASK
 from dynft.replication import topics
 from dynft.replication.feed import versions_servers
 from dynft.replication.found import read_topics
+from dynft.replication.records import number
 from dynft.settings import Settings
 from dynft.sources.kafka import client_config, parse_kafka_uri
 from dynft.sources.kafka_compat import apply_join_fixes
@@ -361,8 +362,8 @@ class Election:
                 for tp, records in self._checker.poll(timeout_ms=500).items():
                     for record in records:
                         try:
-                            newest = max(newest, int(json.loads(record.value)["epoch"]))
-                        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+                            newest = max(newest, number(json.loads(record.value), "epoch"))
+                        except (ValueError, TypeError, RecursionError) as exc:
                             log.warning("%s: skipping a malformed term record at %d (%s)", tp, record.offset, exc)
         return newest
 

@@ -21,16 +21,24 @@ class ServingPointer:
     history: list[dict[str, Any]] = field(default_factory=list)  # earlier serving versions, newest first
 
 
+# The largest version number or epoch taken from a file or a topic: exact as a float (a metric's
+# value) and in every JSON reader; a larger one can only be garbage.
+MAX_NUMBER = 2**53
+
+
+def is_number(value: object, low: int = 0) -> bool:
+    """An int (not a bool) from ``low`` to below ``MAX_NUMBER``."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value < MAX_NUMBER
+
+
 def pointer_problem(data: object) -> str | None:
     """Why ``data`` (serving.json, parsed) is no serving pointer, or None."""
     if not isinstance(data, dict) or set(data) - set(ServingPointer.__dataclass_fields__):
         return "not an object of the pointer's fields"
     version, history = data.get("version"), data.get("history", [])
-    if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
-        return f"version is {version!r:.40}, not a number"
-    if not isinstance(history, list) or not all(
-        isinstance(h, dict) and isinstance(h.get("version"), int) for h in history
-    ):
+    if version is not None and not is_number(version):
+        return "version is not a version number (an integer from 0 to 2^53)"
+    if not isinstance(history, list) or not all(isinstance(h, dict) and is_number(h.get("version")) for h in history):
         return "history is not a list of versions"
     if not isinstance(data.get("pinned", False), bool) or not isinstance(data.get("reason", ""), str):
         return "pinned or reason of the wrong type"

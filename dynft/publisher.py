@@ -18,7 +18,7 @@ from typing import Any
 
 from dynft.errors import AdapterMismatchError, BaseModelMismatchError, DynftError, RegistryError
 from dynft.evaluation import HoldoutWindow
-from dynft.events import Event
+from dynft.events import DEFAULT_TASK, Event
 from dynft.fingerprint import BaseModelId
 from dynft.freshness import Arrivals
 from dynft.gate import Decision, judge
@@ -45,9 +45,13 @@ class Publisher:
         metrics: TrainerMetrics,
         feed: TaskFeed | None = None,
         term: Term | None = None,
+        task: str = DEFAULT_TASK,
     ) -> None:
         """``feed``: a task's share of the trainer's versions feed; else the feed is opened here (if
-        configured), under ``term``'s epoch and fenced by it when trainers are elected."""
+        configured), under ``term``'s epoch and fenced by it when trainers are elected. ``task``
+        names the task in its log lines (the default task's name none)."""
+        self.task = task
+        self.log = logging.LoggerAdapter(log) if task == DEFAULT_TASK else TaskLog(log, {"task": task})
         self.registry = registry
         self.trainer = trainer
         self.holdout = holdout
@@ -58,7 +62,7 @@ class Publisher:
         self.fingerprint = self.base.fingerprint if self.base is not None else "unknown"
         self.gate_off = settings.evaluation.holdout_fraction == 0
         if self.gate_off:
-            log.warning(
+            self.log.warning(
                 "evaluation.holdout_fraction = 0: nothing is held out, so the promotion gate is off and every "
                 "finite candidate is promoted (unless an operator pinned the serving version)"
             )
@@ -118,12 +122,12 @@ class Publisher:
             self.trainer.load(state)
             self.label_events = Counter(meta.get("label_events") or {})
         except RegistryError as exc:  # AdapterMismatchError included
-            log.warning("not resuming from version %d (%s); starting a new lineage", newest, exc)
+            self.log.warning("not resuming from version %d (%s); starting a new lineage", newest, exc)
             self.start_lineage([])
             return
         self.lineage = int(meta.get("lineage", 1))
         self.sent_step = self._version_step = self.trainer.steps
-        log.info("resumed from version %d (lineage %d, %d labels)", newest, self.lineage, len(state.labels))
+        self.log.info("resumed from version %d (lineage %d, %d labels)", newest, self.lineage, len(state.labels))
         self.reanchor((state, meta) if newest == self.serving_version else None)
 
     def _fitting(self, version: int) -> tuple[AdapterState, dict[str, Any]]:
@@ -165,7 +169,7 @@ class Publisher:
         self.since.clear()  # the old lineage's answers do not speak for the new one
         origin = self._start_from_serving()
         self.trainer.label_map.ids(labels)
-        log.info(
+        self.log.info(
             "lineage %d starts from %s with %d labels",
             self.lineage,
             "the base model" if origin is None else f"serving version {origin}",
@@ -185,7 +189,7 @@ class Publisher:
                 state = convert_lora_rank(state, self.trainer.slots)
                 self.trainer.load(state)
         except RegistryError as exc:
-            log.info("serving version %d cannot start the new lineage (%s)", version, exc)
+            self.log.info("serving version %d cannot start the new lineage (%s)", version, exc)
             return None
         if self.trainer.anchored:
             self.trainer.anchor_to(state)  # what serves is where the new lineage starts; stay close to it
@@ -240,11 +244,11 @@ class Publisher:
                 raise AdapterMismatchError("its labels are not a prefix of the trainer's")
             self.trainer.anchor_to(state)
         except (RegistryError, AdapterMismatchError) as exc:
-            log.warning(
+            self.log.warning(
                 "no regulariser anchor until the next promotion: serving version %d does not fit (%s)", version, exc
             )
             return
-        log.info("regulariser anchored to serving version %d", version)
+        self.log.info("regulariser anchored to serving version %d", version)
 
     def maybe_publish(self, extra_meta: dict[str, Any], force: bool = False) -> int | None:
         """Publish (and perhaps promote) a version when one is due; returns its number."""
@@ -256,7 +260,7 @@ class Publisher:
             version = self._publish(extra_meta)
         except DynftError as exc:
             self.publish_failed()
-            log.error("could not publish a version (tried again in a while): %s", exc)
+            self.log.error("could not publish a version (tried again in a while): %s", exc)
             return None
         finally:
             self.schedule.cost = time.monotonic() - started
@@ -314,7 +318,7 @@ class Publisher:
             info.version, reason=f"gate: {decision.reason}", unless_pinned=True
         )
         if decision.promote and not promoted:
-            log.warning(
+            self.log.warning(
                 "version %d passed the gate, but an operator pinned the serving version meanwhile", info.version
             )
         if promoted:
@@ -326,7 +330,9 @@ class Publisher:
             self.since.clear()
         else:
             self.registry.prune()
-        log.info("version %d %s: %s", info.version, decision.label, decision.reason)
+        self.metrics.task_latest_version.labels(self.task).set(info.version)
+        self.metrics.task_serving_version.labels(self.task).set(self.serving_version or 0)
+        self.log.info("version %d %s: %s", info.version, decision.label, decision.reason)
         self._version_step = self.trainer.steps
         if self.feed is not None:
             self._sync_feed(self.feed)
@@ -367,7 +373,9 @@ class Publisher:
         scores = self._scores = None
         unloadable = None if pointer.version is None or self.gate_off else self._why_unloadable(pointer.version)
         if unloadable is not None and pointer.pinned:
-            log.warning("serving version %d cannot be loaded (%s) but is pinned: waiting", pointer.version, unloadable)
+            self.log.warning(
+                "serving version %d cannot be loaded (%s) but is pinned: waiting", pointer.version, unloadable
+            )
         version = pointer.version if unloadable is None and not self.gate_off else None
         if version is not None and len(holdout) >= self.settings.gate.min_holdout:
             self.scorer.follows(version, self._promoted)
@@ -398,7 +406,7 @@ class Publisher:
         try:
             return self.since.check(self.trainer, version, lambda v: self._fitting(v)[0])
         except RegistryError as exc:  # AdapterMismatchError included
-            log.info("cannot judge on the events trained since version %d: %s", version, exc)
+            self.log.info("cannot judge on the events trained since version %d: %s", version, exc)
             return None
 
     def _why_unloadable(self, version: int) -> str | None:
@@ -419,3 +427,10 @@ class Publisher:
             return str(exc)
         self._loadable = (version, stamp) if stamp is not None else None
         return None
+
+
+class TaskLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Log lines of one task's publisher: ``task intents: version 5 promoted: ...``."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"task {self.extra['task'] if self.extra else '?'}: {msg}", kwargs

@@ -140,10 +140,19 @@ class AdapterRegistry:
         self.staging_dir = root / ".staging"
         self.pointer_path = root / "serving.json"
         try:
-            self.versions_dir.mkdir(parents=True, exist_ok=True)
-            self.staging_dir.mkdir(exist_ok=True)
+            self._make_dirs(first=True)
         except OSError as exc:
             raise RegistryError(f"registry {root}: cannot create it ({exc.strerror})") from exc
+
+    def _make_dirs(self, first: bool = False) -> None:
+        """The registry's folders, made again where someone deleted them while it runs (a write
+        would otherwise fail until a restart); OSError where they cannot be made."""
+        if self.versions_dir.is_dir() and self.staging_dir.is_dir():
+            return
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        self.staging_dir.mkdir(exist_ok=True)
+        if not first:
+            log.warning("registry %s: its versions or staging folder was missing (deleted?); made again", self.root)
 
     @contextmanager
     def _writing(self, what: str) -> Iterator[None]:
@@ -173,8 +182,11 @@ class AdapterRegistry:
         return removed
 
     def versions(self) -> list[int]:
-        """Published version numbers, ascending."""
-        return sorted(int(p.name) for p in self.versions_dir.iterdir() if p.name.isdigit() and p.is_dir())
+        """Published version numbers, ascending (none while the versions folder is missing)."""
+        try:
+            return sorted(int(p.name) for p in self.versions_dir.iterdir() if p.name.isdigit() and p.is_dir())
+        except (FileNotFoundError, NotADirectoryError):  # deleted under a running server, say
+            return []
 
     def path(self, version: int) -> Path:
         return self.versions_dir / f"{version:06d}"
@@ -206,10 +218,13 @@ class AdapterRegistry:
             files[LEXICAL] = save_safetensors(state.lexical)
             meta = {**meta, "lexical_hash": hashlib.sha256(files[LEXICAL]).hexdigest()}
         stage = self.staging_dir / uuid.uuid4().hex
+        parent = meta.get("parent")
         try:
+            self._make_dirs()
             stage.mkdir()
             with self._locked():
-                version = max(*self.versions(), self._highest_named(), 0) + 1
+                # Above the parent too: numbers are never reused, even where the versions were deleted.
+                version = max(*self.versions(), self._highest_named(), parent if isinstance(parent, int) else 0, 0) + 1
                 full_meta = {**meta, "version": version, "created_at": now(), "content_hash": digest}
                 files[META] = _json_bytes(full_meta)
                 write_files(stage, files)
@@ -380,6 +395,7 @@ class AdapterRegistry:
                 (target / n).exists() and (target / n).read_bytes() == data for n, data in files.items()
             ):
                 return False
+            self._make_dirs()
             stage.mkdir()
             write_files(stage, files, durable)
             with self._locked():

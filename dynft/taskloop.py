@@ -257,11 +257,23 @@ class TaskLoop:
                 refill(mine, fraction, task.buffer, task.holdout, task.collator.label_map)
 
     def _restore_tasks(self, checkpoint: Checkpoint) -> None:
-        """The other tasks' parts of ``checkpoint``; one that no longer fits starts afresh from its registry."""
-        for name, part in checkpoint.state.get("tasks", {}).items():
-            if task_name_problem(name) is not None or self._directory().admit(name) is None:
-                log.warning("checkpoint task %r is not a valid task name or is beyond tasks.max_tasks; skipped", name)
+        """The other tasks' parts of ``checkpoint``; one that no longer fits starts afresh from its
+        registry. Every task of the checkpoint is kept, also beyond a ``tasks.max_tasks`` lowered
+        since: the cap refuses new tasks, it does not discard trained ones."""
+        parts = checkpoint.state.get("tasks", {})
+        directory = self._directory()
+        if len(parts) + 1 > directory.max_tasks:  # the default task is always there
+            log.warning(
+                "the checkpoint holds %d tasks, the default task included, above tasks.max_tasks=%d: all are "
+                "kept and trained, and no new task is admitted until the setting is raised",
+                len(parts) + 1,
+                directory.max_tasks,
+            )
+        for name, part in parts.items():
+            if task_name_problem(name) is not None:  # a checkpoint of another version's rules, or damaged
+                log.warning("checkpoint task %r is not a valid task name; skipped", name)
                 continue
+            directory.readmit(name)
             task = self._task(name, resume=False)
             try:
                 task.restore(checkpoint.tensors, part, checkpoint.records)

@@ -59,9 +59,10 @@ def task_registry_dir(registry_dir: Path, task: str) -> Path:
 
 
 def known_tasks(registry_dir: Path) -> list[str]:
-    """The tasks that have a registry under ``registry_dir``, ``default`` first (it always exists)."""
+    """The tasks that have a registry under ``registry_dir``, ``default`` first (it always exists).
+    A folder without ``versions/`` is none (a stray ``mkdir`` is not a task to list or wait for)."""
     root = registry_dir / "tasks"
-    names = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    names = sorted(p.name for p in root.iterdir() if (p / "versions").is_dir()) if root.is_dir() else []
     return [DEFAULT_TASK, *(n for n in names if n != DEFAULT_TASK and task_name_problem(n) is None)]
 
 
@@ -100,6 +101,15 @@ class TaskDirectory:
             known = self._labels.get(task)
             if known is None and len(self._labels) < self.max_tasks:
                 known = self._labels[task] = labels
+            return known
+
+    def readmit(self, task: str) -> LabelMap:
+        """``task``'s label map for a task of a checkpoint, admitted whatever the cap: it was
+        admitted under the cap of its day, and a lower one must not throw its training away."""
+        with self._lock:
+            known = self._labels.get(task)
+            if known is None:
+                known = self._labels[task] = LabelMap(capacity=self.label_capacity)
             return known
 
     def labels(self, task: str) -> LabelMap | None:
@@ -191,13 +201,15 @@ class Task:
             settings.registry.keep_last,
             settings.registry.keep_serving_history,
         )
-        registry.clean_staging()
+        removed = registry.clean_staging()
+        if removed:
+            log.warning("task %s: removed %d half-written version(s) from an earlier crash", name, len(removed))
         # The task's versions go to the trainer's one feed, under the task's keys (never a feed of its own).
         only_local = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"versions_topic": None})})
         # A private metrics registry until the trainer's metrics carry a task label.
         self.metrics = TrainerMetrics(CollectorRegistry())
         lane = feed.lane(name, registry) if feed is not None else None
-        self.publisher = Publisher(registry, trainer, self.holdout, only_local, self.metrics, feed=lane)
+        self.publisher = Publisher(registry, trainer, self.holdout, only_local, self.metrics, feed=lane, task=name)
 
     @property
     def collator(self) -> Collator:

@@ -111,3 +111,65 @@ def test_a_new_broker_whose_chosen_port_was_taken_meanwhile_starts_on_others(
         assert devbroker.running(tmp_path / "kafka") == broker
     finally:
         devbroker.stop(broker.data_dir)
+
+
+def test_a_replica_started_before_its_broker_waits_for_it_and_stops_cleanly_meanwhile(tmp_path: Path) -> None:
+    """Found by a probe: `dynft serve --follow` against a broker not up yet exited 1 after 38 s
+    with kafka-python's "Unable to bootstrap", where a trainer waits."""
+    broker_port, log = free_port(), tmp_path / "replica.log"
+
+    def replica(state: str) -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "dynft", "serve", "--follow", f"kafka://127.0.0.1:{broker_port}/late.versions"]
+        cmd += ["--state-dir", str(tmp_path / state), "--port", str(free_port()), "--set", "kafka.reconnect_max_s=1"]
+        with open(log, "ab") as out:
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+
+    first = replica("a")
+    try:
+        wait_until(lambda: "waiting for the brokers" in log.read_text() or first.poll() is not None, 120, "the wait")
+        time.sleep(5)
+        assert first.poll() is None, log.read_text()[-3000:]
+        first.send_signal(signal.SIGTERM)  # while it waits: a clean end, not a traceback
+        assert first.wait(30) == 0, log.read_text()[-3000:]
+    finally:
+        reap(first)
+    second, broker = replica("b"), None
+    try:
+        wait_until(lambda: log.read_text().count("waiting for the brokers") == 2, 120, "the second wait")
+        broker = devbroker.start(tmp_path / "kafka", port=broker_port)
+        wait_until(lambda: "checked the versions topics" in log.read_text(), 120, "the topics read to their end")
+        assert second.poll() is None, log.read_text()[-3000:]
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(60) == 0, log.read_text()[-3000:]
+    finally:
+        reap(second)
+        if broker is not None:
+            devbroker.stop(broker.data_dir)
+    output = log.read_text()
+    assert "the brokers answer after" in output and "Traceback" not in output, output[-3000:]
+
+
+def test_a_replica_s_broker_watch_says_an_outage_once_and_its_end(
+    kafka_broker: devbroker.Broker, tiny_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a probe: in a 60 s outage a replica said nothing and had no metric, while it served a
+    version the trainer had replaced meanwhile."""
+    import logging
+
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from dynft.replication.topics import BrokerWatch
+
+    registry = CollectorRegistry()
+    up = Gauge("up", "test", registry=registry)
+    watch = BrokerWatch([f"127.0.0.1:{free_port()}"], tiny_settings.kafka, up, interval_s=0)
+    with caplog.at_level(logging.WARNING, logger="dynft.replication.topics"):
+        for _ in range(3):
+            watch.check()
+        assert registry.get_sample_value("up") == 0
+        watch.servers = [kafka_broker.bootstrap]  # the brokers are back
+        watch.check()
+        assert registry.get_sample_value("up") == 1
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("may be stale until they answer" in m for m in said) == 1, said
+    assert sum("answer again after" in m for m in said) == 1, said

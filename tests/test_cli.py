@@ -117,6 +117,21 @@ def test_a_metrics_port_in_use_is_a_configuration_error_of_one_line(tmp_path: Pa
     )
 
 
+def test_a_task_with_no_registry_is_a_usage_error_and_a_stray_folder_is_no_task(tmp_path: Path) -> None:
+    """Found by a probe: `adapters list --task ''` exited 1 (a runtime failure), and any folder
+    under registry/tasks/ was listed as a task (and waited for by the server for ever)."""
+    from dynft.tasks import known_tasks
+
+    AdapterRegistry(tmp_path / "registry")
+    AdapterRegistry(tmp_path / "registry" / "tasks" / "intents")
+    (tmp_path / "registry" / "tasks" / "ghost").mkdir()
+    assert known_tasks(tmp_path / "registry") == ["default", "intents"]
+    for task in ("", "ghost", "../.."):
+        result = CliRunner().invoke(main, ["adapters", "list", "--state-dir", str(tmp_path), "--task", task])
+        assert result.exit_code == 2 and "has no versions in" in result.output, (task, result.output)
+        assert "known tasks: default, intents" in result.output
+
+
 def test_adapters_commands_work_on_the_registry(tmp_path: Path) -> None:
     import torch
 

@@ -59,12 +59,46 @@ def test_a_version_key_that_names_no_task_safely_is_refused(key: bytes) -> None:
         b'{"epoch": 1, "origin": "r", "pointer": {"version": true}}',
         b'{"epoch": 1, "origin": "r", "pointer": {"version": 3, "updated_at": 5}}',  # compared with time stamps
         b'{"epoch": 1, "origin": "r", "pointer": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # deeper than the parser
+        # Found by a probe: an int too large for a float passed, and every later metric update
+        # (and every replica's and trainer's start) raised OverflowError; its epoch also fenced
+        # out every trainer there would ever be.
+        b'{"epoch": 1' + b"0" * 400 + b', "origin": "r", "pointer": {"version": 3}}',
+        b'{"epoch": 1, "origin": "r", "pointer": {"version": 1' + b"0" * 400 + b"}}",
+        b'{"epoch": 1, "origin": "r", "pointer": {"version": 3, "history": [{"version": 1e3}]}}',
+        b'{"epoch": "7", "origin": "r", "pointer": {"version": 3}}',  # a string is no epoch, not even "7"
+        b'{"epoch": 1, "origin": ["r"], "pointer": {"version": 3}}',
+        b'{"epoch": 1, "origin": "r", "pointer": {"version": 3}, "seen": -2}',
+        b'{"epoch": 1, "origin": "r", "pointer": {"version": 3}, "shard": 2.5}',
+        b'{"epoch": 1, "origin": "r"}',
+        b"[1, 2]",
     ],
 )
 def test_a_pointer_record_no_serving_json_could_hold_is_malformed(value: bytes) -> None:
     """Refused where it is read (each reader skips it alone), not where it is written or adopted."""
     with pytest.raises(RegistryError, match="malformed pointer record"):
         decode_pointer(value)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b'{"version": 9, "epoch": 1, "origin": "e", "files": [[["x"], 0]]}',  # a name no string: AttributeError
+        b'{"version": 9, "epoch": 1, "origin": "e", "files": [["a", 1.5]]}',
+        b'{"version": 9, "epoch": 1, "origin": "e", "files": [["a", 1' + b"0" * 400 + b"]]}",
+        b'{"version": 9, "epoch": 1, "origin": "e", "files": [["", 0]]}',
+        b'{"version": 9, "epoch": 1, "origin": "e", "files": [["a"]]}',
+        b'{"version": 9, "epoch": 1, "origin": "e", "files": {"a": 0}}',
+        b'{"version": -1, "epoch": 1, "origin": "e", "files": []}',
+        b'{"version": 9, "epoch": 1' + b"0" * 400 + b', "origin": "e", "files": []}',
+        b'{"version": 9, "epoch": 1, "origin": 5, "files": []}',
+        b'"version"',
+    ],
+)
+def test_a_version_record_of_any_other_shape_is_malformed(header: bytes) -> None:
+    """Found by a probe: a file name that was a list raised AttributeError out of the replica's
+    follower (losing the rest of its poll) and out of every replica's and trainer's start."""
+    with pytest.raises(RegistryError, match="malformed version record"):
+        decode_version(header + b"\n")
 
 
 def test_task_keys_round_trip_and_bad_task_names_in_records_are_malformed() -> None:

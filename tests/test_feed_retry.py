@@ -169,3 +169,33 @@ def test_a_running_loop_sends_what_a_suspension_withheld_after_its_stream_went_q
     finally:
         loop.should_exit.set()
         thread.join(timeout=60)
+
+
+def test_a_decision_of_a_newer_epoch_on_the_pointer_topic_is_said_loudly_by_the_fenced_trainer(
+    kafka_broker: Broker, tiny_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a probe: a pointer record of epoch 999 written by hand made every replica ignore the
+    running trainer's versions, while the trainer said so only at INFO ("a stale serving decision
+    ... is ignored", about its own next records) and went on publishing what nobody served."""
+    from kafka import KafkaProducer
+
+    from dynft.replication.records import PointerRecord, encode_pointer, pointer_key
+
+    registry = AdapterRegistry(tiny_settings.registry_dir)
+    registry.promote(publish_one(registry, 1.0), "first")
+    topic = f"versions-{uuid.uuid4().hex[:8]}"
+    feed = VersionsFeed(tiny_settings, registry, [kafka_broker.bootstrap], topic, term=SwitchedTerm())
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
+    try:
+        with caplog.at_level(logging.ERROR, logger="dynft.replication.feed"):
+            feed.start()
+            forged = PointerRecord(999, "by-hand", {"version": 1, "pinned": False}, seen=10**6)
+            for _ in range(3):  # said once for its epoch, not once per record
+                producer.send(pointer_topic(topic), key=pointer_key(), value=encode_pointer(forged)).get(30)
+            said = lambda: [r.getMessage() for r in caplog.records if "newer than this trainer's" in r.getMessage()]  # noqa: E731
+            wait_until(lambda: bool(said()), 30, "the fenced trainer's error")
+            time.sleep(2)
+        assert len(said()) == 1 and "trainer epoch 999 (by-hand" in said()[0] and "trainer's 3" in said()[0]
+    finally:
+        producer.close()
+        feed.close()

@@ -158,3 +158,25 @@ def test_an_operator_s_promotion_shows_in_the_trainer_s_status_before_its_next_p
     assert publisher.serving_now() == second and publisher.serving_version == first  # the gate's view waits
     registry.pointer_path.write_text("{ damaged")
     assert publisher.serving_now() == first  # unreadable: the last one known, not an error
+
+
+def test_a_named_task_s_gate_decisions_name_the_task_in_the_log(
+    tiny_settings: Settings, tiny_trainer: OnlineTrainer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a probe: sixteen tasks' "version 5 rejected: only 4 held-out events" lines could not
+    be told apart."""
+    registry = AdapterRegistry(tiny_settings.registry_dir / "tasks" / "intents")
+    metrics = TrainerMetrics(CollectorRegistry())
+    publisher = Publisher(registry, tiny_trainer, HoldoutWindow(64), tiny_settings, metrics, task="intents")
+    train(tiny_trainer, events(32, seed=1))
+    with caplog.at_level(logging.INFO, logger="dynft.publisher"):
+        version = publisher.maybe_publish({}, force=True)
+    said = [r.getMessage() for r in caplog.records]
+    assert version is not None and f"task intents: version {version} promoted" in " ".join(said), said
+    default = Publisher(
+        AdapterRegistry(tiny_settings.registry_dir), tiny_trainer, HoldoutWindow(64), tiny_settings, metrics
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dynft.publisher"):
+        version = default.maybe_publish({}, force=True)
+    assert any(r.getMessage().startswith(f"version {version} promoted") for r in caplog.records)

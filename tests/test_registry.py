@@ -269,3 +269,20 @@ def test_version_numbers_are_never_reused_after_versions_are_deleted_by_hand(tmp
     for version in (1, 2, 3):
         shutil.rmtree(registry.path(version))
     assert registry.publish(state, {"step": 2}).version == 4
+
+
+@pytest.mark.parametrize("deleted", ["versions", ".staging", "."])
+def test_a_registry_folder_deleted_while_it_runs_is_made_again_and_numbers_go_on(tmp_path: Path, deleted: str) -> None:
+    """Found by a probe: after `rm -rf registry/.staging` (or versions/, or a task's whole folder)
+    every publish failed until a restart, the restart numbered from 1 again, and listing the
+    versions raised FileNotFoundError (a 500 on /v1/adapters and /v1/status)."""
+    registry = AdapterRegistry(tmp_path / "registry")
+    first = registry.publish(state(), {"parent": None}).version
+    second = registry.publish(state(), {"parent": first}).version
+    shutil.rmtree(tmp_path / "registry" / deleted)
+    if deleted != ".staging":
+        assert registry.versions() == []  # gone: none listed, not an error
+    third = registry.publish(state(), {"parent": second}).version
+    assert third == second + 1  # above its parent: a number is never used twice
+    assert registry.load(third)[0].labels == ["a", "b"]
+    assert (tmp_path / "registry" / ".staging").is_dir()

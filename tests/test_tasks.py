@@ -82,6 +82,16 @@ def test_three_interleaved_tasks_train_three_heads_with_their_own_versions(
     trained = sample(metrics, "dynft_events_total", outcome="trained")
     others = sum(sample(metrics, "dynft_events_total", outcome=o) for o in ("held_out", "buffered", "skipped"))
     assert trained + others == 3 * 500
+    # Every per-task family has a series per task, the default one included (a probe found three
+    # without it: a dashboard's task selector set to "default" showed empty panels).
+    families = ["dynft_task_latest_version", "dynft_task_promoted_version", "dynft_task_drift_detections_total"]
+    families += ["dynft_task_prequential_accuracy", "dynft_task_events_trained_total"]
+    for family in families:
+        for name in TASKS:
+            assert metrics.get_sample_value(family, {"task": name}) is not None, (family, name)
+    for name in TASKS:
+        registry = AdapterRegistry(task_registry_dir(tiny_settings.registry_dir, name))
+        assert sample(metrics, "dynft_task_latest_version", task=name) == max(registry.versions()), name
 
 
 def test_a_task_beyond_the_cap_and_a_bad_task_name_are_dead_lettered(tiny_settings: Settings, tmp_path: Path) -> None:
@@ -132,6 +142,26 @@ def test_tasks_resume_from_the_checkpoint(tiny_settings: Settings, tmp_path: Pat
         assert task.prequential.seen > 300 * 0.8
     # Restored weights differ from a fresh adapter's: the first run's learning came back.
     assert set(second.tasks) == set(weights)
+
+
+def test_a_lower_task_cap_at_a_restart_keeps_every_task_of_the_checkpoint_and_admits_no_new_one(
+    tiny_settings: Settings, tmp_path: Path
+) -> None:
+    """Found by a probe: a restart with tasks.max_tasks lowered dropped the tasks beyond it from the
+    checkpoint it then wrote, so they started again from the base model after the cap was raised."""
+    first = run(tiny_settings, write_jsonl(tmp_path / "a.jsonl", interleaved(300, TASKS, seed=5)))
+    steps = {name: task.trainer.steps for name, task in first.tasks.items()}
+    tiny_settings.tasks.max_tasks = 2
+    rows = interleaved(40, TASKS, seed=6, start=1000)
+    rows += [{"id": "new-1", "text": "w1 alpha0", "label": "alpha", "task": "newcomer"}]
+    second = run(tiny_settings, write_jsonl(tmp_path / "b.jsonl", rows))
+    assert sorted(second.tasks) == ["intents", "topics"]
+    assert all(task.trainer.steps > steps[name] for name, task in second.tasks.items())  # continued
+    letters = read_dead_letters(tiny_settings.dead_letter_path)
+    assert [(e["reason"], json.loads(e["raw_bytes"])["id"]) for e in letters] == [("too_many_tasks", "new-1")]
+    tiny_settings.tasks.max_tasks = 64
+    third = run(tiny_settings, write_jsonl(tmp_path / "c.jsonl", interleaved(20, TASKS, seed=7, start=2000)))
+    assert all(task.trainer.steps > second.tasks[name].trainer.steps for name, task in third.tasks.items())
 
 
 def test_a_single_task_state_directory_resumes_as_the_default_task(tiny_settings: Settings, tmp_path: Path) -> None:

@@ -165,6 +165,7 @@ class VersionsFeed:
         self._lock = threading.Lock()
         self._lanes: dict[str, Lane] = {}  # written by the publishers' thread, read by the feed's
         self._unadopted: dict[str, tuple[int, PointerRecord]] = {}  # the feed's thread: decisions not written here
+        self._fenced_at = self.epoch  # the feed's thread: the newest epoch above ours said so far
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow_pointer, name="dynft-versions-feed", daemon=True)
         self._open_lane(DEFAULT_TASK, registry)
@@ -370,6 +371,18 @@ class VersionsFeed:
         self._on_pointer(record.offset, pointer)
 
     def _on_pointer(self, offset: int, record: PointerRecord) -> None:
+        if record.epoch > self._fenced_at and record.shard == self.shard(record.task):
+            self._fenced_at = record.epoch  # said once per newer epoch: every later record of it says the same
+            log.error(
+                "the pointer topic holds a decision of trainer epoch %d (%s, offset %d), newer than this trainer's "
+                "%d: replicas ignore this trainer's versions and decisions from now on. A newer trainer took over "
+                "(then stop this one), or the record was written by hand: restart this trainer to take an epoch "
+                "above it",
+                record.epoch,
+                record.origin[:64],
+                offset,
+                self.epoch,
+            )
         outcome = self._log.admit(record, offset)
         lane = self._lanes.get(record.task)
         if lane is None:  # a task this trainer has not opened yet: its lane adopts it when it opens

@@ -85,6 +85,7 @@ class ReplicaMetrics:
             registry=registry,
         )
         self.epoch = Gauge("dynft_replica_trainer_epoch", "Newest trainer epoch seen on the topics", registry=registry)
+        self.up = Gauge("dynft_replica_brokers_up", "1 while the versions topics' brokers answer", registry=registry)
         for kind in ("version", "pointer"):
             for outcome in ("applied", "duplicate", "stale", "void", "malformed"):
                 self.records.labels(kind, outcome)
@@ -118,18 +119,23 @@ class Follower:
         self._thread = threading.Thread(target=self._follow, name="dynft-follow", daemon=True)
         self._consumer: Any = None
         self._producer: Any = None
+        self._brokers = topics.BrokerWatch(self.servers, settings.kafka, self.metrics.up, settings.kafka.lag_interval_s)
 
     @property
     def epoch(self) -> int:
         """The newest trainer epoch seen on either topic."""
         return self._log.epoch
 
-    def start(self) -> None:
-        """Read both topics to their end and write the serving version; the rest follows in the background."""
+    def start(self) -> bool:
+        """Read both topics to their end and write the serving version; the rest follows in the
+        background. Waits for the brokers first; False if stopped meanwhile (``stop``)."""
         from kafka import TopicPartition
 
+        if not topics.await_brokers(self.servers, self.settings.kafka, self._stop):
+            return False
         started = time.monotonic()
-        topics.ensure_topics(self.servers, self.topic, self.settings.kafka)
+        if topics.ensure_topics(self.servers, self.topic, self.settings.kafka):
+            log.warning("created %s: no trainer has written to it yet (a new deployment, or a typo?)", self.topic)
         self._consumer = topics.consumer(self.servers, self.settings.kafka)
         self._producer = topics.producer(self.servers, self.settings.kafka)
         checked = time.monotonic()
@@ -143,6 +149,13 @@ class Follower:
         self._catching_up = False
         for pending in list(self._pending.values()):
             self._apply_pointer(pending)
+        for task, record in self._pending.items():  # read to the end, and its version is not there
+            log.warning(
+                "task %s: the pointer topic serves version %s, which the versions topic does not hold: not ready "
+                "for this task until that version arrives or an operator promotes another one",
+                task,
+                record.pointer.get("version"),
+            )
         log.info(
             "checked the versions topics in %.1f s, read them to their end in %.1f s: serving version %s "
             "(%d more versions written in the background)",
@@ -151,7 +164,14 @@ class Follower:
             self.registry.serving().version,
             len(self._backlog),
         )
+        if self._stop.is_set():  # cancelled while it read the topics
+            return False
         self._thread.start()
+        return True
+
+    def cancel(self) -> None:
+        """Make a ``start`` under way return False (from a signal handler: only sets an event)."""
+        self._stop.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -222,6 +242,7 @@ class Follower:
                 self._poll(0 if self._backlog and not self._failing else POLL_MS)  # new records first
                 self._write_backlog()  # then one backlog version
                 self._install_pending()
+                self._brokers.check()
             except Exception:  # the follower must outlive one bad record or a broker outage
                 log.exception("following %s failed", self.topic)
                 self._stop.wait(1.0)
@@ -247,15 +268,26 @@ class Follower:
     def _poll(self, timeout_ms: int) -> None:
         for tp, records in self._consumer.poll(timeout_ms=timeout_ms).items():
             for record in records:
-                if tp.topic == self.topic:
-                    self._on_version(record.key, record.value)
-                elif task_of_pointer_key(record.key) is not None:
-                    self._on_pointer(record.key, record.value, record.offset)
-                    with self._applied:
-                        self._applied_offset = record.offset
-                        self._applied.notify_all()
+                try:
+                    self._on_record(tp.topic, record)
+                except Exception:  # a record no rule foresaw: it alone is skipped, not the rest of the poll
+                    self.metrics.records.labels("version" if tp.topic == self.topic else "pointer", "malformed").inc()
+                    log.exception("%s: skipping the record at offset %d", tp.topic, record.offset)
 
-    def _on_version(self, key: bytes | None, value: bytes | None) -> None:
+    def _on_record(self, topic: str, record: Any) -> None:
+        if topic == self.topic:
+            self._on_version(record.key, record.value, record.offset)
+            return
+        if task_of_pointer_key(record.key) is not None:
+            self._on_pointer(record.key, record.value, record.offset)
+        else:  # no decision dynft wrote: said, not silently passed over
+            self.metrics.records.labels("pointer", "malformed").inc()
+            log.error("%s: skipping the record at offset %d: key %.80r names no task", topic, record.offset, record.key)
+        with self._applied:
+            self._applied_offset = record.offset
+            self._applied.notify_all()
+
+    def _on_version(self, key: bytes | None, value: bytes | None, offset: int) -> None:
         where = parse_version_key(key)
         if value is None:  # a tombstone: the trainer pruned this version; the replica follows (not the serving one)
             if where is not None:
@@ -275,7 +307,7 @@ class Follower:
                 raise RegistryError(f"key {key!r} does not name version {record.version} of task {record.task}")
         except RegistryError as exc:
             self.metrics.records.labels("version", "malformed").inc()
-            log.error("%s: %s", self.topic, exc)
+            log.error("%s: skipping the record at offset %d: %s", self.topic, offset, exc)
             return
         if not self._log.admit_epoch(record.epoch, record.shard, record.task):
             self.metrics.records.labels("version", "stale").inc()
@@ -325,7 +357,8 @@ class Follower:
                     log.info("removed version %d of task %s: no longer on %s", version, task, self.topic)
 
     def _on_pointer(self, key: bytes | None, value: bytes | None, offset: int) -> None:
-        if value is None:
+        if value is None:  # dynft never deletes a decision: only a newer one replaces it
+            log.warning("%s: ignoring a tombstone at offset %d (key %.80r)", self.pointer_topic, offset, key)
             return
         try:
             record = decode_pointer(value)
@@ -333,7 +366,7 @@ class Follower:
                 raise RegistryError(f"key {key!r} does not decide for task {record.task}")
         except RegistryError as exc:
             self.metrics.records.labels("pointer", "malformed").inc()
-            log.error("%s: %s", self.pointer_topic, exc)
+            log.error("%s: skipping the record at offset %d: %s", self.pointer_topic, offset, exc)
             return
         outcome = self._log.admit(record, offset)
         self.metrics.epoch.set(self._log.epoch)

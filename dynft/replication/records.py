@@ -52,7 +52,7 @@ from typing import Any
 from dynft.durable import write_atomic
 from dynft.errors import RegistryError, RegistryWriteError
 from dynft.events import DEFAULT_TASK, task_name_problem
-from dynft.pointer import pointer_problem
+from dynft.pointer import is_number, pointer_problem
 
 POINTER_KEY = b"serving"
 EPOCH_FILE = "epoch"
@@ -184,22 +184,41 @@ def encode_version(record: VersionRecord) -> bytes:
     return json.dumps(header).encode() + b"\n" + b"".join(record.files[name] for name in names)
 
 
+def number(data: dict[str, Any], key: str, default: int | None = None, low: int = 0) -> int:
+    """``data[key]``, an integer from ``low`` to below 2^53 (see ``dynft.pointer.MAX_NUMBER``):
+    every number on these topics is one; anything else is garbage, never converted."""
+    if key not in data and default is None:
+        raise ValueError(f"no {key!r} field")
+    value = data.get(key, default)
+    if not isinstance(value, int) or not is_number(value, low):
+        raise ValueError(f"{key} is not an integer from {low} to 2^53")
+    return value
+
+
 def decode_version(value: bytes) -> VersionRecord:
     """Raises ``RegistryError`` for a record that is not a well-formed version record."""
     head, sep, body = value.partition(b"\n")
     try:
         header = json.loads(head)
+        if not isinstance(header, dict) or not isinstance(header.get("files"), list):
+            raise ValueError("the header is not an object with a list of files")
         files, offset = {}, 0
-        for name, length in header["files"]:
-            if "/" in name or name.startswith(".") or length < 0:
-                raise ValueError(f"bad file entry {name!r}")
-            files[str(name)] = body[offset : offset + int(length)]
-            offset += int(length)
+        for entry in header["files"]:
+            name, length = entry if isinstance(entry, list) and len(entry) == 2 else (None, None)
+            if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+                raise ValueError(f"bad file entry {str(entry)[:80]}")
+            if not isinstance(length, int) or not is_number(length):
+                raise ValueError(f"bad length of file {name[:80]!r}")
+            files[name] = body[offset : offset + length]
+            offset += length
         if not sep or offset != len(body):
             raise ValueError(f"{len(body)} bytes of files, the header lists {offset}")
-        task, shard = checked_task(header.get("task", DEFAULT_TASK)), int(header.get("shard", 0))
-        return VersionRecord(int(header["version"]), int(header["epoch"]), str(header["origin"]), files, task, shard)
-    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+        task, shard = checked_task(header.get("task", DEFAULT_TASK)), number(header, "shard", 0)
+        origin = header.get("origin")
+        if not isinstance(origin, str):
+            raise ValueError("origin is not a string")
+        return VersionRecord(number(header, "version"), number(header, "epoch"), origin, files, task, shard)
+    except (ValueError, TypeError, RecursionError) as exc:
         raise RegistryError(f"malformed version record ({exc})") from exc
 
 
@@ -226,15 +245,22 @@ def encode_pointer(record: PointerRecord) -> bytes:
 
 
 def decode_pointer(value: bytes) -> PointerRecord:
+    """Raises ``RegistryError`` for a record that is not a well-formed pointer record."""
     try:
         data = json.loads(value)
+        if not isinstance(data, dict) or "pointer" not in data:
+            raise ValueError("not an object with a 'pointer' field")
         pointer = data["pointer"]
         problem = pointer_problem(pointer)  # as serving.json is checked: what it holds is written there
         if problem is not None:
             raise ValueError(problem)
-        task, shard = checked_task(data.get("task", DEFAULT_TASK)), int(data.get("shard", 0))
-        return PointerRecord(int(data["epoch"]), str(data["origin"]), pointer, int(data.get("seen", -1)), task, shard)
-    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+        task, shard = checked_task(data.get("task", DEFAULT_TASK)), number(data, "shard", 0)
+        origin = data.get("origin")
+        if not isinstance(origin, str):
+            raise ValueError("origin is not a string")
+        epoch, seen = number(data, "epoch"), number(data, "seen", -1, low=-1)
+        return PointerRecord(epoch, origin, pointer, seen, task, shard)
+    except (ValueError, TypeError, RecursionError) as exc:
         raise RegistryError(f"malformed pointer record ({exc})") from exc
 
 

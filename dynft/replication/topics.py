@@ -8,25 +8,83 @@ or takes smaller records is a configuration error naming the setting to fix.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any
 
-from dynft.errors import ConfigError, ReplicationError
+from dynft.errors import BrokersUnavailableError, ConfigError, ReplicationError
 from dynft.replication.records import pointer_topic
 from dynft.settings import KafkaSettings
-from dynft.sources.kafka import client_config
+from dynft.sources.kafka import RECONNECT_FIRST_S, client_config
+from dynft.sources.kafka_connect import probe
 from dynft.sources.kafka_unreadable import apply_read_fixes
 
 log = logging.getLogger(__name__)
 MARGIN = 64 << 10  # room for the record header and batch framing above the largest value
 
 
+def await_brokers(servers: list[str], settings: KafkaSettings, stop: threading.Event) -> bool:
+    """Wait until a broker answers, as a trainer does (services start in any order); False when
+    ``stop`` is set first. A broker that answers and refuses raises ``KafkaRefusedError``."""
+    delay, since = RECONNECT_FIRST_S, None
+    while not stop.is_set():
+        try:
+            probe(servers, client_config(settings))
+        except BrokersUnavailableError as exc:
+            if since is None:  # once, not once per try
+                since = time.monotonic()
+                log.warning("%s; waiting for the brokers (not ready meanwhile)", exc)
+            stop.wait(delay)
+            delay = min(delay * 2, settings.reconnect_max_s)
+            continue
+        if since is not None:
+            log.warning("the brokers answer after %.0f s", time.monotonic() - since)
+        return True
+    return False
+
+
+class BrokerWatch:
+    """Whether the versions topics' brokers answer, looked at every ``interval_s`` by a follower's
+    thread: kafka-python's consumer just returns nothing in an outage, so a replica would serve
+    a version that may be stale without a word. Said once per outage, and in ``up``."""
+
+    def __init__(self, servers: list[str], settings: KafkaSettings, up: Any, interval_s: float = 5.0) -> None:
+        self.servers, self.settings, self.up, self.interval_s = servers, settings, up, interval_s
+        self._next = time.monotonic() + interval_s
+        self._down_since: float | None = None
+        up.set(1)
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.interval_s
+        try:
+            probe(self.servers, client_config(self.settings))
+        except BrokersUnavailableError as exc:
+            if self._down_since is None:
+                self._down_since = now
+                self.up.set(0)
+                log.warning("%s: the version serving now may be stale until they answer", exc)
+            return
+        except ConfigError as exc:  # a broker that answers and refuses: not an outage, but no updates either
+            log.warning("the versions topics' brokers refuse this replica now: %s", exc)
+            return
+        if self._down_since is not None:
+            log.warning("the versions topics' brokers answer again after %.0f s", now - self._down_since)
+            self._down_since = None
+            self.up.set(1)
+
+
 def topic_configs(max_bytes: int) -> dict[str, str]:
     return {"cleanup.policy": "compact", "max.message.bytes": str(max_bytes), "retention.ms": "-1"}
 
 
-def ensure_topics(servers: list[str], topic: str, settings: KafkaSettings, extra: dict[str, int] | None = None) -> None:
+def ensure_topics(
+    servers: list[str], topic: str, settings: KafkaSettings, extra: dict[str, int] | None = None
+) -> list[str]:
     """Create the versions and pointer topics (and ``extra`` ones alike, name -> partitions) if missing;
-    check existing ones."""
+    check existing ones. Returns the ones created."""
     from kafka import KafkaAdminClient
     from kafka.admin import ConfigResource, ConfigResourceType
     from kafka.errors import KafkaError
@@ -54,6 +112,7 @@ def ensure_topics(servers: list[str], topic: str, settings: KafkaSettings, extra
         raise ReplicationError(f"cannot create or check the versions topics on {','.join(servers)}: {exc}") from exc
     for name in names:
         check_topic(name, config_values(described, name), wanted)
+    return missing
 
 
 def config_values(described: Any, topic: str) -> dict[str, str]:

@@ -160,7 +160,9 @@ class InferenceEngine(VersionWatcher, MixedAnswers):
         if lane is None:
             raise UnknownTask(f"unknown task {task!r}; known tasks: {', '.join(sorted(self.lanes))}")
         if lane.active is None and lane.staged is None:
-            raise NotReady("no adapter version is serving yet" + ("" if task == DEFAULT_TASK else f" for task {task}"))
+            which = "" if task == DEFAULT_TASK else f" for task {task}"
+            why = " (its serving pointer cannot be read; the server's log says why)" if lane.unreadable else ""
+            raise NotReady(f"no adapter version is serving yet{which}{why}")
         with self._cond:
             if self._queued_texts + len(texts) > self.settings.server.max_queue:
                 raise Overloaded(f"{self._queued_texts} texts are already waiting")

@@ -7,8 +7,13 @@ requests finish (``timeout_graceful_shutdown``) and returns; the engine stops af
 from __future__ import annotations
 
 import logging
+import signal
 import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 import torch
 import uvicorn
@@ -75,8 +80,9 @@ class Server:
     def run(self, sock: socket.socket | None = None) -> None:
         torch.set_num_threads(self.settings.server.threads)
         tune_gc()
-        if self.follower is not None:
-            self.follower.start()  # reads the versions topics to their end: the current version is then here
+        if self.follower is not None and not self._start_following():
+            self.follower.stop()
+            return
         self.engine.start()
         try:
             self.uvicorn.run(sockets=[sock] if sock is not None else None)
@@ -93,9 +99,32 @@ class Server:
             if self.follower is not None:
                 self.follower.stop()
 
+    def _start_following(self) -> bool:
+        """The follower's start: it waits for the brokers, then reads the versions topics to their
+        end (the current version is then here). SIGINT or SIGTERM meanwhile ends the run cleanly:
+        uvicorn installs its own handlers only once it runs."""
+        follower = self.follower
+        assert follower is not None
+        with on_stop_signals(lambda *_: follower.cancel()):
+            return follower.start()
+
     def stop(self) -> None:
         self.uvicorn.should_exit = True
 
     @property
     def started(self) -> bool:
         return bool(self.uvicorn.started)
+
+
+@contextmanager
+def on_stop_signals(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM meanwhile (in the main thread: only it takes signals)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

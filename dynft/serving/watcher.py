@@ -22,7 +22,13 @@ from peft import PeftConfig, PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dynft.errors import AdapterMismatchError, BaseModelMismatchError, DynftError, VersionUnloadableError
+from dynft.errors import (
+    AdapterMismatchError,
+    BaseModelMismatchError,
+    DynftError,
+    PointerUnreadableError,
+    VersionUnloadableError,
+)
 from dynft.fingerprint import BaseModelId, Pooling
 from dynft.lexical import WordScorer
 from dynft.metrics import ServerMetrics
@@ -67,6 +73,7 @@ class Lane:
     failed: dict[int, float] = field(default_factory=dict)  # version -> when it failed (not retried for a while)
     fallback_from: int | None = None  # the unloadable serving version; written by the watcher only
     refused: dict[int, str] = field(default_factory=dict)  # version -> "unreadable" / "mismatch" (watcher only)
+    unreadable: bool = False  # serving.json cannot be read now (watcher only; requests read it)
 
 
 class VersionWatcher:
@@ -132,7 +139,9 @@ class VersionWatcher:
         for lane in self._lanes_now():
             try:
                 self._poll_lane(lane)
+                lane.unreadable = False
             except Exception as exc:
+                lane.unreadable = isinstance(exc, PointerUnreadableError)  # told to requests that find no version
                 failures.append(exc)
         if failures:
             raise failures[0]

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from dynft.metrics import ServerMetrics
 from dynft.model import AdapterState
 from dynft.registry import AdapterRegistry
-from dynft.serving.answers import Answer
+from dynft.serving.answers import Answer, NotReady
 from dynft.serving.engine import NOT_READY_AFTER, InferenceEngine
 from dynft.serving.server import Server
 from dynft.settings import Settings
@@ -60,6 +60,32 @@ def test_a_damaged_pointer_of_one_task_keeps_no_other_task_from_its_new_version(
         assert engine.serving["default"] == 13  # what was loaded goes on answering
         answer = engine.submit([PROBE], "default").result(timeout=30)
         assert answer.version == 13
+    finally:
+        engine.stop()
+
+
+def test_a_task_whose_pointer_is_damaged_before_any_version_loaded_says_so(
+    tiny_settings: Settings,
+    versions: dict[int, AdapterState],
+    intents: dict[int, AdapterState],  # noqa: F811
+) -> None:
+    """Found by a probe: the answer was "no adapter version is serving yet", as if none had been
+    promoted; the admin endpoints said registry_unreadable."""
+    tiny_settings.server.poll_interval_s = 0.1
+    AdapterRegistry(tiny_settings.registry_dir, keep_last=100).promote(13, "start")
+    other = AdapterRegistry(task_registry_dir(tiny_settings.registry_dir, "intents"), keep_last=100)
+    other.pointer_path.write_text("{not json")
+    engine = engine_for(tiny_settings)
+    engine.start()
+    try:
+        wait_for(lambda: engine.serving.get("default") == 13, "the default task to serve")
+        wait_for(lambda: "intents" in engine.lanes and engine.lanes["intents"].unreadable, "the damage seen")
+        with pytest.raises(NotReady, match=r"for task intents \(its serving pointer cannot be read"):
+            engine.submit([PROBE], "intents")
+        other.pointer_path.unlink()  # moved aside, as the message says: the task serves, and the note is gone
+        other.promote(2, "repaired")
+        wait_for(lambda: engine.serving.get("intents") == 2, "the repaired task to serve")
+        assert not engine.lanes["intents"].unreadable
     finally:
         engine.stop()
 
