@@ -51,7 +51,10 @@ def adapters_list(**kwargs: Any) -> None:
     """One line per version: number, gate decision, accuracy, labels, serving marker."""
     registry = _registry(kwargs)
     pointer = registry.serving()
-    for version in registry.versions():
+    versions = registry.versions()
+    if not versions:  # said, where a silent exit 0 looked like a listing
+        click.echo(f"no versions in {registry.root} (none published yet, or versions/ was removed)", err=True)
+    for version in versions:
         mark = "*" if version == pointer.version else " "
         pin = " (pinned)" if mark == "*" and pointer.pinned else ""
         try:

@@ -130,6 +130,8 @@ def test_a_task_with_no_registry_is_a_usage_error_and_a_stray_folder_is_no_task(
         result = CliRunner().invoke(main, ["adapters", "list", "--state-dir", str(tmp_path), "--task", task])
         assert result.exit_code == 2 and "has no versions in" in result.output, (task, result.output)
         assert "known tasks: default, intents" in result.output
+    result = CliRunner().invoke(main, ["adapters", "list", "--state-dir", str(tmp_path), "--task", "intents"])
+    assert result.exit_code == 0 and "no versions in" in result.output  # said, not an empty exit 0
 
 
 def test_adapters_commands_work_on_the_registry(tmp_path: Path) -> None:
