@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.quality import multitask, report, served
+from benchmarks.quality.args import count, one_or_more, positive
 from benchmarks.quality.harness import run_suite
 from benchmarks.quality.streams import DATA, build
 from benchmarks.quality.suites import SUITES, Suite
@@ -38,18 +39,20 @@ def add_served(results: dict[str, Any], suite: Suite, rate: float, logs: Path) -
         positions = stream_results.get("dynft_positions")
         if positions:
             truths = [label for _, label in stream.events]
-            scored["served on dynft's events"] = round(served.on_positions(truths, answers["answers"], positions), 4)
+            scored["served on dynft's events"] = served.rounded(
+                served.on_positions(truths, answers["answers"], positions)
+            )
         stream_results["served"] = scored | {"rate": rate}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__)
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), help="worker processes")
-    parser.add_argument("--rate", type=float, default=20.0, help="served protocol: events per second fed")
+    parser.add_argument("--workers", type=one_or_more, default=min(2, os.cpu_count() or 1), help="worker processes")
+    parser.add_argument("--rate", type=positive, default=20.0, help="served protocol: events per second fed")
     parser.add_argument("--no-served", action="store_true", help="skip the served protocol")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--multitask-seeds", type=int, default=3, help="seeds of the multitask stream (0: skip it)")
+    parser.add_argument("--multitask-seeds", type=count, default=3, help="seeds of the multitask stream (0: skip it)")
     parser.add_argument("--only-multitask", action="store_true", help="run the multitask stream only")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -46,6 +46,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from benchmarks.quality.args import datasets_in, one_or_more
 from benchmarks.quality.suites import QUICK, dynft_overrides
 from dynft.settings.sections import TrainerSettings
 
@@ -295,11 +296,11 @@ def markdown(result: dict[str, Any], command: str, load_average: tuple[float, ..
 def main() -> None:
     import os
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--dataset", default="banking77")
-    parser.add_argument("--events", type=int, default=770)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.distill", description=__doc__)
+    parser.add_argument("--dataset", choices=datasets_in(DATA), default="banking77", help="a prepared dataset")
+    parser.add_argument("--events", type=one_or_more, default=770, help="at most the dataset's stream split")
+    parser.add_argument("--seeds", type=one_or_more, default=3)
+    parser.add_argument("--workers", type=one_or_more, default=2)
     parser.add_argument("--alpha", type=float, default=None, help="trainer.distill_alpha (default: the setting's)")
     parser.add_argument(
         "--temperature", type=float, default=None, help="trainer.distill_temperature (default: the setting's)"
@@ -326,7 +327,7 @@ def main() -> None:
     command += f" --alpha {args.alpha}" if args.alpha is not None else ""
     command += f" --temperature {args.temperature}" if args.temperature is not None else ""
     command += " --no-replay" if args.no_replay else ""
-    command += f" --teacher {args.teacher}" if args.teacher != "base" else ""
+    command += f" --teacher {args.teacher}"  # always: the default is not "base"
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"distill-{args.dataset}-{args.events}" + (f"-alpha{args.alpha:g}" if args.alpha is not None else "")
     stem += f"-t{args.temperature:g}" if args.temperature is not None else ""

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.quality import scores
+from benchmarks.quality.args import known_names, one_or_more
 from benchmarks.quality.harness import quiet
 from benchmarks.quality.methods import Run, run_dynft
 from benchmarks.quality.streams import DATA, Stream, build
@@ -195,9 +196,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.drift", description=__doc__)
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--streams", default=None, help="comma-separated subset of the suite's streams")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=one_or_more, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.streams:
+        known_names(parser, "--streams", args.streams.split(","), list(SUITES[args.suite].streams))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     suite = SUITES[args.suite]

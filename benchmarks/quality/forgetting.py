@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.quality.args import known_names, one_or_more
 from benchmarks.quality.harness import Job, execute, quiet, summarize
 from benchmarks.quality.methods import Run
 from benchmarks.quality.streams import DATA, build
@@ -96,11 +97,12 @@ def markdown(results: dict[str, Any], command: str, machine: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.forgetting", description=__doc__)
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--workers", type=one_or_more, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--streams", default="", help="comma-separated (default: the suite's class-incremental ones)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     suite = SUITES[args.suite]
+    known_names(parser, "--streams", [n for n in args.streams.split(",") if n], list(suite.streams))
     names = [n for n in args.streams.split(",") if n] or [
         n for n in suite.streams if build(n, suite.sizes, DATA).kind == "class-incremental"
     ]

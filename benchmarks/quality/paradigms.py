@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.quality.args import datasets_in, known_names, one_or_more
 from benchmarks.quality.streams import DATA, read
 from benchmarks.quality.suites import Suite, dynft_overrides
 
@@ -222,14 +223,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", default="minilm,mpnet", help=f"comma-separated, of {sorted(MODEL_SIZES)}")
     parser.add_argument("--datasets", default=",".join(SUITES["full"].paradigm_datasets))
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, of the CONFIGS")
-    parser.add_argument("--train", type=int, default=300, help="training examples per dataset (one pass)")
-    parser.add_argument("--test", type=int, default=250, help="test rows per dataset")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--train", type=one_or_more, default=300, help="training examples per dataset (one pass)")
+    parser.add_argument("--test", type=one_or_more, default=250, help="test rows per dataset")
+    parser.add_argument("--seeds", type=one_or_more, default=3)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/quality/model-size"))
     args = parser.parse_args(argv)
     models, configs = args.models.split(","), args.configs.split(",")
     if unknown := [m for m in models if m not in MODEL_SIZES] + [c for c in configs if c not in CONFIGS]:
         parser.error(f"unknown models or configurations: {unknown}")
+    known_names(parser, "--datasets", args.datasets.split(","), datasets_in(DATA))
     suite = SUITES["full"].with_overrides(paradigm_train=args.train, paradigm_test=args.test)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,20 +197,77 @@ def build(name: str, sizes: Sizes, data: Path = DATA) -> Stream:
     return BUILDERS[name](sizes, data)
 
 
-def from_jsonl(path: Path, test_share: float = 0.1, max_test: int = 200) -> Stream:
+class StreamFileError(ValueError):
+    """A ``--jsonl`` file that cannot make a stream: the message names the file and the line."""
+
+
+def from_jsonl(
+    path: Path,
+    test_share: float = 0.1,
+    max_test: int = 200,
+    name: str | None = None,
+    max_text_chars: int = 8192,
+    max_label_chars: int = 128,
+) -> Stream:
     """A one-phase stream from any JSON Lines file of ``{"text", "label"}`` rows, in file order
     (another dataset, as a user would stream it); its last rows (``test_share``, at most
-    ``max_test``) are the phase's test slice and are not streamed."""
-    rows = read(path)
-    bad = next((n for n, r in enumerate(rows, 1) if not (isinstance(r, dict) and {"text", "label"} <= r.keys())), None)
-    if bad is not None:
-        raise ValueError(f"{path}: row {bad} is not an object with text and label")
-    examples = [(str(r["text"]), str(r["label"])) for r in rows]
+    ``max_test``) are the phase's test slice and are not streamed.
+
+    A label may be a string or an integer (as many datasets write them). Rows the daemon would
+    dead-letter (an empty or blank text, a missing, null or empty label, either over its limit:
+    the daemon's ``events`` settings) are left out with a note on stderr: the stream measures
+    learning, not the input rules. Anything else that is no such row (not JSON, not an object) is a ``StreamFileError``.
+    """
+    examples: list[Example] = []
+    skipped: dict[str, list[int]] = {}
+    for n, row in _rows(path):
+        why = _unusable(row, max_text_chars, max_label_chars)
+        if why is not None:
+            skipped.setdefault(why, []).append(n)
+            continue
+        examples.append((row["text"], str(row["label"])))
+    for why, lines in skipped.items():
+        shown = ", ".join(map(str, lines[:5])) + (" ..." if len(lines) > 5 else "")
+        print(f"{path}: left out {len(lines)} row(s) with {why} (line {shown})", file=sys.stderr)
     test = min(max_test, int(len(examples) * test_share))
     if len(examples) - test < 2:
-        raise ValueError(f"{path}: {len(examples)} rows are too few for a stream")
+        raise StreamFileError(f"{path}: {len(examples)} usable rows are too few for a stream")
     return assemble(
-        path.stem,
+        name or path.stem,
         f"JSON Lines file {path.name}",
-        [(path.stem, examples[: len(examples) - test], examples[len(examples) - test :])],
+        [(name or path.stem, examples[: len(examples) - test], examples[len(examples) - test :])],
     )
+
+
+def _rows(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed row) of each non-blank line; a byte order mark is allowed."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StreamFileError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise StreamFileError(f"{path}, line {n}: not JSON ({getattr(exc, 'msg', exc)})") from exc
+        if not isinstance(row, dict) or "text" not in row:
+            raise StreamFileError(f"{path}, line {n}: not an object with text and label")
+        rows.append((n, row))
+    return rows
+
+
+def _unusable(row: dict[str, Any], max_text_chars: int, max_label_chars: int) -> str | None:
+    """Why the daemon would refuse ``row``'s text or label, or None."""
+    text, label = row.get("text"), row.get("label")
+    if not isinstance(text, str) or not text.strip():
+        return "no text (missing, not a string, or blank)"
+    if len(text) > max_text_chars:
+        return f"a text over {max_text_chars} characters"
+    if isinstance(label, bool) or not isinstance(label, str | int) or not str(label).strip():
+        return "no label (missing, null, or not a string or integer)"
+    if len(str(label)) > max_label_chars:
+        return f"a label over {max_label_chars} characters"
+    return None

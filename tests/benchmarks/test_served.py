@@ -138,6 +138,65 @@ def test_any_json_lines_file_becomes_a_stream_in_file_order_with_a_held_back_tes
     assert stream.events == [(f"t{i}", "ab"[i % 2]) for i in range(27)]  # the last 10% are the test slice
     assert stream.phases[0].test == [(f"t{i}", "ab"[i % 2]) for i in range(27, 30)]
     assert stream.event_id(3) == "my-news-000003"
-    path.write_text('{"text": "x", "label": "a"}\n{"text": "no label"}\n')
-    with pytest.raises(ValueError, match="row 2 is not an object with text and label"):
+    path.write_text('{"text": "x", "label": "a"}\n["text", "label"]\n')
+    with pytest.raises(ValueError, match=r"my-news\.jsonl, line 2: not an object with text and label"):
         from_jsonl(path)
+
+
+def test_a_file_of_another_dataset_s_shape_streams_its_usable_rows_and_names_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found by a probe: a byte order mark, a blank text or a text over the daemon's limit ended the
+    run with a traceback (json's, or the server's 422), and a null label became the label "None"."""
+    from benchmarks.quality.streams import StreamFileError, from_jsonl
+
+    rows = [
+        b'\xef\xbb\xbf{"text": "a", "label": "x"}',
+        b'{"text": " ", "label": "x"}',
+        b"",
+        b'{"text": "b", "label": null}',
+    ]
+    rows += [
+        b'{"text": "c", "label": 3}',
+        b'{"text": "' + b"d" * 40 + b'", "label": "y"}',
+        b'{"text": "e", "label": "y"}',
+    ]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\r\n".join(rows) + b"\r\n")
+    stream = from_jsonl(path, test_share=0.0, name="emotion-train", max_text_chars=30)
+    assert stream.name == "emotion-train" and stream.events == [("a", "x"), ("c", "3"), ("e", "y")]
+    said = capsys.readouterr().err
+    assert "left out 1 row(s) with no text (missing, not a string, or blank) (line 2)" in said
+    assert "left out 1 row(s) with no label (missing, null, or not a string or integer) (line 4)" in said
+    assert "left out 1 row(s) with a text over 30 characters (line 6)" in said
+    path.write_text('{"text": "x", "label": "a"}\n{oops\n')
+    with pytest.raises(StreamFileError, match=r"train\.jsonl, line 2: not JSON"):
+        from_jsonl(path)
+    with pytest.raises(StreamFileError, match="cannot be read"):
+        from_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_files_of_one_name_in_other_folders_are_streams_of_their_own() -> None:
+    from benchmarks.quality.served import stream_names
+
+    paths = [Path("d/emotion/train.jsonl"), Path("d/trec6/train.jsonl"), Path("x/news.jsonl")]
+    assert stream_names(paths) == ["emotion-train", "trec6-train", "news"]
+    assert stream_names([Path("a/t.jsonl"), Path("b/a/t.jsonl")]) == ["a-t-1", "a-t-2"]
+
+
+def test_quarters_are_four_whatever_the_count_and_nothing_scored_is_no_zero() -> None:
+    events = [(f"t{i}", "a" if i % 3 else "b") for i in range(10)]
+    stream = Stream("s", "test", events, [Phase("one", 0, [])])
+    served = {"answers": ["a"] * 10, "versions": [1] * 10, "feed_behind_s": 0.0}
+    result = score(stream, QUICK, served, 10, compare=False)
+    assert len(result["served_by_quarter"]) == 4  # 2, 3, 2 and 3 events: five "quarters" before
+    # b a a b a a b a a b: the label seen most before each event is right at events 5, 7 and 8 only
+    # (none before the first; a tie goes to the label seen first).
+    assert result["majority_baseline"] == 0.3
+    table = markdown({"suite": "q", "rate": 20.0, "machine": "m", "streams": {"s": result}}, "c").splitlines()
+    header, rule, row = table[4:7]
+    assert header.count("|") == rule.count("|") == row.count("|")  # a trailing empty column before
+    assert header.count("majority") == 1
+    from benchmarks.quality.served import accuracy
+
+    assert accuracy([], []) is None
