@@ -166,3 +166,16 @@ def test_an_empty_state_directory_is_refused_not_taken_for_the_working_directory
     result = CliRunner().invoke(main, ["config", "--state-dir", ""])
     assert result.exit_code == 2 and "state_dir" in result.output
     assert load_settings(overrides={"state_dir": "."}).state_dir == Path(".")
+
+
+def test_a_yaml_config_whose_aliases_expand_past_any_real_configuration_is_refused(tmp_path: Path) -> None:
+    """Found by a probe: nine lines of nested aliases ("billion laughs") under drift.error_params
+    made `dynft config` (and `dynft run`) run for minutes into 4.7 GB; it is one line now."""
+    lines = ["drift:", "  error_params:", '    a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"    a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="more than 100,000 values once its aliases are expanded"):
+        load_settings(path)
+    path.write_text("drift:\n  error_params: &p {delta: 0.01}\n  loss_params: *p\n")  # a small alias is fine
+    assert load_settings(path).drift.error_params == {"delta": 0.01}

@@ -35,7 +35,28 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: nested too deeply to parse") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: the top level must be a table of sections")
+    if _values_beyond(data, MAX_VALUES):  # YAML aliases can make a few lines into billions of values
+        raise ConfigError(f"config file {path}: holds more than {MAX_VALUES:,} values once its aliases are expanded")
     return data
+
+
+MAX_VALUES = 100_000  # far above any real configuration; below what takes seconds or gigabytes
+
+
+def _values_beyond(data: Any, budget: int) -> bool:
+    """Whether ``data`` holds more than ``budget`` values, a shared (aliased) one counted at every
+    place it appears, as validation and printing would visit it; stops counting at the budget."""
+    pending, seen = [data], 0
+    while pending:
+        value = pending.pop()
+        seen += 1
+        if seen > budget:
+            return True
+        if isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return False
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
