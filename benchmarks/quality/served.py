@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.quality.args import count, positive
+from benchmarks.quality.harness import quiet
 from benchmarks.quality.methods import RIVER_METHODS, run_method
 from benchmarks.quality.streams import BUILDERS, DATA, Stream, StreamFileError, build, from_jsonl
 from benchmarks.quality.suites import SUITES, Suite, dynft_overrides
@@ -333,6 +334,7 @@ def main() -> int:
     )
     parser.add_argument("--tag", default="", help="suffix of the result files (served-<suite>-<tag>.md)")
     args = parser.parse_args()
+    quiet()  # the comparison's in-process models: no transformers notices about their new heads
     extra, settings = settings_of(parser, args.set)
     suite = SUITES[args.suite]
     names = [n for n in args.streams.split(",") if n] or ([] if args.jsonl else list(suite.streams))
