@@ -162,7 +162,9 @@ def test_a_replica_s_broker_watch_says_an_outage_once_and_its_end(
 
     registry = CollectorRegistry()
     up = Gauge("up", "test", registry=registry)
-    watch = BrokerWatch([f"127.0.0.1:{free_port()}"], tiny_settings.kafka, up, interval_s=0)
+    import threading
+
+    watch = BrokerWatch([f"127.0.0.1:{free_port()}"], tiny_settings.kafka, up, threading.Event())
     with caplog.at_level(logging.WARNING, logger="dynft.replication.topics"):
         for _ in range(3):
             watch.check()

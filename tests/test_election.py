@@ -101,6 +101,18 @@ def test_a_version_record_of_any_other_shape_is_malformed(header: bytes) -> None
         decode_version(header + b"\n")
 
 
+@pytest.mark.parametrize("value", ['"epoch"', "[1]", "7", "null"])
+def test_a_number_is_read_only_from_an_object(value: str) -> None:
+    """Found by a review: a term record whose value was the JSON string "epoch" passed `key in data`
+    as a substring test and raised AttributeError, which the election's reader did not skip."""
+    import json
+
+    from dynft.replication.records import number
+
+    with pytest.raises(ValueError, match="not a JSON object"):
+        number(json.loads(value), "epoch")
+
+
 def test_task_keys_round_trip_and_bad_task_names_in_records_are_malformed() -> None:
     assert parse_version_key(version_key(3, "intents")) == ("intents", 3)
     assert task_of_pointer_key(pointer_key("intents")) == "intents"

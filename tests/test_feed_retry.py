@@ -189,13 +189,16 @@ def test_a_decision_of_a_newer_epoch_on_the_pointer_topic_is_said_loudly_by_the_
     try:
         with caplog.at_level(logging.ERROR, logger="dynft.replication.feed"):
             feed.start()
+            # A newer epoch on a task this trainer does not publish (another sharded trainer's) is no fence.
+            other = PointerRecord(998, "elsewhere", {"version": 1, "pinned": False}, seen=10**6, task="other")
+            producer.send(pointer_topic(topic), key=pointer_key("other"), value=encode_pointer(other)).get(30)
             forged = PointerRecord(999, "by-hand", {"version": 1, "pinned": False}, seen=10**6)
             for _ in range(3):  # said once for its epoch, not once per record
                 producer.send(pointer_topic(topic), key=pointer_key(), value=encode_pointer(forged)).get(30)
             said = lambda: [r.getMessage() for r in caplog.records if "newer than this trainer's" in r.getMessage()]  # noqa: E731
             wait_until(lambda: bool(said()), 30, "the fenced trainer's error")
             time.sleep(2)
-        assert len(said()) == 1 and "trainer epoch 999 (by-hand" in said()[0] and "trainer's 3" in said()[0]
+        assert len(said()) == 1 and "trainer epoch 999 (by-hand" in said()[0] and "trainer's 3" in said()[0], said()
     finally:
         producer.close()
         feed.close()

@@ -309,11 +309,13 @@ def settings_of(parser: argparse.ArgumentParser, items: list[str]) -> tuple[dict
         parser.error(f"--set: {exc}")
 
 
-def stream_names(paths: list[Path]) -> list[str]:
-    """A name per ``--jsonl`` file: its stem, or with its folder where stems repeat (``emotion-train``)."""
-    stems = [p.stem for p in paths]
+def stream_names(paths: list[Path], taken: list[str] | None = None) -> list[str]:
+    """A name per ``--jsonl`` file: its stem, or with its folder where stems repeat (``emotion-train``)
+    or name a suite stream run beside it (``taken``)."""
+    stems = [p.stem for p in paths] + (taken or [])
     names = [f"{p.parent.name}-{p.stem}" if stems.count(p.stem) > 1 else p.stem for p in paths]
-    return [name if names.count(name) == 1 else f"{name}-{i + 1}" for i, name in enumerate(names)]
+    names += taken or []
+    return [name if names.count(name) == 1 else f"{name}-{i + 1}" for i, name in enumerate(names[: len(paths)])]
 
 
 def main() -> int:
@@ -347,7 +349,7 @@ def main() -> int:
         limits = settings.events
         streams = [build(name, suite.sizes, DATA) for name in names] + [
             from_jsonl(path, name=name, max_text_chars=limits.max_text_chars, max_label_chars=limits.max_label_chars)
-            for path, name in zip(args.jsonl, stream_names(args.jsonl), strict=True)
+            for path, name in zip(args.jsonl, stream_names(args.jsonl, names), strict=True)
         ]
     except StreamFileError as exc:
         parser.error(str(exc))

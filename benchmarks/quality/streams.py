@@ -246,7 +246,8 @@ def _rows(path: Path) -> list[tuple[int, Any]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise StreamFileError(f"{path}: cannot be read as UTF-8 text ({exc})") from exc
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028 and the like
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         try:

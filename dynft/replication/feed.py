@@ -371,7 +371,10 @@ class VersionsFeed:
         self._on_pointer(record.offset, pointer)
 
     def _on_pointer(self, offset: int, record: PointerRecord) -> None:
-        if record.epoch > self._fenced_at and record.shard == self.shard(record.task):
+        # Fenced: a newer epoch in the shard of a task this trainer publishes (sharded trainers hold
+        # different epochs at once, each in its own shards: another's record there says nothing).
+        mine = record.task in self._lanes and record.shard == self.shard(record.task)
+        if mine and record.epoch > self._fenced_at:
             self._fenced_at = record.epoch  # said once per newer epoch: every later record of it says the same
             log.error(
                 "the pointer topic holds a decision of trainer epoch %d (%s, offset %d), newer than this trainer's "

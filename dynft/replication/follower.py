@@ -119,7 +119,9 @@ class Follower:
         self._thread = threading.Thread(target=self._follow, name="dynft-follow", daemon=True)
         self._consumer: Any = None
         self._producer: Any = None
-        self._brokers = topics.BrokerWatch(self.servers, settings.kafka, self.metrics.up, settings.kafka.lag_interval_s)
+        self._brokers = topics.BrokerWatch(
+            self.servers, settings.kafka, self.metrics.up, self._stop, settings.kafka.lag_interval_s
+        )
 
     @property
     def epoch(self) -> int:
@@ -144,7 +146,7 @@ class Follower:
         self._consumer.seek_to_beginning(*parts)
         ends = self._consumer.end_offsets(parts)
         self._catching_up = True  # only the newest pointer matters until the end is reached
-        while any(self._consumer.position(tp) < ends[tp] for tp in parts):
+        while not self._stop.is_set() and any(self._consumer.position(tp) < ends[tp] for tp in parts):
             self._poll(POLL_MS)
         self._catching_up = False
         for pending in list(self._pending.values()):
@@ -167,11 +169,16 @@ class Follower:
         if self._stop.is_set():  # cancelled while it read the topics
             return False
         self._thread.start()
+        self._brokers.start()
         return True
 
     def cancel(self) -> None:
         """Make a ``start`` under way return False (from a signal handler: only sets an event)."""
         self._stop.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._stop.is_set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -242,7 +249,6 @@ class Follower:
                 self._poll(0 if self._backlog and not self._failing else POLL_MS)  # new records first
                 self._write_backlog()  # then one backlog version
                 self._install_pending()
-                self._brokers.check()
             except Exception:  # the follower must outlive one bad record or a broker outage
                 log.exception("following %s failed", self.topic)
                 self._stop.wait(1.0)
@@ -278,14 +284,17 @@ class Follower:
         if topic == self.topic:
             self._on_version(record.key, record.value, record.offset)
             return
-        if task_of_pointer_key(record.key) is not None:
-            self._on_pointer(record.key, record.value, record.offset)
-        else:  # no decision dynft wrote: said, not silently passed over
-            self.metrics.records.labels("pointer", "malformed").inc()
-            log.error("%s: skipping the record at offset %d: key %.80r names no task", topic, record.offset, record.key)
-        with self._applied:
-            self._applied_offset = record.offset
-            self._applied.notify_all()
+        try:
+            if task_of_pointer_key(record.key) is not None:
+                self._on_pointer(record.key, record.value, record.offset)
+            else:  # no decision dynft wrote: said, not silently passed over
+                self.metrics.records.labels("pointer", "malformed").inc()
+                where, key = record.offset, record.key
+                log.error("%s: skipping the record at offset %d: key %.80r names no task", topic, where, key)
+        finally:  # handled, whatever happened: an admin request waiting for this offset goes on
+            with self._applied:
+                self._applied_offset = record.offset
+                self._applied.notify_all()
 
     def _on_version(self, key: bytes | None, value: bytes | None, offset: int) -> None:
         where = parse_version_key(key)

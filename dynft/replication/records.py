@@ -187,6 +187,8 @@ def encode_version(record: VersionRecord) -> bytes:
 def number(data: dict[str, Any], key: str, default: int | None = None, low: int = 0) -> int:
     """``data[key]``, an integer from ``low`` to below 2^53 (see ``dynft.pointer.MAX_NUMBER``):
     every number on these topics is one; anything else is garbage, never converted."""
+    if not isinstance(data, dict):  # a JSON string would pass `key in data` as a substring test
+        raise ValueError("not a JSON object")
     if key not in data and default is None:
         raise ValueError(f"no {key!r} field")
     value = data.get(key, default)

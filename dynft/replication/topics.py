@@ -44,21 +44,31 @@ def await_brokers(servers: list[str], settings: KafkaSettings, stop: threading.E
 
 
 class BrokerWatch:
-    """Whether the versions topics' brokers answer, looked at every ``interval_s`` by a follower's
-    thread: kafka-python's consumer just returns nothing in an outage, so a replica would serve
-    a version that may be stale without a word. Said once per outage, and in ``up``."""
+    """Whether the versions topics' brokers answer, looked at every ``interval_s`` on a thread of
+    its own until ``stop`` is set (a probe of a host that drops packets waits its whole timeout:
+    the follower's thread must not). kafka-python's consumer just returns nothing in an outage, so
+    without it a replica would serve a version that may be stale without a word. Said once per
+    outage, and in ``up``."""
 
-    def __init__(self, servers: list[str], settings: KafkaSettings, up: Any, interval_s: float = 5.0) -> None:
+    def __init__(
+        self, servers: list[str], settings: KafkaSettings, up: Any, stop: threading.Event, interval_s: float = 5.0
+    ) -> None:
         self.servers, self.settings, self.up, self.interval_s = servers, settings, up, interval_s
-        self._next = time.monotonic() + interval_s
+        self._stop = stop
         self._down_since: float | None = None
+        self._refused = False
+        self._thread = threading.Thread(target=self._run, name="dynft-broker-watch", daemon=True)
         up.set(1)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.check()
 
     def check(self) -> None:
         now = time.monotonic()
-        if now < self._next:
-            return
-        self._next = now + self.interval_s
         try:
             probe(self.servers, client_config(self.settings))
         except BrokersUnavailableError as exc:
@@ -68,8 +78,11 @@ class BrokerWatch:
                 log.warning("%s: the version serving now may be stale until they answer", exc)
             return
         except ConfigError as exc:  # a broker that answers and refuses: not an outage, but no updates either
-            log.warning("the versions topics' brokers refuse this replica now: %s", exc)
+            if not self._refused:
+                log.warning("the versions topics' brokers refuse this replica now: %s", exc)
+            self._refused = True
             return
+        self._refused = False
         if self._down_since is not None:
             log.warning("the versions topics' brokers answer again after %.0f s", now - self._down_since)
             self._down_since = None

@@ -106,7 +106,8 @@ class Server:
         follower = self.follower
         assert follower is not None
         with on_stop_signals(lambda *_: follower.cancel()):
-            return follower.start()
+            started = follower.start()
+        return started and not follower.cancelled  # a signal just before the handlers went back counts too
 
     def stop(self) -> None:
         self.uvicorn.should_exit = True

@@ -157,14 +157,14 @@ def test_a_file_of_another_dataset_s_shape_streams_its_usable_rows_and_names_the
         b'{"text": "b", "label": null}',
     ]
     rows += [
-        b'{"text": "c", "label": 3}',
+        b'{"text": "c\xe2\x80\xa8c", "label": 3}',  # U+2028 inside a string: one line of JSON all the same
         b'{"text": "' + b"d" * 40 + b'", "label": "y"}',
         b'{"text": "e", "label": "y"}',
     ]
     path = tmp_path / "train.jsonl"
     path.write_bytes(b"\r\n".join(rows) + b"\r\n")
     stream = from_jsonl(path, test_share=0.0, name="emotion-train", max_text_chars=30)
-    assert stream.name == "emotion-train" and stream.events == [("a", "x"), ("c", "3"), ("e", "y")]
+    assert stream.name == "emotion-train" and stream.events == [("a", "x"), ("c\u2028c", "3"), ("e", "y")]
     said = capsys.readouterr().err
     assert "left out 1 row(s) with no text (missing, not a string, or blank) (line 2)" in said
     assert "left out 1 row(s) with no label (missing, null, or not a string or integer) (line 4)" in said
@@ -182,6 +182,7 @@ def test_files_of_one_name_in_other_folders_are_streams_of_their_own() -> None:
     paths = [Path("d/emotion/train.jsonl"), Path("d/trec6/train.jsonl"), Path("x/news.jsonl")]
     assert stream_names(paths) == ["emotion-train", "trec6-train", "news"]
     assert stream_names([Path("a/t.jsonl"), Path("b/a/t.jsonl")]) == ["a-t-1", "a-t-2"]
+    assert stream_names([Path("x/banking.jsonl")], taken=["banking"]) == ["x-banking"]  # beside --streams banking
 
 
 def test_quarters_are_four_whatever_the_count_and_nothing_scored_is_no_zero() -> None:
