@@ -65,7 +65,10 @@ class BrokerWatch:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.check()
+            try:
+                self.check()
+            except Exception:  # a watch that died would leave `up` at its last value for good
+                log.exception("checking the versions topics' brokers failed (tried again)")
 
     def check(self) -> None:
         now = time.monotonic()
