@@ -87,11 +87,10 @@ class DefaultStep:
         m, pq = self.metrics, self.prequential
         m.accuracy.set(pq.accuracy)
         m.task_accuracy.labels(DEFAULT_TASK).set(pq.accuracy)
-        # The default task's series exist from its first step, as every other task's do.
-        m.task_events.labels(DEFAULT_TASK)
-        m.task_drift.labels(DEFAULT_TASK)
-        m.task_latest_version.labels(DEFAULT_TASK).set(self.publisher.latest_version or 0)
-        m.task_serving_version.labels(DEFAULT_TASK).set(self.publisher.serving_version or 0)
+        # The default task's series exist from its first step, as every other task's do; the
+        # versions' values are set where versions are published (Publisher.record).
+        for family in (m.task_events, m.task_drift, m.task_latest_version, m.task_serving_version):
+            family.labels(DEFAULT_TASK)
         m.macro_f1.set(pq.macro_f1)
         m.preq_loss.set(pq.loss)
         m.majority.set(pq.majority_rate)

@@ -334,8 +334,9 @@ class HistoryRecorder:
 
     def record(self, loop: TrainingLoop) -> None:
         """Append a point and replace the snapshot; a disk that refuses is logged once, not raised."""
-        point = self._point(loop)
-        self._update_snapshot(loop, point.t)
+        stats = task_stats(loop)  # serving.json read once per task here, the point's included
+        point = self._point(loop, stats[0].serving)
+        self._update_snapshot(loop, point.t, stats)
         try:
             if self._file is None:
                 self._file = HistoryFile(self.directory / HISTORY_FILE)
@@ -348,7 +349,7 @@ class HistoryRecorder:
             return
         self._failed = False
 
-    def _point(self, loop: TrainingLoop) -> Point:
+    def _point(self, loop: TrainingLoop, serving: int | None) -> Point:
         events = _samples(loop.metrics_registry, "dynft_events_total")
         taken = sum(v for _, v in events)
         trained = sum(v for labels, v in events if labels.get("outcome") == "trained")
@@ -366,15 +367,15 @@ class HistoryRecorder:
             accuracy=loop.prequential.accuracy,
             majority=loop.prequential.majority_rate,
             buffer_fill=min(1.0, max(len(buffer) / b.max_events, buffer.nbytes / b.max_bytes)),
-            serving=loop.publisher.serving_now(),
+            serving=serving,
             latest=loop.publisher.latest_version,
             drift=loop.drift.detections,
         )
 
-    def _update_snapshot(self, loop: TrainingLoop, now: float) -> None:
+    def _update_snapshot(self, loop: TrainingLoop, now: float, stats: list[TaskStat]) -> None:
         snap = self.snapshot
         snap.t, snap.window = now, loop.settings.evaluation.window
-        snap.task_stats = task_stats(loop)
+        snap.task_stats = stats
         snap.tasks = [stat.task for stat in snap.task_stats]
         snap.labels = self._labels(loop)
         counts = _samples(loop.metrics_registry, "dynft_events_rejected_total")

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dynft.blank import blank
+
 DATA = Path(__file__).parent / "data"
 AIRLINE_PHASES = (  # (name, first day, last day), by the tweets' `ts`
     ("Feb 16-20", "2015-02-16", "2015-02-20"),
@@ -263,11 +265,11 @@ def _rows(path: Path) -> list[tuple[int, Any]]:
 def _unusable(row: dict[str, Any], max_text_chars: int, max_label_chars: int) -> str | None:
     """Why the daemon would refuse ``row``'s text or label, or None."""
     text, label = row.get("text"), row.get("label")
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str) or blank(text):
         return "no text (missing, not a string, or blank)"
     if len(text) > max_text_chars:
         return f"a text over {max_text_chars} characters"
-    if isinstance(label, bool) or not isinstance(label, str | int) or not str(label).strip():
+    if isinstance(label, bool) or not isinstance(label, str | int) or blank(str(label)):
         return "no label (missing, null, or not a string or integer)"
     if len(str(label)) > max_label_chars:
         return f"a label over {max_label_chars} characters"
