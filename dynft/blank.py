@@ -18,6 +18,9 @@ import unicodedata
 # Control, format, separators (spaces, line and paragraph), non-spacing and enclosing marks.
 _BLANK = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me"})
 
+# How a non-empty blank string is described in an error, after what it is ("text", "texts[3]").
+NOTHING_VISIBLE = "{} has no visible character (only spaces, control, format or combining ones)"
+
 
 def blank(value: str) -> bool:
     """Empty or only invisible characters; stops at the first visible one (mostly the first)."""

@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from dynft.blank import blank
+from dynft.blank import NOTHING_VISIBLE, blank
 from dynft.settings import EventSettings
 from dynft.teacher import normalised, top_label
 
@@ -194,7 +194,6 @@ _FAST = msgspec.json.Decoder(Event)  # strict: a number is no string, a bool no 
 # Each field's key as it appears in a record; a second one sends the record down the slow path,
 # where a field given twice is refused. msgspec, as JSON parsers do, keeps the last one silently.
 _KEYS = tuple(f'"{name}"'.encode() for name in Event.__struct_fields__)
-NOTHING_VISIBLE = "{} has no visible character (only spaces, control, format or combining ones)"
 
 
 class _Repeated(dict[str, Any]):

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dynft.blank import NOTHING_VISIBLE
 from dynft.errors import PointerUnreadableError, RegistryError, RegistryWriteError, VersionNotFoundError
 from dynft.metrics import ServerMetrics, exposition
 from dynft.registry import AdapterRegistry
@@ -119,7 +120,8 @@ def _check_texts(settings: Settings, texts: list[str]) -> None:
         raise ApiError(422, "too_many_texts", f"at most {s.max_texts} texts per request, got {len(texts)}")
     for i, text in enumerate(texts):
         if is_blank(text):
-            raise ApiError(422, "empty_text", f"texts[{i}] is empty")
+            what = f"texts[{i}] is empty" if not text else NOTHING_VISIBLE.format(f"texts[{i}]")
+            raise ApiError(422, "empty_text", what)
         if len(text) > settings.events.max_text_chars:
             raise ApiError(
                 422,

@@ -85,6 +85,8 @@ def test_predict_answers_with_the_serving_version(api, tiny_settings: Settings, 
         ({"texts": ["a"], "top_k": 1.5}, "invalid_request"),
         ({"texts": ["a", "b", "c", "d", "e"]}, "too_many_texts"),
         ({"texts": ["  "]}, "empty_text"),
+        ({"texts": ["\u200b\u200d\ufeff"]}, "empty_text"),  # zero-width characters and a BOM
+        ({"texts": ["a", "\u0301\u0301\x01"]}, "empty_text"),  # combining marks with no base
         ({"texts": ["x" * 101]}, "text_too_long"),
     ],
 )
