@@ -225,6 +225,9 @@ def run(
 ) -> dict[str, Any]:
     teachers, teacher_accuracy, classes = teacher(dataset, model_path, teacher_kind)
     train = load(dataset, "train")
+    if events > len(train):  # the report counts what was streamed, not what was asked
+        print(f"--events {events}: {dataset}'s stream split has {len(train)} texts; streaming them all")
+        events = len(train)
     args = {}
     for config in CONFIGS:
         for seed in range(seeds):
