@@ -89,7 +89,13 @@ class DefaultStep:
         m.task_accuracy.labels(DEFAULT_TASK).set(pq.accuracy)
         # The default task's series exist from its first step, as every other task's do; the
         # versions' values are set where versions are published (Publisher.record).
-        for family in (m.task_events, m.task_drift, m.task_latest_version, m.task_serving_version):
+        for family in (
+            m.task_events,
+            m.task_drift,
+            m.task_latest_version,
+            m.task_serving_version,
+            m.task_publish_errors,
+        ):
             family.labels(DEFAULT_TASK)
         m.macro_f1.set(pq.macro_f1)
         m.preq_loss.set(pq.loss)

@@ -110,6 +110,15 @@ class TrainerMetrics:
         self.task_drift = Counter("dynft_task_drift_detections", "Drift detections per task", ["task"], registry=r)
         self.task_latest_version = _gauge("dynft_task_latest_version", "Newest published version per task", r, t)
         self.task_serving_version = _gauge("dynft_task_promoted_version", "Version the gate serves per task", r, t)
+        self.task_versions = Counter(
+            "dynft_task_adapter_versions",
+            "Published versions per task and gate decision",
+            ["task", "decision"],
+            registry=r,
+        )
+        self.task_publish_errors = Counter(
+            "dynft_task_publish_errors", "Versions that could not be published, per task", ["task"], registry=r
+        )
 
     def declare(self, detectors: dict[str, str], reasons: tuple[str, ...], reactions: list[str]) -> None:
         """Create the known label values at 0, so dashboards see a series before its first event."""
@@ -177,6 +186,10 @@ class ServerMetrics:
             "1 while the server answers with an earlier version because the serving one cannot be loaded",
             r,
         )
+        # Set where they change, and now: in multiprocess mode a gauge never written has no sample,
+        # and an alert on "dynft_serving_version == 0" (nothing serves) would never fire.
+        self.serving_version.set(0)
+        self.serving_fallback.set(0)
 
 
 class KafkaMetrics:

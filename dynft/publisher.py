@@ -278,7 +278,9 @@ class Publisher:
 
     def publish_failed(self) -> None:
         """The publish begun at ``mark_published`` did not finish: it is due again after a backoff."""
-        self.metrics.publish_errors.inc()
+        if self.task == DEFAULT_TASK:
+            self.metrics.publish_errors.inc()
+        self.metrics.task_publish_errors.labels(self.task).inc()
         self.schedule.failed()
 
     def _publish(self, extra_meta: dict[str, Any]) -> int:
@@ -312,8 +314,10 @@ class Publisher:
         info = self.registry.publish(state, meta)
         self.latest_version = info.version
         self.schedule.published(len(state.labels))
-        self.metrics.latest_version.set(info.version)
-        self.metrics.versions.labels(decision.label).inc()
+        if self.task == DEFAULT_TASK:  # the unlabelled series describe the default task (README)
+            self.metrics.latest_version.set(info.version)
+            self.metrics.versions.labels(decision.label).inc()
+        self.metrics.task_versions.labels(self.task, decision.label).inc()
         promoted = decision.promote and self.registry.promote(
             info.version, reason=f"gate: {decision.reason}", unless_pinned=True
         )
@@ -384,8 +388,9 @@ class Publisher:
             scores = self._since_scores(version)
         if scores is not None:
             candidate, serving = scores.candidate, scores.reference
-            self.metrics.gate_accuracy.labels("candidate").set(candidate)
-            self.metrics.gate_accuracy.labels("serving").set(serving)
+            if self.task == DEFAULT_TASK:
+                self.metrics.gate_accuracy.labels("candidate").set(candidate)
+                self.metrics.gate_accuracy.labels("serving").set(serving)
         return judge(
             candidate,
             serving,

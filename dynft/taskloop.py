@@ -168,7 +168,9 @@ class TaskLoop:
             collator, buffer = self._task_parts(name)
             trainer = self.trainer.fork(collator, share_adapter=self.shared)
             feed = self.publisher.feed if isinstance(self.publisher.feed, VersionsFeed) else None
-            task = self.tasks[name] = Task(name, trainer, buffer, self.settings, home=self.trainer, feed=feed)
+            task = self.tasks[name] = Task(
+                name, trainer, buffer, self.settings, home=self.trainer, metrics=self.metrics, feed=feed
+            )
             task.publisher.waiting = self.work_waiting
             if self.shared:
                 task.publisher.clock = self.joint_steps

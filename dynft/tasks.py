@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prometheus_client import CollectorRegistry
 
 from dynft.batching import Batch, Collator, LabelMap
 from dynft.buffer import ReplayBuffer
@@ -180,9 +179,11 @@ class Task:
         buffer: ReplayBuffer,
         settings: Settings,
         home: OnlineTrainer,
+        metrics: TrainerMetrics,
         feed: VersionsFeed | None = None,
     ) -> None:
         """``home``: the trainer installed whenever no task's method runs (the default task's);
+        ``metrics``: the trainer's (the publisher writes only its per-task series for a named task);
         ``feed``: the trainer's versions feed, which this task's versions go to as well."""
         self.name = name
         self.trainer = trainer
@@ -206,8 +207,7 @@ class Task:
             log.warning("task %s: removed %d half-written version(s) from an earlier crash", name, len(removed))
         # The task's versions go to the trainer's one feed, under the task's keys (never a feed of its own).
         only_local = settings.model_copy(update={"kafka": settings.kafka.model_copy(update={"versions_topic": None})})
-        # A private metrics registry until the trainer's metrics carry a task label.
-        self.metrics = TrainerMetrics(CollectorRegistry())
+        self.metrics = metrics
         lane = feed.lane(name, registry) if feed is not None else None
         self.publisher = Publisher(registry, trainer, self.holdout, only_local, self.metrics, feed=lane, task=name)
 
