@@ -68,7 +68,11 @@ class FileSource(Source):
         max_record_bytes: int = 1 << 20,
         max_poll_bytes: int = 16 << 20,
     ) -> None:
-        self.uri = f"file:{path}"
+        self.uri = f"file:{path}"  # as it was given: what log lines and errors name
+        # The stream its positions are kept under: the absolute path, so that a restart that names
+        # the file otherwise (``./x``, an absolute path) resumes where the last run stopped instead
+        # of training the whole file again.
+        self.stream = self.uri if path == "-" else f"file:{os.path.abspath(path)}"
         self._path = path
         self._follow = follow
         self._poll_interval_s = poll_interval_s
@@ -95,8 +99,21 @@ class FileSource(Source):
         self._missing = False  # follow mode: the path does not exist yet; it is waited for
 
     def resume_from(self, positions: dict[str, int]) -> None:
-        if self._path != "-":
-            self._resume = positions.get(self.uri, 0)
+        if self._path == "-":
+            return
+        # A checkpoint's key may be spelled as it was given before keys were absolute paths.
+        same = [k for k in positions if k.startswith("file:") and k != "file:-" and self._names_this(k[5:])]
+        self._resume = positions.get(self.stream, max((positions[k] for k in same), default=0))
+        others = sorted(k for k in positions if k.startswith("file:") and k not in same and k != self.stream)
+        if not same and self.stream not in positions and others:
+            log.warning(
+                "%s: the checkpoint holds no position in this file (it read %s): reading it from its start",
+                self.uri,
+                ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else ""),
+            )
+
+    def _names_this(self, path: str) -> bool:
+        return path != "-" and os.path.abspath(path) == self.stream[5:]
 
     def open(self) -> None:
         if self._path == "-":
@@ -390,7 +407,7 @@ class FileSource(Source):
                 if "bytes" in where:  # a cut line (only ever the first): bytes are missing before its newline
                     floor, self._consumed = end + 1, self._read_back()
                 if line and not line.isspace():
-                    out.append(Record(line, self.uri, self._position(view, pos, end, floor, where), where=where))
+                    out.append(Record(line, self.stream, self._position(view, pos, end, floor, where), where=where))
                 pos = end + 1
         finally:
             view.release()

@@ -16,7 +16,7 @@ import pytest
 from dynft.errors import SourceError
 from dynft.events import Rejection, decode
 from dynft.settings import EventSettings, KafkaSettings, Settings, SourceSettings
-from dynft.sources import FileSource, Intake, Record, open_source, rotation
+from dynft.sources import FileSource, Intake, Record, furthest, open_source, rotation
 from dynft.sources.rotation import byte_offset
 
 from helpers import keyword_events, write_jsonl
@@ -632,3 +632,38 @@ def test_a_byte_order_mark_at_the_start_of_the_file_is_not_part_of_the_first_rec
     (record,) = source.poll(10, 0.1)
     rejection = decode(record.raw, EventSettings(max_record_bytes=256))
     assert isinstance(rejection, Rejection) and rejection.reason == "record_too_large"
+
+
+def test_a_restart_that_names_the_file_otherwise_resumes_where_the_last_run_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A probe restarted with ``file:./data/in.jsonl`` after ``file:data/in.jsonl`` (or an absolute
+    path): the checkpoint's position was kept under the other spelling, and the whole file was
+    trained again without a word. Positions are kept under the absolute path now; a checkpoint
+    written before, under the spelling given then, is still found."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "in.jsonl", [{"n": n} for n in range(6)])
+    first = FileSource("data/in.jsonl")
+    first.open()
+    got = first.poll(3, 0.1)
+    first.close()
+    positions = furthest(got)
+    assert list(positions) == [f"file:{tmp_path / 'data' / 'in.jsonl'}"]
+    for spelling, checkpoint in [
+        ("./data/in.jsonl", positions),
+        (str(tmp_path / "data" / "in.jsonl"), positions),
+        ("data//in.jsonl", {"file:./data/in.jsonl": got[-1].next}),  # a checkpoint keyed as it was given
+    ]:
+        again = FileSource(spelling)
+        again.resume_from(checkpoint)
+        again.open()
+        assert numbers(again.poll(10, 0.1)) == [3, 4, 5], spelling
+        again.close()
+    other = FileSource("data/in.jsonl")
+    with caplog.at_level(logging.WARNING):
+        other.resume_from({"file:elsewhere.jsonl": got[-1].next})
+    assert "holds no position in this file (it read file:elsewhere.jsonl)" in caplog.text
+    other.open()
+    assert numbers(other.poll(10, 0.1)) == [0, 1, 2, 3, 4, 5]
+    other.close()
