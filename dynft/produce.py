@@ -8,9 +8,10 @@ lands on the same partition. Brokers that refuse the client (credentials, certif
 
 from __future__ import annotations
 
+import codecs
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +52,22 @@ def lines(path: Path) -> Iterator[bytes]:
     if str(path) == "-":
         import sys
 
-        yield from (line.rstrip(b"\r\n") for line in sys.stdin.buffer)
+        yield from _split(sys.stdin.buffer)
         return
     try:
         with open(path, "rb") as fh:
-            for line in fh:
-                yield line.rstrip(b"\r\n")
+            yield from _split(fh)
     except OSError as exc:
         raise SourceError(f"{path}: cannot read ({exc.strerror})") from exc
+
+
+def _split(fh: Iterable[bytes]) -> Iterator[bytes]:
+    """Lines without their ends, and the first without a UTF-8 byte order mark (as the file source
+    reads it: a record sent with it would be dead-lettered as malformed JSON)."""
+    for number, line in enumerate(fh):
+        if number == 0 and line.startswith(codecs.BOM_UTF8):
+            line = line[len(codecs.BOM_UTF8) :]
+        yield line.rstrip(b"\r\n")
 
 
 def key_of(line: bytes, field: str | None) -> bytes | None:
@@ -70,7 +79,9 @@ def key_of(line: bytes, field: str | None) -> bytes | None:
         return None  # a malformed line still goes out, unkeyed
     if value is None and field == "task":
         value = DEFAULT_TASK  # an event without a task is the default task's: keyed alike (kafka.sharded)
-    return None if value is None else str(value).encode()
+    # A lone surrogate (a \\ud800 escape) cannot be UTF-8: kept as its escape, the record is still sent
+    # (and dead-lettered by the daemon, which names why).
+    return None if value is None else str(value).encode("utf-8", "backslashreplace")
 
 
 def produce(

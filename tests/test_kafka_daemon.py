@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import threading
 import time
@@ -316,3 +317,30 @@ def test_produce_names_a_record_it_could_not_send_and_sends_the_rest(kafka_broke
     finally:
         consumer.close()
     assert ids == sorted(r["id"] for r in rows if isinstance(r, dict) and r["id"] != "big")  # type: ignore[index]
+
+
+def test_produce_sends_a_file_with_a_byte_order_mark_and_a_lone_surrogate_key(
+    kafka_broker: Broker, tmp_path: Path
+) -> None:
+    """Found by a probe: a file beginning with a UTF-8 byte order mark had its first record sent
+    with it (dead-lettered as malformed JSON, while the file source reads the same line), and a
+    ``\\ud800`` escape in the key field ended `dynft produce` in a traceback, the rest unsent."""
+    topic = f"bom-{uuid.uuid4().hex[:8]}"
+    rows = keyword_events(4, LABELS, seed=30)
+    path = tmp_path / "in.jsonl"
+    lines = [json.dumps(r).encode() for r in rows]
+    lines.insert(2, b'{"id": "surrogate", "text": "w1 alpha1", "label": "alpha\\ud800"}')
+    path.write_bytes(codecs.BOM_UTF8 + b"\n".join(lines) + b"\n")
+    args = ["produce", str(path), "--topic", topic, "--bootstrap", kafka_broker.bootstrap, "--key", "label"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "produced 5 records" in result.output
+    consumer = KafkaConsumer(
+        topic, bootstrap_servers=kafka_broker.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=5000
+    )
+    try:
+        got = {json.loads(m.value)["id"]: m.key for m in consumer}
+    finally:
+        consumer.close()
+    assert set(got) == {r["id"] for r in rows} | {"surrogate"}
+    assert got["surrogate"] == b"alpha\\ud800" and got[rows[0]["id"]] == rows[0]["label"].encode()
