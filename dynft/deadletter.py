@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dynft.durable import fsync_dir
+from dynft.errors import StateCorruptError
 from dynft.events import Rejection
 from dynft.settings import KafkaSettings, SourceSettings
 from dynft.sources.base import Record, Source
@@ -79,6 +80,8 @@ class JsonlDeadLetterSink:
         self.max_files = max_files
         self._on_refused = on_refused
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():  # the same tomorrow: a state error (exit 2), not a failure to restart on
+            raise StateCorruptError(f"dead-letter file {path}: a directory; move it aside")
         self._fd = self._open()
         self._pending: list[bytes] = []  # whole lines the disk has not taken yet
         self._lock = threading.Lock()  # write (batching thread) and flush/close (main thread)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
 
@@ -111,3 +112,35 @@ def test_a_ledger_that_is_no_database_is_a_state_error_naming_the_file(tmp_path:
     with pytest.raises(StateCorruptError, match=r"ledger .*ledger\.db: not a readable SQLite database") as err:
         Ledger(path)
     assert exit_code(err.value) == 2
+
+
+def damage_pages(path: Path) -> None:
+    """Random bytes over pages 3-8 of a ledger, its header left whole (it still opens)."""
+    with open(path, "r+b") as fh:
+        fh.seek(2 * 4096)
+        fh.write(random.Random(5).randbytes(6 * 4096))
+
+
+def test_a_ledger_with_damaged_pages_is_a_state_error_at_start_not_at_every_checkpoint(tmp_path: Path) -> None:
+    """Found by a probe: damaged pages past the header opened without an error, every checkpoint
+    then failed ("database disk image is malformed") while the trainer trained on, and it exited 0."""
+    path = tmp_path / "ledger.db"
+    ledger = Ledger(path)
+    ledger.record([(f"event-{i}-" + "x" * 200, "trained") for i in range(2000)])  # some 100 pages
+    ledger.commit()
+    ledger.close()
+    damage_pages(path)
+    for create in (True, False):  # the trainer's start, and `dynft ledger`
+        with pytest.raises(StateCorruptError, match=r"ledger .*ledger\.db: not a readable SQLite database") as err:
+            Ledger(path, create=create)
+        assert exit_code(err.value) == 2
+
+
+def test_a_directory_where_the_ledger_belongs_is_a_state_error_naming_it(tmp_path: Path) -> None:
+    """Found by a probe: "unable to open database file", exit 1 without naming it, and `dynft run`
+    restarted the trainer for ever."""
+    (tmp_path / "ledger.db").mkdir()
+    for create in (True, False):
+        with pytest.raises(StateCorruptError, match=r"ledger .*ledger\.db: not a file; move it aside") as err:
+            Ledger(tmp_path / "ledger.db", create=create)
+        assert exit_code(err.value) == 2

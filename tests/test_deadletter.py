@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dynft.deadletter import JsonlDeadLetterSink, dead_letter_files, read_dead_letters
+from dynft.errors import StateCorruptError, exit_code
 from dynft.events import Rejection
 from dynft.sources.base import Record
 
@@ -106,3 +107,11 @@ def test_a_large_record_is_stored_once_as_bytes_not_twice(tmp_path: Path) -> Non
     assert small_entry["raw"] == small_entry["raw_bytes"].decode() and large_entry["raw"] is None
     assert len(large_entry["raw_bytes"]) == (64 << 10) + 1 + 12
     assert path.stat().st_size < 1.4 * ((64 << 10) + 12)  # base64's 4/3, once
+
+
+def test_a_directory_where_the_dead_letter_file_belongs_is_a_state_error(tmp_path: Path) -> None:
+    """Found by a probe: "Is a directory", exit 1, and `dynft run` restarted the trainer for ever."""
+    (tmp_path / "dead-letter.jsonl").mkdir()
+    with pytest.raises(StateCorruptError, match=r"dead-letter file .*dead-letter\.jsonl: a directory") as err:
+        JsonlDeadLetterSink(tmp_path / "dead-letter.jsonl", "file:x")
+    assert exit_code(err.value) == 2

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from prometheus_client import CollectorRegistry
 from dynft.checkpoint import Checkpoint, CheckpointError, CheckpointStore
 from dynft.cli import main
 from dynft.errors import RegistryWriteError
+from dynft.ledger import Ledger
 from dynft.loop import TrainingLoop
 from dynft.model import AdapterState
 from dynft.registry import AdapterRegistry
@@ -245,3 +247,22 @@ def test_a_read_only_registry_costs_versions_not_checkpoints_or_serving(
         thread.join(120)
     assert not thread.is_alive()
     assert sample(metrics, "dynft_checkpoint_errors_total") == 0
+
+
+def test_dynft_ledger_reads_a_ledger_on_a_read_only_filesystem(tmp_path: Path) -> None:
+    """Found by a probe: `dynft ledger` on a read-only copy of a state directory failed with
+    "unable to open database file" (SQLite cannot make a WAL database's shared-memory file there),
+    while `dynft adapters list` read the same directory."""
+    with mounted(tmp_path / "state", "-t", "tmpfs", "-o", "size=4m", "tmpfs") as state:
+        ledger = Ledger(state / "ledger.db")
+        ledger.record([("a", "trained"), ("b", "dead_lettered")])
+        ledger.commit()
+        ledger.close()
+        assert _mount("-o", "remount,ro", str(state)).returncode == 0
+        assert not os.access(state, os.W_OK)
+        command = [sys.executable, "-m", "dynft", "ledger", "--state-dir", str(state)]
+        done = subprocess.run([*command, "a", "c"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        lines = [json.loads(line) for line in done.stdout.splitlines()]
+        assert lines == [{"id": "a", "status": "trained", "seen": 1}, {"id": "c", "status": "unseen", "seen": 0}]
+        assert "directory is read-only" in done.stderr
