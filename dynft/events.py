@@ -38,6 +38,9 @@ from dynft.settings import EventSettings
 from dynft.teacher import normalised, top_label
 
 TEACHER_FIELDS = ("teacher", "teacher_logits", "teacher_temperature", "label_from_teacher")
+# Set by decoding, never by a record: one that says it is an unknown field (ignored), or its label
+# would be left out of the loss while the event is still held out and scored under it.
+DERIVED = "label_from_teacher"
 
 Reason = Literal[
     "record_too_large",
@@ -193,7 +196,7 @@ class Rejection:
 _FAST = msgspec.json.Decoder(Event)  # strict: a number is no string, a bool no number
 # Each field's key as it appears in a record; a second one sends the record down the slow path,
 # where a field given twice is refused. msgspec, as JSON parsers do, keeps the last one silently.
-_KEYS = tuple(f'"{name}"'.encode() for name in Event.__struct_fields__)
+_KEYS = tuple(f'"{name}"'.encode() for name in Event.__struct_fields__ if name != DERIVED)
 
 
 class _Repeated(dict[str, Any]):
@@ -228,6 +231,7 @@ def decode(raw: bytes, limits: EventSettings) -> Event | Rejection:
     if (
         event.teacher is not None
         or event.teacher_logits is not None
+        or event.label_from_teacher  # given by the record: ignored, on the slow path
         or any(raw.count(k) > 1 for k in _KEYS)
         or (b"\\u" in raw and _ESCAPED_KEY.search(raw) is not None)
         or not (raw.isascii() or _utf8(raw))
@@ -264,7 +268,7 @@ def _diagnose(raw: bytes, limits: EventSettings) -> Event | Rejection:
 
 def _repeated(obj: dict[str, Any], raw: bytes, limits: EventSettings) -> Rejection | None:
     """A field of the event given twice, or a teacher's label given twice; unknown fields may repeat."""
-    given_twice = [key for key in getattr(obj, "repeated", ()) if key in Event.__struct_fields__]
+    given_twice = [key for key in getattr(obj, "repeated", ()) if key in Event.__struct_fields__ and key != DERIVED]
     id_ = None if "id" in given_twice else _usable_id(obj.get("id"), limits)
     if given_twice:
         return Rejection(
@@ -308,7 +312,8 @@ def _validate(obj: dict[str, Any], raw: bytes, limits: EventSettings) -> Event |
     if ts is not None and not isinstance(ts, str):
         return Rejection("invalid_ts", f"ts must be an ISO-8601 string, got {json_type(ts)}", raw, id_)
     try:
-        event = Event(**dict(_Schema.model_validate({**obj, "ts": None})))
+        given = {key: value for key, value in obj.items() if key != DERIVED}
+        event = Event(**dict(_Schema.model_validate({**given, "ts": None})))
     except ValidationError as exc:
         errors = exc.errors()
         # A teacher of the wrong shape is named as such, even where it also leaves the label missing.
@@ -326,6 +331,8 @@ def _validate(obj: dict[str, Any], raw: bytes, limits: EventSettings) -> Event |
     # Only this slow path can see lone surrogates (pydantic's JSON parser refuses them), and no
     # tokenizer, database or UTF-8 sink takes them: the record is refused here, naming the field.
     for name in ("id", "text", "label", "task"):
+        if name == "label" and event.label_from_teacher:
+            continue  # the teacher's top label: checked with the teacher's, below, and named so
         value = getattr(event, name)
         if value is not None and not value.isascii() and _encodable(value) != value:
             return Rejection("invalid_string", f"{name}: contains a lone surrogate (not encodable as UTF-8)", raw, id_)

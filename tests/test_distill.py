@@ -143,7 +143,8 @@ BAD_TEACHERS = [
     (b'{"id": "1", "text": "hi", "teacher_logits": {"a": 1e400, "b": 0}}', "invalid_teacher", "not a finite"),
     (b'{"id": "1", "text": "hi", "teacher": {"a": 1' + b"0" * 5000 + b"}}", "invalid_teacher", "not a finite"),
     (record(label="a", teacher={"a": 1.0}, teacher_logits={"a": 1.0}), "invalid_teacher", "not both"),
-    (record(label="a", label_from_teacher=True), "invalid_teacher", "without a teacher"),
+    # A teacher label that cannot be UTF-8 is the teacher's problem, also where it became the label.
+    (b'{"id": "1", "text": "hi", "teacher": {"a\\ud800": 1.0}}', "invalid_teacher", "lone surrogate"),
     (record(teacher_logits={"a": 1.0}, teacher_temperature=0), "invalid_temperature", "> 0"),
     (record(teacher_logits={"a": 1.0}, teacher_temperature=-1.0), "invalid_temperature", "> 0"),
     (record(teacher_logits={"a": 1.0}, teacher_temperature="hot"), "invalid_temperature", "teacher_temperature"),
@@ -162,6 +163,18 @@ def test_malformed_teachers_are_rejected_with_their_reason(raw: bytes, reason: s
     assert isinstance(rejection, Rejection), rejection
     assert (rejection.reason, rejection.event_id) == (reason, "1")
     assert detail in rejection.detail
+
+
+@pytest.mark.parametrize("teacher", [None, {"b": 1.0}])
+def test_a_record_cannot_say_its_label_came_from_the_teacher(teacher: dict[str, float] | None) -> None:
+    """Found by a probe: ``"label_from_teacher": true`` in a record was taken, so its given label
+    was left out of the loss while the event was held out and scored under it (and without a
+    teacher the record was refused). Only decoding sets it: in a record it is an unknown field."""
+    fields = {"label": "a", "label_from_teacher": True} | ({"teacher": teacher} if teacher else {})
+    event = decode(record(**fields), LIMITS)
+    assert isinstance(event, Event) and (event.label, event.label_from_teacher) == ("a", False)
+    without = {key: value for key, value in fields.items() if key != "label_from_teacher"}
+    assert event == decode(record(**without), LIMITS) == decode(record(**without, label_from_teacher="x"), LIMITS)
 
 
 def test_a_teacher_survives_the_replay_buffers_round_trip() -> None:

@@ -53,6 +53,15 @@ def test_a_batch_no_step_could_hold_is_refused(monkeypatch: pytest.MonkeyPatch) 
         load_settings()
 
 
+def test_a_distillation_temperature_whose_loss_cannot_be_finite_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A probe's 1e-300 passed, and every step with a teacher was skipped as non-finite."""
+    monkeypatch.setenv("DYNFT_TRAINER__DISTILL_TEMPERATURE", "1e-300")
+    with pytest.raises(ConfigError, match=r"distill_temperature: Input should be greater than or equal to 0\.05"):
+        load_settings()
+    monkeypatch.setenv("DYNFT_TRAINER__DISTILL_TEMPERATURE", "0.05")
+    assert load_settings().trainer.distill_temperature == 0.05
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [("DYNFT_DRIFT__REACTIONS", "[boost]"), ("DYNFT_DRIFT__INPUT_PARAMS", "{delta: 2}"), ("DYNFT_KAFKA", "secret!")],

@@ -152,8 +152,15 @@ class TrainerSettings(Section):
         description="share of the teacher's soft loss in the loss of an event with a label and a teacher "
         "(knowledge distillation); an event with a teacher and no label learns from the teacher alone",
     )
+    # At least 0.05: below it the loss's T^2 factor underflows while the tempered logits overflow,
+    # and every step with a teacher is skipped as non-finite (a probe's 1e-300); 0.05 already
+    # makes the teacher almost one-hot.
     distill_temperature: float = Field(
-        2.0, gt=0, le=100, allow_inf_nan=False, description="temperature of the distillation loss (student and teacher)"
+        2.0,
+        ge=0.05,
+        le=100,
+        allow_inf_nan=False,
+        description="temperature of the distillation loss (student and teacher)",
     )
     lexical_blend: bool = Field(
         True,
