@@ -23,11 +23,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dynft.blank import NOTHING_VISIBLE
 from dynft.errors import PointerUnreadableError, RegistryError, RegistryWriteError, VersionNotFoundError
 from dynft.metrics import ServerMetrics, exposition
 from dynft.registry import AdapterRegistry
 from dynft.serving.answers import NotReady, Overloaded, UnknownTask
+from dynft.serving.checks import check_texts, repeated_key, repeated_query, unknown_task
 from dynft.serving.console import console_router
 from dynft.serving.engine import InferenceEngine
 from dynft.serving.limits import ApiError, BodyDeadline, BodyLimit, InternalErrors, error_response
@@ -38,7 +38,6 @@ from dynft.serving.schemas import (
     Ready,
     TasksResponse,
     error_responses,
-    is_blank,
 )
 from dynft.settings import Settings
 from dynft.tasks import DEFAULT_TASK
@@ -109,42 +108,22 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
 
-def unknown_task(engine: InferenceEngine, task: str) -> ApiError:
-    known = sorted(engine.lanes)
-    return ApiError(404, "unknown_task", f"unknown task {task[:64]!r}; known tasks: {', '.join(known)}")
-
-
-def _check_texts(settings: Settings, texts: list[str]) -> None:
-    s = settings.server
-    if len(texts) > s.max_texts:
-        raise ApiError(422, "too_many_texts", f"at most {s.max_texts} texts per request, got {len(texts)}")
-    for i, text in enumerate(texts):
-        if is_blank(text):
-            what = f"texts[{i}] is empty" if not text else NOTHING_VISIBLE.format(f"texts[{i}]")
-            raise ApiError(422, "empty_text", what)
-        if len(text) > settings.events.max_text_chars:
-            raise ApiError(
-                422,
-                "text_too_long",
-                f"texts[{i}] has {len(text)} chars, the limit is {settings.events.max_text_chars}",
-            )
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # JSON's \ud800 escapes decode to unpaired surrogates
-            raise ApiError(
-                422, "invalid_text", f"texts[{i}] is not valid Unicode: unpaired surrogate at index {exc.start}"
-            ) from exc
-
-
 def predict_router(settings: Settings, engine: InferenceEngine, metrics: ServerMetrics) -> APIRouter:
     """``POST /v1/predict`` and ``GET /v1/tasks``."""
     router = APIRouter()
     s = settings.server
 
     @router.post("/v1/predict", response_model=PredictResponse, responses=error_responses(404, 413, 422, 500, 503, 504))
-    async def predict(body: PredictRequest) -> dict[str, Any]:
+    async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
         started = time.perf_counter()
-        _check_texts(settings, body.texts)
+        if request.query_params:  # "?task=" as the admin routes take it: said, not ignored
+            raise ApiError(422, "invalid_request", "/v1/predict takes no query parameters; the task goes in the body")
+        key = repeated_key(await request.body())  # the body FastAPI read, kept by the request
+        if key is not None:
+            raise ApiError(
+                422, "invalid_request", f"field {key[:64]!r} is given twice; which value is meant is unknown"
+            )
+        check_texts(settings, body.texts)
         task = body.task if body.task is not None else DEFAULT_TASK
         try:
             future = engine.submit(list(body.texts), task)
@@ -250,7 +229,7 @@ def admin_router(engine: InferenceEngine, admin_token: str) -> APIRouter:
         )
         return ApiError(503, code, f"the registry cannot be {which} now; see the server log", {"Retry-After": "10"})
 
-    @router.get("/v1/adapters", responses=error_responses(404, 503))
+    @router.get("/v1/adapters", responses=error_responses(404, 422, 503))
     async def adapters(task: str | None = task_query) -> dict[str, Any]:
         registry = registry_of(task)
         try:
@@ -294,7 +273,9 @@ def admin_router(engine: InferenceEngine, admin_token: str) -> APIRouter:
             raise ApiError(409, "bad_version", str(exc)) from exc
         return {"serving": int(version), "pinned": True}
 
-    @router.post("/v1/adapters/rollback", dependencies=admin_only, responses=error_responses(401, 403, 404, 409, 503))
+    @router.post(
+        "/v1/adapters/rollback", dependencies=admin_only, responses=error_responses(401, 403, 404, 409, 422, 503)
+    )
     async def rollback(task: str | None = task_query) -> dict[str, Any]:
         registry = registry_of(task)
         try:
@@ -305,7 +286,7 @@ def admin_router(engine: InferenceEngine, admin_token: str) -> APIRouter:
             raise ApiError(409, "no_rollback", str(exc)) from exc
         return {"serving": version, "pinned": True}
 
-    @router.post("/v1/adapters/unpin", dependencies=admin_only, responses=error_responses(401, 403, 404, 503))
+    @router.post("/v1/adapters/unpin", dependencies=admin_only, responses=error_responses(401, 403, 404, 422, 503))
     async def unpin(task: str | None = task_query) -> dict[str, Any]:
         registry = registry_of(task)
         try:
@@ -339,6 +320,10 @@ def create_app(
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:
+        twice = repeated_query(request)
+        if twice is not None:  # a gateway that read the first value must not see another one acted on
+            metrics.requests.labels("422").inc()
+            return error_response(422, "invalid_request", f"query parameter {twice[:64]!r} is given twice")
         try:
             response: Response = await call_next(request)
         except Exception:

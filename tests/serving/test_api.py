@@ -87,6 +87,7 @@ def test_predict_answers_with_the_serving_version(api, tiny_settings: Settings, 
         ({"texts": ["  "]}, "empty_text"),
         ({"texts": ["\u200b\u200d\ufeff"]}, "empty_text"),  # zero-width characters and a BOM
         ({"texts": ["a", "\u0301\u0301\x01"]}, "empty_text"),  # combining marks with no base
+        ({"texts": ["\u3164\u2800"]}, "empty_text"),  # a Hangul filler and the braille blank render as nothing
         ({"texts": ["x" * 101]}, "text_too_long"),
     ],
 )
@@ -187,3 +188,26 @@ def test_a_broken_version_is_never_swapped_in(api, tiny_settings: Settings) -> N
         time.sleep(0.02)
     r = client.post("/v1/predict", json={"texts": [PROBE]})
     assert r.status_code == 200 and r.json()["adapter_version"] == 4  # still serving the last good one
+
+
+def test_a_field_or_query_parameter_given_twice_is_refused_not_read_as_its_last_value(api) -> None:  # type: ignore[no-untyped-def]
+    """Found by a probe: ``?task=nope&task=default`` promoted on ``default`` (a gateway that
+    authorises by the first value would be passed by), and ``{"task": 1, "task": "intents"}``
+    was answered by the last task; events refuse a field given twice the same way."""
+    client, _, registry = api
+    registry.promote(1, "first")
+    wait_for_version(str(client.base_url), 1)
+    auth = {"Authorization": f"Bearer {TOKEN}", "content-type": "application/json"}
+    twice = [(b'{"texts": ["a"], "task": 1, "task": "default"}', "task"), (b'{"texts": [1], "texts": ["a"]}', "texts")]
+    for body, key in twice:
+        r = client.post("/v1/predict", content=body, headers=auth)
+        assert r.status_code == 422 and error_of(r) == "invalid_request", r.text
+        assert f"field '{key}' is given twice" in r.json()["error"]["message"]
+    for method, path in [("POST", "/v1/adapters/2/promote"), ("GET", "/v1/adapters"), ("POST", "/v1/adapters/unpin")]:
+        r = client.request(method, path, params=[("task", "nope"), ("task", "default")], headers=auth)
+        assert r.status_code == 422 and error_of(r) == "invalid_request", (path, r.text)
+        assert "query parameter 'task' is given twice" in r.json()["error"]["message"]
+    assert registry.serving().version == 1 and not registry.serving().pinned
+    r = client.post("/v1/predict", params={"task": "default"}, json={"texts": ["a"]})
+    assert r.status_code == 422 and "the task goes in the body" in r.json()["error"]["message"]
+    assert client.post("/v1/predict", json={"texts": ["a"], "task": "default"}).status_code == 200

@@ -246,6 +246,12 @@ def test_the_schema_declares_the_limits_the_server_enforces(live_api: tuple[str,
     texts = schema["components"]["schemas"]["PredictRequest"]["properties"]["texts"]
     assert texts["maxItems"] == server.settings.server.max_texts
     assert texts["items"]["maxLength"] == server.settings.events.max_text_chars
+    # Every route's 422 is the JSON error body the server sends, not FastAPI's default one.
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            if "422" in operation["responses"]:
+                body = operation["responses"]["422"]["content"]["application/json"]["schema"]
+                assert body == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, body)
     promote = schema["paths"]["/v1/adapters/{version}/promote"]["post"]
     assert promote["security"] == [{"HTTPBearer": []}]
     assert set(promote["responses"]) >= {"200", "401", "403", "404", "409"}
