@@ -245,7 +245,7 @@ class TrainingLoop(DefaultStep, LoopState):
             self._note_covered()
             self._maybe_checkpoint(force=True)
             self._maybe_status(force=True)
-            log.info("trainer stopped after %d steps", self.trainer.steps)
+            log.info("trainer stopped after %d steps", self.joint_steps())  # every task's
         if self.intake is not None:
             self.intake.stop()  # after the last checkpoint: the source makes its final commit
         if self.sink is not None:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from dynft.loop import TrainingLoop
 
 log = logging.getLogger("dynft.loop")  # the loop's own logger: these lines are the loop's
+STATUS_TASKS = 10  # named tasks on a status line (the busiest; /v1/tasks and the console list all)
 
 
 class LoopState(TaskLoop):
@@ -283,12 +284,17 @@ class LoopState(TaskLoop):
             self.drift.detections,
         )
         if self.tasks:  # the other tasks, one line: events, accuracy, serving / latest version
+            others = self.history.snapshot.task_stats[1:]  # made by history.record above
+            # The busiest only: with hundreds of tasks the line ran to 14 KB every few seconds.
+            shown = sorted(others, key=lambda t: -t.events)[:STATUS_TASKS]
+            more = f" | and {len(others) - len(shown)} more tasks" if len(others) > len(shown) else ""
             log.info(
-                "tasks | %s",
+                "tasks | %s%s",
                 " | ".join(
                     f"{t.task} {t.events} ev acc {t.accuracy:.3f} {_version(t.serving)}/{_version(t.latest)}"
-                    for t in self.history.snapshot.task_stats[1:]  # made by history.record above
+                    for t in shown
                 ),
+                more,
             )
         self._tell_dead_letters()
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 from test_loop import run, sample
 
@@ -192,3 +194,25 @@ def test_a_stream_of_one_named_task_replays_as_a_default_one(tiny_settings: Sett
     # wait for whole fresh shares (dynft.freshwait), where the default task's take what is queued:
     # 53 against 59 seen.
     assert named.trainer.steps == 0 and abs(named.tasks["x"].trainer.steps - default.trainer.steps) <= 9
+
+
+def test_the_status_line_names_the_busiest_tasks_and_counts_every_tasks_steps(
+    tiny_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a probe: with 300 tasks the status line ran to 14 KB every few seconds, and the last
+    line said "trainer stopped after 0 steps" for a stream of named tasks alone."""
+    many = {f"t{k:02d}": ["alpha", "beta"] for k in range(13)}
+    rows = []
+    for k, (task, labels) in enumerate(many.items()):
+        rows += [{**row, "task": task} for row in keyword_events(8 + 10 * k, labels, prefix=task)]
+    random.Random(1).shuffle(rows)
+    tiny_settings.run.status_interval_s = 0.05
+    with caplog.at_level(logging.INFO, logger="dynft.loop"):
+        loop = run(tiny_settings, write_jsonl(tmp_path / "many.jsonl", rows))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tasks | ")]
+    assert lines
+    named = [part.split()[0] for part in lines[-1].removeprefix("tasks | ").split(" | ")[:-1]]
+    assert named == [f"t{k:02d}" for k in range(12, 2, -1)], lines[-1]  # the ten with the most events
+    assert lines[-1].endswith(" | and 3 more tasks")
+    steps = sum(task.trainer.steps for task in loop.tasks.values())
+    assert steps > 0 and f"trainer stopped after {steps} steps" in caplog.text
