@@ -142,6 +142,9 @@ class ServerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
         self.requests = Counter("dynft_requests", "HTTP requests by status code", ["status"], registry=r)
+        self.connections_refused = Counter(  # past server.limit_concurrency: "503" or "closed" at once
+            "dynft_connections_refused", "Connections refused past the connection limit, by how", ["how"], registry=r
+        )
         self.predict_seconds = Histogram(
             "dynft_predict_seconds", "Predict request latency", registry=r, buckets=LATENCY
         )

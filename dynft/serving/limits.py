@@ -5,8 +5,9 @@
 and closes the connection when a body is not complete ``server.body_timeout_s`` after its
 headers; ``HeadDeadline`` (uvicorn's HTTP protocol, not middleware: no request exists yet) closes
 a connection that has not sent a whole request head ``server.header_timeout_s`` after it opened
-or after its last response. Together with uvicorn's ``limit_concurrency`` they keep slow or
-greedy clients from exhausting memory, tasks or file descriptors.
+or after its last response; ``Admission`` serves at most ``server.limit_concurrency`` connections
+at once and refuses new ones beyond them. Together they keep slow or greedy clients from
+exhausting memory, tasks or file descriptors.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import h11
 from fastapi import HTTPException
@@ -22,7 +23,11 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from dynft.metrics import ServerMetrics
+
 log = logging.getLogger(__name__)
+
+Verdict = Literal["serve", "refuse", "close"]
 
 
 class ApiError(HTTPException):
@@ -140,26 +145,110 @@ class BodyDeadline:
         await self.app(scope, timed, send)
 
 
+class Admission:
+    """Which connections a server serves: at most ``limit`` at once, first come first served.
+
+    A connection beyond them is refused, not the ones already in: it gets a 503 ``overloaded``
+    (with ``Connection: close``) to its first request head, or, while ``limit`` refused ones
+    already wait for theirs, is closed at once. So a server holds at most twice ``limit``
+    sockets, and idle connections (closed at ``server.header_timeout_s``) cost the clients that
+    come next, never those being served. Refusals are counted and logged at most once per
+    ``log_interval_s``, each when it is refused: ``dynft_connections_refused_total{how="503"}``
+    (also in ``dynft_requests_total{status="503"}`` once answered) or ``{how="closed"}``. Owned
+    by the event loop.
+    """
+
+    log_interval_s = 10.0
+
+    def __init__(self, limit: int, metrics: ServerMetrics | None = None) -> None:
+        self.limit, self.metrics = limit, metrics
+        self.served = self.waiting = 0  # connections admitted; refused ones waiting for a head
+        self._unlogged = {"503": 0, "closed": 0}
+        self._last_log = -float("inf")
+        self._log_timer: asyncio.TimerHandle | None = None
+
+    def enter(self) -> Verdict:
+        """The verdict on a new connection; ``leave`` with it when the connection is lost."""
+        if self.served < self.limit:
+            self.served += 1
+            return "serve"
+        if self.waiting < self.limit:
+            self.waiting += 1
+            self._refused("503")
+            return "refuse"
+        self._refused("closed")
+        return "close"
+
+    def leave(self, verdict: Verdict) -> None:
+        if verdict == "serve":
+            self.served -= 1
+        elif verdict == "refuse":
+            self.waiting -= 1
+
+    async def refusal(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI app of a refused connection: its first request gets this 503, which closes it."""
+        if self.metrics is not None:
+            self.metrics.requests.labels("503").inc()
+        message = f"the server serves {self.limit} connections at once; try again on a new one"
+        headers = {"Connection": "close", "Retry-After": "1"}
+        await error_response(503, "overloaded", message, headers)(scope, receive, send)
+
+    def _refused(self, how: str) -> None:
+        if self.metrics is not None:
+            self.metrics.connections_refused.labels(how).inc()
+        self._unlogged[how] += 1
+        if self._log_timer is None:  # the first refusal after a quiet interval is logged at once
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, self._last_log + self.log_interval_s - loop.time())
+            self._log_timer = loop.call_later(delay, self._log)
+
+    def _log(self) -> None:
+        self._log_timer = None
+        self._last_log = asyncio.get_running_loop().time()
+        answered, closed = self._unlogged["503"], self._unlogged["closed"]
+        self._unlogged = {"503": 0, "closed": 0}
+        log.warning(
+            "server.limit_concurrency=%d connections are being served: refused %d new ones "
+            "(%d answered 503 overloaded at their first request, %d closed at once)",
+            self.limit,
+            answered + closed,
+            answered,
+            closed,
+        )
+
+
 class HeadDeadline(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request head, and ``limit_concurrency``
-    counted in connections.
+    """uvicorn's h11 protocol with a deadline for each request head, and ``Admission`` of connections.
 
     uvicorn arms its keep-alive timer only after a response and disarms it at the first byte, so
-    a connection that sends nothing, or a head a byte at a time, is held open for ever, and
-    ``limit_concurrency`` such connections lock every client out (503). So is one whose request
-    was answered before its body was read (a 413 by its declared length, a 401, a GET with a
-    body) and that then sends a byte of that body now and then: uvicorn discards such bytes, and
-    only a new request's head ends the wait. Owned by the event loop.
+    a connection that sends nothing, or a head a byte at a time, is held open for ever. So is one
+    whose request was answered before its body was read (a 413 by its declared length, a 401, a
+    GET with a body) and that then sends a byte of that body now and then: uvicorn discards such
+    bytes, and only a new request's head ends the wait. Owned by the event loop.
+
+    uvicorn's own ``limit_concurrency`` (left unset) refuses, at every request head, when its
+    open connections or request tasks reach it: idle connections locked out the clients already
+    served, the limit itself was never reached (N connections at a limit of N: all refused), and
+    each refusal logged a line. ``Admission`` decides once per connection, when it opens.
     """
 
     head_timeout_s = 10.0  # set per server: make_head_deadline
+    admission: Admission | None = None  # one per server: make_head_deadline
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._verdict: Verdict = "serve"
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if self.admission is not None:
+            self._verdict = self.admission.enter()
+        if self._verdict == "close":
+            transport.close()
+            return
+        if self._verdict == "refuse" and self.admission is not None:
+            self.app = self.admission.refusal
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -176,26 +265,11 @@ class HeadDeadline(H11Protocol):
         """A request's head is in and its response is not complete (its body is the app's to time)."""
         return self.conn.our_state is h11.SEND_RESPONSE
 
-    @property  # type: ignore[override]
-    def limit_concurrency(self) -> int | None:
-        """What uvicorn compares both its open connections and its request tasks with, at each
-        request head: the setting where connections reach it (or tasks twice it), else no limit.
-
-        A keep-alive connection's next request can arrive while the task of its previous one is
-        still unwinding, so uvicorn's task count ran ahead of the connections: 150 clients of a
-        limit of 256 got 503s. Each connection has at most two tasks at a time.
-        """
-        limit = self._limit
-        if limit is None or len(self.connections) >= limit or len(self.tasks) >= 2 * limit:
-            return limit
-        return None
-
-    @limit_concurrency.setter
-    def limit_concurrency(self, value: int | None) -> None:  # uvicorn's __init__ sets it from its config
-        self._limit = value
-
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self.admission is not None:
+            self.admission.leave(self._verdict)
+            self.admission = None  # a connection leaves once (the class's admission still holds)
         super().connection_lost(exc)
 
     def _arm(self) -> None:
@@ -213,6 +287,10 @@ class HeadDeadline(H11Protocol):
             self.transport.close()
 
 
-def make_head_deadline(timeout_s: float) -> type[HeadDeadline]:
-    """``HeadDeadline`` with ``timeout_s``, as the class uvicorn instantiates per connection."""
-    return type("HeadDeadline", (HeadDeadline,), {"head_timeout_s": timeout_s})
+def make_head_deadline(
+    timeout_s: float, limit: int | None = None, metrics: ServerMetrics | None = None
+) -> type[HeadDeadline]:
+    """``HeadDeadline`` with ``timeout_s`` and, given a ``limit``, an ``Admission`` of its own,
+    as the class uvicorn instantiates per connection."""
+    admission = Admission(limit, metrics) if limit is not None else None
+    return type("HeadDeadline", (HeadDeadline,), {"head_timeout_s": timeout_s, "admission": admission})

@@ -70,10 +70,13 @@ class Server:
             access_log=False,
             timeout_graceful_shutdown=10,
             lifespan="off",
-            # Past this many open connections uvicorn answers 503 at once instead of taking on
-            # more, so a crowd of slow clients cannot exhaust the process's file descriptors.
-            limit_concurrency=settings.server.limit_concurrency,
-            http=make_head_deadline(settings.server.header_timeout_s),
+            # No WebSocket routes; and a connection upgraded to one would leave dynft's protocol
+            # without connection_lost, keeping its place among the admitted connections for ever.
+            ws="none",
+            # dynft's protocol admits connections itself (server.limit_concurrency served at once,
+            # new ones beyond refused); uvicorn's own limit would refuse those already served.
+            limit_concurrency=None,
+            http=make_head_deadline(settings.server.header_timeout_s, settings.server.limit_concurrency, self.metrics),
         )
         self.uvicorn = uvicorn.Server(config)
 

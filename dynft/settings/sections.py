@@ -312,7 +312,7 @@ class ServerSettings(Section):
         10.0, gt=0, description="a request body not fully received by then gets 408 and the connection is closed"
     )
     limit_concurrency: int = Field(
-        256, ge=1, description="open connections at most; beyond it new requests get 503 at once"
+        256, ge=1, description="connections served at once; a new one beyond them gets 503 overloaded and is closed"
     )
     poll_interval_s: float = Field(0.2, gt=0, description="how often the server looks for a new serving version")
     threads: int = Field(1, ge=1, description="torch CPU threads of the server")

@@ -1,14 +1,16 @@
 """Slow clients and broken state cannot take the server down or make it talk too much.
 
 Over real sockets against a real server: a body that stalls or trickles gets 408 and a closed
-connection at ``server.body_timeout_s`` while other requests are served; past
-``server.limit_concurrency`` open connections new requests get 503 at once; the 503 bodies
-of ``/v1/adapters`` carry no path or OS error (those go to the server log).
+connection at ``server.body_timeout_s`` while other requests are served; at most
+``server.limit_concurrency`` connections are served at once, new ones beyond them get 503
+``overloaded`` at once while those served keep being served; the 503 bodies of
+``/v1/adapters`` carry no path or OS error (those go to the server log).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import select
 import socket
@@ -25,6 +27,7 @@ import torch
 from dynft.model import AdapterState
 from dynft.registry import AdapterRegistry
 from dynft.serving.limits import make_head_deadline
+from dynft.serving.server import Server
 from dynft.settings import Settings
 
 from serving.conftest import TOKEN, running_server
@@ -109,13 +112,14 @@ def test_past_limit_concurrency_new_requests_get_503_at_once(server: str) -> Non
     idle = [connect(server) for _ in range(4)]  # open connections that send nothing
     try:
         deadline = time.monotonic() + 30
-        while True:  # the server accepts them in its own time; then the next request is refused
+        while True:  # the server accepts them in its own time; then a new connection is refused
             with httpx.Client(base_url=server, timeout=30) as client:
-                status = client.get("/healthz").status_code
-            if status == 503:
+                r = client.get("/healthz")
+            if r.status_code == 503:
                 break
-            assert status == 200 and time.monotonic() < deadline, "never refused past limit_concurrency"
+            assert r.status_code == 200 and time.monotonic() < deadline, "never refused past limit_concurrency"
             time.sleep(0.05)
+        assert r.json()["error"]["code"] == "overloaded" and r.headers["connection"] == "close"
     finally:
         for sock in idle:
             sock.close()
@@ -126,6 +130,133 @@ def test_past_limit_concurrency_new_requests_get_503_at_once(server: str) -> Non
                 break
         assert time.monotonic() < deadline, "still refusing after the idle connections closed"
         time.sleep(0.05)
+
+
+LIMIT = 4
+
+
+@pytest.fixture
+def limited(tiny_settings: Settings) -> Iterator[tuple[str, Server]]:
+    """A server of ``LIMIT`` connections whose idle connections stay open for the test's length."""
+    tiny_settings.server.header_timeout_s = 30.0
+    tiny_settings.server.limit_concurrency = LIMIT
+    with running_server(tiny_settings) as running:
+        yield running
+
+
+def opened(server: Server, n: int) -> None:
+    """Waits until the server has accepted ``n`` connections (it accepts them in its own time)."""
+    deadline = time.monotonic() + 30
+    while len(server.uvicorn.server_state.connections) < n:
+        assert time.monotonic() < deadline, f"the server never had {n} connections"
+        time.sleep(0.01)
+
+
+def exchange(sock: socket.socket, request: bytes = HEAD) -> tuple[int, dict[str, str], bytes]:
+    """One request on a kept-alive connection: the answer's status, headers and body."""
+    sock.sendall(request)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed without a whole answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    while len(body) < int(headers["content-length"]):
+        chunk = sock.recv(4096)
+        assert chunk, f"closed within the body: {data!r}"
+        body += chunk
+    return int(status.split()[1]), headers, body
+
+
+def assert_refused(sock: socket.socket) -> None:
+    """The documented refusal: 503 ``overloaded``, try again in 1 s, and the connection closed."""
+    status, headers, body = exchange(sock)
+    assert status == 503, body
+    assert json.loads(body)["error"]["code"] == "overloaded"
+    assert headers["connection"] == "close" and headers["retry-after"] == "1"
+    assert read_until_closed(sock) == b""
+
+
+def test_idle_connections_below_the_limit_do_not_refuse_an_established_client(
+    limited: tuple[str, Server],
+) -> None:
+    """Found by a probe: at a limit of 20, 19 connections that never sent a byte made every
+    request of a client already served get 503 until they were closed at header_timeout_s;
+    uvicorn counted them at every request head. Connections are admitted once, when they open."""
+    base, server = limited
+    with connect(base) as client:
+        assert exchange(client)[0] == 200
+        idle = [connect(base) for _ in range(LIMIT - 1)]
+        try:
+            opened(server, LIMIT)
+            for _ in range(10):
+                status, _, body = exchange(client)
+                assert status == 200, body
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_the_limit_is_reachable(limited: tuple[str, Server]) -> None:
+    """Found by a probe: a burst of exactly 20 connections at a limit of 20 got 20 503s."""
+    base, server = limited
+    socks = [connect(base) for _ in range(LIMIT)]
+    try:
+        opened(server, LIMIT)
+        assert [exchange(sock)[0] for sock in socks] == [200] * LIMIT
+        assert [exchange(sock)[0] for sock in socks] == [200] * LIMIT  # and kept being served
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_past_the_limit_only_the_new_connections_are_refused(limited: tuple[str, Server]) -> None:
+    """Found by a probe: a burst of 25 at a limit of 20 got 25 503s, not just the 5 beyond it.
+    The first ``LIMIT`` connections are served (and stay served); the others are refused."""
+    base, server = limited
+    socks = [connect(base) for _ in range(LIMIT + 3)]
+    try:
+        opened(server, LIMIT + 3)
+        served, refused = socks[:LIMIT], socks[LIMIT:]  # loopback connections are accepted in order
+        for sock in refused:
+            assert_refused(sock)
+        for sock in served:
+            for _ in range(2):
+                assert exchange(sock)[0] == 200
+    finally:
+        for sock in socks:
+            sock.close()
+    with httpx.Client(base_url=base, timeout=30) as client:  # room again: a new connection is served
+        deadline = time.monotonic() + 30
+        while (status := client.get("/healthz").status_code) != 200:
+            assert status == 503 and time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_refusals_are_counted_and_logged_once_per_interval(
+    limited: tuple[str, Server], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a probe: refusals were missing from dynft_requests_total and each logged a
+    line (thousands of them under load)."""
+    caplog.set_level(logging.WARNING, logger="dynft.serving.limits")
+    base, server = limited
+    socks = [connect(base) for _ in range(LIMIT + 3)]
+    try:
+        opened(server, LIMIT + 3)
+        for sock in socks[LIMIT:]:
+            assert_refused(sock)
+        status, _, body = exchange(socks[0], b"GET /metrics HTTP/1.1\r\nHost: dynft\r\n\r\n")
+    finally:
+        for sock in socks:
+            sock.close()
+    assert status == 200
+    scraped = body.decode()
+    assert 'dynft_requests_total{status="503"} 3.0' in scraped
+    assert 'dynft_connections_refused_total{how="503"} 3.0' in scraped
+    logged = [r.getMessage() for r in caplog.records if r.name == "dynft.serving.limits"]
+    assert len(logged) == 1 and "server.limit_concurrency=4" in logged[0], logged
 
 
 @pytest.mark.parametrize(
@@ -171,9 +302,9 @@ def test_a_body_framed_both_by_length_and_by_chunks_is_refused(server: str) -> N
 
 
 class Transport(asyncio.Transport):
-    """A stand-in for a socket: what the protocol writes is kept. The race below (a keep-alive
-    connection's previous task still unwinding when its next head arrives) cannot be produced on
-    demand over real sockets, so the test drives uvicorn's own protocol code with this instead."""
+    """A stand-in for a socket: what the protocol writes is kept. Request tasks still unwinding
+    and connections past twice the limit cannot be produced on demand over real sockets, so the
+    test below drives uvicorn's own protocol code with this instead."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -198,18 +329,11 @@ class Transport(asyncio.Transport):
         pass
 
 
-@pytest.mark.parametrize(
-    ("connections", "tasks", "status"),
-    [(3, 3, b"200"), (3, 7, b"200"), (3, 8, b"503"), (4, 0, b"503")],
-    ids=["idle", "previous-tasks-unwinding", "tasks-twice-the-limit", "connections-at-the-limit"],
-)
-def test_limit_concurrency_counts_connections_not_a_keep_alive_connection_s_unwinding_task(
-    connections: int, tasks: int, status: bytes
-) -> None:
-    """Found by a probe: uvicorn refuses a request head (503) when its open connections *or* its
-    request tasks reach the limit, and a keep-alive connection's next request can arrive while
-    the task of its previous one is still unwinding: 150 clients of a limit of 256 got 503s (44 of
-    300 requests). The limit is now reached by connections, or by tasks twice it."""
+def test_admission_counts_connections_once_and_closes_those_past_twice_the_limit() -> None:
+    """``limit`` connections are served, tasks or not (a keep-alive connection's next request
+    can arrive while the task of its previous one is still unwinding: uvicorn counted those and
+    refused 150 clients of a limit of 256); the next ``limit`` get a 503 to their first head;
+    beyond those a connection is closed at once; a connection that leaves makes room."""
     import uvicorn
     from uvicorn.server import ServerState
 
@@ -217,21 +341,41 @@ def test_limit_concurrency_counts_connections_not_a_keep_alive_connection_s_unwi
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    async def answer() -> bytes:
+    async def answers() -> list[bytes]:
         state = ServerState()
-        config = uvicorn.Config(app=ok, limit_concurrency=4, log_level="error")
+        config = uvicorn.Config(app=ok, log_level="error")
         config.load()
-        protocol = make_head_deadline(1.0)(config=config, server_state=state, app_state={})
-        transport = Transport()
-        protocol.connection_made(transport)  # one of the connections
-        state.connections.update(object() for _ in range(connections - 1))  # type: ignore[misc]
-        state.tasks.update(object() for _ in range(tasks))  # type: ignore[misc]
-        protocol.data_received(b"GET /healthz HTTP/1.1\r\nHost: dynft\r\n\r\n")
-        await asyncio.sleep(0.05)  # the request's task runs
-        protocol.connection_lost(None)
-        return transport.out.split(b"\r\n")[0]
+        protocol = make_head_deadline(1.0, 2)
+        state.tasks.update(object() for _ in range(100))  # type: ignore[misc]
+        connections = []
+        for _ in range(5):
+            connection, transport = protocol(config=config, server_state=state, app_state={}), Transport()
+            connection.connection_made(transport)
+            connections.append((connection, transport))
+        for connection, transport in connections:
+            if not transport.closed:
+                connection.data_received(HEAD)
+        await asyncio.sleep(0.05)  # the requests' tasks run
+        out = [
+            transport.out.split(b"\r\n")[0] + (b" closed" if transport.closed else b"") for _, transport in connections
+        ]
+        connections[0][0].connection_lost(None)  # a served one leaves: room for one more
+        for refused, _ in connections[2:]:
+            refused.connection_lost(None)
+        connection, transport = protocol(config=config, server_state=state, app_state={}), Transport()
+        connection.connection_made(transport)
+        connection.data_received(HEAD)
+        await asyncio.sleep(0.05)
+        return [*out, transport.out.split(b"\r\n")[0]]
 
-    assert asyncio.run(answer()).startswith(b"HTTP/1.1 " + status)
+    assert asyncio.run(answers()) == [
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 503 Service Unavailable closed",
+        b"HTTP/1.1 503 Service Unavailable closed",
+        b" closed",
+        b"HTTP/1.1 200 OK",
+    ]
 
 
 def test_registry_503_bodies_carry_no_paths_or_os_errors(
