@@ -19,15 +19,17 @@ line that says how big the model and its adapter are.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from dynft.errors import ModelError
 
+log = logging.getLogger(__name__)
 Kind = Literal["encoder", "decoder", "encoder-decoder"]
 
 # Query and value projections: LoRA on these two is the usual, cheap default (Hu et al. 2021).
@@ -61,6 +63,12 @@ _DECODERS = frozenset(
 )
 
 
+# Families whose position ids start after the pad token's id (padding_idx + 1), as RoBERTa's do.
+OFFSET_POSITIONS = frozenset(
+    {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "data2vec-text", "longformer", "ibert"}
+)
+
+
 # Where configurations keep the dropout on attention weights: BERT, RoBERTa, MPNet, DeBERTa,
 # ELECTRA, ALBERT; DistilBERT, Llama, Qwen2, Mistral; GPT-2 (``model.attention_dropout``).
 ATTENTION_DROPOUT_KEYS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
@@ -81,14 +89,20 @@ class Family:
         return list(targets) if targets is not None else None
 
 
-def family_of(path: Path) -> Family:
-    """The family of the model in ``path`` (read from its ``config.json``)."""
+def read_config(path: Path) -> dict[str, Any]:
+    """The model's ``config.json``; ``ModelError`` when it cannot be read or is not an object."""
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"model directory {path}: cannot read config.json ({exc})") from exc
     if not isinstance(config, dict):
         raise ModelError(f"model directory {path}: config.json is not a JSON object")
+    return config
+
+
+def family_of(path: Path) -> Family:
+    """The family of the model in ``path`` (read from its ``config.json``)."""
+    config = read_config(path)
     model_type = str(config.get("model_type", ""))
     architectures = [str(a) for a in config.get("architectures") or []]
     kind: Kind = "encoder"
@@ -97,6 +111,32 @@ def family_of(path: Path) -> Family:
     elif model_type in _DECODERS or any(a.endswith("ForCausalLM") for a in architectures):
         kind = "decoder"
     return Family(model_type, kind, tuple(key for key in ATTENTION_DROPOUT_KEYS if key in config))
+
+
+def token_limit(path: Path, wanted: int, virtual_tokens: int = 0, tell: bool = False) -> int:
+    """``model.max_length``, or fewer where the model has fewer positions: a longer input indexes
+    past its position embeddings (a crash at every step or request, not a refusal). Models whose
+    positions start after the pad id (RoBERTa, MPNet) have that many fewer; prompt tuning's
+    virtual tokens (``virtual_tokens``) take positions too. ``tell``: warn when it is fewer."""
+    config = read_config(path)
+    positions = config.get("max_position_embeddings", config.get("n_positions"))
+    if not isinstance(positions, int) or isinstance(positions, bool) or positions <= 0:
+        return wanted
+    if str(config.get("model_type", "")) in OFFSET_POSITIONS:
+        pad = config.get("pad_token_id")
+        positions -= (pad if isinstance(pad, int) and not isinstance(pad, bool) else 1) + 1
+    limit = positions - virtual_tokens
+    if limit < 2:
+        raise ModelError(
+            f"model directory {path}: {positions} positions leave no room for a text "
+            f"after {virtual_tokens} virtual tokens (adapter.num_virtual_tokens)"
+        )
+    if tell and limit < wanted:
+        beside = f" beside {virtual_tokens} virtual ones" if virtual_tokens else ""
+        log.warning(
+            "model.max_length = %d, but %s reads %d tokens at most%s: texts are cut there", wanted, path, limit, beside
+        )
+    return min(wanted, limit)
 
 
 def check_supported(family: Family, path: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,12 @@ from peft import (
 )
 from peft.utils import ModulesToSaveWrapper
 from peft.utils.save_and_load import get_peft_model_state_dict
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from dynft.errors import AdapterMismatchError, ModelError
-from dynft.families import base_dtype, check_quantization, check_supported, family_of
+from dynft.families import base_dtype, check_quantization, check_supported, family_of, read_config
 from dynft.families import pick_device as pick_device  # re-exported: callers import it from here
 from dynft.fingerprint import Pooling as Pooling
 from dynft.fingerprint import model_fingerprint as model_fingerprint  # where it used to live
@@ -49,13 +51,39 @@ from dynft.settings import AdapterSettings, ModelSettings
 
 log = logging.getLogger(__name__)
 ADAPTER_NAME = "default"
+HEAD_MODULES = ("classifier", "score")  # the classification heads, new to a base model's files
+# A tokenizer's own files, any of which transformers reads one from.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    config = read_config(path)  # a clear error for a config.json that is not an object, before transformers'
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        # transformers then builds a tokenizer of five special tokens, and the model reads [UNK]s.
+        raise ModelError(
+            f"model directory {path}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); save the "
+            "model's tokenizer beside it (tokenizer.save_pretrained)"
+        )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as exc:
+        # Never a directory's own Python: transformers would ask on stdin, which may be the event stream.
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as exc:
         raise ModelError(f"model directory {path}: cannot load its tokenizer ({exc})") from exc
+    rows = config.get("vocab_size")
+    if isinstance(rows, int) and len(tokenizer) > rows:
+        raise ModelError(
+            f"model directory {path}: the tokenizer has {len(tokenizer)} tokens and the model's embeddings "
+            f"{rows} rows, so some token ids cannot be read; after adding tokens, resize the embeddings "
+            "(model.resize_token_embeddings(len(tokenizer))) and save the model again"
+        )
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelError(f"model directory {path}: the tokenizer has neither a pad nor an eos token")
@@ -183,21 +211,41 @@ def _load_base(
         )
         extra["device_map"] = {"": device}
     try:
-        base = AutoModelForSequenceClassification.from_pretrained(
+        base, loading = AutoModelForSequenceClassification.from_pretrained(
             str(path),
             num_labels=max(1, num_labels),
             local_files_only=True,
+            trust_remote_code=False,
             dtype=dtype,
-            ignore_mismatched_sizes=True,
+            ignore_mismatched_sizes=True,  # for the head, whose rows are the labels; others are told below
+            output_loading_info=True,
             **extra,
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError, pickle.UnpicklingError) as exc:
         raise ModelError(f"model directory {path}: cannot load it for sequence classification ({exc})") from exc
+    _tell_initialised(path, loading)
     if quantization != "none":
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
     return base
+
+
+def _tell_initialised(path: Path, loading: dict[str, Any]) -> None:
+    """Warn of base weights the files lack or hold in another shape: transformers initialised them
+    at random, and frozen they stay so (the classification head is trained, and expected)."""
+    names = {str(k) for k in loading.get("missing_keys") or ()}
+    names |= {str(k[0] if isinstance(k, tuple) else k) for k in loading.get("mismatched_keys") or ()}
+    base = sorted(n for n in names if n.split(".")[0] not in HEAD_MODULES)
+    if base:
+        log.warning(
+            "model directory %s: %d base weight(s) are missing from its files or of another shape, and were "
+            "initialised at random and stay frozen: %s%s (is this the model the config describes?)",
+            path,
+            len(base),
+            ", ".join(base[:5]),
+            f" and {len(base) - 5} more" if len(base) > 5 else "",
+        )
 
 
 def _head_wrapper(model: PeftModel) -> ModulesToSaveWrapper:

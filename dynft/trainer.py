@@ -28,7 +28,7 @@ from dynft.batching import Batch, Collator, LabelMap, pad_multiple_for
 from dynft.distill import per_event_loss, target_shares
 from dynft.errors import ConfigError
 from dynft.events import Event
-from dynft.families import base_dtype, read_positions, size_line
+from dynft.families import base_dtype, read_positions, size_line, token_limit
 from dynft.forgetting import Forgetting
 from dynft.imprint import imprint_rows
 from dynft.lexical import Lexicon, blend
@@ -403,5 +403,7 @@ def build_trainer(
     label_map = LabelMap(capacity=trainer_settings.max_labels)
     compute = autocast_dtype(model_settings.autocast, device, base_dtype(model_settings.dtype, device))
     pad_multiple = pad_multiple_for(trainer_settings.pad_multiple, compute, trainer_settings.compile)
-    collator = Collator(tokenizer, model_settings.max_length, label_map, device.type == "cuda", pad_multiple)
+    virtual = adapter_settings.num_virtual_tokens if adapter_settings.method == "prompt" else 0
+    max_length = token_limit(path, model_settings.max_length, virtual, tell=True)
+    collator = Collator(tokenizer, max_length, label_map, device.type == "cuda", pad_multiple)
     return OnlineTrainer(model, collator, trainer_settings, device, path, pooling, compute)

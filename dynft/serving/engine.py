@@ -39,7 +39,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dynft.batching import pad_multiple_for, tokenize
-from dynft.families import base_dtype, read_positions
+from dynft.families import base_dtype, read_positions, token_limit
 from dynft.fingerprint import BaseModelId
 from dynft.freshness import served_after
 from dynft.lexical import blend
@@ -80,6 +80,10 @@ class InferenceEngine(VersionWatcher, MixedAnswers):
         t = settings.trainer  # padded lengths as the trainer's, for the same reason (and the same numbers)
         self.pad_multiple = pad_multiple_for(t.pad_multiple, self.compute_dtype, t.compile)
         self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.model_path)
+        a = settings.adapter  # texts cut where the trainer cuts them (its log says so)
+        self.max_length = token_limit(
+            self.model_path, settings.model.max_length, a.num_virtual_tokens if a.method == "prompt" else 0
+        )
         self.lanes: dict[str, Lane] = {DEFAULT_TASK: Lane(DEFAULT_TASK, registry)}  # grown by the watcher
         # A replica's: each task's registry from its follower (admin decisions go to the pointer topic).
         self.task_registry: Callable[[str], AdapterRegistry] | None = None
@@ -321,7 +325,7 @@ class InferenceEngine(VersionWatcher, MixedAnswers):
         self, active: LoadedVersion, texts: list[str], features: bool = False
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """One forward pass: the features the head reads (B, H) when asked for, and the logits."""
-        enc = tokenize(self.tokenizer, texts, self.settings.model.max_length, self.pad_multiple)  # as the trainer does
+        enc = tokenize(self.tokenizer, texts, self.max_length, self.pad_multiple)  # as the trainer does
         ids = enc["input_ids"].to(self.device)
         mask = enc["attention_mask"].to(self.device)
         if self._installed is not active:  # another task's rows ran last: its adapter and head go out

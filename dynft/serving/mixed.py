@@ -140,6 +140,7 @@ class MixedAnswers:
     settings: Settings
     metrics: ServerMetrics
     tokenizer: PreTrainedTokenizerBase
+    max_length: int
     device: torch.device
     compute_dtype: torch.dtype | None
     pad_multiple: int
@@ -177,7 +178,7 @@ class MixedAnswers:
         self, mixed: MixedForward, model: PeftModel, rows: list[LoadedVersion], texts: list[str]
     ) -> list[Prediction]:
         self.metrics.batch_size.observe(len(texts))
-        enc = tokenize(self.tokenizer, texts, self.settings.model.max_length, self.pad_multiple)
+        enc = tokenize(self.tokenizer, texts, self.max_length, self.pad_multiple)
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         probs = mixed.probabilities(model, ids, mask, [(id(v), v.params, len(v.labels)) for v in rows])
         for i, (owner, text) in enumerate(zip(rows, texts, strict=True)):
