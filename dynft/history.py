@@ -44,7 +44,9 @@ from dynft.events import DEFAULT_TASK, Rejection
 from dynft.sources import Record
 
 if TYPE_CHECKING:  # drift imports river and scikit-learn: seconds a serve-only process does not need
+    from dynft.buffer import ReplayBuffer
     from dynft.drift import Detection
+    from dynft.evaluation import Prequential
     from dynft.loop import TrainingLoop
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,15 @@ class Snapshot(BaseModel):
         default_factory=dict, description="the prequential event count when each label was first seen"
     )
     started_events: int | None = Field(None, description="the prequential event count when this history began")
+    task_labels: dict[str, list[LabelStat]] = Field(
+        default_factory=dict, description="each named task's labels, as `labels` (the default task's)"
+    )
+    task_first_seen: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="each named task's `first_seen`, in its own prequential count"
+    )
+    task_started: dict[str, int] = Field(
+        default_factory=dict, description="each named task's `started_events`: its count when first recorded"
+    )
 
 
 # -- the time series -----------------------------------------------------------------------
@@ -378,6 +389,7 @@ class HistoryRecorder:
         snap.task_stats = stats
         snap.tasks = [stat.task for stat in snap.task_stats]
         snap.labels = self._labels(loop)
+        snap.task_labels = self._task_labels(loop)
         counts = _samples(loop.metrics_registry, "dynft_events_rejected_total")
         dead = self._earlier_dead + Counter({labels["reason"]: int(v) for labels, v in counts})
         snap.dead_letter_counts = dict(sorted(dead.items()))
@@ -389,29 +401,56 @@ class HistoryRecorder:
         snap.kafka_lag = [PartitionLag(topic=k["topic"], partition=int(k["partition"]), lag=int(v)) for k, v in lag]
 
     def _labels(self, loop: TrainingLoop) -> list[LabelStat]:
-        """Per-label counts and accuracy over the prequential window; "new" is measured in events too."""
-        seen: Counter[str] = Counter()
-        right: Counter[str] = Counter()
-        for truth, prediction, _ in loop.prequential.snapshot()["recent"]:
-            seen[truth] += 1
-            right[truth] += prediction == truth
-        buffered = loop.buffer.label_counts()
-        snap, window, now = self.snapshot, loop.settings.evaluation.window, loop.prequential.seen
+        """The default task's labels."""
+        snap, now = self.snapshot, loop.prequential.seen
         if snap.started_events is None:
             snap.started_events = now
-        labels = list(loop.trainer.label_map.labels)
-        for label in labels:
-            snap.first_seen.setdefault(label, now)
-        return [
-            LabelStat(
-                label=label,
-                count=seen[label],
-                accuracy=right[label] / seen[label] if seen[label] else None,
-                buffered=buffered[label],
-                new=snap.first_seen[label] >= snap.started_events + window and now - snap.first_seen[label] < window,
-            )
-            for label in labels
-        ]
+        window = loop.settings.evaluation.window
+        names = list(loop.trainer.label_map.labels)
+        return label_stats(loop.prequential, loop.buffer, names, window, snap.first_seen, snap.started_events)
+
+    def _task_labels(self, loop: TrainingLoop) -> dict[str, list[LabelStat]]:
+        """Each named task's labels, measured in its own prequential events."""
+        snap, window = self.snapshot, loop.settings.evaluation.window
+        out = {}
+        for name, task in sorted(loop.tasks.items()):
+            started = snap.task_started.setdefault(name, task.prequential.seen)
+            first_seen = snap.task_first_seen.setdefault(name, {})
+            names = list(task.trainer.label_map.labels)
+            out[name] = label_stats(task.prequential, task.buffer, names, window, first_seen, started)
+        return out
+
+
+def label_stats(
+    prequential: Prequential,
+    buffer: ReplayBuffer,
+    labels: list[str],
+    window: int,
+    first_seen: dict[str, int],
+    started: int,
+) -> list[LabelStat]:
+    """Per-label counts and accuracy over one task's prequential window; "new" is measured in its
+    events too: first seen within the last ``window`` events, and not in the first window after
+    ``started``. Notes each label's first sighting in ``first_seen``."""
+    seen: Counter[str] = Counter()
+    right: Counter[str] = Counter()
+    for truth, prediction, _ in prequential.snapshot()["recent"]:
+        seen[truth] += 1
+        right[truth] += prediction == truth
+    buffered = buffer.label_counts()
+    now = prequential.seen
+    for label in labels:
+        first_seen.setdefault(label, now)
+    return [
+        LabelStat(
+            label=label,
+            count=seen[label],
+            accuracy=right[label] / seen[label] if seen[label] else None,
+            buffered=buffered[label],
+            new=first_seen[label] >= started + window and now - first_seen[label] < window,
+        )
+        for label in labels
+    ]
 
 
 def task_stats(loop: TrainingLoop) -> list[TaskStat]:

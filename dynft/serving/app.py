@@ -316,7 +316,7 @@ def create_app(
     app.add_middleware(InternalErrors)  # the innermost: the request counter sees its 500
     app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # runs inside the request counter
     app.add_middleware(BodyDeadline, timeout_s=s.body_timeout_s)
-    app.include_router(console_router(settings, engine, registry, metrics))  # the page at / and /v1/status
+    app.include_router(console_router(settings, engine, metrics))  # the page at / and /v1/status
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:

@@ -1,10 +1,12 @@
 """The live console: a read-only page at ``/`` and the JSON it polls, ``GET /v1/status``.
 
 The page (``dynft/serving/static/``: HTML, CSS and a small script, no build step, nothing
-fetched from elsewhere) asks for ``/v1/status?since=T`` every two seconds and gets only the
-points newer than ``T``. The points and the snapshot come from the trainer's console files
-(``dynft.history``); the versions timeline comes from the registry. A server with no trainer
-files in its state directory is a *replica*: it shows what it serves and answers, no curves.
+fetched from elsewhere) asks for ``/v1/status?task=T&since=S`` every two seconds and gets only
+the points newer than ``S``. The points and the snapshot come from the trainer's console files
+(``dynft.history``); the versions timeline comes from task ``T``'s registry. The curves are the
+trainer's (their accuracy the default task's); the labels, versions, serving pointer and task
+figures are task ``T``'s. A server with no trainer files in its state directory is a
+*replica*: it shows what it serves and answers, no curves.
 
 Nothing here reveals a secret or a path: the JSON is built from named fields only, never from
 exception texts or settings, and dead letters' texts are dropped unless
@@ -24,10 +26,25 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, BeforeValidator, Field
 
 from dynft.errors import RegistryError
-from dynft.history import CONSOLE_DIR, HISTORY_FILE, SNAPSHOT_FILE, HistoryReader, Point, Snapshot, read_snapshot
+from dynft.events import DEFAULT_TASK
+from dynft.history import (
+    CONSOLE_DIR,
+    HISTORY_FILE,
+    SNAPSHOT_FILE,
+    HistoryReader,
+    LabelStat,
+    Point,
+    Snapshot,
+    TaskStat,
+    read_snapshot,
+)
 from dynft.metrics import ServerMetrics
 from dynft.registry import AdapterRegistry
+from dynft.serving.checks import unknown_task
 from dynft.serving.engine import InferenceEngine
+from dynft.serving.limits import ApiError
+from dynft.serving.schemas import NOT_BLANK, error_responses, is_blank
+from dynft.serving.watcher import Lane
 from dynft.settings import Settings
 
 STATIC = {"console.js": "text/javascript", "console.css": "text/css"}  # the files the page loads
@@ -37,8 +54,10 @@ class VersionMark(BaseModel):
     version: int
     t: float | None = Field(description="when it was published, Unix seconds")
     decision: Literal["promoted", "rejected"] | None = Field(description="the gate's decision")
-    accuracy: float | None = Field(description="held-out accuracy at the gate")
-    serving_accuracy: float | None = Field(description="the serving version's accuracy on the same window")
+    accuracy: float | None = Field(description="this version's accuracy at its gate (held-out or `scope` events)")
+    serving_accuracy: float | None = Field(description="the serving version's accuracy on the same events")
+    holdout_events: int | None = Field(None, description="how many events the gate judged on")
+    scope: str | None = Field(None, description="which events: window, newest (held out) or prequential")
     lineage: int | None = None
     step: int | None = None
 
@@ -57,15 +76,25 @@ class ServingState(BaseModel):
 
 
 class StatusResponse(BaseModel):
-    """What the console shows; ``points`` holds only those newer than the ``since`` asked for."""
+    """What the console shows; ``points`` holds only those newer than the ``since`` asked for.
+
+    ``task``'s own: ``serving``, ``versions``, ``serving_changes``, ``labels``, ``task_stat``. The
+    trainer's whole: ``points`` (their accuracy, majority and drift count are the default task's)
+    and ``snapshot`` (its drift marks are the default task's, its task table every task's)."""
 
     role: Literal["colocated", "replica"] = Field(description="replica: no trainer beside this server")
     now: float = Field(description="the server's clock, Unix seconds")
+    task: str = Field(description="the task asked for (default: default)")
+    tasks: list[str] = Field(description="the tasks this server serves, default first")
     points: list[Point]
-    snapshot: Snapshot | None = Field(description="the trainer's latest snapshot; null on a replica")
+    snapshot: Snapshot | None = Field(
+        description="the trainer's latest snapshot, without the per-task labels (see `labels`); null on a replica"
+    )
+    labels: list[LabelStat] = Field(description="the task's labels over its prequential window; empty on a replica")
+    task_stat: TaskStat | None = Field(description="the task's figures from the trainer; null on a replica")
     serving: ServingState
     versions: list[VersionMark]
-    serving_changes: list[ServingChange] = Field(description="the serving pointer's history, oldest first")
+    serving_changes: list[ServingChange] = Field(description="the task's serving pointer's history, oldest first")
     requests: dict[str, int] = Field(description="requests this server answered, by HTTP status")
 
 
@@ -103,6 +132,8 @@ def versions_timeline(registry: AdapterRegistry) -> tuple[list[VersionMark], lis
                 decision=decision if decision in ("promoted", "rejected") else None,
                 accuracy=_number(gate.get("candidate_accuracy")),
                 serving_accuracy=_number(gate.get("serving_accuracy")),
+                holdout_events=gate.get("holdout_events") if isinstance(gate.get("holdout_events"), int) else None,
+                scope=gate.get("scope") if isinstance(gate.get("scope"), str) else None,
                 lineage=meta.get("lineage") if isinstance(meta.get("lineage"), int) else None,
                 step=meta.get("step") if isinstance(meta.get("step"), int) else None,
             )
@@ -144,10 +175,9 @@ def plain_number(value: object) -> object:
     return value
 
 
-def console_router(
-    settings: Settings, engine: InferenceEngine, registry: AdapterRegistry, metrics: ServerMetrics
-) -> APIRouter:
-    """The page, its static files and ``/v1/status``."""
+def console_router(settings: Settings, engine: InferenceEngine, metrics: ServerMetrics) -> APIRouter:
+    """The page, its static files and ``/v1/status``; each task's registry, the default's
+    included, is read from its lane in ``engine``."""
     router = APIRouter()
     directory = settings.state_dir / CONSOLE_DIR
     history = HistoryReader(directory / HISTORY_FILE)
@@ -165,21 +195,50 @@ def console_router(
             raise HTTPException(404, f"no static file {name!r}")
         return Response(files.joinpath(name).read_bytes(), media_type=STATIC[name])
 
-    @router.get("/v1/status", response_model=StatusResponse, summary="What the console shows")
+    def lane_of(task: str) -> Lane:
+        """The task's lane; a task given twice is refused before this (``dynft.serving.checks``)."""
+        if is_blank(task):
+            raise ApiError(422, "invalid_request", "task: blank; name a task (default: default)")
+        lane = engine.lanes.get(task)
+        if lane is None:  # the same error as /v1/predict's
+            raise unknown_task(engine, task)
+        return lane
+
+    @router.get(
+        "/v1/status",
+        response_model=StatusResponse,
+        summary="What the console shows",
+        responses=error_responses(404, 422),
+    )
     def status(
         since: Annotated[
             float | None,
             Query(allow_inf_nan=False, description="only points newer than this Unix time"),
             BeforeValidator(plain_number),
         ] = None,
+        task: Annotated[
+            str,
+            Query(
+                min_length=1,
+                json_schema_extra={"pattern": NOT_BLANK},  # checked below, for a message without the pattern
+                description="the task whose labels, versions and serving pointer are shown; an unknown one is a 404",
+            ),
+        ] = DEFAULT_TASK,
     ) -> StatusResponse:
+        lane = lane_of(task)
         snapshot_path = directory / SNAPSHOT_FILE
         colocated = history.exists or snapshot_path.exists()
         snapshot = read_snapshot(snapshot_path) if colocated else None
-        if snapshot is not None and not show_texts:  # whatever the trainer wrote, this server's setting rules
-            snapshot.dead_letters = [d.model_copy(update={"text": None}) for d in snapshot.dead_letters]
-        marks, changes, serving = versions_timeline(registry)
-        active = engine.active
+        labels: list[LabelStat] = []
+        task_stat = None
+        if snapshot is not None:
+            labels = snapshot.labels if task == DEFAULT_TASK else snapshot.task_labels.get(task, [])
+            task_stat = next((t for t in snapshot.task_stats if t.task == task), None)
+            snapshot.task_labels, snapshot.task_first_seen, snapshot.task_started = {}, {}, {}  # only `labels` is sent
+            if not show_texts:  # whatever the trainer wrote, this server's setting rules
+                snapshot.dead_letters = [d.model_copy(update={"text": None}) for d in snapshot.dead_letters]
+        marks, changes, serving = versions_timeline(lane.registry)
+        active = lane.active
         serving.loaded = active.version if active is not None else None
         requests = {
             s.labels["status"]: int(s.value)
@@ -190,8 +249,12 @@ def console_router(
         return StatusResponse(
             role="colocated" if colocated else "replica",
             now=time.time(),
+            task=task,
+            tasks=sorted(engine.lanes, key=lambda name: (name != DEFAULT_TASK, name)),
             points=history.points(since) if colocated else [],
             snapshot=snapshot,
+            labels=labels,
+            task_stat=task_stat,
             serving=serving,
             versions=marks,
             serving_changes=changes,

@@ -31,6 +31,7 @@ from dynft.loop import TrainingLoop
 from dynft.registry import AdapterRegistry
 from dynft.settings import Settings
 from dynft.sources import Record
+from dynft.tasks import task_registry_dir
 
 from helpers import keyword_events, write_jsonl
 from serving.conftest import TOKEN, running_server
@@ -170,6 +171,58 @@ def test_status_is_incremental_survives_a_restart_and_follows_its_schema(
         jsonschema.validate(replica, schema)
         assert (replica["role"], replica["points"], replica["snapshot"]) == ("replica", [], None)
         assert replica["serving"]["version"] == body["serving"]["version"]
+
+
+def two_tasks(n: int) -> list[dict[str, Any]]:
+    """``n`` events of the default task (alpha, beta) and ``n`` of task ``intents`` (gamma, delta), interleaved."""
+    default = keyword_events(n, ["alpha", "beta"], seed=7, prefix="d")
+    intents = [{**row, "task": "intents"} for row in keyword_events(n, ["gamma", "delta"], seed=8, prefix="i")]
+    return [row for pair in zip(default, intents, strict=True) for row in pair]
+
+
+def test_status_shows_the_task_asked_for(tiny_settings: Settings, tmp_path: Path) -> None:
+    """A probe found the console's task selector changed nothing: /v1/status took no task, so the
+    labels, versions and serving badge were the default task's whichever was picked."""
+    tiny_settings.trainer.batch_size = 8
+    run_loop(tiny_settings, write_jsonl(tmp_path / "tasks.jsonl", two_tasks(160)))
+    registries = {
+        name: AdapterRegistry(task_registry_dir(tiny_settings.registry_dir, name)) for name in ("default", "intents")
+    }
+    assert registries["intents"].versions(), "the named task published nothing to show"
+    registries["intents"].promote(registries["intents"].versions()[0], "test: serve the first", pin=True)
+
+    with running_server(tiny_settings) as (base, _), httpx.Client(base_url=base) as client:
+        schema = status_schema(client)
+        default = client.get("/v1/status").json()
+        assert client.get("/v1/status", params={"task": "default"}).json()["labels"] == default["labels"]
+        intents = client.get("/v1/status", params={"task": "intents"}).json()
+        for body, name, labels in ((default, "default", {"alpha", "beta"}), (intents, "intents", {"gamma", "delta"})):
+            jsonschema.validate(body, schema)
+            registry = registries[name]
+            assert (body["task"], body["tasks"]) == (name, ["default", "intents"])
+            assert {label["label"] for label in body["labels"]} == labels, name
+            assert sum(label["count"] for label in body["labels"]) > 0, name
+            assert [v["version"] for v in body["versions"]] == registry.versions(), name
+            assert body["serving"]["version"] == registry.serving().version, name
+            assert body["serving"]["pinned"] == registry.serving().pinned, name
+            assert [c["version"] for c in body["serving_changes"]][-1:] == [registry.serving().version], name
+            assert body["task_stat"]["task"] == name and body["task_stat"]["events"] > 0, name
+            assert body["snapshot"]["task_labels"] == {}  # only the task asked for is sent, as `labels`
+        assert intents["serving"]["pinned"] and not default["serving"]["pinned"]
+        assert intents["points"] == default["points"]  # the curves are the trainer's, whichever task
+
+        unknown = client.get("/v1/status", params={"task": "nope"})
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "unknown_task"
+        assert "known tasks: default, intents" in unknown.json()["error"]["message"]
+        for bad in ("", " ", "\u200b"):  # blank
+            r = client.get("/v1/status", params={"task": bad})
+            assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", (bad, r.text)
+        repeated = client.get("/v1/status", params=[("task", "default"), ("task", "intents")])
+        assert repeated.status_code == 422 and repeated.json()["error"]["code"] == "invalid_request"
+        operation = client.get("/openapi.json").json()["paths"]["/v1/status"]["get"]
+        task = next(p for p in operation["parameters"] if p["name"] == "task")
+        assert (task["in"], task["required"], task["schema"]["default"]) == ("query", False, "default")
+        assert {"404", "422"} <= set(operation["responses"])
 
 
 def test_records_the_daemon_rejects_are_told_in_the_log_by_reason_with_why(

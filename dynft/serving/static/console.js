@@ -1,6 +1,7 @@
-// dynft console: polls /v1/status every 2 s (only points newer than the last one it has) and
-// draws the curves on <canvas>. No library, no build step, nothing fetched from elsewhere.
-// Every text that comes from the data goes in through textContent, never as HTML.
+// dynft console: polls /v1/status?task=T every 2 s (only points newer than the last one it has)
+// and draws the curves on <canvas>. No library, no build step, nothing fetched from elsewhere.
+// Every text that comes from the data goes in through textContent, never as HTML. The task
+// picked in the selector is kept in the URL (#task=T), so a reload shows the same task.
 "use strict";
 
 const POLL_MS = 2000;
@@ -11,9 +12,14 @@ const COLORS = {
   drift: "#d97706", promote: "#059669", promoted: "#059669", rejected: "#dc2626", rollback: "#d97706",
   manual: "#2563eb", grid: "#e5e7eb", axis: "#6b7280",
 };
-const state = { points: [], lastT: null, status: null, span: 0, task: "default" };
+const DEFAULT_TASK = "default";
+// choice: bumped when a task is picked, so that an answer to an earlier poll is dropped
+const state = { points: [], lastT: null, status: null, span: 0, task: taskInUrl(), choice: 0 };
 const $ = (id) => document.getElementById(id);
 
+function taskInUrl() {
+  return new URLSearchParams(window.location.hash.slice(1)).get("task") || DEFAULT_TASK;
+}
 function fmt(x, digits = 3) {
   return x === null || x === undefined || Number.isNaN(x) ? "–" : Number(x).toFixed(digits);
 }
@@ -76,8 +82,8 @@ function xAxis(ctx, x, t0, t1, top, bottom, left, right) {
 
 function markers(ctx, x, t0, t1, top, bottom) {
   const s = state.status;
-  const drift = s && s.snapshot ? s.snapshot.drift : [];
-  const moves = s ? s.serving_changes : [];
+  const drift = s && s.snapshot ? s.snapshot.drift : [];  // the default task's, as the curves are
+  const moves = s && s.task === DEFAULT_TASK ? s.serving_changes : [];
   ctx.setLineDash([4, 3]);
   for (const [items, color] of [[drift, COLORS.drift], [moves, COLORS.promote]]) {
     ctx.strokeStyle = color;
@@ -226,10 +232,17 @@ function tables(s) {
     [fmt(v.serving_accuracy)],
   ]);
   fill("requests", Object.entries(s.requests).sort(), ([code, n]) => [[code], [String(n)]]);
+  const select = $("task");
+  $("task-box").hidden = s.tasks.length < 2 && s.task === DEFAULT_TASK;
+  if ([...select.options].map((o) => o.value).join("\n") !== s.tasks.join("\n")) {
+    select.replaceChildren(...s.tasks.map((t) => new Option(t, t)));
+  }
+  select.value = s.task;
   const snap = s.snapshot;
   if (!snap) return;
-  $("labels-window").textContent = `(last ${snap.window} events)`;
-  const labels = snap.labels.slice().sort((a, b) => b.count - a.count || a.label.localeCompare(b.label));
+  const named = s.task === DEFAULT_TASK ? "" : `task ${s.task}, `;
+  $("labels-window").textContent = `(${named}last ${snap.window} of its events)`;
+  const labels = s.labels.slice().sort((a, b) => b.count - a.count || a.label.localeCompare(b.label));
   fill("labels", labels, (l) => [[l.label], [String(l.count)], [pct(l.accuracy)], [String(l.buffered)]],
     (l) => (l.new ? "new" : ""));
   fill("dead-counts", Object.entries(snap.dead_letter_counts), ([reason, n]) => [[reason], [String(n)]]);
@@ -240,13 +253,45 @@ function tables(s) {
   $("tasks-card").hidden = stats.length < 2;
   const version = (v) => (v === null ? "–" : "v" + v);
   fill("tasks", stats, (t) => [[t.task], [String(t.events)], [pct(t.accuracy)], [version(t.serving)],
-    [version(t.latest)], [String(t.drift)]]);
-  const tasks = snap.tasks;
-  $("task-box").hidden = tasks.length < 2;
-  const select = $("task");
-  if (select.options.length !== tasks.length) {
-    select.replaceChildren(...tasks.map((t) => new Option(t, t, false, t === state.task)));
+    [version(t.latest)], [String(t.drift)]], (t) => (t.task === s.task ? "chosen" : ""));
+}
+
+// The serving version's own accuracy at its gate, as the versions table shows it; "n/a" when its
+// gate measured none (promoted before enough events were held out, by an operator, gate off).
+function servedAccuracy(s) {
+  const tile = $("k-served");
+  const v = s.versions.find((m) => m.version === s.serving.version);
+  if (!v || v.accuracy === null) {
+    tile.textContent = "n/a";
+    tile.title = s.serving.version === null ? "no version serves yet"
+      : `v${s.serving.version} serves without an accuracy measured at its gate`;
+    return;
   }
+  const n = v.holdout_events === null ? "" : ` ${v.holdout_events}`;
+  const events = {
+    prequential: `the${n} events trained after the version then serving (the trainer's answers before learning each)`,
+    newest: `the newest${n} events held out from training`,
+  }[v.scope] || `the${n} events held out from training`;
+  tile.textContent = pct(v.accuracy);
+  tile.title = `v${v.version} (serving): its accuracy at its promotion gate (${v.decision ?? "no decision"}), on ` +
+    `${events}; not a measurement of the answers served since`;
+}
+
+// The KPI tiles: the chosen task's events, accuracy and drift; the rate is every task's, the rest the default's.
+function kpis(s) {
+  const p = state.points[state.points.length - 1];
+  const own = s.task_stat || (p && s.task === DEFAULT_TASK ? p : null);
+  $("k-events").textContent = own ? String(own.events) : "–";
+  $("k-accuracy").textContent = own ? pct(own.accuracy) : "–";
+  $("k-drift").textContent = own ? String(own.drift) : "–";
+  const majority = $("k-majority");
+  majority.textContent = p && s.task === DEFAULT_TASK ? pct(p.majority) : "–";
+  majority.title = s.task === DEFAULT_TASK ? "" : "measured for the default task only";
+  if (p) {
+    $("k-rate").textContent = fmt(p.rate_in, 1);
+    $("k-buffer").textContent = pct(p.buffer_fill);
+  }
+  servedAccuracy(s);
 }
 
 // -- the page -----------------------------------------------------------------------------
@@ -258,19 +303,14 @@ function render() {
   $("role").textContent = s.role === "replica" ? "serving replica" : "trainer + server";
   const badge = $("serving");
   badge.dataset.servingVersion = s.serving.version === null ? "" : String(s.serving.version);
-  badge.textContent = `serving v${s.serving.version ?? "–"}${s.serving.pinned ? " (pinned)" : ""}`;
+  badge.dataset.task = s.task;
+  const which = s.task === DEFAULT_TASK ? "" : `${s.task}: `;
+  badge.textContent = `${which}serving v${s.serving.version ?? "–"}${s.serving.pinned ? " (pinned)" : ""}`;
   const latest = s.versions.length ? s.versions[s.versions.length - 1].version : null;
   $("latest").textContent = `latest v${latest ?? "–"}`;
   document.body.dataset.lastT = state.lastT === null ? "" : String(state.lastT);
-  const p = state.points[state.points.length - 1];
-  if (p) {
-    $("k-events").textContent = String(p.events);
-    $("k-accuracy").textContent = pct(p.accuracy);
-    $("k-majority").textContent = pct(p.majority);
-    $("k-rate").textContent = fmt(p.rate_in, 1);
-    $("k-buffer").textContent = pct(p.buffer_fill);
-    $("k-drift").textContent = String(p.drift);
-  }
+  kpis(s);
+  $("curves-task").hidden = s.task === DEFAULT_TASK;
   if (s.role === "colocated") {
     lineChart($("chart-accuracy"), [
       { color: COLORS.accuracy, value: (q) => q.accuracy },
@@ -288,11 +328,18 @@ function render() {
 }
 
 async function poll() {
-  const query = state.lastT === null ? "" : `?since=${state.lastT}`;
+  const task = state.task, choice = state.choice;
+  const since = state.lastT === null ? "" : `&since=${state.lastT}`;
   try {
-    const response = await fetch(`/v1/status${query}`, { cache: "no-store" });
+    const response = await fetch(`/v1/status?task=${encodeURIComponent(task)}${since}`, { cache: "no-store" });
+    if (choice !== state.choice) return;  // another task was picked meanwhile: its own poll is on the way
+    if (response.status === 404 && task !== DEFAULT_TASK) {  // a task in the URL that this server lacks
+      chooseTask(DEFAULT_TASK);
+      return;
+    }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const s = await response.json();
+    if (choice !== state.choice) return;
     if (s.points.length) {
       state.points.push(...s.points);
       state.lastT = s.points[s.points.length - 1].t;
@@ -313,9 +360,19 @@ for (const button of document.querySelectorAll("#range button")) {
     render();
   });
 }
-$("task").addEventListener("change", (e) => {
-  state.task = e.target.value;
-  render();
+// Another task: its labels, versions and serving pointer, fetched from scratch (the cursor reset).
+function chooseTask(task) {
+  state.task = task;
+  state.choice += 1;
+  state.points = [];
+  state.lastT = null;
+  const hash = task === DEFAULT_TASK ? "" : `#task=${encodeURIComponent(task)}`;
+  history.replaceState(null, "", `${window.location.pathname}${window.location.search}${hash}`);
+  poll();
+}
+$("task").addEventListener("change", (e) => chooseTask(e.target.value));
+window.addEventListener("hashchange", () => {
+  if (taskInUrl() !== state.task) chooseTask(taskInUrl());
 });
 window.addEventListener("resize", render);
 poll();
