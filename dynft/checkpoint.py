@@ -4,8 +4,8 @@ A checkpoint is a directory ``ckpt-<seq>`` holding tensors (safetensors), JSON s
 Lines files (buffer, held-out window). It is written under ``.staging``, every file fsynced,
 then renamed into place and the parent directory fsynced: a crash leaves either the previous
 checkpoint or the new one, never a torn one. A checkpoint that fails to load (a disk that
-lied) is skipped in favour of the one before it, and so is one whose files are not all there at
-the sizes its manifest lists (a file deleted or truncated since), or whose state its owner
+lied) is skipped in favour of the one before it, and so is one whose files are not all there with
+the sizes and CRC-32s its manifest lists (a file deleted, cut or changed since), or whose state its owner
 finds unrestorable (``loadable``'s ``check``). Nothing here uses pickle.
 
 >>> import tempfile, torch
@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ from dynft.errors import DynftError
 
 log = logging.getLogger(__name__)
 TENSORS, STATE, MANIFEST = "tensors.safetensors", "state.json", "manifest.json"
+CRC32 = "crc32"  # the manifest's map of each file to its bytes' CRC-32 (beside the records' sizes)
 
 
 class CheckpointError(DynftError):
@@ -83,13 +85,14 @@ class CheckpointStore:
             target = self.root / f"ckpt-{seq:09d}"
             stage.mkdir(parents=True)
             tensors = {k: t.detach().to("cpu").contiguous() for k, t in checkpoint.tensors.items()}
-            _write(stage / TENSORS, save_safetensors(tensors))
-            _write(stage / STATE, json.dumps(checkpoint.state).encode())
-            sizes = {}
+            files = {TENSORS: save_safetensors(tensors), STATE: json.dumps(checkpoint.state).encode()}
+            sizes: dict[str, Any] = {}
             for name, rows in checkpoint.records.items():
-                data = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+                files[name] = b"".join(json.dumps(r).encode() + b"\n" for r in rows)
+                sizes[name] = len(files[name])
+            for name, data in files.items():
                 _write(stage / name, data)
-                sizes[name] = len(data)
+            sizes[CRC32] = {name: zlib.crc32(data) for name, data in files.items()}
             _write(stage / MANIFEST, json.dumps(sizes).encode())  # last: a checkpoint's files, as written
             fsync_dir(stage)
             os.rename(stage, target)
@@ -121,16 +124,26 @@ class CheckpointStore:
 
     @staticmethod
     def load(path: Path) -> Checkpoint:
-        tensors = load_safetensors((path / TENSORS).read_bytes())
-        state = json.loads((path / STATE).read_text())
-        if not isinstance(state, dict):
-            raise ValueError(f"{STATE} holds no JSON object")
         sizes = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).exists() else None  # older: none
         if sizes is not None and not isinstance(sizes, dict):
             raise ValueError(f"{MANIFEST} holds no JSON object")
+        crcs = sizes.pop(CRC32, {}) if sizes is not None else {}  # older: sizes only
+        if not isinstance(crcs, dict):
+            raise ValueError(f"{MANIFEST}'s {CRC32} holds no JSON object")
+
+        def read(name: str) -> bytes:
+            data = (path / name).read_bytes()
+            if name in crcs and zlib.crc32(data) != crcs[name]:  # bytes changed since (values a shape check passes)
+                raise ValueError(f"{name} does not hold the bytes written (its CRC-32 differs)")
+            return data
+
+        tensors = load_safetensors(read(TENSORS))
+        state = json.loads(read(STATE))
+        if not isinstance(state, dict):
+            raise ValueError(f"{STATE} holds no JSON object")
         records = {}
         for name in sizes if sizes is not None else (file.name for file in path.glob("*.jsonl")):
-            data = (path / name).read_bytes()
+            data = read(name)
             if sizes is not None and len(data) != sizes[name]:
                 raise ValueError(f"{name} is {len(data)} bytes, {sizes[name]} when written")
             records[name] = [json.loads(line) for line in data.splitlines() if line]

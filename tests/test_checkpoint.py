@@ -36,7 +36,15 @@ def test_only_complete_checkpoints_are_used_and_old_ones_pruned(tmp_path: Path) 
 
 @pytest.mark.parametrize(
     "damage",
-    ["buffer-deleted", "buffer-truncated", "state-empty-object", "state-a-list", "buffer-line-not-an-event"],
+    [
+        "buffer-deleted",
+        "buffer-truncated",
+        "state-empty-object",
+        "state-a-list",
+        "buffer-line-not-an-event",
+        "tensor-values-changed",
+        "state-value-changed",
+    ],
 )
 def test_a_checkpoint_with_a_file_missing_cut_or_of_the_wrong_shape_gives_way_to_the_older_one(
     tmp_path: Path, damage: str
@@ -58,6 +66,12 @@ def test_a_checkpoint_with_a_file_missing_cut_or_of_the_wrong_shape_gives_way_to
         (newest / "state.json").write_text("{}")
     elif damage == "state-a-list":
         (newest / "state.json").write_text("[1]")
+    elif damage == "tensor-values-changed":  # a probe's: the shape still fits, the values are garbage
+        data = bytearray((newest / "tensors.safetensors").read_bytes())
+        data[-4:] = b"\xff\xff\xff\xff"
+        (newest / "tensors.safetensors").write_bytes(bytes(data))
+    elif damage == "state-value-changed":  # still a whole state of the right shape
+        (newest / "state.json").write_text((newest / "state.json").read_text().replace('"i": 1', '"i": 7'))
     else:  # a checkpoint of before manifests: only the check on its contents can tell
         (newest / "manifest.json").unlink()
         (newest / "buffer.jsonl").write_text('{"a": 1}\n' * 3)
