@@ -123,7 +123,11 @@ class FileSource(Source):
         if path.is_dir():
             raise SourceError(f"{self.uri}: is a directory, expected a JSON Lines file")
         try:
-            self._fd = os.open(path, os.O_RDONLY)
+            # A FIFO's open waits for a writer, where no signal reaches it (Python retries it): one
+            # without a writer yet held `dynft train` past its SIGTERM. Opened without waiting, it is
+            # read only once select finds bytes or its writers gone (``_read``).
+            fifo = stat.S_ISFIFO(os.stat(path).st_mode)
+            self._fd = os.open(path, os.O_RDONLY | (os.O_NONBLOCK if fifo else 0))
         except FileNotFoundError as exc:
             if not self._follow:
                 raise SourceError(f"{self.uri}: cannot open ({exc.strerror})") from exc
@@ -285,7 +289,7 @@ class FileSource(Source):
 
     def _read(self, timeout_s: float) -> bytes | None:
         """Bytes from the file, b"" at end of file, None when a pipe has nothing yet."""
-        if self._path == "-":
+        if self._path == "-" or not self._regular:
             ready, _, _ = select.select([self._fd], [], [], timeout_s)
             if not ready:
                 return None
@@ -294,7 +298,10 @@ class FileSource(Source):
         elif self._after_end:  # new bytes after an end of file may be a rewrite: look before reading on
             self._after_end = False
             self._restart_if_replaced()
-        chunk = os.read(self._fd, CHUNK)
+        try:
+            chunk = os.read(self._fd, CHUNK)
+        except BlockingIOError:  # a FIFO select found ready and another reader emptied first
+            return None
         if chunk and self._follow:
             self._tail = chunk[-TAIL:] if len(chunk) >= TAIL else (self._tail + chunk)[-TAIL:]
         return chunk

@@ -667,3 +667,44 @@ def test_a_restart_that_names_the_file_otherwise_resumes_where_the_last_run_stop
     other.open()
     assert numbers(other.poll(10, 0.1)) == [0, 1, 2, 3, 4, 5]
     other.close()
+
+
+def test_a_fifo_without_a_writer_is_waited_for_without_blocking_and_read_once_one_comes(tmp_path: Path) -> None:
+    """A FIFO's open waited for a writer: a FIFO without one held the trainer before its loop, and
+    past its SIGTERM (the next test)."""
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    source = FileSource(str(fifo))
+    started = time.monotonic()
+    source.open()
+    assert time.monotonic() - started < 1
+    assert source.poll(10, 0.2) == [] and not source.exhausted  # no writer yet: nothing, and not the end
+    with open(fifo, "wb") as writer:
+        writer.write(b'{"n": 1}\n{"n": 2}\n')
+    got = poll_until(source, 2)
+    assert numbers(got) == [1, 2]
+    deadline = time.monotonic() + 5
+    while not source.exhausted and time.monotonic() < deadline:
+        assert source.poll(10, 0.1) == []
+    assert source.exhausted  # its writer gone: the end of the stream
+    source.close()
+
+
+@pytest.mark.slow
+def test_dynft_train_on_a_fifo_without_a_writer_stops_at_sigterm(tiny_settings: Settings, tmp_path: Path) -> None:
+    fifo = tmp_path / "events.fifo"
+    os.mkfifo(fifo)
+    log_path = tmp_path / "train.log"
+    cmd = [sys.executable, "-m", "dynft", "train", "--model", str(tiny_settings.model.path), "--source", f"file:{fifo}"]
+    cmd += ["--state-dir", str(tmp_path / "state"), "--set", "run.status_interval_s=0.5"]
+    with log_path.open("wb") as log, subprocess.Popen(cmd, stderr=log) as proc:
+        try:
+            deadline = time.monotonic() + 120
+            while "events 0" not in log_path.read_text():  # the status line: the loop runs
+                assert time.monotonic() < deadline and proc.poll() is None, log_path.read_text()[-3000:]
+                time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, log_path.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
