@@ -351,11 +351,6 @@ def create_app(
         default = serving.get(DEFAULT_TASK)
         return JSONResponse({"status": "ready", "adapter_version": default, "tasks": serving})
 
-    # Some load balancers and uptime checkers probe with HEAD: the same status, no body (uvicorn
-    # drops it). Out of the schema, where a second operation per path would repeat GET's.
-    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):
-        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
-
     @app.get(
         "/metrics",
         response_class=PlainTextResponse,
@@ -364,6 +359,11 @@ def create_app(
     async def metrics_endpoint() -> Response:
         body, content_type = exposition(metrics_registry)
         return Response(body, media_type=content_type)
+
+    # Some load balancers and uptime checkers probe with HEAD: the same status, no body (uvicorn
+    # drops it). Out of the schema, where a second operation per path would repeat GET's.
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz), ("/metrics", metrics_endpoint)):
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     def openapi() -> dict[str, Any]:
         """FastAPI's schema, plus the per-text limits that the endpoint (not pydantic) enforces."""

@@ -184,8 +184,9 @@ def console_router(settings: Settings, engine: InferenceEngine, metrics: ServerM
     show_texts = settings.console_show_texts
     files = resources.files("dynft.serving").joinpath("static")
 
-    @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-    @router.get("/console", response_class=HTMLResponse, include_in_schema=False)  # a page, not an API
+    # A page, not an API; HEAD too, as uptime checkers probe pages.
+    @router.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
+    @router.api_route("/console", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
         return HTMLResponse(files.joinpath("console.html").read_text(encoding="utf-8"))
 

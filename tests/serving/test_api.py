@@ -54,6 +54,9 @@ def test_probes_answer_head(api) -> None:  # type: ignore[no-untyped-def]
     wait_for_version(str(client.base_url), 3)
     r = client.head("/readyz")
     assert r.status_code == 200 and r.content == b""
+    for page in ("/metrics", "/", "/console"):  # pages uptime checkers probe too (405 before)
+        r = client.head(page)
+        assert r.status_code == 200 and r.content == b"", page
 
 
 def test_predict_answers_with_the_serving_version(api, tiny_settings: Settings, versions) -> None:  # type: ignore[no-untyped-def]
