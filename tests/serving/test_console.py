@@ -94,6 +94,18 @@ def test_the_reader_parses_only_what_was_appended_and_follows_a_compaction(tmp_p
     assert [p.events for p in reader.points()] == [100]
 
 
+def test_a_long_history_is_sent_evenly_thinned_and_ending_at_the_newest_point(tmp_path: Path) -> None:
+    """A probe's first poll of a day's history was 3.4 MB, and ten such polls at once slowed every
+    prediction a hundredfold."""
+    log = HistoryFile(tmp_path / HISTORY_FILE, span_s=1e9, max_points=100_000)
+    for t in range(5001):
+        log.append(Point(t=float(t), events=t))
+    reader = HistoryReader(log.path)
+    sent = [p.events for p in reader.points(most=2000)]
+    assert len(sent) == 1667 and sent[-1] == 5000 and sent[:2] == [2, 5] and sent == sorted(sent)  # every 3rd
+    assert [p.events for p in reader.points(since=4990.0, most=2000)] == list(range(4991, 5001))
+
+
 def test_dead_letters_keep_their_text_only_when_allowed() -> None:
     record = Record(b"", "file:/home/someone/stream.jsonl", 7)
     raw = json.dumps({"id": "x-1", "text": BAD_TEXT, "label": ""}).encode()
