@@ -65,7 +65,18 @@ _DECODERS = frozenset(
 
 # Families whose position ids start after the pad token's id (padding_idx + 1), as RoBERTa's do.
 OFFSET_POSITIONS = frozenset(
-    {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "data2vec-text", "longformer", "ibert"}
+    {
+        "roberta",
+        "roberta-prelayernorm",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+        "xmod",
+        "camembert",
+        "mpnet",
+        "data2vec-text",
+        "longformer",
+        "ibert",
+    }
 )
 
 

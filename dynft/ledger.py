@@ -149,7 +149,7 @@ def _connect(path: Path, create: bool) -> sqlite3.Connection:
         raise StateCorruptError(f"ledger {path}: not a file; move it aside to start a new ledger")
     if create:
         return sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    uri = f"file:{urllib.parse.quote(str(path))}?mode=ro"
+    uri = f"file://{urllib.parse.quote(os.path.abspath(path))}?mode=ro"  # "file://" + "//x" would be a host
     db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
     try:
         db.execute("PRAGMA schema_version")  # opening is lazy: this is where it fails
@@ -164,7 +164,9 @@ def _connect(path: Path, create: bool) -> sqlite3.Connection:
     # A read-only directory (a mounted copy, a backup): SQLite cannot make the shared-memory
     # file a WAL database is read through. Read as it is: a WAL left by a trainer that was
     # killed is not seen (its last outcomes are missing), which a trainer's next start repairs.
-    log.warning("ledger %s: its directory is read-only; reading it without any unmerged write-ahead log", path)
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        log.warning("ledger %s: its directory is read-only; reading it without its write-ahead log", path)
     return sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False, isolation_level=None)
 
 
@@ -177,6 +179,7 @@ def _prepare(db: sqlite3.Connection, path: Path, create: bool) -> None:
         db.execute(_INDEX)
     else:
         _check_schema(db, path)
+        return  # a reader: a lookup is not worth reading the whole file (and it may be live)
     # Damaged pages past the header open without an error and fail every later commit, so every
     # checkpoint, while the trainer goes on; checked once here (it reads the file: about a second
     # per 100 MB).

@@ -17,6 +17,7 @@ import copy
 import json
 import logging
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,8 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "spiece.model",
     "sentencepiece.bpe.model",
+    "spm.model",
+    "merges.txt",
 )
 
 
@@ -174,7 +177,8 @@ def build_model(
     dtype = base_dtype(options.dtype, device)
     dropout = options.attention_dropout
     overrides = {key: dropout for key in family.attention_dropout_keys} if dropout is not None else {}
-    base = _load_base(path, num_labels, dtype, options.quantization, device, overrides)
+    base, loading = _load_base(path, num_labels, dtype, options.quantization, device, overrides)
+    _tell_initialised(path, loading, pooling)
     if base.config.pad_token_id is None:
         base.config.pad_token_id = pad_token_id
     before_head = pool_by_mean(base, path) if pooling == "mean" else None
@@ -210,6 +214,7 @@ def _load_base(
             load_in_4bit=four, load_in_8bit=not four, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
         )
         extra["device_map"] = {"": device}
+    _check_weights(path)
     try:
         base, loading = AutoModelForSequenceClassification.from_pretrained(
             str(path),
@@ -223,20 +228,32 @@ def _load_base(
         )
     except (OSError, ValueError, KeyError, TypeError, SafetensorError, pickle.UnpicklingError) as exc:
         raise ModelError(f"model directory {path}: cannot load it for sequence classification ({exc})") from exc
-    _tell_initialised(path, loading)
     if quantization != "none":
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    return base
+    return base, loading
 
 
-def _tell_initialised(path: Path, loading: dict[str, Any]) -> None:
+def _check_weights(path: Path) -> None:
+    """A ``*.bin`` of weights is a zip archive (or, before torch 1.6, a pickle): one cut short is
+    neither, and torch's RuntimeError for it would be a restart loop instead of exit 2."""
+    for weights in path.glob("*.bin"):
+        with open(weights, "rb") as fh:
+            head = fh.read(2)
+        if head != b"\x80\x02" and not zipfile.is_zipfile(weights):
+            raise ModelError(f"model directory {path}: {weights.name} is damaged (neither whole nor a torch file)")
+
+
+def _tell_initialised(path: Path, loading: dict[str, Any], pooling: Pooling) -> None:
     """Warn of base weights the files lack or hold in another shape: transformers initialised them
-    at random, and frozen they stay so (the classification head is trained, and expected)."""
+    at random, and frozen they stay so. Not the head's, which is trained (``pre_classifier`` too:
+    peft matches ``modules_to_save`` by suffix), nor a pooler that mean pooling bypasses."""
     names = {str(k) for k in loading.get("missing_keys") or ()}
     names |= {str(k[0] if isinstance(k, tuple) else k) for k in loading.get("mismatched_keys") or ()}
-    base = sorted(n for n in names if n.split(".")[0] not in HEAD_MODULES)
+    head = [n for n in names if n.split(".")[0].endswith(HEAD_MODULES)]  # top-level, as heads are
+    bypassed = [n for n in names if pooling == "mean" and ".pooler." in f".{n}"]
+    base = sorted(names.difference(head, bypassed))
     if base:
         log.warning(
             "model directory %s: %d base weight(s) are missing from its files or of another shape, and were "

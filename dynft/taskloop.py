@@ -172,6 +172,7 @@ class TaskLoop:
                 name, trainer, buffer, self.settings, home=self.trainer, metrics=self.metrics, feed=feed
             )
             task.publisher.waiting = self.work_waiting
+            self.metrics.task_publish_errors.labels(name)  # at 0 from the start: increase() sees a first failure
             if self.shared:
                 task.publisher.clock = self.joint_steps
             self.trainer.activate()

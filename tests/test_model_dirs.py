@@ -17,7 +17,7 @@ from test_loop import run
 
 from dynft.errors import ModelError, exit_code
 from dynft.families import token_limit
-from dynft.model import load_tokenizer
+from dynft.model import _load_base, load_tokenizer
 from dynft.registry import AdapterRegistry
 from dynft.settings import Settings
 from dynft.trainer import build_trainer
@@ -89,9 +89,9 @@ def test_a_directory_with_custom_code_is_refused_without_running_or_asking(
         raise AssertionError("transformers asked whether to run the directory's code")
 
     monkeypatch.setattr(builtins, "input", asked)
+    load_tokenizer(directory)  # its tokenizer is a known class: read without the directory's code
     with pytest.raises(ModelError) as err:
-        load_tokenizer(directory)
-        build_trainer(*_model_settings(directory))
+        _load_base(directory, 2, torch.float32, "none", torch.device("cpu"), {})
     assert exit_code(err.value) == 2 and not (tmp_path / "ran").exists()
 
 
@@ -102,7 +102,7 @@ def _model_settings(directory: Path) -> tuple[Any, Any, Any]:
     return s.model, s.adapter, s.trainer
 
 
-@pytest.mark.parametrize("damage", ["config_list", "weights_cut", "no_tokenizer", "tokenizer_past_vocab"])
+@pytest.mark.parametrize("damage", ["config_list", "weights_cut", "bin_cut", "no_tokenizer", "tokenizer_past_vocab"])
 def test_a_damaged_model_directory_is_a_clear_configuration_error(tmp_path: Path, damage: str) -> None:
     """Each was a traceback and exit 1, so `dynft run` restarted the trainer for ever (or, without
     tokenizer files, trained on five-token [UNK] inputs without a word)."""
@@ -112,6 +112,13 @@ def test_a_damaged_model_directory_is_a_clear_configuration_error(tmp_path: Path
     elif damage == "weights_cut":
         weights = directory / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "bin_cut":  # weights in torch's own format, cut short
+        from safetensors.torch import load_file
+
+        weights = directory / "pytorch_model.bin"
+        torch.save(load_file(str(directory / "model.safetensors")), weights)
+        (directory / "model.safetensors").unlink()
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif damage == "no_tokenizer":
         for path in directory.iterdir():
             if path.name not in ("config.json", "model.safetensors"):
@@ -140,3 +147,32 @@ def test_base_weights_initialised_at_random_are_told(tmp_path: Path, caplog: pyt
         build_trainer(*_model_settings(directory))
     assert "base weight(s) are missing from its files or of another shape" in caplog.text
     assert "bert.encoder.layer.1." in caplog.text and "classifier" not in caplog.text.split("frozen:")[1][:40]
+
+
+def test_a_head_of_two_layers_and_a_bypassed_pooler_are_not_told(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A review: DistilBERT's pre_classifier is trained with its classifier (peft matches by suffix),
+    and mean pooling bypasses BERT's pooler; neither is a frozen random weight."""
+    import transformers as t
+
+    directory = build_tiny_model(tmp_path / "distil")
+    config = t.DistilBertConfig(
+        vocab_size=100, dim=32, n_layers=1, n_heads=2, hidden_dim=64, max_position_embeddings=64
+    )
+    t.DistilBertModel(config).save_pretrained(str(directory))  # a base checkpoint: no head at all
+    bert = build_tiny_model(tmp_path / "nopooler")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(bert / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if ".pooler." not in k}, str(bert / "model.safetensors"))
+    with caplog.at_level(logging.WARNING):
+        build_trainer(*_model_settings(directory))
+        model, adapter, trainer = _model_settings(bert)
+        model.pooling = "mean"
+        build_trainer(model, adapter, trainer)
+    assert "base weight(s) are missing" not in caplog.text
+    model.pooling = "cls"
+    with caplog.at_level(logging.WARNING):
+        build_trainer(model, adapter, trainer)
+    assert "base weight(s) are missing" in caplog.text and "pooler" in caplog.text

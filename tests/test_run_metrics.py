@@ -20,6 +20,7 @@ from dynft.settings import Settings
 from dynft.tasks import task_registry_dir
 
 from helpers import free_port, write_jsonl
+from kafka_helpers import reap
 
 pytestmark = pytest.mark.slow
 
@@ -78,9 +79,7 @@ def test_named_tasks_leave_the_default_tasks_unlabelled_series_alone(tiny_settin
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+        reap(proc)
 
 
 def test_the_serving_gauges_are_0_while_nothing_serves(tiny_settings: Settings, tmp_path: Path) -> None:
@@ -105,6 +104,4 @@ def test_the_serving_gauges_are_0_while_nothing_serves(tiny_settings: Settings, 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(90) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(30)
+        reap(proc)

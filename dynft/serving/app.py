@@ -116,8 +116,8 @@ def predict_router(settings: Settings, engine: InferenceEngine, metrics: ServerM
     @router.post("/v1/predict", response_model=PredictResponse, responses=error_responses(404, 413, 422, 500, 503, 504))
     async def predict(body: PredictRequest, request: Request) -> dict[str, Any]:
         started = time.perf_counter()
-        if request.query_params:  # "?task=" as the admin routes take it: said, not ignored
-            raise ApiError(422, "invalid_request", "/v1/predict takes no query parameters; the task goes in the body")
+        if "task" in request.query_params:  # as the admin routes take it: said, not ignored (others are)
+            raise ApiError(422, "invalid_request", "/v1/predict takes its task in the body, not the query")
         key = repeated_key(await request.body())  # the body FastAPI read, kept by the request
         if key is not None:
             raise ApiError(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from fastapi import Request
@@ -28,9 +29,10 @@ def repeated_key(raw: bytes) -> str | None:
     repeated: list[str] = []
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [key for key, _ in items]
-        repeated.extend(key for i, key in enumerate(keys) if key in keys[:i])
-        return dict(items)
+        obj = dict(items)
+        if len(obj) != len(items):  # linear: a 1 MB body of one key repeated must not stall the loop
+            repeated.append(_first_repeat(key for key, _ in items))
+        return obj
 
     try:
         json.loads(raw, object_pairs_hook=pairs)
@@ -41,8 +43,17 @@ def repeated_key(raw: bytes) -> str | None:
 
 def repeated_query(request: Request) -> str | None:
     """A query parameter given twice (each route takes one value of each), or None."""
-    keys = [key for key, _ in request.query_params.multi_items()]
-    return next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+    items = request.query_params.multi_items()
+    return _first_repeat(key for key, _ in items) if len({key for key, _ in items}) != len(items) else None
+
+
+def _first_repeat(keys: Iterable[str]) -> str:
+    seen: set[str] = set()
+    for key in keys:
+        if key in seen:
+            return key
+        seen.add(key)
+    raise ValueError("no key repeats")
 
 
 def check_texts(settings: Settings, texts: list[str]) -> None:

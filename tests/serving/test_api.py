@@ -212,5 +212,6 @@ def test_a_field_or_query_parameter_given_twice_is_refused_not_read_as_its_last_
         assert "query parameter 'task' is given twice" in r.json()["error"]["message"]
     assert registry.serving().version == 1 and not registry.serving().pinned
     r = client.post("/v1/predict", params={"task": "default"}, json={"texts": ["a"]})
-    assert r.status_code == 422 and "the task goes in the body" in r.json()["error"]["message"]
+    assert r.status_code == 422 and "takes its task in the body" in r.json()["error"]["message"]
+    assert client.post("/v1/predict", params={"api-version": "1"}, json={"texts": ["a"]}).status_code == 200
     assert client.post("/v1/predict", json={"texts": ["a"], "task": "default"}).status_code == 200

@@ -333,16 +333,19 @@ async function poll() {
   try {
     const response = await fetch(`/v1/status?task=${encodeURIComponent(task)}${since}`, { cache: "no-store" });
     if (choice !== state.choice) return;  // another task was picked meanwhile: its own poll is on the way
-    if (response.status === 404 && task !== DEFAULT_TASK) {  // a task in the URL that this server lacks
+    // A task in the URL that this server lacks (404) or that names none (422): the default one.
+    if ((response.status === 404 || response.status === 422) && task !== DEFAULT_TASK) {
       chooseTask(DEFAULT_TASK);
       return;
     }
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     const s = await response.json();
     if (choice !== state.choice) return;
-    if (s.points.length) {
-      state.points.push(...s.points);
-      state.lastT = s.points[s.points.length - 1].t;
+    // Two polls may overlap (a slow one, a task picked): only points newer than those held count.
+    const fresh = state.lastT === null ? s.points : s.points.filter((p) => p.t > state.lastT);
+    if (fresh.length) {
+      state.points.push(...fresh);
+      state.lastT = fresh[fresh.length - 1].t;
       const oldest = state.lastT - KEEP_S;
       if (state.points[0].t < oldest) state.points = state.points.filter((q) => q.t >= oldest);
     }
