@@ -17,10 +17,10 @@ from dynft.batching import Batch
 from dynft.buffer import ReplayBuffer
 from dynft.drift import Detection, DriftMonitor
 from dynft.evaluation import HoldoutWindow, Prequential
-from dynft.history import HistoryRecorder
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
 from dynft.reaction import DriftReaction, Response
+from dynft.recorder import HistoryRecorder
 from dynft.settings import Settings
 from dynft.tasks import DEFAULT_TASK
 from dynft.trainer import OnlineTrainer, StepResult

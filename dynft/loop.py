@@ -35,12 +35,12 @@ from dynft.errors import TermLostError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import REASONS, Event
 from dynft.freshwait import FreshWait
-from dynft.history import HistoryRecorder
 from dynft.ledger import Ledger, LedgerPruner
 from dynft.loopstate import LoopState
 from dynft.metrics import TrainerMetrics
 from dynft.publisher import Publisher
 from dynft.reaction import DriftReaction
+from dynft.recorder import HistoryRecorder
 from dynft.registry import AdapterRegistry
 from dynft.routing import Router
 from dynft.runtime import tune_gc

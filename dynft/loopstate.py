@@ -23,10 +23,10 @@ from dynft.election import Election
 from dynft.errors import AdapterMismatchError, DeadLetterError
 from dynft.evaluation import HoldoutWindow, Prequential
 from dynft.events import DEFAULT_TASK, Event
-from dynft.history import HistoryRecorder
 from dynft.ledger import Ledger
 from dynft.publisher import Publisher
 from dynft.reaction import DriftReaction
+from dynft.recorder import HistoryRecorder
 from dynft.registry import AdapterRegistry
 from dynft.replication.feed import VersionsFeed
 from dynft.sources import Intake, Positions, Source

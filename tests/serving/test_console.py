@@ -24,10 +24,10 @@ from dynft.history import (
     HistoryFile,
     HistoryReader,
     Point,
-    dead_letter_of,
     read_points,
 )
 from dynft.loop import TrainingLoop
+from dynft.recorder import dead_letter_of
 from dynft.registry import AdapterRegistry
 from dynft.settings import Settings
 from dynft.sources import Record
