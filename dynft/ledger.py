@@ -28,13 +28,14 @@ say) is stored with it written as a ``\\udXXX`` escape; ``lookup`` applies the s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sqlite3
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from dynft.errors import DynftError, StateCorruptError
@@ -120,7 +121,10 @@ class Ledger:
 
     def lookup(self, ids: Iterable[str]) -> dict[str, tuple[str, int]]:
         """``(status, times seen)`` for each id; ``("unseen", 0)`` for ids never recorded."""
-        wanted = list(ids)
+        with self._reading():
+            return self._lookup(list(ids))
+
+    def _lookup(self, wanted: list[str]) -> dict[str, tuple[str, int]]:
         found: dict[str, tuple[str, int]] = {}
         for start in range(0, len(wanted), 500):
             chunk = [_key(i) for i in wanted[start : start + 500]]
@@ -134,10 +138,21 @@ class Ledger:
     def counts(self) -> dict[str, int]:
         """Events per status, and ``duplicates``: deliveries beyond the first."""
         out = {status: 0 for status in STATUSES}
-        for status, n in self._db.execute("SELECT status, COUNT(*) FROM events GROUP BY status"):
-            out[status] = n
-        out["duplicates"] = int(self._db.execute("SELECT COALESCE(SUM(seen - 1), 0) FROM events").fetchone()[0])
+        with self._reading():
+            for status, n in self._db.execute("SELECT status, COUNT(*) FROM events GROUP BY status"):
+                out[status] = n
+            out["duplicates"] = int(self._db.execute("SELECT COALESCE(SUM(seen - 1), 0) FROM events").fetchone()[0])
         return out
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """A query's failure, naming the ledger: a reader does not check every page at open (a
+        damaged one fails here), and one reading a live ledger on a read-only mount may meet a
+        page torn by a write, which a retry reads whole (so exit 1, not 2)."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            raise DynftError(f"ledger {self.path}: cannot read it ({exc})") from exc
 
     def close(self) -> None:
         self._db.close()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from prometheus_client import CollectorRegistry
+
 from dynft.batching import LabelMap
 from dynft.buffer import ReplayBuffer
 from dynft.drift import Detection
 from dynft.events import Event
+from dynft.metrics import TrainerMetrics
 from dynft.settings import Settings
 from dynft.tasks import Task, task_collator
 from dynft.trainer import build_trainer
@@ -17,7 +20,14 @@ def test_boosted_extra_replay_steps_give_way_to_waiting_fresh_work(tiny_settings
     home = build_trainer(tiny_settings.model, tiny_settings.adapter, tiny_settings.trainer)
     b = tiny_settings.buffer
     trainer = home.fork(task_collator(home.collator, LabelMap()), share_adapter=False)
-    task = Task("a", trainer, ReplayBuffer(b.max_events, b.max_bytes), tiny_settings, home=home)
+    task = Task(
+        "a",
+        trainer,
+        ReplayBuffer(b.max_events, b.max_bytes),
+        tiny_settings,
+        home=home,
+        metrics=TrainerMetrics(CollectorRegistry()),
+    )
     rows = keyword_events(64, ["alpha", "beta"], seed=1)
     batches = [[Event.from_builtins(r) for r in rows[i : i + 16]] for i in range(0, 64, 16)]
     task.train(task.collator(batches[0], n_fresh=16))  # something to replay

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
+from test_checkpoint import damage_pages
 
 from dynft import errors
 from dynft.errors import exit_code
+from dynft.ledger import Ledger
 from dynft.metrics import SupervisorMetrics
 from dynft.settings import Settings, load_settings
 from dynft.statedir import wait_for_state_dir
@@ -79,7 +81,12 @@ def test_the_supervisor_restarts_exit_1_with_backoff_and_stops_on_exit_2(tmp_pat
     supervisor = Supervisor(settings)
     supervisor.metrics = SupervisorMetrics(registry := CollectorRegistry())
     flaky_dir = tmp_path / "flaky"
-    (flaky_dir / "ledger.db").mkdir(parents=True)  # sqlite cannot open a directory: exit 1, every time
+    flaky_dir.mkdir()
+    ledger = Ledger(flaky_dir / "ledger.db")
+    ledger.record([(f"event-{i}-" + "x" * 200, "trained") for i in range(2000)])
+    ledger.commit()
+    ledger.close()
+    damage_pages(flaky_dir / "ledger.db")  # a reader's query fails on them: exit 1, every time
     flaky = Child("trainer", ["ledger", "--state-dir", str(flaky_dir)])
     misconfigured = Child("server", ["ledger", "--state-dir", str(tmp_path / "no-ledger-here")])
     supervisor.children = [flaky]
@@ -133,7 +140,7 @@ def test_dynft_run_stops_with_exit_2_when_a_child_meets_a_configuration_error(
     )
     assert run.returncode == 2, run.stderr[-3000:]
     assert "exited with a configuration error; stopping" in run.stderr
-    assert f"dynft: model directory {broken}: cannot load" in run.stderr, run.stderr[-3000:]
+    assert f"dynft: model directory {broken}: no tokenizer files" in run.stderr, run.stderr[-3000:]
     assert "restarting in" not in run.stderr, "a configuration error is never retried"
 
 

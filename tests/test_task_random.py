@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from dynft.batching import LabelMap
 from dynft.buffer import ReplayBuffer
 from dynft.events import Event
+from dynft.metrics import TrainerMetrics
 from dynft.settings import Settings
 from dynft.tasks import Task, TaskRandom, task_collator
 from dynft.trainer import build_trainer
@@ -27,7 +29,16 @@ def two_tasks(settings: Settings, state: Path) -> tuple[Task, Task]:
     b, tasks = settings.buffer, []
     for name in ("a", "b"):
         trainer = home.fork(task_collator(home.collator, LabelMap()), share_adapter=False)
-        tasks.append(Task(name, trainer, ReplayBuffer(b.max_events, b.max_bytes), settings, home=home))
+        tasks.append(
+            Task(
+                name,
+                trainer,
+                ReplayBuffer(b.max_events, b.max_bytes),
+                settings,
+                home=home,
+                metrics=TrainerMetrics(CollectorRegistry()),
+            )
+        )
     home.activate()
     return tasks[0], tasks[1]
 
@@ -105,7 +116,14 @@ def test_tasks_that_share_one_adapter_draw_from_the_process_generator(tiny_setti
     home = build_trainer(tiny_settings.model, tiny_settings.adapter, tiny_settings.trainer)
     trainer = home.fork(task_collator(home.collator, LabelMap()), share_adapter=True)
     b = tiny_settings.buffer
-    task = Task("a", trainer, ReplayBuffer(b.max_events, b.max_bytes), tiny_settings, home=home)
+    task = Task(
+        "a",
+        trainer,
+        ReplayBuffer(b.max_events, b.max_bytes),
+        tiny_settings,
+        home=home,
+        metrics=TrainerMetrics(CollectorRegistry()),
+    )
     assert task.random is None
     tensors, _, _ = task.snapshot()
     assert "task.a.rng.torch" not in tensors  # the default task's part of the checkpoint holds it
