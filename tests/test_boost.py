@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry
+from test_task_random import forked_task
 
-from dynft.batching import LabelMap
-from dynft.buffer import ReplayBuffer
 from dynft.drift import Detection
 from dynft.events import Event
-from dynft.metrics import TrainerMetrics
 from dynft.settings import Settings
-from dynft.tasks import Task, task_collator
 from dynft.trainer import build_trainer
 
 from helpers import keyword_events
@@ -18,16 +14,8 @@ from helpers import keyword_events
 
 def test_boosted_extra_replay_steps_give_way_to_waiting_fresh_work(tiny_settings: Settings) -> None:
     home = build_trainer(tiny_settings.model, tiny_settings.adapter, tiny_settings.trainer)
-    b = tiny_settings.buffer
-    trainer = home.fork(task_collator(home.collator, LabelMap()), share_adapter=False)
-    task = Task(
-        "a",
-        trainer,
-        ReplayBuffer(b.max_events, b.max_bytes),
-        tiny_settings,
-        home=home,
-        metrics=TrainerMetrics(CollectorRegistry()),
-    )
+    task = forked_task("a", home, tiny_settings)
+    trainer = task.trainer
     rows = keyword_events(64, ["alpha", "beta"], seed=1)
     batches = [[Event.from_builtins(r) for r in rows[i : i + 16]] for i in range(0, 64, 16)]
     task.train(task.collator(batches[0], n_fresh=16))  # something to replay

@@ -13,7 +13,7 @@ from dynft.events import Event
 from dynft.metrics import TrainerMetrics
 from dynft.settings import Settings
 from dynft.tasks import Task, TaskRandom, task_collator
-from dynft.trainer import build_trainer
+from dynft.trainer import OnlineTrainer, build_trainer
 
 from helpers import keyword_events
 
@@ -22,23 +22,20 @@ def events(n: int, labels: list[str], seed: int, prefix: str) -> list[Event]:
     return [Event.from_builtins(row) for row in keyword_events(n, labels, seed=seed, prefix=prefix)]
 
 
+def forked_task(name: str, home: OnlineTrainer, settings: Settings, share_adapter: bool = False) -> Task:
+    """Task ``name`` forked from ``home``, with a buffer and metrics of its own."""
+    trainer = home.fork(task_collator(home.collator, LabelMap()), share_adapter=share_adapter)
+    buffer = ReplayBuffer(settings.buffer.max_events, settings.buffer.max_bytes)
+    return Task(name, trainer, buffer, settings, home=home, metrics=TrainerMetrics(CollectorRegistry()))
+
+
 def two_tasks(settings: Settings, state: Path) -> tuple[Task, Task]:
     """Tasks ``a`` and ``b`` forked from a freshly built trainer (the same initial weights every time)."""
     settings = settings.model_copy(update={"state_dir": state})
     home = build_trainer(settings.model, settings.adapter, settings.trainer)
-    b, tasks = settings.buffer, []
+    tasks = []
     for name in ("a", "b"):
-        trainer = home.fork(task_collator(home.collator, LabelMap()), share_adapter=False)
-        tasks.append(
-            Task(
-                name,
-                trainer,
-                ReplayBuffer(b.max_events, b.max_bytes),
-                settings,
-                home=home,
-                metrics=TrainerMetrics(CollectorRegistry()),
-            )
-        )
+        tasks.append(forked_task(name, home, settings))
     home.activate()
     return tasks[0], tasks[1]
 
@@ -114,16 +111,7 @@ def test_a_tasks_generator_resumes_from_the_checkpoint(tiny_settings: Settings, 
 
 def test_tasks_that_share_one_adapter_draw_from_the_process_generator(tiny_settings: Settings) -> None:
     home = build_trainer(tiny_settings.model, tiny_settings.adapter, tiny_settings.trainer)
-    trainer = home.fork(task_collator(home.collator, LabelMap()), share_adapter=True)
-    b = tiny_settings.buffer
-    task = Task(
-        "a",
-        trainer,
-        ReplayBuffer(b.max_events, b.max_bytes),
-        tiny_settings,
-        home=home,
-        metrics=TrainerMetrics(CollectorRegistry()),
-    )
+    task = forked_task("a", home, tiny_settings, share_adapter=True)
     assert task.random is None
     tensors, _, _ = task.snapshot()
     assert "task.a.rng.torch" not in tensors  # the default task's part of the checkpoint holds it
