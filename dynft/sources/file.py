@@ -118,6 +118,7 @@ class FileSource(Source):
     def open(self) -> None:
         if self._path == "-":
             self._fd = sys.stdin.fileno()
+            self._regular = False  # read as a stream even when redirected from a file: offsets, no pread
             return
         path = Path(self._path)
         if path.is_dir():

@@ -469,6 +469,36 @@ def test_stdin_is_read_as_it_arrives(tmp_path: Path) -> None:
         assert proc.wait(timeout=30) == 0
 
 
+def test_an_over_long_line_on_stdin_is_one_cut_record(tmp_path: Path) -> None:
+    """A pipe cannot be read back (``pread``): a cut line there once failed the source, and
+    ``dynft run`` lost what the restarted trainer had read of the pipe."""
+    script = (
+        "import sys, json\n"
+        "from dynft.sources import FileSource\n"
+        "s = FileSource('-', max_record_bytes=100)\n"
+        "s.open()\n"
+        "print('open', flush=True)\n"
+        "got = []\n"
+        "while not s.exhausted:\n"
+        "    got += [(len(r.raw), r.where, r.next) for r in s.poll(10, 0.1)]\n"
+        "print(json.dumps(got))\n"
+    )
+    long_line = b'{"n": "' + b"x" * 5000 + b'"}\n'
+    with subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        assert proc.stdout.readline() == b"open\n"
+        for part in (b'{"n": 1}\n' + long_line[:3000], long_line[3000:4000]):  # no newline yet: cut
+            proc.stdin.write(part)
+            proc.stdin.flush()
+            time.sleep(0.5)
+        out, _ = proc.communicate(long_line[4000:] + b'{"n": 2}\n', timeout=60)
+        assert proc.returncode == 0
+    first, cut, last = json.loads(out)
+    assert first == [8, {"line": 1, "offset": 0}, 9]  # a pipe's positions are offsets
+    assert cut == [101, {"line": 2, "offset": 9, "bytes": len(long_line) - 1}, 9 + len(long_line)]
+    assert last == [8, {"line": 3, "offset": 9 + len(long_line)}, 18 + len(long_line)]
+
+
 def test_open_errors_name_the_source(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="cannot open"):
         FileSource(str(tmp_path / "nope.jsonl")).open()
