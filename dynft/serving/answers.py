@@ -30,6 +30,10 @@ class Answer:
     fast_path: bool = False  # prototype rows for labels the version lacks took part
 
 
+class ClientGone(DynftError):
+    """The client closed its connection before its answer was ready; the request was withdrawn."""
+
+
 class UnknownTask(DynftError):
     """A request named a task that has no versions in the registry."""
 

@@ -22,15 +22,24 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from dynft.errors import PointerUnreadableError, RegistryError, RegistryWriteError, VersionNotFoundError
 from dynft.metrics import ServerMetrics, exposition
 from dynft.registry import AdapterRegistry
-from dynft.serving.answers import NotReady, Overloaded, UnknownTask
+from dynft.serving.answers import ClientGone, NotReady, Overloaded, UnknownTask
 from dynft.serving.checks import check_texts, repeated_key, repeated_query, unknown_task
 from dynft.serving.console import console_router
 from dynft.serving.engine import InferenceEngine
-from dynft.serving.limits import ApiError, BodyDeadline, BodyLimit, InternalErrors, error_response
+from dynft.serving.limits import (
+    CLIENT_GONE,
+    ApiError,
+    BodyDeadline,
+    BodyLimit,
+    InternalErrors,
+    answer_or_gone,
+    error_response,
+)
 from dynft.serving.schemas import (
     NOT_BLANK,
     PredictRequest,
@@ -93,6 +102,8 @@ async def _invalid(request: Request, exc: Exception) -> JSONResponse:
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     if not isinstance(exc, StarletteHTTPException):  # pragma: no cover - registered for it only
         raise exc
+    if isinstance(exc.__cause__, ClientDisconnect):  # the body stopped with the connection: no bad request
+        return error_response(CLIENT_GONE, "client_closed", "the client closed the connection during its body")
     unparsable = _parse_failure(exc)
     if unparsable is not None:  # malformed bodies are 422 whichever way they are malformed
         return error_response(422, "invalid_request", unparsable)
@@ -127,7 +138,7 @@ def predict_router(settings: Settings, engine: InferenceEngine, metrics: ServerM
         task = body.task if body.task is not None else DEFAULT_TASK
         try:
             future = engine.submit(list(body.texts), task)
-            answer = await asyncio.wait_for(asyncio.wrap_future(future), timeout=s.request_timeout_s)
+            answer = await answer_or_gone(future, request.receive, s.request_timeout_s)
         except UnknownTask as exc:
             raise unknown_task(engine, task) from exc
         except NotReady as exc:
@@ -136,6 +147,8 @@ def predict_router(settings: Settings, engine: InferenceEngine, metrics: ServerM
             raise ApiError(503, "overloaded", str(exc), {"Retry-After": "1"}) from exc
         except TimeoutError as exc:
             raise ApiError(504, "timeout", f"no answer within {s.request_timeout_s} s") from exc
+        except ClientGone as exc:  # nobody reads it; counted apart from the server's own failures
+            raise ApiError(CLIENT_GONE, "client_closed", str(exc)) from exc
         except Exception as exc:  # the worker's failure (logged there): a 500 that keeps the connection
             raise ApiError(500, "internal", f"internal error: {type(exc).__name__}") from exc
         predictions = []

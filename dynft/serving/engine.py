@@ -169,11 +169,20 @@ class InferenceEngine(VersionWatcher, MixedAnswers):
             raise NotReady(f"no adapter version is serving yet{which}{why}")
         with self._cond:
             if self._queued_texts + len(texts) > self.settings.server.max_queue:
+                self._drop_withdrawn()
+            if self._queued_texts + len(texts) > self.settings.server.max_queue:
                 raise Overloaded(f"{self._queued_texts} texts are already waiting")
             self._queue.append(Pending(texts, future, task))
             self._queued_texts += len(texts)
             self._cond.notify()
         return future
+
+    def _drop_withdrawn(self) -> None:
+        """Take the requests withdrawn while queued (timed out, or their clients gone) out of the
+        queue and its count, so they hold no place (under ``_cond``)."""
+        kept = deque(p for p in self._queue if not p.future.cancelled())
+        self._queued_texts = sum(len(p.texts) for p in kept)
+        self._queue = kept
 
     def _collect(self) -> list[Pending]:
         """Whole requests for one micro-batch (empty when woken for a swap or a stop)."""
@@ -181,6 +190,8 @@ class InferenceEngine(VersionWatcher, MixedAnswers):
         with self._cond:
             if not self._queue:
                 self._cond.wait(timeout=0.5)
+            while self._queue and self._queue[0].future.cancelled():  # withdrawn: no place in a batch
+                self._queued_texts -= len(self._queue.popleft().texts)
             if not self._queue:
                 return []
             deadline = time.monotonic() + s.max_wait_ms / 1000
@@ -188,6 +199,9 @@ class InferenceEngine(VersionWatcher, MixedAnswers):
             size = len(batch[0].texts)
             while size < s.max_batch:
                 if self._queue:
+                    if self._queue[0].future.cancelled():
+                        self._queued_texts -= len(self._queue.popleft().texts)
+                        continue
                     if size + len(self._queue[0].texts) > s.max_batch:
                         break
                     batch.append(self._queue.popleft())

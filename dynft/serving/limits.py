@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import Any, Literal
+from concurrent.futures import Future
+from typing import Any, Literal, TypeVar
 
 import h11
 from fastapi import HTTPException
@@ -24,10 +25,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from dynft.metrics import ServerMetrics
+from dynft.serving.answers import ClientGone
 
 log = logging.getLogger(__name__)
 
 Verdict = Literal["serve", "refuse", "close"]
+T = TypeVar("T")
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})  # answered even on a refused connection
+# nginx's "client closed request": the status counted (dynft_requests_total) for a request whose
+# client left before its answer; the client never sees it.
+CLIENT_GONE = 499
 
 
 class ApiError(HTTPException):
@@ -108,6 +115,34 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
+async def answer_or_gone(future: Future[T], receive: Receive, timeout_s: float) -> T:
+    """The result of ``future`` (the engine's answer), waited for at most ``timeout_s``; the future is
+    cancelled (the engine's worker skips it) when the time is up (``TimeoutError``) or the client
+    closes its connection first (``ClientGone``). Without that, requests abandoned by clients that
+    gave up kept the queue full and were computed for nobody while live clients waited behind them.
+
+    ``receive`` is the request's, its body read: uvicorn answers it only once the client is gone.
+    """
+    waiting = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        done, _ = await asyncio.wait((waiting, gone), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if waiting in done:
+        return waiting.result()
+    future.cancel()  # queued, not begun: withdrawn; begun: its answer is dropped
+    waiting.cancel()
+    if gone in done:
+        raise ClientGone("the client closed the connection before its answer")
+    raise TimeoutError
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 class BodyDeadline:
     """Answers 408 and closes the connection when a request body is not complete ``timeout_s`` after its headers.
 
@@ -149,8 +184,9 @@ class Admission:
     """Which connections a server serves: at most ``limit`` at once, first come first served.
 
     A connection beyond them is refused, not the ones already in: it gets a 503 ``overloaded``
-    (with ``Connection: close``) to its first request head, or, while ``limit`` refused ones
-    already wait for theirs, is closed at once. So a server holds at most twice ``limit``
+    (with ``Connection: close``) to its first request head (a probe or scrape of ``PROBES`` is
+    answered instead, and closed), or, while ``limit`` refused ones already wait for theirs, is
+    closed at once. So a server holds at most twice ``limit``
     sockets, and idle connections (closed at ``server.header_timeout_s``) cost the clients that
     come next, never those being served. Refusals are counted and logged at most once per
     ``log_interval_s``, each when it is refused: ``dynft_connections_refused_total{how="503"}``
@@ -185,8 +221,22 @@ class Admission:
         elif verdict == "refuse":
             self.waiting -= 1
 
+    def refusing(self, app: ASGIApp) -> ASGIApp:
+        """The ASGI app of a refused connection: its first request gets a 503 ``overloaded``, which
+        closes it; a health probe or a scrape (``PROBES``) is answered by ``app`` and closes it. An
+        orchestrator whose liveness probe failed while clients held every connection restarted a
+        server that worked, and Prometheus lost its scrapes when they were needed most."""
+
+        async def refused(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] == "http" and scope["path"] in PROBES and scope["method"] in ("GET", "HEAD"):
+                await app(scope, receive, _closing(send))
+            else:
+                await self.refusal(scope, receive, send)
+
+        return refused
+
     async def refusal(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The ASGI app of a refused connection: its first request gets this 503, which closes it."""
+        """A refused connection's first request gets this 503, which closes it."""
         if self.metrics is not None:
             self.metrics.requests.labels("503").inc()
         message = f"the server serves {self.limit} connections at once; try again on a new one"
@@ -215,6 +265,17 @@ class Admission:
             answered,
             closed,
         )
+
+
+def _closing(send: Send) -> Send:
+    """``send`` with ``Connection: close`` on the response: uvicorn closes the connection after it."""
+
+    async def closing(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+        await send(message)
+
+    return closing
 
 
 class HeadDeadline(H11Protocol):
@@ -248,7 +309,7 @@ class HeadDeadline(H11Protocol):
             transport.close()
             return
         if self._verdict == "refuse" and self.admission is not None:
-            self.app = self.admission.refusal
+            self.app = self.admission.refusing(self.app)
         self._arm()
 
     def data_received(self, data: bytes) -> None:

@@ -80,7 +80,7 @@ def test_a_slow_body_gets_408_and_a_closed_connection_while_others_are_served(se
     assert b'"code":"body_timeout"' in body and b"within 1.0 s" in body
 
 
-HEAD = b"GET /healthz HTTP/1.1\r\nHost: dynft\r\n\r\n"
+HEAD = b"GET /v1/tasks HTTP/1.1\r\nHost: dynft\r\n\r\n"  # not a probe: those are answered past the limit
 
 
 @pytest.mark.parametrize("client", ["silent", "trickling", "idle-after-a-response"])
@@ -92,7 +92,7 @@ def test_a_connection_without_a_whole_request_head_is_closed_at_header_timeout(s
         start = time.monotonic()
         if client == "idle-after-a-response":  # kept alive: a second request in time is served
             for pause in (0.5, 0.0):
-                sock.sendall(HEAD)
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: dynft\r\n\r\n")
                 answer = b""
                 while not answer.endswith(b'{"status":"ok"}'):
                     answer += sock.recv(4096)
@@ -114,7 +114,7 @@ def test_past_limit_concurrency_new_requests_get_503_at_once(server: str) -> Non
         deadline = time.monotonic() + 30
         while True:  # the server accepts them in its own time; then a new connection is refused
             with httpx.Client(base_url=server, timeout=30) as client:
-                r = client.get("/healthz")
+                r = client.get("/v1/tasks")
             if r.status_code == 503:
                 break
             assert r.status_code == 200 and time.monotonic() < deadline, "never refused past limit_concurrency"
@@ -126,7 +126,7 @@ def test_past_limit_concurrency_new_requests_get_503_at_once(server: str) -> Non
     deadline = time.monotonic() + 30
     while True:  # freed again: served again
         with httpx.Client(base_url=server, timeout=30) as client:
-            if client.get("/healthz").status_code == 200:
+            if client.get("/v1/tasks").status_code == 200:
                 break
         assert time.monotonic() < deadline, "still refusing after the idle connections closed"
         time.sleep(0.05)
@@ -230,9 +230,27 @@ def test_past_the_limit_only_the_new_connections_are_refused(limited: tuple[str,
             sock.close()
     with httpx.Client(base_url=base, timeout=30) as client:  # room again: a new connection is served
         deadline = time.monotonic() + 30
-        while (status := client.get("/healthz").status_code) != 200:
+        while (status := client.get("/v1/tasks").status_code) != 200:
             assert status == 503 and time.monotonic() < deadline
             time.sleep(0.05)
+
+
+@pytest.mark.parametrize("probe", [b"GET /healthz", b"GET /readyz", b"GET /metrics"])
+def test_past_the_limit_probes_and_scrapes_are_answered_and_closed(limited: tuple[str, Server], probe: bytes) -> None:
+    """Found by a probe: 260 idle connections made every /healthz a 503, which the shipped liveness
+    probe turns into a restart of a server that works, and Prometheus lost its scrapes."""
+    base, server = limited
+    socks = [connect(base) for _ in range(LIMIT + 2)]
+    try:
+        opened(server, LIMIT + 2)
+        status, headers, _ = exchange(socks[LIMIT], probe + b" HTTP/1.1\r\nHost: dynft\r\n\r\n")
+        assert status in (200, 503) and headers["connection"] == "close"  # /readyz: 503 before a version
+        assert status == 200 or probe == b"GET /readyz"
+        assert read_until_closed(socks[LIMIT]) == b""
+        assert_refused(socks[LIMIT + 1])  # anything else is refused as before
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def test_refusals_are_counted_and_logged_once_per_interval(
