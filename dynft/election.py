@@ -65,7 +65,7 @@ from dynft.events import DEFAULT_TASK
 from dynft.replication import topics
 from dynft.replication.feed import versions_servers
 from dynft.replication.found import read_topics
-from dynft.replication.records import number
+from dynft.replication.records import TOP_EPOCH, number
 from dynft.settings import Settings
 from dynft.sources.kafka import client_config, parse_kafka_uri
 from dynft.sources.kafka_compat import apply_join_fixes
@@ -362,9 +362,19 @@ class Election:
                 for tp, records in self._checker.poll(timeout_ms=500).items():
                     for record in records:
                         try:
-                            newest = max(newest, number(json.loads(record.value), "epoch"))
+                            epoch = number(json.loads(record.value), "epoch")
                         except (ValueError, TypeError, RecursionError) as exc:
                             log.warning("%s: skipping a malformed term record at %d (%s)", tp, record.offset, exc)
+                            continue
+                        if epoch >= TOP_EPOCH:  # counted on, the next epochs' records would be malformed
+                            log.warning(
+                                "%s: skipping a term record at %d of epoch %d, which no trainer counts to",
+                                tp,
+                                record.offset,
+                                epoch,
+                            )
+                            continue
+                        newest = max(newest, epoch)
         return newest
 
     def _newest_versions_epoch(self) -> int:

@@ -84,6 +84,8 @@ class DamagedPointerError(PointerUnreadableError):
 class VersionNotFoundError(RegistryError):
     """The adapter version asked for was never published, or was pruned."""
 
+    exit_code = EXIT_CONFIG  # the argument names nothing: asking again cannot help (``dynft adapters show 999``)
+
     def __init__(self, version: int) -> None:
         super().__init__(f"adapter version {version} does not exist")
         self.version = version

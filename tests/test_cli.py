@@ -155,7 +155,7 @@ def test_adapters_commands_work_on_the_registry(tmp_path: Path) -> None:
     assert runner.invoke(main, ["adapters", "unpin", *base]).exit_code == 0
     assert not registry.serving().pinned
     missing = runner.invoke(main, ["adapters", "promote", "9", *base])
-    assert missing.exit_code == 1 and "adapter version 9 does not exist" in missing.output
+    assert missing.exit_code == 2 and "adapter version 9 does not exist" in missing.output
     # Found by a probe: the CLI rewrote serving.json 0644 (the daemon writes it 0600); one damaged
     # meta.json, or one with fields of another type, failed the whole list (with a traceback); a
     # stray file in versions/ counted as a version.

@@ -217,3 +217,13 @@ def test_an_empty_revocation_is_news_too() -> None:
     listener.on_partitions_revoked(set())
     listener.on_partitions_assigned(set())
     assert [news.get_nowait(), news.get_nowait()] == [("revoked", frozenset()), ("assigned", frozenset())]
+
+
+def test_an_epoch_no_trainer_counts_to_is_not_counted_on(tmp_path: Path) -> None:
+    """Counting on from 2^53 - 1 (a hand-written record) gave epochs every replica refuses."""
+    from dynft.replication.records import TOP_EPOCH, next_epoch
+
+    assert next_epoch(tmp_path, at_least=4) == 5
+    assert next_epoch(tmp_path, at_least=2**53 - 1) == 6  # the file's 5, counted on
+    assert next_epoch(tmp_path, at_least=TOP_EPOCH - 1) == TOP_EPOCH
+    assert next_epoch(tmp_path / "fresh", at_least=TOP_EPOCH) == 1

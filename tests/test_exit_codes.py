@@ -43,7 +43,7 @@ from test_state_faults import fill, mounted
         (errors.DynftError("x"), 1),
         (errors.RegistryError("x"), 1),
         (errors.RegistryWriteError("x"), 1),
-        (errors.VersionNotFoundError(3), 1),
+        (errors.VersionNotFoundError(3), 2),
         (OSError(28, "No space left on device"), 1),
         (RuntimeError("x"), 1),
     ],

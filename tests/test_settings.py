@@ -188,3 +188,16 @@ def test_a_yaml_config_whose_aliases_expand_past_any_real_configuration_is_refus
         load_settings(path)
     path.write_text("drift:\n  error_params: &p {delta: 0.01}\n  loss_params: *p\n")  # a small alias is fine
     assert load_settings(path).drift.error_params == {"delta": 0.01}
+
+
+@pytest.mark.parametrize("name", ["a/b", "bad topic!", ".", "..", "x" * 242])
+def test_a_versions_topic_kafka_would_refuse_is_a_config_error_before_anything_starts(name: str) -> None:
+    """Found by a probe: the broker refused such a name only once the trainer ran (exit 1), and
+    ``dynft run`` restarted it for ever; 242 characters are a valid name whose pointer topic is not."""
+    from dynft.replication.follower import parse_follow_uri
+
+    with pytest.raises(ConfigError, match=r"kafka\.versions_topic"):
+        load_settings(overrides={"kafka.versions_topic": name})
+    with pytest.raises(ConfigError, match="--follow"):
+        parse_follow_uri(f"kafka://127.0.0.1:9092/{name}")
+    assert load_settings(overrides={"kafka.versions_topic": "x" * 241}).kafka.versions_topic == "x" * 241

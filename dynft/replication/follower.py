@@ -40,7 +40,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from dynft.errors import RegistryError, RegistryWriteError, ReplicationError
+from dynft.errors import ConfigError, RegistryError, RegistryWriteError, SourceError
 from dynft.events import DEFAULT_TASK
 from dynft.pointer import ServingPointer
 from dynft.registry import AdapterRegistry
@@ -59,6 +59,7 @@ from dynft.replication.records import (
 )
 from dynft.replication.records import pointer_topic as pointer_topic_of
 from dynft.settings import Settings
+from dynft.settings.intake import versions_topic_problem
 from dynft.sources.kafka import parse_kafka_uri
 from dynft.tasks import task_registry_dir
 
@@ -70,9 +71,15 @@ POLL_MS = 200  # an idle poll; a record that arrives ends the broker's long poll
 
 def parse_follow_uri(uri: str) -> tuple[list[str], str]:
     """``kafka://HOST:PORT[,HOST:PORT]/TOPIC`` -> (brokers, versions topic)."""
-    servers, names, _ = parse_kafka_uri(uri, "unused")
+    try:
+        servers, names, _ = parse_kafka_uri(uri, "unused")
+    except SourceError as exc:  # said as a source's: here it is the versions topic
+        raise ConfigError(f"--follow {uri!r}: expected kafka://HOST:PORT/VERSIONS_TOPIC ({exc})") from exc
     if len(names) != 1:
-        raise ReplicationError(f"--follow {uri!r}: name exactly one versions topic")
+        raise ConfigError(f"--follow {uri!r}: name exactly one versions topic")
+    problem = versions_topic_problem(names[0])
+    if problem is not None:
+        raise ConfigError(f"--follow {uri!r}: {problem}")
     return servers, names[0]
 
 

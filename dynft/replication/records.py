@@ -45,6 +45,7 @@ True
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,10 +53,15 @@ from typing import Any
 from dynft.durable import write_atomic
 from dynft.errors import RegistryError, RegistryWriteError
 from dynft.events import DEFAULT_TASK, task_name_problem
-from dynft.pointer import is_number, pointer_problem
+from dynft.pointer import MAX_NUMBER, is_number, pointer_problem
 
 POINTER_KEY = b"serving"
+log = logging.getLogger(__name__)
 EPOCH_FILE = "epoch"
+# Trainers count epochs up from 1, one per takeover: one at or above this was written by hand (or
+# by something else), and counting on from it would soon pass 2^53, where every record the trainer
+# writes is malformed to replicas. It is not counted, so the next epoch always leaves room.
+TOP_EPOCH = MAX_NUMBER - (1 << 20)
 
 
 @dataclass(frozen=True)
@@ -277,7 +283,14 @@ def next_epoch(state_dir: Path, at_least: int = 0) -> int:
         current = int(path.read_text().strip()) if path.exists() else 0
     except (OSError, ValueError) as exc:
         raise RegistryError(f"unreadable trainer epoch file {path} ({exc})") from exc
-    epoch = max(current, at_least) + 1
+    if max(current, at_least) >= TOP_EPOCH:
+        log.error(
+            "an epoch of %d on the topics or in %s is not one a trainer counts to (it would leave no room below "
+            "2^53): not counted; a record of the term or versions topics no trainer wrote may fence this trainer",
+            max(current, at_least),
+            path,
+        )
+    epoch = max(e for e in (current, at_least, 0) if e < TOP_EPOCH) + 1
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(path, f"{epoch}\n".encode())

@@ -7,12 +7,26 @@ they share; ``dynft.settings.Settings`` nests them all.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from dynft.settings.sections import Section
+
+_TOPIC = re.compile(r"[A-Za-z0-9._-]+")  # Kafka's own characters for topic names
+MAX_VERSIONS_TOPIC = 249 - len(".pointer")  # Kafka's 249, less the longest suffix dynft adds
+
+
+def versions_topic_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a versions topic, or None. Checked before anything starts: the broker
+    refuses a bad name only once a trainer or replica runs, an exit 1 that a supervisor restarts."""
+    if not _TOPIC.fullmatch(name) or name in (".", ".."):
+        return f"{name[:64]!r} is not a Kafka topic name (the characters A-Z a-z 0-9 . _ -)"
+    if len(name) > MAX_VERSIONS_TOPIC:
+        return f"a versions topic's name has at most {MAX_VERSIONS_TOPIC} characters (its pointer topic adds .pointer)"
+    return None
 
 
 class SourceSettings(Section):
@@ -113,6 +127,14 @@ class KafkaSettings(Section):
         description="with election: trainers split the source topic's partitions (one term per partition, on "
         "<versions_topic>.shards) and train the tasks keyed to them; events must be keyed by task",
     )
+
+    @field_validator("versions_topic")
+    @classmethod
+    def _versions_topic_name(cls, v: str | None) -> str | None:
+        problem = None if v is None else versions_topic_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
     @model_validator(mode="after")
     def _sharded_needs_election(self) -> KafkaSettings:
