@@ -37,7 +37,7 @@ def settings_options(func: F) -> F:
             help="TOML, YAML or JSON config file (also $DYNFT_CONFIG).",
         ),
         click.option("--state-dir", type=click.Path(), help="Registry, dead letters and run files."),
-        click.option("--source", help="demo | file:PATH | file:- (stdin)."),
+        click.option("--source", help="demo | file:PATH | file:- (stdin) | kafka://HOST:PORT/TOPIC[,TOPIC]?group=G."),
         click.option("--model", help="Hugging Face model directory (default: packaged all-MiniLM-L6-v2)."),
         click.option("--device", help="Where the model runs: auto, cpu, cuda or cuda:N."),
         click.option("--host", help="Server address."),

@@ -212,7 +212,7 @@ def size_line(model: nn.Module, path: Path) -> str:
             adapter_bytes += param.numel() * 4  # versions are exported as fp32 copies
     share = 100.0 * trainable / max(1, total)
     return (
-        f"model {path.name}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M trainable ({share:.2f}%), "
+        f"model {path}: {total / 1e6:.1f}M parameters, {trainable / 1e6:.3f}M trainable ({share:.2f}%), "
         f"adapter about {adapter_bytes / 2**20:.2f} MiB on disk"
     )
 

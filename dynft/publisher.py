@@ -117,6 +117,7 @@ class Publisher:
             return
         newest = versions[-1]
         self.latest_version = newest
+        self._show_latest()
         try:
             state, meta = self._fitting(newest)
             self.trainer.load(state)
@@ -220,8 +221,17 @@ class Publisher:
             self.schedule.failed()
         self.label_events = Counter(state.get("label_events") or {})
         self.latest_version = max(state["latest_version"] or 0, max(self.registry.versions(), default=0)) or None
+        self._show_latest()
         self.serving_version = self.registry.serving().version
         self.reanchor()
+
+    def _show_latest(self) -> None:
+        """The newest version's gauges from the start: after a restart they had no sample until a publish."""
+        if self.latest_version is None:
+            return
+        if self.task == DEFAULT_TASK:
+            self.metrics.latest_version.set(self.latest_version)
+        self.metrics.task_latest_version.labels(self.task).set(self.latest_version)
 
     def reanchor(self, loaded: tuple[AdapterState, dict[str, Any]] | None = None) -> None:
         """After a restart, pull toward the serving version again: the anchor is not checkpointed.

@@ -68,7 +68,7 @@ def test_a_new_label_publishes_at_the_next_step_and_is_promoted_while_too_few_ev
         holdout.add(event)
     assert step(tiny_trainer, publisher, events(16, ["alpha", "beta", "gamma"], 5, "c"), 3.0) == 2
     gate = publisher.registry.meta(2)["gate"]
-    assert gate["decision"] == "promoted" and "knows 1 labels the serving version does not" in gate["reason"]
+    assert gate["decision"] == "promoted" and "knows 1 label the serving version does not" in gate["reason"]
     assert publisher.registry.meta(2)["arrivals"] == [[2.0, 16], [3.0, 16]]  # v1's events are not counted again
 
     tiny_settings.registry.publish_on_new_label = False
@@ -217,3 +217,18 @@ def test_arrivals_that_are_no_finite_time_are_skipped_not_raised() -> None:
 
     pairs = [[10**400, 1], [float("inf"), 1], [float("nan"), 1], ["1", 1], [5.0, 2], [1.0, 1]]
     assert list(served_after(pairs, served_at=10.0, since=2.0)) == [5.0, 5.0]
+
+
+def test_a_restarted_publisher_shows_the_newest_version_before_its_first_publish(
+    tiny_settings: Settings, tiny_trainer: OnlineTrainer
+) -> None:
+    """Found by a probe: after a trainer restart dynft_latest_version had no sample until a publish."""
+    tiny_settings.registry.first_publish_steps = 1
+    publisher = make_publisher(tiny_settings, tiny_trainer, HoldoutWindow(64))
+    assert step(tiny_trainer, publisher, events(16, ["alpha", "beta"], 2, "a"), 1.0) == 1
+    metrics = CollectorRegistry()
+    again = Publisher(publisher.registry, tiny_trainer, HoldoutWindow(64), tiny_settings, TrainerMetrics(metrics))
+    assert metrics.get_sample_value("dynft_latest_version") == 0  # (no sample at all in multiprocess mode)
+    again.resume()
+    assert metrics.get_sample_value("dynft_latest_version") == 1
+    assert metrics.get_sample_value("dynft_task_latest_version", {"task": "default"}) == 1

@@ -91,6 +91,12 @@ class Settings(BaseSettings):
 
     state_dir: Path = Field(Path("dynft-state"), description="registry, dead letters and run files live here")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="logging threshold")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, v: object) -> object:
+        return v.upper() if isinstance(v, str) else v  # DYNFT_LOG_LEVEL=debug means DEBUG
+
     source: SourceSettings = Field(default_factory=SourceSettings)  # type: ignore[arg-type]
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
     checkpoint: CheckpointSettings = Field(default_factory=CheckpointSettings)  # type: ignore[arg-type]
