@@ -45,6 +45,7 @@ from safetensors.torch import save as save_safetensors
 
 from dynft.durable import fsync_dir, write_atomic, write_files
 from dynft.errors import (
+    AdapterMismatchError,
     BaseModelMismatchError,
     DamagedPointerError,
     PointerUnreadableError,
@@ -261,6 +262,8 @@ class AdapterRegistry:
     def load(self, version: int) -> tuple[AdapterState, dict[str, Any]]:
         """The adapter of ``version`` on CPU, after checking its content hash and that its weights are finite."""
         meta = self.meta(version)
+        if meta.get("version") != version:  # another version's files under this number (copied, or forged)
+            raise AdapterMismatchError(f"adapter version {version}: its meta.json is version {meta.get('version')!r}")
         path = self.path(version)
         try:
             files = {name: (path / name).read_bytes() for name in HASHED}

@@ -286,3 +286,18 @@ def test_a_registry_folder_deleted_while_it_runs_is_made_again_and_numbers_go_on
     assert third == second + 1  # above its parent: a number is never used twice
     assert registry.load(third)[0].labels == ["a", "b"]
     assert (tmp_path / "registry" / ".staging").is_dir()
+
+
+def test_a_version_holding_another_versions_files_is_a_mismatch(tmp_path: Path) -> None:
+    """Found by a probe: version 374's files re-sent under version 9000 (a forged record on the
+    versions topic) were served as 9000, and /v1/adapters listed 374 twice."""
+    from dynft.errors import AdapterMismatchError
+
+    reg = AdapterRegistry(tmp_path)
+    first = reg.publish(state(1.0), {"base_model": BASE.fingerprint})
+    shutil.copytree(first.path, first.path.with_name("000009"))
+    with pytest.raises(AdapterMismatchError, match=r"its meta\.json is version 1"):
+        reg.load(9)
+    with pytest.raises(AdapterMismatchError):
+        reg.promote(9, "operator", base_model=BASE)
+    assert reg.load(first.version)[1]["version"] == 1
