@@ -1,8 +1,8 @@
 """The inference engine: micro-batched predictions and hot swaps that never block a request.
 
-One *worker* thread runs every forward pass. Requests queue up whole (a request's texts always
-share a batch, so they always share a version) and are grouped into micro-batches of up to
-``max_batch`` texts, waiting at most ``max_wait_ms`` for company.
+One *worker* thread runs every forward pass. Requests queue up whole (``dynft.serving.requests``:
+a request's texts always share a batch, so they always share a version) and are grouped into
+micro-batches of up to ``max_batch`` texts, waiting at most ``max_wait_ms`` for company.
 
 A *watcher* thread follows the registry's serving pointer. When it moves, the watcher loads
 the version off the request path: reads and hash-checks the files, checks every tensor's
@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -52,9 +51,10 @@ from dynft.model import (
 )
 from dynft.precision import autocast, autocast_dtype
 from dynft.registry import AdapterRegistry
-from dynft.serving.answers import Answer, NotReady, Overloaded, Pending, Prediction, UnknownTask
+from dynft.serving.answers import Answer, NotReady, Pending, Prediction, UnknownTask
 from dynft.serving.mixed import MixedAnswers, MixedForward
 from dynft.serving.prototypes import SHOTS_FILE, FastPath, merge_columns
+from dynft.serving.requests import RequestQueue
 from dynft.serving.watcher import Lane, LoadedVersion, VersionWatcher
 from dynft.settings import Settings
 from dynft.tasks import DEFAULT_TASK
@@ -91,9 +91,8 @@ class InferenceEngine(VersionWatcher, MixedAnswers):
         self._failed_rounds = 0  # the worker's rounds that failed in a row (worker thread; read by /readyz)
         self._failing: str | None = None  # the last of their errors (said once while it repeats)
         self._mixed: dict[int, MixedForward] = {}  # by id of the slots it hooks (worker thread)
-        self._queue: deque[Pending] = deque()
-        self._queued_texts = 0
-        self._cond = threading.Condition()
+        self.requests = RequestQueue(settings.server)
+        self._cond = self.requests.cond  # the watcher wakes the worker through it for a swap
         self._stop = threading.Event()
         self._nudged = threading.Event()  # look at the registry now, not at the next poll interval
         self.started_at = time.time()  # freshness counts events that arrived since
@@ -121,11 +120,9 @@ class InferenceEngine(VersionWatcher, MixedAnswers):
         for thread in (self._watcher, self._worker):
             if thread.is_alive():
                 thread.join(timeout_s)
-        with self._cond:
-            while self._queue:
-                future = self._queue.popleft().future
-                if future.set_running_or_notify_cancel():
-                    future.set_exception(NotReady("the server is shutting down"))
+        for pending in self.requests.drain():
+            if pending.future.set_running_or_notify_cancel():
+                pending.future.set_exception(NotReady("the server is shutting down"))
 
     @property
     def active(self) -> LoadedVersion | None:
@@ -167,60 +164,15 @@ class InferenceEngine(VersionWatcher, MixedAnswers):
             which = "" if task == DEFAULT_TASK else f" for task {task}"
             why = " (its serving pointer cannot be read; the server's log says why)" if lane.unreadable else ""
             raise NotReady(f"no adapter version is serving yet{which}{why}")
-        with self._cond:
-            if self._queued_texts + len(texts) > self.settings.server.max_queue:
-                self._drop_withdrawn()
-            if self._queued_texts + len(texts) > self.settings.server.max_queue:
-                raise Overloaded(f"{self._queued_texts} texts are already waiting")
-            self._queue.append(Pending(texts, future, task))
-            self._queued_texts += len(texts)
-            self._cond.notify()
+        self.requests.put(Pending(texts, future, task))
         return future
-
-    def _drop_withdrawn(self) -> None:
-        """Take the requests withdrawn while queued (timed out, or their clients gone) out of the
-        queue and its count, so they hold no place (under ``_cond``)."""
-        kept = deque(p for p in self._queue if not p.future.cancelled())
-        self._queued_texts = sum(len(p.texts) for p in kept)
-        self._queue = kept
-
-    def _collect(self) -> list[Pending]:
-        """Whole requests for one micro-batch (empty when woken for a swap or a stop)."""
-        s = self.settings.server
-        with self._cond:
-            if not self._queue:
-                self._cond.wait(timeout=0.5)
-            while self._queue and self._queue[0].future.cancelled():  # withdrawn: no place in a batch
-                self._queued_texts -= len(self._queue.popleft().texts)
-            if not self._queue:
-                return []
-            deadline = time.monotonic() + s.max_wait_ms / 1000
-            batch = [self._queue.popleft()]
-            size = len(batch[0].texts)
-            while size < s.max_batch:
-                if self._queue:
-                    if self._queue[0].future.cancelled():
-                        self._queued_texts -= len(self._queue.popleft().texts)
-                        continue
-                    if size + len(self._queue[0].texts) > s.max_batch:
-                        break
-                    batch.append(self._queue.popleft())
-                    size += len(batch[-1].texts)
-                    continue
-                # A staged version waits for the batch too (at most max_wait_ms): cutting batches
-                # short for swaps halved them, and throughput, at fifty promotions a second.
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(timeout=remaining)
-            self._queued_texts -= size
-            return batch
 
     def _work(self) -> None:
         while not self._stop.is_set():
             # A request whose client gave up (timeout) was cancelled: skip it. Marking the rest
             # running means they can no longer be cancelled, so setting their result cannot fail.
-            batch = [p for p in self._collect() if p.future.set_running_or_notify_cancel()]
+            batch = [p for p in self.requests.collect() if p.future.set_running_or_notify_cancel()]
+            started = time.perf_counter()
             try:
                 self._serve(batch)
             except Exception as exc:  # a dead worker answers nobody while the server looks up: go on
@@ -230,6 +182,7 @@ class InferenceEngine(VersionWatcher, MixedAnswers):
                     log.info("the inference worker answers again after %d failed round(s)", self._failed_rounds)
                 if batch:
                     self._failed_rounds, self._failing = 0, None
+                self.requests.measure(sum(len(p.texts) for p in batch), time.perf_counter() - started)
 
     def _round_failed(self, exc: Exception, batch: list[Pending]) -> None:
         """A round failed unforeseen: its requests get the error now; said once while it repeats, and

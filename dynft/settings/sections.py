@@ -299,7 +299,12 @@ class ServerSettings(Section):
     max_batch: int = Field(32, ge=1, description="texts per micro-batch")
     max_wait_ms: float = Field(2.0, ge=0, description="how long a micro-batch waits for more requests")
     max_texts: int = Field(32, ge=1, description="texts per request (at most max_batch)")
-    max_queue: int = Field(4096, ge=1, description="texts waiting before requests are refused with 503")
+    max_queue: int = Field(
+        4096,
+        ge=1,
+        description="texts waiting before requests are refused with 503 (also refused: a request whose wait "
+        "would pass request_timeout_s at the measured throughput)",
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024, description="larger request bodies are refused with 413")
     request_timeout_s: float = Field(30.0, gt=0, description="a prediction not answered by then gets 504")
     header_timeout_s: float = Field(

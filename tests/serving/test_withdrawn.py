@@ -104,7 +104,7 @@ def test_requests_of_clients_that_left_are_never_computed_and_free_their_place(
             late.join(60)
         assert live["adapter_version"] == 13, live
         assert held.computed == [["the first"], [PROBE]]  # nothing of the three that left
-        assert server.engine._queued_texts == 0
+        assert server.engine.requests.texts == 0
         assert requests_total(client, "422") == 0
 
 
