@@ -14,6 +14,7 @@ import hmac
 import logging
 import sys
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any
 
@@ -36,6 +37,7 @@ from dynft.serving.limits import (
     ApiError,
     BodyDeadline,
     BodyLimit,
+    CloseWhenStopping,
     InternalErrors,
     answer_or_gone,
     error_response,
@@ -319,7 +321,9 @@ def create_app(
     metrics: ServerMetrics,
     metrics_registry: Any,
     admin_token: str,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> FastAPI:
+    """The API; ``stopping()`` says when the server shuts down (responses then close their connections)."""
     # No redirect of /v1/predict/ to /v1/predict: a 307 built from the client's Host header, with
     # no JSON body, where every other unknown path gets a JSON 404.
     app = FastAPI(
@@ -329,6 +333,7 @@ def create_app(
     app.add_middleware(InternalErrors)  # the innermost: the request counter sees its 500
     app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # runs inside the request counter
     app.add_middleware(BodyDeadline, timeout_s=s.body_timeout_s)
+    app.add_middleware(CloseWhenStopping, stopping=stopping)
     app.include_router(console_router(settings, engine, metrics))  # the page at / and /v1/status
 
     @app.middleware("http")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any, Literal, TypeVar
 
@@ -75,6 +75,28 @@ class InternalErrors:
                 raise
             log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
             await error_response(500, "internal", f"internal error: {type(exc).__name__}")(scope, receive, send)
+
+
+class CloseWhenStopping:
+    """``Connection: close`` on every response once the server is stopping (``stopping()``): uvicorn
+    closes a kept-alive connection after its in-flight response at a shutdown without saying so,
+    and the client's next request on it was reset (a POST, which clients do not retry)."""
+
+    def __init__(self, app: ASGIApp, stopping: Callable[[], bool]) -> None:
+        self.app, self.stopping = app, stopping
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start" and self.stopping():
+                await _closing(send)(message)
+            else:
+                await send(message)
+
+        await self.app(scope, receive, sending)
 
 
 class BodyLimit:

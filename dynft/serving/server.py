@@ -60,7 +60,13 @@ class Server:
             self.follower.on_change = self.engine.nudge
             self.engine.task_registry = self.follower.registry_of
         self.app = create_app(
-            settings, self.engine, self.registry, self.metrics, self.metrics_registry, admin_token(settings)
+            settings,
+            self.engine,
+            self.registry,
+            self.metrics,
+            self.metrics_registry,
+            admin_token(settings),
+            stopping=lambda: bool(self.uvicorn.should_exit),
         )
         config = uvicorn.Config(
             self.app,

@@ -122,3 +122,28 @@ def test_a_client_that_leaves_during_its_body_is_not_counted_as_a_bad_request(se
             time.sleep(0.05)
         assert requests_total(client, "422") == 0
         assert client.post("/v1/predict", json={"texts": [PROBE]}).json()["adapter_version"] == 13
+
+
+def test_responses_in_flight_at_a_shutdown_say_the_connection_closes(
+    tiny_settings: Settings, versions: dict[int, AdapterState], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by a probe: at SIGTERM every in-flight request was answered, without
+    ``Connection: close``, and the kept-alive client's next request on it was reset."""
+    AdapterRegistry(tiny_settings.registry_dir, keep_last=100).promote(13, "start")
+    with running_server(tiny_settings) as (base, server):
+        wait_for_version(base, 13)
+        held = HeldWorker(server)
+        monkeypatch.setattr(server.engine, "_serve", held)
+        host, port = base.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.settimeout(30)
+            sock.sendall(predict_request(["in flight"]))
+            time.sleep(0.3)
+            server.stop()  # as SIGTERM does
+            time.sleep(0.3)
+            held.release.set()
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        head = answer.partition(b"\r\n\r\n")[0].lower()
+        assert head.startswith(b"http/1.1 200") and b"connection: close" in head, answer
