@@ -202,3 +202,34 @@ def test_a_decision_of_a_newer_epoch_on_the_pointer_topic_is_said_loudly_by_the_
     finally:
         producer.close()
         feed.close()
+
+
+def test_two_trainers_of_one_epoch_do_not_adopt_each_others_decisions_and_say_so(
+    kafka_broker: Broker, tiny_settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found by a probe: two trainers started together without kafka.election both took epoch 1
+    and wrote as "trainer-1"; each adopted the other's promotions as an operator's, and replicas
+    flipped between two models under one version sequence, with no warning anywhere."""
+    from kafka import KafkaProducer
+
+    from dynft.replication.records import PointerRecord, encode_pointer, pointer_key
+
+    registry = AdapterRegistry(tiny_settings.registry_dir)
+    registry.promote(publish_one(registry, 1.0), "first")
+    topic = f"versions-{uuid.uuid4().hex[:8]}"
+    feed = VersionsFeed(tiny_settings, registry, [kafka_broker.bootstrap], topic, term=SwitchedTerm())
+    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
+    try:
+        with caplog.at_level(logging.ERROR, logger="dynft.replication.feed"):
+            feed.start()
+            twin = PointerRecord(SwitchedTerm.epoch, "trainer-3-otherhost-77", {"version": 1, "pinned": True}, 10**6)
+            for _ in range(2):
+                producer.send(pointer_topic(topic), key=pointer_key(), value=encode_pointer(twin)).get(30)
+            said = lambda: [r.getMessage() for r in caplog.records if "another trainer" in r.getMessage()]  # noqa: E731
+            wait_until(lambda: bool(said()), 30, "the twin's error")
+            time.sleep(2)
+        assert len(said()) == 1 and "trainer-3-otherhost-77" in said()[0] and "kafka.election" in said()[0]
+        assert not registry.serving().pinned  # its decision was not taken for an operator's
+    finally:
+        producer.close()
+        feed.close()

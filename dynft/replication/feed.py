@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -157,7 +159,10 @@ class VersionsFeed:
         if term is not None:
             epoch = term.epoch
         self.epoch = epoch if epoch is not None else next_epoch(settings.state_dir, found.log.epoch)
-        self.origin = f"trainer-{self.epoch}"
+        # Whose records are whose: two trainers that took the same epoch (started together without
+        # kafka.election) must not take each other's decisions for an operator's.
+        self.origin = f"trainer-{self.epoch}-{socket.gethostname()[:64]}-{os.getpid()}"
+        self._twins: set[str] = set()  # the feed's thread: other trainers seen writing at our epoch
         self.held: Callable[[str], bool] = term.held if term is not None else (lambda task: True)
         self.shard: Callable[[str], int] = term.shard if term is not None else (lambda task: 0)
         self._producer = topics.producer(servers, settings.kafka)
@@ -386,6 +391,9 @@ class VersionsFeed:
                 offset,
                 self.epoch,
             )
+        if record.epoch == self.epoch and record.origin != self.origin and record.origin.startswith("trainer-"):
+            self._twin(record.origin, offset)
+            return
         outcome = self._log.admit(record, offset)
         lane = self._lanes.get(record.task)
         if lane is None:  # a task this trainer has not opened yet: its lane adopts it when it opens
@@ -406,6 +414,21 @@ class VersionsFeed:
         self._unadopted.pop(record.task, None)  # a later decision replaces one not written here yet
         if record.pointer != lane.registry.serving().__dict__:
             self._try_adopt(lane, offset, record)
+
+    def _twin(self, origin: str, offset: int) -> None:
+        """Another trainer writes under this trainer's epoch: its decisions are not adopted, and it is said."""
+        if origin in self._twins:
+            return
+        self._twins.add(origin)
+        log.error(
+            "another trainer (%s) writes to %s under this trainer's epoch %d (offset %d): two trainers started "
+            "together without kafka.election, whose versions interleave on the replicas. Stop one, or set "
+            "kafka.election = true on both (one trains, the other stands by)",
+            origin[:64],
+            pointer_topic(self.topic),
+            self.epoch,
+            offset,
+        )
 
     def _try_adopt(self, lane: Lane, offset: int, record: PointerRecord) -> None:
         """Adopt a replica's decision; if ``serving.json`` cannot be written here (a full or read-only
