@@ -305,7 +305,11 @@ class Supervisor:
             return
         metrics.mark_dead(child.process.pid or 0)
         if code == 0:
-            log.info("%s finished", child.name)
+            others = [c.name for c in self.children if c is not child and not c.finished]
+            going_on = (
+                f"; {' and '.join(others)} go{'es' if len(others) == 1 else ''} on until stopped" if others else ""
+            )
+            log.info("%s finished%s (Ctrl-C or SIGTERM stops dynft)", child.name, going_on)
             child.finished = True
             return
         if code == EXIT_CONFIG:  # it will fail again the same way: do not restart it
