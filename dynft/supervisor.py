@@ -306,10 +306,9 @@ class Supervisor:
         metrics.mark_dead(child.process.pid or 0)
         if code == 0:
             others = [c.name for c in self.children if c is not child and not c.finished]
-            going_on = (
-                f"; {' and '.join(others)} go{'es' if len(others) == 1 else ''} on until stopped" if others else ""
-            )
-            log.info("%s finished%s (Ctrl-C or SIGTERM stops dynft)", child.name, going_on)
+            verb = "goes" if len(others) == 1 else "go"
+            going_on = f"; the {' and '.join(others)} {verb} on until stopped (Ctrl-C or SIGTERM)" if others else ""
+            log.info("%s finished%s", child.name, going_on)
             child.finished = True
             return
         if code == EXIT_CONFIG:  # it will fail again the same way: do not restart it
