@@ -107,3 +107,21 @@ def test_a_trainer_whose_registry_refuses_writes_adopts_a_replicas_rollback_once
         assert trainer.serving().pinned  # so the gate does not promote over it
     finally:
         feed.close()
+
+
+def test_writes_that_fail_and_succeed_in_turn_are_said_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    """Found by a probe: on a nearly full disk a version written after a tombstone freed room, then
+    serving.json failed, in turn: 66 errors and 65 "writable again" lines in 40 s. The follower's
+    two methods are called as its thread calls them (a disk that fills and frees at will cannot be
+    made here)."""
+    from types import SimpleNamespace
+
+    from dynft.errors import RegistryWriteError
+
+    follower = SimpleNamespace(_failing=False, _failure_said_at=-float("inf"), _recovery_said_at=-float("inf"))
+    with caplog.at_level(logging.INFO, logger="dynft.replication.follower"):
+        for _ in range(30):
+            Follower._failed(follower, "task default's serving pointer", RegistryWriteError("no space"))  # type: ignore[arg-type]
+            Follower._wrote(follower)  # type: ignore[arg-type]
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("not written" in m for m in said) == 1 and sum("writable again" in m for m in said) == 1, said

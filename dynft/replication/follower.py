@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 Key = tuple[str, int]  # (task, version)
 APPLY_TIMEOUT_S = 10.0
 POLL_MS = 200  # an idle poll; a record that arrives ends the broker's long poll at once
+SAY_FAILURES_S = 60.0  # failed local writes are said at most this often
 
 
 def parse_follow_uri(uri: str) -> tuple[list[str], str]:
@@ -119,6 +120,7 @@ class Follower:
         self._live: set[Key] = set()  # versions with a record (not a tombstone) on the topic
         self._cleaned = False
         self._failing = False  # the last local write failed (the follower's thread; see _failed)
+        self._failure_said_at = self._recovery_said_at = -float("inf")
         self._catching_up = False
         self._applied = threading.Condition()
         self._applied_offset = -1  # pointer topic: offset of the last record handled
@@ -261,14 +263,18 @@ class Follower:
                 self._stop.wait(1.0)
 
     def _failed(self, what: str, exc: RegistryError) -> None:
-        """A local write failed: said once until one succeeds; the caller keeps what it could not write."""
-        if not self._failing:
+        """A local write failed: said once until one succeeds, and at most once a minute (on a disk
+        that is nearly full, writes fail and succeed in turn); the caller keeps what it could not write."""
+        now = time.monotonic()
+        if not self._failing and now - self._failure_said_at >= SAY_FAILURES_S:
             log.error("%s not written (tried again until it is): %s", what, exc)
+            self._failure_said_at = now
         self._failing = True
 
     def _wrote(self) -> None:
-        if self._failing:
+        if self._failing and self._failure_said_at > self._recovery_said_at:
             log.info("the replica's registry is writable again")
+            self._recovery_said_at = time.monotonic()
         self._failing = False
 
     def _install_pending(self) -> None:
