@@ -65,7 +65,7 @@ from dynft.events import DEFAULT_TASK
 from dynft.replication import topics
 from dynft.replication.feed import versions_servers
 from dynft.replication.found import read_topics
-from dynft.replication.records import TOP_EPOCH, number
+from dynft.replication.records import TOP_EPOCH, next_after, number
 from dynft.settings import Settings
 from dynft.sources.kafka import client_config, parse_kafka_uri
 from dynft.sources.kafka_compat import apply_join_fixes
@@ -326,7 +326,7 @@ class Election:
                 self.held_partitions, self._offsets = frozenset(), {}
             log.info("standing by: every partition of %s is held by another trainer", self.topic)
             return
-        epoch = max(self._newest_term(), self._newest_versions_epoch()) + 1
+        epoch = next_after(self._newest_term(), self._newest_versions_epoch())
         value = json.dumps({"epoch": epoch, "holder": self.identity}).encode()
         producer = topics.producer(self.servers, self.settings.kafka)
         try:

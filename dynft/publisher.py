@@ -324,8 +324,8 @@ class Publisher:
         info = self.registry.publish(state, meta)
         self.latest_version = info.version
         self.schedule.published(len(state.labels))
+        self._show_latest()
         if self.task == DEFAULT_TASK:  # the unlabelled series describe the default task (README)
-            self.metrics.latest_version.set(info.version)
             self.metrics.versions.labels(decision.label).inc()
         self.metrics.task_versions.labels(self.task, decision.label).inc()
         promoted = decision.promote and self.registry.promote(
@@ -344,7 +344,6 @@ class Publisher:
             self.since.clear()
         else:
             self.registry.prune()
-        self.metrics.task_latest_version.labels(self.task).set(info.version)
         self.metrics.task_serving_version.labels(self.task).set(self.serving_version or 0)
         self.log.info("version %d %s: %s", info.version, decision.label, decision.reason)
         self._version_step = self.trainer.steps

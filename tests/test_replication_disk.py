@@ -109,19 +109,37 @@ def test_a_trainer_whose_registry_refuses_writes_adopts_a_replicas_rollback_once
         feed.close()
 
 
-def test_writes_that_fail_and_succeed_in_turn_are_said_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+def test_writes_that_fail_and_succeed_in_turn_are_said_once_a_minute(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Found by a probe: on a nearly full disk a version written after a tombstone freed room, then
-    serving.json failed, in turn: 66 errors and 65 "writable again" lines in 40 s. The follower's
-    two methods are called as its thread calls them (a disk that fills and frees at will cannot be
-    made here)."""
+    serving.json failed, in turn: 66 errors and 65 "writable again" lines in 40 s. A failure that
+    then lasts is still said. The follower's two methods are called as its thread calls them, on a
+    clock the test moves (a disk that fills and frees at will cannot be made here)."""
     from types import SimpleNamespace
 
     from dynft.errors import RegistryWriteError
+    from dynft.replication import follower as module
 
-    follower = SimpleNamespace(_failing=False, _failure_said_at=-float("inf"), _recovery_said_at=-float("inf"))
+    clock = [1000.0]
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock[0])
+    follower = SimpleNamespace(_failing=False, _failure_said=False, _failure_said_at=-float("inf"))
+
+    def said() -> list[str]:
+        return [r.getMessage() for r in caplog.records]
+
+    def fail() -> None:
+        Follower._failed(follower, "task default's serving pointer", RegistryWriteError("no space"))  # type: ignore[arg-type]
+
     with caplog.at_level(logging.INFO, logger="dynft.replication.follower"):
-        for _ in range(30):
-            Follower._failed(follower, "task default's serving pointer", RegistryWriteError("no space"))  # type: ignore[arg-type]
+        for _ in range(30):  # in turn, within a second
+            fail()
             Follower._wrote(follower)  # type: ignore[arg-type]
-    said = [r.getMessage() for r in caplog.records]
-    assert sum("not written" in m for m in said) == 1 and sum("writable again" in m for m in said) == 1, said
+            clock[0] += 0.03
+        assert sum("not written" in m for m in said()) == 1 and sum("writable again" in m for m in said()) == 1
+        for _ in range(5):  # then failing for good, a try every 30 s
+            clock[0] += 30
+            fail()
+        assert sum("not written" in m for m in said()) == 2  # said again once a minute had passed
+        Follower._wrote(follower)  # type: ignore[arg-type]
+    assert sum("writable again" in m for m in said()) == 2, said()

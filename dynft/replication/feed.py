@@ -36,6 +36,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -64,6 +65,7 @@ from dynft.sources.kafka import parse_kafka_uri
 
 log = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 30.0
+PROCESS = uuid.uuid4().hex[:6]  # containers on one host's network can share a host name and pid 1
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # a withheld task's syncs: 1, 2, 4 ... 30 s apart
 
 
@@ -161,7 +163,7 @@ class VersionsFeed:
         self.epoch = epoch if epoch is not None else next_epoch(settings.state_dir, found.log.epoch)
         # Whose records are whose: two trainers that took the same epoch (started together without
         # kafka.election) must not take each other's decisions for an operator's.
-        self.origin = f"trainer-{self.epoch}-{socket.gethostname()[:64]}-{os.getpid()}"
+        self.origin = f"trainer-{self.epoch}-{socket.gethostname()[:64]}-{os.getpid()}-{PROCESS}"
         self._twins: set[str] = set()  # the feed's thread: other trainers seen writing at our epoch
         self.held: Callable[[str], bool] = term.held if term is not None else (lambda task: True)
         self.shard: Callable[[str], int] = term.shard if term is not None else (lambda task: 0)
@@ -391,15 +393,20 @@ class VersionsFeed:
                 offset,
                 self.epoch,
             )
-        if record.epoch == self.epoch and record.origin != self.origin and record.origin.startswith("trainer-"):
-            self._twin(record.origin, offset)
-            return
-        outcome = self._log.admit(record, offset)
+        outcome = self._log.admit(record, offset)  # folded as replicas fold it, whoever wrote it
         lane = self._lanes.get(record.task)
         if lane is None:  # a task this trainer has not opened yet: its lane adopts it when it opens
             if outcome == "applied":
                 with self._lock:
                     self._found.pointers[record.task] = record
+            return
+        if (
+            mine
+            and record.epoch == self.epoch
+            and record.origin != self.origin
+            and record.origin.startswith("trainer-")
+        ):
+            self._twin(record.origin, offset)  # another trainer under this trainer's epoch: no operator's decision
             return
         if outcome != "applied" or record.origin == self.origin or self._superseded(lane, offset, record):
             if outcome != "applied":

@@ -120,7 +120,7 @@ class Follower:
         self._live: set[Key] = set()  # versions with a record (not a tombstone) on the topic
         self._cleaned = False
         self._failing = False  # the last local write failed (the follower's thread; see _failed)
-        self._failure_said_at = self._recovery_said_at = -float("inf")
+        self._failure_said, self._failure_said_at = False, -float("inf")  # the last failure said, and when
         self._catching_up = False
         self._applied = threading.Condition()
         self._applied_offset = -1  # pointer topic: offset of the last record handled
@@ -265,16 +265,16 @@ class Follower:
     def _failed(self, what: str, exc: RegistryError) -> None:
         """A local write failed: said once until one succeeds, and at most once a minute (on a disk
         that is nearly full, writes fail and succeed in turn); the caller keeps what it could not write."""
-        now = time.monotonic()
-        if not self._failing and now - self._failure_said_at >= SAY_FAILURES_S:
-            log.error("%s not written (tried again until it is): %s", what, exc)
-            self._failure_said_at = now
         self._failing = True
+        now = time.monotonic()
+        if not self._failure_said and now - self._failure_said_at >= SAY_FAILURES_S:
+            log.error("%s not written (tried again until it is): %s", what, exc)
+            self._failure_said, self._failure_said_at = True, now
 
     def _wrote(self) -> None:
-        if self._failing and self._failure_said_at > self._recovery_said_at:
+        if self._failing and self._failure_said:  # the recovery from a failure that was said
             log.info("the replica's registry is writable again")
-            self._recovery_said_at = time.monotonic()
+            self._failure_said = False
         self._failing = False
 
     def _install_pending(self) -> None:

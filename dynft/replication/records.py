@@ -272,6 +272,17 @@ def decode_pointer(value: bytes) -> PointerRecord:
         raise RegistryError(f"malformed pointer record ({exc})") from exc
 
 
+def next_after(*epochs: int) -> int:
+    """The epoch after the newest of ``epochs`` that a trainer can have counted to (below ``TOP_EPOCH``)."""
+    if max(epochs, default=0) >= TOP_EPOCH:
+        log.error(
+            "an epoch of %d (on the topics, or in a state directory's epoch file) is not one a trainer counts "
+            "to: not counted on; a record no trainer wrote may fence this trainer",
+            max(epochs),
+        )
+    return max(e for e in (*epochs, 0) if e < TOP_EPOCH) + 1
+
+
 def next_epoch(state_dir: Path, at_least: int = 0) -> int:
     """Increment and durably store the trainer's epoch in ``<state_dir>/epoch``; returns the new one.
 
@@ -283,14 +294,7 @@ def next_epoch(state_dir: Path, at_least: int = 0) -> int:
         current = int(path.read_text().strip()) if path.exists() else 0
     except (OSError, ValueError) as exc:
         raise RegistryError(f"unreadable trainer epoch file {path} ({exc})") from exc
-    if max(current, at_least) >= TOP_EPOCH:
-        log.error(
-            "an epoch of %d on the topics or in %s is not one a trainer counts to (it would leave no room below "
-            "2^53): not counted; a record of the term or versions topics no trainer wrote may fence this trainer",
-            max(current, at_least),
-            path,
-        )
-    epoch = max(e for e in (current, at_least, 0) if e < TOP_EPOCH) + 1
+    epoch = next_after(current, at_least)
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(path, f"{epoch}\n".encode())

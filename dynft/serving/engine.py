@@ -172,8 +172,9 @@ class InferenceEngine(VersionWatcher, MixedAnswers):
             # A request whose client gave up (timeout) was cancelled: skip it. Marking the rest
             # running means they can no longer be cancelled, so setting their result cannot fail.
             batch = [p for p in self.requests.collect() if p.future.set_running_or_notify_cancel()]
-            started = time.perf_counter()
             try:
+                self._install_staged()
+                started = time.perf_counter()  # the forward passes alone: the worker's throughput
                 self._serve(batch)
             except Exception as exc:  # a dead worker answers nobody while the server looks up: go on
                 self._round_failed(exc, batch)
@@ -197,8 +198,8 @@ class InferenceEngine(VersionWatcher, MixedAnswers):
                 pending.future.set_exception(exc)
         self._stop.wait(0.1)  # a failure that repeats must not spin
 
-    def _serve(self, batch: list[Pending]) -> None:
-        """Install what was staged, then answer ``batch`` (the worker's one round)."""
+    def _install_staged(self) -> None:
+        """Install what was staged (the start of the worker's round)."""
         if self.fast is not None:
             self.fast.take()
         for lane in list(self.lanes.values()):
@@ -209,6 +210,9 @@ class InferenceEngine(VersionWatcher, MixedAnswers):
                 finally:
                     if lane.staged is staged:  # one that cannot be installed is not tried again every round
                         lane.staged = None
+
+    def _serve(self, batch: list[Pending]) -> None:
+        """Answer ``batch`` with what is installed (the worker's one round)."""
         groups: dict[str, list[Pending]] = {}
         for pending in batch:
             groups.setdefault(pending.task, []).append(pending)

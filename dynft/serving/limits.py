@@ -151,11 +151,13 @@ async def answer_or_gone(future: Future[T], receive: Receive, timeout_s: float) 
         done, _ = await asyncio.wait((waiting, gone), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
+        if not waiting.done():  # timed out, the client gone, or this task cancelled (a shutdown)
+            future.cancel()  # queued, not begun: withdrawn; begun: its answer is dropped
+            waiting.cancel()
     if waiting in done:
         return waiting.result()
-    future.cancel()  # queued, not begun: withdrawn; begun: its answer is dropped
-    waiting.cancel()
     if gone in done:
+        gone.exception()  # retrieved: a receive that failed ends the wait as a disconnect does
         raise ClientGone("the client closed the connection before its answer")
     raise TimeoutError
 
@@ -293,8 +295,9 @@ def _closing(send: Send) -> Send:
     """``send`` with ``Connection: close`` on the response: uvicorn closes the connection after it."""
 
     async def closing(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+        headers = message.get("headers", [])
+        if message["type"] == "http.response.start" and not any(k.lower() == b"connection" for k, _ in headers):
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
         await send(message)
 
     return closing

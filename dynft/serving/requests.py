@@ -17,25 +17,28 @@ from collections import deque
 from dynft.serving.answers import Overloaded, Pending
 from dynft.settings.sections import ServerSettings
 
+WARM_UP_ROUNDS = 2  # the first full rounds (first allocations, kernel choice) say little of the next ones
+
 
 class RequestQueue:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.cond = threading.Condition()
         self._queue: deque[Pending] = deque()
-        self.texts = 0  # texts waiting (under cond)
+        self.texts = 0  # texts in the queue (under cond; those of a micro-batch being collected are out)
         self.texts_per_s = 0.0  # the worker's throughput, 0 until measured (the worker writes one float)
+        self._rounds = 0  # full rounds measured (the worker's)
 
     def put(self, pending: Pending) -> None:
         """Queue ``pending``, or raise ``Overloaded`` saying why it cannot wait."""
         s, n = self.settings, len(pending.texts)
         with self.cond:
-            if self.texts + n > s.max_queue:
+            rate = self.texts_per_s
+            if self.texts + n > s.max_queue or (rate and self.texts / rate > s.request_timeout_s):
                 self._drop_withdrawn()
             if self.texts + n > s.max_queue:
                 raise Overloaded(f"{self.texts} texts are already waiting")
-            rate = self.texts_per_s
-            if rate and (self.texts + n) / rate > s.request_timeout_s:
+            if rate and self.texts / rate > s.request_timeout_s:  # the work before it: an empty queue takes any
                 raise Overloaded(
                     f"{self.texts} texts are already waiting, about {self.texts / rate:.0f} s of work at "
                     f"{rate:.0f} texts/s (server.request_timeout_s is {s.request_timeout_s:g})"
@@ -54,14 +57,14 @@ class RequestQueue:
             if not self._queue:
                 return []
             deadline = time.monotonic() + s.max_wait_ms / 1000
-            batch = [self._queue.popleft()]
+            batch = [self._take()]
             size = len(batch[0].texts)
             while size < s.max_batch:
                 self._skip_withdrawn()
                 if self._queue:
                     if size + len(self._queue[0].texts) > s.max_batch:
                         break
-                    batch.append(self._queue.popleft())
+                    batch.append(self._take())
                     size += len(batch[-1].texts)
                     continue
                 # A staged version waits for the batch too (at most max_wait_ms): cutting batches
@@ -69,9 +72,13 @@ class RequestQueue:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                self.cond.wait(timeout=remaining)
-            self.texts -= size
+                self.cond.wait(timeout=remaining)  # a put meanwhile sees the queue without this batch
             return batch
+
+    def _take(self) -> Pending:
+        pending = self._queue.popleft()
+        self.texts -= len(pending.texts)
+        return pending
 
     def drain(self) -> list[Pending]:
         """Every request still waiting, taken out (at a stop)."""
@@ -80,11 +87,16 @@ class RequestQueue:
             return out
 
     def measure(self, texts: int, seconds: float) -> None:
-        """The worker's throughput, from rounds of at least half a micro-batch (a queue long enough
-        to refuse for is worked off in full ones; small rounds would understate it)."""
-        if texts * 2 >= self.settings.max_batch and seconds > 0:
-            rate = texts / seconds
-            self.texts_per_s = rate if not self.texts_per_s else 0.8 * self.texts_per_s + 0.2 * rate
+        """The worker's throughput, from the forward passes of rounds of at least half a micro-batch
+        (a queue long enough to refuse for is worked off in full ones; much smaller rounds would
+        understate it), after ``WARM_UP_ROUNDS`` of them."""
+        if texts * 2 < self.settings.max_batch or seconds <= 0:
+            return
+        self._rounds += 1
+        if self._rounds <= WARM_UP_ROUNDS:
+            return
+        rate = texts / seconds
+        self.texts_per_s = rate if not self.texts_per_s else 0.8 * self.texts_per_s + 0.2 * rate
 
     def _skip_withdrawn(self) -> None:
         while self._queue and self._queue[0].future.cancelled():
