@@ -29,8 +29,9 @@ from dynft.errors import PointerUnreadableError, RegistryError, RegistryWriteErr
 from dynft.metrics import ServerMetrics, exposition
 from dynft.registry import AdapterRegistry
 from dynft.serving.answers import ClientGone, NotReady, Overloaded, UnknownTask
-from dynft.serving.checks import check_texts, repeated_key, repeated_query, unknown_task
+from dynft.serving.checks import check_texts, repeated_key, unknown_task
 from dynft.serving.console import console_router
+from dynft.serving.counting import CountRequests
 from dynft.serving.engine import InferenceEngine
 from dynft.serving.limits import (
     CLIENT_GONE,
@@ -334,21 +335,8 @@ def create_app(
     app.add_middleware(BodyLimit, limit=s.max_body_bytes)  # runs inside the request counter
     app.add_middleware(BodyDeadline, timeout_s=s.body_timeout_s)
     app.add_middleware(CloseWhenStopping, stopping=stopping)
+    app.add_middleware(CountRequests, metrics=metrics)  # the outermost: it counts what the others answer
     app.include_router(console_router(settings, engine, metrics))  # the page at / and /v1/status
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Response:
-        twice = repeated_query(request)
-        if twice is not None:  # a gateway that read the first value must not see another one acted on
-            metrics.requests.labels("422").inc()
-            return error_response(422, "invalid_request", f"query parameter {twice[:64]!r} is given twice")
-        try:
-            response: Response = await call_next(request)
-        except Exception:
-            metrics.requests.labels("500").inc()
-            raise
-        metrics.requests.labels(str(response.status_code)).inc()
-        return response
 
     install_error_handlers(app)
     app.include_router(predict_router(settings, engine, metrics))
