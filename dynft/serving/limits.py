@@ -7,7 +7,8 @@ headers; ``HeadDeadline`` (uvicorn's HTTP protocol, not middleware: no request e
 a connection that has not sent a whole request head ``server.header_timeout_s`` after it opened
 or after its last response; ``Admission`` serves at most ``server.limit_concurrency`` connections
 at once and refuses new ones beyond them. Together they keep slow or greedy clients from
-exhausting memory, tasks or file descriptors.
+exhausting memory, tasks or file descriptors. ``answer_or_gone`` withdraws a request whose client
+left; ``CloseWhenStopping`` tells kept-alive clients, at a shutdown, that their connection ends.
 """
 
 from __future__ import annotations
