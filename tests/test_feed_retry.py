@@ -13,7 +13,10 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -65,6 +68,28 @@ def publish_one(registry: AdapterRegistry, value: float) -> int:
 
     state = AdapterState({"w": torch.full((4,), value)}, ["a"], {"peft_type": "LORA"})
     return registry.publish(state, {"step": int(value)}).version
+
+
+@contextmanager
+def hand_writing(
+    broker: Broker, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> Iterator[tuple[AdapterRegistry, str, Any]]:
+    """A started feed of a registry serving version 1, a producer to write its topics by hand, and
+    the feed's errors captured: (registry, versions topic, producer)."""
+    from kafka import KafkaProducer
+
+    registry = AdapterRegistry(settings.registry_dir)
+    registry.promote(publish_one(registry, 1.0), "first")
+    topic = f"versions-{uuid.uuid4().hex[:8]}"
+    feed = VersionsFeed(settings, registry, [broker.bootstrap], topic, term=SwitchedTerm())
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
+    try:
+        with caplog.at_level(logging.ERROR, logger="dynft.replication.feed"):
+            feed.start()
+            yield registry, topic, producer
+    finally:
+        producer.close()
+        feed.close()
 
 
 def test_a_sync_withheld_by_a_suspended_term_is_tried_again_with_backoff_and_sent_once_held(
@@ -177,31 +202,19 @@ def test_a_decision_of_a_newer_epoch_on_the_pointer_topic_is_said_loudly_by_the_
     """Found by a probe: a pointer record of epoch 999 written by hand made every replica ignore the
     running trainer's versions, while the trainer said so only at INFO ("a stale serving decision
     ... is ignored", about its own next records) and went on publishing what nobody served."""
-    from kafka import KafkaProducer
-
     from dynft.replication.records import PointerRecord, encode_pointer, pointer_key
 
-    registry = AdapterRegistry(tiny_settings.registry_dir)
-    registry.promote(publish_one(registry, 1.0), "first")
-    topic = f"versions-{uuid.uuid4().hex[:8]}"
-    feed = VersionsFeed(tiny_settings, registry, [kafka_broker.bootstrap], topic, term=SwitchedTerm())
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
-    try:
-        with caplog.at_level(logging.ERROR, logger="dynft.replication.feed"):
-            feed.start()
-            # A newer epoch on a task this trainer does not publish (another sharded trainer's) is no fence.
-            other = PointerRecord(998, "elsewhere", {"version": 1, "pinned": False}, seen=10**6, task="other")
-            producer.send(pointer_topic(topic), key=pointer_key("other"), value=encode_pointer(other)).get(30)
-            forged = PointerRecord(999, "by-hand", {"version": 1, "pinned": False}, seen=10**6)
-            for _ in range(3):  # said once for its epoch, not once per record
-                producer.send(pointer_topic(topic), key=pointer_key(), value=encode_pointer(forged)).get(30)
-            said = lambda: [r.getMessage() for r in caplog.records if "newer than this trainer's" in r.getMessage()]  # noqa: E731
-            wait_until(lambda: bool(said()), 30, "the fenced trainer's error")
-            time.sleep(2)
-        assert len(said()) == 1 and "trainer epoch 999 (by-hand" in said()[0] and "trainer's 3" in said()[0], said()
-    finally:
-        producer.close()
-        feed.close()
+    with hand_writing(kafka_broker, tiny_settings, caplog) as (_registry, topic, producer):
+        # A newer epoch on a task this trainer does not publish (another sharded trainer's) is no fence.
+        other = PointerRecord(998, "elsewhere", {"version": 1, "pinned": False}, seen=10**6, task="other")
+        producer.send(pointer_topic(topic), key=pointer_key("other"), value=encode_pointer(other)).get(30)
+        forged = PointerRecord(999, "by-hand", {"version": 1, "pinned": False}, seen=10**6)
+        for _ in range(3):  # said once for its epoch, not once per record
+            producer.send(pointer_topic(topic), key=pointer_key(), value=encode_pointer(forged)).get(30)
+        said = lambda: [r.getMessage() for r in caplog.records if "newer than this trainer's" in r.getMessage()]  # noqa: E731
+        wait_until(lambda: bool(said()), 30, "the fenced trainer's error")
+        time.sleep(2)
+    assert len(said()) == 1 and "trainer epoch 999 (by-hand" in said()[0] and "trainer's 3" in said()[0], said()
 
 
 def test_two_trainers_of_one_epoch_do_not_adopt_each_others_decisions_and_say_so(
@@ -210,26 +223,14 @@ def test_two_trainers_of_one_epoch_do_not_adopt_each_others_decisions_and_say_so
     """Found by a probe: two trainers started together without kafka.election both took epoch 1
     and wrote as "trainer-1"; each adopted the other's promotions as an operator's, and replicas
     flipped between two models under one version sequence, with no warning anywhere."""
-    from kafka import KafkaProducer
-
     from dynft.replication.records import PointerRecord, encode_pointer, pointer_key
 
-    registry = AdapterRegistry(tiny_settings.registry_dir)
-    registry.promote(publish_one(registry, 1.0), "first")
-    topic = f"versions-{uuid.uuid4().hex[:8]}"
-    feed = VersionsFeed(tiny_settings, registry, [kafka_broker.bootstrap], topic, term=SwitchedTerm())
-    producer = KafkaProducer(bootstrap_servers=kafka_broker.bootstrap)
-    try:
-        with caplog.at_level(logging.ERROR, logger="dynft.replication.feed"):
-            feed.start()
-            twin = PointerRecord(SwitchedTerm.epoch, "trainer-3-otherhost-77", {"version": 1, "pinned": True}, 10**6)
-            for _ in range(2):
-                producer.send(pointer_topic(topic), key=pointer_key(), value=encode_pointer(twin)).get(30)
-            said = lambda: [r.getMessage() for r in caplog.records if "another trainer" in r.getMessage()]  # noqa: E731
-            wait_until(lambda: bool(said()), 30, "the twin's error")
-            time.sleep(2)
-        assert len(said()) == 1 and "trainer-3-otherhost-77" in said()[0] and "kafka.election" in said()[0]
-        assert not registry.serving().pinned  # its decision was not taken for an operator's
-    finally:
-        producer.close()
-        feed.close()
+    with hand_writing(kafka_broker, tiny_settings, caplog) as (registry, topic, producer):
+        twin = PointerRecord(SwitchedTerm.epoch, "trainer-3-otherhost-77", {"version": 1, "pinned": True}, 10**6)
+        for _ in range(2):
+            producer.send(pointer_topic(topic), key=pointer_key(), value=encode_pointer(twin)).get(30)
+        said = lambda: [r.getMessage() for r in caplog.records if "another trainer" in r.getMessage()]  # noqa: E731
+        wait_until(lambda: bool(said()), 30, "the twin's error")
+        time.sleep(2)
+    assert len(said()) == 1 and "trainer-3-otherhost-77" in said()[0] and "kafka.election" in said()[0]
+    assert not registry.serving().pinned  # its decision was not taken for an operator's
